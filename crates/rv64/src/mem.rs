@@ -1,0 +1,171 @@
+//! Guest RAM with 4 KiB dirty-page tracking.
+//!
+//! Every write — by the hart or by a device doing DMA — goes through this type and
+//! marks its page dirty, so the layer above can take exactly the pages written since
+//! its last take (the basis of incremental checkpoints).
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Guest RAM: one contiguous region starting at `base`, allocated up front.
+#[derive(Clone)]
+pub struct GuestRam {
+    base: u64,
+    bytes: Vec<u8>,
+    dirty: Vec<u64>,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GuestRam {{ base: {:#x}, size: {:#x} }}", self.base, self.bytes.len())
+    }
+}
+
+impl GuestRam {
+    /// RAM of `size_bytes` (a multiple of the page size) at physical `base`.
+    pub fn new(base: u64, size_bytes: u64) -> Self {
+        assert!(size_bytes % PAGE_SIZE == 0, "RAM size must be page aligned");
+        assert!(base % PAGE_SIZE == 0, "RAM base must be page aligned");
+        let pages = (size_bytes / PAGE_SIZE) as usize;
+        GuestRam { base, bytes: vec![0; size_bytes as usize], dirty: vec![0; pages.div_ceil(64)] }
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn page_count(&self) -> usize {
+        self.bytes.len() / PAGE_SIZE as usize
+    }
+
+    /// Offset of `[paddr, paddr+len)` in RAM when it lies wholly inside RAM.
+    #[inline]
+    pub fn offset_of(&self, paddr: u64, len: u64) -> Option<usize> {
+        let off = paddr.wrapping_sub(self.base);
+        (off < self.bytes.len() as u64 && len <= self.bytes.len() as u64 - off).then_some(off as usize)
+    }
+
+    #[inline]
+    pub fn contains(&self, paddr: u64) -> bool {
+        paddr.wrapping_sub(self.base) < self.bytes.len() as u64
+    }
+
+    #[inline]
+    pub(crate) fn mark_dirty_offset(&mut self, off: usize) {
+        let page = off >> PAGE_SHIFT;
+        self.dirty[page >> 6] |= 1 << (page & 63);
+    }
+
+    /// Read-only view of all of RAM (for digests and snapshots).
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Load `N` bytes at a RAM offset known to be in range.
+    #[inline]
+    pub(crate) fn read_at<const N: usize>(&self, off: usize) -> [u8; N] {
+        self.bytes[off..off + N].try_into().expect("length is N")
+    }
+
+    #[inline]
+    pub(crate) fn write_at<const N: usize>(&mut self, off: usize, v: [u8; N]) {
+        self.bytes[off..off + N].copy_from_slice(&v);
+        self.mark_dirty_offset(off);
+    }
+
+    /// Copy out `buf.len()` bytes at physical `paddr` (device DMA, loaders).
+    pub fn read(&self, paddr: u64, buf: &mut [u8]) -> Option<()> {
+        let off = self.offset_of(paddr, buf.len() as u64)?;
+        buf.copy_from_slice(&self.bytes[off..off + buf.len()]);
+        Some(())
+    }
+
+    /// Copy `data` into RAM at physical `paddr`, marking every touched page dirty.
+    pub fn write(&mut self, paddr: u64, data: &[u8]) -> Option<()> {
+        let off = self.offset_of(paddr, data.len() as u64)?;
+        self.bytes[off..off + data.len()].copy_from_slice(data);
+        if !data.is_empty() {
+            let first = off >> PAGE_SHIFT;
+            let last = (off + data.len() - 1) >> PAGE_SHIFT;
+            for page in first..=last {
+                self.dirty[page >> 6] |= 1 << (page & 63);
+            }
+        }
+        Some(())
+    }
+
+    pub fn read_u32(&self, paddr: u64) -> Option<u32> {
+        let mut b = [0; 4];
+        self.read(paddr, &mut b)?;
+        Some(u32::from_le_bytes(b))
+    }
+
+    pub fn read_u64(&self, paddr: u64) -> Option<u64> {
+        let mut b = [0; 8];
+        self.read(paddr, &mut b)?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&mut self, paddr: u64, v: u64) -> Option<()> {
+        self.write(paddr, &v.to_le_bytes())
+    }
+
+    /// Page indices (relative to `base`) written since the last call; clears the set.
+    pub fn take_dirty_pages(&mut self) -> Vec<usize> {
+        let mut pages = Vec::new();
+        for (word_index, word) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                pages.push(word_index * 64 + bit);
+                bits &= bits - 1;
+            }
+        }
+        pages
+    }
+
+    /// The bytes of page `index` (relative to `base`).
+    pub fn page(&self, index: usize) -> Option<&[u8]> {
+        let start = index.checked_mul(PAGE_SIZE as usize)?;
+        self.bytes.get(start..start + PAGE_SIZE as usize)
+    }
+
+    /// Overwrite page `index` (the backup's side of a checkpoint). Marks it dirty.
+    pub fn write_page(&mut self, index: usize, data: &[u8]) -> Option<()> {
+        if data.len() != PAGE_SIZE as usize {
+            return None;
+        }
+        let start = index.checked_mul(PAGE_SIZE as usize)?;
+        self.bytes.get_mut(start..start + PAGE_SIZE as usize)?.copy_from_slice(data);
+        self.dirty[index >> 6] |= 1 << (index & 63);
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_mark_exactly_the_touched_pages_dirty() {
+        let mut ram = GuestRam::new(0x8000_0000, 16 * PAGE_SIZE);
+        ram.write(0x8000_0ffe, &[1, 2, 3, 4]).unwrap(); // crosses pages 0 and 1
+        ram.write_u64(0x8000_5000, 7).unwrap();
+        assert_eq!(ram.take_dirty_pages(), vec![0, 1, 5]);
+        assert_eq!(ram.take_dirty_pages(), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn accesses_outside_ram_are_refused() {
+        let mut ram = GuestRam::new(0x8000_0000, PAGE_SIZE);
+        assert!(ram.write(0x7fff_ffff, &[0]).is_none());
+        assert!(ram.write(0x8000_0ffc, &[0; 8]).is_none());
+        assert!(ram.read_u64(0x8000_1000).is_none());
+        assert!(ram.read_u64(u64::MAX - 3).is_none());
+        assert!(ram.take_dirty_pages().is_empty());
+    }
+}
