@@ -11,6 +11,9 @@ pub struct BusFault;
 pub trait Bus {
     /// Guest RAM, with its dirty-page bitmap.
     fn ram(&mut self) -> &mut GuestRam;
+    /// Told before every device access: the instruction count (the stamp for any
+    /// output the access produces) and the guest time in ticks (for timer registers).
+    fn set_clock(&mut self, _icount: u64, _time_ticks: u64) {}
     /// Read `size` (1, 2, 4 or 8) bytes from a non-RAM physical address.
     fn load(&mut self, paddr: u64, size: u8) -> Result<u64, BusFault>;
     /// Write `size` bytes to a non-RAM physical address.

@@ -36,7 +36,7 @@ impl PrivMode {
 
 /// Every architectural bit of the hart, as plain data: saving a hart is cloning this,
 /// restoring is [`Hart::from_state`].
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct HartState {
     pub x: [u64; 32],
     pub f: [u64; 32],
@@ -154,7 +154,8 @@ pub struct Hart {
 impl Hart {
     /// A hart at reset: M-mode, pc = `reset_pc`.
     pub fn new(config: HartConfig, reset_pc: u64) -> Hart {
-        let state = HartState { pc: reset_pc, ..HartState::default() };
+        // Compare registers reset to "never", so no timer interrupt is pending at reset.
+        let state = HartState { pc: reset_pc, mtimecmp: u64::MAX, stimecmp: u64::MAX, ..HartState::default() };
         Hart::from_state(config, state)
     }
 

@@ -210,6 +210,7 @@ impl Hart {
                 if paddr % n as u64 != 0 {
                     return Err(Exception::LoadAccessFault(vaddr));
                 }
+                bus.set_clock(self.state.icount, self.time());
                 let v = bus.load(paddr, n as u8).map_err(|_| Exception::LoadAccessFault(vaddr))?;
                 self.after_device_access(bus);
                 Ok(v)
@@ -247,6 +248,7 @@ impl Hart {
                 if paddr % n as u64 != 0 {
                     return Err(Exception::StoreAccessFault(vaddr));
                 }
+                bus.set_clock(self.state.icount, self.time());
                 bus.store(paddr, n as u8, value).map_err(|_| Exception::StoreAccessFault(vaddr))?;
                 self.after_device_access(bus);
                 Ok(())
