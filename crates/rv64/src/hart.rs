@@ -291,6 +291,12 @@ impl Hart {
     pub fn run(&mut self, bus: &mut impl Bus, until_icount: u64) -> Exit {
         self.refresh_external_irq(bus);
         loop {
+            // The budget is checked first: each iteration below (interrupt check, then
+            // one instruction) is indivisible, so how a run is split into `run` calls
+            // can never change what happens at a given icount.
+            if self.state.icount >= until_icount {
+                return Exit::Budget;
+            }
             if self.state.icount >= self.timer_deadline_icount {
                 self.timer_changed();
             }
@@ -302,9 +308,6 @@ impl Hart {
                     return Exit::Idle;
                 }
                 self.state.wfi = false;
-            }
-            if self.state.icount >= until_icount {
-                return Exit::Budget;
             }
             match self.step(bus) {
                 Ok(()) => {}
