@@ -1,0 +1,427 @@
+//! The virtio-mmio transport (virtio v1.2 §4.2), modern interface only (Version = 2):
+//! the register window in front of one device, feature negotiation, the device status
+//! state machine, queue setup, notifications and the interrupt line.
+//!
+//! Control registers take 32-bit aligned accesses only; anything else, and any offset
+//! outside the register map, is refused with [`AccessError`] (a bus error for the
+//! hart). The device configuration space at 0x100 takes 8/16/32/64-bit reads; bytes
+//! past the device's structure read as zero and writes are ignored, since none of
+//! our devices offers a writable configuration field.
+
+use super::queue::{Queue, QueueError, QUEUE_SIZE_MAX};
+use super::{VirtioDevice, VirtioDeviceState, VirtioError, VIRTIO_F_VERSION_1};
+use crate::devices::{AccessError, DeviceCtx};
+
+/// "virt" in little-endian ASCII.
+pub const MAGIC: u32 = 0x7472_6976;
+/// The modern (non-legacy) virtio-mmio interface.
+pub const VERSION: u32 = 2;
+/// "FTVM" read as a little-endian u32, the same way QEMU spells "QEMU" (0x554d4551).
+/// Linux only prints it; drivers match on the device id.
+pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"FTVM");
+/// Size of one device's MMIO window.
+pub const WINDOW_SIZE_BYTES: u64 = 0x1000;
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// Device status bits (§2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+    pub const ALL: u32 = ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK | DEVICE_NEEDS_RESET | FAILED;
+}
+
+/// InterruptStatus bits (§4.2.2).
+pub const INT_USED_BUFFER: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// Register offsets (§4.2.2, table "MMIO Device Register Layout").
+mod reg {
+    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// A virtio-mmio window with its device.
+#[derive(Debug)]
+pub struct VirtioMmio {
+    device: VirtioDevice,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    queues: Vec<Queue>,
+    /// Why the device last entered DEVICE_NEEDS_RESET (diagnostics; not snapshotted).
+    fault: Option<QueueError>,
+}
+
+/// The transport's registers, its queues and its device's state, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VirtioMmioState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<Queue>,
+    pub device: VirtioDeviceState,
+}
+
+fn set_low(reg: &mut u64, v: u32) {
+    *reg = (*reg & !0xffff_ffff) | u64::from(v);
+}
+
+fn set_high(reg: &mut u64, v: u32) {
+    *reg = (*reg & 0xffff_ffff) | (u64::from(v) << 32);
+}
+
+impl VirtioMmio {
+    pub fn new(device: VirtioDevice) -> VirtioMmio {
+        let queues = vec![Queue::default(); device.queue_count()];
+        VirtioMmio {
+            device,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            queues,
+            fault: None,
+        }
+    }
+
+    pub fn device(&self) -> &VirtioDevice {
+        &self.device
+    }
+
+    pub fn device_mut(&mut self) -> &mut VirtioDevice {
+        &mut self.device
+    }
+
+    /// The Status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// The features the driver accepted (meaningful once FEATURES_OK is set).
+    pub fn driver_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    pub fn queue(&self, index: usize) -> Option<&Queue> {
+        self.queues.get(index)
+    }
+
+    /// Why the device entered DEVICE_NEEDS_RESET, if it did since the last reset.
+    pub fn fault(&self) -> Option<&QueueError> {
+        self.fault.as_ref()
+    }
+
+    /// Level of the interrupt line: InterruptStatus != 0.
+    pub fn irq_level(&self) -> bool {
+        self.interrupt_status != 0
+    }
+
+    /// The driver finished negotiation and set DRIVER_OK, and the device is not broken.
+    fn live(&self) -> bool {
+        let needed = status::FEATURES_OK | status::DRIVER_OK;
+        self.status & needed == needed && self.status & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0
+    }
+
+    /// MMIO read at `offset` within the device's 0x1000-byte window.
+    pub fn read(&mut self, offset: u64, size: u8, _ctx: &mut DeviceCtx) -> Result<u64, AccessError> {
+        if offset >= WINDOW_SIZE_BYTES {
+            return Err(AccessError);
+        }
+        if offset >= CONFIG_OFFSET {
+            return self.read_config(offset - CONFIG_OFFSET, size);
+        }
+        if size != 4 || offset % 4 != 0 {
+            return Err(AccessError);
+        }
+        let selected = self.queues.get(self.queue_sel as usize);
+        let value = match offset {
+            reg::MAGIC_VALUE => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_id(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => selected.map_or(0, |_| u32::from(QUEUE_SIZE_MAX)),
+            reg::QUEUE_READY => selected.map_or(0, |q| u32::from(q.ready)),
+            reg::INTERRUPT_STATUS => self.interrupt_status,
+            reg::STATUS => self.status,
+            // No shared memory regions: a length of -1 says "no such region".
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => u32::MAX,
+            // The configuration never changes, so its generation stays 0.
+            reg::CONFIG_GENERATION => 0,
+            _ => return Err(AccessError),
+        };
+        Ok(u64::from(value))
+    }
+
+    fn read_config(&self, offset: u64, size: u8) -> Result<u64, AccessError> {
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return Err(AccessError);
+        }
+        let config = self.device.config();
+        let value = (0..u64::from(size)).rev().fold(0u64, |acc, i| {
+            let byte = usize::try_from(offset + i).ok().and_then(|at| config.get(at)).copied();
+            (acc << 8) | u64::from(byte.unwrap_or(0))
+        });
+        Ok(value)
+    }
+
+    /// MMIO write at `offset` within the device's 0x1000-byte window. A QueueNotify
+    /// processes the queue before returning.
+    pub fn write(&mut self, offset: u64, size: u8, value: u64, ctx: &mut DeviceCtx) -> Result<(), AccessError> {
+        if offset >= WINDOW_SIZE_BYTES {
+            return Err(AccessError);
+        }
+        if offset >= CONFIG_OFFSET {
+            return if matches!(size, 1 | 2 | 4 | 8) { Ok(()) } else { Err(AccessError) };
+        }
+        if size != 4 || offset % 4 != 0 {
+            return Err(AccessError);
+        }
+        let v = value as u32;
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES => self.write_driver_features(v),
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => self.write_queue_setup(|q| q.size = v),
+            reg::QUEUE_READY => self.write_queue_ready(v & 1 != 0, ctx),
+            reg::QUEUE_NOTIFY => self.notify(v, ctx),
+            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::STATUS => self.write_status(v),
+            reg::QUEUE_DESC_LOW => self.write_queue_setup(|q| set_low(&mut q.desc_addr, v)),
+            reg::QUEUE_DESC_HIGH => self.write_queue_setup(|q| set_high(&mut q.desc_addr, v)),
+            reg::QUEUE_DRIVER_LOW => self.write_queue_setup(|q| set_low(&mut q.avail_addr, v)),
+            reg::QUEUE_DRIVER_HIGH => self.write_queue_setup(|q| set_high(&mut q.avail_addr, v)),
+            reg::QUEUE_DEVICE_LOW => self.write_queue_setup(|q| set_low(&mut q.used_addr, v)),
+            reg::QUEUE_DEVICE_HIGH => self.write_queue_setup(|q| set_high(&mut q.used_addr, v)),
+            reg::SHM_SEL => {}
+            _ => return Err(AccessError),
+        }
+        Ok(())
+    }
+
+    fn write_driver_features(&mut self, v: u32) {
+        // Features are fixed once the driver has set FEATURES_OK.
+        if self.status & status::FEATURES_OK != 0 {
+            return;
+        }
+        match self.driver_features_sel {
+            0 => set_low(&mut self.driver_features, v),
+            1 => set_high(&mut self.driver_features, v),
+            _ => {}
+        }
+    }
+
+    /// Queue layout registers of the selected queue; ignored while it is ready.
+    fn write_queue_setup(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(queue) = self.queues.get_mut(self.queue_sel as usize) {
+            if !queue.ready {
+                f(queue);
+            }
+        }
+    }
+
+    fn write_queue_ready(&mut self, ready: bool, ctx: &mut DeviceCtx) {
+        let Some(queue) = self.queues.get_mut(self.queue_sel as usize) else { return };
+        if ready == queue.ready {
+            return;
+        }
+        if !ready {
+            // The driver takes the queue away; a later setup starts fresh rings.
+            queue.ready = false;
+            queue.next_avail = 0;
+            queue.next_used = 0;
+            return;
+        }
+        match queue.validate(ctx.ram) {
+            Ok(()) => queue.ready = true,
+            Err(error) => self.fail(error),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // DEVICE_NEEDS_RESET is the device's to set; only a reset clears it.
+        let mut new = (v & !status::DEVICE_NEEDS_RESET) | (self.status & status::DEVICE_NEEDS_RESET);
+        let features_ok_now = new & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0;
+        if features_ok_now && !self.features_acceptable(self.driver_features) {
+            // The driver reads Status back and gives up (§3.1.1 step 6).
+            new &= !status::FEATURES_OK;
+        }
+        self.status = new;
+    }
+
+    /// A modern device needs VERSION_1, and a driver may accept only offered features.
+    fn features_acceptable(&self, driver_features: u64) -> bool {
+        driver_features & !self.device.features() == 0 && driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    /// Status = 0: the device forgets the driver — features, queues, interrupts.
+    fn reset(&mut self) {
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        self.queues.fill(Queue::default());
+        self.fault = None;
+        self.device.reset();
+    }
+
+    /// The device cannot go on until the driver resets it (§2.1.2).
+    fn fail(&mut self, error: QueueError) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        if self.status & status::DRIVER_OK != 0 {
+            // Config change tells the driver to look at Status; the used-buffer bit
+            // makes it collect whatever was completed before the failure.
+            self.interrupt_status |= INT_CONFIG_CHANGE | INT_USED_BUFFER;
+        }
+        self.fault = Some(error);
+    }
+
+    fn finish(&mut self, result: Result<bool, QueueError>) {
+        match result {
+            Ok(true) => self.interrupt_status |= INT_USED_BUFFER,
+            Ok(false) => {}
+            Err(error) => self.fail(error),
+        }
+    }
+
+    fn notify(&mut self, v: u32, ctx: &mut DeviceCtx) {
+        let index = v as usize;
+        if !self.live() || !self.queues.get(index).is_some_and(|q| q.ready) {
+            return;
+        }
+        let result = self.device.notify(index, &mut self.queues, ctx);
+        self.finish(result);
+    }
+
+    /// Delivers a received Ethernet frame (network device only; otherwise false).
+    /// Returns whether the device took the frame (delivered it or queued it for a
+    /// later rx buffer); see [`super::net`] for the bounds and drop counters.
+    pub fn receive_frame(&mut self, frame: &[u8], ctx: &mut DeviceCtx) -> bool {
+        let live = self.live();
+        let VirtioDevice::Net(net) = &mut self.device else { return false };
+        let (accepted, result) = net.receive(frame, live, &mut self.queues, ctx);
+        self.finish(result);
+        accepted
+    }
+
+    /// Gives the entropy device bytes (entropy device only). Waiting requests are
+    /// filled at once.
+    pub fn add_entropy(&mut self, bytes: &[u8], ctx: &mut DeviceCtx) {
+        let live = self.live();
+        let VirtioDevice::Rng(rng) = &mut self.device else { return };
+        rng.add_entropy(bytes);
+        if live && self.queues[0].ready {
+            let result = rng.process(&mut self.queues[0], ctx.ram);
+            self.finish(result);
+        }
+    }
+
+    /// True when the entropy device holds a request it cannot fill from its pool.
+    pub fn wants_entropy(&self) -> bool {
+        match &self.device {
+            VirtioDevice::Rng(rng) => self.live() && rng.starved(),
+            _ => false,
+        }
+    }
+
+    pub fn state(&self) -> VirtioMmioState {
+        VirtioMmioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            queues: self.queues.clone(),
+            device: self.device.state(),
+        }
+    }
+
+    /// Adopts `state` after checking it against this device; on an error nothing
+    /// changes. Ring addresses are checked against RAM again when next used.
+    pub fn restore(&mut self, state: VirtioMmioState) -> Result<(), VirtioError> {
+        self.check_transport_state(&state)?;
+        self.device.restore(state.device)?;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt_status = state.interrupt_status;
+        self.queues = state.queues;
+        self.fault = None;
+        Ok(())
+    }
+
+    fn check_transport_state(&self, state: &VirtioMmioState) -> Result<(), VirtioError> {
+        let invalid = |problem: String| VirtioError::InvalidState { device: "mmio transport", problem };
+        if state.queues.len() != self.device.queue_count() {
+            let (found, expected) = (state.queues.len(), self.device.queue_count());
+            return Err(invalid(format!("{found} queues, the {} device has {expected}", self.device.kind())));
+        }
+        if state.status & !status::ALL != 0 {
+            return Err(invalid(format!("unknown status bits {:#x}", state.status)));
+        }
+        if state.interrupt_status & !(INT_USED_BUFFER | INT_CONFIG_CHANGE) != 0 {
+            return Err(invalid(format!("unknown interrupt bits {:#x}", state.interrupt_status)));
+        }
+        if state.status & status::FEATURES_OK != 0 && !self.features_acceptable(state.driver_features) {
+            return Err(invalid(format!("driver features {:#x} were never offered", state.driver_features)));
+        }
+        for (index, queue) in state.queues.iter().enumerate() {
+            if queue.ready {
+                queue.check_layout().map_err(|e| invalid(format!("queue {index}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
