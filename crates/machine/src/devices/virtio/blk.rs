@@ -88,9 +88,8 @@ impl Blk {
             return Err(VirtioError::SizeNotSectorMultiple { path: path.to_path_buf(), size_bytes });
         }
         let capacity_sectors = size_bytes / SECTOR_SIZE_BYTES;
-        let dirty_words = usize::try_from(capacity_sectors.div_ceil(64)).map_err(|_| {
-            open_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, "image too large"))
-        })?;
+        let dirty_words = usize::try_from(capacity_sectors.div_ceil(64))
+            .map_err(|_| open_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, "image too large")))?;
         Ok(Blk {
             file,
             path: path.to_path_buf(),
@@ -168,9 +167,11 @@ impl Blk {
     /// Reads whole sectors from `sector` into `buf` (checkpoints read dirty sectors).
     pub fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
         self.check_range(sector, buf.len())?;
-        self.file
-            .read_exact_at(buf, sector * SECTOR_SIZE_BYTES)
-            .map_err(|source| VirtioError::Io { path: self.path.clone(), sector, source })
+        self.file.read_exact_at(buf, sector * SECTOR_SIZE_BYTES).map_err(|source| VirtioError::Io {
+            path: self.path.clone(),
+            sector,
+            source,
+        })
     }
 
     /// Writes whole sectors at `sector` (the backup's side of a checkpoint); they
@@ -181,9 +182,11 @@ impl Blk {
         }
         let count = self.check_range(sector, data.len())?;
         self.mark_dirty(sector, count);
-        self.file
-            .write_all_at(data, sector * SECTOR_SIZE_BYTES)
-            .map_err(|source| VirtioError::Io { path: self.path.clone(), sector, source })
+        self.file.write_all_at(data, sector * SECTOR_SIZE_BYTES).map_err(|source| VirtioError::Io {
+            path: self.path.clone(),
+            sector,
+            source,
+        })
     }
 
     /// Serves every request the driver has made available. Returns whether to
@@ -243,7 +246,13 @@ impl Blk {
         (len_bytes % SECTOR_SIZE_BYTES == 0 && on_disk).then(|| (sector * SECTOR_SIZE_BYTES, len_bytes))
     }
 
-    fn read_request(&mut self, chain: &Chain, ram: &mut GuestRam, sector: u64, len: u64) -> Result<Outcome, QueueError> {
+    fn read_request(
+        &mut self,
+        chain: &Chain,
+        ram: &mut GuestRam,
+        sector: u64,
+        len: u64,
+    ) -> Result<Outcome, QueueError> {
         let Some((start, len)) = self.transfer_range(sector, len) else { return status_only(S_IOERR) };
         let mut done = 0;
         while done < len {
@@ -567,7 +576,8 @@ mod tests {
         let image = image("size-a");
         let other = TempImage::new("size-b", &[0; 512]);
         let driver = blk_driver(&image, false);
-        let mut mmio = crate::devices::virtio::VirtioMmio::new(VirtioDevice::Blk(Blk::open(&other.path, false).unwrap()));
+        let mut mmio =
+            crate::devices::virtio::VirtioMmio::new(VirtioDevice::Blk(Blk::open(&other.path, false).unwrap()));
         let error = mmio.restore(driver.mmio.state()).unwrap_err().to_string();
         assert!(error.contains("4 sectors"), "{error}");
     }

@@ -21,7 +21,6 @@ pub const VERSION: u32 = 2;
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"FTVM");
 /// Size of one device's MMIO window.
 pub const WINDOW_SIZE_BYTES: u64 = 0x1000;
-const CONFIG_OFFSET: u64 = 0x100;
 
 /// Device status bits (§2.1).
 pub mod status {
@@ -39,7 +38,7 @@ pub const INT_USED_BUFFER: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// Register offsets (§4.2.2, table "MMIO Device Register Layout").
-mod reg {
+pub mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -68,6 +67,8 @@ mod reg {
     pub const SHM_BASE_LOW: u64 = 0x0b8;
     pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// Start of the device-specific configuration space.
+    pub const CONFIG: u64 = 0x100;
 }
 
 /// A virtio-mmio window with its device.
@@ -165,8 +166,8 @@ impl VirtioMmio {
         if offset >= WINDOW_SIZE_BYTES {
             return Err(AccessError);
         }
-        if offset >= CONFIG_OFFSET {
-            return self.read_config(offset - CONFIG_OFFSET, size);
+        if offset >= reg::CONFIG {
+            return self.read_config(offset - reg::CONFIG, size);
         }
         if size != 4 || offset % 4 != 0 {
             return Err(AccessError);
@@ -213,7 +214,7 @@ impl VirtioMmio {
         if offset >= WINDOW_SIZE_BYTES {
             return Err(AccessError);
         }
-        if offset >= CONFIG_OFFSET {
+        if offset >= reg::CONFIG {
             return if matches!(size, 1 | 2 | 4 | 8) { Ok(()) } else { Err(AccessError) };
         }
         if size != 4 || offset % 4 != 0 {
@@ -403,6 +404,9 @@ impl VirtioMmio {
     }
 
     fn check_transport_state(&self, state: &VirtioMmioState) -> Result<(), VirtioError> {
+        if state.device.kind() != self.device.kind() {
+            return Err(VirtioError::DeviceMismatch { expected: self.device.kind(), found: state.device.kind() });
+        }
         let invalid = |problem: String| VirtioError::InvalidState { device: "mmio transport", problem };
         if state.queues.len() != self.device.queue_count() {
             let (found, expected) = (state.queues.len(), self.device.queue_count());
@@ -423,5 +427,218 @@ impl VirtioMmio {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::testing::*;
+
+    const BUF: u64 = DATA;
+
+    fn rng_device() -> VirtioDevice {
+        VirtioDevice::Rng(Rng::new())
+    }
+
+    fn add_entropy(driver: &mut Driver, bytes: &[u8]) {
+        let mut ctx = DeviceCtx { ram: &mut driver.ram, outputs: &mut driver.outputs, icount: driver.icount };
+        driver.mmio.add_entropy(bytes, &mut ctx);
+    }
+
+    fn needs_reset(driver: &mut Driver) -> bool {
+        driver.status() & status::DEVICE_NEEDS_RESET != 0
+    }
+
+    #[test]
+    fn identification_registers_read_as_the_spec_says() {
+        let mut driver = Driver::new(rng_device());
+        assert_eq!(driver.read(reg::MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(driver.read(reg::VERSION), 2);
+        assert_eq!(driver.read(reg::VENDOR_ID), 0x4d56_5446);
+        assert_eq!(driver.read(reg::STATUS), 0);
+        assert_eq!(driver.read(reg::SHM_LEN_LOW), u32::MAX);
+        assert_eq!(driver.read(reg::CONFIG_GENERATION), 0);
+    }
+
+    #[test]
+    fn control_registers_refuse_other_widths_and_unknown_offsets() {
+        let mut driver = Driver::new(rng_device());
+        assert_eq!(driver.try_read(reg::MAGIC_VALUE, 2), Err(AccessError));
+        assert_eq!(driver.try_read(reg::MAGIC_VALUE + 1, 4), Err(AccessError));
+        assert_eq!(driver.try_read(0x0f0, 4), Err(AccessError));
+        assert_eq!(driver.try_read(reg::QUEUE_NOTIFY, 4), Err(AccessError));
+        assert_eq!(driver.try_write(reg::MAGIC_VALUE, 4, 0), Err(AccessError));
+        assert_eq!(driver.try_write(reg::STATUS, 8, 1), Err(AccessError));
+        assert_eq!(driver.try_read(WINDOW_SIZE_BYTES, 4), Err(AccessError));
+        assert_eq!(driver.try_read(reg::CONFIG, 3), Err(AccessError));
+        assert_eq!(driver.try_read(reg::CONFIG + 0x10, 4), Ok(0));
+    }
+
+    #[test]
+    fn negotiation_refuses_features_never_offered() {
+        let mut driver = Driver::new(rng_device());
+        driver.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        driver.write(reg::DRIVER_FEATURES_SEL, 1);
+        driver.write(reg::DRIVER_FEATURES, 1 | 1 << 2); // VERSION_1 | RING_PACKED
+        driver.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        assert_eq!(driver.status() & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn negotiation_refuses_a_driver_without_version_1() {
+        let mut driver = Driver::new(rng_device());
+        driver.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        driver.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        assert_eq!(driver.status() & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn features_are_frozen_once_features_ok_is_set() {
+        let mut driver = Driver::setup(rng_device());
+        driver.write(reg::DRIVER_FEATURES_SEL, 1);
+        driver.write(reg::DRIVER_FEATURES, 0);
+        assert_eq!(driver.mmio.driver_features(), VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn a_queue_size_that_is_not_a_power_of_two_needs_reset() {
+        let mut driver = Driver::new(rng_device());
+        driver.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        driver.setup_queue(0, 3);
+        assert!(needs_reset(&mut driver));
+        assert_eq!(driver.read(reg::QUEUE_READY), 0);
+        assert_eq!(driver.mmio.fault(), Some(&QueueError::BadSize { size: 3 }));
+    }
+
+    #[test]
+    fn a_queue_larger_than_the_maximum_or_outside_ram_needs_reset() {
+        let mut driver = Driver::new(rng_device());
+        driver.setup_queue(0, 512);
+        assert!(needs_reset(&mut driver));
+        let mut driver = Driver::new(rng_device());
+        driver.write(reg::QUEUE_NUM, 16);
+        driver.write(reg::QUEUE_DESC_HIGH, 0x10);
+        driver.write(reg::QUEUE_READY, 1);
+        assert!(matches!(driver.mmio.fault(), Some(QueueError::BadRing { .. })));
+    }
+
+    #[test]
+    fn a_descriptor_index_out_of_range_needs_reset_and_tells_the_driver() {
+        let mut driver = Driver::setup(rng_device());
+        add_entropy(&mut driver, &[1; 8]);
+        driver.make_available(0, QUEUE_SIZE + 3);
+        driver.notify(0);
+        assert!(needs_reset(&mut driver));
+        assert_eq!(driver.mmio.fault(), Some(&QueueError::DescriptorOutOfRange { index: 19, size: QUEUE_SIZE }));
+        assert_ne!(driver.ack_interrupt() & INT_CONFIG_CHANGE, 0);
+    }
+
+    #[test]
+    fn a_descriptor_loop_needs_reset() {
+        let mut driver = Driver::setup(rng_device());
+        add_entropy(&mut driver, &[1; 8]);
+        driver.put_desc(0, 0, writable(BUF, 1), Some(1));
+        driver.put_desc(0, 1, writable(BUF, 1), Some(0));
+        driver.make_available(0, 0);
+        driver.notify(0);
+        assert!(needs_reset(&mut driver));
+        assert_eq!(driver.mmio.fault(), Some(&QueueError::ChainTooLong { head: 0 }));
+    }
+
+    #[test]
+    fn a_buffer_outside_ram_needs_reset_and_ram_is_untouched() {
+        let mut driver = Driver::setup(rng_device());
+        add_entropy(&mut driver, &[1; 8]);
+        driver.ram.take_dirty_pages();
+        driver.put_desc(0, 0, writable(RAM_BASE + RAM_SIZE - 4, 8), None);
+        driver.make_available(0, 0);
+        driver.ram.take_dirty_pages();
+        driver.notify(0);
+        assert!(needs_reset(&mut driver));
+        assert!(matches!(driver.mmio.fault(), Some(QueueError::BufferOutsideRam { .. })));
+        assert!(driver.ram.take_dirty_pages().is_empty());
+    }
+
+    #[test]
+    fn a_device_needing_reset_ignores_notifications_until_reset() {
+        let mut driver = Driver::setup(rng_device());
+        add_entropy(&mut driver, &[1; 8]);
+        driver.make_available(0, 99);
+        driver.notify(0);
+        driver.post(0, &[writable(BUF, 4)]);
+        driver.notify(0);
+        assert!(driver.used(0).is_empty());
+        driver.write(reg::STATUS, 0);
+        assert_eq!(driver.status(), 0);
+        assert_eq!(driver.mmio.fault(), None);
+        let mmio = std::mem::replace(&mut driver.mmio, VirtioMmio::new(rng_device()));
+        let mut fresh = Driver::with_parts(rv64::GuestRam::new(RAM_BASE, RAM_SIZE), mmio);
+        fresh.init(None);
+        fresh.post(0, &[writable(BUF, 4)]);
+        fresh.notify(0);
+        assert_eq!(fresh.used(0), vec![(0, 4)]);
+    }
+
+    #[test]
+    fn notifications_before_driver_ok_are_ignored() {
+        let mut driver = Driver::new(rng_device());
+        driver.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        driver.setup_queue(0, u32::from(QUEUE_SIZE));
+        add_entropy(&mut driver, &[1; 8]);
+        driver.post(0, &[writable(BUF, 4)]);
+        driver.notify(0);
+        assert!(driver.used(0).is_empty());
+    }
+
+    #[test]
+    fn status_zero_resets_features_queues_and_interrupts() {
+        let mut driver = Driver::setup(rng_device());
+        add_entropy(&mut driver, &[1; 8]);
+        driver.post(0, &[writable(BUF, 4)]);
+        driver.notify(0);
+        assert!(driver.mmio.irq_level());
+        driver.write(reg::STATUS, 0);
+        assert!(!driver.mmio.irq_level());
+        assert_eq!(driver.mmio.driver_features(), 0);
+        assert_eq!(driver.mmio.queue(0), Some(&Queue::default()));
+        assert_eq!(driver.read(reg::QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn interrupt_ack_lowers_the_line() {
+        let mut driver = Driver::setup(rng_device());
+        add_entropy(&mut driver, &[1; 8]);
+        driver.post(0, &[writable(BUF, 4)]);
+        driver.notify(0);
+        assert_eq!(driver.read(reg::INTERRUPT_STATUS), INT_USED_BUFFER);
+        driver.write(reg::INTERRUPT_ACK, INT_USED_BUFFER);
+        assert!(!driver.mmio.irq_level());
+    }
+
+    #[test]
+    fn queue_layout_cannot_change_while_the_queue_is_ready() {
+        let mut driver = Driver::setup(rng_device());
+        driver.write(reg::QUEUE_SEL, 0);
+        driver.write(reg::QUEUE_NUM, 2);
+        driver.write(reg::QUEUE_DESC_LOW, 0);
+        assert_eq!(driver.mmio.queue(0).map(|q| (q.size, q.desc_addr)), Some((16, rings(0).0)));
+    }
+
+    #[test]
+    fn restore_refuses_unknown_bits_and_bad_ready_queues_and_changes_nothing() {
+        let driver = Driver::setup(rng_device());
+        let mut target = VirtioMmio::new(rng_device());
+        let mut bad_status = driver.mmio.state();
+        bad_status.status |= 0x20;
+        assert!(target.restore(bad_status).is_err());
+        let mut bad_queue = driver.mmio.state();
+        bad_queue.queues[0].size = 12;
+        assert!(target.restore(bad_queue).is_err());
+        let mut missing_queue = driver.mmio.state();
+        missing_queue.queues.clear();
+        assert!(target.restore(missing_queue).is_err());
+        assert_eq!(target.state(), VirtioMmio::new(rng_device()).state());
     }
 }

@@ -65,7 +65,7 @@ pub enum VirtioDeviceState {
 }
 
 impl VirtioDeviceState {
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             VirtioDeviceState::Blk(_) => "block",
             VirtioDeviceState::Net(_) => "network",

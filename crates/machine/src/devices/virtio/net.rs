@@ -98,7 +98,12 @@ impl Net {
         self.rx_pending.clear();
     }
 
-    pub(super) fn notify(&mut self, index: usize, queues: &mut [Queue], ctx: &mut DeviceCtx) -> Result<bool, QueueError> {
+    pub(super) fn notify(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        ctx: &mut DeviceCtx,
+    ) -> Result<bool, QueueError> {
         match index {
             RX_QUEUE => self.flush_rx(&mut queues[RX_QUEUE], ctx.ram),
             TX_QUEUE => self.transmit(&mut queues[TX_QUEUE], ctx),
@@ -196,5 +201,197 @@ impl Net {
         self.rx_pending = state.rx_pending.into();
         self.stats = state.stats;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::mmio::{VirtioMmio, INT_USED_BUFFER};
+    use crate::devices::virtio::testing::*;
+    use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+    use crate::io::Output;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    const TX_BUF: u64 = DATA;
+    const RX_BUF: u64 = DATA + 0x1_0000;
+    const RX_BUF_BYTES: u32 = 1526;
+
+    fn net_driver() -> Driver {
+        Driver::setup(VirtioDevice::Net(Net::new(MAC)))
+    }
+
+    fn net(driver: &Driver) -> &Net {
+        match driver.mmio.device() {
+            VirtioDevice::Net(net) => net,
+            _ => unreachable!(),
+        }
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+    }
+
+    fn receive(driver: &mut Driver, frame: &[u8]) -> bool {
+        let mut ctx =
+            crate::devices::DeviceCtx { ram: &mut driver.ram, outputs: &mut driver.outputs, icount: driver.icount };
+        driver.mmio.receive_frame(frame, &mut ctx)
+    }
+
+    fn post_rx(driver: &mut Driver, slot: u64) -> u16 {
+        let head = driver.post(RX_QUEUE, &[writable(RX_BUF + slot * 0x800, RX_BUF_BYTES)]);
+        driver.notify(RX_QUEUE);
+        head
+    }
+
+    #[test]
+    fn offers_version_1_and_mac_with_the_mac_in_config() {
+        let mut driver = Driver::new(VirtioDevice::Net(Net::new(MAC)));
+        assert_eq!(driver.read(reg::DEVICE_ID), 1);
+        assert_eq!(driver.device_features(), VIRTIO_F_VERSION_1 | FEATURE_MAC);
+        let mac: Vec<u8> = (0..6).map(|i| driver.try_read(reg::CONFIG + i, 1).unwrap() as u8).collect();
+        assert_eq!(mac, MAC);
+    }
+
+    #[test]
+    fn transmit_outputs_the_frame_without_the_virtio_header() {
+        let mut driver = net_driver();
+        driver.icount = 4242;
+        let payload = frame(60, 1);
+        driver.fill(TX_BUF, &[0xaa; NET_HDR_BYTES]);
+        driver.fill(TX_BUF + 0x100, &payload[..20]);
+        driver.fill(TX_BUF + 0x200, &payload[20..]);
+        let bufs = [readable(TX_BUF, 12), readable(TX_BUF + 0x100, 20), readable(TX_BUF + 0x200, 40)];
+        let head = driver.post(TX_QUEUE, &bufs);
+        driver.notify(TX_QUEUE);
+        assert_eq!(driver.used(TX_QUEUE), vec![(u32::from(head), 0)]);
+        let expected = Output { icount: 4242, kind: OutputKind::NetFrame(payload) };
+        assert_eq!(driver.take_outputs(), vec![expected]);
+        assert!(driver.mmio.irq_level());
+    }
+
+    #[test]
+    fn receive_delivers_the_frame_after_a_header_and_raises_the_interrupt() {
+        let mut driver = net_driver();
+        let head = post_rx(&mut driver, 0);
+        assert!(!driver.mmio.irq_level());
+        let payload = frame(100, 9);
+        assert!(receive(&mut driver, &payload));
+        assert_eq!(driver.used(RX_QUEUE), vec![(u32::from(head), 112)]);
+        assert_eq!(driver.bytes(RX_BUF, 12), rx_header());
+        assert_eq!(driver.bytes(RX_BUF + 12, 100), payload);
+        assert!(driver.mmio.irq_level());
+        assert_eq!(driver.ack_interrupt(), INT_USED_BUFFER);
+        assert!(!driver.mmio.irq_level());
+    }
+
+    #[test]
+    fn frames_without_buffers_wait_and_arrive_in_order_when_buffers_come() {
+        let mut driver = net_driver();
+        assert!(receive(&mut driver, &frame(60, 1)));
+        assert!(receive(&mut driver, &frame(70, 2)));
+        assert_eq!(net(&driver).rx_pending_frames(), 2);
+        assert!(!driver.mmio.irq_level());
+        post_rx(&mut driver, 0);
+        assert_eq!(driver.used(RX_QUEUE), vec![(0, 72)]);
+        assert_eq!(driver.bytes(RX_BUF + 12, 60), frame(60, 1));
+        post_rx(&mut driver, 1);
+        assert_eq!(driver.used(RX_QUEUE), vec![(1, 82)]);
+        assert_eq!(driver.bytes(RX_BUF + 0x800 + 12, 70), frame(70, 2));
+        assert_eq!(net(&driver).rx_pending_frames(), 0);
+    }
+
+    #[test]
+    fn the_waiting_queue_is_bounded_and_counts_drops() {
+        let mut driver = net_driver();
+        for _ in 0..RX_PENDING_MAX_FRAMES {
+            assert!(receive(&mut driver, &frame(60, 0)));
+        }
+        assert!(!receive(&mut driver, &frame(60, 0)));
+        assert_eq!(net(&driver).stats().rx_dropped_queue_full, 1);
+        assert_eq!(net(&driver).rx_pending_frames(), RX_PENDING_MAX_FRAMES);
+    }
+
+    #[test]
+    fn oversize_frames_and_frames_before_driver_ok_are_dropped_and_counted() {
+        let mut driver = net_driver();
+        assert!(!receive(&mut driver, &vec![0; MAX_FRAME_BYTES + 1]));
+        let mut idle = Driver::new(VirtioDevice::Net(Net::new(MAC)));
+        assert!(!receive(&mut idle, &frame(60, 0)));
+        assert_eq!(net(&driver).stats().rx_dropped_oversize, 1);
+        assert_eq!(net(&idle).stats().rx_dropped_not_ready, 1);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_buffer_is_dropped_and_the_buffer_kept() {
+        let mut driver = net_driver();
+        post_rx(&mut driver, 0);
+        assert!(receive(&mut driver, &frame(RX_BUF_BYTES as usize, 0)));
+        assert!(driver.used(RX_QUEUE).is_empty());
+        assert_eq!(net(&driver).stats().rx_dropped_buffer_too_small, 1);
+        assert!(receive(&mut driver, &frame(64, 0)));
+        assert_eq!(driver.used(RX_QUEUE), vec![(0, 76)]);
+    }
+
+    #[test]
+    fn a_transmit_shorter_than_the_header_is_dropped_and_returned() {
+        let mut driver = net_driver();
+        let head = driver.post(TX_QUEUE, &[readable(TX_BUF, 8)]);
+        driver.notify(TX_QUEUE);
+        assert_eq!(driver.used(TX_QUEUE), vec![(u32::from(head), 0)]);
+        assert!(driver.take_outputs().is_empty());
+        assert_eq!(net(&driver).stats().tx_dropped_malformed, 1);
+    }
+
+    #[test]
+    fn no_interrupt_flag_in_the_available_ring_suppresses_the_interrupt() {
+        let mut driver = net_driver();
+        post_rx(&mut driver, 0);
+        let (_, avail, _) = rings(RX_QUEUE);
+        driver.fill(avail, &1u16.to_le_bytes());
+        assert!(receive(&mut driver, &frame(60, 0)));
+        assert_eq!(driver.used(RX_QUEUE).len(), 1);
+        assert!(!driver.mmio.irq_level());
+    }
+
+    #[test]
+    fn reset_drops_waiting_frames() {
+        let mut driver = net_driver();
+        receive(&mut driver, &frame(60, 0));
+        driver.write(reg::STATUS, 0);
+        assert_eq!(net(&driver).rx_pending_frames(), 0);
+    }
+
+    #[test]
+    fn restored_device_behaves_identically() {
+        let mut driver = net_driver();
+        post_rx(&mut driver, 0);
+        receive(&mut driver, &frame(60, 1));
+        receive(&mut driver, &frame(61, 2));
+        receive(&mut driver, &frame(62, 3));
+        let mut twin = driver.restored_copy(VirtioDevice::Net(Net::new(MAC)));
+        for d in [&mut driver, &mut twin] {
+            post_rx(d, 1);
+            receive(d, &frame(63, 4));
+            post_rx(d, 2);
+            post_rx(d, 3);
+            d.fill(TX_BUF + 12, &frame(50, 5));
+            d.post(TX_QUEUE, &[readable(TX_BUF, 62)]);
+            d.notify(TX_QUEUE);
+        }
+        assert_eq!(driver.mmio.state(), twin.mmio.state());
+        assert_eq!(driver.ram.as_slice(), twin.ram.as_slice());
+        assert_eq!(driver.take_outputs(), twin.take_outputs());
+        assert_eq!(driver.used(RX_QUEUE), twin.used(RX_QUEUE));
+    }
+
+    #[test]
+    fn restore_refuses_another_mac_and_another_device_kind() {
+        let driver = net_driver();
+        let mut other_mac = VirtioMmio::new(VirtioDevice::Net(Net::new([2; 6])));
+        assert!(other_mac.restore(driver.mmio.state()).is_err());
+        let mut rng = VirtioMmio::new(VirtioDevice::Rng(crate::devices::virtio::rng::Rng::new()));
+        let error = rng.restore(driver.mmio.state()).unwrap_err().to_string();
+        assert!(error.contains("network") && error.contains("entropy"), "{error}");
     }
 }

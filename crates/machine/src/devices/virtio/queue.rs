@@ -156,11 +156,7 @@ impl Queue {
         let avail_idx = self.avail_idx(ram)?;
         let pending = avail_idx.wrapping_sub(self.next_avail);
         if pending > self.size_u16() {
-            return Err(QueueError::AvailIndexJump {
-                next_avail: self.next_avail,
-                avail_idx,
-                size: self.size_u16(),
-            });
+            return Err(QueueError::AvailIndexJump { next_avail: self.next_avail, avail_idx, size: self.size_u16() });
         }
         Ok(pending)
     }
@@ -231,8 +227,7 @@ impl Queue {
         ram.write(elem_addr, &elem).ok_or(QueueError::RingOutsideRam { addr: elem_addr })?;
         self.next_used = self.next_used.wrapping_add(1);
         let idx_addr = self.used_addr.wrapping_add(2);
-        ram.write(idx_addr, &self.next_used.to_le_bytes())
-            .ok_or(QueueError::RingOutsideRam { addr: idx_addr })
+        ram.write(idx_addr, &self.next_used.to_le_bytes()).ok_or(QueueError::RingOutsideRam { addr: idx_addr })
     }
 
     /// Whether the driver wants an interrupt for used buffers (avail.flags).
@@ -318,7 +313,8 @@ mod tests {
 
     fn ram_and_queue(size: u32) -> (GuestRam, Queue) {
         let ram = GuestRam::new(BASE, 1 << 20);
-        let queue = Queue { size, ready: true, desc_addr: DESC, avail_addr: AVAIL, used_addr: USED, ..Queue::default() };
+        let queue =
+            Queue { size, ready: true, desc_addr: DESC, avail_addr: AVAIL, used_addr: USED, ..Queue::default() };
         (ram, queue)
     }
 

@@ -85,3 +85,90 @@ impl Rng {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::*;
+    use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+
+    const BUF: u64 = DATA;
+
+    fn rng_driver() -> Driver {
+        Driver::setup(VirtioDevice::Rng(Rng::new()))
+    }
+
+    fn add_entropy(driver: &mut Driver, bytes: &[u8]) {
+        let mut ctx =
+            crate::devices::DeviceCtx { ram: &mut driver.ram, outputs: &mut driver.outputs, icount: driver.icount };
+        driver.mmio.add_entropy(bytes, &mut ctx);
+    }
+
+    fn pool_len(driver: &Driver) -> usize {
+        match driver.mmio.device() {
+            VirtioDevice::Rng(rng) => rng.pool_len(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn offers_only_version_1() {
+        let mut driver = Driver::new(VirtioDevice::Rng(Rng::new()));
+        assert_eq!(driver.read(reg::DEVICE_ID), 4);
+        assert_eq!(driver.device_features(), VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn requests_are_filled_from_the_pool() {
+        let mut driver = rng_driver();
+        add_entropy(&mut driver, &[1, 2, 3, 4, 5, 6]);
+        let head = driver.post(0, &[writable(BUF, 4)]);
+        driver.notify(0);
+        assert_eq!(driver.used(0), vec![(u32::from(head), 4)]);
+        assert_eq!(driver.bytes(BUF, 4), [1, 2, 3, 4]);
+        assert_eq!(pool_len(&driver), 2);
+        assert!(driver.mmio.irq_level());
+        assert!(!driver.mmio.wants_entropy());
+    }
+
+    #[test]
+    fn a_request_finding_the_pool_empty_waits_and_asks_for_entropy() {
+        let mut driver = rng_driver();
+        let head = driver.post(0, &[writable(BUF, 16)]);
+        driver.notify(0);
+        assert!(driver.used(0).is_empty());
+        assert!(driver.mmio.wants_entropy());
+        add_entropy(&mut driver, &[7; 10]);
+        assert_eq!(driver.used(0), vec![(u32::from(head), 10)]);
+        assert_eq!(driver.bytes(BUF, 16), [[7u8; 10].as_slice(), &[0; 6]].concat());
+        assert!(!driver.mmio.wants_entropy());
+    }
+
+    #[test]
+    fn the_pool_is_capped() {
+        let mut driver = rng_driver();
+        add_entropy(&mut driver, &vec![1; POOL_MAX_BYTES - 1]);
+        add_entropy(&mut driver, &[2; 10]);
+        assert_eq!(pool_len(&driver), POOL_MAX_BYTES);
+    }
+
+    #[test]
+    fn restored_device_behaves_identically() {
+        let mut driver = rng_driver();
+        add_entropy(&mut driver, &[1, 2, 3]);
+        driver.post(0, &[writable(BUF, 2)]);
+        driver.post(0, &[writable(BUF + 2, 2)]);
+        driver.post(0, &[writable(BUF + 4, 2)]);
+        driver.notify(0);
+        let mut twin = driver.restored_copy(VirtioDevice::Rng(Rng::new()));
+        assert!(twin.mmio.wants_entropy());
+        for d in [&mut driver, &mut twin] {
+            add_entropy(d, &[4, 5, 6]);
+            d.post(0, &[writable(BUF + 8, 8)]);
+            d.notify(0);
+        }
+        assert_eq!(driver.mmio.state(), twin.mmio.state());
+        assert_eq!(driver.ram.as_slice(), twin.ram.as_slice());
+        assert_eq!(driver.used(0), twin.used(0));
+    }
+}

@@ -17,31 +17,7 @@ pub const QUEUE_SIZE: u16 = 16;
 /// Where test buffers go: past the queues' rings.
 pub const DATA: u64 = RAM_BASE + 0x4_0000;
 
-pub mod reg {
-    pub const MAGIC_VALUE: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG: u64 = 0x100;
-}
+pub use super::mmio::reg;
 
 /// Queue `q`'s rings: descriptor table, available ring, used ring.
 pub fn rings(q: usize) -> (u64, u64, u64) {
@@ -236,10 +212,6 @@ impl Driver {
 
     pub fn take_outputs(&mut self) -> Vec<Output> {
         self.outputs.take()
-    }
-
-    pub fn ctx(&mut self) -> DeviceCtx<'_> {
-        DeviceCtx { ram: &mut self.ram, outputs: &mut self.outputs, icount: self.icount }
     }
 
     /// A second driver whose device and RAM are rebuilt from this one's state: the
