@@ -145,6 +145,11 @@ pub struct Hart {
     ext_mip: u64,
     /// A device asked to stop during the current instruction.
     stop_pending: bool,
+    /// Something that can change which interrupt is deliverable happened (a CSR
+    /// write, a trap, an xRET, a device access, a timer or time change): check
+    /// before the next instruction. Checking only then is exactly equivalent to
+    /// checking before every instruction, and much cheaper.
+    pub(crate) irq_dirty: bool,
     /// pc of the next instruction, set by `execute`.
     pub(crate) next_pc: u64,
     pub(crate) tlb: Box<Tlb>,
@@ -170,6 +175,7 @@ impl Hart {
             timer_mip: 0,
             ext_mip: 0,
             stop_pending: false,
+            irq_dirty: true,
             next_pc: 0,
             tlb: Box::default(),
             decode_cache: vec![empty; DECODE_CACHE_ENTRIES].into_boxed_slice(),
@@ -209,6 +215,7 @@ impl Hart {
     /// Recompute the timer interrupt bits and the next deadline after any change to
     /// time, a compare register or menvcfg.
     pub fn timer_changed(&mut self) {
+        self.irq_dirty = true;
         let now = self.time();
         let [m, s] = self.enabled_comparators();
         self.timer_mip = 0;
@@ -243,12 +250,14 @@ impl Hart {
 
     /// Set or clear the machine software interrupt (the CLINT's msip register).
     pub fn set_msip(&mut self, on: bool) {
+        self.irq_dirty = true;
         let bit = Interrupt::MachineSoftware.bit();
         self.state.mip = if on { self.state.mip | bit } else { self.state.mip & !bit };
     }
 
     /// Set or clear a software-visible pending bit in mip (used by the SBI for IPIs).
     pub fn set_pending(&mut self, irq: Interrupt, on: bool) {
+        self.irq_dirty = true;
         let bit = irq.bit();
         self.state.mip = if on { self.state.mip | bit } else { self.state.mip & !bit };
     }
@@ -260,6 +269,7 @@ impl Hart {
 
     /// Poll the interrupt controller's lines.
     pub fn refresh_external_irq(&mut self, bus: &impl Bus) {
+        self.irq_dirty = true;
         let (m, s) = bus.external_irq();
         self.ext_mip = if m { Interrupt::MachineExternal.bit() } else { 0 }
             | if s { Interrupt::SupervisorExternal.bit() } else { 0 };
@@ -300,14 +310,19 @@ impl Hart {
             if self.state.icount >= self.timer_deadline_icount {
                 self.timer_changed();
             }
-            if let Some(irq) = self.pending_interrupt() {
-                self.take_trap(Trap::Interrupt(irq));
-            }
-            if self.state.wfi {
-                if self.mip_read() & self.state.mie == 0 {
-                    return Exit::Idle;
+            if self.irq_dirty {
+                self.irq_dirty = false;
+                if let Some(irq) = self.pending_interrupt() {
+                    self.take_trap(Trap::Interrupt(irq));
                 }
-                self.state.wfi = false;
+                if self.state.wfi {
+                    if self.mip_read() & self.state.mie == 0 {
+                        // Still dirty: the next run must look again.
+                        self.irq_dirty = true;
+                        return Exit::Idle;
+                    }
+                    self.state.wfi = false;
+                }
             }
             match self.step(bus) {
                 Ok(()) => {}
@@ -362,6 +377,7 @@ impl Hart {
 
     /// Enter a trap: choose M or S by delegation, save pc/cause/tval, switch mode.
     pub(crate) fn take_trap(&mut self, trap: Trap) {
+        self.irq_dirty = true;
         let (cause, tval, interrupt) = match trap {
             Trap::Exception(e) => (e.cause(), e.tval(), false),
             Trap::Interrupt(i) => (i as u64, 0, true),

@@ -33,6 +33,7 @@ impl Hart {
                 }
                 s.privilege = mpp;
                 self.next_pc = s.mepc;
+                self.irq_dirty = true;
             }
             SysOp::Sret => {
                 if privilege == PrivMode::User
@@ -47,6 +48,7 @@ impl Hart {
                 s.mstatus |= MSTATUS_SPIE | if spie { MSTATUS_SIE } else { 0 };
                 s.privilege = spp;
                 self.next_pc = s.sepc;
+                self.irq_dirty = true;
             }
             SysOp::Wfi => {
                 if privilege == PrivMode::User
@@ -55,6 +57,7 @@ impl Hart {
                     return Err(illegal);
                 }
                 self.state.wfi = true;
+                self.irq_dirty = true;
             }
             SysOp::SfenceVma => {
                 if privilege == PrivMode::User

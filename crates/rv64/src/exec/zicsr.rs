@@ -27,6 +27,7 @@ impl Hart {
                 Rc | Rci => old & !operand,
             };
             self.csr_write(csr, new, raw)?;
+            self.irq_dirty = true;
         }
         self.set_x(i.rd, old);
         Ok(())
