@@ -287,8 +287,9 @@ impl VirtioMmio {
             self.reset();
             return;
         }
-        // DEVICE_NEEDS_RESET is the device's to set; only a reset clears it.
-        let mut new = (v & !status::DEVICE_NEEDS_RESET) | (self.status & status::DEVICE_NEEDS_RESET);
+        // Bits the spec does not define are dropped; DEVICE_NEEDS_RESET is the
+        // device's to set, and only a reset clears it.
+        let mut new = (v & status::ALL & !status::DEVICE_NEEDS_RESET) | (self.status & status::DEVICE_NEEDS_RESET);
         let features_ok_now = new & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0;
         if features_ok_now && !self.features_acceptable(self.driver_features) {
             // The driver reads Status back and gives up (§3.1.1 step 6).
@@ -640,5 +641,109 @@ mod tests {
         missing_queue.queues.clear();
         assert!(target.restore(missing_queue).is_err());
         assert_eq!(target.state(), VirtioMmio::new(rng_device()).state());
+    }
+
+    /// xorshift64*: a tiny deterministic generator for the hostile-driver test.
+    struct Xorshift(u64);
+    impl Xorshift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// One step of a driver doing anything at all: register writes, scribbles over
+    /// the rings, plausible and implausible chains, notifications and inputs.
+    fn hostile_step(driver: &mut Driver, rng: &mut Xorshift) {
+        const WRITABLE: [u64; 16] = [
+            reg::DEVICE_FEATURES_SEL,
+            reg::DRIVER_FEATURES,
+            reg::DRIVER_FEATURES_SEL,
+            reg::QUEUE_SEL,
+            reg::QUEUE_NUM,
+            reg::QUEUE_READY,
+            reg::QUEUE_NOTIFY,
+            reg::INTERRUPT_ACK,
+            reg::STATUS,
+            reg::QUEUE_DESC_LOW,
+            reg::QUEUE_DESC_HIGH,
+            reg::QUEUE_DRIVER_LOW,
+            reg::QUEUE_DRIVER_HIGH,
+            reg::QUEUE_DEVICE_LOW,
+            reg::QUEUE_DEVICE_HIGH,
+            reg::CONFIG,
+        ];
+        let small = |rng: &mut Xorshift| if rng.below(2) == 0 { rng.below(20) } else { rng.next() };
+        match rng.below(16) {
+            0 => {
+                let offset = WRITABLE[rng.below(WRITABLE.len() as u64) as usize];
+                let value = small(rng);
+                let _ = driver.try_write(offset, 4, value);
+            }
+            1 => {
+                let _ = driver.try_read(rng.below(0x1100), [1, 2, 4, 8][rng.below(4) as usize]);
+            }
+            2 => {
+                let addr = RAM_BASE + rng.below(0xc000);
+                let _ = driver.ram.write(addr, &small(rng).to_le_bytes()[..1 << rng.below(4)]);
+            }
+            3..=8 => {
+                let q = rng.below(3) as usize;
+                let count = 1 + rng.below(4);
+                let mut bufs: Vec<Buf> = (0..count)
+                    .map(|_| {
+                        let addr = if rng.below(16) == 0 { small(rng) } else { DATA + rng.below(0x8000) };
+                        let len = if rng.below(16) == 0 { small(rng) as u32 } else { rng.below(0x3000) as u32 };
+                        (addr, len, rng.below(2) == 0)
+                    })
+                    .collect();
+                if rng.below(8) != 0 {
+                    bufs.sort_by_key(|&(_, _, writable)| writable);
+                }
+                driver.post(q, &bufs);
+                driver.notify(q);
+            }
+            9 | 10 => driver.notify(rng.below(4) as usize),
+            11 | 12 => {
+                let frame = vec![rng.next() as u8; rng.below(2000) as usize];
+                let mut ctx = DeviceCtx { ram: &mut driver.ram, outputs: &mut driver.outputs, icount: driver.icount };
+                driver.mmio.receive_frame(&frame, &mut ctx);
+            }
+            13 | 14 => add_entropy(driver, &vec![rng.next() as u8; rng.below(64) as usize]),
+            _ => {
+                driver.mmio.restore(driver.mmio.state()).expect("a device's own state restores");
+            }
+        }
+        if !driver.mmio.live() && rng.below(4) == 0 {
+            driver.restart();
+        }
+    }
+
+    #[test]
+    fn a_hostile_driver_never_panics_the_device_and_state_stays_valid() {
+        let image = TempImage::new("hostile", &[0; 8 * 512]);
+        for seed in 1..=300u64 {
+            let device = match seed % 3 {
+                0 => VirtioDevice::Blk(crate::devices::virtio::blk::Blk::open(&image.path, false).unwrap()),
+                1 => VirtioDevice::Net(crate::devices::virtio::net::Net::new([2; 6])),
+                _ => rng_device(),
+            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut driver = Driver::setup(device);
+                let mut rng = Xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                for _ in 0..300 {
+                    hostile_step(&mut driver, &mut rng);
+                }
+                let state = driver.mmio.state();
+                assert_eq!(state.status & !status::ALL, 0);
+                assert!(state.queues.iter().filter(|q| q.ready).all(|q| q.check_layout().is_ok()));
+            }));
+            assert!(outcome.is_ok(), "hostile driver test failed with seed {seed}");
+        }
     }
 }

@@ -92,6 +92,19 @@ impl Driver {
         self.write(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
     }
 
+    /// Resets the device and starts over with zeroed rings, as a driver recovering
+    /// from DEVICE_NEEDS_RESET would.
+    pub fn restart(&mut self) {
+        self.write(reg::STATUS, 0);
+        for q in 0..self.next_desc.len() {
+            self.ram.write(rings(q).0, &[0; 0x4000]).unwrap();
+        }
+        self.next_desc.fill(0);
+        self.avail_idx.fill(0);
+        self.used_seen.fill(0);
+        self.init(None);
+    }
+
     pub fn device_features(&mut self) -> u64 {
         self.write(reg::DEVICE_FEATURES_SEL, 0);
         let low = u64::from(self.read(reg::DEVICE_FEATURES));
