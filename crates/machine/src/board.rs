@@ -1,0 +1,176 @@
+//! The board: the physical memory map and the bus that routes each access to RAM or
+//! to a device. Mirrors QEMU's `virt` machine where Linux expects it.
+
+use crate::devices::clint::{self, ClintView, HartRequest};
+use crate::devices::plic::{self, Plic};
+use crate::devices::test_device;
+use crate::devices::uart::Uart;
+use crate::devices::virtio::VirtioMmio;
+use crate::devices::{AccessError, DeviceCtx};
+use crate::io::{OutputKind, Outputs};
+use rv64::{Bus, BusFault, GuestRam};
+
+pub const TEST_BASE: u64 = 0x0010_0000;
+pub const CLINT_BASE: u64 = 0x0200_0000;
+pub const PLIC_BASE: u64 = 0x0c00_0000;
+pub const UART_BASE: u64 = 0x1000_0000;
+pub const UART_SIZE: u64 = 0x100;
+pub const UART_IRQ: usize = 10;
+pub const VIRTIO_BASE: u64 = 0x1000_1000;
+pub const VIRTIO_STRIDE: u64 = 0x1000;
+/// Virtio slot `i` uses PLIC source `VIRTIO_IRQ_BASE + i`.
+pub const VIRTIO_IRQ_BASE: usize = 1;
+pub const VIRTIO_SLOTS: usize = 8;
+pub const RAM_BASE: u64 = 0x8000_0000;
+/// Timer ticks per guest second (the device tree's timebase-frequency).
+pub const TIMEBASE_HZ: u64 = 10_000_000;
+
+/// Everything on the bus except the hart.
+pub struct Board {
+    pub ram: GuestRam,
+    pub uart: Uart,
+    pub plic: Plic,
+    pub virtio: Vec<VirtioMmio>,
+    pub outputs: Outputs,
+    /// The hart's CLINT registers as of the last sync (reads come from here).
+    pub clint: ClintView,
+    /// CLINT writes waiting to be applied to the hart.
+    pub hart_requests: Vec<HartRequest>,
+    icount: u64,
+    /// The guest wrote the test device or otherwise asked to stop.
+    stop: bool,
+}
+
+impl Board {
+    pub fn new(ram: GuestRam, virtio: Vec<VirtioMmio>) -> Board {
+        assert!(virtio.len() <= VIRTIO_SLOTS, "at most {VIRTIO_SLOTS} virtio devices");
+        Board {
+            ram,
+            uart: Uart::new(),
+            plic: Plic::new(),
+            virtio,
+            outputs: Outputs::default(),
+            clint: ClintView::default(),
+            hart_requests: Vec::new(),
+            icount: 0,
+            stop: false,
+        }
+    }
+
+    pub fn set_icount(&mut self, icount: u64) {
+        self.icount = icount;
+    }
+
+    /// Clear the stop request after the machine has looked at it.
+    pub fn clear_stop(&mut self) {
+        self.stop = false;
+    }
+
+    /// Recompute every device's interrupt line into the PLIC.
+    pub fn update_irqs(&mut self) {
+        let uart = self.uart.irq_level();
+        self.plic.set_level(UART_IRQ, uart);
+        for (i, dev) in self.virtio.iter().enumerate() {
+            let level = dev.irq_level();
+            self.plic.set_level(VIRTIO_IRQ_BASE + i, level);
+        }
+    }
+
+    fn device_load(&mut self, paddr: u64, size: u8) -> Result<u64, AccessError> {
+        let icount = self.icount;
+        if let Some(off) = offset_in(paddr, UART_BASE, UART_SIZE) {
+            return self.uart.read(off, size);
+        }
+        if let Some(off) = offset_in(paddr, PLIC_BASE, plic::SIZE) {
+            return self.plic.read(off, size);
+        }
+        if let Some(off) = offset_in(paddr, CLINT_BASE, clint::SIZE) {
+            return clint::read(&self.clint, off, size);
+        }
+        if let Some((slot, off)) = self.virtio_slot(paddr) {
+            let mut ctx = DeviceCtx { ram: &mut self.ram, outputs: &mut self.outputs, icount };
+            return self.virtio[slot].read(off, size, &mut ctx);
+        }
+        if offset_in(paddr, TEST_BASE, test_device::SIZE).is_some() {
+            return Ok(0);
+        }
+        Err(AccessError)
+    }
+
+    fn device_store(&mut self, paddr: u64, size: u8, value: u64) -> Result<(), AccessError> {
+        let icount = self.icount;
+        if let Some(off) = offset_in(paddr, UART_BASE, UART_SIZE) {
+            let mut ctx = DeviceCtx { ram: &mut self.ram, outputs: &mut self.outputs, icount };
+            return self.uart.write(off, size, value, &mut ctx);
+        }
+        if let Some(off) = offset_in(paddr, PLIC_BASE, plic::SIZE) {
+            return self.plic.write(off, size, value);
+        }
+        if let Some(off) = offset_in(paddr, CLINT_BASE, clint::SIZE) {
+            if let Some(request) = clint::write(&self.clint, off, size, value)? {
+                self.hart_requests.push(request);
+                self.stop = true;
+            }
+            return Ok(());
+        }
+        if let Some((slot, off)) = self.virtio_slot(paddr) {
+            let mut ctx = DeviceCtx { ram: &mut self.ram, outputs: &mut self.outputs, icount };
+            return self.virtio[slot].write(off, size, value, &mut ctx);
+        }
+        if let Some(off) = offset_in(paddr, TEST_BASE, test_device::SIZE) {
+            if let Some(kind) = test_device::write(off, size, value)? {
+                self.outputs.push(icount, kind);
+                self.stop = true;
+            }
+            return Ok(());
+        }
+        Err(AccessError)
+    }
+
+    fn virtio_slot(&self, paddr: u64) -> Option<(usize, u64)> {
+        let off = offset_in(paddr, VIRTIO_BASE, VIRTIO_STRIDE * self.virtio.len() as u64)?;
+        Some(((off / VIRTIO_STRIDE) as usize, off % VIRTIO_STRIDE))
+    }
+
+    /// The latest power-off or reset among the outputs not yet taken.
+    pub fn outputs_peek_power(&self) -> Option<OutputKind> {
+        self.outputs.last_power_event()
+    }
+}
+
+fn offset_in(paddr: u64, base: u64, size: u64) -> Option<u64> {
+    let off = paddr.wrapping_sub(base);
+    (off < size).then_some(off)
+}
+
+impl Bus for Board {
+    #[inline]
+    fn ram(&mut self) -> &mut GuestRam {
+        &mut self.ram
+    }
+
+    fn set_clock(&mut self, icount: u64, time_ticks: u64) {
+        self.icount = icount;
+        self.clint.time = time_ticks;
+    }
+
+    fn load(&mut self, paddr: u64, size: u8) -> Result<u64, BusFault> {
+        let v = self.device_load(paddr, size).map_err(|_| BusFault)?;
+        self.update_irqs();
+        Ok(v)
+    }
+
+    fn store(&mut self, paddr: u64, size: u8, value: u64) -> Result<(), BusFault> {
+        self.device_store(paddr, size, value).map_err(|_| BusFault)?;
+        self.update_irqs();
+        Ok(())
+    }
+
+    fn external_irq(&self) -> (bool, bool) {
+        self.plic.outputs()
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop
+    }
+}

@@ -1,0 +1,375 @@
+//! The machine: hart + board, and the verbs the layers above build everything from
+//! (DESIGN.md §6): run until an instruction count, push stamped inputs, drain stamped
+//! outputs, take dirty pages, digest.
+//!
+//! Determinism: the machine's behaviour is a function of its initial state and the
+//! inputs with their stamps only, however `run` calls are split (the hart checks its
+//! budget before anything else in each step, so a split never reorders events).
+
+use crate::board::{Board, RAM_BASE, VIRTIO_SLOTS};
+use crate::devices::clint::HartRequest;
+use crate::devices::virtio::{blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioMmio};
+use crate::io::{Input, InputKind, Output, OutputKind};
+use crate::loader::{self, LoadError};
+use crate::{fdt, sbi};
+use rv64::{Exit, Hart, HartConfig, PrivMode};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The smallest RAM ftvm accepts (the kernel alone needs tens of MiB).
+pub const MIN_RAM_BYTES: u64 = 16 << 20;
+/// The largest (the address space above RAM_BASE that Sv39 kernels map easily).
+pub const MAX_RAM_BYTES: u64 = 64 << 30;
+/// Inputs waiting to be applied, beyond which pushes are refused.
+pub const MAX_PENDING_INPUTS: usize = 1 << 16;
+
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// What a machine is built from.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub ram_size: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub bootargs: String,
+    pub disk: Option<DiskConfig>,
+    /// MAC address of the network card; `None` for no network card.
+    pub net_mac: Option<[u8; 6]>,
+    /// Instructions per timer tick (10 MHz timebase): sets the nominal guest speed.
+    pub icount_per_tick: u64,
+}
+
+impl MachineConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> MachineConfig {
+        MachineConfig {
+            ram_size: 512 << 20,
+            kernel: kernel.into(),
+            initrd: None,
+            bootargs: String::new(),
+            disk: None,
+            net_mac: None,
+            icount_per_tick: 10,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum MachineError {
+    #[error("cannot read kernel {path}: {source}")]
+    ReadKernel { path: PathBuf, source: std::io::Error },
+    #[error("cannot read initrd {path}: {source}")]
+    ReadInitrd { path: PathBuf, source: std::io::Error },
+    #[error("kernel {path}: {source}")]
+    Kernel { path: PathBuf, source: LoadError },
+    #[error("initrd {path}: {source}")]
+    Initrd { path: PathBuf, source: LoadError },
+    #[error("disk {path}: {message}")]
+    Disk { path: PathBuf, message: String },
+    #[error("memory size {size} bytes is too small: at least {min} bytes (16M) are needed")]
+    RamTooSmall { size: u64, min: u64 },
+    #[error("memory size {size} bytes is too large: at most {max} bytes (64G)")]
+    RamTooLarge { size: u64, max: u64 },
+    #[error("memory size {size} bytes is not a multiple of 4 KiB")]
+    RamUnaligned { size: u64 },
+    #[error("device tree: {0}")]
+    Fdt(String),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InputError {
+    #[error("input stamped at icount {stamp} is in the past: the machine is at icount {now}")]
+    InPast { stamp: u64, now: u64 },
+    #[error("too many inputs waiting ({MAX_PENDING_INPUTS})")]
+    QueueFull,
+    #[error("the machine has no {0} device")]
+    NoDevice(&'static str),
+}
+
+/// Why [`Machine::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunExit {
+    /// Reached the requested instruction count.
+    Budget,
+    /// The guest waits for an interrupt; nothing will happen until an input arrives
+    /// (an idle skip to `next_deadline_ticks`, or a frame, a key...).
+    Idle { next_deadline_ticks: Option<u64> },
+    PowerOff { code: u32 },
+    Reset,
+}
+
+/// A digest of the whole machine state (RAM, hart, devices, disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub u128);
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+pub struct Machine {
+    hart: Hart,
+    board: Board,
+    pending: VecDeque<Input>,
+    /// Set once the guest powered off or reset: the machine runs no further.
+    ended: Option<RunExit>,
+    disk_path: Option<PathBuf>,
+}
+
+fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(path)
+}
+
+impl Machine {
+    /// Build a machine and load the kernel, initrd and device tree; the hart starts
+    /// in S-mode at the kernel's entry, as firmware would leave it.
+    pub fn new(config: &MachineConfig) -> Result<Machine, MachineError> {
+        let size = config.ram_size;
+        if size < MIN_RAM_BYTES {
+            return Err(MachineError::RamTooSmall { size, min: MIN_RAM_BYTES });
+        }
+        if size > MAX_RAM_BYTES {
+            return Err(MachineError::RamTooLarge { size, max: MAX_RAM_BYTES });
+        }
+        if size % 4096 != 0 {
+            return Err(MachineError::RamUnaligned { size });
+        }
+        let kernel_path = &config.kernel;
+        let kernel = read_file(kernel_path).map_err(|source| MachineError::ReadKernel { path: kernel_path.clone(), source })?;
+        let header = loader::parse_header(&kernel).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(read_file(path).map_err(|source| MachineError::ReadInitrd { path: path.clone(), source })?),
+            None => None,
+        };
+        let layout = loader::layout(&header, initrd.as_ref().map(|i| i.len() as u64), size).map_err(|source| match source {
+            LoadError::InitrdTooLarge { .. } => MachineError::Initrd { path: config.initrd.clone().unwrap_or_default(), source },
+            _ => MachineError::Kernel { path: kernel_path.clone(), source },
+        })?;
+        let virtio = Self::build_virtio(config)?;
+        let fdt_config = fdt::FdtConfig { ram_size: size, bootargs: &config.bootargs, initrd: layout.initrd, virtio_slots: virtio.len() };
+        let blob = fdt::build(&fdt_config).map_err(|e| MachineError::Fdt(e.to_string()))?;
+        let mut ram = rv64::GuestRam::new(RAM_BASE, size);
+        loader::place(&mut ram, &layout, &kernel, initrd.as_deref(), &blob).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
+        ram.take_dirty_pages(); // the initial image is the baseline, not a change
+
+        let hart_config = HartConfig { icount_per_tick: config.icount_per_tick.max(1), sbi_in_monitor: true };
+        let mut hart = Hart::new(hart_config, layout.entry);
+        boot_state(&mut hart, layout.fdt_addr);
+        let board = Board::new(ram, virtio);
+        Ok(Machine { hart, board, pending: VecDeque::new(), ended: None, disk_path: config.disk.as_ref().map(|d| d.path.clone()) })
+    }
+
+    fn build_virtio(config: &MachineConfig) -> Result<Vec<VirtioMmio>, MachineError> {
+        let mut devices = Vec::new();
+        if let Some(disk) = &config.disk {
+            let blk = Blk::open(&disk.path, disk.read_only).map_err(|e| MachineError::Disk { path: disk.path.clone(), message: e.to_string() })?;
+            devices.push(VirtioMmio::new(VirtioDevice::Blk(blk)));
+        }
+        if let Some(mac) = config.net_mac {
+            devices.push(VirtioMmio::new(VirtioDevice::Net(Net::new(mac))));
+        }
+        devices.push(VirtioMmio::new(VirtioDevice::Rng(Rng::new())));
+        debug_assert!(devices.len() <= VIRTIO_SLOTS);
+        Ok(devices)
+    }
+
+    pub fn icount(&self) -> u64 {
+        self.hart.state.icount
+    }
+
+    /// Guest time in timer ticks (10 MHz).
+    pub fn time_ticks(&self) -> u64 {
+        self.hart.time()
+    }
+
+    pub fn hart(&self) -> &Hart {
+        &self.hart
+    }
+
+    pub fn ram(&self) -> &rv64::GuestRam {
+        &self.board.ram
+    }
+
+    /// Queue an input. Its stamp must not be in the past; inputs with equal stamps
+    /// apply in the order they were pushed.
+    pub fn push_input(&mut self, input: Input) -> Result<(), InputError> {
+        let now = self.icount();
+        if input.icount < now {
+            return Err(InputError::InPast { stamp: input.icount, now });
+        }
+        if self.pending.len() >= MAX_PENDING_INPUTS {
+            return Err(InputError::QueueFull);
+        }
+        let needed = match input.kind {
+            InputKind::NetFrame(_) => Some(("network", self.has(|d| matches!(d, VirtioDevice::Net(_))))),
+            _ => None,
+        };
+        if let Some((name, false)) = needed {
+            return Err(InputError::NoDevice(name));
+        }
+        let at = self.pending.partition_point(|queued| queued.icount <= input.icount);
+        self.pending.insert(at, input);
+        Ok(())
+    }
+
+    fn has(&self, f: impl Fn(&VirtioDevice) -> bool) -> bool {
+        self.board.virtio.iter().any(|d| f(d.device()))
+    }
+
+    /// True when the entropy device waits for bytes (feed it with an Entropy input).
+    pub fn wants_entropy(&self) -> bool {
+        self.board.virtio.iter().any(|d| d.wants_entropy())
+    }
+
+    /// Outputs produced since the last call, in order.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        self.board.outputs.take()
+    }
+
+    /// RAM pages (indices from RAM base) written since the last call.
+    pub fn take_dirty_pages(&mut self) -> Vec<usize> {
+        self.board.ram.take_dirty_pages()
+    }
+
+    fn apply_due_inputs(&mut self) {
+        let now = self.icount();
+        while self.pending.front().is_some_and(|i| i.icount <= now) {
+            let input = self.pending.pop_front().expect("checked non-empty");
+            self.apply(input.kind);
+        }
+        self.board.update_irqs();
+    }
+
+    fn apply(&mut self, kind: InputKind) {
+        let icount = self.icount();
+        let board = &mut self.board;
+        let mut ctx = crate::devices::DeviceCtx { ram: &mut board.ram, outputs: &mut board.outputs, icount };
+        match kind {
+            InputKind::Console(bytes) => board.uart.receive(&bytes),
+            InputKind::NetFrame(frame) => {
+                if let Some(dev) = board.virtio.iter_mut().find(|d| matches!(d.device(), VirtioDevice::Net(_))) {
+                    dev.receive_frame(&frame, &mut ctx);
+                }
+            }
+            InputKind::Entropy(bytes) => {
+                if let Some(dev) = board.virtio.iter_mut().find(|d| matches!(d.device(), VirtioDevice::Rng(_))) {
+                    dev.add_entropy(&bytes, &mut ctx);
+                }
+            }
+            InputKind::IdleSkip { ticks } => self.hart.skip_time(ticks),
+        }
+    }
+
+    /// Run until the instruction count reaches `until_icount`, the guest idles with
+    /// no input due, or it powers off or resets.
+    pub fn run(&mut self, until_icount: u64) -> RunExit {
+        loop {
+            if let Some(end) = self.ended {
+                return end;
+            }
+            self.apply_due_inputs();
+            let next_input = self.pending.front().map_or(u64::MAX, |i| i.icount);
+            let limit = until_icount.min(next_input);
+            self.sync_clint_view();
+            match self.hart.run(&mut self.board, limit) {
+                Exit::Budget => {
+                    if self.icount() >= until_icount && next_input > self.icount() {
+                        return RunExit::Budget;
+                    }
+                }
+                Exit::Idle => {
+                    if next_input > self.icount() {
+                        return RunExit::Idle { next_deadline_ticks: self.hart.next_timer_deadline() };
+                    }
+                }
+                Exit::Sbi => {
+                    if let Some(power) = sbi::handle(&mut self.hart, &mut self.board) {
+                        self.end_with(power);
+                    }
+                }
+                Exit::Stop => self.handle_stop(),
+            }
+        }
+    }
+
+    fn sync_clint_view(&mut self) {
+        let s = &self.hart.state;
+        self.board.clint.msip = s.mip & rv64::Interrupt::MachineSoftware.bit() != 0;
+        self.board.clint.mtimecmp = s.mtimecmp;
+        self.board.clint.time = self.hart.time();
+        self.board.set_icount(s.icount);
+    }
+
+    fn handle_stop(&mut self) {
+        self.board.clear_stop();
+        for request in std::mem::take(&mut self.board.hart_requests) {
+            match request {
+                HartRequest::SetMsip(on) => self.hart.set_msip(on),
+                HartRequest::SetMtimecmp(v) => self.hart.set_mtimecmp(v),
+                HartRequest::SetTime(t) => {
+                    // Writing mtime moves guest time; only forward, keeping time monotonic.
+                    let now = self.hart.time();
+                    self.hart.skip_time(t.saturating_sub(now));
+                }
+            }
+        }
+        // The test device records its power event as an output; find it.
+        let power = self.board.outputs_peek_power();
+        if let Some(kind) = power {
+            self.end_with(kind);
+        }
+    }
+
+    fn end_with(&mut self, kind: OutputKind) {
+        let icount = self.icount();
+        let end = match kind {
+            OutputKind::PowerOff { code } => RunExit::PowerOff { code },
+            _ => RunExit::Reset,
+        };
+        if !self.board.outputs_peek_power().is_some_and(|k| k == kind) {
+            self.board.outputs.push(icount, kind);
+        }
+        self.ended = Some(end);
+    }
+
+    /// A fast digest of RAM, hart and device state, and the disk's contents.
+    pub fn digest(&self) -> Digest {
+        use std::hash::{Hash, Hasher};
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(self.board.ram.as_slice());
+        self.hart.state.hash(&mut h);
+        self.board.uart.state.hash(&mut h);
+        self.board.plic.state.hash(&mut h);
+        for dev in &self.board.virtio {
+            dev.state().hash(&mut h);
+        }
+        self.pending.hash(&mut h);
+        if let Some(path) = &self.disk_path {
+            if let Ok(bytes) = std::fs::read(path) {
+                h.update(&bytes);
+            }
+        }
+        h.write_u8(0);
+        Digest(h.digest128())
+    }
+}
+
+/// The register state firmware would leave for Linux: S-mode, a0 = hart id,
+/// a1 = device tree, every exception but S/M ecalls and all S interrupts delegated,
+/// Sstc enabled, counters readable.
+fn boot_state(hart: &mut Hart, fdt_addr: u64) {
+    let s = &mut hart.state;
+    s.privilege = PrivMode::Supervisor;
+    s.x[10] = 0;
+    s.x[11] = fdt_addr;
+    s.medeleg = 0xb1ff & !(1 << 9);
+    s.mideleg = rv64::csr::S_INTERRUPTS;
+    s.menvcfg = rv64::csr::MENVCFG_STCE;
+    s.mcounteren = 0x7;
+    hart.timer_changed();
+}
