@@ -1,19 +1,49 @@
 //! ftvm: the command-line front of the fault-tolerant virtual machine monitor.
 //! Each subcommand lives in its own module; this file only dispatches.
 
+mod driver;
+mod guest_image;
+mod host;
+mod model_cmd;
+mod run_cmd;
+
 use clap::{Parser, Subcommand};
+
+/// Exit status when ftvm itself fails (as opposed to a guest command's status),
+/// following the convention of container runners.
+const EXIT_FTVM_ERROR: i32 = 125;
 
 #[derive(Parser)]
 #[command(name = "ftvm", version, about = "A fault-tolerant virtual machine monitor", long_about = None)]
+#[command(after_help = "When ftvm itself fails it prints one line, `ftvm: error: ...`, and exits with status 125.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Boot a VM: the console on the terminal, or run one command in the guest
+    Run(run_cmd::RunArgs),
+    /// Reliability models of virtualized nodes: bounds, block diagrams, availability, plots
+    Model(model_cmd::ModelArgs),
+}
 
-fn main() -> anyhow::Result<()> {
+fn dispatch(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Run(args) => run_cmd::run(args),
+        Command::Model(args) => model_cmd::run(args).map(|()| 0),
+    }
+}
+
+fn main() {
     let cli = Cli::parse();
-    match cli.command {}
+    let code = match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("ftvm: error: {err:#}");
+            EXIT_FTVM_ERROR
+        }
+    };
+    std::process::exit(code);
 }

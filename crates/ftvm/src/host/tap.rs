@@ -1,0 +1,81 @@
+//! An existing TAP device as the guest's network card. ftvm attaches to a TAP device
+//! that the administrator (or a test) created; it never creates one, because a typo
+//! would otherwise silently make a new, unconnected device.
+
+use super::HostEvent;
+use anyhow::{bail, Context, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::mpsc::Sender;
+
+const IFF_TAP: libc_short = 0x0002;
+const IFF_NO_PI: libc_short = 0x1000;
+/// Largest frame read from the TAP device (jumbo frames are not configured).
+const MAX_FRAME: usize = 65_536;
+#[allow(non_camel_case_types)]
+type libc_short = i16;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc_short,
+    _pad: [u8; 22],
+}
+
+nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
+
+pub struct Tap {
+    file: File,
+    pub name: String,
+}
+
+impl Tap {
+    /// Attach to the existing TAP device `name`.
+    pub fn open(name: &str) -> Result<Tap> {
+        if name.is_empty() || name.len() > 15 || name.contains('/') {
+            bail!("TAP device name {name:?} is not a valid interface name (1 to 15 characters, no '/')");
+        }
+        let sys = Path::new("/sys/class/net").join(name);
+        if !sys.exists() {
+            bail!("TAP device {name} does not exist (create it first, e.g. `ip tuntap add {name} mode tap`)");
+        }
+        if !sys.join("tun_flags").exists() {
+            bail!("network device {name} is not a TAP device");
+        }
+        let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("cannot open /dev/net/tun")?;
+        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads a struct ifreq; IfReq has ifreq's layout (16-byte name,
+        // short flags, padding to 40 bytes) and lives for the whole call.
+        unsafe { tunsetiff(file.as_raw_fd(), &req) }.with_context(|| format!("cannot attach to TAP device {name} (is it in use or owned by another user?)"))?;
+        Ok(Tap { file, name: name.to_string() })
+    }
+
+    /// Read frames on a thread and send them to the driver.
+    pub fn spawn_reader(&self, events: Sender<HostEvent>) -> Result<()> {
+        let mut file = self.file.try_clone().context("cannot duplicate the TAP file descriptor")?;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_FRAME];
+            loop {
+                match file.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if events.send(HostEvent::NetFrame(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Send a frame the guest transmitted.
+    pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(frame)
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<IfReq>() == 40);

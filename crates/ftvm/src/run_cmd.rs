@@ -1,0 +1,273 @@
+//! `ftvm run`: boot a VM with the console on the terminal, or run one command in the
+//! guest and exit with its status.
+
+use crate::driver::{Clock, ConsoleSink, Driver, Outcome};
+use crate::guest_image;
+use crate::host::{console, tap::Tap};
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use machine::{DiskConfig, Machine, MachineConfig};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Boot a virtual machine (the default Debian guest unless --kernel is given).
+///
+/// Without COMMAND, the guest's console is attached to the terminal: Ctrl-A x quits.
+/// With COMMAND, the guest runs it, ftvm prints its output and exits with its status.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/")]
+pub struct RunArgs {
+    /// Kernel: a RISC-V Linux "Image" [default: the built-in Debian guest]
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk [default: the built-in guest's busybox initramfs]
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default one)
+    #[arg(long, value_name = "ARGS")]
+    pub append: Option<String>,
+    /// Guest RAM, e.g. 512M or 2G
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Raw disk image for the guest's virtio block device (/dev/vda)
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// Attach the disk read-only
+    #[arg(long, requires = "disk")]
+    pub disk_read_only: bool,
+    /// Network card backend: tap:NAME (an existing TAP device)
+    #[arg(long, value_name = "tap:NAME")]
+    pub net: Option<String>,
+    /// MAC address of the guest's network card
+    #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
+    pub mac: [u8; 6],
+    /// Print the final state digest (to stderr)
+    #[arg(long)]
+    pub digest: bool,
+    /// Print instructions executed and the speed at exit (to stderr)
+    #[arg(long)]
+    pub stats: bool,
+    /// Show the kernel's boot messages in command mode
+    #[arg(long)]
+    pub boot_log: bool,
+    /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
+    #[arg(long, value_enum, default_value = "realtime")]
+    pub clock: Clock,
+    /// Command to run in the guest (after --)
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Parse a size with an optional K/M/G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let upper = t.to_ascii_uppercase();
+    let stripped = upper.trim_end_matches("IB").trim_end_matches('B');
+    let (digits, shift) = match stripped.chars().last() {
+        Some('K') => (&stripped[..stripped.len() - 1], 10),
+        Some('M') => (&stripped[..stripped.len() - 1], 20),
+        Some('G') => (&stripped[..stripped.len() - 1], 30),
+        _ => (stripped, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (examples: 512M, 2G, 1048576)"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let err = || format!("{s:?} is not a MAC address (example: 52:54:00:12:34:56)");
+    if parts.len() != 6 {
+        return Err(err());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
+    }
+    Ok(mac)
+}
+
+/// Quote words for the guest's shell so that `ftvm run -- sh -c 'a b'` keeps its words.
+fn shell_join(words: &[String]) -> String {
+    let quote = |w: &String| {
+        if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+            w.clone()
+        } else {
+            format!("'{}'", w.replace('\'', r"'\''"))
+        }
+    };
+    words.iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
+pub fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
+    let (kernel, initrd, mut bootargs) = match &args.kernel {
+        Some(kernel) => (kernel.clone(), args.initrd.clone(), "console=ttyS0 earlycon=sbi".to_string()),
+        None => {
+            let image = guest_image::ensure()?;
+            (image.kernel, args.initrd.clone().or(Some(image.initrd)), image.cmdline)
+        }
+    };
+    if let Some(append) = &args.append {
+        bootargs = append.clone();
+    }
+    if !args.command.is_empty() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(shell_join(&args.command));
+        bootargs.push_str(&format!(" ftvm.cmd={encoded}"));
+    }
+    let mut config = MachineConfig::new(kernel);
+    config.initrd = initrd;
+    config.bootargs = bootargs;
+    config.ram_size = args.mem;
+    config.disk = args.disk.clone().map(|path| DiskConfig { path, read_only: args.disk_read_only });
+    if args.net.is_some() {
+        config.net_mac = Some(args.mac);
+    }
+    Ok(config)
+}
+
+fn tap_name(spec: &str) -> Result<&str> {
+    match spec.split_once(':') {
+        Some(("tap", name)) => Ok(name),
+        _ => bail!("--net {spec:?}: expected tap:NAME"),
+    }
+}
+
+/// Console output in command mode: hide boot messages until the guest's
+/// "ftvm: userspace up" line and the "ftvm: exit N" line, pass the rest.
+struct CommandConsole {
+    started: bool,
+    line: Vec<u8>,
+    show_boot: bool,
+}
+
+const UP_MARKER: &[u8] = b"ftvm: userspace up";
+const EXIT_MARKER: &[u8] = b"ftvm: exit ";
+
+impl ConsoleSink for CommandConsole {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        for &b in bytes {
+            self.line.push(b);
+            if b != b'\n' {
+                continue;
+            }
+            let line = std::mem::take(&mut self.line);
+            let text = trim_cr(&line);
+            if !self.started {
+                if text.ends_with(UP_MARKER) {
+                    self.started = true;
+                } else if self.show_boot {
+                    out.write_all(&line)?;
+                }
+            } else if !text.starts_with(EXIT_MARKER) {
+                out.write_all(&line)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    let mut end = line.len();
+    while end > 0 && (line[end - 1] == b'\n' || line[end - 1] == b'\r') {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+struct TerminalConsole;
+
+impl ConsoleSink for TerminalConsole {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        std::io::stdout().lock().write_all(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<i32> {
+    let config = machine_config(&args)?;
+    let tap = match &args.net {
+        Some(spec) => Some(Tap::open(tap_name(spec)?)?),
+        None => None,
+    };
+    let machine = Machine::new(&config)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let interactive = args.command.is_empty();
+    let _raw = interactive.then(console::RawMode::enter);
+    if interactive {
+        console::spawn_reader(tx.clone());
+    }
+    if let Some(tap) = &tap {
+        tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
+    }
+    let mut driver = Driver::new(machine, rx, args.clock);
+    driver.events_possible = interactive || tap.is_some();
+    driver.tap = tap;
+    drop(tx);
+    let started = Instant::now();
+    let outcome = if interactive {
+        driver.run(&mut TerminalConsole)?
+    } else {
+        driver.run(&mut CommandConsole { started: false, line: Vec::new(), show_boot: args.boot_log })?
+    };
+    drop(_raw);
+    let seconds = started.elapsed().as_secs_f64();
+    if args.stats {
+        let n = driver.machine.icount();
+        eprintln!("ftvm: instructions={n} seconds={seconds:.3} mips={:.1}", n as f64 / seconds / 1e6);
+    }
+    if args.digest {
+        eprintln!("ftvm: digest={} icount={}", driver.machine.digest(), driver.machine.icount());
+    }
+    Ok(match outcome {
+        Outcome::PowerOff { code } => code as i32,
+        Outcome::Reset => {
+            eprintln!("ftvm: the guest asked for a reset; ftvm stops (reset is not supported yet)");
+            0
+        }
+        Outcome::Quit => {
+            eprintln!("\r\nftvm: quit");
+            0
+        }
+        Outcome::Hung => {
+            eprintln!("ftvm: the guest is idle with no timer armed and nothing can wake it; stopping");
+            1
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("99999999999G").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn commands_keep_their_words_through_the_guest_shell() {
+        let words = ["sh", "-c", "echo 'hi there'"].map(String::from);
+        assert_eq!(shell_join(&words), r#"sh -c 'echo '\''hi there'\'''"#);
+        assert_eq!(shell_join(&["uname".into(), "-m".into()]), "uname -m");
+    }
+
+    #[test]
+    fn macs_are_parsed_and_bad_ones_refused() {
+        assert_eq!(parse_mac("52:54:00:12:34:56"), Ok([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert!(parse_mac("52:54:00").is_err());
+        assert!(parse_mac("zz:54:00:12:34:56").is_err());
+    }
+}

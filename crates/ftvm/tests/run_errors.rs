@@ -1,0 +1,116 @@
+//! `ftvm run` refuses bad input with one clear line naming the file and the problem,
+//! exit status 125, and no panic — before any guest code runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ftvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ftvm")).args(args).output().expect("run ftvm")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ftvm-run-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A file that passes the RISC-V Image header checks (text_offset 2 MiB, 4 KiB long).
+fn fake_image(path: &Path, image_size: u64) {
+    let mut k = vec![0u8; 4096];
+    k[8..16].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    k[16..24].copy_from_slice(&image_size.to_le_bytes());
+    k[56..60].copy_from_slice(b"RSC\x05");
+    std::fs::write(path, k).unwrap();
+}
+
+/// The single error line, after checking the exit status and that nothing panicked.
+fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("ftvm: error: "), "{stderr}");
+    lines[0].to_string()
+}
+
+#[test]
+fn a_missing_kernel_is_named() {
+    let line = error_line(&ftvm(&["run", "--kernel", "/nonexistent/Image", "--", "true"]));
+    assert!(line.contains("/nonexistent/Image") && line.contains("No such file"), "{line}");
+}
+
+#[test]
+fn a_truncated_kernel_is_refused() {
+    let path = scratch("truncated");
+    std::fs::write(&path, b"RISCV").unwrap();
+    let line = error_line(&ftvm(&["run", "--kernel", path.to_str().unwrap(), "--", "true"]));
+    assert!(line.contains(path.to_str().unwrap()) && line.contains("truncated"), "{line}");
+}
+
+#[test]
+fn a_kernel_that_is_not_a_riscv_image_is_refused() {
+    let path = scratch("elf");
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(8192, 0);
+    std::fs::write(&path, elf).unwrap();
+    let line = error_line(&ftvm(&["run", "--kernel", path.to_str().unwrap(), "--", "true"]));
+    assert!(line.contains("not a RISC-V Image"), "{line}");
+}
+
+#[test]
+fn an_initrd_larger_than_ram_is_refused() {
+    let (kernel, initrd) = (scratch("k-initrd"), scratch("big-initrd"));
+    fake_image(&kernel, 0x100_0000);
+    let f = std::fs::File::create(&initrd).unwrap();
+    f.set_len(40 << 20).unwrap();
+    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--mem", "32M", "--", "true"]));
+    assert!(line.contains(initrd.to_str().unwrap()) && line.contains("initrd is"), "{line}");
+}
+
+#[test]
+fn a_disk_that_cannot_be_opened_is_named() {
+    let kernel = scratch("k-disk");
+    fake_image(&kernel, 0x100_0000);
+    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--disk", "/nonexistent/disk.img", "--", "true"]));
+    assert!(line.contains("/nonexistent/disk.img"), "{line}");
+}
+
+#[test]
+fn a_tap_device_that_does_not_exist_is_named() {
+    let kernel = scratch("k-tap");
+    fake_image(&kernel, 0x100_0000);
+    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--net", "tap:ftvmnosuch0", "--", "true"]));
+    assert!(line.contains("ftvmnosuch0") && line.contains("does not exist"), "{line}");
+}
+
+#[test]
+fn a_net_spec_without_tap_prefix_is_refused() {
+    let kernel = scratch("k-netspec");
+    fake_image(&kernel, 0x100_0000);
+    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--net", "user", "--", "true"]));
+    assert!(line.contains("expected tap:NAME"), "{line}");
+}
+
+#[test]
+fn too_little_memory_is_refused() {
+    let kernel = scratch("k-mem");
+    fake_image(&kernel, 0x100_0000);
+    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--mem", "1M", "--", "true"]));
+    assert!(line.contains("too small"), "{line}");
+}
+
+#[test]
+fn a_kernel_larger_than_ram_is_refused() {
+    let kernel = scratch("k-huge");
+    fake_image(&kernel, 0x4000_0000);
+    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--mem", "64M", "--", "true"]));
+    assert!(line.contains("kernel needs"), "{line}");
+}
+
+#[test]
+fn a_malformed_memory_size_is_a_usage_error() {
+    let out = ftvm(&["run", "--mem", "lots", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
+}
