@@ -143,7 +143,8 @@ impl Hart {
             FFLAGS => s.fcsr & 0x1f,
             FRM => (s.fcsr >> 5) & 7,
             FCSR => s.fcsr & 0xff,
-            CYCLE | INSTRET | MCYCLE | MINSTRET => s.icount.wrapping_add(s.counter_offset),
+            CYCLE | MCYCLE => s.icount.wrapping_add(s.cycle_offset),
+            INSTRET | MINSTRET => s.icount.wrapping_add(s.instret_offset),
             TIME => self.time(),
             0xc03..=0xc1f | 0xb03..=0xb1f | 0x323..=0x33f => 0, // hpm counters: hard-wired zero
             SSTATUS => self.mstatus_read() & SSTATUS_MASK,
@@ -243,7 +244,10 @@ impl Hart {
             }
             // The counters are a view of icount plus an offset: writing them must not move
             // icount itself, which is the machine's timeline for inputs.
-            MCYCLE | MINSTRET => s.counter_offset = value.wrapping_sub(s.icount),
+            // A write replaces the writing instruction's own increment (unprivileged spec,
+            // Zicsr): the next instruction reads exactly `value`.
+            MCYCLE => s.cycle_offset = value.wrapping_sub(s.icount.wrapping_add(1)),
+            MINSTRET => s.instret_offset = value.wrapping_sub(s.icount.wrapping_add(1)),
             MCOUNTINHIBIT | 0xb03..=0xb1f | 0x323..=0x33f | 0x3a0..=0x3af | 0x3b0..=0x3ef | 0x7a0..=0x7a3 => {}
             _ => return Err(Exception::IllegalInstruction(raw as u64)),
         }

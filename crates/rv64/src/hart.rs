@@ -46,8 +46,11 @@ pub struct HartState {
     pub icount: u64,
     /// Guest time added by idle skips, in timer ticks.
     pub time_offset_ticks: u64,
-    /// cycle/instret = icount + counter_offset (writes to mcycle/minstret move this).
-    pub counter_offset: u64,
+    /// mcycle = icount + cycle_offset (a write to mcycle moves this).
+    pub cycle_offset: u64,
+    /// minstret = icount + instret_offset (a write to minstret moves this). The two
+    /// counters are separate CSRs: writing one must not move the other.
+    pub instret_offset: u64,
     /// The CLINT's compare register for this hart (raises MTIP).
     pub mtimecmp: u64,
     /// Sstc's compare register (raises STIP while menvcfg.STCE is set).
