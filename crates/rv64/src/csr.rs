@@ -188,9 +188,19 @@ impl Hart {
     pub(crate) fn csr_write(&mut self, csr: u16, value: u64, raw: u32) -> Result<(), Exception> {
         let s = &mut self.state;
         match csr {
-            FFLAGS => s.fcsr = (s.fcsr & !0x1f) | (value & 0x1f),
-            FRM => s.fcsr = (s.fcsr & 0x1f) | ((value & 7) << 5),
-            FCSR => s.fcsr = value & 0xff,
+            // Writing the float CSRs modifies float state: FS becomes Dirty.
+            FFLAGS => {
+                s.fcsr = (s.fcsr & !0x1f) | (value & 0x1f);
+                self.set_fs_dirty();
+            }
+            FRM => {
+                s.fcsr = (s.fcsr & 0x1f) | ((value & 7) << 5);
+                self.set_fs_dirty();
+            }
+            FCSR => {
+                s.fcsr = value & 0xff;
+                self.set_fs_dirty();
+            }
             SSTATUS => {
                 let v = (s.mstatus & !SSTATUS_MASK) | (value & SSTATUS_MASK);
                 self.mstatus_write(v);
