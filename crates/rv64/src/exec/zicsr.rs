@@ -1,9 +1,12 @@
 //! Zicsr: atomic read-modify-write of CSRs. A CSRRS/CSRRC with rs1 = x0 (or a zero
 //! immediate) does not write, so it may read read-only CSRs.
 
+use crate::csr::MIP;
 use crate::decode::{CsrOp, Insn};
 use crate::hart::Hart;
-use crate::trap::Exception;
+use crate::trap::{Exception, Interrupt};
+
+const SEIP: u64 = Interrupt::SupervisorExternal.bit();
 
 impl Hart {
     pub(crate) fn exec_csr(&mut self, op: CsrOp, i: &Insn, raw: u32) -> Result<(), Exception> {
@@ -21,10 +24,13 @@ impl Hart {
         // the access check still applies.
         let old = self.csr_read(csr, writes, raw)?;
         if writes {
+            // Only the software-writable SEIP bit takes part in a read-modify-write of
+            // mip; the interrupt controller's line is ORed in for reading only.
+            let base = if csr == MIP { (old & !SEIP) | (self.state.mip & SEIP) } else { old };
             let new = match op {
                 Rw | Rwi => operand,
-                Rs | Rsi => old | operand,
-                Rc | Rci => old & !operand,
+                Rs | Rsi => base | operand,
+                Rc | Rci => base & !operand,
             };
             self.csr_write(csr, new, raw)?;
             self.irq_dirty = true;
