@@ -267,7 +267,12 @@ impl Hart {
 
     /// mip as software reads it: software bits, timer bits and external lines.
     pub(crate) fn mip_read(&self) -> u64 {
-        self.state.mip | self.timer_mip | self.ext_mip
+        let mut software = self.state.mip;
+        if self.state.menvcfg & MENVCFG_STCE != 0 {
+            // Sstc: while STCE is set, STIP reflects only the stimecmp comparison.
+            software &= !Interrupt::SupervisorTimer.bit();
+        }
+        software | self.timer_mip | self.ext_mip
     }
 
     /// Poll the interrupt controller's lines.
