@@ -45,6 +45,10 @@ pub enum Outcome {
 pub trait ConsoleSink {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
+    /// The run is over: write out anything held back.
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.flush()
+    }
 }
 
 pub struct Driver {

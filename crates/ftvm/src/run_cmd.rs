@@ -159,8 +159,14 @@ impl ConsoleSink for CommandConsole {
                 } else if self.show_boot {
                     out.write_all(&line)?;
                 }
-            } else if !text.starts_with(EXIT_MARKER) {
-                out.write_all(&line)?;
+            } else if let Some(before) = strip_exit_marker(text) {
+                // Output that did not end in a newline runs into init's marker line.
+                out.write_all(before)?;
+            } else {
+                // The guest's terminal turns "\n" into "\r\n"; a command's output on the
+                // host is plain text, as if the command had run here.
+                out.write_all(text)?;
+                out.write_all(b"\n")?;
             }
         }
         Ok(())
@@ -169,6 +175,22 @@ impl ConsoleSink for CommandConsole {
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
     }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        // A last line without a newline (e.g. `printf x`) still belongs to the output.
+        if self.started && !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            std::io::stdout().write_all(&line)?;
+        }
+        std::io::stdout().flush()
+    }
+}
+
+/// If `line` ends with init's "ftvm: exit N" marker, the part before it.
+fn strip_exit_marker(line: &[u8]) -> Option<&[u8]> {
+    let pos = line.windows(EXIT_MARKER.len()).rposition(|w| w == EXIT_MARKER)?;
+    let status = &line[pos + EXIT_MARKER.len()..];
+    (!status.is_empty() && status.iter().all(u8::is_ascii_digit)).then_some(&line[..pos])
 }
 
 fn trim_cr(line: &[u8]) -> &[u8] {
@@ -212,11 +234,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     driver.tap = tap;
     drop(tx);
     let started = Instant::now();
-    let outcome = if interactive {
-        driver.run(&mut TerminalConsole)?
+    let mut console: Box<dyn ConsoleSink> = if interactive {
+        Box::new(TerminalConsole)
     } else {
-        driver.run(&mut CommandConsole { started: false, line: Vec::new(), show_boot: args.boot_log })?
+        Box::new(CommandConsole { started: false, line: Vec::new(), show_boot: args.boot_log })
     };
+    let outcome = driver.run(console.as_mut())?;
+    console.finish().context("cannot write console output")?;
     drop(_raw);
     let seconds = started.elapsed().as_secs_f64();
     if args.stats {
@@ -262,6 +286,14 @@ mod tests {
         let words = ["sh", "-c", "echo 'hi there'"].map(String::from);
         assert_eq!(shell_join(&words), r#"sh -c 'echo '\''hi there'\'''"#);
         assert_eq!(shell_join(&["uname".into(), "-m".into()]), "uname -m");
+    }
+
+    #[test]
+    fn the_exit_marker_is_stripped_even_after_a_partial_line() {
+        assert_eq!(strip_exit_marker(b"ftvm: exit 0"), Some(&b""[..]));
+        assert_eq!(strip_exit_marker(b"bftvm: exit 12"), Some(&b"b"[..]));
+        assert_eq!(strip_exit_marker(b"ftvm: exit soon"), None);
+        assert_eq!(strip_exit_marker(b"plain output"), None);
     }
 
     #[test]
