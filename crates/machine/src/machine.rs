@@ -337,7 +337,8 @@ impl Machine {
         self.ended = Some(end);
     }
 
-    /// A fast digest of RAM, hart and device state, and the disk's contents.
+    /// A fast digest (XXH3-128) of the state at this icount: RAM, hart, devices and
+    /// the disk's contents.
     pub fn digest(&self) -> Digest {
         use std::hash::{Hash, Hasher};
         let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -348,7 +349,8 @@ impl Machine {
         for dev in &self.board.virtio {
             dev.state().hash(&mut h);
         }
-        self.pending.hash(&mut h);
+        // Pending inputs are not hashed: they are the future, not the state (a backup
+        // holding inputs ahead of its primary is still in the same state at an icount).
         if let Some(path) = &self.disk_path {
             if let Ok(bytes) = std::fs::read(path) {
                 h.update(&bytes);
