@@ -231,9 +231,15 @@ impl Hart {
     #[inline]
     pub(crate) fn store(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<(), Exception> {
         if (vaddr & 0xfff) as usize + n > 4096 {
-            // Check both pages first so that a fault leaves memory unchanged.
-            self.data_target(bus, vaddr, Access::Store)?;
-            self.data_target(bus, vaddr.wrapping_add(n as u64 - 1), Access::Store)?;
+            // Check both pages first so that a fault leaves memory unchanged. A page-
+            // crossing store is misaligned, and a misaligned device store is an access
+            // fault (below), so both parts must be RAM: a device part is refused here,
+            // before any byte is written, not after the RAM part.
+            for part in [vaddr, vaddr.wrapping_add(n as u64 - 1)] {
+                if let Target::Device(_) = self.data_target(bus, part, Access::Store)? {
+                    return Err(Exception::StoreAccessFault(part));
+                }
+            }
             for i in 0..n {
                 self.store(bus, vaddr.wrapping_add(i as u64), 1, value >> (8 * i))?;
             }
