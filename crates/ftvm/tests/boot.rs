@@ -109,3 +109,40 @@ fn the_guest_reads_its_disk_and_fetches_over_a_tap_device() {
     assert_eq!(stdout(&out), "ftvm-disk-sector-zero\nhello from the host side\n", "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Read from `reader` until `needle` appears (or the stream ends); returns all read.
+fn read_until(reader: &mut impl std::io::Read, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&seen).to_string()
+}
+
+#[test]
+fn the_interactive_console_takes_typed_input_and_powers_off() {
+    use std::io::Write;
+    guest_out();
+    let mut child = ftvm().args(["run", "--clock", "fast"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A watchdog: a hung guest fails the test instead of hanging the suite.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(240));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let boot = read_until(&mut out, "~ # ");
+    assert!(boot.contains("interactive shell"), "no shell prompt: {boot}");
+    stdin.write_all(b"echo hello-$((6*7))\n").unwrap();
+    let answer = read_until(&mut out, "hello-42");
+    assert!(answer.contains("hello-42"), "{answer}");
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    drop(watchdog);
+}
