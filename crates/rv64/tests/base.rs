@@ -469,3 +469,13 @@ fn fence_and_fence_i_only_advance_the_pc() {
     assert_eq!(m.pc(), CODE + 8);
     assert_eq!(m.hart.state.icount, 2);
 }
+
+#[test]
+fn fence_tso_pause_and_any_predecessor_successor_sets_execute_as_fences() {
+    let fence_tso = i_type(0x833, 0, 0, 0, OP_MISC_MEM); // fm = 1000, pred = succ = rw
+    let pause = i_type(0x010, 0, 0, 0, OP_MISC_MEM); // fence w, 0 (Zihintpause)
+    let fence_io = i_type(0x0c0, 0, 0, 0, OP_MISC_MEM); // fence io, 0
+    let m = run_code(&[fence_tso, pause, fence_io], &[]);
+    assert_eq!(m.pc(), CODE + 12);
+    assert_eq!(m.mcause(), 0);
+}

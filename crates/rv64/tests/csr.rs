@@ -229,6 +229,14 @@ fn hpmcounter_reads_follow_their_counteren_bit() {
     assert_eq!(m.pc(), CODE + 4);
 }
 
+#[test]
+fn the_rv32_high_half_counters_do_not_exist_on_rv64() {
+    for csr in [0xc80, 0xc81, 0xc82, 0xb80, 0xb82] {
+        let insn = csrr(A0, csr);
+        assert_illegal(&run_as(PrivMode::Machine, &[insn], &[]), insn);
+    }
+}
+
 // ---------------------------------------------------------------- mstatus
 
 fn mstatus_after_writing(value: u64) -> u64 {

@@ -466,6 +466,35 @@ fn a_device_store_that_raises_the_external_line_interrupts_before_the_next_instr
     assert_eq!(m.mepc(), CODE + 4);
 }
 
+#[test]
+fn setting_mstatus_mie_with_an_interrupt_pending_traps_before_the_next_instruction() {
+    let mut m = Machine::with_code(&[csrsi_mie(), nop(), nop()]);
+    m.hart.state.mie = 1 << IRQ_MSI;
+    m.hart.set_msip(true);
+    m.run(2);
+    assert_eq!(m.mcause(), INTERRUPT | IRQ_MSI);
+    assert_eq!(m.mepc(), CODE + 4);
+}
+
+fn csrsi_mie() -> u32 {
+    csrrsi(ZERO, MSTATUS, MSTATUS_MIE as u32)
+}
+
+#[test]
+fn mret_into_a_mode_where_a_pending_interrupt_is_enabled_takes_it_at_mepc() {
+    // In M with MIE = 0 the supervisor-level SSIP (not delegated) waits; after mret to
+    // S, machine-level enables no longer gate it.
+    let mut m = Machine::with_code(&[mret()]);
+    m.hart.state.mepc = CODE + 0x100;
+    m.hart.state.mstatus = 1 << 11;
+    m.hart.state.mie = 1 << IRQ_SSI;
+    m.hart.set_pending(Interrupt::SupervisorSoftware, true);
+    m.run(2);
+    assert_eq!(m.mcause(), INTERRUPT | IRQ_SSI);
+    assert_eq!(m.mepc(), CODE + 0x100);
+    assert_eq!((m.hart.state.mstatus & MSTATUS_MPP) >> 11, 1);
+}
+
 // ---------------------------------------------------------------- WFI
 
 #[test]
@@ -517,6 +546,21 @@ fn tw_does_not_affect_wfi_in_machine_mode() {
     m.hart.state.mstatus = MSTATUS_TW;
     assert_eq!(m.run(10), Exit::Idle);
     assert_eq!(m.mcause(), 0);
+}
+
+#[test]
+fn an_idle_hart_wakes_when_skipped_time_reaches_its_timer_deadline() {
+    let mut m = machine_as(PrivMode::Machine, &[wfi(), nop()]);
+    m.hart.state.mstatus = MSTATUS_MIE;
+    m.hart.state.mie = 1 << IRQ_MTI;
+    m.hart.set_mtimecmp(500);
+    assert_eq!(m.run(10), Exit::Idle);
+    let deadline = m.hart.next_timer_deadline().expect("mtimecmp is in the future");
+    assert_eq!(deadline, 500);
+    m.hart.skip_time(deadline - m.hart.time());
+    m.run(1);
+    assert_eq!(m.mcause(), INTERRUPT | IRQ_MTI);
+    assert_eq!(m.mepc(), CODE + 4);
 }
 
 // ---------------------------------------------------------------- time and timers
