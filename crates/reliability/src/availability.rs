@@ -62,8 +62,8 @@ pub fn steady_state(inputs: &AvailabilityInputs) -> Result<Availability> {
         Some(t) => check_time("repair time", t)?,
         None if coverage < 1.0 => {
             return Err(avail(format!(
-                "coverage {coverage} leaves {:.3}% of failures uncovered: give their repair time (--repair-time, e.g. 4h)",
-                (1.0 - coverage) * 100.0
+                "coverage {coverage} leaves {}% of failures uncovered: give their repair time (--repair-time, e.g. 4h)",
+                crate::prob::trim_zeros(format!("{:.3}", (1.0 - coverage) * 100.0))
             )))
         }
         None => 0.0,
@@ -271,7 +271,7 @@ pub fn format_duration(seconds: f64) -> String {
         s if s < 2.0 * 86_400.0 => (s / 3600.0, "h"),
         s => (s / 86_400.0, "d"),
     };
-    format!("{value:.3} {unit}")
+    format!("{} {unit}", crate::prob::trim_zeros(format!("{value:.3}")))
 }
 
 #[cfg(test)]
@@ -369,8 +369,9 @@ mod tests {
 
     #[test]
     fn formats_durations() {
-        assert_eq!(format_duration(0.0316), "31.600 ms");
-        assert_eq!(format_duration(315.6), "5.260 min");
-        assert_eq!(format_duration(3.0 * 86_400.0), "3.000 d");
+        assert_eq!(format_duration(0.0316), "31.6 ms");
+        assert_eq!(format_duration(315.6), "5.26 min");
+        assert_eq!(format_duration(3.0 * 86_400.0), "3 d");
+        assert_eq!(format_duration(0.0), "0 ms");
     }
 }

@@ -30,6 +30,16 @@ pub struct Figure {
     pub x_range: (f64, f64),
     pub y_range: (f64, f64),
     pub curves: Vec<Curve>,
+    /// Where the legend goes: the corner the curves leave free.
+    pub legend: Corner,
+}
+
+/// A corner of the plotting area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Corner {
+    UpperRight,
+    LowerRight,
 }
 
 /// Evenly spaced R_M values from `lo` to `hi` inclusive.
@@ -90,8 +100,9 @@ pub fn min_rv_figure(ns: &[u64], grid: Grid) -> Result<Figure> {
         x_label: "R_M (reliability of one VM's software stack)".into(),
         y_label: "least R_V".into(),
         x_range: (grid.lo, grid.hi),
-        y_range: y_span(&curves, 0.0, 1.0),
+        y_range: y_span(&curves, 0.0),
         curves,
+        legend: Corner::LowerRight,
     })
 }
 
@@ -119,6 +130,7 @@ pub fn min_n_figure(h: Reliability, v: Reliability, targets: &[Reliability], gri
         x_range: (grid.lo, grid.hi),
         y_range: (0.0, top.ceil() + 1.0),
         curves,
+        legend: Corner::UpperRight,
     })
 }
 
@@ -153,8 +165,9 @@ pub fn vote_figure(votes: &[(u64, u64)], grid: Grid) -> Result<Figure> {
         x_label: "R_M (reliability of one VM's software stack)".into(),
         y_label: "least R_V".into(),
         x_range: (grid.lo, grid.hi),
-        y_range: y_span(&curves, 0.0, 1.0),
+        y_range: y_span(&curves, 0.0),
         curves,
+        legend: Corner::LowerRight,
     })
 }
 
@@ -165,10 +178,11 @@ fn threshold_y(t: Threshold) -> f64 {
     }
 }
 
-/// The y range: from a little below the lowest point (rounded down to a tenth) to `hi`.
-fn y_span(curves: &[Curve], floor: f64, hi: f64) -> (f64, f64) {
-    let lowest = curves.iter().flat_map(|c| c.segments.iter().flatten()).map(|p| p.1).fold(hi, f64::min);
-    (((lowest - 0.02) * 10.0).floor().max(floor * 10.0) / 10.0, hi)
+/// The y range of a reliability: from a little below the lowest point (rounded down to a
+/// tenth) to a little above 1, so that a curve at 1 ("no R_V < 1 works") stays visible.
+fn y_span(curves: &[Curve], floor: f64) -> (f64, f64) {
+    let lowest = curves.iter().flat_map(|c| c.segments.iter().flatten()).map(|p| p.1).fold(1.0, f64::min);
+    (((lowest - 0.02) * 10.0).floor().max(floor * 10.0) / 10.0, 1.02)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use plotters::prelude::*;
 
-use crate::curves::Figure;
+use crate::curves::{Corner, Figure};
 use crate::error::{ModelError, Result};
 
 /// Okabe–Ito colours, told apart also by colour-blind readers.
@@ -81,7 +81,10 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, figure: &Fig
         .label_font(("sans-serif", 17))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(match figure.legend {
+            Corner::UpperRight => SeriesLabelPosition::UpperRight,
+            Corner::LowerRight => SeriesLabelPosition::LowerRight,
+        })
         .draw()?;
     Ok(())
 }

@@ -120,21 +120,30 @@ impl Reliability {
             return "0".to_string();
         }
         let nines = self.nines();
-        if nines > 15.0 {
+        // Past 12 nines, 4 digits of Q need more than the 16 that an f64 R holds.
+        if nines >= 12.0 {
             return format!("1 - {}", sci(self.ln_q));
         }
         if self.r() < 1e-3 {
             return sci(self.ln_r);
         }
-        // Three significant digits of Q after the leading nines.
-        let digits = ((nines + 1e-9).floor() as usize + 3).clamp(4, 17);
-        format!("{:.*}", digits, self.r())
+        // Four significant digits of Q after the leading nines.
+        let digits = ((nines + 1e-9).floor() as usize + 4).clamp(4, 17);
+        trim_zeros(format!("{:.*}", digits, self.r()))
     }
 
     /// Q in scientific notation (`1.000e-12`), exact in exponent even below 1e-308.
     pub fn display_q(self) -> String {
         sci(self.ln_q)
     }
+}
+
+/// Drops trailing zeros after a decimal point: `0.9990000` → `0.999`, `1.000` → `1`.
+pub fn trim_zeros(text: String) -> String {
+    if !text.contains('.') {
+        return text;
+    }
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Writes exp(ln_x) as `m.mmme-N`, taking the exponent from the logarithm so that numbers
@@ -304,7 +313,8 @@ mod tests {
 
     #[test]
     fn display_r_shows_the_nines() {
-        assert_eq!(Reliability::from_r(0.999).unwrap().display_r(), "0.999000");
+        assert_eq!(Reliability::from_r(0.999).unwrap().display_r(), "0.999");
+        assert_eq!(Reliability::from_q(2.099e-3).unwrap().display_r(), "0.997901");
         assert_eq!(Reliability::from_q(1e-20).unwrap().display_r(), "1 - 1.000e-20");
     }
 
