@@ -373,7 +373,7 @@ pub fn s_type(imm: i64, rs2: u32, rs1: u32, funct3: u32, opcode: u32) -> u32 {
 }
 
 pub fn b_type(imm: i64, rs2: u32, rs1: u32, funct3: u32, opcode: u32) -> u32 {
-    assert!((-4096..4096).contains(&imm) && imm % 2 == 0, "B-immediate {imm} out of range");
+    assert!((-4096..4096).contains(&imm) && imm & 1 == 0, "B-immediate {imm} out of range");
     let imm = imm as u32;
     (((imm >> 12) & 1) << 31)
         | (((imm >> 5) & 0x3f) << 25)
@@ -392,7 +392,7 @@ pub fn u_type(imm20: u32, rd: u32, opcode: u32) -> u32 {
 }
 
 pub fn j_type(imm: i64, rd: u32, opcode: u32) -> u32 {
-    assert!((-(1 << 20)..(1 << 20)).contains(&imm) && imm % 2 == 0, "J-immediate {imm} out of range");
+    assert!((-(1 << 20)..(1 << 20)).contains(&imm) && imm & 1 == 0, "J-immediate {imm} out of range");
     let imm = imm as u32;
     (((imm >> 20) & 1) << 31)
         | (((imm >> 1) & 0x3ff) << 21)
@@ -563,20 +563,20 @@ fn ci(funct3: u32, imm: u32, rd: u32, op: u32) -> u16 {
 
 /// `c.addi4spn rd', nzuimm` — nzuimm[5:4|9:6|2|3] in bits 12:5.
 pub fn c_addi4spn(rd: u32, nzuimm: u32) -> u16 {
-    assert!(nzuimm < 1024 && nzuimm % 4 == 0);
+    assert!(nzuimm < 1024 && nzuimm & 3 == 0);
     let f = (bits(nzuimm, 5, 4) << 6) | (bits(nzuimm, 9, 6) << 2) | (bit(nzuimm, 2) << 1) | bit(nzuimm, 3);
     ((f << 5) | (creg(rd) << 2)) as u16
 }
 
 /// CL/CS with a doubleword offset: uimm[5:3] in 12:10, uimm[7:6] in 6:5.
 fn cls_d(funct3: u32, r_low: u32, rs1: u32, uimm: u32) -> u16 {
-    assert!(uimm < 256 && uimm % 8 == 0);
+    assert!(uimm < 256 && uimm & 7 == 0);
     ((funct3 << 13) | (bits(uimm, 5, 3) << 10) | (creg(rs1) << 7) | (bits(uimm, 7, 6) << 5) | (creg(r_low) << 2)) as u16
 }
 
 /// CL/CS with a word offset: uimm[5:3] in 12:10, uimm[2] in 6, uimm[6] in 5.
 fn cls_w(funct3: u32, r_low: u32, rs1: u32, uimm: u32) -> u16 {
-    assert!(uimm < 128 && uimm % 4 == 0);
+    assert!(uimm < 128 && uimm & 3 == 0);
     ((funct3 << 13) | (bits(uimm, 5, 3) << 10) | (creg(rs1) << 7) | (bit(uimm, 2) << 6) | (bit(uimm, 6) << 5) | (creg(r_low) << 2)) as u16
 }
 
@@ -594,7 +594,7 @@ pub fn c_li(rd: u32, imm: i32) -> u16 { assert!((-32..32).contains(&imm)); ci(0b
 
 /// `c.addi16sp nzimm` — nzimm[9] in 12, nzimm[4|6|8:7|5] in 6:2.
 pub fn c_addi16sp(nzimm: i32) -> u16 {
-    assert!((-512..512).contains(&nzimm) && nzimm % 16 == 0);
+    assert!((-512..512).contains(&nzimm) && nzimm & 15 == 0);
     let v = nzimm as u32;
     let low = (bit(v, 4) << 4) | (bit(v, 6) << 3) | (bits(v, 8, 7) << 1) | bit(v, 5);
     ((0b011 << 13) | (bit(v, 9) << 12) | (2 << 7) | (low << 2) | 0b01) as u16
@@ -624,7 +624,7 @@ pub fn c_addw(rd: u32, rs2: u32) -> u16 { ca(1, 0b01, rd, rs2) }
 
 /// `c.j offset` — offset[11|4|9:8|10|6|7|3:1|5] in bits 12:2.
 pub fn c_j(offset: i32) -> u16 {
-    assert!((-2048..2048).contains(&offset) && offset % 2 == 0);
+    assert!((-2048..2048).contains(&offset) && offset & 1 == 0);
     let v = offset as u32;
     let f = (bit(v, 11) << 10) | (bit(v, 4) << 9) | (bits(v, 9, 8) << 7) | (bit(v, 10) << 6) | (bit(v, 6) << 5)
         | (bit(v, 7) << 4) | (bits(v, 3, 1) << 1) | bit(v, 5);
@@ -633,7 +633,7 @@ pub fn c_j(offset: i32) -> u16 {
 
 /// `c.beqz`/`c.bnez` — offset[8|4:3] in 12:10, offset[7:6|2:1|5] in 6:2.
 fn cb_branch(funct3: u32, rs1: u32, offset: i32) -> u16 {
-    assert!((-256..256).contains(&offset) && offset % 2 == 0);
+    assert!((-256..256).contains(&offset) && offset & 1 == 0);
     let v = offset as u32;
     let hi = (bit(v, 8) << 2) | bits(v, 4, 3);
     let lo = (bits(v, 7, 6) << 3) | (bits(v, 2, 1) << 1) | bit(v, 5);
@@ -647,7 +647,7 @@ pub fn c_slli(rd: u32, shamt: u32) -> u16 { assert!(shamt < 64); ci(0b000, shamt
 
 /// `c.fldsp`/`c.ldsp` — uimm[5] in 12, uimm[4:3|8:6] in 6:2.
 fn ci_sp_d(funct3: u32, rd: u32, uimm: u32) -> u16 {
-    assert!(uimm < 512 && uimm % 8 == 0);
+    assert!(uimm < 512 && uimm & 7 == 0);
     let low = (bits(uimm, 4, 3) << 3) | bits(uimm, 8, 6);
     ((funct3 << 13) | (bit(uimm, 5) << 12) | (rd << 7) | (low << 2) | 0b10) as u16
 }
@@ -657,7 +657,7 @@ pub fn c_ldsp(rd: u32, uimm: u32) -> u16 { ci_sp_d(0b011, rd, uimm) }
 
 /// `c.lwsp` — uimm[5] in 12, uimm[4:2|7:6] in 6:2.
 pub fn c_lwsp(rd: u32, uimm: u32) -> u16 {
-    assert!(uimm < 256 && uimm % 4 == 0);
+    assert!(uimm < 256 && uimm & 3 == 0);
     let low = (bits(uimm, 4, 2) << 2) | bits(uimm, 7, 6);
     ((0b010 << 13) | (bit(uimm, 5) << 12) | (rd << 7) | (low << 2) | 0b10) as u16
 }
@@ -674,7 +674,7 @@ pub fn c_add(rd: u32, rs2: u32) -> u16 { cr(1, rd, rs2) }
 
 /// `c.fsdsp`/`c.sdsp` — uimm[5:3|8:6] in 12:7.
 fn css_d(funct3: u32, rs2: u32, uimm: u32) -> u16 {
-    assert!(uimm < 512 && uimm % 8 == 0);
+    assert!(uimm < 512 && uimm & 7 == 0);
     let f = (bits(uimm, 5, 3) << 3) | bits(uimm, 8, 6);
     ((funct3 << 13) | (f << 7) | (rs2 << 2) | 0b10) as u16
 }
@@ -684,7 +684,7 @@ pub fn c_sdsp(rs2: u32, uimm: u32) -> u16 { css_d(0b111, rs2, uimm) }
 
 /// `c.swsp` — uimm[5:2|7:6] in 12:7.
 pub fn c_swsp(rs2: u32, uimm: u32) -> u16 {
-    assert!(uimm < 256 && uimm % 4 == 0);
+    assert!(uimm < 256 && uimm & 3 == 0);
     let f = (bits(uimm, 5, 2) << 2) | bits(uimm, 7, 6);
     ((0b110 << 13) | (f << 7) | (rs2 << 2) | 0b10) as u16
 }
