@@ -48,7 +48,8 @@ pub struct RunArgs {
     /// Print instructions executed and the speed at exit (to stderr)
     #[arg(long)]
     pub stats: bool,
-    /// Show the kernel's boot messages in command mode
+    /// Show the console up to the command's start in command mode (kernel messages
+    /// and the guest's `ftvm: userspace up` line)
     #[arg(long)]
     pub boot_log: bool,
     /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
@@ -156,7 +157,8 @@ impl ConsoleSink for CommandConsole {
             if !self.started {
                 if text.ends_with(UP_MARKER) {
                     self.started = true;
-                } else if self.show_boot {
+                }
+                if self.show_boot {
                     out.write_all(&line)?;
                 }
             } else if let Some(before) = strip_exit_marker(text) {
