@@ -14,4 +14,4 @@ pub mod machine;
 pub mod sbi;
 
 pub use io::{Input, InputKind, Output, OutputKind};
-pub use machine::{Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, RunExit};
+pub use machine::{Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit};

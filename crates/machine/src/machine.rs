@@ -91,7 +91,7 @@ pub enum InputError {
 }
 
 /// Why [`Machine::run`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunExit {
     /// Reached the requested instruction count.
     Budget,
@@ -100,6 +100,35 @@ pub enum RunExit {
     Idle { next_deadline_ticks: Option<u64> },
     PowerOff { code: u32 },
     Reset,
+}
+
+/// The machine's state apart from RAM and the disk's contents, as plain data: what
+/// a checkpoint carries besides dirty pages and sectors, and a snapshot besides all
+/// pages. Cheap to take (no RAM copy).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MachineState {
+    pub hart: rv64::HartState,
+    pub uart: crate::devices::uart::UartState,
+    pub plic: crate::devices::plic::PlicState,
+    pub virtio: Vec<crate::devices::virtio::VirtioMmioState>,
+    /// Inputs queued for later instruction counts.
+    pub pending_inputs: Vec<Input>,
+    /// Set once the guest powered off or reset.
+    pub ended: Option<RunExit>,
+}
+
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("saved state has {saved} virtio devices but this machine's configuration has {configured}")]
+    DeviceCount { saved: usize, configured: usize },
+    #[error("virtio device {slot}: {source}")]
+    Virtio { slot: usize, source: crate::devices::virtio::VirtioError },
+    #[error("page {index} is outside RAM ({pages} pages) or not {size} bytes", size = rv64::mem::PAGE_SIZE)]
+    Page { index: usize, pages: usize },
+    #[error("disk: {0}")]
+    Disk(String),
+    #[error("the machine has no disk")]
+    NoDisk,
 }
 
 /// A digest of the whole machine state (RAM, hart, devices, disk).
@@ -335,6 +364,82 @@ impl Machine {
             self.board.outputs.push(icount, kind);
         }
         self.ended = Some(end);
+    }
+
+    /// The state apart from RAM and disk contents (see [`MachineState`]).
+    pub fn save_state(&self) -> MachineState {
+        MachineState {
+            hart: self.hart.state.clone(),
+            uart: self.board.uart.state.clone(),
+            plic: self.board.plic.state.clone(),
+            virtio: self.board.virtio.iter().map(|d| d.state()).collect(),
+            pending_inputs: self.pending.iter().cloned().collect(),
+            ended: self.ended,
+        }
+    }
+
+    /// Put a saved state into this machine (built from the same configuration).
+    /// Checked before anything changes: on error the machine is untouched.
+    pub fn restore_state(&mut self, state: MachineState) -> Result<(), RestoreError> {
+        let configured = self.board.virtio.len();
+        if state.virtio.len() != configured {
+            return Err(RestoreError::DeviceCount { saved: state.virtio.len(), configured });
+        }
+        // Validate every device on a scratch copy of its current state first.
+        let before: Vec<_> = self.board.virtio.iter().map(|d| d.state()).collect();
+        for (slot, (dev, saved)) in self.board.virtio.iter_mut().zip(&state.virtio).enumerate() {
+            if let Err(source) = dev.restore(saved.clone()) {
+                for (dev, old) in self.board.virtio.iter_mut().zip(before) {
+                    dev.restore(old).expect("a device's own state restores");
+                }
+                return Err(RestoreError::Virtio { slot, source });
+            }
+        }
+        self.hart = Hart::from_state(self.hart.config, state.hart);
+        self.board.uart.state = state.uart;
+        self.board.plic.state = state.plic;
+        self.pending = state.pending_inputs.into();
+        self.ended = state.ended;
+        self.board.outputs.take();
+        self.board.update_irqs();
+        Ok(())
+    }
+
+    /// The bytes of RAM page `index` (from RAM base).
+    pub fn page(&self, index: usize) -> Option<&[u8]> {
+        self.board.ram.page(index)
+    }
+
+    /// Overwrite RAM page `index` (the backup's side of a checkpoint).
+    pub fn write_page(&mut self, index: usize, data: &[u8]) -> Result<(), RestoreError> {
+        let pages = self.board.ram.page_count();
+        self.board.ram.write_page(index, data).ok_or(RestoreError::Page { index, pages })
+    }
+
+    fn blk(&mut self) -> Result<&mut crate::devices::virtio::blk::Blk, RestoreError> {
+        self.board
+            .virtio
+            .iter_mut()
+            .find_map(|d| match d.device_mut() {
+                VirtioDevice::Blk(blk) => Some(blk),
+                _ => None,
+            })
+            .ok_or(RestoreError::NoDisk)
+    }
+
+    /// Disk sectors written since the last call (empty without a disk).
+    pub fn take_dirty_sectors(&mut self) -> Vec<u64> {
+        self.blk().map(|b| b.take_dirty_sectors()).unwrap_or_default()
+    }
+
+    /// Read disk sectors starting at `sector` into `buf` (a multiple of 512 bytes).
+    pub fn read_sectors(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), RestoreError> {
+        self.blk()?.read_sectors(sector, buf).map_err(|e| RestoreError::Disk(e.to_string()))
+    }
+
+    /// Write disk sectors (the backup's side of a checkpoint).
+    pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), RestoreError> {
+        self.blk()?.write_sectors(sector, data).map_err(|e| RestoreError::Disk(e.to_string()))
     }
 
     /// A fast digest (XXH3-128) of the state at this icount: RAM, hart, devices and
