@@ -8,6 +8,7 @@
 //! event arrives first) and then skips guest time forward — unless the clock is
 //! `Fast`, which skips at once (for tests and benchmarks without outside peers).
 
+use crate::api::{Command, ControlRequest, Reply};
 use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
 use anyhow::{Context, Result};
@@ -37,6 +38,8 @@ pub enum Outcome {
     Reset,
     /// The user pressed Ctrl-A x.
     Quit,
+    /// The control API asked the VM to stop.
+    Stopped,
     /// The guest idles with no timer set and nothing can wake it.
     Hung,
 }
@@ -62,12 +65,30 @@ pub struct Driver {
     started: Instant,
     /// Guest ticks at start, so that wall time maps onto guest time.
     start_ticks: u64,
+    /// Paused through the control API: the machine does not run.
+    paused: bool,
+    /// Writes a snapshot of the machine to a file; returns its size in bytes.
+    pub snapshotter: Option<Snapshotter>,
 }
+
+/// How the driver saves a snapshot (the snapshot format lives in the machine crate).
+pub type Snapshotter = Box<dyn Fn(&Machine, &std::path::Path) -> Result<u64>>;
 
 impl Driver {
     pub fn new(machine: Machine, events: Receiver<HostEvent>, clock: Clock) -> Driver {
         let start_ticks = machine.time_ticks();
-        Driver { machine, events, events_possible: true, tap: None, clock, input_log: Vec::new(), started: Instant::now(), start_ticks }
+        Driver {
+            machine,
+            events,
+            events_possible: true,
+            tap: None,
+            clock,
+            input_log: Vec::new(),
+            started: Instant::now(),
+            start_ticks,
+            paused: false,
+            snapshotter: None,
+        }
     }
 
     fn push(&mut self, kind: InputKind) -> Result<()> {
@@ -84,6 +105,17 @@ impl Driver {
     /// Run until the guest powers off or the user quits.
     pub fn run(&mut self, console: &mut dyn ConsoleSink) -> Result<Outcome> {
         loop {
+            if self.paused {
+                match self.events.recv() {
+                    Ok(event) => {
+                        if let Some(outcome) = self.deliver(event)? {
+                            return Ok(outcome);
+                        }
+                    }
+                    Err(_) => self.paused = false, // nobody can resume us: carry on
+                }
+                continue;
+            }
             let target = self.machine.icount() + SLICE_ICOUNT;
             let exit = self.machine.run(target);
             self.route_outputs(console)?;
@@ -113,8 +145,58 @@ impl Driver {
             HostEvent::Console(bytes) => self.push(InputKind::Console(bytes))?,
             HostEvent::NetFrame(frame) => self.push(InputKind::NetFrame(frame))?,
             HostEvent::Quit => return Ok(Some(Outcome::Quit)),
+            HostEvent::Control(request) => return Ok(self.control(request)),
         }
         Ok(None)
+    }
+
+    /// Answer a control request; `Some` when it ends the run.
+    fn control(&mut self, request: ControlRequest) -> Option<Outcome> {
+        let (reply, outcome) = match &request.command {
+            Command::Status => (Reply::ok(self.status()), None),
+            Command::Pause => {
+                self.paused = true;
+                (Reply::ok(serde_json::json!({ "state": "paused", "icount": self.machine.icount() })), None)
+            }
+            Command::Resume => {
+                self.paused = false;
+                (Reply::ok(serde_json::json!({ "state": "running", "icount": self.machine.icount() })), None)
+            }
+            Command::Stop => (Reply::ok(serde_json::json!({ "state": "stopped", "icount": self.machine.icount() })), Some(Outcome::Stopped)),
+            Command::Snapshot { path } => (self.snapshot(path), None),
+        };
+        let _ = request.reply.send(reply);
+        outcome
+    }
+
+    fn snapshot(&self, path: &std::path::Path) -> Reply {
+        let Some(save) = &self.snapshotter else {
+            return Reply::error(409, "this VM cannot take snapshots");
+        };
+        let started = Instant::now();
+        match save(&self.machine, path) {
+            Ok(bytes) => Reply::ok(serde_json::json!({
+                "path": path,
+                "bytes": bytes,
+                "icount": self.machine.icount(),
+                "pause_ms": started.elapsed().as_secs_f64() * 1e3,
+            })),
+            Err(e) => Reply::error(500, format!("snapshot to {} failed: {e:#}", path.display())),
+        }
+    }
+
+    /// What `GET /status` answers.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": if self.paused { "paused" } else { "running" },
+            "role": "standalone",
+            "mode": "none",
+            "icount": self.machine.icount(),
+            "guest_time_s": self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
+            "epoch": 0,
+            "last_checkpoint": null,
+            "replication_lag_ms": null,
+        })
     }
 
     fn poll_events(&mut self) -> Result<Option<Outcome>> {

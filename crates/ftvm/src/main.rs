@@ -1,6 +1,8 @@
 //! ftvm: the command-line front of the fault-tolerant virtual machine monitor.
 //! Each subcommand lives in its own module; this file only dispatches.
 
+mod api;
+mod ctl_cmd;
 mod driver;
 mod guest_image;
 mod host;
@@ -25,6 +27,8 @@ struct Cli {
 enum Command {
     /// Boot a VM: the console on the terminal, or run one command in the guest
     Run(run_cmd::RunArgs),
+    /// Talk to a running VM through its control API socket (--api)
+    Ctl(ctl_cmd::CtlArgs),
     /// Reliability models of virtualized nodes: bounds, block diagrams, availability, plots
     Model(model_cmd::ModelArgs),
 }
@@ -32,6 +36,7 @@ enum Command {
 fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run(args) => run_cmd::run(args),
+        Command::Ctl(args) => ctl_cmd::run(args),
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
     }
 }

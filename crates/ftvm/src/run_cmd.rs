@@ -52,6 +52,9 @@ pub struct RunArgs {
     /// and the guest's `ftvm: userspace up` line)
     #[arg(long)]
     pub boot_log: bool,
+    /// Serve the control API (status, pause, resume, snapshot, stop) on this Unix socket
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
     /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
     #[arg(long, value_enum, default_value = "realtime")]
     pub clock: Clock,
@@ -231,8 +234,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(tap) = &tap {
         tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
     }
+    let _api = match &args.api {
+        Some(path) => Some(crate::api::serve(path, tx.clone())?),
+        None => None,
+    };
     let mut driver = Driver::new(machine, rx, args.clock);
-    driver.events_possible = interactive || tap.is_some();
+    driver.events_possible = interactive || tap.is_some() || args.api.is_some();
     driver.tap = tap;
     drop(tx);
     let started = Instant::now();
@@ -260,6 +267,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
         Outcome::Quit => {
             eprintln!("\r\nftvm: quit");
+            0
+        }
+        Outcome::Stopped => {
+            eprintln!("ftvm: stopped through the control API");
             0
         }
         Outcome::Hung => {

@@ -12,6 +12,8 @@ pub enum HostEvent {
     /// The user pressed Ctrl-A x.
     Quit,
     NetFrame(Vec<u8>),
+    /// A request from the control API.
+    Control(crate::api::ControlRequest),
 }
 
 /// Host entropy for the guest's RNG device (logged as an input like any other).

@@ -1,0 +1,251 @@
+//! The control API of a running VM: HTTP/1.1 with JSON bodies over a Unix socket
+//! (Firecracker's API socket is the model). A small server, because the protocol
+//! needed is tiny: one request per connection, bounded sizes, `Connection: close`.
+//!
+//! | method | path        | body               | answer                        |
+//! |--------|-------------|--------------------|-------------------------------|
+//! | GET    | /status     |                    | role, mode, icount, epoch...  |
+//! | PUT    | /pause      |                    | {"state":"paused"}            |
+//! | PUT    | /resume     |                    | {"state":"running"}           |
+//! | PUT    | /snapshot   | {"path": "FILE"}   | {"path":..., "bytes":...}     |
+//! | PUT    | /stop       |                    | {"state":"stopped"}           |
+//!
+//! Requests reach the VM's driver as [`HostEvent::Control`] and are answered between
+//! two run slices, so a reply always describes a consistent machine.
+
+use crate::host::HostEvent;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::time::Duration;
+
+/// Limits on what a client may send.
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long a client may take to send its request, and the VM to answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a client asks of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    Pause,
+    Resume,
+    Snapshot { path: PathBuf },
+    Stop,
+}
+
+/// An HTTP status and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn ok(body: Value) -> Reply {
+        Reply { status: 200, body }
+    }
+
+    pub fn error(status: u16, message: impl Into<String>) -> Reply {
+        Reply { status, body: json!({ "error": message.into() }) }
+    }
+}
+
+/// A request on its way to the driver, with the channel for its answer.
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub command: Command,
+    pub reply: Sender<Reply>,
+}
+
+/// The listening socket; removed when dropped.
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind `path` and answer requests on a thread, forwarding them to `events`.
+pub fn serve(path: &Path, events: Sender<HostEvent>) -> Result<ApiServer> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("API socket {} is in use by another running VM", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot create API socket {}", path.display()))?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                let _ = handle_connection(stream, &events);
+            });
+        }
+    });
+    Ok(ApiServer { path: path.to_path_buf() })
+}
+
+fn handle_connection(mut stream: UnixStream, events: &Sender<HostEvent>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let reply = match read_request(&mut stream) {
+        Ok((method, target, body)) => match route(&method, &target, &body) {
+            Ok(command) => ask_vm(command, events),
+            Err(reply) => reply,
+        },
+        Err(message) => Reply::error(400, message),
+    };
+    write_reply(&mut stream, &reply)
+}
+
+fn ask_vm(command: Command, events: &Sender<HostEvent>) -> Reply {
+    let (tx, rx) = mpsc::channel();
+    if events.send(HostEvent::Control(ControlRequest { command, reply: tx })).is_err() {
+        return Reply::error(503, "the VM has stopped");
+    }
+    rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_else(|_| Reply::error(504, "the VM did not answer in time"))
+}
+
+/// Read one request: method, target, body. Errors are messages for a 400 answer.
+fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), String> {
+    let mut reader = BufReader::new(stream.take((MAX_HEADER_BYTES + MAX_BODY_BYTES) as u64));
+    let mut header_bytes = 0;
+    let mut line = String::new();
+    let mut next_line = |reader: &mut BufReader<_>, line: &mut String| -> Result<(), String> {
+        line.clear();
+        let n = reader.read_line(line).map_err(|e| format!("cannot read request: {e}"))?;
+        header_bytes += n;
+        if n == 0 {
+            return Err("connection closed before the request was complete".into());
+        }
+        if header_bytes > MAX_HEADER_BYTES {
+            return Err(format!("request headers exceed {MAX_HEADER_BYTES} bytes"));
+        }
+        Ok(())
+    };
+    next_line(&mut reader, &mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target, version) = (parts.next(), parts.next(), parts.next());
+    let (Some(method), Some(target), Some(version)) = (method, target, version) else {
+        return Err(format!("malformed request line {:?}", line.trim_end()));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("unsupported protocol {version:?}; HTTP/1.1 expected"));
+    }
+    let (method, target) = (method.to_string(), target.to_string());
+    let mut content_length = 0usize;
+    loop {
+        next_line(&mut reader, &mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse().map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
+            }
+        }
+    }
+    if content_length > MAX_BODY_BYTES {
+        return Err(format!("request body of {content_length} bytes exceeds {MAX_BODY_BYTES}"));
+    }
+    let mut body = vec![0; content_length];
+    reader.read_exact(&mut body).map_err(|_| "request body shorter than its Content-Length".to_string())?;
+    Ok((method, target, body))
+}
+
+/// Map a request onto a command, or answer it with an error.
+pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> {
+    let command = match target {
+        "/" | "/status" => Command::Status,
+        "/pause" => Command::Pause,
+        "/resume" => Command::Resume,
+        "/stop" => Command::Stop,
+        "/snapshot" => {
+            let value: Value = serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
+            let path = value.get("path").and_then(Value::as_str).ok_or_else(|| Reply::error(400, "body needs {\"path\": \"FILE\"}"))?;
+            Command::Snapshot { path: PathBuf::from(path) }
+        }
+        _ => return Err(Reply::error(404, format!("no such resource {target}; see `ftvm ctl --help`"))),
+    };
+    let expected = if command == Command::Status { "GET" } else { "PUT" };
+    if method != expected {
+        return Err(Reply::error(405, format!("{target} takes {expected}, not {method}")));
+    }
+    Ok(command)
+}
+
+fn write_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    let body = serde_json::to_vec(&reply.body).expect("JSON values serialize");
+    let reason = match reply.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
+    write!(stream, "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", reply.status, body.len())?;
+    stream.write_all(&body)?;
+    stream.flush()
+}
+
+/// The client side: send one request and return the reply.
+pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
+    let mut stream = UnixStream::connect(socket).with_context(|| format!("cannot connect to the API socket {} (is the VM running with --api?)", socket.display()))?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT + IO_TIMEOUT))?;
+    let (method, target, body) = match command {
+        Command::Status => ("GET", "/status", Vec::new()),
+        Command::Pause => ("PUT", "/pause", Vec::new()),
+        Command::Resume => ("PUT", "/resume", Vec::new()),
+        Command::Stop => ("PUT", "/stop", Vec::new()),
+        Command::Snapshot { path } => ("PUT", "/snapshot", serde_json::to_vec(&json!({ "path": path })).expect("serializes")),
+    };
+    write!(stream, "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    stream.write_all(&body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).context("cannot read the API's answer")?;
+    parse_response(&response)
+}
+
+fn parse_response(response: &[u8]) -> Result<Reply> {
+    let text = String::from_utf8_lossy(response);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed answer from the API (no header end)")?;
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed answer from the API (no status)")?;
+    let body = if body.is_empty() { Value::Null } else { serde_json::from_str(body).context("the API's answer is not JSON")? };
+    Ok(Reply { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_map_methods_and_paths() {
+        assert_eq!(route("GET", "/status", b""), Ok(Command::Status));
+        assert_eq!(route("PUT", "/pause", b""), Ok(Command::Pause));
+        assert_eq!(route("PUT", "/snapshot", br#"{"path":"/tmp/s"}"#), Ok(Command::Snapshot { path: "/tmp/s".into() }));
+        assert_eq!(route("GET", "/pause", b"").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
+        assert_eq!(route("PUT", "/snapshot", b"{").unwrap_err().status, 400);
+        assert_eq!(route("PUT", "/snapshot", b"{}").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn responses_are_parsed() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"a\":true}\n").unwrap();
+        assert_eq!(r, Reply::ok(json!({"a": true})));
+        assert!(parse_response(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! The control API of a running VM (`ftvm run --api PATH`, `ftvm ctl`): status, pause,
+//! resume, stop, and bad requests answered with clear errors.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+struct Vm {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Vm {
+    fn start(name: &str) -> Vm {
+        let socket = std::env::temp_dir().join(format!("ftvm-api-{name}-{}.sock", std::process::id()));
+        let child = ftvm()
+            .args(["run", "--clock", "fast", "--api"])
+            .arg(&socket)
+            .args(["--", "sleep", "1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the API socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Vm { child, socket }
+    }
+
+    fn ctl(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let out = ftvm().arg("ctl").arg("--api").arg(&self.socket).args(args).output().unwrap();
+        let body = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code().unwrap(), body, String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn icount(body: &serde_json::Value) -> u64 {
+    body["icount"].as_u64().unwrap()
+}
+
+#[test]
+fn pause_freezes_the_guest_and_resume_continues_it() {
+    let vm = Vm::start("pause");
+    let (code, status, _) = vm.ctl(&["status"]);
+    assert_eq!(code, 0);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["role"], "standalone");
+    let (_, paused, _) = vm.ctl(&["pause"]);
+    assert_eq!(paused["state"], "paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, still, _) = vm.ctl(&["status"]);
+    assert_eq!(still["state"], "paused");
+    assert_eq!(icount(&still), icount(&paused), "a paused guest executes nothing");
+    vm.ctl(&["resume"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, later, _) = vm.ctl(&["status"]);
+    assert!(icount(&later) > icount(&paused), "a resumed guest runs");
+}
+
+#[test]
+fn stop_ends_the_vm_and_removes_the_socket() {
+    let mut vm = Vm::start("stop");
+    let (code, body, _) = vm.ctl(&["stop"]);
+    assert_eq!((code, body["state"].as_str()), (0, Some("stopped")));
+    let status = vm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!vm.socket.exists());
+    let (code, _, stderr) = vm.ctl(&["status"]);
+    assert_eq!(code, 125);
+    assert!(stderr.contains("cannot connect to the API socket"), "{stderr}");
+}
+
+fn raw(socket: &Path, request: &[u8]) -> String {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn bad_requests_get_clear_http_errors() {
+    let vm = Vm::start("bad");
+    let not_found = raw(&vm.socket, b"GET /nope HTTP/1.1\r\n\r\n");
+    assert!(not_found.starts_with("HTTP/1.1 404") && not_found.contains("no such resource /nope"), "{not_found}");
+    let wrong_method = raw(&vm.socket, b"GET /pause HTTP/1.1\r\n\r\n");
+    assert!(wrong_method.starts_with("HTTP/1.1 405"), "{wrong_method}");
+    let garbage = raw(&vm.socket, b"hello\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400") && garbage.contains("malformed request line"), "{garbage}");
+    let huge = raw(&vm.socket, b"PUT /snapshot HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n");
+    assert!(huge.starts_with("HTTP/1.1 400") && huge.contains("exceeds"), "{huge}");
+    let bad_json = raw(&vm.socket, b"PUT /snapshot HTTP/1.1\r\nContent-Length: 1\r\n\r\n{");
+    assert!(bad_json.starts_with("HTTP/1.1 400") && bad_json.contains("not JSON"), "{bad_json}");
+    let (code, _, _) = vm.ctl(&["status"]);
+    assert_eq!(code, 0, "the VM still answers after bad requests");
+}
+
+#[test]
+fn a_second_vm_cannot_take_a_socket_in_use() {
+    let vm = Vm::start("busy");
+    let out = ftvm().args(["run", "--clock", "fast", "--api"]).arg(&vm.socket).args(["--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another running VM"));
+}
