@@ -6,6 +6,8 @@ mod ctl_cmd;
 mod driver;
 mod guest_image;
 mod host;
+#[allow(dead_code)] // used by the demo and replication runtime being built
+mod netns;
 mod model_cmd;
 mod run_cmd;
 

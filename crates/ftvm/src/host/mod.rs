@@ -2,6 +2,7 @@
 //! source runs on its own thread and sends [`HostEvent`]s to the driver, which stamps
 //! them with the instruction count at which they enter the machine.
 
+pub mod announce;
 pub mod console;
 pub mod tap;
 
