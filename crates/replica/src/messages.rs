@@ -1,0 +1,437 @@
+//! The messages of the replication protocol and their payload encoding: hand-written
+//! little-endian fields, every length checked against what is left and against a limit, and
+//! no trailing bytes allowed. A frame's type byte says which message its payload holds.
+
+use thiserror::Error;
+
+use crate::wire::{Frame, Nonce, NONCE_BYTES};
+
+/// The version of the protocol's messages and rules (the frame format has its own).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The longest reason a Goodbye may carry.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// A digest of the VM's configuration (image, RAM size, devices): both sides must run the
+/// same machine for a checkpoint to mean anything.
+pub type ConfigDigest = [u8; 32];
+/// SHA-256 of a checkpoint's payload.
+pub type PayloadDigest = [u8; 32];
+
+/// Which side a peer says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+/// A checkpoint's identity: the primary run that took it (chosen at random when a primary
+/// starts) and its epoch. Epoch numbers alone would be ambiguous across primary restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CheckpointId {
+    pub run_id: u64,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Primary → backup, the first frame of a connection (under the hello key).
+    Hello { protocol_version: u16, role: Role, config_digest: ConfigDigest, nonce: Nonce, run_id: u64, term: u64 },
+    /// Backup → primary, the answer to Hello (under the hello key). `latest` is the checkpoint
+    /// the backup's machine holds (or will, once its pending applies are done).
+    HelloAck {
+        protocol_version: u16,
+        role: Role,
+        config_digest: ConfigDigest,
+        nonce: Nonce,
+        primary_nonce: Nonce,
+        latest: Option<CheckpointId>,
+    },
+    /// Either way, every heartbeat interval: "I am alive". `epoch` is the sender's latest.
+    Heartbeat { now_ms: u64, epoch: u64 },
+    /// Primary → backup: a checkpoint follows. `base_epoch` is None for a full checkpoint, or
+    /// the epoch an incremental one applies on top of.
+    CheckpointBegin { epoch: u64, base_epoch: Option<u64>, icount: u64, total_bytes: u64 },
+    /// Primary → backup: the payload bytes at `offset`; chunks come in order.
+    CheckpointChunk { epoch: u64, offset: u64, bytes: Vec<u8> },
+    /// Primary → backup: the checkpoint is whole; its payload hashes to `digest`.
+    CheckpointEnd { epoch: u64, digest: PayloadDigest },
+    /// Backup → primary: the checkpoint of `epoch` is applied (and so are all before it).
+    Ack { epoch: u64 },
+    /// Backup → primary: the incremental checkpoint of `epoch` does not apply on what this
+    /// backup holds (`latest`), so it was dropped; send a full one.
+    NeedFull { epoch: u64, latest: Option<CheckpointId> },
+    /// Either way: the sender closes the connection, for this reason.
+    Goodbye { reason: String },
+}
+
+/// A frame whose payload is not a well-formed message. The frame was authenticated, so this
+/// means a bug or an incompatible peer, never line noise.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MessageError {
+    #[error("frame type {frame_type} is not a message this ftvm knows")]
+    UnknownType { frame_type: u8 },
+    #[error("a {message} message ends early: {needed} more bytes were needed")]
+    Short { message: &'static str, needed: usize },
+    #[error("a {message} message has {extra} bytes past its end")]
+    TrailingBytes { message: &'static str, extra: usize },
+    #[error("a {message} message has an invalid {field} ({value})")]
+    InvalidField { message: &'static str, field: &'static str, value: u64 },
+    #[error("a Goodbye reason of {length} bytes is longer than {MAX_REASON_BYTES}")]
+    ReasonTooLong { length: usize },
+}
+
+mod frame_type {
+    pub const HELLO: u8 = 1;
+    pub const HELLO_ACK: u8 = 2;
+    pub const HEARTBEAT: u8 = 3;
+    pub const CHECKPOINT_BEGIN: u8 = 4;
+    pub const CHECKPOINT_CHUNK: u8 = 5;
+    pub const CHECKPOINT_END: u8 = 6;
+    pub const ACK: u8 = 7;
+    pub const NEED_FULL: u8 = 8;
+    pub const GOODBYE: u8 = 9;
+}
+
+impl Message {
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::HelloAck { .. } => "HelloAck",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::CheckpointBegin { .. } => "CheckpointBegin",
+            Message::CheckpointChunk { .. } => "CheckpointChunk",
+            Message::CheckpointEnd { .. } => "CheckpointEnd",
+            Message::Ack { .. } => "Ack",
+            Message::NeedFull { .. } => "NeedFull",
+            Message::Goodbye { .. } => "Goodbye",
+        }
+    }
+
+    /// The frame type and payload of this message.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut w = Vec::new();
+        let frame_type = match self {
+            Message::Hello { protocol_version, role, config_digest, nonce, run_id, term } => {
+                w.extend_from_slice(&protocol_version.to_le_bytes());
+                w.push(role_byte(*role));
+                w.extend_from_slice(config_digest);
+                w.extend_from_slice(nonce);
+                w.extend_from_slice(&run_id.to_le_bytes());
+                w.extend_from_slice(&term.to_le_bytes());
+                frame_type::HELLO
+            }
+            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest } => {
+                w.extend_from_slice(&protocol_version.to_le_bytes());
+                w.push(role_byte(*role));
+                w.extend_from_slice(config_digest);
+                w.extend_from_slice(nonce);
+                w.extend_from_slice(primary_nonce);
+                put_checkpoint_id(&mut w, *latest);
+                frame_type::HELLO_ACK
+            }
+            Message::Heartbeat { now_ms, epoch } => {
+                w.extend_from_slice(&now_ms.to_le_bytes());
+                w.extend_from_slice(&epoch.to_le_bytes());
+                frame_type::HEARTBEAT
+            }
+            Message::CheckpointBegin { epoch, base_epoch, icount, total_bytes } => {
+                w.extend_from_slice(&epoch.to_le_bytes());
+                put_option_u64(&mut w, *base_epoch);
+                w.extend_from_slice(&icount.to_le_bytes());
+                w.extend_from_slice(&total_bytes.to_le_bytes());
+                frame_type::CHECKPOINT_BEGIN
+            }
+            Message::CheckpointChunk { epoch, offset, bytes } => {
+                w.reserve(16 + bytes.len());
+                w.extend_from_slice(&epoch.to_le_bytes());
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(bytes);
+                frame_type::CHECKPOINT_CHUNK
+            }
+            Message::CheckpointEnd { epoch, digest } => {
+                w.extend_from_slice(&epoch.to_le_bytes());
+                w.extend_from_slice(digest);
+                frame_type::CHECKPOINT_END
+            }
+            Message::Ack { epoch } => {
+                w.extend_from_slice(&epoch.to_le_bytes());
+                frame_type::ACK
+            }
+            Message::NeedFull { epoch, latest } => {
+                w.extend_from_slice(&epoch.to_le_bytes());
+                put_checkpoint_id(&mut w, *latest);
+                frame_type::NEED_FULL
+            }
+            Message::Goodbye { reason } => {
+                let reason = truncate_utf8(reason, MAX_REASON_BYTES);
+                w.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+                w.extend_from_slice(reason.as_bytes());
+                frame_type::GOODBYE
+            }
+        };
+        (frame_type, w)
+    }
+
+    /// The message a verified frame holds.
+    pub fn decode(frame: &Frame) -> Result<Message, MessageError> {
+        let name = match frame.frame_type {
+            frame_type::HELLO => "Hello",
+            frame_type::HELLO_ACK => "HelloAck",
+            frame_type::HEARTBEAT => "Heartbeat",
+            frame_type::CHECKPOINT_BEGIN => "CheckpointBegin",
+            frame_type::CHECKPOINT_CHUNK => "CheckpointChunk",
+            frame_type::CHECKPOINT_END => "CheckpointEnd",
+            frame_type::ACK => "Ack",
+            frame_type::NEED_FULL => "NeedFull",
+            frame_type::GOODBYE => "Goodbye",
+            frame_type => return Err(MessageError::UnknownType { frame_type }),
+        };
+        let mut r = Reader { bytes: &frame.payload, message: name };
+        let message = match frame.frame_type {
+            frame_type::HELLO => Message::Hello {
+                protocol_version: r.u16()?,
+                role: r.role()?,
+                config_digest: r.array()?,
+                nonce: r.array::<NONCE_BYTES>()?,
+                run_id: r.u64()?,
+                term: r.u64()?,
+            },
+            frame_type::HELLO_ACK => Message::HelloAck {
+                protocol_version: r.u16()?,
+                role: r.role()?,
+                config_digest: r.array()?,
+                nonce: r.array()?,
+                primary_nonce: r.array()?,
+                latest: r.checkpoint_id("latest")?,
+            },
+            frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64()?, epoch: r.u64()? },
+            frame_type::CHECKPOINT_BEGIN => Message::CheckpointBegin {
+                epoch: r.u64()?,
+                base_epoch: r.option_u64("base_epoch")?,
+                icount: r.u64()?,
+                total_bytes: r.u64()?,
+            },
+            frame_type::CHECKPOINT_CHUNK => {
+                Message::CheckpointChunk { epoch: r.u64()?, offset: r.u64()?, bytes: r.rest().to_vec() }
+            }
+            frame_type::CHECKPOINT_END => Message::CheckpointEnd { epoch: r.u64()?, digest: r.array()? },
+            frame_type::ACK => Message::Ack { epoch: r.u64()? },
+            frame_type::NEED_FULL => Message::NeedFull { epoch: r.u64()?, latest: r.checkpoint_id("latest")? },
+            frame_type::GOODBYE => {
+                let length = usize::from(r.u16()?);
+                if length > MAX_REASON_BYTES {
+                    return Err(MessageError::ReasonTooLong { length });
+                }
+                // A reason is only shown to a person: invalid UTF-8 is replaced, not refused.
+                Message::Goodbye { reason: String::from_utf8_lossy(r.take(length)?).into_owned() }
+            }
+            _ => unreachable!("frame type checked above"),
+        };
+        match r.bytes.len() {
+            0 => Ok(message),
+            extra => Err(MessageError::TrailingBytes { message: name, extra }),
+        }
+    }
+}
+
+fn role_byte(role: Role) -> u8 {
+    match role {
+        Role::Primary => 1,
+        Role::Backup => 2,
+    }
+}
+
+fn put_option_u64(w: &mut Vec<u8>, value: Option<u64>) {
+    match value {
+        None => w.push(0),
+        Some(v) => {
+            w.push(1);
+            w.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+fn put_checkpoint_id(w: &mut Vec<u8>, id: Option<CheckpointId>) {
+    match id {
+        None => w.push(0),
+        Some(id) => {
+            w.push(1);
+            w.extend_from_slice(&id.run_id.to_le_bytes());
+            w.extend_from_slice(&id.epoch.to_le_bytes());
+        }
+    }
+}
+
+fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    message: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MessageError> {
+        if self.bytes.len() < n {
+            return Err(MessageError::Short { message: self.message, needed: n - self.bytes.len() });
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], MessageError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+
+    fn u16(&mut self) -> Result<u16, MessageError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, MessageError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn presence(&mut self, field: &'static str) -> Result<bool, MessageError> {
+        match self.array::<1>()?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(MessageError::InvalidField { message: self.message, field, value: value.into() }),
+        }
+    }
+
+    fn option_u64(&mut self, field: &'static str) -> Result<Option<u64>, MessageError> {
+        Ok(match self.presence(field)? {
+            false => None,
+            true => Some(self.u64()?),
+        })
+    }
+
+    fn checkpoint_id(&mut self, field: &'static str) -> Result<Option<CheckpointId>, MessageError> {
+        Ok(match self.presence(field)? {
+            false => None,
+            true => Some(CheckpointId { run_id: self.u64()?, epoch: self.u64()? }),
+        })
+    }
+
+    fn role(&mut self) -> Result<Role, MessageError> {
+        match self.array::<1>()?[0] {
+            1 => Ok(Role::Primary),
+            2 => Ok(Role::Backup),
+            value => Err(MessageError::InvalidField { message: self.message, field: "role", value: value.into() }),
+        }
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                protocol_version: 1,
+                role: Role::Primary,
+                config_digest: [3; 32],
+                nonce: [4; NONCE_BYTES],
+                run_id: 5,
+                term: 6,
+            },
+            Message::HelloAck {
+                protocol_version: 1,
+                role: Role::Backup,
+                config_digest: [3; 32],
+                nonce: [7; NONCE_BYTES],
+                primary_nonce: [4; NONCE_BYTES],
+                latest: Some(CheckpointId { run_id: 5, epoch: 9 }),
+            },
+            Message::HelloAck {
+                protocol_version: 1,
+                role: Role::Backup,
+                config_digest: [3; 32],
+                nonce: [7; NONCE_BYTES],
+                primary_nonce: [4; NONCE_BYTES],
+                latest: None,
+            },
+            Message::Heartbeat { now_ms: 1234, epoch: 8 },
+            Message::CheckpointBegin { epoch: 2, base_epoch: Some(1), icount: 99, total_bytes: 10 },
+            Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 9, total_bytes: 0 },
+            Message::CheckpointChunk { epoch: 2, offset: 4, bytes: vec![1, 2, 3] },
+            Message::CheckpointEnd { epoch: 2, digest: [8; 32] },
+            Message::Ack { epoch: 2 },
+            Message::NeedFull { epoch: 3, latest: Some(CheckpointId { run_id: 5, epoch: 1 }) },
+            Message::NeedFull { epoch: 3, latest: None },
+            Message::Goodbye { reason: "configuration mismatch".into() },
+        ]
+    }
+
+    fn frame_of(message: &Message) -> Frame {
+        let (frame_type, payload) = message.encode();
+        Frame { frame_type, seq: 0, payload }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for message in samples() {
+            assert_eq!(Message::decode(&frame_of(&message)), Ok(message));
+        }
+    }
+
+    #[test]
+    fn every_proper_prefix_of_a_fixed_size_message_is_short() {
+        for message in samples() {
+            if matches!(message, Message::CheckpointChunk { .. }) {
+                continue; // its bytes run to the end of the payload
+            }
+            let frame = frame_of(&message);
+            for cut in 0..frame.payload.len() {
+                let short = Frame { payload: frame.payload[..cut].to_vec(), ..frame.clone() };
+                assert!(matches!(Message::decode(&short), Err(MessageError::Short { .. })), "{message:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut frame = frame_of(&Message::Ack { epoch: 1 });
+        frame.payload.push(0);
+        assert_eq!(Message::decode(&frame), Err(MessageError::TrailingBytes { message: "Ack", extra: 1 }));
+    }
+
+    #[test]
+    fn unknown_types_and_invalid_tags_are_refused() {
+        assert_eq!(
+            Message::decode(&Frame { frame_type: 200, seq: 0, payload: vec![] }),
+            Err(MessageError::UnknownType { frame_type: 200 })
+        );
+        let mut frame = frame_of(&Message::NeedFull { epoch: 1, latest: None });
+        frame.payload[8] = 2;
+        assert!(matches!(Message::decode(&frame), Err(MessageError::InvalidField { field: "latest", .. })));
+    }
+
+    #[test]
+    fn a_long_goodbye_reason_is_cut_on_a_character_boundary() {
+        let reason = "é".repeat(MAX_REASON_BYTES);
+        let decoded = Message::decode(&frame_of(&Message::Goodbye { reason })).unwrap();
+        let Message::Goodbye { reason } = decoded else { panic!("not a Goodbye") };
+        assert_eq!(reason.len(), MAX_REASON_BYTES);
+    }
+
+    #[test]
+    fn an_overlong_goodbye_length_is_refused() {
+        let mut payload = ((MAX_REASON_BYTES + 1) as u16).to_le_bytes().to_vec();
+        payload.extend(vec![b'a'; MAX_REASON_BYTES + 1]);
+        let frame = Frame { frame_type: frame_type::GOODBYE, seq: 0, payload };
+        assert_eq!(Message::decode(&frame), Err(MessageError::ReasonTooLong { length: MAX_REASON_BYTES + 1 }));
+    }
+}

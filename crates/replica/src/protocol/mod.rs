@@ -1,0 +1,132 @@
+//! The protocol core: [`Primary`] and [`Backup`] are pure state machines. Each takes an event
+//! (bytes received, a clock tick, a checkpoint taken, a lease answer...) through `step` and
+//! returns the actions the caller must carry out, in order. They do no I/O, read no clock,
+//! start no thread and draw no random number: the caller passes time and nonces in.
+
+mod backup;
+mod primary;
+
+pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent};
+pub use primary::{CheckpointKind, LeaseGrant, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent};
+
+use thiserror::Error;
+
+use crate::messages::{ConfigDigest, Message, MessageError};
+use crate::wire::{Decoder, Encoder, WireError};
+
+/// Why a connection was closed, or why a replica must stop. Every message says what happened
+/// and, where there is one, what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProtocolError {
+    #[error("bad frame from the peer: {0}")]
+    Wire(#[from] WireError),
+    #[error("malformed message from the peer (a bug or an incompatible ftvm): {0}")]
+    Message(#[from] MessageError),
+    #[error(
+        "protocol version mismatch: this side speaks version {ours}, the peer version {theirs}; \
+         run the same ftvm release on both sides"
+    )]
+    ProtocolVersionMismatch { ours: u16, theirs: u16 },
+    #[error(
+        "VM configuration mismatch: this side runs configuration {}, the peer {}; start both \
+         with the same image, RAM size and devices",
+        hex(ours),
+        hex(theirs)
+    )]
+    ConfigMismatch { ours: ConfigDigest, theirs: ConfigDigest },
+    #[error("the peer says it is a {theirs}, but a {expected} was expected: is the address right?")]
+    RoleMismatch { expected: &'static str, theirs: &'static str },
+    #[error("the peer's HelloAck answers another Hello (a replayed handshake?)")]
+    HandshakeReplay,
+    #[error(
+        "a primary of lease term {theirs} connected, but this backup has seen term {seen}: \
+         that primary has been superseded and must stop"
+    )]
+    StaleTerm { seen: u64, theirs: u64 },
+    #[error("the peer sent {message} {context}")]
+    UnexpectedMessage { message: &'static str, context: &'static str },
+    #[error("checkpoint {epoch} announces {total_bytes} bytes, more than this backup's limit of {limit} bytes")]
+    CheckpointTooLarge { epoch: u64, total_bytes: u64, limit: u64 },
+    #[error("checkpoint {epoch} arrived malformed: {detail}")]
+    MalformedCheckpoint { epoch: u64, detail: String },
+    #[error("checkpoint {epoch} does not match its digest: not applied")]
+    CheckpointDigestMismatch { epoch: u64 },
+    #[error("epoch {got} does not follow epoch {latest}: epochs must increase")]
+    EpochNotIncreasing { latest: u64, got: u64 },
+    #[error("the backup acknowledged epoch {epoch}, which was never sent to it (latest sent: {sent:?})")]
+    AckOfUnsentEpoch { epoch: u64, sent: Option<u64> },
+    #[error("the backup is {queued} checkpoints behind, more than its limit: it applies too slowly")]
+    BackupOverloaded { queued: usize },
+    #[error("no handshake within {waited_ms} ms")]
+    HandshakeTimeout { waited_ms: u64 },
+    #[error("nothing heard from the peer for {silent_ms} ms")]
+    PeerSilent { silent_ms: u64 },
+    #[error("the peer closed the connection: {reason}")]
+    PeerClosed { reason: String },
+    #[error("the connection was lost")]
+    ConnectionLost,
+    #[error("applying checkpoint {epoch} failed: {reason}; this backup waits for a full checkpoint")]
+    ApplyFailed { epoch: u64, reason: String },
+    #[error(
+        "this primary lost the takeover lease to {holder} (term {term}, ours was {our_term}): \
+         another replica is live, so this one stops"
+    )]
+    LeaseLost { holder: String, term: u64, our_term: u64 },
+    #[error(
+        "this primary's takeover lease expired before it could renew it (last error: {last_error}); \
+         a backup may be live now, so this one stops"
+    )]
+    LeaseExpired { last_error: String },
+    #[error("this replica has taken over and no longer accepts a primary")]
+    AlreadyLive,
+    #[error("this primary has stopped: {0}")]
+    Stopped(Box<ProtocolError>),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The per-connection codec both roles share.
+#[derive(Debug)]
+struct Link {
+    encoder: Encoder,
+    decoder: Decoder,
+    opened_ms: u64,
+    last_heard_ms: u64,
+    last_sent_ms: u64,
+}
+
+impl Link {
+    /// Encodes `message` into the next frame. Messages always fit: chunk sizes are bounded
+    /// by the configuration and every other message is small.
+    fn frame(&mut self, message: &Message, now_ms: u64) -> Vec<u8> {
+        let (frame_type, payload) = message.encode();
+        self.last_sent_ms = now_ms;
+        self.encoder.encode(frame_type, &payload).expect("a message always fits in a frame")
+    }
+
+    /// The next whole message received, if any.
+    fn next_message(&mut self, now_ms: u64) -> Result<Option<Message>, ProtocolError> {
+        match self.decoder.next_frame()? {
+            None => Ok(None),
+            Some(frame) => {
+                self.last_heard_ms = now_ms;
+                Ok(Some(Message::decode(&frame)?))
+            }
+        }
+    }
+}
+
+/// The Goodbye that tells the peer why this side closes (best effort: it may never arrive).
+fn goodbye(error: &ProtocolError) -> Message {
+    Message::Goodbye { reason: error.to_string() }
+}
+
+/// Whether to bother telling the peer: not when the peer left or cannot read us anyway.
+fn worth_a_goodbye(error: &ProtocolError) -> bool {
+    !matches!(
+        error,
+        ProtocolError::PeerClosed { .. } | ProtocolError::ConnectionLost | ProtocolError::Wire(WireError::Truncated { .. })
+    )
+}
