@@ -256,6 +256,9 @@ build_image() {
     [ -n "$busybox" ] || die "no busybox binary in $(basename "$BUSYBOX_DEB")"
     install -m 0755 "$busybox" "$root/bin/busybox"
     install -m 0755 "$GUEST_DIR/init" "$root/init"
+    # Small services the demo and tests run in the guest (e.g. counter-httpd).
+    mkdir -p "$root/usr/share/ftvm"
+    install -m 0755 "$GUEST_DIR"/services/* "$root/usr/share/ftvm/"
     # The kernel opens /dev/console for /init before anything is mounted.
     if ! mknod -m 0600 "$root/dev/console" c 5 1 2>/dev/null; then
         say "WARNING: cannot mknod /dev/console (not root): /init reopens it after mounting devtmpfs"
@@ -279,9 +282,9 @@ build_image() {
         | gzip -9n >"$work/out/initramfs.cpio.gz"
 }
 
-# What the outputs are made from: a digest of this script and /init, then the two .debs.
+# What the outputs are made from: a digest of this script, /init and the services, then the two .debs.
 scripts_digest() {
-    sha256sum "$GUEST_DIR/build.sh" "$GUEST_DIR/init" | awk '{ print $1 }' | sha256sum | awk '{ print $1 }'
+    sha256sum "$GUEST_DIR/build.sh" "$GUEST_DIR/init" "$GUEST_DIR"/services/* | awk '{ print $1 }' | sha256sum | awk '{ print $1 }'
 }
 
 # True when guest/out is complete, built by the current scripts, and (if .debs are cached)
