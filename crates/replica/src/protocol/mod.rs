@@ -5,6 +5,8 @@
 
 mod backup;
 mod primary;
+#[cfg(test)]
+mod tests;
 
 pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent};
 pub use primary::{CheckpointKind, LeaseGrant, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent};
