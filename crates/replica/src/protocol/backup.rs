@@ -73,7 +73,8 @@ pub enum BackupAction {
     /// Apply this whole, verified checkpoint to the stopped machine (on top of `base_epoch`,
     /// or replacing everything when it is None), then report `CheckpointApplied` or
     /// `ApplyFailed`. No other ApplyCheckpoint comes before that report.
-    ApplyCheckpoint { epoch: u64, base_epoch: Option<u64>, icount: u64, payload: Vec<u8> },
+    /// `run_id` names the primary run that took it (for logs; the machine needs only the rest).
+    ApplyCheckpoint { run_id: u64, epoch: u64, base_epoch: Option<u64>, icount: u64, payload: Vec<u8> },
     /// Close the connection; keep listening for a primary.
     Close { error: ProtocolError },
     /// The primary has been silent for the failover timeout: call
@@ -472,7 +473,8 @@ impl Backup {
         if let Some(checkpoint) = self.ready.pop_front() {
             let WholeCheckpoint { id, base_epoch, icount, payload } = checkpoint;
             self.pending = Some(Applied { id, icount });
-            actions.push(BackupAction::ApplyCheckpoint { epoch: id.epoch, base_epoch, icount, payload });
+            let run_id = id.run_id;
+            actions.push(BackupAction::ApplyCheckpoint { run_id, epoch: id.epoch, base_epoch, icount, payload });
         }
     }
 
