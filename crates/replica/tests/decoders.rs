@@ -1,0 +1,254 @@
+//! Fuzz-style properties of everything that parses outside data: the frame decoder, the
+//! message decoder, and the two state machines fed hostile frames. Nothing may panic, a
+//! mutated frame never passes as a different one, and errors are final.
+
+use proptest::prelude::*;
+
+use replica::wire::{Direction, Encoder, FrameKey};
+use replica::{
+    Backup, BackupConfig, BackupEvent, CheckpointId, Decoder, Frame, LeaseGrant, Message, PresharedKey, Primary,
+    PrimaryConfig, PrimaryEvent, Role,
+};
+
+const DIGEST: [u8; 32] = [1; 32];
+
+fn key() -> FrameKey {
+    FrameKey::from_secret(b"fuzz key")
+}
+
+fn psk() -> PresharedKey {
+    PresharedKey::new(&[9; 32]).unwrap()
+}
+
+fn any_id() -> impl Strategy<Value = Option<CheckpointId>> {
+    proptest::option::of((any::<u64>(), any::<u64>()).prop_map(|(run_id, epoch)| CheckpointId { run_id, epoch }))
+}
+
+fn any_role() -> impl Strategy<Value = Role> {
+    prop_oneof![Just(Role::Primary), Just(Role::Backup)]
+}
+
+/// Any message, with small epochs so that some of them make sense to the peer.
+fn any_message() -> impl Strategy<Value = Message> {
+    let epoch = 0u64..6;
+    prop_oneof![
+        (any::<u16>(), any_role(), any::<[u8; 32]>(), any::<[u8; 16]>(), any::<u64>(), 0u64..3).prop_map(
+            |(protocol_version, role, config_digest, nonce, run_id, term)| Message::Hello {
+                protocol_version,
+                role,
+                config_digest,
+                nonce,
+                run_id,
+                term
+            }
+        ),
+        (any::<u16>(), any_role(), any::<[u8; 32]>(), any::<[u8; 16]>(), any::<[u8; 16]>(), any_id()).prop_map(
+            |(protocol_version, role, config_digest, nonce, primary_nonce, latest)| Message::HelloAck {
+                protocol_version,
+                role,
+                config_digest,
+                nonce,
+                primary_nonce,
+                latest
+            }
+        ),
+        (any::<u64>(), epoch.clone()).prop_map(|(now_ms, epoch)| Message::Heartbeat { now_ms, epoch }),
+        (epoch.clone(), proptest::option::of(0u64..6), any::<u64>(), 0u64..40).prop_map(
+            |(epoch, base_epoch, icount, total_bytes)| Message::CheckpointBegin { epoch, base_epoch, icount, total_bytes }
+        ),
+        (epoch.clone(), 0u64..40, proptest::collection::vec(any::<u8>(), 0..20))
+            .prop_map(|(epoch, offset, bytes)| Message::CheckpointChunk { epoch, offset, bytes }),
+        (epoch.clone(), any::<[u8; 32]>()).prop_map(|(epoch, digest)| Message::CheckpointEnd { epoch, digest }),
+        epoch.clone().prop_map(|epoch| Message::Ack { epoch }),
+        (epoch, any_id()).prop_map(|(epoch, latest)| Message::NeedFull { epoch, latest }),
+        ".{0,40}".prop_map(|reason| Message::Goodbye { reason }),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    FlipBit(usize),
+    Insert(usize, u8),
+    Delete(usize),
+    Truncate(usize),
+    Overwrite(usize, u8),
+}
+
+fn any_mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::FlipBit),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        any::<usize>().prop_map(Mutation::Delete),
+        any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Overwrite(i, b)),
+    ]
+}
+
+fn mutate(stream: &mut Vec<u8>, mutation: &Mutation) {
+    if stream.is_empty() {
+        return;
+    }
+    let len = stream.len();
+    match *mutation {
+        Mutation::FlipBit(i) => stream[(i / 8) % len] ^= 1 << (i % 8),
+        Mutation::Insert(i, b) => stream.insert(i % (len + 1), b),
+        Mutation::Delete(i) => {
+            stream.remove(i % len);
+        }
+        Mutation::Truncate(i) => stream.truncate(i % len),
+        Mutation::Overwrite(i, b) => stream[i % len] = b,
+    }
+}
+
+/// Feeds `stream` in pieces of the given sizes; returns the frames and the error, if any.
+fn decode(stream: &[u8], pieces: &[usize]) -> (Vec<Frame>, Option<replica::WireError>) {
+    let mut decoder = Decoder::new(key());
+    let mut frames = Vec::new();
+    let mut rest = stream;
+    let mut sizes = pieces.iter().cycle();
+    while !rest.is_empty() {
+        let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
+        decoder.push(&rest[..n]);
+        rest = &rest[n..];
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(error) => {
+                    assert_eq!(decoder.next_frame(), Err(error.clone()), "errors are final");
+                    return (frames, Some(error));
+                }
+            }
+        }
+    }
+    (frames, decoder.finish().err())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic_the_frame_decoder(
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+        pieces in proptest::collection::vec(1usize..64, 1..8),
+    ) {
+        let (frames, _) = decode(&bytes, &pieces);
+        prop_assert!(frames.is_empty(), "random bytes passed as an authenticated frame");
+    }
+
+    #[test]
+    fn random_bytes_after_a_valid_magic_never_panic(
+        header in proptest::collection::vec(any::<u8>(), 0..40),
+        pieces in proptest::collection::vec(1usize..64, 1..8),
+    ) {
+        let mut bytes = b"FTVR\x01\x00".to_vec();
+        bytes.extend(header);
+        let (frames, _) = decode(&bytes, &pieces);
+        prop_assert!(frames.is_empty());
+    }
+
+    #[test]
+    fn a_mutated_stream_yields_only_original_frames_in_order(
+        messages in proptest::collection::vec(any_message(), 1..6),
+        mutations in proptest::collection::vec(any_mutation(), 1..4),
+        pieces in proptest::collection::vec(1usize..200, 1..8),
+    ) {
+        let mut encoder = Encoder::new(key());
+        let mut originals = Vec::new();
+        let mut stream = Vec::new();
+        for (seq, message) in messages.iter().enumerate() {
+            let (frame_type, payload) = message.encode();
+            stream.extend(encoder.encode(frame_type, &payload).unwrap());
+            originals.push(Frame { frame_type, seq: seq as u64, payload });
+        }
+        let pristine = stream.clone();
+        for mutation in &mutations {
+            mutate(&mut stream, mutation);
+        }
+        let (frames, error) = decode(&stream, &pieces);
+        prop_assert_eq!(&frames[..], &originals[..frames.len()]);
+        if stream != pristine {
+            prop_assert!(error.is_some() || frames.len() < originals.len(), "a changed stream decoded whole");
+        }
+        for frame in &frames {
+            prop_assert_eq!(Message::decode(frame), Ok(messages[frame.seq as usize].clone()));
+        }
+    }
+
+    #[test]
+    fn random_payloads_never_panic_the_message_decoder_and_decode_canonically(
+        frame_type in 0u8..12,
+        payload in proptest::collection::vec(any::<u8>(), 0..120),
+    ) {
+        let frame = Frame { frame_type, seq: 0, payload };
+        if let Ok(message) = Message::decode(&frame) {
+            if !matches!(message, Message::Goodbye { .. }) {
+                prop_assert_eq!(message.encode(), (frame.frame_type, frame.payload));
+            }
+        }
+    }
+
+    #[test]
+    fn a_backup_fed_authenticated_nonsense_never_panics(
+        messages in proptest::collection::vec(any_message(), 0..24),
+        real_hello in any::<bool>(),
+    ) {
+        let mut backup = Backup::new(BackupConfig::new(psk(), DIGEST, 64), 0);
+        backup.step(BackupEvent::Connected { nonce: [2; 16] });
+        let mut encoder = Encoder::new(psk().hello_key(Direction::PrimaryToBackup));
+        if real_hello {
+            let hello = Message::Hello {
+                protocol_version: replica::PROTOCOL_VERSION,
+                role: Role::Primary,
+                config_digest: DIGEST,
+                nonce: [1; 16],
+                run_id: 7,
+                term: 1,
+            };
+            let (t, p) = hello.encode();
+            backup.step(BackupEvent::Received(&encoder.encode(t, &p).unwrap()));
+            encoder.set_key(psk().session_key(Direction::PrimaryToBackup, &[1; 16], &[2; 16]));
+        }
+        for (i, message) in messages.iter().enumerate() {
+            let (t, p) = message.encode();
+            for action in backup.step(BackupEvent::Received(&encoder.encode(t, &p).unwrap())) {
+                if let replica::BackupAction::ApplyCheckpoint { epoch, .. } = action {
+                    backup.step(BackupEvent::CheckpointApplied { epoch });
+                }
+            }
+            backup.step(BackupEvent::Tick { now_ms: i as u64 * 100 });
+        }
+    }
+
+    #[test]
+    fn a_primary_fed_authenticated_nonsense_never_panics(
+        messages in proptest::collection::vec(any_message(), 0..24),
+        real_ack in any::<bool>(),
+    ) {
+        let config = PrimaryConfig { chunk_bytes: 8, ..PrimaryConfig::new(psk(), DIGEST, 7) };
+        let mut primary = Primary::new(config, LeaseGrant { term: 1, acquired_at_ms: 0 });
+        primary.step(PrimaryEvent::Connected { nonce: [1; 16] });
+        let mut encoder = Encoder::new(psk().hello_key(Direction::BackupToPrimary));
+        if real_ack {
+            let ack = Message::HelloAck {
+                protocol_version: replica::PROTOCOL_VERSION,
+                role: Role::Backup,
+                config_digest: DIGEST,
+                nonce: [2; 16],
+                primary_nonce: [1; 16],
+                latest: None,
+            };
+            let (t, p) = ack.encode();
+            primary.step(PrimaryEvent::Received(&encoder.encode(t, &p).unwrap()));
+            encoder.set_key(psk().session_key(Direction::BackupToPrimary, &[1; 16], &[2; 16]));
+        }
+        for (i, message) in messages.iter().enumerate() {
+            let epoch = i as u64 + 1;
+            let kind = primary.next_checkpoint_kind();
+            primary.step(PrimaryEvent::CheckpointTaken { epoch, icount: 0, kind, payload: b"state" });
+            let (t, p) = message.encode();
+            primary.step(PrimaryEvent::Received(&encoder.encode(t, &p).unwrap()));
+            primary.step(PrimaryEvent::Tick { now_ms: i as u64 * 10 });
+        }
+    }
+}
