@@ -12,6 +12,7 @@ pub mod io;
 pub mod loader;
 pub mod machine;
 pub mod sbi;
+pub mod snapshot;
 
 pub use io::{Input, InputKind, Output, OutputKind};
 pub use machine::{Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit};

@@ -224,6 +224,14 @@ impl Machine {
         &self.board.ram
     }
 
+    /// The block device, if the machine has one (snapshots read its sectors).
+    pub fn disk(&self) -> Option<&crate::devices::virtio::blk::Blk> {
+        self.board.virtio.iter().find_map(|d| match d.device() {
+            VirtioDevice::Blk(blk) => Some(blk),
+            _ => None,
+        })
+    }
+
     /// Queue an input. Its stamp must not be in the past; inputs with equal stamps
     /// apply in the order they were pushed.
     pub fn push_input(&mut self, input: Input) -> Result<(), InputError> {
