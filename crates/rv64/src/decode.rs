@@ -84,6 +84,94 @@ pub enum Op {
     Illegal,
 }
 
+/// Calls `$callback! { base: [..], mul: [..] }` with every base-integer and M operation:
+/// the one list from which the flat [`Kind`] and the executor's dispatch are both made.
+macro_rules! with_flat_ops {
+    ($callback:ident) => {
+        $callback! {
+            base: [
+                Lui, Auipc, Jal, Jalr,
+                Beq, Bne, Blt, Bge, Bltu, Bgeu,
+                Lb, Lh, Lw, Ld, Lbu, Lhu, Lwu,
+                Sb, Sh, Sw, Sd,
+                Addi, Slti, Sltiu, Xori, Ori, Andi, Slli, Srli, Srai,
+                Add, Sub, Sll, Slt, Sltu, Xor, Srl, Sra, Or, And,
+                Addiw, Slliw, Srliw, Sraiw,
+                Addw, Subw, Sllw, Srlw, Sraw,
+                Fence, FenceI
+            ],
+            mul: [Mul, Mulh, Mulhsu, Mulhu, Div, Divu, Rem, Remu, Mulw, Divw, Divuw, Remw, Remuw]
+        }
+    };
+}
+pub(crate) use with_flat_ops;
+
+macro_rules! define_kind {
+    (base: [$($b:ident),*], mul: [$($m:ident),*]) => {
+        /// An instruction's operation as one flat byte, so that executing it takes a
+        /// single indirect jump: every base-integer and M operation has its own kind;
+        /// the rarer extensions (A, Zicsr, privileged, F/D) dispatch again on
+        /// [`Insn::op`]. `Nop` stands for an operation whose only effect would be a
+        /// write to x0.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub(crate) enum Kind {
+            Nop,
+            $($b,)*
+            $($m,)*
+            Amo,
+            Csr,
+            Sys,
+            Fp,
+            Illegal,
+        }
+
+        impl Kind {
+            /// The flat kind of a decoded instruction.
+            pub(crate) fn of(insn: &Insn) -> Kind {
+                let to_x0 = insn.rd == 0;
+                match insn.op {
+                    Op::Base(op) if to_x0 && op.only_writes_rd() => Kind::Nop,
+                    Op::Base(op) => match op {
+                        $(BaseOp::$b => Kind::$b,)*
+                    },
+                    Op::Mul(_) if to_x0 => Kind::Nop,
+                    Op::Mul(op) => match op {
+                        $(MulOp::$m => Kind::$m,)*
+                    },
+                    Op::Amo(_) => Kind::Amo,
+                    Op::Csr(_) => Kind::Csr,
+                    Op::Sys(_) => Kind::Sys,
+                    Op::Fp(_) => Kind::Fp,
+                    Op::Illegal => Kind::Illegal,
+                }
+            }
+        }
+    };
+}
+with_flat_ops!(define_kind);
+
+impl Kind {
+    /// Whether a straight-line block of decoded instructions must end after this one:
+    /// it always transfers control, or it may change what the following instructions
+    /// mean (privilege, translation, interrupt enables, counters), or it always traps.
+    pub(crate) fn ends_block(self) -> bool {
+        matches!(self, Kind::Jal | Kind::Jalr | Kind::Csr | Kind::Sys | Kind::Illegal)
+    }
+}
+
+impl BaseOp {
+    /// Computes a value into rd and does nothing else (cannot trap, touches no
+    /// memory, does not transfer control).
+    fn only_writes_rd(self) -> bool {
+        use BaseOp::*;
+        !matches!(
+            self,
+            Jal | Jalr | Beq | Bne | Blt | Bge | Bltu | Bgeu | Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu | Sb | Sh | Sw | Sd
+        )
+    }
+}
+
 /// A decoded instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Insn {

@@ -7,6 +7,7 @@
 //! (an idle skip, which it logs as an input), so guest time roughly tracks wall-clock
 //! time and still replays exactly.
 
+use crate::block::BlockCache;
 use crate::bus::Bus;
 use crate::csr::*;
 use crate::decode::{self, Insn, Op};
@@ -116,14 +117,6 @@ pub enum Exit {
     Stop,
 }
 
-const DECODE_CACHE_ENTRIES: usize = 1 << 14;
-
-#[derive(Clone, Copy)]
-struct CachedInsn {
-    raw: u32,
-    insn: Insn,
-}
-
 /// What ends a single step early.
 pub(crate) enum StepEnd {
     Trap(Exception),
@@ -156,7 +149,8 @@ pub struct Hart {
     /// pc of the next instruction, set by `execute`.
     pub(crate) next_pc: u64,
     pub(crate) tlb: Box<Tlb>,
-    decode_cache: Box<[CachedInsn]>,
+    /// Decoded instructions, in blocks (see [`crate::block`]).
+    blocks: BlockCache,
 }
 
 impl Hart {
@@ -170,7 +164,6 @@ impl Hart {
     /// Rebuild a hart from saved state (caches start empty).
     pub fn from_state(config: HartConfig, state: HartState) -> Hart {
         assert!(config.icount_per_tick > 0, "icount_per_tick must be positive");
-        let empty = CachedInsn { raw: 0, insn: decode_any(0) };
         let mut hart = Hart {
             state,
             config,
@@ -181,7 +174,7 @@ impl Hart {
             irq_dirty: true,
             next_pc: 0,
             tlb: Box::default(),
-            decode_cache: vec![empty; DECODE_CACHE_ENTRIES].into_boxed_slice(),
+            blocks: BlockCache::new(),
         };
         hart.timer_changed();
         hart
@@ -308,6 +301,16 @@ impl Hart {
     /// guest calls the SBI, or a device asks to stop.
     pub fn run(&mut self, bus: &mut impl Bus, until_icount: u64) -> Exit {
         self.refresh_external_irq(bus);
+        // The cache is lent to the loop, which then holds decoded instructions while the
+        // hart changes.
+        let mut blocks = std::mem::replace(&mut self.blocks, BlockCache::placeholder());
+        blocks.bind(bus.ram());
+        let exit = self.run_blocks(bus, &mut blocks, until_icount);
+        self.blocks = blocks;
+        exit
+    }
+
+    fn run_blocks(&mut self, bus: &mut impl Bus, blocks: &mut BlockCache, until_icount: u64) -> Exit {
         loop {
             // The budget is checked first: each iteration below (interrupt check, then
             // one instruction) is indivisible, so how a run is split into `run` calls
@@ -332,7 +335,10 @@ impl Hart {
                     self.state.wfi = false;
                 }
             }
-            match self.step(bus) {
+            // Neither the budget nor a timer deadline falls inside the block (the
+            // deadline, when due, was handled above, so it lies ahead).
+            let limit = until_icount.min(self.timer_deadline_icount) - self.state.icount;
+            match self.run_block(bus, blocks, limit) {
                 Ok(()) => {}
                 Err(StepEnd::Trap(e)) => self.take_trap(Trap::Exception(e)),
                 Err(StepEnd::Sbi) => return Exit::Sbi,
@@ -342,27 +348,6 @@ impl Hart {
                 return Exit::Stop;
             }
         }
-    }
-
-    /// Execute one instruction (no interrupt check).
-    fn step(&mut self, bus: &mut impl Bus) -> Result<(), StepEnd> {
-        let pc = self.state.pc;
-        let raw = self.fetch(bus, pc)?;
-        let slot = &mut self.decode_cache[((pc >> 1) as usize) & (DECODE_CACHE_ENTRIES - 1)];
-        let insn = if slot.raw == raw {
-            slot.insn
-        } else {
-            let insn = decode_any(raw);
-            *slot = CachedInsn { raw, insn };
-            insn
-        };
-        self.next_pc = pc.wrapping_add(insn.len as u64);
-        let result = self.execute(bus, &insn, raw, pc);
-        self.state.x[0] = 0;
-        result?;
-        self.state.pc = self.next_pc;
-        self.state.icount += 1;
-        Ok(())
     }
 
     /// Called after the monitor handled an [`Exit::Sbi`]: a0/a1 get the SBI's error
@@ -418,7 +403,7 @@ impl Hart {
 
     /// Fetch the raw instruction at `pc`: 16 bits for a compressed instruction, else
     /// 32 (whose second half may sit on the next page).
-    fn fetch(&mut self, bus: &mut impl Bus, pc: u64) -> Result<u32, Exception> {
+    pub(crate) fn fetch(&mut self, bus: &mut impl Bus, pc: u64) -> Result<u32, Exception> {
         if pc & 0xfff <= 0xffc {
             let off = self.fetch_page_offset(bus, pc)?;
             let bytes: [u8; 4] = bus.ram().read_at(off);

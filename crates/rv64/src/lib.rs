@@ -6,6 +6,7 @@
 //! Decoding ([`decode`], [`rvc`]) is kept apart from execution (`exec/`, one file per
 //! ISA extension).
 
+mod block;
 pub mod bus;
 pub mod csr;
 pub mod decode;

@@ -3,16 +3,44 @@
 //! Every write — by the hart or by a device doing DMA — goes through this type and
 //! marks its page dirty, so the layer above can take exactly the pages written since
 //! its last take (the basis of incremental checkpoints).
+//!
+//! The same door keeps the hart's decoded-code cache honest: a page the hart has
+//! decoded instructions from is watched, and any write to it (a hart store, a page-
+//! table A/D update, DMA, a restored page) moves that page's code generation, which
+//! the cached blocks compare before they run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const PAGE_SHIFT: u32 = 12;
 
+/// Source of [`GuestRam::id`]: every instance (new or cloned) gets its own.
+static NEXT_RAM_ID: AtomicU64 = AtomicU64::new(1);
+
 /// Guest RAM: one contiguous region starting at `base`, allocated up front.
-#[derive(Clone)]
 pub struct GuestRam {
     base: u64,
     bytes: Vec<u8>,
     dirty: Vec<u64>,
+    /// Pages the hart has decoded code from since their last write (one bit each).
+    code_watch: Vec<u64>,
+    /// Per page: moves whenever a watched page is written.
+    code_gen: Vec<u64>,
+    /// Unique per instance, so that a hart can tell that its caches belong to other RAM.
+    id: u64,
+}
+
+impl Clone for GuestRam {
+    fn clone(&self) -> Self {
+        GuestRam {
+            base: self.base,
+            bytes: self.bytes.clone(),
+            dirty: self.dirty.clone(),
+            code_watch: self.code_watch.clone(),
+            code_gen: self.code_gen.clone(),
+            id: NEXT_RAM_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -27,7 +55,20 @@ impl GuestRam {
         assert!(size_bytes % PAGE_SIZE == 0, "RAM size must be page aligned");
         assert!(base % PAGE_SIZE == 0, "RAM base must be page aligned");
         let pages = (size_bytes / PAGE_SIZE) as usize;
-        GuestRam { base, bytes: vec![0; size_bytes as usize], dirty: vec![0; pages.div_ceil(64)] }
+        GuestRam {
+            base,
+            bytes: vec![0; size_bytes as usize],
+            dirty: vec![0; pages.div_ceil(64)],
+            code_watch: vec![0; pages.div_ceil(64)],
+            code_gen: vec![0; pages],
+            id: NEXT_RAM_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Identifies this instance among all `GuestRam`s of the process (a clone gets a
+    /// new one).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn base(&self) -> u64 {
@@ -56,8 +97,39 @@ impl GuestRam {
 
     #[inline]
     pub(crate) fn mark_dirty_offset(&mut self, off: usize) {
-        let page = off >> PAGE_SHIFT;
-        self.dirty[page >> 6] |= 1 << (page & 63);
+        self.mark_page_written(off >> PAGE_SHIFT);
+    }
+
+    /// Page `page` was written: mark it dirty, and move its code generation if the
+    /// hart has code decoded from it.
+    #[inline]
+    fn mark_page_written(&mut self, page: usize) {
+        let (word, bit) = (page >> 6, 1u64 << (page & 63));
+        self.dirty[word] |= bit;
+        if self.code_watch[word] & bit != 0 {
+            self.code_page_written(page);
+        }
+    }
+
+    #[cold]
+    fn code_page_written(&mut self, page: usize) {
+        self.code_watch[page >> 6] &= !(1u64 << (page & 63));
+        self.code_gen[page] += 1;
+    }
+
+    /// Start watching page `page` (relative to `base`) for writes because code is
+    /// being decoded from it; returns its current code generation.
+    #[inline]
+    pub(crate) fn watch_code_page(&mut self, page: usize) -> u64 {
+        self.code_watch[page >> 6] |= 1u64 << (page & 63);
+        self.code_gen[page]
+    }
+
+    /// The code generation of page `page`: it moves on every write to the page made
+    /// while the page was watched.
+    #[inline]
+    pub(crate) fn code_gen(&self, page: usize) -> u64 {
+        self.code_gen[page]
     }
 
     /// Read-only view of all of RAM (for digests and snapshots).
@@ -92,7 +164,7 @@ impl GuestRam {
             let first = off >> PAGE_SHIFT;
             let last = (off + data.len() - 1) >> PAGE_SHIFT;
             for page in first..=last {
-                self.dirty[page >> 6] |= 1 << (page & 63);
+                self.mark_page_written(page);
             }
         }
         Some(())
@@ -141,7 +213,7 @@ impl GuestRam {
         }
         let start = index.checked_mul(PAGE_SIZE as usize)?;
         self.bytes.get_mut(start..start + PAGE_SIZE as usize)?.copy_from_slice(data);
-        self.dirty[index >> 6] |= 1 << (index & 63);
+        self.mark_page_written(index);
         Some(())
     }
 }
@@ -157,6 +229,30 @@ mod tests {
         ram.write_u64(0x8000_5000, 7).unwrap();
         assert_eq!(ram.take_dirty_pages(), vec![0, 1, 5]);
         assert_eq!(ram.take_dirty_pages(), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn every_kind_of_write_to_a_watched_code_page_moves_its_generation() {
+        let mut ram = GuestRam::new(0x8000_0000, 4 * PAGE_SIZE);
+        let gen = ram.watch_code_page(1);
+        ram.write_u64(0x8000_0000, 1).unwrap(); // another page
+        assert_eq!(ram.code_gen(1), gen);
+        ram.write_at(PAGE_SIZE as usize + 8, [1u8; 4]); // a hart store
+        assert_eq!(ram.code_gen(1), gen + 1);
+        ram.write(0x8000_1000, &[2]).unwrap(); // unwatched since the last write
+        assert_eq!(ram.code_gen(1), gen + 1);
+        let gen = ram.watch_code_page(1);
+        ram.write(0x8000_0ffc, &[0; 8]).unwrap(); // DMA crossing into the page
+        assert_eq!(ram.code_gen(1), gen + 1);
+        let gen = ram.watch_code_page(1);
+        ram.write_page(1, &[0; PAGE_SIZE as usize]).unwrap(); // a restored page
+        assert_eq!(ram.code_gen(1), gen + 1);
+    }
+
+    #[test]
+    fn a_clone_is_a_different_ram() {
+        let ram = GuestRam::new(0x8000_0000, PAGE_SIZE);
+        assert_ne!(ram.clone().id(), ram.id());
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! RV64I: integer computation, loads, stores, control transfer, fences.
 
-use super::sext32;
+use super::{sext32, Flow};
 use crate::bus::Bus;
 use crate::decode::{BaseOp, Insn};
 use crate::hart::Hart;
 use crate::trap::Exception;
 
 impl Hart {
-    #[inline]
-    pub(crate) fn exec_base(&mut self, bus: &mut impl Bus, op: BaseOp, i: &Insn, pc: u64) -> Result<(), Exception> {
+    /// Inlined with a constant `op` into each arm of the dispatch, so that only that
+    /// operation's code remains.
+    #[inline(always)]
+    pub(crate) fn exec_base(&mut self, bus: &mut impl Bus, op: BaseOp, i: &Insn, pc: u64) -> Result<Flow, Exception> {
         use BaseOp::*;
         let a = self.x(i.rs1);
         let b = self.x(i.rs2);
@@ -19,11 +21,13 @@ impl Hart {
             Auipc => pc.wrapping_add(imm),
             Jal => {
                 self.next_pc = pc.wrapping_add(imm);
-                pc.wrapping_add(i.len as u64)
+                self.set_x(rd, pc.wrapping_add(i.len as u64));
+                return Ok(Flow::Jump);
             }
             Jalr => {
                 self.next_pc = a.wrapping_add(imm) & !1;
-                pc.wrapping_add(i.len as u64)
+                self.set_x(rd, pc.wrapping_add(i.len as u64));
+                return Ok(Flow::Jump);
             }
             Beq | Bne | Blt | Bge | Bltu | Bgeu => {
                 let taken = match op {
@@ -36,16 +40,24 @@ impl Hart {
                 };
                 if taken {
                     self.next_pc = pc.wrapping_add(imm);
+                    return Ok(Flow::Jump);
                 }
-                return Ok(());
+                return Ok(Flow::Next);
             }
-            Lb => self.load(bus, a.wrapping_add(imm), 1)? as i8 as i64 as u64,
-            Lh => self.load(bus, a.wrapping_add(imm), 2)? as i16 as i64 as u64,
-            Lw => self.load(bus, a.wrapping_add(imm), 4)? as i32 as i64 as u64,
-            Ld => self.load(bus, a.wrapping_add(imm), 8)?,
-            Lbu => self.load(bus, a.wrapping_add(imm), 1)?,
-            Lhu => self.load(bus, a.wrapping_add(imm), 2)?,
-            Lwu => self.load(bus, a.wrapping_add(imm), 4)?,
+            Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu => {
+                let addr = a.wrapping_add(imm);
+                let v = match op {
+                    Lb => self.load(bus, addr, 1)? as i8 as i64 as u64,
+                    Lh => self.load(bus, addr, 2)? as i16 as i64 as u64,
+                    Lw => self.load(bus, addr, 4)? as i32 as i64 as u64,
+                    Ld => self.load(bus, addr, 8)?,
+                    Lbu => self.load(bus, addr, 1)?,
+                    Lhu => self.load(bus, addr, 2)?,
+                    _ => self.load(bus, addr, 4)?,
+                };
+                self.set_x(rd, v);
+                return Ok(Flow::Check);
+            }
             Sb | Sh | Sw | Sd => {
                 let n = match op {
                     Sb => 1,
@@ -53,7 +65,8 @@ impl Hart {
                     Sw => 4,
                     _ => 8,
                 };
-                return self.store(bus, a.wrapping_add(imm), n, b);
+                self.store(bus, a.wrapping_add(imm), n, b)?;
+                return Ok(Flow::Check);
             }
             Addi => a.wrapping_add(imm),
             Slti => ((a as i64) < (imm as i64)) as u64,
@@ -84,10 +97,10 @@ impl Hart {
             Srlw => sext32(((a as u32) >> (b & 31)) as u64),
             Sraw => ((a as i32) >> (b & 31)) as i64 as u64,
             // One hart and no caches: memory is always coherent, and the decode cache
-            // is checked against the raw instruction bits, so fences have nothing to do.
-            Fence | FenceI => return Ok(()),
+            // sees every write to a page it holds code from, so fences have nothing to do.
+            Fence | FenceI => return Ok(Flow::Next),
         };
         self.set_x(rd, v);
-        Ok(())
+        Ok(Flow::Next)
     }
 }

@@ -7,7 +7,8 @@ use crate::decode::{Insn, MulOp};
 use crate::hart::Hart;
 
 impl Hart {
-    #[inline]
+    /// Inlined with a constant `op` into each arm of the dispatch.
+    #[inline(always)]
     pub(crate) fn exec_mul(&mut self, op: MulOp, i: &Insn) {
         use MulOp::*;
         let a = self.x(i.rs1);

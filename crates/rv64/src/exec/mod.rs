@@ -1,5 +1,6 @@
-//! Execution: one file per ISA extension. Each takes a decoded [`Insn`], updates the
-//! hart, and sets `next_pc` for control transfers.
+//! Execution: one file per ISA extension. Each takes a decoded instruction, updates the
+//! hart, and says how control goes on ([`Flow`]). [`Hart::exec_op`] is the one
+//! dispatch over the flat [`Kind`] of a decoded instruction.
 
 mod a;
 mod base;
@@ -8,37 +9,80 @@ mod m;
 mod system;
 mod zicsr;
 
+use crate::block::MicroOp;
 use crate::bus::Bus;
-use crate::decode::{Insn, Op};
+use crate::decode::{with_flat_ops, BaseOp, Kind, MulOp, Op};
 use crate::hart::{Hart, StepEnd};
 use crate::trap::Exception;
 
-impl Hart {
-    #[inline]
-    pub(crate) fn execute(&mut self, bus: &mut impl Bus, insn: &Insn, raw: u32, pc: u64) -> Result<(), StepEnd> {
-        match insn.op {
-            Op::Base(op) => self.exec_base(bus, op, insn, pc).map_err(StepEnd::Trap),
-            Op::Mul(op) => {
-                self.exec_mul(op, insn);
-                Ok(())
+/// How execution goes on after an instruction that did not trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// With the next instruction in sequence; nothing but registers changed.
+    Next,
+    /// At `Hart::next_pc`: a taken branch or jump, or an instruction after which the
+    /// hart's state must be looked at again (CSR, privileged).
+    Jump,
+    /// With the next instruction in sequence, once the caller has checked what a memory
+    /// access may have changed: interrupt lines, a stop request, the code being run.
+    Check,
+}
+
+macro_rules! define_exec_op {
+    (base: [$($b:ident),*], mul: [$($m:ident),*]) => {
+        impl Hart {
+            /// Execute one decoded instruction at `pc`; `next_pc` must hold the address
+            /// of the next instruction in sequence. Every base and M operation is its
+            /// own arm, specialised by inlining its extension's code with a constant
+            /// operation.
+            #[inline(always)]
+            pub(crate) fn exec_op(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Result<Flow, StepEnd> {
+                let insn = &op.insn;
+                match op.kind {
+                    Kind::Nop => Ok(Flow::Next),
+                    $(Kind::$b => self.exec_base(bus, BaseOp::$b, insn, pc).map_err(StepEnd::Trap),)*
+                    $(Kind::$m => {
+                        self.exec_mul(MulOp::$m, insn);
+                        Ok(Flow::Next)
+                    })*
+                    Kind::Amo | Kind::Csr | Kind::Sys | Kind::Fp | Kind::Illegal => self.exec_rare(bus, op, pc),
+                }
             }
-            Op::Amo(op) => self.exec_amo(bus, op, insn).map_err(StepEnd::Trap),
-            Op::Csr(op) => self.exec_csr(op, insn, raw).map_err(StepEnd::Trap),
-            Op::Sys(op) => self.exec_system(op, insn, raw),
-            Op::Fp(op) => self.exec_fp(bus, op, insn, raw).map_err(StepEnd::Trap),
-            Op::Illegal => Err(StepEnd::Trap(Exception::IllegalInstruction(raw as u64))),
+        }
+    };
+}
+with_flat_ops!(define_exec_op);
+
+impl Hart {
+    /// The extensions that dispatch a second time on the decoded operation.
+    #[inline(never)]
+    fn exec_rare(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Result<Flow, StepEnd> {
+        let (insn, raw) = (&op.insn, op.raw);
+        self.next_pc = pc.wrapping_add(insn.len as u64);
+        match insn.op {
+            Op::Amo(amo) => self.exec_amo(bus, amo, insn).map_err(StepEnd::Trap).map(|()| Flow::Check),
+            Op::Fp(fp) => self.exec_fp(bus, fp, insn, raw).map_err(StepEnd::Trap).map(|()| Flow::Check),
+            Op::Csr(csr) => self.exec_csr(csr, insn, raw).map_err(StepEnd::Trap).map(|()| Flow::Jump),
+            Op::Sys(sys) => {
+                // ebreak reports its own address.
+                self.state.pc = pc;
+                self.exec_system(sys, insn, raw).map(|()| Flow::Jump)
+            }
+            Op::Base(_) | Op::Mul(_) | Op::Illegal => Err(StepEnd::Trap(Exception::IllegalInstruction(raw as u64))),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn x(&self, r: u8) -> u64 {
-        self.state.x[r as usize]
+        self.state.x[r as usize & 31]
     }
 
-    /// Write an integer register (x0 is re-zeroed after every instruction).
-    #[inline]
+    /// Write an integer register. A write to x0 lands, and is undone before the next
+    /// instruction reads registers (see `Hart::retire`); operations that only compute
+    /// into rd never write x0 at all (they decode to [`Kind::Nop`]).
+    #[inline(always)]
     pub(crate) fn set_x(&mut self, r: u8, v: u64) {
-        self.state.x[r as usize] = v;
+        self.state.x[r as usize & 31] = v;
     }
 }
 
