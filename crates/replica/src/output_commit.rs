@@ -31,10 +31,10 @@ impl<O> OutputBuffer<O> {
     /// Holds an output of `epoch`, the epoch being executed (not yet checkpointed).
     pub fn push(&mut self, epoch: u64, output: O) -> Result<(), OutputBufferFull<O>> {
         assert!(
-            self.released_through.map_or(true, |r| epoch > r),
+            self.released_through.is_none_or(|r| epoch > r),
             "an output of epoch {epoch} arrived after that epoch was released"
         );
-        assert!(self.held.back().map_or(true, |&(last, _)| epoch >= last), "outputs arrive in epoch order");
+        assert!(self.held.back().is_none_or(|&(last, _)| epoch >= last), "outputs arrive in epoch order");
         if self.held.len() >= self.limit {
             return Err(OutputBufferFull { held: self.held.len(), output });
         }

@@ -551,8 +551,8 @@ impl Sim {
                 let now = self.now;
                 let partitioned = now < self.partitioned_until;
                 let receiver_frozen = match to_backup {
-                    true => self.backup.as_ref().map_or(true, |b| now < b.frozen_until),
-                    false => self.primary.as_ref().map_or(true, |p| now < p.frozen_until),
+                    true => self.backup.as_ref().is_none_or(|b| now < b.frozen_until),
+                    false => self.primary.as_ref().is_none_or(|p| now < p.frozen_until),
                 };
                 let Some(conn) = &mut self.conn else { break };
                 let pipe = match to_backup {
@@ -737,7 +737,7 @@ impl Sim {
         check!(self.history.get(&(*run, epoch)) == Some(pages), "went live from a state no primary took");
         let released = self.released.get(run).copied();
         check!(
-            released.map_or(true, |r| r <= epoch),
+            released.is_none_or(|r| r <= epoch),
             "went live from epoch {epoch}, but outputs up to {released:?} had left"
         );
         self.stats.go_lives += 1;

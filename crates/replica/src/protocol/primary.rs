@@ -330,7 +330,7 @@ impl Primary {
             }
             Message::NeedFull { epoch, .. } => {
                 // A full checkpoint sent after the refused one already repairs the chain.
-                if pl.last_full_sent.map_or(true, |full| full < epoch) {
+                if pl.last_full_sent.is_none_or(|full| full < epoch) {
                     pl.chain_head = None;
                 }
                 Ok(())
