@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 
 /// Instructions per run slice between looks at the host (about 10-20 ms of guest work).
 const SLICE_ICOUNT: u64 = 2_000_000;
+/// Shorter slices while replicating, so that epochs end close to their time.
+const REPLICATING_SLICE_ICOUNT: u64 = 250_000;
+/// Outputs held for output commit beyond which the guest waits for acknowledgements.
+const MAX_HELD_OUTPUTS: usize = 65_536;
 /// Bytes of entropy handed to the guest's RNG device per request.
 const ENTROPY_CHUNK: usize = 64;
 
@@ -32,7 +36,7 @@ pub enum Clock {
 }
 
 /// How the run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     PowerOff { code: u32 },
     Reset,
@@ -40,6 +44,8 @@ pub enum Outcome {
     Quit,
     /// The control API asked the VM to stop.
     Stopped,
+    /// The replication layer fenced this replica off (it lost the takeover lease).
+    Fenced(String),
     /// The guest idles with no timer set and nothing can wake it.
     Hung,
 }
@@ -69,6 +75,39 @@ pub struct Driver {
     paused: bool,
     /// Writes a snapshot of the machine to a file; returns its size in bytes.
     pub snapshotter: Option<Snapshotter>,
+    /// Outputs released by acknowledgements, not yet sent.
+    released: Vec<machine::Output>,
+    /// Set when this VM is a replicated primary.
+    pub replication: Option<Replication>,
+    /// What `status` reports as the role.
+    pub role: &'static str,
+}
+
+/// The primary's side of checkpoint replication in the driver: epochs, checkpoints,
+/// and the outputs held for output commit.
+pub struct Replication {
+    pub handle: crate::replicate::primary::PrimaryHandle,
+    pub epoch_ms: u64,
+    /// The epoch of the last checkpoint taken (0: none yet).
+    epoch: u64,
+    last_epoch_at: Instant,
+    held: replica::OutputBuffer<machine::Output>,
+    last: Option<CheckpointStats>,
+}
+
+impl Replication {
+    pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
+        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None }
+    }
+}
+
+/// What the last checkpoint cost.
+#[derive(Debug, Clone, Copy)]
+struct CheckpointStats {
+    epoch: u64,
+    full: bool,
+    pause_us: u64,
+    bytes: usize,
 }
 
 /// How the driver saves a snapshot (the snapshot format lives in the machine crate).
@@ -88,6 +127,9 @@ impl Driver {
             start_ticks,
             paused: false,
             snapshotter: None,
+            released: Vec::new(),
+            replication: None,
+            role: "standalone",
         }
     }
 
@@ -116,9 +158,14 @@ impl Driver {
                 }
                 continue;
             }
-            let target = self.machine.icount() + SLICE_ICOUNT;
+            let slice = if self.replication.is_some() { REPLICATING_SLICE_ICOUNT } else { SLICE_ICOUNT };
+            let target = self.machine.icount() + slice;
             let exit = self.machine.run(target);
             self.route_outputs(console)?;
+            self.maybe_checkpoint(console)?;
+            if let Some(outcome) = self.wait_while_outputs_pile_up(console)? {
+                return Ok(outcome);
+            }
             match exit {
                 RunExit::PowerOff { code } => return Ok(Outcome::PowerOff { code }),
                 RunExit::Reset => return Ok(Outcome::Reset),
@@ -146,8 +193,71 @@ impl Driver {
             HostEvent::NetFrame(frame) => self.push(InputKind::NetFrame(frame))?,
             HostEvent::Quit => return Ok(Some(Outcome::Quit)),
             HostEvent::Control(request) => return Ok(self.control(request)),
+            HostEvent::Released { up_to_epoch } => self.release_held(up_to_epoch),
+            HostEvent::ReplicationStopped(message) => return Ok(Some(Outcome::Fenced(message))),
         }
         Ok(None)
+    }
+
+    /// Take a checkpoint when the epoch is over and hand it to the replication thread.
+    fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
+        let Some(r) = &mut self.replication else { return Ok(()) };
+        if r.last_epoch_at.elapsed() < Duration::from_millis(r.epoch_ms) {
+            return Ok(());
+        }
+        let shared = r.handle.shared.lock().expect("not poisoned").clone();
+        let started = Instant::now();
+        let epoch = r.epoch + 1;
+        let full = shared.next_kind == replica::CheckpointKind::Full;
+        let payload = if full || shared.streaming {
+            machine::checkpoint::take(&mut self.machine, full).context("cannot take a checkpoint")?
+        } else {
+            // No backup to send it to: keep the dirty logs short; a full one follows later.
+            self.machine.take_dirty_pages();
+            self.machine.take_dirty_sectors();
+            Vec::new()
+        };
+        r.last = Some(CheckpointStats { epoch, full, pause_us: started.elapsed().as_micros() as u64, bytes: payload.len() });
+        let icount = self.machine.icount();
+        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind: shared.next_kind, payload });
+        r.epoch = epoch;
+        r.last_epoch_at = Instant::now();
+        if !shared.streaming {
+            // No backup: run unprotected (the lease still prevents a second live replica)
+            // and let out what this and earlier epochs made, in order, one epoch late.
+            let all = r.held.release(epoch);
+            self.send_outputs(all, console)?;
+        }
+        Ok(())
+    }
+
+    /// Output commit's back-pressure: a guest that outputs faster than the backup
+    /// acknowledges waits.
+    fn wait_while_outputs_pile_up(&mut self, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
+        while self.replication.as_ref().is_some_and(|r| r.held.len() >= MAX_HELD_OUTPUTS) {
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(event) => {
+                    if let Some(outcome) = self.deliver(event)? {
+                        return Ok(Some(outcome));
+                    }
+                    self.flush_released(console)?;
+                }
+                Err(_) => self.maybe_checkpoint(console)?,
+            }
+        }
+        Ok(None)
+    }
+
+    fn release_held(&mut self, up_to_epoch: u64) {
+        if let Some(r) = &mut self.replication {
+            let released = r.held.release(up_to_epoch);
+            self.released.extend(released);
+        }
+    }
+
+    fn flush_released(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
+        let released = std::mem::take(&mut self.released);
+        self.send_outputs(released, console)
     }
 
     /// Answer a control request; `Some` when it ends the run.
@@ -189,13 +299,30 @@ impl Driver {
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
             "state": if self.paused { "paused" } else { "running" },
-            "role": "standalone",
-            "mode": "none",
+            "role": self.role,
+            "mode": if self.replication.is_some() { "checkpoint" } else { "none" },
             "icount": self.machine.icount(),
             "guest_time_s": self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
-            "epoch": 0,
-            "last_checkpoint": null,
-            "replication_lag_ms": null,
+            "epoch": self.replication.as_ref().map_or(0, |r| r.epoch),
+            "replication": self.replication.as_ref().map(|r| {
+                let shared = r.handle.shared.lock().expect("not poisoned").clone();
+                serde_json::json!({
+                    "backup_connected": shared.streaming,
+                    "acked_epoch": shared.acked_epoch,
+                    "lag_epochs": shared.acked_epoch.map(|a| r.epoch.saturating_sub(a)),
+                    "lag_ms": shared.acked_epoch.map(|a| r.epoch.saturating_sub(a) * r.epoch_ms),
+                    "bytes_sent": shared.bytes_sent,
+                    "held_outputs": r.held.len(),
+                    "lease_term": shared.lease_term,
+                    "last_error": shared.last_error,
+                    "last_checkpoint": r.last.map(|c| serde_json::json!({
+                        "epoch": c.epoch,
+                        "full": c.full,
+                        "pause_ms": c.pause_us as f64 / 1e3,
+                        "bytes": c.bytes,
+                    })),
+                })
+            }),
         })
     }
 
@@ -271,8 +398,25 @@ impl Driver {
         }
     }
 
+    /// Outputs produced by the last slice: a replicated primary holds them until the
+    /// backup acknowledges the epoch that made them (or, with no backup connected, until
+    /// that epoch's checkpoint is taken); otherwise they leave at once.
     fn route_outputs(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
         let outputs = self.machine.take_outputs();
+        self.flush_released(console)?;
+        let Some(r) = &mut self.replication else {
+            return self.send_outputs(outputs, console);
+        };
+        for output in outputs {
+            // Made in the epoch after the last checkpoint. The buffer has no hard limit:
+            // memory is bounded by the guest waiting at MAX_HELD_OUTPUTS (see
+            // wait_while_outputs_pile_up) plus what one slice can make.
+            r.held.push(r.epoch + 1, output).expect("the buffer is unbounded");
+        }
+        Ok(())
+    }
+
+    fn send_outputs(&mut self, outputs: Vec<machine::Output>, console: &mut dyn ConsoleSink) -> Result<()> {
         if outputs.is_empty() {
             return Ok(());
         }

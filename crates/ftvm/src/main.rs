@@ -8,6 +8,7 @@ mod guest_image;
 mod host;
 #[allow(dead_code)] // used by the demo and replication runtime being built
 mod netns;
+mod replicate;
 mod model_cmd;
 mod run_cmd;
 
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Boot a VM: the console on the terminal, or run one command in the guest
     Run(run_cmd::RunArgs),
+    /// Wait for a primary's checkpoints and take its VM over when it fails
+    Backup(replicate::backup::BackupArgs),
     /// Talk to a running VM through its control API socket (--api)
     Ctl(ctl_cmd::CtlArgs),
     /// Reliability models of virtualized nodes: bounds, block diagrams, availability, plots
@@ -39,6 +42,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run(args) => run_cmd::run(args),
         Command::Ctl(args) => ctl_cmd::run(args),
+        Command::Backup(args) => replicate::backup::run(args),
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
     }
 }

@@ -11,13 +11,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Boot a virtual machine (the default Debian guest unless --kernel is given).
-///
-/// Without COMMAND, the guest's console is attached to the terminal: Ctrl-A x quits.
-/// With COMMAND, the guest runs it, ftvm prints its output and exits with its status.
-#[derive(clap::Args, Debug)]
-#[command(after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/")]
-pub struct RunArgs {
+/// The options that define a VM and attach it to the host: shared by `run`, `backup`
+/// and `restore`, so that every replica of a VM is described the same way.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
     /// Kernel: a RISC-V Linux "Image" [default: the built-in Debian guest]
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
@@ -42,22 +39,35 @@ pub struct RunArgs {
     /// MAC address of the guest's network card
     #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     pub mac: [u8; 6],
-    /// Print the final state digest (to stderr)
-    #[arg(long)]
-    pub digest: bool,
-    /// Print instructions executed and the speed at exit (to stderr)
-    #[arg(long)]
-    pub stats: bool,
-    /// Show the console up to the command's start in command mode (kernel messages
-    /// and the guest's `ftvm: userspace up` line)
-    #[arg(long)]
-    pub boot_log: bool,
     /// Serve the control API (status, pause, resume, snapshot, stop) on this Unix socket
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
     /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
     #[arg(long, value_enum, default_value = "realtime")]
     pub clock: Clock,
+    /// Print the final state digest (to stderr)
+    #[arg(long)]
+    pub digest: bool,
+    /// Print instructions executed and the speed at exit (to stderr)
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Boot a virtual machine (the default Debian guest unless --kernel is given).
+///
+/// Without COMMAND, the guest's console is attached to the terminal: Ctrl-A x quits.
+/// With COMMAND, the guest runs it, ftvm prints its output and exits with its status.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --lease /shared/lease -- /usr/share/ftvm/counter-httpd")]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub replication: crate::replicate::primary::ReplicationArgs,
+    /// Show the console up to the command's start in command mode (kernel messages
+    /// and the guest's `ftvm: userspace up` line)
+    #[arg(long)]
+    pub boot_log: bool,
     /// Command to run in the guest (after --)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -103,7 +113,7 @@ fn shell_join(words: &[String]) -> String {
     words.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
-pub fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
+pub fn machine_config(args: &VmArgs, command: &[String]) -> Result<MachineConfig> {
     let (kernel, initrd, mut bootargs) = match &args.kernel {
         Some(kernel) => (kernel.clone(), args.initrd.clone(), "console=ttyS0 earlycon=sbi".to_string()),
         None => {
@@ -114,8 +124,8 @@ pub fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
     if let Some(append) = &args.append {
         bootargs = append.clone();
     }
-    if !args.command.is_empty() {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(shell_join(&args.command));
+    if !command.is_empty() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(shell_join(command));
         bootargs.push_str(&format!(" ftvm.cmd={encoded}"));
     }
     let mut config = MachineConfig::new(kernel);
@@ -129,7 +139,7 @@ pub fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
     Ok(config)
 }
 
-fn tap_name(spec: &str) -> Result<&str> {
+pub fn tap_name(spec: &str) -> Result<&str> {
     match spec.split_once(':') {
         Some(("tap", name)) => Ok(name),
         _ => bail!("--net {spec:?}: expected tap:NAME"),
@@ -218,15 +228,37 @@ impl ConsoleSink for TerminalConsole {
     }
 }
 
+pub fn open_tap(vm: &VmArgs) -> Result<Option<Tap>> {
+    match &vm.net {
+        Some(spec) => Ok(Some(Tap::open(tap_name(spec)?)?)),
+        None => Ok(None),
+    }
+}
+
+/// Saves snapshots in the machine crate's format.
+pub fn snapshotter() -> crate::driver::Snapshotter {
+    Box::new(|machine, path| Ok(machine::snapshot::save_to_path(machine, path)?.file_bytes()))
+}
+
 pub fn run(args: RunArgs) -> Result<i32> {
-    let config = machine_config(&args)?;
-    let tap = match &args.net {
-        Some(spec) => Some(Tap::open(tap_name(spec)?)?),
-        None => None,
-    };
+    let vm = &args.vm;
+    let config = machine_config(vm, &args.command)?;
+    let tap = open_tap(vm)?;
     let machine = Machine::new(&config)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let interactive = args.command.is_empty();
+    let replication = crate::replicate::primary::from_args(&args.replication, &config, tx.clone())?;
+    let mut driver = Driver::new(machine, rx, vm.clock);
+    if let Some(r) = replication {
+        driver.replication = Some(r);
+        driver.role = "primary";
+    }
+    run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
+}
+
+/// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its
+/// outcome into an exit status. Shared by `run`, `restore` and a backup that took over.
+pub fn run_driver(mut driver: Driver, vm: &VmArgs, tap: Option<Tap>, tx: std::sync::mpsc::Sender<crate::host::HostEvent>, command: &[String], boot_log: bool) -> Result<i32> {
+    let interactive = command.is_empty();
     let _raw = interactive.then(console::RawMode::enter);
     if interactive {
         console::spawn_reader(tx.clone());
@@ -234,29 +266,29 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(tap) = &tap {
         tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
     }
-    let _api = match &args.api {
+    let _api = match &vm.api {
         Some(path) => Some(crate::api::serve(path, tx.clone())?),
         None => None,
     };
-    let mut driver = Driver::new(machine, rx, args.clock);
-    driver.events_possible = interactive || tap.is_some() || args.api.is_some();
+    driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || driver.replication.is_some();
     driver.tap = tap;
+    driver.snapshotter = Some(snapshotter());
     drop(tx);
     let started = Instant::now();
     let mut console: Box<dyn ConsoleSink> = if interactive {
         Box::new(TerminalConsole)
     } else {
-        Box::new(CommandConsole { started: false, line: Vec::new(), show_boot: args.boot_log })
+        Box::new(CommandConsole { started: false, line: Vec::new(), show_boot: boot_log })
     };
     let outcome = driver.run(console.as_mut())?;
     console.finish().context("cannot write console output")?;
     drop(_raw);
     let seconds = started.elapsed().as_secs_f64();
-    if args.stats {
+    if vm.stats {
         let n = driver.machine.icount();
         eprintln!("ftvm: instructions={n} seconds={seconds:.3} mips={:.1}", n as f64 / seconds / 1e6);
     }
-    if args.digest {
+    if vm.digest {
         eprintln!("ftvm: digest={} icount={}", driver.machine.digest(), driver.machine.icount());
     }
     Ok(match outcome {
@@ -273,6 +305,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             eprintln!("ftvm: stopped through the control API");
             0
         }
+        Outcome::Fenced(message) => anyhow::bail!("{message}"),
         Outcome::Hung => {
             eprintln!("ftvm: the guest is idle with no timer armed and nothing can wake it; stopping");
             1

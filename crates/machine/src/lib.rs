@@ -6,6 +6,7 @@
 //! The machine knows nothing of replication: it offers the few verbs of DESIGN.md §6.
 
 pub mod board;
+pub mod checkpoint;
 pub mod devices;
 pub mod fdt;
 pub mod io;

@@ -435,6 +435,42 @@ impl Machine {
             .ok_or(RestoreError::NoDisk)
     }
 
+    /// Check that a saved state fits this machine, changing nothing.
+    pub fn check_state(&self, state: &MachineState) -> Result<(), RestoreError> {
+        let configured = self.board.virtio.len();
+        if state.virtio.len() != configured {
+            return Err(RestoreError::DeviceCount { saved: state.virtio.len(), configured });
+        }
+        Ok(())
+    }
+
+    /// Zero all of RAM (the base of a full checkpoint).
+    pub fn clear_ram(&mut self) {
+        let zero = [0u8; rv64::mem::PAGE_SIZE as usize];
+        for index in 0..self.board.ram.page_count() {
+            if self.board.ram.page(index).is_some_and(|p| p.iter().any(|&b| b != 0)) {
+                self.board.ram.write_page(index, &zero).expect("index within RAM");
+            }
+        }
+    }
+
+    /// Zero the whole disk, if there is one (the base of a full checkpoint).
+    pub fn clear_disk(&mut self) -> Result<(), RestoreError> {
+        match self.blk() {
+            Ok(blk) => blk.zero_all().map_err(|e| RestoreError::Disk(e.to_string())),
+            Err(RestoreError::NoDisk) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The disk's size in sectors, if there is a disk.
+    pub fn disk_sectors(&self) -> Option<u64> {
+        self.board.virtio.iter().find_map(|d| match d.device() {
+            VirtioDevice::Blk(blk) => Some(blk.capacity_sectors()),
+            _ => None,
+        })
+    }
+
     /// Disk sectors written since the last call (empty without a disk).
     pub fn take_dirty_sectors(&mut self) -> Vec<u64> {
         self.blk().map(|b| b.take_dirty_sectors()).unwrap_or_default()

@@ -15,6 +15,10 @@ pub enum HostEvent {
     NetFrame(Vec<u8>),
     /// A request from the control API.
     Control(crate::api::ControlRequest),
+    /// Output commit: the backup holds every epoch up to this one.
+    Released { up_to_epoch: u64 },
+    /// The replication layer says this replica must stop (it lost the lease).
+    ReplicationStopped(String),
 }
 
 /// Host entropy for the guest's RNG device (logged as an input like any other).

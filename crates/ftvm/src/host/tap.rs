@@ -72,6 +72,11 @@ impl Tap {
         Ok(())
     }
 
+    /// A second handle on the same device (for a sender apart from the driver's).
+    pub fn clone_handle(&self) -> Result<Tap> {
+        Ok(Tap { file: self.file.try_clone().context("cannot duplicate the TAP file descriptor")?, name: self.name.clone() })
+    }
+
     /// Send a frame the guest transmitted.
     pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.file.write_all(frame)

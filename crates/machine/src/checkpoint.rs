@@ -1,0 +1,190 @@
+//! Checkpoints for replication: what changed in a machine since the last one (or all
+//! of it), as one payload, and applying a payload to a stopped machine.
+//!
+//! Layout (little-endian):
+//!
+//! | field          | size          | meaning                                            |
+//! |----------------|---------------|----------------------------------------------------|
+//! | magic          | 4             | `FTCK`                                             |
+//! | version        | 2             | [`VERSION`]                                        |
+//! | flags          | 2             | bit 0: full (RAM and disk are zero but for these)  |
+//! | state length   | 4             | then the state, encoded as in snapshots            |
+//! | page count     | 4             | then (index u32, 4096 bytes) per page              |
+//! | sector count   | 4             | then (sector u64, 512 bytes) per sector            |
+//!
+//! A payload is decoded and checked whole before anything in the machine changes, so a
+//! malformed one leaves the backup's last whole checkpoint untouched.
+
+use crate::machine::{Machine, MachineState, RestoreError};
+use crate::snapshot::{decode_machine_state, encode_machine_state};
+use thiserror::Error;
+
+const MAGIC: [u8; 4] = *b"FTCK";
+pub const VERSION: u16 = 1;
+const PAGE_BYTES: usize = 4096;
+const SECTOR_BYTES: usize = 512;
+const FLAG_FULL: u16 = 1;
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("checkpoint payload is malformed: {0}")]
+    Malformed(String),
+    #[error("checkpoint format version {found}, this ftvm reads version {VERSION}")]
+    Version { found: u16 },
+    #[error("checkpoint state: {0}")]
+    State(#[from] crate::snapshot::SnapshotError),
+    #[error("applying the checkpoint: {0}")]
+    Apply(#[from] RestoreError),
+}
+
+/// Take a checkpoint: every non-zero page and sector and the state when `full`, else
+/// what was written since the last checkpoint. Resets the dirty logs either way.
+pub fn take(machine: &mut Machine, full: bool) -> Result<Vec<u8>, CheckpointError> {
+    let dirty_pages = machine.take_dirty_pages();
+    let dirty_sectors = machine.take_dirty_sectors();
+    let pages: Vec<usize> = if full {
+        (0..machine.ram().page_count()).filter(|&i| machine.page(i).is_some_and(|p| p.iter().any(|&b| b != 0))).collect()
+    } else {
+        dirty_pages
+    };
+    let sectors: Vec<u64> = if full { nonzero_sectors(machine)? } else { dirty_sectors };
+    let state = encode_machine_state(&machine.save_state())?;
+    let mut out = Vec::with_capacity(20 + state.len() + pages.len() * (4 + PAGE_BYTES) + sectors.len() * (8 + SECTOR_BYTES));
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(if full { FLAG_FULL } else { 0 }).to_le_bytes());
+    out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    out.extend_from_slice(&state);
+    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for index in pages {
+        out.extend_from_slice(&(index as u32).to_le_bytes());
+        out.extend_from_slice(machine.page(index).expect("a page index from the machine"));
+    }
+    out.extend_from_slice(&(sectors.len() as u32).to_le_bytes());
+    let mut buf = [0u8; SECTOR_BYTES];
+    for sector in sectors {
+        machine.read_sectors(sector, &mut buf)?;
+        out.extend_from_slice(&sector.to_le_bytes());
+        out.extend_from_slice(&buf);
+    }
+    Ok(out)
+}
+
+fn nonzero_sectors(machine: &mut Machine) -> Result<Vec<u64>, CheckpointError> {
+    let Some(capacity) = machine.disk_sectors() else { return Ok(Vec::new()) };
+    let mut sectors = Vec::new();
+    let mut chunk = vec![0u8; 256 * SECTOR_BYTES];
+    let mut start = 0;
+    while start < capacity {
+        let n = (capacity - start).min(256);
+        let buf = &mut chunk[..n as usize * SECTOR_BYTES];
+        machine.read_sectors(start, buf)?;
+        for (i, sector) in buf.chunks(SECTOR_BYTES).enumerate() {
+            if sector.iter().any(|&b| b != 0) {
+                sectors.push(start + i as u64);
+            }
+        }
+        start += n;
+    }
+    Ok(sectors)
+}
+
+/// A decoded payload, not yet applied.
+struct Decoded<'a> {
+    full: bool,
+    state: MachineState,
+    pages: Vec<(usize, &'a [u8])>,
+    sectors: Vec<(u64, &'a [u8])>,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], CheckpointError> {
+        if self.buf.len() - self.pos < n {
+            return Err(CheckpointError::Malformed(format!("truncated in {what} at byte {}", self.pos)));
+        }
+        let bytes = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(bytes)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, CheckpointError> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+    }
+
+    /// A count of items of `item_bytes` each: checked against what is left before use.
+    fn count(&mut self, item_bytes: usize, max: usize, what: &str) -> Result<usize, CheckpointError> {
+        let n = self.u32(what)? as usize;
+        let left = (self.buf.len() - self.pos) / item_bytes;
+        if n > max || n > left {
+            return Err(CheckpointError::Malformed(format!("{n} {what} do not fit (at most {})", max.min(left))));
+        }
+        Ok(n)
+    }
+}
+
+fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) -> Result<Decoded<'a>, CheckpointError> {
+    let mut r = Reader { buf: payload, pos: 0 };
+    if r.take(4, "magic")? != MAGIC {
+        return Err(CheckpointError::Malformed("not a checkpoint (bad magic)".into()));
+    }
+    let version = u16::from_le_bytes(r.take(2, "version")?.try_into().expect("2 bytes"));
+    if version != VERSION {
+        return Err(CheckpointError::Version { found: version });
+    }
+    let flags = u16::from_le_bytes(r.take(2, "flags")?.try_into().expect("2 bytes"));
+    if flags & !FLAG_FULL != 0 {
+        return Err(CheckpointError::Malformed(format!("unknown flags {flags:#x}")));
+    }
+    let state_len = r.count(1, usize::MAX, "state bytes")?;
+    let state = decode_machine_state(r.take(state_len, "state")?)?;
+    let n = r.count(4 + PAGE_BYTES, ram_pages, "pages")?;
+    let mut pages = Vec::with_capacity(n);
+    for _ in 0..n {
+        let index = r.u32("page index")? as usize;
+        if index >= ram_pages {
+            return Err(CheckpointError::Malformed(format!("page {index} is outside RAM ({ram_pages} pages)")));
+        }
+        pages.push((index, r.take(PAGE_BYTES, "page")?));
+    }
+    let capacity = disk_sectors.unwrap_or(0);
+    let n = r.count(8 + SECTOR_BYTES, capacity.min(usize::MAX as u64) as usize, "sectors")?;
+    let mut sectors = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sector = u64::from_le_bytes(r.take(8, "sector")?.try_into().expect("8 bytes"));
+        if sector >= capacity {
+            return Err(CheckpointError::Malformed(format!("sector {sector} is beyond the disk ({capacity} sectors)")));
+        }
+        sectors.push((sector, r.take(SECTOR_BYTES, "sector data")?));
+    }
+    if r.pos != payload.len() {
+        return Err(CheckpointError::Malformed(format!("{} bytes after the end", payload.len() - r.pos)));
+    }
+    Ok(Decoded { full: flags & FLAG_FULL != 0, state, pages, sectors })
+}
+
+/// Apply a payload to a stopped machine built from the same configuration. Checked
+/// whole first: on error the machine is as it was.
+pub fn apply(machine: &mut Machine, payload: &[u8]) -> Result<(), CheckpointError> {
+    let decoded = decode(payload, machine.ram().page_count(), machine.disk_sectors())?;
+    machine.check_state(&decoded.state)?;
+    if decoded.full {
+        machine.clear_ram();
+        machine.clear_disk()?;
+    }
+    for (index, bytes) in decoded.pages {
+        machine.write_page(index, bytes)?;
+    }
+    for (sector, bytes) in decoded.sectors {
+        machine.write_sectors(sector, bytes)?;
+    }
+    machine.restore_state(decoded.state)?;
+    // The backup's own writes are not changes to send anywhere.
+    machine.take_dirty_pages();
+    machine.take_dirty_sectors();
+    Ok(())
+}
