@@ -320,17 +320,13 @@ impl Sim {
         let f = self.faults;
         let now = self.now;
         if self.rng.chance(f.crash_primary) && self.primary.is_some() {
-            self.primary = None;
-            self.stats.crashes += 1;
-            self.end_of(true);
+            self.crash(true);
             if !self.backup_live() && self.rng.chance(0.5) {
                 self.primary_restart_at = Some(now + self.rng.range(50, 800));
             }
         }
         if self.rng.chance(f.crash_backup) && self.backup.is_some() && !self.backup_live() {
-            self.backup = None;
-            self.stats.crashes += 1;
-            self.end_of(false);
+            self.crash(false);
             self.backup_restart_at = Some(now + self.rng.range(20, 500));
         }
         if self.rng.chance(f.cut) && self.conn.is_some() {
@@ -355,7 +351,29 @@ impl Sim {
         }
     }
 
-    /// One side's process is gone: the peer reads the rest, then end of stream.
+    /// A process dies (kill -9): what it had not yet sent is lost, possibly mid-frame.
+    fn crash(&mut self, primary_side: bool) {
+        self.stats.crashes += 1;
+        match primary_side {
+            true => self.primary = None,
+            false => self.backup = None,
+        }
+        if let Some(conn) = &mut self.conn {
+            let outgoing = match primary_side {
+                true => &mut conn.to_backup,
+                false => &mut conn.to_primary,
+            };
+            let keep = self.rng.below(outgoing.queue.len() as u64 + 1) as usize;
+            outgoing.queue.truncate(keep);
+            if let Some((_, Segment::Data(bytes))) = outgoing.queue.back_mut() {
+                let cut = self.rng.below(bytes.len() as u64 + 1) as usize;
+                bytes.truncate(cut);
+            }
+        }
+        self.end_of(primary_side);
+    }
+
+    /// One side's end is closed: the peer reads what is in flight, then end of stream.
     fn end_of(&mut self, primary_side: bool) {
         let now = self.now;
         if let Some(conn) = &mut self.conn {
@@ -882,10 +900,55 @@ fn a_crashed_primary_is_replaced_by_the_backup() {
     for _ in 0..400 {
         sim.step().unwrap();
     }
-    sim.primary = None;
-    sim.end_of(true);
+    sim.crash(true);
     for _ in 0..800 {
         sim.step().unwrap();
     }
     assert_eq!(sim.stats.go_lives, 1, "{:?}", sim.stats);
+}
+
+/// Kills one side at each step of a fault-free run in turn (every `STRIDE`th step, to keep
+/// the test quick), then lets the survivors run on: the invariants hold throughout, and a
+/// backup with a whole checkpoint replaces a dead primary.
+#[test]
+fn crashing_either_side_at_every_step_keeps_the_invariants() {
+    const STRIDE: usize = 5;
+    for primary_side in [true, false] {
+        for crash_step in (0..400).step_by(STRIDE) {
+            let seed = 0xc0de_0000 + crash_step as u64 + if primary_side { 1 << 20 } else { 0 };
+            let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Stats, String> {
+                let mut sim = Sim::new(seed);
+                sim.faults = Faults::scaled(0.0);
+                for _ in 0..crash_step {
+                    sim.step()?;
+                }
+                let backup_held_a_checkpoint = sim.backup.as_ref().is_some_and(|b| b.core.applied().is_some());
+                sim.crash(primary_side);
+                if primary_side && backup_held_a_checkpoint {
+                    for _ in 0..700 {
+                        sim.step()?;
+                    }
+                    check!(sim.stats.go_lives == 1, "the backup did not take over: {:?}", sim.stats);
+                    return Ok(sim.stats.clone());
+                }
+                if !primary_side {
+                    sim.backup_restart_at = Some(sim.now + 30);
+                }
+                for _ in 0..700 {
+                    sim.step()?;
+                }
+                Ok(sim.stats.clone())
+            }));
+            let side = if primary_side { "primary" } else { "backup" };
+            let stats = match outcome {
+                Ok(Ok(stats)) => stats,
+                Ok(Err(violation)) => panic!("{side} crashed at step {crash_step} (seed {seed}): {violation}"),
+                Err(_) => panic!("{side} crashed at step {crash_step} (seed {seed}) panicked (see above)"),
+            };
+            if !primary_side {
+                // The primary carries on and the new backup catches up.
+                assert!(stats.epochs_released > 0, "{side} crashed at step {crash_step}: {stats:?}");
+            }
+        }
+    }
 }

@@ -81,7 +81,10 @@ pub enum BackupAction {
     /// `Lease::try_acquire(holder, now_ms, ttl_ms)` and report the answer.
     AcquireLease,
     /// This replica holds the lease (term `term`): resume the machine, which holds the
-    /// checkpoint of `epoch`, and run it as the new primary.
+    /// checkpoint of `epoch`, and run it as the new primary: a fresh [`super::Primary`] with
+    /// a new run id and `LeaseGrant { term, acquired_at_ms }`, where `acquired_at_ms` is the
+    /// `now_ms` that was passed to the winning `try_acquire`. Outputs the old primary held
+    /// for later epochs are lost with it; the guest produces them again.
     GoLive { epoch: u64, icount: u64, term: u64 },
 }
 
