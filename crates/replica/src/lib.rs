@@ -18,8 +18,9 @@
 //! # Frames ([`wire`])
 //!
 //! `"FTVR" | version u16 | type u8 | flags u8 | seq u64 | length u32 | payload | CRC32C | HMAC-SHA256`,
-//! little-endian. The length is capped at [`wire::MAX_PAYLOAD_BYTES`] before anything is
-//! allocated. Sequence numbers start at 0 per connection and direction and rise by one. The
+//! little-endian. The length is capped at [`wire::MAX_PAYLOAD_BYTES`] (at
+//! [`wire::MAX_FIRST_PAYLOAD_BYTES`] for a connection's first, not yet authenticated frame)
+//! before anything is allocated. Sequence numbers start at 0 per connection and direction and rise by one. The
 //! HMAC key is derived from the pre-shared key: for each side's first frame (Hello, HelloAck)
 //! from the key and the direction; for all later frames also from both sides' nonces, so a
 //! frame recorded on one connection fails on any other, and cannot be reflected back.

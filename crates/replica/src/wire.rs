@@ -12,6 +12,8 @@
 //!
 //! The CRC32C and the HMAC both cover header + payload. The CRC tells line noise (or a bug)
 //! from a forgery: a frame whose CRC holds but whose HMAC does not was made with another key.
+//! A connection's first frame may carry at most [`MAX_FIRST_PAYLOAD_BYTES`]: until a frame
+//! has been authenticated, a stranger cannot make the decoder buffer more.
 //! Sequence numbers start at 0 on each connection, per direction, and go up by exactly one, so
 //! a lost, duplicated or reordered frame is caught here. Keys are per direction and, after the
 //! handshake, per connection (see [`PresharedKey::session_key`]), so a frame recorded on one
@@ -34,6 +36,9 @@ const MAC_BYTES: usize = 32;
 /// The largest payload a frame may announce. A decoder rejects a larger length before it
 /// allocates or waits for a single payload byte.
 pub const MAX_PAYLOAD_BYTES: u32 = 64 << 20;
+/// The largest payload of a connection's first frame, before the peer has proven it holds
+/// the key: a stranger cannot make a decoder buffer more than this.
+pub const MAX_FIRST_PAYLOAD_BYTES: u32 = 4096;
 /// A pre-shared key shorter than this is refused: it would be guessable.
 pub const MIN_KEY_BYTES: usize = 16;
 /// A key file larger than this is surely the wrong file.
@@ -42,6 +47,7 @@ pub const MAX_KEY_BYTES: usize = 4096;
 pub const NONCE_BYTES: usize = 16;
 
 const _: () = assert!(HEADER_BYTES == 4 + 2 + 1 + 1 + 8 + 4);
+const _: () = assert!(MAX_FIRST_PAYLOAD_BYTES <= MAX_PAYLOAD_BYTES);
 const _: () = assert!((MAX_PAYLOAD_BYTES as usize) + HEADER_BYTES + TRAILER_BYTES < u32::MAX as usize);
 
 /// A handshake nonce, chosen at random by each side for each connection.
@@ -317,8 +323,12 @@ impl Decoder {
         if header.version != WIRE_VERSION {
             return Err(WireError::UnsupportedVersion { theirs: header.version, ours: WIRE_VERSION });
         }
-        if header.length > MAX_PAYLOAD_BYTES {
-            return Err(WireError::Oversized { length: header.length.into(), limit: MAX_PAYLOAD_BYTES });
+        let limit = match self.next_seq {
+            0 => MAX_FIRST_PAYLOAD_BYTES,
+            _ => MAX_PAYLOAD_BYTES,
+        };
+        if header.length > limit {
+            return Err(WireError::Oversized { length: header.length.into(), limit });
         }
         let covered = HEADER_BYTES + header.length as usize;
         let total = covered + TRAILER_BYTES;
@@ -421,14 +431,35 @@ mod tests {
 
     #[test]
     fn an_oversized_length_is_refused_from_the_header_alone() {
-        let mut header = Encoder::new(key(1)).encode(1, b"").unwrap();
+        let mut encoder = Encoder::new(key(1));
+        let first = encoder.encode(1, b"").unwrap();
+        let mut header = encoder.encode(1, b"").unwrap();
         header[16..20].copy_from_slice(&(MAX_PAYLOAD_BYTES + 1).to_le_bytes());
         let mut decoder = Decoder::new(key(1));
+        decoder.push(&first);
+        assert!(decoder.next_frame().unwrap().is_some());
         decoder.push(&header[..HEADER_BYTES]);
         assert_eq!(
             decoder.next_frame(),
             Err(WireError::Oversized { length: u64::from(MAX_PAYLOAD_BYTES) + 1, limit: MAX_PAYLOAD_BYTES })
         );
+    }
+
+    #[test]
+    fn a_large_first_frame_is_refused_before_the_peer_is_authenticated() {
+        let mut encoder = Encoder::new(key(1));
+        let big = vec![0; MAX_FIRST_PAYLOAD_BYTES as usize + 1];
+        let mut decoder = Decoder::new(key(1));
+        decoder.push(&encoder.encode(1, &big).unwrap()[..HEADER_BYTES]);
+        let expected = WireError::Oversized { length: big.len() as u64, limit: MAX_FIRST_PAYLOAD_BYTES };
+        assert_eq!(decoder.next_frame(), Err(expected));
+        // After one authenticated frame, the full limit applies.
+        let mut encoder = Encoder::new(key(1));
+        let mut decoder = Decoder::new(key(1));
+        decoder.push(&encoder.encode(1, b"hello").unwrap());
+        decoder.push(&encoder.encode(1, &big).unwrap());
+        assert!(decoder.next_frame().unwrap().is_some());
+        assert_eq!(decoder.next_frame().unwrap().map(|f| f.payload.len()), Some(big.len()));
     }
 
     #[test]
