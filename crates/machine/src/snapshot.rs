@@ -47,11 +47,13 @@
 //!   bytes arrive); any problem is a typed error naming it, with the byte offset.
 //! - Restoring writes the snapshot's disk contents into the disk image the
 //!   configuration names: disk contents are state (DESIGN.md §2), so a machine cannot
-//!   continue exactly on any other contents. A disk of another size is refused. The
-//!   disk is written only after the whole file has been read and checked, so the
-//!   reader makes two passes and needs `Seek`; sectors that already match are not
-//!   rewritten; a read-only disk must already hold the snapshot's contents.
-//! - The restored machine is checked against the machine digest in the header.
+//!   continue exactly on any other contents. A disk of another size is refused.
+//! - Reading makes two passes, so it needs `Seek`: the first reads and checks the whole
+//!   file (every checksum, every structure, the state decoded) and builds nothing; only
+//!   then is the machine built and the file read again for RAM and the disk. So a
+//!   damaged or truncated file never touches the disk. Disk sectors that already
+//!   match are not rewritten; a read-only disk must already hold the snapshot's
+//!   contents. The restored machine is checked against the header's machine digest.
 //! - Not saved: outputs not yet drained (drain them first: they belong to the outside
 //!   world), the dirty page and sector sets (a restored machine starts with none, like a
 //!   new one), and the kernel, initrd and command line, which only shaped the initial
@@ -142,7 +144,7 @@ pub enum SnapshotError {
     Restore(#[from] RestoreError),
     #[error("disk image {path} is attached read-only and differs from the snapshot's disk at sector {sector}")]
     ReadOnlyDiskDiffers { path: PathBuf, sector: u64 },
-    #[error("the snapshot changed while it was read: its disk section no longer matches; disk image {path} may be partly restored")]
+    #[error("the snapshot changed while it was read (a section no longer matches what was checked); disk image {path} may be partly restored")]
     ChangedWhileReading { path: PathBuf },
     #[error("the restored machine's digest {restored} differs from the saved machine's {saved}")]
     DigestMismatch { saved: Digest, restored: Digest },
@@ -1277,17 +1279,24 @@ fn check_config(info: &SnapshotInfo, config: &MachineConfig) -> Result<()> {
     Ok(())
 }
 
-/// What the first pass found out.
-struct FirstPass {
+/// What checking the whole body found out.
+struct CheckedBody {
     state: MachineState,
-    /// Offset of the disk section, for the second pass.
-    disk_section_at: Option<u64>,
+    /// Offset of the RAM section, where applying starts.
+    ram_section_at: u64,
 }
 
-/// Reads and checks the whole body; puts RAM into `machine`, but not the disk.
-fn first_pass<R: Read>(src: &mut Source<R>, info: &SnapshotInfo, machine: &mut Machine) -> Result<FirstPass> {
-    let body_start = src.offset;
-    let body_end = body_start.checked_add(info.body_bytes).ok_or_else(|| malformed(16, "body length overflows"))?;
+fn ram_spec(info: &SnapshotInfo) -> ExtentSpec {
+    ExtentSpec { tag: TAG_RAM, unit_bytes: PAGE_BYTES, unit_count: info.ram_bytes / PAGE_BYTES as u64 }
+}
+
+fn disk_spec(disk: SnapshotDisk) -> ExtentSpec {
+    ExtentSpec { tag: TAG_DISK, unit_bytes: SECTOR_BYTES, unit_count: disk.sectors }
+}
+
+/// The first pass: reads and checks the whole body, changing nothing anywhere.
+fn check_body<R: Read>(src: &mut Source<R>, info: &SnapshotInfo) -> Result<CheckedBody> {
+    let body_end = src.offset.checked_add(info.body_bytes).ok_or_else(|| malformed(16, "the body's length overflows"))?;
     src.body_crc = 0;
 
     let len = src.section_start(TAG_STATE, body_end)?;
@@ -1304,26 +1313,18 @@ fn first_pass<R: Read>(src: &mut Source<R>, info: &SnapshotInfo, machine: &mut M
     }
 
     let mut buf = Vec::new();
-    let pages = info.ram_bytes / PAGE_BYTES as u64;
-    let ram = ExtentSpec { tag: TAG_RAM, unit_bytes: PAGE_BYTES, unit_count: pages };
-    let ram_at = src.offset;
-    let saved = read_extents(src, ram, body_end, &mut buf, &mut RamSink { machine })?;
+    let ram_section_at = src.offset;
+    let saved = read_extents(src, ram_spec(info), body_end, &mut buf, &mut Discard)?;
     if saved != info.ram_pages_saved {
-        return Err(malformed(ram_at, format!("{saved} pages saved, the header says {}", info.ram_pages_saved)));
+        return Err(malformed(ram_section_at, format!("{saved} pages saved, the header says {}", info.ram_pages_saved)));
     }
-
-    let disk_section_at = match info.disk {
-        Some(disk) => {
-            let at = src.offset;
-            let spec = ExtentSpec { tag: TAG_DISK, unit_bytes: SECTOR_BYTES, unit_count: disk.sectors };
-            let saved = read_extents(src, spec, body_end, &mut buf, &mut Discard)?;
-            if saved != info.disk_sectors_saved {
-                return Err(malformed(at, format!("{saved} disk sectors saved, the header says {}", info.disk_sectors_saved)));
-            }
-            Some(at)
+    if let Some(disk) = info.disk {
+        let at = src.offset;
+        let saved = read_extents(src, disk_spec(disk), body_end, &mut buf, &mut Discard)?;
+        if saved != info.disk_sectors_saved {
+            return Err(malformed(at, format!("{saved} disk sectors saved, the header says {}", info.disk_sectors_saved)));
         }
-        None => None,
-    };
+    }
     if src.offset != body_end {
         return Err(malformed(src.offset, format!("{} bytes after the last section", body_end - src.offset)));
     }
@@ -1334,18 +1335,24 @@ fn first_pass<R: Read>(src: &mut Source<R>, info: &SnapshotInfo, machine: &mut M
     if src.inner.read(&mut probe).map_err(io_error("reading the snapshot"))? != 0 {
         return Err(malformed(body_end, "bytes after the body's end"));
     }
-    Ok(FirstPass { state, disk_section_at })
+    Ok(CheckedBody { state, ram_section_at })
 }
 
-/// Rebuilds a machine from a snapshot: builds it from `config` (which must have the
-/// snapshot's RAM size, timer rate and devices), then fills RAM, state and — once the
-/// whole snapshot has been read and checked — the disk image `config` names.
-pub fn read_snapshot<R: Read + Seek>(input: &mut R, config: &MachineConfig) -> Result<Machine> {
-    let base = input.stream_position().map_err(io_error("finding the snapshot's start"))?;
-    let mut src = Source::new(input, 0);
-    let info = read_header_from(&mut src)?;
-    check_config(&info, config)?;
-    let mut machine = Machine::new(config)?;
+/// The second pass, over a body already checked: RAM into the machine, then the
+/// snapshot's contents into its disk.
+fn apply_body<R: Read>(src: &mut Source<R>, info: &SnapshotInfo, machine: &mut Machine) -> Result<()> {
+    let body_end = HEADER_BYTES as u64 + info.body_bytes;
+    let mut buf = Vec::new();
+    read_extents(src, ram_spec(info), body_end, &mut buf, &mut RamSink { machine })?;
+    if let Some(disk) = info.disk {
+        let path = machine.disk().map(|b| b.path().to_path_buf()).unwrap_or_default();
+        let mut sink = DiskSink { machine, path, read_only: disk.read_only, scratch: Vec::new() };
+        read_extents(src, disk_spec(disk), body_end, &mut buf, &mut sink)?;
+    }
+    Ok(())
+}
+
+fn check_disk_size(info: &SnapshotInfo, machine: &Machine) -> Result<()> {
     if let (Some(saved), Some(blk)) = (info.disk, machine.disk()) {
         if saved.sectors != blk.capacity_sectors() {
             let sectors = |n: u64| format!("{n} sectors ({} bytes)", n * SECTOR_SIZE_BYTES);
@@ -1353,22 +1360,30 @@ pub fn read_snapshot<R: Read + Seek>(input: &mut R, config: &MachineConfig) -> R
             return Err(SnapshotError::ConfigMismatch { what: "disk size", snapshot: sectors(saved.sectors), configured });
         }
     }
-    let first = first_pass(&mut src, &info, &mut machine)?;
-    machine.restore_state(first.state)?;
+    Ok(())
+}
 
-    if let (Some(at), Some(disk)) = (first.disk_section_at, info.disk) {
-        input.seek(SeekFrom::Start(base + at)).map_err(io_error("seeking to the disk section"))?;
-        let mut src = Source::new(input, at);
-        let path = machine.disk().map(|b| b.path().to_path_buf()).unwrap_or_default();
-        let read_only = disk.read_only;
-        let mut sink = DiskSink { machine: &mut machine, path: path.clone(), read_only, scratch: Vec::new() };
-        let spec = ExtentSpec { tag: TAG_DISK, unit_bytes: SECTOR_BYTES, unit_count: disk.sectors };
-        let result = read_extents(&mut src, spec, info.body_bytes + HEADER_BYTES as u64, &mut Vec::new(), &mut sink);
-        match result {
-            Err(e @ (SnapshotError::ReadOnlyDiskDiffers { .. } | SnapshotError::Restore(_) | SnapshotError::Io { .. })) => return Err(e),
-            Err(_) => return Err(SnapshotError::ChangedWhileReading { path }),
-            Ok(_) => {}
-        }
+/// Rebuilds a machine from a snapshot. Reads and checks the whole snapshot first; then
+/// builds the machine from `config` (which must have the snapshot's RAM size, timer
+/// rate and devices), puts in the state, reads the file again for RAM and writes the
+/// snapshot's disk contents into the disk image `config` names.
+pub fn read_snapshot<R: Read + Seek>(input: &mut R, config: &MachineConfig) -> Result<Machine> {
+    let base = input.stream_position().map_err(io_error("finding the snapshot's start"))?;
+    let mut src = Source::new(input, 0);
+    let info = read_header_from(&mut src)?;
+    check_config(&info, config)?;
+    let checked = check_body(&mut src, &info)?;
+
+    let mut machine = Machine::new(config)?;
+    check_disk_size(&info, &machine)?;
+    machine.restore_state(checked.state)?;
+    input.seek(SeekFrom::Start(base + checked.ram_section_at)).map_err(io_error("seeking to the RAM section"))?;
+    let mut src = Source::new(input, checked.ram_section_at);
+    match apply_body(&mut src, &info, &mut machine) {
+        Ok(()) => {}
+        Err(e @ (SnapshotError::ReadOnlyDiskDiffers { .. } | SnapshotError::Restore(_) | SnapshotError::Io { .. })) => return Err(e),
+        // What was checked a moment ago no longer reads the same.
+        Err(_) => return Err(SnapshotError::ChangedWhileReading { path: config.disk.as_ref().map(|d| d.path.clone()).unwrap_or_default() }),
     }
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
@@ -1620,7 +1635,7 @@ mod tests {
     use std::io::Cursor;
 
     fn queue(seed: u64) -> Queue {
-        Queue { size: 256, ready: seed % 2 == 0, desc_addr: seed << 12, avail_addr: (seed << 12) + 0x1000, used_addr: (seed << 12) + 0x2000, next_avail: seed as u16, next_used: !seed as u16 }
+        Queue { size: 256, ready: seed & 1 == 0, desc_addr: seed << 12, avail_addr: (seed << 12) + 0x1000, used_addr: (seed << 12) + 0x2000, next_avail: seed as u16, next_used: !seed as u16 }
     }
 
     fn transport(device: VirtioDeviceState, queues: usize) -> VirtioMmioState {
