@@ -362,7 +362,9 @@ impl Driver {
                 Ok(e) => Some(e),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
+                    // Nothing can wake us early any more: the wall clock still rules.
                     self.events_possible = false;
+                    std::thread::sleep(w);
                     None
                 }
             },

@@ -11,6 +11,7 @@ mod netns;
 mod replicate;
 mod model_cmd;
 mod run_cmd;
+mod snapshot_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,10 @@ struct Cli {
 enum Command {
     /// Boot a VM: the console on the terminal, or run one command in the guest
     Run(run_cmd::RunArgs),
+    /// Save a running VM's whole state to a file (through its --api socket)
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Continue a VM from a snapshot file
+    Restore(snapshot_cmd::RestoreArgs),
     /// Wait for a primary's checkpoints and take its VM over when it fails
     Backup(replicate::backup::BackupArgs),
     /// Talk to a running VM through its control API socket (--api)
@@ -43,6 +48,8 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Run(args) => run_cmd::run(args),
         Command::Ctl(args) => ctl_cmd::run(args),
         Command::Backup(args) => replicate::backup::run(args),
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args),
+        Command::Restore(args) => snapshot_cmd::restore(args),
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
     }
 }

@@ -111,9 +111,34 @@ struct ReplThread {
     shared: Arc<Mutex<Shared>>,
     lease: FileLease,
     options: PrimaryOptions,
-    conn: Option<TcpStream>,
+    conn: Option<Connection>,
     conn_id: u64,
     next_connect_ms: u64,
+}
+
+/// A connection to the backup: writes go through a writer thread, so that sending a
+/// large checkpoint never keeps the protocol thread from its heartbeats and, above
+/// all, from renewing the lease.
+struct Connection {
+    stream: TcpStream,
+    writer: Sender<Vec<u8>>,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, conn: u64, events: Sender<ToRepl>) -> std::io::Result<Connection> {
+        let mut out = stream.try_clone()?;
+        let (writer, queue) = mpsc::channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            for bytes in queue {
+                if out.write_all(&bytes).is_err() {
+                    let _ = out.shutdown(std::net::Shutdown::Both);
+                    let _ = events.send(ToRepl::Closed { conn });
+                    return;
+                }
+            }
+        });
+        Ok(Connection { stream, writer })
+    }
 }
 
 impl ReplThread {
@@ -160,8 +185,11 @@ impl ReplThread {
             return Vec::new();
         };
         self.conn_id += 1;
+        let Ok(connection) = Connection::new(stream, self.conn_id, self.tx.clone()) else {
+            return Vec::new();
+        };
         spawn_reader(reader, self.conn_id, self.tx.clone());
-        self.conn = Some(stream);
+        self.conn = Some(connection);
         self.primary.step(PrimaryEvent::Connected { nonce })
     }
 
@@ -171,14 +199,12 @@ impl ReplThread {
         while let Some(action) = queue.pop_front() {
             match action {
                 PrimaryAction::Send(bytes) => {
-                    let sent = self.conn.as_mut().map(|c| c.write_all(&bytes));
-                    match sent {
-                        Some(Ok(())) => self.shared.lock().expect("not poisoned").bytes_sent += bytes.len() as u64,
-                        Some(Err(_)) => {
-                            self.drop_connection();
-                            queue.extend(self.primary.step(PrimaryEvent::Disconnected));
+                    if let Some(c) = &self.conn {
+                        let len = bytes.len() as u64;
+                        // A failed write comes back as ToRepl::Closed from the writer.
+                        if c.writer.send(bytes).is_ok() {
+                            self.shared.lock().expect("not poisoned").bytes_sent += len;
                         }
-                        None => {}
                     }
                 }
                 PrimaryAction::ReleaseOutputs { up_to_epoch } => {
@@ -209,7 +235,7 @@ impl ReplThread {
 
     fn drop_connection(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         }
         self.next_connect_ms = now_ms() + RECONNECT_MS;
     }
