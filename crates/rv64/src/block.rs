@@ -25,29 +25,30 @@ use crate::mem::{GuestRam, PAGE_SHIFT, PAGE_SIZE};
 /// Most instructions in one block. Longer straight-line code continues in the next
 /// block.
 const MAX_BLOCK_OPS: usize = 32;
-/// Direct-mapped slots, indexed by the start address.
-const BLOCK_SLOTS: usize = 1 << 13;
+/// Direct-mapped block slots, indexed by the start address.
+const BLOCK_SLOTS: usize = 1 << 15;
+/// Decoded instructions kept at most; when full, every block is dropped.
+const ARENA_OPS: usize = 1 << 20;
 
 /// One decoded instruction, ready to execute.
 #[derive(Clone, Copy)]
 pub(crate) struct MicroOp {
     pub(crate) kind: Kind,
-    /// Offset of the instruction in its page.
-    pub(crate) page_offset: u16,
     pub(crate) insn: Insn,
     /// The instruction's bits (16 for a compressed one), for `xtval`.
     pub(crate) raw: u32,
 }
 
 impl MicroOp {
-    pub(crate) fn new(raw: u32, page_offset: u16) -> MicroOp {
+    pub(crate) fn new(raw: u32) -> MicroOp {
         let insn = decode_any(raw);
-        MicroOp { kind: Kind::of(&insn), page_offset, insn, raw }
+        MicroOp { kind: Kind::of(&insn), insn, raw }
     }
 }
 
-/// A block: up to [`MAX_BLOCK_OPS`] instructions from `pc` on, all in one page.
-#[derive(Clone)]
+/// A block: up to [`MAX_BLOCK_OPS`] consecutive instructions from `pc` on, all in
+/// one page, decoded into `BlockCache::ops[start..start + len]`.
+#[derive(Clone, Copy)]
 struct Block {
     /// Virtual address of the first instruction; odd (never a pc) when empty.
     pc: u64,
@@ -55,21 +56,55 @@ struct Block {
     page_ram_offset: usize,
     /// That page's code generation when they were.
     code_gen: u64,
-    /// Instructions in `ops`; zero when the first one crosses the page end.
-    len: usize,
-    ops: [MicroOp; MAX_BLOCK_OPS],
+    start: u32,
+    /// Zero when the first instruction crosses the page end.
+    len: u32,
 }
 
-impl Block {
-    /// Decode from RAM page `page_ram_offset` starting at `pc`.
-    fn build(&mut self, ram: &mut GuestRam, pc: u64, page_ram_offset: usize) {
-        self.code_gen = ram.watch_code_page(page_ram_offset >> PAGE_SHIFT);
-        self.pc = pc;
-        self.page_ram_offset = page_ram_offset;
+const EMPTY: Block = Block { pc: 1, page_ram_offset: 0, code_gen: 0, start: 0, len: 0 };
+
+/// The cache of blocks. Not part of the architectural state: it starts empty and may
+/// be dropped at any time. Memory is taken when the hart first runs.
+pub(crate) struct BlockCache {
+    slots: Vec<Block>,
+    /// The decoded instructions of every block built since the last flush.
+    ops: Vec<MicroOp>,
+    /// [`GuestRam::id`] of the RAM the blocks were decoded from.
+    ram_id: u64,
+}
+
+impl BlockCache {
+    pub(crate) fn new() -> BlockCache {
+        BlockCache { slots: Vec::new(), ops: Vec::new(), ram_id: 0 }
+    }
+
+    /// Make the cache ready for running on `ram`: allocated, and empty unless its
+    /// blocks were decoded from this very RAM.
+    pub(crate) fn bind(&mut self, ram: &GuestRam) {
+        if self.slots.is_empty() {
+            self.slots = vec![EMPTY; BLOCK_SLOTS];
+            self.ops = Vec::with_capacity(ARENA_OPS);
+        } else if self.ram_id != ram.id() {
+            self.flush();
+        }
+        self.ram_id = ram.id();
+    }
+
+    fn flush(&mut self) {
+        self.slots.fill(EMPTY);
+        self.ops.clear();
+    }
+
+    /// Decode the block at `pc` from RAM page `page_ram_offset` into `slot`.
+    fn build(&mut self, slot: usize, ram: &mut GuestRam, pc: u64, page_ram_offset: usize) {
+        if self.ops.len() + MAX_BLOCK_OPS > ARENA_OPS {
+            self.flush();
+        }
+        let code_gen = ram.watch_code_page(page_ram_offset >> PAGE_SHIFT);
         let page = &ram.as_slice()[page_ram_offset..page_ram_offset + PAGE_SIZE as usize];
+        let start = self.ops.len();
         let mut offset = (pc % PAGE_SIZE) as usize;
-        let mut len = 0;
-        while len < MAX_BLOCK_OPS && offset + 2 <= page.len() {
+        while self.ops.len() - start < MAX_BLOCK_OPS && offset + 2 <= page.len() {
             let low = u16::from_le_bytes([page[offset], page[offset + 1]]) as u32;
             let raw = if low & 3 != 3 {
                 low
@@ -78,46 +113,15 @@ impl Block {
             } else {
                 break; // crosses into the next page: fetched on its own
             };
-            let op = MicroOp::new(raw, offset as u16);
-            self.ops[len] = op;
-            len += 1;
+            let op = MicroOp::new(raw);
+            self.ops.push(op);
             offset += op.insn.len as usize;
             if op.kind.ends_block() {
                 break;
             }
         }
-        self.len = len;
-    }
-}
-
-/// The cache of blocks. Not part of the architectural state: it starts empty and may
-/// be dropped at any time.
-pub(crate) struct BlockCache {
-    slots: Box<[Block]>,
-    /// [`GuestRam::id`] of the RAM the blocks were decoded from.
-    ram_id: u64,
-}
-
-impl BlockCache {
-    pub(crate) fn new() -> BlockCache {
-        let empty_op = MicroOp::new(0, 0);
-        let empty = Block { pc: 1, page_ram_offset: 0, code_gen: 0, len: 0, ops: [empty_op; MAX_BLOCK_OPS] };
-        BlockCache { slots: vec![empty; BLOCK_SLOTS].into_boxed_slice(), ram_id: 0 }
-    }
-
-    /// An empty stand-in, for while the real cache is lent out (allocates nothing).
-    pub(crate) fn placeholder() -> BlockCache {
-        BlockCache { slots: Box::new([]), ram_id: 0 }
-    }
-
-    /// Forget every block when the RAM is not the one they were decoded from.
-    pub(crate) fn bind(&mut self, ram: &GuestRam) {
-        if self.ram_id != ram.id() {
-            for slot in self.slots.iter_mut() {
-                slot.pc = 1;
-            }
-            self.ram_id = ram.id();
-        }
+        let len = (self.ops.len() - start) as u32;
+        self.slots[slot] = Block { pc, page_ram_offset, code_gen, start: start as u32, len };
     }
 }
 
@@ -126,24 +130,25 @@ impl Hart {
     /// transfers control, traps, or needs the run loop to look at the hart again.
     #[inline(always)]
     pub(crate) fn run_block(&mut self, bus: &mut impl Bus, cache: &mut BlockCache, limit: u64) -> Result<(), StepEnd> {
-        let pc = self.state.pc;
+        let mut pc = self.state.pc;
         let page_ram_offset = self.fetch_page_offset(bus, pc)? & !(PAGE_SIZE as usize - 1);
-        let block = &mut cache.slots[(pc >> 1) as usize % BLOCK_SLOTS];
+        let slot = (pc >> 1) as usize % BLOCK_SLOTS;
         let page = page_ram_offset >> PAGE_SHIFT;
         let ram = bus.ram();
-        if block.pc != pc || block.page_ram_offset != page_ram_offset || block.code_gen != ram.code_gen(page) {
-            block.build(ram, pc, page_ram_offset);
-        }
+        let block = cache.slots[slot];
+        let block = if block.pc == pc && block.page_ram_offset == page_ram_offset && block.code_gen == ram.code_gen(page) {
+            block
+        } else {
+            cache.build(slot, ram, pc, page_ram_offset);
+            cache.slots[slot]
+        };
         if block.len == 0 {
             return self.step(bus);
         }
-        let code_gen = block.code_gen;
-        let count = block.len.min(usize::try_from(limit).unwrap_or(usize::MAX));
-        let page_base = pc & !(PAGE_SIZE - 1);
-        let mut next_pc = pc;
-        for op in &block.ops[..count] {
-            let pc = page_base | op.page_offset as u64;
-            next_pc = pc.wrapping_add(op.insn.len as u64);
+        let count = (block.len as usize).min(usize::try_from(limit).unwrap_or(usize::MAX));
+        let start = block.start as usize;
+        for op in &cache.ops[start..start + count] {
+            let next_pc = pc.wrapping_add(op.insn.len as u64);
             match self.exec_op(bus, op, pc) {
                 Ok(Flow::Next) => self.state.icount += 1,
                 Ok(Flow::Jump) => {
@@ -155,8 +160,9 @@ impl Hart {
                 Ok(Flow::Check) => {
                     self.state.x[0] = 0;
                     self.state.icount += 1;
-                    if self.irq_dirty || bus.ram().code_gen(page) != code_gen {
-                        break;
+                    if self.irq_dirty || bus.ram().code_gen(page) != block.code_gen {
+                        self.state.pc = next_pc;
+                        return Ok(());
                     }
                 }
                 Err(end) => {
@@ -165,8 +171,9 @@ impl Hart {
                     return Err(end);
                 }
             }
+            pc = next_pc;
         }
-        self.state.pc = next_pc;
+        self.state.pc = pc;
         Ok(())
     }
 
@@ -176,7 +183,7 @@ impl Hart {
     fn step(&mut self, bus: &mut impl Bus) -> Result<(), StepEnd> {
         let pc = self.state.pc;
         let raw = self.fetch(bus, pc)?;
-        let op = MicroOp::new(raw, (pc % PAGE_SIZE) as u16);
+        let op = MicroOp::new(raw);
         let fall_through = pc.wrapping_add(op.insn.len as u64);
         let flow = self.exec_op(bus, &op, pc);
         self.state.x[0] = 0;

@@ -303,7 +303,7 @@ impl Hart {
         self.refresh_external_irq(bus);
         // The cache is lent to the loop, which then holds decoded instructions while the
         // hart changes.
-        let mut blocks = std::mem::replace(&mut self.blocks, BlockCache::placeholder());
+        let mut blocks = std::mem::replace(&mut self.blocks, BlockCache::new());
         blocks.bind(bus.ram());
         let exit = self.run_blocks(bus, &mut blocks, until_icount);
         self.blocks = blocks;
