@@ -53,7 +53,9 @@
 //!   then is the machine built and the file read again for RAM and the disk. So a
 //!   damaged or truncated file never touches the disk. Disk sectors that already
 //!   match are not rewritten; a read-only disk must already hold the snapshot's
-//!   contents. The restored machine is checked against the header's machine digest.
+//!   contents. The restored machine is checked against the header's machine digest;
+//!   a file whose checksums hold but whose contents disagree with that digest (a bug
+//!   or a forgery: damage cannot do it) is refused only after its disk was written.
 //! - Not saved: outputs not yet drained (drain them first: they belong to the outside
 //!   world), the dirty page and sector sets (a restored machine starts with none, like a
 //!   new one), and the kernel, initrd and command line, which only shaped the initial
