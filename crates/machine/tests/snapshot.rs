@@ -11,6 +11,7 @@
 use machine::snapshot::{self, SnapshotError, FORMAT_VERSION, HEADER_BYTES};
 use machine::{DiskConfig, Input, InputKind, Machine, MachineConfig, RunExit};
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Cursor;
@@ -523,9 +524,8 @@ struct Fuzz {
     machine_allocation: usize,
 }
 
-fn fuzz_target() -> &'static Fuzz {
-    static FUZZ: std::sync::OnceLock<Fuzz> = std::sync::OnceLock::new();
-    FUZZ.get_or_init(|| {
+impl Fuzz {
+    fn new() -> Fuzz {
         let dir = TempDir::new("fuzz");
         let (machine, _) = tiny_machine(&dir);
         let bytes = snapshot_bytes(&machine);
@@ -534,50 +534,61 @@ fn fuzz_target() -> &'static Fuzz {
         let config = tiny_config(&dir, Some(&target));
         let (_, machine_allocation) = largest_allocation(|| Machine::new(&config).unwrap().digest());
         Fuzz { _dir: dir, bytes, config, machine_allocation }
-    })
+    }
+
+    /// Reads `bytes` as a snapshot: whatever happens, no panic, and no allocation
+    /// larger than the machine's own (its RAM) or the reader's bounded buffers.
+    fn read_bounded(&self, bytes: &[u8]) -> Result<(), TestCaseError> {
+        let (_, largest) = largest_allocation(|| {
+            let _ = snapshot::read_header(&mut Cursor::new(bytes));
+            let _ = restore(bytes, &self.config);
+        });
+        let bound = self.machine_allocation.max(READER_ALLOCATION_BOUND);
+        prop_assert!(largest <= bound, "largest allocation {} bytes, bound {}", largest, bound);
+        Ok(())
+    }
 }
 
 /// The most a reader may allocate at once beyond building the machine: its 1 MiB
 /// extent buffer or state chunk, rounded up for a vector's growth.
 const READER_ALLOCATION_BOUND: usize = 2 << 20;
 
-/// Reads `bytes` as a snapshot: whatever happens, no panic, and no allocation larger
-/// than the machine's own (its RAM) or the reader's bounded buffers.
-fn read_bounded(bytes: &[u8]) -> Result<(), TestCaseError> {
-    let fuzz = fuzz_target();
-    let (_, largest) = largest_allocation(|| {
-        let _ = snapshot::read_header(&mut Cursor::new(bytes));
-        let _ = restore(bytes, &fuzz.config);
-    });
-    let bound = fuzz.machine_allocation.max(READER_ALLOCATION_BOUND);
-    prop_assert!(largest <= bound, "largest allocation {} bytes, bound {}", largest, bound);
-    Ok(())
+fn fuzz_runner() -> TestRunner {
+    TestRunner::new(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn random_bytes_never_panic_the_reader(mut bytes in proptest::collection::vec(any::<u8>(), 0..600), with_header in any::<bool>()) {
+#[test]
+fn random_bytes_never_panic_the_reader() {
+    let fuzz = Fuzz::new();
+    let strategy = (proptest::collection::vec(any::<u8>(), 0..600), any::<bool>());
+    let result = fuzz_runner().run(&strategy, |(mut bytes, with_header)| {
         if with_header {
             // A well-formed header in front, so that the body parser is reached.
-            let header = &fuzz_target().bytes[..HEADER_BYTES];
-            bytes.splice(0..0, header.iter().copied());
+            bytes.splice(0..0, fuzz.bytes[..HEADER_BYTES].iter().copied());
             reseal(&mut bytes);
         }
-        read_bounded(&bytes)?;
+        fuzz.read_bounded(&bytes)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
+}
 
-    #[test]
-    fn mutated_snapshots_never_panic_the_reader(mutations in proptest::collection::vec(mutation(), 1..4), resealed in any::<bool>()) {
-        let mut bytes = fuzz_target().bytes.clone();
+#[test]
+fn mutated_snapshots_never_panic_the_reader() {
+    let fuzz = Fuzz::new();
+    let strategy = (proptest::collection::vec(mutation(), 1..4), any::<bool>());
+    let result = fuzz_runner().run(&strategy, |(mutations, resealed)| {
+        let mut bytes = fuzz.bytes.clone();
         for m in &mutations {
             apply(&mut bytes, m);
         }
         if resealed {
             reseal(&mut bytes);
         }
-        read_bounded(&bytes)?;
+        fuzz.read_bounded(&bytes)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
-
