@@ -3,10 +3,10 @@
 
 mod api;
 mod ctl_cmd;
+mod demo;
 mod driver;
 mod guest_image;
 mod host;
-#[allow(dead_code)] // used by the demo and replication runtime being built
 mod netns;
 mod replicate;
 mod model_cmd;
@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Boot a VM: the console on the terminal, or run one command in the guest
     Run(run_cmd::RunArgs),
+    /// Show replication and failover live: kill a primary, watch the backup take over (root)
+    Demo(demo::DemoArgs),
     /// Save a running VM's whole state to a file (through its --api socket)
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Continue a VM from a snapshot file
@@ -49,6 +51,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Ctl(args) => ctl_cmd::run(args),
         Command::Backup(args) => replicate::backup::run(args),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
+        Command::Demo(args) => demo::run(args),
         Command::Restore(args) => snapshot_cmd::restore(args),
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
     }
