@@ -131,6 +131,7 @@ impl Hart {
     #[inline(always)]
     pub(crate) fn run_block(&mut self, bus: &mut impl Bus, cache: &mut BlockCache, limit: u64) -> Result<(), StepEnd> {
         let mut pc = self.state.pc;
+        self.data_tag_bits = self.data_tag_bits();
         let page_ram_offset = self.fetch_page_offset(bus, pc)? & !(PAGE_SIZE as usize - 1);
         let slot = (pc >> 1) as usize % BLOCK_SLOTS;
         let page = page_ram_offset >> PAGE_SHIFT;

@@ -148,6 +148,8 @@ pub struct Hart {
     pub(crate) irq_dirty: bool,
     /// pc of the next instruction, set by `execute`.
     pub(crate) next_pc: u64,
+    /// `data_tag_bits()` for the block being run.
+    pub(crate) data_tag_bits: u64,
     pub(crate) tlb: Box<Tlb>,
     /// Decoded instructions, in blocks (see [`crate::block`]).
     blocks: BlockCache,
@@ -173,6 +175,7 @@ impl Hart {
             stop_pending: false,
             irq_dirty: true,
             next_pc: 0,
+            data_tag_bits: 0,
             tlb: Box::default(),
             blocks: BlockCache::new(),
         };

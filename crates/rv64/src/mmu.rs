@@ -198,9 +198,49 @@ impl Hart {
         }
     }
 
-    /// Load `N` bytes (1, 2, 4 or 8), zero-extended into a u64.
+    /// The low bits of the TLB tag of a data access made now (see [`tag`]), for the
+    /// fast paths of `load` and `store`. Privilege and mstatus change only at the end
+    /// of a block (CSR and privileged instructions, traps), so the run loop computes
+    /// this once per block.
     #[inline]
+    pub(crate) fn data_tag_bits(&self) -> u64 {
+        tag(0, self.data_privilege(), sum_mxr_bits(self.state.mstatus))
+    }
+
+    /// The RAM offset of `[vaddr, vaddr + n)` when the TLB holds its page for `access`
+    /// (so every permission check has passed) and it does not cross the page end.
+    #[inline(always)]
+    fn tlb_hit(&self, vaddr: u64, n: usize, access: Access) -> Option<usize> {
+        let entry = self.tlb.entries[access as usize][(vaddr >> 12) as usize % TLB_ENTRIES];
+        let in_page = (vaddr & 0xfff) as usize;
+        (entry.tag == tag(vaddr, PrivMode::User, 0) | self.data_tag_bits && in_page + n <= 4096)
+            .then_some(entry.ram_off + in_page)
+    }
+
+    /// Load `n` bytes (1, 2, 4 or 8), zero-extended into a u64.
+    #[inline(always)]
     pub(crate) fn load(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize) -> Result<u64, Exception> {
+        match self.tlb_hit(vaddr, n, Access::Load) {
+            Some(off) => Ok(read_ram(bus, off, n)),
+            None => self.load_slow(bus, vaddr, n),
+        }
+    }
+
+    /// Store the low `n` bytes of `value`.
+    #[inline(always)]
+    pub(crate) fn store(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<(), Exception> {
+        match self.tlb_hit(vaddr, n, Access::Store) {
+            Some(off) => {
+                write_ram(bus, off, n, value);
+                Ok(())
+            }
+            None => self.store_slow(bus, vaddr, n, value),
+        }
+    }
+
+    /// A load the TLB does not answer at once: translation, devices, page crossing.
+    #[inline(never)]
+    fn load_slow(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize) -> Result<u64, Exception> {
         if (vaddr & 0xfff) as usize + n > 4096 {
             return self.load_split(bus, vaddr, n);
         }
@@ -227,9 +267,9 @@ impl Hart {
         Ok(v)
     }
 
-    /// Store the low `n` bytes of `value`.
-    #[inline]
-    pub(crate) fn store(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<(), Exception> {
+    /// A store the TLB does not answer at once: translation, devices, page crossing.
+    #[inline(never)]
+    fn store_slow(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<(), Exception> {
         if (vaddr & 0xfff) as usize + n > 4096 {
             // Check both pages first so that a fault leaves memory unchanged. A page-
             // crossing store is misaligned, and a misaligned device store is an access
