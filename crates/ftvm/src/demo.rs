@@ -8,28 +8,34 @@
 
 use crate::netns::Topology;
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const GUEST_ADDR: &str = "10.0.2.15:80";
+const HTTP_ADDR: &str = "10.0.2.15:80";
+const SESSION_ADDR: &str = "10.0.2.15:7001";
 const REPLICATION_PORT: u16 = 7000;
 
 /// Run the replication demo (needs root: it creates network namespaces).
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Seconds of client traffic before the primary is killed
-    #[arg(long, default_value_t = 10)]
-    pub before_kill_s: u64,
+    /// Milliseconds of client traffic before the primary is killed (or cut off)
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub before_kill_ms: u64,
     /// Seconds of client traffic after the kill
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_name = "S", default_value_t = 10)]
     pub after_kill_s: u64,
     /// Checkpoint interval
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, value_name = "MS", default_value_t = 25)]
     pub epoch_ms: u64,
+    /// Instead of killing the primary, cut the replication link both ways: exactly one
+    /// side must stay live (the lease holder), and the backup must catch up once the
+    /// link is back
+    #[arg(long)]
+    pub partition: bool,
     /// Keep the logs of both replicas in this directory [default: a temporary one]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
@@ -38,7 +44,6 @@ pub struct DemoArgs {
 /// A child process killed on drop.
 struct Proc {
     child: Child,
-    name: &'static str,
 }
 
 impl Drop for Proc {
@@ -48,7 +53,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_in(ns: &str, args: &[String], log: &Path, name: &'static str) -> Result<Proc> {
+fn spawn_in(ns: &str, args: &[String], log: &Path, name: &str) -> Result<Proc> {
     let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
     let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let child = Command::new("ip")
@@ -60,10 +65,10 @@ fn spawn_in(ns: &str, args: &[String], log: &Path, name: &'static str) -> Result
         .stderr(file)
         .spawn()
         .with_context(|| format!("cannot start the {name}"))?;
-    Ok(Proc { child, name })
+    Ok(Proc { child })
 }
 
-/// One HTTP request to the guest's counter, from inside the client's namespace.
+/// One HTTP request to the guest's counter (a new TCP connection each time).
 fn count_once(addr: SocketAddr, timeout: Duration) -> Result<u64> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
@@ -75,33 +80,81 @@ fn count_once(addr: SocketAddr, timeout: Duration) -> Result<u64> {
     body.trim().parse().with_context(|| format!("unexpected answer {body:?}"))
 }
 
-/// Results of the client's requests: (time since start, counter or error).
-enum ClientEvent {
-    Answer { at: Duration, counter: u64, latency: Duration },
-    Failure,
+/// A long-lived TCP session with the counter: one line out, the next value back.
+struct Session {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
 }
 
-/// The client: a thread that enters the client namespace and counts until told to stop.
+impl Session {
+    fn open(addr: SocketAddr) -> Result<Session> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        // Long enough for a takeover plus TCP's retransmission backoff.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Session { reader: BufReader::new(stream.try_clone()?), writer: stream })
+    }
+
+    fn count(&mut self) -> Result<u64> {
+        self.writer.write_all(b"inc\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("the guest closed the session");
+        }
+        line.trim().parse().with_context(|| format!("unexpected answer {line:?}"))
+    }
+}
+
+enum ClientEvent {
+    Answer { at: Duration, counter: u64, latency: Duration, session: bool },
+    Failure,
+    SessionOpened,
+    /// The long-lived TCP connection broke: what the demo exists to show cannot happen.
+    SessionBroken(String),
+}
+
+/// The client: a thread that enters the client namespace and counts, over HTTP and
+/// over one long-lived session, until told to stop. It is sequential, so every answer
+/// must be larger than the one before.
 fn spawn_client(ns: &str, events: mpsc::Sender<ClientEvent>, stop: mpsc::Receiver<()>) -> Result<std::thread::JoinHandle<()>> {
     let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("cannot open namespace {ns}"))?;
-    let addr: SocketAddr = GUEST_ADDR.parse().expect("valid address");
     Ok(std::thread::spawn(move || {
         // setns changes only this thread's namespace.
         if nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
             return;
         }
+        let http: SocketAddr = HTTP_ADDR.parse().expect("valid address");
+        let session_addr: SocketAddr = SESSION_ADDR.parse().expect("valid address");
         let start = Instant::now();
+        let mut session: Option<Session> = None;
         while stop.try_recv().is_err() {
             let asked = Instant::now();
-            let event = match count_once(addr, Duration::from_secs(5)) {
-                Ok(counter) => ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed() },
+            let event = match count_once(http, Duration::from_secs(5)) {
+                Ok(counter) => ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: false },
                 Err(_) => {
                     std::thread::sleep(Duration::from_millis(100));
                     ClientEvent::Failure
                 }
             };
+            let answered = matches!(event, ClientEvent::Answer { .. });
             if events.send(event).is_err() {
                 return;
+            }
+            if session.is_none() && answered {
+                if let Ok(s) = Session::open(session_addr) {
+                    session = Some(s);
+                    let _ = events.send(ClientEvent::SessionOpened);
+                }
+            }
+            if let Some(s) = &mut session {
+                let asked = Instant::now();
+                let event = match s.count() {
+                    Ok(counter) => ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: true },
+                    Err(e) => ClientEvent::SessionBroken(format!("{e:#}")),
+                };
+                let broken = matches!(event, ClientEvent::SessionBroken(_));
+                if events.send(event).is_err() || broken {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -144,94 +197,175 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let (tx, rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel();
     let client = spawn_client(&topo.client_ns(), tx, stop_rx)?;
-    let outcome = drive(&args, &rx, &mut primary, &backup);
+    let result = drive(&args, &rx, &mut primary, &topo, &dir);
     let _ = stop_tx.send(());
     let _ = client.join();
     drop(backup);
     drop(primary);
     drop(topo);
-    let summary = outcome?;
-    println!("{summary}");
-    Ok(0)
+    let summary = result?;
+    println!("{}", summary.report());
+    Ok(if summary.passed() { 0 } else { 1 })
 }
 
-/// Watch the client; kill the primary midway; report.
-fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, backup: &Proc) -> Result<String> {
+/// What the demo saw.
+#[derive(Debug, Default)]
+struct Summary {
+    partition: bool,
+    answers: u64,
+    last: u64,
+    went_backwards: Option<(u64, u64)>,
+    session_opened: bool,
+    session_answers_after_fault: u64,
+    session_broken: Option<String>,
+    answers_after_fault: u64,
+    takeover: Option<Duration>,
+    /// Partition mode: the backup took over although the primary was alive.
+    backup_went_live: bool,
+    /// Partition mode: the backup caught up after the link came back.
+    resynchronized: bool,
+}
+
+impl Summary {
+    fn passed(&self) -> bool {
+        let common = self.went_backwards.is_none() && self.session_broken.is_none() && self.session_answers_after_fault > 0 && self.answers_after_fault > 0;
+        match self.partition {
+            false => common && self.takeover.is_some(),
+            true => common && !self.backup_went_live && self.resynchronized,
+        }
+    }
+
+    fn report(&self) -> String {
+        let mut lines = vec![format!("ftvm demo: {} answers, last counter {}", self.answers, self.last)];
+        lines.push(match self.went_backwards {
+            None => "  counter never went backwards: every answer the client got is reflected in the guest that carried on".into(),
+            Some((after, before)) => format!("  FAILED: the counter went backwards ({after} after {before})"),
+        });
+        lines.push(match (&self.session_broken, self.session_answers_after_fault) {
+            (None, n) if n > 0 => format!("  the client's TCP session survived ({n} answers on it after the fault)"),
+            (None, _) => "  FAILED: the TCP session gave no answer after the fault".into(),
+            (Some(e), _) => format!("  FAILED: the client's TCP session broke: {e}"),
+        });
+        if self.partition {
+            lines.push(if self.backup_went_live { "  FAILED: the backup went live while the primary was alive".into() } else { "  exactly one side stayed live: the primary (the lease holder)".into() });
+            lines.push(if self.resynchronized { "  the backup caught up once the link was back".into() } else { "  FAILED: the backup did not catch up after the link came back".into() });
+        } else {
+            lines.push(match self.takeover {
+                Some(t) => format!("  takeover: {:.2} s from SIGKILL to the first answer from the backup", t.as_secs_f64()),
+                None => "  FAILED: the backup never answered".into(),
+            });
+        }
+        lines.push(format!("ftvm demo: {}", if self.passed() { "PASSED" } else { "FAILED" }));
+        lines.join("\n")
+    }
+}
+
+/// Watch the client; kill (or cut off) the primary midway; report.
+fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, topo: &Topology, dir: &Path) -> Result<Summary> {
+    let mut summary = Summary { partition: args.partition, ..Summary::default() };
     let boot_deadline = Instant::now() + Duration::from_secs(300);
-    let mut last = 0u64;
-    let mut answers = 0u64;
     let mut first_answer: Option<Instant> = None;
-    let mut killed_at: Option<Instant> = None;
-    let mut takeover: Option<Duration> = None;
-    let mut went_backwards = false;
+    let mut fault_at: Option<Instant> = None;
     let mut last_print = Instant::now();
     loop {
-        if let Some(status) = primary_exit(primary) {
-            if killed_at.is_none() {
-                bail!("the primary exited by itself ({status}) — see its log");
+        if let Some(status) = primary.child.try_wait().ok().flatten() {
+            if fault_at.is_none() || args.partition {
+                bail!("the primary exited by itself ({status}); see {}", dir.join("primary.log").display());
             }
         }
-        let event = match rx.recv_timeout(Duration::from_millis(200)) {
+        let event = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(e) => Some(e),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the client stopped"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match event {
-            Some(ClientEvent::Answer { at, counter, latency }) => {
+            Some(ClientEvent::Answer { at, counter, latency, session }) => {
                 if first_answer.is_none() {
-                    println!("ftvm demo: the guest answers; counting for {} s", args.before_kill_s);
+                    println!("ftvm demo: the guest answers; counting for {:.1} s", args.before_kill_ms as f64 / 1e3);
                     first_answer = Some(Instant::now());
                 }
-                if counter <= last {
-                    went_backwards = true;
-                    println!("ftvm demo: COUNTER WENT BACKWARDS: {counter} after {last}");
+                if counter <= summary.last && summary.went_backwards.is_none() {
+                    summary.went_backwards = Some((counter, summary.last));
+                    println!("ftvm demo: COUNTER WENT BACKWARDS: {counter} after {}", summary.last);
                 }
-                if let (Some(k), None) = (killed_at, takeover) {
-                    let t = k.elapsed();
-                    takeover = Some(t);
-                    println!("ftvm demo: the backup answers: counter {counter} (previous answer {last}) — takeover took {:.2} s", t.as_secs_f64());
+                if let Some(fault) = fault_at {
+                    summary.answers_after_fault += 1;
+                    summary.session_answers_after_fault += session as u64;
+                    if summary.takeover.is_none() && !args.partition {
+                        summary.takeover = Some(fault.elapsed());
+                        println!("ftvm demo: the backup answers: counter {counter} (last before: {}) — takeover took {:.2} s", summary.last, fault.elapsed().as_secs_f64());
+                    }
                 }
-                last = counter;
-                answers += 1;
+                summary.last = counter;
+                summary.answers += 1;
                 if last_print.elapsed() >= Duration::from_secs(1) {
                     last_print = Instant::now();
                     println!("  t={:5.1}s  counter {counter:5}  ({} ms per request)", at.as_secs_f64(), latency.as_millis());
                 }
             }
-            Some(ClientEvent::Failure) | None => {
-                if first_answer.is_none() && Instant::now() > boot_deadline {
-                    bail!("the guest never answered (see the logs)");
-                }
-                if killed_at.is_some() && takeover.is_none() && last_print.elapsed() >= Duration::from_secs(1) {
-                    last_print = Instant::now();
-                    println!("  ... waiting for the backup ({:.1} s since the kill)", killed_at.expect("set").elapsed().as_secs_f64());
-                }
+            Some(ClientEvent::SessionOpened) => {
+                summary.session_opened = true;
+                println!("ftvm demo: the client holds a TCP session with the guest (port 7001) and counts on it too");
             }
-        }
-        if let (Some(first), None) = (first_answer, killed_at) {
-            if first.elapsed() >= Duration::from_secs(args.before_kill_s) {
-                println!("ftvm demo: killing the primary (SIGKILL, pid {}) at counter {last}", primary.child.id());
-                let _ = primary.child.kill();
-                let _ = primary.child.wait();
-                killed_at = Some(Instant::now());
-            }
-        }
-        if let Some(k) = killed_at {
-            if k.elapsed() >= Duration::from_secs(args.after_kill_s) && takeover.is_some() {
+            Some(ClientEvent::SessionBroken(e)) => {
+                summary.session_broken = Some(e);
                 break;
             }
-            if k.elapsed() >= Duration::from_secs(args.after_kill_s + 30) {
-                bail!("the backup never took over (see {})", backup.name);
+            Some(ClientEvent::Failure) | None => {
+                if first_answer.is_none() && Instant::now() > boot_deadline {
+                    bail!("the guest never answered; see {}", dir.join("primary.log").display());
+                }
+                if let (Some(fault), None, false) = (fault_at, summary.takeover, args.partition) {
+                    if last_print.elapsed() >= Duration::from_secs(1) {
+                        last_print = Instant::now();
+                        println!("  ... waiting for the backup ({:.1} s since the kill)", fault.elapsed().as_secs_f64());
+                    }
+                }
+            }
+        }
+        if let (Some(first), None) = (first_answer, fault_at) {
+            if first.elapsed() >= Duration::from_millis(args.before_kill_ms) && summary.session_opened {
+                if args.partition {
+                    println!("ftvm demo: cutting the replication link both ways at counter {}", summary.last);
+                    topo.set_replication_link(false)?;
+                } else {
+                    println!("ftvm demo: killing the primary (SIGKILL, pid {}) at counter {}", primary.child.id(), summary.last);
+                    let _ = primary.child.kill();
+                    let _ = primary.child.wait();
+                }
+                fault_at = Some(Instant::now());
+            }
+        }
+        if let Some(fault) = fault_at {
+            let enough = fault.elapsed() >= Duration::from_secs(args.after_kill_s);
+            if enough && (args.partition || summary.takeover.is_some()) {
+                break;
+            }
+            if fault.elapsed() >= Duration::from_secs(args.after_kill_s + 30) {
+                break;
             }
         }
     }
-    Ok(format!(
-        "ftvm demo: done: {answers} answers, last counter {last}; the counter {} went backwards; takeover after SIGKILL: {:.2} s",
-        if went_backwards { "DID" } else { "never" },
-        takeover.map_or(f64::NAN, |t| t.as_secs_f64())
-    ))
+    if args.partition {
+        summary.backup_went_live = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("taking over");
+        println!("ftvm demo: restoring the replication link");
+        topo.set_replication_link(true)?;
+        summary.resynchronized = wait_for_backup(&dir.join("primary.sock"), Duration::from_secs(30));
+    }
+    Ok(summary)
 }
 
-fn primary_exit(primary: &mut Proc) -> Option<std::process::ExitStatus> {
-    primary.child.try_wait().ok().flatten()
+/// Wait until the primary reports a connected backup that acknowledges checkpoints.
+fn wait_for_backup(api: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(reply) = crate::api::request(api, &crate::api::Command::Status) {
+            let r = &reply.body["replication"];
+            if r["backup_connected"] == true && r["lag_epochs"].as_u64().is_some_and(|lag| lag < 10) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
 }

@@ -79,6 +79,8 @@ pub fn run(args: BackupArgs) -> Result<i32> {
     let mut conn_id = 0u64;
     let mut last_heard = Instant::now();
     let mut last_report = Instant::now();
+    // Said once per holder and term, not at every retry.
+    let mut last_busy: Option<(String, u64)> = None;
     loop {
         let message = rx.recv_timeout(TICK);
         let now = now_ms();
@@ -140,7 +142,11 @@ pub fn run(args: BackupArgs) -> Result<i32> {
                         Err(e) => BackupEvent::LeaseAcquisition(Err(e)),
                     };
                     if let Ok(AcquireOutcome::Busy(record)) = &answer {
-                        eprintln!("ftvm backup: the lease is held by {} (term {}): not taking over yet", record.holder, record.term);
+                        let seen = Some((record.holder.clone(), record.term));
+                        if last_busy != seen {
+                            eprintln!("ftvm backup: the primary is silent but the lease is held by {} (term {}): it is alive somewhere, so this backup waits", record.holder, record.term);
+                            last_busy = seen;
+                        }
                     }
                     queue.extend(backup.step(event));
                 }
