@@ -151,14 +151,14 @@ impl Hart {
         for op in &cache.ops[start..start + count] {
             let next_pc = pc.wrapping_add(op.insn.len as u64);
             match self.exec_op(bus, op, pc) {
-                Ok(Flow::Next) => self.state.icount += 1,
-                Ok(Flow::Jump) => {
+                Flow::Next => self.state.icount += 1,
+                Flow::Jump => {
                     self.state.x[0] = 0;
                     self.state.icount += 1;
                     self.state.pc = self.next_pc;
                     return Ok(());
                 }
-                Ok(Flow::Check) => {
+                Flow::Check => {
                     self.state.x[0] = 0;
                     self.state.icount += 1;
                     if self.irq_dirty || bus.ram().code_gen(page) != block.code_gen {
@@ -166,10 +166,10 @@ impl Hart {
                         return Ok(());
                     }
                 }
-                Err(end) => {
+                Flow::End => {
                     self.state.x[0] = 0;
                     self.state.pc = pc;
-                    return Err(end);
+                    return Err(self.take_step_end());
                 }
             }
             pc = next_pc;
@@ -188,11 +188,16 @@ impl Hart {
         let fall_through = pc.wrapping_add(op.insn.len as u64);
         let flow = self.exec_op(bus, &op, pc);
         self.state.x[0] = 0;
-        self.state.pc = match flow? {
+        self.state.pc = match flow {
             Flow::Jump => self.next_pc,
             Flow::Next | Flow::Check => fall_through,
+            Flow::End => return Err(self.take_step_end()),
         };
         self.state.icount += 1;
         Ok(())
+    }
+
+    fn take_step_end(&mut self) -> StepEnd {
+        self.step_end.take().expect("Flow::End comes with the reason")
     }
 }

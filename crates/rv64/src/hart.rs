@@ -150,6 +150,8 @@ pub struct Hart {
     pub(crate) next_pc: u64,
     /// `data_tag_bits()` for the block being run.
     pub(crate) data_tag_bits: u64,
+    /// Why the instruction just executed did not retire ([`crate::exec::Flow::End`]).
+    pub(crate) step_end: Option<StepEnd>,
     pub(crate) tlb: Box<Tlb>,
     /// Decoded instructions, in blocks (see [`crate::block`]).
     blocks: BlockCache,
@@ -176,6 +178,7 @@ impl Hart {
             irq_dirty: true,
             next_pc: 0,
             data_tag_bits: 0,
+            step_end: None,
             tlb: Box::default(),
             blocks: BlockCache::new(),
         };

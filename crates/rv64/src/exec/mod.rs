@@ -26,6 +26,9 @@ pub(crate) enum Flow {
     /// With the next instruction in sequence, once the caller has checked what a memory
     /// access may have changed: interrupt lines, a stop request, the code being run.
     Check,
+    /// Not at all: the instruction did not retire (a trap, or an SBI call), and
+    /// `Hart::step_end` says why.
+    End,
 }
 
 macro_rules! define_exec_op {
@@ -36,14 +39,17 @@ macro_rules! define_exec_op {
             /// own arm, specialised by inlining its extension's code with a constant
             /// operation.
             #[inline(always)]
-            pub(crate) fn exec_op(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Result<Flow, StepEnd> {
+            pub(crate) fn exec_op(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Flow {
                 let insn = &op.insn;
                 match op.kind {
-                    Kind::Nop => Ok(Flow::Next),
-                    $(Kind::$b => self.exec_base(bus, BaseOp::$b, insn, pc).map_err(StepEnd::Trap),)*
+                    Kind::Nop => Flow::Next,
+                    $(Kind::$b => match self.exec_base(bus, BaseOp::$b, insn, pc) {
+                        Ok(flow) => flow,
+                        Err(e) => self.end_step(StepEnd::Trap(e)),
+                    },)*
                     $(Kind::$m => {
                         self.exec_mul(MulOp::$m, insn);
-                        Ok(Flow::Next)
+                        Flow::Next
                     })*
                     Kind::Amo | Kind::Csr | Kind::Sys | Kind::Fp | Kind::Illegal => self.exec_rare(bus, op, pc),
                 }
@@ -54,9 +60,24 @@ macro_rules! define_exec_op {
 with_flat_ops!(define_exec_op);
 
 impl Hart {
+    /// Record why the current instruction does not retire.
+    #[cold]
+    fn end_step(&mut self, end: StepEnd) -> Flow {
+        self.step_end = Some(end);
+        Flow::End
+    }
+
     /// The extensions that dispatch a second time on the decoded operation.
     #[inline(never)]
-    fn exec_rare(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Result<Flow, StepEnd> {
+    fn exec_rare(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Flow {
+        match self.exec_rare_op(bus, op, pc) {
+            Ok(flow) => flow,
+            Err(end) => self.end_step(end),
+        }
+    }
+
+    #[inline(always)]
+    fn exec_rare_op(&mut self, bus: &mut impl Bus, op: &MicroOp, pc: u64) -> Result<Flow, StepEnd> {
         let (insn, raw) = (&op.insn, op.raw);
         self.next_pc = pc.wrapping_add(insn.len as u64);
         match insn.op {
