@@ -175,7 +175,8 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let _ = std::fs::remove_file(&lease);
 
     println!("ftvm demo: building three hosts (network namespaces) joined by a bridge");
-    let topo = Topology::create("ftvm-demo")?;
+    // Unique per run, so that tests may run while a demo is up.
+    let topo = Topology::create(&format!("ftvm-demo-{}", std::process::id()))?;
     let common = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         v.extend(["--net", "tap:tap0", "--key"].map(String::from));

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 const SLICE_ICOUNT: u64 = 2_000_000;
 /// Shorter slices while replicating, so that epochs end close to their time.
 const REPLICATING_SLICE_ICOUNT: u64 = 250_000;
+/// The shortest epoch: a guest that idles with outputs waiting ends its epoch early
+/// (so that output commit does not wait for the full epoch), but not sooner than this.
+const MIN_EPOCH: Duration = Duration::from_millis(2);
 /// Outputs held for output commit beyond which the guest waits for acknowledgements.
 const MAX_HELD_OUTPUTS: usize = 65_536;
 /// Bytes of entropy handed to the guest's RNG device per request.
@@ -93,11 +96,13 @@ pub struct Replication {
     last_epoch_at: Instant,
     held: replica::OutputBuffer<machine::Output>,
     last: Option<CheckpointStats>,
+    /// The running epoch has produced outputs (which wait for its checkpoint).
+    outputs_this_epoch: bool,
 }
 
 impl Replication {
     pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
-        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None }
+        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false }
     }
 }
 
@@ -162,7 +167,7 @@ impl Driver {
             let target = self.machine.icount() + slice;
             let exit = self.machine.run(target);
             self.route_outputs(console)?;
-            self.maybe_checkpoint(console)?;
+            self.maybe_checkpoint(console, matches!(exit, RunExit::Idle { .. }))?;
             if let Some(outcome) = self.wait_while_outputs_pile_up(console)? {
                 return Ok(outcome);
             }
@@ -199,12 +204,16 @@ impl Driver {
         Ok(None)
     }
 
-    /// Take a checkpoint when the epoch is over and hand it to the replication thread.
-    fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
+    /// Take a checkpoint when the epoch is over — or early, when the guest idles with
+    /// outputs waiting for it — and hand it to the replication thread.
+    fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink, idle: bool) -> Result<()> {
         let Some(r) = &mut self.replication else { return Ok(()) };
-        if r.last_epoch_at.elapsed() < Duration::from_millis(r.epoch_ms) {
+        let elapsed = r.last_epoch_at.elapsed();
+        let early = idle && r.outputs_this_epoch && elapsed >= MIN_EPOCH;
+        if elapsed < Duration::from_millis(r.epoch_ms) && !early {
             return Ok(());
         }
+        r.outputs_this_epoch = false;
         let shared = r.handle.shared.lock().expect("not poisoned").clone();
         let started = Instant::now();
         let epoch = r.epoch + 1;
@@ -242,7 +251,7 @@ impl Driver {
                     }
                     self.flush_released(console)?;
                 }
-                Err(_) => self.maybe_checkpoint(console)?,
+                Err(_) => self.maybe_checkpoint(console, false)?,
             }
         }
         Ok(None)
@@ -414,6 +423,7 @@ impl Driver {
             // memory is bounded by the guest waiting at MAX_HELD_OUTPUTS (see
             // wait_while_outputs_pile_up) plus what one slice can make.
             r.held.push(r.epoch + 1, output).expect("the buffer is unbounded");
+            r.outputs_this_epoch = true;
         }
         Ok(())
     }
