@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const HTTP_ADDR: &str = "10.0.2.15:80";
+pub(crate) const HTTP_ADDR: &str = "10.0.2.15:80";
 const SESSION_ADDR: &str = "10.0.2.15:7001";
 const REPLICATION_PORT: u16 = 7000;
 
@@ -42,8 +42,8 @@ pub struct DemoArgs {
 }
 
 /// A child process killed on drop.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {
@@ -53,7 +53,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_in(ns: &str, args: &[String], log: &Path, name: &str) -> Result<Proc> {
+pub(crate) fn spawn_in(ns: &str, args: &[String], log: &Path, name: &str) -> Result<Proc> {
     let exe = std::env::current_exe().context("cannot find the ftvm binary")?;
     let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let child = Command::new("ip")
@@ -69,7 +69,7 @@ fn spawn_in(ns: &str, args: &[String], log: &Path, name: &str) -> Result<Proc> {
 }
 
 /// One HTTP request to the guest's counter (a new TCP connection each time).
-fn count_once(addr: SocketAddr, timeout: Duration) -> Result<u64> {
+pub(crate) fn count_once(addr: SocketAddr, timeout: Duration) -> Result<u64> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

@@ -98,11 +98,23 @@ pub struct Replication {
     last: Option<CheckpointStats>,
     /// The running epoch has produced outputs (which wait for its checkpoint).
     outputs_this_epoch: bool,
+    /// Totals since the start, for `status` and benchmarks.
+    totals: CheckpointTotals,
+    started: Instant,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct CheckpointTotals {
+    count: u64,
+    pause_us: u64,
+    max_pause_us: u64,
+    bytes: u64,
+    pages: u64,
 }
 
 impl Replication {
     pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
-        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false }
+        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false, totals: CheckpointTotals::default(), started: Instant::now() }
     }
 }
 
@@ -113,6 +125,7 @@ struct CheckpointStats {
     full: bool,
     pause_us: u64,
     bytes: usize,
+    pages: usize,
 }
 
 /// How the driver saves a snapshot (the snapshot format lives in the machine crate).
@@ -226,7 +239,17 @@ impl Driver {
             self.machine.take_dirty_sectors();
             Vec::new()
         };
-        r.last = Some(CheckpointStats { epoch, full, pause_us: started.elapsed().as_micros() as u64, bytes: payload.len() });
+        let pause_us = started.elapsed().as_micros() as u64;
+        let pages = machine::checkpoint::page_count(&payload);
+        r.last = Some(CheckpointStats { epoch, full, pause_us, bytes: payload.len(), pages });
+        if !payload.is_empty() {
+            let t = &mut r.totals;
+            t.count += 1;
+            t.pause_us += pause_us;
+            t.max_pause_us = t.max_pause_us.max(pause_us);
+            t.bytes += payload.len() as u64;
+            t.pages += pages as u64;
+        }
         let icount = self.machine.icount();
         let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind: shared.next_kind, payload });
         r.epoch = epoch;
@@ -329,7 +352,16 @@ impl Driver {
                         "full": c.full,
                         "pause_ms": c.pause_us as f64 / 1e3,
                         "bytes": c.bytes,
+                        "pages": c.pages,
                     })),
+                    "checkpoints": {
+                        "count": r.totals.count,
+                        "pause_avg_ms": if r.totals.count == 0 { 0.0 } else { r.totals.pause_us as f64 / r.totals.count as f64 / 1e3 },
+                        "pause_max_ms": r.totals.max_pause_us as f64 / 1e3,
+                        "bytes": r.totals.bytes,
+                        "pages": r.totals.pages,
+                        "bytes_per_s": r.totals.bytes as f64 / r.started.elapsed().as_secs_f64().max(1e-9),
+                    },
                 })
             }),
         })

@@ -2,6 +2,7 @@
 //! Each subcommand lives in its own module; this file only dispatches.
 
 mod api;
+mod bench_cmd;
 mod ctl_cmd;
 mod demo;
 mod driver;
@@ -33,6 +34,9 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Show replication and failover live: kill a primary, watch the backup take over (root)
     Demo(demo::DemoArgs),
+    /// Benchmarks that print figures (they are not tests)
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchKind),
     /// Save a running VM's whole state to a file (through its --api socket)
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Continue a VM from a snapshot file
@@ -52,6 +56,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Backup(args) => replicate::backup::run(args),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(kind) => bench_cmd::run(kind),
         Command::Restore(args) => snapshot_cmd::restore(args),
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
     }

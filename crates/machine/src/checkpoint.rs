@@ -70,6 +70,15 @@ pub fn take(machine: &mut Machine, full: bool) -> Result<Vec<u8>, CheckpointErro
     Ok(out)
 }
 
+/// The number of pages a payload carries (0 for an empty or malformed one): for
+/// statistics, without decoding the rest.
+pub fn page_count(payload: &[u8]) -> usize {
+    let Some(len) = payload.get(8..12) else { return 0 };
+    let state_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    let at = 12usize.saturating_add(state_len);
+    payload.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+}
+
 fn nonzero_sectors(machine: &mut Machine) -> Result<Vec<u64>, CheckpointError> {
     let Some(capacity) = machine.disk_sectors() else { return Ok(Vec::new()) };
     let mut sectors = Vec::new();
