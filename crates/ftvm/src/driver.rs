@@ -25,6 +25,8 @@ const REPLICATING_SLICE_ICOUNT: u64 = 250_000;
 /// The shortest epoch: a guest that idles with outputs waiting ends its epoch early
 /// (so that output commit does not wait for the full epoch), but not sooner than this.
 const MIN_EPOCH: Duration = Duration::from_millis(2);
+/// Pages a full checkpoint's pre-copy scans per run slice, while the guest runs.
+const PRECOPY_PAGES_PER_SLICE: usize = 8192;
 /// Outputs held for output commit beyond which the guest waits for acknowledgements.
 const MAX_HELD_OUTPUTS: usize = 65_536;
 /// Bytes of entropy handed to the guest's RNG device per request.
@@ -100,6 +102,8 @@ pub struct Replication {
     outputs_this_epoch: bool,
     /// Totals since the start, for `status` and benchmarks.
     totals: CheckpointTotals,
+    /// A full checkpoint being copied while the guest runs.
+    precopy: Option<machine::checkpoint::PreCopy>,
     started: Instant,
 }
 
@@ -114,7 +118,7 @@ struct CheckpointTotals {
 
 impl Replication {
     pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
-        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false, totals: CheckpointTotals::default(), started: Instant::now() }
+        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false, totals: CheckpointTotals::default(), started: Instant::now(), precopy: None }
     }
 }
 
@@ -221,18 +225,44 @@ impl Driver {
     /// outputs waiting for it — and hand it to the replication thread.
     fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink, idle: bool) -> Result<()> {
         let Some(r) = &mut self.replication else { return Ok(()) };
-        let elapsed = r.last_epoch_at.elapsed();
-        let early = idle && r.outputs_this_epoch && elapsed >= MIN_EPOCH;
-        if elapsed < Duration::from_millis(r.epoch_ms) && !early {
-            return Ok(());
-        }
-        r.outputs_this_epoch = false;
         let shared = r.handle.shared.lock().expect("not poisoned").clone();
         let started = Instant::now();
-        let epoch = r.epoch + 1;
         let full = shared.next_kind == replica::CheckpointKind::Full;
-        let payload = if full || shared.streaming {
-            machine::checkpoint::take(&mut self.machine, full).context("cannot take a checkpoint")?
+        // A full checkpoint is pre-copied over many slices while the guest runs; outputs
+        // meanwhile stay held (they belong to the epoch the full checkpoint will close).
+        let payload = if let Some(precopy) = &mut r.precopy {
+            if !(shared.streaming && full) {
+                r.precopy = None; // the backup went away: nothing to copy for
+                return Ok(());
+            }
+            if !precopy.step(&self.machine, PRECOPY_PAGES_PER_SLICE) {
+                return Ok(());
+            }
+            let precopy = r.precopy.take().expect("checked above");
+            let started = Instant::now();
+            let payload = precopy.finish(&mut self.machine).context("cannot take a checkpoint")?;
+            (payload, started)
+        } else {
+            let elapsed = r.last_epoch_at.elapsed();
+            let early = idle && r.outputs_this_epoch && elapsed >= MIN_EPOCH;
+            if elapsed < Duration::from_millis(r.epoch_ms) && !early {
+                return Ok(());
+            }
+            if full && shared.streaming {
+                r.precopy = Some(machine::checkpoint::PreCopy::start(&mut self.machine));
+                return Ok(());
+            }
+            (Vec::new(), started)
+        };
+        let (payload, started) = payload;
+        r.outputs_this_epoch = false;
+        let epoch = r.epoch + 1;
+        // The kind sent is the kind built (the shared view may be a moment stale).
+        let built_full = !payload.is_empty();
+        let payload = if built_full {
+            payload
+        } else if shared.streaming {
+            machine::checkpoint::take(&mut self.machine, false).context("cannot take a checkpoint")?
         } else {
             // No backup to send it to: keep the dirty logs short; a full one follows later.
             self.machine.take_dirty_pages();
@@ -241,7 +271,7 @@ impl Driver {
         };
         let pause_us = started.elapsed().as_micros() as u64;
         let pages = machine::checkpoint::page_count(&payload);
-        r.last = Some(CheckpointStats { epoch, full, pause_us, bytes: payload.len(), pages });
+        r.last = Some(CheckpointStats { epoch, full: built_full, pause_us, bytes: payload.len(), pages });
         if !payload.is_empty() {
             let t = &mut r.totals;
             t.count += 1;
@@ -251,7 +281,7 @@ impl Driver {
             t.pages += pages as u64;
         }
         let icount = self.machine.icount();
-        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind: shared.next_kind, payload });
+        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind: if built_full { replica::CheckpointKind::Full } else { replica::CheckpointKind::Incremental }, payload });
         r.epoch = epoch;
         r.last_epoch_at = Instant::now();
         if !shared.streaming {

@@ -13,7 +13,8 @@
 //! | sector count   | 4             | then (sector u64, 512 bytes) per sector            |
 //!
 //! A payload is decoded and checked whole before anything in the machine changes, so a
-//! malformed one leaves the backup's last whole checkpoint untouched.
+//! malformed one leaves the backup's last whole checkpoint untouched. A page may appear
+//! more than once (pre-copy, see [`PreCopy`]): the last copy wins.
 
 use crate::machine::{Machine, MachineState, RestoreError};
 use crate::snapshot::{decode_machine_state, encode_machine_state};
@@ -40,29 +41,84 @@ pub enum CheckpointError {
 /// Take a checkpoint: every non-zero page and sector and the state when `full`, else
 /// what was written since the last checkpoint. Resets the dirty logs either way.
 pub fn take(machine: &mut Machine, full: bool) -> Result<Vec<u8>, CheckpointError> {
-    let dirty_pages = machine.take_dirty_pages();
-    let dirty_sectors = machine.take_dirty_sectors();
-    let pages: Vec<usize> = if full {
-        (0..machine.ram().page_count()).filter(|&i| machine.page(i).is_some_and(|p| p.iter().any(|&b| b != 0))).collect()
-    } else {
-        dirty_pages
-    };
-    let sectors: Vec<u64> = if full { nonzero_sectors(machine)? } else { dirty_sectors };
+    if full {
+        let mut precopy = PreCopy::start(machine);
+        while !precopy.step(machine, usize::MAX) {}
+        return precopy.finish(machine);
+    }
+    let pages = machine.take_dirty_pages();
+    let sectors = machine.take_dirty_sectors();
+    let mut entries = Vec::with_capacity(pages.len() * (4 + PAGE_BYTES));
+    for &index in &pages {
+        push_page(&mut entries, machine, index);
+    }
+    encode(machine, false, &entries, pages.len(), &sectors)
+}
+
+fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
+    entries.extend_from_slice(&(index as u32).to_le_bytes());
+    entries.extend_from_slice(machine.page(index).expect("a page index from the machine"));
+}
+
+/// A full checkpoint built while the guest runs (pre-copy), so that a large VM does not
+/// stall: [`PreCopy::step`] copies pages a chunk at a time between run slices, with
+/// dirty tracking on; [`PreCopy::finish`], with the guest stopped, copies again only the
+/// pages written since the copy began, plus the disk and the state. Every page changed
+/// after it was copied is in that final set, and the later copy wins when applied, so
+/// the result is the machine exactly as it was at `finish`.
+pub struct PreCopy {
+    next_page: usize,
+    entries: Vec<u8>,
+    count: usize,
+}
+
+impl PreCopy {
+    /// Begin: resets the dirty logs (nothing else may take them until `finish`).
+    pub fn start(machine: &mut Machine) -> PreCopy {
+        machine.take_dirty_pages();
+        machine.take_dirty_sectors();
+        PreCopy { next_page: 0, entries: Vec::new(), count: 0 }
+    }
+
+    /// Scan up to `max_pages` more pages, copying the non-zero ones; true when done.
+    pub fn step(&mut self, machine: &Machine, max_pages: usize) -> bool {
+        let end = self.next_page.saturating_add(max_pages).min(machine.ram().page_count());
+        for index in self.next_page..end {
+            if machine.page(index).is_some_and(|p| p.iter().any(|&b| b != 0)) {
+                push_page(&mut self.entries, machine, index);
+                self.count += 1;
+            }
+        }
+        self.next_page = end;
+        self.next_page == machine.ram().page_count()
+    }
+
+    /// Complete the checkpoint (the guest must be stopped: between two run slices).
+    pub fn finish(mut self, machine: &mut Machine) -> Result<Vec<u8>, CheckpointError> {
+        for index in machine.take_dirty_pages() {
+            push_page(&mut self.entries, machine, index);
+            self.count += 1;
+        }
+        machine.take_dirty_sectors();
+        let sectors = nonzero_sectors(machine)?;
+        encode(machine, true, &self.entries, self.count, &sectors)
+    }
+}
+
+/// Lay out a payload: header, state, page entries (already encoded), sectors.
+fn encode(machine: &mut Machine, full: bool, page_entries: &[u8], page_count: usize, sectors: &[u64]) -> Result<Vec<u8>, CheckpointError> {
     let state = encode_machine_state(&machine.save_state())?;
-    let mut out = Vec::with_capacity(20 + state.len() + pages.len() * (4 + PAGE_BYTES) + sectors.len() * (8 + SECTOR_BYTES));
+    let mut out = Vec::with_capacity(20 + state.len() + page_entries.len() + sectors.len() * (8 + SECTOR_BYTES));
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(if full { FLAG_FULL } else { 0 }).to_le_bytes());
     out.extend_from_slice(&(state.len() as u32).to_le_bytes());
     out.extend_from_slice(&state);
-    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
-    for index in pages {
-        out.extend_from_slice(&(index as u32).to_le_bytes());
-        out.extend_from_slice(machine.page(index).expect("a page index from the machine"));
-    }
+    out.extend_from_slice(&(page_count as u32).to_le_bytes());
+    out.extend_from_slice(page_entries);
     out.extend_from_slice(&(sectors.len() as u32).to_le_bytes());
     let mut buf = [0u8; SECTOR_BYTES];
-    for sector in sectors {
+    for &sector in sectors {
         machine.read_sectors(sector, &mut buf)?;
         out.extend_from_slice(&sector.to_le_bytes());
         out.extend_from_slice(&buf);
@@ -151,7 +207,8 @@ fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) ->
     }
     let state_len = r.count(1, usize::MAX, "state bytes")?;
     let state = decode_machine_state(r.take(state_len, "state")?)?;
-    let n = r.count(4 + PAGE_BYTES, ram_pages, "pages")?;
+    // Pre-copy may carry a page twice: once from the scan, once written since.
+    let n = r.count(4 + PAGE_BYTES, ram_pages.saturating_mul(2), "pages")?;
     let mut pages = Vec::with_capacity(n);
     for _ in 0..n {
         let index = r.u32("page index")? as usize;
