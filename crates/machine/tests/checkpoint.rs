@@ -2,34 +2,13 @@
 //! pre-copied while the guest runs, then incremental ones, carry a second machine to
 //! exactly the first one's state; a malformed payload changes nothing.
 
+mod common;
+use common::drive;
 use machine::checkpoint::{self, PreCopy};
-use machine::{Input, InputKind, Machine, MachineConfig, RunExit};
-use std::path::PathBuf;
+use machine::Machine;
 
-fn config() -> MachineConfig {
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    assert!(out.join("Image").exists(), "guest image missing: run `bash guest/build.sh` (scripts/test does)");
-    let mut config = MachineConfig::new(out.join("Image"));
-    config.initrd = Some(out.join("initramfs.cpio.gz"));
-    config.bootargs = "console=ttyS0 quiet cryptomgr.notests ftvm.cmd=dHJ1ZQ==".into();
-    config.ram_size = 128 << 20;
-    config
-}
-
-fn drive(machine: &mut Machine, until: u64) {
-    loop {
-        if machine.wants_entropy() {
-            machine.push_input(Input { icount: machine.icount(), kind: InputKind::Entropy(vec![7; 64]) }).unwrap();
-        }
-        match machine.run(until) {
-            RunExit::Idle { next_deadline_ticks: Some(d) } => {
-                let ticks = d - machine.time_ticks();
-                machine.push_input(Input { icount: machine.icount(), kind: InputKind::IdleSkip { ticks } }).unwrap();
-            }
-            RunExit::Budget => return,
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
+fn config() -> machine::MachineConfig {
+    common::debian_config(None)
 }
 
 #[test]

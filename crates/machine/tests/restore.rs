@@ -2,37 +2,9 @@
 //! instructions, save, restore into a fresh machine, run M more — the same state as
 //! running N+M straight. Also the backup's side: apply dirty pages and state.
 
-use machine::{Input, InputKind, Machine, MachineConfig, RestoreError, RunExit};
-use std::path::PathBuf;
-
-fn config(disk: Option<PathBuf>) -> MachineConfig {
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    assert!(out.join("Image").exists(), "guest image missing: run `bash guest/build.sh` (scripts/test does)");
-    let mut config = MachineConfig::new(out.join("Image"));
-    config.initrd = Some(out.join("initramfs.cpio.gz"));
-    config.bootargs = "console=ttyS0 quiet cryptomgr.notests ftvm.cmd=dHJ1ZQ==".into();
-    config.ram_size = 128 << 20;
-    config.disk = disk.map(|path| machine::DiskConfig { path, read_only: false });
-    config
-}
-
-/// Run to `until`, skipping idle time and feeding fixed entropy.
-fn drive(machine: &mut Machine, until: u64) {
-    loop {
-        if machine.wants_entropy() {
-            let input = Input { icount: machine.icount(), kind: InputKind::Entropy(vec![7; 64]) };
-            machine.push_input(input).unwrap();
-        }
-        match machine.run(until) {
-            RunExit::Idle { next_deadline_ticks: Some(d) } => {
-                let ticks = d - machine.time_ticks();
-                machine.push_input(Input { icount: machine.icount(), kind: InputKind::IdleSkip { ticks } }).unwrap();
-            }
-            RunExit::Budget => return,
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
-}
+mod common;
+use common::{debian_config as config, drive};
+use machine::{Machine, RestoreError};
 
 #[test]
 fn a_restored_machine_continues_exactly() {

@@ -8,6 +8,8 @@
 //! must be built and the build optimized); the others use a tiny stand-in kernel (a
 //! jump to itself) and 16 MiB of RAM, so that they run in milliseconds.
 
+mod common;
+use common::{debian_config, drive};
 use machine::snapshot::{self, SnapshotError, FORMAT_VERSION, HEADER_BYTES};
 use machine::{DiskConfig, Input, InputKind, Machine, MachineConfig, RunExit};
 use proptest::prelude::*;
@@ -86,35 +88,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn debian_config(disk: Option<PathBuf>) -> MachineConfig {
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
-    assert!(out.join("Image").exists(), "guest image missing: run `bash guest/build.sh` (scripts/test does)");
-    let mut config = MachineConfig::new(out.join("Image"));
-    config.initrd = Some(out.join("initramfs.cpio.gz"));
-    config.bootargs = "console=ttyS0 quiet cryptomgr.notests ftvm.cmd=dHJ1ZQ==".into();
-    config.ram_size = 128 << 20;
-    config.disk = disk.map(|path| DiskConfig { path, read_only: false });
-    config
-}
-
-/// Run to `until`, skipping idle time and feeding fixed entropy.
-fn drive(machine: &mut Machine, until: u64) {
-    loop {
-        if machine.wants_entropy() {
-            let input = Input { icount: machine.icount(), kind: InputKind::Entropy(vec![7; 64]) };
-            machine.push_input(input).unwrap();
-        }
-        match machine.run(until) {
-            RunExit::Idle { next_deadline_ticks: Some(d) } => {
-                let ticks = d - machine.time_ticks();
-                machine.push_input(Input { icount: machine.icount(), kind: InputKind::IdleSkip { ticks } }).unwrap();
-            }
-            RunExit::Budget => return,
-            other => panic!("unexpected exit {other:?}"),
-        }
     }
 }
 
