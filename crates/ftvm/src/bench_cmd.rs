@@ -31,6 +31,10 @@ pub struct ReplicationBench {
     /// Sequential HTTP requests per configuration for the latency figures
     #[arg(long, default_value_t = 40)]
     pub requests: usize,
+    /// Rounds: every configuration runs once per round, in alternation (this machine is
+    /// noisy); the table shows medians
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     /// Keep the replicas' logs here [default: a temporary directory]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
@@ -53,13 +57,41 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     let dir = args.logs.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let topo = Topology::create(&format!("ftvm-bench-{}", std::process::id()))?;
-    let mut rows = vec![("unreplicated".to_string(), measure(&topo, &dir, None, args.requests)?)];
-    for &epoch in &args.epochs {
-        eprintln!("bench: epoch {epoch} ms");
-        rows.push((format!("epoch {epoch} ms"), measure(&topo, &dir, Some(epoch), args.requests)?));
+    let configs: Vec<Option<u64>> = std::iter::once(None).chain(args.epochs.iter().copied().map(Some)).collect();
+    let mut samples: Vec<Vec<Figures>> = configs.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.runs.max(1) {
+        for (i, &config) in configs.iter().enumerate() {
+            eprintln!("bench: round {round}/{}: {}", args.runs.max(1), label(config));
+            samples[i].push(measure(&topo, &dir, config, args.requests)?);
+        }
     }
+    let rows: Vec<(String, Figures)> = configs.iter().zip(samples).map(|(&c, s)| (label(c), median(s))).collect();
     print_table(&rows);
     Ok(0)
+}
+
+fn label(config: Option<u64>) -> String {
+    config.map_or("unreplicated".into(), |e| format!("epoch {e} ms"))
+}
+
+/// The median of each figure over the rounds.
+fn median(samples: Vec<Figures>) -> Figures {
+    fn mid(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+    let opt = |f: &dyn Fn(&Figures) -> Option<f64>| {
+        let v: Vec<f64> = samples.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| mid(v))
+    };
+    Figures {
+        workload_s: mid(samples.iter().map(|f| f.workload_s).collect()),
+        pause_avg_ms: opt(&|f| f.pause_avg_ms),
+        pause_max_ms: opt(&|f| f.pause_max_ms),
+        link_mb_s: opt(&|f| f.link_mb_s),
+        latency_ms: mid(samples.iter().map(|f| f.latency_ms).collect()),
+        failover_s: opt(&|f| f.failover_s),
+    }
 }
 
 /// One configuration: boot, time the workload, measure latency, then (replicated) kill
