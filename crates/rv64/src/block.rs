@@ -126,56 +126,84 @@ impl BlockCache {
 }
 
 impl Hart {
-    /// Run the block at pc: at most `limit` (at least 1) instructions, fewer when one
-    /// transfers control, traps, or needs the run loop to look at the hart again.
+    /// Run blocks from pc on, at most `limit` (at least 1) instructions in all: one
+    /// block after another while they end in a branch or jump, until an instruction
+    /// needs the run loop to look at the hart again (a CSR or privileged instruction,
+    /// a trap, a memory access that reached a device or wrote code in the block's
+    /// page). Between two blocks there is nothing for the run loop to do: the budget
+    /// and timer deadline are in `limit`, and nothing that could make an interrupt
+    /// deliverable has happened. Nothing that could change a translation has either,
+    /// so the page of the last fetch is translated again only when pc leaves it.
     #[inline(always)]
-    pub(crate) fn run_block(&mut self, bus: &mut impl Bus, cache: &mut BlockCache, limit: u64) -> Result<(), StepEnd> {
-        let mut pc = self.state.pc;
+    pub(crate) fn run_chain(&mut self, bus: &mut impl Bus, cache: &mut BlockCache, limit: u64) -> Result<(), StepEnd> {
         self.data_tag_bits = self.data_tag_bits();
-        let page_ram_offset = self.fetch_page_offset(bus, pc)? & !(PAGE_SIZE as usize - 1);
-        let slot = (pc >> 1) as usize % BLOCK_SLOTS;
-        let page = page_ram_offset >> PAGE_SHIFT;
-        let ram = bus.ram();
-        let block = cache.slots[slot];
-        let block = if block.pc == pc && block.page_ram_offset == page_ram_offset && block.code_gen == ram.code_gen(page) {
-            block
-        } else {
-            cache.build(slot, ram, pc, page_ram_offset);
-            cache.slots[slot]
-        };
-        if block.len == 0 {
-            return self.step(bus);
-        }
-        let count = (block.len as usize).min(usize::try_from(limit).unwrap_or(usize::MAX));
-        let start = block.start as usize;
-        for op in &cache.ops[start..start + count] {
-            let next_pc = pc.wrapping_add(op.insn.len as u64);
-            match self.exec_op(bus, op, pc) {
-                Flow::Next => self.state.icount += 1,
-                Flow::Jump => {
-                    self.state.x[0] = 0;
-                    self.state.icount += 1;
-                    self.state.pc = self.next_pc;
-                    return Ok(());
-                }
-                Flow::Check => {
-                    self.state.x[0] = 0;
-                    self.state.icount += 1;
-                    if self.irq_dirty || bus.ram().code_gen(page) != block.code_gen {
-                        self.state.pc = next_pc;
+        let stop_icount = self.state.icount + limit;
+        let mut pc = self.state.pc;
+        // The virtual page last fetched from (odd: none yet) and its RAM offset.
+        let mut fetch_vpage = 1;
+        let mut page_ram_offset = 0;
+        loop {
+            if pc & !(PAGE_SIZE - 1) != fetch_vpage {
+                self.state.pc = pc;
+                page_ram_offset = self.fetch_page_offset(bus, pc)? & !(PAGE_SIZE as usize - 1);
+                fetch_vpage = pc & !(PAGE_SIZE - 1);
+            }
+            let slot = (pc >> 1) as usize % BLOCK_SLOTS;
+            let page = page_ram_offset >> PAGE_SHIFT;
+            let ram = bus.ram();
+            let block = cache.slots[slot];
+            let block = if block.pc == pc && block.page_ram_offset == page_ram_offset && block.code_gen == ram.code_gen(page) {
+                block
+            } else {
+                cache.build(slot, ram, pc, page_ram_offset);
+                cache.slots[slot]
+            };
+            if block.len == 0 {
+                self.state.pc = pc;
+                return self.step(bus);
+            }
+            let count = (block.len as usize).min((stop_icount - self.state.icount) as usize);
+            let start = block.start as usize;
+            let mut ops = cache.ops[start..start + count].iter();
+            pc = loop {
+                let Some(op) = ops.next() else {
+                    break pc;
+                };
+                let next_pc = pc.wrapping_add(op.insn.len as u64);
+                match self.exec_op(bus, op, pc) {
+                    Flow::Next => self.state.icount += 1,
+                    Flow::Jump => {
+                        self.state.x[0] = 0;
+                        self.state.icount += 1;
+                        break self.next_pc;
+                    }
+                    Flow::Leave => {
+                        self.state.x[0] = 0;
+                        self.state.icount += 1;
+                        self.state.pc = self.next_pc;
                         return Ok(());
                     }
+                    Flow::Check => {
+                        self.state.x[0] = 0;
+                        self.state.icount += 1;
+                        if self.irq_dirty || bus.ram().code_gen(page) != block.code_gen {
+                            self.state.pc = next_pc;
+                            return Ok(());
+                        }
+                    }
+                    Flow::End => {
+                        self.state.x[0] = 0;
+                        self.state.pc = pc;
+                        return Err(self.take_step_end());
+                    }
                 }
-                Flow::End => {
-                    self.state.x[0] = 0;
-                    self.state.pc = pc;
-                    return Err(self.take_step_end());
-                }
+                pc = next_pc;
+            };
+            if self.state.icount == stop_icount {
+                self.state.pc = pc;
+                return Ok(());
             }
-            pc = next_pc;
         }
-        self.state.pc = pc;
-        Ok(())
     }
 
     /// Execute one instruction outside any block: a 32-bit instruction that crosses
@@ -189,7 +217,7 @@ impl Hart {
         let flow = self.exec_op(bus, &op, pc);
         self.state.x[0] = 0;
         self.state.pc = match flow {
-            Flow::Jump => self.next_pc,
+            Flow::Jump | Flow::Leave => self.next_pc,
             Flow::Next | Flow::Check => fall_through,
             Flow::End => return Err(self.take_step_end()),
         };

@@ -344,7 +344,7 @@ impl Hart {
             // Neither the budget nor a timer deadline falls inside the block (the
             // deadline, when due, was handled above, so it lies ahead).
             let limit = until_icount.min(self.timer_deadline_icount) - self.state.icount;
-            match self.run_block(bus, blocks, limit) {
+            match self.run_chain(bus, blocks, limit) {
                 Ok(()) => {}
                 Err(StepEnd::Trap(e)) => self.take_trap(Trap::Exception(e)),
                 Err(StepEnd::Sbi) => return Exit::Sbi,

@@ -20,9 +20,12 @@ use crate::trap::Exception;
 pub(crate) enum Flow {
     /// With the next instruction in sequence; nothing but registers changed.
     Next,
-    /// At `Hart::next_pc`: a taken branch or jump, or an instruction after which the
-    /// hart's state must be looked at again (CSR, privileged).
+    /// At `Hart::next_pc`: a taken branch or a jump.
     Jump,
+    /// At `Hart::next_pc`, once the run loop has looked at the hart again: after a CSR
+    /// or privileged instruction, which may change privilege, translation, interrupt
+    /// enables or timers.
+    Leave,
     /// With the next instruction in sequence, once the caller has checked what a memory
     /// access may have changed: interrupt lines, a stop request, the code being run.
     Check,
@@ -83,11 +86,11 @@ impl Hart {
         match insn.op {
             Op::Amo(amo) => self.exec_amo(bus, amo, insn).map_err(StepEnd::Trap).map(|()| Flow::Check),
             Op::Fp(fp) => self.exec_fp(bus, fp, insn, raw).map_err(StepEnd::Trap).map(|()| Flow::Check),
-            Op::Csr(csr) => self.exec_csr(csr, insn, raw).map_err(StepEnd::Trap).map(|()| Flow::Jump),
+            Op::Csr(csr) => self.exec_csr(csr, insn, raw).map_err(StepEnd::Trap).map(|()| Flow::Leave),
             Op::Sys(sys) => {
                 // ebreak reports its own address.
                 self.state.pc = pc;
-                self.exec_system(sys, insn, raw).map(|()| Flow::Jump)
+                self.exec_system(sys, insn, raw).map(|()| Flow::Leave)
             }
             Op::Base(_) | Op::Mul(_) | Op::Illegal => Err(StepEnd::Trap(Exception::IllegalInstruction(raw as u64))),
         }
