@@ -95,20 +95,17 @@ impl GuestRam {
         paddr.wrapping_sub(self.base) < self.bytes.len() as u64
     }
 
-    #[inline]
-    pub(crate) fn mark_dirty_offset(&mut self, off: usize) {
-        self.mark_page_written(off >> PAGE_SHIFT);
-    }
-
     /// Page `page` was written: mark it dirty, and move its code generation if the
-    /// hart has code decoded from it.
-    #[inline]
-    fn mark_page_written(&mut self, page: usize) {
+    /// hart has code decoded from it (then say so).
+    #[inline(always)]
+    fn mark_page_written(&mut self, page: usize) -> bool {
         let (word, bit) = (page >> 6, 1u64 << (page & 63));
         self.dirty[word] |= bit;
-        if self.code_watch[word] & bit != 0 {
+        let watched = self.code_watch[word] & bit != 0;
+        if watched {
             self.code_page_written(page);
         }
+        watched
     }
 
     #[cold]
@@ -143,10 +140,12 @@ impl GuestRam {
         self.bytes[off..off + N].try_into().expect("length is N")
     }
 
-    #[inline]
-    pub(crate) fn write_at<const N: usize>(&mut self, off: usize, v: [u8; N]) {
+    /// Store `N` bytes at a RAM offset known to be in range; true when the page held
+    /// decoded code (its code generation moved).
+    #[inline(always)]
+    pub(crate) fn write_at<const N: usize>(&mut self, off: usize, v: [u8; N]) -> bool {
         self.bytes[off..off + N].copy_from_slice(&v);
-        self.mark_dirty_offset(off);
+        self.mark_page_written(off >> PAGE_SHIFT)
     }
 
     /// Copy out `buf.len()` bytes at physical `paddr` (device DMA, loaders).

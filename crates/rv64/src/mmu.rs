@@ -4,6 +4,7 @@
 //! spec permits; only LR/SC/AMO require natural alignment.
 
 use crate::bus::Bus;
+use crate::exec::Flow;
 use crate::csr::{MSTATUS_MPP, MSTATUS_MPP_SHIFT, MSTATUS_MPRV, MSTATUS_MXR, MSTATUS_SUM};
 use crate::hart::{Hart, PrivMode};
 use crate::trap::Exception;
@@ -21,8 +22,20 @@ pub(crate) enum Access {
 struct TlbEntry {
     /// See [`tag`]; zero means empty.
     tag: u64,
-    /// Offset in guest RAM of the start of the page.
-    ram_off: usize,
+    /// Added to a virtual address in the page, gives its offset in guest RAM.
+    addend: u64,
+}
+
+impl TlbEntry {
+    fn new(tag: u64, vaddr: u64, page_ram_offset: usize) -> TlbEntry {
+        TlbEntry { tag, addend: (page_ram_offset as u64).wrapping_sub(vaddr & !0xfff) }
+    }
+
+    /// The RAM offset of `vaddr`, which lies in the entry's page.
+    #[inline(always)]
+    fn ram_offset(self, vaddr: u64) -> usize {
+        vaddr.wrapping_add(self.addend) as usize
+    }
 }
 
 /// Direct-mapped translations per access kind, only for pages backed by RAM and
@@ -43,11 +56,12 @@ impl Tlb {
     }
 }
 
-/// A TLB tag: the virtual page, the privilege, and (for data) mstatus.SUM and MXR,
-/// so that changing any of them needs no flush.
+/// A TLB tag: the virtual page (the address's bits above the page offset), the
+/// privilege, and (for data) mstatus.SUM and MXR, so that changing any of them needs
+/// no flush.
 #[inline]
 fn tag(vaddr: u64, privilege: PrivMode, sum_mxr: u64) -> u64 {
-    ((vaddr >> 12) << 5) | sum_mxr | ((privilege as u64) << 1) | 1
+    (vaddr & !0xfff) | sum_mxr | ((privilege as u64) << 1) | 1
 }
 
 /// mstatus.SUM (bit 18) and MXR (bit 19) moved to tag bits 3 and 4.
@@ -169,11 +183,11 @@ impl Hart {
         let t = tag(pc, privilege, 0);
         let entry = self.tlb.entries[Access::Fetch as usize][(pc >> 12) as usize % TLB_ENTRIES];
         if entry.tag == t {
-            return Ok(entry.ram_off + (pc & 0xfff) as usize);
+            return Ok(entry.ram_offset(pc));
         }
         let paddr = self.translate(bus, pc, Access::Fetch, privilege)?;
         let page_off = bus.ram().offset_of(paddr & !0xfff, 4096).ok_or(Exception::InstructionAccessFault(pc))?;
-        self.tlb.entries[Access::Fetch as usize][(pc >> 12) as usize % TLB_ENTRIES] = TlbEntry { tag: t, ram_off: page_off };
+        self.tlb.entries[Access::Fetch as usize][(pc >> 12) as usize % TLB_ENTRIES] = TlbEntry::new(t, pc, page_off);
         Ok(page_off + (pc & 0xfff) as usize)
     }
 
@@ -186,12 +200,12 @@ impl Hart {
         let index = (vaddr >> 12) as usize % TLB_ENTRIES;
         let entry = self.tlb.entries[access as usize][index];
         if entry.tag == t {
-            return Ok(Target::Ram(entry.ram_off + (vaddr & 0xfff) as usize));
+            return Ok(Target::Ram(entry.ram_offset(vaddr)));
         }
         let paddr = self.translate(bus, vaddr, access, privilege)?;
         match bus.ram().offset_of(paddr & !0xfff, 4096) {
             Some(page_off) => {
-                self.tlb.entries[access as usize][index] = TlbEntry { tag: t, ram_off: page_off };
+                self.tlb.entries[access as usize][index] = TlbEntry::new(t, vaddr, page_off);
                 Ok(Target::Ram(page_off + (vaddr & 0xfff) as usize))
             }
             None => Ok(Target::Device(paddr)),
@@ -208,13 +222,14 @@ impl Hart {
     }
 
     /// The RAM offset of `[vaddr, vaddr + n)` when the TLB holds its page for `access`
-    /// (so every permission check has passed) and it does not cross the page end.
+    /// (so every permission check has passed) and it does not cross the page end: the
+    /// tag is made from the access's last byte and the entry chosen by its first, so an
+    /// access that crosses into the next page never matches.
     #[inline(always)]
     fn tlb_hit(&self, vaddr: u64, n: usize, access: Access) -> Option<usize> {
         let entry = self.tlb.entries[access as usize][(vaddr >> 12) as usize % TLB_ENTRIES];
-        let in_page = (vaddr & 0xfff) as usize;
-        (entry.tag == tag(vaddr, PrivMode::User, 0) | self.data_tag_bits && in_page + n <= 4096)
-            .then_some(entry.ram_off + in_page)
+        let last = vaddr.wrapping_add(n as u64 - 1);
+        (entry.tag == (last & !0xfff) | self.data_tag_bits).then_some(entry.ram_offset(vaddr))
     }
 
     /// Load `n` bytes (1, 2, 4 or 8), zero-extended into a u64.
@@ -229,12 +244,16 @@ impl Hart {
     /// Store the low `n` bytes of `value`.
     #[inline(always)]
     pub(crate) fn store(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<(), Exception> {
+        self.store_flow(bus, vaddr, n, value).map(|_| ())
+    }
+
+    /// [`Hart::store`], and how execution may go on: [`Flow::Next`] when the TLB
+    /// answered and the page held no decoded code, else [`Flow::Check`].
+    #[inline(always)]
+    pub(crate) fn store_flow(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<Flow, Exception> {
         match self.tlb_hit(vaddr, n, Access::Store) {
-            Some(off) => {
-                write_ram(bus, off, n, value);
-                Ok(())
-            }
-            None => self.store_slow(bus, vaddr, n, value),
+            Some(off) => Ok(if write_ram(bus, off, n, value) { Flow::Check } else { Flow::Next }),
+            None => self.store_slow(bus, vaddr, n, value).map(|()| Flow::Check),
         }
     }
 
@@ -316,7 +335,7 @@ enum Target {
     Device(u64),
 }
 
-#[inline]
+#[inline(always)]
 fn read_ram(bus: &mut impl Bus, off: usize, n: usize) -> u64 {
     let ram = bus.ram();
     match n {
@@ -327,8 +346,9 @@ fn read_ram(bus: &mut impl Bus, off: usize, n: usize) -> u64 {
     }
 }
 
-#[inline]
-fn write_ram(bus: &mut impl Bus, off: usize, n: usize, value: u64) {
+/// True when the page held decoded code.
+#[inline(always)]
+fn write_ram(bus: &mut impl Bus, off: usize, n: usize, value: u64) -> bool {
     let ram = bus.ram();
     match n {
         1 => ram.write_at(off, (value as u8).to_le_bytes()),

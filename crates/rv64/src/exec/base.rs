@@ -46,16 +46,23 @@ impl Hart {
             }
             Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu => {
                 let addr = a.wrapping_add(imm);
+                let n = match op {
+                    Lb | Lbu => 1,
+                    Lh | Lhu => 2,
+                    Lw | Lwu => 4,
+                    _ => 8,
+                };
+                let v = self.load(bus, addr, n)?;
                 let v = match op {
-                    Lb => self.load(bus, addr, 1)? as i8 as i64 as u64,
-                    Lh => self.load(bus, addr, 2)? as i16 as i64 as u64,
-                    Lw => self.load(bus, addr, 4)? as i32 as i64 as u64,
-                    Ld => self.load(bus, addr, 8)?,
-                    Lbu => self.load(bus, addr, 1)?,
-                    Lhu => self.load(bus, addr, 2)?,
-                    _ => self.load(bus, addr, 4)?,
+                    Lb => v as i8 as i64 as u64,
+                    Lh => v as i16 as i64 as u64,
+                    Lw => v as i32 as i64 as u64,
+                    _ => v,
                 };
                 self.set_x(rd, v);
+                // Even when the TLB answered and nothing needs checking: a load into x0
+                // must be undone, and returning Next here measured slower (about 5% on
+                // the boot) than the check it saves.
                 return Ok(Flow::Check);
             }
             Sb | Sh | Sw | Sd => {
@@ -65,8 +72,7 @@ impl Hart {
                     Sw => 4,
                     _ => 8,
                 };
-                self.store(bus, a.wrapping_add(imm), n, b)?;
-                return Ok(Flow::Check);
+                return self.store_flow(bus, a.wrapping_add(imm), n, b);
             }
             Addi => a.wrapping_add(imm),
             Slti => ((a as i64) < (imm as i64)) as u64,
