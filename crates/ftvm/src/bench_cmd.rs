@@ -35,6 +35,9 @@ pub struct ReplicationBench {
     /// noisy); the table shows medians
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Pass --verify-every N to the primaries (end-to-end digest checks; costs pauses)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub verify_every: u64,
     /// Keep the replicas' logs here [default: a temporary directory]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
@@ -62,7 +65,7 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     for round in 1..=args.runs.max(1) {
         for (i, &config) in configs.iter().enumerate() {
             eprintln!("bench: round {round}/{}: {}", args.runs.max(1), label(config));
-            samples[i].push(measure(&topo, &dir, config, args.requests)?);
+            samples[i].push(measure(&topo, &dir, config, args.requests, args.verify_every)?);
         }
     }
     let rows: Vec<(String, Figures)> = configs.iter().zip(samples).map(|(&c, s)| (label(c), median(s))).collect();
@@ -96,7 +99,7 @@ fn median(samples: Vec<Figures>) -> Figures {
 
 /// One configuration: boot, time the workload, measure latency, then (replicated) kill
 /// the primary and time the takeover.
-fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize) -> Result<Figures> {
+fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
     let key = dir.join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef")?;
     let lease = dir.join("lease");
@@ -117,6 +120,7 @@ fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize) 
     let mut args = strings(&["run", "--net", "tap:tap0", "--api", &sock.display().to_string()]);
     if let Some(e) = epoch_ms {
         args.extend(strings(&["--replicate-to", &listen, "--key", &key_s, "--lease", &lease_s, "--epoch-ms", &e.to_string()]));
+        args.extend(strings(&["--verify-every", &verify_every.to_string()]));
     }
     args.extend(strings(&["--", "sh", "-c", WORKLOAD]));
     let mut primary = spawn_in(&topo.primary_ns(), &args, &log, "primary")?;

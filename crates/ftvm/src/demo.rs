@@ -191,6 +191,9 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     println!("ftvm demo: backup waiting on {listen} (log: {})", dir.join("backup.log").display());
     let mut primary_args = common(&["run", "--replicate-to", &listen, "--epoch-ms"]);
     primary_args.insert(4, args.epoch_ms.to_string());
+    // A whole-machine digest check about once a second: a backup that ever diverges
+    // says so in its log, and the demo fails.
+    primary_args.extend(["--verify-every".into(), "40".into()]);
     primary_args.extend(["--api".into(), dir.join("primary.sock").display().to_string(), "--".into(), "/usr/share/ftvm/counter-httpd".into()]);
     let mut primary = spawn_in(&topo.primary_ns(), &primary_args, &dir.join("primary.log"), "primary")?;
     println!("ftvm demo: primary booting Debian with counter-httpd, replicating every {} ms (log: {})", args.epoch_ms, dir.join("primary.log").display());
@@ -225,11 +228,13 @@ struct Summary {
     backup_went_live: bool,
     /// Partition mode: the backup caught up after the link came back.
     resynchronized: bool,
+    /// The backup found a checkpoint whose digest check failed.
+    diverged: bool,
 }
 
 impl Summary {
     fn passed(&self) -> bool {
-        let common = self.went_backwards.is_none() && self.session_broken.is_none() && self.session_answers_after_fault > 0 && self.answers_after_fault > 0;
+        let common = !self.diverged && self.went_backwards.is_none() && self.session_broken.is_none() && self.session_answers_after_fault > 0 && self.answers_after_fault > 0;
         match self.partition {
             false => common && self.takeover.is_some(),
             true => common && !self.backup_went_live && self.resynchronized,
@@ -247,6 +252,7 @@ impl Summary {
             (None, _) => "  FAILED: the TCP session gave no answer after the fault".into(),
             (Some(e), _) => format!("  FAILED: the client's TCP session broke: {e}"),
         });
+        lines.push(if self.diverged { "  FAILED: a checkpoint's digest check failed on the backup (see its log)".into() } else { "  every verified checkpoint matched the primary's digest".into() });
         if self.partition {
             lines.push(if self.backup_went_live { "  FAILED: the backup went live while the primary was alive".into() } else { "  exactly one side stayed live: the primary (the lease holder)".into() });
             lines.push(if self.resynchronized { "  the backup caught up once the link was back".into() } else { "  FAILED: the backup did not catch up after the link came back".into() });
@@ -347,6 +353,7 @@ fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, 
             }
         }
     }
+    summary.diverged = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("diverged");
     if args.partition {
         summary.backup_went_live = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("taking over");
         println!("ftvm demo: restoring the replication link");

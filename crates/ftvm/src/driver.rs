@@ -105,6 +105,8 @@ pub struct Replication {
     /// A full checkpoint being copied while the guest runs.
     precopy: Option<machine::checkpoint::PreCopy>,
     started: Instant,
+    /// Put the machine's digest in every N-th checkpoint (0: never).
+    pub verify_every: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -118,7 +120,7 @@ struct CheckpointTotals {
 
 impl Replication {
     pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
-        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false, totals: CheckpointTotals::default(), started: Instant::now(), precopy: None }
+        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false, totals: CheckpointTotals::default(), started: Instant::now(), precopy: None, verify_every: 0 }
     }
 }
 
@@ -249,7 +251,7 @@ impl Driver {
                 return Ok(());
             }
             if full && shared.streaming {
-                r.precopy = Some(machine::checkpoint::PreCopy::start(&mut self.machine));
+                r.precopy = Some(machine::checkpoint::PreCopy::start(&self.machine));
                 return Ok(());
             }
             (Vec::new(), started)
@@ -269,6 +271,10 @@ impl Driver {
             self.machine.take_dirty_sectors();
             Vec::new()
         };
+        let mut payload = payload;
+        if !payload.is_empty() && r.verify_every > 0 && (built_full || epoch % r.verify_every == 0) {
+            machine::checkpoint::add_digest(&mut payload, &self.machine);
+        }
         let pause_us = started.elapsed().as_micros() as u64;
         let pages = machine::checkpoint::page_count(&payload);
         r.last = Some(CheckpointStats { epoch, full: built_full, pause_us, bytes: payload.len(), pages });

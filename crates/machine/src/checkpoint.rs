@@ -7,7 +7,9 @@
 //! |----------------|---------------|----------------------------------------------------|
 //! | magic          | 4             | `FTCK`                                             |
 //! | version        | 2             | [`VERSION`]                                        |
-//! | flags          | 2             | bit 0: full (RAM and disk are zero but for these)  |
+//! | flags          | 2             | bit 0: full (RAM and disk are zero but for these); |
+//! |                |               | bit 1: a 16-byte machine digest follows            |
+//! | digest         | 0 or 16       | the whole machine's digest after the checkpoint    |
 //! | state length   | 4             | then the state, encoded as in snapshots            |
 //! | page count     | 4             | then (index u32, 4096 bytes) per page              |
 //! | sector count   | 4             | then (sector u64, 512 bytes) per sector            |
@@ -25,6 +27,7 @@ pub const VERSION: u16 = 1;
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 const FLAG_FULL: u16 = 1;
+const FLAG_DIGEST: u16 = 2;
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -36,6 +39,20 @@ pub enum CheckpointError {
     State(#[from] crate::snapshot::SnapshotError),
     #[error("applying the checkpoint: {0}")]
     Apply(#[from] RestoreError),
+    #[error("after applying the checkpoint the machine's digest is {found}, the primary's was {expected}: the replicas diverged")]
+    DigestMismatch { expected: crate::Digest, found: crate::Digest },
+}
+
+/// Add the machine's digest to a payload just taken from it (end-to-end verification:
+/// the backup recomputes it after applying). Costs a pass over RAM.
+pub fn add_digest(payload: &mut Vec<u8>, machine: &Machine) {
+    if payload.len() < 8 {
+        return;
+    }
+    let flags = u16::from_le_bytes([payload[6], payload[7]]) | FLAG_DIGEST;
+    payload[6..8].copy_from_slice(&flags.to_le_bytes());
+    let digest = machine.digest().0.to_le_bytes();
+    payload.splice(8..8, digest);
 }
 
 /// Take a checkpoint: every non-zero page and sector and the state when `full`, else
@@ -62,10 +79,15 @@ fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
 
 /// A full checkpoint built while the guest runs (pre-copy), so that a large VM does not
 /// stall: [`PreCopy::step`] copies pages a chunk at a time between run slices, with
-/// dirty tracking on; [`PreCopy::finish`], with the guest stopped, copies again only the
-/// pages written since the copy began, plus the disk and the state. Every page changed
-/// after it was copied is in that final set, and the later copy wins when applied, so
-/// the result is the machine exactly as it was at `finish`.
+/// dirty tracking on; [`PreCopy::finish`], with the guest stopped, copies again the
+/// pages written since the last checkpoint (which includes all written since the copy
+/// began), plus the disk and the state. Every page changed after it was copied is in
+/// that final set, and the later copy wins when applied, so the result is the machine
+/// exactly as it was at `finish`.
+///
+/// Starting a pre-copy does not touch the dirty log: a pre-copy that is abandoned (the
+/// backup went away, or turned out to need only an incremental checkpoint) must leave
+/// the next incremental checkpoint every page written since the last one.
 pub struct PreCopy {
     next_page: usize,
     entries: Vec<u8>,
@@ -73,10 +95,8 @@ pub struct PreCopy {
 }
 
 impl PreCopy {
-    /// Begin: resets the dirty logs (nothing else may take them until `finish`).
-    pub fn start(machine: &mut Machine) -> PreCopy {
-        machine.take_dirty_pages();
-        machine.take_dirty_sectors();
+    /// Begin (nothing else may take the dirty logs until `finish` or abandonment).
+    pub fn start(_machine: &Machine) -> PreCopy {
         PreCopy { next_page: 0, entries: Vec::new(), count: 0 }
     }
 
@@ -157,6 +177,7 @@ fn nonzero_sectors(machine: &mut Machine) -> Result<Vec<u64>, CheckpointError> {
 /// A decoded payload, not yet applied.
 struct Decoded<'a> {
     full: bool,
+    digest: Option<crate::Digest>,
     state: MachineState,
     pages: Vec<(usize, &'a [u8])>,
     sectors: Vec<(u64, &'a [u8])>,
@@ -202,9 +223,13 @@ fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) ->
         return Err(CheckpointError::Version { found: version });
     }
     let flags = u16::from_le_bytes(r.take(2, "flags")?.try_into().expect("2 bytes"));
-    if flags & !FLAG_FULL != 0 {
+    if flags & !(FLAG_FULL | FLAG_DIGEST) != 0 {
         return Err(CheckpointError::Malformed(format!("unknown flags {flags:#x}")));
     }
+    let digest = match flags & FLAG_DIGEST {
+        0 => None,
+        _ => Some(crate::Digest(u128::from_le_bytes(r.take(16, "digest")?.try_into().expect("16 bytes")))),
+    };
     let state_len = r.count(1, usize::MAX, "state bytes")?;
     let state = decode_machine_state(r.take(state_len, "state")?)?;
     // Pre-copy may carry a page twice: once from the scan, once written since.
@@ -230,7 +255,7 @@ fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) ->
     if r.pos != payload.len() {
         return Err(CheckpointError::Malformed(format!("{} bytes after the end", payload.len() - r.pos)));
     }
-    Ok(Decoded { full: flags & FLAG_FULL != 0, state, pages, sectors })
+    Ok(Decoded { full: flags & FLAG_FULL != 0, digest, state, pages, sectors })
 }
 
 /// Apply a payload to a stopped machine built from the same configuration. Checked
@@ -252,5 +277,11 @@ pub fn apply(machine: &mut Machine, payload: &[u8]) -> Result<(), CheckpointErro
     // The backup's own writes are not changes to send anywhere.
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
+    if let Some(expected) = decoded.digest {
+        let found = machine.digest();
+        if found != expected {
+            return Err(CheckpointError::DigestMismatch { expected, found });
+        }
+    }
     Ok(())
 }

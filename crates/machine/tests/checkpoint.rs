@@ -17,7 +17,7 @@ fn a_pre_copied_full_checkpoint_then_incrementals_keep_a_backup_exact() {
     let mut backup = Machine::new(&config()).unwrap();
     drive(&mut primary, 30_000_000);
     // Pre-copy while the guest keeps running (and writing) between steps.
-    let mut precopy = PreCopy::start(&mut primary);
+    let mut precopy = PreCopy::start(&primary);
     let mut at = primary.icount();
     while !precopy.step(&primary, 2048) {
         at += 1_000_000;
@@ -33,6 +33,41 @@ fn a_pre_copied_full_checkpoint_then_incrementals_keep_a_backup_exact() {
         checkpoint::apply(&mut backup, &delta).unwrap();
         assert_eq!(backup.digest(), primary.digest(), "after incremental {epoch}");
     }
+}
+
+#[test]
+fn an_abandoned_pre_copy_leaves_the_next_incremental_complete() {
+    // The driver may start a pre-copy on a stale view and abandon it when the replication
+    // thread says an incremental checkpoint will do: every page written since the last
+    // checkpoint must still reach the backup.
+    let mut primary = Machine::new(&config()).unwrap();
+    let mut backup = Machine::new(&config()).unwrap();
+    drive(&mut primary, 20_000_000);
+    checkpoint::apply(&mut backup, &checkpoint::take(&mut primary, true).unwrap()).unwrap();
+    drive(&mut primary, 25_000_000); // pages written here...
+    let mut abandoned = PreCopy::start(&primary);
+    abandoned.step(&primary, 1024);
+    drop(abandoned); // ...must not be forgotten with it
+    drive(&mut primary, 30_000_000);
+    checkpoint::apply(&mut backup, &checkpoint::take(&mut primary, false).unwrap()).unwrap();
+    assert_eq!(backup.digest(), primary.digest());
+}
+
+#[test]
+fn a_checkpoint_carrying_a_digest_is_verified_by_the_backup() {
+    let mut primary = Machine::new(&config()).unwrap();
+    let mut backup = Machine::new(&config()).unwrap();
+    drive(&mut primary, 10_000_000);
+    let mut full = checkpoint::take(&mut primary, true).unwrap();
+    checkpoint::add_digest(&mut full, &primary);
+    checkpoint::apply(&mut backup, &full).unwrap();
+    // An incremental applied on a base that lacks a page the primary wrote: diverged.
+    drive(&mut primary, 15_000_000);
+    let mut delta = checkpoint::take(&mut primary, false).unwrap();
+    checkpoint::add_digest(&mut delta, &primary);
+    backup.write_page(5, &[0xa5; 4096]).unwrap();
+    let err = checkpoint::apply(&mut backup, &delta).unwrap_err();
+    assert!(err.to_string().contains("diverged"), "{err}");
 }
 
 #[test]

@@ -125,7 +125,10 @@ pub fn run(args: BackupArgs) -> Result<i32> {
                 BackupAction::ApplyCheckpoint { epoch, payload, .. } => {
                     let event = match machine::checkpoint::apply(&mut machine, &payload) {
                         Ok(()) => BackupEvent::CheckpointApplied { epoch },
-                        Err(e) => BackupEvent::ApplyFailed { epoch, reason: e.to_string() },
+                        Err(e) => {
+                            eprintln!("ftvm backup: checkpoint {epoch} not applied: {e}; asking for a full checkpoint");
+                            BackupEvent::ApplyFailed { epoch, reason: e.to_string() }
+                        }
                     };
                     queue.extend(backup.step(event));
                 }

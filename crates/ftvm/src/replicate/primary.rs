@@ -292,6 +292,12 @@ pub struct ReplicationArgs {
     /// This replica's name in the lease [default: primary-<hostname>-<pid>]
     #[arg(long, value_name = "NAME", help_heading = "Replication")]
     pub replica_name: Option<String>,
+    /// End-to-end check: every N epochs (and every full checkpoint) the checkpoint
+    /// carries the whole machine's digest, which the backup recomputes after applying;
+    /// a mismatch makes it ask for a full checkpoint. Costs a pass over RAM per check.
+    /// 0: off
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Replication")]
+    pub verify_every: u64,
 }
 
 /// A name for the lease: unique per process.
@@ -314,5 +320,7 @@ pub fn from_args(args: &ReplicationArgs, config: &machine::MachineConfig, events
         lease_ttl_ms: args.lease_ttl_ms,
     };
     let handle = start(options, events)?;
-    Ok(Some(crate::driver::Replication::new(handle, args.epoch_ms)))
+    let mut replication = crate::driver::Replication::new(handle, args.epoch_ms);
+    replication.verify_every = args.verify_every;
+    Ok(Some(replication))
 }
