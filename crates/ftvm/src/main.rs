@@ -32,21 +32,21 @@ struct Cli {
 enum Command {
     /// Boot a VM: the console on the terminal, or run one command in the guest
     Run(run_cmd::RunArgs),
+    /// Wait for a primary's checkpoints and take its VM over when it fails
+    Backup(replicate::backup::BackupArgs),
     /// Show replication and failover live: kill a primary, watch the backup take over (root)
     Demo(demo::DemoArgs),
-    /// Benchmarks that print figures (they are not tests)
-    #[command(subcommand)]
-    Bench(bench_cmd::BenchKind),
+    /// Talk to a running VM through its control API socket (--api)
+    Ctl(ctl_cmd::CtlArgs),
     /// Save a running VM's whole state to a file (through its --api socket)
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Continue a VM from a snapshot file
     Restore(snapshot_cmd::RestoreArgs),
-    /// Wait for a primary's checkpoints and take its VM over when it fails
-    Backup(replicate::backup::BackupArgs),
-    /// Talk to a running VM through its control API socket (--api)
-    Ctl(ctl_cmd::CtlArgs),
     /// Reliability models of virtualized nodes: bounds, block diagrams, availability, plots
     Model(model_cmd::ModelArgs),
+    /// Benchmarks that print figures (they are not tests)
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchKind),
 }
 
 fn dispatch(command: Command) -> anyhow::Result<i32> {
