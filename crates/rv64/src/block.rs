@@ -79,15 +79,19 @@ impl BlockCache {
     }
 
     /// Make the cache ready for running on `ram`: allocated, and empty unless its
-    /// blocks were decoded from this very RAM.
-    pub(crate) fn bind(&mut self, ram: &GuestRam) {
+    /// blocks were decoded from this very RAM. True when they were not (the hart's
+    /// other RAM-derived caches must go too).
+    pub(crate) fn bind(&mut self, ram: &GuestRam) -> bool {
         if self.slots.is_empty() {
             self.slots = vec![EMPTY; BLOCK_SLOTS];
             self.ops = Vec::with_capacity(ARENA_OPS);
-        } else if self.ram_id != ram.id() {
-            self.flush();
         }
-        self.ram_id = ram.id();
+        let other_ram = self.ram_id != ram.id();
+        if other_ram {
+            self.flush();
+            self.ram_id = ram.id();
+        }
+        other_ram
     }
 
     fn flush(&mut self) {

@@ -310,7 +310,10 @@ impl Hart {
         // The cache is lent to the loop, which then holds decoded instructions while the
         // hart changes.
         let mut blocks = std::mem::replace(&mut self.blocks, BlockCache::new());
-        blocks.bind(bus.ram());
+        if blocks.bind(bus.ram()) {
+            // TLB entries hold offsets into the RAM they were filled for.
+            self.tlb.flush();
+        }
         let exit = self.run_blocks(bus, &mut blocks, until_icount);
         self.blocks = blocks;
         exit

@@ -129,6 +129,80 @@ fn code_written_by_a_device_style_host_write_is_seen() {
     assert_eq!(m.x(A0), 2);
 }
 
+#[test]
+fn a_store_to_the_very_next_instruction_is_seen_by_it() {
+    // 0: sw zero, 256(a4)      a store to the code page, so the next one is a fast one
+    // 4: sw a3, 8(a4)          rewrites 8 before it runs
+    // 8: addi a0, zero, 1      -> addi a0, zero, 7
+    let mut m = Machine::with_code(&[sw(ZERO, A4, 256), sw(A3, A4, 8), addi(A0, ZERO, 1)]);
+    m.set_x(A3, addi(A0, ZERO, 7) as u64);
+    m.set_x(A4, CODE);
+    m.run(3);
+    assert_eq!(m.x(A0), 7);
+}
+
+#[test]
+fn a_store_ahead_in_straight_line_code_is_seen_when_execution_gets_there() {
+    // The rewritten instruction is three instructions after the store, with no branch
+    // in between: a decoder that looked ahead must look again.
+    let words =
+        [sw(ZERO, A4, 256), sw(A3, A4, 20), addi(A1, ZERO, 1), addi(A1, A1, 1), addi(A1, A1, 1), addi(A0, ZERO, 1)];
+    let mut m = Machine::with_code(&words);
+    m.set_x(A3, addi(A0, ZERO, 42) as u64);
+    m.set_x(A4, CODE);
+    m.run(6);
+    assert_eq!((m.x(A0), m.x(A1)), (42, 3));
+}
+
+#[test]
+fn code_in_ram_put_in_place_of_the_old_is_seen() {
+    let mut m = Machine::with_code(&[addi(A0, ZERO, 1), jal(ZERO, -4)]);
+    m.run(2);
+    let mut other = rv64::GuestRam::new(RAM_BASE, RAM_SIZE);
+    other.write(CODE, &addi(A0, ZERO, 2).to_le_bytes()).unwrap();
+    m.bus.ram = other;
+    m.run(1);
+    assert_eq!(m.x(A0), 2);
+}
+
+/// A loop of loads, stores and arithmetic, left after 40 rounds.
+fn busy_loop() -> Machine {
+    let mut m = Machine::new();
+    m.load(
+        CODE,
+        &[
+            ld(A1, A0, 0),
+            addi(A1, A1, 3),
+            sd(A1, A0, 8),
+            mul(A2, A1, A1),
+            xor(A3, A3, A2),
+            sb(A3, A0, 17),
+            addi(A0, A0, 8),
+            addi(A4, A4, -1),
+            bne(A4, ZERO, -32),
+            jal(ZERO, 0),
+        ],
+    );
+    m.set_x(A0, DATA);
+    m.set_x(A4, 40);
+    m
+}
+
+#[test]
+fn how_a_run_is_split_never_changes_the_state_at_an_icount() {
+    let total = 9 * 40 + 5;
+    let mut whole = busy_loop();
+    whole.run(total);
+    for slice in [1, 2, 3, 7, 10, 11] {
+        let mut split = busy_loop();
+        while split.hart.state.icount < total {
+            split.run(slice.min(total - split.hart.state.icount));
+        }
+        assert_eq!(split.hart.state, whole.hart.state, "runs of {slice}");
+        assert_eq!(split.read_bytes(DATA, 512), whole.read_bytes(DATA, 512), "runs of {slice}");
+    }
+}
+
 // ---------------------------------------------------------------- fetch
 
 #[test]
