@@ -59,9 +59,8 @@ impl Topology {
     pub fn create(prefix: &str) -> Result<Topology> {
         require_root()?;
         let mut topo = Topology { prefix: prefix.to_string(), created: Vec::new() };
-        topo.build().map_err(|e| {
+        topo.build().inspect_err(|_| {
             topo.destroy();
-            e
         })?;
         Ok(topo)
     }

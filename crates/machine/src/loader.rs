@@ -15,7 +15,7 @@ const HEADER_LEN: usize = 64;
 /// "RSC\x05", the header's magic2 field.
 const MAGIC2: u32 = 0x0543_5352;
 /// "RISCV\0\0\0", the header's deprecated magic field (still written by Linux).
-const MAGIC: u64 = 0x5643_5352_49;
+const MAGIC: u64 = 0x0056_4353_5249;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LoadError {

@@ -165,7 +165,7 @@ impl Machine {
         if size > MAX_RAM_BYTES {
             return Err(MachineError::RamTooLarge { size, max: MAX_RAM_BYTES });
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(MachineError::RamUnaligned { size });
         }
         let kernel_path = &config.kernel;

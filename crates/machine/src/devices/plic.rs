@@ -65,7 +65,7 @@ impl Plic {
     }
 
     pub fn read(&mut self, offset: u64, size: u8) -> Result<u64, AccessError> {
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             return Err(AccessError);
         }
         let s = &self.state;
@@ -117,7 +117,7 @@ impl Plic {
     }
 
     pub fn write(&mut self, offset: u64, size: u8, value: u64) -> Result<(), AccessError> {
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             return Err(AccessError);
         }
         let v = value as u32;

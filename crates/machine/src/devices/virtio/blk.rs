@@ -253,7 +253,7 @@ impl Blk {
     fn transfer_range(&self, sector: u64, len_bytes: u64) -> Option<(u64, u64)> {
         let count = len_bytes / SECTOR_SIZE_BYTES;
         let on_disk = sector.checked_add(count).is_some_and(|end| end <= self.capacity_sectors);
-        (len_bytes % SECTOR_SIZE_BYTES == 0 && on_disk).then(|| (sector * SECTOR_SIZE_BYTES, len_bytes))
+        (len_bytes.is_multiple_of(SECTOR_SIZE_BYTES) && on_disk).then(|| (sector * SECTOR_SIZE_BYTES, len_bytes))
     }
 
     fn read_request(

@@ -169,7 +169,7 @@ impl VirtioMmio {
         if offset >= reg::CONFIG {
             return self.read_config(offset - reg::CONFIG, size);
         }
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             return Err(AccessError);
         }
         let selected = self.queues.get(self.queue_sel as usize);
@@ -217,7 +217,7 @@ impl VirtioMmio {
         if offset >= reg::CONFIG {
             return if matches!(size, 1 | 2 | 4 | 8) { Ok(()) } else { Err(AccessError) };
         }
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             return Err(AccessError);
         }
         let v = value as u32;
