@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Limits on what a client may send.
@@ -63,13 +65,22 @@ pub struct ControlRequest {
     pub reply: Sender<Reply>,
 }
 
-/// The listening socket; removed when dropped.
+/// The listening socket; removed when dropped, once the answers being written (say,
+/// to the `stop` that ends the VM) have gone out.
 pub struct ApiServer {
     path: PathBuf,
+    in_flight: Arc<AtomicUsize>,
 }
+
+/// How long dropping the server waits for answers still being written.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -83,15 +94,20 @@ pub fn serve(path: &Path, events: Sender<HostEvent>) -> Result<ApiServer> {
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path).with_context(|| format!("cannot create API socket {}", path.display()))?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let counter = in_flight.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let events = events.clone();
+            let counter = counter.clone();
+            counter.fetch_add(1, Ordering::AcqRel);
             std::thread::spawn(move || {
                 let _ = handle_connection(stream, &events);
+                counter.fetch_sub(1, Ordering::AcqRel);
             });
         }
     });
-    Ok(ApiServer { path: path.to_path_buf() })
+    Ok(ApiServer { path: path.to_path_buf(), in_flight })
 }
 
 fn handle_connection(mut stream: UnixStream, events: &Sender<HostEvent>) -> std::io::Result<()> {

@@ -118,3 +118,37 @@ fn a_second_vm_cannot_take_a_socket_in_use() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another running VM"));
 }
+
+#[test]
+fn a_backup_answers_status_and_stop_and_refuses_what_needs_a_running_vm() {
+    let dir = std::env::temp_dir().join(format!("ftvm-api-backup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, lease, socket) = (dir.join("key"), dir.join("lease"), dir.join("api.sock"));
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let mut child = ftvm()
+        .args(["backup", "--listen", "127.0.0.1:0", "--key"])
+        .arg(&key)
+        .arg("--lease")
+        .arg(&lease)
+        .arg("--api")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the backup's API socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctl = |verb: &str| ftvm().arg("ctl").arg("--api").arg(&socket).arg(verb).output().unwrap();
+    let status = ctl("status");
+    let body: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!((body["role"].as_str(), body["primary_connected"].as_bool()), (Some("backup"), Some(false)));
+    assert!(body["applied_epoch"].is_null(), "no checkpoint yet");
+    let pause = ctl("pause");
+    assert_eq!(pause.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&pause.stderr).contains("this replica is a backup"));
+    assert!(ctl("stop").status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -55,6 +55,30 @@ enum ToBackup {
     Accepted(TcpStream),
     Bytes { conn: u64, bytes: Vec<u8> },
     Closed { conn: u64 },
+    Control(crate::api::ControlRequest),
+}
+
+/// Answer the control API while this replica is a backup: it holds a checkpoint and
+/// does not run, so only status and stop apply.
+fn answer_as_backup(request: crate::api::ControlRequest, backup: &Backup, machine: &Machine, connected: bool) -> bool {
+    use crate::api::{Command, Reply};
+    let (reply, stop) = match request.command {
+        Command::Status => (
+            Reply::ok(serde_json::json!({
+                "state": "waiting",
+                "role": "backup",
+                "mode": "checkpoint",
+                "primary_connected": connected,
+                "applied_epoch": backup.applied().map(|id| id.epoch),
+                "icount": machine.icount(),
+            })),
+            false,
+        ),
+        Command::Stop => (Reply::ok(serde_json::json!({ "state": "stopped" })), true),
+        _ => (Reply::error(409, "this replica is a backup: it holds a checkpoint and does not run until it takes over"), false),
+    };
+    let _ = request.reply.send(reply);
+    stop
 }
 
 pub fn run(args: BackupArgs) -> Result<i32> {
@@ -73,6 +97,22 @@ pub fn run(args: BackupArgs) -> Result<i32> {
     let mut lease = FileLease::new(&args.lease);
     let (tx, rx) = mpsc::channel();
     spawn_acceptor(listener, tx.clone());
+    // The API answers as a backup now, and as the live VM after a takeover.
+    let (api_tx, api_rx) = mpsc::channel::<HostEvent>();
+    let api_server = match &args.vm.api {
+        Some(path) => Some(crate::api::serve(path, api_tx.clone())?),
+        None => None,
+    };
+    let forward = tx.clone();
+    std::thread::spawn(move || {
+        for event in api_rx {
+            if let HostEvent::Control(request) = event {
+                if forward.send(ToBackup::Control(request)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
     eprintln!("ftvm backup: waiting for a primary on {addr}");
 
     let mut conn: Option<TcpStream> = None;
@@ -106,6 +146,13 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             Ok(ToBackup::Closed { conn: id }) if id == conn_id && conn.is_some() => {
                 conn = None;
                 backup.step(BackupEvent::Disconnected)
+            }
+            Ok(ToBackup::Control(request)) => {
+                if answer_as_backup(request, &backup, &machine, conn.is_some()) {
+                    eprintln!("ftvm backup: stopped through the control API");
+                    return Ok(0);
+                }
+                Vec::new()
             }
             Ok(_) | Err(RecvTimeoutError::Timeout) => Vec::new(),
             Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the listener stopped"),
@@ -159,6 +206,7 @@ pub fn run(args: BackupArgs) -> Result<i32> {
                     if let Some(c) = conn.take() {
                         let _ = c.shutdown(std::net::Shutdown::Both);
                     }
+                    drop(api_server); // the live VM serves the API from here on
                     return go_live(machine, &args, lease, holder, term);
                 }
             }
