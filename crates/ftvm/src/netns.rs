@@ -21,10 +21,23 @@ pub fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Namespaces need root; say so plainly instead of failing on the first `ip`.
+/// Namespaces need root; say so plainly instead of failing on the first `ip`. On a
+/// fresh machine `ip` itself may be missing: install iproute2 then, as the guest image
+/// build installs its own tools.
 pub fn require_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("this needs root: it creates network namespaces, a bridge and TAP devices (try sudo)");
+    }
+    let has_ip = Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !has_ip {
+        eprintln!("ftvm: installing iproute2 (for `ip`) with apt-get");
+        let installed = Command::new("sh")
+            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null"])
+            .status()
+            .context("cannot run apt-get")?;
+        if !installed.success() {
+            bail!("`ip` is missing and installing iproute2 failed; install it and try again");
+        }
     }
     Ok(())
 }
