@@ -1,6 +1,6 @@
 //! The hart: architectural state ([`HartState`], plain data), the caches that make it
-//! fast (decode cache, TLB — never part of the state), the run loop, traps, interrupts
-//! and timers.
+//! fast (decoded blocks, TLB — never part of the state), the run loop, traps,
+//! interrupts and timers.
 //!
 //! Time is a function of the instruction count: `time = icount / icount_per_tick +
 //! time_offset_ticks`. The layer above advances `time_offset_ticks` when the hart idles
@@ -146,7 +146,7 @@ pub struct Hart {
     /// before the next instruction. Checking only then is exactly equivalent to
     /// checking before every instruction, and much cheaper.
     pub(crate) irq_dirty: bool,
-    /// pc of the next instruction, set by `execute`.
+    /// Where a taken branch, a jump or an xRET goes (see [`crate::exec::Flow`]).
     pub(crate) next_pc: u64,
     /// `data_tag_bits()` for the block being run.
     pub(crate) data_tag_bits: u64,
@@ -322,8 +322,10 @@ impl Hart {
     fn run_blocks(&mut self, bus: &mut impl Bus, blocks: &mut BlockCache, until_icount: u64) -> Exit {
         loop {
             // The budget is checked first: each iteration below (interrupt check, then
-            // one instruction) is indivisible, so how a run is split into `run` calls
-            // can never change what happens at a given icount.
+            // instructions up to the budget, stopping after any that could make an
+            // interrupt deliverable) behaves exactly as if the interrupt check ran
+            // before every instruction, so how a run is split into `run` calls can
+            // never change what happens at a given icount.
             if self.state.icount >= until_icount {
                 return Exit::Budget;
             }
@@ -344,7 +346,7 @@ impl Hart {
                     self.state.wfi = false;
                 }
             }
-            // Neither the budget nor a timer deadline falls inside the block (the
+            // Neither the budget nor a timer deadline may fall inside what runs now (the
             // deadline, when due, was handled above, so it lies ahead).
             let limit = until_icount.min(self.timer_deadline_icount) - self.state.icount;
             match self.run_chain(bus, blocks, limit) {

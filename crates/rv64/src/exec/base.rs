@@ -102,8 +102,9 @@ impl Hart {
             Sllw => sext32(((a as u32) << (b & 31)) as u64),
             Srlw => sext32(((a as u32) >> (b & 31)) as u64),
             Sraw => ((a as i32) >> (b & 31)) as i64 as u64,
-            // One hart and no caches: memory is always coherent, and the decode cache
-            // sees every write to a page it holds code from, so fences have nothing to do.
+            // One hart and no caches: memory is always coherent, and the decoded-block
+            // cache sees every write to a page it holds code from, so fences have
+            // nothing to do.
             Fence | FenceI => return Ok(Flow::Next),
         };
         self.set_x(rd, v);
