@@ -177,7 +177,7 @@ impl Hart {
             MIP => self.mip_read(),
             // PMP: no physical memory protection is implemented; the registers read as
             // zero and ignore writes (WARL), which the spec allows.
-            0x3a0..=0x3af | 0x3b0..=0x3ef => 0,
+            0x3a0..=0x3ef => 0,
             // Debug/trigger registers: tselect reads back a value that no trigger takes.
             0x7a0 => 1,
             0x7a1..=0x7a3 => 0,

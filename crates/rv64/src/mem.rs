@@ -52,8 +52,8 @@ impl std::fmt::Debug for GuestRam {
 impl GuestRam {
     /// RAM of `size_bytes` (a multiple of the page size) at physical `base`.
     pub fn new(base: u64, size_bytes: u64) -> Self {
-        assert!(size_bytes % PAGE_SIZE == 0, "RAM size must be page aligned");
-        assert!(base % PAGE_SIZE == 0, "RAM base must be page aligned");
+        assert!(size_bytes.is_multiple_of(PAGE_SIZE), "RAM size must be page aligned");
+        assert!(base.is_multiple_of(PAGE_SIZE), "RAM base must be page aligned");
         let pages = (size_bytes / PAGE_SIZE) as usize;
         GuestRam {
             base,

@@ -323,7 +323,7 @@ impl Hart {
 
     /// Translate for an AMO/SC (store permission, natural alignment required).
     pub(crate) fn check_amo_address(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize) -> Result<(), Exception> {
-        if vaddr % n as u64 != 0 {
+        if !vaddr.is_multiple_of(n as u64) {
             return Err(Exception::StoreMisaligned(vaddr));
         }
         self.data_target(bus, vaddr, Access::Store).map(|_| ())

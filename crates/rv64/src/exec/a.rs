@@ -16,7 +16,7 @@ impl Hart {
         let sext = |v: u64| if word { v as i32 as i64 as u64 } else { v };
         match op {
             LrW | LrD => {
-                if addr % n as u64 != 0 {
+                if !addr.is_multiple_of(n as u64) {
                     return Err(Exception::LoadMisaligned(addr));
                 }
                 let v = self.load(bus, addr, n)?;
