@@ -187,8 +187,12 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
         "/resume" => Command::Resume,
         "/stop" => Command::Stop,
         "/snapshot" => {
-            let value: Value = serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
-            let path = value.get("path").and_then(Value::as_str).ok_or_else(|| Reply::error(400, "body needs {\"path\": \"FILE\"}"))?;
+            let value: Value =
+                serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
+            let path = value
+                .get("path")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Reply::error(400, "body needs {\"path\": \"FILE\"}"))?;
             Command::Snapshot { path: PathBuf::from(path) }
         }
         _ => return Err(Reply::error(404, format!("no such resource {target}; see `ftvm ctl --help`"))),
@@ -212,23 +216,36 @@ fn write_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
         504 => "Gateway Timeout",
         _ => "Error",
     };
-    write!(stream, "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", reply.status, body.len())?;
+    write!(
+        stream,
+        "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reply.status,
+        body.len()
+    )?;
     stream.write_all(&body)?;
     stream.flush()
 }
 
 /// The client side: send one request and return the reply.
 pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
-    let mut stream = UnixStream::connect(socket).with_context(|| format!("cannot connect to the API socket {} (is the VM running with --api?)", socket.display()))?;
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!("cannot connect to the API socket {} (is the VM running with --api?)", socket.display())
+    })?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT + IO_TIMEOUT))?;
     let (method, target, body) = match command {
         Command::Status => ("GET", "/status", Vec::new()),
         Command::Pause => ("PUT", "/pause", Vec::new()),
         Command::Resume => ("PUT", "/resume", Vec::new()),
         Command::Stop => ("PUT", "/stop", Vec::new()),
-        Command::Snapshot { path } => ("PUT", "/snapshot", serde_json::to_vec(&json!({ "path": path })).expect("serializes")),
+        Command::Snapshot { path } => {
+            ("PUT", "/snapshot", serde_json::to_vec(&json!({ "path": path })).expect("serializes"))
+        }
     };
-    write!(stream, "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
     stream.write_all(&body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).context("cannot read the API's answer")?;
@@ -238,8 +255,16 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
 fn parse_response(response: &[u8]) -> Result<Reply> {
     let text = String::from_utf8_lossy(response);
     let (head, body) = text.split_once("\r\n\r\n").context("malformed answer from the API (no header end)")?;
-    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed answer from the API (no status)")?;
-    let body = if body.is_empty() { Value::Null } else { serde_json::from_str(body).context("the API's answer is not JSON")? };
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed answer from the API (no status)")?;
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).context("the API's answer is not JSON")?
+    };
     Ok(Reply { status, body })
 }
 

@@ -57,7 +57,8 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     let BenchKind::Replication(args) = kind;
     crate::netns::require_root()?;
     crate::guest_image::ensure()?;
-    let dir = args.logs.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id())));
+    let dir =
+        args.logs.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let topo = Topology::create(&format!("ftvm-bench-{}", std::process::id()))?;
     let configs: Vec<Option<u64>> = std::iter::once(None).chain(args.epochs.iter().copied().map(Some)).collect();
@@ -112,14 +113,29 @@ fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, 
     let lease_s = lease.display().to_string();
     let backup = match epoch_ms {
         Some(_) => {
-            let args = strings(&["backup", "--listen", &listen, "--key", &key_s, "--lease", &lease_s, "--net", "tap:tap0"]);
-            Some(spawn_in(&topo.backup_ns(), &args, &dir.join(format!("backup-{}.log", epoch_ms.unwrap_or(0))), "backup")?)
+            let args =
+                strings(&["backup", "--listen", &listen, "--key", &key_s, "--lease", &lease_s, "--net", "tap:tap0"]);
+            Some(spawn_in(
+                &topo.backup_ns(),
+                &args,
+                &dir.join(format!("backup-{}.log", epoch_ms.unwrap_or(0))),
+                "backup",
+            )?)
         }
         None => None,
     };
     let mut args = strings(&["run", "--net", "tap:tap0", "--api", &sock.display().to_string()]);
     if let Some(e) = epoch_ms {
-        args.extend(strings(&["--replicate-to", &listen, "--key", &key_s, "--lease", &lease_s, "--epoch-ms", &e.to_string()]));
+        args.extend(strings(&[
+            "--replicate-to",
+            &listen,
+            "--key",
+            &key_s,
+            "--lease",
+            &lease_s,
+            "--epoch-ms",
+            &e.to_string(),
+        ]));
         args.extend(strings(&["--verify-every", &verify_every.to_string()]));
     }
     args.extend(strings(&["--", "sh", "-c", WORKLOAD]));
@@ -166,7 +182,8 @@ fn wait_for_line(log: &Path, needle: &str, limit: Duration, primary: &mut Proc) 
 
 /// Run `f` on a thread inside namespace `ns` (setns changes only that thread).
 fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("cannot open namespace {ns}"))?;
+    let netns =
+        std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("cannot open namespace {ns}"))?;
     let handle = std::thread::spawn(move || -> Result<T> {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("cannot enter the client namespace")?;
         f()
@@ -208,7 +225,10 @@ fn print_table(rows: &[(String, Figures)]) {
         "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}",
         "config", "workload_s", "normalized", "pause_avg", "pause_max", "link", "latency", "added", "failover"
     );
-    println!("{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}", "", "", "perf", "ms", "ms", "MB/s", "ms (p50)", "ms", "s");
+    println!(
+        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}",
+        "", "", "perf", "ms", "ms", "MB/s", "ms (p50)", "ms", "s"
+    );
     for (name, f) in rows {
         println!(
             "{:<14} {:>10.2} {:>10.2} {:>11} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",

@@ -105,7 +105,12 @@ impl Session {
 }
 
 enum ClientEvent {
-    Answer { at: Duration, counter: u64, latency: Duration, session: bool },
+    Answer {
+        at: Duration,
+        counter: u64,
+        latency: Duration,
+        session: bool,
+    },
     Failure,
     SessionOpened,
     /// The long-lived TCP connection broke: what the demo exists to show cannot happen.
@@ -115,8 +120,13 @@ enum ClientEvent {
 /// The client: a thread that enters the client namespace and counts, over HTTP and
 /// over one long-lived session, until told to stop. It is sequential, so every answer
 /// must be larger than the one before.
-fn spawn_client(ns: &str, events: mpsc::Sender<ClientEvent>, stop: mpsc::Receiver<()>) -> Result<std::thread::JoinHandle<()>> {
-    let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("cannot open namespace {ns}"))?;
+fn spawn_client(
+    ns: &str,
+    events: mpsc::Sender<ClientEvent>,
+    stop: mpsc::Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let netns =
+        std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("cannot open namespace {ns}"))?;
     Ok(std::thread::spawn(move || {
         // setns changes only this thread's namespace.
         if nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
@@ -129,7 +139,9 @@ fn spawn_client(ns: &str, events: mpsc::Sender<ClientEvent>, stop: mpsc::Receive
         while stop.try_recv().is_err() {
             let asked = Instant::now();
             let event = match count_once(http, Duration::from_secs(5)) {
-                Ok(counter) => ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: false },
+                Ok(counter) => {
+                    ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: false }
+                }
                 Err(_) => {
                     std::thread::sleep(Duration::from_millis(100));
                     ClientEvent::Failure
@@ -148,7 +160,9 @@ fn spawn_client(ns: &str, events: mpsc::Sender<ClientEvent>, stop: mpsc::Receive
             if let Some(s) = &mut session {
                 let asked = Instant::now();
                 let event = match s.count() {
-                    Ok(counter) => ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: true },
+                    Ok(counter) => {
+                        ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: true }
+                    }
                     Err(e) => ClientEvent::SessionBroken(format!("{e:#}")),
                 };
                 let broken = matches!(event, ClientEvent::SessionBroken(_));
@@ -194,9 +208,18 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     // A whole-machine digest check about once a second: a backup that ever diverges
     // says so in its log, and the demo fails.
     primary_args.extend(["--verify-every".into(), "40".into()]);
-    primary_args.extend(["--api".into(), dir.join("primary.sock").display().to_string(), "--".into(), "/usr/share/ftvm/counter-httpd".into()]);
+    primary_args.extend([
+        "--api".into(),
+        dir.join("primary.sock").display().to_string(),
+        "--".into(),
+        "/usr/share/ftvm/counter-httpd".into(),
+    ]);
     let mut primary = spawn_in(&topo.primary_ns(), &primary_args, &dir.join("primary.log"), "primary")?;
-    println!("ftvm demo: primary booting Debian with counter-httpd, replicating every {} ms (log: {})", args.epoch_ms, dir.join("primary.log").display());
+    println!(
+        "ftvm demo: primary booting Debian with counter-httpd, replicating every {} ms (log: {})",
+        args.epoch_ms,
+        dir.join("primary.log").display()
+    );
 
     let (tx, rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel();
@@ -234,7 +257,11 @@ struct Summary {
 
 impl Summary {
     fn passed(&self) -> bool {
-        let common = !self.diverged && self.went_backwards.is_none() && self.session_broken.is_none() && self.session_answers_after_fault > 0 && self.answers_after_fault > 0;
+        let common = !self.diverged
+            && self.went_backwards.is_none()
+            && self.session_broken.is_none()
+            && self.session_answers_after_fault > 0
+            && self.answers_after_fault > 0;
         match self.partition {
             false => common && self.takeover.is_some(),
             true => common && !self.backup_went_live && self.resynchronized,
@@ -244,7 +271,10 @@ impl Summary {
     fn report(&self) -> String {
         let mut lines = vec![format!("ftvm demo: {} answers, last counter {}", self.answers, self.last)];
         lines.push(match self.went_backwards {
-            None => "  counter never went backwards: every answer the client got is reflected in the guest that carried on".into(),
+            None => {
+                "  counter never went backwards: every answer the client got is reflected in the guest that carried on"
+                    .into()
+            }
             Some((after, before)) => format!("  FAILED: the counter went backwards ({after} after {before})"),
         });
         lines.push(match (&self.session_broken, self.session_answers_after_fault) {
@@ -252,13 +282,27 @@ impl Summary {
             (None, _) => "  FAILED: the TCP session gave no answer after the fault".into(),
             (Some(e), _) => format!("  FAILED: the client's TCP session broke: {e}"),
         });
-        lines.push(if self.diverged { "  FAILED: a checkpoint's digest check failed on the backup (see its log)".into() } else { "  every verified checkpoint matched the primary's digest".into() });
+        lines.push(if self.diverged {
+            "  FAILED: a checkpoint's digest check failed on the backup (see its log)".into()
+        } else {
+            "  every verified checkpoint matched the primary's digest".into()
+        });
         if self.partition {
-            lines.push(if self.backup_went_live { "  FAILED: the backup went live while the primary was alive".into() } else { "  exactly one side stayed live: the primary (the lease holder)".into() });
-            lines.push(if self.resynchronized { "  the backup caught up once the link was back".into() } else { "  FAILED: the backup did not catch up after the link came back".into() });
+            lines.push(if self.backup_went_live {
+                "  FAILED: the backup went live while the primary was alive".into()
+            } else {
+                "  exactly one side stayed live: the primary (the lease holder)".into()
+            });
+            lines.push(if self.resynchronized {
+                "  the backup caught up once the link was back".into()
+            } else {
+                "  FAILED: the backup did not catch up after the link came back".into()
+            });
         } else {
             lines.push(match self.takeover {
-                Some(t) => format!("  takeover: {:.2} s from SIGKILL to the first answer from the backup", t.as_secs_f64()),
+                Some(t) => {
+                    format!("  takeover: {:.2} s from SIGKILL to the first answer from the backup", t.as_secs_f64())
+                }
                 None => "  FAILED: the backup never answered".into(),
             });
         }
@@ -268,7 +312,13 @@ impl Summary {
 }
 
 /// Watch the client; kill (or cut off) the primary midway; report.
-fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, topo: &Topology, dir: &Path) -> Result<Summary> {
+fn drive(
+    args: &DemoArgs,
+    rx: &mpsc::Receiver<ClientEvent>,
+    primary: &mut Proc,
+    topo: &Topology,
+    dir: &Path,
+) -> Result<Summary> {
     let mut summary = Summary { partition: args.partition, ..Summary::default() };
     let boot_deadline = Instant::now() + Duration::from_secs(300);
     let mut first_answer: Option<Instant> = None;
@@ -307,7 +357,11 @@ fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, 
                 summary.answers += 1;
                 if last_print.elapsed() >= Duration::from_secs(1) {
                     last_print = Instant::now();
-                    println!("  t={:5.1}s  counter {counter:5}  ({} ms per request)", at.as_secs_f64(), latency.as_millis());
+                    println!(
+                        "  t={:5.1}s  counter {counter:5}  ({} ms per request)",
+                        at.as_secs_f64(),
+                        latency.as_millis()
+                    );
                 }
             }
             Some(ClientEvent::SessionOpened) => {
@@ -325,7 +379,10 @@ fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, 
                 if let (Some(fault), None, false) = (fault_at, summary.takeover, args.partition) {
                     if last_print.elapsed() >= Duration::from_secs(1) {
                         last_print = Instant::now();
-                        println!("  ... waiting for the backup ({:.1} s since the kill)", fault.elapsed().as_secs_f64());
+                        println!(
+                            "  ... waiting for the backup ({:.1} s since the kill)",
+                            fault.elapsed().as_secs_f64()
+                        );
                     }
                 }
             }
@@ -336,7 +393,11 @@ fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, 
                     println!("ftvm demo: cutting the replication link both ways at counter {}", summary.last);
                     topo.set_replication_link(false)?;
                 } else {
-                    println!("ftvm demo: killing the primary (SIGKILL, pid {}) at counter {}", primary.child.id(), summary.last);
+                    println!(
+                        "ftvm demo: killing the primary (SIGKILL, pid {}) at counter {}",
+                        primary.child.id(),
+                        summary.last
+                    );
                     let _ = primary.child.kill();
                     let _ = primary.child.wait();
                 }
@@ -355,7 +416,8 @@ fn drive(args: &DemoArgs, rx: &mpsc::Receiver<ClientEvent>, primary: &mut Proc, 
     }
     summary.diverged = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("diverged");
     if args.partition {
-        summary.backup_went_live = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("taking over");
+        summary.backup_went_live =
+            std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("taking over");
         println!("ftvm demo: restoring the replication link");
         topo.set_replication_link(true)?;
         summary.resynchronized = wait_for_backup(&dir.join("primary.sock"), Duration::from_secs(30));

@@ -43,7 +43,9 @@ pub enum Clock {
 /// How the run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    PowerOff { code: u32 },
+    PowerOff {
+        code: u32,
+    },
     Reset,
     /// The user pressed Ctrl-A x.
     Quit,
@@ -120,7 +122,19 @@ struct CheckpointTotals {
 
 impl Replication {
     pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
-        Replication { handle, epoch_ms, epoch: 0, last_epoch_at: Instant::now(), held: replica::OutputBuffer::new(usize::MAX), last: None, outputs_this_epoch: false, totals: CheckpointTotals::default(), started: Instant::now(), precopy: None, verify_every: 0 }
+        Replication {
+            handle,
+            epoch_ms,
+            epoch: 0,
+            last_epoch_at: Instant::now(),
+            held: replica::OutputBuffer::new(usize::MAX),
+            last: None,
+            outputs_this_epoch: false,
+            totals: CheckpointTotals::default(),
+            started: Instant::now(),
+            precopy: None,
+            verify_every: 0,
+        }
     }
 }
 
@@ -287,7 +301,12 @@ impl Driver {
             t.pages += pages as u64;
         }
         let icount = self.machine.icount();
-        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind: if built_full { replica::CheckpointKind::Full } else { replica::CheckpointKind::Incremental }, payload });
+        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint {
+            epoch,
+            icount,
+            kind: if built_full { replica::CheckpointKind::Full } else { replica::CheckpointKind::Incremental },
+            payload,
+        });
         r.epoch = epoch;
         r.last_epoch_at = Instant::now();
         if !shared.streaming {
@@ -340,7 +359,10 @@ impl Driver {
                 self.paused = false;
                 (Reply::ok(serde_json::json!({ "state": "running", "icount": self.machine.icount() })), None)
             }
-            Command::Stop => (Reply::ok(serde_json::json!({ "state": "stopped", "icount": self.machine.icount() })), Some(Outcome::Stopped)),
+            Command::Stop => (
+                Reply::ok(serde_json::json!({ "state": "stopped", "icount": self.machine.icount() })),
+                Some(Outcome::Stopped),
+            ),
             Command::Snapshot { path } => (self.snapshot(path), None),
         };
         let _ = request.reply.send(reply);
@@ -428,7 +450,9 @@ impl Driver {
             (Clock::Fast, Some(_)) => Some(Duration::ZERO),
             (Clock::Realtime, Some(d)) => {
                 let wall = self.wall_ticks();
-                Some(Duration::from_nanos((d.saturating_sub(wall) as u128 * 1_000_000_000 / TIMEBASE_HZ as u128) as u64))
+                Some(Duration::from_nanos(
+                    (d.saturating_sub(wall) as u128 * 1_000_000_000 / TIMEBASE_HZ as u128) as u64,
+                ))
             }
             (_, None) if !self.events_possible => return Ok(Some(Outcome::Hung)),
             (_, None) => None,

@@ -28,11 +28,14 @@ const FALLBACK_CMDLINE: &str = "console=ttyS0 earlycon=sbi quiet cryptomgr.notes
 pub fn ensure() -> Result<DefaultImage> {
     let dir = guest_dir();
     let out = dir.join("out");
-    let image = DefaultImage { kernel: out.join("Image"), initrd: out.join("initramfs.cpio.gz"), cmdline: String::new() };
+    let image =
+        DefaultImage { kernel: out.join("Image"), initrd: out.join("initramfs.cpio.gz"), cmdline: String::new() };
     if !image.kernel.exists() || !image.initrd.exists() {
         build(&dir)?;
     }
-    let cmdline = std::fs::read_to_string(out.join("cmdline")).map(|s| s.trim().to_string()).unwrap_or_else(|_| FALLBACK_CMDLINE.to_string());
+    let cmdline = std::fs::read_to_string(out.join("cmdline"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| FALLBACK_CMDLINE.to_string());
     Ok(DefaultImage { cmdline, ..image })
 }
 
@@ -43,7 +46,10 @@ fn build(dir: &std::path::Path) -> Result<()> {
         bail!("the default guest image is missing and {} does not exist; pass --kernel and --initrd", script.display());
     }
     let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} building the guest image ({elapsed}): {msg}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} building the guest image ({elapsed}): {msg}")
+            .expect("valid template"),
+    );
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar.set_message("starting");
     let mut child = Command::new("bash")

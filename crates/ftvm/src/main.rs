@@ -8,9 +8,9 @@ mod demo;
 mod driver;
 mod guest_image;
 mod host;
+mod model_cmd;
 mod netns;
 mod replicate;
-mod model_cmd;
 mod run_cmd;
 mod snapshot_cmd;
 

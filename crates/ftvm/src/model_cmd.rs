@@ -355,7 +355,11 @@ fn nv(a: &NvArgs) -> Answer {
 
 fn parallel(a: &ParallelArgs) -> Result<Answer> {
     let (node, label, n_json) = match (a.rm.as_slice(), a.n) {
-        ([rm], Some(n)) => (models::parallel(a.rh, a.rv, *rm, n)?, format!("{n} identical VMs in parallel on one hypervisor: R = R_H·R_V·(1 − (1 − R_M)^n)"), n),
+        ([rm], Some(n)) => (
+            models::parallel(a.rh, a.rv, *rm, n)?,
+            format!("{n} identical VMs in parallel on one hypervisor: R = R_H·R_V·(1 − (1 − R_M)^n)"),
+            n,
+        ),
         ([_], None) => bail!("--n (the number of VMs) is needed with a single --rm; or give one --rm per VM"),
         (rms, n) => {
             if let Some(n) = n.filter(|&n| n != rms.len() as u64) {
@@ -413,10 +417,14 @@ fn move_function(a: &MoveArgs) -> Result<Answer> {
 
 fn vote(a: &VoteArgs) -> Result<Answer> {
     let k = a.k.unwrap_or(a.n / 2 + 1);
-    let node = if (k, a.n) == (2, 3) { models::vote_2of3(a.rh, a.rv, a.rm) } else { models::vote(a.rh, a.rv, a.rm, k, a.n)? };
+    let node =
+        if (k, a.n) == (2, 3) { models::vote_2of3(a.rh, a.rv, a.rm) } else { models::vote(a.rh, a.rv, a.rm, k, a.n)? };
     let bare = models::non_virtualized(a.rh, a.rm);
     let min_rv = bounds::min_rv_vote(a.rm, k, a.n)?;
-    let mut text = format!("{k}-of-{} voting in the monitor: R = R_H·R_V·Σ_{{i={k}..{}}} C(n,i)·R_M^i·(1 − R_M)^(n−i)\n", a.n, a.n);
+    let mut text = format!(
+        "{k}-of-{} voting in the monitor: R = R_H·R_V·Σ_{{i={k}..{}}} C(n,i)·R_M^i·(1 − R_M)^(n−i)\n",
+        a.n, a.n
+    );
     push_reliability(&mut text, "node", node);
     push_comparison(&mut text, node, bare);
     let _ = writeln!(text, "voting pays off {}", threshold_text("R_V", min_rv));
@@ -439,9 +447,11 @@ fn eval(a: &EvalArgs) -> Result<Answer> {
     for block in &a.blocks {
         spec.define(block)?;
     }
-    let expr = a.expr.clone().or_else(|| spec.system.clone()).ok_or_else(|| {
-        anyhow!("no system to evaluate: give an expression, or a --file with `system = \"...\"`")
-    })?;
+    let expr = a
+        .expr
+        .clone()
+        .or_else(|| spec.system.clone())
+        .ok_or_else(|| anyhow!("no system to evaluate: give an expression, or a --file with `system = \"...\"`"))?;
     let system = Block::parse(&expr)?;
     spec.check_names(&system)?;
     let env = spec.resolve()?;
@@ -468,13 +478,16 @@ fn availability(a: &AvailabilityArgs) -> Result<Answer> {
     let coverage = a.coverage.or(from_file(|m| m.coverage)).ok_or_else(|| {
         anyhow!("no coverage: give --coverage, or --results with coverage or injected/recovered counts")
     })?;
-    let recovery_time_s = a.recovery_time.or(from_file(|m| m.recovery_time_s)).ok_or_else(|| {
-        anyhow!("no recovery time: give --recovery-time, or --results with recovery_time_s")
-    })?;
-    let mttf_s = a.mttf.or(a.failure_rate.map(|rate| 1.0 / rate)).ok_or_else(|| anyhow!("give --mttf or --failure-rate"))?;
+    let recovery_time_s = a
+        .recovery_time
+        .or(from_file(|m| m.recovery_time_s))
+        .ok_or_else(|| anyhow!("no recovery time: give --recovery-time, or --results with recovery_time_s"))?;
+    let mttf_s =
+        a.mttf.or(a.failure_rate.map(|rate| 1.0 / rate)).ok_or_else(|| anyhow!("give --mttf or --failure-rate"))?;
     let inputs = AvailabilityInputs { mttf_s, coverage, recovery_time_s, repair_time_s: a.repair_time };
     let result = availability::steady_state(&inputs)?;
-    let mut text = String::from("Availability with repair and imperfect coverage: A = MTTF / (MTTF + c·T_rec + (1 − c)·T_rep)\n");
+    let mut text =
+        String::from("Availability with repair and imperfect coverage: A = MTTF / (MTTF + c·T_rec + (1 − c)·T_rep)\n");
     let _ = writeln!(
         text,
         "  MTTF {}, coverage {coverage}, recovery {}, repair {}",
@@ -489,7 +502,8 @@ fn availability(a: &AvailabilityArgs) -> Result<Answer> {
         let lower = m.coverage_lower_bound.filter(|_| a.coverage.is_none());
         if let Some(lower) = lower {
             let pessimistic = availability::steady_state(&AvailabilityInputs { coverage: lower, ..inputs })?;
-            let _ = writeln!(text, "at the {}% lower confidence bound on coverage, c = {lower:.6}:", m.confidence * 100.0);
+            let _ =
+                writeln!(text, "at the {}% lower confidence bound on coverage, c = {lower:.6}:", m.confidence * 100.0);
             push_availability(&mut text, "  ", &pessimistic);
             value["at_coverage_lower_bound"] = json!(pessimistic);
         }
@@ -525,14 +539,31 @@ fn bound(command: &BoundCommand) -> Result<Answer> {
     })
 }
 
-fn replicas_text(b: ReplicaBound, rh: Reliability, rv: Reliability, rm: Reliability, target: Reliability) -> Result<String> {
+fn replicas_text(
+    b: ReplicaBound,
+    rh: Reliability,
+    rv: Reliability,
+    rm: Reliability,
+    target: Reliability,
+) -> Result<String> {
     Ok(match b {
         ReplicaBound::Reaches { n } => {
             let at = models::parallel(rh, rv, rm, n)?;
-            let mut text = format!("n = {n} VMs reach R = {} (they give R = {}, 1-R = {})", target.display_r(), at.display_r(), at.display_q());
+            let mut text = format!(
+                "n = {n} VMs reach R = {} (they give R = {}, 1-R = {})",
+                target.display_r(),
+                at.display_r(),
+                at.display_q()
+            );
             if n > 1 {
                 let below = models::parallel(rh, rv, rm, n - 1)?;
-                let _ = write!(text, "\nn = {} falls short (R = {}, 1-R = {})", n - 1, below.display_r(), below.display_q());
+                let _ = write!(
+                    text,
+                    "\nn = {} falls short (R = {}, 1-R = {})",
+                    n - 1,
+                    below.display_r(),
+                    below.display_q()
+                );
             }
             text
         }
@@ -569,7 +600,8 @@ fn push_reliability(text: &mut String, what: &str, r: Reliability) {
 }
 
 fn push_comparison(text: &mut String, node: Reliability, bare: Reliability) {
-    let _ = writeln!(text, "{:<16}R   = {}  (R_H·R_M; 1-R = {})", "non-virtualized", bare.display_r(), bare.display_q());
+    let _ =
+        writeln!(text, "{:<16}R   = {}  (R_H·R_M; 1-R = {})", "non-virtualized", bare.display_r(), bare.display_q());
     let verdict = if beats(node, bare) {
         "the virtualized node is more reliable"
     } else if node == bare {
@@ -609,8 +641,12 @@ fn beats(node: Reliability, bare: Reliability) -> bool {
 /// "when R_V > 0.9009 (...)", or "only if R_V > 1, i.e. never" when no value below 1 works.
 fn threshold_text(name: &str, t: Threshold) -> String {
     match t {
-        Threshold::Above { min } => format!("when {name} > {}  (its unreliability below {})", min.display_r(), min.display_q()),
-        Threshold::AtLeast { min } => format!("when {name} ≥ {}  (its unreliability at most {})", min.display_r(), min.display_q()),
+        Threshold::Above { min } => {
+            format!("when {name} > {}  (its unreliability below {})", min.display_r(), min.display_q())
+        }
+        Threshold::AtLeast { min } => {
+            format!("when {name} ≥ {}  (its unreliability at most {})", min.display_r(), min.display_q())
+        }
         Threshold::Unreachable => format!("only if {name} > 1, i.e. never: no {name} < 1 works"),
     }
 }

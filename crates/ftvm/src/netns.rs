@@ -14,7 +14,8 @@ use std::process::{Command, Stdio};
 
 /// Run `ip` with `args`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("cannot run `ip` (install iproute2)")?;
+    let out =
+        Command::new("ip").args(args).stdin(Stdio::null()).output().context("cannot run `ip` (install iproute2)")?;
     if !out.status.success() {
         bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -28,11 +29,15 @@ pub fn require_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("this needs root: it creates network namespaces, a bridge and TAP devices (try sudo)");
     }
-    let has_ip = Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let has_ip =
+        Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if !has_ip {
         eprintln!("ftvm: installing iproute2 (for `ip`) with apt-get");
         let installed = Command::new("sh")
-            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null"])
+            .args([
+                "-c",
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null",
+            ])
             .status()
             .context("cannot run apt-get")?;
         if !installed.success() {
@@ -111,7 +116,8 @@ impl Topology {
     }
 
     fn build(&mut self) -> Result<()> {
-        let (switch, primary, backup, client) = (self.switch_ns(), self.primary_ns(), self.backup_ns(), self.client_ns());
+        let (switch, primary, backup, client) =
+            (self.switch_ns(), self.primary_ns(), self.backup_ns(), self.client_ns());
         for ns in [&switch, &primary, &backup, &client] {
             self.add_ns(ns)?;
         }

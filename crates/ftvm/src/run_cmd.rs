@@ -58,7 +58,9 @@ pub struct VmArgs {
 /// Without COMMAND, the guest's console is attached to the terminal: Ctrl-A x quits.
 /// With COMMAND, the guest runs it, ftvm prints its output and exits with its status.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --lease /shared/lease -- /usr/share/ftvm/counter-httpd")]
+#[command(
+    after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --lease /shared/lease -- /usr/share/ftvm/counter-httpd"
+)]
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
@@ -257,7 +259,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
 /// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its
 /// outcome into an exit status. Shared by `run`, `restore` and a backup that took over.
-pub fn run_driver(mut driver: Driver, vm: &VmArgs, tap: Option<Tap>, tx: std::sync::mpsc::Sender<crate::host::HostEvent>, command: &[String], boot_log: bool) -> Result<i32> {
+pub fn run_driver(
+    mut driver: Driver,
+    vm: &VmArgs,
+    tap: Option<Tap>,
+    tx: std::sync::mpsc::Sender<crate::host::HostEvent>,
+    command: &[String],
+    boot_log: bool,
+) -> Result<i32> {
     let interactive = command.is_empty();
     let _raw = interactive.then(console::RawMode::enter);
     if interactive {

@@ -57,14 +57,19 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
             info.ram_bytes,
             info.ram_pages_saved,
             info.disk.as_ref().map_or("none".to_string(), |d| format!("{d:?}")),
-            info.net_mac.map_or("none".to_string(), |m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+            info.net_mac.map_or("none".to_string(), |m| m
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")),
             info.machine_digest
         );
         return Ok(0);
     }
     let config = machine_config(&args.vm, &[])?;
     let tap = open_tap(&args.vm)?;
-    let machine = machine::snapshot::load_from_path(&args.file, &config).with_context(|| format!("cannot restore {}", args.file.display()))?;
+    let machine = machine::snapshot::load_from_path(&args.file, &config)
+        .with_context(|| format!("cannot restore {}", args.file.display()))?;
     eprintln!("ftvm: restored {} at icount {}", args.file.display(), machine.icount());
     let (tx, rx) = std::sync::mpsc::channel();
     let driver = Driver::new(machine, rx, args.vm.clock);

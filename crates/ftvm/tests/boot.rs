@@ -30,7 +30,10 @@ fn uname_in_the_guest_prints_riscv64() {
 #[test]
 fn the_guest_command_exit_status_becomes_ftvm_exit_status() {
     guest_out();
-    let out = ftvm().args(["run", "--clock", "fast", "--", "sh", "-c", "echo 'it works'; printf partial; exit 3"]).output().unwrap();
+    let out = ftvm()
+        .args(["run", "--clock", "fast", "--", "sh", "-c", "echo 'it works'; printf partial; exit 3"])
+        .output()
+        .unwrap();
     assert_eq!(stdout(&out), "it works\npartial", "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(3));
 }
@@ -61,7 +64,18 @@ impl TestNet {
         net.exec(&["ip", "link", "set", "tap0", "up"]);
         net.exec(&["ip", "link", "set", "lo", "up"]);
         let server = Command::new("ip")
-            .args(["netns", "exec", &net.ns, "python3", "-m", "http.server", "--bind", "10.0.2.2", "8080", "--directory"])
+            .args([
+                "netns",
+                "exec",
+                &net.ns,
+                "python3",
+                "-m",
+                "http.server",
+                "--bind",
+                "10.0.2.2",
+                "8080",
+                "--directory",
+            ])
             .arg(&net.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -106,7 +120,12 @@ fn the_guest_reads_its_disk_and_fetches_over_a_tap_device() {
         .args(["--", "sh", "-c", script])
         .output()
         .unwrap();
-    assert_eq!(stdout(&out), "ftvm-disk-sector-zero\nhello from the host side\n", "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout(&out),
+        "ftvm-disk-sector-zero\nhello from the host side\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(0));
 }
 
@@ -127,7 +146,8 @@ fn read_until(reader: &mut impl std::io::Read, needle: &str) -> String {
 fn the_interactive_console_takes_typed_input_and_powers_off() {
     use std::io::Write;
     guest_out();
-    let mut child = ftvm().args(["run", "--clock", "fast"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        ftvm().args(["run", "--clock", "fast"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     // A watchdog: a hung guest fails the test instead of hanging the suite.

@@ -60,7 +60,20 @@ fn number(v: &Value, path: &[&str]) -> f64 {
 #[test]
 fn help_explains_every_model() {
     let help = stdout_of(&["model", "--help"]);
-    for word in ["nv", "parallel", "move", "vote", "eval", "availability", "bound", "plot", "R_H·R_M", "C(n,i)", "MTTF", "1/(3R_M − 2R_M²)"] {
+    for word in [
+        "nv",
+        "parallel",
+        "move",
+        "vote",
+        "eval",
+        "availability",
+        "bound",
+        "plot",
+        "R_H·R_M",
+        "C(n,i)",
+        "MTTF",
+        "1/(3R_M − 2R_M²)",
+    ] {
         assert!(help.contains(word), "help lacks {word:?}");
     }
 }
@@ -98,7 +111,22 @@ fn parallel_reports_tiny_unreliability() {
 
 #[test]
 fn move_compares_placements() {
-    let args = ["model", "move", "--rh", "1", "--rv", "1", "--n", "2", "--rf-guest", "0.9", "--rm-rest", "0.9", "--rf-monitor", "0.99"];
+    let args = [
+        "model",
+        "move",
+        "--rh",
+        "1",
+        "--rv",
+        "1",
+        "--n",
+        "2",
+        "--rf-guest",
+        "0.9",
+        "--rm-rest",
+        "0.9",
+        "--rf-monitor",
+        "0.99",
+    ];
     let v = json_of(&args);
     assert!((number(&v, &["in_guest", "reliability"]) - (1.0 - 0.19f64 * 0.19)).abs() < 1e-15);
     assert!((number(&v, &["in_monitor", "reliability"]) - 0.99 * 0.99).abs() < 1e-15);
@@ -140,7 +168,18 @@ fn eval_json_file() {
 
 #[test]
 fn availability_from_flags() {
-    let args = ["model", "availability", "--mttf", "10000h", "--coverage", "0.99", "--recovery-time", "1s", "--repair-time", "4h"];
+    let args = [
+        "model",
+        "availability",
+        "--mttf",
+        "10000h",
+        "--coverage",
+        "0.99",
+        "--recovery-time",
+        "1s",
+        "--repair-time",
+        "4h",
+    ];
     let v = json_of(&args);
     let d = 0.99 + 0.01 * 4.0 * 3600.0;
     assert!((number(&v, &["result", "unavailability"]) - d / (3.6e7 + d)).abs() < 1e-18);
@@ -149,7 +188,16 @@ fn availability_from_flags() {
 
 #[test]
 fn availability_from_a_results_file() {
-    let args = ["model", "availability", "--failure-rate", "1e-4/h", "--results", &example("campaign.json"), "--repair-time", "4h"];
+    let args = [
+        "model",
+        "availability",
+        "--failure-rate",
+        "1e-4/h",
+        "--results",
+        &example("campaign.json"),
+        "--repair-time",
+        "4h",
+    ];
     let v = json_of(&args);
     assert_eq!(number(&v, &["measured", "coverage"]), 0.97);
     assert_eq!(number(&v, &["inputs", "recovery_time_s"]), 0.8);
@@ -182,7 +230,8 @@ fn bound_rf() {
 
 #[test]
 fn bound_n_is_tight_and_knows_impossible() {
-    let text = stdout_of(&["model", "bound", "n", "--rh", "0.9999", "--rv", "0.99999", "--rm", "0.9", "--target", "0.9995"]);
+    let text =
+        stdout_of(&["model", "bound", "n", "--rh", "0.9999", "--rv", "0.99999", "--rm", "0.9", "--target", "0.9995"]);
     assert!(text.contains("n = 4 VMs reach") && text.contains("n = 3 falls short"), "{text}");
     let v = json_of(&["model", "bound", "n", "--rh", "0.999", "--rv", "0.999", "--rm", "0.9", "--target", "0.999"]);
     assert_eq!(v["min_n"]["kind"], "unreachable");
@@ -192,7 +241,11 @@ fn bound_n_is_tight_and_knows_impossible() {
 fn plots_write_svg_with_axes_and_legend() {
     let cases: [(&str, &[&str], &[&str]); 3] = [
         ("rv.svg", &["rv", "--n", "1,2,3"], &["least R_V", "n = 1 (never helps)", "n = 3"]),
-        ("n.svg", &["n", "--rh", "0.99999", "--rv", "0.999999", "--target", "0.999,0.9999"], &["least n", "R = 0.9999"]),
+        (
+            "n.svg",
+            &["n", "--rh", "0.99999", "--rv", "0.999999", "--target", "0.999,0.9999"],
+            &["least n", "R = 0.9999"],
+        ),
         ("vote.svg", &["vote", "--vote", "2/3,3/5"], &["least R_V", "2-of-3 voting", "3-of-5 voting"]),
     ];
     for (file, args, texts) in cases {
@@ -219,14 +272,20 @@ fn probability_outside_the_unit_interval() {
 
 #[test]
 fn zero_vms() {
-    assert_fails(&["model", "parallel", "--rh", "1", "--rv", "1", "--rm", "0.9", "--n", "0"], "'--n <N>': must be at least 1");
+    assert_fails(
+        &["model", "parallel", "--rh", "1", "--rv", "1", "--rm", "0.9", "--n", "0"],
+        "'--n <N>': must be at least 1",
+    );
     assert_fails(&["model", "bound", "rv", "--rm", "0.9", "--n", "0"], "must be at least 1");
     assert_fails(&["model", "parallel", "--rh", "1", "--rv", "1", "--rm", "0.9"], "--n (the number of VMs) is needed");
 }
 
 #[test]
 fn malformed_expression() {
-    assert_fails(&["model", "eval", "H * (V", "-b", "H=1", "-b", "V=1"], "malformed expression at column 7: expected `)`");
+    assert_fails(
+        &["model", "eval", "H * (V", "-b", "H=1", "-b", "V=1"],
+        "malformed expression at column 7: expected `)`",
+    );
     assert_fails(&["model", "eval", "H + V"], "malformed expression at column 3: unexpected character `+`");
     assert_fails(&["model", "eval", "kofn(4, M[3])", "-b", "M=0.9"], "k-of-n needs 1 <= k <= n, got k = 4, n = 3");
 }
@@ -249,15 +308,27 @@ fn bad_model_and_results_files() {
     let results = scratch("bad-results.json");
     std::fs::write(&results, r#"{"injected": 10, "recovered": 12}"#).expect("write");
     let path = results.display().to_string();
-    assert_fails(&["model", "availability", "--mttf", "1y", "--results", &path], "`recovered` (12) exceeds `injected` (10)");
+    assert_fails(
+        &["model", "availability", "--mttf", "1y", "--results", &path],
+        "`recovered` (12) exceeds `injected` (10)",
+    );
 }
 
 #[test]
 fn bad_availability_inputs() {
-    assert_fails(&["model", "availability", "--mttf", "100", "--coverage", "1", "--recovery-time", "1s"], "`100` is not a duration");
-    assert_fails(&["model", "availability", "--mttf", "100h", "--coverage", "0.9", "--recovery-time", "1s"], "give their repair time");
+    assert_fails(
+        &["model", "availability", "--mttf", "100", "--coverage", "1", "--recovery-time", "1s"],
+        "`100` is not a duration",
+    );
+    assert_fails(
+        &["model", "availability", "--mttf", "100h", "--coverage", "0.9", "--recovery-time", "1s"],
+        "give their repair time",
+    );
     assert_fails(&["model", "availability", "--mttf", "100h", "--recovery-time", "1s"], "no coverage");
-    assert_fails(&["model", "availability", "--failure-rate", "3", "--coverage", "1", "--recovery-time", "1s"], "not a failure rate");
+    assert_fails(
+        &["model", "availability", "--failure-rate", "3", "--coverage", "1", "--recovery-time", "1s"],
+        "not a failure rate",
+    );
 }
 
 #[test]

@@ -64,7 +64,17 @@ fn an_initrd_larger_than_ram_is_refused() {
     fake_image(&kernel, 0x100_0000);
     let f = std::fs::File::create(&initrd).unwrap();
     f.set_len(40 << 20).unwrap();
-    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--mem", "32M", "--", "true"]));
+    let line = error_line(&ftvm(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--mem",
+        "32M",
+        "--",
+        "true",
+    ]));
     assert!(line.contains(initrd.to_str().unwrap()) && line.contains("initrd is"), "{line}");
 }
 
@@ -72,7 +82,15 @@ fn an_initrd_larger_than_ram_is_refused() {
 fn a_disk_that_cannot_be_opened_is_named() {
     let kernel = scratch("k-disk");
     fake_image(&kernel, 0x100_0000);
-    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--disk", "/nonexistent/disk.img", "--", "true"]));
+    let line = error_line(&ftvm(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        "/nonexistent/disk.img",
+        "--",
+        "true",
+    ]));
     assert!(line.contains("/nonexistent/disk.img"), "{line}");
 }
 
@@ -80,7 +98,8 @@ fn a_disk_that_cannot_be_opened_is_named() {
 fn a_tap_device_that_does_not_exist_is_named() {
     let kernel = scratch("k-tap");
     fake_image(&kernel, 0x100_0000);
-    let line = error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--net", "tap:ftvmnosuch0", "--", "true"]));
+    let line =
+        error_line(&ftvm(&["run", "--kernel", kernel.to_str().unwrap(), "--net", "tap:ftvmnosuch0", "--", "true"]));
     assert!(line.contains("ftvmnosuch0") && line.contains("does not exist"), "{line}");
 }
 

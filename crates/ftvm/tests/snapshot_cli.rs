@@ -19,7 +19,14 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken() {
     let (socket, snap, out_path) = (dir.join("api.sock"), dir.join("vm.snap"), dir.join("out.txt"));
     let out = std::fs::File::create(&out_path).unwrap();
     let script = "for i in $(seq 1 30); do echo tick $i; sleep 1; done";
-    let mut vm = ftvm().args(["run", "--clock", "fast", "--api"]).arg(&socket).args(["--", "sh", "-c", script]).stdout(out).stderr(Stdio::null()).spawn().unwrap();
+    let mut vm = ftvm()
+        .args(["run", "--clock", "fast", "--api"])
+        .arg(&socket)
+        .args(["--", "sh", "-c", script])
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while ticks(&std::fs::read_to_string(&out_path).unwrap()).len() < 5 {
         assert!(Instant::now() < deadline, "the guest never ticked");

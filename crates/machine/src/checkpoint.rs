@@ -126,7 +126,13 @@ impl PreCopy {
 }
 
 /// Lay out a payload: header, state, page entries (already encoded), sectors.
-fn encode(machine: &mut Machine, full: bool, page_entries: &[u8], page_count: usize, sectors: &[u64]) -> Result<Vec<u8>, CheckpointError> {
+fn encode(
+    machine: &mut Machine,
+    full: bool,
+    page_entries: &[u8],
+    page_count: usize,
+    sectors: &[u64],
+) -> Result<Vec<u8>, CheckpointError> {
     let state = encode_machine_state(&machine.save_state())?;
     let mut out = Vec::with_capacity(20 + state.len() + page_entries.len() + sectors.len() * (8 + SECTOR_BYTES));
     out.extend_from_slice(&MAGIC);

@@ -125,7 +125,12 @@ mod tests {
 
     #[test]
     fn the_blob_is_a_valid_fdt_with_the_bootargs() {
-        let config = FdtConfig { ram_size: 512 << 20, bootargs: "console=ttyS0 quiet", initrd: Some((0x9000_0000, 0x9100_0000)), virtio_slots: 3 };
+        let config = FdtConfig {
+            ram_size: 512 << 20,
+            bootargs: "console=ttyS0 quiet",
+            initrd: Some((0x9000_0000, 0x9100_0000)),
+            virtio_slots: 3,
+        };
         let blob = build(&config).unwrap();
         assert_eq!(u32::from_be_bytes(blob[0..4].try_into().unwrap()), 0xd00d_feed);
         assert_eq!(u32::from_be_bytes(blob[4..8].try_into().unwrap()) as usize, blob.len());

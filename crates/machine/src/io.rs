@@ -68,7 +68,12 @@ impl Outputs {
 
     /// The last power-off or reset among the collected outputs.
     pub fn last_power_event(&self) -> Option<OutputKind> {
-        self.items.iter().rev().map(|o| &o.kind).find(|k| matches!(k, OutputKind::PowerOff { .. } | OutputKind::Reset)).cloned()
+        self.items
+            .iter()
+            .rev()
+            .map(|o| &o.kind)
+            .find(|k| matches!(k, OutputKind::PowerOff { .. } | OutputKind::Reset))
+            .cloned()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -16,4 +16,6 @@ pub mod sbi;
 pub mod snapshot;
 
 pub use io::{Input, InputKind, Output, OutputKind};
-pub use machine::{Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit};
+pub use machine::{
+    Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit,
+};

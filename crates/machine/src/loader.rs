@@ -25,7 +25,9 @@ pub enum LoadError {
     NotRiscvImage,
     #[error("kernel needs {need} bytes at offset {offset:#x} of RAM, but RAM is only {ram} bytes")]
     KernelTooLarge { need: u64, offset: u64, ram: u64 },
-    #[error("initrd is {size} bytes but only {available} bytes of RAM are free between the kernel and the device tree")]
+    #[error(
+        "initrd is {size} bytes but only {available} bytes of RAM are free between the kernel and the device tree"
+    )]
     InitrdTooLarge { size: u64, available: u64 },
     #[error("device tree is {size} bytes, more than the {FDT_RESERVE} reserved for it")]
     FdtTooLarge { size: u64 },
@@ -90,7 +92,13 @@ pub fn layout(header: &ImageHeader, initrd_len: Option<u64>, ram_size: u64) -> R
 }
 
 /// Copy the pieces into RAM.
-pub fn place(ram: &mut GuestRam, layout: &BootLayout, kernel: &[u8], initrd: Option<&[u8]>, fdt: &[u8]) -> Result<(), LoadError> {
+pub fn place(
+    ram: &mut GuestRam,
+    layout: &BootLayout,
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+    fdt: &[u8],
+) -> Result<(), LoadError> {
     if fdt.len() as u64 > FDT_RESERVE {
         return Err(LoadError::FdtTooLarge { size: fdt.len() as u64 });
     }

@@ -97,8 +97,12 @@ pub enum RunExit {
     Budget,
     /// The guest waits for an interrupt; nothing will happen until an input arrives
     /// (an idle skip to `next_deadline_ticks`, or a frame, a key...).
-    Idle { next_deadline_ticks: Option<u64> },
-    PowerOff { code: u32 },
+    Idle {
+        next_deadline_ticks: Option<u64>,
+    },
+    PowerOff {
+        code: u32,
+    },
     Reset,
 }
 
@@ -169,34 +173,54 @@ impl Machine {
             return Err(MachineError::RamUnaligned { size });
         }
         let kernel_path = &config.kernel;
-        let kernel = read_file(kernel_path).map_err(|source| MachineError::ReadKernel { path: kernel_path.clone(), source })?;
-        let header = loader::parse_header(&kernel).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
+        let kernel =
+            read_file(kernel_path).map_err(|source| MachineError::ReadKernel { path: kernel_path.clone(), source })?;
+        let header = loader::parse_header(&kernel)
+            .map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
         let initrd = match &config.initrd {
-            Some(path) => Some(read_file(path).map_err(|source| MachineError::ReadInitrd { path: path.clone(), source })?),
+            Some(path) => {
+                Some(read_file(path).map_err(|source| MachineError::ReadInitrd { path: path.clone(), source })?)
+            }
             None => None,
         };
-        let layout = loader::layout(&header, initrd.as_ref().map(|i| i.len() as u64), size).map_err(|source| match source {
-            LoadError::InitrdTooLarge { .. } => MachineError::Initrd { path: config.initrd.clone().unwrap_or_default(), source },
-            _ => MachineError::Kernel { path: kernel_path.clone(), source },
-        })?;
+        let layout =
+            loader::layout(&header, initrd.as_ref().map(|i| i.len() as u64), size).map_err(|source| match source {
+                LoadError::InitrdTooLarge { .. } => {
+                    MachineError::Initrd { path: config.initrd.clone().unwrap_or_default(), source }
+                }
+                _ => MachineError::Kernel { path: kernel_path.clone(), source },
+            })?;
         let virtio = Self::build_virtio(config)?;
-        let fdt_config = fdt::FdtConfig { ram_size: size, bootargs: &config.bootargs, initrd: layout.initrd, virtio_slots: virtio.len() };
+        let fdt_config = fdt::FdtConfig {
+            ram_size: size,
+            bootargs: &config.bootargs,
+            initrd: layout.initrd,
+            virtio_slots: virtio.len(),
+        };
         let blob = fdt::build(&fdt_config).map_err(|e| MachineError::Fdt(e.to_string()))?;
         let mut ram = rv64::GuestRam::new(RAM_BASE, size);
-        loader::place(&mut ram, &layout, &kernel, initrd.as_deref(), &blob).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
+        loader::place(&mut ram, &layout, &kernel, initrd.as_deref(), &blob)
+            .map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
         ram.take_dirty_pages(); // the initial image is the baseline, not a change
 
         let hart_config = HartConfig { icount_per_tick: config.icount_per_tick.max(1), sbi_in_monitor: true };
         let mut hart = Hart::new(hart_config, layout.entry);
         boot_state(&mut hart, layout.fdt_addr);
         let board = Board::new(ram, virtio);
-        Ok(Machine { hart, board, pending: VecDeque::new(), ended: None, disk_path: config.disk.as_ref().map(|d| d.path.clone()) })
+        Ok(Machine {
+            hart,
+            board,
+            pending: VecDeque::new(),
+            ended: None,
+            disk_path: config.disk.as_ref().map(|d| d.path.clone()),
+        })
     }
 
     fn build_virtio(config: &MachineConfig) -> Result<Vec<VirtioMmio>, MachineError> {
         let mut devices = Vec::new();
         if let Some(disk) = &config.disk {
-            let blk = Blk::open(&disk.path, disk.read_only).map_err(|e| MachineError::Disk { path: disk.path.clone(), message: e.to_string() })?;
+            let blk = Blk::open(&disk.path, disk.read_only)
+                .map_err(|e| MachineError::Disk { path: disk.path.clone(), message: e.to_string() })?;
             devices.push(VirtioMmio::new(VirtioDevice::Blk(blk)));
         }
         if let Some(mac) = config.net_mac {

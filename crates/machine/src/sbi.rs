@@ -136,10 +136,10 @@ fn hsm(fid: u64, hartid: u64) -> (i64, u64) {
     match fid {
         0 if hartid == 0 => (ERR_ALREADY_AVAILABLE, 0), // hart_start: hart 0 is running
         0 => (ERR_INVALID_PARAM, 0),
-        1 => (ERR_FAILED, 0),                          // hart_stop: the only hart can't stop
-        2 if hartid == 0 => (SUCCESS, 0),              // hart_get_status: STARTED
+        1 => (ERR_FAILED, 0),             // hart_stop: the only hart can't stop
+        2 if hartid == 0 => (SUCCESS, 0), // hart_get_status: STARTED
         2 => (ERR_INVALID_PARAM, 0),
-        3 => (ERR_NOT_SUPPORTED, 0),                   // hart_suspend
+        3 => (ERR_NOT_SUPPORTED, 0), // hart_suspend
         _ => (ERR_NOT_SUPPORTED, 0),
     }
 }

@@ -73,7 +73,10 @@ use crate::devices::virtio::net::{NetState, NetStats, MAX_FRAME_BYTES, RX_PENDIN
 use crate::devices::virtio::rng::{RngState, POOL_MAX_BYTES};
 use crate::devices::virtio::{Queue, VirtioDeviceState, VirtioMmioState, DEVICE_ID_BLK, DEVICE_ID_NET, DEVICE_ID_RNG};
 use crate::io::{Input, InputKind};
-use crate::machine::{Digest, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit, MAX_PENDING_INPUTS, MAX_RAM_BYTES, MIN_RAM_BYTES};
+use crate::machine::{
+    Digest, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit, MAX_PENDING_INPUTS,
+    MAX_RAM_BYTES, MIN_RAM_BYTES,
+};
 use rv64::{HartState, PrivMode};
 use std::fmt;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -119,7 +122,8 @@ const DEVICE_NET: u32 = 1 << 2;
 const _: () = assert!(PAGE_BYTES as u64 == rv64::mem::PAGE_SIZE);
 const _: () = assert!(MAX_HEADER_BYTES as usize >= HEADER_BYTES && MIN_HEADER_BYTES as usize <= HEADER_BYTES);
 const _: () = assert!(MAX_INPUT_BYTES >= MAX_FRAME_BYTES + 64);
-const _: () = assert!((MAX_STATE_BYTES as usize) > RX_PENDING_MAX_FRAMES * (MAX_FRAME_BYTES + 4) + RX_QUEUE_CAP + POOL_MAX_BYTES);
+const _: () =
+    assert!((MAX_STATE_BYTES as usize) > RX_PENDING_MAX_FRAMES * (MAX_FRAME_BYTES + 4) + RX_QUEUE_CAP + POOL_MAX_BYTES);
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
@@ -132,7 +136,9 @@ pub enum SnapshotError {
     UnsupportedVersion { found: u32, supported: u32, header_intact: bool },
     #[error("snapshot truncated at byte {offset} (reading {what})")]
     Truncated { offset: u64, what: &'static str },
-    #[error("snapshot is damaged: the {what} checksum at byte {offset} is {stored:#010x}, the data's is {computed:#010x}")]
+    #[error(
+        "snapshot is damaged: the {what} checksum at byte {offset} is {stored:#010x}, the data's is {computed:#010x}"
+    )]
     Checksum { what: &'static str, offset: u64, stored: u32, computed: u32 },
     #[error("malformed snapshot at byte {offset}: {problem}")]
     Malformed { offset: u64, problem: String },
@@ -224,7 +230,11 @@ impl fmt::Display for SnapshotInfo {
         match &self.disk {
             Some(d) => {
                 let access = if d.read_only { "read-only" } else { "writable" };
-                writeln!(f, "disk            {} sectors, {access} ({} non-zero sectors saved)", d.sectors, self.disk_sectors_saved)?
+                writeln!(
+                    f,
+                    "disk            {} sectors, {access} ({} non-zero sectors saved)",
+                    d.sectors, self.disk_sectors_saved
+                )?
             }
             None => writeln!(f, "disk            none")?,
         }
@@ -476,7 +486,11 @@ fn encode_state(state: &MachineState) -> Result<Vec<u8>> {
     }
     encode_ended(&mut e, ended);
     if e.buf.len() as u64 > MAX_STATE_BYTES {
-        return Err(SnapshotError::TooLarge { what: "the machine state".into(), found: e.buf.len() as u64, max: MAX_STATE_BYTES });
+        return Err(SnapshotError::TooLarge {
+            what: "the machine state".into(),
+            found: e.buf.len() as u64,
+            max: MAX_STATE_BYTES,
+        });
     }
     Ok(e.buf)
 }
@@ -495,7 +509,10 @@ fn decode_state(d: &mut Decoder) -> Result<MachineState> {
         let input = decode_input(d)?;
         // The machine's queue is in stamp order and never holds the past.
         if input.icount < earliest {
-            return Err(malformed(at, format!("pending input stamped {} comes before icount {earliest}", input.icount)));
+            return Err(malformed(
+                at,
+                format!("pending input stamped {} comes before icount {earliest}", input.icount),
+            ));
         }
         earliest = input.icount;
         pending_inputs.push(input);
@@ -554,8 +571,8 @@ fn encode_hart(e: &mut Encoder, hart: &HartState) {
     e.u64(reservation.unwrap_or(0));
     e.bool(*wfi);
     let csrs = [
-        hart_id, fcsr, mstatus, medeleg, mideleg, mie, mip, mtvec, mscratch, mepc, mcause, mtval, mcounteren, menvcfg, stvec,
-        sscratch, sepc, scause, stval, satp, scounteren, senvcfg,
+        hart_id, fcsr, mstatus, medeleg, mideleg, mie, mip, mtvec, mscratch, mepc, mcause, mtval, mcounteren, menvcfg,
+        stvec, sscratch, sepc, scause, stval, satp, scounteren, senvcfg,
     ];
     for v in csrs {
         e.u64(*v);
@@ -576,7 +593,8 @@ fn decode_hart(d: &mut Decoder) -> Result<HartState> {
         3 => PrivMode::Machine,
         other => return Err(malformed(at, format!("privilege mode {other} does not exist"))),
     };
-    let [icount, time_offset_ticks, cycle_offset, instret_offset, mtimecmp, stimecmp] = d.u64s("the hart's counters")?;
+    let [icount, time_offset_ticks, cycle_offset, instret_offset, mtimecmp, stimecmp] =
+        d.u64s("the hart's counters")?;
     let reserved = d.bool("the reservation flag")?;
     let address = d.u64("the reservation address")?;
     let reservation = reserved.then_some(address);
@@ -657,7 +675,16 @@ fn decode_plic(d: &mut Decoder) -> Result<PlicState> {
 }
 
 fn encode_virtio(e: &mut Encoder, state: &VirtioMmioState) -> Result<()> {
-    let VirtioMmioState { status, device_features_sel, driver_features_sel, driver_features, queue_sel, interrupt_status, queues, device } = state;
+    let VirtioMmioState {
+        status,
+        device_features_sel,
+        driver_features_sel,
+        driver_features,
+        queue_sel,
+        interrupt_status,
+        queues,
+        device,
+    } = state;
     for v in [status, device_features_sel, driver_features_sel] {
         e.u32(*v);
     }
@@ -698,7 +725,15 @@ fn encode_virtio(e: &mut Encoder, state: &VirtioMmioState) -> Result<()> {
                 rx_dropped_buffer_too_small,
                 tx_dropped_malformed,
             } = stats;
-            for v in [rx_frames, tx_frames, rx_dropped_oversize, rx_dropped_not_ready, rx_dropped_queue_full, rx_dropped_buffer_too_small, tx_dropped_malformed] {
+            for v in [
+                rx_frames,
+                tx_frames,
+                rx_dropped_oversize,
+                rx_dropped_not_ready,
+                rx_dropped_queue_full,
+                rx_dropped_buffer_too_small,
+                tx_dropped_malformed,
+            ] {
                 e.u64(*v);
             }
         }
@@ -736,7 +771,9 @@ fn decode_virtio(d: &mut Decoder) -> Result<VirtioMmioState> {
         DEVICE_ID_NET => {
             let mac = d.array("the MAC address")?;
             let count = d.count(RX_PENDING_MAX_FRAMES, 4, "received frames waiting")?;
-            let rx_pending = (0..count).map(|_| d.bytes(MAX_FRAME_BYTES, "a waiting received frame's bytes")).collect::<Result<_>>()?;
+            let rx_pending = (0..count)
+                .map(|_| d.bytes(MAX_FRAME_BYTES, "a waiting received frame's bytes"))
+                .collect::<Result<_>>()?;
             let [rx_frames, tx_frames, rx_dropped_oversize, rx_dropped_not_ready, rx_dropped_queue_full, rx_dropped_buffer_too_small, tx_dropped_malformed] =
                 d.u64s("the network card's counters")?;
             let stats = NetStats {
@@ -757,7 +794,16 @@ fn decode_virtio(d: &mut Decoder) -> Result<VirtioMmioState> {
         }
         other => return Err(malformed(at, format!("virtio device id {other} is none of block, network, entropy"))),
     };
-    Ok(VirtioMmioState { status, device_features_sel, driver_features_sel, driver_features, queue_sel, interrupt_status, queues, device })
+    Ok(VirtioMmioState {
+        status,
+        device_features_sel,
+        driver_features_sel,
+        driver_features,
+        queue_sel,
+        interrupt_status,
+        queues,
+        device,
+    })
 }
 
 const INPUT_CONSOLE: u8 = 1;
@@ -873,19 +919,25 @@ fn decode_header(h: &[u8]) -> Result<SnapshotInfo> {
     let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8 bytes"));
     let devices = u32_at(28);
-    if devices & !(DEVICE_DISK | DEVICE_DISK_READ_ONLY | DEVICE_NET) != 0 || devices & (DEVICE_DISK | DEVICE_DISK_READ_ONLY) == DEVICE_DISK_READ_ONLY {
+    if devices & !(DEVICE_DISK | DEVICE_DISK_READ_ONLY | DEVICE_NET) != 0
+        || devices & (DEVICE_DISK | DEVICE_DISK_READ_ONLY) == DEVICE_DISK_READ_ONLY
+    {
         return Err(malformed(28, format!("device bits {devices:#x} are not a device set")));
     }
     let ram_bytes = u64_at(40);
     if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&ram_bytes) || ram_bytes % PAGE_BYTES as u64 != 0 {
-        return Err(malformed(40, format!("RAM size {ram_bytes} is not a multiple of 4 KiB from {MIN_RAM_BYTES} to {MAX_RAM_BYTES}")));
+        return Err(malformed(
+            40,
+            format!("RAM size {ram_bytes} is not a multiple of 4 KiB from {MIN_RAM_BYTES} to {MAX_RAM_BYTES}"),
+        ));
     }
     let icount_per_tick = u64_at(48);
     if icount_per_tick == 0 {
         return Err(malformed(48, "0 instructions per timer tick"));
     }
     let sectors = u64_at(56);
-    let disk = (devices & DEVICE_DISK != 0).then_some(SnapshotDisk { sectors, read_only: devices & DEVICE_DISK_READ_ONLY != 0 });
+    let disk = (devices & DEVICE_DISK != 0)
+        .then_some(SnapshotDisk { sectors, read_only: devices & DEVICE_DISK_READ_ONLY != 0 });
     if disk.is_none() && sectors != 0 {
         return Err(malformed(56, format!("a disk size of {sectors} sectors without a disk")));
     }
@@ -896,7 +948,10 @@ fn decode_header(h: &[u8]) -> Result<SnapshotInfo> {
     }
     let ram_pages_saved = u64_at(72);
     if ram_pages_saved > ram_bytes / PAGE_BYTES as u64 {
-        return Err(malformed(72, format!("{ram_pages_saved} pages saved of a RAM of {} pages", ram_bytes / PAGE_BYTES as u64)));
+        return Err(malformed(
+            72,
+            format!("{ram_pages_saved} pages saved of a RAM of {} pages", ram_bytes / PAGE_BYTES as u64),
+        ));
     }
     let disk_sectors_saved = u64_at(80);
     if disk_sectors_saved > sectors {
@@ -987,7 +1042,10 @@ impl<'r, R: Read> Source<'r, R> {
         let len = self.u64("a section length")?;
         let room = body_end - self.offset - 4;
         if len > room {
-            return Err(malformed(at + 4, format!("section {} of {len} bytes runs past the body's end at byte {body_end}", tag_name(tag))));
+            return Err(malformed(
+                at + 4,
+                format!("section {} of {len} bytes runs past the body's end at byte {body_end}", tag_name(tag)),
+            ));
         }
         Ok(len)
     }
@@ -1059,7 +1117,8 @@ fn read_header_from<R: Read>(src: &mut Source<R>) -> Result<SnapshotInfo> {
     src.fill_raw(&mut prefix[8..16], "the header")?;
     let version = u32::from_le_bytes(prefix[8..12].try_into().expect("4 bytes"));
     let header_bytes = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes"));
-    let unsupported = |header_intact| SnapshotError::UnsupportedVersion { found: version, supported: FORMAT_VERSION, header_intact };
+    let unsupported =
+        |header_intact| SnapshotError::UnsupportedVersion { found: version, supported: FORMAT_VERSION, header_intact };
     if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&header_bytes) {
         if version != FORMAT_VERSION {
             return Err(unsupported(false));
@@ -1083,7 +1142,10 @@ fn read_header_from<R: Read>(src: &mut Source<R>) -> Result<SnapshotInfo> {
         return Err(unsupported(true));
     }
     if header.len() != HEADER_BYTES {
-        return Err(malformed(12, format!("a version {FORMAT_VERSION} header of {} bytes, not {HEADER_BYTES}", header.len())));
+        return Err(malformed(
+            12,
+            format!("a version {FORMAT_VERSION} header of {} bytes, not {HEADER_BYTES}", header.len()),
+        ));
     }
     decode_header(&header)
 }
@@ -1124,7 +1186,13 @@ struct ExtentSpec {
 }
 
 /// Reads an extent section into `sink`; returns how many units it held.
-fn read_extents<R: Read>(src: &mut Source<R>, spec: ExtentSpec, body_end: u64, buf: &mut Vec<u8>, sink: &mut impl ExtentSink) -> Result<u64> {
+fn read_extents<R: Read>(
+    src: &mut Source<R>,
+    spec: ExtentSpec,
+    body_end: u64,
+    buf: &mut Vec<u8>,
+    sink: &mut impl ExtentSink,
+) -> Result<u64> {
     let len = src.section_start(spec.tag, body_end)?;
     let end = src.offset + len;
     if len < 12 {
@@ -1134,7 +1202,8 @@ fn read_extents<R: Read>(src: &mut Source<R>, spec: ExtentSpec, body_end: u64, b
     let unit_bytes = src.u32("a unit size")?;
     let unit_count = src.u64("a unit count")?;
     if (unit_bytes as usize, unit_count) != (spec.unit_bytes, spec.unit_count) {
-        let problem = format!("{unit_count} units of {unit_bytes} bytes, expected {} of {}", spec.unit_count, spec.unit_bytes);
+        let problem =
+            format!("{unit_count} units of {unit_bytes} bytes, expected {} of {}", spec.unit_count, spec.unit_bytes);
         return Err(malformed(at, problem));
     }
     let (mut next, mut saved) = (0u64, 0u64);
@@ -1150,7 +1219,12 @@ fn read_extents<R: Read>(src: &mut Source<R>, spec: ExtentSpec, body_end: u64, b
         }
         match first.checked_add(u64::from(count)) {
             Some(end_unit) if first >= next && end_unit <= unit_count => {}
-            _ => return Err(malformed(at, format!("extent {first}..+{count} is out of order or beyond {unit_count} units"))),
+            _ => {
+                return Err(malformed(
+                    at,
+                    format!("extent {first}..+{count} is out of order or beyond {unit_count} units"),
+                ))
+            }
         }
         let data_bytes = count as usize * spec.unit_bytes;
         if (end - src.offset) < data_bytes as u64 {
@@ -1206,7 +1280,8 @@ impl DiskSink<'_> {
     /// Refuses a read-only disk that differs from `expected` (whole sectors from
     /// `first`), naming the first sector that differs.
     fn refuse(&self, first: u64, expected: impl Fn(usize, &[u8]) -> bool) -> SnapshotError {
-        let differing = self.scratch.chunks_exact(SECTOR_BYTES).enumerate().position(|(i, sector)| !expected(i, sector));
+        let differing =
+            self.scratch.chunks_exact(SECTOR_BYTES).enumerate().position(|(i, sector)| !expected(i, sector));
         SnapshotError::ReadOnlyDiskDiffers { path: self.path.clone(), sector: first + differing.unwrap_or(0) as u64 }
     }
 }
@@ -1253,7 +1328,8 @@ fn is_zero(bytes: &[u8]) -> bool {
 
 fn check_config(info: &SnapshotInfo, config: &MachineConfig) -> Result<()> {
     let (saved, wanted) = (info.shape(), BoardShape::of_config(config));
-    let mismatch = |what, snapshot: String, configured: String| Err(SnapshotError::ConfigMismatch { what, snapshot, configured });
+    let mismatch =
+        |what, snapshot: String, configured: String| Err(SnapshotError::ConfigMismatch { what, snapshot, configured });
     let bytes = |b: u64| format!("{b} bytes ({} MiB)", b >> 20);
     if saved.ram_bytes != wanted.ram_bytes {
         return mismatch("RAM size", bytes(saved.ram_bytes), bytes(wanted.ram_bytes));
@@ -1270,7 +1346,9 @@ fn check_config(info: &SnapshotInfo, config: &MachineConfig) -> Result<()> {
     if saved.disk_read_only != wanted.disk_read_only {
         return mismatch("disk", disk(saved.disk_read_only), disk(wanted.disk_read_only));
     }
-    let net = |m: Option<[u8; 6]>| m.map_or("no network card".to_string(), |mac| format!("a network card with MAC {}", mac_text(&mac)));
+    let net = |m: Option<[u8; 6]>| {
+        m.map_or("no network card".to_string(), |mac| format!("a network card with MAC {}", mac_text(&mac)))
+    };
     if saved.net_mac != wanted.net_mac {
         return mismatch("network card", net(saved.net_mac), net(wanted.net_mac));
     }
@@ -1298,7 +1376,8 @@ fn disk_spec(disk: SnapshotDisk) -> ExtentSpec {
 
 /// The first pass: reads and checks the whole body, changing nothing anywhere.
 fn check_body<R: Read>(src: &mut Source<R>, info: &SnapshotInfo) -> Result<CheckedBody> {
-    let body_end = src.offset.checked_add(info.body_bytes).ok_or_else(|| malformed(16, "the body's length overflows"))?;
+    let body_end =
+        src.offset.checked_add(info.body_bytes).ok_or_else(|| malformed(16, "the body's length overflows"))?;
     src.body_crc = 0;
 
     let len = src.section_start(TAG_STATE, body_end)?;
@@ -1311,27 +1390,41 @@ fn check_body<R: Read>(src: &mut Source<R>, info: &SnapshotInfo) -> Result<Check
     let state = decode_state(&mut Decoder::new(&state_bytes, state_at))?;
     drop(state_bytes);
     if state.hart.icount != info.icount {
-        return Err(malformed(state_at, format!("the hart is at icount {}, the header says {}", state.hart.icount, info.icount)));
+        return Err(malformed(
+            state_at,
+            format!("the hart is at icount {}, the header says {}", state.hart.icount, info.icount),
+        ));
     }
 
     let mut buf = Vec::new();
     let ram_section_at = src.offset;
     let saved = read_extents(src, ram_spec(info), body_end, &mut buf, &mut Discard)?;
     if saved != info.ram_pages_saved {
-        return Err(malformed(ram_section_at, format!("{saved} pages saved, the header says {}", info.ram_pages_saved)));
+        return Err(malformed(
+            ram_section_at,
+            format!("{saved} pages saved, the header says {}", info.ram_pages_saved),
+        ));
     }
     if let Some(disk) = info.disk {
         let at = src.offset;
         let saved = read_extents(src, disk_spec(disk), body_end, &mut buf, &mut Discard)?;
         if saved != info.disk_sectors_saved {
-            return Err(malformed(at, format!("{saved} disk sectors saved, the header says {}", info.disk_sectors_saved)));
+            return Err(malformed(
+                at,
+                format!("{saved} disk sectors saved, the header says {}", info.disk_sectors_saved),
+            ));
         }
     }
     if src.offset != body_end {
         return Err(malformed(src.offset, format!("{} bytes after the last section", body_end - src.offset)));
     }
     if src.body_crc != info.body_crc32c {
-        return Err(SnapshotError::Checksum { what: "body", offset: 24, stored: info.body_crc32c, computed: src.body_crc });
+        return Err(SnapshotError::Checksum {
+            what: "body",
+            offset: 24,
+            stored: info.body_crc32c,
+            computed: src.body_crc,
+        });
     }
     let mut probe = [0u8; 1];
     if src.inner.read(&mut probe).map_err(io_error("reading the snapshot"))? != 0 {
@@ -1359,7 +1452,11 @@ fn check_disk_size(info: &SnapshotInfo, machine: &Machine) -> Result<()> {
         if saved.sectors != blk.capacity_sectors() {
             let sectors = |n: u64| format!("{n} sectors ({} bytes)", n * SECTOR_SIZE_BYTES);
             let configured = format!("{} in {}", sectors(blk.capacity_sectors()), blk.path().display());
-            return Err(SnapshotError::ConfigMismatch { what: "disk size", snapshot: sectors(saved.sectors), configured });
+            return Err(SnapshotError::ConfigMismatch {
+                what: "disk size",
+                snapshot: sectors(saved.sectors),
+                configured,
+            });
         }
     }
     Ok(())
@@ -1383,9 +1480,15 @@ pub fn read_snapshot<R: Read + Seek>(input: &mut R, config: &MachineConfig) -> R
     let mut src = Source::new(input, checked.ram_section_at);
     match apply_body(&mut src, &info, &mut machine) {
         Ok(()) => {}
-        Err(e @ (SnapshotError::ReadOnlyDiskDiffers { .. } | SnapshotError::Restore(_) | SnapshotError::Io { .. })) => return Err(e),
+        Err(e @ (SnapshotError::ReadOnlyDiskDiffers { .. } | SnapshotError::Restore(_) | SnapshotError::Io { .. })) => {
+            return Err(e)
+        }
         // What was checked a moment ago no longer reads the same.
-        Err(_) => return Err(SnapshotError::ChangedWhileReading { path: config.disk.as_ref().map(|d| d.path.clone()).unwrap_or_default() }),
+        Err(_) => {
+            return Err(SnapshotError::ChangedWhileReading {
+                path: config.disk.as_ref().map(|d| d.path.clone()).unwrap_or_default(),
+            })
+        }
     }
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
@@ -1575,17 +1678,24 @@ pub fn save_to_path(machine: &Machine, path: &Path) -> Result<SnapshotInfo> {
             return Err(in_file(path, SnapshotError::OverDisk(blk.path().to_path_buf())));
         }
     }
-    let name = path.file_name().ok_or_else(|| file_io(path, "naming the file", std::io::ErrorKind::InvalidInput.into()))?;
+    let name =
+        path.file_name().ok_or_else(|| file_io(path, "naming the file", std::io::ErrorKind::InvalidInput.into()))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let written = (|| {
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_error("creating the temporary file"))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_error("creating the temporary file"))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let info = write_snapshot(machine, &mut out)?;
-        let file = out.into_inner().map_err(|e| SnapshotError::Io { op: "writing the snapshot", source: e.into_error() })?;
+        let file =
+            out.into_inner().map_err(|e| SnapshotError::Io { op: "writing the snapshot", source: e.into_error() })?;
         file.sync_all().map_err(io_error("syncing the snapshot"))?;
         std::fs::rename(&tmp, path).map_err(io_error("renaming the temporary file"))?;
         Ok(info)
@@ -1593,7 +1703,9 @@ pub fn save_to_path(machine: &Machine, path: &Path) -> Result<SnapshotInfo> {
     match written {
         Ok(info) => {
             // The rename is durable once the directory is synced.
-            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| file_io(path, "syncing the directory", e))?;
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| file_io(path, "syncing the directory", e))?;
             Ok(info)
         }
         Err(e) => {
@@ -1637,7 +1749,15 @@ mod tests {
     use std::io::Cursor;
 
     fn queue(seed: u64) -> Queue {
-        Queue { size: 256, ready: seed & 1 == 0, desc_addr: seed << 12, avail_addr: (seed << 12) + 0x1000, used_addr: (seed << 12) + 0x2000, next_avail: seed as u16, next_used: !seed as u16 }
+        Queue {
+            size: 256,
+            ready: seed & 1 == 0,
+            desc_addr: seed << 12,
+            avail_addr: (seed << 12) + 0x1000,
+            used_addr: (seed << 12) + 0x2000,
+            next_avail: seed as u16,
+            next_used: !seed as u16,
+        }
     }
 
     fn transport(device: VirtioDeviceState, queues: usize) -> VirtioMmioState {
@@ -1675,16 +1795,34 @@ mod tests {
         hart.mstatus = 0xa_0000_0000;
         hart.satp = 8 << 60 | 0x1234;
         hart.senvcfg = 1;
-        let uart = UartState { ier: 1, lcr: 3, mcr: 8, scr: 0x55, dll: 1, dlm: 0, fcr: 0xc1, thre_pending: true, rx: b"typed".to_vec().into(), rx_dropped: 2 };
+        let uart = UartState {
+            ier: 1,
+            lcr: 3,
+            mcr: 8,
+            scr: 0x55,
+            dll: 1,
+            dlm: 0,
+            fcr: 0xc1,
+            thre_pending: true,
+            rx: b"typed".to_vec().into(),
+            rx_dropped: 2,
+        };
         let mut plic = PlicState::default();
         plic.priority[1] = 1;
         plic.priority[3] = 7;
         plic.pending = 1 << 3;
         plic.enable = [0, 0xe];
         plic.threshold = [7, 0];
-        let net = NetState { mac: [2, 0, 0, 0, 0, 1], rx_pending: vec![vec![0xab; 60], vec![]], stats: NetStats { rx_frames: 3, tx_dropped_malformed: 1, ..NetStats::default() } };
+        let net = NetState {
+            mac: [2, 0, 0, 0, 0, 1],
+            rx_pending: vec![vec![0xab; 60], vec![]],
+            stats: NetStats { rx_frames: 3, tx_dropped_malformed: 1, ..NetStats::default() },
+        };
         let virtio = vec![
-            transport(VirtioDeviceState::Blk(BlkState { capacity_sectors: 2048, read_only: false, injected_errors: 1 }), 1),
+            transport(
+                VirtioDeviceState::Blk(BlkState { capacity_sectors: 2048, read_only: false, injected_errors: 1 }),
+                1,
+            ),
             transport(VirtioDeviceState::Net(net), 2),
             transport(VirtioDeviceState::Rng(RngState { pool: vec![9; 100], starved: true }), 1),
         ];
@@ -1705,7 +1843,9 @@ mod tests {
     fn the_state_round_trips_through_its_encoding() {
         let state = sample_state();
         assert_eq!(decode(&encode_state(&state).unwrap()).unwrap(), state);
-        for ended in [None, Some(RunExit::Reset), Some(RunExit::Budget), Some(RunExit::Idle { next_deadline_ticks: Some(5) })] {
+        for ended in
+            [None, Some(RunExit::Reset), Some(RunExit::Budget), Some(RunExit::Idle { next_deadline_ticks: Some(5) })]
+        {
             let state = MachineState { ended, ..sample_state() };
             assert_eq!(decode(&encode_state(&state).unwrap()).unwrap(), state);
         }
@@ -1774,14 +1914,20 @@ mod tests {
     #[test]
     fn the_writer_refuses_what_the_reader_would_refuse() {
         let mut big_input = sample_state();
-        big_input.pending_inputs.push(Input { icount: 5_000, kind: InputKind::Console(vec![b'x'; MAX_INPUT_BYTES + 1]) });
+        big_input
+            .pending_inputs
+            .push(Input { icount: 5_000, kind: InputKind::Console(vec![b'x'; MAX_INPUT_BYTES + 1]) });
         let err = encode_state(&big_input).unwrap_err();
-        assert!(matches!(err, SnapshotError::TooLarge { found, max, .. } if found == MAX_INPUT_BYTES as u64 + 1 && max == MAX_INPUT_BYTES as u64));
+        assert!(
+            matches!(err, SnapshotError::TooLarge { found, max, .. } if found == MAX_INPUT_BYTES as u64 + 1 && max == MAX_INPUT_BYTES as u64)
+        );
         let mut big_pool = sample_state();
-        big_pool.virtio[2].device = VirtioDeviceState::Rng(RngState { pool: vec![0; POOL_MAX_BYTES + 1], starved: false });
+        big_pool.virtio[2].device =
+            VirtioDeviceState::Rng(RngState { pool: vec![0; POOL_MAX_BYTES + 1], starved: false });
         assert!(matches!(encode_state(&big_pool), Err(SnapshotError::TooLarge { .. })));
         let mut many = sample_state();
-        many.pending_inputs = vec![Input { icount: 1_000, kind: InputKind::IdleSkip { ticks: 1 } }; MAX_PENDING_INPUTS + 1];
+        many.pending_inputs =
+            vec![Input { icount: 1_000, kind: InputKind::IdleSkip { ticks: 1 } }; MAX_PENDING_INPUTS + 1];
         assert!(matches!(encode_state(&many), Err(SnapshotError::TooLarge { .. })));
     }
 
@@ -1808,7 +1954,12 @@ mod tests {
     }
 
     fn sample_info() -> SnapshotInfo {
-        let shape = BoardShape { ram_bytes: 64 << 20, icount_per_tick: 10, disk_read_only: Some(true), net_mac: Some([2, 0, 0, 0, 0, 9]) };
+        let shape = BoardShape {
+            ram_bytes: 64 << 20,
+            icount_per_tick: 10,
+            disk_read_only: Some(true),
+            net_mac: Some([2, 0, 0, 0, 0, 9]),
+        };
         SnapshotInfo {
             format_version: FORMAT_VERSION,
             icount: 123,
@@ -1837,7 +1988,12 @@ mod tests {
         let bytes = encode_header(&info);
         assert_eq!(read_header(&mut &bytes[..]).unwrap(), info);
         let text = info.to_string();
-        assert!(text.contains("format version 1") && text.contains("02:00:00:00:00:09") && text.contains("4096 sectors, read-only"), "{text}");
+        assert!(
+            text.contains("format version 1")
+                && text.contains("02:00:00:00:00:09")
+                && text.contains("4096 sectors, read-only"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1867,7 +2023,12 @@ mod tests {
             let expected = match i {
                 0..=7 => matches!(err, SnapshotError::NotASnapshot { .. }),
                 8..=11 => matches!(err, SnapshotError::UnsupportedVersion { header_intact: false, .. }),
-                12..=15 => matches!(err, SnapshotError::Checksum { .. } | SnapshotError::Truncated { .. } | SnapshotError::Malformed { offset: 12, .. }),
+                12..=15 => matches!(
+                    err,
+                    SnapshotError::Checksum { .. }
+                        | SnapshotError::Truncated { .. }
+                        | SnapshotError::Malformed { offset: 12, .. }
+                ),
                 _ => matches!(err, SnapshotError::Checksum { what: "header", .. }),
             };
             assert!(expected, "byte {i}: {err}");
@@ -1883,11 +2044,11 @@ mod tests {
     #[test]
     fn header_fields_that_contradict_each_other_are_refused() {
         let cases: [(usize, &[u8]); 5] = [
-            (28, &[0x2, 0, 0, 0]),          // read-only without a disk
+            (28, &[0x2, 0, 0, 0]),              // read-only without a disk
             (40, &[0, 0x10, 0, 0, 0, 0, 0, 0]), // RAM not page aligned... and too small
-            (48, &[0; 8]),                  // no timer rate
-            (72, &[0xff; 8]),               // more pages saved than RAM has
-            (88, &[0; 32]),                 // a digest of other fields
+            (48, &[0; 8]),                      // no timer rate
+            (72, &[0xff; 8]),                   // more pages saved than RAM has
+            (88, &[0; 32]),                     // a digest of other fields
         ];
         for (at, bytes) in cases {
             let mut header = encode_header(&sample_info());

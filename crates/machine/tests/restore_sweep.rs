@@ -24,7 +24,13 @@ fn state_restores_exactly_at_every_point_of_early_boot() {
         fresh.restore_state(state.clone()).unwrap();
         if fresh.digest() != machine.digest() {
             let back = fresh.save_state();
-            let diff = if back.virtio != state.virtio { format!("virtio: saved {:?}\nrestored {:?}", state.virtio, back.virtio) } else if back.hart != state.hart { "hart".into() } else { "other".into() };
+            let diff = if back.virtio != state.virtio {
+                format!("virtio: saved {:?}\nrestored {:?}", state.virtio, back.virtio)
+            } else if back.hart != state.hart {
+                "hart".into()
+            } else {
+                "other".into()
+            };
             failures.push(format!("icount {}: {diff}", machine.icount()));
         }
     }

@@ -232,12 +232,18 @@ fn a_machine_with_a_written_disk_continues_exactly_and_its_disk_is_restored() {
     let info = snapshot::save_to_path(&first, &file).unwrap();
     let disk_at_snapshot = std::fs::read(&a).unwrap();
     assert_eq!(info.disk.map(|d| d.sectors), Some(DISK_SECTORS as u64));
-    assert_eq!(info.disk_sectors_saved, disk_at_snapshot.chunks(512).filter(|s| s.iter().any(|&b| b != 0)).count() as u64);
+    assert_eq!(
+        info.disk_sectors_saved,
+        disk_at_snapshot.chunks(512).filter(|s| s.iter().any(|&b| b != 0)).count() as u64
+    );
     drive(&mut first, n + m); // the straight run: the snapshot did not disturb it
 
     let mut restored = snapshot::load_from_path(&file, &debian_config(Some(b.clone()))).unwrap();
     assert_eq!(std::fs::read(&b).unwrap(), disk_at_snapshot, "the target disk holds the snapshot's contents");
-    assert!(restored.take_dirty_pages().is_empty() && restored.take_dirty_sectors().is_empty(), "a restored machine starts clean");
+    assert!(
+        restored.take_dirty_pages().is_empty() && restored.take_dirty_sectors().is_empty(),
+        "a restored machine starts clean"
+    );
     drive(&mut restored, n + m);
     assert_eq!((restored.icount(), restored.digest()), (first.icount(), first.digest()));
     assert_eq!(std::fs::read(&b).unwrap(), std::fs::read(&a).unwrap());
@@ -361,13 +367,19 @@ fn a_configuration_that_does_not_fit_is_refused_naming_both_sides() {
 
     let bigger = MachineConfig { ram_size: 32 << 20, ..config.clone() };
     let err = error(&bigger);
-    assert!(err.contains("RAM size: the snapshot has 16777216 bytes (16 MiB), the configuration has 33554432 bytes (32 MiB)"), "{err}");
+    assert!(
+        err.contains(
+            "RAM size: the snapshot has 16777216 bytes (16 MiB), the configuration has 33554432 bytes (32 MiB)"
+        ),
+        "{err}"
+    );
 
     let no_disk = MachineConfig { disk: None, ..config.clone() };
     let err = error(&no_disk);
     assert!(err.contains("disk: the snapshot has a writable disk, the configuration has no disk"), "{err}");
 
-    let read_only = MachineConfig { disk: Some(DiskConfig { path: dir.path("source.img"), read_only: true }), ..config.clone() };
+    let read_only =
+        MachineConfig { disk: Some(DiskConfig { path: dir.path("source.img"), read_only: true }), ..config.clone() };
     assert!(error(&read_only).contains("the configuration has a read-only disk"));
 
     let other_mac = MachineConfig { net_mac: Some([2, 0, 0, 0, 0, 1]), ..config.clone() };
@@ -414,7 +426,8 @@ fn saving_replaces_a_file_whole_and_leaves_no_temporary_files() {
     let second = snapshot::save_to_path(&machine, &file).unwrap();
     assert_ne!(first.machine_digest, second.machine_digest);
     assert_eq!(snapshot::read_header_from_path(&file).unwrap(), second);
-    let names: Vec<_> = std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> =
+        std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
     let restored = snapshot::load_from_path(&file, &config).unwrap();
     assert_eq!(restored.icount(), 4_000);
@@ -444,7 +457,11 @@ fn a_lying_length_in_a_short_file_allocates_nothing_large() {
     short[16..24].copy_from_slice(&(66u64 << 20).to_le_bytes());
     let crc = crc32c::crc32c(&short[..HEADER_BYTES - 4]);
     short[HEADER_BYTES - 4..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
-    assert!(restore(&short, &config).err().unwrap().to_string().contains("a state section of 68157440 bytes, at most 67108864"));
+    assert!(restore(&short, &config)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("a state section of 68157440 bytes, at most 67108864"));
 }
 
 // --- Fuzzing ----------------------------------------------------------------------------
@@ -462,7 +479,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<prop::sample::Index>(), 0..8u8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
         (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(at, value)| Mutation::Set { at, value }),
-        (any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 1..16)).prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
+        (any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
         (any::<prop::sample::Index>(), 1..64usize).prop_map(|(at, len)| Mutation::Delete { at, len }),
         any::<prop::sample::Index>().prop_map(|at| Mutation::Truncate { at }),
     ]

@@ -279,7 +279,12 @@ mod tests {
     use super::*;
 
     fn inputs(mttf_h: f64, coverage: f64, recovery_s: f64, repair_h: Option<f64>) -> AvailabilityInputs {
-        AvailabilityInputs { mttf_s: mttf_h * 3600.0, coverage, recovery_time_s: recovery_s, repair_time_s: repair_h.map(|h| h * 3600.0) }
+        AvailabilityInputs {
+            mttf_s: mttf_h * 3600.0,
+            coverage,
+            recovery_time_s: recovery_s,
+            repair_time_s: repair_h.map(|h| h * 3600.0),
+        }
     }
 
     #[test]
@@ -331,7 +336,9 @@ mod tests {
 
     #[test]
     fn results_file_with_counts_has_a_lower_bound() {
-        let m = read_results(r#"{"format":"ftvm-coverage/1","injected":1000,"recovered":970,"recovery_time_s":0.8}"#, 0.95).unwrap();
+        let m =
+            read_results(r#"{"format":"ftvm-coverage/1","injected":1000,"recovered":970,"recovery_time_s":0.8}"#, 0.95)
+                .unwrap();
         assert_eq!(m.coverage, Some(0.97));
         let lower = m.coverage_lower_bound.unwrap();
         // Checked independently: bisection on Python's exact sum of math.comb terms gives

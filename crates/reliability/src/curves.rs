@@ -59,7 +59,9 @@ impl Grid {
             return Err(ModelError::Mismatch { what: format!("the R_M range needs min < max, got {lo} .. {hi}") });
         }
         if !(2..=MAX_POINTS).contains(&points) {
-            return Err(ModelError::Mismatch { what: format!("points must be between 2 and {MAX_POINTS}, got {points}") });
+            return Err(ModelError::Mismatch {
+                what: format!("points must be between 2 and {MAX_POINTS}, got {points}"),
+            });
         }
         Ok(Grid { lo, hi, points })
     }

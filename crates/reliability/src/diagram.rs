@@ -219,10 +219,7 @@ mod tests {
     fn k_of_n_rejects_bad_k_and_too_many_inputs() {
         let e = env(&[("m", 0.9)]);
         assert_eq!(Block::parse("kofn(4, m[3])").unwrap().evaluate(&e), Err(ModelError::KOutOfRange { k: 4, n: 3 }));
-        assert!(matches!(
-            Block::parse("kofn(1, m[5000])").unwrap().evaluate(&e),
-            Err(ModelError::TooLarge { .. })
-        ));
+        assert!(matches!(Block::parse("kofn(1, m[5000])").unwrap().evaluate(&e), Err(ModelError::TooLarge { .. })));
     }
 
     #[test]

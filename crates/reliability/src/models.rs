@@ -139,10 +139,7 @@ mod tests {
 
     #[test]
     fn parallel_rejects_zero_vms() {
-        assert_eq!(
-            parallel(p(1.0), p(1.0), p(0.9), 0),
-            Err(ModelError::ZeroCount { what: "n (the number of VMs)" })
-        );
+        assert_eq!(parallel(p(1.0), p(1.0), p(0.9), 0), Err(ModelError::ZeroCount { what: "n (the number of VMs)" }));
         assert!(parallel_mixed(p(1.0), p(1.0), &[]).is_err());
     }
 

@@ -129,7 +129,9 @@ pub fn parse(text: &str) -> Result<Block> {
     let (block, _) = parser.expr()?;
     match parser.peek() {
         Tok::End => Ok(block),
-        Tok::OpenBracket => Err(parser.here("copies `[n]` are only allowed as an argument of series(), parallel() or kofn()")),
+        Tok::OpenBracket => {
+            Err(parser.here("copies `[n]` are only allowed as an argument of series(), parallel() or kofn()"))
+        }
         other => {
             let found = other.describe();
             Err(parser.here(&format!("expected `*`, `|` or the end, found {found}")))
@@ -222,7 +224,9 @@ impl Parser {
                 self.expect(Tok::Close)?;
                 Ok(inner)
             }
-            other => Err(error(column, format!("expected a block name, a probability or `(`, found {}", other.describe()))),
+            other => {
+                Err(error(column, format!("expected a block name, a probability or `(`, found {}", other.describe())))
+            }
         }
     }
 
@@ -269,9 +273,9 @@ impl Parser {
     fn integer(&mut self, what: &str) -> Result<u64> {
         let column = self.column();
         match self.advance() {
-            Tok::Number(text) => text
-                .parse::<u64>()
-                .map_err(|_| error(column, format!("{what} must be a whole number, found `{text}`"))),
+            Tok::Number(text) => {
+                text.parse::<u64>().map_err(|_| error(column, format!("{what} must be a whole number, found `{text}`")))
+            }
             other => Err(error(column, format!("{what} must be a whole number, found {}", other.describe()))),
         }
     }

@@ -66,7 +66,8 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, figure: &Fig
         .draw()?;
     for (i, curve) in figure.curves.iter().enumerate() {
         let style = ShapeStyle::from(COLOURS[i % COLOURS.len()]).stroke_width(2);
-        let label = if curve.segments.is_empty() { format!("{} (unreachable)", curve.label) } else { curve.label.clone() };
+        let label =
+            if curve.segments.is_empty() { format!("{} (unreachable)", curve.label) } else { curve.label.clone() };
         // Every curve gets a legend entry, even one with no points.
         chart
             .draw_series(LineSeries::new(std::iter::empty::<(f64, f64)>(), style))?
@@ -93,7 +94,11 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, figure: &Fig
 fn trim_number(x: f64) -> String {
     let text = format!("{x:.4}");
     let text = text.trim_end_matches('0').trim_end_matches('.');
-    if text == "-0" { "0".to_string() } else { text.to_string() }
+    if text == "-0" {
+        "0".to_string()
+    } else {
+        text.to_string()
+    }
 }
 
 fn plot_error(message: String) -> ModelError {

@@ -93,8 +93,8 @@ impl ModelSpec {
 
     /// Reads the JSON form; `file_name` only labels errors.
     pub fn from_json(file_name: &str, text: &str) -> Result<ModelSpec> {
-        let raw: RawSpec = serde_json::from_str(text)
-            .map_err(|e| ModelError::ModelFile { message: format!("{file_name}: {e}") })?;
+        let raw: RawSpec =
+            serde_json::from_str(text).map_err(|e| ModelError::ModelFile { message: format!("{file_name}: {e}") })?;
         Self::from_raw(raw)
     }
 
@@ -125,12 +125,18 @@ impl ModelSpec {
         if !is_block_name(name) {
             return Err(ModelError::Block {
                 name: name.to_string(),
-                message: "a block name is letters, digits and _, not starting with a digit, and not series, parallel or kofn".into(),
+                message:
+                    "a block name is letters, digits and _, not starting with a digit, and not series, parallel or kofn"
+                        .into(),
             });
         }
         let def = def.map_err(|e| ModelError::Block { name: name.to_string(), message: e.to_string() })?;
         if !self.blocks.contains_key(name) && self.blocks.len() >= MAX_BLOCKS {
-            return Err(ModelError::TooLarge { what: "the number of blocks", value: MAX_BLOCKS as u64 + 1, max: MAX_BLOCKS as u64 });
+            return Err(ModelError::TooLarge {
+                what: "the number of blocks",
+                value: MAX_BLOCKS as u64 + 1,
+                max: MAX_BLOCKS as u64,
+            });
         }
         self.blocks.insert(name.to_string(), def);
         Ok(())

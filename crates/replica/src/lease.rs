@@ -115,7 +115,8 @@ fn decide_renew(
         // Renewing after expiry is still safe when nobody took the lease meanwhile: the term
         // on record is unchanged.
         Some(record) if record.holder == holder && record.term == term => {
-            let record = LeaseRecord { expires_ms: now_ms.saturating_add(ttl_ms).max(record.expires_ms), ..record.clone() };
+            let record =
+                LeaseRecord { expires_ms: now_ms.saturating_add(ttl_ms).max(record.expires_ms), ..record.clone() };
             (RenewOutcome::Renewed(record.clone()), Some(record))
         }
         other => (RenewOutcome::Lost(other.cloned()), None),
@@ -123,9 +124,7 @@ fn decide_renew(
 }
 
 fn decide_release(current: Option<&LeaseRecord>, holder: &str, term: u64) -> Option<LeaseRecord> {
-    current
-        .filter(|r| r.holder == holder && r.term == term)
-        .map(|r| LeaseRecord { expires_ms: 0, ..r.clone() })
+    current.filter(|r| r.holder == holder && r.term == term).map(|r| LeaseRecord { expires_ms: 0, ..r.clone() })
 }
 
 /// A lease kept in memory and shared by cloning: for tests and simulations.
@@ -267,10 +266,7 @@ impl FileLease {
 }
 
 fn record_body(record: &LeaseRecord) -> String {
-    format!(
-        "{LEASE_FILE_HEADER}\nholder {}\nterm {}\nexpires_ms {}\n",
-        record.holder, record.term, record.expires_ms
-    )
+    format!("{LEASE_FILE_HEADER}\nholder {}\nterm {}\nexpires_ms {}\n", record.holder, record.term, record.expires_ms)
 }
 
 fn format_record(record: &LeaseRecord) -> String {
@@ -301,7 +297,8 @@ fn parse_record(bytes: &[u8]) -> Result<LeaseRecord, String> {
         term: number(term, "term")?,
         expires_ms: number(expires, "expires_ms")?,
     };
-    let crc_found = u32::from_str_radix(&value(crc, "crc32c")?, 16).map_err(|_| format!("bad checksum line {crc:?}"))?;
+    let crc_found =
+        u32::from_str_radix(&value(crc, "crc32c")?, 16).map_err(|_| format!("bad checksum line {crc:?}"))?;
     let crc_expected = crc32c::crc32c(record_body(&record).as_bytes());
     if crc_found != crc_expected {
         return Err(format!("checksum {crc_found:08x} does not match its contents ({crc_expected:08x})"));
@@ -365,7 +362,9 @@ mod tests {
         let mut primary = FileLease::new(&path);
         let mut backup = FileLease::new(&path);
         acquired(primary.try_acquire("primary", 0, 100).unwrap());
-        assert!(matches!(backup.try_acquire("backup", 99, 100).unwrap(), AcquireOutcome::Busy(r) if r.holder == "primary"));
+        assert!(
+            matches!(backup.try_acquire("backup", 99, 100).unwrap(), AcquireOutcome::Busy(r) if r.holder == "primary")
+        );
         let taken = acquired(backup.try_acquire("backup", 100, 100).unwrap());
         assert_eq!(taken.term, 2);
         assert_eq!(primary.renew("primary", 1, 101, 100).unwrap(), RenewOutcome::Lost(Some(taken)));
@@ -429,7 +428,10 @@ mod tests {
             .map(|i| {
                 let path = path.clone();
                 std::thread::spawn(move || {
-                    matches!(FileLease::new(path).try_acquire(&format!("n{i}"), 5, 1000).unwrap(), AcquireOutcome::Acquired(_))
+                    matches!(
+                        FileLease::new(path).try_acquire(&format!("n{i}"), 5, 1000).unwrap(),
+                        AcquireOutcome::Acquired(_)
+                    )
                 })
             })
             .collect();

@@ -115,7 +115,7 @@ pub use lease::{AcquireOutcome, FileLease, Lease, LeaseError, LeaseRecord, Memor
 pub use messages::{CheckpointId, ConfigDigest, Message, MessageError, Role, PROTOCOL_VERSION};
 pub use output_commit::{OutputBuffer, OutputBufferFull};
 pub use protocol::{
-    Backup, BackupAction, BackupConfig, BackupEvent, CheckpointKind, LeaseGrant, Primary, PrimaryAction,
-    PrimaryConfig, PrimaryEvent, ProtocolError,
+    Backup, BackupAction, BackupConfig, BackupEvent, CheckpointKind, LeaseGrant, Primary, PrimaryAction, PrimaryConfig,
+    PrimaryEvent, ProtocolError,
 };
 pub use wire::{Decoder, Encoder, Frame, KeyError, Nonce, PresharedKey, WireError};

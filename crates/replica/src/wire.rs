@@ -405,10 +405,13 @@ mod tests {
             decoder.push(std::slice::from_ref(byte));
             frames.extend(decode_all(&mut decoder).unwrap());
         }
-        assert_eq!(frames, vec![
-            Frame { frame_type: 7, seq: 0, payload: b"hello".to_vec() },
-            Frame { frame_type: 9, seq: 1, payload: vec![] },
-        ]);
+        assert_eq!(
+            frames,
+            vec![
+                Frame { frame_type: 7, seq: 0, payload: b"hello".to_vec() },
+                Frame { frame_type: 9, seq: 1, payload: vec![] },
+            ]
+        );
         assert_eq!(decoder.finish(), Ok(()));
     }
 

@@ -54,7 +54,12 @@ fn any_message() -> impl Strategy<Value = Message> {
         ),
         (any::<u64>(), epoch.clone()).prop_map(|(now_ms, epoch)| Message::Heartbeat { now_ms, epoch }),
         (epoch.clone(), proptest::option::of(0u64..6), any::<u64>(), 0u64..40).prop_map(
-            |(epoch, base_epoch, icount, total_bytes)| Message::CheckpointBegin { epoch, base_epoch, icount, total_bytes }
+            |(epoch, base_epoch, icount, total_bytes)| Message::CheckpointBegin {
+                epoch,
+                base_epoch,
+                icount,
+                total_bytes
+            }
         ),
         (epoch.clone(), 0u64..40, proptest::collection::vec(any::<u8>(), 0..20))
             .prop_map(|(epoch, offset, bytes)| Message::CheckpointChunk { epoch, offset, bytes }),

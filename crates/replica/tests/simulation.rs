@@ -19,9 +19,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use replica::{
-    AcquireOutcome, Backup, BackupAction, BackupConfig, BackupEvent, CheckpointKind, Lease, LeaseError,
-    LeaseGrant, MemoryLease, OutputBuffer, PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent,
-    ProtocolError,
+    AcquireOutcome, Backup, BackupAction, BackupConfig, BackupEvent, CheckpointKind, Lease, LeaseError, LeaseGrant,
+    MemoryLease, OutputBuffer, PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, ProtocolError,
 };
 
 const DEFAULT_SEEDS: u64 = 80;
@@ -441,8 +440,12 @@ impl Sim {
         }
         if self.backup_restart_at.is_some_and(|at| now >= at) {
             self.backups_started += 1;
-            self.backup =
-                Some(BackupNode { core: Backup::new(backup_config(), now), machine: None, applying: None, frozen_until: 0 });
+            self.backup = Some(BackupNode {
+                core: Backup::new(backup_config(), now),
+                machine: None,
+                applying: None,
+                frozen_until: 0,
+            });
             self.backup_restart_at = None;
         }
     }
@@ -497,7 +500,9 @@ impl Sim {
         let due = |c: &PendingLease| c.result.is_some() && now >= c.answer_at;
         let primary_calls: Vec<_> = drain_where(&mut self.lease_calls_primary, due);
         for call in primary_calls {
-            let Some(p) = self.primary.as_mut().filter(|_| call.incarnation == self.primaries_started) else { continue };
+            let Some(p) = self.primary.as_mut().filter(|_| call.incarnation == self.primaries_started) else {
+                continue;
+            };
             let answer = match call.result.expect("due") {
                 Ok(LeaseAnswer::Renew(outcome)) => p.core.step(PrimaryEvent::LeaseRenewal(Ok(outcome))),
                 Ok(LeaseAnswer::Acquire(_)) => unreachable!("the primary only renews"),
@@ -663,7 +668,13 @@ impl Sim {
                     let (perform_at, answer_at) = self.lease_delay();
                     let call = LeaseCall::Renew { term, holder };
                     let incarnation = self.primaries_started;
-                    self.lease_calls_primary.push(PendingLease { incarnation, perform_at, answer_at, call, result: None });
+                    self.lease_calls_primary.push(PendingLease {
+                        incarnation,
+                        perform_at,
+                        answer_at,
+                        call,
+                        result: None,
+                    });
                 }
                 PrimaryAction::Close { error } => self.closed_by(true, &error),
                 PrimaryAction::Stop { error } => {
@@ -696,7 +707,13 @@ impl Sim {
                     let (perform_at, answer_at) = self.lease_delay();
                     let call = LeaseCall::Acquire;
                     let incarnation = self.backups_started;
-                    self.lease_calls_backup.push(PendingLease { incarnation, perform_at, answer_at, call, result: None });
+                    self.lease_calls_backup.push(PendingLease {
+                        incarnation,
+                        perform_at,
+                        answer_at,
+                        call,
+                        result: None,
+                    });
                 }
                 BackupAction::GoLive { epoch, .. } => self.go_live(epoch)?,
             }
@@ -794,7 +811,8 @@ impl Sim {
         p.dirty.iter_mut().for_each(|d| *d = false);
         self.history.insert((p.run_id, epoch), p.pages.clone());
         self.stats.epochs_taken += 1;
-        let actions = p.core.step(PrimaryEvent::CheckpointTaken { epoch, icount: epoch * 1000, kind, payload: &payload });
+        let actions =
+            p.core.step(PrimaryEvent::CheckpointTaken { epoch, icount: epoch * 1000, kind, payload: &payload });
         self.on_primary(actions)
     }
 
@@ -859,7 +877,8 @@ fn seeds() -> Vec<u64> {
     if let Ok(seed) = std::env::var("FTVR_SIM_SEED") {
         return vec![seed.parse().expect("FTVR_SIM_SEED is a number")];
     }
-    let count = std::env::var("FTVR_SIM_SEEDS").map_or(DEFAULT_SEEDS, |n| n.parse().expect("FTVR_SIM_SEEDS is a number"));
+    let count =
+        std::env::var("FTVR_SIM_SEEDS").map_or(DEFAULT_SEEDS, |n| n.parse().expect("FTVR_SIM_SEEDS is a number"));
     (0..count).map(|i| 0xf7f7_0000 + i).collect()
 }
 

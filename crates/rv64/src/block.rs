@@ -156,12 +156,13 @@ impl Hart {
             let page = page_ram_offset >> PAGE_SHIFT;
             let ram = bus.ram();
             let block = cache.slots[slot];
-            let block = if block.pc == pc && block.page_ram_offset == page_ram_offset && block.code_gen == ram.code_gen(page) {
-                block
-            } else {
-                cache.build(slot, ram, pc, page_ram_offset);
-                cache.slots[slot]
-            };
+            let block =
+                if block.pc == pc && block.page_ram_offset == page_ram_offset && block.code_gen == ram.code_gen(page) {
+                    block
+                } else {
+                    cache.build(slot, ram, pc, page_ram_offset);
+                    cache.slots[slot]
+                };
             if block.len == 0 {
                 self.state.pc = pc;
                 return self.step(bus);

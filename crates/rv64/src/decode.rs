@@ -5,41 +5,124 @@
 /// Base integer operations (RV64I and Zifencei).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseOp {
-    Lui, Auipc, Jal, Jalr,
-    Beq, Bne, Blt, Bge, Bltu, Bgeu,
-    Lb, Lh, Lw, Ld, Lbu, Lhu, Lwu,
-    Sb, Sh, Sw, Sd,
-    Addi, Slti, Sltiu, Xori, Ori, Andi, Slli, Srli, Srai,
-    Add, Sub, Sll, Slt, Sltu, Xor, Srl, Sra, Or, And,
-    Addiw, Slliw, Srliw, Sraiw,
-    Addw, Subw, Sllw, Srlw, Sraw,
-    Fence, FenceI,
+    Lui,
+    Auipc,
+    Jal,
+    Jalr,
+    Beq,
+    Bne,
+    Blt,
+    Bge,
+    Bltu,
+    Bgeu,
+    Lb,
+    Lh,
+    Lw,
+    Ld,
+    Lbu,
+    Lhu,
+    Lwu,
+    Sb,
+    Sh,
+    Sw,
+    Sd,
+    Addi,
+    Slti,
+    Sltiu,
+    Xori,
+    Ori,
+    Andi,
+    Slli,
+    Srli,
+    Srai,
+    Add,
+    Sub,
+    Sll,
+    Slt,
+    Sltu,
+    Xor,
+    Srl,
+    Sra,
+    Or,
+    And,
+    Addiw,
+    Slliw,
+    Srliw,
+    Sraiw,
+    Addw,
+    Subw,
+    Sllw,
+    Srlw,
+    Sraw,
+    Fence,
+    FenceI,
 }
 
 /// The M extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MulOp {
-    Mul, Mulh, Mulhsu, Mulhu, Div, Divu, Rem, Remu,
-    Mulw, Divw, Divuw, Remw, Remuw,
+    Mul,
+    Mulh,
+    Mulhsu,
+    Mulhu,
+    Div,
+    Divu,
+    Rem,
+    Remu,
+    Mulw,
+    Divw,
+    Divuw,
+    Remw,
+    Remuw,
 }
 
 /// The A extension. `W` operate on 32 bits (sign-extended), `D` on 64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AmoOp {
-    LrW, ScW, SwapW, AddW, XorW, AndW, OrW, MinW, MaxW, MinuW, MaxuW,
-    LrD, ScD, SwapD, AddD, XorD, AndD, OrD, MinD, MaxD, MinuD, MaxuD,
+    LrW,
+    ScW,
+    SwapW,
+    AddW,
+    XorW,
+    AndW,
+    OrW,
+    MinW,
+    MaxW,
+    MinuW,
+    MaxuW,
+    LrD,
+    ScD,
+    SwapD,
+    AddD,
+    XorD,
+    AndD,
+    OrD,
+    MinD,
+    MaxD,
+    MinuD,
+    MaxuD,
 }
 
 /// Zicsr. The CSR number is in `imm`; the `I` forms take `rs1` as a 5-bit immediate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CsrOp {
-    Rw, Rs, Rc, Rwi, Rsi, Rci,
+    Rw,
+    Rs,
+    Rc,
+    Rwi,
+    Rsi,
+    Rci,
 }
 
 /// Privileged instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SysOp {
-    Ecall, Ebreak, Sret, Mret, Wfi, SfenceVma,
+    Ecall,
+    Ebreak,
+    Sret,
+    Mret,
+    Wfi,
+    SfenceVma,
 }
 
 /// Floating-point precision of an F/D operation.
@@ -53,14 +136,32 @@ pub enum Fmt {
 /// arithmetic operation is in `Insn::rm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FpOp {
-    Load(Fmt), Store(Fmt),
-    Madd(Fmt), Msub(Fmt), Nmsub(Fmt), Nmadd(Fmt),
-    Add(Fmt), Sub(Fmt), Mul(Fmt), Div(Fmt), Sqrt(Fmt),
-    Sgnj(Fmt), Sgnjn(Fmt), Sgnjx(Fmt), Min(Fmt), Max(Fmt),
+    Load(Fmt),
+    Store(Fmt),
+    Madd(Fmt),
+    Msub(Fmt),
+    Nmsub(Fmt),
+    Nmadd(Fmt),
+    Add(Fmt),
+    Sub(Fmt),
+    Mul(Fmt),
+    Div(Fmt),
+    Sqrt(Fmt),
+    Sgnj(Fmt),
+    Sgnjn(Fmt),
+    Sgnjx(Fmt),
+    Min(Fmt),
+    Max(Fmt),
     /// float → signed 32-bit integer
-    CvtWF(Fmt), CvtWuF(Fmt), CvtLF(Fmt), CvtLuF(Fmt),
+    CvtWF(Fmt),
+    CvtWuF(Fmt),
+    CvtLF(Fmt),
+    CvtLuF(Fmt),
     /// integer → float
-    CvtFW(Fmt), CvtFWu(Fmt), CvtFL(Fmt), CvtFLu(Fmt),
+    CvtFW(Fmt),
+    CvtFWu(Fmt),
+    CvtFL(Fmt),
+    CvtFLu(Fmt),
     /// double → single
     CvtSD,
     /// single → double
@@ -69,7 +170,10 @@ pub enum FpOp {
     MvXF(Fmt),
     /// move bits integer register → float register (fmv.w.x / fmv.d.x)
     MvFX(Fmt),
-    Eq(Fmt), Lt(Fmt), Le(Fmt), Class(Fmt),
+    Eq(Fmt),
+    Lt(Fmt),
+    Le(Fmt),
+    Class(Fmt),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,8 +311,7 @@ fn imm_s(w: u32) -> i32 {
 }
 
 fn imm_b(w: u32) -> i32 {
-    (((w & 0x8000_0000) as i32) >> 19)
-        | ((bits(w, 7, 7) << 11) | (bits(w, 30, 25) << 5) | (bits(w, 11, 8) << 1)) as i32
+    (((w & 0x8000_0000) as i32) >> 19) | ((bits(w, 7, 7) << 11) | (bits(w, 30, 25) << 5) | (bits(w, 11, 8) << 1)) as i32
 }
 
 fn imm_u(w: u32) -> i32 {
@@ -239,21 +342,35 @@ pub fn decode(w: u32) -> Insn {
         0b11001 if f3 == 0 => return mk(Op::Base(Jalr), imm_i(w)),
         0b11000 => {
             let op = match f3 {
-                0 => Beq, 1 => Bne, 4 => Blt, 5 => Bge, 6 => Bltu, 7 => Bgeu,
+                0 => Beq,
+                1 => Bne,
+                4 => Blt,
+                5 => Bge,
+                6 => Bltu,
+                7 => Bgeu,
                 _ => return Insn::ILLEGAL,
             };
             return mk(Op::Base(op), imm_b(w));
         }
         0b00000 => {
             let op = match f3 {
-                0 => Lb, 1 => Lh, 2 => Lw, 3 => Ld, 4 => Lbu, 5 => Lhu, 6 => Lwu,
+                0 => Lb,
+                1 => Lh,
+                2 => Lw,
+                3 => Ld,
+                4 => Lbu,
+                5 => Lhu,
+                6 => Lwu,
                 _ => return Insn::ILLEGAL,
             };
             return mk(Op::Base(op), imm_i(w));
         }
         0b01000 => {
             let op = match f3 {
-                0 => Sb, 1 => Sh, 2 => Sw, 3 => Sd,
+                0 => Sb,
+                1 => Sh,
+                2 => Sw,
+                3 => Sd,
                 _ => return Insn::ILLEGAL,
             };
             return mk(Op::Base(op), imm_s(w));
@@ -312,7 +429,12 @@ fn decode_op_imm(w: u32, f3: u32, mk: impl Fn(Op, i32) -> Insn) -> Insn {
     let shamt = bits(w, 25, 20) as i32;
     let top6 = bits(w, 31, 26);
     let op = match f3 {
-        0 => Addi, 2 => Slti, 3 => Sltiu, 4 => Xori, 6 => Ori, 7 => Andi,
+        0 => Addi,
+        2 => Slti,
+        3 => Sltiu,
+        4 => Xori,
+        6 => Ori,
+        7 => Andi,
         1 if top6 == 0 => return mk(Op::Base(Slli), shamt),
         5 if top6 == 0 => return mk(Op::Base(Srli), shamt),
         5 if top6 == 0b010000 => return mk(Op::Base(Srai), shamt),

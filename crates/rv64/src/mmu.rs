@@ -4,8 +4,8 @@
 //! spec permits; only LR/SC/AMO require natural alignment.
 
 use crate::bus::Bus;
-use crate::exec::Flow;
 use crate::csr::{MSTATUS_MPP, MSTATUS_MPP_SHIFT, MSTATUS_MPRV, MSTATUS_MXR, MSTATUS_SUM};
+use crate::exec::Flow;
 use crate::hart::{Hart, PrivMode};
 use crate::trap::Exception;
 
@@ -110,7 +110,13 @@ impl Hart {
     }
 
     /// Translate a virtual address for `access` at privilege `privilege`.
-    pub(crate) fn translate(&mut self, bus: &mut impl Bus, vaddr: u64, access: Access, privilege: PrivMode) -> Result<u64, Exception> {
+    pub(crate) fn translate(
+        &mut self,
+        bus: &mut impl Bus,
+        vaddr: u64,
+        access: Access,
+        privilege: PrivMode,
+    ) -> Result<u64, Exception> {
         let satp = self.state.satp;
         if privilege == PrivMode::Machine || satp >> 60 == 0 {
             return Ok(vaddr);
@@ -140,7 +146,16 @@ impl Hart {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn leaf(&mut self, bus: &mut impl Bus, vaddr: u64, access: Access, privilege: PrivMode, pte: u64, pte_addr: u64, level: u32) -> Result<u64, Exception> {
+    fn leaf(
+        &mut self,
+        bus: &mut impl Bus,
+        vaddr: u64,
+        access: Access,
+        privilege: PrivMode,
+        pte: u64,
+        pte_addr: u64,
+        level: u32,
+    ) -> Result<u64, Exception> {
         let fault = Self::page_fault(access, vaddr);
         if pte & PTE_RESERVED != 0 {
             return Err(fault);
@@ -149,7 +164,9 @@ impl Hart {
         let user_page = pte & PTE_U != 0;
         match privilege {
             PrivMode::User if !user_page => return Err(fault),
-            PrivMode::Supervisor if user_page && (access == Access::Fetch || mstatus & MSTATUS_SUM == 0) => return Err(fault),
+            PrivMode::Supervisor if user_page && (access == Access::Fetch || mstatus & MSTATUS_SUM == 0) => {
+                return Err(fault)
+            }
             _ => {}
         }
         let allowed = match access {
@@ -250,7 +267,13 @@ impl Hart {
     /// [`Hart::store`], and how execution may go on: [`Flow::Next`] when the TLB
     /// answered and the page held no decoded code, else [`Flow::Check`].
     #[inline(always)]
-    pub(crate) fn store_flow(&mut self, bus: &mut impl Bus, vaddr: u64, n: usize, value: u64) -> Result<Flow, Exception> {
+    pub(crate) fn store_flow(
+        &mut self,
+        bus: &mut impl Bus,
+        vaddr: u64,
+        n: usize,
+        value: u64,
+    ) -> Result<Flow, Exception> {
         match self.tlb_hit(vaddr, n, Access::Store) {
             Some(off) => Ok(if write_ram(bus, off, n, value) { Flow::Check } else { Flow::Next }),
             None => self.store_slow(bus, vaddr, n, value).map(|()| Flow::Check),

@@ -88,9 +88,9 @@ fn expand_q0(h: u16, f3: u32) -> Option<u32> {
             }
             i_type(imm as i32, 2, 0, rd, OP_IMM)
         }
-        1 => i_type(off_d as i32, rs1, 3, rd, LOAD_FP), // c.fld
-        2 => i_type(off_w as i32, rs1, 2, rd, LOAD),    // c.lw
-        3 => i_type(off_d as i32, rs1, 3, rd, LOAD),    // c.ld
+        1 => i_type(off_d as i32, rs1, 3, rd, LOAD_FP),  // c.fld
+        2 => i_type(off_w as i32, rs1, 2, rd, LOAD),     // c.lw
+        3 => i_type(off_d as i32, rs1, 3, rd, LOAD),     // c.ld
         5 => s_type(off_d as i32, rd, rs1, 3, STORE_FP), // c.fsd
         6 => s_type(off_w as i32, rd, rs1, 2, STORE),    // c.sw
         7 => s_type(off_d as i32, rd, rs1, 3, STORE),    // c.sd
@@ -114,7 +114,8 @@ fn expand_q1(h: u16, f3: u32) -> Option<u32> {
         3 => {
             if rd == 2 {
                 // c.addi16sp
-                let imm = (b(h, 12, 12) << 9) | (b(h, 4, 3) << 7) | (b(h, 5, 5) << 6) | (b(h, 2, 2) << 5) | (b(h, 6, 6) << 4);
+                let imm =
+                    (b(h, 12, 12) << 9) | (b(h, 4, 3) << 7) | (b(h, 5, 5) << 6) | (b(h, 2, 2) << 5) | (b(h, 6, 6) << 4);
                 if imm == 0 {
                     return None;
                 }
@@ -130,13 +131,20 @@ fn expand_q1(h: u16, f3: u32) -> Option<u32> {
         4 => return expand_q1_alu(h),
         5 => {
             // c.j
-            let imm = (b(h, 12, 12) << 11) | (b(h, 8, 8) << 10) | (b(h, 10, 9) << 8) | (b(h, 6, 6) << 7)
-                | (b(h, 7, 7) << 6) | (b(h, 2, 2) << 5) | (b(h, 11, 11) << 4) | (b(h, 5, 3) << 1);
+            let imm = (b(h, 12, 12) << 11)
+                | (b(h, 8, 8) << 10)
+                | (b(h, 10, 9) << 8)
+                | (b(h, 6, 6) << 7)
+                | (b(h, 7, 7) << 6)
+                | (b(h, 2, 2) << 5)
+                | (b(h, 11, 11) << 4)
+                | (b(h, 5, 3) << 1);
             j_type(sext(imm, 12), 0)
         }
         6 | 7 => {
             // c.beqz / c.bnez
-            let imm = (b(h, 12, 12) << 8) | (b(h, 6, 5) << 6) | (b(h, 2, 2) << 5) | (b(h, 11, 10) << 3) | (b(h, 4, 3) << 1);
+            let imm =
+                (b(h, 12, 12) << 8) | (b(h, 6, 5) << 6) | (b(h, 2, 2) << 5) | (b(h, 11, 10) << 3) | (b(h, 4, 3) << 1);
             b_type(sext(imm, 9), 0, creg(b(h, 9, 7)), if f3 == 6 { 0 } else { 1 })
         }
         _ => unreachable!("funct3 is three bits"),
@@ -147,18 +155,18 @@ fn expand_q1_alu(h: u16) -> Option<u32> {
     let rd = creg(b(h, 9, 7));
     let shamt = (b(h, 12, 12) << 5) | b(h, 6, 2);
     Some(match b(h, 11, 10) {
-        0 => i_type(shamt as i32, rd, 5, rd, OP_IMM), // c.srli
+        0 => i_type(shamt as i32, rd, 5, rd, OP_IMM),           // c.srli
         1 => i_type((shamt | 0x400) as i32, rd, 5, rd, OP_IMM), // c.srai
         2 => i_type(sext((b(h, 12, 12) << 5) | b(h, 6, 2), 6), rd, 7, rd, OP_IMM), // c.andi
         _ => {
             let rs2 = creg(b(h, 4, 2));
             match (b(h, 12, 12), b(h, 6, 5)) {
-                (0, 0) => r_type(0x20, rs2, rd, 0, rd, OP), // c.sub
-                (0, 1) => r_type(0, rs2, rd, 4, rd, OP),    // c.xor
-                (0, 2) => r_type(0, rs2, rd, 6, rd, OP),    // c.or
-                (0, 3) => r_type(0, rs2, rd, 7, rd, OP),    // c.and
+                (0, 0) => r_type(0x20, rs2, rd, 0, rd, OP),   // c.sub
+                (0, 1) => r_type(0, rs2, rd, 4, rd, OP),      // c.xor
+                (0, 2) => r_type(0, rs2, rd, 6, rd, OP),      // c.or
+                (0, 3) => r_type(0, rs2, rd, 7, rd, OP),      // c.and
                 (1, 0) => r_type(0x20, rs2, rd, 0, rd, OP32), // c.subw
-                (1, 1) => r_type(0, rs2, rd, 0, rd, OP32),  // c.addw
+                (1, 1) => r_type(0, rs2, rd, 0, rd, OP32),    // c.addw
                 _ => return None,
             }
         }
@@ -174,7 +182,7 @@ fn expand_q2(h: u16, f3: u32) -> Option<u32> {
     let swsp = (b(h, 8, 7) << 6) | (b(h, 12, 9) << 2);
     Some(match f3 {
         0 => i_type(((b(h, 12, 12) << 5) | rs2) as i32, rd, 1, rd, OP_IMM), // c.slli
-        1 => i_type(ldsp as i32, 2, 3, rd, LOAD_FP), // c.fldsp
+        1 => i_type(ldsp as i32, 2, 3, rd, LOAD_FP),                        // c.fldsp
         2 => {
             if rd == 0 {
                 return None;
@@ -189,10 +197,10 @@ fn expand_q2(h: u16, f3: u32) -> Option<u32> {
         }
         4 => match (b(h, 12, 12), rd, rs2) {
             (0, 0, 0) => return None,
-            (0, rs1, 0) => i_type(0, rs1, 0, 0, JALR), // c.jr
-            (0, rd, rs2) => r_type(0, rs2, 0, 0, rd, OP), // c.mv
-            (1, 0, 0) => 0x0010_0000 | SYSTEM, // c.ebreak
-            (1, rs1, 0) => i_type(0, rs1, 0, 1, JALR), // c.jalr
+            (0, rs1, 0) => i_type(0, rs1, 0, 0, JALR),     // c.jr
+            (0, rd, rs2) => r_type(0, rs2, 0, 0, rd, OP),  // c.mv
+            (1, 0, 0) => 0x0010_0000 | SYSTEM,             // c.ebreak
+            (1, rs1, 0) => i_type(0, rs1, 0, 1, JALR),     // c.jalr
             (1, rd, rs2) => r_type(0, rs2, rd, 0, rd, OP), // c.add
             _ => unreachable!("bit 12 is one bit"),
         },

@@ -43,9 +43,17 @@ impl Exception {
     pub fn tval(self) -> u64 {
         use Exception::*;
         match self {
-            InstructionMisaligned(v) | InstructionAccessFault(v) | IllegalInstruction(v) | Breakpoint(v)
-            | LoadMisaligned(v) | LoadAccessFault(v) | StoreMisaligned(v) | StoreAccessFault(v)
-            | InstructionPageFault(v) | LoadPageFault(v) | StorePageFault(v) => v,
+            InstructionMisaligned(v)
+            | InstructionAccessFault(v)
+            | IllegalInstruction(v)
+            | Breakpoint(v)
+            | LoadMisaligned(v)
+            | LoadAccessFault(v)
+            | StoreMisaligned(v)
+            | StoreAccessFault(v)
+            | InstructionPageFault(v)
+            | LoadPageFault(v)
+            | StorePageFault(v) => v,
             EcallFromU | EcallFromS | EcallFromM => 0,
         }
     }

@@ -14,7 +14,16 @@ fn prepared(start: u64) -> Machine {
     for k in 0..512u64 {
         m.write_u64(DATA + 8 * k, 0x8123_4567_0000_0000 ^ (k * 0x0001_0203_0405_0607) ^ (k << 56));
     }
-    let values = [0x8000_0000_0000_0000u64, 0x7fff_ffff, 0x1234_5678_9abc_def0, u64::MAX, 5, 0xffff_ffff_8000_0001, 0x10, 0x0f0f_0f0f_0f0f_0f0f];
+    let values = [
+        0x8000_0000_0000_0000u64,
+        0x7fff_ffff,
+        0x1234_5678_9abc_def0,
+        u64::MAX,
+        5,
+        0xffff_ffff_8000_0001,
+        0x10,
+        0x0f0f_0f0f_0f0f_0f0f,
+    ];
     for (i, v) in values.into_iter().enumerate() {
         m.set_x(8 + i as u32, v);
     }
@@ -376,7 +385,15 @@ fn a_32_bit_instruction_may_start_two_bytes_into_a_word() {
 #[test]
 fn hints_execute_as_no_ops() {
     // c.nop with an immediate, c.addi with imm 0, c.li/c.lui/c.mv/c.add/c.slli to x0.
-    let hints = [c_addi(ZERO, 5), c_addi(A0, 0), c_li(ZERO, 3), c_lui(ZERO, 1), c_mv(ZERO, A1), c_add(ZERO, A1), c_slli(ZERO, 3)];
+    let hints = [
+        c_addi(ZERO, 5),
+        c_addi(A0, 0),
+        c_li(ZERO, 3),
+        c_lui(ZERO, 1),
+        c_mv(ZERO, A1),
+        c_add(ZERO, A1),
+        c_slli(ZERO, 3),
+    ];
     let mut m = prepared(CODE);
     let before = m.hart.state.x;
     m.load_halves(CODE, &hints);

@@ -62,7 +62,11 @@ fn csrrc_clears_the_bits_of_rs1_and_returns_the_old_value() {
 
 #[test]
 fn the_immediate_forms_use_a_zero_extended_5_bit_value() {
-    let m = run_as(PrivMode::Machine, &[csrrwi(A0, MSCRATCH, 31), csrrsi(A1, MSCRATCH, 0), csrrci(A2, MSCRATCH, 0b101)], &[]);
+    let m = run_as(
+        PrivMode::Machine,
+        &[csrrwi(A0, MSCRATCH, 31), csrrsi(A1, MSCRATCH, 0), csrrci(A2, MSCRATCH, 0b101)],
+        &[],
+    );
     assert_eq!(m.x(A0), 0);
     assert_eq!(m.x(A1), 31);
     assert_eq!(m.x(A2), 31);
@@ -276,8 +280,18 @@ fn mstatus_sd_is_read_only() {
 
 #[test]
 fn mstatus_keeps_its_writable_fields() {
-    let fields = MSTATUS_SIE | MSTATUS_MIE | MSTATUS_SPIE | MSTATUS_MPIE | MSTATUS_SPP | MSTATUS_MPRV | MSTATUS_SUM
-        | MSTATUS_MXR | MSTATUS_TVM | MSTATUS_TW | MSTATUS_TSR | (1 << 13);
+    let fields = MSTATUS_SIE
+        | MSTATUS_MIE
+        | MSTATUS_SPIE
+        | MSTATUS_MPIE
+        | MSTATUS_SPP
+        | MSTATUS_MPRV
+        | MSTATUS_SUM
+        | MSTATUS_MXR
+        | MSTATUS_TVM
+        | MSTATUS_TW
+        | MSTATUS_TSR
+        | (1 << 13);
     assert_eq!(mstatus_after_writing(fields) & fields, fields);
 }
 
@@ -317,8 +331,17 @@ fn csrwi_frm(v: u32) -> u32 {
 #[test]
 fn sstatus_shows_only_the_supervisor_fields_of_mstatus() {
     let mut m = Machine::with_code(&[csrr(A0, SSTATUS)]);
-    m.hart.state.mstatus = MSTATUS_MIE | MSTATUS_MPIE | MSTATUS_MPP | MSTATUS_TVM | MSTATUS_TW | MSTATUS_TSR | MSTATUS_MPRV
-        | MSTATUS_SIE | MSTATUS_SPP | MSTATUS_SUM | MSTATUS_FS;
+    m.hart.state.mstatus = MSTATUS_MIE
+        | MSTATUS_MPIE
+        | MSTATUS_MPP
+        | MSTATUS_TVM
+        | MSTATUS_TW
+        | MSTATUS_TSR
+        | MSTATUS_MPRV
+        | MSTATUS_SIE
+        | MSTATUS_SPP
+        | MSTATUS_SUM
+        | MSTATUS_FS;
     m.run(1);
     assert_eq!(m.x(A0), MSTATUS_SIE | MSTATUS_SPP | MSTATUS_SUM | MSTATUS_FS | MSTATUS_SD | (2 << 32));
 }
@@ -354,8 +377,12 @@ fn mideleg_can_delegate_the_supervisor_interrupts() {
 fn medeleg_cannot_delegate_ecall_from_machine_mode() {
     let m = run_as(PrivMode::Machine, &[csrw(MEDELEG, A1), csrr(A0, MEDELEG)], &[(A1, u64::MAX)]);
     assert_eq!(m.x(A0) & (1 << CAUSE_MACHINE_ECALL), 0);
-    let delegable = (1 << CAUSE_BREAKPOINT) | (1 << CAUSE_USER_ECALL) | (1 << CAUSE_ILLEGAL_INSTRUCTION)
-        | (1 << CAUSE_FETCH_PAGE_FAULT) | (1 << CAUSE_LOAD_PAGE_FAULT) | (1 << CAUSE_STORE_PAGE_FAULT);
+    let delegable = (1 << CAUSE_BREAKPOINT)
+        | (1 << CAUSE_USER_ECALL)
+        | (1 << CAUSE_ILLEGAL_INSTRUCTION)
+        | (1 << CAUSE_FETCH_PAGE_FAULT)
+        | (1 << CAUSE_LOAD_PAGE_FAULT)
+        | (1 << CAUSE_STORE_PAGE_FAULT);
     assert_eq!(m.x(A0) & delegable, delegable);
 }
 
@@ -462,7 +489,11 @@ fn a_read_modify_write_of_mip_does_not_latch_the_external_seip_line() {
 
 #[test]
 fn mepc_and_sepc_bit_0_is_always_zero() {
-    let m = run_as(PrivMode::Machine, &[csrw(MEPC, A1), csrr(A0, MEPC), csrw(SEPC, A1), csrr(A2, SEPC)], &[(A1, 0x8000_1235)]);
+    let m = run_as(
+        PrivMode::Machine,
+        &[csrw(MEPC, A1), csrr(A0, MEPC), csrw(SEPC, A1), csrr(A2, SEPC)],
+        &[(A1, 0x8000_1235)],
+    );
     assert_eq!(m.x(A0), 0x8000_1234);
     assert_eq!(m.x(A2), 0x8000_1234);
 }

@@ -155,8 +155,7 @@ fn hart_matches_berkeley_softfloat_vectors() {
     let vectors = parse(&text);
     assert!(vectors.len() > 1000, "too few vectors: {}", vectors.len());
     let mut m = Machine::new();
-    let failures: Vec<String> =
-        vectors.iter().enumerate().filter_map(|(n, v)| check(&mut m, v, n % 2 == 1)).collect();
+    let failures: Vec<String> = vectors.iter().enumerate().filter_map(|(n, v)| check(&mut m, v, n % 2 == 1)).collect();
     for f in failures.iter().take(30) {
         eprintln!("{f}");
     }

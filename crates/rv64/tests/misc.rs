@@ -58,10 +58,7 @@ fn misaligned_loads_within_ram_read_the_right_bytes() {
 #[test]
 fn misaligned_stores_within_ram_write_the_right_bytes() {
     let m = run_code(&[sd(A2, A1, 3), sh(A3, A1, 13)], &[(A1, DATA), (A2, 0x8877_6655_4433_2211), (A3, 0xbbaa)]);
-    assert_eq!(
-        m.read_bytes(DATA, 16),
-        [0, 0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0, 0, 0xaa, 0xbb, 0]
-    );
+    assert_eq!(m.read_bytes(DATA, 16), [0, 0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0, 0, 0xaa, 0xbb, 0]);
 }
 
 #[test]

@@ -298,7 +298,8 @@ fn sfence_vma_in_user_mode_is_illegal() {
 
 // ---------------------------------------------------------------- interrupts
 
-const ALL_IRQS: u64 = (1 << IRQ_SSI) | (1 << IRQ_MSI) | (1 << IRQ_STI) | (1 << IRQ_MTI) | (1 << IRQ_SEI) | (1 << IRQ_MEI);
+const ALL_IRQS: u64 =
+    (1 << IRQ_SSI) | (1 << IRQ_MSI) | (1 << IRQ_STI) | (1 << IRQ_MTI) | (1 << IRQ_SEI) | (1 << IRQ_MEI);
 const S_IRQS: u64 = (1 << IRQ_SSI) | (1 << IRQ_STI) | (1 << IRQ_SEI);
 
 fn raise(m: &mut Machine, irq: Interrupt) {
@@ -401,7 +402,8 @@ fn a_supervisor_interrupt_not_delegated_is_taken_in_machine_mode() {
 
 #[test]
 fn a_delegated_interrupt_is_never_taken_in_machine_mode() {
-    let mut m = interrupt_machine(PrivMode::Machine, MSTATUS_MIE | MSTATUS_SIE, S_IRQS, &[Interrupt::SupervisorSoftware]);
+    let mut m =
+        interrupt_machine(PrivMode::Machine, MSTATUS_MIE | MSTATUS_SIE, S_IRQS, &[Interrupt::SupervisorSoftware]);
     m.run(1);
     assert_eq!((m.pc(), m.mcause(), m.scause()), (CODE + 4, 0, 0));
 }

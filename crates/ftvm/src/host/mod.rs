@@ -16,7 +16,9 @@ pub enum HostEvent {
     /// A request from the control API.
     Control(crate::api::ControlRequest),
     /// Output commit: the backup holds every epoch up to this one.
-    Released { up_to_epoch: u64 },
+    Released {
+        up_to_epoch: u64,
+    },
     /// The replication layer says this replica must stop (it lost the lease).
     ReplicationStopped(String),
 }

@@ -44,12 +44,14 @@ impl Tap {
         if !sys.join("tun_flags").exists() {
             bail!("network device {name} is not a TAP device");
         }
-        let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("cannot open /dev/net/tun")?;
+        let file =
+            OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("cannot open /dev/net/tun")?;
         let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads a struct ifreq; IfReq has ifreq's layout (16-byte name,
         // short flags, padding to 40 bytes) and lives for the whole call.
-        unsafe { tunsetiff(file.as_raw_fd(), &req) }.with_context(|| format!("cannot attach to TAP device {name} (is it in use or owned by another user?)"))?;
+        unsafe { tunsetiff(file.as_raw_fd(), &req) }
+            .with_context(|| format!("cannot attach to TAP device {name} (is it in use or owned by another user?)"))?;
         Ok(Tap { file, name: name.to_string() })
     }
 
@@ -74,7 +76,10 @@ impl Tap {
 
     /// A second handle on the same device (for a sender apart from the driver's).
     pub fn clone_handle(&self) -> Result<Tap> {
-        Ok(Tap { file: self.file.try_clone().context("cannot duplicate the TAP file descriptor")?, name: self.name.clone() })
+        Ok(Tap {
+            file: self.file.try_clone().context("cannot duplicate the TAP file descriptor")?,
+            name: self.name.clone(),
+        })
     }
 
     /// Send a frame the guest transmitted.

@@ -75,7 +75,10 @@ fn answer_as_backup(request: crate::api::ControlRequest, backup: &Backup, machin
             false,
         ),
         Command::Stop => (Reply::ok(serde_json::json!({ "state": "stopped" })), true),
-        _ => (Reply::error(409, "this replica is a backup: it holds a checkpoint and does not run until it takes over"), false),
+        _ => (
+            Reply::error(409, "this replica is a backup: it holds a checkpoint and does not run until it takes over"),
+            false,
+        ),
     };
     let _ = request.reply.send(reply);
     stop
@@ -249,11 +252,15 @@ fn keep_lease(mut lease: FileLease, holder: String, term: u64, ttl_ms: u64, even
                 Ok(RenewOutcome::Renewed(_)) => valid_until = now + ttl_ms,
                 Ok(RenewOutcome::Lost(record)) => {
                     let who = record.map_or("nobody".to_string(), |r| format!("{} (term {})", r.holder, r.term));
-                    let _ = events.send(HostEvent::ReplicationStopped(format!("this replica lost the takeover lease to {who}; another replica is live, so this one stops")));
+                    let _ = events.send(HostEvent::ReplicationStopped(format!(
+                        "this replica lost the takeover lease to {who}; another replica is live, so this one stops"
+                    )));
                     return;
                 }
                 Err(e) if now >= valid_until => {
-                    let _ = events.send(HostEvent::ReplicationStopped(format!("the takeover lease expired before it could be renewed ({e}); stopping")));
+                    let _ = events.send(HostEvent::ReplicationStopped(format!(
+                        "the takeover lease expired before it could be renewed ({e}); stopping"
+                    )));
                     return;
                 }
                 Err(_) => {}

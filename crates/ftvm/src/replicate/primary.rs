@@ -4,7 +4,7 @@
 //! stop. The guest never waits for the network: checkpoints are sent here, in the
 //! background, while the next epoch runs.
 
-use super::{now_ms, nonce};
+use super::{nonce, now_ms};
 use crate::host::HostEvent;
 use anyhow::{bail, Context, Result};
 use replica::{
@@ -74,7 +74,10 @@ impl Drop for PrimaryHandle {
 pub fn start(options: PrimaryOptions, events: Sender<HostEvent>) -> Result<PrimaryHandle> {
     let mut lease = FileLease::new(&options.lease_path);
     let now = now_ms();
-    let grant = match lease.try_acquire(&options.holder, now, options.lease_ttl_ms).context("cannot take the takeover lease")? {
+    let grant = match lease
+        .try_acquire(&options.holder, now, options.lease_ttl_ms)
+        .context("cannot take the takeover lease")?
+    {
         AcquireOutcome::Acquired(record) => LeaseGrant { term: record.term, acquired_at_ms: now },
         AcquireOutcome::Busy(record) => bail!(
             "the takeover lease {} is held by {} (term {}) for another {} ms: another replica of this VM is live",
@@ -98,8 +101,22 @@ pub fn start(options: PrimaryOptions, events: Sender<HostEvent>) -> Result<Prima
         lease_term: grant.term,
     }));
     let (tx, rx) = mpsc::channel();
-    let mut thread = ReplThread { primary, rx, tx: tx.clone(), events, shared: shared.clone(), lease, options, conn: None, conn_id: 0, next_connect_ms: 0 };
-    let handle = std::thread::Builder::new().name("replication".into()).spawn(move || thread.run()).context("cannot start the replication thread")?;
+    let mut thread = ReplThread {
+        primary,
+        rx,
+        tx: tx.clone(),
+        events,
+        shared: shared.clone(),
+        lease,
+        options,
+        conn: None,
+        conn_id: 0,
+        next_connect_ms: 0,
+    };
+    let handle = std::thread::Builder::new()
+        .name("replication".into())
+        .spawn(move || thread.run())
+        .context("cannot start the replication thread")?;
     Ok(PrimaryHandle { tx, shared, thread: Some(handle) })
 }
 
@@ -307,7 +324,11 @@ pub fn default_holder(role: &str) -> String {
 }
 
 /// Start replication when `--replicate-to` was given.
-pub fn from_args(args: &ReplicationArgs, config: &machine::MachineConfig, events: Sender<HostEvent>) -> Result<Option<crate::driver::Replication>> {
+pub fn from_args(
+    args: &ReplicationArgs,
+    config: &machine::MachineConfig,
+    events: Sender<HostEvent>,
+) -> Result<Option<crate::driver::Replication>> {
     let Some(addr) = &args.replicate_to else { return Ok(None) };
     let key_path = args.key.as_ref().context("--replicate-to needs --key")?;
     let lease_path = args.lease.clone().context("--replicate-to needs --lease")?;

@@ -32,7 +32,12 @@ pub fn read(view: &ClintView, offset: u64, size: u8) -> Result<u64, AccessError>
         MSIP => (MSIP, view.msip as u64),
         MTIMECMP => (MTIMECMP, view.mtimecmp),
         MTIME => (MTIME, view.time),
-        _ => return match size { 4 | 8 => Ok(0), _ => Err(AccessError) },
+        _ => {
+            return match size {
+                4 | 8 => Ok(0),
+                _ => Err(AccessError),
+            }
+        }
     };
     match (size, offset - reg) {
         (8, 0) => Ok(value),
@@ -71,7 +76,10 @@ mod tests {
     #[test]
     fn mtimecmp_halves_are_merged() {
         let view = ClintView { msip: false, mtimecmp: 0x1111_2222_3333_4444, time: 0 };
-        assert_eq!(write(&view, MTIMECMP + 4, 4, 0xaaaa).unwrap(), Some(HartRequest::SetMtimecmp(0x0000_aaaa_3333_4444)));
+        assert_eq!(
+            write(&view, MTIMECMP + 4, 4, 0xaaaa).unwrap(),
+            Some(HartRequest::SetMtimecmp(0x0000_aaaa_3333_4444))
+        );
         assert_eq!(write(&view, MTIMECMP, 4, 0xbbbb).unwrap(), Some(HartRequest::SetMtimecmp(0x1111_2222_0000_bbbb)));
     }
 

@@ -52,7 +52,10 @@ impl Plic {
         let mut best: Option<(u32, usize)> = None;
         for source in 1..NUM_SOURCES {
             let priority = s.priority[source];
-            if candidates & (1 << source) != 0 && priority > s.threshold[context] && best.is_none_or(|(p, _)| priority > p) {
+            if candidates & (1 << source) != 0
+                && priority > s.threshold[context]
+                && best.is_none_or(|(p, _)| priority > p)
+            {
                 best = Some((priority, source));
             }
         }

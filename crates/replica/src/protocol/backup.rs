@@ -90,9 +90,18 @@ pub enum BackupAction {
 
 #[derive(Debug)]
 enum Incoming {
-    Receiving { epoch: u64, base_epoch: Option<u64>, icount: u64, total_bytes: u64, bytes: Vec<u8>, hasher: Sha256 },
+    Receiving {
+        epoch: u64,
+        base_epoch: Option<u64>,
+        icount: u64,
+        total_bytes: u64,
+        bytes: Vec<u8>,
+        hasher: Sha256,
+    },
     /// An incremental checkpoint that does not fit this backup's state: skipped.
-    Discarding { epoch: u64 },
+    Discarding {
+        epoch: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -248,7 +257,11 @@ impl Backup {
                 // primary released outputs only up to what this backup acknowledged.
                 self.ready.clear();
                 self.live_term = Some(record.term);
-                actions.push(BackupAction::GoLive { epoch: applied.id.epoch, icount: applied.icount, term: record.term });
+                actions.push(BackupAction::GoLive {
+                    epoch: applied.id.epoch,
+                    icount: applied.icount,
+                    term: record.term,
+                });
             }
             Ok(AcquireOutcome::Busy(_)) | Err(_) => {
                 self.next_lease_attempt_ms = self.now_ms + self.config.lease_retry_ms;
@@ -398,22 +411,23 @@ impl Backup {
         }
         let reserve = total_bytes.min(MAX_RESERVE_BYTES) as usize;
         let bytes = Vec::with_capacity(reserve);
-        bl.incoming = Some(Incoming::Receiving { epoch, base_epoch, icount, total_bytes, bytes, hasher: Sha256::new() });
+        bl.incoming =
+            Some(Incoming::Receiving { epoch, base_epoch, icount, total_bytes, bytes, hasher: Sha256::new() });
         Ok(())
     }
 
     fn on_chunk(&mut self, chunk_epoch: u64, offset: u64, chunk: &[u8]) -> Result<(), ProtocolError> {
         let bl = self.link.as_mut().expect("checked by the caller");
         match &mut bl.incoming {
-            None => Err(ProtocolError::UnexpectedMessage { message: "CheckpointChunk", context: "outside a checkpoint" }),
+            None => {
+                Err(ProtocolError::UnexpectedMessage { message: "CheckpointChunk", context: "outside a checkpoint" })
+            }
             Some(Incoming::Discarding { epoch }) if *epoch == chunk_epoch => Ok(()),
             Some(Incoming::Receiving { epoch, total_bytes, bytes, hasher, .. }) if *epoch == chunk_epoch => {
                 let have = bytes.len() as u64;
                 if offset != have || have + chunk.len() as u64 > *total_bytes {
-                    let detail = format!(
-                        "a {}-byte chunk at offset {offset} after {have} of {total_bytes} bytes",
-                        chunk.len()
-                    );
+                    let detail =
+                        format!("a {}-byte chunk at offset {offset} after {have} of {total_bytes} bytes", chunk.len());
                     return Err(ProtocolError::MalformedCheckpoint { epoch: *epoch, detail });
                 }
                 bytes.extend_from_slice(chunk);
@@ -438,10 +452,15 @@ impl Backup {
         let incoming = bl.incoming.take();
         let (epoch, base_epoch, icount, total_bytes, payload, hasher) = match incoming {
             None => {
-                return Err(ProtocolError::UnexpectedMessage { message: "CheckpointEnd", context: "outside a checkpoint" })
+                return Err(ProtocolError::UnexpectedMessage {
+                    message: "CheckpointEnd",
+                    context: "outside a checkpoint",
+                })
             }
             Some(Incoming::Discarding { epoch }) if epoch == end_epoch => return Ok(()),
-            Some(Incoming::Receiving { epoch, base_epoch, icount, total_bytes, bytes, hasher }) if epoch == end_epoch => {
+            Some(Incoming::Receiving { epoch, base_epoch, icount, total_bytes, bytes, hasher })
+                if epoch == end_epoch =>
+            {
                 (epoch, base_epoch, icount, total_bytes, bytes, hasher)
             }
             Some(Incoming::Receiving { epoch, .. } | Incoming::Discarding { epoch }) => {

@@ -129,6 +129,8 @@ fn goodbye(error: &ProtocolError) -> Message {
 fn worth_a_goodbye(error: &ProtocolError) -> bool {
     !matches!(
         error,
-        ProtocolError::PeerClosed { .. } | ProtocolError::ConnectionLost | ProtocolError::Wire(WireError::Truncated { .. })
+        ProtocolError::PeerClosed { .. }
+            | ProtocolError::ConnectionLost
+            | ProtocolError::Wire(WireError::Truncated { .. })
     )
 }

@@ -147,7 +147,15 @@ impl Primary {
             last_renewal_asked_ms: grant.acquired_at_ms,
             last_error: "none".into(),
         };
-        Primary { config, now_ms: grant.acquired_at_ms, link: None, last_taken: None, acked: None, lease, stopped: None }
+        Primary {
+            config,
+            now_ms: grant.acquired_at_ms,
+            link: None,
+            last_taken: None,
+            acked: None,
+            lease,
+            stopped: None,
+        }
     }
 
     /// Feeds one event; returns the actions to carry out, in order.
@@ -290,15 +298,23 @@ impl Primary {
         let pl = self.link.as_mut().expect("a message arrives on a link");
         match message {
             Message::Goodbye { reason } => Err(ProtocolError::PeerClosed { reason }),
-            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest } if !pl.streaming => {
+            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest }
+                if !pl.streaming =>
+            {
                 if protocol_version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::ProtocolVersionMismatch { ours: PROTOCOL_VERSION, theirs: protocol_version });
+                    return Err(ProtocolError::ProtocolVersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: protocol_version,
+                    });
                 }
                 if role != Role::Backup {
                     return Err(ProtocolError::RoleMismatch { expected: "backup", theirs: "primary" });
                 }
                 if config_digest != self.config.config_digest {
-                    return Err(ProtocolError::ConfigMismatch { ours: self.config.config_digest, theirs: config_digest });
+                    return Err(ProtocolError::ConfigMismatch {
+                        ours: self.config.config_digest,
+                        theirs: config_digest,
+                    });
                 }
                 if primary_nonce != pl.nonce {
                     return Err(ProtocolError::HandshakeReplay);
@@ -314,9 +330,10 @@ impl Primary {
                 pl.ackable = pl.chain_head;
                 Ok(())
             }
-            message if !pl.streaming => {
-                Err(ProtocolError::UnexpectedMessage { message: message.name(), context: "before the handshake completed" })
-            }
+            message if !pl.streaming => Err(ProtocolError::UnexpectedMessage {
+                message: message.name(),
+                context: "before the handshake completed",
+            }),
             Message::Heartbeat { .. } => Ok(()),
             Message::Ack { epoch } => {
                 if Some(epoch) > pl.ackable {

@@ -125,11 +125,17 @@ impl World {
     }
 
     fn p_closes(&self) -> Vec<&ProtocolError> {
-        self.p_log.iter().filter_map(|a| if let PrimaryAction::Close { error } = a { Some(error) } else { None }).collect()
+        self.p_log
+            .iter()
+            .filter_map(|a| if let PrimaryAction::Close { error } = a { Some(error) } else { None })
+            .collect()
     }
 
     fn b_closes(&self) -> Vec<&ProtocolError> {
-        self.b_log.iter().filter_map(|a| if let BackupAction::Close { error } = a { Some(error) } else { None }).collect()
+        self.b_log
+            .iter()
+            .filter_map(|a| if let BackupAction::Close { error } = a { Some(error) } else { None })
+            .collect()
     }
 }
 
@@ -182,10 +188,10 @@ fn a_full_then_incremental_checkpoints_are_applied_acked_and_release_outputs() {
     assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Incremental);
     w.checkpoint(2, b"delta");
     assert_eq!(w.applied, vec![(1, None, b"the whole machine".to_vec()), (2, Some(1), b"delta".to_vec())]);
-    assert_eq!(w.p_log, vec![
-        PrimaryAction::ReleaseOutputs { up_to_epoch: 1 },
-        PrimaryAction::ReleaseOutputs { up_to_epoch: 2 },
-    ]);
+    assert_eq!(
+        w.p_log,
+        vec![PrimaryAction::ReleaseOutputs { up_to_epoch: 1 }, PrimaryAction::ReleaseOutputs { up_to_epoch: 2 },]
+    );
     assert_eq!(w.b.applied(), Some(CheckpointId { run_id: RUN, epoch: 2 }));
 }
 
@@ -193,8 +199,10 @@ fn a_full_then_incremental_checkpoints_are_applied_acked_and_release_outputs() {
 fn outputs_are_not_released_until_the_machine_reports_the_apply() {
     let mut w = World::new();
     w.connect();
-    let actions = w.p.step(PrimaryEvent::CheckpointTaken { epoch: 1, icount: 0, kind: CheckpointKind::Full, payload: b"x" });
-    let bytes: Vec<u8> = actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
+    let actions =
+        w.p.step(PrimaryEvent::CheckpointTaken { epoch: 1, icount: 0, kind: CheckpointKind::Full, payload: b"x" });
+    let bytes: Vec<u8> =
+        actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
     let actions = w.b.step(BackupEvent::Received(&bytes));
     assert!(matches!(actions.as_slice(), [BackupAction::ApplyCheckpoint { epoch: 1, .. }]));
     assert_eq!(w.p.acked_epoch(), None);
@@ -278,7 +286,8 @@ fn a_connection_cut_mid_checkpoint_leaves_the_last_whole_one() {
         kind: CheckpointKind::Incremental,
         payload: b"second, never whole",
     });
-    let bytes: Vec<u8> = actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
+    let bytes: Vec<u8> =
+        actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
     let actions = w.b.step(BackupEvent::Received(&bytes[..bytes.len() - 10]));
     assert!(actions.iter().all(|a| !matches!(a, BackupAction::ApplyCheckpoint { .. })));
     let actions = w.b.step(BackupEvent::Disconnected);
@@ -290,8 +299,14 @@ fn a_connection_cut_mid_checkpoint_leaves_the_last_whole_one() {
 fn a_corrupted_chunk_closes_the_connection_without_applying() {
     let mut w = World::new();
     w.connect();
-    let actions = w.p.step(PrimaryEvent::CheckpointTaken { epoch: 1, icount: 0, kind: CheckpointKind::Full, payload: b"abcdefgh" });
-    let mut bytes: Vec<u8> = actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
+    let actions = w.p.step(PrimaryEvent::CheckpointTaken {
+        epoch: 1,
+        icount: 0,
+        kind: CheckpointKind::Full,
+        payload: b"abcdefgh",
+    });
+    let mut bytes: Vec<u8> =
+        actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
     let actions = w.b.step(BackupEvent::Received(&bytes));
@@ -330,7 +345,12 @@ fn an_epoch_taken_while_disconnected_forces_a_full_checkpoint() {
 fn an_incremental_taken_against_advice_is_dropped_not_sent() {
     let mut w = World::new();
     w.connect();
-    let actions = w.p.step(PrimaryEvent::CheckpointTaken { epoch: 1, icount: 0, kind: CheckpointKind::Incremental, payload: b"d" });
+    let actions = w.p.step(PrimaryEvent::CheckpointTaken {
+        epoch: 1,
+        icount: 0,
+        kind: CheckpointKind::Incremental,
+        payload: b"d",
+    });
     assert!(actions.is_empty());
     assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Full);
 }
@@ -339,7 +359,8 @@ fn an_incremental_taken_against_advice_is_dropped_not_sent() {
 fn a_backup_refuses_an_incremental_that_misses_its_base_and_asks_for_a_full() {
     let mut b = Backup::new(backup_config(), 0);
     let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
-    let actions = fake.send(&mut b, Message::CheckpointBegin { epoch: 4, base_epoch: Some(3), icount: 0, total_bytes: 1 });
+    let actions =
+        fake.send(&mut b, Message::CheckpointBegin { epoch: 4, base_epoch: Some(3), icount: 0, total_bytes: 1 });
     assert_eq!(actions.len(), 1, "{actions:?}");
     fake.send(&mut b, Message::CheckpointChunk { epoch: 4, offset: 0, bytes: vec![1] });
     let actions = fake.send(&mut b, Message::CheckpointEnd { epoch: 4, digest: sha(&[1]) });
@@ -365,7 +386,8 @@ fn a_backup_refuses_an_incremental_that_misses_its_base_and_asks_for_a_full() {
 fn a_checkpoint_over_the_limit_is_refused_before_any_byte_is_buffered() {
     let mut b = Backup::new(backup_config(), 0);
     let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
-    let actions = fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 1 << 40 });
+    let actions =
+        fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 1 << 40 });
     let expected = ProtocolError::CheckpointTooLarge { epoch: 1, total_bytes: 1 << 40, limit: 1024 };
     assert_eq!(closes(&actions), vec![&expected]);
 }
@@ -444,7 +466,9 @@ fn a_replayed_session_frame_fails_on_another_connection() {
         term: 1,
     };
     let (t, payload) = hello.encode();
-    b.step(BackupEvent::Received(&Encoder::new(psk().hello_key(Direction::PrimaryToBackup)).encode(t, &payload).unwrap()));
+    b.step(BackupEvent::Received(
+        &Encoder::new(psk().hello_key(Direction::PrimaryToBackup)).encode(t, &payload).unwrap(),
+    ));
     let actions = b.step(BackupEvent::Received(&recorded));
     assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::BadAuthentication { seq: 1 })]);
 }
@@ -560,11 +584,15 @@ fn a_silent_backup_is_dropped_and_a_stalled_handshake_times_out() {
     w.connect();
     w.p.step(PrimaryEvent::Tick { now_ms: 999 });
     let actions = w.p.step(PrimaryEvent::Tick { now_ms: 1000 });
-    assert!(actions.iter().any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::PeerSilent { silent_ms: 1000 } })));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::PeerSilent { silent_ms: 1000 } })));
     let mut p = Primary::new(primary_config(), LeaseGrant { term: 1, acquired_at_ms: 0 });
     p.step(PrimaryEvent::Connected { nonce: P_NONCE });
     let actions = p.step(PrimaryEvent::Tick { now_ms: 2000 });
-    assert!(actions.iter().any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::HandshakeTimeout { .. } })));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::HandshakeTimeout { .. } })));
 }
 
 #[test]

@@ -51,8 +51,20 @@ impl Hart {
             OrW | OrD => old | src,
             MinW | MinD => (old_s as i64).min(src_s as i64) as u64,
             MaxW | MaxD => (old_s as i64).max(src_s as i64) as u64,
-            MinuW | MinuD => if word { (old as u32).min(src as u32) as u64 } else { old.min(src) },
-            MaxuW | MaxuD => if word { (old as u32).max(src as u32) as u64 } else { old.max(src) },
+            MinuW | MinuD => {
+                if word {
+                    (old as u32).min(src as u32) as u64
+                } else {
+                    old.min(src)
+                }
+            }
+            MaxuW | MaxuD => {
+                if word {
+                    (old as u32).max(src as u32) as u64
+                } else {
+                    old.max(src)
+                }
+            }
             LrW | LrD | ScW | ScD => unreachable!("handled above"),
         };
         self.store(bus, addr, n, new)?;

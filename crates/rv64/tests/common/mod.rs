@@ -421,125 +421,345 @@ pub const OP_SYSTEM: u32 = 0b111_0011;
 
 // ---------------------------------------------------------------- RV64I
 
-pub fn lui(rd: u32, imm20: u32) -> u32 { u_type(imm20, rd, OP_LUI) }
-pub fn auipc(rd: u32, imm20: u32) -> u32 { u_type(imm20, rd, OP_AUIPC) }
-pub fn jal(rd: u32, offset: i64) -> u32 { j_type(offset, rd, OP_JAL) }
-pub fn jalr(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 0, rd, OP_JALR) }
-pub fn beq(rs1: u32, rs2: u32, offset: i64) -> u32 { b_type(offset, rs2, rs1, 0, OP_BRANCH) }
-pub fn bne(rs1: u32, rs2: u32, offset: i64) -> u32 { b_type(offset, rs2, rs1, 1, OP_BRANCH) }
-pub fn blt(rs1: u32, rs2: u32, offset: i64) -> u32 { b_type(offset, rs2, rs1, 4, OP_BRANCH) }
-pub fn bge(rs1: u32, rs2: u32, offset: i64) -> u32 { b_type(offset, rs2, rs1, 5, OP_BRANCH) }
-pub fn bltu(rs1: u32, rs2: u32, offset: i64) -> u32 { b_type(offset, rs2, rs1, 6, OP_BRANCH) }
-pub fn bgeu(rs1: u32, rs2: u32, offset: i64) -> u32 { b_type(offset, rs2, rs1, 7, OP_BRANCH) }
-pub fn lb(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 0, rd, OP_LOAD) }
-pub fn lh(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 1, rd, OP_LOAD) }
-pub fn lw(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 2, rd, OP_LOAD) }
-pub fn ld(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 3, rd, OP_LOAD) }
-pub fn lbu(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 4, rd, OP_LOAD) }
-pub fn lhu(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 5, rd, OP_LOAD) }
-pub fn lwu(rd: u32, rs1: u32, offset: i64) -> u32 { i_type(offset, rs1, 6, rd, OP_LOAD) }
-pub fn sb(rs2: u32, rs1: u32, offset: i64) -> u32 { s_type(offset, rs2, rs1, 0, OP_STORE) }
-pub fn sh(rs2: u32, rs1: u32, offset: i64) -> u32 { s_type(offset, rs2, rs1, 1, OP_STORE) }
-pub fn sw(rs2: u32, rs1: u32, offset: i64) -> u32 { s_type(offset, rs2, rs1, 2, OP_STORE) }
-pub fn sd(rs2: u32, rs1: u32, offset: i64) -> u32 { s_type(offset, rs2, rs1, 3, OP_STORE) }
-pub fn addi(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 0, rd, OP_IMM) }
-pub fn slti(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 2, rd, OP_IMM) }
-pub fn sltiu(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 3, rd, OP_IMM) }
-pub fn xori(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 4, rd, OP_IMM) }
-pub fn ori(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 6, rd, OP_IMM) }
-pub fn andi(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 7, rd, OP_IMM) }
-pub fn slli(rd: u32, rs1: u32, shamt: u32) -> u32 { assert!(shamt < 64); i_type(shamt as i64, rs1, 1, rd, OP_IMM) }
-pub fn srli(rd: u32, rs1: u32, shamt: u32) -> u32 { assert!(shamt < 64); i_type(shamt as i64, rs1, 5, rd, OP_IMM) }
-pub fn srai(rd: u32, rs1: u32, shamt: u32) -> u32 { assert!(shamt < 64); i_type((0x400 | shamt) as i64, rs1, 5, rd, OP_IMM) }
-pub fn add(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 0, rd, OP_OP) }
-pub fn sub(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0x20, rs2, rs1, 0, rd, OP_OP) }
-pub fn sll(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 1, rd, OP_OP) }
-pub fn slt(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 2, rd, OP_OP) }
-pub fn sltu(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 3, rd, OP_OP) }
-pub fn xor(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 4, rd, OP_OP) }
-pub fn srl(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 5, rd, OP_OP) }
-pub fn sra(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0x20, rs2, rs1, 5, rd, OP_OP) }
-pub fn or(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 6, rd, OP_OP) }
-pub fn and(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 7, rd, OP_OP) }
-pub fn addiw(rd: u32, rs1: u32, imm: i64) -> u32 { i_type(imm, rs1, 0, rd, OP_IMM_32) }
-pub fn slliw(rd: u32, rs1: u32, shamt: u32) -> u32 { assert!(shamt < 32); i_type(shamt as i64, rs1, 1, rd, OP_IMM_32) }
-pub fn srliw(rd: u32, rs1: u32, shamt: u32) -> u32 { assert!(shamt < 32); i_type(shamt as i64, rs1, 5, rd, OP_IMM_32) }
-pub fn sraiw(rd: u32, rs1: u32, shamt: u32) -> u32 { assert!(shamt < 32); i_type((0x400 | shamt) as i64, rs1, 5, rd, OP_IMM_32) }
-pub fn addw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 0, rd, OP_OP_32) }
-pub fn subw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0x20, rs2, rs1, 0, rd, OP_OP_32) }
-pub fn sllw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 1, rd, OP_OP_32) }
-pub fn srlw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0, rs2, rs1, 5, rd, OP_OP_32) }
-pub fn sraw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(0x20, rs2, rs1, 5, rd, OP_OP_32) }
+pub fn lui(rd: u32, imm20: u32) -> u32 {
+    u_type(imm20, rd, OP_LUI)
+}
+pub fn auipc(rd: u32, imm20: u32) -> u32 {
+    u_type(imm20, rd, OP_AUIPC)
+}
+pub fn jal(rd: u32, offset: i64) -> u32 {
+    j_type(offset, rd, OP_JAL)
+}
+pub fn jalr(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 0, rd, OP_JALR)
+}
+pub fn beq(rs1: u32, rs2: u32, offset: i64) -> u32 {
+    b_type(offset, rs2, rs1, 0, OP_BRANCH)
+}
+pub fn bne(rs1: u32, rs2: u32, offset: i64) -> u32 {
+    b_type(offset, rs2, rs1, 1, OP_BRANCH)
+}
+pub fn blt(rs1: u32, rs2: u32, offset: i64) -> u32 {
+    b_type(offset, rs2, rs1, 4, OP_BRANCH)
+}
+pub fn bge(rs1: u32, rs2: u32, offset: i64) -> u32 {
+    b_type(offset, rs2, rs1, 5, OP_BRANCH)
+}
+pub fn bltu(rs1: u32, rs2: u32, offset: i64) -> u32 {
+    b_type(offset, rs2, rs1, 6, OP_BRANCH)
+}
+pub fn bgeu(rs1: u32, rs2: u32, offset: i64) -> u32 {
+    b_type(offset, rs2, rs1, 7, OP_BRANCH)
+}
+pub fn lb(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 0, rd, OP_LOAD)
+}
+pub fn lh(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 1, rd, OP_LOAD)
+}
+pub fn lw(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 2, rd, OP_LOAD)
+}
+pub fn ld(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 3, rd, OP_LOAD)
+}
+pub fn lbu(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 4, rd, OP_LOAD)
+}
+pub fn lhu(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 5, rd, OP_LOAD)
+}
+pub fn lwu(rd: u32, rs1: u32, offset: i64) -> u32 {
+    i_type(offset, rs1, 6, rd, OP_LOAD)
+}
+pub fn sb(rs2: u32, rs1: u32, offset: i64) -> u32 {
+    s_type(offset, rs2, rs1, 0, OP_STORE)
+}
+pub fn sh(rs2: u32, rs1: u32, offset: i64) -> u32 {
+    s_type(offset, rs2, rs1, 1, OP_STORE)
+}
+pub fn sw(rs2: u32, rs1: u32, offset: i64) -> u32 {
+    s_type(offset, rs2, rs1, 2, OP_STORE)
+}
+pub fn sd(rs2: u32, rs1: u32, offset: i64) -> u32 {
+    s_type(offset, rs2, rs1, 3, OP_STORE)
+}
+pub fn addi(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 0, rd, OP_IMM)
+}
+pub fn slti(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 2, rd, OP_IMM)
+}
+pub fn sltiu(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 3, rd, OP_IMM)
+}
+pub fn xori(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 4, rd, OP_IMM)
+}
+pub fn ori(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 6, rd, OP_IMM)
+}
+pub fn andi(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 7, rd, OP_IMM)
+}
+pub fn slli(rd: u32, rs1: u32, shamt: u32) -> u32 {
+    assert!(shamt < 64);
+    i_type(shamt as i64, rs1, 1, rd, OP_IMM)
+}
+pub fn srli(rd: u32, rs1: u32, shamt: u32) -> u32 {
+    assert!(shamt < 64);
+    i_type(shamt as i64, rs1, 5, rd, OP_IMM)
+}
+pub fn srai(rd: u32, rs1: u32, shamt: u32) -> u32 {
+    assert!(shamt < 64);
+    i_type((0x400 | shamt) as i64, rs1, 5, rd, OP_IMM)
+}
+pub fn add(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 0, rd, OP_OP)
+}
+pub fn sub(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0x20, rs2, rs1, 0, rd, OP_OP)
+}
+pub fn sll(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 1, rd, OP_OP)
+}
+pub fn slt(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 2, rd, OP_OP)
+}
+pub fn sltu(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 3, rd, OP_OP)
+}
+pub fn xor(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 4, rd, OP_OP)
+}
+pub fn srl(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 5, rd, OP_OP)
+}
+pub fn sra(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0x20, rs2, rs1, 5, rd, OP_OP)
+}
+pub fn or(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 6, rd, OP_OP)
+}
+pub fn and(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 7, rd, OP_OP)
+}
+pub fn addiw(rd: u32, rs1: u32, imm: i64) -> u32 {
+    i_type(imm, rs1, 0, rd, OP_IMM_32)
+}
+pub fn slliw(rd: u32, rs1: u32, shamt: u32) -> u32 {
+    assert!(shamt < 32);
+    i_type(shamt as i64, rs1, 1, rd, OP_IMM_32)
+}
+pub fn srliw(rd: u32, rs1: u32, shamt: u32) -> u32 {
+    assert!(shamt < 32);
+    i_type(shamt as i64, rs1, 5, rd, OP_IMM_32)
+}
+pub fn sraiw(rd: u32, rs1: u32, shamt: u32) -> u32 {
+    assert!(shamt < 32);
+    i_type((0x400 | shamt) as i64, rs1, 5, rd, OP_IMM_32)
+}
+pub fn addw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 0, rd, OP_OP_32)
+}
+pub fn subw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0x20, rs2, rs1, 0, rd, OP_OP_32)
+}
+pub fn sllw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 1, rd, OP_OP_32)
+}
+pub fn srlw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0, rs2, rs1, 5, rd, OP_OP_32)
+}
+pub fn sraw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(0x20, rs2, rs1, 5, rd, OP_OP_32)
+}
 /// `fence iorw, iorw`
-pub fn fence() -> u32 { i_type(0x0ff, 0, 0, 0, OP_MISC_MEM) }
-pub fn fence_i() -> u32 { i_type(0, 0, 1, 0, OP_MISC_MEM) }
-pub fn nop() -> u32 { addi(0, 0, 0) }
+pub fn fence() -> u32 {
+    i_type(0x0ff, 0, 0, 0, OP_MISC_MEM)
+}
+pub fn fence_i() -> u32 {
+    i_type(0, 0, 1, 0, OP_MISC_MEM)
+}
+pub fn nop() -> u32 {
+    addi(0, 0, 0)
+}
 
 // ---------------------------------------------------------------- M
 
-pub fn mul(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 0, rd, OP_OP) }
-pub fn mulh(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 1, rd, OP_OP) }
-pub fn mulhsu(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 2, rd, OP_OP) }
-pub fn mulhu(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 3, rd, OP_OP) }
-pub fn div(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 4, rd, OP_OP) }
-pub fn divu(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 5, rd, OP_OP) }
-pub fn rem(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 6, rd, OP_OP) }
-pub fn remu(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 7, rd, OP_OP) }
-pub fn mulw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 0, rd, OP_OP_32) }
-pub fn divw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 4, rd, OP_OP_32) }
-pub fn divuw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 5, rd, OP_OP_32) }
-pub fn remw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 6, rd, OP_OP_32) }
-pub fn remuw(rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(1, rs2, rs1, 7, rd, OP_OP_32) }
+pub fn mul(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 0, rd, OP_OP)
+}
+pub fn mulh(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 1, rd, OP_OP)
+}
+pub fn mulhsu(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 2, rd, OP_OP)
+}
+pub fn mulhu(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 3, rd, OP_OP)
+}
+pub fn div(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 4, rd, OP_OP)
+}
+pub fn divu(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 5, rd, OP_OP)
+}
+pub fn rem(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 6, rd, OP_OP)
+}
+pub fn remu(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 7, rd, OP_OP)
+}
+pub fn mulw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 0, rd, OP_OP_32)
+}
+pub fn divw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 4, rd, OP_OP_32)
+}
+pub fn divuw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 5, rd, OP_OP_32)
+}
+pub fn remw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 6, rd, OP_OP_32)
+}
+pub fn remuw(rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(1, rs2, rs1, 7, rd, OP_OP_32)
+}
 
 // ---------------------------------------------------------------- A
 
 /// An AMO with funct5 `f5`, width funct3 `f3` (2 = W, 3 = D), and aq/rl clear.
-pub fn amo(f5: u32, f3: u32, rd: u32, rs1: u32, rs2: u32) -> u32 { r_type(f5 << 2, rs2, rs1, f3, rd, OP_AMO) }
-pub fn lr_w(rd: u32, rs1: u32) -> u32 { amo(0b00010, 2, rd, rs1, 0) }
-pub fn sc_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00011, 2, rd, rs1, rs2) }
-pub fn lr_d(rd: u32, rs1: u32) -> u32 { amo(0b00010, 3, rd, rs1, 0) }
-pub fn sc_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00011, 3, rd, rs1, rs2) }
-pub fn amoswap_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00001, 2, rd, rs1, rs2) }
-pub fn amoadd_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00000, 2, rd, rs1, rs2) }
-pub fn amoxor_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00100, 2, rd, rs1, rs2) }
-pub fn amoand_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b01100, 2, rd, rs1, rs2) }
-pub fn amoor_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b01000, 2, rd, rs1, rs2) }
-pub fn amomin_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b10000, 2, rd, rs1, rs2) }
-pub fn amomax_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b10100, 2, rd, rs1, rs2) }
-pub fn amominu_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b11000, 2, rd, rs1, rs2) }
-pub fn amomaxu_w(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b11100, 2, rd, rs1, rs2) }
-pub fn amoswap_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00001, 3, rd, rs1, rs2) }
-pub fn amoadd_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00000, 3, rd, rs1, rs2) }
-pub fn amoxor_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b00100, 3, rd, rs1, rs2) }
-pub fn amoand_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b01100, 3, rd, rs1, rs2) }
-pub fn amoor_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b01000, 3, rd, rs1, rs2) }
-pub fn amomin_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b10000, 3, rd, rs1, rs2) }
-pub fn amomax_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b10100, 3, rd, rs1, rs2) }
-pub fn amominu_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b11000, 3, rd, rs1, rs2) }
-pub fn amomaxu_d(rd: u32, rs2: u32, rs1: u32) -> u32 { amo(0b11100, 3, rd, rs1, rs2) }
+pub fn amo(f5: u32, f3: u32, rd: u32, rs1: u32, rs2: u32) -> u32 {
+    r_type(f5 << 2, rs2, rs1, f3, rd, OP_AMO)
+}
+pub fn lr_w(rd: u32, rs1: u32) -> u32 {
+    amo(0b00010, 2, rd, rs1, 0)
+}
+pub fn sc_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00011, 2, rd, rs1, rs2)
+}
+pub fn lr_d(rd: u32, rs1: u32) -> u32 {
+    amo(0b00010, 3, rd, rs1, 0)
+}
+pub fn sc_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00011, 3, rd, rs1, rs2)
+}
+pub fn amoswap_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00001, 2, rd, rs1, rs2)
+}
+pub fn amoadd_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00000, 2, rd, rs1, rs2)
+}
+pub fn amoxor_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00100, 2, rd, rs1, rs2)
+}
+pub fn amoand_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b01100, 2, rd, rs1, rs2)
+}
+pub fn amoor_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b01000, 2, rd, rs1, rs2)
+}
+pub fn amomin_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b10000, 2, rd, rs1, rs2)
+}
+pub fn amomax_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b10100, 2, rd, rs1, rs2)
+}
+pub fn amominu_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b11000, 2, rd, rs1, rs2)
+}
+pub fn amomaxu_w(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b11100, 2, rd, rs1, rs2)
+}
+pub fn amoswap_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00001, 3, rd, rs1, rs2)
+}
+pub fn amoadd_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00000, 3, rd, rs1, rs2)
+}
+pub fn amoxor_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b00100, 3, rd, rs1, rs2)
+}
+pub fn amoand_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b01100, 3, rd, rs1, rs2)
+}
+pub fn amoor_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b01000, 3, rd, rs1, rs2)
+}
+pub fn amomin_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b10000, 3, rd, rs1, rs2)
+}
+pub fn amomax_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b10100, 3, rd, rs1, rs2)
+}
+pub fn amominu_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b11000, 3, rd, rs1, rs2)
+}
+pub fn amomaxu_d(rd: u32, rs2: u32, rs1: u32) -> u32 {
+    amo(0b11100, 3, rd, rs1, rs2)
+}
 
 // ---------------------------------------------------------------- Zicsr and privileged
 
-pub fn csrrw(rd: u32, csr: u32, rs1: u32) -> u32 { assert!(csr < 4096); (csr << 20) | (rs1 << 15) | (1 << 12) | (rd << 7) | OP_SYSTEM }
-pub fn csrrs(rd: u32, csr: u32, rs1: u32) -> u32 { assert!(csr < 4096); (csr << 20) | (rs1 << 15) | (2 << 12) | (rd << 7) | OP_SYSTEM }
-pub fn csrrc(rd: u32, csr: u32, rs1: u32) -> u32 { assert!(csr < 4096); (csr << 20) | (rs1 << 15) | (3 << 12) | (rd << 7) | OP_SYSTEM }
-pub fn csrrwi(rd: u32, csr: u32, uimm: u32) -> u32 { assert!(csr < 4096 && uimm < 32); (csr << 20) | (uimm << 15) | (5 << 12) | (rd << 7) | OP_SYSTEM }
-pub fn csrrsi(rd: u32, csr: u32, uimm: u32) -> u32 { assert!(csr < 4096 && uimm < 32); (csr << 20) | (uimm << 15) | (6 << 12) | (rd << 7) | OP_SYSTEM }
-pub fn csrrci(rd: u32, csr: u32, uimm: u32) -> u32 { assert!(csr < 4096 && uimm < 32); (csr << 20) | (uimm << 15) | (7 << 12) | (rd << 7) | OP_SYSTEM }
+pub fn csrrw(rd: u32, csr: u32, rs1: u32) -> u32 {
+    assert!(csr < 4096);
+    (csr << 20) | (rs1 << 15) | (1 << 12) | (rd << 7) | OP_SYSTEM
+}
+pub fn csrrs(rd: u32, csr: u32, rs1: u32) -> u32 {
+    assert!(csr < 4096);
+    (csr << 20) | (rs1 << 15) | (2 << 12) | (rd << 7) | OP_SYSTEM
+}
+pub fn csrrc(rd: u32, csr: u32, rs1: u32) -> u32 {
+    assert!(csr < 4096);
+    (csr << 20) | (rs1 << 15) | (3 << 12) | (rd << 7) | OP_SYSTEM
+}
+pub fn csrrwi(rd: u32, csr: u32, uimm: u32) -> u32 {
+    assert!(csr < 4096 && uimm < 32);
+    (csr << 20) | (uimm << 15) | (5 << 12) | (rd << 7) | OP_SYSTEM
+}
+pub fn csrrsi(rd: u32, csr: u32, uimm: u32) -> u32 {
+    assert!(csr < 4096 && uimm < 32);
+    (csr << 20) | (uimm << 15) | (6 << 12) | (rd << 7) | OP_SYSTEM
+}
+pub fn csrrci(rd: u32, csr: u32, uimm: u32) -> u32 {
+    assert!(csr < 4096 && uimm < 32);
+    (csr << 20) | (uimm << 15) | (7 << 12) | (rd << 7) | OP_SYSTEM
+}
 /// `csrr rd, csr` = `csrrs rd, csr, x0`
-pub fn csrr(rd: u32, csr: u32) -> u32 { csrrs(rd, csr, 0) }
+pub fn csrr(rd: u32, csr: u32) -> u32 {
+    csrrs(rd, csr, 0)
+}
 /// `csrw csr, rs` = `csrrw x0, csr, rs`
-pub fn csrw(csr: u32, rs1: u32) -> u32 { csrrw(0, csr, rs1) }
+pub fn csrw(csr: u32, rs1: u32) -> u32 {
+    csrrw(0, csr, rs1)
+}
 /// `csrs csr, rs` = `csrrs x0, csr, rs`
-pub fn csrs(csr: u32, rs1: u32) -> u32 { csrrs(0, csr, rs1) }
+pub fn csrs(csr: u32, rs1: u32) -> u32 {
+    csrrs(0, csr, rs1)
+}
 /// `csrc csr, rs` = `csrrc x0, csr, rs`
-pub fn csrc(csr: u32, rs1: u32) -> u32 { csrrc(0, csr, rs1) }
-pub fn ecall() -> u32 { 0x0000_0073 }
-pub fn ebreak() -> u32 { 0x0010_0073 }
-pub fn sret() -> u32 { 0x1020_0073 }
-pub fn mret() -> u32 { 0x3020_0073 }
-pub fn wfi() -> u32 { 0x1050_0073 }
-pub fn sfence_vma(rs1: u32, rs2: u32) -> u32 { r_type(0b000_1001, rs2, rs1, 0, 0, OP_SYSTEM) }
+pub fn csrc(csr: u32, rs1: u32) -> u32 {
+    csrrc(0, csr, rs1)
+}
+pub fn ecall() -> u32 {
+    0x0000_0073
+}
+pub fn ebreak() -> u32 {
+    0x0010_0073
+}
+pub fn sret() -> u32 {
+    0x1020_0073
+}
+pub fn mret() -> u32 {
+    0x3020_0073
+}
+pub fn wfi() -> u32 {
+    0x1050_0073
+}
+pub fn sfence_vma(rs1: u32, rs2: u32) -> u32 {
+    r_type(0b000_1001, rs2, rs1, 0, 0, OP_SYSTEM)
+}
 
 // ---------------------------------------------------------------- C (RV64C)
 
@@ -577,20 +797,48 @@ fn cls_d(funct3: u32, r_low: u32, rs1: u32, uimm: u32) -> u16 {
 /// CL/CS with a word offset: uimm[5:3] in 12:10, uimm[2] in 6, uimm[6] in 5.
 fn cls_w(funct3: u32, r_low: u32, rs1: u32, uimm: u32) -> u16 {
     assert!(uimm < 128 && uimm & 3 == 0);
-    ((funct3 << 13) | (bits(uimm, 5, 3) << 10) | (creg(rs1) << 7) | (bit(uimm, 2) << 6) | (bit(uimm, 6) << 5) | (creg(r_low) << 2)) as u16
+    ((funct3 << 13)
+        | (bits(uimm, 5, 3) << 10)
+        | (creg(rs1) << 7)
+        | (bit(uimm, 2) << 6)
+        | (bit(uimm, 6) << 5)
+        | (creg(r_low) << 2)) as u16
 }
 
-pub fn c_fld(rd: u32, rs1: u32, uimm: u32) -> u16 { cls_d(0b001, rd, rs1, uimm) }
-pub fn c_lw(rd: u32, rs1: u32, uimm: u32) -> u16 { cls_w(0b010, rd, rs1, uimm) }
-pub fn c_ld(rd: u32, rs1: u32, uimm: u32) -> u16 { cls_d(0b011, rd, rs1, uimm) }
-pub fn c_fsd(rs2: u32, rs1: u32, uimm: u32) -> u16 { cls_d(0b101, rs2, rs1, uimm) }
-pub fn c_sw(rs2: u32, rs1: u32, uimm: u32) -> u16 { cls_w(0b110, rs2, rs1, uimm) }
-pub fn c_sd(rs2: u32, rs1: u32, uimm: u32) -> u16 { cls_d(0b111, rs2, rs1, uimm) }
+pub fn c_fld(rd: u32, rs1: u32, uimm: u32) -> u16 {
+    cls_d(0b001, rd, rs1, uimm)
+}
+pub fn c_lw(rd: u32, rs1: u32, uimm: u32) -> u16 {
+    cls_w(0b010, rd, rs1, uimm)
+}
+pub fn c_ld(rd: u32, rs1: u32, uimm: u32) -> u16 {
+    cls_d(0b011, rd, rs1, uimm)
+}
+pub fn c_fsd(rs2: u32, rs1: u32, uimm: u32) -> u16 {
+    cls_d(0b101, rs2, rs1, uimm)
+}
+pub fn c_sw(rs2: u32, rs1: u32, uimm: u32) -> u16 {
+    cls_w(0b110, rs2, rs1, uimm)
+}
+pub fn c_sd(rs2: u32, rs1: u32, uimm: u32) -> u16 {
+    cls_d(0b111, rs2, rs1, uimm)
+}
 
-pub fn c_nop() -> u16 { ci(0b000, 0, 0, 0b01) }
-pub fn c_addi(rd: u32, imm: i32) -> u16 { assert!((-32..32).contains(&imm)); ci(0b000, imm as u32 & 0x3f, rd, 0b01) }
-pub fn c_addiw(rd: u32, imm: i32) -> u16 { assert!((-32..32).contains(&imm)); ci(0b001, imm as u32 & 0x3f, rd, 0b01) }
-pub fn c_li(rd: u32, imm: i32) -> u16 { assert!((-32..32).contains(&imm)); ci(0b010, imm as u32 & 0x3f, rd, 0b01) }
+pub fn c_nop() -> u16 {
+    ci(0b000, 0, 0, 0b01)
+}
+pub fn c_addi(rd: u32, imm: i32) -> u16 {
+    assert!((-32..32).contains(&imm));
+    ci(0b000, imm as u32 & 0x3f, rd, 0b01)
+}
+pub fn c_addiw(rd: u32, imm: i32) -> u16 {
+    assert!((-32..32).contains(&imm));
+    ci(0b001, imm as u32 & 0x3f, rd, 0b01)
+}
+pub fn c_li(rd: u32, imm: i32) -> u16 {
+    assert!((-32..32).contains(&imm));
+    ci(0b010, imm as u32 & 0x3f, rd, 0b01)
+}
 
 /// `c.addi16sp nzimm` — nzimm[9] in 12, nzimm[4|6|8:7|5] in 6:2.
 pub fn c_addi16sp(nzimm: i32) -> u16 {
@@ -601,33 +849,63 @@ pub fn c_addi16sp(nzimm: i32) -> u16 {
 }
 
 /// `c.lui rd, nzimm` where `nzimm` is the 6-bit signed value of imm[17:12].
-pub fn c_lui(rd: u32, nzimm6: i32) -> u16 { assert!((-32..32).contains(&nzimm6)); ci(0b011, nzimm6 as u32 & 0x3f, rd, 0b01) }
+pub fn c_lui(rd: u32, nzimm6: i32) -> u16 {
+    assert!((-32..32).contains(&nzimm6));
+    ci(0b011, nzimm6 as u32 & 0x3f, rd, 0b01)
+}
 
 fn cb_alu(funct2: u32, rd: u32, imm6: u32) -> u16 {
     ((0b100 << 13) | (bit(imm6, 5) << 12) | (funct2 << 10) | (creg(rd) << 7) | (bits(imm6, 4, 0) << 2) | 0b01) as u16
 }
 
-pub fn c_srli(rd: u32, shamt: u32) -> u16 { assert!(shamt < 64); cb_alu(0b00, rd, shamt) }
-pub fn c_srai(rd: u32, shamt: u32) -> u16 { assert!(shamt < 64); cb_alu(0b01, rd, shamt) }
-pub fn c_andi(rd: u32, imm: i32) -> u16 { assert!((-32..32).contains(&imm)); cb_alu(0b10, rd, imm as u32 & 0x3f) }
+pub fn c_srli(rd: u32, shamt: u32) -> u16 {
+    assert!(shamt < 64);
+    cb_alu(0b00, rd, shamt)
+}
+pub fn c_srai(rd: u32, shamt: u32) -> u16 {
+    assert!(shamt < 64);
+    cb_alu(0b01, rd, shamt)
+}
+pub fn c_andi(rd: u32, imm: i32) -> u16 {
+    assert!((-32..32).contains(&imm));
+    cb_alu(0b10, rd, imm as u32 & 0x3f)
+}
 
 fn ca(bit12: u32, funct2: u32, rd: u32, rs2: u32) -> u16 {
     ((0b100 << 13) | (bit12 << 12) | (0b11 << 10) | (creg(rd) << 7) | (funct2 << 5) | (creg(rs2) << 2) | 0b01) as u16
 }
 
-pub fn c_sub(rd: u32, rs2: u32) -> u16 { ca(0, 0b00, rd, rs2) }
-pub fn c_xor(rd: u32, rs2: u32) -> u16 { ca(0, 0b01, rd, rs2) }
-pub fn c_or(rd: u32, rs2: u32) -> u16 { ca(0, 0b10, rd, rs2) }
-pub fn c_and(rd: u32, rs2: u32) -> u16 { ca(0, 0b11, rd, rs2) }
-pub fn c_subw(rd: u32, rs2: u32) -> u16 { ca(1, 0b00, rd, rs2) }
-pub fn c_addw(rd: u32, rs2: u32) -> u16 { ca(1, 0b01, rd, rs2) }
+pub fn c_sub(rd: u32, rs2: u32) -> u16 {
+    ca(0, 0b00, rd, rs2)
+}
+pub fn c_xor(rd: u32, rs2: u32) -> u16 {
+    ca(0, 0b01, rd, rs2)
+}
+pub fn c_or(rd: u32, rs2: u32) -> u16 {
+    ca(0, 0b10, rd, rs2)
+}
+pub fn c_and(rd: u32, rs2: u32) -> u16 {
+    ca(0, 0b11, rd, rs2)
+}
+pub fn c_subw(rd: u32, rs2: u32) -> u16 {
+    ca(1, 0b00, rd, rs2)
+}
+pub fn c_addw(rd: u32, rs2: u32) -> u16 {
+    ca(1, 0b01, rd, rs2)
+}
 
 /// `c.j offset` — offset[11|4|9:8|10|6|7|3:1|5] in bits 12:2.
 pub fn c_j(offset: i32) -> u16 {
     assert!((-2048..2048).contains(&offset) && offset & 1 == 0);
     let v = offset as u32;
-    let f = (bit(v, 11) << 10) | (bit(v, 4) << 9) | (bits(v, 9, 8) << 7) | (bit(v, 10) << 6) | (bit(v, 6) << 5)
-        | (bit(v, 7) << 4) | (bits(v, 3, 1) << 1) | bit(v, 5);
+    let f = (bit(v, 11) << 10)
+        | (bit(v, 4) << 9)
+        | (bits(v, 9, 8) << 7)
+        | (bit(v, 10) << 6)
+        | (bit(v, 6) << 5)
+        | (bit(v, 7) << 4)
+        | (bits(v, 3, 1) << 1)
+        | bit(v, 5);
     ((0b101 << 13) | (f << 2) | 0b01) as u16
 }
 
@@ -640,10 +918,17 @@ fn cb_branch(funct3: u32, rs1: u32, offset: i32) -> u16 {
     ((funct3 << 13) | (hi << 10) | (creg(rs1) << 7) | (lo << 2) | 0b01) as u16
 }
 
-pub fn c_beqz(rs1: u32, offset: i32) -> u16 { cb_branch(0b110, rs1, offset) }
-pub fn c_bnez(rs1: u32, offset: i32) -> u16 { cb_branch(0b111, rs1, offset) }
+pub fn c_beqz(rs1: u32, offset: i32) -> u16 {
+    cb_branch(0b110, rs1, offset)
+}
+pub fn c_bnez(rs1: u32, offset: i32) -> u16 {
+    cb_branch(0b111, rs1, offset)
+}
 
-pub fn c_slli(rd: u32, shamt: u32) -> u16 { assert!(shamt < 64); ci(0b000, shamt, rd, 0b10) }
+pub fn c_slli(rd: u32, shamt: u32) -> u16 {
+    assert!(shamt < 64);
+    ci(0b000, shamt, rd, 0b10)
+}
 
 /// `c.fldsp`/`c.ldsp` — uimm[5] in 12, uimm[4:3|8:6] in 6:2.
 fn ci_sp_d(funct3: u32, rd: u32, uimm: u32) -> u16 {
@@ -652,8 +937,12 @@ fn ci_sp_d(funct3: u32, rd: u32, uimm: u32) -> u16 {
     ((funct3 << 13) | (bit(uimm, 5) << 12) | (rd << 7) | (low << 2) | 0b10) as u16
 }
 
-pub fn c_fldsp(rd: u32, uimm: u32) -> u16 { ci_sp_d(0b001, rd, uimm) }
-pub fn c_ldsp(rd: u32, uimm: u32) -> u16 { ci_sp_d(0b011, rd, uimm) }
+pub fn c_fldsp(rd: u32, uimm: u32) -> u16 {
+    ci_sp_d(0b001, rd, uimm)
+}
+pub fn c_ldsp(rd: u32, uimm: u32) -> u16 {
+    ci_sp_d(0b011, rd, uimm)
+}
 
 /// `c.lwsp` — uimm[5] in 12, uimm[4:2|7:6] in 6:2.
 pub fn c_lwsp(rd: u32, uimm: u32) -> u16 {
@@ -666,11 +955,21 @@ fn cr(bit12: u32, r1: u32, r2: u32) -> u16 {
     ((0b100 << 13) | (bit12 << 12) | (r1 << 7) | (r2 << 2) | 0b10) as u16
 }
 
-pub fn c_jr(rs1: u32) -> u16 { cr(0, rs1, 0) }
-pub fn c_mv(rd: u32, rs2: u32) -> u16 { cr(0, rd, rs2) }
-pub fn c_ebreak() -> u16 { cr(1, 0, 0) }
-pub fn c_jalr(rs1: u32) -> u16 { cr(1, rs1, 0) }
-pub fn c_add(rd: u32, rs2: u32) -> u16 { cr(1, rd, rs2) }
+pub fn c_jr(rs1: u32) -> u16 {
+    cr(0, rs1, 0)
+}
+pub fn c_mv(rd: u32, rs2: u32) -> u16 {
+    cr(0, rd, rs2)
+}
+pub fn c_ebreak() -> u16 {
+    cr(1, 0, 0)
+}
+pub fn c_jalr(rs1: u32) -> u16 {
+    cr(1, rs1, 0)
+}
+pub fn c_add(rd: u32, rs2: u32) -> u16 {
+    cr(1, rd, rs2)
+}
 
 /// `c.fsdsp`/`c.sdsp` — uimm[5:3|8:6] in 12:7.
 fn css_d(funct3: u32, rs2: u32, uimm: u32) -> u16 {
@@ -679,8 +978,12 @@ fn css_d(funct3: u32, rs2: u32, uimm: u32) -> u16 {
     ((funct3 << 13) | (f << 7) | (rs2 << 2) | 0b10) as u16
 }
 
-pub fn c_fsdsp(rs2: u32, uimm: u32) -> u16 { css_d(0b101, rs2, uimm) }
-pub fn c_sdsp(rs2: u32, uimm: u32) -> u16 { css_d(0b111, rs2, uimm) }
+pub fn c_fsdsp(rs2: u32, uimm: u32) -> u16 {
+    css_d(0b101, rs2, uimm)
+}
+pub fn c_sdsp(rs2: u32, uimm: u32) -> u16 {
+    css_d(0b111, rs2, uimm)
+}
 
 /// `c.swsp` — uimm[5:2|7:6] in 12:7.
 pub fn c_swsp(rs2: u32, uimm: u32) -> u16 {

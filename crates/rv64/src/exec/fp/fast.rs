@@ -77,7 +77,10 @@ pub(super) fn arith<F: Format>(op: Arith, a: u64, b: u64, c: u64) -> Option<Roun
             (s, err != F::Host::ZERO)
         }
         Arith::Mul => {
-            if !is_normal::<F>(a) || !is_normal::<F>(b) || !residual_representable::<F>(exponent::<F>(a), exponent::<F>(b)) {
+            if !is_normal::<F>(a)
+                || !is_normal::<F>(b)
+                || !residual_representable::<F>(exponent::<F>(a), exponent::<F>(b))
+            {
                 return None;
             }
             let p = x * y;

@@ -139,7 +139,13 @@ pub(super) fn below_normal_range<F: Format>(x: impl Float) -> bool {
 /// What the fast path needs of a host float type. Host arithmetic rounds to nearest
 /// even and is correctly rounded (IEEE 754 on every target Rust supports).
 pub(super) trait HostFloat:
-    Copy + PartialEq + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self>
+    Copy
+    + PartialEq
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
 {
     const ZERO: Self;
     fn from_raw(bits: u64) -> Self;

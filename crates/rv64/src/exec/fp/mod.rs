@@ -49,10 +49,9 @@ impl Outcome {
 fn format_of(op: FpOp) -> Fmt {
     use FpOp::*;
     match op {
-        Load(f) | Store(f) | Madd(f) | Msub(f) | Nmsub(f) | Nmadd(f) | Add(f) | Sub(f) | Mul(f) | Div(f)
-        | Sqrt(f) | Sgnj(f) | Sgnjn(f) | Sgnjx(f) | Min(f) | Max(f) | CvtWF(f) | CvtWuF(f) | CvtLF(f)
-        | CvtLuF(f) | CvtFW(f) | CvtFWu(f) | CvtFL(f) | CvtFLu(f) | MvXF(f) | MvFX(f) | Eq(f) | Lt(f) | Le(f)
-        | Class(f) => f,
+        Load(f) | Store(f) | Madd(f) | Msub(f) | Nmsub(f) | Nmadd(f) | Add(f) | Sub(f) | Mul(f) | Div(f) | Sqrt(f)
+        | Sgnj(f) | Sgnjn(f) | Sgnjx(f) | Min(f) | Max(f) | CvtWF(f) | CvtWuF(f) | CvtLF(f) | CvtLuF(f) | CvtFW(f)
+        | CvtFWu(f) | CvtFL(f) | CvtFLu(f) | MvXF(f) | MvFX(f) | Eq(f) | Lt(f) | Le(f) | Class(f) => f,
         CvtSD => Fmt::S,
         CvtDS => Fmt::D,
     }
