@@ -71,6 +71,10 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     }
     let rows: Vec<(String, Figures)> = configs.iter().zip(samples).map(|(&c, s)| (label(c), median(s))).collect();
     print_table(&rows);
+    drop(topo);
+    if args.logs.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(0)
 }
 

@@ -230,9 +230,17 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     drop(backup);
     drop(primary);
     drop(topo);
-    let summary = result?;
+    let summary = result.inspect_err(|_| eprintln!("ftvm demo: the replicas' logs are in {}", dir.display()))?;
     println!("{}", summary.report());
-    Ok(if summary.passed() { 0 } else { 1 })
+    if !summary.passed() {
+        println!("ftvm demo: the replicas' logs are in {}", dir.display());
+        return Ok(1);
+    }
+    // A passing run's logs go with it, unless they were asked for.
+    if args.logs.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(0)
 }
 
 /// What the demo saw.

@@ -334,11 +334,26 @@ impl Lease for FileLease {
 mod tests {
     use super::*;
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A fresh directory for one test, removed when the test ends.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn join(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
         let dir = std::env::temp_dir().join(format!("ftvm-lease-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        TempDir(dir)
     }
 
     fn acquired(outcome: AcquireOutcome) -> LeaseRecord {
@@ -350,7 +365,8 @@ mod tests {
 
     #[test]
     fn a_free_lease_is_acquired_with_term_one() {
-        let mut lease = FileLease::new(temp_dir("free").join("vm.lease"));
+        let dir = temp_dir("free");
+        let mut lease = FileLease::new(dir.join("vm.lease"));
         let record = acquired(lease.try_acquire("primary-a", 1000, 500).unwrap());
         assert_eq!(record, LeaseRecord { holder: "primary-a".into(), term: 1, expires_ms: 1500 });
         assert_eq!(lease.current_holder().unwrap(), Some(record));
@@ -358,7 +374,8 @@ mod tests {
 
     #[test]
     fn a_held_lease_is_busy_until_it_expires_then_taken_with_a_new_term() {
-        let path = temp_dir("expiry").join("vm.lease");
+        let dir = temp_dir("expiry");
+        let path = dir.join("vm.lease");
         let mut primary = FileLease::new(&path);
         let mut backup = FileLease::new(&path);
         acquired(primary.try_acquire("primary", 0, 100).unwrap());
@@ -372,7 +389,8 @@ mod tests {
 
     #[test]
     fn renewal_extends_the_holders_lease() {
-        let mut lease = FileLease::new(temp_dir("renew").join("vm.lease"));
+        let dir = temp_dir("renew");
+        let mut lease = FileLease::new(dir.join("vm.lease"));
         acquired(lease.try_acquire("p", 0, 100).unwrap());
         let renewed = lease.renew("p", 1, 80, 100).unwrap();
         assert_eq!(renewed, RenewOutcome::Renewed(LeaseRecord { holder: "p".into(), term: 1, expires_ms: 180 }));
@@ -380,7 +398,8 @@ mod tests {
 
     #[test]
     fn reacquiring_under_the_same_name_fences_the_older_incarnation() {
-        let mut lease = FileLease::new(temp_dir("same-name").join("vm.lease"));
+        let dir = temp_dir("same-name");
+        let mut lease = FileLease::new(dir.join("vm.lease"));
         acquired(lease.try_acquire("p", 0, 100).unwrap());
         assert_eq!(acquired(lease.try_acquire("p", 10, 100).unwrap()).term, 2);
         assert!(matches!(lease.renew("p", 1, 20, 100).unwrap(), RenewOutcome::Lost(_)));
@@ -388,7 +407,8 @@ mod tests {
 
     #[test]
     fn release_frees_the_lease_at_once() {
-        let path = temp_dir("release").join("vm.lease");
+        let dir = temp_dir("release");
+        let path = dir.join("vm.lease");
         let mut a = FileLease::new(&path);
         acquired(a.try_acquire("a", 0, 1000).unwrap());
         assert!(a.release("a", 1).unwrap());
@@ -397,7 +417,8 @@ mod tests {
 
     #[test]
     fn racing_acquirers_on_one_file_get_exactly_one_lease_per_term() {
-        let path = temp_dir("race").join("vm.lease");
+        let dir = temp_dir("race");
+        let path = dir.join("vm.lease");
         let threads: Vec<_> = (0..8)
             .map(|i| {
                 let path = path.clone();
@@ -423,7 +444,8 @@ mod tests {
 
     #[test]
     fn racing_acquirers_at_one_instant_get_one_winner() {
-        let path = temp_dir("instant").join("vm.lease");
+        let dir = temp_dir("instant");
+        let path = dir.join("vm.lease");
         let threads: Vec<_> = (0..8)
             .map(|i| {
                 let path = path.clone();
@@ -441,7 +463,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_lease_file_is_a_clear_error() {
-        let path = temp_dir("corrupt").join("vm.lease");
+        let dir = temp_dir("corrupt");
+        let path = dir.join("vm.lease");
         for contents in [
             &b"garbage"[..],
             b"ftvm-lease 1\nholder a\nterm 1\nexpires_ms 5\ncrc32c 00000000\n",
@@ -458,7 +481,8 @@ mod tests {
 
     #[test]
     fn a_tampered_record_fails_its_checksum() {
-        let path = temp_dir("tamper").join("vm.lease");
+        let dir = temp_dir("tamper");
+        let path = dir.join("vm.lease");
         acquired(FileLease::new(&path).try_acquire("a", 0, 10).unwrap());
         let text = std::fs::read_to_string(&path).unwrap().replace("term 1", "term 9");
         std::fs::write(&path, text).unwrap();
