@@ -1,7 +1,10 @@
 //! `ftvm model` as a user runs it: every subcommand answers, in text and in JSON, and every
 //! kind of bad input gets a one-line error that names the problem and a non-zero exit.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::Scratch;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -43,42 +46,8 @@ fn example(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../reliability/examples").join(name).display().to_string()
 }
 
-/// A scratch path under the temporary directory, removed (with its directory) when
-/// the test ends: every test cleans up after itself.
-struct Scratch {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl AsRef<std::ffi::OsStr> for Scratch {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.path.as_os_str()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("ftvm-model-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    Scratch { path: dir.join(name), dir }
+    common::scratch("model-cli", name)
 }
 
 fn number(v: &Value, path: &[&str]) -> f64 {

@@ -1,49 +1,18 @@
 //! `ftvm run` refuses bad input with one clear line naming the file and the problem,
 //! exit status 125, and no panic — before any guest code runs.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::Scratch;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn ftvm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ftvm")).args(args).output().expect("run ftvm")
 }
 
-/// A scratch path under the temporary directory, removed (with its directory) when
-/// the test ends: every test cleans up after itself.
-struct Scratch {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl AsRef<std::ffi::OsStr> for Scratch {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.path.as_os_str()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("ftvm-run-errors-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch { path: dir.join(name), dir }
+    common::scratch("run-errors", name)
 }
 
 /// A file that passes the RISC-V Image header checks (text_offset 2 MiB, 4 KiB long).

@@ -1,0 +1,43 @@
+//! What the ftvm binary's tests share.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+
+/// A scratch path under the temporary directory, removed (with its directory) when
+/// the test ends: every test cleans up after itself.
+pub struct Scratch {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `name` in a fresh directory of its own, tagged with the test binary's `suite`.
+pub fn scratch(suite: &str, name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("ftvm-{suite}-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    Scratch { path: dir.join(name), dir }
+}
