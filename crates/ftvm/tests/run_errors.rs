@@ -134,3 +134,20 @@ fn a_malformed_memory_size_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
 }
+
+/// Replication refuses a key too short to authenticate anything, naming the key file,
+/// on both sides, before any network traffic.
+#[test]
+fn a_short_replication_key_is_refused_on_both_sides() {
+    let key = scratch("short.key");
+    std::fs::write(&key, b"abc").unwrap();
+    let lease = scratch("lease");
+    let key_arg = key.to_str().unwrap();
+    let lease_arg = lease.to_str().unwrap();
+    let primary = ftvm(&["run", "--replicate-to", "127.0.0.1:9", "--key", key_arg, "--lease", lease_arg, "--", "true"]);
+    let line = error_line(&primary);
+    assert!(line.contains(key_arg), "{line}");
+    let backup = ftvm(&["backup", "--listen", "127.0.0.1:0", "--key", key_arg, "--lease", lease_arg]);
+    let line = error_line(&backup);
+    assert!(line.contains(key_arg), "{line}");
+}
