@@ -1,0 +1,259 @@
+//! The ownership store: one record per VM saying which replica owns it, under which
+//! generation, and whether the VM still runs. A record changes only by compare-and-swap on
+//! its generation, and every change raises the generation by exactly one, so a replica whose
+//! state belongs to an older generation can never win a swap (DESIGN.md §5, "Ownership").
+//!
+//! [`OwnershipStore`] is the trait; [`FileStore`] keeps the records in a directory (flock +
+//! atomic rename); [`MemoryStore`] serves tests and simulations, with a switch that models an
+//! outage. [`open`] turns a `--store` spec into a store.
+
+mod file;
+mod memory;
+
+use std::path::PathBuf;
+
+pub use file::{FileStore, DEFAULT_LOCK_TIMEOUT, MAX_RECORD_FILE_BYTES, RECORD_FORMAT, RECORD_FORMAT_VERSION};
+pub use memory::MemoryStore;
+
+/// The longest VM id a store accepts.
+pub const MAX_VM_ID_BYTES: usize = 64;
+/// The longest owner name a record may carry.
+pub const MAX_OWNER_BYTES: usize = 256;
+
+/// A VM's ownership record. Every change raises `generation` by exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnershipRecord {
+    pub generation: u64,
+    pub owner: String,
+    pub state: VmState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum VmState {
+    Active,
+    Ended { exit_code: u32 },
+}
+
+/// The answer to a compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwapOutcome {
+    /// The record is now the one given.
+    Swapped(OwnershipRecord),
+    /// The current record's generation was not the one expected; this is the record as it
+    /// stands (None: there is no record).
+    Conflict(Option<OwnershipRecord>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ownership store {path}: cannot {action}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "ownership record {path} is corrupt: {what}; stop every replica of this VM and restore or \
+         delete the file"
+    )]
+    Corrupt { path: PathBuf, what: String },
+    #[error(
+        "ownership record {path} has format version {found}; this ftvm reads version {RECORD_FORMAT_VERSION} only"
+    )]
+    ForeignVersion { path: PathBuf, found: u64 },
+    #[error("ownership store {path}: its lock is still held by another process after {waited_ms} ms")]
+    LockTimeout { path: PathBuf, waited_ms: u64 },
+    #[error("ownership store {spec:?}: {problem}; accepted forms: file:DIR")]
+    BadSpec { spec: String, problem: &'static str },
+    #[error(
+        "VM id {id:?} is invalid: use 1 to {MAX_VM_ID_BYTES} of the characters A-Z a-z 0-9 . _ -, not starting \
+         with '.'"
+    )]
+    BadVmId { id: String },
+    #[error("owner name {owner:?} is invalid: use 1 to {MAX_OWNER_BYTES} bytes with no control characters")]
+    BadOwner { owner: String },
+    #[error(
+        "ownership record of VM {vm_id}: a swap expecting generation {} must write generation {}, not {found}",
+        expected.map_or("none (no record)".to_string(), |g| g.to_string()),
+        expected.map_or(1, |g| g.saturating_add(1))
+    )]
+    BadGeneration { vm_id: String, expected: Option<u64>, found: u64 },
+    #[error("ownership store {name} is unreachable")]
+    Unreachable { name: String },
+}
+
+/// Where ownership records are kept. Both replicas of a VM must reach the same store.
+pub trait OwnershipStore: Send {
+    /// The record as it stands (None: the VM has none yet).
+    fn read(&mut self, vm_id: &str) -> Result<Option<OwnershipRecord>, StoreError>;
+    /// Write `new` only if the current record's generation is `expected` (None: no record yet).
+    /// `new.generation` must be `expected.map_or(1, |g| g + 1)` (else an error, not a panic).
+    /// A record whose state is Ended is never swapped again except by a caller passing the Ended
+    /// record's own generation — i.e. CAS is purely on generation; callers decide.
+    fn compare_and_swap(
+        &mut self,
+        vm_id: &str,
+        expected: Option<u64>,
+        new: &OwnershipRecord,
+    ) -> Result<SwapOutcome, StoreError>;
+}
+
+impl<S: OwnershipStore + ?Sized> OwnershipStore for Box<S> {
+    fn read(&mut self, vm_id: &str) -> Result<Option<OwnershipRecord>, StoreError> {
+        (**self).read(vm_id)
+    }
+
+    fn compare_and_swap(
+        &mut self,
+        vm_id: &str,
+        expected: Option<u64>,
+        new: &OwnershipRecord,
+    ) -> Result<SwapOutcome, StoreError> {
+        (**self).compare_and_swap(vm_id, expected, new)
+    }
+}
+
+/// Opens the store a `--store` spec names: `file:DIR` (the directory is created if missing).
+pub fn open(spec: &str) -> Result<Box<dyn OwnershipStore>, StoreError> {
+    let bad = |problem| StoreError::BadSpec { spec: spec.to_string(), problem };
+    if let Some(dir) = spec.strip_prefix("file:") {
+        if dir.is_empty() {
+            return Err(bad("file: needs a directory after the colon"));
+        }
+        return Ok(Box::new(FileStore::open(std::path::Path::new(dir))?));
+    }
+    if spec.starts_with("etcd:") {
+        return Err(bad("etcd stores are not supported yet"));
+    }
+    Err(bad("unknown kind of store"))
+}
+
+/// Checks that `id` can key a record: `[A-Za-z0-9._-]{1,64}`, not starting with '.' (so it is
+/// a plain file name that is never hidden, `.` or `..`).
+pub fn validate_vm_id(id: &str) -> Result<(), StoreError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_VM_ID_BYTES
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    match valid {
+        true => Ok(()),
+        false => Err(StoreError::BadVmId { id: id.to_string() }),
+    }
+}
+
+fn owner_is_valid(owner: &str) -> bool {
+    !owner.is_empty() && owner.len() <= MAX_OWNER_BYTES && !owner.chars().any(char::is_control)
+}
+
+/// The checks every store makes before a swap, whatever holds the records.
+fn check_swap(vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> Result<(), StoreError> {
+    validate_vm_id(vm_id)?;
+    if !owner_is_valid(&new.owner) {
+        return Err(StoreError::BadOwner { owner: new.owner.clone() });
+    }
+    let wanted = match expected {
+        None => Some(1),
+        Some(g) => g.checked_add(1),
+    };
+    if wanted != Some(new.generation) {
+        return Err(StoreError::BadGeneration { vm_id: vm_id.to_string(), expected, found: new.generation });
+    }
+    Ok(())
+}
+
+/// The compare-and-swap itself, the same for every store: whether to write, and the answer.
+fn decide_swap(current: Option<&OwnershipRecord>, expected: Option<u64>, new: &OwnershipRecord) -> SwapOutcome {
+    match current.map(|r| r.generation) == expected {
+        true => SwapOutcome::Swapped(new.clone()),
+        false => SwapOutcome::Conflict(current.cloned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(generation: u64, owner: &str) -> OwnershipRecord {
+        OwnershipRecord { generation, owner: owner.to_string(), state: VmState::Active }
+    }
+
+    #[test]
+    fn vm_ids_are_plain_file_names() {
+        for good in ["a", "web-1", "vm_2.prod", "A.b-c_d", &"x".repeat(64)] {
+            assert!(validate_vm_id(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "../a", "a b", "é", "a\n", &"x".repeat(65)] {
+            assert!(matches!(validate_vm_id(bad), Err(StoreError::BadVmId { .. })), "{bad:?}");
+        }
+        assert_eq!(
+            validate_vm_id("a/b").unwrap_err().to_string(),
+            "VM id \"a/b\" is invalid: use 1 to 64 of the characters A-Z a-z 0-9 . _ -, not starting with '.'"
+        );
+    }
+
+    #[test]
+    fn a_swap_must_raise_the_generation_by_exactly_one() {
+        assert!(check_swap("vm", None, &active(1, "a")).is_ok());
+        assert!(check_swap("vm", Some(4), &active(5, "a")).is_ok());
+        let error = check_swap("vm", None, &active(2, "a")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "ownership record of VM vm: a swap expecting generation none (no record) must write generation 1, not 2"
+        );
+        let error = check_swap("vm", Some(4), &active(4, "a")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "ownership record of VM vm: a swap expecting generation 4 must write generation 5, not 4"
+        );
+        assert!(matches!(check_swap("vm", Some(u64::MAX), &active(0, "a")), Err(StoreError::BadGeneration { .. })));
+    }
+
+    #[test]
+    fn owner_names_are_checked() {
+        for bad in ["", "line\nbreak", &"o".repeat(257)] {
+            assert!(matches!(check_swap("vm", None, &active(1, bad)), Err(StoreError::BadOwner { .. })), "{bad:?}");
+        }
+        assert!(check_swap("vm", None, &active(1, "backup at 10.0.0.2:7000")).is_ok());
+    }
+
+    #[test]
+    fn the_record_serializes_with_a_tagged_state() {
+        let ended = OwnershipRecord { generation: 3, owner: "a".into(), state: VmState::Ended { exit_code: 7 } };
+        assert_eq!(
+            serde_json::to_string(&ended).unwrap(),
+            r#"{"generation":3,"owner":"a","state":{"state":"ended","exit_code":7}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&active(1, "a")).unwrap(),
+            r#"{"generation":1,"owner":"a","state":{"state":"active"}}"#
+        );
+    }
+
+    #[test]
+    fn store_specs_name_the_accepted_forms() {
+        let message = |spec: &str| open(spec).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            message("etcd:http://127.0.0.1:2379"),
+            "ownership store \"etcd:http://127.0.0.1:2379\": etcd stores are not supported yet; accepted forms: file:DIR"
+        );
+        assert_eq!(
+            message("/tmp/dir"),
+            "ownership store \"/tmp/dir\": unknown kind of store; accepted forms: file:DIR"
+        );
+        assert_eq!(
+            message("file:"),
+            "ownership store \"file:\": file: needs a directory after the colon; accepted forms: file:DIR"
+        );
+    }
+
+    #[test]
+    fn a_file_spec_opens_a_file_store() {
+        let dir = std::env::temp_dir().join(format!("ftvm-store-spec-{}", std::process::id()));
+        let mut store = open(&format!("file:{}", dir.display())).unwrap();
+        assert_eq!(store.compare_and_swap("vm", None, &active(1, "a")).unwrap(), SwapOutcome::Swapped(active(1, "a")));
+        assert_eq!(store.read("vm").unwrap(), Some(active(1, "a")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
