@@ -19,7 +19,8 @@
 //! more than once (pre-copy, see [`PreCopy`]): the last copy wins.
 
 use crate::machine::{Machine, MachineState, RestoreError};
-use crate::snapshot::{decode_machine_state, encode_machine_state};
+use crate::snapshot::{decode_machine_state, encode_machine_state, MAX_STATE_BYTES};
+use bounded_reader::{ReadError, Reader};
 use thiserror::Error;
 
 const MAGIC: [u8; 4] = *b"FTCK";
@@ -33,6 +34,8 @@ const FLAG_DIGEST: u16 = 2;
 pub enum CheckpointError {
     #[error("checkpoint payload is malformed: {0}")]
     Malformed(String),
+    #[error("malformed checkpoint")]
+    Payload(#[from] ReadError),
     #[error("checkpoint format version {found}, this ftvm reads version {VERSION}")]
     Version { found: u16 },
     #[error("checkpoint state: {0}")]
@@ -155,10 +158,16 @@ fn encode(
 /// The number of pages a payload carries (0 for an empty or malformed one): for
 /// statistics, without decoding the rest.
 pub fn page_count(payload: &[u8]) -> usize {
-    let Some(len) = payload.get(8..12) else { return 0 };
-    let state_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-    let at = 12usize.saturating_add(state_len);
-    payload.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+    let mut r = Reader::new(payload);
+    let header = (|| {
+        r.take(6, "the magic and version")?;
+        if r.u16("the flags")? & FLAG_DIGEST != 0 {
+            r.take(16, "the digest")?;
+        }
+        r.bytes("the state", MAX_STATE_BYTES as usize)?;
+        r.u32("the page count")
+    })();
+    header.map_or(0, |n| n as usize)
 }
 
 fn nonzero_sectors(machine: &mut Machine) -> Result<Vec<u64>, CheckpointError> {
@@ -189,78 +198,45 @@ struct Decoded<'a> {
     sectors: Vec<(u64, &'a [u8])>,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], CheckpointError> {
-        if self.buf.len() - self.pos < n {
-            return Err(CheckpointError::Malformed(format!("truncated in {what} at byte {}", self.pos)));
-        }
-        let bytes = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(bytes)
-    }
-
-    fn u32(&mut self, what: &str) -> Result<u32, CheckpointError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
-    }
-
-    /// A count of items of `item_bytes` each: checked against what is left before use.
-    fn count(&mut self, item_bytes: usize, max: usize, what: &str) -> Result<usize, CheckpointError> {
-        let n = self.u32(what)? as usize;
-        let left = (self.buf.len() - self.pos) / item_bytes;
-        if n > max || n > left {
-            return Err(CheckpointError::Malformed(format!("{n} {what} do not fit (at most {})", max.min(left))));
-        }
-        Ok(n)
-    }
-}
-
 fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) -> Result<Decoded<'a>, CheckpointError> {
-    let mut r = Reader { buf: payload, pos: 0 };
-    if r.take(4, "magic")? != MAGIC {
+    let mut r = Reader::new(payload);
+    if r.array::<4>("the magic")? != MAGIC {
         return Err(CheckpointError::Malformed("not a checkpoint (bad magic)".into()));
     }
-    let version = u16::from_le_bytes(r.take(2, "version")?.try_into().expect("2 bytes"));
+    let version = r.u16("the version")?;
     if version != VERSION {
         return Err(CheckpointError::Version { found: version });
     }
-    let flags = u16::from_le_bytes(r.take(2, "flags")?.try_into().expect("2 bytes"));
+    let flags = r.u16("the flags")?;
     if flags & !(FLAG_FULL | FLAG_DIGEST) != 0 {
         return Err(CheckpointError::Malformed(format!("unknown flags {flags:#x}")));
     }
     let digest = match flags & FLAG_DIGEST {
         0 => None,
-        _ => Some(crate::Digest(u128::from_le_bytes(r.take(16, "digest")?.try_into().expect("16 bytes")))),
+        _ => Some(crate::Digest(r.u128("the digest")?)),
     };
-    let state_len = r.count(1, usize::MAX, "state bytes")?;
-    let state = decode_machine_state(r.take(state_len, "state")?)?;
+    let state = decode_machine_state(r.bytes("the state", MAX_STATE_BYTES as usize)?)?;
     // Pre-copy may carry a page twice: once from the scan, once written since.
-    let n = r.count(4 + PAGE_BYTES, ram_pages.saturating_mul(2), "pages")?;
+    let n = r.count("pages", ram_pages.saturating_mul(2), 4 + PAGE_BYTES)?;
     let mut pages = Vec::with_capacity(n);
     for _ in 0..n {
-        let index = r.u32("page index")? as usize;
+        let index = r.u32("a page index")? as usize;
         if index >= ram_pages {
             return Err(CheckpointError::Malformed(format!("page {index} is outside RAM ({ram_pages} pages)")));
         }
-        pages.push((index, r.take(PAGE_BYTES, "page")?));
+        pages.push((index, r.take(PAGE_BYTES, "a page")?));
     }
     let capacity = disk_sectors.unwrap_or(0);
-    let n = r.count(8 + SECTOR_BYTES, capacity.min(usize::MAX as u64) as usize, "sectors")?;
+    let n = r.count("sectors", capacity.min(usize::MAX as u64) as usize, 8 + SECTOR_BYTES)?;
     let mut sectors = Vec::with_capacity(n);
     for _ in 0..n {
-        let sector = u64::from_le_bytes(r.take(8, "sector")?.try_into().expect("8 bytes"));
+        let sector = r.u64("a sector number")?;
         if sector >= capacity {
             return Err(CheckpointError::Malformed(format!("sector {sector} is beyond the disk ({capacity} sectors)")));
         }
-        sectors.push((sector, r.take(SECTOR_BYTES, "sector data")?));
+        sectors.push((sector, r.take(SECTOR_BYTES, "a sector")?));
     }
-    if r.pos != payload.len() {
-        return Err(CheckpointError::Malformed(format!("{} bytes after the end", payload.len() - r.pos)));
-    }
+    r.finish()?;
     Ok(Decoded { full: flags & FLAG_FULL != 0, digest, state, pages, sectors })
 }
 

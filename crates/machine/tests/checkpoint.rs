@@ -59,7 +59,10 @@ fn a_checkpoint_carrying_a_digest_is_verified_by_the_backup() {
     let mut backup = Machine::new(&config()).unwrap();
     drive(&mut primary, 10_000_000);
     let mut full = checkpoint::take(&mut primary, true).unwrap();
+    let pages = checkpoint::page_count(&full);
+    assert!(pages > 100, "a booted guest has pages: {pages}");
     checkpoint::add_digest(&mut full, &primary);
+    assert_eq!(checkpoint::page_count(&full), pages, "the digest is skipped when counting pages");
     checkpoint::apply(&mut backup, &full).unwrap();
     // An incremental applied on a base that lacks a page the primary wrote: diverged.
     drive(&mut primary, 15_000_000);

@@ -87,6 +87,7 @@ use crate::devices::virtio::blk::SECTOR_SIZE_BYTES;
 use crate::devices::virtio::net::{MAX_FRAME_BYTES, RX_PENDING_MAX_FRAMES};
 use crate::devices::virtio::rng::POOL_MAX_BYTES;
 use crate::machine::{Digest, MachineError, RestoreError};
+use bounded_reader::ReadError;
 use config::BoardShape;
 use std::fmt;
 use std::path::PathBuf;
@@ -151,6 +152,8 @@ pub enum SnapshotError {
     Checksum { what: &'static str, offset: u64, stored: u32, computed: u32 },
     #[error("malformed snapshot at byte {offset}: {problem}")]
     Malformed { offset: u64, problem: String },
+    #[error("malformed machine state")]
+    State(#[from] ReadError),
     #[error("cannot snapshot this machine: {what} is {found}, more than the {max} a snapshot holds")]
     TooLarge { what: String, found: u64, max: u64 },
     #[error("the snapshot does not fit this configuration: {what}: the snapshot has {snapshot}, the configuration has {configured}")]

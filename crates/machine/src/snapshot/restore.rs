@@ -1,7 +1,6 @@
 //! Restoring: the configuration checked, the whole body checked in a first pass, then
 //! the machine built and the file read again for RAM and the disk.
 
-use super::codec::Decoder;
 use super::config::BoardShape;
 use super::extents::{read_extents, Discard, DiskSink, ExtentSpec, RamSink};
 use super::read::{read_header_from, Source};
@@ -12,6 +11,7 @@ use super::{
 };
 use crate::devices::virtio::blk::SECTOR_SIZE_BYTES;
 use crate::machine::{Machine, MachineConfig, MachineState};
+use bounded_reader::Reader;
 use std::io::{Read, Seek, SeekFrom};
 
 fn check_config(info: &SnapshotInfo, config: &MachineConfig) -> Result<()> {
@@ -75,7 +75,7 @@ fn check_body<R: Read>(src: &mut Source<R>, info: &SnapshotInfo) -> Result<Check
     let state_at = src.offset;
     let state_bytes = src.vec(len, "the state section")?;
     src.section_end(TAG_STATE)?;
-    let state = decode_state(&mut Decoder::new(&state_bytes, state_at))?;
+    let state = decode_state(&mut Reader::at_offset(&state_bytes, state_at))?;
     drop(state_bytes);
     if state.hart.icount != info.icount {
         return Err(malformed(

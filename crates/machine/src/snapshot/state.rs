@@ -2,7 +2,7 @@
 //! end of run). Structs are destructured whole, so that a field added to any of them
 //! fails to compile here until the format (and FORMAT_VERSION) takes it in.
 
-use super::codec::{Decoder, Encoder};
+use super::codec::Encoder;
 use super::{malformed, Result, SnapshotError, MAX_INPUT_BYTES, MAX_QUEUES, MAX_STATE_BYTES};
 use crate::board::VIRTIO_SLOTS;
 use crate::devices::plic::{PlicState, NUM_CONTEXTS, NUM_SOURCES};
@@ -13,6 +13,7 @@ use crate::devices::virtio::rng::{RngState, POOL_MAX_BYTES};
 use crate::devices::virtio::{Queue, VirtioDeviceState, VirtioMmioState, DEVICE_ID_BLK, DEVICE_ID_NET, DEVICE_ID_RNG};
 use crate::io::{Input, InputKind};
 use crate::machine::{MachineState, RunExit, MAX_PENDING_INPUTS};
+use bounded_reader::{ReadError, Reader};
 use rv64::{HartState, PrivMode};
 
 pub(super) fn encode_state(state: &MachineState) -> Result<Vec<u8>> {
@@ -40,13 +41,13 @@ pub(super) fn encode_state(state: &MachineState) -> Result<Vec<u8>> {
     Ok(e.buf)
 }
 
-pub(super) fn decode_state(d: &mut Decoder) -> Result<MachineState> {
+pub(super) fn decode_state(d: &mut Reader) -> Result<MachineState> {
     let hart = decode_hart(d)?;
     let uart = decode_uart(d)?;
     let plic = decode_plic(d)?;
-    let count = d.count(VIRTIO_SLOTS, 1, "virtio devices")?;
+    let count = d.count("virtio devices", VIRTIO_SLOTS, 1)?;
     let virtio = (0..count).map(|_| decode_virtio(d)).collect::<Result<Vec<_>>>()?;
-    let count = d.count(MAX_PENDING_INPUTS, 9, "pending inputs")?;
+    let count = d.count("pending inputs", MAX_PENDING_INPUTS, 9)?;
     let mut pending_inputs = Vec::with_capacity(count);
     let mut earliest = hart.icount;
     for _ in 0..count {
@@ -124,10 +125,10 @@ fn encode_hart(e: &mut Encoder, hart: &HartState) {
     }
 }
 
-fn decode_hart(d: &mut Decoder) -> Result<HartState> {
+fn decode_hart(d: &mut Reader) -> Result<HartState> {
     let x: [u64; 32] = d.u64s("the integer registers")?;
     if x[0] != 0 {
-        return Err(d.error(format!("register x0 holds {:#x}, not 0", x[0])));
+        return Err(malformed(d.offset(), format!("register x0 holds {:#x}, not 0", x[0])));
     }
     let f = d.u64s("the floating-point registers")?;
     let pc = d.u64("pc")?;
@@ -196,10 +197,10 @@ fn encode_uart(e: &mut Encoder, uart: &UartState) -> Result<()> {
     Ok(())
 }
 
-fn decode_uart(d: &mut Decoder) -> Result<UartState> {
+fn decode_uart(d: &mut Reader) -> Result<UartState> {
     let [ier, lcr, mcr, scr, dll, dlm, fcr] = d.array("the UART registers")?;
     let thre_pending = d.bool("the UART's THR-empty flag")?;
-    let rx = d.bytes(RX_QUEUE_CAP, "UART receive queue bytes")?.into();
+    let rx = d.bytes("UART receive queue bytes", RX_QUEUE_CAP)?.to_vec().into();
     let rx_dropped = d.u64("the UART's dropped count")?;
     Ok(UartState { ier, lcr, mcr, scr, dll, dlm, fcr, thre_pending, rx, rx_dropped })
 }
@@ -211,7 +212,7 @@ fn encode_plic(e: &mut Encoder, plic: &PlicState) {
     }
 }
 
-fn decode_plic(d: &mut Decoder) -> Result<PlicState> {
+fn decode_plic(d: &mut Reader) -> Result<PlicState> {
     let priority: [u32; NUM_SOURCES] = d.u32s("the PLIC priorities")?;
     let [pending, in_service, level] = d.u32s("the PLIC lines")?;
     let enable: [u32; NUM_CONTEXTS] = d.u32s("the PLIC enables")?;
@@ -291,11 +292,11 @@ fn encode_virtio(e: &mut Encoder, state: &VirtioMmioState) -> Result<()> {
     Ok(())
 }
 
-fn decode_virtio(d: &mut Decoder) -> Result<VirtioMmioState> {
+fn decode_virtio(d: &mut Reader) -> Result<VirtioMmioState> {
     let [status, device_features_sel, driver_features_sel] = d.u32s("the virtio transport registers")?;
     let driver_features = d.u64("the driver features")?;
     let [queue_sel, interrupt_status] = d.u32s("the virtio transport registers")?;
-    let count = d.count(MAX_QUEUES, 33, "virtio queues")?;
+    let count = d.count("virtio queues", MAX_QUEUES, 33)?;
     let mut queues = Vec::with_capacity(count);
     for _ in 0..count {
         let size = d.u32("a queue's size")?;
@@ -315,10 +316,10 @@ fn decode_virtio(d: &mut Decoder) -> Result<VirtioMmioState> {
         }
         DEVICE_ID_NET => {
             let mac = d.array("the MAC address")?;
-            let count = d.count(RX_PENDING_MAX_FRAMES, 4, "received frames waiting")?;
+            let count = d.count("received frames waiting", RX_PENDING_MAX_FRAMES, 4)?;
             let rx_pending = (0..count)
-                .map(|_| d.bytes(MAX_FRAME_BYTES, "a waiting received frame's bytes"))
-                .collect::<Result<_>>()?;
+                .map(|_| d.bytes("a waiting received frame's bytes", MAX_FRAME_BYTES).map(<[u8]>::to_vec))
+                .collect::<Result<_, ReadError>>()?;
             let [rx_frames, tx_frames, rx_dropped_oversize, rx_dropped_not_ready, rx_dropped_queue_full, rx_dropped_buffer_too_small, tx_dropped_malformed] =
                 d.u64s("the network card's counters")?;
             let stats = NetStats {
@@ -333,7 +334,7 @@ fn decode_virtio(d: &mut Decoder) -> Result<VirtioMmioState> {
             VirtioDeviceState::Net(NetState { mac, rx_pending, stats })
         }
         DEVICE_ID_RNG => {
-            let pool = d.bytes(POOL_MAX_BYTES, "entropy pool bytes")?;
+            let pool = d.bytes("entropy pool bytes", POOL_MAX_BYTES)?.to_vec();
             let starved = d.bool("the entropy device's starved flag")?;
             VirtioDeviceState::Rng(RngState { pool, starved })
         }
@@ -381,13 +382,13 @@ fn encode_input(e: &mut Encoder, input: &Input) -> Result<()> {
     }
 }
 
-fn decode_input(d: &mut Decoder) -> Result<Input> {
+fn decode_input(d: &mut Reader) -> Result<Input> {
     let icount = d.u64("an input's stamp")?;
     let at = d.offset();
     let kind = match d.u8("an input's kind")? {
-        INPUT_CONSOLE => InputKind::Console(d.bytes(MAX_INPUT_BYTES, "an input's bytes")?),
-        INPUT_NET_FRAME => InputKind::NetFrame(d.bytes(MAX_INPUT_BYTES, "an input's bytes")?),
-        INPUT_ENTROPY => InputKind::Entropy(d.bytes(MAX_INPUT_BYTES, "an input's bytes")?),
+        INPUT_CONSOLE => InputKind::Console(d.bytes("an input's bytes", MAX_INPUT_BYTES)?.to_vec()),
+        INPUT_NET_FRAME => InputKind::NetFrame(d.bytes("an input's bytes", MAX_INPUT_BYTES)?.to_vec()),
+        INPUT_ENTROPY => InputKind::Entropy(d.bytes("an input's bytes", MAX_INPUT_BYTES)?.to_vec()),
         INPUT_IDLE_SKIP => InputKind::IdleSkip { ticks: d.u64("an idle skip")? },
         other => return Err(malformed(at, format!("input kind {other} does not exist"))),
     };
@@ -411,7 +412,7 @@ fn encode_ended(e: &mut Encoder, ended: &Option<RunExit>) {
     }
 }
 
-fn decode_ended(d: &mut Decoder) -> Result<Option<RunExit>> {
+fn decode_ended(d: &mut Reader) -> Result<Option<RunExit>> {
     let at = d.offset();
     Ok(match d.u8("the end of the run")? {
         0 => None,
@@ -438,7 +439,7 @@ pub fn encode_machine_state(state: &MachineState) -> Result<Vec<u8>> {
 
 /// Decode a state encoded by [`encode_machine_state`], with the same limits and checks.
 pub fn decode_machine_state(bytes: &[u8]) -> Result<MachineState> {
-    let mut d = Decoder::new(bytes, 0);
+    let mut d = Reader::new(bytes);
     decode_state(&mut d)
 }
 #[cfg(test)]
@@ -534,7 +535,7 @@ mod tests {
     }
 
     fn decode(bytes: &[u8]) -> Result<MachineState> {
-        decode_state(&mut Decoder::new(bytes, 0))
+        decode_state(&mut Reader::new(bytes))
     }
 
     #[test]
@@ -554,11 +555,17 @@ mod tests {
         let bytes = encode_state(&sample_state()).unwrap();
         for len in 0..bytes.len() {
             let err = decode(&bytes[..len]).unwrap_err();
-            assert!(matches!(err, SnapshotError::Malformed { .. }), "at {len}: {err}");
+            assert!(
+                matches!(err, SnapshotError::State(ReadError::Truncated { .. } | ReadError::DoesNotFit { .. })),
+                "at {len}: {err}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(decode(&longer).unwrap_err().to_string().contains("1 bytes after the end of the state"));
+        assert!(matches!(
+            decode(&longer),
+            Err(SnapshotError::State(ReadError::TrailingBytes { offset, extra: 1 })) if offset == bytes.len() as u64
+        ));
     }
 
     /// Offset of the pending-input count in the sample state's encoding.
@@ -582,12 +589,15 @@ mod tests {
         assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes());
         let mut huge = bytes.clone();
         huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let err = decode(&huge).unwrap_err().to_string();
-        assert!(err.contains(&format!("pending inputs: 4294967295, at most {MAX_PENDING_INPUTS}")), "{err}");
+        let Err(SnapshotError::State(err)) = decode(&huge) else { panic!("a huge count is refused") };
+        let offset = at as u64;
+        let max = MAX_PENDING_INPUTS as u64;
+        assert_eq!(err, ReadError::OverLimit { field: "pending inputs", offset, count: u32::MAX.into(), max });
         let mut more_than_left = bytes.clone();
         more_than_left[at..at + 4].copy_from_slice(&60_000u32.to_le_bytes());
-        let err = decode(&more_than_left).unwrap_err().to_string();
-        assert!(err.contains("bytes of state are left"), "{err}");
+        let Err(SnapshotError::State(err)) = decode(&more_than_left) else { panic!("a count past the end is refused") };
+        let left = (bytes.len() - at - 4) as u64;
+        assert_eq!(err, ReadError::DoesNotFit { field: "pending inputs", offset, count: 60_000, item_bytes: 9, left });
     }
 
     #[test]
