@@ -40,10 +40,19 @@ pub enum CheckpointError {
     Version { found: u16 },
     #[error("checkpoint state: {0}")]
     State(#[from] crate::snapshot::SnapshotError),
+    #[error("the checkpoint does not fit this machine")]
+    DoesNotFit(#[source] RestoreError),
     #[error("applying the checkpoint: {0}")]
     Apply(#[from] RestoreError),
     #[error("after applying the checkpoint the machine's digest is {found}, the primary's was {expected}: the replicas diverged")]
     DigestMismatch { expected: crate::Digest, found: crate::Digest },
+}
+
+impl CheckpointError {
+    /// True when [`apply`] refused the payload before changing anything.
+    pub fn left_machine_unchanged(&self) -> bool {
+        !matches!(self, CheckpointError::Apply(_) | CheckpointError::DigestMismatch { .. })
+    }
 }
 
 /// Add the machine's digest to a payload just taken from it (end-to-end verification:
@@ -240,11 +249,19 @@ fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) ->
     Ok(Decoded { full: flags & FLAG_FULL != 0, digest, state, pages, sectors })
 }
 
-/// Apply a payload to a stopped machine built from the same configuration. Checked
-/// whole first: on error the machine is as it was.
+/// Apply a payload to a stopped machine built from the same configuration.
+///
+/// Everything that can be checked is checked before anything changes: the payload's
+/// structure, every page and sector number, and the state against each of this
+/// machine's components ([`Machine::check_state`]). So a malformed payload, or one
+/// from a machine of another shape, leaves the machine as it was. Two errors come
+/// later, with the machine changed ([`CheckpointError::left_machine_unchanged`] tells
+/// them apart): the host failing a disk write midway, and a digest that disagrees
+/// after applying (the replicas diverged). Either way the machine no longer holds a
+/// whole checkpoint: only a full checkpoint repairs it.
 pub fn apply(machine: &mut Machine, payload: &[u8]) -> Result<(), CheckpointError> {
     let decoded = decode(payload, machine.ram().page_count(), machine.disk_sectors())?;
-    machine.check_state(&decoded.state)?;
+    machine.check_state(&decoded.state).map_err(CheckpointError::DoesNotFit)?;
     if decoded.full {
         machine.clear_ram();
         machine.clear_disk()?;

@@ -125,7 +125,7 @@ pub struct MachineState {
 pub enum RestoreError {
     #[error("saved state has {saved} virtio devices but this machine's configuration has {configured}")]
     DeviceCount { saved: usize, configured: usize },
-    #[error("virtio device {slot}: {source}")]
+    #[error("virtio device {slot}")]
     Virtio { slot: usize, source: crate::devices::virtio::VirtioError },
     #[error("page {index} is outside RAM ({pages} pages) or not {size} bytes", size = rv64::mem::PAGE_SIZE)]
     Page { index: usize, pages: usize },
@@ -133,6 +133,8 @@ pub enum RestoreError {
     Disk(String),
     #[error("the machine has no disk")]
     NoDisk,
+    #[error("saved {component} state does not fit this machine: {problem}")]
+    Invalid { component: &'static str, problem: String },
 }
 
 /// A digest of the whole machine state (RAM, hart, devices, disk).
@@ -413,19 +415,9 @@ impl Machine {
     /// Put a saved state into this machine (built from the same configuration).
     /// Checked before anything changes: on error the machine is untouched.
     pub fn restore_state(&mut self, state: MachineState) -> Result<(), RestoreError> {
-        let configured = self.board.virtio.len();
-        if state.virtio.len() != configured {
-            return Err(RestoreError::DeviceCount { saved: state.virtio.len(), configured });
-        }
-        // Validate every device on a scratch copy of its current state first.
-        let before: Vec<_> = self.board.virtio.iter().map(|d| d.state()).collect();
-        for (slot, (dev, saved)) in self.board.virtio.iter_mut().zip(&state.virtio).enumerate() {
-            if let Err(source) = dev.restore(saved.clone()) {
-                for (dev, old) in self.board.virtio.iter_mut().zip(before) {
-                    dev.restore(old).expect("a device's own state restores");
-                }
-                return Err(RestoreError::Virtio { slot, source });
-            }
+        self.check_state(&state)?;
+        for (dev, saved) in self.board.virtio.iter_mut().zip(state.virtio) {
+            dev.restore(saved).expect("a device state that check_state accepted restores");
         }
         self.hart = Hart::from_state(self.hart.config, state.hart);
         self.board.uart.state = state.uart;
@@ -459,11 +451,40 @@ impl Machine {
             .ok_or(RestoreError::NoDisk)
     }
 
-    /// Check that a saved state fits this machine, changing nothing.
+    /// Check that a saved state fits this machine, changing nothing: every component
+    /// [`Machine::restore_state`] would adopt (the hart, the UART, each virtio transport
+    /// and device against the configured one, the pending inputs), so that restoring a
+    /// state this accepts cannot fail.
     pub fn check_state(&self, state: &MachineState) -> Result<(), RestoreError> {
+        let invalid = |component, problem: String| Err(RestoreError::Invalid { component, problem });
+        if state.hart.x[0] != 0 {
+            return invalid("hart", format!("register x0 holds {:#x}, not 0", state.hart.x[0]));
+        }
+        if state.uart.rx.len() > crate::devices::uart::RX_QUEUE_CAP {
+            let cap = crate::devices::uart::RX_QUEUE_CAP;
+            return invalid("UART", format!("{} bytes waiting to be received, at most {cap}", state.uart.rx.len()));
+        }
         let configured = self.board.virtio.len();
         if state.virtio.len() != configured {
             return Err(RestoreError::DeviceCount { saved: state.virtio.len(), configured });
+        }
+        for (slot, (dev, saved)) in self.board.virtio.iter().zip(&state.virtio).enumerate() {
+            dev.check_state(saved).map_err(|source| RestoreError::Virtio { slot, source })?;
+        }
+        let inputs = &state.pending_inputs;
+        if inputs.len() > MAX_PENDING_INPUTS {
+            return invalid("input queue", format!("{} inputs pending, at most {MAX_PENDING_INPUTS}", inputs.len()));
+        }
+        let mut earliest = state.hart.icount;
+        for input in inputs {
+            // The queue is in stamp order and never holds the past (as push_input keeps it).
+            if input.icount < earliest {
+                return invalid("input queue", format!("an input stamped {} before icount {earliest}", input.icount));
+            }
+            earliest = input.icount;
+            if matches!(input.kind, InputKind::NetFrame(_)) && !self.has(|d| matches!(d, VirtioDevice::Net(_))) {
+                return invalid("input queue", "a network frame is pending, and there is no network card".into());
+            }
         }
         Ok(())
     }

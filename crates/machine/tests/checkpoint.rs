@@ -3,7 +3,7 @@
 //! exactly the first one's state; a malformed payload changes nothing.
 
 mod common;
-use common::drive;
+use common::{drive, tiny_kernel, TempDir};
 use machine::checkpoint::{self, PreCopy};
 use machine::Machine;
 
@@ -93,4 +93,57 @@ fn a_malformed_payload_is_refused_and_changes_nothing() {
     }
     let version_error = checkpoint::apply(&mut backup, &[&good[..4], &[9, 0], &good[6..]].concat()).unwrap_err();
     assert!(version_error.to_string().contains("version 9"), "{version_error}");
+}
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+/// A tiny machine (a kernel that jumps to itself, 16 MiB of RAM) a few instructions in,
+/// with a network card and, when `disk_sectors` is not 0, a disk filled with `fill`.
+fn tiny_machine(dir: &TempDir, name: &str, disk_sectors: usize, fill: u8, mac: [u8; 6]) -> Machine {
+    let mut config = machine::MachineConfig::new(tiny_kernel(dir));
+    config.ram_size = 16 << 20;
+    config.net_mac = Some(mac);
+    if disk_sectors > 0 {
+        let path = dir.path(name);
+        std::fs::write(&path, vec![fill; disk_sectors * 512]).unwrap();
+        config.disk = Some(machine::DiskConfig { path, read_only: false });
+    }
+    let mut machine = Machine::new(&config).unwrap();
+    assert_eq!(machine.run(1_000), machine::RunExit::Budget);
+    machine
+}
+
+#[test]
+fn a_full_checkpoint_from_a_machine_of_another_shape_changes_nothing() {
+    // The state is checked against every device before RAM and the disk are cleared:
+    // a backup whose disk is of another size, or whose MAC differs, keeps its RAM and
+    // its disk's contents.
+    let dir = TempDir::new("checkpoint-shape");
+    let mut primary = tiny_machine(&dir, "primary.img", 1024, 0x11, MAC);
+    primary.write_page(50, &[7; 4096]).unwrap();
+    let full = checkpoint::take(&mut primary, true).unwrap();
+    let mut backup = tiny_machine(&dir, "backup.img", 2048, 0x22, MAC);
+    backup.write_page(60, &[9; 4096]).unwrap();
+    let (before, disk_before) = (backup.digest(), std::fs::read(dir.path("backup.img")).unwrap());
+    let err = checkpoint::apply(&mut backup, &full).unwrap_err();
+    assert!(err.left_machine_unchanged(), "{err}");
+    assert_eq!(backup.digest(), before);
+    assert_eq!(std::fs::read(dir.path("backup.img")).unwrap(), disk_before, "the disk was not cleared");
+    let disk = dir.path("backup.img").display().to_string();
+    assert_eq!(
+        common::error_chain(&err),
+        format!(
+            "the checkpoint does not fit this machine: virtio device 0: invalid virtio block state: the saved state is of a \
+             writable disk of 1024 sectors, {disk} is a writable disk of 2048 sectors"
+        )
+    );
+
+    let mut primary = tiny_machine(&dir, "", 0, 0, [2, 0, 0, 0, 0, 1]);
+    let full = checkpoint::take(&mut primary, true).unwrap();
+    let mut backup = tiny_machine(&dir, "", 0, 0, MAC);
+    backup.write_page(60, &[9; 4096]).unwrap();
+    let before = backup.digest();
+    let err = checkpoint::apply(&mut backup, &full).unwrap_err();
+    assert!(err.left_machine_unchanged(), "{err}");
+    assert_eq!(backup.digest(), before, "RAM was not cleared");
 }

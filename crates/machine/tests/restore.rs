@@ -86,3 +86,65 @@ fn bad_restores_are_refused_and_leave_the_machine_untouched() {
     assert!(matches!(plain.write_sectors(0, &[0; 512]), Err(RestoreError::NoDisk)));
     std::fs::remove_dir_all(with_disk_dir.parent().unwrap()).unwrap();
 }
+
+#[test]
+fn check_state_refuses_a_state_that_does_not_fit_any_component() {
+    // Each case would fail (or corrupt the machine) when restored; check_state says so
+    // beforehand and restore_state changes nothing.
+    let dir = common::TempDir::new("check-state");
+    let mut config = machine::MachineConfig::new(common::tiny_kernel(&dir));
+    config.ram_size = 16 << 20;
+    let mut plain = Machine::new(&config).unwrap(); // an entropy device only
+    config.net_mac = Some([2, 0, 0, 0, 0, 1]);
+    let mut networked = Machine::new(&config).unwrap(); // network card, then entropy
+    assert_eq!(plain.run(1_000), machine::RunExit::Budget);
+    assert_eq!(networked.run(1_000), machine::RunExit::Budget);
+    let good = networked.save_state();
+    networked.check_state(&good).unwrap();
+    let frame = |icount| machine::Input { icount, kind: machine::InputKind::NetFrame(vec![0; 60]) };
+    let console = |icount| machine::Input { icount, kind: machine::InputKind::Console(b"x".to_vec()) };
+    let edited = |edit: &dyn Fn(&mut machine::MachineState)| {
+        let mut state = good.clone();
+        edit(&mut state);
+        state
+    };
+    let cases = [
+        (edited(&|s| s.hart.x[0] = 1), "saved hart state does not fit this machine: register x0 holds 0x1, not 0"),
+        (
+            edited(&|s| s.uart.rx = vec![b'a'; 64 * 1024 + 1].into()),
+            "saved UART state does not fit this machine: 65537 bytes waiting to be received, at most 65536",
+        ),
+        (
+            edited(&|s| s.virtio.swap(0, 1)),
+            "virtio device 0: the saved virtio state is of the entropy device, this one is the network device",
+        ),
+        (
+            edited(&|s| s.pending_inputs = vec![console(5_000), console(4_000)]),
+            "saved input queue state does not fit this machine: an input stamped 4000 before icount 5000",
+        ),
+        (
+            edited(&|s| s.pending_inputs = vec![console(999)]),
+            "saved input queue state does not fit this machine: an input stamped 999 before icount 1000",
+        ),
+    ];
+    for (state, expected) in cases {
+        assert_eq!(common::error_chain(&networked.check_state(&state).unwrap_err()), expected);
+    }
+    let mut queued = plain.save_state();
+    queued.pending_inputs = vec![frame(2_000)];
+    assert_eq!(
+        common::error_chain(&plain.check_state(&queued).unwrap_err()),
+        "saved input queue state does not fit this machine: a network frame is pending, and there is no network card"
+    );
+    let mut other_mac = good.clone();
+    let machine::devices::virtio::VirtioDeviceState::Net(net) = &mut other_mac.virtio[0].device else {
+        panic!("slot 0 is the network card")
+    };
+    net.mac = [2, 0, 0, 0, 0, 2];
+    let before = networked.digest();
+    assert!(matches!(networked.restore_state(other_mac), Err(RestoreError::Virtio { slot: 0, .. })));
+    assert_eq!(networked.digest(), before);
+    let before = plain.digest();
+    assert!(plain.restore_state(queued).is_err());
+    assert_eq!(plain.digest(), before);
+}

@@ -9,7 +9,7 @@
 //! jump to itself) and 16 MiB of RAM, so that they run in milliseconds.
 
 mod common;
-use common::{debian_config, drive};
+use common::{debian_config, drive, tiny_kernel, TempDir};
 use machine::snapshot::{self, SnapshotError, FORMAT_VERSION, HEADER_BYTES};
 use machine::{DiskConfig, Input, InputKind, Machine, MachineConfig, RunExit};
 use proptest::prelude::*;
@@ -17,8 +17,7 @@ use proptest::test_runner::TestRunner;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 // --- The largest single allocation, per thread -----------------------------------------
 
@@ -68,44 +67,9 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 
 // --- Helpers ----------------------------------------------------------------------------
 
-/// A directory under the system's temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ftvm-snapshot-{}-{name}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const TINY_RAM: u64 = 16 << 20;
 const DISK_SECTORS: usize = 2048;
-
-/// A RISC-V Image whose code is one instruction, `j .`.
-fn tiny_kernel(dir: &TempDir) -> PathBuf {
-    let mut image = vec![0u8; 4096];
-    image[0..4].copy_from_slice(&0x0000_006fu32.to_le_bytes());
-    image[8..16].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    image[16..24].copy_from_slice(&4096u64.to_le_bytes());
-    image[56..60].copy_from_slice(b"RSC\x05");
-    let path = dir.path("Image");
-    std::fs::write(&path, image).unwrap();
-    path
-}
 
 fn tiny_config(dir: &TempDir, disk: Option<&Path>) -> MachineConfig {
     let mut config = MachineConfig::new(tiny_kernel(dir));
@@ -427,7 +391,7 @@ fn saving_replaces_a_file_whole_and_leaves_no_temporary_files() {
     assert_ne!(first.machine_digest, second.machine_digest);
     assert_eq!(snapshot::read_header_from_path(&file).unwrap(), second);
     let names: Vec<_> =
-        std::fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        std::fs::read_dir(dir.path("")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
     let restored = snapshot::load_from_path(&file, &config).unwrap();
     assert_eq!(restored.icount(), 4_000);

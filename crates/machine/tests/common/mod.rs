@@ -4,6 +4,7 @@
 
 use machine::{DiskConfig, Input, InputKind, Machine, MachineConfig, RunExit};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The default Debian guest running `true`, with 128 MiB of RAM and an optional disk.
 pub fn debian_config(disk: Option<PathBuf>) -> MachineConfig {
@@ -33,4 +34,50 @@ pub fn drive(machine: &mut Machine, until: u64) {
             other => panic!("unexpected exit {other:?}"),
         }
     }
+}
+
+/// A directory under the system's temporary directory, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ftvm-machine-test-{}-{name}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A RISC-V Image whose code is one instruction, `j .`.
+pub fn tiny_kernel(dir: &TempDir) -> PathBuf {
+    let mut image = vec![0u8; 4096];
+    image[0..4].copy_from_slice(&0x0000_006fu32.to_le_bytes());
+    image[8..16].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    image[16..24].copy_from_slice(&4096u64.to_le_bytes());
+    image[56..60].copy_from_slice(b"RSC\x05");
+    let path = dir.path("Image");
+    std::fs::write(&path, image).unwrap();
+    path
+}
+
+/// An error and its sources on one line, as `ftvm` prints it (anyhow's `{:#}`).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    line
 }

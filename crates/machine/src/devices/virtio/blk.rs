@@ -317,9 +317,16 @@ impl Blk {
 
     /// Adopts `state` if it was taken from a device with this image's geometry.
     pub fn restore(&mut self, state: BlkState) -> Result<(), VirtioError> {
+        self.check_state(&state)?;
+        self.injected_errors = state.injected_errors;
+        Ok(())
+    }
+
+    /// Whether `state` was taken from a device with this image's geometry.
+    pub fn check_state(&self, state: &BlkState) -> Result<(), VirtioError> {
         if state.capacity_sectors != self.capacity_sectors || state.read_only != self.read_only {
             let problem = format!(
-                "snapshot is of a {} disk of {} sectors, {} is a {} disk of {} sectors",
+                "the saved state is of a {} disk of {} sectors, {} is a {} disk of {} sectors",
                 if state.read_only { "read-only" } else { "writable" },
                 state.capacity_sectors,
                 self.path.display(),
@@ -328,7 +335,6 @@ impl Blk {
             );
             return Err(VirtioError::InvalidState { device: "block", problem });
         }
-        self.injected_errors = state.injected_errors;
         Ok(())
     }
 }

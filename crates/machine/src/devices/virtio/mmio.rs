@@ -391,7 +391,7 @@ impl VirtioMmio {
     /// Adopts `state` after checking it against this device; on an error nothing
     /// changes. Ring addresses are checked against RAM again when next used.
     pub fn restore(&mut self, state: VirtioMmioState) -> Result<(), VirtioError> {
-        self.check_transport_state(&state)?;
+        self.check_state(&state)?;
         self.device.restore(state.device)?;
         self.status = state.status;
         self.device_features_sel = state.device_features_sel;
@@ -402,6 +402,13 @@ impl VirtioMmio {
         self.queues = state.queues;
         self.fault = None;
         Ok(())
+    }
+
+    /// Whether [`VirtioMmio::restore`] would accept `state` (transport and device);
+    /// changes nothing.
+    pub fn check_state(&self, state: &VirtioMmioState) -> Result<(), VirtioError> {
+        self.check_transport_state(state)?;
+        self.device.check_state(&state.device)
     }
 
     fn check_transport_state(&self, state: &VirtioMmioState) -> Result<(), VirtioError> {

@@ -42,7 +42,7 @@ pub enum VirtioError {
     SectorOutOfRange { path: PathBuf, sector: u64, count: u64, capacity_sectors: u64 },
     #[error("disk image {path} is read-only")]
     ReadOnly { path: PathBuf },
-    #[error("virtio state is for a {found} device, but this one is {expected}")]
+    #[error("the saved virtio state is of the {found} device, this one is the {expected} device")]
     DeviceMismatch { expected: &'static str, found: &'static str },
     #[error("invalid virtio {device} state: {problem}")]
     InvalidState { device: &'static str, problem: String },
@@ -152,6 +152,16 @@ impl VirtioDevice {
             (VirtioDevice::Blk(blk), VirtioDeviceState::Blk(s)) => blk.restore(s),
             (VirtioDevice::Net(net), VirtioDeviceState::Net(s)) => net.restore(s),
             (VirtioDevice::Rng(rng), VirtioDeviceState::Rng(s)) => rng.restore(s),
+            (device, state) => Err(VirtioError::DeviceMismatch { expected: device.kind(), found: state.kind() }),
+        }
+    }
+
+    /// Whether [`VirtioDevice::restore`] would accept `state`; changes nothing.
+    fn check_state(&self, state: &VirtioDeviceState) -> Result<(), VirtioError> {
+        match (self, state) {
+            (VirtioDevice::Blk(blk), VirtioDeviceState::Blk(s)) => blk.check_state(s),
+            (VirtioDevice::Net(net), VirtioDeviceState::Net(s)) => net.check_state(s),
+            (VirtioDevice::Rng(rng), VirtioDeviceState::Rng(s)) => rng.check_state(s),
             (device, state) => Err(VirtioError::DeviceMismatch { expected: device.kind(), found: state.kind() }),
         }
     }

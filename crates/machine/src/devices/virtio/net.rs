@@ -188,6 +188,14 @@ impl Net {
 
     /// Adopts `state` if it is of a device with this MAC and within the bounds.
     pub fn restore(&mut self, state: NetState) -> Result<(), VirtioError> {
+        self.check_state(&state)?;
+        self.rx_pending = state.rx_pending.into();
+        self.stats = state.stats;
+        Ok(())
+    }
+
+    /// Whether `state` is of a device with this MAC and within the bounds.
+    pub fn check_state(&self, state: &NetState) -> Result<(), VirtioError> {
         let invalid = |problem: String| Err(VirtioError::InvalidState { device: "network", problem });
         if state.mac != self.mac {
             return invalid(format!("snapshot MAC {:02x?} differs from the configured {:02x?}", state.mac, self.mac));
@@ -198,8 +206,6 @@ impl Net {
         if let Some(frame) = state.rx_pending.iter().find(|f| f.len() > MAX_FRAME_BYTES) {
             return invalid(format!("a pending frame of {} bytes, at most {MAX_FRAME_BYTES}", frame.len()));
         }
-        self.rx_pending = state.rx_pending.into();
-        self.stats = state.stats;
         Ok(())
     }
 }

@@ -76,12 +76,18 @@ impl Rng {
     }
 
     pub fn restore(&mut self, state: RngState) -> Result<(), VirtioError> {
+        self.check_state(&state)?;
+        self.pool = state.pool.into();
+        self.starved = state.starved;
+        Ok(())
+    }
+
+    /// Whether `state` is within the bounds.
+    pub fn check_state(&self, state: &RngState) -> Result<(), VirtioError> {
         if state.pool.len() > POOL_MAX_BYTES {
             let problem = format!("pool of {} bytes, at most {POOL_MAX_BYTES}", state.pool.len());
             return Err(VirtioError::InvalidState { device: "entropy", problem });
         }
-        self.pool = state.pool.into();
-        self.starved = state.starved;
         Ok(())
     }
 }
