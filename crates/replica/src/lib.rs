@@ -17,13 +17,18 @@
 //!
 //! # Frames ([`wire`])
 //!
-//! `"FTVR" | version u16 | type u8 | flags u8 | seq u64 | length u32 | payload | CRC32C | HMAC-SHA256`,
-//! little-endian. The length is capped at [`wire::MAX_PAYLOAD_BYTES`] (at
-//! [`wire::MAX_FIRST_PAYLOAD_BYTES`] for a connection's first, not yet authenticated frame)
-//! before anything is allocated. Sequence numbers start at 0 per connection and direction and rise by one. The
-//! HMAC key is derived from the pre-shared key: for each side's first frame (Hello, HelloAck)
-//! from the key and the direction; for all later frames also from both sides' nonces, so a
-//! frame recorded on one connection fails on any other, and cannot be reflected back.
+//! `"FTVR" | version u16 | type u8 | flags u8 | seq u64 | length u32 | (nonce) | ciphertext | tag | CRC32C`,
+//! little-endian (wire version 2). Every payload is sealed with ChaCha20-Poly1305, the header
+//! as associated data; the CRC32C covers all before it, so corruption in transit
+//! (*BadChecksum*) and forgery (*BadAuthentication*, *WrongKey*) stay distinct. The length is
+//! capped at [`wire::MAX_PAYLOAD_BYTES`] (at [`wire::MAX_FIRST_PAYLOAD_BYTES`] for a
+//! connection's first, not yet authenticated frame) before anything is allocated. Sequence
+//! numbers start at 0 per connection and direction and rise by one. The keys are derived from
+//! the pre-shared key: for each side's first frame (Hello, HelloAck) from the key and the
+//! direction, with a synthetic nonce carried in the frame since that key serves every
+//! connection; for all later frames also from both sides' nonces, with the nonce taken from
+//! the direction and sequence number, so no nonce repeats under a key, a frame recorded on
+//! one connection fails on any other, and none can be reflected back.
 //!
 //! # Message flow
 //!

@@ -1,38 +1,57 @@
 //! The frame format of the replication channel: versioned, length-prefixed, checksummed and
-//! authenticated frames, an [`Encoder`] that numbers them and a streaming [`Decoder`] that
-//! checks everything before it trusts anything.
+//! sealed frames (ChaCha20-Poly1305: encrypted and authenticated), an [`Encoder`] that numbers
+//! them and a streaming [`Decoder`] that checks everything before it trusts anything.
 //!
 //! ```text
 //!  0      4        6      7       8              16          20
-//!  +------+--------+------+-------+--------------+-----------+-----------+--------+-----------+
-//!  | FTVR | version| type | flags | sequence u64 | length u32| payload   | CRC32C | HMAC-SHA256|
-//!  +------+--------+------+-------+--------------+-----------+-----------+--------+-----------+
-//!          u16 LE                  LE             LE          `length`    LE u32   32 bytes
+//!  +------+--------+------+-------+--------------+-----------+---------+------------+-----+--------+
+//!  | FTVR | version| type | flags | sequence u64 | length u32| (nonce) | ciphertext | tag | CRC32C |
+//!  +------+--------+------+-------+--------------+-----------+---------+------------+-----+--------+
+//!          u16 LE                  LE             LE          12 bytes  `length`     16 B  LE u32
 //! ```
 //!
-//! The CRC32C and the HMAC both cover header + payload. The CRC tells line noise (or a bug)
-//! from a forgery: a frame whose CRC holds but whose HMAC does not was made with another key.
-//! A connection's first frame may carry at most [`MAX_FIRST_PAYLOAD_BYTES`]: until a frame
-//! has been authenticated, a stranger cannot make the decoder buffer more.
-//! Sequence numbers start at 0 on each connection, per direction, and go up by exactly one, so
-//! a lost, duplicated or reordered frame is caught here. Keys are per direction and, after the
-//! handshake, per connection (see [`PresharedKey::session_key`]), so a frame recorded on one
-//! connection cannot be replayed into another nor reflected back to its sender.
+//! The payload is sealed with ChaCha20-Poly1305 (RFC 8439): the header is the associated data,
+//! so it is authenticated too, and the Poly1305 tag follows the ciphertext. The CRC32C covers
+//! every byte before it (header, nonce, ciphertext, tag) and is checked first: it tells line
+//! noise (or a bug) from a forgery, since a frame whose CRC holds but whose tag does not was
+//! sealed with another key.
+//!
+//! No nonce is ever used twice under one key. Frames under a session key (every frame after
+//! the handshake) take their nonce from the direction and the sequence number, implicitly:
+//! session keys are fresh per connection and per direction, and sequence numbers never repeat
+//! on a connection. The handshake key is the same on every connection, so its frames (flag
+//! [`FLAG_EXPLICIT_NONCE`]) carry a synthetic nonce, a keyed hash of header and payload (the
+//! SIV construction): it differs whenever the frame differs, and every Hello carries fresh
+//! random bytes.
+//!
+//! A connection's first frame may carry at most [`MAX_FIRST_PAYLOAD_BYTES`]: until a frame has
+//! been authenticated, a stranger cannot make the decoder buffer more. Sequence numbers start
+//! at 0 on each connection, per direction, and go up by exactly one, so a lost, duplicated or
+//! reordered frame is caught here. Keys are per direction and, after the handshake, per
+//! connection (see [`PresharedKey::session_key`]), so a frame recorded on one connection cannot
+//! be replayed into another nor reflected back to its sender.
 
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
 /// The four bytes every frame begins with.
 pub const MAGIC: [u8; 4] = *b"FTVR";
-/// The version of the frame format this crate reads and writes.
-pub const WIRE_VERSION: u16 = 1;
-/// Bytes before the payload: magic, version, type, flags, sequence, length.
+/// The version of the frame format this crate reads and writes (1 was HMAC-SHA256, in clear).
+pub const WIRE_VERSION: u16 = 2;
+/// Bytes before the nonce or payload: magic, version, type, flags, sequence, length.
 pub const HEADER_BYTES: usize = 20;
-/// Bytes after the payload: CRC32C and HMAC-SHA256.
-pub const TRAILER_BYTES: usize = CRC_BYTES + MAC_BYTES;
+/// Bytes after the payload: the Poly1305 tag and the CRC32C.
+pub const TRAILER_BYTES: usize = TAG_BYTES + CRC_BYTES;
+/// Bytes of the nonce a frame flagged [`FLAG_EXPLICIT_NONCE`] carries after its header.
+pub const EXPLICIT_NONCE_BYTES: usize = 12;
+/// The frame carries its nonce (a handshake frame); otherwise it follows from the sequence.
+pub const FLAG_EXPLICIT_NONCE: u8 = 0x01;
+const KNOWN_FLAGS: u8 = FLAG_EXPLICIT_NONCE;
+const TAG_BYTES: usize = 16;
 const CRC_BYTES: usize = 4;
-const MAC_BYTES: usize = 32;
 /// The largest payload a frame may announce. A decoder rejects a larger length before it
 /// allocates or waits for a single payload byte.
 pub const MAX_PAYLOAD_BYTES: u32 = 64 << 20;
@@ -48,12 +67,16 @@ pub const NONCE_BYTES: usize = 16;
 
 const _: () = assert!(HEADER_BYTES == 4 + 2 + 1 + 1 + 8 + 4);
 const _: () = assert!(MAX_FIRST_PAYLOAD_BYTES <= MAX_PAYLOAD_BYTES);
-const _: () = assert!((MAX_PAYLOAD_BYTES as usize) + HEADER_BYTES + TRAILER_BYTES < u32::MAX as usize);
+const _: () =
+    assert!((MAX_PAYLOAD_BYTES as usize) + HEADER_BYTES + EXPLICIT_NONCE_BYTES + TRAILER_BYTES < u32::MAX as usize);
+// ChaCha20-Poly1305 seals at most 2^38 - 64 bytes under one nonce; a payload is far below.
+const _: () = assert!((MAX_PAYLOAD_BYTES as u64) < (1 << 38) - 64);
 
 /// A handshake nonce, chosen at random by each side for each connection.
 pub type Nonce = [u8; NONCE_BYTES];
 
 type HmacSha256 = Hmac<Sha256>;
+type AeadNonce = chacha20poly1305::Nonce;
 
 /// Everything that can be wrong with a byte stream. Any of them is final for the connection:
 /// the decoder returns the same error from then on.
@@ -84,7 +107,7 @@ pub enum WireError {
     )]
     WrongKey,
     #[error(
-        "frame {seq} failed HMAC authentication: it was forged, replayed from another \
+        "frame {seq} failed authentication: it was forged, replayed from another \
          connection, or corrupted"
     )]
     BadAuthentication { seq: u64 },
@@ -134,6 +157,14 @@ impl std::fmt::Debug for PresharedKey {
     }
 }
 
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
 impl PresharedKey {
     /// Takes the key's bytes as they are (a key file's whole contents, for instance).
     pub fn new(bytes: &[u8]) -> Result<Self, KeyError> {
@@ -146,29 +177,38 @@ impl PresharedKey {
         Ok(PresharedKey(bytes.to_vec()))
     }
 
-    fn derive(&self, parts: &[&[u8]]) -> FrameKey {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts keys of any length");
-        for part in parts {
-            mac.update(part);
-        }
-        FrameKey::from_secret(&mac.finalize().into_bytes())
-    }
-
-    /// The key of the handshake frames (the first frame each way on a connection).
+    /// The key of the handshake frames (the first frame each way on a connection). It is the
+    /// same on every connection, so its frames carry a synthetic nonce.
     pub fn hello_key(&self, direction: Direction) -> FrameKey {
-        self.derive(&[b"ftvr/1 hello", &[direction.label()]])
+        let secret = hmac_sha256(&self.0, &[b"ftvr/2 hello", &[direction.label()]]);
+        let siv = <HmacSha256 as Mac>::new_from_slice(&hmac_sha256(&secret, &[b"ftvr/2 synthetic nonce"]))
+            .expect("HMAC accepts keys of any length");
+        FrameKey { nonces: NonceSource::Synthetic(siv), ..FrameKey::from_secret(&secret) }
     }
 
     /// The key of every frame after the handshake: bound to both sides' nonces, so frames
     /// of one connection fail authentication on any other.
     pub fn session_key(&self, direction: Direction, primary_nonce: &Nonce, backup_nonce: &Nonce) -> FrameKey {
-        self.derive(&[b"ftvr/1 session", &[direction.label()], primary_nonce, backup_nonce])
+        let label = direction.label();
+        let secret = hmac_sha256(&self.0, &[b"ftvr/2 session", &[label], primary_nonce, backup_nonce]);
+        FrameKey { nonces: NonceSource::Sequence { direction: label }, ..FrameKey::from_secret(&secret) }
     }
 }
 
-/// A keyed HMAC state, cloned for each frame so the key schedule runs once.
+/// A sealing key: a ChaCha20-Poly1305 key and where each frame's nonce comes from.
 #[derive(Clone)]
-pub struct FrameKey(HmacSha256);
+pub struct FrameKey {
+    cipher: ChaCha20Poly1305,
+    nonces: NonceSource,
+}
+
+#[derive(Clone)]
+enum NonceSource {
+    /// Direction and sequence number: for keys used on one connection only.
+    Sequence { direction: u8 },
+    /// A keyed hash of header and payload, carried in the frame: for keys used on many.
+    Synthetic(HmacSha256),
+}
 
 impl std::fmt::Debug for FrameKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,21 +217,36 @@ impl std::fmt::Debug for FrameKey {
 }
 
 impl FrameKey {
-    /// A frame key from secret bytes (tests and tools; the protocol derives its keys).
+    /// A frame key from secret bytes, for one connection's frames in one direction (tests and
+    /// tools; the protocol derives its keys).
     pub fn from_secret(secret: &[u8]) -> Self {
-        FrameKey(HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length"))
+        let key = hmac_sha256(secret, &[b"ftvr/2 chacha20-poly1305"]);
+        FrameKey { cipher: ChaCha20Poly1305::new(&key.into()), nonces: NonceSource::Sequence { direction: 0 } }
     }
 
-    fn tag(&self, authenticated: &[u8]) -> [u8; MAC_BYTES] {
-        let mut mac = self.0.clone();
-        mac.update(authenticated);
-        mac.finalize().into_bytes().into()
+    fn flags(&self) -> u8 {
+        match self.nonces {
+            NonceSource::Sequence { .. } => 0,
+            NonceSource::Synthetic(_) => FLAG_EXPLICIT_NONCE,
+        }
     }
 
-    fn verify(&self, authenticated: &[u8], tag: &[u8]) -> bool {
-        let mut mac = self.0.clone();
-        mac.update(authenticated);
-        mac.verify_slice(tag).is_ok()
+    /// The nonce of the frame with this header and plaintext (unused by a sequence nonce).
+    fn nonce(&self, header: &[u8; HEADER_BYTES], seq: u64, plaintext: &[u8]) -> AeadNonce {
+        let mut nonce = AeadNonce::default();
+        match &self.nonces {
+            NonceSource::Sequence { direction } => {
+                nonce[0] = *direction;
+                nonce[4..].copy_from_slice(&seq.to_le_bytes());
+            }
+            NonceSource::Synthetic(siv) => {
+                let mut mac = siv.clone();
+                mac.update(header);
+                mac.update(plaintext);
+                nonce.copy_from_slice(&mac.finalize().into_bytes()[..EXPLICIT_NONCE_BYTES]);
+            }
+        }
+        nonce
     }
 }
 
@@ -226,21 +281,32 @@ impl Encoder {
             .ok()
             .filter(|&n| n <= MAX_PAYLOAD_BYTES)
             .ok_or(WireError::PayloadTooLarge { length: payload.len(), limit: MAX_PAYLOAD_BYTES })?;
-        let mut frame = Vec::with_capacity(HEADER_BYTES + payload.len() + TRAILER_BYTES);
-        frame.extend_from_slice(&MAGIC);
-        frame.extend_from_slice(&WIRE_VERSION.to_le_bytes());
-        frame.push(frame_type);
-        frame.push(0); // flags: none defined in version 1
-        frame.extend_from_slice(&self.next_seq.to_le_bytes());
-        frame.extend_from_slice(&length.to_le_bytes());
-        frame.extend_from_slice(payload);
-        let crc = crc32c::crc32c(&frame);
-        let tag = self.key.tag(&frame);
-        frame.extend_from_slice(&crc.to_le_bytes());
-        frame.extend_from_slice(&tag);
+        let header = Header { version: WIRE_VERSION, frame_type, flags: self.key.flags(), seq: self.next_seq, length };
+        let frame = seal(&self.key, &header, payload);
         self.next_seq += 1;
         Ok(frame)
     }
+}
+
+/// Header, nonce if it travels, ciphertext, tag and CRC32C.
+fn seal(key: &FrameKey, header: &Header, payload: &[u8]) -> Vec<u8> {
+    let header_bytes = header.write();
+    let nonce = key.nonce(&header_bytes, header.seq, payload);
+    let mut frame = Vec::with_capacity(HEADER_BYTES + EXPLICIT_NONCE_BYTES + payload.len() + TRAILER_BYTES);
+    frame.extend_from_slice(&header_bytes);
+    if header.flags & FLAG_EXPLICIT_NONCE != 0 {
+        frame.extend_from_slice(&nonce);
+    }
+    let body_at = frame.len();
+    frame.extend_from_slice(payload);
+    let tag = key
+        .cipher
+        .encrypt_in_place_detached(&nonce, &header_bytes, &mut frame[body_at..])
+        .expect("a payload is far below the cipher's limit");
+    frame.extend_from_slice(&tag);
+    let crc = crc32c::crc32c(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    frame
 }
 
 /// Reassembles frames from a byte stream cut anywhere, and checks each one.
@@ -319,7 +385,8 @@ impl Decoder {
         if bytes.len() < HEADER_BYTES {
             return Ok(None);
         }
-        let header = Header::read(bytes[..HEADER_BYTES].try_into().expect("header length"));
+        let header_bytes: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().expect("header length");
+        let header = Header::read(header_bytes);
         if header.version != WIRE_VERSION {
             return Err(WireError::UnsupportedVersion { theirs: header.version, ours: WIRE_VERSION });
         }
@@ -330,28 +397,41 @@ impl Decoder {
         if header.length > limit {
             return Err(WireError::Oversized { length: header.length.into(), limit });
         }
-        let covered = HEADER_BYTES + header.length as usize;
-        let total = covered + TRAILER_BYTES;
+        let explicit_nonce = header.flags & FLAG_EXPLICIT_NONCE != 0;
+        let body_at = HEADER_BYTES + if explicit_nonce { EXPLICIT_NONCE_BYTES } else { 0 };
+        let tag_at = body_at + header.length as usize;
+        let crc_at = tag_at + TAG_BYTES;
+        let total = crc_at + CRC_BYTES;
         if bytes.len() < total {
             return Ok(None);
         }
-        let crc = u32::from_le_bytes(bytes[covered..covered + CRC_BYTES].try_into().expect("crc length"));
-        if crc32c::crc32c(&bytes[..covered]) != crc {
+        let crc = u32::from_le_bytes(bytes[crc_at..total].try_into().expect("crc length"));
+        if crc32c::crc32c(&bytes[..crc_at]) != crc {
             return Err(WireError::BadChecksum { seq: header.seq });
         }
-        if !self.key.verify(&bytes[..covered], &bytes[covered + CRC_BYTES..total]) {
-            return Err(match self.next_seq {
-                0 => WireError::WrongKey,
-                _ => WireError::BadAuthentication { seq: header.seq },
-            });
+        let failed_authentication = match self.next_seq {
+            0 => WireError::WrongKey,
+            _ => WireError::BadAuthentication { seq: header.seq },
+        };
+        // A frame sealed under the other kind of key (handshake or session) is not ours.
+        if explicit_nonce != (self.key.flags() & FLAG_EXPLICIT_NONCE != 0) {
+            return Err(failed_authentication);
+        }
+        let nonce = match explicit_nonce {
+            true => *AeadNonce::from_slice(&bytes[HEADER_BYTES..body_at]),
+            false => self.key.nonce(header_bytes, header.seq, &[]),
+        };
+        let mut payload = bytes[body_at..tag_at].to_vec();
+        let tag = chacha20poly1305::Tag::from_slice(&bytes[tag_at..crc_at]);
+        if self.key.cipher.decrypt_in_place_detached(&nonce, header_bytes, &mut payload, tag).is_err() {
+            return Err(failed_authentication);
         }
         if header.seq != self.next_seq {
             return Err(WireError::OutOfOrder { expected: self.next_seq, found: header.seq });
         }
-        if header.flags != 0 {
+        if header.flags & !KNOWN_FLAGS != 0 {
             return Err(WireError::UnknownFlags { seq: header.seq, flags: header.flags });
         }
-        let payload = bytes[HEADER_BYTES..covered].to_vec();
         self.start += total;
         self.next_seq += 1;
         Ok(Some(Frame { frame_type: header.frame_type, seq: header.seq, payload }))
@@ -375,6 +455,17 @@ impl Header {
             seq: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
             length: u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")),
         }
+    }
+
+    fn write(&self) -> [u8; HEADER_BYTES] {
+        let mut bytes = [0; HEADER_BYTES];
+        bytes[..4].copy_from_slice(&MAGIC);
+        bytes[4..6].copy_from_slice(&self.version.to_le_bytes());
+        bytes[6] = self.frame_type;
+        bytes[7] = self.flags;
+        bytes[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        bytes[16..20].copy_from_slice(&self.length.to_le_bytes());
+        bytes
     }
 }
 
@@ -425,11 +516,15 @@ mod tests {
     #[test]
     fn another_version_is_named_with_ours() {
         let mut frame = Encoder::new(key(1)).encode(1, b"x").unwrap();
-        frame[4] = 2;
+        frame[4] = 1;
         let mut decoder = Decoder::new(key(1));
         decoder.push(&frame);
-        assert_eq!(decoder.next_frame(), Err(WireError::UnsupportedVersion { theirs: 2, ours: 1 }));
-        assert!(WireError::UnsupportedVersion { theirs: 2, ours: 1 }.to_string().contains("version 2"));
+        assert_eq!(decoder.next_frame(), Err(WireError::UnsupportedVersion { theirs: 1, ours: 2 }));
+        assert_eq!(
+            WireError::UnsupportedVersion { theirs: 1, ours: 2 }.to_string(),
+            "the peer speaks replication wire version 1, this ftvm speaks version 2: run the same ftvm release on \
+             both sides"
+        );
     }
 
     #[test]
@@ -465,6 +560,94 @@ mod tests {
         assert_eq!(decoder.next_frame().unwrap().map(|f| f.payload.len()), Some(big.len()));
     }
 
+    /// Recomputes the CRC32C after a deliberate change, as a forger would.
+    fn fix_crc(frame: &mut [u8]) {
+        let crc_at = frame.len() - CRC_BYTES;
+        let crc = crc32c::crc32c(&frame[..crc_at]);
+        frame[crc_at..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn first_error(frames: &[&[u8]], key: FrameKey) -> WireError {
+        let mut decoder = Decoder::new(key);
+        for frame in frames {
+            decoder.push(frame);
+        }
+        decode_all(&mut decoder).unwrap_err()
+    }
+
+    #[test]
+    fn the_payload_travels_encrypted() {
+        let secret = b"guest RAM: the password is hunter2, and it must not cross the wire in clear";
+        let psk = PresharedKey::new(&[7; 32]).unwrap();
+        let (a, b) = ([1; NONCE_BYTES], [2; NONCE_BYTES]);
+        for key in
+            [key(1), psk.hello_key(Direction::PrimaryToBackup), psk.session_key(Direction::PrimaryToBackup, &a, &b)]
+        {
+            let frame = Encoder::new(key).encode(1, secret).unwrap();
+            assert!(!frame.windows(8).any(|w| secret.windows(8).any(|s| s == w)), "8 plaintext bytes in clear");
+        }
+    }
+
+    #[test]
+    fn session_frames_take_their_nonce_from_the_sequence_number() {
+        let mut encoder = Encoder::new(key(1));
+        let first = encoder.encode(1, b"same payload").unwrap();
+        let second = encoder.encode(1, b"same payload").unwrap();
+        assert_eq!(first.len(), HEADER_BYTES + 12 + TRAILER_BYTES, "no nonce travels");
+        assert_eq!(first[7], 0, "no flags");
+        assert_ne!(first[HEADER_BYTES..HEADER_BYTES + 12], second[HEADER_BYTES..HEADER_BYTES + 12]);
+    }
+
+    #[test]
+    fn handshake_frames_carry_a_nonce_that_differs_when_the_frame_does() {
+        let psk = PresharedKey::new(&[7; 32]).unwrap();
+        let hello =
+            |payload: &[u8]| Encoder::new(psk.hello_key(Direction::PrimaryToBackup)).encode(1, payload).unwrap();
+        let (one, other, again) = (hello(b"nonce 1"), hello(b"nonce 2"), hello(b"nonce 1"));
+        assert_eq!(one.len(), HEADER_BYTES + EXPLICIT_NONCE_BYTES + 7 + TRAILER_BYTES);
+        assert_eq!(one[7], FLAG_EXPLICIT_NONCE);
+        let nonce = |frame: &[u8]| frame[HEADER_BYTES..HEADER_BYTES + EXPLICIT_NONCE_BYTES].to_vec();
+        assert_ne!(nonce(&one), nonce(&other), "two different frames under one key share a nonce");
+        assert_eq!(one, again, "the same frame seals the same (the nonce is synthetic, not random)");
+        let mut decoder = Decoder::new(psk.hello_key(Direction::PrimaryToBackup));
+        decoder.push(&one);
+        assert_eq!(decoder.next_frame().unwrap().map(|f| f.payload), Some(b"nonce 1".to_vec()));
+    }
+
+    #[test]
+    fn a_frame_under_the_other_kind_of_key_is_a_wrong_key() {
+        let psk = PresharedKey::new(&[7; 32]).unwrap();
+        let (a, b) = ([1; NONCE_BYTES], [2; NONCE_BYTES]);
+        let session = psk.session_key(Direction::PrimaryToBackup, &a, &b);
+        let hello = psk.hello_key(Direction::PrimaryToBackup);
+        let hello_frame = Encoder::new(hello.clone()).encode(1, b"x").unwrap();
+        let session_frame = Encoder::new(session.clone()).encode(1, b"x").unwrap();
+        assert_eq!(first_error(&[&hello_frame], session), WireError::WrongKey);
+        assert_eq!(first_error(&[&session_frame], hello), WireError::WrongKey);
+    }
+
+    #[test]
+    fn corruption_fails_the_checksum_and_forgery_fails_authentication() {
+        let mut encoder = Encoder::new(key(1));
+        let first = encoder.encode(1, b"a").unwrap();
+        let second = encoder.encode(1, b"payload").unwrap();
+        // Any byte but the magic, version and length (which have their own errors), corrupted in
+        // transit: type, flags, sequence number, ciphertext, tag, the CRC itself.
+        for at in (6..16).chain(HEADER_BYTES..second.len()) {
+            let mut corrupted = second.clone();
+            corrupted[at] ^= 0x04;
+            let seq = u64::from_le_bytes(corrupted[8..16].try_into().unwrap());
+            assert_eq!(first_error(&[&first, &corrupted], key(1)), WireError::BadChecksum { seq }, "byte {at}");
+        }
+        // The same changes with the CRC32C made to match: only the tag catches them.
+        for at in [6, 8, HEADER_BYTES, HEADER_BYTES + 6, second.len() - CRC_BYTES - 1] {
+            let mut forged = second.clone();
+            forged[at] ^= 0x04;
+            fix_crc(&mut forged);
+            let seq = u64::from_le_bytes(forged[8..16].try_into().unwrap());
+            assert_eq!(first_error(&[&first, &forged], key(1)), WireError::BadAuthentication { seq }, "byte {at}");
+        }
+    }
     #[test]
     fn a_flipped_payload_bit_fails_the_checksum() {
         let mut frame = Encoder::new(key(1)).encode(1, b"payload").unwrap();
@@ -527,16 +710,9 @@ mod tests {
 
     #[test]
     fn unknown_flags_are_refused() {
-        let mut encoder = Encoder::new(key(1));
-        let mut frame = encoder.encode(1, b"a").unwrap();
-        frame[7] = 0x80;
-        // Re-seal so that only the flags are wrong.
-        let covered = frame.len() - TRAILER_BYTES;
-        let crc = crc32c::crc32c(&frame[..covered]);
-        let tag = key(1).tag(&frame[..covered]);
-        frame.truncate(covered);
-        frame.extend_from_slice(&crc.to_le_bytes());
-        frame.extend_from_slice(&tag);
+        // Sealed properly, so that only the flags are wrong.
+        let header = Header { version: WIRE_VERSION, frame_type: 1, flags: 0x80, seq: 0, length: 1 };
+        let frame = seal(&key(1), &header, b"a");
         let mut decoder = Decoder::new(key(1));
         decoder.push(&frame);
         assert_eq!(decoder.next_frame(), Err(WireError::UnknownFlags { seq: 0, flags: 0x80 }));

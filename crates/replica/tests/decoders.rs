@@ -1,6 +1,7 @@
 //! Fuzz-style properties of everything that parses outside data: the frame decoder, the
 //! message decoder, and the two state machines fed hostile frames. Nothing may panic, a
-//! mutated frame never passes as a different one, and errors are final.
+//! mutated frame never passes as a different one (not even with its CRC32C made to match: the
+//! AEAD tag catches it), and errors are final.
 
 use proptest::prelude::*;
 
@@ -146,7 +147,7 @@ proptest! {
         header in proptest::collection::vec(any::<u8>(), 0..40),
         pieces in proptest::collection::vec(1usize..64, 1..8),
     ) {
-        let mut bytes = b"FTVR\x01\x00".to_vec();
+        let mut bytes = b"FTVR\x02\x00".to_vec();
         bytes.extend(header);
         let (frames, _) = decode(&bytes, &pieces);
         prop_assert!(frames.is_empty());
@@ -176,6 +177,33 @@ proptest! {
             prop_assert!(error.is_some() || frames.len() < originals.len(), "a changed stream decoded whole");
         }
         for frame in &frames {
+            prop_assert_eq!(Message::decode(frame), Ok(messages[frame.seq as usize].clone()));
+        }
+    }
+
+    #[test]
+    fn a_forged_frame_with_a_matching_crc_never_passes(
+        messages in proptest::collection::vec(any_message(), 1..6),
+        target in any::<usize>(),
+        bit in any::<usize>(),
+    ) {
+        let mut encoder = Encoder::new(key());
+        let mut frames: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|m| {
+                let (frame_type, payload) = m.encode();
+                encoder.encode(frame_type, &payload).unwrap()
+            })
+            .collect();
+        let target = target % frames.len();
+        let forged = &mut frames[target];
+        let crc_at = forged.len() - 4;
+        forged[(bit / 8) % crc_at] ^= 1 << (bit % 8);
+        let crc = crc32c::crc32c(&forged[..crc_at]);
+        forged[crc_at..].copy_from_slice(&crc.to_le_bytes());
+        let (decoded, _) = decode(&frames.concat(), &[usize::MAX]);
+        prop_assert!(decoded.len() <= target, "the forged frame {target} passed");
+        for frame in &decoded {
             prop_assert_eq!(Message::decode(frame), Ok(messages[frame.seq as usize].clone()));
         }
     }
