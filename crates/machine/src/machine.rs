@@ -21,6 +21,8 @@ use thiserror::Error;
 pub const MIN_RAM_BYTES: u64 = 16 << 20;
 /// The largest (the address space above RAM_BASE that Sv39 kernels map easily).
 pub const MAX_RAM_BYTES: u64 = 64 << 30;
+/// The counter-enable bits for `cycle`, `time` and `instret` (mcounteren/scounteren).
+const COUNTERS_CY_TM_IR: u64 = 0x7;
 /// Inputs waiting to be applied, beyond which pushes are refused.
 pub const MAX_PENDING_INPUTS: usize = 1 << 16;
 
@@ -558,6 +560,13 @@ impl Machine {
 /// The register state firmware would leave for Linux: S-mode, a0 = hart id,
 /// a1 = device tree, every exception but S/M ecalls and all S interrupts delegated,
 /// Sstc enabled, counters readable.
+///
+/// `cycle`, `time` and `instret` are readable from S-mode (mcounteren) and from U-mode
+/// (scounteren), as OpenSBI leaves them: glibc's vDSO reads `time` in user mode for
+/// every `clock_gettime`, `gettimeofday` and `time()`, and a trap there kills every
+/// dynamically linked program. Linux itself writes scounteren only from its SBI PMU
+/// driver; ftvm's SBI offers no PMU extension (see `sbi.rs`), so Linux uses its legacy
+/// PMU driver, which relies on the firmware's setting made here.
 fn boot_state(hart: &mut Hart, fdt_addr: u64) {
     let s = &mut hart.state;
     s.privilege = PrivMode::Supervisor;
@@ -566,6 +575,7 @@ fn boot_state(hart: &mut Hart, fdt_addr: u64) {
     s.medeleg = 0xb1ff & !(1 << 9);
     s.mideleg = rv64::csr::S_INTERRUPTS;
     s.menvcfg = rv64::csr::MENVCFG_STCE;
-    s.mcounteren = 0x7;
+    s.mcounteren = COUNTERS_CY_TM_IR;
+    s.scounteren = COUNTERS_CY_TM_IR;
     hart.timer_changed();
 }

@@ -1,6 +1,15 @@
 //! The SBI (RISC-V Supervisor Binary Interface v2.0), answered by the monitor itself
 //! so that Linux starts straight in S-mode with no firmware image: base, TIME, IPI,
 //! RFENCE, HSM, SRST, DBCN, and the legacy console, timer and shutdown calls.
+//!
+//! No PMU extension, on purpose. The hart has only the three fixed counters (`cycle` and
+//! `instret` count retired instructions; the hpmcounters read zero), so SBI PMU could
+//! offer nothing that Linux's legacy PMU driver (used when PMU is absent) does not
+//! already give `perf`: the cycles and instructions events from those CSRs. Offering it
+//! would also make Linux narrow scounteren to `time` alone (its default
+//! `perf_user_access` = 1), which changes nothing for the vDSO but hides `rdcycle` from
+//! programs that use it. The counters are readable from boot instead
+//! (`machine::boot_state`), as OpenSBI leaves them.
 
 use crate::board::Board;
 use crate::io::OutputKind;
