@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use reliability::availability::{self, AvailabilityInputs, MeasuredCoverage};
 use reliability::bounds::{self, ReplicaBound, Threshold};
@@ -341,7 +341,7 @@ pub fn run(args: ModelArgs) -> Result<()> {
     let mut out = if json { serde_json::to_string_pretty(&value)? } else { text.trim_end().to_string() };
     out.push('\n');
     let mut stdout = std::io::stdout().lock();
-    stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| anyhow!("writing the answer: {e}"))
+    stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()).context("writing the answer")
 }
 
 type Answer = (String, Value);
@@ -470,8 +470,7 @@ fn availability(a: &AvailabilityArgs) -> Result<Answer> {
         .results
         .as_ref()
         .map(|path| {
-            availability::read_results(&read_limited(path)?, a.confidence)
-                .map_err(|e| anyhow!("{}: {e}", path.display()))
+            availability::read_results(&read_limited(path)?, a.confidence).with_context(|| path.display().to_string())
         })
         .transpose()?;
     let from_file = |f: fn(&MeasuredCoverage) -> Option<f64>| measured.as_ref().and_then(f);
@@ -587,7 +586,7 @@ fn plot_figure(a: &PlotArgs) -> Result<Answer> {
         PlotCommand::Vote { vote } => curves::vote_figure(vote, grid)?,
     };
     let svg = plot::render_svg(&figure, a.width, a.height)?;
-    std::fs::write(out, svg).map_err(|e| anyhow!("cannot write {}: {e}", out.display()))?;
+    std::fs::write(out, svg).with_context(|| format!("cannot write {}", out.display()))?;
     let labels: Vec<&str> = figure.curves.iter().map(|c| c.label.as_str()).collect();
     let text = format!("wrote {}: {} ({})", out.display(), figure.title, labels.join("; "));
     Ok((text, json!({"out": out.display().to_string(), "figure": figure})))
@@ -653,11 +652,11 @@ fn threshold_text(name: &str, t: Threshold) -> String {
 
 /// Reads a file of at most [`MAX_FILE_BYTES`].
 fn read_limited(path: &Path) -> Result<String> {
-    let file = std::fs::File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut text = String::new();
     file.take(MAX_FILE_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        .with_context(|| format!("cannot read {}", path.display()))?;
     if text.len() as u64 > MAX_FILE_BYTES {
         bail!("{} is larger than {MAX_FILE_BYTES} bytes", path.display());
     }

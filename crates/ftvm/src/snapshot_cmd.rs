@@ -4,7 +4,7 @@
 use crate::api::{self, Command};
 use crate::driver::Driver;
 use crate::run_cmd::{machine_config, open_tap, run_driver, VmArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 /// Save the whole state of a running VM to a file, through its control API.
@@ -68,8 +68,8 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     }
     let config = machine_config(&args.vm, &[])?;
     let tap = open_tap(&args.vm)?;
-    let machine = machine::snapshot::load_from_path(&args.file, &config)
-        .with_context(|| format!("cannot restore {}", args.file.display()))?;
+    // The snapshot's errors name the file.
+    let machine = machine::snapshot::load_from_path(&args.file, &config)?;
     eprintln!("ftvm: restored {} at icount {}", args.file.display(), machine.icount());
     let (tx, rx) = std::sync::mpsc::channel();
     let driver = Driver::new(machine, rx, args.vm.clock);

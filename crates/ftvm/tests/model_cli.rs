@@ -292,6 +292,13 @@ fn malformed_expression() {
 }
 
 #[test]
+fn a_bad_block_value_names_the_block_and_the_problem_once() {
+    let out = ftvm(&["model", "eval", "M", "-b", "M=1.5"]);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "ftvm: error: block `M`: probability 1.5 is outside [0, 1]\n");
+    assert!(!out.status.success());
+}
+
+#[test]
 fn unknown_block_name() {
     assert_fails(&["model", "eval", "H * X", "-b", "H=0.9"], "unknown block `X` (defined: H)");
     assert_fails(&["model", "eval", "--file", &example("move-f.toml"), "H * nope"], "unknown block `nope`");

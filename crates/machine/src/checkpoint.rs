@@ -32,17 +32,17 @@ const FLAG_DIGEST: u16 = 2;
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
-    #[error("checkpoint payload is malformed: {0}")]
+    #[error("malformed checkpoint: {0}")]
     Malformed(String),
     #[error("malformed checkpoint")]
     Payload(#[from] ReadError),
     #[error("checkpoint format version {found}, this ftvm reads version {VERSION}")]
     Version { found: u16 },
-    #[error("checkpoint state: {0}")]
+    #[error("checkpoint")]
     State(#[from] crate::snapshot::SnapshotError),
     #[error("the checkpoint does not fit this machine")]
     DoesNotFit(#[source] RestoreError),
-    #[error("applying the checkpoint: {0}")]
+    #[error("cannot apply the checkpoint")]
     Apply(#[from] RestoreError),
     #[error("after applying the checkpoint the machine's digest is {found}, the primary's was {expected}: the replicas diverged")]
     DigestMismatch { expected: crate::Digest, found: crate::Digest },

@@ -62,24 +62,25 @@ impl MachineConfig {
 
 #[derive(Debug, Error)]
 pub enum MachineError {
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     ReadKernel { path: PathBuf, source: std::io::Error },
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     ReadInitrd { path: PathBuf, source: std::io::Error },
-    #[error("kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Kernel { path: PathBuf, source: LoadError },
-    #[error("initrd {path}: {source}")]
+    #[error("cannot load initrd {path}")]
     Initrd { path: PathBuf, source: LoadError },
-    #[error("disk {path}: {message}")]
-    Disk { path: PathBuf, message: String },
+    /// The disk image cannot be attached (its error names the file).
+    #[error(transparent)]
+    Disk(crate::devices::virtio::VirtioError),
     #[error("memory size {size} bytes is too small: at least {min} bytes (16M) are needed")]
     RamTooSmall { size: u64, min: u64 },
     #[error("memory size {size} bytes is too large: at most {max} bytes (64G)")]
     RamTooLarge { size: u64, max: u64 },
     #[error("memory size {size} bytes is not a multiple of 4 KiB")]
     RamUnaligned { size: u64 },
-    #[error("device tree: {0}")]
-    Fdt(String),
+    #[error("cannot build the device tree")]
+    Fdt(#[source] vm_fdt::Error),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -131,8 +132,9 @@ pub enum RestoreError {
     Virtio { slot: usize, source: crate::devices::virtio::VirtioError },
     #[error("page {index} is outside RAM ({pages} pages) or not {size} bytes", size = rv64::mem::PAGE_SIZE)]
     Page { index: usize, pages: usize },
-    #[error("disk: {0}")]
-    Disk(String),
+    /// The host failed a disk read or write (its error names the file and sector).
+    #[error(transparent)]
+    Disk(crate::devices::virtio::VirtioError),
     #[error("the machine has no disk")]
     NoDisk,
     #[error("saved {component} state does not fit this machine: {problem}")]
@@ -201,7 +203,7 @@ impl Machine {
             initrd: layout.initrd,
             virtio_slots: virtio.len(),
         };
-        let blob = fdt::build(&fdt_config).map_err(|e| MachineError::Fdt(e.to_string()))?;
+        let blob = fdt::build(&fdt_config).map_err(MachineError::Fdt)?;
         let mut ram = rv64::GuestRam::new(RAM_BASE, size);
         loader::place(&mut ram, &layout, &kernel, initrd.as_deref(), &blob)
             .map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
@@ -223,8 +225,7 @@ impl Machine {
     fn build_virtio(config: &MachineConfig) -> Result<Vec<VirtioMmio>, MachineError> {
         let mut devices = Vec::new();
         if let Some(disk) = &config.disk {
-            let blk = Blk::open(&disk.path, disk.read_only)
-                .map_err(|e| MachineError::Disk { path: disk.path.clone(), message: e.to_string() })?;
+            let blk = Blk::open(&disk.path, disk.read_only).map_err(MachineError::Disk)?;
             devices.push(VirtioMmio::new(VirtioDevice::Blk(blk)));
         }
         if let Some(mac) = config.net_mac {
@@ -504,7 +505,7 @@ impl Machine {
     /// Zero the whole disk, if there is one (the base of a full checkpoint).
     pub fn clear_disk(&mut self) -> Result<(), RestoreError> {
         match self.blk() {
-            Ok(blk) => blk.zero_all().map_err(|e| RestoreError::Disk(e.to_string())),
+            Ok(blk) => blk.zero_all().map_err(RestoreError::Disk),
             Err(RestoreError::NoDisk) => Ok(()),
             Err(e) => Err(e),
         }
@@ -525,12 +526,12 @@ impl Machine {
 
     /// Read disk sectors starting at `sector` into `buf` (a multiple of 512 bytes).
     pub fn read_sectors(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), RestoreError> {
-        self.blk()?.read_sectors(sector, buf).map_err(|e| RestoreError::Disk(e.to_string()))
+        self.blk()?.read_sectors(sector, buf).map_err(RestoreError::Disk)
     }
 
     /// Write disk sectors (the backup's side of a checkpoint).
     pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), RestoreError> {
-        self.blk()?.write_sectors(sector, data).map_err(|e| RestoreError::Disk(e.to_string()))
+        self.blk()?.write_sectors(sector, data).map_err(RestoreError::Disk)
     }
 
     /// A fast digest (XXH3-128) of the state at this icount: RAM, hart, devices and

@@ -9,7 +9,7 @@
 //! jump to itself) and 16 MiB of RAM, so that they run in milliseconds.
 
 mod common;
-use common::{debian_config, drive, tiny_kernel, TempDir};
+use common::{debian_config, drive, error_chain, tiny_kernel, TempDir};
 use machine::snapshot::{self, SnapshotError, FORMAT_VERSION, HEADER_BYTES};
 use machine::{DiskConfig, Input, InputKind, Machine, MachineConfig, RunExit};
 use proptest::prelude::*;
@@ -242,12 +242,12 @@ fn a_file_of_another_format_version_is_refused_naming_both_versions() {
         reseal(&mut bytes);
         let other = dir.path("other.snap");
         std::fs::write(&other, &bytes).unwrap();
-        let err = snapshot::load_from_path(&other, &config).err().expect("refused").to_string();
-        let expected = format!("snapshot format version {version}, this ftvm reads version {FORMAT_VERSION}");
-        assert!(err.ends_with(&expected), "{err}");
-        assert!(err.contains("other.snap"), "{err}");
-        let err = snapshot::read_header_from_path(&other).unwrap_err().to_string();
-        assert!(err.ends_with(&expected), "{err}");
+        let err = snapshot::load_from_path(&other, &config).err().expect("refused");
+        let expected =
+            format!("{}: snapshot format version {version}, this ftvm reads version {FORMAT_VERSION}", other.display());
+        assert_eq!(error_chain(&err), expected);
+        let err = snapshot::read_header_from_path(&other).unwrap_err();
+        assert_eq!(error_chain(&err), expected);
     }
 }
 
@@ -396,10 +396,19 @@ fn saving_replaces_a_file_whole_and_leaves_no_temporary_files() {
     let restored = snapshot::load_from_path(&file, &config).unwrap();
     assert_eq!(restored.icount(), 4_000);
 
-    let err = snapshot::save_to_path(&machine, &dir.path("missing/vm.snap")).unwrap_err();
-    assert!(err.to_string().contains("missing/vm.snap"), "{err}");
-    let err = snapshot::save_to_path(&machine, &dir.path("source.img")).unwrap_err();
-    assert!(err.to_string().contains("refusing to write the snapshot over the machine's own disk image"), "{err}");
+    let missing = dir.path("missing/vm.snap");
+    let err = snapshot::save_to_path(&machine, &missing).unwrap_err();
+    assert_eq!(
+        error_chain(&err),
+        format!("{}: I/O error creating the temporary file: No such file or directory (os error 2)", missing.display())
+    );
+    let disk = dir.path("source.img");
+    let err = snapshot::save_to_path(&machine, &disk).unwrap_err();
+    let disk = disk.display();
+    assert_eq!(
+        error_chain(&err),
+        format!("{disk}: refusing to write the snapshot over the machine's own disk image {disk}")
+    );
 }
 
 #[test]

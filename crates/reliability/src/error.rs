@@ -1,5 +1,6 @@
 //! The one error type of the crate. Every message is a single line that names the input at
-//! fault, so that a command-line front end can print it as is.
+//! fault; a variant that wraps another error names only its own part and carries the
+//! other as its `source`, so a front end prints the chain (anyhow's `{:#}`).
 
 use thiserror::Error;
 
@@ -45,6 +46,10 @@ pub enum ModelError {
     /// A named block's own value is wrong; `message` says how.
     #[error("block `{name}`: {message}")]
     Block { name: String, message: String },
+
+    /// A named block's value is wrong; the source says how.
+    #[error("block `{name}`")]
+    BlockValue { name: String, source: Box<ModelError> },
 
     /// A model file (TOML or JSON) is not in the documented format.
     #[error("{message}")]

@@ -130,7 +130,7 @@ impl ModelSpec {
                         .into(),
             });
         }
-        let def = def.map_err(|e| ModelError::Block { name: name.to_string(), message: e.to_string() })?;
+        let def = def.map_err(|e| ModelError::BlockValue { name: name.to_string(), source: Box::new(e) })?;
         if !self.blocks.contains_key(name) && self.blocks.len() >= MAX_BLOCKS {
             return Err(ModelError::TooLarge {
                 what: "the number of blocks",
@@ -257,10 +257,14 @@ vm = "f * rest"
 
     #[test]
     fn bad_values_name_the_block() {
+        let chain = |err: ModelError| match &err {
+            ModelError::BlockValue { source, .. } => format!("{err}: {source}"),
+            _ => panic!("a block's bad value is a BlockValue error: {err}"),
+        };
         let err = ModelSpec::from_toml("b.toml", "[blocks]\nM = 1.5\n").unwrap_err();
-        assert_eq!(err.to_string(), "block `M`: probability 1.5 is outside [0, 1]");
+        assert_eq!(chain(err), "block `M`: probability 1.5 is outside [0, 1]");
         let err = ModelSpec::from_toml("b.toml", "[blocks]\nM = \"a +\"\n").unwrap_err();
-        assert_eq!(err.to_string(), "block `M`: malformed expression at column 3: unexpected character `+`");
+        assert_eq!(chain(err), "block `M`: malformed expression at column 3: unexpected character `+`");
     }
 
     #[test]

@@ -64,12 +64,12 @@ pub fn save_to_path(machine: &Machine, path: &Path) -> Result<SnapshotInfo> {
 
 /// Rebuilds a machine from the snapshot at `path` (see [`read_snapshot`]).
 pub fn load_from_path(path: &Path, config: &MachineConfig) -> Result<Machine> {
-    let file = std::fs::File::open(path).map_err(|e| file_io(path, "opening", e))?;
+    let file = std::fs::File::open(path).map_err(|e| file_io(path, "opening the snapshot", e))?;
     read_snapshot(&mut std::io::BufReader::with_capacity(1 << 20, file), config).map_err(|e| in_file(path, e))
 }
 
 /// The header of the snapshot at `path`.
 pub fn read_header_from_path(path: &Path) -> Result<SnapshotInfo> {
-    let file = std::fs::File::open(path).map_err(|e| file_io(path, "opening", e))?;
+    let file = std::fs::File::open(path).map_err(|e| file_io(path, "opening the snapshot", e))?;
     read_header(&mut std::io::BufReader::new(file)).map_err(|e| in_file(path, e))
 }

@@ -158,9 +158,9 @@ pub enum SnapshotError {
     TooLarge { what: String, found: u64, max: u64 },
     #[error("the snapshot does not fit this configuration: {what}: the snapshot has {snapshot}, the configuration has {configured}")]
     ConfigMismatch { what: &'static str, snapshot: String, configured: String },
-    #[error("cannot build the machine to restore into: {0}")]
+    #[error("cannot build the machine to restore into")]
     Machine(#[from] MachineError),
-    #[error("cannot restore the snapshot: {0}")]
+    #[error("cannot restore the snapshot")]
     Restore(#[from] RestoreError),
     #[error("disk image {path} is attached read-only and differs from the snapshot's disk at sector {sector}")]
     ReadOnlyDiskDiffers { path: PathBuf, sector: u64 },
@@ -170,9 +170,9 @@ pub enum SnapshotError {
     DigestMismatch { saved: Digest, restored: Digest },
     #[error("refusing to write the snapshot over the machine's own disk image {0}")]
     OverDisk(PathBuf),
-    #[error("snapshot I/O error ({op}): {source}")]
+    #[error("I/O error {op}")]
     Io { op: &'static str, source: std::io::Error },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     File { path: PathBuf, source: Box<SnapshotError> },
 }
 

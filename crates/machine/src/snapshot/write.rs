@@ -86,7 +86,7 @@ fn disk_extents(blk: &Blk) -> Result<Extents> {
     while at < total {
         let n = (total - at).min(u64::from(MAX_EXTENT_UNITS)) as usize;
         let chunk = &mut buf[..n * SECTOR_BYTES];
-        blk.read_sectors(at, chunk).map_err(|e| SnapshotError::Restore(RestoreError::Disk(e.to_string())))?;
+        blk.read_sectors(at, chunk).map_err(|e| SnapshotError::Restore(RestoreError::Disk(e)))?;
         for (i, sector) in chunk.chunks_exact(SECTOR_BYTES).enumerate() {
             extents.push(at + i as u64, !is_zero(sector));
         }
@@ -143,7 +143,7 @@ pub fn write_snapshot<W: Write + Seek>(machine: &Machine, out: &mut W) -> Result
     })?;
     if let (Some(blk), Some(sectors)) = (disk, &sectors) {
         write_extents(&mut sink, TAG_DISK, SECTOR_BYTES, blk.capacity_sectors(), sectors, |first, buf| {
-            blk.read_sectors(first, buf).map_err(|e| SnapshotError::Restore(RestoreError::Disk(e.to_string())))
+            blk.read_sectors(first, buf).map_err(|e| SnapshotError::Restore(RestoreError::Disk(e)))
         })?;
     }
     let (body_bytes, body_crc32c) = (sink.written, sink.body_crc);

@@ -32,11 +32,11 @@ pub const DEVICE_ID_RNG: u32 = 4;
 /// Errors from building a device, using its backing file, or restoring its state.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
-    #[error("cannot open disk image {path}: {source}")]
+    #[error("cannot open disk image {path}")]
     Open { path: PathBuf, source: std::io::Error },
     #[error("disk image {path} is {size_bytes} bytes, not a multiple of 512-byte sectors; resize it (e.g. `truncate -s` to a multiple of 512)")]
     SizeNotSectorMultiple { path: PathBuf, size_bytes: u64 },
-    #[error("disk image {path}: I/O error at sector {sector}: {source}")]
+    #[error("disk image {path}: I/O error at sector {sector}")]
     Io { path: PathBuf, sector: u64, source: std::io::Error },
     #[error("disk image {path}: sectors {sector}..+{count} are beyond its {capacity_sectors} sectors")]
     SectorOutOfRange { path: PathBuf, sector: u64, count: u64, capacity_sectors: u64 },
