@@ -138,7 +138,16 @@ pub fn machine_config(args: &VmArgs, command: &[String]) -> Result<MachineConfig
     if args.net.is_some() {
         config.net_mac = Some(args.mac);
     }
+    config.boot_unix_ns = host_unix_ns()?;
     Ok(config)
+}
+
+/// The host's wall-clock time: the guest's real-time clock starts from it.
+fn host_unix_ns() -> Result<u64> {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the host's clock is set before 1970")?;
+    u64::try_from(since_epoch.as_nanos()).context("the host's clock is set after the year 2554")
 }
 
 pub fn tap_name(spec: &str) -> Result<&str> {

@@ -41,7 +41,8 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken() {
     vm.wait().unwrap();
 
     let info = ftvm().arg("restore").arg(&snap).arg("--info").output().unwrap();
-    assert!(String::from_utf8_lossy(&info.stdout).contains("format version 1"));
+    assert!(String::from_utf8_lossy(&info.stdout)
+        .contains(&format!("format version {}", machine::snapshot::FORMAT_VERSION)));
     let restored = ftvm().arg("restore").arg(&snap).args(["--clock", "fast"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(restored.status.code(), Some(0), "{}", String::from_utf8_lossy(&restored.stderr));
     let after = ticks(&String::from_utf8_lossy(&restored.stdout));

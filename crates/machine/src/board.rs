@@ -3,6 +3,7 @@
 
 use crate::devices::clint::{self, ClintView, HartRequest};
 use crate::devices::plic::{self, Plic};
+use crate::devices::rtc::{self, Rtc};
 use crate::devices::test_device;
 use crate::devices::uart::Uart;
 use crate::devices::virtio::VirtioMmio;
@@ -11,6 +12,9 @@ use crate::io::{OutputKind, Outputs};
 use rv64::{Bus, BusFault, GuestRam};
 
 pub const TEST_BASE: u64 = 0x0010_0000;
+/// The Goldfish RTC, where QEMU's virt board has it, with its interrupt.
+pub const RTC_BASE: u64 = 0x0010_1000;
+pub const RTC_IRQ: usize = 11;
 pub const CLINT_BASE: u64 = 0x0200_0000;
 pub const PLIC_BASE: u64 = 0x0c00_0000;
 pub const UART_BASE: u64 = 0x1000_0000;
@@ -30,6 +34,7 @@ pub struct Board {
     pub ram: GuestRam,
     pub uart: Uart,
     pub plic: Plic,
+    pub rtc: Rtc,
     pub virtio: Vec<VirtioMmio>,
     pub outputs: Outputs,
     /// The hart's CLINT registers as of the last sync (reads come from here).
@@ -42,12 +47,14 @@ pub struct Board {
 }
 
 impl Board {
-    pub fn new(ram: GuestRam, virtio: Vec<VirtioMmio>) -> Board {
+    /// A board whose RTC reads `boot_unix_ns` at guest time 0.
+    pub fn new(ram: GuestRam, virtio: Vec<VirtioMmio>, boot_unix_ns: u64) -> Board {
         assert!(virtio.len() <= VIRTIO_SLOTS, "at most {VIRTIO_SLOTS} virtio devices");
         Board {
             ram,
             uart: Uart::new(),
             plic: Plic::new(),
+            rtc: Rtc::new(boot_unix_ns),
             virtio,
             outputs: Outputs::default(),
             clint: ClintView::default(),
@@ -70,6 +77,8 @@ impl Board {
     pub fn update_irqs(&mut self) {
         let uart = self.uart.irq_level();
         self.plic.set_level(UART_IRQ, uart);
+        let rtc = self.rtc.irq_level();
+        self.plic.set_level(RTC_IRQ, rtc);
         for (i, dev) in self.virtio.iter().enumerate() {
             let level = dev.irq_level();
             self.plic.set_level(VIRTIO_IRQ_BASE + i, level);
@@ -86,6 +95,9 @@ impl Board {
         }
         if let Some(off) = offset_in(paddr, CLINT_BASE, clint::SIZE) {
             return clint::read(&self.clint, off, size);
+        }
+        if let Some(off) = offset_in(paddr, RTC_BASE, rtc::SIZE) {
+            return self.rtc.read(off, size, self.clint.time);
         }
         if let Some((slot, off)) = self.virtio_slot(paddr) {
             let mut ctx = DeviceCtx { ram: &mut self.ram, outputs: &mut self.outputs, icount };
@@ -112,6 +124,9 @@ impl Board {
                 self.stop = true;
             }
             return Ok(());
+        }
+        if let Some(off) = offset_in(paddr, RTC_BASE, rtc::SIZE) {
+            return self.rtc.write(off, size, value, self.clint.time);
         }
         if let Some((slot, off)) = self.virtio_slot(paddr) {
             let mut ctx = DeviceCtx { ram: &mut self.ram, outputs: &mut self.outputs, icount };

@@ -24,7 +24,8 @@ use bounded_reader::{ReadError, Reader};
 use thiserror::Error;
 
 const MAGIC: [u8; 4] = *b"FTCK";
-pub const VERSION: u16 = 1;
+/// Version 2: the state (as in snapshot format 2) carries the RTC and the clock rate.
+pub const VERSION: u16 = 2;
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 const FLAG_FULL: u16 = 1;

@@ -1,6 +1,6 @@
 //! The device tree Linux boots with, generated with rust-vmm's vm-fdt. Node names,
 //! addresses and compatible strings follow QEMU's virt board, so the stock kernel's
-//! drivers (8250 UART, SiFive PLIC, virtio-mmio) bind without any change.
+//! drivers (8250 UART, SiFive PLIC, Goldfish RTC, virtio-mmio) bind without any change.
 
 use crate::board::*;
 use vm_fdt::{Error as FdtError, FdtWriter};
@@ -107,6 +107,13 @@ fn soc(fdt: &mut FdtWriter, config: &FdtConfig) -> Result<(), FdtError> {
     fdt.property_u32("interrupts", UART_IRQ as u32)?;
     fdt.end_node(uart)?;
 
+    let rtc = fdt.begin_node(&format!("rtc@{RTC_BASE:x}"))?;
+    fdt.property_string("compatible", "google,goldfish-rtc")?;
+    fdt.property_array_u64("reg", &[RTC_BASE, crate::devices::rtc::SIZE])?;
+    fdt.property_u32("interrupt-parent", PLIC_PHANDLE)?;
+    fdt.property_u32("interrupts", RTC_IRQ as u32)?;
+    fdt.end_node(rtc)?;
+
     for slot in 0..config.virtio_slots {
         let base = VIRTIO_BASE + slot as u64 * VIRTIO_STRIDE;
         let node = fdt.begin_node(&format!("virtio_mmio@{base:x}"))?;
@@ -135,9 +142,12 @@ mod tests {
         assert_eq!(u32::from_be_bytes(blob[0..4].try_into().unwrap()), 0xd00d_feed);
         assert_eq!(u32::from_be_bytes(blob[4..8].try_into().unwrap()) as usize, blob.len());
         let text = String::from_utf8_lossy(&blob);
-        for needle in ["console=ttyS0 quiet", ISA_STRING, "virtio_mmio@10003000", "ns16550a", "riscv,plic0"] {
+        for needle in
+            ["console=ttyS0 quiet", ISA_STRING, "virtio_mmio@10003000", "ns16550a", "riscv,plic0", "rtc@101000"]
+        {
             assert!(text.contains(needle), "device tree lacks {needle}");
         }
         assert!(!text.contains("virtio_mmio@10004000"), "only the slots in use are described");
+        assert!(text.contains("google,goldfish-rtc"), "Linux's rtc-goldfish binds to the clock");
     }
 }

@@ -12,8 +12,13 @@ pub enum InputKind {
     NetFrame(Vec<u8>),
     /// Bytes for the guest's entropy device.
     Entropy(Vec<u8>),
-    /// The hart idled; guest time moves forward by this many timer ticks.
+    /// Guest time moves forward by this many timer ticks: the hart idled until a
+    /// deadline, or the driver catches guest time up with the wall clock.
     IdleSkip { ticks: u64 },
+    /// From this icount on, guest time advances one tick per `icount_per_tick`
+    /// instructions (guest time does not jump): how the driver keeps a busy guest's
+    /// clock at the pace of the wall clock (see `Machine::push_input` for the range).
+    ClockRate { icount_per_tick: u64 },
 }
 
 /// A value entering the machine at instruction count `icount`.

@@ -25,6 +25,9 @@ pub const MAX_RAM_BYTES: u64 = 64 << 30;
 const COUNTERS_CY_TM_IR: u64 = 0x7;
 /// Inputs waiting to be applied, beyond which pushes are refused.
 pub const MAX_PENDING_INPUTS: usize = 1 << 16;
+/// The slowest guest clock a [`InputKind::ClockRate`] may set: one tick per this many
+/// instructions (with a 10 MHz timebase, 10 thousand instructions per guest second).
+pub const MAX_ICOUNT_PER_TICK: u64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -42,8 +45,15 @@ pub struct MachineConfig {
     pub disk: Option<DiskConfig>,
     /// MAC address of the network card; `None` for no network card.
     pub net_mac: Option<[u8; 6]>,
-    /// Instructions per timer tick (10 MHz timebase): sets the nominal guest speed.
+    /// Instructions per timer tick (10 MHz timebase) at boot: the nominal guest speed.
+    /// A [`InputKind::ClockRate`] input changes it while the machine runs.
     pub icount_per_tick: u64,
+    /// The real-time clock's value at boot, in ns since the Unix epoch: the guest's
+    /// wall-clock time is this plus guest time. `ftvm` sets the host's time at start;
+    /// 0 (the default) starts the guest in 1970. Not part of the configuration digest:
+    /// replicas built at different moments are the same VM, and a snapshot or checkpoint
+    /// carries the clock (the RTC's state) with it.
+    pub boot_unix_ns: u64,
 }
 
 impl MachineConfig {
@@ -56,6 +66,7 @@ impl MachineConfig {
             disk: None,
             net_mac: None,
             icount_per_tick: 10,
+            boot_unix_ns: 0,
         }
     }
 }
@@ -91,6 +102,8 @@ pub enum InputError {
     QueueFull,
     #[error("the machine has no {0} device")]
     NoDevice(&'static str),
+    #[error("clock rate of {0} instructions per tick is outside 1..={MAX_ICOUNT_PER_TICK}")]
+    ClockRate(u64),
 }
 
 /// Why [`Machine::run`] returned.
@@ -117,6 +130,12 @@ pub struct MachineState {
     pub hart: rv64::HartState,
     pub uart: crate::devices::uart::UartState,
     pub plic: crate::devices::plic::PlicState,
+    /// The real-time clock, its base (the boot time) included.
+    pub rtc: crate::devices::rtc::RtcState,
+    /// Instructions per timer tick now: the guest clock's rate (see
+    /// [`InputKind::ClockRate`]); guest time is `icount / icount_per_tick +
+    /// hart.time_offset_ticks`.
+    pub icount_per_tick: u64,
     pub virtio: Vec<crate::devices::virtio::VirtioMmioState>,
     /// Inputs queued for later instruction counts.
     pub pending_inputs: Vec<Input>,
@@ -158,6 +177,8 @@ pub struct Machine {
     /// Set once the guest powered off or reset: the machine runs no further.
     ended: Option<RunExit>,
     disk_path: Option<PathBuf>,
+    /// The configuration's clock rate (the rate now is the hart's).
+    boot_icount_per_tick: u64,
 }
 
 fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -209,16 +230,18 @@ impl Machine {
             .map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
         ram.take_dirty_pages(); // the initial image is the baseline, not a change
 
-        let hart_config = HartConfig { icount_per_tick: config.icount_per_tick.max(1), sbi_in_monitor: true };
+        let icount_per_tick = config.icount_per_tick.clamp(1, MAX_ICOUNT_PER_TICK);
+        let hart_config = HartConfig { icount_per_tick, sbi_in_monitor: true };
         let mut hart = Hart::new(hart_config, layout.entry);
         boot_state(&mut hart, layout.fdt_addr);
-        let board = Board::new(ram, virtio);
+        let board = Board::new(ram, virtio, config.boot_unix_ns);
         Ok(Machine {
             hart,
             board,
             pending: VecDeque::new(),
             ended: None,
             disk_path: config.disk.as_ref().map(|d| d.path.clone()),
+            boot_icount_per_tick: icount_per_tick,
         })
     }
 
@@ -243,6 +266,28 @@ impl Machine {
     /// Guest time in timer ticks (10 MHz).
     pub fn time_ticks(&self) -> u64 {
         self.hart.time()
+    }
+
+    /// Instructions per timer tick now (the last [`InputKind::ClockRate`], or the
+    /// configuration's).
+    pub fn icount_per_tick(&self) -> u64 {
+        self.hart.config.icount_per_tick
+    }
+
+    /// Instructions per timer tick at boot, as configured (a snapshot is restored into a
+    /// machine configured the same).
+    pub fn boot_icount_per_tick(&self) -> u64 {
+        self.boot_icount_per_tick
+    }
+
+    /// The real-time clock's registers and alarm.
+    pub fn rtc(&self) -> &crate::devices::rtc::RtcState {
+        &self.board.rtc.state
+    }
+
+    /// The guest's real-time clock now, in ns since the Unix epoch.
+    pub fn rtc_unix_ns(&self) -> u64 {
+        self.board.rtc.now_ns(self.hart.time())
     }
 
     pub fn hart(&self) -> &Hart {
@@ -273,6 +318,9 @@ impl Machine {
         }
         let needed = match input.kind {
             InputKind::NetFrame(_) => Some(("network", self.has(|d| matches!(d, VirtioDevice::Net(_))))),
+            InputKind::ClockRate { icount_per_tick } if !(1..=MAX_ICOUNT_PER_TICK).contains(&icount_per_tick) => {
+                return Err(InputError::ClockRate(icount_per_tick));
+            }
             _ => None,
         };
         if let Some((name, false)) = needed {
@@ -328,6 +376,56 @@ impl Machine {
                 }
             }
             InputKind::IdleSkip { ticks } => self.hart.skip_time(ticks),
+            InputKind::ClockRate { icount_per_tick } => self.set_clock_rate(icount_per_tick),
+        }
+    }
+
+    /// From now on one tick per `icount_per_tick` instructions, guest time itself not
+    /// moving: `time = icount / icount_per_tick + time_offset_ticks` (the hart's
+    /// formula) with the offset chosen to keep `time` where it is. Time never goes back,
+    /// so the offset cannot be negative: a rate faster than the average since boot
+    /// allows is raised to the fastest allowed one (the driver's next catch-up skip
+    /// makes up the rest). The same input always has the same effect, so replay holds.
+    fn set_clock_rate(&mut self, requested: u64) {
+        let icount = self.icount();
+        let now = self.hart.time();
+        let mut ipt = requested.clamp(1, MAX_ICOUNT_PER_TICK);
+        if icount / ipt > now {
+            ipt = icount / (now + 1) + 1; // the smallest with icount / ipt <= now
+        }
+        if ipt > MAX_ICOUNT_PER_TICK {
+            return; // guest time is so far behind icount that no allowed rate keeps it
+        }
+        self.hart.config.icount_per_tick = ipt;
+        self.hart.state.time_offset_ticks = now - icount / ipt;
+        self.hart.timer_changed();
+        debug_assert_eq!(self.hart.time(), now);
+    }
+
+    /// The instruction count at which guest time reaches `ticks` at the current rate
+    /// (now, if it already has).
+    fn icount_at_ticks(&self, ticks: u64) -> u64 {
+        if ticks <= self.hart.time() {
+            return self.icount();
+        }
+        let offset = self.hart.state.time_offset_ticks;
+        ticks.saturating_sub(offset).saturating_mul(self.hart.config.icount_per_tick)
+    }
+
+    /// Fire the RTC's alarm once guest time has reached it.
+    fn update_rtc(&mut self) {
+        if self.board.rtc.update(self.hart.time()) {
+            self.board.update_irqs();
+        }
+    }
+
+    /// The earliest timer deadline: the hart's comparators or the RTC's alarm.
+    fn next_deadline_ticks(&self) -> Option<u64> {
+        let hart = self.hart.next_timer_deadline();
+        let rtc = self.board.rtc.alarm_deadline_ticks(self.hart.time());
+        match (hart, rtc) {
+            (Some(h), Some(r)) => Some(h.min(r)),
+            (h, r) => h.or(r),
         }
     }
 
@@ -339,8 +437,12 @@ impl Machine {
                 return end;
             }
             self.apply_due_inputs();
+            self.update_rtc();
             let next_input = self.pending.front().map_or(u64::MAX, |i| i.icount);
-            let limit = until_icount.min(next_input);
+            // Stop where the RTC's alarm falls due, so that it fires at the same icount
+            // however the runs are split.
+            let alarm = self.board.rtc.alarm_deadline_ticks(self.hart.time()).map(|t| self.icount_at_ticks(t));
+            let limit = until_icount.min(next_input).min(alarm.unwrap_or(u64::MAX));
             self.sync_clint_view();
             match self.hart.run(&mut self.board, limit) {
                 Exit::Budget => {
@@ -350,7 +452,7 @@ impl Machine {
                 }
                 Exit::Idle => {
                     if next_input > self.icount() {
-                        return RunExit::Idle { next_deadline_ticks: self.hart.next_timer_deadline() };
+                        return RunExit::Idle { next_deadline_ticks: self.next_deadline_ticks() };
                     }
                 }
                 Exit::Sbi => {
@@ -409,6 +511,8 @@ impl Machine {
             hart: self.hart.state.clone(),
             uart: self.board.uart.state.clone(),
             plic: self.board.plic.state.clone(),
+            rtc: self.board.rtc.state.clone(),
+            icount_per_tick: self.hart.config.icount_per_tick,
             virtio: self.board.virtio.iter().map(|d| d.state()).collect(),
             pending_inputs: self.pending.iter().cloned().collect(),
             ended: self.ended,
@@ -422,9 +526,11 @@ impl Machine {
         for (dev, saved) in self.board.virtio.iter_mut().zip(state.virtio) {
             dev.restore(saved).expect("a device state that check_state accepted restores");
         }
-        self.hart = Hart::from_state(self.hart.config, state.hart);
+        let config = HartConfig { icount_per_tick: state.icount_per_tick, ..self.hart.config };
+        self.hart = Hart::from_state(config, state.hart);
         self.board.uart.state = state.uart;
         self.board.plic.state = state.plic;
+        self.board.rtc.state = state.rtc;
         self.pending = state.pending_inputs.into();
         self.ended = state.ended;
         self.board.outputs.take();
@@ -467,6 +573,13 @@ impl Machine {
             let cap = crate::devices::uart::RX_QUEUE_CAP;
             return invalid("UART", format!("{} bytes waiting to be received, at most {cap}", state.uart.rx.len()));
         }
+        if !(1..=MAX_ICOUNT_PER_TICK).contains(&state.icount_per_tick) {
+            let rate = state.icount_per_tick;
+            return invalid(
+                "clock",
+                format!("a rate of {rate} instructions per tick, not within 1..={MAX_ICOUNT_PER_TICK}"),
+            );
+        }
         let configured = self.board.virtio.len();
         if state.virtio.len() != configured {
             return Err(RestoreError::DeviceCount { saved: state.virtio.len(), configured });
@@ -487,6 +600,13 @@ impl Machine {
             earliest = input.icount;
             if matches!(input.kind, InputKind::NetFrame(_)) && !self.has(|d| matches!(d, VirtioDevice::Net(_))) {
                 return invalid("input queue", "a network frame is pending, and there is no network card".into());
+            }
+            if let InputKind::ClockRate { icount_per_tick: rate } = input.kind {
+                if !(1..=MAX_ICOUNT_PER_TICK).contains(&rate) {
+                    let problem =
+                        format!("a clock rate of {rate} instructions per tick, not within 1..={MAX_ICOUNT_PER_TICK}");
+                    return invalid("input queue", problem);
+                }
             }
         }
         Ok(())
@@ -543,6 +663,8 @@ impl Machine {
         self.hart.state.hash(&mut h);
         self.board.uart.state.hash(&mut h);
         self.board.plic.state.hash(&mut h);
+        self.board.rtc.state.hash(&mut h);
+        self.hart.config.icount_per_tick.hash(&mut h);
         for dev in &self.board.virtio {
             dev.state().hash(&mut h);
         }

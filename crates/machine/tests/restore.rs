@@ -4,7 +4,7 @@
 
 mod common;
 use common::{debian_config as config, drive};
-use machine::{Machine, RestoreError};
+use machine::{Input, InputKind, Machine, MachineConfig, RestoreError};
 
 #[test]
 fn a_restored_machine_continues_exactly() {
@@ -25,6 +25,32 @@ fn a_restored_machine_continues_exactly() {
     assert_eq!(restored.digest(), first.digest(), "restore reproduces the saved machine");
     drive(&mut restored, n + m);
     assert_eq!((restored.icount(), restored.digest()), (straight.icount(), straight.digest()));
+}
+
+#[test]
+fn a_restored_machine_keeps_its_clock_in_a_machine_built_at_another_time() {
+    // A backup or a restore builds its machine later, with the host's time then: the
+    // saved state brings the boot time (the RTC's base) and the clock's rate with it.
+    const BOOT: u64 = 1_764_000_000_123_456_789;
+    let booted_at = |boot_unix_ns| MachineConfig { boot_unix_ns, ..config(None) };
+    let (n, m) = (40_000_000, 30_000_000);
+    let rate = Input { icount: 20_000_000, kind: InputKind::ClockRate { icount_per_tick: 23 } };
+    let mut straight = Machine::new(&booted_at(BOOT)).unwrap();
+    straight.push_input(rate.clone()).unwrap();
+    drive(&mut straight, n + m);
+
+    let mut first = Machine::new(&booted_at(BOOT)).unwrap();
+    first.push_input(rate).unwrap();
+    drive(&mut first, n);
+    let mut restored = Machine::new(&booted_at(BOOT + 3_600_000_000_000)).unwrap();
+    for i in 0..first.ram().page_count() {
+        restored.write_page(i, first.page(i).unwrap()).unwrap();
+    }
+    restored.restore_state(first.save_state()).unwrap();
+    assert_eq!((restored.icount_per_tick(), restored.rtc_unix_ns()), (23, first.rtc_unix_ns()));
+    drive(&mut restored, n + m);
+    assert_eq!((restored.icount(), restored.digest()), (straight.icount(), straight.digest()));
+    assert_eq!(restored.rtc_unix_ns(), straight.rtc_unix_ns());
 }
 
 #[test]
@@ -125,6 +151,14 @@ fn check_state_refuses_a_state_that_does_not_fit_any_component() {
         (
             edited(&|s| s.pending_inputs = vec![console(999)]),
             "saved input queue state does not fit this machine: an input stamped 999 before icount 1000",
+        ),
+        (
+            edited(&|s| s.icount_per_tick = 0),
+            "saved clock state does not fit this machine: a rate of 0 instructions per tick, not within 1..=1000000",
+        ),
+        (
+            edited(&|s| s.pending_inputs = vec![machine::Input { icount: 2_000, kind: machine::InputKind::ClockRate { icount_per_tick: 0 } }]),
+            "saved input queue state does not fit this machine: a clock rate of 0 instructions per tick, not within 1..=1000000",
         ),
     ];
     for (state, expected) in cases {

@@ -86,12 +86,16 @@ fn disk_image(path: &Path, fill: impl Fn(usize) -> u8) {
 
 /// A tiny machine with a disk and a network card, a few thousand instructions in, with
 /// RAM pages and disk sectors written and inputs waiting: something in every section.
+/// Its clock was set at boot and its rate changed, which a restore into a machine
+/// configured at another time (as `tiny_config` is) must keep.
 fn tiny_machine(dir: &TempDir) -> (Machine, MachineConfig) {
     let disk = dir.path("source.img");
     disk_image(&disk, |i| if (i / 512) % 97 == 0 { (i % 251) as u8 } else { 0 });
-    let config = tiny_config(dir, Some(&disk));
+    let config = MachineConfig { boot_unix_ns: 1_764_000_000_123_456_789, ..tiny_config(dir, Some(&disk)) };
     let mut machine = Machine::new(&config).unwrap();
+    machine.push_input(Input { icount: 1_000, kind: InputKind::ClockRate { icount_per_tick: 17 } }).unwrap();
     assert_eq!(machine.run(3_000), RunExit::Budget);
+    assert_eq!(machine.icount_per_tick(), 17);
     machine.write_page(100, &[0x22; 4096]).unwrap();
     machine.write_page(101, &[0x33; 4096]).unwrap();
     machine.write_page(3000, &[0x44; 4096]).unwrap();
@@ -102,6 +106,7 @@ fn tiny_machine(dir: &TempDir) -> (Machine, MachineConfig) {
         (6_000, InputKind::Entropy(vec![9; 32])),
         (7_000, InputKind::NetFrame(vec![0xff; 60])),
         (8_000, InputKind::IdleSkip { ticks: 50 }),
+        (9_000, InputKind::ClockRate { icount_per_tick: 31 }),
     ];
     for (icount, kind) in inputs {
         machine.push_input(Input { icount, kind }).unwrap();
@@ -225,6 +230,7 @@ fn a_tiny_machine_round_trips_with_its_pending_inputs() {
     let mut restored = restore(&bytes, &tiny_config(&dir, Some(&target))).unwrap();
     assert_eq!(restored.save_state(), machine.save_state());
     assert_eq!(restored.digest(), machine.digest());
+    assert_eq!((restored.rtc_unix_ns(), restored.icount_per_tick()), (machine.rtc_unix_ns(), 17));
     assert_eq!(machine.run(10_000), restored.run(10_000));
     assert_eq!(restored.take_outputs(), machine.take_outputs());
     assert_eq!((restored.icount(), restored.digest()), (machine.icount(), machine.digest()));

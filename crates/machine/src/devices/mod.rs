@@ -3,6 +3,7 @@
 
 pub mod clint;
 pub mod plic;
+pub mod rtc;
 pub mod test_device;
 pub mod uart;
 pub mod virtio;

@@ -36,7 +36,8 @@ impl BoardShape {
         });
         BoardShape {
             ram_bytes: machine.ram().size(),
-            icount_per_tick: machine.hart().config.icount_per_tick,
+            // The configured rate: the rate now (after ClockRate inputs) is state.
+            icount_per_tick: machine.boot_icount_per_tick(),
             disk_read_only: blk.map(|b| b.read_only),
             net_mac: net,
         }
@@ -97,6 +98,9 @@ mod tests {
         other.kernel = "other".into();
         other.bootargs = "console=ttyS0".into();
         other.disk = Some(crate::DiskConfig { path: "elsewhere.img".into(), read_only: true });
+        // Nor the boot time: replicas built at different moments are the same VM (the
+        // clock travels in the RTC's state).
+        other.boot_unix_ns = 1_764_000_000_000_000_000;
         assert_eq!(config_digest(&other), config_digest(&config));
     }
 }

@@ -1,4 +1,4 @@
-//! The header: version 1's fixed 140 bytes, encoded and parsed (its fields checked
+//! The header: the fixed 140 bytes (versions 1 and 2), encoded and parsed (its fields checked
 //! against each other).
 
 use super::{
@@ -35,7 +35,7 @@ pub(super) fn encode_header(info: &SnapshotInfo) -> [u8; HEADER_BYTES] {
     h
 }
 
-/// Parses a version 1 header whose checksum has been checked.
+/// Parses a header of this version whose checksum has been checked.
 pub(super) fn decode_header(h: &[u8]) -> Result<SnapshotInfo> {
     debug_assert_eq!(h.len(), HEADER_BYTES);
     let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
@@ -142,7 +142,7 @@ mod tests {
         assert_eq!(read_header(&mut &bytes[..]).unwrap(), info);
         let text = info.to_string();
         assert!(
-            text.contains("format version 1")
+            text.contains(&format!("format version {FORMAT_VERSION}"))
                 && text.contains("02:00:00:00:00:09")
                 && text.contains("4096 sectors, read-only"),
             "{text}"
@@ -152,18 +152,18 @@ mod tests {
     #[test]
     fn another_format_version_is_refused_naming_both() {
         let mut bytes = encode_header(&sample_info());
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         let damaged = read_header(&mut &bytes[..]).unwrap_err();
-        assert!(matches!(damaged, SnapshotError::UnsupportedVersion { found: 2, supported: 1, header_intact: false }));
+        assert!(matches!(damaged, SnapshotError::UnsupportedVersion { found: 1, supported: 2, header_intact: false }));
         reseal(&mut bytes);
         let err = read_header(&mut &bytes[..]).unwrap_err();
-        assert_eq!(err.to_string(), "snapshot format version 2, this ftvm reads version 1");
+        assert_eq!(err.to_string(), "snapshot format version 1, this ftvm reads version 2");
         // A later version with a longer header is still recognised by its version.
         let mut longer = bytes[..HEADER_BYTES - 4].to_vec();
         longer[12..16].copy_from_slice(&300u32.to_le_bytes());
         longer.resize(300, 7);
         reseal(&mut longer);
-        assert!(matches!(read_header(&mut &longer[..]), Err(SnapshotError::UnsupportedVersion { found: 2, .. })));
+        assert!(matches!(read_header(&mut &longer[..]), Err(SnapshotError::UnsupportedVersion { found: 1, .. })));
     }
 
     #[test]

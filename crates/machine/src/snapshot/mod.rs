@@ -2,21 +2,21 @@
 //! devices' state, the inputs queued for later — in one versioned, checksummed file,
 //! and a machine rebuilt from it that continues exactly (DESIGN.md §6).
 //!
-//! # Format, version 1 (every integer little-endian)
+//! # Format, version 2 (every integer little-endian)
 //!
 //! A 140-byte header, then a body of sections.
 //!
 //! | offset | bytes | header field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `FTVMSNAP` |
-//! | 8 | 4 | format version, 1 |
+//! | 8 | 4 | format version, 2 |
 //! | 12 | 4 | header length, 140 (its checksum included) |
 //! | 16 | 8 | body length |
 //! | 24 | 4 | CRC32C of the body |
 //! | 28 | 4 | devices: bit 0 disk, bit 1 disk read-only, bit 2 network card |
 //! | 32 | 8 | icount |
 //! | 40 | 8 | RAM size in bytes |
-//! | 48 | 8 | instructions per timer tick |
+//! | 48 | 8 | instructions per timer tick, as configured (the rate now is in `STAT`) |
 //! | 56 | 8 | disk size in 512-byte sectors (0 without a disk) |
 //! | 64 | 8 | network card's MAC, then two zero bytes (all zero without a card) |
 //! | 72 | 8 | RAM pages saved (the non-zero ones) |
@@ -31,7 +31,7 @@
 //!
 //! | body section | payload |
 //! |---|---|
-//! | `STAT` | the [`MachineState`]: hart, UART, PLIC, virtio transports and devices, pending inputs, end of run |
+//! | `STAT` | the [`MachineState`]: hart, UART, PLIC, RTC (its base time: the boot time), clock rate, virtio transports and devices, pending inputs, end of run |
 //! | `RAM\0` | unit size u32 = 4096, unit count u64 = RAM pages, then extents |
 //! | `DISK` | (with a disk only) unit size u32 = 512, unit count u64 = disk sectors, then extents |
 //!
@@ -94,9 +94,10 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
-/// The format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// The version 1 header's length.
+/// The format this code writes and reads. Version 2 added the RTC and the clock rate
+/// to the state section; its header is version 1's.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version 2 header's length.
 pub const HEADER_BYTES: usize = 140;
 /// The longest header any version may have (read before its checksum can be checked).
 pub const MAX_HEADER_BYTES: u32 = 64 * 1024;

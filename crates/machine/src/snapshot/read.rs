@@ -123,7 +123,7 @@ pub(super) fn tag_name(tag: u32) -> String {
     }
 }
 
-/// Reads and checks the header of any version, then parses version 1's.
+/// Reads and checks the header of any version, then parses this version's.
 pub(super) fn read_header_from<R: Read>(src: &mut Source<R>) -> Result<SnapshotInfo> {
     let mut prefix = [0u8; 16];
     let mut got = 0;

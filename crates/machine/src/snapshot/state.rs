@@ -1,27 +1,30 @@
-//! The state section: the [`MachineState`] (hart, UART, PLIC, virtio, pending inputs,
-//! end of run). Structs are destructured whole, so that a field added to any of them
+//! The state section: the [`MachineState`] (hart, UART, PLIC, RTC, clock rate, virtio,
+//! pending inputs, end of run). Structs are destructured whole, so that a field added to any of them
 //! fails to compile here until the format (and FORMAT_VERSION) takes it in.
 
 use super::codec::Encoder;
 use super::{malformed, Result, SnapshotError, MAX_INPUT_BYTES, MAX_QUEUES, MAX_STATE_BYTES};
 use crate::board::VIRTIO_SLOTS;
 use crate::devices::plic::{PlicState, NUM_CONTEXTS, NUM_SOURCES};
+use crate::devices::rtc::RtcState;
 use crate::devices::uart::{UartState, RX_QUEUE_CAP};
 use crate::devices::virtio::blk::BlkState;
 use crate::devices::virtio::net::{NetState, NetStats, MAX_FRAME_BYTES, RX_PENDING_MAX_FRAMES};
 use crate::devices::virtio::rng::{RngState, POOL_MAX_BYTES};
 use crate::devices::virtio::{Queue, VirtioDeviceState, VirtioMmioState, DEVICE_ID_BLK, DEVICE_ID_NET, DEVICE_ID_RNG};
 use crate::io::{Input, InputKind};
-use crate::machine::{MachineState, RunExit, MAX_PENDING_INPUTS};
+use crate::machine::{MachineState, RunExit, MAX_ICOUNT_PER_TICK, MAX_PENDING_INPUTS};
 use bounded_reader::{ReadError, Reader};
 use rv64::{HartState, PrivMode};
 
 pub(super) fn encode_state(state: &MachineState) -> Result<Vec<u8>> {
-    let MachineState { hart, uart, plic, virtio, pending_inputs, ended } = state;
+    let MachineState { hart, uart, plic, rtc, icount_per_tick, virtio, pending_inputs, ended } = state;
     let mut e = Encoder::default();
     encode_hart(&mut e, hart);
     encode_uart(&mut e, uart)?;
     encode_plic(&mut e, plic);
+    encode_rtc(&mut e, rtc);
+    e.u64(*icount_per_tick);
     e.count(virtio.len(), VIRTIO_SLOTS, "virtio devices")?;
     for device in virtio {
         encode_virtio(&mut e, device)?;
@@ -45,6 +48,8 @@ pub(super) fn decode_state(d: &mut Reader) -> Result<MachineState> {
     let hart = decode_hart(d)?;
     let uart = decode_uart(d)?;
     let plic = decode_plic(d)?;
+    let rtc = decode_rtc(d)?;
+    let icount_per_tick = decode_clock_rate(d, "the clock rate")?;
     let count = d.count("virtio devices", VIRTIO_SLOTS, 1)?;
     let virtio = (0..count).map(|_| decode_virtio(d)).collect::<Result<Vec<_>>>()?;
     let count = d.count("pending inputs", MAX_PENDING_INPUTS, 9)?;
@@ -65,7 +70,7 @@ pub(super) fn decode_state(d: &mut Reader) -> Result<MachineState> {
     }
     let ended = decode_ended(d)?;
     d.finish()?;
-    Ok(MachineState { hart, uart, plic, virtio, pending_inputs, ended })
+    Ok(MachineState { hart, uart, plic, rtc, icount_per_tick, virtio, pending_inputs, ended })
 }
 
 fn encode_hart(e: &mut Encoder, hart: &HartState) {
@@ -220,6 +225,39 @@ fn decode_plic(d: &mut Reader) -> Result<PlicState> {
     Ok(PlicState { priority, pending, in_service, level, enable, threshold })
 }
 
+fn encode_rtc(e: &mut Encoder, rtc: &RtcState) {
+    let RtcState { base_ns, time_high, alarm_ns, alarm_running, irq_enabled, irq_pending } = rtc;
+    e.u64(*base_ns);
+    e.u32(*time_high);
+    e.u64(*alarm_ns);
+    for v in [alarm_running, irq_enabled, irq_pending] {
+        e.bool(*v);
+    }
+}
+
+fn decode_rtc(d: &mut Reader) -> Result<RtcState> {
+    let base_ns = d.u64("the RTC's base time")?;
+    let time_high = d.u32("the RTC's latched high half")?;
+    let alarm_ns = d.u64("the RTC's alarm")?;
+    let alarm_running = d.bool("the RTC's alarm flag")?;
+    let irq_enabled = d.bool("the RTC's interrupt enable")?;
+    let irq_pending = d.bool("the RTC's pending interrupt")?;
+    Ok(RtcState { base_ns, time_high, alarm_ns, alarm_running, irq_enabled, irq_pending })
+}
+
+/// Instructions per tick, within the range the machine runs.
+fn decode_clock_rate(d: &mut Reader, what: &'static str) -> Result<u64> {
+    let at = d.offset();
+    let rate = d.u64(what)?;
+    if !(1..=MAX_ICOUNT_PER_TICK).contains(&rate) {
+        return Err(malformed(
+            at,
+            format!("{what} of {rate} instructions per tick is not within 1..={MAX_ICOUNT_PER_TICK}"),
+        ));
+    }
+    Ok(rate)
+}
+
 fn encode_virtio(e: &mut Encoder, state: &VirtioMmioState) -> Result<()> {
     let VirtioMmioState {
         status,
@@ -356,6 +394,7 @@ const INPUT_CONSOLE: u8 = 1;
 const INPUT_NET_FRAME: u8 = 2;
 const INPUT_ENTROPY: u8 = 3;
 const INPUT_IDLE_SKIP: u8 = 4;
+const INPUT_CLOCK_RATE: u8 = 5;
 
 fn encode_input(e: &mut Encoder, input: &Input) -> Result<()> {
     let Input { icount, kind } = input;
@@ -379,6 +418,11 @@ fn encode_input(e: &mut Encoder, input: &Input) -> Result<()> {
             e.u64(*ticks);
             Ok(())
         }
+        InputKind::ClockRate { icount_per_tick } => {
+            e.u8(INPUT_CLOCK_RATE);
+            e.u64(*icount_per_tick);
+            Ok(())
+        }
     }
 }
 
@@ -390,6 +434,7 @@ fn decode_input(d: &mut Reader) -> Result<Input> {
         INPUT_NET_FRAME => InputKind::NetFrame(d.bytes("an input's bytes", MAX_INPUT_BYTES)?.to_vec()),
         INPUT_ENTROPY => InputKind::Entropy(d.bytes("an input's bytes", MAX_INPUT_BYTES)?.to_vec()),
         INPUT_IDLE_SKIP => InputKind::IdleSkip { ticks: d.u64("an idle skip")? },
+        INPUT_CLOCK_RATE => InputKind::ClockRate { icount_per_tick: decode_clock_rate(d, "a clock-rate input")? },
         other => return Err(malformed(at, format!("input kind {other} does not exist"))),
     };
     Ok(Input { icount, kind })
@@ -530,8 +575,18 @@ mod tests {
             Input { icount: 2_000, kind: InputKind::NetFrame(vec![0xff; 64]) },
             Input { icount: 2_000, kind: InputKind::Entropy(vec![1; 32]) },
             Input { icount: 3_000, kind: InputKind::IdleSkip { ticks: 99 } },
+            Input { icount: 3_000, kind: InputKind::ClockRate { icount_per_tick: 23 } },
         ];
-        MachineState { hart, uart, plic, virtio, pending_inputs, ended: Some(RunExit::PowerOff { code: 3 }) }
+        let rtc = RtcState {
+            base_ns: 1_764_000_000_123_456_789,
+            time_high: 0x1871_0b3a,
+            alarm_ns: 1_764_000_060_000_000_000,
+            alarm_running: true,
+            irq_enabled: true,
+            irq_pending: false,
+        };
+        let ended = Some(RunExit::PowerOff { code: 3 });
+        MachineState { hart, uart, plic, rtc, icount_per_tick: 22, virtio, pending_inputs, ended }
     }
 
     fn decode(bytes: &[u8]) -> Result<MachineState> {
@@ -586,7 +641,7 @@ mod tests {
     fn counts_beyond_their_caps_or_the_bytes_left_are_refused_before_allocating() {
         let bytes = encode_state(&sample_state()).unwrap();
         let at = pending_count_at(&bytes);
-        assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes());
+        assert_eq!(bytes[at..at + 4], 5u32.to_le_bytes());
         let mut huge = bytes.clone();
         huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         let Err(SnapshotError::State(err)) = decode(&huge) else { panic!("a huge count is refused") };
@@ -617,6 +672,15 @@ mod tests {
         out_of_order.pending_inputs.swap(0, 3);
         out_of_order.pending_inputs[3].icount = 1_000;
         assert!(decode(&encode_state(&out_of_order).unwrap()).is_err());
+        for rate in [0, MAX_ICOUNT_PER_TICK + 1] {
+            let stopped = MachineState { icount_per_tick: rate, ..sample_state() };
+            let err = decode(&encode_state(&stopped).unwrap()).unwrap_err().to_string();
+            assert!(err.contains(&format!("the clock rate of {rate} instructions per tick")), "{err}");
+            let mut input = sample_state();
+            input.pending_inputs[4].kind = InputKind::ClockRate { icount_per_tick: rate };
+            let err = decode(&encode_state(&input).unwrap()).unwrap_err().to_string();
+            assert!(err.contains(&format!("a clock-rate input of {rate} instructions")), "{err}");
+        }
     }
 
     #[test]
