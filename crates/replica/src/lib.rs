@@ -110,17 +110,15 @@
 //! talking; *BackupOverloaded* — the machine applies more slowly than checkpoints arrive;
 //! *LeaseLost*, *LeaseExpired* — the primary must stop (another replica may be live).
 
-pub mod lease;
 pub mod messages;
 pub mod output_commit;
 pub mod protocol;
 pub mod wire;
 
-pub use lease::{AcquireOutcome, FileLease, Lease, LeaseError, LeaseRecord, MemoryLease, RenewOutcome};
 pub use messages::{CheckpointId, ConfigDigest, Message, MessageError, Role, PROTOCOL_VERSION};
 pub use output_commit::{OutputBuffer, OutputBufferFull};
 pub use protocol::{
-    Backup, BackupAction, BackupConfig, BackupEvent, CheckpointKind, LeaseGrant, Primary, PrimaryAction, PrimaryConfig,
-    PrimaryEvent, ProtocolError,
+    Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, BackupStatus, CheckpointKind, ConnId, Primary,
+    PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection, ProtocolError, RecordView, SwapAnswer,
 };
 pub use wire::{Decoder, Encoder, Frame, KeyError, Nonce, PresharedKey, WireError};

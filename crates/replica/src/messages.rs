@@ -7,7 +7,7 @@ use thiserror::Error;
 use crate::wire::{Frame, Nonce, NONCE_BYTES};
 
 /// The version of the protocol's messages and rules (the frame format has its own).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The longest reason a Goodbye may carry.
 pub const MAX_REASON_BYTES: usize = 1024;
 
@@ -35,9 +35,12 @@ pub struct CheckpointId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// Primary → backup, the first frame of a connection (under the hello key).
-    Hello { protocol_version: u16, role: Role, config_digest: ConfigDigest, nonce: Nonce, run_id: u64, term: u64 },
+    /// `generation` is the ownership generation the primary holds.
+    Hello { protocol_version: u16, role: Role, config_digest: ConfigDigest, nonce: Nonce, run_id: u64, generation: u64 },
     /// Backup → primary, the answer to Hello (under the hello key). `latest` is the checkpoint
-    /// the backup's machine holds (or will, once its pending applies are done).
+    /// the backup's machine holds (or will, once its pending applies are done); `partial` the
+    /// checkpoint it was receiving when the last connection broke, and how many of its bytes
+    /// it holds, so that the primary resumes it instead of starting again.
     HelloAck {
         protocol_version: u16,
         role: Role,
@@ -45,12 +48,16 @@ pub enum Message {
         nonce: Nonce,
         primary_nonce: Nonce,
         latest: Option<CheckpointId>,
+        partial: Option<(CheckpointId, u64)>,
     },
     /// Either way, every heartbeat interval: "I am alive". `epoch` is the sender's latest.
     Heartbeat { now_ms: u64, epoch: u64 },
     /// Primary → backup: a checkpoint follows. `base_epoch` is None for a full checkpoint, or
     /// the epoch an incremental one applies on top of.
     CheckpointBegin { epoch: u64, base_epoch: Option<u64>, icount: u64, total_bytes: u64 },
+    /// Primary → backup: the checkpoint of `epoch` the backup holds part of (its HelloAck said
+    /// how much) continues at `offset`.
+    CheckpointResume { epoch: u64, offset: u64 },
     /// Primary → backup: the payload bytes at `offset`; chunks come in order.
     CheckpointChunk { epoch: u64, offset: u64, bytes: Vec<u8> },
     /// Primary → backup: the checkpoint is whole; its payload hashes to `digest`.
@@ -60,6 +67,12 @@ pub enum Message {
     /// Backup → primary: the incremental checkpoint of `epoch` does not apply on what this
     /// backup holds (`latest`), so it was dropped; send a full one.
     NeedFull { epoch: u64, latest: Option<CheckpointId> },
+    /// Primary → backup: once the backup holds epoch `from_epoch` of this run (or later), its
+    /// state covers every output the primary released under `generation`, so it may take over
+    /// by swapping that generation. Sent when the primary becomes protected.
+    Protected { generation: u64, from_epoch: u64 },
+    /// Primary → backup: the VM ended with this exit code; the backup must not take over.
+    End { exit_code: u32 },
     /// Either way: the sender closes the connection, for this reason.
     Goodbye { reason: String },
 }
@@ -90,6 +103,9 @@ mod frame_type {
     pub const ACK: u8 = 7;
     pub const NEED_FULL: u8 = 8;
     pub const GOODBYE: u8 = 9;
+    pub const CHECKPOINT_RESUME: u8 = 10;
+    pub const PROTECTED: u8 = 11;
+    pub const END: u8 = 12;
 }
 
 impl Message {
@@ -105,6 +121,9 @@ impl Message {
             Message::Ack { .. } => "Ack",
             Message::NeedFull { .. } => "NeedFull",
             Message::Goodbye { .. } => "Goodbye",
+            Message::CheckpointResume { .. } => "CheckpointResume",
+            Message::Protected { .. } => "Protected",
+            Message::End { .. } => "End",
         }
     }
 
@@ -112,23 +131,41 @@ impl Message {
     pub fn encode(&self) -> (u8, Vec<u8>) {
         let mut w = Vec::new();
         let frame_type = match self {
-            Message::Hello { protocol_version, role, config_digest, nonce, run_id, term } => {
+            Message::Hello { protocol_version, role, config_digest, nonce, run_id, generation } => {
                 w.extend_from_slice(&protocol_version.to_le_bytes());
                 w.push(role_byte(*role));
                 w.extend_from_slice(config_digest);
                 w.extend_from_slice(nonce);
                 w.extend_from_slice(&run_id.to_le_bytes());
-                w.extend_from_slice(&term.to_le_bytes());
+                w.extend_from_slice(&generation.to_le_bytes());
                 frame_type::HELLO
             }
-            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest } => {
+            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest, partial } => {
                 w.extend_from_slice(&protocol_version.to_le_bytes());
                 w.push(role_byte(*role));
                 w.extend_from_slice(config_digest);
                 w.extend_from_slice(nonce);
                 w.extend_from_slice(primary_nonce);
                 put_checkpoint_id(&mut w, *latest);
+                put_checkpoint_id(&mut w, partial.map(|(id, _)| id));
+                if let Some((_, offset)) = partial {
+                    w.extend_from_slice(&offset.to_le_bytes());
+                }
                 frame_type::HELLO_ACK
+            }
+            Message::CheckpointResume { epoch, offset } => {
+                w.extend_from_slice(&epoch.to_le_bytes());
+                w.extend_from_slice(&offset.to_le_bytes());
+                frame_type::CHECKPOINT_RESUME
+            }
+            Message::Protected { generation, from_epoch } => {
+                w.extend_from_slice(&generation.to_le_bytes());
+                w.extend_from_slice(&from_epoch.to_le_bytes());
+                frame_type::PROTECTED
+            }
+            Message::End { exit_code } => {
+                w.extend_from_slice(&exit_code.to_le_bytes());
+                frame_type::END
             }
             Message::Heartbeat { now_ms, epoch } => {
                 w.extend_from_slice(&now_ms.to_le_bytes());
@@ -185,6 +222,9 @@ impl Message {
             frame_type::ACK => "Ack",
             frame_type::NEED_FULL => "NeedFull",
             frame_type::GOODBYE => "Goodbye",
+            frame_type::CHECKPOINT_RESUME => "CheckpointResume",
+            frame_type::PROTECTED => "Protected",
+            frame_type::END => "End",
             frame_type => return Err(MessageError::UnknownType { frame_type }),
         };
         let mut r = Reader { bytes: &frame.payload, message: name };
@@ -195,7 +235,7 @@ impl Message {
                 config_digest: r.array()?,
                 nonce: r.array::<NONCE_BYTES>()?,
                 run_id: r.u64()?,
-                term: r.u64()?,
+                generation: r.u64()?,
             },
             frame_type::HELLO_ACK => Message::HelloAck {
                 protocol_version: r.u16()?,
@@ -204,7 +244,14 @@ impl Message {
                 nonce: r.array()?,
                 primary_nonce: r.array()?,
                 latest: r.checkpoint_id("latest")?,
+                partial: match r.checkpoint_id("partial")? {
+                    None => None,
+                    Some(id) => Some((id, r.u64()?)),
+                },
             },
+            frame_type::CHECKPOINT_RESUME => Message::CheckpointResume { epoch: r.u64()?, offset: r.u64()? },
+            frame_type::PROTECTED => Message::Protected { generation: r.u64()?, from_epoch: r.u64()? },
+            frame_type::END => Message::End { exit_code: r.u32()? },
             frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64()?, epoch: r.u64()? },
             frame_type::CHECKPOINT_BEGIN => Message::CheckpointBegin {
                 epoch: r.u64()?,
@@ -294,6 +341,10 @@ impl<'a> Reader<'a> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
+    fn u32(&mut self) -> Result<u32, MessageError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
     fn u64(&mut self) -> Result<u64, MessageError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
@@ -345,7 +396,7 @@ mod tests {
                 config_digest: [3; 32],
                 nonce: [4; NONCE_BYTES],
                 run_id: 5,
-                term: 6,
+                generation: 6,
             },
             Message::HelloAck {
                 protocol_version: 1,
@@ -354,6 +405,7 @@ mod tests {
                 nonce: [7; NONCE_BYTES],
                 primary_nonce: [4; NONCE_BYTES],
                 latest: Some(CheckpointId { run_id: 5, epoch: 9 }),
+                partial: Some((CheckpointId { run_id: 5, epoch: 10 }, 4096)),
             },
             Message::HelloAck {
                 protocol_version: 1,
@@ -362,6 +414,7 @@ mod tests {
                 nonce: [7; NONCE_BYTES],
                 primary_nonce: [4; NONCE_BYTES],
                 latest: None,
+                partial: None,
             },
             Message::Heartbeat { now_ms: 1234, epoch: 8 },
             Message::CheckpointBegin { epoch: 2, base_epoch: Some(1), icount: 99, total_bytes: 10 },
@@ -371,6 +424,9 @@ mod tests {
             Message::Ack { epoch: 2 },
             Message::NeedFull { epoch: 3, latest: Some(CheckpointId { run_id: 5, epoch: 1 }) },
             Message::NeedFull { epoch: 3, latest: None },
+            Message::CheckpointResume { epoch: 10, offset: 4096 },
+            Message::Protected { generation: 7, from_epoch: 12 },
+            Message::End { exit_code: 3 },
             Message::Goodbye { reason: "configuration mismatch".into() },
         ]
     }

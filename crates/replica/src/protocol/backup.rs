@@ -1,18 +1,30 @@
-//! The backup's side: answer the handshake, reassemble checkpoints and hand each one to the
-//! machine only once it is whole and its digest matches, acknowledge what the machine has
-//! applied, and take over (lease first) when the primary falls silent.
+//! The backup's side: answer handshakes (a few at a time, each with a deadline, so that
+//! strangers cannot disturb the primary's connection), reassemble checkpoints and hand each
+//! one to the machine only once it is whole and its digest matches, keep a checkpoint cut
+//! off by a broken connection so that the primary can resume it, acknowledge what the
+//! machine has applied, and take over — by swapping the ownership generation its state
+//! belongs to — when the primary falls silent.
+//!
+//! Connections: every connection the caller accepts gets a [`ConnId`]. Until it has proved
+//! it knows the key *and* is fresh (a valid Hello, then a first frame under the session keys
+//! derived from both sides' nonces), it is *pending*: it cannot touch the checkpoint being
+//! received, does not count as a sign of life, and is dropped at its handshake deadline or
+//! when too many others wait (the oldest goes first). Only then does it replace the
+//! connection the backup had.
 
 use std::collections::VecDeque;
 
 use sha2::{Digest, Sha256};
 
-use super::{goodbye, worth_a_goodbye, Link, ProtocolError};
-use crate::lease::{AcquireOutcome, LeaseError};
+use super::{goodbye, worth_a_goodbye, Link, ProtocolError, SwapAnswer};
 use crate::messages::{CheckpointId, ConfigDigest, Message, Role, PROTOCOL_VERSION};
 use crate::wire::{Decoder, Direction, Encoder, Nonce, PresharedKey};
 
 /// Never reserve more than this for a checkpoint before its bytes arrive.
 const MAX_RESERVE_BYTES: u64 = 64 << 20;
+
+/// The caller's name for one accepted connection (unique for the backup's lifetime).
+pub type ConnId = u64;
 
 /// The backup's settings. [`BackupConfig::new`] fills in sensible values.
 #[derive(Debug, Clone)]
@@ -20,11 +32,14 @@ pub struct BackupConfig {
     pub key: PresharedKey,
     pub config_digest: ConfigDigest,
     pub heartbeat_interval_ms: u64,
+    /// A connection that has not authenticated within this long is dropped.
     pub handshake_timeout_ms: u64,
+    /// Connections waiting for their handshake at once; a newer one pushes out the oldest.
+    pub max_pending_handshakes: usize,
     /// Silence from the primary for this long makes the backup try to take over.
     pub failover_timeout_ms: u64,
-    /// After losing a lease race (or failing to reach the lease), try again this much later.
-    pub lease_retry_ms: u64,
+    /// After the store could not be reached, try again this much later.
+    pub store_retry_ms: u64,
     /// The largest checkpoint accepted: set it above RAM + disk + device state.
     pub max_checkpoint_bytes: u64,
     /// Whole checkpoints waiting for the machine to apply them; more closes the connection.
@@ -36,12 +51,13 @@ impl BackupConfig {
         BackupConfig {
             key,
             config_digest,
-            heartbeat_interval_ms: 50,
-            handshake_timeout_ms: 2000,
-            failover_timeout_ms: 1000,
-            lease_retry_ms: 250,
+            heartbeat_interval_ms: 10,
+            handshake_timeout_ms: 500,
+            max_pending_handshakes: 16,
+            failover_timeout_ms: 100,
+            store_retry_ms: 100,
             max_checkpoint_bytes,
-            max_queued_checkpoints: 8,
+            max_queued_checkpoints: 64,
         }
     }
 }
@@ -51,47 +67,51 @@ impl BackupConfig {
 pub enum BackupEvent<'a> {
     /// Time has passed: feed one every few milliseconds.
     Tick { now_ms: u64 },
-    /// A primary connected; `nonce` is fresh random bytes.
-    Connected { nonce: Nonce },
-    /// Bytes arrived on the connection, cut anywhere.
-    Received(&'a [u8]),
-    /// The connection ended (end of stream or an I/O error).
-    Disconnected,
+    /// A connection was accepted; `nonce` is fresh random bytes.
+    Connected { conn: ConnId, nonce: Nonce },
+    /// Bytes arrived on a connection, cut anywhere.
+    Received { conn: ConnId, bytes: &'a [u8] },
+    /// A connection ended (end of stream or an I/O error).
+    Disconnected { conn: ConnId },
     /// The machine applied the checkpoint of the last `ApplyCheckpoint` action.
     CheckpointApplied { epoch: u64 },
     /// The machine could not apply it; its state is no longer a whole checkpoint.
     ApplyFailed { epoch: u64, reason: String },
-    /// The answer to an `AcquireLease` action.
-    LeaseAcquisition(Result<AcquireOutcome, &'a LeaseError>),
+    /// The answer to a `ClaimOwnership` action (`Err`: the store could not be reached).
+    Claim(Result<SwapAnswer, String>),
 }
 
 /// What a backup asks its caller to do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackupAction {
-    /// Write these bytes to the connection.
-    Send(Vec<u8>),
+    /// Write these bytes to connection `conn`.
+    Send { conn: ConnId, bytes: Vec<u8> },
     /// Apply this whole, verified checkpoint to the stopped machine (on top of `base_epoch`,
     /// or replacing everything when it is None), then report `CheckpointApplied` or
     /// `ApplyFailed`. No other ApplyCheckpoint comes before that report.
     /// `run_id` names the primary run that took it (for logs; the machine needs only the rest).
     ApplyCheckpoint { run_id: u64, epoch: u64, base_epoch: Option<u64>, icount: u64, payload: Vec<u8> },
-    /// Close the connection; keep listening for a primary.
-    Close { error: ProtocolError },
-    /// The primary has been silent for the failover timeout: call
-    /// `Lease::try_acquire(holder, now_ms, ttl_ms)` and report the answer.
-    AcquireLease,
-    /// This replica holds the lease (term `term`): resume the machine, which holds the
-    /// checkpoint of `epoch`, and run it as the new primary: a fresh [`super::Primary`] with
-    /// a new run id and `LeaseGrant { term, acquired_at_ms }`, where `acquired_at_ms` is the
-    /// `now_ms` that was passed to the winning `try_acquire`. Outputs the old primary held
+    /// Close connection `conn`, for this reason (log it for the primary's connection).
+    Close { conn: ConnId, error: ProtocolError },
+    /// The primary has been silent for the failover timeout: compare-and-swap the VM's
+    /// ownership record from `generation` to `generation + 1`, owned by this replica, and
+    /// report `Claim`.
+    ClaimOwnership { generation: u64 },
+    /// The primary is silent but this backup cannot take over (log it once): its state
+    /// belongs to an older generation than the one the primary released outputs under.
+    CannotTakeOver { reason: String },
+    /// This replica owns the VM at `generation`: resume the machine, which holds the
+    /// checkpoint of `epoch`, and run it as the new primary. Outputs the old primary held
     /// for later epochs are lost with it; the guest produces them again.
-    GoLive { epoch: u64, icount: u64, term: u64 },
+    GoLive { epoch: u64, icount: u64, generation: u64 },
+    /// The VM ended on the primary with `exit_code`: exit with it, never take over.
+    Exit { exit_code: u32 },
 }
 
 #[derive(Debug)]
 enum Incoming {
     Receiving {
-        epoch: u64,
+        id: CheckpointId,
         base_epoch: Option<u64>,
         icount: u64,
         total_bytes: u64,
@@ -99,18 +119,16 @@ enum Incoming {
         hasher: Sha256,
     },
     /// An incremental checkpoint that does not fit this backup's state: skipped.
-    Discarding {
-        epoch: u64,
-    },
+    Discarding { epoch: u64 },
 }
 
 #[derive(Debug)]
 struct BackupLink {
+    conn: ConnId,
     link: Link,
     nonce: Nonce,
-    /// The primary's run, once the handshake is done.
-    run_id: Option<u64>,
-    incoming: Option<Incoming>,
+    /// The primary's run and generation, once its Hello checked out.
+    hello: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -127,24 +145,62 @@ struct Applied {
     icount: u64,
 }
 
+/// What the primary said this backup's state counts for: generation `generation` once it
+/// holds epoch `from_epoch` of run `run_id`, or later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClaimRight {
+    run_id: u64,
+    generation: u64,
+    from_epoch: u64,
+}
+
+/// What `status` reports of a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupStatus {
+    pub primary_connected: bool,
+    pub applied_epoch: Option<u64>,
+    /// The generation the applied state counts for (it may take over by swapping it).
+    pub state_generation: Option<u64>,
+    /// The newest generation heard of (from a primary's Hello or the store).
+    pub newest_generation: u64,
+    /// The state is older than outputs that left: this backup cannot take over.
+    pub stale: bool,
+    pub pending_handshakes: usize,
+    pub refused_connections: u64,
+    pub partial_bytes: u64,
+    pub live_generation: Option<u64>,
+}
+
 /// The backup's protocol state machine.
 #[derive(Debug)]
 pub struct Backup {
     config: BackupConfig,
     now_ms: u64,
+    /// The authenticated primary's connection.
     link: Option<BackupLink>,
+    /// Connections still in their handshake, oldest first.
+    pending: VecDeque<BackupLink>,
+    /// The checkpoint being received; kept across a broken connection for resuming.
+    incoming: Option<Incoming>,
+    /// `incoming` came over an earlier connection: the new one resumes it or starts afresh.
+    incoming_from_old_link: bool,
     /// What the machine holds once every queued and pending checkpoint is applied.
     latest: Option<CheckpointId>,
     /// What the machine is known to hold.
     applied: Option<Applied>,
     /// Handed to the machine, not yet reported.
-    pending: Option<Applied>,
+    applying: Option<Applied>,
     ready: VecDeque<WholeCheckpoint>,
-    highest_term: u64,
+    right: Option<ClaimRight>,
+    newest_generation: u64,
     last_heard_ms: Option<u64>,
-    lease_outstanding: bool,
-    next_lease_attempt_ms: u64,
-    live_term: Option<u64>,
+    claim_outstanding: bool,
+    next_claim_attempt_ms: u64,
+    /// Said that it cannot take over, for this silence.
+    said_cannot: bool,
+    live_generation: Option<u64>,
+    exited: bool,
+    refused_connections: u64,
 }
 
 impl Backup {
@@ -153,15 +209,22 @@ impl Backup {
             config,
             now_ms,
             link: None,
+            pending: VecDeque::new(),
+            incoming: None,
+            incoming_from_old_link: false,
             latest: None,
             applied: None,
-            pending: None,
+            applying: None,
             ready: VecDeque::new(),
-            highest_term: 0,
+            right: None,
+            newest_generation: 0,
             last_heard_ms: None,
-            lease_outstanding: false,
-            next_lease_attempt_ms: 0,
-            live_term: None,
+            claim_outstanding: false,
+            next_claim_attempt_ms: 0,
+            said_cannot: false,
+            live_generation: None,
+            exited: false,
+            refused_connections: 0,
         }
     }
 
@@ -170,20 +233,12 @@ impl Backup {
         let mut actions = Vec::new();
         match event {
             BackupEvent::Tick { now_ms } => self.on_tick(now_ms, &mut actions),
-            BackupEvent::Connected { nonce } => self.on_connected(nonce, &mut actions),
-            BackupEvent::Received(bytes) => self.on_received(bytes, &mut actions),
-            BackupEvent::Disconnected => {
-                if let Some(bl) = self.link.take() {
-                    let error = match bl.link.decoder.finish() {
-                        Err(truncated) => truncated.into(),
-                        Ok(()) => ProtocolError::ConnectionLost,
-                    };
-                    actions.push(BackupAction::Close { error });
-                }
-            }
+            BackupEvent::Connected { conn, nonce } => self.on_connected(conn, nonce, &mut actions),
+            BackupEvent::Received { conn, bytes } => self.on_received(conn, bytes, &mut actions),
+            BackupEvent::Disconnected { conn } => self.on_disconnected(conn, &mut actions),
             BackupEvent::CheckpointApplied { epoch } => self.on_applied(epoch, &mut actions),
             BackupEvent::ApplyFailed { epoch, reason } => self.on_apply_failed(epoch, reason, &mut actions),
-            BackupEvent::LeaseAcquisition(answer) => self.on_lease(answer, &mut actions),
+            BackupEvent::Claim(answer) => self.on_claim(answer, &mut actions),
         }
         actions
     }
@@ -193,84 +248,147 @@ impl Backup {
         self.applied.map(|a| a.id)
     }
 
-    /// Whether this backup has gone live (it then ignores primaries).
+    /// Whether this backup has gone live (it then refuses primaries).
     pub fn is_live(&self) -> bool {
-        self.live_term.is_some()
+        self.live_generation.is_some()
     }
 
     /// Whether a primary is connected and past the handshake.
     pub fn is_streaming(&self) -> bool {
-        self.link.as_ref().is_some_and(|bl| bl.run_id.is_some())
+        self.link.is_some()
+    }
+
+    /// The generation the applied state counts for, if any.
+    pub fn state_generation(&self) -> Option<u64> {
+        let (applied, right) = (self.applied?, self.right?);
+        (applied.id.run_id == right.run_id && applied.id.epoch >= right.from_epoch).then_some(right.generation)
+    }
+
+    pub fn status(&self) -> BackupStatus {
+        let state_generation = self.state_generation();
+        BackupStatus {
+            primary_connected: self.is_streaming(),
+            applied_epoch: self.applied.map(|a| a.id.epoch),
+            state_generation,
+            newest_generation: self.newest_generation,
+            stale: self.applied.is_some() && state_generation.is_none_or(|g| g < self.newest_generation),
+            pending_handshakes: self.pending.len(),
+            refused_connections: self.refused_connections,
+            partial_bytes: match &self.incoming {
+                Some(Incoming::Receiving { bytes, .. }) => bytes.len() as u64,
+                _ => 0,
+            },
+            live_generation: self.live_generation,
+        }
     }
 
     fn on_tick(&mut self, now_ms: u64, actions: &mut Vec<BackupAction>) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
-        if self.is_live() {
+        if self.is_live() || self.exited {
             return;
         }
+        while let Some(p) = self.pending.front() {
+            if now - p.link.opened_ms.min(now) < self.config.handshake_timeout_ms {
+                break;
+            }
+            let p = self.pending.pop_front().expect("checked");
+            let waited_ms = now - p.link.opened_ms.min(now);
+            self.refused_connections += 1;
+            actions.push(BackupAction::Close { conn: p.conn, error: ProtocolError::HandshakeTimeout { waited_ms } });
+        }
         if let Some(bl) = &mut self.link {
-            let link = &mut bl.link;
-            if bl.run_id.is_none() && now - link.opened_ms >= self.config.handshake_timeout_ms {
-                let waited_ms = now - link.opened_ms;
-                self.close(ProtocolError::HandshakeTimeout { waited_ms }, actions);
-            } else if bl.run_id.is_some() && now - link.last_sent_ms >= self.config.heartbeat_interval_ms {
+            if now - bl.link.last_sent_ms >= self.config.heartbeat_interval_ms {
                 let epoch = self.latest.map_or(0, |id| id.epoch);
-                actions.push(BackupAction::Send(link.frame(&Message::Heartbeat { now_ms: now, epoch }, now)));
+                let bytes = bl.link.frame(&Message::Heartbeat { now_ms: now, epoch }, now);
+                actions.push(BackupAction::Send { conn: bl.conn, bytes });
             }
         }
         self.maybe_suspect(actions);
     }
 
     /// Failover rule: silent primary + a whole checkpoint applied + nothing left to apply
-    /// → try the lease (again after `lease_retry_ms` if it was refused).
+    /// → claim the ownership record for the generation the state belongs to.
     fn maybe_suspect(&mut self, actions: &mut Vec<BackupAction>) {
         let now = self.now_ms;
         let Some(heard_ms) = self.last_heard_ms else { return };
         let silent_ms = now - heard_ms.min(now);
-        let quiet = self.pending.is_none() && self.ready.is_empty();
+        let quiet = self.applying.is_none() && self.ready.is_empty();
         if silent_ms < self.config.failover_timeout_ms
             || self.applied.is_none()
             || !quiet
-            || self.lease_outstanding
-            || now < self.next_lease_attempt_ms
+            || self.claim_outstanding
+            || now < self.next_claim_attempt_ms
         {
             return;
         }
-        if self.is_streaming() {
-            self.close(ProtocolError::PeerSilent { silent_ms }, actions);
+        let Some(generation) = self.state_generation().filter(|g| *g >= self.newest_generation) else {
+            if !self.said_cannot {
+                self.said_cannot = true;
+                let reason = match self.state_generation() {
+                    None => format!(
+                        "the primary has been silent for {silent_ms} ms, but this backup's state was never \
+                         declared protected (it was still catching up): it cannot take over"
+                    ),
+                    Some(g) => format!(
+                        "the primary has been silent for {silent_ms} ms, but this backup's state belongs to \
+                         generation {g} and the VM is at generation {} (outputs left without this backup): \
+                         it cannot take over, and waits for a primary to resynchronize it",
+                        self.newest_generation
+                    ),
+                };
+                actions.push(BackupAction::CannotTakeOver { reason });
+            }
+            return;
+        };
+        if let Some(bl) = self.link.take() {
+            self.close_link(bl, ProtocolError::PeerSilent { silent_ms }, actions);
         }
-        self.lease_outstanding = true;
-        actions.push(BackupAction::AcquireLease);
+        self.claim_outstanding = true;
+        actions.push(BackupAction::ClaimOwnership { generation });
     }
 
-    fn on_lease(&mut self, answer: Result<AcquireOutcome, &LeaseError>, actions: &mut Vec<BackupAction>) {
-        if !self.lease_outstanding || self.is_live() {
+    fn on_claim(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<BackupAction>) {
+        if !self.claim_outstanding || self.is_live() {
             return;
         }
-        self.lease_outstanding = false;
+        self.claim_outstanding = false;
         match answer {
-            Ok(AcquireOutcome::Acquired(record)) => {
-                let applied = self.applied.expect("the lease is only sought with a whole checkpoint applied");
-                self.close(ProtocolError::AlreadyLive, actions);
+            Ok(SwapAnswer::Swapped { generation }) => {
+                let applied = self.applied.expect("ownership is only claimed with a whole checkpoint applied");
+                self.close_all(ProtocolError::AlreadyLive, actions);
                 // Whole checkpoints that arrived meanwhile are newer but not needed: the
                 // primary released outputs only up to what this backup acknowledged.
                 self.ready.clear();
-                self.live_term = Some(record.term);
-                actions.push(BackupAction::GoLive {
-                    epoch: applied.id.epoch,
-                    icount: applied.icount,
-                    term: record.term,
-                });
+                self.incoming = None;
+                self.live_generation = Some(generation);
+                actions.push(BackupAction::GoLive { epoch: applied.id.epoch, icount: applied.icount, generation });
             }
-            Ok(AcquireOutcome::Busy(_)) | Err(_) => {
-                self.next_lease_attempt_ms = self.now_ms + self.config.lease_retry_ms;
+            Ok(SwapAnswer::Conflict { ended: Some(exit_code), .. }) => self.exit(exit_code, actions),
+            Ok(SwapAnswer::Conflict { generation, owner, .. }) => {
+                self.newest_generation = self.newest_generation.max(generation.unwrap_or(0));
+                let ours = self.state_generation().unwrap_or(0);
+                actions.push(BackupAction::CannotTakeOver {
+                    reason: format!(
+                        "the ownership record is at generation {generation:?}, owned by {owner}, and this backup's \
+                         state belongs to generation {ours}: another replica went on without it, so it cannot \
+                         take over; it waits for a primary to resynchronize it"
+                    ),
+                });
+                self.said_cannot = true;
+            }
+            Err(_) => {
+                self.next_claim_attempt_ms = self.now_ms + self.config.store_retry_ms;
                 self.pump(actions);
             }
         }
     }
 
-    fn on_connected(&mut self, nonce: Nonce, actions: &mut Vec<BackupAction>) {
+    fn on_connected(&mut self, conn: ConnId, nonce: Nonce, actions: &mut Vec<BackupAction>) {
+        if self.is_live() || self.exited {
+            self.refused_connections += 1;
+            return actions.push(BackupAction::Close { conn, error: ProtocolError::AlreadyLive });
+        }
         let key = &self.config.key;
         let link = Link {
             encoder: Encoder::new(key.hello_key(Direction::BackupToPrimary)),
@@ -279,96 +397,177 @@ impl Backup {
             last_heard_ms: self.now_ms,
             last_sent_ms: self.now_ms,
         };
-        // A new connection replaces the old one, whose partial checkpoint is dropped.
-        self.link = Some(BackupLink { link, nonce, run_id: None, incoming: None });
-        if self.is_live() {
-            self.close(ProtocolError::AlreadyLive, actions);
+        if self.pending.len() >= self.config.max_pending_handshakes.max(1) {
+            let oldest = self.pending.pop_front().expect("the queue is full");
+            self.refused_connections += 1;
+            actions.push(BackupAction::Close { conn: oldest.conn, error: ProtocolError::TooManyHandshakes });
+        }
+        self.pending.push_back(BackupLink { conn, link, nonce, hello: None });
+    }
+
+    fn on_disconnected(&mut self, conn: ConnId, actions: &mut Vec<BackupAction>) {
+        if let Some(bl) = self.link.take_if(|bl| bl.conn == conn) {
+            let error = match bl.link.decoder.finish() {
+                Err(truncated) => truncated.into(),
+                Ok(()) => ProtocolError::ConnectionLost,
+            };
+            actions.push(BackupAction::Close { conn, error });
+        } else if let Some(index) = self.pending.iter().position(|p| p.conn == conn) {
+            self.pending.remove(index);
+            actions.push(BackupAction::Close { conn, error: ProtocolError::ConnectionLost });
         }
     }
 
-    fn on_received(&mut self, bytes: &[u8], actions: &mut Vec<BackupAction>) {
-        let Some(bl) = &mut self.link else { return };
-        bl.link.decoder.push(bytes);
+    fn on_received(&mut self, conn: ConnId, bytes: &[u8], actions: &mut Vec<BackupAction>) {
+        if let Some(bl) = self.link.as_mut().filter(|bl| bl.conn == conn) {
+            bl.link.decoder.push(bytes);
+            return self.drain_link(conn, actions);
+        }
+        let Some(index) = self.pending.iter().position(|p| p.conn == conn) else { return };
+        self.pending[index].link.decoder.push(bytes);
         loop {
-            let Some(bl) = &mut self.link else { return };
+            let Some(index) = self.pending.iter().position(|p| p.conn == conn) else { return };
+            let result = match self.pending[index].link.next_message(self.now_ms) {
+                Ok(None) => return,
+                Ok(Some(message)) => self.on_pending_message(index, message, actions),
+                Err(error) => Err(error),
+            };
+            match result {
+                // Promoted: what else it sent is the primary's.
+                Ok(true) => return self.drain_link(conn, actions),
+                Ok(false) => {}
+                Err(error) => {
+                    let p = self.pending.remove(index).expect("index checked");
+                    self.refused_connections += 1;
+                    return self.close_link(p, error, actions);
+                }
+            }
+        }
+    }
+
+    /// Handle every whole message buffered on the primary's connection.
+    fn drain_link(&mut self, conn: ConnId, actions: &mut Vec<BackupAction>) {
+        loop {
+            let Some(bl) = self.link.as_mut().filter(|bl| bl.conn == conn) else { return };
             let result = match bl.link.next_message(self.now_ms) {
                 Ok(None) => return,
                 Ok(Some(message)) => self.on_message(message, actions),
                 Err(error) => Err(error),
             };
             if let Err(error) = result {
-                return self.close(error, actions);
+                let bl = self.link.take().expect("a link reported the error");
+                return self.close_link(bl, error, actions);
+            }
+        }
+    }
+
+    /// A message on a connection still in its handshake: a Hello is answered; the first
+    /// frame under the session keys promotes it (returns true).
+    fn on_pending_message(
+        &mut self,
+        index: usize,
+        message: Message,
+        actions: &mut Vec<BackupAction>,
+    ) -> Result<bool, ProtocolError> {
+        let p = &mut self.pending[index];
+        match (p.hello, message) {
+            (None, Message::Hello { protocol_version, role, config_digest, nonce, run_id, generation }) => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::ProtocolVersionMismatch {
+                        ours: PROTOCOL_VERSION,
+                        theirs: protocol_version,
+                    });
+                }
+                if role != Role::Primary {
+                    return Err(ProtocolError::RoleMismatch { expected: "primary", theirs: "backup" });
+                }
+                if config_digest != self.config.config_digest {
+                    return Err(ProtocolError::ConfigMismatch {
+                        ours: self.config.config_digest,
+                        theirs: config_digest,
+                    });
+                }
+                if generation < self.newest_generation {
+                    return Err(ProtocolError::StaleGeneration { seen: self.newest_generation, theirs: generation });
+                }
+                let partial = match &self.incoming {
+                    Some(Incoming::Receiving { id, bytes, .. }) if id.run_id == run_id => {
+                        Some((*id, bytes.len() as u64))
+                    }
+                    _ => None,
+                };
+                let ack = Message::HelloAck {
+                    protocol_version: PROTOCOL_VERSION,
+                    role: Role::Backup,
+                    config_digest: self.config.config_digest,
+                    nonce: p.nonce,
+                    primary_nonce: nonce,
+                    latest: self.latest,
+                    partial,
+                };
+                let bytes = p.link.frame(&ack, self.now_ms);
+                actions.push(BackupAction::Send { conn: p.conn, bytes });
+                let key = &self.config.key;
+                p.link.encoder.set_key(key.session_key(Direction::BackupToPrimary, &nonce, &p.nonce));
+                p.link.decoder.set_key(key.session_key(Direction::PrimaryToBackup, &nonce, &p.nonce));
+                p.hello = Some((run_id, generation));
+                Ok(false)
+            }
+            (None, Message::Goodbye { reason }) => Err(ProtocolError::PeerClosed { reason }),
+            (None, message) => Err(ProtocolError::UnexpectedMessage {
+                message: message.name(),
+                context: "before the handshake completed",
+            }),
+            (Some((run_id, generation)), message) => {
+                // A frame under the session keys: this connection is the primary, now.
+                let p = self.pending.remove(index).expect("index checked");
+                if let Some(old) = self.link.take() {
+                    self.close_link(old, ProtocolError::ConnectionReplaced, actions);
+                }
+                self.newest_generation = self.newest_generation.max(generation);
+                self.last_heard_ms = Some(self.now_ms);
+                self.said_cannot = false;
+                if let Some(Incoming::Receiving { id, .. }) = &self.incoming {
+                    if id.run_id != run_id {
+                        self.incoming = None;
+                    }
+                }
+                if let Some(Incoming::Discarding { .. }) = &self.incoming {
+                    self.incoming = None;
+                }
+                self.incoming_from_old_link = self.incoming.is_some();
+                self.link = Some(BackupLink { hello: Some((run_id, generation)), ..p });
+                self.on_message(message, actions)?;
+                Ok(true)
             }
         }
     }
 
     fn on_message(&mut self, message: Message, actions: &mut Vec<BackupAction>) -> Result<(), ProtocolError> {
-        let bl = self.link.as_mut().expect("a message arrives on a link");
-        let Some(run_id) = bl.run_id else {
-            return match message {
-                Message::Hello { protocol_version, role, config_digest, nonce, run_id, term } => {
-                    self.on_hello(protocol_version, role, config_digest, nonce, run_id, term, actions)
-                }
-                Message::Goodbye { reason } => Err(ProtocolError::PeerClosed { reason }),
-                message => Err(ProtocolError::UnexpectedMessage {
-                    message: message.name(),
-                    context: "before the handshake completed",
-                }),
-            };
-        };
+        let bl = self.link.as_ref().expect("a message arrives on the link");
+        let (run_id, _) = bl.hello.expect("the link is authenticated");
         self.last_heard_ms = Some(self.now_ms);
         match message {
             Message::Heartbeat { .. } => Ok(()),
             Message::CheckpointBegin { epoch, base_epoch, icount, total_bytes } => {
                 self.on_begin(run_id, epoch, base_epoch, icount, total_bytes, actions)
             }
+            Message::CheckpointResume { epoch, offset } => self.on_resume(run_id, epoch, offset),
             Message::CheckpointChunk { epoch, offset, bytes } => self.on_chunk(epoch, offset, &bytes),
             Message::CheckpointEnd { epoch, digest } => self.on_end(run_id, epoch, digest, actions),
+            Message::Protected { generation, from_epoch } => {
+                self.newest_generation = self.newest_generation.max(generation);
+                self.right = Some(ClaimRight { run_id, generation, from_epoch });
+                self.said_cannot = false;
+                Ok(())
+            }
+            Message::End { exit_code } => {
+                self.exit(exit_code, actions);
+                Ok(())
+            }
             Message::Goodbye { reason } => Err(ProtocolError::PeerClosed { reason }),
             message => Err(ProtocolError::UnexpectedMessage { message: message.name(), context: "to a backup" }),
         }
-    }
-
-    #[allow(clippy::too_many_arguments)] // the fields of a Hello
-    fn on_hello(
-        &mut self,
-        protocol_version: u16,
-        role: Role,
-        config_digest: ConfigDigest,
-        primary_nonce: Nonce,
-        run_id: u64,
-        term: u64,
-        actions: &mut Vec<BackupAction>,
-    ) -> Result<(), ProtocolError> {
-        if protocol_version != PROTOCOL_VERSION {
-            return Err(ProtocolError::ProtocolVersionMismatch { ours: PROTOCOL_VERSION, theirs: protocol_version });
-        }
-        if role != Role::Primary {
-            return Err(ProtocolError::RoleMismatch { expected: "primary", theirs: "backup" });
-        }
-        if config_digest != self.config.config_digest {
-            return Err(ProtocolError::ConfigMismatch { ours: self.config.config_digest, theirs: config_digest });
-        }
-        if term < self.highest_term {
-            return Err(ProtocolError::StaleTerm { seen: self.highest_term, theirs: term });
-        }
-        self.highest_term = term;
-        self.last_heard_ms = Some(self.now_ms);
-        let bl = self.link.as_mut().expect("a Hello arrives on a link");
-        let ack = Message::HelloAck {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::Backup,
-            config_digest: self.config.config_digest,
-            nonce: bl.nonce,
-            primary_nonce,
-            latest: self.latest,
-        };
-        actions.push(BackupAction::Send(bl.link.frame(&ack, self.now_ms)));
-        let key = &self.config.key;
-        bl.link.encoder.set_key(key.session_key(Direction::BackupToPrimary, &primary_nonce, &bl.nonce));
-        bl.link.decoder.set_key(key.session_key(Direction::PrimaryToBackup, &primary_nonce, &bl.nonce));
-        bl.run_id = Some(run_id);
-        Ok(())
     }
 
     fn on_begin(
@@ -381,8 +580,11 @@ impl Backup {
         actions: &mut Vec<BackupAction>,
     ) -> Result<(), ProtocolError> {
         let latest = self.latest;
-        let bl = self.link.as_mut().expect("checked by the caller");
-        if bl.incoming.is_some() {
+        if std::mem::take(&mut self.incoming_from_old_link) {
+            // The primary starts afresh rather than resume the part we hold.
+            self.incoming = None;
+        }
+        if self.incoming.is_some() {
             return Err(ProtocolError::UnexpectedMessage {
                 message: "CheckpointBegin",
                 context: "before the previous checkpoint ended",
@@ -404,37 +606,52 @@ impl Backup {
             Some(base) => latest == Some(CheckpointId { run_id, epoch: base }),
         };
         if !fits {
+            let bl = self.link.as_mut().expect("checked by the caller");
             let need_full = Message::NeedFull { epoch, latest };
-            actions.push(BackupAction::Send(bl.link.frame(&need_full, self.now_ms)));
-            bl.incoming = Some(Incoming::Discarding { epoch });
+            actions.push(BackupAction::Send { conn: bl.conn, bytes: bl.link.frame(&need_full, self.now_ms) });
+            self.incoming = Some(Incoming::Discarding { epoch });
             return Ok(());
         }
         let reserve = total_bytes.min(MAX_RESERVE_BYTES) as usize;
+        let id = CheckpointId { run_id, epoch };
         let bytes = Vec::with_capacity(reserve);
-        bl.incoming =
-            Some(Incoming::Receiving { epoch, base_epoch, icount, total_bytes, bytes, hasher: Sha256::new() });
+        self.incoming = Some(Incoming::Receiving { id, base_epoch, icount, total_bytes, bytes, hasher: Sha256::new() });
         Ok(())
     }
 
+    fn on_resume(&mut self, run_id: u64, epoch: u64, offset: u64) -> Result<(), ProtocolError> {
+        let from_old_link = std::mem::take(&mut self.incoming_from_old_link);
+        match &self.incoming {
+            Some(Incoming::Receiving { id, bytes, .. })
+                if from_old_link && *id == (CheckpointId { run_id, epoch }) && bytes.len() as u64 == offset =>
+            {
+                Ok(())
+            }
+            _ => Err(ProtocolError::MalformedCheckpoint {
+                epoch,
+                detail: format!("a resume at offset {offset} of a checkpoint this backup does not hold that much of"),
+            }),
+        }
+    }
+
     fn on_chunk(&mut self, chunk_epoch: u64, offset: u64, chunk: &[u8]) -> Result<(), ProtocolError> {
-        let bl = self.link.as_mut().expect("checked by the caller");
-        match &mut bl.incoming {
+        match &mut self.incoming {
             None => {
                 Err(ProtocolError::UnexpectedMessage { message: "CheckpointChunk", context: "outside a checkpoint" })
             }
             Some(Incoming::Discarding { epoch }) if *epoch == chunk_epoch => Ok(()),
-            Some(Incoming::Receiving { epoch, total_bytes, bytes, hasher, .. }) if *epoch == chunk_epoch => {
+            Some(Incoming::Receiving { id, total_bytes, bytes, hasher, .. }) if id.epoch == chunk_epoch => {
                 let have = bytes.len() as u64;
                 if offset != have || have + chunk.len() as u64 > *total_bytes {
                     let detail =
                         format!("a {}-byte chunk at offset {offset} after {have} of {total_bytes} bytes", chunk.len());
-                    return Err(ProtocolError::MalformedCheckpoint { epoch: *epoch, detail });
+                    return Err(ProtocolError::MalformedCheckpoint { epoch: id.epoch, detail });
                 }
                 bytes.extend_from_slice(chunk);
                 hasher.update(chunk);
                 Ok(())
             }
-            Some(Incoming::Receiving { epoch, .. } | Incoming::Discarding { epoch }) => {
+            Some(Incoming::Receiving { id: CheckpointId { epoch, .. }, .. } | Incoming::Discarding { epoch }) => {
                 let detail = format!("a chunk of epoch {chunk_epoch} inside it");
                 Err(ProtocolError::MalformedCheckpoint { epoch: *epoch, detail })
             }
@@ -448,9 +665,7 @@ impl Backup {
         digest: [u8; 32],
         actions: &mut Vec<BackupAction>,
     ) -> Result<(), ProtocolError> {
-        let bl = self.link.as_mut().expect("checked by the caller");
-        let incoming = bl.incoming.take();
-        let (epoch, base_epoch, icount, total_bytes, payload, hasher) = match incoming {
+        let (id, base_epoch, icount, total_bytes, payload, hasher) = match self.incoming.take() {
             None => {
                 return Err(ProtocolError::UnexpectedMessage {
                     message: "CheckpointEnd",
@@ -458,16 +673,17 @@ impl Backup {
                 })
             }
             Some(Incoming::Discarding { epoch }) if epoch == end_epoch => return Ok(()),
-            Some(Incoming::Receiving { epoch, base_epoch, icount, total_bytes, bytes, hasher })
-                if epoch == end_epoch =>
+            Some(Incoming::Receiving { id, base_epoch, icount, total_bytes, bytes, hasher })
+                if id.epoch == end_epoch && id.run_id == run_id =>
             {
-                (epoch, base_epoch, icount, total_bytes, bytes, hasher)
+                (id, base_epoch, icount, total_bytes, bytes, hasher)
             }
-            Some(Incoming::Receiving { epoch, .. } | Incoming::Discarding { epoch }) => {
+            Some(Incoming::Receiving { id: CheckpointId { epoch, .. }, .. } | Incoming::Discarding { epoch }) => {
                 let detail = format!("it was ended as epoch {end_epoch}");
                 return Err(ProtocolError::MalformedCheckpoint { epoch, detail });
             }
         };
+        let epoch = id.epoch;
         if payload.len() as u64 != total_bytes {
             let detail = format!("it ended after {} of its {total_bytes} bytes", payload.len());
             return Err(ProtocolError::MalformedCheckpoint { epoch, detail });
@@ -475,11 +691,10 @@ impl Backup {
         if <[u8; 32]>::from(hasher.finalize()) != digest {
             return Err(ProtocolError::CheckpointDigestMismatch { epoch });
         }
-        let queued = self.ready.len() + usize::from(self.pending.is_some());
+        let queued = self.ready.len() + usize::from(self.applying.is_some());
         if queued >= self.config.max_queued_checkpoints {
             return Err(ProtocolError::BackupOverloaded { queued });
         }
-        let id = CheckpointId { run_id, epoch };
         self.ready.push_back(WholeCheckpoint { id, base_epoch, icount, payload });
         self.latest = Some(id);
         self.pump(actions);
@@ -489,44 +704,73 @@ impl Backup {
     /// Hands the next whole checkpoint to the machine, one at a time, and none while a
     /// takeover is being decided.
     fn pump(&mut self, actions: &mut Vec<BackupAction>) {
-        if self.pending.is_some() || self.lease_outstanding || self.is_live() {
+        if self.applying.is_some() || self.claim_outstanding || self.is_live() || self.exited {
             return;
         }
         if let Some(checkpoint) = self.ready.pop_front() {
             let WholeCheckpoint { id, base_epoch, icount, payload } = checkpoint;
-            self.pending = Some(Applied { id, icount });
+            self.applying = Some(Applied { id, icount });
             let run_id = id.run_id;
             actions.push(BackupAction::ApplyCheckpoint { run_id, epoch: id.epoch, base_epoch, icount, payload });
         }
     }
 
     fn on_applied(&mut self, epoch: u64, actions: &mut Vec<BackupAction>) {
-        let applied = self.pending.take().expect("CheckpointApplied follows an ApplyCheckpoint");
+        let applied = self.applying.take().expect("CheckpointApplied follows an ApplyCheckpoint");
         assert_eq!(applied.id.epoch, epoch, "CheckpointApplied names the epoch of the last ApplyCheckpoint");
         self.applied = Some(applied);
+        // Applying takes the machine's time, not the primary's: silence counts from here.
+        if self.link.is_some() {
+            self.last_heard_ms = Some(self.now_ms);
+        }
         let now = self.now_ms;
-        if let Some(bl) = self.link.as_mut().filter(|bl| bl.run_id == Some(applied.id.run_id)) {
-            actions.push(BackupAction::Send(bl.link.frame(&Message::Ack { epoch }, now)));
+        if let Some(bl) = self.link.as_mut().filter(|bl| bl.hello.map(|h| h.0) == Some(applied.id.run_id)) {
+            actions.push(BackupAction::Send { conn: bl.conn, bytes: bl.link.frame(&Message::Ack { epoch }, now) });
         }
         self.pump(actions);
     }
 
     fn on_apply_failed(&mut self, epoch: u64, reason: String, actions: &mut Vec<BackupAction>) {
-        let failed = self.pending.take().expect("ApplyFailed follows an ApplyCheckpoint");
+        let failed = self.applying.take().expect("ApplyFailed follows an ApplyCheckpoint");
         assert_eq!(failed.id.epoch, epoch, "ApplyFailed names the epoch of the last ApplyCheckpoint");
         // The machine no longer holds a whole checkpoint: nothing to build on or go live from.
         self.applied = None;
         self.latest = None;
         self.ready.clear();
-        self.close(ProtocolError::ApplyFailed { epoch, reason }, actions);
+        self.incoming = None;
+        self.incoming_from_old_link = false;
+        if let Some(bl) = self.link.take() {
+            self.close_link(bl, ProtocolError::ApplyFailed { epoch, reason }, actions);
+        }
     }
 
-    fn close(&mut self, error: ProtocolError, actions: &mut Vec<BackupAction>) {
-        if let Some(mut bl) = self.link.take() {
-            if worth_a_goodbye(&error) {
-                actions.push(BackupAction::Send(bl.link.frame(&goodbye(&error), self.now_ms)));
-            }
-            actions.push(BackupAction::Close { error });
+    fn exit(&mut self, exit_code: u32, actions: &mut Vec<BackupAction>) {
+        if self.exited {
+            return;
         }
+        self.exited = true;
+        self.close_all(ProtocolError::VmEnded { exit_code }, actions);
+        actions.push(BackupAction::Exit { exit_code });
+    }
+
+    fn close_all(&mut self, error: ProtocolError, actions: &mut Vec<BackupAction>) {
+        if let Some(bl) = self.link.take() {
+            self.close_link(bl, error.clone(), actions);
+        }
+        while let Some(p) = self.pending.pop_front() {
+            actions.push(BackupAction::Close { conn: p.conn, error: error.clone() });
+        }
+    }
+
+    fn close_link(&mut self, mut bl: BackupLink, error: ProtocolError, actions: &mut Vec<BackupAction>) {
+        if worth_a_goodbye(&error) {
+            let bytes = bl.link.frame(&goodbye(&error), self.now_ms);
+            actions.push(BackupAction::Send { conn: bl.conn, bytes });
+        }
+        if let Some(Incoming::Discarding { .. }) = &self.incoming {
+            self.incoming = None;
+        }
+        self.incoming_from_old_link = false;
+        actions.push(BackupAction::Close { conn: bl.conn, error });
     }
 }

@@ -8,8 +8,29 @@ mod primary;
 #[cfg(test)]
 mod tests;
 
-pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent};
-pub use primary::{CheckpointKind, LeaseGrant, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent};
+pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent, BackupStatus, ConnId};
+pub use primary::{
+    BackupLossPolicy, CheckpointKind, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection,
+};
+
+/// The answer of the ownership store to a compare-and-swap of a VM's record: the caller
+/// (which owns the store) reports it back to the state machine that asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwapAnswer {
+    /// The record now holds `generation`, owned by this replica.
+    Swapped { generation: u64 },
+    /// The record was not at the expected generation: it holds `generation` (None: no record),
+    /// owned by `owner`; `ended` when the VM ended with that exit code.
+    Conflict { generation: Option<u64>, owner: String, ended: Option<u32> },
+}
+
+/// The ownership record as read (for a primary's periodic check that it still owns the VM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordView {
+    pub generation: u64,
+    pub owner: String,
+    pub ended: Option<u32>,
+}
 
 use thiserror::Error;
 
@@ -41,10 +62,14 @@ pub enum ProtocolError {
     #[error("the peer's HelloAck answers another Hello (a replayed handshake?)")]
     HandshakeReplay,
     #[error(
-        "a primary of lease term {theirs} connected, but this backup has seen term {seen}: \
+        "a primary of generation {theirs} connected, but this backup has seen generation {seen}: \
          that primary has been superseded and must stop"
     )]
-    StaleTerm { seen: u64, theirs: u64 },
+    StaleGeneration { seen: u64, theirs: u64 },
+    #[error("another connection from the primary replaced this one")]
+    ConnectionReplaced,
+    #[error("too many connections are waiting for their handshake; the oldest was dropped")]
+    TooManyHandshakes,
     #[error("the peer sent {message} {context}")]
     UnexpectedMessage { message: &'static str, context: &'static str },
     #[error("checkpoint {epoch} announces {total_bytes} bytes, more than this backup's limit of {limit} bytes")]
@@ -70,15 +95,12 @@ pub enum ProtocolError {
     #[error("applying checkpoint {epoch} failed: {reason}; this backup waits for a full checkpoint")]
     ApplyFailed { epoch: u64, reason: String },
     #[error(
-        "this primary lost the takeover lease to {holder} (term {term}, ours was {our_term}): \
-         another replica is live, so this one stops"
+        "this replica no longer owns the VM: the ownership record is at generation {generation:?}, \
+         owned by {owner} (this replica held generation {ours}); another replica may be live, so this one stops"
     )]
-    LeaseLost { holder: String, term: u64, our_term: u64 },
-    #[error(
-        "this primary's takeover lease expired before it could renew it (last error: {last_error}); \
-         a backup may be live now, so this one stops"
-    )]
-    LeaseExpired { last_error: String },
+    OwnershipLost { generation: Option<u64>, owner: String, ours: u64 },
+    #[error("the VM ended with exit code {exit_code}")]
+    VmEnded { exit_code: u32 },
     #[error("this replica has taken over and no longer accepts a primary")]
     AlreadyLive,
     #[error("this primary has stopped: {0}")]

@@ -1,21 +1,68 @@
-//! The primary's side: handshake, streaming checkpoints in frames, output commit on acks,
-//! heartbeats, and keeping the takeover lease (stopping when it is lost or expires).
+//! The primary's side: handshake, streaming checkpoints in frames (resuming where a broken
+//! connection stopped), output commit, heartbeats, and the ownership rule that keeps
+//! acknowledged work (DESIGN.md §5):
+//!
+//! - While *protected*, an output leaves only once the backup has acknowledged the epoch that
+//!   made it.
+//! - To release outputs the backup has not acknowledged (*unprotected*, after the backup has
+//!   been lost for `backup_loss_grace_ms`), the primary first swaps the ownership generation
+//!   forward. Every state the backup holds then belongs to an older generation, and a backup
+//!   can take over only by swapping *its* generation: it never goes live with a state older
+//!   than an output that left.
+//! - Once a backup is back and has caught up, the primary stops releasing early, waits for
+//!   the acknowledgement of the last epoch it released unprotected, and tells the backup
+//!   (`Protected { generation, from_epoch }`) that its state now counts for the new
+//!   generation: the VM is protected again.
+//! - With [`BackupLossPolicy::Hold`] the primary never runs unprotected: outputs wait until a
+//!   backup acknowledges them.
+//! - A VM that ends ends on both sides: the last outputs leave once the backup acknowledged
+//!   the final epoch (then the backup is told, with the exit code), or, with no backup, only
+//!   after the ownership record was marked ended.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::{goodbye, worth_a_goodbye, Link, ProtocolError};
-use crate::lease::{LeaseError, RenewOutcome};
-use crate::messages::{ConfigDigest, Message, Role, PROTOCOL_VERSION};
+use super::{goodbye, worth_a_goodbye, Link, ProtocolError, RecordView, SwapAnswer};
+use crate::messages::{CheckpointId, ConfigDigest, Message, Role, PROTOCOL_VERSION};
 use crate::wire::{Decoder, Direction, Encoder, Nonce, PresharedKey, MAX_PAYLOAD_BYTES};
 
 /// Bytes a CheckpointChunk spends on its own fields.
 const CHUNK_OVERHEAD_BYTES: usize = 16;
+/// A backup whose acknowledgements trail the newest epoch by at most this many epochs has
+/// caught up: the primary stops releasing early and waits for it.
+const CATCH_UP_LAG_EPOCHS: u64 = 4;
 
-/// What a checkpoint holds: the whole state, or what changed since the previous epoch.
+/// What a checkpoint holds: the whole state, what changed since the previous epoch, or
+/// nothing kept (the dirty logs are emptied and the epoch ends, with no backup to send it to).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointKind {
     Full,
     Incremental,
+    Discard,
+}
+
+/// What a primary does when it has no backup that can acknowledge its outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupLossPolicy {
+    /// Keep serving unprotected (after swapping the generation forward), as VMware FT does.
+    Continue,
+    /// Hold outputs until a backup acknowledges them: no acknowledged work ever depends on
+    /// one replica alone.
+    Hold,
+}
+
+/// Whether the backup's state covers every output that left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// Outputs leave on the backup's acknowledgements; the backup may take over.
+    Protected,
+    /// Outputs are held until a backup catches up and acknowledges the last epoch released
+    /// early (`None`: nothing released early yet).
+    CatchingUp { released_up_to: Option<u64> },
+    /// Outputs leave one epoch late without acknowledgement; the backup's state is stale.
+    Unprotected,
 }
 
 /// The primary's settings. [`PrimaryConfig::new`] fills in sensible timings.
@@ -32,10 +79,19 @@ pub struct PrimaryConfig {
     pub handshake_timeout_ms: u64,
     /// Payload bytes per CheckpointChunk frame.
     pub chunk_bytes: usize,
-    /// The lease's time to live, as passed to [`crate::lease::Lease::renew`].
-    pub lease_ttl_ms: u64,
-    /// How often to renew; well under `lease_ttl_ms`, so that a slow renewal or two are survived.
-    pub lease_renew_interval_ms: u64,
+    pub on_backup_loss: BackupLossPolicy,
+    /// With no backup streaming for this long, outputs are released unprotected (Continue).
+    pub backup_loss_grace_ms: u64,
+    /// How often a primary with no backup checks that it still owns the VM.
+    pub ownership_check_ms: u64,
+    /// Retry a store operation that failed this much later.
+    pub store_retry_ms: u64,
+    /// At the end of the VM, how long to wait for the backup's acknowledgement of the final
+    /// epoch before marking the record ended without it.
+    pub end_timeout_ms: u64,
+    /// Checkpoints kept for resending after a broken connection; past this the log is
+    /// dropped and the next connection starts with a full checkpoint.
+    pub max_log_bytes: u64,
 }
 
 impl PrimaryConfig {
@@ -44,28 +100,24 @@ impl PrimaryConfig {
             key,
             config_digest,
             run_id,
-            heartbeat_interval_ms: 50,
-            peer_timeout_ms: 1000,
-            handshake_timeout_ms: 2000,
+            heartbeat_interval_ms: 10,
+            peer_timeout_ms: 300,
+            handshake_timeout_ms: 500,
             chunk_bytes: 1 << 20,
-            lease_ttl_ms: 3000,
-            lease_renew_interval_ms: 500,
+            on_backup_loss: BackupLossPolicy::Continue,
+            backup_loss_grace_ms: 200,
+            ownership_check_ms: 500,
+            store_retry_ms: 100,
+            end_timeout_ms: 1000,
+            max_log_bytes: 1 << 30,
         }
     }
-}
-
-/// The lease as the primary was granted it before starting the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseGrant {
-    pub term: u64,
-    /// The `now_ms` passed to the acquisition that granted it.
-    pub acquired_at_ms: u64,
 }
 
 /// What happens to a primary.
 #[derive(Debug)]
 pub enum PrimaryEvent<'a> {
-    /// Time has passed: feed one every few milliseconds (heartbeats, timeouts, lease).
+    /// Time has passed: feed one every few milliseconds (heartbeats, timeouts).
     Tick { now_ms: u64 },
     /// A new connection to the backup is up; `nonce` is fresh random bytes.
     Connected { nonce: Nonce },
@@ -73,12 +125,18 @@ pub enum PrimaryEvent<'a> {
     Received(&'a [u8]),
     /// The connection ended (end of stream or an I/O error).
     Disconnected,
-    /// The machine took the checkpoint of `epoch` (epochs go up by one). Ask
-    /// [`Primary::next_checkpoint_kind`] which kind to take. The outputs the guest produced
-    /// in this epoch belong to `epoch`: hold them until a `ReleaseOutputs` covers it.
-    CheckpointTaken { epoch: u64, icount: u64, kind: CheckpointKind, payload: &'a [u8] },
-    /// The answer to a `RenewLease` action.
-    LeaseRenewal(Result<RenewOutcome, &'a LeaseError>),
+    /// The machine took the checkpoint of `epoch` (epochs go up by one), of the kind
+    /// [`Primary::next_checkpoint_kind`] asked for (an empty payload for `Discard`). The
+    /// outputs the guest produced in this epoch belong to `epoch`: hold them until a
+    /// `ReleaseOutputs` covers it.
+    CheckpointTaken { epoch: u64, icount: u64, kind: CheckpointKind, payload: Vec<u8> },
+    /// The guest ended (powered off, or the VM was stopped) and the checkpoint of `epoch`,
+    /// already reported, holds its final state.
+    VmEnded { epoch: u64, exit_code: u32 },
+    /// The answer to a `SwapGeneration` action (`Err`: the store could not be reached).
+    Swap(Result<SwapAnswer, String>),
+    /// The answer to a `ReadOwnership` action.
+    Ownership(Result<Option<RecordView>, String>),
 }
 
 /// What a primary asks its caller to do, in order.
@@ -86,15 +144,32 @@ pub enum PrimaryEvent<'a> {
 pub enum PrimaryAction {
     /// Write these bytes to the connection.
     Send(Vec<u8>),
-    /// Output commit: the backup holds the checkpoint of `up_to_epoch`, so every output of
-    /// that epoch and earlier ones may now leave.
+    /// Output commit: every output of `up_to_epoch` and earlier epochs may now leave.
     ReleaseOutputs { up_to_epoch: u64 },
-    /// Call `Lease::renew(holder, term, now_ms, lease_ttl_ms)` and report the answer.
-    RenewLease { term: u64 },
-    /// Close the connection (the primary runs on; connect again after a pause).
+    /// Compare-and-swap the VM's ownership record from `expected` to `expected + 1`, owned by
+    /// this replica (marked ended with `ended`'s exit code when given), and report `Swap`.
+    SwapGeneration { expected: u64, ended: Option<u32> },
+    /// Read the ownership record and report `Ownership`.
+    ReadOwnership,
+    /// Close the connection (the primary runs on and connects again).
     Close { error: ProtocolError },
-    /// Stop the VM now, with this message: another replica may be live.
+    /// Stop the VM now, releasing nothing more: another replica may be live.
     Stop { error: ProtocolError },
+    /// The protection changed (log it): `protected` false when outputs start leaving without
+    /// the backup, true when a backup covers them again.
+    ProtectionChanged { protected: bool, generation: u64 },
+    /// The VM's end is settled: exit with `exit_code`. `released` says whether the final
+    /// outputs were released (false only when the store refused or could not be reached).
+    Finished { exit_code: u32, released: bool },
+}
+
+/// A checkpoint kept for resending.
+#[derive(Debug, Clone)]
+struct Logged {
+    epoch: u64,
+    base_epoch: Option<u64>,
+    icount: u64,
+    payload: Arc<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -102,21 +177,51 @@ struct PrimaryLink {
     link: Link,
     nonce: Nonce,
     streaming: bool,
-    /// The epoch the backup will hold once it has applied everything sent to it.
-    chain_head: Option<u64>,
+    /// The last epoch sent whole on this connection (the backup holds it once applied).
+    sent_up_to: Option<u64>,
     /// The highest epoch the backup may acknowledge on this connection.
     ackable: Option<u64>,
-    last_full_sent: Option<u64>,
 }
 
-#[derive(Debug)]
-struct LeaseState {
-    term: u64,
-    /// Our own conservative view of the expiry: the time we *asked* plus the TTL.
-    valid_until_ms: u64,
-    oldest_renewal_asked_ms: Option<u64>,
-    last_renewal_asked_ms: u64,
-    last_error: String,
+/// Why a swap of the ownership record was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SwapPurpose {
+    /// To release outputs without the backup.
+    Unprotect,
+    /// To mark the VM ended.
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Waiting for the acknowledgement of the final epoch.
+    AwaitingAck {
+        epoch: u64,
+        exit_code: u32,
+        since_ms: u64,
+    },
+    /// Marking the record ended; `released` whether the final outputs already left.
+    Marking {
+        epoch: u64,
+        exit_code: u32,
+        released: bool,
+        since_ms: u64,
+    },
+    Done,
+}
+
+/// What `status` reports of a primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryStatus {
+    pub generation: u64,
+    pub protection: Protection,
+    pub streaming: bool,
+    pub acked_epoch: Option<u64>,
+    pub last_taken_epoch: Option<u64>,
+    pub released_up_to: Option<u64>,
+    pub unprotected_count: u64,
+    pub log_bytes: u64,
+    pub resumed_checkpoints: u64,
 }
 
 /// The primary's protocol state machine.
@@ -124,37 +229,62 @@ struct LeaseState {
 pub struct Primary {
     config: PrimaryConfig,
     now_ms: u64,
+    generation: u64,
+    protection: Protection,
     link: Option<PrimaryLink>,
+    log: VecDeque<Logged>,
+    log_bytes: u64,
+    /// The epoch the backup is known to hold (from its HelloAck or its acks), this run's.
+    backup_holds: Option<u64>,
     last_taken: Option<u64>,
     acked: Option<u64>,
-    lease: LeaseState,
+    released_up_to: Option<u64>,
+    /// Since when no backup has been streaming (None while one is).
+    backup_lost_since_ms: Option<u64>,
+    swap_outstanding: Option<SwapPurpose>,
+    next_store_attempt_ms: u64,
+    /// A `ProtectionChanged { protected: false }` was said and not yet taken back.
+    said_unprotected: bool,
+    end_sent: bool,
+    read_outstanding: bool,
+    next_ownership_check_ms: u64,
+    ending: Option<Ending>,
     stopped: Option<ProtocolError>,
+    unprotected_count: u64,
+    resumed_checkpoints: u64,
 }
 
 impl Primary {
-    /// A primary that holds the lease `grant` (acquire it before starting the VM).
-    pub fn new(config: PrimaryConfig, grant: LeaseGrant) -> Self {
+    /// A primary that owns the VM's record at `generation` (claim it before starting the VM).
+    pub fn new(config: PrimaryConfig, generation: u64, now_ms: u64) -> Self {
         assert!(
             (1..=MAX_PAYLOAD_BYTES as usize - CHUNK_OVERHEAD_BYTES).contains(&config.chunk_bytes),
             "chunk_bytes must be 1..={}",
             MAX_PAYLOAD_BYTES as usize - CHUNK_OVERHEAD_BYTES
         );
-        assert!(config.lease_renew_interval_ms < config.lease_ttl_ms, "renew the lease more often than it expires");
-        let lease = LeaseState {
-            term: grant.term,
-            valid_until_ms: grant.acquired_at_ms.saturating_add(config.lease_ttl_ms),
-            oldest_renewal_asked_ms: None,
-            last_renewal_asked_ms: grant.acquired_at_ms,
-            last_error: "none".into(),
-        };
         Primary {
             config,
-            now_ms: grant.acquired_at_ms,
+            now_ms,
+            generation,
+            protection: Protection::CatchingUp { released_up_to: None },
             link: None,
+            log: VecDeque::new(),
+            log_bytes: 0,
+            backup_holds: None,
             last_taken: None,
             acked: None,
-            lease,
+            released_up_to: None,
+            backup_lost_since_ms: Some(now_ms),
+            swap_outstanding: None,
+            next_store_attempt_ms: 0,
+            said_unprotected: false,
+            end_sent: false,
+            read_outstanding: false,
+            next_ownership_check_ms: now_ms,
+            ending: None,
             stopped: None,
+            unprotected_count: 0,
+            resumed_checkpoints: 0,
         }
     }
 
@@ -178,36 +308,43 @@ impl Primary {
                         Ok(()) => ProtocolError::ConnectionLost,
                     };
                     actions.push(PrimaryAction::Close { error });
+                    self.lost_backup();
                 }
             }
             PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload } => {
                 self.on_checkpoint(epoch, icount, kind, payload, &mut actions)
             }
-            PrimaryEvent::LeaseRenewal(answer) => self.on_lease_renewal(answer, &mut actions),
+            PrimaryEvent::VmEnded { epoch, exit_code } => self.on_vm_ended(epoch, exit_code, &mut actions),
+            PrimaryEvent::Swap(answer) => self.on_swap(answer, &mut actions),
+            PrimaryEvent::Ownership(answer) => self.on_ownership(answer, &mut actions),
         }
         actions
     }
 
-    /// The kind of checkpoint to take next: incremental only while a connected backup holds
-    /// (or will hold) the previous epoch. While no backup is connected, incremental ones are
-    /// taken (to keep the dirty log short) and dropped; a full one follows the next handshake.
+    /// The kind of checkpoint to take next: incremental while the checkpoints kept continue
+    /// what the backup holds; full when that chain is broken and a backup is streaming;
+    /// nothing kept when it is broken and no backup is there to take a full one.
     pub fn next_checkpoint_kind(&self) -> CheckpointKind {
-        match &self.link {
-            Some(pl) if pl.streaming => match (pl.chain_head, self.last_taken) {
-                (Some(head), Some(last)) if head == last => CheckpointKind::Incremental,
-                _ => CheckpointKind::Full,
-            },
-            _ => CheckpointKind::Incremental,
+        if self.chain_continues() {
+            CheckpointKind::Incremental
+        } else if self.is_streaming() {
+            CheckpointKind::Full
+        } else {
+            CheckpointKind::Discard
         }
     }
 
-    /// Whether this primary may run the VM at `now_ms`: not stopped, and its lease not
-    /// expired by its own reckoning.
-    pub fn is_live(&self, now_ms: u64) -> bool {
-        self.stopped.is_none() && now_ms < self.lease.valid_until_ms
+    /// Whether an incremental checkpoint of the next epoch would continue the chain the
+    /// backup holds or will be sent.
+    fn chain_continues(&self) -> bool {
+        let Some(last) = self.last_taken else { return false };
+        match self.log.back() {
+            Some(logged) => logged.epoch == last,
+            None => self.backup_holds == Some(last),
+        }
     }
 
-    /// The highest epoch the backup acknowledged: outputs up to it are released.
+    /// The highest epoch the backup acknowledged.
     pub fn acked_epoch(&self) -> Option<u64> {
         self.acked
     }
@@ -221,8 +358,26 @@ impl Primary {
         self.link.as_ref().is_some_and(|pl| pl.streaming)
     }
 
-    pub fn lease_term(&self) -> u64 {
-        self.lease.term
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn protection(&self) -> Protection {
+        self.protection
+    }
+
+    pub fn status(&self) -> PrimaryStatus {
+        PrimaryStatus {
+            generation: self.generation,
+            protection: self.protection,
+            streaming: self.is_streaming(),
+            acked_epoch: self.acked,
+            last_taken_epoch: self.last_taken,
+            released_up_to: self.released_up_to,
+            unprotected_count: self.unprotected_count,
+            log_bytes: self.log_bytes,
+            resumed_checkpoints: self.resumed_checkpoints,
+        }
     }
 
     /// Why this primary stopped, once it has.
@@ -233,26 +388,129 @@ impl Primary {
     fn on_tick(&mut self, now_ms: u64, actions: &mut Vec<PrimaryAction>) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
-        if now >= self.lease.valid_until_ms {
-            let last_error = self.lease.last_error.clone();
-            return self.stop(ProtocolError::LeaseExpired { last_error }, actions);
+        if let Some(pl) = &mut self.link {
+            let link = &pl.link;
+            if !pl.streaming && now - link.opened_ms >= self.config.handshake_timeout_ms {
+                let waited_ms = now - link.opened_ms;
+                self.close(ProtocolError::HandshakeTimeout { waited_ms }, actions);
+            } else if pl.streaming && now - link.last_heard_ms >= self.config.peer_timeout_ms {
+                let silent_ms = now - link.last_heard_ms;
+                self.close(ProtocolError::PeerSilent { silent_ms }, actions);
+            } else if pl.streaming && now - link.last_sent_ms >= self.config.heartbeat_interval_ms {
+                let heartbeat = Message::Heartbeat { now_ms: now, epoch: self.last_taken.unwrap_or(0) };
+                actions.push(PrimaryAction::Send(pl.link.frame(&heartbeat, now)));
+            }
         }
-        if now >= self.lease.last_renewal_asked_ms + self.config.lease_renew_interval_ms {
-            self.lease.last_renewal_asked_ms = now;
-            self.lease.oldest_renewal_asked_ms.get_or_insert(now);
-            actions.push(PrimaryAction::RenewLease { term: self.lease.term });
+        self.advance_ending(actions);
+        self.maybe_go_unprotected(actions);
+        self.maybe_check_ownership(actions);
+    }
+
+    /// Continue: with the backup lost for the grace period, release what is held, swapping
+    /// the generation first if a backup may hold a state that counts for the current one.
+    fn maybe_go_unprotected(&mut self, actions: &mut Vec<PrimaryAction>) {
+        let now = self.now_ms;
+        let Some(lost_since) = self.backup_lost_since_ms else { return };
+        if self.config.on_backup_loss == BackupLossPolicy::Hold
+            || self.ending.is_some()
+            || now - lost_since.min(now) < self.config.backup_loss_grace_ms
+        {
+            return;
         }
-        let Some(pl) = &mut self.link else { return };
-        let link = &pl.link;
-        if !pl.streaming && now - link.opened_ms >= self.config.handshake_timeout_ms {
-            let waited_ms = now - link.opened_ms;
-            self.close(ProtocolError::HandshakeTimeout { waited_ms }, actions);
-        } else if pl.streaming && now - link.last_heard_ms >= self.config.peer_timeout_ms {
-            let silent_ms = now - link.last_heard_ms;
-            self.close(ProtocolError::PeerSilent { silent_ms }, actions);
-        } else if pl.streaming && now - link.last_sent_ms >= self.config.heartbeat_interval_ms {
-            let heartbeat = Message::Heartbeat { now_ms: now, epoch: self.last_taken.unwrap_or(0) };
-            actions.push(PrimaryAction::Send(pl.link.frame(&heartbeat, now)));
+        match self.protection {
+            Protection::Unprotected => {}
+            // No backup was told its state counts for this generation: nothing to fence.
+            Protection::CatchingUp { .. } => self.become_unprotected(actions),
+            Protection::Protected => {
+                if self.swap_outstanding.is_none() && now >= self.next_store_attempt_ms {
+                    self.swap_outstanding = Some(SwapPurpose::Unprotect);
+                    actions.push(PrimaryAction::SwapGeneration { expected: self.generation, ended: None });
+                }
+            }
+        }
+    }
+
+    fn become_unprotected(&mut self, actions: &mut Vec<PrimaryAction>) {
+        self.protection = Protection::Unprotected;
+        if !self.said_unprotected {
+            self.said_unprotected = true;
+            self.unprotected_count += 1;
+            actions.push(PrimaryAction::ProtectionChanged { protected: false, generation: self.generation });
+        }
+        if let Some(last) = self.last_taken {
+            self.release(last, actions);
+        }
+    }
+
+    /// With no backup streaming, check now and then that nobody took the VM over: a primary
+    /// that holds its outputs would otherwise never learn it was fenced.
+    fn maybe_check_ownership(&mut self, actions: &mut Vec<PrimaryAction>) {
+        if self.backup_lost_since_ms.is_none()
+            || self.read_outstanding
+            || self.swap_outstanding.is_some()
+            || self.now_ms < self.next_ownership_check_ms
+            || matches!(self.ending, Some(Ending::Done))
+        {
+            return;
+        }
+        self.read_outstanding = true;
+        self.next_ownership_check_ms = self.now_ms + self.config.ownership_check_ms;
+        actions.push(PrimaryAction::ReadOwnership);
+    }
+
+    fn on_ownership(&mut self, answer: Result<Option<RecordView>, String>, actions: &mut Vec<PrimaryAction>) {
+        self.read_outstanding = false;
+        // While a swap or the end is under way the record legitimately moves.
+        if self.swap_outstanding.is_some() || self.ending.is_some() {
+            return;
+        }
+        match answer {
+            Ok(Some(record)) if record.generation == self.generation && record.ended.is_none() => {}
+            Ok(record) => {
+                let (generation, owner) = record.map_or((None, "nobody".into()), |r| (Some(r.generation), r.owner));
+                self.stop(ProtocolError::OwnershipLost { generation, owner, ours: self.generation }, actions);
+            }
+            Err(_) => {} // the store is unreachable: nothing is released unprotected meanwhile
+        }
+    }
+
+    fn on_swap(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<PrimaryAction>) {
+        let Some(purpose) = self.swap_outstanding.take() else { return };
+        match answer {
+            Ok(SwapAnswer::Swapped { generation }) => {
+                assert_eq!(generation, self.generation + 1, "a swap raises the generation by one");
+                self.generation = generation;
+                match (purpose, self.ending) {
+                    (SwapPurpose::End, Some(Ending::Marking { epoch, exit_code, .. })) => {
+                        self.release(epoch, actions);
+                        self.finish(exit_code, true, actions);
+                    }
+                    _ => {
+                        self.become_unprotected(actions);
+                        self.advance_ending(actions);
+                    }
+                }
+            }
+            Ok(SwapAnswer::Conflict { generation, owner, ended }) => {
+                let ours = self.generation;
+                if let Some(Ending::Marking { exit_code, released, .. }) = self.ending {
+                    // Someone else owns the VM now: what was not released stays unreleased.
+                    self.finish(exit_code, released, actions);
+                }
+                let error = match ended {
+                    Some(exit_code) => ProtocolError::VmEnded { exit_code },
+                    None => ProtocolError::OwnershipLost { generation, owner, ours },
+                };
+                self.stop(error, actions);
+            }
+            Err(_) => {
+                self.next_store_attempt_ms = self.now_ms + self.config.store_retry_ms;
+                if let Some(Ending::Marking { exit_code, released, since_ms, .. }) = self.ending {
+                    if self.now_ms - since_ms.min(self.now_ms) >= 3 * self.config.end_timeout_ms {
+                        self.finish(exit_code, released, actions);
+                    }
+                }
+            }
         }
     }
 
@@ -271,11 +529,10 @@ impl Primary {
             config_digest: self.config.config_digest,
             nonce,
             run_id: self.config.run_id,
-            term: self.lease.term,
+            generation: self.generation,
         };
         actions.push(PrimaryAction::Send(link.frame(&hello, self.now_ms)));
-        self.link =
-            Some(PrimaryLink { link, nonce, streaming: false, chain_head: None, ackable: None, last_full_sent: None });
+        self.link = Some(PrimaryLink { link, nonce, streaming: false, sent_up_to: None, ackable: None });
     }
 
     fn on_received(&mut self, bytes: &[u8], actions: &mut Vec<PrimaryAction>) {
@@ -298,7 +555,7 @@ impl Primary {
         let pl = self.link.as_mut().expect("a message arrives on a link");
         match message {
             Message::Goodbye { reason } => Err(ProtocolError::PeerClosed { reason }),
-            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest }
+            Message::HelloAck { protocol_version, role, config_digest, nonce, primary_nonce, latest, partial }
                 if !pl.streaming =>
             {
                 if protocol_version != PROTOCOL_VERSION {
@@ -323,11 +580,8 @@ impl Primary {
                 pl.link.encoder.set_key(key.session_key(Direction::PrimaryToBackup, &pl.nonce, &nonce));
                 pl.link.decoder.set_key(key.session_key(Direction::BackupToPrimary, &pl.nonce, &nonce));
                 pl.streaming = true;
-                // The backup's state continues our chain only if it is one of our own epochs.
-                pl.chain_head = latest
-                    .filter(|id| id.run_id == self.config.run_id && Some(id.epoch) <= self.last_taken)
-                    .map(|id| id.epoch);
-                pl.ackable = pl.chain_head;
+                self.backup_lost_since_ms = None;
+                self.on_handshake(latest, partial, actions);
                 Ok(())
             }
             message if !pl.streaming => Err(ProtocolError::UnexpectedMessage {
@@ -339,21 +593,119 @@ impl Primary {
                 if Some(epoch) > pl.ackable {
                     return Err(ProtocolError::AckOfUnsentEpoch { epoch, sent: pl.ackable });
                 }
-                if Some(epoch) > self.acked {
-                    self.acked = Some(epoch);
-                    actions.push(PrimaryAction::ReleaseOutputs { up_to_epoch: epoch });
-                }
+                self.on_ack(epoch, actions);
                 Ok(())
             }
-            Message::NeedFull { epoch, .. } => {
-                // A full checkpoint sent after the refused one already repairs the chain.
-                if pl.last_full_sent.is_none_or(|full| full < epoch) {
-                    pl.chain_head = None;
-                }
+            Message::NeedFull { .. } => {
+                // The backup holds no base for what was sent: nothing it holds continues.
+                self.backup_holds = None;
+                self.clear_log();
                 Ok(())
             }
             message => Err(ProtocolError::UnexpectedMessage { message: message.name(), context: "to a primary" }),
         }
+    }
+
+    /// The backup answered: first a heartbeat under the session keys (which proves to the
+    /// backup that this connection is fresh), then whatever it lacks of the kept checkpoints.
+    fn on_handshake(
+        &mut self,
+        latest: Option<CheckpointId>,
+        partial: Option<(CheckpointId, u64)>,
+        actions: &mut Vec<PrimaryAction>,
+    ) {
+        let run_id = self.config.run_id;
+        let now = self.now_ms;
+        let heartbeat = Message::Heartbeat { now_ms: now, epoch: self.last_taken.unwrap_or(0) };
+        let pl = self.link.as_mut().expect("handshake on a link");
+        actions.push(PrimaryAction::Send(pl.link.frame(&heartbeat, now)));
+        let ours = latest.filter(|id| id.run_id == run_id && Some(id.epoch) <= self.last_taken).map(|id| id.epoch);
+        self.backup_holds = ours;
+        pl.ackable = ours;
+        pl.sent_up_to = ours;
+        // Drop what the backup already holds; what is left must continue its state, or
+        // start with a full checkpoint.
+        while self.log.front().is_some_and(|l| Some(l.epoch) <= ours) {
+            self.pop_log();
+        }
+        let continues = match self.log.front() {
+            None => true,
+            Some(first) => first.base_epoch.is_none() || first.base_epoch == ours,
+        };
+        if !continues {
+            // Keep from the newest full checkpoint on, if there is one.
+            match self.log.iter().rposition(|l| l.base_epoch.is_none()) {
+                Some(full) => (0..full).for_each(|_| self.pop_log()),
+                None => self.clear_log(),
+            }
+        }
+        let resume = partial
+            .filter(|(id, _)| id.run_id == run_id)
+            .and_then(|(id, offset)| self.log.front().filter(|l| l.epoch == id.epoch).map(|_| offset));
+        let entries: Vec<Logged> = self.log.iter().cloned().collect();
+        for (index, logged) in entries.iter().enumerate() {
+            let from = if index == 0 { resume } else { None };
+            if from.is_some() {
+                self.resumed_checkpoints += 1;
+            }
+            self.send_checkpoint(logged, from, actions);
+        }
+        if self.protection == Protection::Protected {
+            // The backup holds a state this generation already counts (or will once the log
+            // is applied): say so again, in case it never heard.
+            let from_epoch = self.released_up_to.unwrap_or(0);
+            let generation = self.generation;
+            let pl = self.link.as_mut().expect("handshake on a link");
+            actions.push(PrimaryAction::Send(pl.link.frame(&Message::Protected { generation, from_epoch }, now)));
+        }
+    }
+
+    fn on_ack(&mut self, epoch: u64, actions: &mut Vec<PrimaryAction>) {
+        if Some(epoch) <= self.acked && Some(epoch) <= self.backup_holds {
+            return;
+        }
+        self.acked = self.acked.max(Some(epoch));
+        self.backup_holds = self.backup_holds.max(Some(epoch));
+        while self.log.front().is_some_and(|l| l.epoch <= epoch) {
+            self.pop_log();
+        }
+        match self.protection {
+            Protection::Protected => self.release(epoch, actions),
+            Protection::Unprotected => {
+                if self.last_taken.unwrap_or(0) - epoch.min(self.last_taken.unwrap_or(0)) <= CATCH_UP_LAG_EPOCHS {
+                    self.protection = Protection::CatchingUp { released_up_to: self.released_up_to };
+                }
+                self.maybe_protected(epoch, actions);
+            }
+            Protection::CatchingUp { .. } => self.maybe_protected(epoch, actions),
+        }
+        if let Some(Ending::AwaitingAck { epoch: last, exit_code, .. }) = self.ending {
+            if epoch >= last && self.protection == Protection::Protected {
+                self.send_end(exit_code, actions);
+                self.mark_ended(last, exit_code, true, actions);
+            }
+        }
+    }
+
+    /// Catching up: once the backup holds the last epoch released early, its state covers
+    /// every output that left, under the current generation.
+    fn maybe_protected(&mut self, acked: u64, actions: &mut Vec<PrimaryAction>) {
+        let Protection::CatchingUp { released_up_to } = self.protection else { return };
+        if released_up_to.is_some_and(|r| acked < r) {
+            return;
+        }
+        self.protection = Protection::Protected;
+        let generation = self.generation;
+        let from_epoch = released_up_to.unwrap_or(0);
+        let now = self.now_ms;
+        if let Some(pl) = self.link.as_mut() {
+            actions.push(PrimaryAction::Send(pl.link.frame(&Message::Protected { generation, from_epoch }, now)));
+        }
+        if self.said_unprotected {
+            self.said_unprotected = false;
+            actions.push(PrimaryAction::ProtectionChanged { protected: true, generation });
+        }
+        self.release(acked, actions);
     }
 
     fn on_checkpoint(
@@ -361,55 +713,175 @@ impl Primary {
         epoch: u64,
         icount: u64,
         kind: CheckpointKind,
-        payload: &[u8],
+        payload: Vec<u8>,
         actions: &mut Vec<PrimaryAction>,
     ) {
         if let Some(last) = self.last_taken {
             assert_eq!(epoch, last + 1, "checkpoint epochs must go up by one");
         }
+        let continues = self.chain_continues();
         self.last_taken = Some(epoch);
-        let now = self.now_ms;
-        let Some(pl) = self.link.as_mut().filter(|pl| pl.streaming) else { return };
         let base_epoch = match kind {
             CheckpointKind::Full => None,
             // An incremental checkpoint that does not continue the backup's chain is useless
-            // to it: drop it; next_checkpoint_kind now says Full.
-            CheckpointKind::Incremental if pl.chain_head.is_some_and(|head| head + 1 == epoch) => pl.chain_head,
-            CheckpointKind::Incremental => return,
+            // to it: dropped; next_checkpoint_kind now says Full (or Discard).
+            CheckpointKind::Incremental if continues => Some(epoch - 1),
+            CheckpointKind::Incremental | CheckpointKind::Discard => {
+                self.clear_log();
+                return self.after_checkpoint(epoch, actions);
+            }
         };
-        let total_bytes = payload.len() as u64;
-        let begin = Message::CheckpointBegin { epoch, base_epoch, icount, total_bytes };
-        actions.push(PrimaryAction::Send(pl.link.frame(&begin, now)));
-        for (index, chunk) in payload.chunks(self.config.chunk_bytes).enumerate() {
-            let offset = (index * self.config.chunk_bytes) as u64;
-            let message = Message::CheckpointChunk { epoch, offset, bytes: chunk.to_vec() };
-            actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
-        }
-        let digest = Sha256::digest(payload).into();
-        actions.push(PrimaryAction::Send(pl.link.frame(&Message::CheckpointEnd { epoch, digest }, now)));
-        pl.chain_head = Some(epoch);
-        pl.ackable = Some(epoch);
         if base_epoch.is_none() {
-            pl.last_full_sent = Some(epoch);
+            self.clear_log(); // a full checkpoint replaces everything before it
+        }
+        let logged = Logged { epoch, base_epoch, icount, payload: Arc::new(payload) };
+        self.log_bytes += logged.payload.len() as u64;
+        self.log.push_back(logged.clone());
+        let lone_full = self.log.len() == 1 && base_epoch.is_none();
+        if self.log_bytes > self.config.max_log_bytes && !lone_full {
+            // Too much to keep: the next connection starts again from a full checkpoint.
+            self.clear_log();
+        } else if self
+            .link
+            .as_ref()
+            .is_some_and(|pl| pl.streaming && (base_epoch.is_none() || pl.sent_up_to == base_epoch))
+        {
+            self.send_checkpoint(&logged, None, actions);
+        }
+        self.after_checkpoint(epoch, actions);
+    }
+
+    fn after_checkpoint(&mut self, epoch: u64, actions: &mut Vec<PrimaryAction>) {
+        if self.protection == Protection::Unprotected {
+            self.release(epoch, actions);
         }
     }
 
-    fn on_lease_renewal(&mut self, answer: Result<RenewOutcome, &LeaseError>, actions: &mut Vec<PrimaryAction>) {
-        let asked_ms = self.lease.oldest_renewal_asked_ms.take();
-        match answer {
-            Ok(RenewOutcome::Renewed(record)) => {
-                if let Some(asked_ms) = asked_ms {
-                    let until = asked_ms.saturating_add(self.config.lease_ttl_ms).min(record.expires_ms);
-                    self.lease.valid_until_ms = self.lease.valid_until_ms.max(until);
+    /// Send a kept checkpoint whole, or from `resume_at` when the backup holds its start.
+    fn send_checkpoint(&mut self, logged: &Logged, resume_at: Option<u64>, actions: &mut Vec<PrimaryAction>) {
+        let now = self.now_ms;
+        let chunk_bytes = self.config.chunk_bytes;
+        let Some(pl) = self.link.as_mut().filter(|pl| pl.streaming) else { return };
+        let epoch = logged.epoch;
+        let payload = &logged.payload;
+        let start = match resume_at {
+            Some(offset) if offset <= payload.len() as u64 => {
+                actions.push(PrimaryAction::Send(pl.link.frame(&Message::CheckpointResume { epoch, offset }, now)));
+                offset as usize
+            }
+            _ => {
+                let total_bytes = payload.len() as u64;
+                let begin = Message::CheckpointBegin {
+                    epoch,
+                    base_epoch: logged.base_epoch,
+                    icount: logged.icount,
+                    total_bytes,
+                };
+                actions.push(PrimaryAction::Send(pl.link.frame(&begin, now)));
+                0
+            }
+        };
+        let mut offset = start;
+        while offset < payload.len() {
+            let end = (offset + chunk_bytes).min(payload.len());
+            let message =
+                Message::CheckpointChunk { epoch, offset: offset as u64, bytes: payload[offset..end].to_vec() };
+            actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
+            offset = end;
+        }
+        let digest = Sha256::digest(payload.as_slice()).into();
+        actions.push(PrimaryAction::Send(pl.link.frame(&Message::CheckpointEnd { epoch, digest }, now)));
+        pl.sent_up_to = Some(epoch);
+        pl.ackable = Some(epoch);
+    }
+
+    fn on_vm_ended(&mut self, epoch: u64, exit_code: u32, actions: &mut Vec<PrimaryAction>) {
+        assert_eq!(Some(epoch), self.last_taken, "the VM ends at the last checkpoint taken");
+        if self.ending.is_some() {
+            return;
+        }
+        match self.protection {
+            // Released at the checkpoint already; only the record is left to mark.
+            Protection::Unprotected => self.mark_ended(epoch, exit_code, true, actions),
+            _ if self.acked >= Some(epoch) && self.protection == Protection::Protected => {
+                self.send_end(exit_code, actions);
+                self.mark_ended(epoch, exit_code, true, actions);
+            }
+            _ => {
+                self.ending = Some(Ending::AwaitingAck { epoch, exit_code, since_ms: self.now_ms });
+                self.advance_ending(actions);
+            }
+        }
+    }
+
+    /// The end waits for the final acknowledgement only so long, and not at all without a
+    /// backup that could give it.
+    fn advance_ending(&mut self, actions: &mut Vec<PrimaryAction>) {
+        match self.ending {
+            Some(Ending::AwaitingAck { epoch, exit_code, since_ms }) => {
+                let waited = self.now_ms - since_ms.min(self.now_ms);
+                let hopeless = self.config.on_backup_loss == BackupLossPolicy::Continue && !self.is_streaming();
+                if waited >= self.config.end_timeout_ms || hopeless {
+                    self.mark_ended(epoch, exit_code, false, actions);
                 }
             }
-            Ok(RenewOutcome::Lost(record)) => {
-                let (holder, term) = record.map_or(("nobody".into(), 0), |r| (r.holder, r.term));
-                let our_term = self.lease.term;
-                self.stop(ProtocolError::LeaseLost { holder, term, our_term }, actions);
+            Some(Ending::Marking { exit_code, .. })
+                if self.swap_outstanding.is_none() && self.now_ms >= self.next_store_attempt_ms =>
+            {
+                self.swap_outstanding = Some(SwapPurpose::End);
+                actions.push(PrimaryAction::SwapGeneration { expected: self.generation, ended: Some(exit_code) });
             }
-            Err(error) => self.lease.last_error = error.to_string(),
+            _ => {}
         }
+    }
+
+    fn mark_ended(&mut self, epoch: u64, exit_code: u32, released: bool, actions: &mut Vec<PrimaryAction>) {
+        if released {
+            self.release(epoch, actions);
+        }
+        self.ending = Some(Ending::Marking { epoch, exit_code, released, since_ms: self.now_ms });
+        self.advance_ending(actions);
+    }
+
+    /// Tell the backup the VM ended (once): it exits with the same code and never takes over.
+    fn send_end(&mut self, exit_code: u32, actions: &mut Vec<PrimaryAction>) {
+        let now = self.now_ms;
+        if let Some(pl) = self.link.as_mut().filter(|pl| pl.streaming && !self.end_sent) {
+            self.end_sent = true;
+            actions.push(PrimaryAction::Send(pl.link.frame(&Message::End { exit_code }, now)));
+        }
+    }
+
+    fn finish(&mut self, exit_code: u32, released: bool, actions: &mut Vec<PrimaryAction>) {
+        if released {
+            self.send_end(exit_code, actions);
+        }
+        self.ending = Some(Ending::Done);
+        actions.push(PrimaryAction::Finished { exit_code, released });
+        self.close(ProtocolError::VmEnded { exit_code }, actions);
+    }
+
+    fn release(&mut self, up_to_epoch: u64, actions: &mut Vec<PrimaryAction>) {
+        if Some(up_to_epoch) > self.released_up_to {
+            self.released_up_to = Some(up_to_epoch);
+            actions.push(PrimaryAction::ReleaseOutputs { up_to_epoch });
+        }
+    }
+
+    fn lost_backup(&mut self) {
+        self.backup_lost_since_ms.get_or_insert(self.now_ms);
+        self.next_ownership_check_ms = self.now_ms + self.config.ownership_check_ms;
+    }
+
+    fn pop_log(&mut self) {
+        if let Some(logged) = self.log.pop_front() {
+            self.log_bytes -= logged.payload.len() as u64;
+        }
+    }
+
+    fn clear_log(&mut self) {
+        self.log.clear();
+        self.log_bytes = 0;
     }
 
     fn close(&mut self, error: ProtocolError, actions: &mut Vec<PrimaryAction>) {
@@ -418,6 +890,7 @@ impl Primary {
                 actions.push(PrimaryAction::Send(pl.link.frame(&goodbye(&error), self.now_ms)));
             }
             actions.push(PrimaryAction::Close { error });
+            self.lost_backup();
         }
     }
 

@@ -1,7 +1,6 @@
-//! The two state machines wired back to back, event by event.
+//! The two state machines wired back to back, event by event, with an ownership store.
 
 use super::*;
-use crate::lease::{AcquireOutcome, LeaseError, LeaseRecord, RenewOutcome};
 use crate::messages::{CheckpointId, ConfigDigest, Message, Role, PROTOCOL_VERSION};
 use crate::wire::{Direction, Encoder, Nonce, PresharedKey, WireError};
 
@@ -22,15 +21,40 @@ fn backup_config() -> BackupConfig {
     BackupConfig::new(psk(), DIGEST, 1024)
 }
 
+/// The ownership record both replicas swap, in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    generation: u64,
+    owner: &'static str,
+    ended: Option<u32>,
+}
+
+impl Record {
+    fn swap(&mut self, expected: u64, owner: &'static str, ended: Option<u32>) -> SwapAnswer {
+        if self.generation != expected {
+            return SwapAnswer::Conflict {
+                generation: Some(self.generation),
+                owner: self.owner.into(),
+                ended: self.ended,
+            };
+        }
+        *self = Record { generation: expected + 1, owner, ended };
+        SwapAnswer::Swapped { generation: expected + 1 }
+    }
+}
+
 /// A primary and a backup joined by a perfect wire; the backup's machine applies at once.
 struct World {
     p: Primary,
     b: Backup,
+    conn: ConnId,
+    connected: bool,
     to_b: Vec<u8>,
     to_p: Vec<u8>,
     p_log: Vec<PrimaryAction>,
     b_log: Vec<BackupAction>,
     applied: Vec<(u64, Option<u64>, Vec<u8>)>,
+    record: Record,
     now_ms: u64,
 }
 
@@ -41,13 +65,16 @@ impl World {
 
     fn with(p: PrimaryConfig, b: BackupConfig) -> Self {
         World {
-            p: Primary::new(p, LeaseGrant { term: 1, acquired_at_ms: 0 }),
+            p: Primary::new(p, 1, 0),
             b: Backup::new(b, 0),
+            conn: 0,
+            connected: false,
             to_b: Vec::new(),
             to_p: Vec::new(),
             p_log: Vec::new(),
             b_log: Vec::new(),
             applied: Vec::new(),
+            record: Record { generation: 1, owner: "primary", ended: None },
             now_ms: 0,
         }
     }
@@ -55,10 +82,18 @@ impl World {
     fn on_p(&mut self, actions: Vec<PrimaryAction>) {
         for action in actions {
             match action {
-                PrimaryAction::Send(bytes) => self.to_b.extend(bytes),
-                PrimaryAction::RenewLease { term } => {
-                    let record = LeaseRecord { holder: "p".into(), term, expires_ms: self.now_ms + 3000 };
-                    let more = self.p.step(PrimaryEvent::LeaseRenewal(Ok(RenewOutcome::Renewed(record))));
+                PrimaryAction::Send(bytes) if self.connected => self.to_b.extend(bytes),
+                PrimaryAction::Send(_) => {}
+                PrimaryAction::SwapGeneration { expected, ended } => {
+                    let answer = self.record.swap(expected, "primary", ended);
+                    self.p_log.push(PrimaryAction::SwapGeneration { expected, ended });
+                    let more = self.p.step(PrimaryEvent::Swap(Ok(answer)));
+                    self.on_p(more);
+                }
+                PrimaryAction::ReadOwnership => {
+                    let r = &self.record;
+                    let view = RecordView { generation: r.generation, owner: r.owner.into(), ended: r.ended };
+                    let more = self.p.step(PrimaryEvent::Ownership(Ok(Some(view))));
                     self.on_p(more);
                 }
                 other => self.p_log.push(other),
@@ -69,10 +104,17 @@ impl World {
     fn on_b(&mut self, actions: Vec<BackupAction>) {
         for action in actions {
             match action {
-                BackupAction::Send(bytes) => self.to_p.extend(bytes),
+                BackupAction::Send { conn, bytes } if conn == self.conn && self.connected => self.to_p.extend(bytes),
+                BackupAction::Send { .. } => {}
                 BackupAction::ApplyCheckpoint { epoch, base_epoch, payload, .. } => {
                     self.applied.push((epoch, base_epoch, payload));
                     let more = self.b.step(BackupEvent::CheckpointApplied { epoch });
+                    self.on_b(more);
+                }
+                BackupAction::ClaimOwnership { generation } => {
+                    self.b_log.push(BackupAction::ClaimOwnership { generation });
+                    let answer = self.record.swap(generation, "backup", None);
+                    let more = self.b.step(BackupEvent::Claim(Ok(answer)));
                     self.on_b(more);
                 }
                 other => self.b_log.push(other),
@@ -83,7 +125,7 @@ impl World {
     fn settle(&mut self) {
         while !self.to_b.is_empty() || !self.to_p.is_empty() {
             let bytes = std::mem::take(&mut self.to_b);
-            let actions = self.b.step(BackupEvent::Received(&bytes));
+            let actions = self.b.step(BackupEvent::Received { conn: self.conn, bytes: &bytes });
             self.on_b(actions);
             let bytes = std::mem::take(&mut self.to_p);
             let actions = self.p.step(PrimaryEvent::Received(&bytes));
@@ -92,7 +134,9 @@ impl World {
     }
 
     fn connect(&mut self) {
-        let actions = self.b.step(BackupEvent::Connected { nonce: B_NONCE });
+        self.conn += 1;
+        self.connected = true;
+        let actions = self.b.step(BackupEvent::Connected { conn: self.conn, nonce: B_NONCE });
         self.on_b(actions);
         let actions = self.p.step(PrimaryEvent::Connected { nonce: P_NONCE });
         self.on_p(actions);
@@ -102,14 +146,16 @@ impl World {
     fn disconnect(&mut self) {
         self.to_b.clear();
         self.to_p.clear();
+        self.connected = false;
         let actions = self.p.step(PrimaryEvent::Disconnected);
         self.on_p(actions);
-        let actions = self.b.step(BackupEvent::Disconnected);
+        let actions = self.b.step(BackupEvent::Disconnected { conn: self.conn });
         self.on_b(actions);
     }
 
     fn checkpoint(&mut self, epoch: u64, payload: &[u8]) {
         let kind = self.p.next_checkpoint_kind();
+        let payload = if kind == CheckpointKind::Discard { Vec::new() } else { payload.to_vec() };
         let actions = self.p.step(PrimaryEvent::CheckpointTaken { epoch, icount: epoch * 100, kind, payload });
         self.on_p(actions);
         self.settle();
@@ -132,22 +178,37 @@ impl World {
     }
 
     fn b_closes(&self) -> Vec<&ProtocolError> {
-        self.b_log
+        closes(&self.b_log)
+    }
+
+    fn releases(&self) -> Vec<u64> {
+        self.p_log
             .iter()
-            .filter_map(|a| if let BackupAction::Close { error } = a { Some(error) } else { None })
+            .filter_map(
+                |a| if let PrimaryAction::ReleaseOutputs { up_to_epoch } = a { Some(*up_to_epoch) } else { None },
+            )
             .collect()
     }
 }
 
 /// A hand-driven primary for feeding a backup what a real primary never would.
 struct FakePrimary {
+    conn: ConnId,
     encoder: Encoder,
 }
 
 impl FakePrimary {
-    /// Connects `b` and completes the handshake with the given Hello fields.
-    fn handshake(b: &mut Backup, term: u64) -> (FakePrimary, Vec<BackupAction>) {
-        b.step(BackupEvent::Connected { nonce: B_NONCE });
+    /// Connects `b` as connection `conn` and completes the handshake (Hello, then a first
+    /// frame under the session keys) with the given generation.
+    fn handshake(b: &mut Backup, conn: ConnId, generation: u64) -> (FakePrimary, Vec<BackupAction>) {
+        let (mut fake, mut actions) = FakePrimary::hello(b, conn, generation);
+        actions.extend(fake.send(b, Message::Heartbeat { now_ms: 0, epoch: 0 }));
+        (fake, actions)
+    }
+
+    /// Connects and sends a Hello only: the connection is still pending.
+    fn hello(b: &mut Backup, conn: ConnId, generation: u64) -> (FakePrimary, Vec<BackupAction>) {
+        b.step(BackupEvent::Connected { conn, nonce: B_NONCE });
         let mut encoder = Encoder::new(psk().hello_key(Direction::PrimaryToBackup));
         let hello = Message::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -155,17 +216,17 @@ impl FakePrimary {
             config_digest: DIGEST,
             nonce: P_NONCE,
             run_id: RUN,
-            term,
+            generation,
         };
         let (t, payload) = hello.encode();
-        let actions = b.step(BackupEvent::Received(&encoder.encode(t, &payload).unwrap()));
+        let actions = b.step(BackupEvent::Received { conn, bytes: &encoder.encode(t, &payload).unwrap() });
         encoder.set_key(psk().session_key(Direction::PrimaryToBackup, &P_NONCE, &B_NONCE));
-        (FakePrimary { encoder }, actions)
+        (FakePrimary { conn, encoder }, actions)
     }
 
     fn send(&mut self, b: &mut Backup, message: Message) -> Vec<BackupAction> {
         let (t, payload) = message.encode();
-        b.step(BackupEvent::Received(&self.encoder.encode(t, &payload).unwrap()))
+        b.step(BackupEvent::Received { conn: self.conn, bytes: &self.encoder.encode(t, &payload).unwrap() })
     }
 }
 
@@ -175,7 +236,11 @@ fn sha(payload: &[u8]) -> [u8; 32] {
 }
 
 fn closes(actions: &[BackupAction]) -> Vec<&ProtocolError> {
-    actions.iter().filter_map(|a| if let BackupAction::Close { error } = a { Some(error) } else { None }).collect()
+    actions.iter().filter_map(|a| if let BackupAction::Close { error, .. } = a { Some(error) } else { None }).collect()
+}
+
+fn sends(actions: Vec<PrimaryAction>) -> Vec<u8> {
+    actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect()
 }
 
 #[test]
@@ -199,11 +264,14 @@ fn a_full_then_incremental_checkpoints_are_applied_acked_and_release_outputs() {
 fn outputs_are_not_released_until_the_machine_reports_the_apply() {
     let mut w = World::new();
     w.connect();
-    let actions =
-        w.p.step(PrimaryEvent::CheckpointTaken { epoch: 1, icount: 0, kind: CheckpointKind::Full, payload: b"x" });
-    let bytes: Vec<u8> =
-        actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
-    let actions = w.b.step(BackupEvent::Received(&bytes));
+    let actions = w.p.step(PrimaryEvent::CheckpointTaken {
+        epoch: 1,
+        icount: 0,
+        kind: CheckpointKind::Full,
+        payload: b"x".to_vec(),
+    });
+    let bytes = sends(actions);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
     assert!(matches!(actions.as_slice(), [BackupAction::ApplyCheckpoint { epoch: 1, .. }]));
     assert_eq!(w.p.acked_epoch(), None);
 }
@@ -250,28 +318,28 @@ fn different_keys_fail_on_the_first_frame_on_both_sides() {
 #[test]
 fn another_protocol_version_is_refused_naming_both() {
     let mut b = Backup::new(backup_config(), 0);
-    b.step(BackupEvent::Connected { nonce: B_NONCE });
+    b.step(BackupEvent::Connected { conn: 1, nonce: B_NONCE });
     let hello = Message::Hello {
         protocol_version: 9,
         role: Role::Primary,
         config_digest: DIGEST,
         nonce: P_NONCE,
         run_id: 1,
-        term: 1,
+        generation: 1,
     };
     let (t, payload) = hello.encode();
     let frame = Encoder::new(psk().hello_key(Direction::PrimaryToBackup)).encode(t, &payload).unwrap();
-    let actions = b.step(BackupEvent::Received(&frame));
+    let actions = b.step(BackupEvent::Received { conn: 1, bytes: &frame });
     let expected = ProtocolError::ProtocolVersionMismatch { ours: PROTOCOL_VERSION, theirs: 9 };
     assert_eq!(closes(&actions), vec![&expected]);
-    assert!(expected.to_string().contains("version 1") && expected.to_string().contains("version 9"));
+    assert!(expected.to_string().contains("version 2") && expected.to_string().contains("version 9"));
 }
 
 #[test]
 fn a_stranger_is_refused_at_its_first_byte() {
     let mut b = Backup::new(backup_config(), 0);
-    b.step(BackupEvent::Connected { nonce: B_NONCE });
-    let actions = b.step(BackupEvent::Received(b"GET / HTTP/1.1\r\n"));
+    b.step(BackupEvent::Connected { conn: 1, nonce: B_NONCE });
+    let actions = b.step(BackupEvent::Received { conn: 1, bytes: b"GET / HTTP/1.1\r\n" });
     assert!(matches!(closes(&actions)[..], [ProtocolError::Wire(WireError::BadMagic { .. })]));
 }
 
@@ -284,13 +352,12 @@ fn a_connection_cut_mid_checkpoint_leaves_the_last_whole_one() {
         epoch: 2,
         icount: 0,
         kind: CheckpointKind::Incremental,
-        payload: b"second, never whole",
+        payload: b"second, never whole".to_vec(),
     });
-    let bytes: Vec<u8> =
-        actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
-    let actions = w.b.step(BackupEvent::Received(&bytes[..bytes.len() - 10]));
+    let bytes = sends(actions);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes[..bytes.len() - 10] });
     assert!(actions.iter().all(|a| !matches!(a, BackupAction::ApplyCheckpoint { .. })));
-    let actions = w.b.step(BackupEvent::Disconnected);
+    let actions = w.b.step(BackupEvent::Disconnected { conn: w.conn });
     assert!(matches!(closes(&actions)[..], [ProtocolError::Wire(WireError::Truncated { .. })]));
     assert_eq!(w.b.applied(), Some(CheckpointId { run_id: RUN, epoch: 1 }));
 }
@@ -303,13 +370,12 @@ fn a_corrupted_chunk_closes_the_connection_without_applying() {
         epoch: 1,
         icount: 0,
         kind: CheckpointKind::Full,
-        payload: b"abcdefgh",
+        payload: b"abcdefgh".to_vec(),
     });
-    let mut bytes: Vec<u8> =
-        actions.into_iter().flat_map(|a| if let PrimaryAction::Send(b) = a { b } else { vec![] }).collect();
+    let mut bytes = sends(actions);
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
-    let actions = w.b.step(BackupEvent::Received(&bytes));
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
     assert!(actions.iter().all(|a| !matches!(a, BackupAction::ApplyCheckpoint { .. })));
     assert!(matches!(closes(&actions)[..], [ProtocolError::Wire(_)]));
     assert_eq!(w.b.applied(), None);
@@ -328,17 +394,36 @@ fn a_reconnect_continues_incrementally_when_the_backup_holds_the_last_epoch() {
 }
 
 #[test]
-fn an_epoch_taken_while_disconnected_forces_a_full_checkpoint() {
+fn epochs_taken_while_disconnected_are_resent_on_reconnect() {
     let mut w = World::new();
     w.connect();
     w.checkpoint(1, b"full");
     w.disconnect();
-    w.checkpoint(2, b"lost delta");
+    w.checkpoint(2, b"kept delta");
+    w.checkpoint(3, b"another");
+    w.connect();
+    assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Incremental);
+    w.checkpoint(4, b"live");
+    let epochs: Vec<_> = w.applied.iter().map(|(e, base, _)| (*e, *base)).collect();
+    assert_eq!(epochs, vec![(1, None), (2, Some(1)), (3, Some(2)), (4, Some(3))]);
+    assert_eq!(w.p.acked_epoch(), Some(4));
+}
+
+#[test]
+fn a_log_past_its_limit_is_dropped_and_a_full_checkpoint_follows() {
+    let p = PrimaryConfig { max_log_bytes: 10, ..primary_config() };
+    let mut w = World::with(p, backup_config());
+    w.connect();
+    w.checkpoint(1, b"full");
+    w.disconnect();
+    w.checkpoint(2, b"0123456789abc");
+    assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Discard);
+    w.checkpoint(3, b"");
     w.connect();
     assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Full);
-    w.checkpoint(3, b"full again");
-    assert_eq!(w.applied.last(), Some(&(3, None, b"full again".to_vec())));
-    assert_eq!(w.p.acked_epoch(), Some(3));
+    w.checkpoint(4, b"full again");
+    assert_eq!(w.applied.last(), Some(&(4, None, b"full again".to_vec())));
+    assert_eq!(w.p.acked_epoch(), Some(4));
 }
 
 #[test]
@@ -349,7 +434,7 @@ fn an_incremental_taken_against_advice_is_dropped_not_sent() {
         epoch: 1,
         icount: 0,
         kind: CheckpointKind::Incremental,
-        payload: b"d",
+        payload: b"d".to_vec(),
     });
     assert!(actions.is_empty());
     assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Full);
@@ -358,7 +443,7 @@ fn an_incremental_taken_against_advice_is_dropped_not_sent() {
 #[test]
 fn a_backup_refuses_an_incremental_that_misses_its_base_and_asks_for_a_full() {
     let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
     let actions =
         fake.send(&mut b, Message::CheckpointBegin { epoch: 4, base_epoch: Some(3), icount: 0, total_bytes: 1 });
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -385,7 +470,7 @@ fn a_backup_refuses_an_incremental_that_misses_its_base_and_asks_for_a_full() {
 #[test]
 fn a_checkpoint_over_the_limit_is_refused_before_any_byte_is_buffered() {
     let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
     let actions =
         fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 1 << 40 });
     let expected = ProtocolError::CheckpointTooLarge { epoch: 1, total_bytes: 1 << 40, limit: 1024 };
@@ -395,7 +480,7 @@ fn a_checkpoint_over_the_limit_is_refused_before_any_byte_is_buffered() {
 #[test]
 fn a_digest_mismatch_is_never_applied() {
     let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
     fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 2 });
     fake.send(&mut b, Message::CheckpointChunk { epoch: 1, offset: 0, bytes: vec![1, 2] });
     let actions = fake.send(&mut b, Message::CheckpointEnd { epoch: 1, digest: sha(&[2, 1]) });
@@ -411,7 +496,7 @@ fn chunks_out_of_place_or_too_long_are_malformed() {
         Message::CheckpointChunk { epoch: 2, offset: 0, bytes: vec![1] },
     ] {
         let mut b = Backup::new(backup_config(), 0);
-        let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+        let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
         fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 2 });
         let actions = fake.send(&mut b, chunk);
         assert!(matches!(closes(&actions)[..], [ProtocolError::MalformedCheckpoint { epoch: 1, .. }]), "{actions:?}");
@@ -421,7 +506,7 @@ fn chunks_out_of_place_or_too_long_are_malformed() {
 #[test]
 fn a_short_checkpoint_is_malformed_at_its_end() {
     let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
     fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 2 });
     fake.send(&mut b, Message::CheckpointChunk { epoch: 1, offset: 0, bytes: vec![1] });
     let actions = fake.send(&mut b, Message::CheckpointEnd { epoch: 1, digest: sha(&[1]) });
@@ -431,7 +516,7 @@ fn a_short_checkpoint_is_malformed_at_its_end() {
 #[test]
 fn epochs_must_increase_within_a_run() {
     let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
     fake.send(&mut b, Message::CheckpointBegin { epoch: 5, base_epoch: None, icount: 0, total_bytes: 0 });
     let actions = fake.send(&mut b, Message::CheckpointEnd { epoch: 5, digest: sha(&[]) });
     b.step(BackupEvent::CheckpointApplied { epoch: 5 });
@@ -441,153 +526,51 @@ fn epochs_must_increase_within_a_run() {
 }
 
 #[test]
-fn a_primary_of_an_older_term_is_refused() {
+fn a_primary_of_an_older_generation_is_refused() {
     let mut b = Backup::new(backup_config(), 0);
-    FakePrimary::handshake(&mut b, 5);
-    let (_, actions) = FakePrimary::handshake(&mut b, 4);
-    assert_eq!(closes(&actions), vec![&ProtocolError::StaleTerm { seen: 5, theirs: 4 }]);
+    FakePrimary::handshake(&mut b, 1, 5);
+    let (_, actions) = FakePrimary::hello(&mut b, 2, 4);
+    assert_eq!(closes(&actions), vec![&ProtocolError::StaleGeneration { seen: 5, theirs: 4 }]);
 }
 
 #[test]
 fn a_replayed_session_frame_fails_on_another_connection() {
     let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
     let (t, payload) = Message::Heartbeat { now_ms: 1, epoch: 0 }.encode();
     let recorded = fake.encoder.encode(t, &payload).unwrap();
-    b.step(BackupEvent::Received(&recorded));
+    b.step(BackupEvent::Received { conn: 1, bytes: &recorded });
     // A new connection: same primary nonce, but the backup picks a fresh one.
-    b.step(BackupEvent::Connected { nonce: [3; 16] });
+    b.step(BackupEvent::Connected { conn: 2, nonce: [3; 16] });
     let hello = Message::Hello {
         protocol_version: PROTOCOL_VERSION,
         role: Role::Primary,
         config_digest: DIGEST,
         nonce: P_NONCE,
         run_id: RUN,
-        term: 1,
+        generation: 1,
     };
     let (t, payload) = hello.encode();
-    b.step(BackupEvent::Received(
-        &Encoder::new(psk().hello_key(Direction::PrimaryToBackup)).encode(t, &payload).unwrap(),
-    ));
-    let actions = b.step(BackupEvent::Received(&recorded));
-    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::BadAuthentication { seq: 1 })]);
-}
-
-#[test]
-fn a_silent_primary_makes_the_backup_win_the_lease_then_go_live_from_its_last_checkpoint() {
-    let mut w = World::new();
-    w.connect();
-    w.checkpoint(1, b"full");
-    w.checkpoint(2, b"delta");
-    w.disconnect();
-    let actions = w.b.step(BackupEvent::Tick { now_ms: 999 });
-    assert!(actions.is_empty());
-    let actions = w.b.step(BackupEvent::Tick { now_ms: 1000 });
-    assert_eq!(actions, vec![BackupAction::AcquireLease]);
-    let record = LeaseRecord { holder: "backup".into(), term: 2, expires_ms: 5000 };
-    let actions = w.b.step(BackupEvent::LeaseAcquisition(Ok(AcquireOutcome::Acquired(record))));
-    assert_eq!(actions, vec![BackupAction::GoLive { epoch: 2, icount: 200, term: 2 }]);
-    assert!(w.b.is_live());
-}
-
-#[test]
-fn a_busy_lease_is_retried_later_and_a_returning_primary_cancels_the_takeover() {
-    let mut w = World::new();
-    w.connect();
-    w.checkpoint(1, b"full");
-    w.disconnect();
-    assert_eq!(w.b.step(BackupEvent::Tick { now_ms: 1000 }), vec![BackupAction::AcquireLease]);
-    let record = LeaseRecord { holder: "primary".into(), term: 1, expires_ms: 3000 };
-    assert!(w.b.step(BackupEvent::LeaseAcquisition(Ok(AcquireOutcome::Busy(record)))).is_empty());
-    assert!(w.b.step(BackupEvent::Tick { now_ms: 1249 }).is_empty());
-    assert_eq!(w.b.step(BackupEvent::Tick { now_ms: 1250 }), vec![BackupAction::AcquireLease]);
-    let error = LeaseError::Corrupt { path: "x".into(), reason: "test".into() };
-    assert!(w.b.step(BackupEvent::LeaseAcquisition(Err(&error))).is_empty());
-    w.tick(1300);
-    w.connect();
-    w.tick(1600);
-    assert!(w.b_log.iter().all(|a| *a != BackupAction::AcquireLease), "{:?}", w.b_log);
-}
-
-#[test]
-fn a_backup_without_a_checkpoint_never_seeks_the_lease() {
-    let mut w = World::new();
-    w.connect();
-    w.disconnect();
-    assert!(w.b.step(BackupEvent::Tick { now_ms: 100_000 }).is_empty());
-}
-
-#[test]
-fn a_live_backup_turns_primaries_away() {
-    let mut w = World::new();
-    w.connect();
-    w.checkpoint(1, b"full");
-    w.disconnect();
-    w.b.step(BackupEvent::Tick { now_ms: 1000 });
-    let record = LeaseRecord { holder: "backup".into(), term: 2, expires_ms: 5000 };
-    w.b.step(BackupEvent::LeaseAcquisition(Ok(AcquireOutcome::Acquired(record))));
-    let actions = w.b.step(BackupEvent::Connected { nonce: B_NONCE });
-    assert_eq!(closes(&actions), vec![&ProtocolError::AlreadyLive]);
-}
-
-#[test]
-fn a_failed_apply_leaves_nothing_to_go_live_from_and_asks_for_a_full_checkpoint() {
-    let mut b = Backup::new(backup_config(), 0);
-    let (mut fake, _) = FakePrimary::handshake(&mut b, 1);
-    fake.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 0 });
-    fake.send(&mut b, Message::CheckpointEnd { epoch: 1, digest: sha(&[]) });
-    let actions = b.step(BackupEvent::ApplyFailed { epoch: 1, reason: "bad page".into() });
-    assert!(matches!(closes(&actions)[..], [ProtocolError::ApplyFailed { epoch: 1, .. }]));
-    assert_eq!(b.applied(), None);
-    assert!(b.step(BackupEvent::Tick { now_ms: 100_000 }).is_empty());
-}
-
-#[test]
-fn the_primary_renews_its_lease_and_stops_when_it_is_lost() {
-    let mut p = Primary::new(primary_config(), LeaseGrant { term: 3, acquired_at_ms: 0 });
-    assert!(p.step(PrimaryEvent::Tick { now_ms: 499 }).is_empty());
-    assert_eq!(p.step(PrimaryEvent::Tick { now_ms: 500 }), vec![PrimaryAction::RenewLease { term: 3 }]);
-    let record = LeaseRecord { holder: "backup".into(), term: 4, expires_ms: 9000 };
-    let actions = p.step(PrimaryEvent::LeaseRenewal(Ok(RenewOutcome::Lost(Some(record)))));
-    let error = ProtocolError::LeaseLost { holder: "backup".into(), term: 4, our_term: 3 };
-    assert_eq!(actions, vec![PrimaryAction::Stop { error }]);
-    assert!(!p.is_live(501));
-    assert!(p.step(PrimaryEvent::Tick { now_ms: 10_000 }).is_empty());
-}
-
-#[test]
-fn the_primary_stops_when_its_lease_expires_unrenewed() {
-    let mut p = Primary::new(primary_config(), LeaseGrant { term: 1, acquired_at_ms: 0 });
-    p.step(PrimaryEvent::Tick { now_ms: 500 });
-    let error = LeaseError::Corrupt { path: "vm.lease".into(), reason: "test".into() };
-    assert!(p.step(PrimaryEvent::LeaseRenewal(Err(&error))).is_empty());
-    assert!(p.is_live(2999));
-    let actions = p.step(PrimaryEvent::Tick { now_ms: 3000 });
-    assert!(matches!(&actions[..], [.., PrimaryAction::Stop { error: ProtocolError::LeaseExpired { last_error } }]
-        if last_error.contains("vm.lease")));
-}
-
-#[test]
-fn a_renewal_counts_from_when_it_was_asked() {
-    let mut p = Primary::new(primary_config(), LeaseGrant { term: 1, acquired_at_ms: 0 });
-    p.step(PrimaryEvent::Tick { now_ms: 500 });
-    p.step(PrimaryEvent::Tick { now_ms: 2000 });
-    let record = LeaseRecord { holder: "p".into(), term: 1, expires_ms: 5000 };
-    p.step(PrimaryEvent::LeaseRenewal(Ok(RenewOutcome::Renewed(record))));
-    assert!(p.is_live(3499));
-    assert!(!p.is_live(3500));
+    b.step(BackupEvent::Received {
+        conn: 2,
+        bytes: &Encoder::new(psk().hello_key(Direction::PrimaryToBackup)).encode(t, &payload).unwrap(),
+    });
+    let actions = b.step(BackupEvent::Received { conn: 2, bytes: &recorded });
+    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::BadAuthentication { seq: 2 })]);
+    // The stranger never touched the primary's connection.
+    assert!(b.is_streaming());
 }
 
 #[test]
 fn a_silent_backup_is_dropped_and_a_stalled_handshake_times_out() {
     let mut w = World::new();
     w.connect();
-    w.p.step(PrimaryEvent::Tick { now_ms: 999 });
-    let actions = w.p.step(PrimaryEvent::Tick { now_ms: 1000 });
+    w.p.step(PrimaryEvent::Tick { now_ms: 299 });
+    let actions = w.p.step(PrimaryEvent::Tick { now_ms: 300 });
     assert!(actions
         .iter()
-        .any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::PeerSilent { silent_ms: 1000 } })));
-    let mut p = Primary::new(primary_config(), LeaseGrant { term: 1, acquired_at_ms: 0 });
+        .any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::PeerSilent { silent_ms: 300 } })));
+    let mut p = Primary::new(primary_config(), 1, 0);
     p.step(PrimaryEvent::Connected { nonce: P_NONCE });
     let actions = p.step(PrimaryEvent::Tick { now_ms: 2000 });
     assert!(actions
@@ -601,7 +584,276 @@ fn an_ack_of_an_epoch_never_sent_closes_the_connection() {
     w.connect();
     let (t, payload) = Message::Ack { epoch: 9 }.encode();
     let mut encoder = Encoder::new(psk().session_key(Direction::BackupToPrimary, &P_NONCE, &B_NONCE));
-    encoder.encode(0, &[]).unwrap();
+    encoder.encode(0, &[]).unwrap(); // the HelloAck's sequence number
     let actions = w.p.step(PrimaryEvent::Received(&encoder.encode(t, &payload).unwrap()));
     assert!(actions.contains(&PrimaryAction::Close { error: ProtocolError::AckOfUnsentEpoch { epoch: 9, sent: None } }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ownership: a backup never goes live with a state older than an output that left.
+
+/// A backup slower to suspect than the primary is to give up on it (as in the end-to-end
+/// tests), so that a cut link makes the primary go unprotected first.
+fn patient_backup() -> BackupConfig {
+    BackupConfig { failover_timeout_ms: 1000, ..backup_config() }
+}
+
+fn protected_world() -> World {
+    let mut w = World::with(primary_config(), patient_backup());
+    w.connect();
+    w.checkpoint(1, b"full");
+    w.checkpoint(2, b"delta");
+    assert_eq!(w.p.protection(), Protection::Protected);
+    assert_eq!(w.b.state_generation(), Some(1));
+    w
+}
+
+#[test]
+fn a_primary_that_loses_its_backup_swaps_the_generation_before_releasing_anything() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"unacked");
+    w.tick(199);
+    assert_eq!(w.releases(), vec![1, 2], "nothing released within the grace period");
+    w.tick(200);
+    let swap = w.p_log.iter().position(|a| *a == PrimaryAction::SwapGeneration { expected: 1, ended: None });
+    let release = w.p_log.iter().position(|a| *a == PrimaryAction::ReleaseOutputs { up_to_epoch: 3 });
+    assert!(swap.is_some() && swap < release, "{:?}", w.p_log);
+    assert_eq!(w.record.generation, 2);
+    assert_eq!(w.p.protection(), Protection::Unprotected);
+    assert!(w.p_log.contains(&PrimaryAction::ProtectionChanged { protected: false, generation: 2 }));
+    // Outputs now leave as each checkpoint is taken.
+    w.checkpoint(4, b"more");
+    assert_eq!(w.releases(), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn a_cut_off_backup_cannot_take_over_with_a_state_older_than_released_outputs() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"released unprotected");
+    w.tick(200);
+    assert_eq!(w.releases(), vec![1, 2, 3]);
+    // The primary dies; the backup hears the new generation from the store.
+    w.tick(2000);
+    assert!(w.b_log.contains(&BackupAction::ClaimOwnership { generation: 1 }), "{:?}", w.b_log);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
+    assert!(w.b_log.iter().any(|a| matches!(a, BackupAction::CannotTakeOver { .. })));
+    assert!(w.b.status().stale);
+    assert_eq!(w.record, Record { generation: 2, owner: "primary", ended: None });
+}
+
+#[test]
+fn a_backup_that_heard_of_a_newer_generation_does_not_even_try() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.tick(200); // unprotected at generation 2
+    w.conn += 1;
+    w.connected = true;
+    // The primary reconnects: its Hello says generation 2, then it dies mid-resync.
+    let actions = w.b.step(BackupEvent::Connected { conn: w.conn, nonce: B_NONCE });
+    w.on_b(actions);
+    let actions = w.p.step(PrimaryEvent::Connected { nonce: P_NONCE });
+    w.on_p(actions);
+    let hello = std::mem::take(&mut w.to_b);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &hello });
+    w.on_b(actions);
+    let answer = std::mem::take(&mut w.to_p);
+    let actions = w.p.step(PrimaryEvent::Received(&answer));
+    w.on_p(actions);
+    let first = std::mem::take(&mut w.to_b);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &first });
+    w.on_b(actions);
+    assert!(w.b.status().stale);
+    w.disconnect();
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 10_000 });
+    assert!(matches!(actions[..], [BackupAction::CannotTakeOver { .. }]), "{actions:?}");
+}
+
+#[test]
+fn a_resynchronized_backup_is_declared_protected_under_the_new_generation_and_can_take_over() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"released unprotected");
+    w.tick(200);
+    w.checkpoint(4, b"also");
+    w.connect();
+    // The kept epochs 3 and 4 were resent; the backup caught up.
+    assert_eq!(w.b.applied(), Some(CheckpointId { run_id: RUN, epoch: 4 }));
+    assert!(matches!(w.p.protection(), Protection::Protected), "{:?}", w.p.protection());
+    assert!(w.p_log.contains(&PrimaryAction::ProtectionChanged { protected: true, generation: 2 }));
+    assert_eq!(w.b.state_generation(), Some(2));
+    assert!(!w.b.status().stale);
+    w.checkpoint(5, b"protected again");
+    assert_eq!(w.releases(), vec![1, 2, 3, 4, 5]);
+    // Now the primary dies: the backup takes over from epoch 5, which covers every release.
+    w.disconnect();
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 10_000 });
+    w.on_b(actions);
+    assert!(w.b_log.contains(&BackupAction::GoLive { epoch: 5, icount: 500, generation: 3 }), "{:?}", w.b_log);
+}
+
+#[test]
+fn with_hold_the_primary_never_runs_unprotected() {
+    let p = PrimaryConfig { on_backup_loss: BackupLossPolicy::Hold, ..primary_config() };
+    let b = BackupConfig { failover_timeout_ms: 100_000, ..backup_config() };
+    let mut w = World::with(p, b);
+    w.connect();
+    w.checkpoint(1, b"full");
+    w.disconnect();
+    w.checkpoint(2, b"held");
+    w.tick(60_000);
+    assert_eq!(w.releases(), vec![1]);
+    assert_eq!(w.p.protection(), Protection::Protected);
+    assert_eq!(w.record.generation, 1);
+    w.connect();
+    assert_eq!(w.releases(), vec![1, 2]);
+}
+
+#[test]
+fn a_full_checkpoint_cut_off_midway_resumes_where_it_stopped() {
+    let mut w = World::new();
+    w.connect();
+    let actions = w.p.step(PrimaryEvent::CheckpointTaken {
+        epoch: 1,
+        icount: 100,
+        kind: CheckpointKind::Full,
+        payload: b"0123456789abcdefghij".to_vec(),
+    });
+    let bytes = sends(actions);
+    // Half the frames arrive, then the link breaks (a damaged frame, say).
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes[..bytes.len() / 2] });
+    w.on_b(actions);
+    let held = w.b.status().partial_bytes;
+    assert!(held > 0 && held < 20, "{held}");
+    w.disconnect();
+    let sent_before = w.p_log.len();
+    w.connect();
+    assert_eq!(w.applied, vec![(1, None, b"0123456789abcdefghij".to_vec())], "{:?} {:?}", w.p_log, w.b_log);
+    assert_eq!(w.p.status().resumed_checkpoints, 1);
+    let _ = sent_before;
+}
+
+#[test]
+fn strangers_never_disturb_the_primary_connection_nor_its_silence_measure() {
+    let mut w = protected_world();
+    let primary_conn = w.conn;
+    // A flood of idle and garbage connections, far more than the pending cap.
+    for stranger in 100..200 {
+        let actions = w.b.step(BackupEvent::Connected { conn: stranger, nonce: [5; 16] });
+        w.on_b(actions);
+        if stranger % 2 == 0 {
+            let actions = w.b.step(BackupEvent::Received { conn: stranger, bytes: b"\x00garbage" });
+            w.on_b(actions);
+        }
+    }
+    assert!(w.b.status().pending_handshakes <= backup_config().max_pending_handshakes);
+    assert!(w.b.is_streaming());
+    assert_eq!(w.conn, primary_conn);
+    w.checkpoint(3, b"still flowing");
+    assert_eq!(w.p.acked_epoch(), Some(3));
+    // Idle strangers are dropped at their deadline; the backup stays quiet while the
+    // primary's heartbeats flow.
+    for now in (10..1000).step_by(10) {
+        w.tick(now);
+    }
+    assert_eq!(w.b.status().pending_handshakes, 0);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::ClaimOwnership { .. })));
+    assert!(w.b.is_streaming());
+}
+
+#[test]
+fn a_replayed_hello_cannot_displace_the_primary() {
+    let mut w = protected_world();
+    // Record the primary's Hello, then replay it on a new connection.
+    let mut encoder = Encoder::new(psk().hello_key(Direction::PrimaryToBackup));
+    let hello = Message::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: Role::Primary,
+        config_digest: DIGEST,
+        nonce: P_NONCE,
+        run_id: RUN,
+        generation: 1,
+    };
+    let (t, payload) = hello.encode();
+    let replay = encoder.encode(t, &payload).unwrap();
+    let actions = w.b.step(BackupEvent::Connected { conn: 50, nonce: [6; 16] });
+    w.on_b(actions);
+    let actions = w.b.step(BackupEvent::Received { conn: 50, bytes: &replay });
+    w.on_b(actions);
+    // It can go no further without the session keys; the primary's link is untouched.
+    assert!(w.b.is_streaming());
+    w.checkpoint(3, b"unaffected");
+    assert_eq!(w.p.acked_epoch(), Some(3));
+}
+
+#[test]
+fn a_vm_that_ends_ends_on_both_sides() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"final");
+    let actions = w.p.step(PrimaryEvent::VmEnded { epoch: 3, exit_code: 3 });
+    w.on_p(actions);
+    w.settle();
+    assert!(w.p_log.contains(&PrimaryAction::Finished { exit_code: 3, released: true }), "{:?}", w.p_log);
+    assert_eq!(w.releases(), vec![1, 2, 3]);
+    assert!(w.b_log.contains(&BackupAction::Exit { exit_code: 3 }), "{:?}", w.b_log);
+    assert_eq!(w.record.ended, Some(3));
+    // The backup never takes over, however long it waits.
+    w.disconnect();
+    w.tick(100_000);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })));
+}
+
+#[test]
+fn a_vm_that_ends_with_its_backup_unreachable_marks_the_record_before_releasing() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"final");
+    let actions = w.p.step(PrimaryEvent::VmEnded { epoch: 3, exit_code: 7 });
+    w.on_p(actions);
+    let mark = w.p_log.iter().position(|a| *a == PrimaryAction::SwapGeneration { expected: 1, ended: Some(7) });
+    let release = w.p_log.iter().position(|a| *a == PrimaryAction::ReleaseOutputs { up_to_epoch: 3 });
+    assert!(mark.is_some() && mark < release, "{:?}", w.p_log);
+    assert!(w.p_log.contains(&PrimaryAction::Finished { exit_code: 7, released: true }));
+    // The backup, hearing nothing, finds the VM ended and exits with its code.
+    w.tick(10_000);
+    assert!(w.b_log.contains(&BackupAction::Exit { exit_code: 7 }), "{:?}", w.b_log);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })));
+}
+
+#[test]
+fn an_ending_primary_that_lost_ownership_releases_nothing() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.record = Record { generation: 2, owner: "backup", ended: None }; // the backup took over
+    w.checkpoint(3, b"final");
+    let actions = w.p.step(PrimaryEvent::VmEnded { epoch: 3, exit_code: 0 });
+    w.on_p(actions);
+    assert!(w.p_log.contains(&PrimaryAction::Finished { exit_code: 0, released: false }), "{:?}", w.p_log);
+    assert_eq!(w.releases(), vec![1, 2]);
+    assert!(w.p_log.iter().any(|a| matches!(a, PrimaryAction::Stop { error: ProtocolError::OwnershipLost { .. } })));
+}
+
+#[test]
+fn a_spurious_takeover_fences_the_primary_before_it_releases_unacknowledged_outputs() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"acked");
+    // The backup stops hearing the primary (a stall), takes over; the primary runs on.
+    w.disconnect();
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 1000 });
+    w.on_b(actions);
+    assert!(w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { epoch: 3, .. })), "{:?}", w.b_log);
+    w.checkpoint(4, b"never acked");
+    w.tick(1300);
+    assert_eq!(w.releases(), vec![1, 2, 3]);
+    assert!(w.p_log.iter().any(|a| matches!(a, PrimaryAction::Stop { error: ProtocolError::OwnershipLost { .. } })));
+}
+
+#[test]
+fn a_primary_holding_outputs_notices_it_was_fenced() {
+    let p = PrimaryConfig { on_backup_loss: BackupLossPolicy::Hold, ..primary_config() };
+    let mut w = World::with(p, backup_config());
+    w.record = Record { generation: 5, owner: "someone else", ended: None };
+    w.tick(600);
+    assert!(w.p_log.iter().any(|a| matches!(a, PrimaryAction::Stop { .. })), "{:?}", w.p_log);
 }
