@@ -107,18 +107,18 @@ fn median(samples: Vec<Figures>) -> Figures {
 fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
     let key = dir.join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef")?;
-    let lease = dir.join("lease");
-    let _ = std::fs::remove_file(&lease);
+    let store = dir.join("store");
+    let _ = std::fs::remove_dir_all(&store);
     let log = dir.join(format!("primary-{}.log", epoch_ms.unwrap_or(0)));
     let sock = dir.join("primary.sock");
     let listen = format!("{}:7000", Topology::BACKUP_REPL_ADDR);
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     let key_s = key.display().to_string();
-    let lease_s = lease.display().to_string();
+    let store_s = format!("file:{}", store.display());
     let backup = match epoch_ms {
         Some(_) => {
             let args =
-                strings(&["backup", "--listen", &listen, "--key", &key_s, "--lease", &lease_s, "--net", "tap:tap0"]);
+                strings(&["backup", "--listen", &listen, "--key", &key_s, "--store", &store_s, "--net", "tap:tap0"]);
             Some(spawn_in(
                 &topo.backup_ns(),
                 &args,
@@ -135,8 +135,8 @@ fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, 
             &listen,
             "--key",
             &key_s,
-            "--lease",
-            &lease_s,
+            "--store",
+            &store_s,
             "--epoch-ms",
             &e.to_string(),
         ]));

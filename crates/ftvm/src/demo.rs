@@ -32,7 +32,7 @@ pub struct DemoArgs {
     #[arg(long, value_name = "MS", default_value_t = 25)]
     pub epoch_ms: u64,
     /// Instead of killing the primary, cut the replication link both ways: exactly one
-    /// side must stay live (the lease holder), and the backup must catch up once the
+    /// side must stay live (it swapped the ownership generation first), and the backup must catch up once the
     /// link is back
     #[arg(long)]
     pub partition: bool,
@@ -185,8 +185,8 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key = dir.join("key");
     std::fs::write(&key, crate::host::entropy(32)?.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
-    let lease = dir.join("lease");
-    let _ = std::fs::remove_file(&lease);
+    let store = dir.join("store");
+    let _ = std::fs::remove_dir_all(&store);
 
     println!("ftvm demo: building three hosts (network namespaces) joined by a bridge");
     // Unique per run, so that tests may run while a demo is up.
@@ -195,12 +195,15 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         v.extend(["--net", "tap:tap0", "--key"].map(String::from));
         v.push(key.display().to_string());
-        v.push("--lease".into());
-        v.push(lease.display().to_string());
+        v.push("--store".into());
+        v.push(format!("file:{}", store.display()));
         v
     };
     let listen = format!("{}:{REPLICATION_PORT}", Topology::BACKUP_REPL_ADDR);
-    let backup_args = common(&["backup", "--listen", &listen]);
+    // Slower to suspect the primary than the primary is to give up on a lost backup
+    // (250 ms of silence plus 200 ms of grace): a cut link then leaves the primary live
+    // and the backup stale.
+    let backup_args = common(&["backup", "--listen", &listen, "--failover-timeout-ms", "1000"]);
     let backup = spawn_in(&topo.backup_ns(), &backup_args, &dir.join("backup.log"), "backup")?;
     println!("ftvm demo: backup waiting on {listen} (log: {})", dir.join("backup.log").display());
     let mut primary_args = common(&["run", "--replicate-to", &listen, "--epoch-ms"]);
@@ -299,7 +302,7 @@ impl Summary {
             lines.push(if self.backup_went_live {
                 "  FAILED: the backup went live while the primary was alive".into()
             } else {
-                "  exactly one side stayed live: the primary (the lease holder)".into()
+                "  exactly one side stayed live: the primary (it swapped the ownership generation first)".into()
             });
             lines.push(if self.resynchronized {
                 "  the backup caught up once the link was back".into()

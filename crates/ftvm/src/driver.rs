@@ -31,6 +31,9 @@ const PRECOPY_PAGES_PER_SLICE: usize = 8192;
 const MAX_HELD_OUTPUTS: usize = 65_536;
 /// Bytes of entropy handed to the guest's RNG device per request.
 const ENTROPY_CHUNK: usize = 64;
+/// How long the end of a replicated VM may take to settle (the protocol's own timeouts are
+/// far shorter; this only guards against a replication thread that died).
+const END_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Clock {
@@ -51,7 +54,7 @@ pub enum Outcome {
     Quit,
     /// The control API asked the VM to stop.
     Stopped,
-    /// The replication layer fenced this replica off (it lost the takeover lease).
+    /// The replication layer fenced this replica off (another replica owns the VM).
     Fenced(String),
     /// The guest idles with no timer set and nothing can wake it.
     Hung,
@@ -86,6 +89,10 @@ pub struct Driver {
     released: Vec<machine::Output>,
     /// Set when this VM is a replicated primary.
     pub replication: Option<Replication>,
+    /// Set once the replication thread settled the VM's end: (exit code, outputs released).
+    finished: Option<(u32, bool)>,
+    /// What `status` reports of a takeover, when this VM is a backup that took over.
+    pub took_over: Option<serde_json::Value>,
     /// What `status` reports as the role.
     pub role: &'static str,
 }
@@ -167,6 +174,8 @@ impl Driver {
             snapshotter: None,
             released: Vec::new(),
             replication: None,
+            finished: None,
+            took_over: None,
             role: "standalone",
         }
     }
@@ -182,8 +191,24 @@ impl Driver {
         self.start_ticks + (self.started.elapsed().as_nanos() * TIMEBASE_HZ as u128 / 1_000_000_000) as u64
     }
 
-    /// Run until the guest powers off or the user quits.
+    /// Run until the guest powers off or the user quits. A replicated VM ends on both
+    /// sides: its last outputs leave once the backup holds the final epoch (or once the
+    /// ownership record says the VM ended), and the backup is told to stand down.
     pub fn run(&mut self, console: &mut dyn ConsoleSink) -> Result<Outcome> {
+        let outcome = self.run_until_end(console)?;
+        let exit_code = match &outcome {
+            Outcome::PowerOff { code } => *code,
+            Outcome::Reset | Outcome::Quit | Outcome::Stopped => 0,
+            Outcome::Hung => 1,
+            Outcome::Fenced(_) => return Ok(outcome),
+        };
+        match self.end_replicated(exit_code, console)? {
+            Some(fenced) => Ok(fenced),
+            None => Ok(outcome),
+        }
+    }
+
+    fn run_until_end(&mut self, console: &mut dyn ConsoleSink) -> Result<Outcome> {
         loop {
             if self.paused {
                 match self.events.recv() {
@@ -233,6 +258,7 @@ impl Driver {
             HostEvent::Control(request) => return Ok(self.control(request)),
             HostEvent::Released { up_to_epoch } => self.release_held(up_to_epoch),
             HostEvent::ReplicationStopped(message) => return Ok(Some(Outcome::Fenced(message))),
+            HostEvent::Finished { exit_code, released } => self.finished = Some((exit_code, released)),
         }
         Ok(None)
     }
@@ -240,14 +266,14 @@ impl Driver {
     /// Take a checkpoint when the epoch is over — or early, when the guest idles with
     /// outputs waiting for it — and hand it to the replication thread.
     fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink, idle: bool) -> Result<()> {
+        let _ = console;
         let Some(r) = &mut self.replication else { return Ok(()) };
-        let shared = r.handle.shared.lock().expect("not poisoned").clone();
+        let next_kind = r.handle.shared.lock().expect("not poisoned").next_kind;
         let started = Instant::now();
-        let full = shared.next_kind == replica::CheckpointKind::Full;
         // A full checkpoint is pre-copied over many slices while the guest runs; outputs
         // meanwhile stay held (they belong to the epoch the full checkpoint will close).
-        let payload = if let Some(precopy) = &mut r.precopy {
-            if !(shared.streaming && full) {
+        let full_payload = if let Some(precopy) = &mut r.precopy {
+            if next_kind != replica::CheckpointKind::Full {
                 r.precopy = None; // the backup went away: nothing to copy for
                 return Ok(());
             }
@@ -256,43 +282,56 @@ impl Driver {
             }
             let precopy = r.precopy.take().expect("checked above");
             let started = Instant::now();
-            let payload = precopy.finish(&mut self.machine).context("cannot take a checkpoint")?;
-            (payload, started)
+            Some((precopy.finish(&mut self.machine).context("cannot take a checkpoint")?, started))
         } else {
             let elapsed = r.last_epoch_at.elapsed();
             let early = idle && r.outputs_this_epoch && elapsed >= MIN_EPOCH;
             if elapsed < Duration::from_millis(r.epoch_ms) && !early {
                 return Ok(());
             }
-            if full && shared.streaming {
+            if next_kind == replica::CheckpointKind::Full {
                 r.precopy = Some(machine::checkpoint::PreCopy::start(&self.machine));
                 return Ok(());
             }
-            (Vec::new(), started)
+            None
         };
-        let (payload, started) = payload;
+        let (kind, payload, started) = match full_payload {
+            Some((payload, started)) => (replica::CheckpointKind::Full, payload, started),
+            None => (next_kind, Vec::new(), started),
+        };
+        self.send_checkpoint(kind, payload, started)
+    }
+
+    /// Take the checkpoint of the next epoch (unless `kind` is Full, whose payload was
+    /// built by a pre-copy) and hand it to the replication thread.
+    fn send_checkpoint(&mut self, kind: replica::CheckpointKind, payload: Vec<u8>, started: Instant) -> Result<()> {
+        use replica::CheckpointKind;
+        let Some(r) = &mut self.replication else { return Ok(()) };
         r.outputs_this_epoch = false;
         let epoch = r.epoch + 1;
-        // The kind sent is the kind built (the shared view may be a moment stale).
-        let built_full = !payload.is_empty();
-        let payload = if built_full {
-            payload
-        } else if shared.streaming {
-            machine::checkpoint::take(&mut self.machine, false).context("cannot take a checkpoint")?
-        } else {
-            // No backup to send it to: keep the dirty logs short; a full one follows later.
-            self.machine.take_dirty_pages();
-            self.machine.take_dirty_sectors();
-            Vec::new()
+        let mut payload = match kind {
+            CheckpointKind::Full if payload.is_empty() => {
+                machine::checkpoint::take(&mut self.machine, true).context("cannot take a checkpoint")?
+            }
+            CheckpointKind::Full => payload,
+            CheckpointKind::Incremental => {
+                machine::checkpoint::take(&mut self.machine, false).context("cannot take a checkpoint")?
+            }
+            CheckpointKind::Discard => {
+                // No backup to send it to: keep the dirty logs short; a full one follows later.
+                self.machine.take_dirty_pages();
+                self.machine.take_dirty_sectors();
+                Vec::new()
+            }
         };
-        let mut payload = payload;
-        if !payload.is_empty() && r.verify_every > 0 && (built_full || epoch % r.verify_every == 0) {
+        let full = kind == CheckpointKind::Full;
+        if !payload.is_empty() && r.verify_every > 0 && (full || epoch % r.verify_every == 0) {
             machine::checkpoint::add_digest(&mut payload, &self.machine);
         }
         let pause_us = started.elapsed().as_micros() as u64;
         let pages = machine::checkpoint::page_count(&payload);
-        r.last = Some(CheckpointStats { epoch, full: built_full, pause_us, bytes: payload.len(), pages });
-        if !payload.is_empty() {
+        r.last = Some(CheckpointStats { epoch, full, pause_us, bytes: payload.len(), pages });
+        if kind != CheckpointKind::Discard {
             let t = &mut r.totals;
             t.count += 1;
             t.pause_us += pause_us;
@@ -301,21 +340,48 @@ impl Driver {
             t.pages += pages as u64;
         }
         let icount = self.machine.icount();
-        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint {
-            epoch,
-            icount,
-            kind: if built_full { replica::CheckpointKind::Full } else { replica::CheckpointKind::Incremental },
-            payload,
-        });
+        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind, payload });
         r.epoch = epoch;
         r.last_epoch_at = Instant::now();
-        if !shared.streaming {
-            // No backup: run unprotected (the lease still prevents a second live replica)
-            // and let out what this and earlier epochs made, in order, one epoch late.
-            let all = r.held.release(epoch);
-            self.send_outputs(all, console)?;
-        }
         Ok(())
+    }
+
+    /// The VM ended: take the final checkpoint, let the replication thread settle the end
+    /// with the backup and the ownership record, and send what it releases. `Some` when the
+    /// replica turned out to be fenced (then nothing more leaves).
+    fn end_replicated(&mut self, exit_code: u32, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
+        let Some(r) = &mut self.replication else { return Ok(None) };
+        r.precopy = None;
+        let kind = r.handle.shared.lock().expect("not poisoned").next_kind;
+        self.route_outputs(console)?;
+        self.send_checkpoint(kind, Vec::new(), Instant::now())?;
+        let r = self.replication.as_ref().expect("checked above");
+        let epoch = r.epoch;
+        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::VmEnded { epoch, exit_code });
+        let deadline = Instant::now() + END_WAIT;
+        while self.finished.is_none() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(wait) {
+                Ok(HostEvent::Released { up_to_epoch }) => {
+                    self.release_held(up_to_epoch);
+                    self.flush_released(console)?;
+                }
+                Ok(HostEvent::Finished { exit_code, released }) => self.finished = Some((exit_code, released)),
+                Ok(HostEvent::ReplicationStopped(message)) => return Ok(Some(Outcome::Fenced(message))),
+                Ok(HostEvent::Control(request)) => {
+                    let _ = request.reply.send(Reply::error(409, "the VM is ending"));
+                }
+                Ok(_) => {} // the guest has ended: keys and frames have nowhere to go
+                Err(_) => {
+                    tracing_warn(
+                        "the replication thread did not settle the VM's end in time; its last outputs are not sent",
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+        self.flush_released(console)?;
+        Ok(None)
     }
 
     /// Output commit's back-pressure: a guest that outputs faster than the backup
@@ -331,6 +397,7 @@ impl Driver {
                 }
                 Err(_) => self.maybe_checkpoint(console, false)?,
             }
+            self.flush_released(console)?;
         }
         Ok(None)
     }
@@ -387,7 +454,7 @@ impl Driver {
 
     /// What `GET /status` answers.
     pub fn status(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut status = serde_json::json!({
             "state": if self.paused { "paused" } else { "running" },
             "role": self.role,
             "mode": if self.replication.is_some() { "checkpoint" } else { "none" },
@@ -396,14 +463,25 @@ impl Driver {
             "epoch": self.replication.as_ref().map_or(0, |r| r.epoch),
             "replication": self.replication.as_ref().map(|r| {
                 let shared = r.handle.shared.lock().expect("not poisoned").clone();
+                let s = &shared.status;
                 serde_json::json!({
-                    "backup_connected": shared.streaming,
-                    "acked_epoch": shared.acked_epoch,
-                    "lag_epochs": shared.acked_epoch.map(|a| r.epoch.saturating_sub(a)),
-                    "lag_ms": shared.acked_epoch.map(|a| r.epoch.saturating_sub(a) * r.epoch_ms),
+                    "protected": s.protection == replica::Protection::Protected && s.streaming,
+                    "protection": match s.protection {
+                        replica::Protection::Protected => "protected",
+                        replica::Protection::CatchingUp { .. } => "catching_up",
+                        replica::Protection::Unprotected => "unprotected",
+                    },
+                    "generation": s.generation,
+                    "backup_connected": s.streaming,
+                    "acked_epoch": s.acked_epoch,
+                    "lag_epochs": s.acked_epoch.map(|a| r.epoch.saturating_sub(a)),
+                    "lag_ms": s.acked_epoch.map(|a| r.epoch.saturating_sub(a) * r.epoch_ms),
+                    "released_epoch": s.released_up_to,
+                    "unprotected_count": s.unprotected_count,
+                    "resumed_checkpoints": s.resumed_checkpoints,
+                    "log_bytes": s.log_bytes,
                     "bytes_sent": shared.bytes_sent,
                     "held_outputs": r.held.len(),
-                    "lease_term": shared.lease_term,
                     "last_error": shared.last_error,
                     "last_checkpoint": r.last.map(|c| serde_json::json!({
                         "epoch": c.epoch,
@@ -422,7 +500,11 @@ impl Driver {
                     },
                 })
             }),
-        })
+        });
+        if let Some(took_over) = &self.took_over {
+            status["took_over"] = took_over.clone();
+        }
+        status
     }
 
     fn poll_events(&mut self) -> Result<Option<Outcome>> {

@@ -59,7 +59,7 @@ pub struct VmArgs {
 /// With COMMAND, the guest runs it, ftvm prints its output and exits with its status.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --lease /shared/lease -- /usr/share/ftvm/counter-httpd"
+    after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --store file:/shared/ftvm -- /usr/share/ftvm/counter-httpd"
 )]
 pub struct RunArgs {
     #[command(flatten)]
@@ -257,13 +257,40 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let tap = open_tap(vm)?;
     let machine = Machine::new(&config)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let replication = crate::replicate::primary::from_args(&args.replication, &config, tx.clone())?;
+    let replicated = args.replication.replicate_to.is_some();
+    let role = if replicated { "primary" } else { "vm" };
+    let mut ownership = crate::replicate::Ownership::open(&args.replication.ownership, &config, role)?;
+    if let Some(ownership) = &mut ownership {
+        ownership.claim_for_start()?;
+    }
     let mut driver = Driver::new(machine, rx, vm.clock);
-    if let Some(r) = replication {
-        driver.replication = Some(r);
+    if replicated {
+        let ownership = ownership.take().context("--replicate-to needs --store")?;
+        driver.replication =
+            Some(crate::replicate::primary::from_args(&args.replication, &config, ownership, tx.clone())?);
         driver.role = "primary";
     }
-    run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
+    run_owned(driver, vm, tap, tx, ownership, &args.command, args.boot_log)
+}
+
+/// Run a VM whose ownership record this process holds (if any), and mark the record
+/// ended when the VM ends here, so that no other replica ever brings it back.
+pub fn run_owned(
+    driver: Driver,
+    vm: &VmArgs,
+    tap: Option<Tap>,
+    tx: std::sync::mpsc::Sender<crate::host::HostEvent>,
+    ownership: Option<crate::replicate::Ownership>,
+    command: &[String],
+    boot_log: bool,
+) -> Result<i32> {
+    let code = run_driver(driver, vm, tap, tx, command, boot_log)?;
+    if let Some(mut ownership) = ownership {
+        if let Err(e) = ownership.mark_ended(code as u32) {
+            eprintln!("ftvm: warning: {e:#}");
+        }
+    }
+    Ok(code)
 }
 
 /// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its

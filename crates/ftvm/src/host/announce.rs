@@ -25,6 +25,26 @@ pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
+/// When a takeover announces the MAC, in milliseconds after it: a TAP attached a moment ago,
+/// or a bridge port still learning, may miss the first frames, so the announcement is
+/// repeated in rounds over the first few hundred milliseconds (as QEMU's announce-self does).
+pub const ANNOUNCE_ROUNDS_MS: [u64; 5] = [0, 20, 60, 150, 300];
+
+/// Send the announcement of `mac` on `tap` in rounds, on a thread of its own.
+pub fn spawn_announcer(mut tap: super::tap::Tap, mac: [u8; 6]) {
+    let frame = rarp_announce(mac);
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        for at_ms in ANNOUNCE_ROUNDS_MS {
+            let at = std::time::Duration::from_millis(at_ms);
+            std::thread::sleep(at.saturating_sub(start.elapsed()));
+            if let Err(e) = tap.send(&frame) {
+                eprintln!("ftvm: warning: cannot announce the guest's MAC address on {}: {e}", tap.name);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

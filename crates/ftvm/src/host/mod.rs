@@ -19,14 +19,22 @@ pub enum HostEvent {
     Released {
         up_to_epoch: u64,
     },
-    /// The replication layer says this replica must stop (it lost the lease).
+    /// The replication layer says this replica must stop (another replica owns the VM).
     ReplicationStopped(String),
+    /// The replication layer settled the VM's end (the backup told, or the ownership record
+    /// marked ended): exit with `exit_code`; `released` whether the last outputs were released.
+    Finished {
+        exit_code: u32,
+        released: bool,
+    },
 }
 
 /// Host entropy for the guest's RNG device (logged as an input like any other).
+///
+/// getrandom(2) rather than /dev/urandom: it needs no file descriptor, so a process whose
+/// descriptors ran out (a flood of connections) still gets its randomness.
 pub fn entropy(len: usize) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
     let mut buf = vec![0; len];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    getrandom::fill(&mut buf).map_err(std::io::Error::other)?;
     Ok(buf)
 }

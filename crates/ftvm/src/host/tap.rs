@@ -82,6 +82,27 @@ impl Tap {
         })
     }
 
+    /// Throw away the frames queued on the device: a backup keeps its TAP attached while it
+    /// waits (so that the kernel has its carrier up when the backup takes over), and what
+    /// arrived meanwhile was meant for the old primary's guest.
+    pub fn discard_pending(&self) -> Result<usize> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let fd = self.file.as_raw_fd();
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).context("cannot read the TAP's flags")?);
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).context("cannot set the TAP non-blocking")?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        let mut discarded = 0;
+        let mut file = &self.file;
+        while let Ok(n) = file.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            discarded += 1;
+        }
+        fcntl(fd, FcntlArg::F_SETFL(flags)).context("cannot set the TAP back to blocking")?;
+        Ok(discarded)
+    }
+
     /// Send a frame the guest transmitted.
     pub fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.file.write_all(frame)

@@ -1,33 +1,46 @@
 //! `ftvm backup`: hold the last whole checkpoint of a primary's VM and take over when
-//! the primary falls silent — first winning the takeover lease, so that two live
-//! replicas can never exist — then attach the TAP device, announce the guest's MAC
-//! address, and run the VM from that checkpoint.
+//! the primary falls silent — by swapping the VM's ownership record from the generation
+//! its state belongs to, so that a backup whose state is older than an output that left
+//! can never go live — then announce the guest's MAC address and run the VM from that
+//! checkpoint.
+//!
+//! The edge keeps every accepted connection apart (its own id, reader thread and socket):
+//! the protocol core decides which one is the primary's, and a stranger's connection can
+//! neither close the primary's nor count as a sign of its life.
 
-use super::{load_key, nonce, now_ms, resolve};
+use super::{load_key, nonce, now_ms, resolve, Ownership, OwnershipArgs};
 use crate::driver::Driver;
-use crate::host::announce::rarp_announce;
-use crate::host::tap::Tap;
+use crate::host::announce::spawn_announcer;
 use crate::host::HostEvent;
-use crate::run_cmd::{machine_config, open_tap, run_driver, VmArgs};
+use crate::run_cmd::{machine_config, open_tap, VmArgs};
 use anyhow::{Context, Result};
 use machine::Machine;
-use replica::{AcquireOutcome, Backup, BackupAction, BackupConfig, BackupEvent, FileLease, Lease, RenewOutcome};
+use replica::{Backup, BackupAction, BackupConfig, BackupEvent, ConnId};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
-const TICK: Duration = Duration::from_millis(10);
+const TICK: Duration = Duration::from_millis(5);
 /// Room for device state and framing beyond RAM and disk in a full checkpoint.
 const CHECKPOINT_SLACK_BYTES: u64 = 64 << 20;
-/// How many announcements a takeover sends (switches may miss one).
-const ANNOUNCEMENTS: usize = 3;
+/// Connections open at once beyond which new ones are closed at accept: the protocol
+/// core keeps a few pending handshakes and drops the rest; this bounds threads and
+/// descriptors even before it has seen them.
+const MAX_OPEN_CONNECTIONS: usize = 64;
+/// After accept fails (descriptors exhausted, say), wait this long before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Wait for a primary (`ftvm run --replicate-to`), keep its last whole checkpoint, and
 /// take the VM over when the primary stops being heard.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example:\n  ftvm backup --listen 0.0.0.0:7000 --key k --lease /shared/lease --net tap:tap0")]
+#[command(
+    after_help = "Example:\n  ftvm backup --listen 0.0.0.0:7000 --key k --store file:/shared/ftvm --net tap:tap0\n\n\
+Exit status: the VM's own exit status when it ended on the primary (the backup never takes\n\
+over an ended VM); otherwise as `ftvm run` after a takeover; 0 when stopped through the API."
+)]
 pub struct BackupArgs {
     #[command(flatten)]
     pub vm: VmArgs,
@@ -37,43 +50,56 @@ pub struct BackupArgs {
     /// File holding the pre-shared key (the same as the primary's)
     #[arg(long, value_name = "FILE")]
     pub key: PathBuf,
-    /// Takeover lease file, on a path both replicas can see
-    #[arg(long, value_name = "FILE")]
-    pub lease: PathBuf,
-    /// Silence from the primary after which this backup tries to take over
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    #[command(flatten)]
+    pub ownership: OwnershipArgs,
+    /// Silence from the primary (authenticated frames only) after which this backup takes over
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub failover_timeout_ms: u64,
-    /// How long the lease lasts without renewal once this replica is live
-    #[arg(long, value_name = "MS", default_value_t = 1500, value_parser = clap::value_parser!(u64).range(100..=600_000))]
-    pub lease_ttl_ms: u64,
-    /// This replica's name in the lease [default: backup-<hostname>-<pid>]
-    #[arg(long, value_name = "NAME")]
-    pub replica_name: Option<String>,
+    /// Heartbeat interval on the replication link
+    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub heartbeat_ms: u64,
 }
 
 enum ToBackup {
     Accepted(TcpStream),
-    Bytes { conn: u64, bytes: Vec<u8> },
-    Closed { conn: u64 },
+    /// The machine thread applied a checkpoint (or could not).
+    Applied {
+        epoch: u64,
+        result: Result<(), String>,
+    },
+    Bytes {
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        conn: ConnId,
+    },
     Control(crate::api::ControlRequest),
 }
 
 /// Answer the control API while this replica is a backup: it holds a checkpoint and
 /// does not run, so only status and stop apply.
-fn answer_as_backup(request: crate::api::ControlRequest, backup: &Backup, machine: &Machine, connected: bool) -> bool {
+fn answer_as_backup(request: crate::api::ControlRequest, backup: &Backup, machine: &MachineThread) -> bool {
     use crate::api::{Command, Reply};
     let (reply, stop) = match request.command {
-        Command::Status => (
-            Reply::ok(serde_json::json!({
+        Command::Status => {
+            let s = backup.status();
+            let reply = Reply::ok(serde_json::json!({
                 "state": "waiting",
                 "role": "backup",
                 "mode": "checkpoint",
-                "primary_connected": connected,
-                "applied_epoch": backup.applied().map(|id| id.epoch),
-                "icount": machine.icount(),
-            })),
-            false,
-        ),
+                "primary_connected": s.primary_connected,
+                "applied_epoch": s.applied_epoch,
+                "state_generation": s.state_generation,
+                "newest_generation": s.newest_generation,
+                "stale": s.stale,
+                "pending_handshakes": s.pending_handshakes,
+                "refused_connections": s.refused_connections,
+                "partial_checkpoint_bytes": s.partial_bytes,
+                "icount": machine.icount,
+            }));
+            (reply, false)
+        }
         Command::Stop => (Reply::ok(serde_json::json!({ "state": "stopped" })), true),
         _ => (
             Reply::error(409, "this replica is a backup: it holds a checkpoint and does not run until it takes over"),
@@ -84,22 +110,95 @@ fn answer_as_backup(request: crate::api::ControlRequest, backup: &Backup, machin
     stop
 }
 
+/// The backup's machine lives on a thread of its own: applying a full checkpoint of a large
+/// VM takes a while, and meanwhile the protocol must keep hearing and answering the primary
+/// (heartbeats), or either side would take the pause for a failure.
+struct MachineThread {
+    jobs: Sender<MachineJob>,
+    /// The icount of the last checkpoint handed over (for status).
+    icount: u64,
+}
+
+enum MachineJob {
+    Apply {
+        epoch: u64,
+        payload: Vec<u8>,
+    },
+    /// Stop applying and hand the machine back (to go live from it).
+    GiveBack(Sender<Machine>),
+}
+
+impl MachineThread {
+    fn start(mut machine: Machine, events: Sender<ToBackup>) -> MachineThread {
+        let (jobs, queue) = mpsc::channel::<MachineJob>();
+        let icount = machine.icount();
+        std::thread::spawn(move || {
+            for job in queue {
+                match job {
+                    MachineJob::Apply { epoch, payload, .. } => {
+                        let result = machine::checkpoint::apply(&mut machine, &payload).map_err(|e| e.to_string());
+                        if events.send(ToBackup::Applied { epoch, result }).is_err() {
+                            return;
+                        }
+                    }
+                    MachineJob::GiveBack(reply) => {
+                        let _ = reply.send(machine);
+                        return;
+                    }
+                }
+            }
+        });
+        MachineThread { jobs, icount }
+    }
+
+    fn apply(&mut self, epoch: u64, icount: u64, payload: Vec<u8>) {
+        self.icount = icount;
+        let _ = self.jobs.send(MachineJob::Apply { epoch, payload });
+    }
+
+    /// The machine, once every apply handed over before is done.
+    fn give_back(self) -> Result<Machine> {
+        let (reply, answer) = mpsc::channel();
+        self.jobs.send(MachineJob::GiveBack(reply)).map_err(|_| anyhow::anyhow!("the machine thread died"))?;
+        answer.recv().map_err(|_| anyhow::anyhow!("the machine thread died"))
+    }
+}
+
+/// The accepted connections: the socket each action goes to.
+struct Connections {
+    streams: HashMap<ConnId, TcpStream>,
+    next_id: ConnId,
+    /// The connection the last authenticated frame came on (for logging only).
+    primary: Option<ConnId>,
+}
+
+impl Connections {
+    fn close(&mut self, conn: ConnId) {
+        if let Some(stream) = self.streams.remove(&conn) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 pub fn run(args: BackupArgs) -> Result<i32> {
     let config = machine_config(&args.vm, &[])?;
-    drop(open_tap(&args.vm)?); // a missing TAP device is an error now, not at takeover
-    let mut machine = Machine::new(&config)?;
+    // Attached now and kept: a TAP attached only at takeover may not forward at once.
+    let tap = open_tap(&args.vm)?;
+    let machine = Machine::new(&config)?;
     let key = load_key(&args.key)?;
-    let digest = machine::snapshot::config_digest(&config);
+    let mut ownership = Ownership::open(&args.ownership, &config, "backup")?
+        .context("ftvm backup needs --store (the ownership store the primary uses)")?;
+    let digest = super::replication_digest(&config, &ownership.vm_id);
     let addr = resolve(&args.listen)?;
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     let disk_bytes = machine.disk_sectors().unwrap_or(0) * 512;
     let mut backup_config = BackupConfig::new(key, digest, config.ram_size + disk_bytes + CHECKPOINT_SLACK_BYTES);
     backup_config.failover_timeout_ms = args.failover_timeout_ms;
+    backup_config.heartbeat_interval_ms = args.heartbeat_ms;
     let mut backup = Backup::new(backup_config, now_ms());
-    let holder = args.replica_name.clone().unwrap_or_else(|| super::primary::default_holder("backup"));
-    let mut lease = FileLease::new(&args.lease);
     let (tx, rx) = mpsc::channel();
     spawn_acceptor(listener, tx.clone());
+    let mut machine = MachineThread::start(machine, tx.clone());
     // The API answers as a backup now, and as the live VM after a takeover.
     let (api_tx, api_rx) = mpsc::channel::<HostEvent>();
     let api_server = match &args.vm.api {
@@ -116,170 +215,219 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             }
         }
     });
-    eprintln!("ftvm backup: waiting for a primary on {addr}");
+    eprintln!("ftvm backup: waiting for a primary on {addr} (VM {})", ownership.vm_id);
 
-    let mut conn: Option<TcpStream> = None;
-    let mut conn_id = 0u64;
-    let mut last_heard = Instant::now();
+    let mut conns = Connections { streams: HashMap::new(), next_id: 0, primary: None };
     let mut last_report = Instant::now();
-    // Said once per holder and term, not at every retry.
-    let mut last_busy: Option<(String, u64)> = None;
     loop {
-        let message = rx.recv_timeout(TICK);
-        let now = now_ms();
-        let mut actions = match message {
-            Ok(ToBackup::Accepted(stream)) => {
-                let mut actions = Vec::new();
-                if conn.take().is_some() {
-                    actions.extend(backup.step(BackupEvent::Disconnected));
-                }
-                conn_id += 1;
-                let _ = stream.set_nodelay(true);
-                let reader = stream.try_clone().context("cannot duplicate a socket")?;
-                spawn_reader(reader, conn_id, tx.clone());
-                conn = Some(stream);
-                last_heard = Instant::now();
-                actions.extend(backup.step(BackupEvent::Connected { nonce: nonce()? }));
-                actions
-            }
-            Ok(ToBackup::Bytes { conn: id, bytes }) if id == conn_id && conn.is_some() => {
-                last_heard = Instant::now();
-                backup.step(BackupEvent::Received(&bytes))
-            }
-            Ok(ToBackup::Closed { conn: id }) if id == conn_id && conn.is_some() => {
-                conn = None;
-                backup.step(BackupEvent::Disconnected)
-            }
-            Ok(ToBackup::Control(request)) => {
-                if answer_as_backup(request, &backup, &machine, conn.is_some()) {
-                    eprintln!("ftvm backup: stopped through the control API");
-                    return Ok(0);
-                }
-                Vec::new()
-            }
-            Ok(_) | Err(RecvTimeoutError::Timeout) => Vec::new(),
-            Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the listener stopped"),
-        };
-        actions.extend(backup.step(BackupEvent::Tick { now_ms: now }));
-        let mut queue: std::collections::VecDeque<BackupAction> = actions.into();
-        while let Some(action) = queue.pop_front() {
-            match action {
-                BackupAction::Send(bytes) => {
-                    if let Some(c) = conn.as_mut() {
-                        if c.write_all(&bytes).is_err() {
-                            conn = None;
-                            queue.extend(backup.step(BackupEvent::Disconnected));
-                        }
+        // Everything already queued goes in before the clock does: a tick must never find
+        // the primary silent while its frames wait in the queue.
+        let mut actions = Vec::new();
+        let mut message = rx.recv_timeout(TICK);
+        loop {
+            match message {
+                Ok(ToBackup::Accepted(stream)) => actions.extend(accept(&mut backup, &mut conns, stream, &tx)?),
+                Ok(ToBackup::Bytes { conn, bytes }) => {
+                    actions.extend(backup.step(BackupEvent::Received { conn, bytes: &bytes }));
+                    if let Some(primary) = backup.primary_conn() {
+                        conns.primary = Some(primary);
                     }
                 }
-                BackupAction::ApplyCheckpoint { epoch, payload, .. } => {
-                    let event = match machine::checkpoint::apply(&mut machine, &payload) {
+                Ok(ToBackup::Closed { conn }) => {
+                    conns.close(conn);
+                    actions.extend(backup.step(BackupEvent::Disconnected { conn }));
+                }
+                Ok(ToBackup::Applied { epoch, result }) => {
+                    let event = match result {
                         Ok(()) => BackupEvent::CheckpointApplied { epoch },
-                        Err(e) => {
-                            eprintln!("ftvm backup: checkpoint {epoch} not applied: {e}; asking for a full checkpoint");
-                            BackupEvent::ApplyFailed { epoch, reason: e.to_string() }
+                        Err(reason) => {
+                            eprintln!(
+                                "ftvm backup: checkpoint {epoch} not applied: {reason}; asking for a full checkpoint"
+                            );
+                            BackupEvent::ApplyFailed { epoch, reason }
                         }
                     };
-                    queue.extend(backup.step(event));
+                    actions.extend(backup.step(event));
                 }
-                BackupAction::Close { error } => {
-                    eprintln!("ftvm backup: connection closed: {error}");
-                    if let Some(c) = conn.take() {
-                        let _ = c.shutdown(std::net::Shutdown::Both);
+                Ok(ToBackup::Control(request)) => {
+                    if answer_as_backup(request, &backup, &machine) {
+                        eprintln!("ftvm backup: stopped through the control API");
+                        return Ok(0);
                     }
                 }
-                BackupAction::AcquireLease => {
-                    let answer = lease.try_acquire(&holder, now_ms(), args.lease_ttl_ms);
-                    let event = match &answer {
-                        Ok(outcome) => BackupEvent::LeaseAcquisition(Ok(outcome.clone())),
-                        Err(e) => BackupEvent::LeaseAcquisition(Err(e)),
-                    };
-                    if let Ok(AcquireOutcome::Busy(record)) = &answer {
-                        let seen = Some((record.holder.clone(), record.term));
-                        if last_busy != seen {
-                            eprintln!("ftvm backup: the primary is silent but the lease is held by {} (term {}): it is alive somewhere, so this backup waits", record.holder, record.term);
-                            last_busy = seen;
-                        }
-                    }
-                    queue.extend(backup.step(event));
-                }
-                BackupAction::GoLive { epoch, icount, term } => {
-                    let silent_ms = last_heard.elapsed().as_millis();
-                    eprintln!("ftvm backup: the primary has been silent for {silent_ms} ms; taking over at epoch {epoch} (icount {icount}), lease term {term}");
-                    if let Some(c) = conn.take() {
-                        let _ = c.shutdown(std::net::Shutdown::Both);
-                    }
-                    drop(api_server); // the live VM serves the API from here on
-                    return go_live(machine, &args, lease, holder, term);
-                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the listener stopped"),
             }
+            // Handle what the last message led to before taking the next one (an apply
+            // may take a while; the queue keeps meanwhile).
+            if let Some(code) = carry_out(&mut backup, &mut conns, &mut machine, &mut ownership, &mut actions)? {
+                return finish(code, machine, &args, tap, ownership, api_server);
+            }
+            message = match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            };
+        }
+        actions.extend(backup.step(BackupEvent::Tick { now_ms: now_ms() }));
+        if let Some(code) = carry_out(&mut backup, &mut conns, &mut machine, &mut ownership, &mut actions)? {
+            return finish(code, machine, &args, tap, ownership, api_server);
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
-            match backup.applied() {
-                Some(id) => eprintln!("ftvm backup: holding epoch {} (icount {})", id.epoch, machine.icount()),
+            let s = backup.status();
+            match s.applied_epoch {
+                Some(epoch) => eprintln!(
+                    "ftvm backup: holding epoch {epoch} (icount {}), generation {:?}{}",
+                    machine.icount,
+                    s.state_generation,
+                    if s.stale { ", stale" } else { "" }
+                ),
                 None => eprintln!("ftvm backup: no checkpoint yet"),
             }
         }
     }
 }
 
-/// Run the VM from the checkpoint the machine holds, as the new primary.
-fn go_live(machine: Machine, args: &BackupArgs, lease: FileLease, holder: String, term: u64) -> Result<i32> {
-    let tap: Option<Tap> = open_tap(&args.vm)?;
-    if let (Some(tap), Some(_)) = (&tap, &args.vm.net) {
-        let frame = rarp_announce(args.vm.mac);
-        for _ in 0..ANNOUNCEMENTS {
-            let mut t = tap.clone_handle()?;
-            t.send(&frame).context("cannot announce the guest's MAC address")?;
-        }
-    }
-    let (tx, rx) = mpsc::channel();
-    keep_lease(lease, holder, term, args.lease_ttl_ms, tx.clone());
-    let mut driver = Driver::new(machine, rx, args.vm.clock);
-    driver.role = "primary (took over)";
-    run_driver(driver, &args.vm, tap, tx, &[], false)
+/// What ends the waiting: the VM ended on the primary (exit with its code), or this
+/// replica owns the VM now.
+enum Ending {
+    Exit(u32),
+    GoLive { epoch: u64, generation: u64 },
 }
 
-/// Renew the lease while live; tell the driver to stop if it is lost.
-fn keep_lease(mut lease: FileLease, holder: String, term: u64, ttl_ms: u64, events: Sender<HostEvent>) {
-    std::thread::spawn(move || {
-        let mut valid_until = now_ms() + ttl_ms;
-        loop {
-            std::thread::sleep(Duration::from_millis((ttl_ms / 5).max(1)));
-            let now = now_ms();
-            match lease.renew(&holder, term, now, ttl_ms) {
-                Ok(RenewOutcome::Renewed(_)) => valid_until = now + ttl_ms,
-                Ok(RenewOutcome::Lost(record)) => {
-                    let who = record.map_or("nobody".to_string(), |r| format!("{} (term {})", r.holder, r.term));
-                    let _ = events.send(HostEvent::ReplicationStopped(format!(
-                        "this replica lost the takeover lease to {who}; another replica is live, so this one stops"
-                    )));
-                    return;
+fn finish(
+    ending: Ending,
+    machine: MachineThread,
+    args: &BackupArgs,
+    tap: Option<crate::host::tap::Tap>,
+    ownership: Ownership,
+    api_server: Option<crate::api::ApiServer>,
+) -> Result<i32> {
+    match ending {
+        Ending::Exit(code) => {
+            eprintln!("ftvm backup: the VM ended on the primary with exit status {code}; this backup stands down");
+            Ok(code as i32)
+        }
+        Ending::GoLive { epoch, generation } => {
+            drop(api_server); // the live VM serves the API from here on
+            go_live(machine.give_back()?, args, tap, ownership, epoch, generation)
+        }
+    }
+}
+
+fn accept(
+    backup: &mut Backup,
+    conns: &mut Connections,
+    stream: TcpStream,
+    tx: &Sender<ToBackup>,
+) -> Result<Vec<BackupAction>> {
+    if conns.streams.len() >= MAX_OPEN_CONNECTIONS {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Ok(Vec::new());
+    }
+    let Ok(reader) = stream.try_clone() else {
+        return Ok(Vec::new()); // out of descriptors: refuse this one, keep the rest
+    };
+    let _ = stream.set_nodelay(true);
+    conns.next_id += 1;
+    let conn = conns.next_id;
+    spawn_reader(reader, conn, tx.clone());
+    conns.streams.insert(conn, stream);
+    Ok(backup.step(BackupEvent::Connected { conn, nonce: nonce()? }))
+}
+
+/// Carry out the core's actions and those they lead to; `Some` when the waiting is over.
+fn carry_out(
+    backup: &mut Backup,
+    conns: &mut Connections,
+    machine: &mut MachineThread,
+    ownership: &mut Ownership,
+    actions: &mut Vec<BackupAction>,
+) -> Result<Option<Ending>> {
+    let mut queue: std::collections::VecDeque<BackupAction> = std::mem::take(actions).into();
+    while let Some(action) = queue.pop_front() {
+        match action {
+            BackupAction::Send { conn, bytes } => {
+                let failed = conns.streams.get_mut(&conn).is_some_and(|s| s.write_all(&bytes).is_err());
+                if failed {
+                    conns.close(conn);
+                    queue.extend(backup.step(BackupEvent::Disconnected { conn }));
                 }
-                Err(e) if now >= valid_until => {
-                    let _ = events.send(HostEvent::ReplicationStopped(format!(
-                        "the takeover lease expired before it could be renewed ({e}); stopping"
-                    )));
-                    return;
+            }
+            BackupAction::ApplyCheckpoint { epoch, icount, payload, .. } => machine.apply(epoch, icount, payload),
+            BackupAction::Close { conn, error } => {
+                // Strangers come and go by the hundred: their refusals are counted in the
+                // status (refused_connections), not logged one by one.
+                use replica::ProtocolError as E;
+                let stranger = matches!(error, E::HandshakeTimeout { .. } | E::TooManyHandshakes | E::Wire(_));
+                if !stranger || conns.primary == Some(conn) {
+                    eprintln!("ftvm backup: connection {conn} closed: {error}");
                 }
-                Err(_) => {}
+                conns.close(conn);
+            }
+            BackupAction::ClaimOwnership { generation } => {
+                let answer = ownership.swap(generation, None);
+                queue.extend(backup.step(BackupEvent::Claim(answer)));
+            }
+            BackupAction::CannotTakeOver { reason } => eprintln!("ftvm backup: {reason}"),
+            BackupAction::GoLive { epoch, icount, generation } => {
+                eprintln!(
+                    "ftvm backup: the primary fell silent; taking over at epoch {epoch} (icount {icount}), \
+                     ownership generation {generation}"
+                );
+                for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
+                    conns.close(conn);
+                }
+                return Ok(Some(Ending::GoLive { epoch, generation }));
+            }
+            BackupAction::Exit { exit_code } => {
+                for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
+                    conns.close(conn);
+                }
+                return Ok(Some(Ending::Exit(exit_code)));
             }
         }
-    });
+    }
+    Ok(None)
+}
+
+/// Run the VM from the checkpoint the machine holds, as the new primary.
+fn go_live(
+    machine: Machine,
+    args: &BackupArgs,
+    tap: Option<crate::host::tap::Tap>,
+    ownership: Ownership,
+    epoch: u64,
+    generation: u64,
+) -> Result<i32> {
+    if let Some(tap) = &tap {
+        tap.discard_pending().context("cannot empty the TAP device's queue")?;
+        spawn_announcer(tap.clone_handle()?, args.vm.mac);
+    }
+    let (tx, rx) = mpsc::channel();
+    let mut driver = Driver::new(machine, rx, args.vm.clock);
+    driver.role = "primary";
+    driver.took_over = Some(serde_json::json!({ "epoch": epoch, "generation": generation }));
+    crate::run_cmd::run_owned(driver, &args.vm, tap, tx, Some(ownership), &[], false)
 }
 
 fn spawn_acceptor(listener: TcpListener, tx: Sender<ToBackup>) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if tx.send(ToBackup::Accepted(stream)).is_err() {
-                return;
+    std::thread::spawn(move || loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if tx.send(ToBackup::Accepted(stream)).is_err() {
+                    return;
+                }
             }
+            // Out of descriptors (EMFILE) or a connection reset before accept: the backup
+            // refuses new connections for a moment and keeps the link it has.
+            Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
         }
     });
 }
 
-fn spawn_reader(mut stream: TcpStream, conn: u64, tx: Sender<ToBackup>) {
+fn spawn_reader(mut stream: TcpStream, conn: ConnId, tx: Sender<ToBackup>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {

@@ -1,27 +1,32 @@
-//! Checkpoint replication at the edges: sockets, threads, clocks and the lease file
+//! Checkpoint replication at the edges: sockets, threads, clocks and the ownership store
 //! around the pure protocol core of the `replica` crate.
 //!
 //! - [`primary`]: the replication thread of a running VM (`ftvm run --replicate-to`).
 //! - [`backup`]: `ftvm backup`, which holds the last whole checkpoint and takes over.
+//! - [`Ownership`]: the VM's ownership record (generation + compare-and-swap) in the store
+//!   both replicas see (`--store file:DIR`).
 
 pub mod backup;
 pub mod primary;
 
 use anyhow::{bail, Context, Result};
-use replica::{Nonce, PresharedKey};
+use replica::{Nonce, PresharedKey, RecordView, SwapAnswer};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+use store::{OwnershipRecord, OwnershipStore, SwapOutcome, VmState};
 
-/// Wall-clock milliseconds: the lease file is shared between hosts' views of time, and
-/// the protocol's timeouts use the same clock as the lease.
+/// Wall-clock milliseconds, for the protocol's heartbeats and timeouts (each side's own
+/// clock; nothing compares the two sides' clocks).
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Fresh random bytes for nonces and run ids.
+/// Fresh random bytes for nonces and run ids (getrandom(2): no file descriptor, so a flood
+/// of connections that exhausts descriptors cannot stop a handshake).
 pub fn random<const N: usize>() -> Result<[u8; N]> {
-    let bytes = crate::host::entropy(N).context("cannot read host randomness")?;
-    Ok(bytes.try_into().expect("asked for N bytes"))
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot read host randomness: {e}"))?;
+    Ok(bytes)
 }
 
 pub fn nonce() -> Result<Nonce> {
@@ -44,5 +49,165 @@ pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
     match addrs.next() {
         Some(a) => Ok(a),
         None => bail!("{addr:?} resolves to no address"),
+    }
+}
+
+/// Where a VM's ownership record lives, and under which id.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OwnershipArgs {
+    /// Ownership store both replicas of the VM see: file:DIR. It holds one record per VM
+    /// (generation, owner, running or ended), changed only by compare-and-swap; whoever holds
+    /// the current generation runs the VM
+    #[arg(long, value_name = "STORE", help_heading = "Replication")]
+    pub store: Option<String>,
+    /// The VM's name in the store [default: vm-<16 hex digits of the VM configuration's digest>]
+    #[arg(long, value_name = "ID", help_heading = "Replication")]
+    pub vm_id: Option<String>,
+    /// This replica's name in the record [default: <role>-<hostname>-<pid>]
+    #[arg(long, value_name = "NAME", help_heading = "Replication")]
+    pub replica_name: Option<String>,
+}
+
+/// A name for the record's owner: unique per process.
+pub fn default_owner(role: &str) -> String {
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "host".into());
+    format!("{role}-{host}-{}", std::process::id())
+}
+
+/// The VM's record in the ownership store, as this replica sees and changes it.
+pub struct Ownership {
+    store: Box<dyn OwnershipStore>,
+    pub vm_id: String,
+    pub owner: String,
+    /// The generation this replica holds (0: none yet).
+    pub generation: u64,
+}
+
+impl Ownership {
+    /// Opens the store `args` names for the VM of `config`; None without `--store`.
+    pub fn open(args: &OwnershipArgs, config: &machine::MachineConfig, role: &str) -> Result<Option<Ownership>> {
+        let Some(spec) = &args.store else { return Ok(None) };
+        let store = store::open(spec).with_context(|| format!("--store {spec}"))?;
+        let vm_id = match &args.vm_id {
+            Some(id) => id.clone(),
+            None => default_vm_id(config),
+        };
+        store::validate_vm_id(&vm_id).context("--vm-id")?;
+        let owner = args.replica_name.clone().unwrap_or_else(|| default_owner(role));
+        Ok(Some(Ownership { store, vm_id, owner, generation: 0 }))
+    }
+
+    /// A VM starting from its images: take the record, refusing when another replica may
+    /// run the VM (an active record owned by someone else).
+    pub fn claim_for_start(&mut self) -> Result<u64> {
+        let current =
+            self.store.read(&self.vm_id).with_context(|| format!("cannot read VM {}'s record", self.vm_id))?;
+        if let Some(record) = &current {
+            if record.state == VmState::Active && record.owner != self.owner {
+                bail!(
+                    "VM {} is running elsewhere: its ownership record (generation {}) is owned by {}; stop that \
+                     replica first (its record is marked ended when it stops), or give this VM another --vm-id",
+                    self.vm_id,
+                    record.generation,
+                    record.owner
+                );
+            }
+        }
+        let expected = current.map(|r| r.generation);
+        match self.swap_to(expected, VmState::Active)? {
+            SwapOutcome::Swapped(record) => {
+                self.generation = record.generation;
+                Ok(record.generation)
+            }
+            SwapOutcome::Conflict(other) => bail!(
+                "VM {}'s ownership record changed while this replica was starting (now {}): another replica \
+                 is starting it",
+                self.vm_id,
+                describe(other.as_ref())
+            ),
+        }
+    }
+
+    fn swap_to(&mut self, expected: Option<u64>, state: VmState) -> Result<SwapOutcome> {
+        let new = OwnershipRecord { generation: expected.map_or(1, |g| g + 1), owner: self.owner.clone(), state };
+        self.store
+            .compare_and_swap(&self.vm_id, expected, &new)
+            .with_context(|| format!("cannot update VM {}'s ownership record", self.vm_id))
+    }
+
+    /// Compare-and-swap from `expected` to the next generation, owned by this replica: the
+    /// answer the protocol core wants (`Err` when the store cannot be reached).
+    pub fn swap(&mut self, expected: u64, ended: Option<u32>) -> Result<SwapAnswer, String> {
+        let state = match ended {
+            Some(exit_code) => VmState::Ended { exit_code },
+            None => VmState::Active,
+        };
+        match self.swap_to(Some(expected), state) {
+            Ok(SwapOutcome::Swapped(record)) => {
+                self.generation = record.generation;
+                Ok(SwapAnswer::Swapped { generation: record.generation })
+            }
+            Ok(SwapOutcome::Conflict(record)) => Ok(SwapAnswer::Conflict {
+                generation: record.as_ref().map(|r| r.generation),
+                owner: record.as_ref().map_or_else(|| "nobody".into(), |r| r.owner.clone()),
+                ended: record.and_then(|r| match r.state {
+                    VmState::Ended { exit_code } => Some(exit_code),
+                    VmState::Active => None,
+                }),
+            }),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    }
+
+    pub fn read(&mut self) -> Result<Option<RecordView>, String> {
+        match self.store.read(&self.vm_id) {
+            Ok(record) => Ok(record.map(|r| RecordView {
+                generation: r.generation,
+                owner: r.owner,
+                ended: match r.state {
+                    VmState::Ended { exit_code } => Some(exit_code),
+                    VmState::Active => None,
+                },
+            })),
+            Err(e) => Err(format!("cannot read VM {}'s ownership record: {e:#}", self.vm_id)),
+        }
+    }
+
+    /// The VM ended on this replica, which owns it: mark the record ended, so that no other
+    /// replica ever brings it back.
+    pub fn mark_ended(&mut self, exit_code: u32) -> Result<()> {
+        match self.swap(self.generation, Some(exit_code)) {
+            Ok(SwapAnswer::Swapped { .. }) => Ok(()),
+            Ok(SwapAnswer::Conflict { generation, owner, .. }) => bail!(
+                "VM {} ended here, but its ownership record is at generation {generation:?}, owned by {owner}: \
+                 another replica owns it",
+                self.vm_id
+            ),
+            Err(e) => bail!("{e}"),
+        }
+    }
+}
+
+/// The default VM id: the configuration's digest names the VM, so both replicas (started
+/// with the same images, RAM and devices) agree on it without being told.
+pub fn default_vm_id(config: &machine::MachineConfig) -> String {
+    let digest = machine::snapshot::config_digest(config);
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("vm-{hex}")
+}
+
+/// What the handshake checks: the machine's configuration and the VM's id.
+pub fn replication_digest(config: &machine::MachineConfig, vm_id: &str) -> replica::ConfigDigest {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(machine::snapshot::config_digest(config));
+    hasher.update(vm_id.as_bytes());
+    hasher.finalize().into()
+}
+
+fn describe(record: Option<&OwnershipRecord>) -> String {
+    match record {
+        None => "no record".into(),
+        Some(r) => format!("generation {} owned by {}", r.generation, r.owner),
     }
 }

@@ -1,32 +1,36 @@
 //! The primary's replication thread: it owns the protocol state machine, the TCP
-//! connection to the backup and the lease. The VM's driver hands it checkpoints; it
-//! hands back output releases (output commit) and, if the lease is lost, the order to
-//! stop. The guest never waits for the network: checkpoints are sent here, in the
-//! background, while the next epoch runs.
+//! connection to the backup and the VM's ownership record. The VM's driver hands it
+//! checkpoints; it hands back output releases (output commit) and, if another replica
+//! took the VM over, the order to stop. The guest never waits for the network: checkpoints
+//! are sent here, in the background, while the next epoch runs; connecting happens on a
+//! thread of its own, so that a dead link never holds up a decision.
 
-use super::{nonce, now_ms};
+use super::{nonce, now_ms, Ownership};
 use crate::host::HostEvent;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use replica::{
-    AcquireOutcome, CheckpointKind, ConfigDigest, FileLease, Lease, LeaseGrant, PresharedKey, Primary, PrimaryAction,
-    PrimaryConfig, PrimaryEvent,
+    BackupLossPolicy, CheckpointKind, ConfigDigest, PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent,
+    PrimaryStatus,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How often the protocol hears the time (heartbeats and timeouts are multiples).
-const TICK: Duration = Duration::from_millis(10);
-/// Wait between connection attempts to the backup.
-const RECONNECT_MS: u64 = 300;
+const TICK: Duration = Duration::from_millis(5);
+/// Waits between connection attempts to the backup: the first at once, then doubling.
+const RECONNECT_FIRST_MS: u64 = 5;
+const RECONNECT_MAX_MS: u64 = 300;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Messages into the replication thread.
 pub enum ToRepl {
     Checkpoint { epoch: u64, icount: u64, kind: CheckpointKind, payload: Vec<u8> },
+    VmEnded { epoch: u64, exit_code: u32 },
+    Connected { stream: TcpStream },
+    ConnectFailed,
     Bytes { conn: u64, bytes: Vec<u8> },
     Closed { conn: u64 },
     Shutdown,
@@ -37,21 +41,18 @@ pub enum ToRepl {
 pub struct Shared {
     /// The kind of checkpoint the protocol wants next.
     pub next_kind: CheckpointKind,
-    /// A backup is connected and holds (or is receiving) our checkpoints.
-    pub streaming: bool,
-    pub acked_epoch: Option<u64>,
+    pub status: PrimaryStatus,
     pub bytes_sent: u64,
     pub last_error: Option<String>,
-    pub lease_term: u64,
 }
 
 pub struct PrimaryOptions {
     pub backup: SocketAddr,
     pub key: PresharedKey,
-    pub lease_path: PathBuf,
-    pub holder: String,
     pub config_digest: ConfigDigest,
-    pub lease_ttl_ms: u64,
+    pub heartbeat_ms: u64,
+    pub on_backup_loss: BackupLossPolicy,
+    pub backup_loss_grace_ms: u64,
 }
 
 pub struct PrimaryHandle {
@@ -69,36 +70,19 @@ impl Drop for PrimaryHandle {
     }
 }
 
-/// Take the lease (refusing to start when another replica holds it) and start the
-/// replication thread.
-pub fn start(options: PrimaryOptions, events: Sender<HostEvent>) -> Result<PrimaryHandle> {
-    let mut lease = FileLease::new(&options.lease_path);
-    let now = now_ms();
-    let grant = match lease
-        .try_acquire(&options.holder, now, options.lease_ttl_ms)
-        .context("cannot take the takeover lease")?
-    {
-        AcquireOutcome::Acquired(record) => LeaseGrant { term: record.term, acquired_at_ms: now },
-        AcquireOutcome::Busy(record) => bail!(
-            "the takeover lease {} is held by {} (term {}) for another {} ms: another replica of this VM is live",
-            options.lease_path.display(),
-            record.holder,
-            record.term,
-            record.expires_ms.saturating_sub(now)
-        ),
-    };
+/// Start the replication thread of a primary that owns the VM's record.
+pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostEvent>) -> Result<PrimaryHandle> {
     let run_id = u64::from_le_bytes(super::random()?);
     let mut config = PrimaryConfig::new(options.key.clone(), options.config_digest, run_id);
-    config.lease_ttl_ms = options.lease_ttl_ms;
-    config.lease_renew_interval_ms = (options.lease_ttl_ms / 5).max(1);
-    let primary = Primary::new(config, grant);
+    config.heartbeat_interval_ms = options.heartbeat_ms;
+    config.on_backup_loss = options.on_backup_loss;
+    config.backup_loss_grace_ms = options.backup_loss_grace_ms;
+    let primary = Primary::new(config, ownership.generation, now_ms());
     let shared = Arc::new(Mutex::new(Shared {
-        next_kind: CheckpointKind::Full,
-        streaming: false,
-        acked_epoch: None,
+        next_kind: primary.next_checkpoint_kind(),
+        status: primary.status(),
         bytes_sent: 0,
         last_error: None,
-        lease_term: grant.term,
     }));
     let (tx, rx) = mpsc::channel();
     let mut thread = ReplThread {
@@ -107,11 +91,14 @@ pub fn start(options: PrimaryOptions, events: Sender<HostEvent>) -> Result<Prima
         tx: tx.clone(),
         events,
         shared: shared.clone(),
-        lease,
+        ownership,
         options,
         conn: None,
         conn_id: 0,
+        connecting: false,
         next_connect_ms: 0,
+        reconnect_wait_ms: RECONNECT_FIRST_MS,
+        stopped: false,
     };
     let handle = std::thread::Builder::new()
         .name("replication".into())
@@ -126,16 +113,18 @@ struct ReplThread {
     tx: Sender<ToRepl>,
     events: Sender<HostEvent>,
     shared: Arc<Mutex<Shared>>,
-    lease: FileLease,
+    ownership: Ownership,
     options: PrimaryOptions,
     conn: Option<Connection>,
     conn_id: u64,
+    connecting: bool,
     next_connect_ms: u64,
+    reconnect_wait_ms: u64,
+    stopped: bool,
 }
 
 /// A connection to the backup: writes go through a writer thread, so that sending a
-/// large checkpoint never keeps the protocol thread from its heartbeats and, above
-/// all, from renewing the lease.
+/// large checkpoint never keeps the protocol thread from its heartbeats and decisions.
 struct Connection {
     stream: TcpStream,
     writer: Sender<Vec<u8>>,
@@ -166,39 +155,62 @@ impl ReplThread {
             let mut actions = match message {
                 Ok(ToRepl::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
                 Ok(ToRepl::Checkpoint { epoch, icount, kind, payload }) => {
-                    self.primary.step(PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload: &payload })
+                    self.primary.step(PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload })
+                }
+                Ok(ToRepl::VmEnded { epoch, exit_code }) => {
+                    self.primary.step(PrimaryEvent::VmEnded { epoch, exit_code })
+                }
+                Ok(ToRepl::Connected { stream }) => {
+                    self.connecting = false;
+                    self.attach(stream)
+                }
+                Ok(ToRepl::ConnectFailed) => {
+                    self.connecting = false;
+                    Vec::new()
                 }
                 Ok(ToRepl::Bytes { conn, bytes }) if conn == self.conn_id && self.conn.is_some() => {
                     self.primary.step(PrimaryEvent::Received(&bytes))
                 }
                 Ok(ToRepl::Closed { conn }) if conn == self.conn_id && self.conn.is_some() => {
-                    self.conn = None;
-                    self.next_connect_ms = now + RECONNECT_MS;
+                    self.drop_connection();
                     self.primary.step(PrimaryEvent::Disconnected)
                 }
                 Ok(_) | Err(RecvTimeoutError::Timeout) => Vec::new(),
             };
             actions.extend(self.primary.step(PrimaryEvent::Tick { now_ms: now }));
-            if self.conn.is_none() && now >= self.next_connect_ms {
-                actions.extend(self.connect(now));
+            if self.primary.is_streaming() {
+                self.reconnect_wait_ms = RECONNECT_FIRST_MS;
             }
-            if self.carry_out(actions) {
-                return;
+            if self.conn.is_none() && !self.connecting && !self.stopped && now >= self.next_connect_ms {
+                self.connect(now);
             }
+            self.carry_out(actions);
             self.publish();
         }
     }
 
-    fn connect(&mut self, now: u64) -> Vec<PrimaryAction> {
-        self.next_connect_ms = now + RECONNECT_MS;
-        let Ok(stream) = TcpStream::connect_timeout(&self.options.backup, CONNECT_TIMEOUT) else {
+    /// Connect on a thread of its own: a dead link can take CONNECT_TIMEOUT to say so.
+    fn connect(&mut self, now: u64) {
+        self.connecting = true;
+        self.next_connect_ms = now + self.reconnect_wait_ms;
+        self.reconnect_wait_ms = (self.reconnect_wait_ms * 2).min(RECONNECT_MAX_MS);
+        let addr = self.options.backup;
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let message = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(stream) => ToRepl::Connected { stream },
+                Err(_) => ToRepl::ConnectFailed,
+            };
+            let _ = tx.send(message);
+        });
+    }
+
+    fn attach(&mut self, stream: TcpStream) -> Vec<PrimaryAction> {
+        if self.conn.is_some() || self.stopped {
             return Vec::new();
-        };
+        }
         let _ = stream.set_nodelay(true);
-        let Ok(reader) = stream.try_clone() else {
-            return Vec::new();
-        };
-        let Ok(nonce) = nonce() else {
+        let (Ok(reader), Ok(nonce)) = (stream.try_clone(), nonce()) else {
             return Vec::new();
         };
         self.conn_id += 1;
@@ -210,9 +222,9 @@ impl ReplThread {
         self.primary.step(PrimaryEvent::Connected { nonce })
     }
 
-    /// Carry out actions (and those they lead to); true when the VM must stop.
-    fn carry_out(&mut self, mut actions: Vec<PrimaryAction>) -> bool {
-        let mut queue: std::collections::VecDeque<PrimaryAction> = actions.drain(..).collect();
+    /// Carry out actions (and those they lead to).
+    fn carry_out(&mut self, actions: Vec<PrimaryAction>) {
+        let mut queue: std::collections::VecDeque<PrimaryAction> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
                 PrimaryAction::Send(bytes) => {
@@ -227,14 +239,20 @@ impl ReplThread {
                 PrimaryAction::ReleaseOutputs { up_to_epoch } => {
                     let _ = self.events.send(HostEvent::Released { up_to_epoch });
                 }
-                PrimaryAction::RenewLease { term } => {
-                    let now = now_ms();
-                    let answer = self.lease.renew(&self.options.holder, term, now, self.options.lease_ttl_ms);
-                    let event = match &answer {
-                        Ok(outcome) => PrimaryEvent::LeaseRenewal(Ok(outcome.clone())),
-                        Err(e) => PrimaryEvent::LeaseRenewal(Err(e)),
-                    };
-                    queue.extend(self.primary.step(event));
+                PrimaryAction::SwapGeneration { expected, ended } => {
+                    let answer = self.ownership.swap(expected, ended);
+                    queue.extend(self.primary.step(PrimaryEvent::Swap(answer)));
+                }
+                PrimaryAction::ReadOwnership => {
+                    let answer = self.ownership.read();
+                    queue.extend(self.primary.step(PrimaryEvent::Ownership(answer)));
+                }
+                PrimaryAction::ProtectionChanged { protected: false, generation } => eprintln!(
+                    "ftvm: replication: running unprotected at generation {generation}: the backup is gone, so \
+                     outputs leave without it (--on-backup-loss continue)"
+                ),
+                PrimaryAction::ProtectionChanged { protected: true, generation } => {
+                    eprintln!("ftvm: replication: protected again at generation {generation}: the backup caught up")
                 }
                 PrimaryAction::Close { error } => {
                     self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
@@ -242,32 +260,31 @@ impl ReplThread {
                 }
                 PrimaryAction::Stop { error } => {
                     self.drop_connection();
+                    self.stopped = true;
                     let _ = self.events.send(HostEvent::ReplicationStopped(error.to_string()));
-                    return true;
+                }
+                PrimaryAction::Finished { exit_code, released } => {
+                    let _ = self.events.send(HostEvent::Finished { exit_code, released });
                 }
             }
         }
-        false
     }
 
     fn drop_connection(&mut self) {
         if let Some(conn) = self.conn.take() {
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         }
-        self.next_connect_ms = now_ms() + RECONNECT_MS;
     }
 
     fn publish(&self) {
         let mut shared = self.shared.lock().expect("not poisoned");
         shared.next_kind = self.primary.next_checkpoint_kind();
-        shared.streaming = self.primary.is_streaming();
-        shared.acked_epoch = self.primary.acked_epoch();
-        shared.lease_term = self.primary.lease_term();
+        shared.status = self.primary.status();
     }
 }
 
 /// Read the connection on a thread, forwarding bytes to the replication thread.
-pub fn spawn_reader(mut stream: TcpStream, conn: u64, tx: Sender<ToRepl>) {
+fn spawn_reader(mut stream: TcpStream, conn: u64, tx: Sender<ToRepl>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -286,29 +303,39 @@ pub fn spawn_reader(mut stream: TcpStream, conn: u64, tx: Sender<ToRepl>) {
     });
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnBackupLoss {
+    /// Keep serving unprotected (after making the backup's state stale for good)
+    Continue,
+    /// Hold outputs until a backup is back
+    Hold,
+}
+
 /// `ftvm run`'s replication options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplicationArgs {
     /// Replicate to a backup (`ftvm backup --listen HOST:PORT`): every epoch, the pages,
     /// disk sectors and device state changed since the last one go to the backup, and
     /// the guest's outputs leave only once the backup holds the epoch that made them
-    #[arg(long, value_name = "HOST:PORT", requires_all = ["key", "lease"], help_heading = "Replication")]
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["key", "store"], help_heading = "Replication")]
     pub replicate_to: Option<String>,
     /// File holding the pre-shared key that authenticates the replication channel
     #[arg(long, value_name = "FILE", help_heading = "Replication")]
-    pub key: Option<PathBuf>,
-    /// Takeover lease file, on a path both replicas can see: whoever holds it runs the VM
-    #[arg(long, value_name = "FILE", help_heading = "Replication")]
-    pub lease: Option<PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub ownership: super::OwnershipArgs,
     /// Checkpoint interval
     #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Replication")]
     pub epoch_ms: u64,
-    /// How long the lease lasts without renewal (a dead primary's backup waits this long at most)
-    #[arg(long, value_name = "MS", default_value_t = 1500, value_parser = clap::value_parser!(u64).range(100..=600_000), help_heading = "Replication")]
-    pub lease_ttl_ms: u64,
-    /// This replica's name in the lease [default: primary-<hostname>-<pid>]
-    #[arg(long, value_name = "NAME", help_heading = "Replication")]
-    pub replica_name: Option<String>,
+    /// Heartbeat interval on the replication link
+    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Replication")]
+    pub heartbeat_ms: u64,
+    /// With the backup gone: continue serving unprotected, or hold outputs until it is back
+    #[arg(long, value_enum, default_value = "continue", help_heading = "Replication")]
+    pub on_backup_loss: OnBackupLoss,
+    /// How long outputs wait for a lost backup to come back before the VM runs unprotected
+    #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=600_000), help_heading = "Replication")]
+    pub backup_loss_grace_ms: u64,
     /// End-to-end check: every N epochs (and every full checkpoint) the checkpoint
     /// carries the whole machine's digest, which the backup recomputes after applying;
     /// a mismatch makes it ask for a full checkpoint. Costs a pass over RAM per check.
@@ -317,31 +344,28 @@ pub struct ReplicationArgs {
     pub verify_every: u64,
 }
 
-/// A name for the lease: unique per process.
-pub fn default_holder(role: &str) -> String {
-    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "host".into());
-    format!("{role}-{host}-{}", std::process::id())
-}
-
-/// Start replication when `--replicate-to` was given.
+/// Start replication when `--replicate-to` was given, with the record this primary claimed.
 pub fn from_args(
     args: &ReplicationArgs,
     config: &machine::MachineConfig,
+    ownership: Ownership,
     events: Sender<HostEvent>,
-) -> Result<Option<crate::driver::Replication>> {
-    let Some(addr) = &args.replicate_to else { return Ok(None) };
+) -> Result<crate::driver::Replication> {
+    let addr = args.replicate_to.as_deref().context("replication needs --replicate-to")?;
     let key_path = args.key.as_ref().context("--replicate-to needs --key")?;
-    let lease_path = args.lease.clone().context("--replicate-to needs --lease")?;
     let options = PrimaryOptions {
         backup: super::resolve(addr)?,
         key: super::load_key(key_path)?,
-        lease_path,
-        holder: args.replica_name.clone().unwrap_or_else(|| default_holder("primary")),
-        config_digest: machine::snapshot::config_digest(config),
-        lease_ttl_ms: args.lease_ttl_ms,
+        config_digest: super::replication_digest(config, &ownership.vm_id),
+        heartbeat_ms: args.heartbeat_ms,
+        on_backup_loss: match args.on_backup_loss {
+            OnBackupLoss::Continue => BackupLossPolicy::Continue,
+            OnBackupLoss::Hold => BackupLossPolicy::Hold,
+        },
+        backup_loss_grace_ms: args.backup_loss_grace_ms,
     };
-    let handle = start(options, events)?;
+    let handle = start(options, ownership, events)?;
     let mut replication = crate::driver::Replication::new(handle, args.epoch_ms);
     replication.verify_every = args.verify_every;
-    Ok(Some(replication))
+    Ok(replication)
 }

@@ -258,6 +258,11 @@ impl Backup {
         self.link.is_some()
     }
 
+    /// The connection the authenticated primary talks on.
+    pub fn primary_conn(&self) -> Option<ConnId> {
+        self.link.as_ref().map(|bl| bl.conn)
+    }
+
     /// The generation the applied state counts for, if any.
     pub fn state_generation(&self) -> Option<u64> {
         let (applied, right) = (self.applied?, self.right?);
@@ -298,6 +303,9 @@ impl Backup {
             actions.push(BackupAction::Close { conn: p.conn, error: ProtocolError::HandshakeTimeout { waited_ms } });
         }
         if let Some(bl) = &mut self.link {
+            if bl.link.tick(now) {
+                self.last_heard_ms = Some(now);
+            }
             if now - bl.link.last_sent_ms >= self.config.heartbeat_interval_ms {
                 let epoch = self.latest.map_or(0, |id| id.epoch);
                 let bytes = bl.link.frame(&Message::Heartbeat { now_ms: now, epoch }, now);
@@ -396,6 +404,7 @@ impl Backup {
             opened_ms: self.now_ms,
             last_heard_ms: self.now_ms,
             last_sent_ms: self.now_ms,
+            heard_since_tick: false,
         };
         if self.pending.len() >= self.config.max_pending_handshakes.max(1) {
             let oldest = self.pending.pop_front().expect("the queue is full");

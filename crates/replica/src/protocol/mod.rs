@@ -119,6 +119,10 @@ struct Link {
     opened_ms: u64,
     last_heard_ms: u64,
     last_sent_ms: u64,
+    /// A frame was decoded since the last tick. The caller may feed many queued frames
+    /// between ticks (after a long apply, say) while the state machine's clock stands still;
+    /// the next tick then counts them as heard at its own time.
+    heard_since_tick: bool,
 }
 
 impl Link {
@@ -130,12 +134,22 @@ impl Link {
         self.encoder.encode(frame_type, &payload).expect("a message always fits in a frame")
     }
 
+    /// At a tick: frames decoded since the last one count as heard now.
+    fn tick(&mut self, now_ms: u64) -> bool {
+        let heard = std::mem::take(&mut self.heard_since_tick);
+        if heard {
+            self.last_heard_ms = self.last_heard_ms.max(now_ms);
+        }
+        heard
+    }
+
     /// The next whole message received, if any.
     fn next_message(&mut self, now_ms: u64) -> Result<Option<Message>, ProtocolError> {
         match self.decoder.next_frame()? {
             None => Ok(None),
             Some(frame) => {
                 self.last_heard_ms = now_ms;
+                self.heard_since_tick = true;
                 Ok(Some(Message::decode(&frame)?))
             }
         }

@@ -30,6 +30,9 @@ use crate::wire::{Decoder, Direction, Encoder, Nonce, PresharedKey, MAX_PAYLOAD_
 
 /// Bytes a CheckpointChunk spends on its own fields.
 const CHUNK_OVERHEAD_BYTES: usize = 16;
+/// Payload bytes framed per step at most: a large checkpoint goes out over many steps, so
+/// that heartbeats and decisions never wait for it.
+const MAX_FRAMED_BYTES_PER_STEP: usize = 4 << 20;
 /// A backup whose acknowledgements trail the newest epoch by at most this many epochs has
 /// caught up: the primary stops releasing early and waits for it.
 const CATCH_UP_LAG_EPOCHS: u64 = 4;
@@ -101,7 +104,7 @@ impl PrimaryConfig {
             config_digest,
             run_id,
             heartbeat_interval_ms: 10,
-            peer_timeout_ms: 300,
+            peer_timeout_ms: 250,
             handshake_timeout_ms: 500,
             chunk_bytes: 1 << 20,
             on_backup_loss: BackupLossPolicy::Continue,
@@ -172,11 +175,26 @@ struct Logged {
     payload: Arc<Vec<u8>>,
 }
 
+/// A checkpoint being framed onto the connection, a step at a time.
+#[derive(Debug)]
+struct Outgoing {
+    logged: Logged,
+    /// Where to start: 0, or a resume offset.
+    start: usize,
+    /// Payload bytes framed so far.
+    offset: usize,
+    /// Payload bytes hashed so far (the digest covers the whole payload).
+    hashed: usize,
+    hasher: Sha256,
+    begun: bool,
+}
+
 #[derive(Debug)]
 struct PrimaryLink {
     link: Link,
     nonce: Nonce,
     streaming: bool,
+    outbox: VecDeque<Outgoing>,
     /// The last epoch sent whole on this connection (the backup holds it once applied).
     sent_up_to: Option<u64>,
     /// The highest epoch the backup may acknowledge on this connection.
@@ -318,6 +336,9 @@ impl Primary {
             PrimaryEvent::Swap(answer) => self.on_swap(answer, &mut actions),
             PrimaryEvent::Ownership(answer) => self.on_ownership(answer, &mut actions),
         }
+        if self.stopped.is_none() {
+            self.pump_outbox(&mut actions);
+        }
         actions
     }
 
@@ -389,6 +410,7 @@ impl Primary {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
         if let Some(pl) = &mut self.link {
+            pl.link.tick(now);
             let link = &pl.link;
             if !pl.streaming && now - link.opened_ms >= self.config.handshake_timeout_ms {
                 let waited_ms = now - link.opened_ms;
@@ -522,6 +544,7 @@ impl Primary {
             opened_ms: self.now_ms,
             last_heard_ms: self.now_ms,
             last_sent_ms: self.now_ms,
+            heard_since_tick: false,
         };
         let hello = Message::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -532,7 +555,14 @@ impl Primary {
             generation: self.generation,
         };
         actions.push(PrimaryAction::Send(link.frame(&hello, self.now_ms)));
-        self.link = Some(PrimaryLink { link, nonce, streaming: false, sent_up_to: None, ackable: None });
+        self.link = Some(PrimaryLink {
+            link,
+            nonce,
+            streaming: false,
+            outbox: VecDeque::new(),
+            sent_up_to: None,
+            ackable: None,
+        });
     }
 
     fn on_received(&mut self, bytes: &[u8], actions: &mut Vec<PrimaryAction>) {
@@ -757,42 +787,67 @@ impl Primary {
         }
     }
 
-    /// Send a kept checkpoint whole, or from `resume_at` when the backup holds its start.
-    fn send_checkpoint(&mut self, logged: &Logged, resume_at: Option<u64>, actions: &mut Vec<PrimaryAction>) {
+    /// Send a kept checkpoint whole, or from `resume_at` when the backup holds its start:
+    /// queued here, framed by [`Primary::pump_outbox`] a few megabytes per step.
+    fn send_checkpoint(&mut self, logged: &Logged, resume_at: Option<u64>, _actions: &mut Vec<PrimaryAction>) {
+        let Some(pl) = self.link.as_mut().filter(|pl| pl.streaming) else { return };
+        let start = resume_at.filter(|o| *o <= logged.payload.len() as u64).map_or(0, |o| o as usize);
+        pl.outbox.push_back(Outgoing {
+            logged: logged.clone(),
+            start,
+            offset: start,
+            hashed: 0,
+            hasher: Sha256::new(),
+            begun: false,
+        });
+        pl.sent_up_to = Some(logged.epoch);
+        pl.ackable = Some(logged.epoch);
+    }
+
+    /// Frame queued checkpoints, up to a bounded number of bytes for this step.
+    fn pump_outbox(&mut self, actions: &mut Vec<PrimaryAction>) {
         let now = self.now_ms;
         let chunk_bytes = self.config.chunk_bytes;
         let Some(pl) = self.link.as_mut().filter(|pl| pl.streaming) else { return };
-        let epoch = logged.epoch;
-        let payload = &logged.payload;
-        let start = match resume_at {
-            Some(offset) if offset <= payload.len() as u64 => {
-                actions.push(PrimaryAction::Send(pl.link.frame(&Message::CheckpointResume { epoch, offset }, now)));
-                offset as usize
-            }
-            _ => {
-                let total_bytes = payload.len() as u64;
-                let begin = Message::CheckpointBegin {
-                    epoch,
-                    base_epoch: logged.base_epoch,
-                    icount: logged.icount,
-                    total_bytes,
+        let mut budget = MAX_FRAMED_BYTES_PER_STEP;
+        while budget > 0 {
+            let Some(out) = pl.outbox.front_mut() else { return };
+            let epoch = out.logged.epoch;
+            let payload = out.logged.payload.clone();
+            if !out.begun {
+                out.begun = true;
+                let message = if out.start > 0 {
+                    Message::CheckpointResume { epoch, offset: out.start as u64 }
+                } else {
+                    let total_bytes = payload.len() as u64;
+                    let (base_epoch, icount) = (out.logged.base_epoch, out.logged.icount);
+                    Message::CheckpointBegin { epoch, base_epoch, icount, total_bytes }
                 };
-                actions.push(PrimaryAction::Send(pl.link.frame(&begin, now)));
-                0
+                actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
             }
-        };
-        let mut offset = start;
-        while offset < payload.len() {
-            let end = (offset + chunk_bytes).min(payload.len());
-            let message =
-                Message::CheckpointChunk { epoch, offset: offset as u64, bytes: payload[offset..end].to_vec() };
-            actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
-            offset = end;
+            // The part the backup already holds still counts in the digest.
+            if out.hashed < out.start {
+                let end = (out.hashed + budget).min(out.start);
+                out.hasher.update(&payload[out.hashed..end]);
+                budget -= end - out.hashed;
+                out.hashed = end;
+                continue;
+            }
+            if out.offset < payload.len() {
+                let end = (out.offset + chunk_bytes.min(budget)).min(payload.len());
+                let bytes = payload[out.offset..end].to_vec();
+                out.hasher.update(&bytes);
+                let message = Message::CheckpointChunk { epoch, offset: out.offset as u64, bytes };
+                budget = budget.saturating_sub(end - out.offset);
+                out.offset = end;
+                out.hashed = end;
+                actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
+                continue;
+            }
+            let out = pl.outbox.pop_front().expect("checked above");
+            let digest = out.hasher.finalize().into();
+            actions.push(PrimaryAction::Send(pl.link.frame(&Message::CheckpointEnd { epoch, digest }, now)));
         }
-        let digest = Sha256::digest(payload.as_slice()).into();
-        actions.push(PrimaryAction::Send(pl.link.frame(&Message::CheckpointEnd { epoch, digest }, now)));
-        pl.sent_up_to = Some(epoch);
-        pl.ackable = Some(epoch);
     }
 
     fn on_vm_ended(&mut self, epoch: u64, exit_code: u32, actions: &mut Vec<PrimaryAction>) {
