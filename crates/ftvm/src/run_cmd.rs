@@ -258,6 +258,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let machine = Machine::new(&config)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let replicated = args.replication.replicate_to.is_some();
+    if let (true, Some(key)) = (replicated, &args.replication.key) {
+        crate::replicate::load_key(key)?; // a bad key is refused before the record is touched
+    }
     let role = if replicated { "primary" } else { "vm" };
     let mut ownership = crate::replicate::Ownership::open(&args.replication.ownership, &config, role)?;
     if let Some(ownership) = &mut ownership {

@@ -123,13 +123,14 @@ fn a_second_vm_cannot_take_a_socket_in_use() {
 fn a_backup_answers_status_and_stop_and_refuses_what_needs_a_running_vm() {
     let dir = std::env::temp_dir().join(format!("ftvm-api-backup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (key, lease, socket) = (dir.join("key"), dir.join("lease"), dir.join("api.sock"));
+    let (key, socket) = (dir.join("key"), dir.join("api.sock"));
+    let store = format!("file:{}", dir.join("store").display());
     std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
     let mut child = ftvm()
         .args(["backup", "--listen", "127.0.0.1:0", "--key"])
         .arg(&key)
-        .arg("--lease")
-        .arg(&lease)
+        .arg("--store")
+        .arg(&store)
         .arg("--api")
         .arg(&socket)
         .stderr(Stdio::null())
@@ -145,6 +146,8 @@ fn a_backup_answers_status_and_stop_and_refuses_what_needs_a_running_vm() {
     let body: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!((body["role"].as_str(), body["primary_connected"].as_bool()), (Some("backup"), Some(false)));
     assert!(body["applied_epoch"].is_null(), "no checkpoint yet");
+    assert_eq!(body["stale"].as_bool(), Some(false));
+    assert_eq!(body["pending_handshakes"].as_u64(), Some(0));
     let pause = ctl("pause");
     assert_eq!(pause.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&pause.stderr).contains("this replica is a backup"));

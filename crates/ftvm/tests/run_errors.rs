@@ -174,13 +174,49 @@ fn a_malformed_memory_size_is_a_usage_error() {
 fn a_short_replication_key_is_refused_on_both_sides() {
     let key = scratch("short.key");
     std::fs::write(&key, b"abc").unwrap();
-    let lease = scratch("lease");
+    let store = scratch("store");
     let key_arg = key.to_str().unwrap();
-    let lease_arg = lease.to_str().unwrap();
-    let primary = ftvm(&["run", "--replicate-to", "127.0.0.1:9", "--key", key_arg, "--lease", lease_arg, "--", "true"]);
+    let store_arg = format!("file:{}", store.display());
+    let primary = ftvm(&["run", "--replicate-to", "127.0.0.1:9", "--key", key_arg, "--store", &store_arg, "--", "true"]);
     let line = error_line(&primary);
     assert!(line.contains(key_arg), "{line}");
-    let backup = ftvm(&["backup", "--listen", "127.0.0.1:0", "--key", key_arg, "--lease", lease_arg]);
+    let backup = ftvm(&["backup", "--listen", "127.0.0.1:0", "--key", key_arg, "--store", &store_arg]);
     let line = error_line(&backup);
     assert!(line.contains(key_arg), "{line}");
+    // Refused before the VM's ownership record was touched.
+    assert!(!store.join("vm-demo.json").exists() && std::fs::read_dir(&store).map_or(true, |d| d.count() == 0));
+}
+
+/// A VM whose ownership record says another replica runs it is not started a second time.
+#[test]
+fn a_vm_owned_by_another_running_replica_is_refused() {
+    let dir = scratch("owned");
+    let mut store = store::FileStore::open(&dir).unwrap();
+    let record =
+        store::OwnershipRecord { generation: 1, owner: "primary-elsewhere-1".into(), state: store::VmState::Active };
+    store::OwnershipStore::compare_and_swap(&mut store, "vm-taken", None, &record).unwrap();
+    let spec = format!("file:{}", dir.display());
+    let out = ftvm(&["run", "--store", &spec, "--vm-id", "vm-taken", "--", "true"]);
+    assert_eq!(
+        error_line(&out),
+        "ftvm: error: VM vm-taken is running elsewhere: its ownership record (generation 1) is owned by \
+         primary-elsewhere-1; stop that replica first (its record is marked ended when it stops), or give this VM \
+         another --vm-id"
+    );
+    assert_eq!(out.status.code(), Some(125));
+}
+
+/// A VM that ran alone with a store holds a record, marked ended with its exit status.
+#[test]
+fn a_standalone_vm_with_a_store_marks_its_record_ended_with_its_status() {
+    let dir = scratch("standalone-store");
+    let spec = format!("file:{}", dir.display());
+    let out = ftvm(&["run", "--clock", "fast", "--store", &spec, "--vm-id", "alone", "--", "sh", "-c", "exit 4"]);
+    assert_eq!(out.status.code(), Some(4));
+    let mut store = store::FileStore::open(&dir).unwrap();
+    let record = store::OwnershipStore::read(&mut store, "alone").unwrap().unwrap();
+    assert_eq!(record.state, store::VmState::Ended { exit_code: 4 });
+    // Ended, so it may be started again.
+    let again = ftvm(&["run", "--clock", "fast", "--store", &spec, "--vm-id", "alone", "--", "true"]);
+    assert_eq!(again.status.code(), Some(0));
 }
