@@ -1,7 +1,7 @@
 //! ftvm's checkpoint-replication core (DESIGN.md §5): the frame format, the messages, the
-//! primary's and the backup's protocol state machines, output commit, and the takeover lease.
+//! primary's and the backup's protocol state machines, output commit, and the ownership rule.
 //!
-//! Nothing here does I/O except [`FileLease`]. [`Primary`] and [`Backup`] are pure state
+//! Nothing here does I/O. [`Primary`] and [`Backup`] are pure state
 //! machines in the manner of raft-rs's `RawNode`: the caller feeds events (`step`) and carries
 //! out the actions returned, in order. Sockets, threads, clocks, random nonces and the machine
 //! live with the caller; this is what lets `tests/simulation.rs` drive both sides through
@@ -10,10 +10,12 @@
 //! # Roles and connection
 //!
 //! The backup listens, the primary connects. On every new connection the caller passes fresh
-//! random bytes (`Connected { nonce }`); bytes read go in as `Received(&[u8])` cut anywhere,
-//! and the end of the stream as `Disconnected`. `Send(bytes)` actions are written in order.
-//! `Close { error }` means: close this connection and report `error` (the primary connects
-//! again after a pause; the backup keeps listening). Feed `Tick { now_ms }` every few ms.
+//! random bytes (`Connected { nonce }`); bytes read go in as `Received` cut anywhere, and the
+//! end of the stream as `Disconnected`. `Send` actions are written in order. `Close { error }`
+//! means: close this connection and report `error` (the primary connects again; the backup
+//! keeps listening). Feed `Tick { now_ms }` every few ms. The backup names each accepted
+//! connection ([`ConnId`]) and keeps up to `max_pending_handshakes` strangers apart from the
+//! primary's connection until they prove they know the key and are fresh.
 //!
 //! # Frames ([`wire`])
 //!
@@ -34,9 +36,11 @@
 //!
 //! ```text
 //!   primary                                   backup
-//!   Hello{version, config digest, nonce, run id, lease term}  ──►  checks all four
-//!        ◄──  HelloAck{version, digest, nonce, echo of primary nonce, latest checkpoint id}
+//!   Hello{version, config digest, nonce, run id, generation}  ──►  checks all four
+//!        ◄──  HelloAck{version, digest, nonce, echo of primary nonce, latest, partial}
 //!   (both switch to session keys)
+//!   Heartbeat (the first session frame: the backup now takes this connection as the primary's)
+//!   kept checkpoints the backup lacks: CheckpointResume{N, offset} for a cut-off one, or Begin...
 //!   every epoch N:
 //!   CheckpointBegin{N, base: None | Some(N-1), icount, total bytes}  ──►
 //!   CheckpointChunk{N, offset, bytes} ...                             ──►  reassembled
@@ -44,6 +48,8 @@
 //!                                                 ApplyCheckpoint → machine → CheckpointApplied
 //!        ◄──  Ack{N}
 //!   ReleaseOutputs{up_to_epoch: N}
+//!   Protected{generation, from_epoch}  ──►  the backup's state counts for that generation
+//!   End{exit code}  ──►  the VM ended: the backup exits, never takes over
 //!   Heartbeat{now, epoch} both ways every heartbeat interval; NeedFull; Goodbye{reason}
 //! ```
 //!
@@ -53,10 +59,11 @@
 //! changed since the epoch before: `base = N-1`). A backup applies an incremental only on top
 //! of exactly its base; anything else it skips and answers `NeedFull`. The primary tracks what
 //! the backup will hold and asks the caller, through [`Primary::next_checkpoint_kind`], for a
-//! full checkpoint whenever the chain is broken: the first checkpoint on a connection
-//! (unless the backup's HelloAck reports it holds this run's latest epoch), after an epoch
-//! taken while disconnected, after `NeedFull`. An incremental taken against that advice is
-//! dropped, not sent. Checkpoints are named by ([`CheckpointId`]) run id + epoch, the run id
+//! full checkpoint whenever the chain is broken: the first checkpoint of a backup that holds
+//! nothing of this run, after `NeedFull`, after the kept log overflowed. Checkpoints the
+//! backup has not acknowledged are kept (up to `max_log_bytes`) and resent after a reconnect,
+//! so epochs taken while disconnected continue the chain. An incremental taken against that
+//! advice is dropped, not sent; with the chain broken and no backup, `Discard` is asked for. Checkpoints are named by ([`CheckpointId`]) run id + epoch, the run id
 //! chosen at random when a primary starts, so a backup's state from another run is never
 //! mistaken for a base.
 //!
@@ -64,8 +71,8 @@
 //!
 //! A checkpoint is handed to the machine (`ApplyCheckpoint`) only once every chunk has
 //! arrived, in order, with the announced length and the matching digest. A connection lost,
-//! or any bad frame, mid-checkpoint discards the partial one: the machine keeps the last whole
-//! checkpoint. One apply at a time: the caller reports `CheckpointApplied` (then the backup
+//! or any bad frame, mid-checkpoint keeps the partial one aside (never applied) for the next
+//! connection to resume: the machine keeps the last whole checkpoint. One apply at a time: the caller reports `CheckpointApplied` (then the backup
 //! acks) or `ApplyFailed` (then the machine holds nothing whole: the backup closes the
 //! connection, reports no checkpoint in its next HelloAck, and gets a full one).
 //!
@@ -74,26 +81,28 @@
 //! Outputs the guest produces during epoch N (transmitted frames, console bytes) belong to N
 //! and are held ([`OutputBuffer`]) until the primary emits `ReleaseOutputs { up_to_epoch }`
 //! with `up_to_epoch >= N`, which happens only when the backup has acknowledged that its
-//! machine applied epoch `up_to_epoch` (an ack covers all earlier epochs). While no backup is
-//! connected nothing is released.
+//! machine applied epoch `up_to_epoch` (an ack covers all earlier epochs) — or, unprotected,
+//! as each checkpoint is taken, after the generation was swapped (below).
 //!
-//! # Failover and the lease
+//! # Ownership and failover
 //!
-//! The primary acquires the lease (via [`Lease::try_acquire`]) before it starts and passes the
-//! grant to [`Primary::new`]. It asks to renew it (`RenewLease`) every
-//! `lease_renew_interval_ms`, counts its validity from the time it *asked*, and stops
-//! (`Stop { error }`) when a renewal says the lease is lost or when its validity runs out
-//! unrenewed: a primary never outlives its lease, so it is gone before a backup can win it.
+//! One record per VM in a store both replicas see holds a generation, changed only by
+//! compare-and-swap (the caller carries out `SwapGeneration`, `ReadOwnership` and
+//! `ClaimOwnership` and reports the answers). The rule: **a backup may go live only by
+//! swapping the generation its state belongs to, and a primary releases an output the backup
+//! has not acknowledged only after swapping the generation forward** — so no replica ever
+//! goes live with a state older than an output that left, and no lease is waited out.
 //!
-//! A backup that has heard nothing from the primary for `failover_timeout_ms`, and holds a
-//! whole checkpoint with nothing left to apply, closes the connection and asks to acquire
-//! the lease (`AcquireLease`, retried every `lease_retry_ms`). Once it wins, it emits
-//! `GoLive { epoch, icount, term }`: resume the machine from that last whole checkpoint as
-//! the new primary. Every output the old primary released is covered by it. The lease's
-//! term rises at every acquisition; a backup refuses a Hello with a term older than one it
-//! has seen. Time: the lease stores expiry times of the caller's clock (wall-clock ms), so
-//! the replicas' clocks must agree to well within the lease TTL.
-//!
+//! The primary starts owning the record ([`Primary::new`] takes its generation). With the
+//! backup lost for `backup_loss_grace_ms` it swaps (Continue) or keeps holding (Hold); once a
+//! returning backup holds the last epoch released without it, the primary sends `Protected`,
+//! and the backup's state counts for the current generation. A backup that hears no
+//! authenticated frame for `failover_timeout_ms`, holds a whole checkpoint that counts for the
+//! newest generation it knows, and has nothing left to apply, claims the record; on success it
+//! emits `GoLive { epoch, icount, generation }`. A claim that finds another generation leaves it
+//! a stale backup (`CannotTakeOver`); one that finds the VM ended makes it `Exit`. A primary
+//! whose swap or periodic read finds another owner stops (`Stop`), releasing nothing more.
+
 //! # Errors
 //!
 //! Any [`WireError`] or [`ProtocolError`] closes the connection and leaves the backup's last
@@ -106,9 +115,11 @@
 //! *Oversized*, *CheckpointTooLarge* — a length over the limit; *Truncated* — the connection
 //! ended mid-frame; *MalformedCheckpoint*, *CheckpointDigestMismatch*, *EpochNotIncreasing*,
 //! *UnexpectedMessage*, *AckOfUnsentEpoch* — a peer that breaks the protocol (a bug);
-//! *StaleTerm* — a superseded primary; *HandshakeTimeout*, *PeerSilent* — the peer stopped
+//! *StaleGeneration* — a superseded primary; *ConnectionReplaced*, *TooManyHandshakes* — the
+//! backup's connection bookkeeping; *HandshakeTimeout*, *PeerSilent* — the peer stopped
 //! talking; *BackupOverloaded* — the machine applies more slowly than checkpoints arrive;
-//! *LeaseLost*, *LeaseExpired* — the primary must stop (another replica may be live).
+//! *OwnershipLost* — the replica must stop (another replica may be live); *VmEnded* — the VM
+//! ended.
 
 pub mod messages;
 pub mod output_commit;
