@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use replica::wire::{Direction, Encoder, FrameKey};
 use replica::{
-    Backup, BackupConfig, BackupEvent, CheckpointId, Decoder, Frame, LeaseGrant, Message, PresharedKey, Primary,
+    Backup, BackupConfig, BackupEvent, CheckpointId, Decoder, Frame, Message, PresharedKey, Primary,
     PrimaryConfig, PrimaryEvent, Role,
 };
 
@@ -34,25 +34,33 @@ fn any_message() -> impl Strategy<Value = Message> {
     let epoch = 0u64..6;
     prop_oneof![
         (any::<u16>(), any_role(), any::<[u8; 32]>(), any::<[u8; 16]>(), any::<u64>(), 0u64..3).prop_map(
-            |(protocol_version, role, config_digest, nonce, run_id, term)| Message::Hello {
+            |(protocol_version, role, config_digest, nonce, run_id, generation)| Message::Hello {
                 protocol_version,
                 role,
                 config_digest,
                 nonce,
                 run_id,
-                term
+                generation
             }
         ),
-        (any::<u16>(), any_role(), any::<[u8; 32]>(), any::<[u8; 16]>(), any::<[u8; 16]>(), any_id()).prop_map(
-            |(protocol_version, role, config_digest, nonce, primary_nonce, latest)| Message::HelloAck {
-                protocol_version,
-                role,
-                config_digest,
-                nonce,
-                primary_nonce,
-                latest
-            }
-        ),
+        (
+            (any::<u16>(), any_role(), any::<[u8; 32]>(), any::<[u8; 16]>(), any::<[u8; 16]>(), any_id()),
+            proptest::option::of((any_id(), 0u64..40))
+        )
+            .prop_map(|((protocol_version, role, config_digest, nonce, primary_nonce, latest), partial)| {
+                Message::HelloAck {
+                    protocol_version,
+                    role,
+                    config_digest,
+                    nonce,
+                    primary_nonce,
+                    latest,
+                    partial: partial.and_then(|(id, offset)| id.map(|id| (id, offset))),
+                }
+            }),
+        (0u64..6, 0u64..40).prop_map(|(epoch, offset)| Message::CheckpointResume { epoch, offset }),
+        (0u64..4, 0u64..6).prop_map(|(generation, from_epoch)| Message::Protected { generation, from_epoch }),
+        any::<u32>().prop_map(|exit_code| Message::End { exit_code }),
         (any::<u64>(), epoch.clone()).prop_map(|(now_ms, epoch)| Message::Heartbeat { now_ms, epoch }),
         (epoch.clone(), proptest::option::of(0u64..6), any::<u64>(), 0u64..40).prop_map(
             |(epoch, base_epoch, icount, total_bytes)| Message::CheckpointBegin {
@@ -227,7 +235,7 @@ proptest! {
         real_hello in any::<bool>(),
     ) {
         let mut backup = Backup::new(BackupConfig::new(psk(), DIGEST, 64), 0);
-        backup.step(BackupEvent::Connected { nonce: [2; 16] });
+        backup.step(BackupEvent::Connected { conn: 1, nonce: [2; 16] });
         let mut encoder = Encoder::new(psk().hello_key(Direction::PrimaryToBackup));
         if real_hello {
             let hello = Message::Hello {
@@ -236,15 +244,15 @@ proptest! {
                 config_digest: DIGEST,
                 nonce: [1; 16],
                 run_id: 7,
-                term: 1,
+                generation: 1,
             };
             let (t, p) = hello.encode();
-            backup.step(BackupEvent::Received(&encoder.encode(t, &p).unwrap()));
+            backup.step(BackupEvent::Received { conn: 1, bytes: &encoder.encode(t, &p).unwrap() });
             encoder.set_key(psk().session_key(Direction::PrimaryToBackup, &[1; 16], &[2; 16]));
         }
         for (i, message) in messages.iter().enumerate() {
             let (t, p) = message.encode();
-            for action in backup.step(BackupEvent::Received(&encoder.encode(t, &p).unwrap())) {
+            for action in backup.step(BackupEvent::Received { conn: 1, bytes: &encoder.encode(t, &p).unwrap() }) {
                 if let replica::BackupAction::ApplyCheckpoint { epoch, .. } = action {
                     backup.step(BackupEvent::CheckpointApplied { epoch });
                 }
@@ -259,7 +267,7 @@ proptest! {
         real_ack in any::<bool>(),
     ) {
         let config = PrimaryConfig { chunk_bytes: 8, ..PrimaryConfig::new(psk(), DIGEST, 7) };
-        let mut primary = Primary::new(config, LeaseGrant { term: 1, acquired_at_ms: 0 });
+        let mut primary = Primary::new(config, 1, 0);
         primary.step(PrimaryEvent::Connected { nonce: [1; 16] });
         let mut encoder = Encoder::new(psk().hello_key(Direction::BackupToPrimary));
         if real_ack {
@@ -270,6 +278,7 @@ proptest! {
                 nonce: [2; 16],
                 primary_nonce: [1; 16],
                 latest: None,
+                partial: None,
             };
             let (t, p) = ack.encode();
             primary.step(PrimaryEvent::Received(&encoder.encode(t, &p).unwrap()));
@@ -278,7 +287,7 @@ proptest! {
         for (i, message) in messages.iter().enumerate() {
             let epoch = i as u64 + 1;
             let kind = primary.next_checkpoint_kind();
-            primary.step(PrimaryEvent::CheckpointTaken { epoch, icount: 0, kind, payload: b"state" });
+            primary.step(PrimaryEvent::CheckpointTaken { epoch, icount: 0, kind, payload: b"state".to_vec() });
             let (t, p) = message.encode();
             primary.step(PrimaryEvent::Received(&encoder.encode(t, &p).unwrap()));
             primary.step(PrimaryEvent::Tick { now_ms: i as u64 * 10 });

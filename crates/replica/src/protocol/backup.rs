@@ -546,7 +546,11 @@ impl Backup {
                 }
                 self.incoming_from_old_link = self.incoming.is_some();
                 self.link = Some(BackupLink { hello: Some((run_id, generation)), ..p });
-                self.on_message(message, actions)?;
+                if let Err(error) = self.on_message(message, actions) {
+                    // Promoted already: the error closes the primary's connection, not a pending one.
+                    let bl = self.link.take().expect("just set");
+                    self.close_link(bl, error, actions);
+                }
                 Ok(true)
             }
         }

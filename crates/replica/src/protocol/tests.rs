@@ -858,3 +858,14 @@ fn a_primary_holding_outputs_notices_it_was_fenced() {
     w.tick(600);
     assert!(w.p_log.iter().any(|a| matches!(a, PrimaryAction::Stop { .. })), "{:?}", w.p_log);
 }
+
+#[test]
+fn a_first_session_frame_the_backup_refuses_closes_that_connection_without_a_panic() {
+    let mut b = Backup::new(backup_config(), 0);
+    let (mut fake, _) = FakePrimary::hello(&mut b, 1, 1);
+    // An Ack is no message for a backup: the connection, just promoted, is closed.
+    let actions = fake.send(&mut b, Message::Ack { epoch: 1 });
+    assert!(matches!(closes(&actions)[..], [ProtocolError::UnexpectedMessage { message: "Ack", .. }]), "{actions:?}");
+    assert!(!b.is_streaming());
+    assert_eq!(b.status().pending_handshakes, 0);
+}
