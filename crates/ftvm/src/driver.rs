@@ -448,7 +448,7 @@ impl Driver {
                 "icount": self.machine.icount(),
                 "pause_ms": started.elapsed().as_secs_f64() * 1e3,
             })),
-            Err(e) => Reply::error(500, format!("snapshot to {} failed: {e:#}", path.display())),
+            Err(e) => Reply::error(500, format!("snapshot failed: {e:#}")),
         }
     }
 
