@@ -177,7 +177,8 @@ fn a_short_replication_key_is_refused_on_both_sides() {
     let store = scratch("store");
     let key_arg = key.to_str().unwrap();
     let store_arg = format!("file:{}", store.display());
-    let primary = ftvm(&["run", "--replicate-to", "127.0.0.1:9", "--key", key_arg, "--store", &store_arg, "--", "true"]);
+    let primary =
+        ftvm(&["run", "--replicate-to", "127.0.0.1:9", "--key", key_arg, "--store", &store_arg, "--", "true"]);
     let line = error_line(&primary);
     assert!(line.contains(key_arg), "{line}");
     let backup = ftvm(&["backup", "--listen", "127.0.0.1:0", "--key", key_arg, "--store", &store_arg]);

@@ -7,8 +7,8 @@ use proptest::prelude::*;
 
 use replica::wire::{Direction, Encoder, FrameKey};
 use replica::{
-    Backup, BackupConfig, BackupEvent, CheckpointId, Decoder, Frame, Message, PresharedKey, Primary,
-    PrimaryConfig, PrimaryEvent, Role,
+    Backup, BackupConfig, BackupEvent, CheckpointId, Decoder, Frame, Message, PresharedKey, Primary, PrimaryConfig,
+    PrimaryEvent, Role,
 };
 
 const DIGEST: [u8; 32] = [1; 32];

@@ -136,7 +136,8 @@ impl MachineThread {
             for job in queue {
                 match job {
                     MachineJob::Apply { epoch, payload, .. } => {
-                        let result = machine::checkpoint::apply(&mut machine, &payload).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+                        let result = machine::checkpoint::apply(&mut machine, &payload)
+                            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
                         if events.send(ToBackup::Applied { epoch, result }).is_err() {
                             return;
                         }
