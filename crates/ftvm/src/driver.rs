@@ -3,10 +3,12 @@
 //! enter, keeps them as the input log, and routes the machine's outputs to the
 //! terminal and the TAP device.
 //!
-//! Clock policy: guest time never runs ahead of wall-clock time. When the guest idles
-//! until a timer deadline, the driver waits until the wall clock reaches it (or a host
-//! event arrives first) and then skips guest time forward — unless the clock is
-//! `Fast`, which skips at once (for tests and benchmarks without outside peers).
+//! Clock policy: guest time follows wall-clock time. When the guest idles until a timer
+//! deadline, the driver waits until the wall clock reaches it (or a host event arrives
+//! first) and then skips guest time forward; while it computes, the pacer (`pacer.rs`)
+//! sets the guest clock's rate to the measured speed, within `pacer::BOUND_MS` — unless
+//! the clock is `Fast`, which skips idle time at once and paces nothing (for tests and
+//! benchmarks without outside peers).
 
 use crate::api::{Command, ControlRequest, Reply};
 use crate::host::tap::Tap;
@@ -95,6 +97,8 @@ pub struct Driver {
     pub took_over: Option<serde_json::Value>,
     /// What `status` reports as the role.
     pub role: &'static str,
+    /// Keeps a busy guest's clock at the wall clock's pace.
+    pacer: crate::pacer::Pacer,
 }
 
 /// The primary's side of checkpoint replication in the driver: epochs, checkpoints,
@@ -160,7 +164,7 @@ pub type Snapshotter = Box<dyn Fn(&Machine, &std::path::Path) -> Result<u64>>;
 
 impl Driver {
     pub fn new(machine: Machine, events: Receiver<HostEvent>, clock: Clock) -> Driver {
-        let start_ticks = machine.time_ticks();
+        let start_ticks = machine.time_ticks() + start_lag_ticks(&machine);
         Driver {
             machine,
             events,
@@ -177,6 +181,7 @@ impl Driver {
             finished: None,
             took_over: None,
             role: "standalone",
+            pacer: crate::pacer::Pacer::new(),
         }
     }
 
@@ -223,7 +228,7 @@ impl Driver {
             }
             let slice = if self.replication.is_some() { REPLICATING_SLICE_ICOUNT } else { SLICE_ICOUNT };
             let target = self.machine.icount() + slice;
-            let exit = self.machine.run(target);
+            let exit = self.run_slice(target)?;
             self.route_outputs(console)?;
             self.maybe_checkpoint(console, matches!(exit, RunExit::Idle { .. }))?;
             if let Some(outcome) = self.wait_while_outputs_pile_up(console)? {
@@ -248,6 +253,27 @@ impl Driver {
                 self.push(InputKind::Entropy(bytes))?;
             }
         }
+    }
+
+    /// Run one slice; with the real-time clock, pace guest time after it (the pacer's
+    /// inputs enter the log like any other).
+    fn run_slice(&mut self, target: u64) -> Result<RunExit> {
+        let (icount, started) = (self.machine.icount(), Instant::now());
+        let exit = self.machine.run(target);
+        if self.clock == Clock::Realtime && !matches!(exit, RunExit::PowerOff { .. } | RunExit::Reset) {
+            let slice = crate::pacer::Slice {
+                instructions: self.machine.icount() - icount,
+                busy: started.elapsed(),
+                guest_ticks: self.machine.time_ticks(),
+                wall_ticks: self.wall_ticks(),
+                icount_per_tick: self.machine.icount_per_tick(),
+                min_icount_per_tick: self.machine.min_icount_per_tick(),
+            };
+            for input in self.pacer.after_slice(&slice) {
+                self.push(input)?;
+            }
+        }
+        Ok(exit)
     }
 
     fn deliver(&mut self, event: HostEvent) -> Result<Option<Outcome>> {
@@ -622,6 +648,13 @@ impl Driver {
         }
         console.flush().context("cannot write console output")
     }
+}
+
+/// How far the guest's clock is behind the host's as the driver starts (a fresh boot:
+/// the time to build the machine; a takeover: the failover's), to be caught up.
+fn start_lag_ticks(machine: &Machine) -> u64 {
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    crate::pacer::start_lag_ticks(u64::try_from(host.as_nanos()).unwrap_or(u64::MAX), machine.rtc_unix_ns())
 }
 
 fn tracing_warn(message: &str) {

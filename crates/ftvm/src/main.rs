@@ -10,6 +10,7 @@ mod guest_image;
 mod host;
 mod model_cmd;
 mod netns;
+mod pacer;
 mod replicate;
 mod run_cmd;
 mod snapshot_cmd;

@@ -274,6 +274,13 @@ impl Machine {
         self.hart.config.icount_per_tick
     }
 
+    /// The fastest clock rate an [`InputKind::ClockRate`] takes now: the fewest
+    /// instructions per tick that keep guest time from going back (`icount / rate` must
+    /// not exceed guest time). A faster request is raised to this.
+    pub fn min_icount_per_tick(&self) -> u64 {
+        self.icount() / (self.hart.time() + 1) + 1
+    }
+
     /// Instructions per timer tick at boot, as configured (a snapshot is restored into a
     /// machine configured the same).
     pub fn boot_icount_per_tick(&self) -> u64 {
@@ -389,10 +396,7 @@ impl Machine {
     fn set_clock_rate(&mut self, requested: u64) {
         let icount = self.icount();
         let now = self.hart.time();
-        let mut ipt = requested.clamp(1, MAX_ICOUNT_PER_TICK);
-        if icount / ipt > now {
-            ipt = icount / (now + 1) + 1; // the smallest with icount / ipt <= now
-        }
+        let ipt = requested.clamp(1, MAX_ICOUNT_PER_TICK).max(self.min_icount_per_tick());
         if ipt > MAX_ICOUNT_PER_TICK {
             return; // guest time is so far behind icount that no allowed rate keeps it
         }
