@@ -1,6 +1,8 @@
 //! Network namespaces for the demo and the replication tests: several "hosts" on one
 //! machine, each in its own namespace, joined by a bridge in a "switch" namespace. All
 //! addresses live inside namespaces this module creates; everything is removed on drop.
+//! The end-to-end tests compile this same file into themselves (`tests/common`), so it
+//! depends on nothing else of the binary; its own test is `tests/netns.rs`.
 //!
 //! ```text
 //!   <p>-host (primary)     <p>-backup             <p>-client
@@ -152,32 +154,5 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.destroy();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn namespaces() -> String {
-        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).to_string()
-    }
-
-    fn ping(topo: &Topology, ns: &str, addr: &str) -> bool {
-        topo.exec(ns, &["busybox", "ping", "-c", "1", "-W", "2", addr]).is_ok()
-    }
-
-    #[test]
-    fn the_topology_links_the_hosts_and_is_removed_on_drop() {
-        let prefix = format!("ftvm-t{}", std::process::id());
-        let topo = Topology::create(&prefix).unwrap();
-        assert!(ping(&topo, &topo.primary_ns(), Topology::BACKUP_REPL_ADDR), "replication link");
-        // The client reaches a host's bridge: give the primary's bridge an address.
-        topo.exec(&topo.primary_ns(), &["ip", "addr", "add", "10.0.2.50/24", "dev", "br0"]).unwrap();
-        assert!(ping(&topo, &topo.client_ns(), "10.0.2.50"), "client through the switch");
-        topo.set_replication_link(false).unwrap();
-        assert!(!ping(&topo, &topo.primary_ns(), Topology::BACKUP_REPL_ADDR), "a cut link carries nothing");
-        drop(topo);
-        assert!(!namespaces().contains(&prefix), "namespaces removed");
     }
 }

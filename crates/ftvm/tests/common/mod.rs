@@ -1,6 +1,14 @@
 //! What the ftvm binary's tests share.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod capture;
+pub mod client;
+pub mod cluster;
+#[path = "../../src/netns.rs"]
+pub mod netns;
+pub mod relay;
+pub mod strangers;
+
 use std::path::{Path, PathBuf};
 
 /// A scratch path under the temporary directory, removed (with its directory) when
