@@ -1,0 +1,274 @@
+//! Checkpoint replication under faults of the link and of strangers, end to end in
+//! network namespaces (root). A primary and a backup run the counter service; a client
+//! in its own namespace records every value it is told; the replication link runs
+//! through an impairment relay. After each fault the primary is killed with SIGKILL and
+//! the client checks that the guest that carries on continues strictly above every
+//! value it was ever told. Verdicts come from the replicas' typed status
+//! (`ftvm ctl status` JSON) and the client's record, never from log wording.
+//!
+//! Detection timeout 500 ms, so that a loaded machine does not cause spurious takeovers;
+//! 1000 ms where the link is cut, so that the primary (which gives up on a silent backup
+//! after 250 ms and a 200 ms grace) is surely the side that stays live.
+//! A failing run prints FTVM_TEST_SEED (the relay's damage and the strangers' bytes).
+
+mod common;
+
+use common::client::{Client, Verdict};
+use common::cluster::{is_protected, sample_lag, Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
+use common::netns::Topology;
+use common::relay::Mode;
+use common::strangers::{Kind, Strangers};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The backup's acknowledged epoch may trail by one second of epochs.
+const ONE_SECOND_OF_EPOCHS: u64 = 1000 / 25;
+const PROTECTED_LIMIT: Duration = Duration::from_secs(60);
+const TAKEOVER_LIMIT: Duration = Duration::from_secs(30);
+/// Where the link is cut: the backup's detection timeout, well beyond the 450 ms the
+/// primary takes to swap the generation forward and serve unprotected.
+const CUT_FAILOVER_TIMEOUT_MS: u64 = 1000;
+/// The backup's cap on pending handshakes (replica's BackupConfig default).
+const MAX_PENDING_HANDSHAKES: u64 = 16;
+/// Answers the client must get on each way in (HTTP and the session) after a takeover.
+const ANSWERS_AFTER: usize = 3;
+
+/// A seed from FTVM_TEST_SEED or the clock, printed so that a failure can be replayed.
+fn seed() -> u64 {
+    let seed = std::env::var("FTVM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    });
+    println!("FTVM_TEST_SEED={seed}");
+    seed
+}
+
+/// The counter, with the detection timeout of the tests that cut the link.
+fn cut_options(seed: u64) -> Options {
+    Options { failover_timeout_ms: CUT_FAILOVER_TIMEOUT_MS, ..Options::counter(seed) }
+}
+
+/// Boot the counter replicated; return once the client has been answered and the
+/// primary is protected.
+fn started(name: &str, options: Options) -> (Cluster, Client) {
+    let mut cluster = Cluster::start(name, &options);
+    let client = Client::start(&cluster.topo.client_ns());
+    if !client.wait_for_answers(20, BOOT_LIMIT) {
+        panic!("the guest's counter never answered 20 times\n{}", cluster.explain());
+    }
+    cluster.wait_protected(PROTECTED_LIMIT);
+    (cluster, client)
+}
+
+/// SIGKILL the primary; the backup must take over and the client must be told only
+/// values above every value told before.
+fn kill_and_check(cluster: &mut Cluster, client: &Client, seed: u64) -> Verdict {
+    let killed = cluster.kill_primary();
+    let live = cluster.wait_takeover(TAKEOVER_LIMIT);
+    let verdict = client
+        .check_nothing_lost(killed, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    assert!(live["took_over"]["generation"].is_u64(), "a takeover names its generation: {live}");
+    verdict
+}
+
+fn replication(status: &Value, field: &str) -> Value {
+    status["replication"][field].clone()
+}
+
+fn backup_port() -> SocketAddr {
+    format!("{}:{BACKUP_PORT}", Topology::BACKUP_REPL_ADDR).parse().unwrap()
+}
+
+#[test]
+fn a_cut_link_that_heals_resynchronizes_under_a_new_generation_and_a_later_sigkill_loses_nothing() {
+    let seed = seed();
+    let (mut cluster, client) = started("cut-heal", cut_options(seed));
+    let before = cluster.primary_now();
+    let generation = replication(&before, "generation").as_u64().unwrap();
+    let unprotected = replication(&before, "unprotected_count").as_u64().unwrap();
+
+    cluster.relay.set(Mode::Cut);
+    let cut = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    // The primary kept serving (--on-backup-loss continue), unprotected; the backup's
+    // state is stale: it may not go live from it.
+    let primary = cluster.primary_now();
+    let backup = cluster.backup_now();
+    let served = client.answers_after(cut).len();
+    assert!(served >= 10, "the primary served {served} answers during the cut\n{}", cluster.explain());
+    assert!(!is_protected(&primary), "protected without its backup: {primary}");
+    assert_eq!((&backup["role"], &backup["stale"]), (&Value::from("backup"), &Value::from(true)), "{backup}");
+
+    cluster.relay.set(Mode::Pass);
+    let healed = cluster.wait_protected(Duration::from_secs(30));
+    assert!(replication(&healed, "generation").as_u64().unwrap() > generation, "{healed}");
+    assert!(replication(&healed, "unprotected_count").as_u64().unwrap() > unprotected, "{healed}");
+    cluster.wait_backup("the backup resynchronized", Duration::from_secs(10), |s| s["stale"] == false);
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    let verdict = kill_and_check(&mut cluster, &client, seed);
+    println!("{}", verdict.describe());
+}
+
+#[test]
+fn a_primary_killed_while_cut_off_is_never_brought_back_from_an_older_state() {
+    let seed = seed();
+    let (mut cluster, client) = started("cut-kill", cut_options(seed));
+    cluster.relay.set(Mode::Cut);
+    let cut = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let served = client.answers_after(cut).len();
+    assert!(served >= 10, "the primary served {served} answers during the cut\n{}", cluster.explain());
+    let killed = cluster.kill_primary();
+    cluster.relay.set(Mode::Pass);
+    // Long past the detection timeout (and TCP's backoff): a backup allowed to go live
+    // would have, and the client would have been answered.
+    let mut roles = Vec::new();
+    while killed.elapsed() < Duration::from_secs(8) {
+        let backup = cluster.backup_status();
+        roles.push(backup.as_ref().map(|s| (s["role"].clone(), s["stale"].clone())));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    let after = client.answers_after(killed).len();
+    assert_eq!(after, 0, "the client was answered {after} times with no primary\n{}", cluster.explain());
+    let waiting_stale = Some((Value::from("backup"), Value::from(true)));
+    assert!(
+        roles.iter().all(|r| *r == waiting_stale),
+        "the backup's (role, stale) after the kill: {roles:?}\n{}",
+        cluster.explain()
+    );
+}
+
+#[test]
+fn a_link_damaging_one_chunk_in_a_hundred_keeps_the_backup_within_a_second_and_loses_nothing() {
+    let seed = seed();
+    let (mut cluster, client) = started("damage", Options::counter(seed));
+    cluster.relay.set(Mode::Damage(0.01));
+    let lag = sample_lag(&cluster, Duration::from_secs(12), ONE_SECOND_OF_EPOCHS);
+    let damaged = cluster.relay.stats().damaged_chunks;
+    assert!(damaged >= 5, "the relay damaged only {damaged} chunks: {:?}", cluster.relay.stats());
+    let advanced = lag.last_acked.unwrap_or(0).saturating_sub(lag.first_acked.unwrap_or(0));
+    assert!(
+        lag.share_within() >= 0.9 && advanced >= 12 * 1000 / 25 / 2,
+        "seed {seed}: with {damaged} damaged chunks the acknowledged epoch advanced by {advanced} and trailed by at most one second in {:.0}% of the run: {lag:?}\n{}",
+        lag.share_within() * 100.0,
+        cluster.explain()
+    );
+    cluster.relay.set(Mode::Pass);
+    cluster.wait_protected(Duration::from_secs(30));
+    let verdict = kill_and_check(&mut cluster, &client, seed);
+    println!("damaged chunks {damaged}, {lag:?}; {}", verdict.describe());
+}
+
+#[test]
+fn stranger_connections_to_the_backup_port_never_disturb_replication_nor_the_takeover() {
+    let seed = seed();
+    let (mut cluster, client) = started("strangers", Options::counter(seed));
+    let before = cluster.primary_now();
+    let unprotected = replication(&before, "unprotected_count");
+    // From the primary's host, as the real primary: an idle connection and a garbage
+    // sender every 0.5 s, plus slow headers and hang-ups.
+    let kinds = [Kind::Idle, Kind::Garbage, Kind::SlowHeader, Kind::Hangup];
+    let strangers =
+        Strangers::every(&cluster.topo.primary_ns(), backup_port(), &kinds, Duration::from_millis(500), seed);
+    let lag = sample_lag(&cluster, Duration::from_secs(8), ONE_SECOND_OF_EPOCHS);
+    let after = cluster.primary_now();
+    assert!(strangers.opened() >= 20, "only {} stranger connections opened", strangers.opened());
+    assert!(
+        lag.share_within() >= 0.9 && lag.disconnected == 0 && replication(&after, "unprotected_count") == unprotected,
+        "seed {seed}: strangers disturbed the link: {lag:?}, status {after}\n{}",
+        cluster.explain()
+    );
+    let verdict = kill_and_check(&mut cluster, &client, seed);
+    drop(strangers);
+    println!("{lag:?}; {}", verdict.describe());
+}
+
+#[test]
+fn a_flood_of_idle_and_hostile_connections_leaves_the_backup_running_and_the_link_intact() {
+    let seed = seed();
+    let mut options = Options::counter(seed);
+    // Fewer descriptors than strangers: the backup must refuse them, not run out.
+    options.backup_max_files = Some(256);
+    let (mut cluster, client) = started("flood", options);
+    let flood = Strangers::flood(
+        &cluster.topo.primary_ns(),
+        backup_port(),
+        &[Kind::Idle, Kind::Garbage, Kind::SlowHeader],
+        100,
+        seed,
+    );
+    let lag = sample_lag(&cluster, Duration::from_secs(6), ONE_SECOND_OF_EPOCHS);
+    assert!(cluster.backup.exited().is_none(), "the backup exited under the flood\n{}", cluster.explain());
+    assert!(
+        lag.share_within() >= 0.9 && lag.disconnected == 0,
+        "seed {seed}: the flood ({} opened, {} refused) disturbed the link: {lag:?}\n{}",
+        flood.opened(),
+        flood.refused(),
+        cluster.explain()
+    );
+    let backup = cluster.backup_now();
+    let pending = backup["pending_handshakes"].as_u64();
+    assert!(pending.is_some_and(|p| p <= MAX_PENDING_HANDSHAKES), "{pending:?} handshakes pending: {backup}");
+    assert_eq!(
+        (&backup["role"], &backup["primary_connected"]),
+        (&Value::from("backup"), &Value::from(true)),
+        "{backup}"
+    );
+    // The real primary, cut off loudly, gets back in through the flood within a second.
+    let connections = cluster.relay.stats().connections;
+    cluster.relay.reset();
+    let reset = Instant::now();
+    while reset.elapsed() < Duration::from_secs(10)
+        && !(cluster.relay.stats().connections > connections
+            && cluster.primary_status().is_some_and(|s| is_protected(&s)))
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let back = reset.elapsed();
+    assert!(
+        back <= Duration::from_millis(1500),
+        "the primary needed {back:?} to get back in through the flood
+{}",
+        cluster.explain()
+    );
+    let verdict = kill_and_check(&mut cluster, &client, seed);
+    println!(
+        "flood: {} opened, {} refused; back in {back:?}; {lag:?}; {}",
+        flood.opened(),
+        flood.refused(),
+        verdict.describe()
+    );
+    drop(flood);
+}
+
+#[test]
+fn a_replicated_command_that_exits_ends_on_both_sides_with_all_its_output_and_its_status() {
+    let mut options = Options::counter(seed());
+    options.command = ["sh", "-c", "echo a; echo last-line; exit 3"].map(String::from).to_vec();
+    let mut cluster = Cluster::start("exit", &options);
+    let primary = cluster.primary.wait_exit(BOOT_LIMIT);
+    let mut roles = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.backup.exited().is_none() && Instant::now() < deadline {
+        if let Some(s) = cluster.backup_status() {
+            roles.push(s["role"].clone());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let backup = cluster.backup.exited();
+    let out = std::fs::read_to_string(&cluster.primary_stdout).unwrap();
+    let backup_out = std::fs::read_to_string(&cluster.backup_stdout).unwrap();
+    let last_lines = out.lines().chain(backup_out.lines()).filter(|l| l.trim() == "last-line").count();
+    assert!(
+        primary.and_then(|s| s.code()) == Some(3)
+            && backup.and_then(|s| s.code()) == Some(3)
+            && out.lines().next() == Some("a")
+            && last_lines == 1
+            && roles.iter().all(|r| r == "backup"),
+        "primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}, last-line printed {last_lines} times\n\
+         primary output:\n{out}\nbackup output:\n{backup_out}\n{}",
+        cluster.explain()
+    );
+}
