@@ -2,14 +2,31 @@
 //! side by side in one run — a guest workload's time unreplicated and replicated at
 //! several epoch lengths (normalized performance), checkpoint pause times, bytes per
 //! second on the replication link, the response latency output commit adds, and the
-//! failover time from SIGKILL to the first answered request.
+//! takeover time from SIGKILL to the first answered request (min, median and max over at
+//! least `--kills` kills, with the backup's default detection timeout).
+//!
+//! The takeover is measured by a probe that opens a new connection every 10 ms and
+//! abandons any connection attempt unanswered after 50 ms, so that TCP's own
+//! retransmission timers (1 s for a lost SYN) never hide what ftvm does; a connection the
+//! guest accepted then gets its HTTP answer (the guest's CGI alone takes tens of ms).
 
 use crate::demo::{count_once, spawn_in, Proc, HTTP_ADDR};
 use crate::netns::Topology;
 use anyhow::{bail, Context, Result};
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// The takeover probe: a new connection this often...
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// ...each abandoned when the guest has not accepted it by then...
+const PROBE_ABANDON: Duration = Duration::from_millis(50);
+/// ...and, once accepted, given this long for its HTTP answer.
+const PROBE_ANSWER: Duration = Duration::from_secs(2);
+/// Epoch length of the extra kill rounds (the default of `ftvm run`).
+const KILL_EPOCH_MS: u64 = 25;
 
 /// A guest workload: CPU work and memory writes (what checkpoints must carry), then the
 /// counter service for the latency and failover measurements.
@@ -35,6 +52,10 @@ pub struct ReplicationBench {
     /// noisy); the table shows medians
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Kills at least: rounds that only kill a primary (epoch 25 ms) are added when the
+    /// configurations above give fewer
+    #[arg(long, default_value_t = 5)]
+    pub kills: usize,
     /// Pass --verify-every N to the primaries (end-to-end digest checks; costs pauses)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub verify_every: u64,
@@ -50,7 +71,15 @@ struct Figures {
     pause_max_ms: Option<f64>,
     link_mb_s: Option<f64>,
     latency_ms: f64,
-    failover_s: Option<f64>,
+    takeover: Option<Takeover>,
+}
+
+/// One kill: from SIGKILL to the first connection the backup's guest accepted, and to the
+/// first HTTP answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Takeover {
+    pub(crate) accepted_ms: f64,
+    pub(crate) answered_ms: f64,
 }
 
 pub fn run(kind: BenchKind) -> Result<i32> {
@@ -69,8 +98,14 @@ pub fn run(kind: BenchKind) -> Result<i32> {
             samples[i].push(measure(&topo, &dir, config, args.requests, args.verify_every)?);
         }
     }
+    let mut kills: Vec<Takeover> = samples.iter().flatten().filter_map(|f| f.takeover).collect();
+    while kills.len() < args.kills {
+        eprintln!("bench: kill {}/{}", kills.len() + 1, args.kills);
+        kills.push(kill_once(&topo, &dir, KILL_EPOCH_MS)?);
+    }
     let rows: Vec<(String, Figures)> = configs.iter().zip(samples).map(|(&c, s)| (label(c), median(s))).collect();
     print_table(&rows);
+    print_takeover(&kills);
     drop(topo);
     if args.logs.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -98,57 +133,60 @@ fn median(samples: Vec<Figures>) -> Figures {
         pause_max_ms: opt(&|f| f.pause_max_ms),
         link_mb_s: opt(&|f| f.link_mb_s),
         latency_ms: mid(samples.iter().map(|f| f.latency_ms).collect()),
-        failover_s: opt(&|f| f.failover_s),
+        takeover: opt(&|f| f.takeover.map(|t| t.answered_ms))
+            .zip(opt(&|f| f.takeover.map(|t| t.accepted_ms)))
+            .map(|(answered_ms, accepted_ms)| Takeover { accepted_ms, answered_ms }),
     }
 }
 
-/// One configuration: boot, time the workload, measure latency, then (replicated) kill
-/// the primary and time the takeover.
-fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
+/// The replicas of one run: the backup (when replicated) and the primary running `command`.
+struct Pair {
+    backup: Option<Proc>,
+    primary: Proc,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: u64, command: &str) -> Result<Pair> {
     let key = dir.join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef")?;
     let store = dir.join("store");
     let _ = std::fs::remove_dir_all(&store);
-    let log = dir.join(format!("primary-{}.log", epoch_ms.unwrap_or(0)));
+    let tag = epoch_ms.unwrap_or(0);
+    let log = dir.join(format!("primary-{tag}.log"));
     let sock = dir.join("primary.sock");
     let listen = format!("{}:7000", Topology::BACKUP_REPL_ADDR);
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     let key_s = key.display().to_string();
     let store_s = format!("file:{}", store.display());
+    // The backup keeps its default detection timeout: that is the figure to measure.
     let backup = match epoch_ms {
         Some(_) => {
             let args =
                 strings(&["backup", "--listen", &listen, "--key", &key_s, "--store", &store_s, "--net", "tap:tap0"]);
-            Some(spawn_in(
-                &topo.backup_ns(),
-                &args,
-                &dir.join(format!("backup-{}.log", epoch_ms.unwrap_or(0))),
-                "backup",
-            )?)
+            Some(spawn_in(&topo.backup_ns(), &args, &dir.join(format!("backup-{tag}.log")), "backup")?)
         }
         None => None,
     };
     let mut args = strings(&["run", "--net", "tap:tap0", "--api", &sock.display().to_string()]);
     if let Some(e) = epoch_ms {
-        args.extend(strings(&[
-            "--replicate-to",
-            &listen,
-            "--key",
-            &key_s,
-            "--store",
-            &store_s,
-            "--epoch-ms",
-            &e.to_string(),
-        ]));
-        args.extend(strings(&["--verify-every", &verify_every.to_string()]));
+        args.extend(strings(&["--replicate-to", &listen, "--key", &key_s, "--store", &store_s]));
+        args.extend(strings(&["--epoch-ms", &e.to_string(), "--verify-every", &verify_every.to_string()]));
     }
-    args.extend(strings(&["--", "sh", "-c", WORKLOAD]));
-    let mut primary = spawn_in(&topo.primary_ns(), &args, &log, "primary")?;
-    let start = wait_for_line(&log, "bench: start", Duration::from_secs(300), &mut primary)?;
-    let end = wait_for_line(&log, "bench: end", Duration::from_secs(300), &mut primary)?;
+    args.extend(strings(&["--", "sh", "-c", command]));
+    let primary = spawn_in(&topo.primary_ns(), &args, &log, "primary")?;
+    Ok(Pair { backup, primary, sock, log })
+}
+
+/// One configuration: boot, time the workload, measure latency, then (replicated) kill
+/// the primary and time the takeover.
+fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
+    let mut pair = start_pair(topo, dir, epoch_ms, verify_every, WORKLOAD)?;
+    let start = wait_for_line(&pair.log, "bench: start", Duration::from_secs(300), &mut pair.primary)?;
+    let end = wait_for_line(&pair.log, "bench: end", Duration::from_secs(300), &mut pair.primary)?;
     let mut figures = Figures { workload_s: (end - start).as_secs_f64(), ..Figures::default() };
     if epoch_ms.is_some() {
-        let status = crate::api::request(&sock, &crate::api::Command::Status)?.body;
+        let status = crate::api::request(&pair.sock, &crate::api::Command::Status)?.body;
         let c = &status["replication"]["checkpoints"];
         figures.pause_avg_ms = c["pause_avg_ms"].as_f64();
         figures.pause_max_ms = c["pause_max_ms"].as_f64();
@@ -156,15 +194,117 @@ fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, 
     }
     figures.latency_ms = in_namespace(&topo.client_ns(), move || latency(requests))?;
     if epoch_ms.is_some() {
-        let _ = primary.child.kill();
-        let _ = primary.child.wait();
-        let killed = Instant::now();
-        let answered = in_namespace(&topo.client_ns(), move || first_answer(Duration::from_secs(60)))?;
-        figures.failover_s = Some((answered - killed).as_secs_f64());
+        figures.takeover = Some(kill_and_time(topo, &mut pair)?);
     }
-    drop(backup);
-    drop(primary);
     Ok(figures)
+}
+
+/// A round that only kills: boot the counter replicated, wait until it is protected, kill.
+fn kill_once(topo: &Topology, dir: &Path, epoch_ms: u64) -> Result<Takeover> {
+    let mut pair = start_pair(topo, dir, Some(epoch_ms), 0, "exec /usr/share/ftvm/counter-httpd")?;
+    in_namespace(&topo.client_ns(), || first_answer(Duration::from_secs(300)).map(|_| ()))?;
+    kill_and_time(topo, &mut pair)
+}
+
+/// Wait until the primary is protected, SIGKILL it, and time the backup's takeover.
+fn kill_and_time(topo: &Topology, pair: &mut Pair) -> Result<Takeover> {
+    wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(60))?;
+    // The probe's thread is in the client's namespace before the kill; it starts at once.
+    let (killed_tx, killed_rx) = mpsc::channel();
+    let probe = in_namespace_spawn(&topo.client_ns(), move || {
+        let killed: Instant = killed_rx.recv().context("the kill never came")?;
+        probe(killed, Duration::from_secs(30))
+    })?;
+    let _ = pair.primary.child.kill();
+    let killed = Instant::now();
+    let _ = pair.primary.child.wait();
+    killed_tx.send(killed).context("the probe thread ended early")?;
+    let takeover = probe.join().map_err(|_| anyhow::anyhow!("the probe thread panicked"))??;
+    if let Some(backup) = &mut pair.backup {
+        let _ = backup.child.kill();
+        let _ = backup.child.wait();
+    }
+    Ok(takeover)
+}
+
+/// Wait until the primary reports that its backup holds everything it released.
+fn wait_protected(sock: &Path, primary: &mut Proc, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(reply) = crate::api::request(sock, &crate::api::Command::Status) {
+            if reply.body["replication"]["protected"] == true {
+                return Ok(());
+            }
+        }
+        if let Some(status) = primary.child.try_wait()? {
+            bail!("the primary exited ({status}) before its backup protected it");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the primary was not protected by its backup within {} s", limit.as_secs())
+}
+
+/// From `killed` on, a new connection every [`PROBE_EVERY`], each abandoned when not
+/// accepted within [`PROBE_ABANDON`]; the first accepted and the first answered.
+pub(crate) fn probe(killed: Instant, limit: Duration) -> Result<Takeover> {
+    let addr: SocketAddr = HTTP_ADDR.parse().expect("valid");
+    let (tx, rx) = mpsc::channel::<(Instant, bool)>();
+    let mut accepted: Option<Instant> = None;
+    let mut next = Instant::now();
+    while killed.elapsed() < limit {
+        if Instant::now() >= next {
+            next += PROBE_EVERY;
+            let tx = tx.clone();
+            std::thread::spawn(move || probe_once(addr, &tx));
+        }
+        while let Ok((at, answered)) = rx.try_recv() {
+            if at <= killed {
+                continue; // the old primary's answer, in flight at the kill
+            }
+            let accepted_at = *accepted.get_or_insert(at);
+            if answered {
+                let ms = |t: Instant| (t - killed).as_secs_f64() * 1e3;
+                return Ok(Takeover { accepted_ms: ms(accepted_at), answered_ms: ms(at) });
+            }
+        }
+        std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(2)));
+    }
+    bail!("the backup's guest did not answer within {} s of the kill", limit.as_secs())
+}
+
+/// One probe: report when the guest accepted the connection, then when it answered.
+fn probe_once(addr: SocketAddr, tx: &mpsc::Sender<(Instant, bool)>) {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, PROBE_ABANDON) else { return };
+    let _ = tx.send((Instant::now(), false));
+    let _ = stream.set_read_timeout(Some(PROBE_ANSWER));
+    let _ = stream.set_write_timeout(Some(PROBE_ANSWER));
+    if stream.write_all(b"GET /cgi-bin/peek HTTP/1.0\r\nHost: guest\r\n\r\n").is_err() {
+        return;
+    }
+    let mut response = Vec::new();
+    if stream.take(4096).read_to_end(&mut response).is_ok() && response.starts_with(b"HTTP/1.") {
+        let _ = tx.send((Instant::now(), true));
+    }
+}
+
+fn print_takeover(kills: &[Takeover]) {
+    if kills.is_empty() {
+        return;
+    }
+    let spread = |f: &dyn Fn(&Takeover) -> f64| {
+        let mut v: Vec<f64> = kills.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        format!("min {:6.0}  median {:6.0}  max {:6.0}", v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    println!();
+    println!(
+        "takeover over {} kills (SIGKILL -> the backup's guest; a new connection every {} ms, abandoned after {} ms unaccepted; the backup's default detection timeout):",
+        kills.len(),
+        PROBE_EVERY.as_millis(),
+        PROBE_ABANDON.as_millis()
+    );
+    println!("  first connection accepted  ms: {}", spread(&|t| t.accepted_ms));
+    println!("  first request answered     ms: {}", spread(&|t| t.answered_ms));
 }
 
 /// Wait until `needle` appears in the log; the moment it was seen.
@@ -186,13 +326,20 @@ fn wait_for_line(log: &Path, needle: &str, limit: Duration, primary: &mut Proc) 
 
 /// Run `f` on a thread inside namespace `ns` (setns changes only that thread).
 fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    in_namespace_spawn(ns, f)?.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// Start `f` on a thread inside namespace `ns`; join it for the result.
+pub(crate) fn in_namespace_spawn<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<T>>> {
     let netns =
         std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("cannot open namespace {ns}"))?;
-    let handle = std::thread::spawn(move || -> Result<T> {
+    Ok(std::thread::spawn(move || -> Result<T> {
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("cannot enter the client namespace")?;
         f()
-    });
-    handle.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+    }))
 }
 
 /// Median latency of `n` sequential requests, in ms (after the service answers once).
@@ -227,11 +374,11 @@ fn print_table(rows: &[(String, Figures)]) {
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     println!(
         "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}",
-        "config", "workload_s", "normalized", "pause_avg", "pause_max", "link", "latency", "added", "failover"
+        "config", "workload_s", "normalized", "pause_avg", "pause_max", "link", "latency", "added", "takeover"
     );
     println!(
         "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}",
-        "", "", "perf", "ms", "ms", "MB/s", "ms (p50)", "ms", "s"
+        "", "", "perf", "ms", "ms", "MB/s", "ms (p50)", "ms", "ms"
     );
     for (name, f) in rows {
         println!(
@@ -244,7 +391,7 @@ fn print_table(rows: &[(String, Figures)]) {
             opt(f.link_mb_s, 1),
             f.latency_ms,
             f.latency_ms - base.latency_ms,
-            opt(f.failover_s, 2)
+            opt(f.takeover.map(|t| t.answered_ms), 0)
         );
     }
 }
