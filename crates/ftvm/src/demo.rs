@@ -4,7 +4,9 @@
 //! a client by a bridge; the guest serves an HTTP counter kept in its memory. The
 //! client counts; midway the primary is killed with SIGKILL; the backup takes over
 //! from the last checkpoint the primary's outputs depended on, announces the guest's
-//! MAC, and the client carries on — the counter never going backwards.
+//! MAC, and the client carries on — the counter never going backwards. Every verdict
+//! but one comes from the client's answers and the replicas' typed status (`ctl status`);
+//! a failed digest check is read from the backup's log until its status counts them.
 
 use crate::netns::Topology;
 use anyhow::{bail, Context, Result};
@@ -18,6 +20,8 @@ use std::time::{Duration, Instant};
 pub(crate) const HTTP_ADDR: &str = "10.0.2.15:80";
 const SESSION_ADDR: &str = "10.0.2.15:7001";
 const REPLICATION_PORT: u16 = 7000;
+/// The backup's detection timeout in a partition: well beyond the primary's 450 ms.
+const PARTITION_FAILOVER_TIMEOUT_MS: u64 = 1000;
 
 /// Run the replication demo (needs root: it creates network namespaces).
 #[derive(clap::Args, Debug)]
@@ -32,10 +36,15 @@ pub struct DemoArgs {
     #[arg(long, value_name = "MS", default_value_t = 25)]
     pub epoch_ms: u64,
     /// Instead of killing the primary, cut the replication link both ways: exactly one
-    /// side must stay live (it swapped the ownership generation first), and the backup must catch up once the
-    /// link is back
+    /// side must stay live (the primary, which swaps the ownership generation forward
+    /// before it serves unprotected), and the backup must catch up once the link is back
     #[arg(long)]
     pub partition: bool,
+    /// The backup's detection timeout [default: the backup's own; 1000 with --partition,
+    /// longer than the primary needs to give up on a lost backup (250 ms of silence plus
+    /// 200 ms of grace), so that a partition leaves the primary live and the backup stale]
+    #[arg(long, value_name = "MS")]
+    pub failover_timeout_ms: Option<u64>,
     /// Keep the logs of both replicas in this directory [default: a temporary one]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
@@ -200,10 +209,12 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         v
     };
     let listen = format!("{}:{REPLICATION_PORT}", Topology::BACKUP_REPL_ADDR);
-    // Slower to suspect the primary than the primary is to give up on a lost backup
-    // (250 ms of silence plus 200 ms of grace): a cut link then leaves the primary live
-    // and the backup stale.
-    let backup_args = common(&["backup", "--listen", &listen, "--failover-timeout-ms", "1000"]);
+    let backup_sock = dir.join("backup.sock").display().to_string();
+    let mut backup_args = common(&["backup", "--listen", &listen, "--api", &backup_sock]);
+    let timeout = args.failover_timeout_ms.or(args.partition.then_some(PARTITION_FAILOVER_TIMEOUT_MS));
+    if let Some(ms) = timeout {
+        backup_args.extend(["--failover-timeout-ms".into(), ms.to_string()]);
+    }
     let backup = spawn_in(&topo.backup_ns(), &backup_args, &dir.join("backup.log"), "backup")?;
     println!("ftvm demo: backup waiting on {listen} (log: {})", dir.join("backup.log").display());
     let mut primary_args = common(&["run", "--replicate-to", &listen, "--epoch-ms"]);
@@ -258,8 +269,16 @@ struct Summary {
     session_broken: Option<String>,
     answers_after_fault: u64,
     takeover: Option<Duration>,
+    /// Kill mode: the takeover as a probe saw it (a new connection every 10 ms, each
+    /// abandoned after 50 ms), free of the client's TCP retransmission timers.
+    probe: Option<crate::bench_cmd::Takeover>,
+    /// Kill mode: the generation the backup took the VM over with (its status says).
+    took_over: Option<u64>,
     /// Partition mode: the backup took over although the primary was alive.
     backup_went_live: bool,
+    /// Partition mode: at the end of the cut the primary said it was unprotected and the
+    /// backup that its state was stale (so it could not go live).
+    cut_seen: bool,
     /// Partition mode: the backup caught up after the link came back.
     resynchronized: bool,
     /// The backup found a checkpoint whose digest check failed.
@@ -274,8 +293,8 @@ impl Summary {
             && self.session_answers_after_fault > 0
             && self.answers_after_fault > 0;
         match self.partition {
-            false => common && self.takeover.is_some(),
-            true => common && !self.backup_went_live && self.resynchronized,
+            false => common && self.takeover.is_some() && self.took_over.is_some(),
+            true => common && !self.backup_went_live && self.cut_seen && self.resynchronized,
         }
     }
 
@@ -304,6 +323,12 @@ impl Summary {
             } else {
                 "  exactly one side stayed live: the primary (it swapped the ownership generation first)".into()
             });
+            lines.push(if self.cut_seen {
+                "  during the cut the primary ran unprotected and the backup knew its state was stale".into()
+            } else {
+                "  FAILED: during the cut the primary did not say it was unprotected, or the backup that it was stale"
+                    .into()
+            });
             lines.push(if self.resynchronized {
                 "  the backup caught up once the link was back".into()
             } else {
@@ -311,10 +336,21 @@ impl Summary {
             });
         } else {
             lines.push(match self.takeover {
-                Some(t) => {
-                    format!("  takeover: {:.2} s from SIGKILL to the first answer from the backup", t.as_secs_f64())
-                }
+                Some(t) => format!(
+                    "  the client's next answer came {:.2} s after SIGKILL (its requests in flight wait for TCP's retransmissions)",
+                    t.as_secs_f64()
+                ),
                 None => "  FAILED: the backup never answered".into(),
+            });
+            if let Some(p) = &self.probe {
+                lines.push(format!(
+                    "  takeover: the backup's guest accepted a new connection {:.0} ms after SIGKILL and answered one {:.0} ms after",
+                    p.accepted_ms, p.answered_ms
+                ));
+            }
+            lines.push(match self.took_over {
+                Some(g) => format!("  the backup took the VM over as generation {g}"),
+                None => "  FAILED: the backup's status does not say it took the VM over".into(),
             });
         }
         lines.push(format!("ftvm demo: {}", if self.passed() { "PASSED" } else { "FAILED" }));
@@ -331,10 +367,12 @@ fn drive(
     dir: &Path,
 ) -> Result<Summary> {
     let mut summary = Summary { partition: args.partition, ..Summary::default() };
+    let (primary_api, backup_api) = (dir.join("primary.sock"), dir.join("backup.sock"));
     let boot_deadline = Instant::now() + Duration::from_secs(300);
     let mut first_answer: Option<Instant> = None;
     let mut fault_at: Option<Instant> = None;
     let mut last_print = Instant::now();
+    let mut probe = None;
     loop {
         if let Some(status) = primary.child.try_wait().ok().flatten() {
             if fault_at.is_none() || args.partition {
@@ -409,11 +447,21 @@ fn drive(
                         primary.child.id(),
                         summary.last
                     );
+                    let (killed_tx, killed_rx) = mpsc::channel();
+                    probe = Some(crate::bench_cmd::in_namespace_spawn(&topo.client_ns(), move || {
+                        let killed: Instant = killed_rx.recv().context("the kill never came")?;
+                        crate::bench_cmd::probe(killed, Duration::from_secs(30))
+                    })?);
                     let _ = primary.child.kill();
+                    let _ = killed_tx.send(Instant::now());
                     let _ = primary.child.wait();
                 }
                 fault_at = Some(Instant::now());
             }
+        }
+        if let (Some(_), true) = (fault_at, args.partition) {
+            // Exactly one side live: the backup must never serve the VM during the cut.
+            summary.backup_went_live |= status(&backup_api).is_some_and(|s| s["role"] == "primary");
         }
         if let Some(fault) = fault_at {
             let enough = fault.elapsed() >= Duration::from_secs(args.after_kill_s);
@@ -425,26 +473,33 @@ fn drive(
             }
         }
     }
+    // The backup's status does not count failed digest checks yet: its log says each one.
     summary.diverged = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("diverged");
     if args.partition {
-        summary.backup_went_live =
-            std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("taking over");
+        let primary_unprotected = status(&primary_api).is_some_and(|s| s["replication"]["protected"] == false);
+        let backup_stale = status(&backup_api).is_some_and(|s| s["role"] == "backup" && s["stale"] == true);
+        summary.cut_seen = primary_unprotected && backup_stale;
         println!("ftvm demo: restoring the replication link");
         topo.set_replication_link(true)?;
-        summary.resynchronized = wait_for_backup(&dir.join("primary.sock"), Duration::from_secs(30));
+        summary.resynchronized = wait_for_protection(&primary_api, Duration::from_secs(30));
+    } else {
+        summary.took_over = status(&backup_api).and_then(|s| s["took_over"]["generation"].as_u64());
+        summary.probe = probe.and_then(|p| p.join().ok()).and_then(|r| r.ok());
     }
     Ok(summary)
 }
 
-/// Wait until the primary reports a connected backup that acknowledges checkpoints.
-fn wait_for_backup(api: &Path, limit: Duration) -> bool {
+/// A replica's status (`ctl status`), None when it does not answer.
+fn status(api: &Path) -> Option<serde_json::Value> {
+    crate::api::request(api, &crate::api::Command::Status).ok().filter(|r| r.status == 200).map(|r| r.body)
+}
+
+/// Wait until the primary reports that its backup holds everything it released again.
+fn wait_for_protection(api: &Path, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(reply) = crate::api::request(api, &crate::api::Command::Status) {
-            let r = &reply.body["replication"];
-            if r["backup_connected"] == true && r["lag_epochs"].as_u64().is_some_and(|lag| lag < 10) {
-                return true;
-            }
+        if status(api).is_some_and(|s| s["replication"]["protected"] == true) {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
