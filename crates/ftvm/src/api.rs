@@ -13,7 +13,6 @@
 //! Requests reach the VM's driver as [`HostEvent::Control`] and are answered between
 //! two run slices, so a reply always describes a consistent machine.
 
-use crate::host::HostEvent;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -23,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
+use vmm::host::HostEvent;
 
 /// Limits on what a client may send.
 const MAX_HEADER_BYTES: usize = 8 * 1024;
@@ -31,39 +31,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What a client asks of the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Status,
-    Pause,
-    Resume,
-    Snapshot { path: PathBuf },
-    Stop,
-}
-
-/// An HTTP status and a JSON body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reply {
-    pub status: u16,
-    pub body: Value,
-}
-
-impl Reply {
-    pub fn ok(body: Value) -> Reply {
-        Reply { status: 200, body }
-    }
-
-    pub fn error(status: u16, message: impl Into<String>) -> Reply {
-        Reply { status, body: json!({ "error": message.into() }) }
-    }
-}
-
-/// A request on its way to the driver, with the channel for its answer.
-#[derive(Debug)]
-pub struct ControlRequest {
-    pub command: Command,
-    pub reply: Sender<Reply>,
-}
+pub use vmm::control::{Command, ControlRequest, Reply};
 
 /// The listening socket; removed when dropped, once the answers being written (say,
 /// to the `stop` that ends the VM) have gone out.

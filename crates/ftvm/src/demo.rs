@@ -193,7 +193,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key = dir.join("key");
-    std::fs::write(&key, crate::host::entropy(32)?.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+    std::fs::write(&key, vmm::host::entropy(32)?.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
     let store = dir.join("store");
     let _ = std::fs::remove_dir_all(&store);
 

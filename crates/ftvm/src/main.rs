@@ -2,16 +2,14 @@
 //! Each subcommand lives in its own module; this file only dispatches.
 
 mod api;
+mod backup_cmd;
 mod bench_cmd;
 mod ctl_cmd;
 mod demo;
-mod driver;
 mod guest_image;
-mod host;
 mod model_cmd;
 mod netns;
-mod pacer;
-mod replicate;
+mod replication_args;
 mod run_cmd;
 mod snapshot_cmd;
 
@@ -34,7 +32,7 @@ enum Command {
     /// Boot a VM: the console on the terminal, or run one command in the guest
     Run(run_cmd::RunArgs),
     /// Wait for a primary's checkpoints and take its VM over when it fails
-    Backup(replicate::backup::BackupArgs),
+    Backup(backup_cmd::BackupArgs),
     /// Show replication and failover live: kill a primary, watch the backup take over (root)
     Demo(demo::DemoArgs),
     /// Talk to a running VM through its control API socket (--api)
@@ -54,7 +52,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run(args) => run_cmd::run(args),
         Command::Ctl(args) => ctl_cmd::run(args),
-        Command::Backup(args) => replicate::backup::run(args),
+        Command::Backup(args) => backup_cmd::run(args),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(kind) => bench_cmd::run(kind),

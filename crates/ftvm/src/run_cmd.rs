@@ -1,15 +1,15 @@
 //! `ftvm run`: boot a VM with the console on the terminal, or run one command in the
 //! guest and exit with its status.
 
-use crate::driver::{Clock, ConsoleSink, Driver, Outcome};
 use crate::guest_image;
-use crate::host::{console, tap::Tap};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use machine::{DiskConfig, Machine, MachineConfig};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
+use vmm::driver::{ConsoleSink, Driver, Outcome};
+use vmm::host::{console, tap::Tap};
 
 /// The options that define a VM and attach it to the host: shared by `run`, `backup`
 /// and `restore`, so that every replica of a VM is described the same way.
@@ -44,7 +44,7 @@ pub struct VmArgs {
     pub api: Option<PathBuf>,
     /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
     #[arg(long, value_enum, default_value = "realtime")]
-    pub clock: Clock,
+    pub clock: ClockArg,
     /// Print the final state digest (to stderr)
     #[arg(long)]
     pub digest: bool,
@@ -65,7 +65,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
-    pub replication: crate::replicate::primary::ReplicationArgs,
+    pub replication: crate::replication_args::ReplicationArgs,
     /// Show the console up to the command's start in command mode (kernel messages
     /// and the guest's `ftvm: userspace up` line)
     #[arg(long)]
@@ -73,6 +73,24 @@ pub struct RunArgs {
     /// Command to run in the guest (after --)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `--clock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClockArg {
+    /// Guest time follows the wall clock when the guest idles.
+    Realtime,
+    /// Idle time is skipped at once.
+    Fast,
+}
+
+impl From<ClockArg> for vmm::driver::Clock {
+    fn from(clock: ClockArg) -> Self {
+        match clock {
+            ClockArg::Realtime => vmm::driver::Clock::Realtime,
+            ClockArg::Fast => vmm::driver::Clock::Fast,
+        }
+    }
 }
 
 /// Parse a size with an optional K/M/G suffix (powers of 1024).
@@ -247,7 +265,7 @@ pub fn open_tap(vm: &VmArgs) -> Result<Option<Tap>> {
 }
 
 /// Saves snapshots in the machine crate's format.
-pub fn snapshotter() -> crate::driver::Snapshotter {
+pub fn snapshotter() -> vmm::driver::Snapshotter {
     Box::new(|machine, path| Ok(machine::snapshot::save_to_path(machine, path)?.file_bytes()))
 }
 
@@ -259,18 +277,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let (tx, rx) = std::sync::mpsc::channel();
     let replicated = args.replication.replicate_to.is_some();
     if let (true, Some(key)) = (replicated, &args.replication.key) {
-        crate::replicate::load_key(key)?; // a bad key is refused before the record is touched
+        vmm::replicate::load_key(key)?; // a bad key is refused before the record is touched
     }
     let role = if replicated { "primary" } else { "vm" };
-    let mut ownership = crate::replicate::Ownership::open(&args.replication.ownership, &config, role)?;
+    let mut ownership = vmm::replicate::Ownership::open(&args.replication.ownership.spec(), &config, role)?;
     if let Some(ownership) = &mut ownership {
         ownership.claim_for_start()?;
     }
-    let mut driver = Driver::new(machine, rx, vm.clock);
+    let mut driver = Driver::new(machine, rx, vm.clock.into());
     if replicated {
         let ownership = ownership.take().context("--replicate-to needs --store")?;
         driver.replication =
-            Some(crate::replicate::primary::from_args(&args.replication, &config, ownership, tx.clone())?);
+            Some(crate::replication_args::from_args(&args.replication, &config, ownership, tx.clone())?);
         driver.role = "primary";
     }
     run_owned(driver, vm, tap, tx, ownership, &args.command, args.boot_log)
@@ -282,8 +300,8 @@ pub fn run_owned(
     driver: Driver,
     vm: &VmArgs,
     tap: Option<Tap>,
-    tx: std::sync::mpsc::Sender<crate::host::HostEvent>,
-    ownership: Option<crate::replicate::Ownership>,
+    tx: std::sync::mpsc::Sender<vmm::host::HostEvent>,
+    ownership: Option<vmm::replicate::Ownership>,
     command: &[String],
     boot_log: bool,
 ) -> Result<i32> {
@@ -302,7 +320,7 @@ pub fn run_driver(
     mut driver: Driver,
     vm: &VmArgs,
     tap: Option<Tap>,
-    tx: std::sync::mpsc::Sender<crate::host::HostEvent>,
+    tx: std::sync::mpsc::Sender<vmm::host::HostEvent>,
     command: &[String],
     boot_log: bool,
 ) -> Result<i32> {

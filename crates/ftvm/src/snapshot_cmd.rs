@@ -2,10 +2,10 @@
 //! (continue a VM from a snapshot file, with the same device options as `run`).
 
 use crate::api::{self, Command};
-use crate::driver::Driver;
 use crate::run_cmd::{machine_config, open_tap, run_driver, VmArgs};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use vmm::driver::Driver;
 
 /// Save the whole state of a running VM to a file, through its control API.
 #[derive(clap::Args, Debug)]
@@ -72,6 +72,6 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     let machine = machine::snapshot::load_from_path(&args.file, &config)?;
     eprintln!("ftvm: restored {} at icount {}", args.file.display(), machine.icount());
     let (tx, rx) = std::sync::mpsc::channel();
-    let driver = Driver::new(machine, rx, args.vm.clock);
+    let driver = Driver::new(machine, rx, args.vm.clock.into());
     run_driver(driver, &args.vm, tap, tx, &[], false)
 }

@@ -124,6 +124,7 @@
 pub mod messages;
 pub mod output_commit;
 pub mod protocol;
+pub mod schedule;
 pub mod wire;
 
 pub use messages::{CheckpointId, ConfigDigest, Message, MessageError, Role, PROTOCOL_VERSION};
@@ -132,4 +133,5 @@ pub use protocol::{
     Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, BackupStatus, CheckpointKind, ConnId, Primary,
     PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection, ProtocolError, RecordView, SwapAnswer,
 };
+pub use schedule::{CheckpointSchedule, ScheduleConfig, SliceAction};
 pub use wire::{Decoder, Encoder, Frame, KeyError, Nonce, PresharedKey, WireError};

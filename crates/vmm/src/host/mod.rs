@@ -14,7 +14,7 @@ pub enum HostEvent {
     Quit,
     NetFrame(Vec<u8>),
     /// A request from the control API.
-    Control(crate::api::ControlRequest),
+    Control(crate::control::ControlRequest),
     /// Output commit: the backup holds every epoch up to this one.
     Released {
         up_to_epoch: u64,

@@ -8,19 +8,15 @@
 //! the protocol core decides which one is the primary's, and a stranger's connection can
 //! neither close the primary's nor count as a sign of its life.
 
-use super::{load_key, nonce, now_ms, resolve, Ownership, OwnershipArgs};
-use crate::driver::Driver;
-use crate::host::announce::spawn_announcer;
-use crate::host::HostEvent;
-use crate::run_cmd::{machine_config, open_tap, VmArgs};
-use anyhow::{Context, Result};
+use super::{nonce, now_ms, Ownership};
+use crate::control::{Command, ControlRequest, Reply};
+use anyhow::Result;
 use machine::Machine;
-use replica::{Backup, BackupAction, BackupConfig, BackupEvent, ConnId};
+use replica::{Backup, BackupAction, BackupConfig, BackupEvent, ConnId, PresharedKey};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 const TICK: Duration = Duration::from_millis(5);
@@ -33,31 +29,26 @@ const MAX_OPEN_CONNECTIONS: usize = 64;
 /// After accept fails (descriptors exhausted, say), wait this long before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Wait for a primary (`ftvm run --replicate-to`), keep its last whole checkpoint, and
-/// take the VM over when the primary stops being heard.
-#[derive(clap::Args, Debug)]
-#[command(
-    after_help = "Example:\n  ftvm backup --listen 0.0.0.0:7000 --key k --store file:/shared/ftvm --net tap:tap0\n\n\
-Exit status: the VM's own exit status when it ended on the primary (the backup never takes\n\
-over an ended VM); otherwise as `ftvm run` after a takeover; 0 when stopped through the API."
-)]
-pub struct BackupArgs {
-    #[command(flatten)]
-    pub vm: VmArgs,
-    /// Address to listen on for the primary
-    #[arg(long, value_name = "HOST:PORT")]
-    pub listen: String,
-    /// File holding the pre-shared key (the same as the primary's)
-    #[arg(long, value_name = "FILE")]
-    pub key: PathBuf,
-    #[command(flatten)]
-    pub ownership: OwnershipArgs,
-    /// Silence from the primary (authenticated frames only) after which this backup takes over
-    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+/// What a backup needs to wait for its primary.
+pub struct BackupOptions {
+    /// Bound already, so that a busy port is the caller's error, at start.
+    pub listener: TcpListener,
+    pub key: PresharedKey,
+    /// What the handshake checks ([`super::replication_digest`]).
+    pub config_digest: replica::ConfigDigest,
     pub failover_timeout_ms: u64,
-    /// Heartbeat interval on the replication link
-    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub heartbeat_ms: u64,
+}
+
+/// How the waiting ended.
+pub enum Ending {
+    /// The VM ended on the primary with this exit code: the backup stands down.
+    Exit(u32),
+    /// Stopped through the control API.
+    Stopped,
+    /// This replica owns the VM now (at `generation`): run `machine`, which holds the
+    /// checkpoint of `epoch`, as the new primary.
+    GoLive { machine: Box<Machine>, epoch: u64, generation: u64 },
 }
 
 enum ToBackup {
@@ -74,13 +65,12 @@ enum ToBackup {
     Closed {
         conn: ConnId,
     },
-    Control(crate::api::ControlRequest),
+    Control(ControlRequest),
 }
 
 /// Answer the control API while this replica is a backup: it holds a checkpoint and
 /// does not run, so only status and stop apply.
-fn answer_as_backup(request: crate::api::ControlRequest, backup: &Backup, machine: &MachineThread) -> bool {
-    use crate::api::{Command, Reply};
+fn answer_as_backup(request: ControlRequest, backup: &Backup, machine: &MachineThread) -> bool {
     let (reply, stop) = match request.command {
         Command::Status => {
             let s = backup.status();
@@ -181,42 +171,32 @@ impl Connections {
     }
 }
 
-pub fn run(args: BackupArgs) -> Result<i32> {
-    let config = machine_config(&args.vm, &[])?;
-    // Attached now and kept: a TAP attached only at takeover may not forward at once.
-    let tap = open_tap(&args.vm)?;
-    let machine = Machine::new(&config)?;
-    let key = load_key(&args.key)?;
-    let mut ownership = Ownership::open(&args.ownership, &config, "backup")?
-        .context("ftvm backup needs --store (the ownership store the primary uses)")?;
-    let digest = super::replication_digest(&config, &ownership.vm_id);
-    let addr = resolve(&args.listen)?;
-    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+/// Wait for a primary (`ftvm run --replicate-to`), keep its last whole checkpoint, and
+/// take the VM over when the primary stops being heard. Control requests (status, stop)
+/// are answered as a backup meanwhile.
+pub fn wait(
+    options: BackupOptions,
+    machine: Machine,
+    ownership: &mut Ownership,
+    control: Receiver<ControlRequest>,
+) -> Result<Ending> {
     let disk_bytes = machine.disk_sectors().unwrap_or(0) * 512;
-    let mut backup_config = BackupConfig::new(key, digest, config.ram_size + disk_bytes + CHECKPOINT_SLACK_BYTES);
-    backup_config.failover_timeout_ms = args.failover_timeout_ms;
-    backup_config.heartbeat_interval_ms = args.heartbeat_ms;
+    let limit = machine.ram().page_count() as u64 * 4096 + disk_bytes + CHECKPOINT_SLACK_BYTES;
+    let mut backup_config = BackupConfig::new(options.key, options.config_digest, limit);
+    backup_config.failover_timeout_ms = options.failover_timeout_ms;
+    backup_config.heartbeat_interval_ms = options.heartbeat_ms;
     let mut backup = Backup::new(backup_config, now_ms());
     let (tx, rx) = mpsc::channel();
-    spawn_acceptor(listener, tx.clone());
+    spawn_acceptor(options.listener, tx.clone());
     let mut machine = MachineThread::start(machine, tx.clone());
-    // The API answers as a backup now, and as the live VM after a takeover.
-    let (api_tx, api_rx) = mpsc::channel::<HostEvent>();
-    let api_server = match &args.vm.api {
-        Some(path) => Some(crate::api::serve(path, api_tx.clone())?),
-        None => None,
-    };
     let forward = tx.clone();
     std::thread::spawn(move || {
-        for event in api_rx {
-            if let HostEvent::Control(request) = event {
-                if forward.send(ToBackup::Control(request)).is_err() {
-                    return;
-                }
+        for request in control {
+            if forward.send(ToBackup::Control(request)).is_err() {
+                return;
             }
         }
     });
-    eprintln!("ftvm backup: waiting for a primary on {addr} (VM {})", ownership.vm_id);
 
     let mut conns = Connections { streams: HashMap::new(), next_id: 0, primary: None };
     let mut last_report = Instant::now();
@@ -252,8 +232,7 @@ pub fn run(args: BackupArgs) -> Result<i32> {
                 }
                 Ok(ToBackup::Control(request)) => {
                     if answer_as_backup(request, &backup, &machine) {
-                        eprintln!("ftvm backup: stopped through the control API");
-                        return Ok(0);
+                        return Ok(Ending::Stopped);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -261,8 +240,8 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             }
             // Handle what the last message led to before taking the next one (an apply
             // may take a while; the queue keeps meanwhile).
-            if let Some(code) = carry_out(&mut backup, &mut conns, &mut machine, &mut ownership, &mut actions)? {
-                return finish(code, machine, &args, tap, ownership, api_server);
+            if let Some(ending) = carry_out(&mut backup, &mut conns, &mut machine, ownership, &mut actions)? {
+                return finish(ending, machine);
             }
             message = match rx.try_recv() {
                 Ok(m) => Ok(m),
@@ -271,8 +250,8 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             };
         }
         actions.extend(backup.step(BackupEvent::Tick { now_ms: now_ms() }));
-        if let Some(code) = carry_out(&mut backup, &mut conns, &mut machine, &mut ownership, &mut actions)? {
-            return finish(code, machine, &args, tap, ownership, api_server);
+        if let Some(ending) = carry_out(&mut backup, &mut conns, &mut machine, ownership, &mut actions)? {
+            return finish(ending, machine);
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
@@ -290,31 +269,19 @@ pub fn run(args: BackupArgs) -> Result<i32> {
     }
 }
 
-/// What ends the waiting: the VM ended on the primary (exit with its code), or this
-/// replica owns the VM now.
-enum Ending {
+/// What ends the waiting, as the core decided it.
+enum Decided {
     Exit(u32),
     GoLive { epoch: u64, generation: u64 },
 }
 
-fn finish(
-    ending: Ending,
-    machine: MachineThread,
-    args: &BackupArgs,
-    tap: Option<crate::host::tap::Tap>,
-    ownership: Ownership,
-    api_server: Option<crate::api::ApiServer>,
-) -> Result<i32> {
-    match ending {
-        Ending::Exit(code) => {
-            eprintln!("ftvm backup: the VM ended on the primary with exit status {code}; this backup stands down");
-            Ok(code as i32)
+fn finish(decided: Decided, machine: MachineThread) -> Result<Ending> {
+    Ok(match decided {
+        Decided::Exit(code) => Ending::Exit(code),
+        Decided::GoLive { epoch, generation } => {
+            Ending::GoLive { machine: Box::new(machine.give_back()?), epoch, generation }
         }
-        Ending::GoLive { epoch, generation } => {
-            drop(api_server); // the live VM serves the API from here on
-            go_live(machine.give_back()?, args, tap, ownership, epoch, generation)
-        }
-    }
+    })
 }
 
 fn accept(
@@ -345,7 +312,7 @@ fn carry_out(
     machine: &mut MachineThread,
     ownership: &mut Ownership,
     actions: &mut Vec<BackupAction>,
-) -> Result<Option<Ending>> {
+) -> Result<Option<Decided>> {
     let mut queue: std::collections::VecDeque<BackupAction> = std::mem::take(actions).into();
     while let Some(action) = queue.pop_front() {
         match action {
@@ -380,37 +347,17 @@ fn carry_out(
                 for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
                     conns.close(conn);
                 }
-                return Ok(Some(Ending::GoLive { epoch, generation }));
+                return Ok(Some(Decided::GoLive { epoch, generation }));
             }
             BackupAction::Exit { exit_code } => {
                 for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
                     conns.close(conn);
                 }
-                return Ok(Some(Ending::Exit(exit_code)));
+                return Ok(Some(Decided::Exit(exit_code)));
             }
         }
     }
     Ok(None)
-}
-
-/// Run the VM from the checkpoint the machine holds, as the new primary.
-fn go_live(
-    machine: Machine,
-    args: &BackupArgs,
-    tap: Option<crate::host::tap::Tap>,
-    ownership: Ownership,
-    epoch: u64,
-    generation: u64,
-) -> Result<i32> {
-    if let Some(tap) = &tap {
-        tap.discard_pending().context("cannot empty the TAP device's queue")?;
-        spawn_announcer(tap.clone_handle()?, args.vm.mac);
-    }
-    let (tx, rx) = mpsc::channel();
-    let mut driver = Driver::new(machine, rx, args.vm.clock);
-    driver.role = "primary";
-    driver.took_over = Some(serde_json::json!({ "epoch": epoch, "generation": generation }));
-    crate::run_cmd::run_owned(driver, &args.vm, tap, tx, Some(ownership), &[], false)
 }
 
 fn spawn_acceptor(listener: TcpListener, tx: Sender<ToBackup>) {

@@ -10,7 +10,7 @@
 //! the clock is `Fast`, which skips idle time at once and paces nothing (for tests and
 //! benchmarks without outside peers).
 
-use crate::api::{Command, ControlRequest, Reply};
+use crate::control::{Command, ControlRequest, Reply};
 use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
 use anyhow::{Context, Result};
@@ -24,20 +24,15 @@ use std::time::{Duration, Instant};
 const SLICE_ICOUNT: u64 = 2_000_000;
 /// Shorter slices while replicating, so that epochs end close to their time.
 const REPLICATING_SLICE_ICOUNT: u64 = 250_000;
-/// The shortest epoch: a guest that idles with outputs waiting ends its epoch early
-/// (so that output commit does not wait for the full epoch), but not sooner than this.
-const MIN_EPOCH: Duration = Duration::from_millis(2);
 /// Pages a full checkpoint's pre-copy scans per run slice, while the guest runs.
 const PRECOPY_PAGES_PER_SLICE: usize = 8192;
-/// Outputs held for output commit beyond which the guest waits for acknowledgements.
-const MAX_HELD_OUTPUTS: usize = 65_536;
 /// Bytes of entropy handed to the guest's RNG device per request.
 const ENTROPY_CHUNK: usize = 64;
 /// How long the end of a replicated VM may take to settle (the protocol's own timeouts are
 /// far shorter; this only guards against a replication thread that died).
 const END_WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Clock {
     /// Guest time follows the wall clock when the guest idles.
     Realtime,
@@ -101,18 +96,13 @@ pub struct Driver {
     pacer: crate::pacer::Pacer,
 }
 
-/// The primary's side of checkpoint replication in the driver: epochs, checkpoints,
-/// and the outputs held for output commit.
+/// The primary's side of checkpoint replication in the driver: the schedule (epochs, the
+/// kind of each checkpoint, pre-copy, held outputs) is replica's pure policy; this applies
+/// its decisions to the machine and hands checkpoints to the replication thread.
 pub struct Replication {
     pub handle: crate::replicate::primary::PrimaryHandle,
-    pub epoch_ms: u64,
-    /// The epoch of the last checkpoint taken (0: none yet).
-    epoch: u64,
-    last_epoch_at: Instant,
-    held: replica::OutputBuffer<machine::Output>,
+    schedule: replica::CheckpointSchedule<machine::Output>,
     last: Option<CheckpointStats>,
-    /// The running epoch has produced outputs (which wait for its checkpoint).
-    outputs_this_epoch: bool,
     /// Totals since the start, for `status` and benchmarks.
     totals: CheckpointTotals,
     /// A full checkpoint being copied while the guest runs.
@@ -132,15 +122,16 @@ struct CheckpointTotals {
 }
 
 impl Replication {
+    /// The schedule's clock: milliseconds since replication started.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
         Replication {
             handle,
-            epoch_ms,
-            epoch: 0,
-            last_epoch_at: Instant::now(),
-            held: replica::OutputBuffer::new(usize::MAX),
+            schedule: replica::CheckpointSchedule::new(replica::ScheduleConfig::new(epoch_ms), 0),
             last: None,
-            outputs_this_epoch: false,
             totals: CheckpointTotals::default(),
             started: Instant::now(),
             precopy: None,
@@ -289,43 +280,35 @@ impl Driver {
         Ok(None)
     }
 
-    /// Take a checkpoint when the epoch is over — or early, when the guest idles with
-    /// outputs waiting for it — and hand it to the replication thread.
+    /// At the end of a run slice, do what the schedule says: nothing, pre-copy a full
+    /// checkpoint, or take the checkpoint that ends the epoch and hand it over.
     fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink, idle: bool) -> Result<()> {
         let _ = console;
         let Some(r) = &mut self.replication else { return Ok(()) };
-        let next_kind = r.handle.shared.lock().expect("not poisoned").next_kind;
-        let started = Instant::now();
-        // A full checkpoint is pre-copied over many slices while the guest runs; outputs
-        // meanwhile stay held (they belong to the epoch the full checkpoint will close).
-        let full_payload = if let Some(precopy) = &mut r.precopy {
-            if next_kind != replica::CheckpointKind::Full {
-                r.precopy = None; // the backup went away: nothing to copy for
-                return Ok(());
-            }
-            if !precopy.step(&self.machine, PRECOPY_PAGES_PER_SLICE) {
-                return Ok(());
-            }
-            let precopy = r.precopy.take().expect("checked above");
-            let started = Instant::now();
-            Some((precopy.finish(&mut self.machine).context("cannot take a checkpoint")?, started))
-        } else {
-            let elapsed = r.last_epoch_at.elapsed();
-            let early = idle && r.outputs_this_epoch && elapsed >= MIN_EPOCH;
-            if elapsed < Duration::from_millis(r.epoch_ms) && !early {
-                return Ok(());
-            }
-            if next_kind == replica::CheckpointKind::Full {
+        let wanted = r.handle.shared.lock().expect("not poisoned").next_kind;
+        let now_ms = r.now_ms();
+        match r.schedule.on_slice_end(now_ms, idle, wanted) {
+            replica::SliceAction::Continue => Ok(()),
+            replica::SliceAction::StartPrecopy => {
                 r.precopy = Some(machine::checkpoint::PreCopy::start(&self.machine));
-                return Ok(());
+                Ok(())
             }
-            None
-        };
-        let (kind, payload, started) = match full_payload {
-            Some((payload, started)) => (replica::CheckpointKind::Full, payload, started),
-            None => (next_kind, Vec::new(), started),
-        };
-        self.send_checkpoint(kind, payload, started)
+            replica::SliceAction::AbandonPrecopy => {
+                r.precopy = None; // the backup went away: nothing to copy for
+                Ok(())
+            }
+            replica::SliceAction::StepPrecopy => {
+                let precopy = r.precopy.as_mut().expect("the schedule pre-copies only what was started");
+                if !precopy.step(&self.machine, PRECOPY_PAGES_PER_SLICE) {
+                    return Ok(());
+                }
+                let precopy = r.precopy.take().expect("checked above");
+                let started = Instant::now();
+                let payload = precopy.finish(&mut self.machine).context("cannot take a checkpoint")?;
+                self.send_checkpoint(replica::CheckpointKind::Full, payload, started)
+            }
+            replica::SliceAction::Take { kind, .. } => self.send_checkpoint(kind, Vec::new(), Instant::now()),
+        }
     }
 
     /// Take the checkpoint of the next epoch (unless `kind` is Full, whose payload was
@@ -333,8 +316,7 @@ impl Driver {
     fn send_checkpoint(&mut self, kind: replica::CheckpointKind, payload: Vec<u8>, started: Instant) -> Result<()> {
         use replica::CheckpointKind;
         let Some(r) = &mut self.replication else { return Ok(()) };
-        r.outputs_this_epoch = false;
-        let epoch = r.epoch + 1;
+        let epoch = r.schedule.epoch() + 1;
         let mut payload = match kind {
             CheckpointKind::Full if payload.is_empty() => {
                 machine::checkpoint::take(&mut self.machine, true).context("cannot take a checkpoint")?
@@ -367,8 +349,8 @@ impl Driver {
         }
         let icount = self.machine.icount();
         let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind, payload });
-        r.epoch = epoch;
-        r.last_epoch_at = Instant::now();
+        let now_ms = r.now_ms();
+        assert_eq!(r.schedule.checkpoint_taken(now_ms), epoch);
         Ok(())
     }
 
@@ -378,11 +360,12 @@ impl Driver {
     fn end_replicated(&mut self, exit_code: u32, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
         let Some(r) = &mut self.replication else { return Ok(None) };
         r.precopy = None;
-        let kind = r.handle.shared.lock().expect("not poisoned").next_kind;
+        let wanted = r.handle.shared.lock().expect("not poisoned").next_kind;
+        let (_, kind) = r.schedule.final_checkpoint(wanted);
         self.route_outputs(console)?;
         self.send_checkpoint(kind, Vec::new(), Instant::now())?;
         let r = self.replication.as_ref().expect("checked above");
-        let epoch = r.epoch;
+        let epoch = r.schedule.epoch();
         let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::VmEnded { epoch, exit_code });
         let deadline = Instant::now() + END_WAIT;
         while self.finished.is_none() {
@@ -413,7 +396,7 @@ impl Driver {
     /// Output commit's back-pressure: a guest that outputs faster than the backup
     /// acknowledges waits.
     fn wait_while_outputs_pile_up(&mut self, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
-        while self.replication.as_ref().is_some_and(|r| r.held.len() >= MAX_HELD_OUTPUTS) {
+        while self.replication.as_ref().is_some_and(|r| r.schedule.must_wait()) {
             match self.events.recv_timeout(Duration::from_millis(100)) {
                 Ok(event) => {
                     if let Some(outcome) = self.deliver(event)? {
@@ -430,7 +413,7 @@ impl Driver {
 
     fn release_held(&mut self, up_to_epoch: u64) {
         if let Some(r) = &mut self.replication {
-            let released = r.held.release(up_to_epoch);
+            let released = r.schedule.release(up_to_epoch);
             self.released.extend(released);
         }
     }
@@ -486,7 +469,7 @@ impl Driver {
             "mode": if self.replication.is_some() { "checkpoint" } else { "none" },
             "icount": self.machine.icount(),
             "guest_time_s": self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
-            "epoch": self.replication.as_ref().map_or(0, |r| r.epoch),
+            "epoch": self.replication.as_ref().map_or(0, |r| r.schedule.epoch()),
             "replication": self.replication.as_ref().map(|r| {
                 let shared = r.handle.shared.lock().expect("not poisoned").clone();
                 let s = &shared.status;
@@ -500,14 +483,14 @@ impl Driver {
                     "generation": s.generation,
                     "backup_connected": s.streaming,
                     "acked_epoch": s.acked_epoch,
-                    "lag_epochs": s.acked_epoch.map(|a| r.epoch.saturating_sub(a)),
-                    "lag_ms": s.acked_epoch.map(|a| r.epoch.saturating_sub(a) * r.epoch_ms),
+                    "lag_epochs": s.acked_epoch.map(|a| r.schedule.epoch().saturating_sub(a)),
+                    "lag_ms": s.acked_epoch.map(|a| r.schedule.epoch().saturating_sub(a) * r.schedule.epoch_ms()),
                     "released_epoch": s.released_up_to,
                     "unprotected_count": s.unprotected_count,
                     "resumed_checkpoints": s.resumed_checkpoints,
                     "log_bytes": s.log_bytes,
                     "bytes_sent": shared.bytes_sent,
-                    "held_outputs": r.held.len(),
+                    "held_outputs": r.schedule.held_outputs(),
                     "last_error": shared.last_error,
                     "last_checkpoint": r.last.map(|c| serde_json::json!({
                         "epoch": c.epoch,
@@ -565,6 +548,12 @@ impl Driver {
             (_, None) if !self.events_possible => return Ok(Some(Outcome::Hung)),
             (_, None) => None,
         };
+        // Outputs held for output commit never wait on a guest timer: the epoch must end
+        // (and the backup acknowledge it) as soon as the minimum epoch allows.
+        let limit = self.replication.as_ref().and_then(|r| r.schedule.idle_wait_limit_ms(r.now_ms()));
+        let limit = limit.map(Duration::from_millis);
+        let capped = limit.is_some_and(|l| wait.is_none_or(|w| l < w));
+        let wait = if capped { limit } else { wait };
         let event = match wait {
             Some(w) if w.is_zero() => self.events.try_recv().ok(),
             Some(w) => match self.events.recv_timeout(w) {
@@ -590,6 +579,11 @@ impl Driver {
             (Some(_), d) => {
                 let wall = if self.clock == Clock::Fast { guest_now } else { self.wall_ticks() };
                 d.map_or(wall, |d| d.min(wall))
+            }
+            // Cut short for output commit: guest time goes as far as the wall clock, no further.
+            (None, d) if capped => {
+                let wall = if self.clock == Clock::Fast { guest_now } else { self.wall_ticks() };
+                d.map_or(guest_now, |d| d.min(wall)).max(guest_now)
             }
             (None, Some(d)) => d,
             (None, None) => guest_now,
@@ -619,11 +613,7 @@ impl Driver {
             return self.send_outputs(outputs, console);
         };
         for output in outputs {
-            // Made in the epoch after the last checkpoint. The buffer has no hard limit:
-            // memory is bounded by the guest waiting at MAX_HELD_OUTPUTS (see
-            // wait_while_outputs_pile_up) plus what one slice can make.
-            r.held.push(r.epoch + 1, output).expect("the buffer is unbounded");
-            r.outputs_this_epoch = true;
+            r.schedule.hold(output);
         }
         Ok(())
     }

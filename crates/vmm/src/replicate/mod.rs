@@ -52,19 +52,14 @@ pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
     }
 }
 
-/// Where a VM's ownership record lives, and under which id.
-#[derive(clap::Args, Debug, Clone)]
-pub struct OwnershipArgs {
-    /// Ownership store both replicas of the VM see: file:DIR. It holds one record per VM
-    /// (generation, owner, running or ended), changed only by compare-and-swap; whoever holds
-    /// the current generation runs the VM
-    #[arg(long, value_name = "STORE", help_heading = "Replication")]
+/// Where a VM's ownership record lives, under which id, and who this replica is.
+#[derive(Debug, Clone, Default)]
+pub struct OwnershipSpec {
+    /// The store: `file:DIR` (None: the VM holds no record).
     pub store: Option<String>,
-    /// The VM's name in the store [default: vm-<16 hex digits of the VM configuration's digest>]
-    #[arg(long, value_name = "ID", help_heading = "Replication")]
+    /// The VM's name in the store (None: derived from its configuration).
     pub vm_id: Option<String>,
-    /// This replica's name in the record [default: <role>-<hostname>-<pid>]
-    #[arg(long, value_name = "NAME", help_heading = "Replication")]
+    /// This replica's name in the record (None: `<role>-<hostname>-<pid>`).
     pub replica_name: Option<String>,
 }
 
@@ -84,8 +79,8 @@ pub struct Ownership {
 }
 
 impl Ownership {
-    /// Opens the store `args` names for the VM of `config`; None without `--store`.
-    pub fn open(args: &OwnershipArgs, config: &machine::MachineConfig, role: &str) -> Result<Option<Ownership>> {
+    /// Opens the store `args` names for the VM of `config`; None without a store.
+    pub fn open(args: &OwnershipSpec, config: &machine::MachineConfig, role: &str) -> Result<Option<Ownership>> {
         let Some(spec) = &args.store else { return Ok(None) };
         let store = store::open(spec).with_context(|| format!("--store {spec}"))?;
         let vm_id = match &args.vm_id {

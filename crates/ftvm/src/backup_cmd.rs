@@ -1,0 +1,101 @@
+//! `ftvm backup`: the options, the wiring (TAP, API server, ownership store) and what
+//! follows the waiting — standing down, or running the VM as the new primary. The waiting
+//! itself is the runtime's ([`vmm::replicate::backup::wait`]).
+
+use crate::replication_args::OwnershipArgs;
+use crate::run_cmd::{machine_config, open_tap, run_owned, VmArgs};
+use anyhow::{Context, Result};
+use machine::Machine;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use vmm::driver::Driver;
+use vmm::host::announce::spawn_announcer;
+use vmm::host::HostEvent;
+use vmm::replicate::backup::{wait, BackupOptions, Ending};
+use vmm::replicate::{load_key, replication_digest, resolve, Ownership};
+
+/// Wait for a primary (`ftvm run --replicate-to`), keep its last whole checkpoint, and
+/// take the VM over when the primary stops being heard.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  ftvm backup --listen 0.0.0.0:7000 --key k --store file:/shared/ftvm --net tap:tap0\n\n\
+Exit status: the VM's own exit status when it ended on the primary (the backup never takes\n\
+over an ended VM); otherwise as `ftvm run` after a takeover; 0 when stopped through the API."
+)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Address to listen on for the primary
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// File holding the pre-shared key (the same as the primary's)
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    #[command(flatten)]
+    pub ownership: OwnershipArgs,
+    /// Silence from the primary (authenticated frames only) after which this backup takes over
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub failover_timeout_ms: u64,
+    /// Heartbeat interval on the replication link
+    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub heartbeat_ms: u64,
+}
+
+pub fn run(args: BackupArgs) -> Result<i32> {
+    let config = machine_config(&args.vm, &[])?;
+    // Attached now and kept: a TAP attached only at takeover may not forward at once.
+    let tap = open_tap(&args.vm)?;
+    let machine = Machine::new(&config)?;
+    let key = load_key(&args.key)?;
+    let mut ownership = Ownership::open(&args.ownership.spec(), &config, "backup")?
+        .context("ftvm backup needs --store (the ownership store the primary uses)")?;
+    let addr = resolve(&args.listen)?;
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    // The API answers as a backup now, and as the live VM after a takeover.
+    let (api_tx, api_rx) = mpsc::channel::<HostEvent>();
+    let api_server = match &args.vm.api {
+        Some(path) => Some(crate::api::serve(path, api_tx)?),
+        None => None,
+    };
+    let (control_tx, control_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for event in api_rx {
+            if let HostEvent::Control(request) = event {
+                if control_tx.send(request).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    eprintln!("ftvm backup: waiting for a primary on {addr} (VM {})", ownership.vm_id);
+    let options = BackupOptions {
+        listener,
+        key,
+        config_digest: replication_digest(&config, &ownership.vm_id),
+        failover_timeout_ms: args.failover_timeout_ms,
+        heartbeat_ms: args.heartbeat_ms,
+    };
+    match wait(options, machine, &mut ownership, control_rx)? {
+        Ending::Exit(code) => {
+            eprintln!("ftvm backup: the VM ended on the primary with exit status {code}; this backup stands down");
+            Ok(code as i32)
+        }
+        Ending::Stopped => {
+            eprintln!("ftvm backup: stopped through the control API");
+            Ok(0)
+        }
+        Ending::GoLive { machine, epoch, generation } => {
+            drop(api_server); // the live VM serves the API from here on
+            if let Some(tap) = &tap {
+                tap.discard_pending().context("cannot empty the TAP device's queue")?;
+                spawn_announcer(tap.clone_handle()?, args.vm.mac);
+            }
+            let (tx, rx) = mpsc::channel();
+            let mut driver = Driver::new(*machine, rx, args.vm.clock.into());
+            driver.role = "primary";
+            driver.took_over = Some(serde_json::json!({ "epoch": epoch, "generation": generation }));
+            run_owned(driver, &args.vm, tap, tx, Some(ownership), &[], false)
+        }
+    }
+}

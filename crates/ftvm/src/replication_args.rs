@@ -1,0 +1,97 @@
+//! The replication options of `ftvm run` and the ownership options every replica shares,
+//! turned into what the runtime (`vmm`) takes.
+
+use anyhow::{Context, Result};
+use std::sync::mpsc::Sender;
+use vmm::host::HostEvent;
+use vmm::replicate::primary::{start, PrimaryOptions};
+use vmm::replicate::{Ownership, OwnershipSpec};
+
+/// Where a VM's ownership record lives, and under which id.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OwnershipArgs {
+    /// Ownership store both replicas of the VM see: file:DIR. It holds one record per VM
+    /// (generation, owner, running or ended), changed only by compare-and-swap; whoever holds
+    /// the current generation runs the VM
+    #[arg(long, value_name = "STORE", help_heading = "Replication")]
+    pub store: Option<String>,
+    /// The VM's name in the store [default: vm-<16 hex digits of the VM configuration's digest>]
+    #[arg(long, value_name = "ID", help_heading = "Replication")]
+    pub vm_id: Option<String>,
+    /// This replica's name in the record [default: <role>-<hostname>-<pid>]
+    #[arg(long, value_name = "NAME", help_heading = "Replication")]
+    pub replica_name: Option<String>,
+}
+
+impl OwnershipArgs {
+    pub fn spec(&self) -> OwnershipSpec {
+        OwnershipSpec { store: self.store.clone(), vm_id: self.vm_id.clone(), replica_name: self.replica_name.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnBackupLoss {
+    /// Keep serving unprotected (after making the backup's state stale for good)
+    Continue,
+    /// Hold outputs until a backup is back
+    Hold,
+}
+
+/// `ftvm run`'s replication options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplicationArgs {
+    /// Replicate to a backup (`ftvm backup --listen HOST:PORT`): every epoch, the pages,
+    /// disk sectors and device state changed since the last one go to the backup, and
+    /// the guest's outputs leave only once the backup holds the epoch that made them
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["key", "store"], help_heading = "Replication")]
+    pub replicate_to: Option<String>,
+    /// File holding the pre-shared key that authenticates the replication channel
+    #[arg(long, value_name = "FILE", help_heading = "Replication")]
+    pub key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub ownership: OwnershipArgs,
+    /// Checkpoint interval
+    #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Replication")]
+    pub epoch_ms: u64,
+    /// Heartbeat interval on the replication link
+    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Replication")]
+    pub heartbeat_ms: u64,
+    /// With the backup gone: continue serving unprotected, or hold outputs until it is back
+    #[arg(long, value_enum, default_value = "continue", help_heading = "Replication")]
+    pub on_backup_loss: OnBackupLoss,
+    /// How long outputs wait for a lost backup to come back before the VM runs unprotected
+    #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=600_000), help_heading = "Replication")]
+    pub backup_loss_grace_ms: u64,
+    /// End-to-end check: every N epochs (and every full checkpoint) the checkpoint
+    /// carries the whole machine's digest, which the backup recomputes after applying;
+    /// a mismatch makes it ask for a full checkpoint. Costs a pass over RAM per check.
+    /// 0: off
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Replication")]
+    pub verify_every: u64,
+}
+
+/// Start replication when `--replicate-to` was given, with the record this primary claimed.
+pub fn from_args(
+    args: &ReplicationArgs,
+    config: &machine::MachineConfig,
+    ownership: Ownership,
+    events: Sender<HostEvent>,
+) -> Result<vmm::driver::Replication> {
+    let addr = args.replicate_to.as_deref().context("replication needs --replicate-to")?;
+    let key_path = args.key.as_ref().context("--replicate-to needs --key")?;
+    let options = PrimaryOptions {
+        backup: vmm::replicate::resolve(addr)?,
+        key: vmm::replicate::load_key(key_path)?,
+        config_digest: vmm::replicate::replication_digest(config, &ownership.vm_id),
+        heartbeat_ms: args.heartbeat_ms,
+        on_backup_loss: match args.on_backup_loss {
+            OnBackupLoss::Continue => replica::BackupLossPolicy::Continue,
+            OnBackupLoss::Hold => replica::BackupLossPolicy::Hold,
+        },
+        backup_loss_grace_ms: args.backup_loss_grace_ms,
+    };
+    let handle = start(options, ownership, events)?;
+    let mut replication = vmm::driver::Replication::new(handle, args.epoch_ms);
+    replication.verify_every = args.verify_every;
+    Ok(replication)
+}

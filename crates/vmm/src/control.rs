@@ -1,0 +1,41 @@
+//! Requests from the control API (served by the binary over a Unix socket), as the driver
+//! receives them: a command and the channel for its answer. The driver answers between two
+//! run slices, so a reply always describes a consistent machine.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+
+/// What a client asks of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    Pause,
+    Resume,
+    Snapshot { path: PathBuf },
+    Stop,
+}
+
+/// An HTTP status and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn ok(body: Value) -> Reply {
+        Reply { status: 200, body }
+    }
+
+    pub fn error(status: u16, message: impl Into<String>) -> Reply {
+        Reply { status, body: json!({ "error": message.into() }) }
+    }
+}
+
+/// A request on its way to the driver, with the channel for its answer.
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub command: Command,
+    pub reply: Sender<Reply>,
+}
