@@ -448,7 +448,7 @@ impl Backup {
                 Err(error) => {
                     let p = self.pending.remove(index).expect("index checked");
                     self.refused_connections += 1;
-                    return self.close_link(p, error, actions);
+                    return self.close_conn(p, error, actions);
                 }
             }
         }
@@ -775,15 +775,22 @@ impl Backup {
         }
     }
 
-    fn close_link(&mut self, mut bl: BackupLink, error: ProtocolError, actions: &mut Vec<BackupAction>) {
-        if worth_a_goodbye(&error) {
-            let bytes = bl.link.frame(&goodbye(&error), self.now_ms);
-            actions.push(BackupAction::Send { conn: bl.conn, bytes });
-        }
+    /// Closes the primary's connection, and with it what was tied to that connection.
+    fn close_link(&mut self, bl: BackupLink, error: ProtocolError, actions: &mut Vec<BackupAction>) {
         if let Some(Incoming::Discarding { .. }) = &self.incoming {
             self.incoming = None;
         }
         self.incoming_from_old_link = false;
+        self.close_conn(bl, error, actions);
+    }
+
+    /// Closes one connection, telling the peer why (best effort). A pending connection is
+    /// closed with this alone: it must not touch the state of the primary's connection.
+    fn close_conn(&self, mut bl: BackupLink, error: ProtocolError, actions: &mut Vec<BackupAction>) {
+        if worth_a_goodbye(&error) {
+            let bytes = bl.link.frame(&goodbye(&error), self.now_ms);
+            actions.push(BackupAction::Send { conn: bl.conn, bytes });
+        }
         actions.push(BackupAction::Close { conn: bl.conn, error });
     }
 }

@@ -869,3 +869,36 @@ fn a_first_session_frame_the_backup_refuses_closes_that_connection_without_a_pan
     assert!(!b.is_streaming());
     assert_eq!(b.status().pending_handshakes, 0);
 }
+
+#[test]
+fn a_stranger_failing_its_handshake_does_not_spoil_the_resume_of_a_cut_off_checkpoint() {
+    let mut b = Backup::new(backup_config(), 0);
+    let (mut first, _) = FakePrimary::handshake(&mut b, 1, 1);
+    first.send(&mut b, Message::CheckpointBegin { epoch: 1, base_epoch: None, icount: 0, total_bytes: 4 });
+    first.send(&mut b, Message::CheckpointChunk { epoch: 1, offset: 0, bytes: vec![1, 2] });
+    b.step(BackupEvent::Disconnected { conn: 1 });
+    let (mut second, _) = FakePrimary::handshake(&mut b, 2, 1);
+    // A stranger connects and sends garbage while the primary is about to resume.
+    b.step(BackupEvent::Connected { conn: 3, nonce: [5; 16] });
+    let actions = b.step(BackupEvent::Received { conn: 3, bytes: b"\x00garbage" });
+    assert!(matches!(closes(&actions)[..], [ProtocolError::Wire(WireError::BadMagic { .. })]));
+    let actions = second.send(&mut b, Message::CheckpointResume { epoch: 1, offset: 2 });
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+    second.send(&mut b, Message::CheckpointChunk { epoch: 1, offset: 2, bytes: vec![3, 4] });
+    let actions = second.send(&mut b, Message::CheckpointEnd { epoch: 1, digest: sha(&[1, 2, 3, 4]) });
+    assert!(matches!(actions[..], [BackupAction::ApplyCheckpoint { epoch: 1, .. }]), "{actions:?}");
+}
+
+#[test]
+fn a_stranger_failing_its_handshake_does_not_spoil_the_skipping_of_an_unfitting_checkpoint() {
+    let mut b = Backup::new(backup_config(), 0);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
+    fake.send(&mut b, Message::CheckpointBegin { epoch: 4, base_epoch: Some(3), icount: 0, total_bytes: 1 });
+    b.step(BackupEvent::Connected { conn: 2, nonce: [5; 16] });
+    b.step(BackupEvent::Received { conn: 2, bytes: b"\x00garbage" });
+    let actions = fake.send(&mut b, Message::CheckpointChunk { epoch: 4, offset: 0, bytes: vec![1] });
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+    let actions = fake.send(&mut b, Message::CheckpointEnd { epoch: 4, digest: sha(&[1]) });
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+    assert!(b.is_streaming());
+}
