@@ -533,6 +533,17 @@ impl Backup {
                 if let Some(old) = self.link.take() {
                     self.close_link(old, ProtocolError::ConnectionReplaced, actions);
                 }
+                // Earlier handshakes of the same run are attempts the primary gave up: their
+                // HelloAck described an older state, and their late frames must not displace
+                // this connection.
+                let mut older = index;
+                while let Some(stale) =
+                    self.pending.iter().take(older).position(|o| o.hello.is_some_and(|h| h.0 == run_id))
+                {
+                    let stale = self.pending.remove(stale).expect("position checked");
+                    older -= 1;
+                    actions.push(BackupAction::Close { conn: stale.conn, error: ProtocolError::ConnectionReplaced });
+                }
                 self.newest_generation = self.newest_generation.max(generation);
                 self.last_heard_ms = Some(self.now_ms);
                 self.said_cannot = false;

@@ -902,3 +902,19 @@ fn a_stranger_failing_its_handshake_does_not_spoil_the_skipping_of_an_unfitting_
     assert!(closes(&actions).is_empty(), "{actions:?}");
     assert!(b.is_streaming());
 }
+
+#[test]
+fn an_older_handshake_of_the_same_primary_is_dropped_when_a_newer_one_completes() {
+    let mut b = Backup::new(backup_config(), 0);
+    // The primary's first attempt stalls after its Hello; it gives up and connects again.
+    let (mut stale, _) = FakePrimary::hello(&mut b, 1, 1);
+    let (_, actions) = FakePrimary::handshake(&mut b, 2, 1);
+    assert_eq!(
+        actions.iter().find(|a| matches!(a, BackupAction::Close { conn: 1, .. })),
+        Some(&BackupAction::Close { conn: 1, error: ProtocolError::ConnectionReplaced })
+    );
+    // Frames of the abandoned attempt that arrive late cannot displace the newer link.
+    let actions = stale.send(&mut b, Message::Heartbeat { now_ms: 0, epoch: 0 });
+    assert!(closes(&actions).is_empty(), "{actions:?}");
+    assert!(b.is_streaming());
+}
