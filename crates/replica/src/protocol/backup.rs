@@ -384,6 +384,8 @@ impl Backup {
                     ),
                 });
                 self.said_cannot = true;
+                // Checkpoints that arrived during the claim wait for the machine.
+                self.pump(actions);
             }
             Err(_) => {
                 self.next_claim_attempt_ms = self.now_ms + self.config.store_retry_ms;

@@ -918,3 +918,19 @@ fn an_older_handshake_of_the_same_primary_is_dropped_when_a_newer_one_completes(
     assert!(closes(&actions).is_empty(), "{actions:?}");
     assert!(b.is_streaming());
 }
+
+#[test]
+fn checkpoints_that_arrive_during_a_refused_claim_are_applied_once_it_is_refused() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.tick(200); // the primary swaps to generation 2 and runs unprotected
+    w.checkpoint(3, b"kept for the backup");
+    // The backup suspects; its claim is still under way when the primary reconnects.
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 1500 });
+    assert!(actions.contains(&BackupAction::ClaimOwnership { generation: 1 }), "{actions:?}");
+    w.connect();
+    assert_eq!(w.applied.len(), 2, "nothing is applied while the claim is under way");
+    let answer = w.record.swap(1, "backup", None);
+    let actions = w.b.step(BackupEvent::Claim(Ok(answer)));
+    assert!(actions.iter().any(|a| matches!(a, BackupAction::ApplyCheckpoint { epoch: 3, .. })), "{actions:?}");
+}
