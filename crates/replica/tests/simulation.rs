@@ -283,6 +283,7 @@ enum StoreOp {
     Swap { expected: u64, ended: Option<u32> },
     Read,
     Claim { generation: u64 },
+    BackupRead,
 }
 
 enum StoreAnswer {
@@ -1184,7 +1185,7 @@ impl Sim {
             let answer = if !reachable || error {
                 let message = "injected: the store cannot be reached".to_string();
                 match op {
-                    StoreOp::Read => StoreAnswer::Read(Err(message)),
+                    StoreOp::Read | StoreOp::BackupRead => StoreAnswer::Read(Err(message)),
                     _ => StoreAnswer::Swap(Err(message)),
                 }
             } else {
@@ -1219,6 +1220,11 @@ impl Sim {
                     let actions = p.core.step(PrimaryEvent::Swap(answer));
                     self.on_primary(host, actions)?;
                 }
+                (StoreAnswer::Read(answer), StoreOp::BackupRead) => {
+                    let Some(b) = self.backup_mut(host) else { continue };
+                    let actions = b.core.step(BackupEvent::Ownership(answer));
+                    self.on_backup(host, actions)?;
+                }
                 (StoreAnswer::Read(answer), _) => {
                     let Some(p) = self.primary_mut(host) else { continue };
                     let actions = p.core.step(PrimaryEvent::Ownership(answer));
@@ -1232,7 +1238,7 @@ impl Sim {
     fn perform(&mut self, host: usize, incarnation: u64, run: Option<u64>, op: StoreOp) -> StoreAnswer {
         let owner = owner_name(host, incarnation);
         let answer = match op {
-            StoreOp::Read => return StoreAnswer::Read(Ok(self.store.view())),
+            StoreOp::Read | StoreOp::BackupRead => return StoreAnswer::Read(Ok(self.store.view())),
             StoreOp::Swap { expected, ended } => self.store.cas(expected, owner.clone(), ended),
             StoreOp::Claim { generation } => self.store.cas(generation, owner.clone(), None),
         };
@@ -1462,6 +1468,7 @@ impl Sim {
                     self.stats.claims += 1;
                     self.store_call(host, StoreOp::Claim { generation });
                 }
+                BackupAction::ReadOwnership => self.store_call(host, StoreOp::BackupRead),
                 BackupAction::CannotTakeOver { reason } => {
                     self.note(|| format!("{}: cannot take over: {reason}", HOSTS[host]));
                     self.stats.cannot_take_over += 1;

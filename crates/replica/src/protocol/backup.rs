@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use sha2::{Digest, Sha256};
 
-use super::{goodbye, worth_a_goodbye, Link, ProtocolError, SwapAnswer};
+use super::{goodbye, worth_a_goodbye, Link, ProtocolError, RecordView, SwapAnswer};
 use crate::messages::{CheckpointId, ConfigDigest, Message, Role, PROTOCOL_VERSION};
 use crate::wire::{Decoder, Direction, Encoder, Nonce, PresharedKey};
 
@@ -40,6 +40,8 @@ pub struct BackupConfig {
     pub failover_timeout_ms: u64,
     /// After the store could not be reached, try again this much later.
     pub store_retry_ms: u64,
+    /// How often a backup that cannot take over reads the record while the primary is silent.
+    pub ownership_check_ms: u64,
     /// The largest checkpoint accepted: set it above RAM + disk + device state.
     pub max_checkpoint_bytes: u64,
     /// Whole checkpoints waiting for the machine to apply them; more closes the connection.
@@ -56,6 +58,7 @@ impl BackupConfig {
             max_pending_handshakes: 16,
             failover_timeout_ms: 100,
             store_retry_ms: 100,
+            ownership_check_ms: 1000,
             max_checkpoint_bytes,
             max_queued_checkpoints: 64,
         }
@@ -79,6 +82,8 @@ pub enum BackupEvent<'a> {
     ApplyFailed { epoch: u64, reason: String },
     /// The answer to a `ClaimOwnership` action (`Err`: the store could not be reached).
     Claim(Result<SwapAnswer, String>),
+    /// The answer to a `ReadOwnership` action.
+    Ownership(Result<Option<RecordView>, String>),
 }
 
 /// What a backup asks its caller to do, in order.
@@ -106,6 +111,9 @@ pub enum BackupAction {
     GoLive { epoch: u64, icount: u64, generation: u64 },
     /// The VM ended on the primary with `exit_code`: exit with it, never take over.
     Exit { exit_code: u32 },
+    /// Read the ownership record and report `Ownership` (a backup that cannot take over
+    /// looks now and then whether the VM ended).
+    ReadOwnership,
 }
 
 #[derive(Debug)]
@@ -196,6 +204,8 @@ pub struct Backup {
     last_heard_ms: Option<u64>,
     claim_outstanding: bool,
     next_claim_attempt_ms: u64,
+    read_outstanding: bool,
+    next_read_ms: u64,
     /// Said that it cannot take over, for this silence.
     said_cannot: bool,
     live_generation: Option<u64>,
@@ -221,6 +231,8 @@ impl Backup {
             last_heard_ms: None,
             claim_outstanding: false,
             next_claim_attempt_ms: 0,
+            read_outstanding: false,
+            next_read_ms: 0,
             said_cannot: false,
             live_generation: None,
             exited: false,
@@ -239,6 +251,7 @@ impl Backup {
             BackupEvent::CheckpointApplied { epoch } => self.on_applied(epoch, &mut actions),
             BackupEvent::ApplyFailed { epoch, reason } => self.on_apply_failed(epoch, reason, &mut actions),
             BackupEvent::Claim(answer) => self.on_claim(answer, &mut actions),
+            BackupEvent::Ownership(answer) => self.on_ownership(answer, &mut actions),
         }
         actions
     }
@@ -322,6 +335,10 @@ impl Backup {
         let Some(heard_ms) = self.last_heard_ms else { return };
         let silent_ms = now - heard_ms.min(now);
         let quiet = self.applying.is_none() && self.ready.is_empty();
+        let usable = self.state_generation().is_some_and(|g| g >= self.newest_generation);
+        if silent_ms >= self.config.failover_timeout_ms && !usable {
+            self.maybe_read_ownership(actions);
+        }
         if silent_ms < self.config.failover_timeout_ms
             || self.applied.is_none()
             || !quiet
@@ -354,6 +371,26 @@ impl Backup {
         }
         self.claim_outstanding = true;
         actions.push(BackupAction::ClaimOwnership { generation });
+    }
+
+    /// A backup that cannot take over still watches the record now and then while the
+    /// primary is silent: a VM that ended meanwhile makes it exit, not wait forever.
+    fn maybe_read_ownership(&mut self, actions: &mut Vec<BackupAction>) {
+        if self.read_outstanding || self.now_ms < self.next_read_ms || self.exited || self.is_live() {
+            return;
+        }
+        self.read_outstanding = true;
+        self.next_read_ms = self.now_ms + self.config.ownership_check_ms;
+        actions.push(BackupAction::ReadOwnership);
+    }
+
+    fn on_ownership(&mut self, answer: Result<Option<RecordView>, String>, actions: &mut Vec<BackupAction>) {
+        self.read_outstanding = false;
+        match answer {
+            Ok(Some(RecordView { ended: Some(exit_code), .. })) => self.exit(exit_code, actions),
+            Ok(Some(record)) => self.newest_generation = self.newest_generation.max(record.generation),
+            Ok(None) | Err(_) => {}
+        }
     }
 
     fn on_claim(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<BackupAction>) {

@@ -111,6 +111,12 @@ impl World {
                     let more = self.b.step(BackupEvent::CheckpointApplied { epoch });
                     self.on_b(more);
                 }
+                BackupAction::ReadOwnership => {
+                    let r = &self.record;
+                    let view = RecordView { generation: r.generation, owner: r.owner.into(), ended: r.ended };
+                    let more = self.b.step(BackupEvent::Ownership(Ok(Some(view))));
+                    self.on_b(more);
+                }
                 BackupAction::ClaimOwnership { generation } => {
                     self.b_log.push(BackupAction::ClaimOwnership { generation });
                     let answer = self.record.swap(generation, "backup", None);
@@ -668,7 +674,7 @@ fn a_backup_that_heard_of_a_newer_generation_does_not_even_try() {
     assert!(w.b.status().stale);
     w.disconnect();
     let actions = w.b.step(BackupEvent::Tick { now_ms: 10_000 });
-    assert!(matches!(actions[..], [BackupAction::CannotTakeOver { .. }]), "{actions:?}");
+    assert!(matches!(actions[..], [BackupAction::ReadOwnership, BackupAction::CannotTakeOver { .. }]), "{actions:?}");
 }
 
 #[test]
@@ -933,4 +939,22 @@ fn checkpoints_that_arrive_during_a_refused_claim_are_applied_once_it_is_refused
     let answer = w.record.swap(1, "backup", None);
     let actions = w.b.step(BackupEvent::Claim(Ok(answer)));
     assert!(actions.iter().any(|a| matches!(a, BackupAction::ApplyCheckpoint { epoch: 3, .. })), "{actions:?}");
+}
+
+#[test]
+fn a_stale_backup_learns_from_the_record_that_the_vm_ended_and_exits() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"released unprotected");
+    w.tick(200); // unprotected: the backup's state is stale now
+    w.checkpoint(4, b"final");
+    let actions = w.p.step(PrimaryEvent::VmEnded { epoch: 4, exit_code: 5 });
+    w.on_p(actions);
+    assert_eq!(w.record.ended, Some(5));
+    assert!(!w.b_log.contains(&BackupAction::Exit { exit_code: 5 }));
+    // The primary is gone; the stale backup cannot take over, but it reads the record.
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 5000 });
+    w.on_b(actions);
+    assert!(w.b_log.contains(&BackupAction::Exit { exit_code: 5 }), "{:?}", w.b_log);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })));
 }

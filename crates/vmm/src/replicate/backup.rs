@@ -339,6 +339,10 @@ fn carry_out(
                 queue.extend(backup.step(BackupEvent::Claim(answer)));
             }
             BackupAction::CannotTakeOver { reason } => eprintln!("ftvm backup: {reason}"),
+            BackupAction::ReadOwnership => {
+                let answer = ownership.read();
+                queue.extend(backup.step(BackupEvent::Ownership(answer)));
+            }
             BackupAction::GoLive { epoch, icount, generation } => {
                 eprintln!(
                     "ftvm backup: the primary fell silent; taking over at epoch {epoch} (icount {icount}), \

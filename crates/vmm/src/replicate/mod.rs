@@ -142,6 +142,15 @@ impl Ownership {
                 self.generation = record.generation;
                 Ok(SwapAnswer::Swapped { generation: record.generation })
             }
+            // A swap the store performed but answered with an error (a timeout after the
+            // commit, an fsync failing after the rename) comes back, when retried, as a
+            // conflict with the very record this replica wrote: it is ours.
+            Ok(SwapOutcome::Conflict(Some(record)))
+                if record.generation == expected + 1 && record.owner == self.owner && record.state == state =>
+            {
+                self.generation = record.generation;
+                Ok(SwapAnswer::Swapped { generation: record.generation })
+            }
             Ok(SwapOutcome::Conflict(record)) => Ok(SwapAnswer::Conflict {
                 generation: record.as_ref().map(|r| r.generation),
                 owner: record.as_ref().map_or_else(|| "nobody".into(), |r| r.owner.clone()),
@@ -204,5 +213,36 @@ fn describe(record: Option<&OwnershipRecord>) -> String {
     match record {
         None => "no record".into(),
         Some(r) => format!("generation {} owned by {}", r.generation, r.owner),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ownership(store: &store::MemoryStore, owner: &str) -> Ownership {
+        Ownership { store: Box::new(store.clone()), vm_id: "vm-test".into(), owner: owner.into(), generation: 0 }
+    }
+
+    #[test]
+    fn a_swap_performed_but_answered_with_an_error_is_recognized_as_ours_when_retried() {
+        let store = store::MemoryStore::new();
+        let mut primary = ownership(&store, "primary-1");
+        assert_eq!(primary.claim_for_start().unwrap(), 1);
+        store.set_lose_replies(true);
+        assert!(primary.swap(1, None).is_err(), "the reply was lost");
+        store.set_lose_replies(false);
+        assert_eq!(primary.swap(1, None), Ok(SwapAnswer::Swapped { generation: 2 }));
+        // Someone else's record at that generation is a real conflict.
+        let mut other = ownership(&store, "backup-2");
+        assert!(matches!(other.swap(1, None), Ok(SwapAnswer::Conflict { generation: Some(2), .. })));
+    }
+
+    #[test]
+    fn a_vm_running_elsewhere_is_not_claimed_for_start() {
+        let store = store::MemoryStore::new();
+        ownership(&store, "primary-1").claim_for_start().unwrap();
+        let error = ownership(&store, "primary-2").claim_for_start().unwrap_err();
+        assert!(format!("{error:#}").contains("is running elsewhere"), "{error:#}");
     }
 }
