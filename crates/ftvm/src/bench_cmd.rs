@@ -29,8 +29,10 @@ const PROBE_ANSWER: Duration = Duration::from_secs(2);
 const KILL_EPOCH_MS: u64 = 25;
 
 /// A guest workload: CPU work and memory writes (what checkpoints must carry), then the
-/// counter service for the latency and failover measurements.
-const WORKLOAD: &str = "echo bench: start; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+/// counter service for the latency and failover measurements. It starts when the bench
+/// connects to port 9: only once the primary is protected, so that neither of the lines
+/// timed waits behind the first full checkpoint (outputs are held until the backup has it).
+const WORKLOAD: &str = "nc -l -p 9 >/dev/null; echo bench: start; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
     dd if=/dev/zero of=/tmp/w bs=64k count=256 2>/dev/null; md5sum /tmp/w >/dev/null; rm /tmp/w; \
     echo bench: end; exec /usr/share/ftvm/counter-httpd";
 
@@ -182,6 +184,10 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
 /// the primary and time the takeover.
 fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
     let mut pair = start_pair(topo, dir, epoch_ms, verify_every, WORKLOAD)?;
+    if epoch_ms.is_some() {
+        wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(300))?;
+    }
+    in_namespace(&topo.client_ns(), || start_workload(Duration::from_secs(300)))?;
     let start = wait_for_line(&pair.log, "bench: start", Duration::from_secs(300), &mut pair.primary)?;
     let end = wait_for_line(&pair.log, "bench: end", Duration::from_secs(300), &mut pair.primary)?;
     let mut figures = Figures { workload_s: (end - start).as_secs_f64(), ..Figures::default() };
@@ -354,6 +360,19 @@ fn latency(n: usize) -> Result<f64> {
     }
     samples.sort_by(f64::total_cmp);
     Ok(samples[samples.len() / 2])
+}
+
+/// Tell the guest to start the workload: a connection to its port 9, closed at once.
+fn start_workload(limit: Duration) -> Result<()> {
+    let addr: SocketAddr = "10.0.2.15:9".parse().expect("valid");
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the guest did not listen on port 9 within {} s", limit.as_secs())
 }
 
 /// Wait for the counter to answer; when it did.
