@@ -27,6 +27,22 @@ const PROBE_ABANDON: Duration = Duration::from_millis(50);
 const PROBE_ANSWER: Duration = Duration::from_secs(2);
 /// Epoch length of the extra kill rounds (the default of `ftvm run`).
 const KILL_EPOCH_MS: u64 = 25;
+/// Runs of one configuration, at most, when spurious takeovers cut them short.
+const MAX_ATTEMPTS: usize = 3;
+
+/// The backup took over while the primary was alive (a loaded host starved the link for
+/// longer than the default detection timeout): safe — the primary stops, the backup
+/// carries on — but that run's figures are lost, so it is counted and run again.
+#[derive(Debug)]
+struct SpuriousTakeover;
+
+impl std::fmt::Display for SpuriousTakeover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the backup took over while the primary was alive (a spurious takeover)")
+    }
+}
+
+impl std::error::Error for SpuriousTakeover {}
 
 /// A guest workload: CPU work and memory writes (what checkpoints must carry), then the
 /// counter service for the latency and failover measurements. It starts when the bench
@@ -94,25 +110,44 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     let topo = Topology::create(&format!("ftvm-bench-{}", std::process::id()))?;
     let configs: Vec<Option<u64>> = std::iter::once(None).chain(args.epochs.iter().copied().map(Some)).collect();
     let mut samples: Vec<Vec<Figures>> = configs.iter().map(|_| Vec::new()).collect();
+    let mut spurious = 0;
     for round in 1..=args.runs.max(1) {
         for (i, &config) in configs.iter().enumerate() {
             eprintln!("bench: round {round}/{}: {}", args.runs.max(1), label(config));
-            samples[i].push(measure(&topo, &dir, config, args.requests, args.verify_every)?);
+            let figures = attempt(&mut spurious, || measure(&topo, &dir, config, args.requests, args.verify_every))?;
+            samples[i].push(figures);
         }
     }
     let mut kills: Vec<Takeover> = samples.iter().flatten().filter_map(|f| f.takeover).collect();
     while kills.len() < args.kills {
         eprintln!("bench: kill {}/{}", kills.len() + 1, args.kills);
-        kills.push(kill_once(&topo, &dir, KILL_EPOCH_MS)?);
+        kills.push(attempt(&mut spurious, || kill_once(&topo, &dir, KILL_EPOCH_MS))?);
     }
     let rows: Vec<(String, Figures)> = configs.iter().zip(samples).map(|(&c, s)| (label(c), median(s))).collect();
     print_table(&rows);
     print_takeover(&kills);
+    println!(
+        "spurious takeovers (the backup went live while the primary was alive; the primary then stopped), each run again: {spurious}"
+    );
     drop(topo);
     if args.logs.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(0)
+}
+
+/// Run `f` again (up to [`MAX_ATTEMPTS`] in all) when a spurious takeover cut it short.
+fn attempt<T>(spurious: &mut usize, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    for _ in 1..MAX_ATTEMPTS {
+        match f() {
+            Err(e) if e.is::<SpuriousTakeover>() => {
+                *spurious += 1;
+                eprintln!("bench: {e}; running it again");
+            }
+            other => return other,
+        }
+    }
+    f()
 }
 
 fn label(config: Option<u64>) -> String {
@@ -146,7 +181,22 @@ struct Pair {
     backup: Option<Proc>,
     primary: Proc,
     sock: PathBuf,
+    backup_sock: PathBuf,
     log: PathBuf,
+}
+
+impl Pair {
+    /// `error` unless the primary ended because its backup took over: then a spurious takeover.
+    fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+        let primary_ended = self.primary.child.try_wait().ok().flatten().is_some();
+        let backup_live = crate::api::request(&self.backup_sock, &crate::api::Command::Status)
+            .is_ok_and(|r| r.body["took_over"].is_object());
+        if primary_ended && backup_live {
+            SpuriousTakeover.into()
+        } else {
+            error
+        }
+    }
 }
 
 fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: u64, command: &str) -> Result<Pair> {
@@ -157,6 +207,7 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
     let tag = epoch_ms.unwrap_or(0);
     let log = dir.join(format!("primary-{tag}.log"));
     let sock = dir.join("primary.sock");
+    let backup_sock = dir.join("backup.sock");
     let listen = format!("{}:7000", Topology::BACKUP_REPL_ADDR);
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     let key_s = key.display().to_string();
@@ -164,8 +215,9 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
     // The backup keeps its default detection timeout: that is the figure to measure.
     let backup = match epoch_ms {
         Some(_) => {
-            let args =
+            let mut args =
                 strings(&["backup", "--listen", &listen, "--key", &key_s, "--store", &store_s, "--net", "tap:tap0"]);
+            args.extend(strings(&["--api", &backup_sock.display().to_string()]));
             Some(spawn_in(&topo.backup_ns(), &args, &dir.join(format!("backup-{tag}.log")), "backup")?)
         }
         None => None,
@@ -177,13 +229,22 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
     }
     args.extend(strings(&["--", "sh", "-c", command]));
     let primary = spawn_in(&topo.primary_ns(), &args, &log, "primary")?;
-    Ok(Pair { backup, primary, sock, log })
+    Ok(Pair { backup, primary, sock, backup_sock, log })
 }
 
 /// One configuration: boot, time the workload, measure latency, then (replicated) kill
 /// the primary and time the takeover.
 fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
     let mut pair = start_pair(topo, dir, epoch_ms, verify_every, WORKLOAD)?;
+    let mut figures = run_workload(topo, &mut pair, epoch_ms, requests).map_err(|e| pair.explain(e))?;
+    if epoch_ms.is_some() {
+        figures.takeover = Some(kill_and_time(topo, &mut pair)?);
+    }
+    Ok(figures)
+}
+
+/// The workload's time, the checkpoint figures and the latency.
+fn run_workload(topo: &Topology, pair: &mut Pair, epoch_ms: Option<u64>, requests: usize) -> Result<Figures> {
     if epoch_ms.is_some() {
         wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(300))?;
     }
@@ -199,22 +260,20 @@ fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, 
         figures.link_mb_s = c["bytes_per_s"].as_f64().map(|b| b / 1e6);
     }
     figures.latency_ms = in_namespace(&topo.client_ns(), move || latency(requests))?;
-    if epoch_ms.is_some() {
-        figures.takeover = Some(kill_and_time(topo, &mut pair)?);
-    }
     Ok(figures)
 }
 
 /// A round that only kills: boot the counter replicated, wait until it is protected, kill.
 fn kill_once(topo: &Topology, dir: &Path, epoch_ms: u64) -> Result<Takeover> {
     let mut pair = start_pair(topo, dir, Some(epoch_ms), 0, "exec /usr/share/ftvm/counter-httpd")?;
-    in_namespace(&topo.client_ns(), || first_answer(Duration::from_secs(300)).map(|_| ()))?;
+    in_namespace(&topo.client_ns(), || first_answer(Duration::from_secs(300)).map(|_| ()))
+        .map_err(|e| pair.explain(e))?;
     kill_and_time(topo, &mut pair)
 }
 
 /// Wait until the primary is protected, SIGKILL it, and time the backup's takeover.
 fn kill_and_time(topo: &Topology, pair: &mut Pair) -> Result<Takeover> {
-    wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(60))?;
+    wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(60)).map_err(|e| pair.explain(e))?;
     // The probe's thread is in the client's namespace before the kill; it starts at once.
     let (killed_tx, killed_rx) = mpsc::channel();
     let probe = in_namespace_spawn(&topo.client_ns(), move || {
