@@ -186,9 +186,9 @@ impl Hart {
         hart
     }
 
-    /// Current guest time in ticks.
+    /// Current guest time in ticks (it stops at the end of time rather than wrap).
     pub fn time(&self) -> u64 {
-        self.state.icount / self.config.icount_per_tick + self.state.time_offset_ticks
+        (self.state.icount / self.config.icount_per_tick).saturating_add(self.state.time_offset_ticks)
     }
 
     /// Advance guest time by `ticks` without executing (an idle skip).
@@ -197,12 +197,14 @@ impl Hart {
         self.timer_changed();
     }
 
-    /// The earliest enabled timer compare value still in the future, in ticks.
+    /// The earliest enabled timer compare value still in the future, in ticks. A
+    /// compare register at the last tick (all ones) is a timer switched off, as Linux
+    /// uses it: it is no deadline to skip time to.
     pub fn next_timer_deadline(&self) -> Option<u64> {
         let now = self.time();
         let mut next: Option<u64> = None;
         for cmp in self.enabled_comparators().into_iter().flatten() {
-            if cmp > now {
+            if cmp > now && cmp != u64::MAX {
                 next = Some(next.map_or(cmp, |n| n.min(cmp)));
             }
         }

@@ -650,6 +650,33 @@ fn next_timer_deadline_is_the_earliest_enabled_future_compare() {
 }
 
 #[test]
+fn a_compare_register_of_all_ones_is_a_timer_switched_off() {
+    // Linux writes -1 to stimecmp to stop its timer; idling then must not skip guest
+    // time to the end of time.
+    let mut m = Machine::new();
+    m.hart.state.menvcfg = MENVCFG_STCE;
+    m.hart.set_mtimecmp(u64::MAX);
+    m.hart.set_stimecmp(u64::MAX);
+    assert_eq!(m.hart.next_timer_deadline(), None);
+    m.hart.set_stimecmp(300);
+    assert_eq!(m.hart.next_timer_deadline(), Some(300));
+}
+
+#[test]
+fn guest_time_stops_at_the_end_of_time_and_the_hart_keeps_its_budget() {
+    // A time skip past the last tick once wrapped time around to the past, left a timer
+    // deadline behind the instruction count, and the next run never returned.
+    let mut m = Machine::with_code(&[jal(ZERO, 0)]);
+    m.hart.set_mtimecmp(5);
+    m.hart.skip_time(u64::MAX - 3);
+    assert_eq!(m.hart.time(), u64::MAX - 3);
+    m.hart.skip_time(10);
+    assert_eq!(m.hart.time(), u64::MAX);
+    assert_eq!(m.run(100), Exit::Budget);
+    assert_eq!(m.hart.state.icount, 100);
+}
+
+#[test]
 fn stimecmp_raises_stip_while_menvcfg_stce_is_set() {
     let mut words = nops(19);
     words.push(csrr(A0, MIP));
@@ -752,7 +779,8 @@ fn complete_sbi_returns_error_and_value_in_a0_a1_and_retires_the_ecall() {
 #[test]
 fn user_and_machine_ecalls_still_trap_when_the_monitor_implements_the_sbi() {
     for (p, cause) in [(PrivMode::User, CAUSE_USER_ECALL), (PrivMode::Machine, CAUSE_MACHINE_ECALL)] {
-        let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true });
+        let mut m =
+            Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true });
         m.load(CODE, &[ecall()]);
         m.set_privilege(p);
         assert_eq!(m.run(2), Exit::Budget);
