@@ -51,6 +51,26 @@ pub struct VmArgs {
     /// Print instructions executed and the speed at exit (to stderr)
     #[arg(long)]
     pub stats: bool,
+    /// Engine for guest code: jit compiles hot code to host code, interp interprets it all
+    /// (the same guest either way) [default: jit on x86-64, interp elsewhere]
+    #[arg(long, value_enum)]
+    pub cpu: Option<CpuArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuArg {
+    Interp,
+    Jit,
+}
+
+impl CpuArg {
+    pub fn to_cpu(choice: Option<CpuArg>) -> machine::Cpu {
+        match choice {
+            None => machine::Cpu::host_default(),
+            Some(CpuArg::Interp) => machine::Cpu::Interpreter,
+            Some(CpuArg::Jit) => machine::Cpu::Jit,
+        }
+    }
 }
 
 /// Boot a virtual machine (the default Debian guest unless --kernel is given).
@@ -153,6 +173,7 @@ pub fn machine_config(args: &VmArgs, command: &[String]) -> Result<MachineConfig
     config.bootargs = bootargs;
     config.ram_size = args.mem;
     config.disk = args.disk.clone().map(|path| DiskConfig { path, read_only: args.disk_read_only });
+    config.cpu = CpuArg::to_cpu(args.cpu);
     if args.net.is_some() {
         config.net_mac = Some(args.mac);
     }
@@ -352,7 +373,16 @@ pub fn run_driver(
     let seconds = started.elapsed().as_secs_f64();
     if vm.stats {
         let n = driver.machine.icount();
-        eprintln!("ftvm: instructions={n} seconds={seconds:.3} mips={:.1}", n as f64 / seconds / 1e6);
+        let jit = driver.machine.hart().jit_stats();
+        let cpu = if jit.active { "jit" } else { "interp" };
+        eprintln!(
+            "ftvm: instructions={n} seconds={seconds:.3} mips={:.1} cpu={cpu} compiled_share={:.3} \
+             compile_share={:.3} blocks_compiled={}",
+            n as f64 / seconds / 1e6,
+            jit.compiled_instructions as f64 / n.max(1) as f64,
+            jit.compile_ns as f64 / 1e9 / seconds,
+            jit.blocks_compiled
+        );
     }
     if vm.digest {
         eprintln!("ftvm: digest={} icount={}", driver.machine.digest(), driver.machine.icount());

@@ -19,3 +19,5 @@ pub use io::{Input, InputKind, Output, OutputKind};
 pub use machine::{
     Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit,
 };
+/// The engine choice for [`MachineConfig::cpu`], and what the compiler did.
+pub use rv64::{Cpu, JitStats};

@@ -54,6 +54,8 @@ pub struct MachineConfig {
     /// replicas built at different moments are the same VM, and a snapshot or checkpoint
     /// carries the clock (the RTC's state) with it.
     pub boot_unix_ns: u64,
+    /// The engine that runs guest code (the same guest either way; a matter of speed).
+    pub cpu: rv64::Cpu,
 }
 
 impl MachineConfig {
@@ -67,6 +69,7 @@ impl MachineConfig {
             net_mac: None,
             icount_per_tick: 10,
             boot_unix_ns: 0,
+            cpu: rv64::Cpu::host_default(),
         }
     }
 }
@@ -231,7 +234,8 @@ impl Machine {
         ram.take_dirty_pages(); // the initial image is the baseline, not a change
 
         let icount_per_tick = config.icount_per_tick.clamp(1, MAX_ICOUNT_PER_TICK);
-        let hart_config = HartConfig { icount_per_tick, sbi_in_monitor: true };
+        let hart_config =
+            HartConfig { icount_per_tick, sbi_in_monitor: true, cpu: config.cpu, ..HartConfig::default() };
         let mut hart = Hart::new(hart_config, layout.entry);
         boot_state(&mut hart, layout.fdt_addr);
         let board = Board::new(ram, virtio, config.boot_unix_ns);

@@ -19,7 +19,8 @@
 use crate::bus::Bus;
 use crate::decode::{Insn, Kind};
 use crate::exec::Flow;
-use crate::hart::{decode_any, Hart, StepEnd};
+use crate::hart::{decode_any, Cpu, Hart, HartConfig, StepEnd};
+use crate::jit::{self, exit_code, BlockFn, Jit, JitCtx, JitStats, Refused};
 use crate::mem::{GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
 /// Most instructions in one block. Longer straight-line code continues in the next
@@ -59,9 +60,14 @@ struct Block {
     start: u32,
     /// Zero when the first instruction crosses the page end.
     len: u32,
+    /// Interpreted runs so far ([`REFUSED`]: the compiler cannot take it).
+    hits: u32,
+    /// The block compiled to host code, once hot.
+    code: Option<BlockFn>,
 }
 
-const EMPTY: Block = Block { pc: 1, page_ram_offset: 0, code_gen: 0, start: 0, len: 0 };
+const EMPTY: Block = Block { pc: 1, page_ram_offset: 0, code_gen: 0, start: 0, len: 0, hits: 0, code: None };
+const REFUSED: u32 = u32::MAX;
 
 /// The cache of blocks. Not part of the architectural state: it starts empty and may
 /// be dropped at any time. Memory is taken when the hart first runs.
@@ -71,24 +77,32 @@ pub(crate) struct BlockCache {
     ops: Vec<MicroOp>,
     /// [`GuestRam::id`] of the RAM the blocks were decoded from.
     ram_id: u64,
+    /// The compiler, when the configuration asks for one and the host has one.
+    jit: Option<Box<Jit>>,
 }
 
 impl BlockCache {
     pub(crate) fn new() -> BlockCache {
-        BlockCache { slots: Vec::new(), ops: Vec::new(), ram_id: 0 }
+        BlockCache { slots: Vec::new(), ops: Vec::new(), ram_id: 0, jit: None }
     }
 
     /// Make the cache ready for running on `ram`: allocated, and empty unless its
     /// blocks were decoded from this very RAM. True when they were not (the hart's
     /// other RAM-derived caches must go too).
-    pub(crate) fn bind(&mut self, ram: &GuestRam) -> bool {
+    pub(crate) fn bind(&mut self, ram: &GuestRam, config: &HartConfig) -> bool {
         if self.slots.is_empty() {
             self.slots = vec![EMPTY; BLOCK_SLOTS];
             self.ops = Vec::with_capacity(ARENA_OPS);
+            if config.cpu == Cpu::Jit {
+                self.jit = Jit::new(config.jit).map(Box::new);
+            }
         }
         let other_ram = self.ram_id != ram.id();
         if other_ram {
             self.flush();
+            if let Some(jit) = &mut self.jit {
+                jit.flush();
+            }
             self.ram_id = ram.id();
         }
         other_ram
@@ -97,6 +111,52 @@ impl BlockCache {
     fn flush(&mut self) {
         self.slots.fill(EMPTY);
         self.ops.clear();
+    }
+
+    pub(crate) fn jit_stats(&self) -> JitStats {
+        self.jit.as_ref().map(|jit| jit.stats()).unwrap_or_default()
+    }
+
+    /// The compiled code of the block in `slot`, compiling it now if it just became
+    /// hot; `None` while it is interpreted.
+    #[inline]
+    fn compiled(&mut self, slot: usize) -> Option<BlockFn> {
+        let jit = self.jit.as_mut()?;
+        let block = &mut self.slots[slot];
+        if block.code.is_some() {
+            return block.code;
+        }
+        if block.hits < jit.hot_threshold() {
+            block.hits += 1;
+            return None;
+        }
+        if block.hits == REFUSED {
+            return None;
+        }
+        self.compile(slot)
+    }
+
+    #[cold]
+    fn compile(&mut self, slot: usize) -> Option<BlockFn> {
+        let jit = self.jit.as_mut().expect("called with a compiler");
+        let block = self.slots[slot];
+        let ops = &self.ops[block.start as usize..(block.start + block.len) as usize];
+        let page = block.page_ram_offset >> PAGE_SHIFT;
+        let mut result = jit.compile(ops, block.pc, page, block.code_gen);
+        if result == Err(Refused::Full) {
+            // The code cache is full: empty it, with every pointer into it.
+            jit.flush();
+            for block in &mut self.slots {
+                block.code = None;
+            }
+            result = jit.compile(ops, block.pc, page, block.code_gen);
+        }
+        let block = &mut self.slots[slot];
+        match result {
+            Ok(code) => block.code = Some(code),
+            Err(_) => block.hits = REFUSED,
+        }
+        block.code
     }
 
     /// Decode the block at `pc` from RAM page `page_ram_offset` into `slot`.
@@ -125,7 +185,7 @@ impl BlockCache {
             }
         }
         let len = (self.ops.len() - start) as u32;
-        self.slots[slot] = Block { pc, page_ram_offset, code_gen, start: start as u32, len };
+        self.slots[slot] = Block { pc, page_ram_offset, code_gen, start: start as u32, len, hits: 0, code: None };
     }
 }
 
@@ -146,6 +206,8 @@ impl Hart {
         // The virtual page last fetched from (odd: none yet) and its RAM offset.
         let mut fetch_vpage = 1;
         let mut page_ram_offset = 0;
+        // What compiled code reaches, made when the chain first needs it.
+        let mut jit_ctx: Option<JitCtx> = None;
         loop {
             if pc & !(PAGE_SIZE - 1) != fetch_vpage {
                 self.state.pc = pc;
@@ -166,6 +228,30 @@ impl Hart {
             if block.len == 0 {
                 self.state.pc = pc;
                 return self.step(bus);
+            }
+            if let Some(code) = cache.compiled(slot) {
+                // Only a block that fits in what is left of the budget runs compiled, so
+                // that it cannot run past it; else it is interpreted, up to the budget.
+                if block.len as u64 <= stop_icount - self.state.icount {
+                    let jit = cache.jit.as_mut().expect("compiled code comes from the compiler");
+                    let before = self.state.icount;
+                    let exit = self.run_compiled(bus, &mut jit_ctx, code);
+                    jit.count_compiled(self.state.icount - before);
+                    match exit {
+                        exit_code::CONTINUE => {
+                            pc = self.state.pc;
+                            if self.state.icount == stop_icount {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        exit_code::RETURN => return Ok(()),
+                        // The interpreter runs the instruction the block stopped before
+                        // (from the same decoded bytes: nothing wrote the page since).
+                        exit_code::BAIL => return self.step(bus),
+                        _ => return Err(self.take_step_end()),
+                    }
+                }
             }
             let count = (block.len as usize).min((stop_icount - self.state.icount) as usize);
             let start = block.start as usize;
@@ -209,6 +295,22 @@ impl Hart {
                 return Ok(());
             }
         }
+    }
+
+    /// Run a compiled block; returns its exit code, with pc and icount set.
+    #[inline]
+    fn run_compiled(&mut self, bus: &mut impl Bus, ctx: &mut Option<JitCtx>, code: BlockFn) -> u32 {
+        let ctx = match ctx {
+            Some(ctx) => {
+                ctx.rebind(self, bus);
+                ctx
+            }
+            None => ctx.insert(JitCtx::new(self, bus)),
+        };
+        // SAFETY: the context was made for this hart and bus (and re-pointed at them just
+        // now), which nothing else uses while the block runs; `code` is in the compiler's
+        // cache, which is flushed only between blocks, dropping every pointer to it.
+        unsafe { jit::run(code, ctx) }
     }
 
     /// Execute one instruction outside any block: a 32-bit instruction that crosses

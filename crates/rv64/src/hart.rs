@@ -11,6 +11,7 @@ use crate::block::BlockCache;
 use crate::bus::Bus;
 use crate::csr::*;
 use crate::decode::{self, Insn, Op};
+use crate::jit::{JitConfig, JitStats};
 use crate::mmu::Tlb;
 use crate::rvc;
 use crate::trap::{Exception, Interrupt, Trap};
@@ -85,6 +86,25 @@ pub struct HartState {
     pub senvcfg: u64,
 }
 
+/// Which engine runs guest code. Both give the same guest, bit for bit and at the
+/// same instruction counts: the choice is one of speed only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cpu {
+    /// Decoded blocks, interpreted: the reference.
+    Interpreter,
+    /// Interpret first, and compile a block to host code once it is hot (see
+    /// [`crate::jit`]). Where the host has no compiler, the interpreter runs.
+    Jit,
+}
+
+impl Cpu {
+    /// The engine used unless one is asked for: for now the interpreter everywhere (the
+    /// compiler is chosen with `--cpu jit`).
+    pub const fn host_default() -> Cpu {
+        Cpu::Interpreter
+    }
+}
+
 /// Fixed properties of the hart, set when the machine is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HartConfig {
@@ -94,11 +114,15 @@ pub struct HartConfig {
     /// When set, `ecall` from S-mode is not a trap into M-mode but an [`Exit::Sbi`]
     /// for the monitor, which implements the SBI itself (no firmware image needed).
     pub sbi_in_monitor: bool,
+    /// The engine that runs guest code.
+    pub cpu: Cpu,
+    /// How the compiler tier behaves when `cpu` is [`Cpu::Jit`].
+    pub jit: JitConfig,
 }
 
 impl Default for HartConfig {
     fn default() -> Self {
-        HartConfig { icount_per_tick: 10, sbi_in_monitor: false }
+        HartConfig { icount_per_tick: 10, sbi_in_monitor: false, cpu: Cpu::host_default(), jit: JitConfig::default() }
     }
 }
 
@@ -184,6 +208,11 @@ impl Hart {
         };
         hart.timer_changed();
         hart
+    }
+
+    /// What the compiler tier did so far (all zero when the hart only interprets).
+    pub fn jit_stats(&self) -> JitStats {
+        self.blocks.jit_stats()
     }
 
     /// Current guest time in ticks (it stops at the end of time rather than wrap).
@@ -312,7 +341,7 @@ impl Hart {
         // The cache is lent to the loop, which then holds decoded instructions while the
         // hart changes.
         let mut blocks = std::mem::replace(&mut self.blocks, BlockCache::new());
-        if blocks.bind(bus.ram()) {
+        if blocks.bind(bus.ram(), &self.config) {
             // TLB entries hold offsets into the RAM they were filled for.
             self.tlb.flush();
         }

@@ -12,12 +12,14 @@ pub mod csr;
 pub mod decode;
 mod exec;
 pub mod hart;
+pub mod jit;
 pub mod mem;
 mod mmu;
 pub mod rvc;
 pub mod trap;
 
 pub use bus::{Bus, BusFault};
-pub use hart::{Exit, Hart, HartConfig, HartState, PrivMode};
+pub use hart::{Cpu, Exit, Hart, HartConfig, HartState, PrivMode};
+pub use jit::{JitConfig, JitStats};
 pub use mem::GuestRam;
 pub use trap::{Exception, Interrupt};

@@ -17,6 +17,14 @@ pub const PAGE_SHIFT: u32 = 12;
 /// Source of [`GuestRam::id`]: every instance (new or cloned) gets its own.
 static NEXT_RAM_ID: AtomicU64 = AtomicU64::new(1);
 
+/// See [`GuestRam::jit_view`].
+pub(crate) struct RamView {
+    pub(crate) bytes: *mut u8,
+    pub(crate) dirty: *mut u64,
+    pub(crate) code_watch: *mut u64,
+    pub(crate) code_gen: *const u64,
+}
+
 /// Guest RAM: one contiguous region starting at `base`, allocated up front.
 pub struct GuestRam {
     base: u64,
@@ -127,6 +135,17 @@ impl GuestRam {
     #[inline]
     pub(crate) fn code_gen(&self, page: usize) -> u64 {
         self.code_gen[page]
+    }
+
+    /// Raw views for compiled code, which reads and writes RAM and marks pages inline
+    /// (see `crate::jit`). Valid while this RAM lives: nothing here ever reallocates.
+    pub(crate) fn jit_view(&mut self) -> RamView {
+        RamView {
+            bytes: self.bytes.as_mut_ptr(),
+            dirty: self.dirty.as_mut_ptr(),
+            code_watch: self.code_watch.as_mut_ptr(),
+            code_gen: self.code_gen.as_ptr(),
+        }
     }
 
     /// Read-only view of all of RAM (for digests and snapshots).

@@ -9,7 +9,7 @@ use crate::exec::Flow;
 use crate::hart::{Hart, PrivMode};
 use crate::trap::Exception;
 
-const TLB_ENTRIES: usize = 256;
+pub(crate) const TLB_ENTRIES: usize = 256;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -18,8 +18,10 @@ pub(crate) enum Access {
     Store = 2,
 }
 
+/// Laid out for compiled code, which checks tags inline (see `crate::jit::emit`).
 #[derive(Clone, Copy, Default)]
-struct TlbEntry {
+#[repr(C)]
+pub(crate) struct TlbEntry {
     /// See [`tag`]; zero means empty.
     tag: u64,
     /// Added to a virtual address in the page, gives its offset in guest RAM.
@@ -40,6 +42,7 @@ impl TlbEntry {
 
 /// Direct-mapped translations per access kind, only for pages backed by RAM and
 /// only once the access has passed every permission check.
+#[repr(C)]
 pub(crate) struct Tlb {
     entries: [[TlbEntry; TLB_ENTRIES]; 3],
 }
@@ -53,6 +56,11 @@ impl Default for Tlb {
 impl Tlb {
     pub(crate) fn flush(&mut self) {
         *self = Tlb::default();
+    }
+
+    /// The first entry: the tables follow one another, one per [`Access`] in order.
+    pub(crate) fn entries_ptr(&self) -> *const TlbEntry {
+        self.entries.as_ptr().cast()
     }
 }
 

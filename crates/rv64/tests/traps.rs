@@ -579,7 +579,7 @@ fn time_is_icount_divided_by_icount_per_tick() {
 
 #[test]
 fn time_includes_skipped_ticks() {
-    let mut m = Machine::with_config(HartConfig { icount_per_tick: 3, sbi_in_monitor: false });
+    let mut m = Machine::with_config(HartConfig { icount_per_tick: 3, sbi_in_monitor: false, ..HartConfig::default() });
     let mut words = nops(7);
     words.push(csrr(A0, TIME));
     m.load(CODE, &words);
@@ -755,7 +755,7 @@ fn run_returns_stop_right_after_the_device_access_that_asked_for_it() {
 
 #[test]
 fn supervisor_ecall_returns_sbi_to_the_monitor_without_retiring() {
-    let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true });
+    let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true, ..HartConfig::default() });
     m.load(CODE, &[nop(), ecall(), nop()]);
     m.set_privilege(PrivMode::Supervisor);
     assert_eq!(m.run(10), Exit::Sbi);
@@ -766,7 +766,7 @@ fn supervisor_ecall_returns_sbi_to_the_monitor_without_retiring() {
 
 #[test]
 fn complete_sbi_returns_error_and_value_in_a0_a1_and_retires_the_ecall() {
-    let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true });
+    let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true, ..HartConfig::default() });
     m.load(CODE, &[ecall(), nop()]);
     m.set_privilege(PrivMode::Supervisor);
     m.run(10);
@@ -780,7 +780,7 @@ fn complete_sbi_returns_error_and_value_in_a0_a1_and_retires_the_ecall() {
 fn user_and_machine_ecalls_still_trap_when_the_monitor_implements_the_sbi() {
     for (p, cause) in [(PrivMode::User, CAUSE_USER_ECALL), (PrivMode::Machine, CAUSE_MACHINE_ECALL)] {
         let mut m =
-            Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true });
+            Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: true, ..HartConfig::default() });
         m.load(CODE, &[ecall()]);
         m.set_privilege(p);
         assert_eq!(m.run(2), Exit::Budget);

@@ -114,7 +114,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn new() -> Machine {
-        Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: false })
+        Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: false, ..HartConfig::default() })
     }
 
     pub fn with_config(config: HartConfig) -> Machine {

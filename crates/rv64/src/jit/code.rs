@@ -1,0 +1,107 @@
+//! The code cache's memory: one region mapped once, filled front to back, and emptied
+//! whole. Cranelift's own JIT module frees code only a module at a time and finalizes
+//! each function onto fresh pages; a bump allocator over one mapping gives a hard bound
+//! on memory, no waste between small functions, and a flush that costs nothing.
+//!
+//! Pages are never writable and executable at once: a function is copied in while its
+//! pages are read-write, then they become read-execute.
+
+use std::ptr::NonNull;
+
+/// Alignment of each function's start (what compilers use for hot code on x86-64).
+const FUNCTION_ALIGN: usize = 16;
+
+pub(super) struct CodeRegion {
+    base: NonNull<u8>,
+    size: usize,
+    /// Bytes in use from `base` on.
+    used: usize,
+    page: usize,
+}
+
+// SAFETY: the region is owned by one `CodeRegion` and only reached through it (or
+// through code pointers that the owner hands out and invalidates on flush); nothing
+// about it is tied to the thread that mapped it.
+unsafe impl Send for CodeRegion {}
+
+impl CodeRegion {
+    /// Map `size` bytes (rounded up to pages), inaccessible until filled.
+    pub(super) fn new(size: usize) -> Option<CodeRegion> {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page).ok().filter(|p| p.is_power_of_two())?;
+        let size = size.checked_next_multiple_of(page)?.max(page);
+        // SAFETY: an anonymous private mapping at an address the kernel chooses: it
+        // touches no existing memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(CodeRegion { base: NonNull::new(ptr.cast())?, size, used: 0, page })
+    }
+
+    pub(super) fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Copy `code` in and make it executable; its address, or `None` when the region
+    /// is full (the caller flushes and tries again).
+    pub(super) fn add(&mut self, code: &[u8]) -> Option<*const u8> {
+        let start = self.used.next_multiple_of(FUNCTION_ALIGN);
+        let end = start.checked_add(code.len())?;
+        if end > self.size || code.is_empty() {
+            return None;
+        }
+        let first_page = start & !(self.page - 1);
+        let span = end.next_multiple_of(self.page) - first_page;
+        // SAFETY: [first_page, first_page + span) lies inside the mapping (end <= size
+        // and size is a multiple of the page size). The pages may hold other functions,
+        // which are not running: the hart is single-threaded and compiles between
+        // blocks, never while compiled code runs.
+        unsafe {
+            let pages = self.base.as_ptr().add(first_page);
+            if libc::mprotect(pages.cast(), span, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                return None;
+            }
+            std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.as_ptr().add(start), code.len());
+            if libc::mprotect(pages.cast(), span, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+                return None;
+            }
+        }
+        self.used = end;
+        // SAFETY: start < size, inside the mapping.
+        Some(unsafe { self.base.as_ptr().add(start) })
+    }
+
+    /// Forget every function. The caller must drop every pointer `add` returned.
+    pub(super) fn flush(&mut self) {
+        if self.used > 0 {
+            // SAFETY: the range is the mapping itself; making it inaccessible and
+            // dropping its pages (MADV_DONTNEED) only affects code nobody may call now.
+            unsafe {
+                libc::mprotect(self.base.as_ptr().cast(), self.size, libc::PROT_NONE);
+                libc::madvise(self.base.as_ptr().cast(), self.size, libc::MADV_DONTNEED);
+            }
+        }
+        self.used = 0;
+    }
+}
+
+impl Drop for CodeRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the region this value mapped; no code in it can run any more
+        // (its owner, the compiler, is going away with the block cache).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.size);
+        }
+    }
+}
