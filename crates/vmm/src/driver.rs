@@ -535,7 +535,15 @@ impl Driver {
 
     /// The guest waits for an interrupt: move guest time forward to the next
     /// deadline, or to the moment a host event arrives.
+    ///
+    /// A guest that waits for entropy is fed at once (the run loop does it on return),
+    /// never after a guest timer: a program blocked in `getrandom` before the kernel's
+    /// pool is ready would otherwise wait for the next timer, which in a tickless guest
+    /// may be seconds away.
     fn idle(&mut self, deadline: Option<u64>) -> Result<Option<Outcome>> {
+        if self.machine.wants_entropy() {
+            return self.poll_events();
+        }
         let guest_now = self.machine.time_ticks();
         let wait = match (self.clock, deadline) {
             (Clock::Fast, Some(_)) => Some(Duration::ZERO),
