@@ -35,7 +35,7 @@ pub struct BackupArgs {
     #[command(flatten)]
     pub ownership: OwnershipArgs,
     /// Silence from the primary (authenticated frames only) after which this backup takes over
-    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    #[arg(long, value_name = "MS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub failover_timeout_ms: u64,
     /// Heartbeat interval on the replication link
     #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]

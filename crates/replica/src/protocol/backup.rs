@@ -56,7 +56,7 @@ impl BackupConfig {
             heartbeat_interval_ms: 10,
             handshake_timeout_ms: 500,
             max_pending_handshakes: 16,
-            failover_timeout_ms: 100,
+            failover_timeout_ms: 60,
             store_retry_ms: 100,
             ownership_check_ms: 1000,
             max_checkpoint_bytes,
