@@ -9,9 +9,12 @@
 //! | PUT    | /resume     |                    | {"state":"running"}           |
 //! | PUT    | /snapshot   | {"path": "FILE"}   | {"path":..., "bytes":...}     |
 //! | PUT    | /stop       |                    | {"state":"stopped"}           |
+//! | GET    | /metrics    |                    | Prometheus text (not JSON)    |
 //!
 //! Requests reach the VM's driver as [`HostEvent::Control`] and are answered between
-//! two run slices, so a reply always describes a consistent machine.
+//! two run slices, so a reply always describes a consistent machine. `/metrics` renders
+//! the typed status ([`vmm::status::Status`]) as Prometheus text ([`vmm::metrics`]); the
+//! same text is served over TCP by `--metrics-listen` ([`crate::metrics_http`]).
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -28,7 +31,7 @@ use vmm::host::HostEvent;
 const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long a client may take to send its request, and the VM to answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub use vmm::control::{Command, ControlRequest, Reply};
@@ -81,14 +84,79 @@ pub fn serve(path: &Path, events: Sender<HostEvent>) -> Result<ApiServer> {
 fn handle_connection(mut stream: UnixStream, events: &Sender<HostEvent>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let reply = match read_request(&mut stream) {
+    let answer = match read_request(&mut stream) {
+        Ok((method, target, _)) if target == "/metrics" && method == "GET" => metrics(events),
         Ok((method, target, body)) => match route(&method, &target, &body) {
-            Ok(command) => ask_vm(command, events),
-            Err(reply) => reply,
+            Ok(command) => Answer::from(ask_vm(command, events)),
+            Err(reply) => Answer::from(reply),
         },
-        Err(message) => Reply::error(400, message),
+        Err(message) => Answer::from(Reply::error(400, message)),
     };
-    write_reply(&mut stream, &reply)
+    answer.write(&mut stream)
+}
+
+/// An answer as it goes on the wire.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    /// The methods a 405 answer allows.
+    pub allow: Option<&'static str>,
+}
+
+impl From<Reply> for Answer {
+    fn from(reply: Reply) -> Answer {
+        let body = serde_json::to_vec(&reply.body).expect("JSON values serialize");
+        Answer { status: reply.status, content_type: "application/json", body, allow: None }
+    }
+}
+
+impl Answer {
+    pub fn text(status: u16, text: impl Into<String>) -> Answer {
+        let body = text.into().into_bytes();
+        Answer { status, content_type: "text/plain; charset=utf-8", body, allow: None }
+    }
+
+    pub fn write(&self, stream: &mut impl Write) -> std::io::Result<()> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            409 => "Conflict",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
+            504 => "Gateway Timeout",
+            _ => "Error",
+        };
+        let allow = self.allow.map(|a| format!("Allow: {a}\r\n")).unwrap_or_default();
+        write!(
+            stream,
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
+            self.status,
+            self.content_type,
+            self.body.len()
+        )?;
+        stream.write_all(&self.body)?;
+        stream.flush()
+    }
+}
+
+/// `GET /metrics`: the VM's status as Prometheus text.
+pub(crate) fn metrics(events: &Sender<HostEvent>) -> Answer {
+    let reply = ask_vm(Command::Status, events);
+    if reply.status != 200 {
+        return Answer::from(reply);
+    }
+    match serde_json::from_value::<vmm::status::Status>(reply.body) {
+        Ok(status) => Answer {
+            status: 200,
+            content_type: vmm::metrics::CONTENT_TYPE,
+            body: vmm::metrics::render(&status).into_bytes(),
+            allow: None,
+        },
+        Err(e) => Answer::from(Reply::error(500, format!("the VM's status does not parse: {e}"))),
+    }
 }
 
 fn ask_vm(command: Command, events: &Sender<HostEvent>) -> Reply {
@@ -100,7 +168,7 @@ fn ask_vm(command: Command, events: &Sender<HostEvent>) -> Reply {
 }
 
 /// Read one request: method, target, body. Errors are messages for a 400 answer.
-fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), String> {
+pub(crate) fn read_request(stream: impl Read) -> Result<(String, String, Vec<u8>), String> {
     let mut reader = BufReader::new(stream.take((MAX_HEADER_BYTES + MAX_BODY_BYTES) as u64));
     let mut header_bytes = 0;
     let mut line = String::new();
@@ -150,7 +218,8 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), St
 /// Map a request onto a command, or answer it with an error.
 pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> {
     let command = match target {
-        "/" | "/status" => Command::Status,
+        // GET /metrics is answered before routing (its answer is text, not a reply).
+        "/" | "/status" | "/metrics" => Command::Status,
         "/pause" => Command::Pause,
         "/resume" => Command::Resume,
         "/stop" => Command::Stop,
@@ -170,28 +239,6 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
         return Err(Reply::error(405, format!("{target} takes {expected}, not {method}")));
     }
     Ok(command)
-}
-
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
-    let body = serde_json::to_vec(&reply.body).expect("JSON values serialize");
-    let reason = match reply.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reply.status,
-        body.len()
-    )?;
-    stream.write_all(&body)?;
-    stream.flush()
 }
 
 /// The client side: send one request and return the reply.
@@ -218,6 +265,25 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).context("cannot read the API's answer")?;
     parse_response(&response)
+}
+
+/// The client side of `GET /metrics`: the Prometheus text.
+pub fn metrics_text(socket: &Path) -> Result<String> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!("cannot connect to the API socket {} (is the VM running with --api?)", socket.display())
+    })?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT + IO_TIMEOUT))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).context("cannot read the API's answer")?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed answer from the API (no header end)")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let reply = parse_response(&response)?;
+        let message = reply.body.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error").to_string();
+        bail!("the VM refused: {message} (HTTP {})", reply.status);
+    }
+    Ok(body.to_string())
 }
 
 fn parse_response(response: &[u8]) -> Result<Reply> {

@@ -54,6 +54,8 @@ pub fn run(args: BackupArgs) -> Result<i32> {
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     // The API answers as a backup now, and as the live VM after a takeover.
     let (api_tx, api_rx) = mpsc::channel::<HostEvent>();
+    // The metrics port stays across a takeover: it asks the live VM from then on.
+    let metrics = crate::metrics_http::bind(&args.vm, &api_tx)?;
     let api_server = match &args.vm.api {
         Some(path) => Some(crate::api::serve(path, api_tx)?),
         None => None,
@@ -85,16 +87,20 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             eprintln!("ftvm backup: stopped through the control API");
             Ok(0)
         }
-        Ending::GoLive { machine, epoch, generation } => {
+        Ending::GoLive { machine, takeover } => {
             drop(api_server); // the live VM serves the API from here on
             if let Some(tap) = &tap {
                 tap.discard_pending().context("cannot empty the TAP device's queue")?;
                 spawn_announcer(tap.clone_handle()?, args.vm.mac);
             }
             let (tx, rx) = mpsc::channel();
+            if let Some(metrics) = &metrics {
+                metrics.route_to(tx.clone());
+            }
             let mut driver = Driver::new(*machine, rx, args.vm.clock.into());
-            driver.role = "primary";
-            driver.took_over = Some(serde_json::json!({ "epoch": epoch, "generation": generation }));
+            driver.role = vmm::status::Role::Primary;
+            driver.vm_id = Some(ownership.vm_id.clone());
+            driver.took_over = Some(takeover);
             run_owned(driver, &args.vm, tap, tx, Some(ownership), &[], false)
         }
     }

@@ -253,11 +253,14 @@ fn run_workload(topo: &Topology, pair: &mut Pair, epoch_ms: Option<u64>, request
     let end = wait_for_line(&pair.log, "bench: end", Duration::from_secs(300), &mut pair.primary)?;
     let mut figures = Figures { workload_s: (end - start).as_secs_f64(), ..Figures::default() };
     if epoch_ms.is_some() {
-        let status = crate::api::request(&pair.sock, &crate::api::Command::Status)?.body;
-        let c = &status["replication"]["checkpoints"];
-        figures.pause_avg_ms = c["pause_avg_ms"].as_f64();
-        figures.pause_max_ms = c["pause_max_ms"].as_f64();
-        figures.link_mb_s = c["bytes_per_s"].as_f64().map(|b| b / 1e6);
+        let reply = crate::api::request(&pair.sock, &crate::api::Command::Status)?;
+        let status: vmm::status::Status =
+            serde_json::from_value(reply.body).context("the primary's status does not parse")?;
+        if let Some(c) = status.replication.map(|r| r.checkpoints) {
+            figures.pause_avg_ms = Some(c.pause_avg_ms);
+            figures.pause_max_ms = Some(c.pause_max_ms);
+            figures.link_mb_s = Some(c.bytes_per_s / 1e6);
+        }
     }
     figures.latency_ms = in_namespace(&topo.client_ns(), move || latency(requests))?;
     Ok(figures)
@@ -297,7 +300,8 @@ fn wait_protected(sock: &Path, primary: &mut Proc, limit: Duration) -> Result<()
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Ok(reply) = crate::api::request(sock, &crate::api::Command::Status) {
-            if reply.body["replication"]["protected"] == true {
+            let status = serde_json::from_value::<vmm::status::Status>(reply.body).ok();
+            if status.and_then(|s| s.replication).is_some_and(|r| r.protected) {
                 return Ok(());
             }
         }

@@ -16,7 +16,7 @@ pub struct CtlArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Verb {
-    /// Role, mode, instruction count, epoch, last checkpoint, replication lag (JSON)
+    /// Role, state, epoch, replication lag, protection, takeover... (JSON: vmm::status::Status)
     Status,
     /// Stop running the guest (its state stays in memory)
     Pause,
@@ -29,10 +29,16 @@ pub enum Verb {
     },
     /// Stop the VM
     Stop,
+    /// The status as Prometheus metrics (text; `--metrics-listen` serves them over TCP)
+    Metrics,
 }
 
 pub fn run(args: CtlArgs) -> Result<i32> {
     let command = match args.verb {
+        Verb::Metrics => {
+            print!("{}", api::metrics_text(&args.api)?);
+            return Ok(0);
+        }
         Verb::Status => Command::Status,
         Verb::Pause => Command::Pause,
         Verb::Resume => Command::Resume,

@@ -5,8 +5,8 @@
 //! client counts; midway the primary is killed with SIGKILL; the backup takes over
 //! from the last checkpoint the primary's outputs depended on, announces the guest's
 //! MAC, and the client carries on — the counter never going backwards. Every verdict
-//! but one comes from the client's answers and the replicas' typed status (`ctl status`);
-//! a failed digest check is read from the backup's log until its status counts them.
+//! comes from the client's answers and the replicas' typed status ([`Status`], as
+//! `ctl status` prints it), never from log wording.
 
 use crate::netns::Topology;
 use anyhow::{bail, Context, Result};
@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use vmm::status::{Role, Status, Takeover};
 
 pub(crate) const HTTP_ADDR: &str = "10.0.2.15:80";
 const SESSION_ADDR: &str = "10.0.2.15:7001";
@@ -272,8 +273,8 @@ struct Summary {
     /// Kill mode: the takeover as a probe saw it (a new connection every 10 ms, each
     /// abandoned after 50 ms), free of the client's TCP retransmission timers.
     probe: Option<crate::bench_cmd::Takeover>,
-    /// Kill mode: the generation the backup took the VM over with (its status says).
-    took_over: Option<u64>,
+    /// Kill mode: how the backup took the VM over (its status says).
+    took_over: Option<Takeover>,
     /// Partition mode: the backup took over although the primary was alive.
     backup_went_live: bool,
     /// Partition mode: at the end of the cut the primary said it was unprotected and the
@@ -281,13 +282,13 @@ struct Summary {
     cut_seen: bool,
     /// Partition mode: the backup caught up after the link came back.
     resynchronized: bool,
-    /// The backup found a checkpoint whose digest check failed.
-    diverged: bool,
+    /// Checkpoints whose digest check failed on the backup (None: its status did not say).
+    diverged: Option<u64>,
 }
 
 impl Summary {
     fn passed(&self) -> bool {
-        let common = !self.diverged
+        let common = self.diverged == Some(0)
             && self.went_backwards.is_none()
             && self.session_broken.is_none()
             && self.session_answers_after_fault > 0
@@ -312,10 +313,10 @@ impl Summary {
             (None, _) => "  FAILED: the TCP session gave no answer after the fault".into(),
             (Some(e), _) => format!("  FAILED: the client's TCP session broke: {e}"),
         });
-        lines.push(if self.diverged {
-            "  FAILED: a checkpoint's digest check failed on the backup (see its log)".into()
-        } else {
-            "  every verified checkpoint matched the primary's digest".into()
+        lines.push(match self.diverged {
+            Some(0) => "  every verified checkpoint matched the primary's digest".into(),
+            Some(n) => format!("  FAILED: {n} checkpoints failed their digest check on the backup (see its log)"),
+            None => "  FAILED: the backup's status did not say whether its checkpoints matched".into(),
         });
         if self.partition {
             lines.push(if self.backup_went_live {
@@ -348,8 +349,11 @@ impl Summary {
                     p.accepted_ms, p.answered_ms
                 ));
             }
-            lines.push(match self.took_over {
-                Some(g) => format!("  the backup took the VM over as generation {g}"),
+            lines.push(match &self.took_over {
+                Some(t) => format!(
+                    "  the backup took the VM over as generation {} from epoch {}, {} ms after the primary's last frame",
+                    t.generation, t.epoch, t.last_frame_to_live_ms
+                ),
                 None => "  FAILED: the backup's status does not say it took the VM over".into(),
             });
         }
@@ -461,7 +465,7 @@ fn drive(
         }
         if let (Some(_), true) = (fault_at, args.partition) {
             // Exactly one side live: the backup must never serve the VM during the cut.
-            summary.backup_went_live |= status(&backup_api).is_some_and(|s| s["role"] == "primary");
+            summary.backup_went_live |= status(&backup_api).is_some_and(|s| s.role == Role::Primary);
         }
         if let Some(fault) = fault_at {
             let enough = fault.elapsed() >= Duration::from_secs(args.after_kill_s);
@@ -473,32 +477,33 @@ fn drive(
             }
         }
     }
-    // The backup's status does not count failed digest checks yet: its log says each one.
-    summary.diverged = std::fs::read_to_string(dir.join("backup.log")).unwrap_or_default().contains("diverged");
+    // The backup counts failed digest checks, and a backup that took over still says them.
+    summary.diverged = status(&backup_api).and_then(|s| s.diverged_checkpoints());
     if args.partition {
-        let primary_unprotected = status(&primary_api).is_some_and(|s| s["replication"]["protected"] == false);
-        let backup_stale = status(&backup_api).is_some_and(|s| s["role"] == "backup" && s["stale"] == true);
+        let primary_unprotected = status(&primary_api).is_some_and(|s| s.replication.is_some_and(|r| !r.protected));
+        let backup_stale = status(&backup_api).is_some_and(|s| s.backup.is_some_and(|b| b.stale));
         summary.cut_seen = primary_unprotected && backup_stale;
         println!("ftvm demo: restoring the replication link");
         topo.set_replication_link(true)?;
         summary.resynchronized = wait_for_protection(&primary_api, Duration::from_secs(30));
     } else {
-        summary.took_over = status(&backup_api).and_then(|s| s["took_over"]["generation"].as_u64());
+        summary.took_over = status(&backup_api).and_then(|s| s.took_over);
         summary.probe = probe.and_then(|p| p.join().ok()).and_then(|r| r.ok());
     }
     Ok(summary)
 }
 
 /// A replica's status (`ctl status`), None when it does not answer.
-fn status(api: &Path) -> Option<serde_json::Value> {
-    crate::api::request(api, &crate::api::Command::Status).ok().filter(|r| r.status == 200).map(|r| r.body)
+fn status(api: &Path) -> Option<Status> {
+    let reply = crate::api::request(api, &crate::api::Command::Status).ok().filter(|r| r.status == 200)?;
+    serde_json::from_value(reply.body).ok()
 }
 
 /// Wait until the primary reports that its backup holds everything it released again.
 fn wait_for_protection(api: &Path, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if status(api).is_some_and(|s| s["replication"]["protected"] == true) {
+        if status(api).is_some_and(|s| s.replication.is_some_and(|r| r.protected)) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -7,6 +7,7 @@ mod bench_cmd;
 mod ctl_cmd;
 mod demo;
 mod guest_image;
+mod metrics_http;
 mod model_cmd;
 mod netns;
 mod replication_args;

@@ -42,6 +42,9 @@ pub struct VmArgs {
     /// Serve the control API (status, pause, resume, snapshot, stop) on this Unix socket
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`, as on the API socket) over TCP on this address
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
     #[arg(long, value_enum, default_value = "realtime")]
     pub clock: ClockArg,
@@ -296,6 +299,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let tap = open_tap(vm)?;
     let machine = Machine::new(&config)?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let _metrics = crate::metrics_http::bind(vm, &tx)?; // a busy port is refused before the record is touched
     let replicated = args.replication.replicate_to.is_some();
     if let (true, Some(key)) = (replicated, &args.replication.key) {
         vmm::replicate::load_key(key)?; // a bad key is refused before the record is touched
@@ -306,11 +310,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
         ownership.claim_for_start()?;
     }
     let mut driver = Driver::new(machine, rx, vm.clock.into());
+    driver.vm_id = ownership.as_ref().map(|o| o.vm_id.clone());
     if replicated {
         let ownership = ownership.take().context("--replicate-to needs --store")?;
         driver.replication =
             Some(crate::replication_args::from_args(&args.replication, &config, ownership, tx.clone())?);
-        driver.role = "primary";
+        driver.role = vmm::status::Role::Primary;
     }
     run_owned(driver, vm, tap, tx, ownership, &args.command, args.boot_log)
 }

@@ -72,6 +72,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     let machine = machine::snapshot::load_from_path(&args.file, &config)?;
     eprintln!("ftvm: restored {} at icount {}", args.file.display(), machine.icount());
     let (tx, rx) = std::sync::mpsc::channel();
+    let _metrics = crate::metrics_http::bind(&args.vm, &tx)?;
     let driver = Driver::new(machine, rx, args.vm.clock.into());
     run_driver(driver, &args.vm, tap, tx, &[], false)
 }

@@ -1,5 +1,6 @@
 //! The control API of a running VM (`ftvm run --api PATH`, `ftvm ctl`): status, pause,
-//! resume, stop, and bad requests answered with clear errors.
+//! resume, stop, Prometheus metrics (on the socket and over TCP with `--metrics-listen`),
+//! and bad requests answered with clear errors.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -18,10 +19,15 @@ struct Vm {
 
 impl Vm {
     fn start(name: &str) -> Vm {
+        Vm::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, options: &[&str]) -> Vm {
         let socket = std::env::temp_dir().join(format!("ftvm-api-{name}-{}.sock", std::process::id()));
         let child = ftvm()
             .args(["run", "--clock", "fast", "--api"])
             .arg(&socket)
+            .args(options)
             .args(["--", "sleep", "1000"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -148,10 +154,116 @@ fn a_backup_answers_status_and_stop_and_refuses_what_needs_a_running_vm() {
     assert!(body["applied_epoch"].is_null(), "no checkpoint yet");
     assert_eq!(body["stale"].as_bool(), Some(false));
     assert_eq!(body["pending_handshakes"].as_u64(), Some(0));
+    let counts = (body["applied_checkpoints"].as_u64(), body["diverged_checkpoints"].as_u64(), body["epoch"].as_u64());
+    assert_eq!(counts, (Some(0), Some(0), Some(0)), "{body}");
+    let labels = format!("role=\"backup\",vm_id=\"{}\"", body["vm_id"].as_str().expect("a backup names its VM"));
+    let metrics = Http::parse(&raw(&socket, b"GET /metrics HTTP/1.1\r\n\r\n"));
+    assert_eq!(metrics.sample(&format!("ftvm_state{{{labels},state=\"waiting\"}}")), Some(1.0), "{}", metrics.body);
+    assert_eq!(metrics.sample(&format!("ftvm_peer_connected{{{labels}}}")), Some(0.0), "{}", metrics.body);
+    assert_eq!(metrics.sample(&format!("ftvm_diverged_checkpoints_total{{{labels}}}")), Some(0.0));
     let pause = ctl("pause");
     assert_eq!(pause.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&pause.stderr).contains("this replica is a backup"));
     assert!(ctl("stop").status.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An HTTP answer: status line, headers, body.
+struct Http {
+    head: String,
+    body: String,
+}
+
+impl Http {
+    fn parse(answer: &str) -> Http {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+        Http { head: head.to_string(), body: body.to_string() }
+    }
+
+    fn code(&self) -> &str {
+        self.head.split_whitespace().nth(1).unwrap_or("")
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| l.split_once(": ").filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+    }
+
+    /// The value of the sample `name{labels}`.
+    fn sample(&self, name_and_labels: &str) -> Option<f64> {
+        self.body.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
+fn tcp(addr: &str, request: &[u8]) -> Http {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    Http::parse(&answer)
+}
+
+/// A port nobody listens on: bound by the kernel's choice, then let go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn metrics_on_the_api_socket_are_prometheus_text_whose_icount_moves() {
+    let vm = Vm::start("metrics");
+    let first = Http::parse(&raw(&vm.socket, b"GET /metrics HTTP/1.1\r\n\r\n"));
+    assert_eq!(first.code(), "200", "{}", first.head);
+    assert_eq!(first.header("Content-Type"), Some("text/plain; version=0.0.4"));
+    assert!(first.body.contains("# TYPE ftvm_icount gauge\n"), "{}", first.body);
+    assert_eq!(first.sample("ftvm_state{role=\"standalone\",state=\"running\"}"), Some(1.0), "{}", first.body);
+    let before = first.sample("ftvm_icount{role=\"standalone\"}").expect("an icount sample");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = Http::parse(&raw(&vm.socket, b"GET /metrics HTTP/1.1\r\n\r\n"));
+    let after = second.sample("ftvm_icount{role=\"standalone\"}").expect("an icount sample");
+    assert!(after > before, "icount {before} then {after}");
+    let put = Http::parse(&raw(&vm.socket, b"PUT /metrics HTTP/1.1\r\n\r\n"));
+    assert_eq!(put.code(), "405");
+    let out = ftvm().arg("ctl").arg("--api").arg(&vm.socket).arg("metrics").output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("# HELP ftvm_"));
+}
+
+#[test]
+fn metrics_listen_serves_get_metrics_over_tcp_and_refuses_anything_else() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let vm = Vm::start_with("metrics-tcp", &["--metrics-listen", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let scrape = tcp(&addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((scrape.code(), scrape.header("Content-Type")), ("200", Some("text/plain; version=0.0.4")));
+    let before = scrape.sample("ftvm_icount{role=\"standalone\"}").expect("an icount sample");
+    std::thread::sleep(Duration::from_millis(300));
+    let again = tcp(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(again.sample("ftvm_icount{role=\"standalone\"}").unwrap() > before, "{}", again.body);
+
+    let status = tcp(&addr, b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(status.code(), "404", "the metrics port is no control API: {}", status.head);
+    let stop = tcp(&addr, b"PUT /stop HTTP/1.1\r\n\r\n");
+    assert_eq!(stop.code(), "404");
+    let post = tcp(&addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi");
+    assert_eq!((post.code(), post.header("Allow")), ("405", Some("GET")));
+    let garbage = tcp(&addr, b"hello\r\n\r\n");
+    assert_eq!(garbage.code(), "400");
+    let huge = tcp(&addr, format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000)).as_bytes());
+    assert_eq!(huge.code(), "400", "headers beyond the bound are refused");
+    let (code, status, _) = vm.ctl(&["status"]);
+    assert_eq!((code, &status["state"]), (0, &serde_json::Value::from("running")), "the VM carried on");
+}
+
+#[test]
+fn a_busy_metrics_port_is_refused_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = ftvm().args(["run", "--clock", "fast", "--metrics-listen", &addr, "--", "true"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen for metrics on {addr}")), "{stderr}");
 }

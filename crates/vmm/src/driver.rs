@@ -89,9 +89,11 @@ pub struct Driver {
     /// Set once the replication thread settled the VM's end: (exit code, outputs released).
     finished: Option<(u32, bool)>,
     /// What `status` reports of a takeover, when this VM is a backup that took over.
-    pub took_over: Option<serde_json::Value>,
+    pub took_over: Option<crate::status::Takeover>,
     /// What `status` reports as the role.
-    pub role: &'static str,
+    pub role: crate::status::Role,
+    /// What `status` reports as the VM's name in the ownership store.
+    pub vm_id: Option<String>,
     /// Keeps a busy guest's clock at the wall clock's pace.
     pacer: crate::pacer::Pacer,
 }
@@ -171,7 +173,8 @@ impl Driver {
             replication: None,
             finished: None,
             took_over: None,
-            role: "standalone",
+            role: crate::status::Role::Standalone,
+            vm_id: None,
             pacer: crate::pacer::Pacer::new(),
         }
     }
@@ -426,7 +429,7 @@ impl Driver {
     /// Answer a control request; `Some` when it ends the run.
     fn control(&mut self, request: ControlRequest) -> Option<Outcome> {
         let (reply, outcome) = match &request.command {
-            Command::Status => (Reply::ok(self.status()), None),
+            Command::Status => (Reply::ok(serde_json::to_value(self.status()).expect("a status serializes")), None),
             Command::Pause => {
                 self.paused = true;
                 (Reply::ok(serde_json::json!({ "state": "paused", "icount": self.machine.icount() })), None)
@@ -462,58 +465,58 @@ impl Driver {
     }
 
     /// What `GET /status` answers.
-    pub fn status(&self) -> serde_json::Value {
-        let mut status = serde_json::json!({
-            "state": if self.paused { "paused" } else { "running" },
-            "role": self.role,
-            "mode": if self.replication.is_some() { "checkpoint" } else { "none" },
-            "icount": self.machine.icount(),
-            "guest_time_s": self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
-            "epoch": self.replication.as_ref().map_or(0, |r| r.schedule.epoch()),
-            "replication": self.replication.as_ref().map(|r| {
-                let shared = r.handle.shared.lock().expect("not poisoned").clone();
-                let s = &shared.status;
-                serde_json::json!({
-                    "protected": s.protection == replica::Protection::Protected && s.streaming,
-                    "protection": match s.protection {
-                        replica::Protection::Protected => "protected",
-                        replica::Protection::CatchingUp { .. } => "catching_up",
-                        replica::Protection::Unprotected => "unprotected",
-                    },
-                    "generation": s.generation,
-                    "backup_connected": s.streaming,
-                    "acked_epoch": s.acked_epoch,
-                    "lag_epochs": s.acked_epoch.map(|a| r.schedule.epoch().saturating_sub(a)),
-                    "lag_ms": s.acked_epoch.map(|a| r.schedule.epoch().saturating_sub(a) * r.schedule.epoch_ms()),
-                    "released_epoch": s.released_up_to,
-                    "unprotected_count": s.unprotected_count,
-                    "resumed_checkpoints": s.resumed_checkpoints,
-                    "log_bytes": s.log_bytes,
-                    "bytes_sent": shared.bytes_sent,
-                    "held_outputs": r.schedule.held_outputs(),
-                    "last_error": shared.last_error,
-                    "last_checkpoint": r.last.map(|c| serde_json::json!({
-                        "epoch": c.epoch,
-                        "full": c.full,
-                        "pause_ms": c.pause_us as f64 / 1e3,
-                        "bytes": c.bytes,
-                        "pages": c.pages,
-                    })),
-                    "checkpoints": {
-                        "count": r.totals.count,
-                        "pause_avg_ms": if r.totals.count == 0 { 0.0 } else { r.totals.pause_us as f64 / r.totals.count as f64 / 1e3 },
-                        "pause_max_ms": r.totals.max_pause_us as f64 / 1e3,
-                        "bytes": r.totals.bytes,
-                        "pages": r.totals.pages,
-                        "bytes_per_s": r.totals.bytes as f64 / r.started.elapsed().as_secs_f64().max(1e-9),
-                    },
-                })
-            }),
+    pub fn status(&self) -> crate::status::Status {
+        use crate::status::{CheckpointTotals, LastCheckpoint, Mode, Replication, State, Status};
+        let replication = self.replication.as_ref().map(|r| {
+            let shared = r.handle.shared.lock().expect("not poisoned").clone();
+            let s = &shared.status;
+            let lag_epochs = s.acked_epoch.map(|a| r.schedule.epoch().saturating_sub(a));
+            let t = &r.totals;
+            Replication {
+                protected: s.protection == replica::Protection::Protected && s.streaming,
+                protection: (&s.protection).into(),
+                generation: s.generation,
+                backup_connected: s.streaming,
+                acked_epoch: s.acked_epoch,
+                lag_epochs,
+                lag_ms: lag_epochs.map(|l| l * r.schedule.epoch_ms()),
+                released_epoch: s.released_up_to,
+                unprotected_count: s.unprotected_count,
+                resumed_checkpoints: s.resumed_checkpoints,
+                log_bytes: s.log_bytes,
+                bytes_sent: shared.bytes_sent,
+                held_outputs: r.schedule.held_outputs() as u64,
+                last_error: shared.last_error,
+                last_checkpoint: r.last.map(|c| LastCheckpoint {
+                    epoch: c.epoch,
+                    full: c.full,
+                    pause_ms: c.pause_us as f64 / 1e3,
+                    bytes: c.bytes as u64,
+                    pages: c.pages as u64,
+                }),
+                checkpoints: CheckpointTotals {
+                    count: t.count,
+                    pause_total_ms: t.pause_us as f64 / 1e3,
+                    pause_avg_ms: if t.count == 0 { 0.0 } else { t.pause_us as f64 / t.count as f64 / 1e3 },
+                    pause_max_ms: t.max_pause_us as f64 / 1e3,
+                    bytes: t.bytes,
+                    pages: t.pages,
+                    bytes_per_s: t.bytes as f64 / r.started.elapsed().as_secs_f64().max(1e-9),
+                },
+            }
         });
-        if let Some(took_over) = &self.took_over {
-            status["took_over"] = took_over.clone();
+        Status {
+            state: if self.paused { State::Paused } else { State::Running },
+            role: self.role,
+            mode: if self.replication.is_some() { Mode::Checkpoint } else { Mode::None },
+            vm_id: self.vm_id.clone(),
+            icount: self.machine.icount(),
+            guest_time_s: self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
+            epoch: self.replication.as_ref().map_or(0, |r| r.schedule.epoch()),
+            replication,
+            backup: None,
+            took_over: self.took_over.clone(),
         }
-        status
     }
 
     fn poll_events(&mut self) -> Result<Option<Outcome>> {

@@ -9,11 +9,14 @@
 //!   logged inputs.
 //! - [`host`]: the host edges — terminal, TAP device, entropy, the MAC announcement.
 //! - [`control`]: requests from the control API, answered by the driver between slices.
+//! - [`status`]: the status of every role, typed; [`metrics`] renders it for Prometheus.
 //! - [`replicate`]: the replication edges — the primary's replication thread, the backup's
 //!   waiting loop, and the VM's ownership record in the store.
 
 pub mod control;
 pub mod driver;
 pub mod host;
+pub mod metrics;
 pub mod pacer;
 pub mod replicate;
+pub mod status;

@@ -177,6 +177,9 @@ pub struct BackupStatus {
     pub refused_connections: u64,
     pub partial_bytes: u64,
     pub live_generation: Option<u64>,
+    /// When the primary was last heard (an authenticated frame, or a checkpoint of its
+    /// applied), on the clock of the `now_ms` the core is given; None: never.
+    pub last_heard_ms: Option<u64>,
 }
 
 /// The backup's protocol state machine.
@@ -297,6 +300,7 @@ impl Backup {
                 _ => 0,
             },
             live_generation: self.live_generation,
+            last_heard_ms: self.last_heard_ms,
         }
     }
 

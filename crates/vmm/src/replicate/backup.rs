@@ -10,6 +10,7 @@
 
 use super::{nonce, now_ms, Ownership};
 use crate::control::{Command, ControlRequest, Reply};
+use crate::status::{BackupSide, Mode, Role, State, Status, Takeover};
 use anyhow::Result;
 use machine::Machine;
 use replica::{Backup, BackupAction, BackupConfig, BackupEvent, ConnId, PresharedKey};
@@ -46,9 +47,9 @@ pub enum Ending {
     Exit(u32),
     /// Stopped through the control API.
     Stopped,
-    /// This replica owns the VM now (at `generation`): run `machine`, which holds the
-    /// checkpoint of `epoch`, as the new primary.
-    GoLive { machine: Box<Machine>, epoch: u64, generation: u64 },
+    /// This replica owns the VM now: run `machine`, which holds the checkpoint the
+    /// takeover names, as the new primary.
+    GoLive { machine: Box<Machine>, takeover: Takeover },
 }
 
 enum ToBackup {
@@ -56,7 +57,9 @@ enum ToBackup {
     /// The machine thread applied a checkpoint (or could not).
     Applied {
         epoch: u64,
-        result: Result<(), String>,
+        result: Result<(), ApplyFailed>,
+        /// The machine's guest time after it.
+        time_ticks: u64,
     },
     Bytes {
         conn: ConnId,
@@ -68,28 +71,54 @@ enum ToBackup {
     Control(ControlRequest),
 }
 
+/// Why the machine thread could not apply a checkpoint.
+struct ApplyFailed {
+    reason: String,
+    /// The digest check after applying failed: the replicas diverged.
+    diverged: bool,
+}
+
+/// What the edge counts of the checkpoints it applied, for status.
+#[derive(Debug, Default, Clone, Copy)]
+struct Applies {
+    applied: u64,
+    diverged: u64,
+}
+
+/// The backup's status: what the core says, what the machine holds, what the edge counted.
+fn status(backup: &Backup, machine: &MachineThread, applies: Applies, vm_id: &str) -> Status {
+    let s = backup.status();
+    Status {
+        state: State::Waiting,
+        role: Role::Backup,
+        mode: Mode::Checkpoint,
+        vm_id: Some(vm_id.to_string()),
+        icount: machine.icount,
+        guest_time_s: machine.time_ticks as f64 / machine::board::TIMEBASE_HZ as f64,
+        epoch: s.applied_epoch.unwrap_or(0),
+        replication: None,
+        backup: Some(BackupSide {
+            primary_connected: s.primary_connected,
+            applied_epoch: s.applied_epoch,
+            state_generation: s.state_generation,
+            newest_generation: s.newest_generation,
+            stale: s.stale,
+            pending_handshakes: s.pending_handshakes as u64,
+            refused_connections: s.refused_connections,
+            partial_checkpoint_bytes: s.partial_bytes,
+            applied_checkpoints: applies.applied,
+            diverged_checkpoints: applies.diverged,
+            silence_ms: s.last_heard_ms.map(|heard| now_ms().saturating_sub(heard)),
+        }),
+        took_over: None,
+    }
+}
+
 /// Answer the control API while this replica is a backup: it holds a checkpoint and
 /// does not run, so only status and stop apply.
-fn answer_as_backup(request: ControlRequest, backup: &Backup, machine: &MachineThread) -> bool {
+fn answer_as_backup(request: ControlRequest, status: impl FnOnce() -> Status) -> bool {
     let (reply, stop) = match request.command {
-        Command::Status => {
-            let s = backup.status();
-            let reply = Reply::ok(serde_json::json!({
-                "state": "waiting",
-                "role": "backup",
-                "mode": "checkpoint",
-                "primary_connected": s.primary_connected,
-                "applied_epoch": s.applied_epoch,
-                "state_generation": s.state_generation,
-                "newest_generation": s.newest_generation,
-                "stale": s.stale,
-                "pending_handshakes": s.pending_handshakes,
-                "refused_connections": s.refused_connections,
-                "partial_checkpoint_bytes": s.partial_bytes,
-                "icount": machine.icount,
-            }));
-            (reply, false)
-        }
+        Command::Status => (Reply::ok(serde_json::to_value(status()).expect("a status serializes")), false),
         Command::Stop => (Reply::ok(serde_json::json!({ "state": "stopped" })), true),
         _ => (
             Reply::error(409, "this replica is a backup: it holds a checkpoint and does not run until it takes over"),
@@ -107,6 +136,8 @@ struct MachineThread {
     jobs: Sender<MachineJob>,
     /// The icount of the last checkpoint handed over (for status).
     icount: u64,
+    /// The guest time of the last checkpoint applied (for status).
+    time_ticks: u64,
 }
 
 enum MachineJob {
@@ -121,14 +152,17 @@ enum MachineJob {
 impl MachineThread {
     fn start(mut machine: Machine, events: Sender<ToBackup>) -> MachineThread {
         let (jobs, queue) = mpsc::channel::<MachineJob>();
-        let icount = machine.icount();
+        let (icount, time_ticks) = (machine.icount(), machine.time_ticks());
         std::thread::spawn(move || {
             for job in queue {
                 match job {
                     MachineJob::Apply { epoch, payload, .. } => {
-                        let result = machine::checkpoint::apply(&mut machine, &payload)
-                            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
-                        if events.send(ToBackup::Applied { epoch, result }).is_err() {
+                        let result = machine::checkpoint::apply(&mut machine, &payload).map_err(|e| ApplyFailed {
+                            diverged: matches!(e, machine::checkpoint::CheckpointError::DigestMismatch { .. }),
+                            reason: format!("{:#}", anyhow::Error::from(e)),
+                        });
+                        let time_ticks = machine.time_ticks();
+                        if events.send(ToBackup::Applied { epoch, result, time_ticks }).is_err() {
                             return;
                         }
                     }
@@ -139,7 +173,7 @@ impl MachineThread {
                 }
             }
         });
-        MachineThread { jobs, icount }
+        MachineThread { jobs, icount, time_ticks }
     }
 
     fn apply(&mut self, epoch: u64, icount: u64, payload: Vec<u8>) {
@@ -199,6 +233,7 @@ pub fn wait(
     });
 
     let mut conns = Connections { streams: HashMap::new(), next_id: 0, primary: None };
+    let mut applies = Applies::default();
     let mut last_report = Instant::now();
     loop {
         // Everything already queued goes in before the clock does: a tick must never find
@@ -218,10 +253,15 @@ pub fn wait(
                     conns.close(conn);
                     actions.extend(backup.step(BackupEvent::Disconnected { conn }));
                 }
-                Ok(ToBackup::Applied { epoch, result }) => {
+                Ok(ToBackup::Applied { epoch, result, time_ticks }) => {
+                    machine.time_ticks = time_ticks;
                     let event = match result {
-                        Ok(()) => BackupEvent::CheckpointApplied { epoch },
-                        Err(reason) => {
+                        Ok(()) => {
+                            applies.applied += 1;
+                            BackupEvent::CheckpointApplied { epoch }
+                        }
+                        Err(ApplyFailed { reason, diverged }) => {
+                            applies.diverged += diverged as u64;
                             eprintln!(
                                 "ftvm backup: checkpoint {epoch} not applied: {reason}; asking for a full checkpoint"
                             );
@@ -231,7 +271,7 @@ pub fn wait(
                     actions.extend(backup.step(event));
                 }
                 Ok(ToBackup::Control(request)) => {
-                    if answer_as_backup(request, &backup, &machine) {
+                    if answer_as_backup(request, || status(&backup, &machine, applies, &ownership.vm_id)) {
                         return Ok(Ending::Stopped);
                     }
                 }
@@ -241,7 +281,7 @@ pub fn wait(
             // Handle what the last message led to before taking the next one (an apply
             // may take a while; the queue keeps meanwhile).
             if let Some(ending) = carry_out(&mut backup, &mut conns, &mut machine, ownership, &mut actions)? {
-                return finish(ending, machine);
+                return finish(ending, &backup, applies, machine);
             }
             message = match rx.try_recv() {
                 Ok(m) => Ok(m),
@@ -251,7 +291,7 @@ pub fn wait(
         }
         actions.extend(backup.step(BackupEvent::Tick { now_ms: now_ms() }));
         if let Some(ending) = carry_out(&mut backup, &mut conns, &mut machine, ownership, &mut actions)? {
-            return finish(ending, machine);
+            return finish(ending, &backup, applies, machine);
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
@@ -275,11 +315,21 @@ enum Decided {
     GoLive { epoch: u64, generation: u64 },
 }
 
-fn finish(decided: Decided, machine: MachineThread) -> Result<Ending> {
+/// The machine is ready (every checkpoint handed over applied) when a takeover goes live:
+/// its time counts from the old primary's last authenticated frame to here.
+fn finish(decided: Decided, backup: &Backup, applies: Applies, machine: MachineThread) -> Result<Ending> {
     Ok(match decided {
         Decided::Exit(code) => Ending::Exit(code),
         Decided::GoLive { epoch, generation } => {
-            Ending::GoLive { machine: Box::new(machine.give_back()?), epoch, generation }
+            let machine = Box::new(machine.give_back()?);
+            let heard_ms = backup.status().last_heard_ms;
+            let takeover = Takeover {
+                epoch,
+                generation,
+                last_frame_to_live_ms: heard_ms.map_or(0, |heard| now_ms().saturating_sub(heard)),
+                diverged_checkpoints: applies.diverged,
+            };
+            Ending::GoLive { machine, takeover }
         }
     })
 }

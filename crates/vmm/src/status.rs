@@ -1,0 +1,338 @@
+//! The status of a VM in every role — standalone, primary, backup — as one typed struct:
+//! what `GET /status` answers (as JSON), what clients and tests parse back, and what the
+//! Prometheus metrics ([`crate::metrics`]) are rendered from. Verdicts read these fields,
+//! never log wording (STYLE.md: verdicts are typed).
+//!
+//! The JSON keeps one shape for all roles: the common fields at the top, a primary's
+//! replication under `replication`, a backup's fields at the top level beside the common
+//! ones, and a takeover under `took_over`.
+
+use serde::{Deserialize, Serialize};
+
+/// Which part the replica plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs the VM with no replica (or no store at all).
+    Standalone,
+    /// Runs the VM and replicates it (or took it over from its primary).
+    Primary,
+    /// Holds the primary's last checkpoint and takes over when the primary falls silent.
+    Backup,
+}
+
+/// Whether the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Running,
+    /// Paused through the control API.
+    Paused,
+    /// A backup: it holds a checkpoint and does not run until it takes over.
+    Waiting,
+}
+
+/// The replication mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    None,
+    Checkpoint,
+}
+
+/// A primary's protection (replica's [`replica::Protection`], without its details).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protection {
+    /// Outputs leave on the backup's acknowledgements; the backup may take over.
+    Protected,
+    /// Outputs are held until a backup catches up with what was released early.
+    CatchingUp,
+    /// Outputs leave without acknowledgement; no backup may take over.
+    Unprotected,
+}
+
+impl From<&replica::Protection> for Protection {
+    fn from(p: &replica::Protection) -> Protection {
+        match p {
+            replica::Protection::Protected => Protection::Protected,
+            replica::Protection::CatchingUp { .. } => Protection::CatchingUp,
+            replica::Protection::Unprotected => Protection::Unprotected,
+        }
+    }
+}
+
+/// What `GET /status` answers, for every role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    pub role: Role,
+    pub mode: Mode,
+    /// The VM's name in the ownership store (None: the VM holds no record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    /// Instructions executed (a backup: as of the checkpoint it holds).
+    pub icount: u64,
+    /// Guest time in seconds (a backup: as of the checkpoint it holds).
+    pub guest_time_s: f64,
+    /// The newest epoch: a primary's last checkpoint taken, a backup's last applied (0: none).
+    pub epoch: u64,
+    /// A primary's replication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+    /// A backup's side (its fields sit at the top level of the JSON).
+    #[serde(flatten)]
+    pub backup: Option<BackupSide>,
+    /// A primary that took the VM over from another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_over: Option<Takeover>,
+}
+
+impl Status {
+    /// The ownership generation this replica acts under: a primary's current one (or the
+    /// one it took over with), a backup's state's.
+    pub fn generation(&self) -> Option<u64> {
+        match (&self.replication, &self.took_over, &self.backup) {
+            (Some(r), _, _) => Some(r.generation),
+            (None, Some(t), _) => Some(t.generation),
+            (None, None, Some(b)) => b.state_generation,
+            (None, None, None) => None,
+        }
+    }
+
+    /// Whether the replica hears its peer: a primary its backup, a backup its primary.
+    pub fn peer_connected(&self) -> Option<bool> {
+        match (&self.replication, &self.backup) {
+            (Some(r), _) => Some(r.backup_connected),
+            (None, Some(b)) => Some(b.primary_connected),
+            (None, None) => None,
+        }
+    }
+
+    /// Checkpoints whose digest check failed on this replica while it was a backup.
+    pub fn diverged_checkpoints(&self) -> Option<u64> {
+        match (&self.backup, &self.took_over) {
+            (Some(b), _) => Some(b.diverged_checkpoints),
+            (None, Some(t)) => Some(t.diverged_checkpoints),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A primary's side of checkpoint replication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The backup holds a checkpoint covering every output released, and is streaming.
+    pub protected: bool,
+    pub protection: Protection,
+    /// The ownership generation the primary holds.
+    pub generation: u64,
+    pub backup_connected: bool,
+    /// The newest epoch the backup acknowledged (this run).
+    pub acked_epoch: Option<u64>,
+    /// Epochs taken and not yet acknowledged.
+    pub lag_epochs: Option<u64>,
+    /// The same, in milliseconds of epochs.
+    pub lag_ms: Option<u64>,
+    /// Outputs are released up to this epoch.
+    pub released_epoch: Option<u64>,
+    /// Times the primary went unprotected.
+    pub unprotected_count: u64,
+    /// Checkpoints resumed over a new connection rather than sent again.
+    pub resumed_checkpoints: u64,
+    /// Bytes of checkpoints kept for a backup that has not acknowledged them.
+    pub log_bytes: u64,
+    pub bytes_sent: u64,
+    /// Outputs held for output commit.
+    pub held_outputs: u64,
+    pub last_error: Option<String>,
+    pub last_checkpoint: Option<LastCheckpoint>,
+    pub checkpoints: CheckpointTotals,
+}
+
+/// What the last checkpoint cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastCheckpoint {
+    pub epoch: u64,
+    pub full: bool,
+    pub pause_ms: f64,
+    pub bytes: u64,
+    pub pages: u64,
+}
+
+/// Checkpoints since replication started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointTotals {
+    pub count: u64,
+    /// The guest's pauses for checkpoints, added up.
+    pub pause_total_ms: f64,
+    pub pause_avg_ms: f64,
+    pub pause_max_ms: f64,
+    pub bytes: u64,
+    pub pages: u64,
+    pub bytes_per_s: f64,
+}
+
+/// A backup's side: what it holds and hears.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupSide {
+    pub primary_connected: bool,
+    pub applied_epoch: Option<u64>,
+    /// The generation the applied state counts for (it may take over by swapping it).
+    pub state_generation: Option<u64>,
+    /// The newest generation heard of.
+    pub newest_generation: u64,
+    /// The state is older than outputs that left: this backup cannot take over.
+    pub stale: bool,
+    pub pending_handshakes: u64,
+    /// Connections closed before or during their handshake (strangers, timeouts).
+    pub refused_connections: u64,
+    /// Bytes of the checkpoint being received.
+    pub partial_checkpoint_bytes: u64,
+    /// Checkpoints applied to the machine.
+    pub applied_checkpoints: u64,
+    /// Checkpoints whose digest, checked after applying, differed from the primary's.
+    pub diverged_checkpoints: u64,
+    /// Milliseconds since the primary was last heard (None: never).
+    pub silence_ms: Option<u64>,
+}
+
+/// How this replica took the VM over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Takeover {
+    /// The epoch of the checkpoint it went live from.
+    pub epoch: u64,
+    /// The ownership generation it swapped the record to.
+    pub generation: u64,
+    /// From the last authenticated frame of the old primary to going live.
+    pub last_frame_to_live_ms: u64,
+    /// Checkpoints whose digest check failed while it was a backup.
+    pub diverged_checkpoints: u64,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn primary() -> Status {
+        Status {
+            state: State::Running,
+            role: Role::Primary,
+            mode: Mode::Checkpoint,
+            vm_id: Some("vm-demo".into()),
+            icount: 123_456_789,
+            guest_time_s: 12.5,
+            epoch: 40,
+            replication: Some(Replication {
+                protected: true,
+                protection: Protection::Protected,
+                generation: 3,
+                backup_connected: true,
+                acked_epoch: Some(38),
+                lag_epochs: Some(2),
+                lag_ms: Some(50),
+                released_epoch: Some(38),
+                unprotected_count: 1,
+                resumed_checkpoints: 2,
+                log_bytes: 4096,
+                bytes_sent: 1_000_000,
+                held_outputs: 5,
+                last_error: None,
+                last_checkpoint: Some(LastCheckpoint { epoch: 40, full: false, pause_ms: 0.75, bytes: 8192, pages: 2 }),
+                checkpoints: CheckpointTotals {
+                    count: 40,
+                    pause_total_ms: 30.0,
+                    pause_avg_ms: 0.75,
+                    pause_max_ms: 12.5,
+                    bytes: 900_000,
+                    pages: 200,
+                    bytes_per_s: 90_000.0,
+                },
+            }),
+            backup: None,
+            took_over: None,
+        }
+    }
+
+    pub(crate) fn backup() -> Status {
+        Status {
+            state: State::Waiting,
+            role: Role::Backup,
+            mode: Mode::Checkpoint,
+            vm_id: Some("vm-demo".into()),
+            icount: 1000,
+            guest_time_s: 0.25,
+            epoch: 7,
+            replication: None,
+            backup: Some(BackupSide {
+                primary_connected: true,
+                applied_epoch: Some(7),
+                state_generation: Some(2),
+                newest_generation: 2,
+                stale: false,
+                pending_handshakes: 1,
+                refused_connections: 9,
+                partial_checkpoint_bytes: 0,
+                applied_checkpoints: 7,
+                diverged_checkpoints: 1,
+                silence_ms: Some(4),
+            }),
+            took_over: None,
+        }
+    }
+
+    fn round_trip(status: &Status) -> Status {
+        serde_json::from_value(serde_json::to_value(status).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_role_parses_back_as_it_was_served() {
+        let mut took_over = primary();
+        took_over.replication = None;
+        took_over.took_over =
+            Some(Takeover { epoch: 9, generation: 4, last_frame_to_live_ms: 130, diverged_checkpoints: 0 });
+        let standalone = Status { role: Role::Standalone, mode: Mode::None, vm_id: None, ..took_over.clone() };
+        for status in [primary(), backup(), took_over, standalone] {
+            assert_eq!(round_trip(&status), status);
+        }
+    }
+
+    #[test]
+    fn the_json_keeps_the_field_names_clients_read() {
+        let p = serde_json::to_value(primary()).unwrap();
+        assert_eq!((&p["role"], &p["state"], &p["mode"]), (&"primary".into(), &"running".into(), &"checkpoint".into()));
+        assert_eq!(p["replication"]["protected"], true);
+        assert_eq!(p["replication"]["protection"], "protected");
+        assert_eq!(p["replication"]["acked_epoch"], 38);
+        assert_eq!(p["replication"]["checkpoints"]["pause_avg_ms"], 0.75);
+        assert!(p.get("stale").is_none() && p.get("took_over").is_none(), "{p}");
+        let b = serde_json::to_value(backup()).unwrap();
+        assert_eq!((&b["role"], &b["state"]), (&"backup".into(), &"waiting".into()));
+        assert_eq!(
+            (&b["stale"], &b["primary_connected"], &b["pending_handshakes"]),
+            (&false.into(), &true.into(), &1.into())
+        );
+        assert_eq!(b["diverged_checkpoints"], 1);
+        assert!(b.get("replication").is_none(), "{b}");
+    }
+
+    #[test]
+    fn a_status_without_the_backup_fields_is_no_backup() {
+        let mut json = serde_json::to_value(backup()).unwrap();
+        json.as_object_mut().unwrap().remove("stale");
+        let parsed: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(parsed.backup, None);
+    }
+
+    #[test]
+    fn derived_fields_follow_the_role() {
+        assert_eq!(
+            (primary().generation(), primary().peer_connected(), primary().diverged_checkpoints()),
+            (Some(3), Some(true), None)
+        );
+        assert_eq!(
+            (backup().generation(), backup().peer_connected(), backup().diverged_checkpoints()),
+            (Some(2), Some(true), Some(1))
+        );
+    }
+}
