@@ -34,7 +34,8 @@ impl Vm {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
+        // Connect, not just see the file: it exists from bind(), before listen().
+        while UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "the API socket never appeared");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -143,13 +144,14 @@ fn a_backup_answers_status_and_stop_and_refuses_what_needs_a_running_vm() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
+    while UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline, "the backup's API socket never appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
     let ctl = |verb: &str| ftvm().arg("ctl").arg("--api").arg(&socket).arg(verb).output().unwrap();
     let status = ctl("status");
-    let body: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&status.stderr)));
     assert_eq!((body["role"].as_str(), body["primary_connected"].as_bool()), (Some("backup"), Some(false)));
     assert!(body["applied_epoch"].is_null(), "no checkpoint yet");
     assert_eq!(body["stale"].as_bool(), Some(false));
