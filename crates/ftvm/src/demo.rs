@@ -49,6 +49,9 @@ pub struct DemoArgs {
     /// Keep the logs of both replicas in this directory [default: a temporary one]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
+    /// Also write the verdict, field by field, as JSON to this file (tests read it)
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
 }
 
 /// A child process killed on drop.
@@ -247,6 +250,10 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     drop(topo);
     let summary = result.inspect_err(|_| eprintln!("ftvm demo: the replicas' logs are in {}", dir.display()))?;
     println!("{}", summary.report());
+    if let Some(path) = &args.summary {
+        let json = serde_json::to_string_pretty(&summary.verdicts()).expect("a summary serializes");
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if !summary.passed() {
         println!("ftvm demo: the replicas' logs are in {}", dir.display());
         return Ok(1);
@@ -297,6 +304,27 @@ impl Summary {
             false => common && self.takeover.is_some() && self.took_over.is_some(),
             true => common && !self.backup_went_live && self.cut_seen && self.resynchronized,
         }
+    }
+
+    /// What `--summary` writes: every check's own field, for tests to judge.
+    fn verdicts(&self) -> serde_json::Value {
+        serde_json::json!({
+            "passed": self.passed(),
+            "partition": self.partition,
+            "answers": self.answers,
+            "last_counter": self.last,
+            "counter_went_backwards": self.went_backwards.is_some(),
+            "answers_after_fault": self.answers_after_fault,
+            "session_answers_after_fault": self.session_answers_after_fault,
+            "session_broken": self.session_broken,
+            "diverged_checkpoints": self.diverged,
+            "client_takeover_s": self.takeover.map(|t| t.as_secs_f64()),
+            "probe": self.probe.map(|p| serde_json::json!({ "accepted_ms": p.accepted_ms, "answered_ms": p.answered_ms })),
+            "took_over": self.took_over,
+            "backup_went_live": self.backup_went_live,
+            "cut_seen": self.cut_seen,
+            "resynchronized": self.resynchronized,
+        })
     }
 
     fn report(&self) -> String {
