@@ -15,8 +15,8 @@
 //! | sector count   | 4             | then (sector u64, 512 bytes) per sector            |
 //!
 //! A payload is decoded and checked whole before anything in the machine changes, so a
-//! malformed one leaves the backup's last whole checkpoint untouched. A page may appear
-//! more than once (pre-copy, see [`PreCopy`]): the last copy wins.
+//! malformed one leaves the backup's last whole checkpoint untouched. A page or a sector
+//! may appear more than once (pre-copy, see [`PreCopy`]): the last copy wins.
 
 use crate::machine::{Machine, MachineState, RestoreError};
 use crate::snapshot::{decode_machine_state, encode_machine_state, MAX_STATE_BYTES};
@@ -28,6 +28,10 @@ const MAGIC: [u8; 4] = *b"FTCK";
 pub const VERSION: u16 = 2;
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
+/// A pre-copy step's budget is counted in pages; a page's worth of disk is this many sectors.
+const SECTORS_PER_PAGE: usize = PAGE_BYTES / SECTOR_BYTES;
+/// Sectors read from the disk at once (scans and runs of dirty sectors).
+const SECTORS_PER_READ: usize = 256;
 const FLAG_FULL: u16 = 1;
 const FLAG_DIGEST: u16 = 2;
 
@@ -82,7 +86,10 @@ pub fn take(machine: &mut Machine, full: bool) -> Result<Vec<u8>, CheckpointErro
     for &index in &pages {
         push_page(&mut entries, machine, index);
     }
-    encode(machine, false, &entries, pages.len(), &sectors)
+    let mut sector_entries = Vec::with_capacity(sectors.len() * (8 + SECTOR_BYTES));
+    push_sectors(&mut sector_entries, machine, &sectors)?;
+    let sector_count = sectors.len();
+    encode(machine, false, &entries, pages.len(), &sector_entries, sector_count)
 }
 
 fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
@@ -91,63 +98,142 @@ fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
 }
 
 /// A full checkpoint built while the guest runs (pre-copy), so that a large VM does not
-/// stall: [`PreCopy::step`] copies pages a chunk at a time between run slices, with
-/// dirty tracking on; [`PreCopy::finish`], with the guest stopped, copies again the
-/// pages written since the last checkpoint (which includes all written since the copy
-/// began), plus the disk and the state. Every page changed after it was copied is in
-/// that final set, and the later copy wins when applied, so the result is the machine
-/// exactly as it was at `finish`.
+/// stall: [`PreCopy::step`] copies RAM pages, then disk sectors, a chunk at a time between
+/// run slices, with dirty tracking on; [`PreCopy::finish`], with the guest stopped, copies
+/// again the pages and sectors written since the last checkpoint (which includes all
+/// written since the copy began), plus the state. Every page or sector changed after it
+/// was copied is in that final set, and the later copy wins when applied, so the result is
+/// the machine exactly as it was at `finish` — and the final pause costs only what was
+/// written meanwhile, not a pass over RAM or the disk.
 ///
-/// Starting a pre-copy does not touch the dirty log: a pre-copy that is abandoned (the
+/// Starting a pre-copy does not touch the dirty logs: a pre-copy that is abandoned (the
 /// backup went away, or turned out to need only an incremental checkpoint) must leave
-/// the next incremental checkpoint every page written since the last one.
+/// the next incremental checkpoint every page and sector written since the last one.
+/// (So the final pass also carries what was written between the last checkpoint and the
+/// start: a caller that has not taken a checkpoint for a long time empties the logs first,
+/// when it knows the next checkpoint will be full.)
 pub struct PreCopy {
     next_page: usize,
     entries: Vec<u8>,
     count: usize,
+    next_sector: u64,
+    sector_entries: Vec<u8>,
+    sector_count: usize,
+    /// A disk read that failed during a step: `finish` reports it.
+    error: Option<RestoreError>,
 }
 
 impl PreCopy {
     /// Begin (nothing else may take the dirty logs until `finish` or abandonment).
     pub fn start(_machine: &Machine) -> PreCopy {
-        PreCopy { next_page: 0, entries: Vec::new(), count: 0 }
+        PreCopy {
+            next_page: 0,
+            entries: Vec::new(),
+            count: 0,
+            next_sector: 0,
+            sector_entries: Vec::new(),
+            sector_count: 0,
+            error: None,
+        }
     }
 
-    /// Scan up to `max_pages` more pages, copying the non-zero ones; true when done.
+    /// Scan up to `max_pages` more pages, copying the non-zero ones, and with what is left
+    /// of that budget (a page's worth is 8 sectors) the disk's next sectors; true when
+    /// the whole of RAM and the disk has been scanned.
     pub fn step(&mut self, machine: &Machine, max_pages: usize) -> bool {
-        let end = self.next_page.saturating_add(max_pages).min(machine.ram().page_count());
+        let page_total = machine.ram().page_count();
+        let end = self.next_page.saturating_add(max_pages).min(page_total);
         for index in self.next_page..end {
-            if machine.page(index).is_some_and(|p| p.iter().any(|&b| b != 0)) {
+            if machine.page(index).is_some_and(|p| !is_zero(p)) {
                 push_page(&mut self.entries, machine, index);
                 self.count += 1;
             }
         }
+        let budget = max_pages - (end - self.next_page);
         self.next_page = end;
-        self.next_page == machine.ram().page_count()
+        if budget > 0 {
+            self.step_disk(machine, budget.saturating_mul(SECTORS_PER_PAGE));
+        }
+        self.next_page == page_total && self.next_sector >= machine.disk_sectors().unwrap_or(0)
     }
 
-    /// Complete the checkpoint (the guest must be stopped: between two run slices).
+    /// Scan up to `max_sectors` more sectors of the disk, copying the non-zero ones.
+    fn step_disk(&mut self, machine: &Machine, max_sectors: usize) {
+        let capacity = machine.disk_sectors().unwrap_or(0);
+        let mut budget = max_sectors as u64;
+        let mut chunk = vec![0u8; SECTORS_PER_READ * SECTOR_BYTES];
+        while self.next_sector < capacity && budget > 0 {
+            let n = (capacity - self.next_sector).min(budget).min(SECTORS_PER_READ as u64);
+            let buf = &mut chunk[..n as usize * SECTOR_BYTES];
+            if let Err(e) = machine.read_sectors(self.next_sector, buf) {
+                self.error = Some(e);
+                self.next_sector = capacity; // nothing more to scan: finish reports it
+                return;
+            }
+            for (i, sector) in buf.chunks(SECTOR_BYTES).enumerate() {
+                if !is_zero(sector) {
+                    self.sector_entries.extend_from_slice(&(self.next_sector + i as u64).to_le_bytes());
+                    self.sector_entries.extend_from_slice(sector);
+                    self.sector_count += 1;
+                }
+            }
+            self.next_sector += n;
+            budget -= n;
+        }
+    }
+
+    /// Complete the checkpoint (the guest must be stopped: between two run slices). What
+    /// the steps have not scanned yet is scanned now.
     pub fn finish(mut self, machine: &mut Machine) -> Result<Vec<u8>, CheckpointError> {
+        while !self.step(machine, usize::MAX) {}
+        if let Some(e) = self.error.take() {
+            return Err(e.into());
+        }
         for index in machine.take_dirty_pages() {
             push_page(&mut self.entries, machine, index);
             self.count += 1;
         }
-        machine.take_dirty_sectors();
-        let sectors = nonzero_sectors(machine)?;
-        encode(machine, true, &self.entries, self.count, &sectors)
+        let dirty = machine.take_dirty_sectors();
+        push_sectors(&mut self.sector_entries, machine, &dirty)?;
+        let sector_count = self.sector_count + dirty.len();
+        encode(machine, true, &self.entries, self.count, &self.sector_entries, sector_count)
     }
 }
 
-/// Lay out a payload: header, state, page entries (already encoded), sectors.
+/// Whether a page or sector holds only zero bytes (in blocks the compiler vectorizes).
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.chunks(64).all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
+}
+
+/// Append (sector u64, 512 bytes) for each of `sectors` (ascending), reading runs of
+/// consecutive sectors at once.
+fn push_sectors(entries: &mut Vec<u8>, machine: &Machine, sectors: &[u64]) -> Result<(), CheckpointError> {
+    let mut buf = vec![0u8; SECTORS_PER_READ * SECTOR_BYTES];
+    let mut rest = sectors;
+    while let Some(&first) = rest.first() {
+        let run = rest.iter().take(SECTORS_PER_READ).enumerate().take_while(|&(i, &s)| s == first + i as u64).count();
+        let bytes = &mut buf[..run * SECTOR_BYTES];
+        machine.read_sectors(first, bytes)?;
+        for (i, sector) in bytes.chunks(SECTOR_BYTES).enumerate() {
+            entries.extend_from_slice(&(first + i as u64).to_le_bytes());
+            entries.extend_from_slice(sector);
+        }
+        rest = &rest[run..];
+    }
+    Ok(())
+}
+
+/// Lay out a payload: header, state, page entries and sector entries (already encoded).
 fn encode(
     machine: &mut Machine,
     full: bool,
     page_entries: &[u8],
     page_count: usize,
-    sectors: &[u64],
+    sector_entries: &[u8],
+    sector_count: usize,
 ) -> Result<Vec<u8>, CheckpointError> {
     let state = encode_machine_state(&machine.save_state())?;
-    let mut out = Vec::with_capacity(20 + state.len() + page_entries.len() + sectors.len() * (8 + SECTOR_BYTES));
+    let mut out = Vec::with_capacity(20 + state.len() + page_entries.len() + sector_entries.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(if full { FLAG_FULL } else { 0 }).to_le_bytes());
@@ -155,13 +241,8 @@ fn encode(
     out.extend_from_slice(&state);
     out.extend_from_slice(&(page_count as u32).to_le_bytes());
     out.extend_from_slice(page_entries);
-    out.extend_from_slice(&(sectors.len() as u32).to_le_bytes());
-    let mut buf = [0u8; SECTOR_BYTES];
-    for &sector in sectors {
-        machine.read_sectors(sector, &mut buf)?;
-        out.extend_from_slice(&sector.to_le_bytes());
-        out.extend_from_slice(&buf);
-    }
+    out.extend_from_slice(&(sector_count as u32).to_le_bytes());
+    out.extend_from_slice(sector_entries);
     Ok(out)
 }
 
@@ -178,25 +259,6 @@ pub fn page_count(payload: &[u8]) -> usize {
         r.u32("the page count")
     })();
     header.map_or(0, |n| n as usize)
-}
-
-fn nonzero_sectors(machine: &mut Machine) -> Result<Vec<u64>, CheckpointError> {
-    let Some(capacity) = machine.disk_sectors() else { return Ok(Vec::new()) };
-    let mut sectors = Vec::new();
-    let mut chunk = vec![0u8; 256 * SECTOR_BYTES];
-    let mut start = 0;
-    while start < capacity {
-        let n = (capacity - start).min(256);
-        let buf = &mut chunk[..n as usize * SECTOR_BYTES];
-        machine.read_sectors(start, buf)?;
-        for (i, sector) in buf.chunks(SECTOR_BYTES).enumerate() {
-            if sector.iter().any(|&b| b != 0) {
-                sectors.push(start + i as u64);
-            }
-        }
-        start += n;
-    }
-    Ok(sectors)
 }
 
 /// A decoded payload, not yet applied.
@@ -237,7 +299,8 @@ fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) ->
         pages.push((index, r.take(PAGE_BYTES, "a page")?));
     }
     let capacity = disk_sectors.unwrap_or(0);
-    let n = r.count("sectors", capacity.min(usize::MAX as u64) as usize, 8 + SECTOR_BYTES)?;
+    // Likewise a sector: once from the disk's scan, once written since.
+    let n = r.count("sectors", (capacity.min(usize::MAX as u64) as usize).saturating_mul(2), 8 + SECTOR_BYTES)?;
     let mut sectors = Vec::with_capacity(n);
     for _ in 0..n {
         let sector = r.u64("a sector number")?;

@@ -652,9 +652,14 @@ impl Machine {
         self.blk().map(|b| b.take_dirty_sectors()).unwrap_or_default()
     }
 
-    /// Read disk sectors starting at `sector` into `buf` (a multiple of 512 bytes).
-    pub fn read_sectors(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), RestoreError> {
-        self.blk()?.read_sectors(sector, buf).map_err(RestoreError::Disk)
+    /// Read disk sectors starting at `sector` into `buf` (a multiple of 512 bytes). Reading
+    /// changes nothing, so a pre-copy can read the disk between run slices.
+    pub fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<(), RestoreError> {
+        let blk = self.board.virtio.iter().find_map(|d| match d.device() {
+            VirtioDevice::Blk(blk) => Some(blk),
+            _ => None,
+        });
+        blk.ok_or(RestoreError::NoDisk)?.read_sectors(sector, buf).map_err(RestoreError::Disk)
     }
 
     /// Write disk sectors (the backup's side of a checkpoint).
