@@ -73,6 +73,9 @@ pub enum Message {
     Protected { generation: u64, from_epoch: u64 },
     /// Primary → backup: the VM ended with this exit code; the backup must not take over.
     End { exit_code: u32 },
+    /// Primary → backup: replication stopped (`ftvm ctl unprotect`); the primary has already
+    /// made this backup's state stale, and the backup stands down.
+    StandDown,
     /// Either way: the sender closes the connection, for this reason.
     Goodbye { reason: String },
 }
@@ -106,6 +109,7 @@ mod frame_type {
     pub const CHECKPOINT_RESUME: u8 = 10;
     pub const PROTECTED: u8 = 11;
     pub const END: u8 = 12;
+    pub const STAND_DOWN: u8 = 13;
 }
 
 impl Message {
@@ -124,6 +128,7 @@ impl Message {
             Message::CheckpointResume { .. } => "CheckpointResume",
             Message::Protected { .. } => "Protected",
             Message::End { .. } => "End",
+            Message::StandDown => "StandDown",
         }
     }
 
@@ -167,6 +172,7 @@ impl Message {
                 w.extend_from_slice(&exit_code.to_le_bytes());
                 frame_type::END
             }
+            Message::StandDown => frame_type::STAND_DOWN,
             Message::Heartbeat { now_ms, epoch } => {
                 w.extend_from_slice(&now_ms.to_le_bytes());
                 w.extend_from_slice(&epoch.to_le_bytes());
@@ -225,6 +231,7 @@ impl Message {
             frame_type::CHECKPOINT_RESUME => "CheckpointResume",
             frame_type::PROTECTED => "Protected",
             frame_type::END => "End",
+            frame_type::STAND_DOWN => "StandDown",
             frame_type => return Err(MessageError::UnknownType { frame_type }),
         };
         let mut r = Reader { bytes: &frame.payload, message: name };
@@ -252,6 +259,7 @@ impl Message {
             frame_type::CHECKPOINT_RESUME => Message::CheckpointResume { epoch: r.u64()?, offset: r.u64()? },
             frame_type::PROTECTED => Message::Protected { generation: r.u64()?, from_epoch: r.u64()? },
             frame_type::END => Message::End { exit_code: r.u32()? },
+            frame_type::STAND_DOWN => Message::StandDown,
             frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64()?, epoch: r.u64()? },
             frame_type::CHECKPOINT_BEGIN => Message::CheckpointBegin {
                 epoch: r.u64()?,
@@ -427,6 +435,7 @@ mod tests {
             Message::CheckpointResume { epoch: 10, offset: 4096 },
             Message::Protected { generation: 7, from_epoch: 12 },
             Message::End { exit_code: 3 },
+            Message::StandDown,
             Message::Goodbye { reason: "configuration mismatch".into() },
         ]
     }

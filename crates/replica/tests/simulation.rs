@@ -1402,6 +1402,9 @@ impl Sim {
                     self.stats.finished += 1;
                     exits = true;
                 }
+                PrimaryAction::Detached { generation } => {
+                    return Err(format!("run {run:x} detached at generation {generation}, but nothing unprotects"));
+                }
             }
         }
         if exits {
@@ -1487,6 +1490,9 @@ impl Sim {
                     self.note(|| format!("{}: the backup exits ({exit_code})", HOSTS[host]));
                     self.stats.backup_exits += 1;
                     exits = true;
+                }
+                BackupAction::StandDown => {
+                    return Err(format!("{}: stood down, but nothing unprotects", HOSTS[host]));
                 }
             }
         }

@@ -114,6 +114,9 @@ pub enum BackupAction {
     /// Read the ownership record and report `Ownership` (a backup that cannot take over
     /// looks now and then whether the VM ended).
     ReadOwnership,
+    /// The primary stopped replicating to this backup (and made its state stale first): exit,
+    /// never take over.
+    StandDown,
 }
 
 #[derive(Debug)]
@@ -630,6 +633,12 @@ impl Backup {
             }
             Message::End { exit_code } => {
                 self.exit(exit_code, actions);
+                Ok(())
+            }
+            Message::StandDown => {
+                self.exited = true;
+                self.close_all(ProtocolError::StoodDown, actions);
+                actions.push(BackupAction::StandDown);
                 Ok(())
             }
             Message::Goodbye { reason } => Err(ProtocolError::PeerClosed { reason }),

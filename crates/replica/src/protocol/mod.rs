@@ -103,6 +103,10 @@ pub enum ProtocolError {
     VmEnded { exit_code: u32 },
     #[error("this replica has taken over and no longer accepts a primary")]
     AlreadyLive,
+    #[error("replication was stopped on the primary (unprotect): the VM runs on without a backup")]
+    Detached,
+    #[error("the primary stopped replicating to this backup (unprotect): it stands down")]
+    StoodDown,
     #[error("this primary has stopped: {0}")]
     Stopped(Box<ProtocolError>),
 }
@@ -167,6 +171,8 @@ fn worth_a_goodbye(error: &ProtocolError) -> bool {
         error,
         ProtocolError::PeerClosed { .. }
             | ProtocolError::ConnectionLost
+            | ProtocolError::Detached
+            | ProtocolError::StoodDown
             | ProtocolError::Wire(WireError::Truncated { .. })
     )
 }

@@ -18,6 +18,11 @@
 //! - A VM that ends ends on both sides: the last outputs leave once the backup acknowledged
 //!   the final epoch (then the backup is told, with the exit code), or, with no backup, only
 //!   after the ownership record was marked ended.
+//! - Replication stopped on purpose ([`PrimaryEvent::Unprotect`], `ftvm ctl unprotect`) is
+//!   going unprotected for good: the primary first swaps the generation forward (when a
+//!   backup may hold a state that counts for the current one), so that the backup can never
+//!   take over, told or not; then it releases everything, tells the backup to stand down,
+//!   and reports [`PrimaryAction::Detached`]. The VM runs on alone, owning the record.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -136,6 +141,10 @@ pub enum PrimaryEvent<'a> {
     /// The guest ended (powered off, or the VM was stopped) and the checkpoint of `epoch`,
     /// already reported, holds its final state.
     VmEnded { epoch: u64, exit_code: u32 },
+    /// Stop replicating: the VM runs on alone. Answered by `Detached` once no backup can take
+    /// over any more (or by `Stop`, should another replica own the VM); ignored once the VM
+    /// is ending (its end settles it).
+    Unprotect,
     /// The answer to a `SwapGeneration` action (`Err`: the store could not be reached).
     Swap(Result<SwapAnswer, String>),
     /// The answer to a `ReadOwnership` action.
@@ -164,6 +173,10 @@ pub enum PrimaryAction {
     /// The VM's end is settled: exit with `exit_code`. `released` says whether the final
     /// outputs were released (false only when the store refused or could not be reached).
     Finished { exit_code: u32, released: bool },
+    /// Replication stopped (after `Unprotect`): no backup may take over at or after
+    /// `generation`, which this replica owns; every output taken so far, and every output
+    /// from now on, may leave at once. The primary does nothing more.
+    Detached { generation: u64 },
 }
 
 /// A checkpoint kept for resending.
@@ -208,6 +221,8 @@ enum SwapPurpose {
     Unprotect,
     /// To mark the VM ended.
     End,
+    /// To stop replicating (`Unprotect`).
+    Detach,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +282,8 @@ pub struct Primary {
     read_outstanding: bool,
     next_ownership_check_ms: u64,
     ending: Option<Ending>,
+    /// `Unprotect` was asked for and is not done yet.
+    detaching: bool,
     stopped: Option<ProtocolError>,
     unprotected_count: u64,
     resumed_checkpoints: u64,
@@ -300,6 +317,7 @@ impl Primary {
             read_outstanding: false,
             next_ownership_check_ms: now_ms,
             ending: None,
+            detaching: false,
             stopped: None,
             unprotected_count: 0,
             resumed_checkpoints: 0,
@@ -335,6 +353,12 @@ impl Primary {
             PrimaryEvent::VmEnded { epoch, exit_code } => self.on_vm_ended(epoch, exit_code, &mut actions),
             PrimaryEvent::Swap(answer) => self.on_swap(answer, &mut actions),
             PrimaryEvent::Ownership(answer) => self.on_ownership(answer, &mut actions),
+            PrimaryEvent::Unprotect => {
+                if self.ending.is_none() {
+                    self.detaching = true;
+                    self.advance_detach(&mut actions);
+                }
+            }
         }
         if self.stopped.is_none() {
             self.pump_outbox(&mut actions);
@@ -424,8 +448,45 @@ impl Primary {
             }
         }
         self.advance_ending(actions);
+        self.advance_detach(actions);
         self.maybe_go_unprotected(actions);
         self.maybe_check_ownership(actions);
+    }
+
+    /// Unprotect: fence the backup off first if it may hold a state that counts for this
+    /// generation (protected; a swap for going unprotected may be under way already), then
+    /// detach. Caught up or unprotected, no backup was told its state counts for this
+    /// generation: nothing to fence.
+    fn advance_detach(&mut self, actions: &mut Vec<PrimaryAction>) {
+        if !self.detaching || self.stopped.is_some() {
+            return;
+        }
+        match self.protection {
+            Protection::Protected => {
+                if self.swap_outstanding.is_none() && self.now_ms >= self.next_store_attempt_ms {
+                    self.swap_outstanding = Some(SwapPurpose::Detach);
+                    actions.push(PrimaryAction::SwapGeneration { expected: self.generation, ended: None });
+                }
+            }
+            Protection::CatchingUp { .. } | Protection::Unprotected => self.detach(actions),
+        }
+    }
+
+    /// No backup can take over now: release everything, tell the backup to stand down, and
+    /// stop replicating.
+    fn detach(&mut self, actions: &mut Vec<PrimaryAction>) {
+        self.detaching = false;
+        self.protection = Protection::Unprotected;
+        if let Some(last) = self.last_taken {
+            self.release(last, actions);
+        }
+        let now = self.now_ms;
+        if let Some(pl) = self.link.as_mut().filter(|pl| pl.streaming) {
+            actions.push(PrimaryAction::Send(pl.link.frame(&Message::StandDown, now)));
+        }
+        self.close(ProtocolError::Detached, actions);
+        self.stopped = Some(ProtocolError::Detached);
+        actions.push(PrimaryAction::Detached { generation: self.generation });
     }
 
     /// Continue: with the backup lost for the grace period, release what is held, swapping
@@ -507,9 +568,11 @@ impl Primary {
                         self.release(epoch, actions);
                         self.finish(exit_code, true, actions);
                     }
+                    (SwapPurpose::Detach, None) if self.detaching => self.detach(actions),
                     _ => {
                         self.become_unprotected(actions);
                         self.advance_ending(actions);
+                        self.advance_detach(actions);
                     }
                 }
             }
@@ -855,6 +918,7 @@ impl Primary {
         if self.ending.is_some() {
             return;
         }
+        self.detaching = false; // the end settles everything
         match self.protection {
             // Released at the checkpoint already; only the record is left to mark.
             Protection::Unprotected => self.mark_ended(epoch, exit_code, true, actions),

@@ -958,3 +958,93 @@ fn a_stale_backup_learns_from_the_record_that_the_vm_ended_and_exits() {
     assert!(w.b_log.contains(&BackupAction::Exit { exit_code: 5 }), "{:?}", w.b_log);
     assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })));
 }
+
+fn position(log: &[PrimaryAction], wanted: &PrimaryAction) -> Option<usize> {
+    log.iter().position(|a| a == wanted)
+}
+
+#[test]
+fn unprotect_swaps_the_generation_before_releasing_and_the_backup_stands_down() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"not acknowledged");
+    w.connect(); // the kept epoch 3 is resent and acknowledged
+    w.checkpoint(4, b"in flight");
+    let actions = w.p.step(PrimaryEvent::Unprotect);
+    w.on_p(actions);
+    w.settle();
+    let swap = position(&w.p_log, &PrimaryAction::SwapGeneration { expected: 1, ended: None });
+    let detached = position(&w.p_log, &PrimaryAction::Detached { generation: 2 });
+    assert!(swap.is_some() && swap < detached, "{:?}", w.p_log);
+    assert_eq!(w.releases().last(), Some(&4), "everything taken is released");
+    assert_eq!(w.record, Record { generation: 2, owner: "primary", ended: None });
+    assert!(w.b_log.contains(&BackupAction::StandDown), "{:?}", w.b_log);
+    assert!(w.b_closes().contains(&&ProtocolError::StoodDown), "{:?}", w.b_log);
+    // The backup is done: no tick, however late, makes it claim or go live.
+    w.tick(60_000);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::ClaimOwnership { .. } | BackupAction::GoLive { .. })));
+    // And the primary does nothing more.
+    let after =
+        w.p.step(PrimaryEvent::CheckpointTaken { epoch: 5, icount: 500, kind: CheckpointKind::Full, payload: vec![1] });
+    assert!(after.is_empty(), "{after:?}");
+    assert_eq!(w.p.stopped(), Some(&ProtocolError::Detached));
+}
+
+#[test]
+fn an_unprotected_backup_that_was_never_told_cannot_take_over() {
+    // The link is cut as the primary unprotects: StandDown never arrives, and outputs the
+    // backup never acknowledged leave. The swap came first, so its claim fails.
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"never reached the backup");
+    let actions = w.p.step(PrimaryEvent::Unprotect);
+    w.on_p(actions);
+    let swap = position(&w.p_log, &PrimaryAction::SwapGeneration { expected: 1, ended: None });
+    let release = position(&w.p_log, &PrimaryAction::ReleaseOutputs { up_to_epoch: 3 });
+    assert!(swap.is_some() && swap < release, "{:?}", w.p_log);
+    assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 2 }));
+    w.tick(10_000);
+    assert!(w.b_log.contains(&BackupAction::ClaimOwnership { generation: 1 }), "{:?}", w.b_log);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
+    assert!(w.b.status().stale);
+    assert_eq!(w.record, Record { generation: 2, owner: "primary", ended: None });
+}
+
+#[test]
+fn unprotecting_a_primary_that_was_never_protected_needs_no_swap() {
+    // Still catching up (no backup was told its state counts for this generation).
+    let mut w = World::new();
+    w.checkpoint(1, b"");
+    let actions = w.p.step(PrimaryEvent::Unprotect);
+    w.on_p(actions);
+    assert!(!w.p_log.iter().any(|a| matches!(a, PrimaryAction::SwapGeneration { .. })), "{:?}", w.p_log);
+    assert_eq!(w.releases(), vec![1]);
+    assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 1 }));
+    assert_eq!(w.record.generation, 1);
+}
+
+#[test]
+fn unprotect_with_the_store_unreachable_releases_nothing_until_a_retry_swaps() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"held");
+    let swap = PrimaryAction::SwapGeneration { expected: 1, ended: None };
+    assert_eq!(w.p.step(PrimaryEvent::Unprotect), vec![swap.clone()]);
+    let refused = w.p.step(PrimaryEvent::Swap(Err("store down".into())));
+    assert!(refused.is_empty(), "{refused:?}");
+    assert!(w.p.step(PrimaryEvent::Tick { now_ms: 50 }).is_empty(), "no retry before store_retry_ms");
+    assert_eq!(w.p.step(PrimaryEvent::Tick { now_ms: 100 }), vec![swap]);
+    let done = w.p.step(PrimaryEvent::Swap(Ok(SwapAnswer::Swapped { generation: 2 })));
+    assert_eq!(done, vec![PrimaryAction::ReleaseOutputs { up_to_epoch: 3 }, PrimaryAction::Detached { generation: 2 }]);
+}
+
+#[test]
+fn unprotect_that_finds_another_owner_stops_releasing_nothing() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"held");
+    w.p.step(PrimaryEvent::Unprotect);
+    let answer = SwapAnswer::Conflict { generation: Some(2), owner: "backup".into(), ended: None };
+    let actions = w.p.step(PrimaryEvent::Swap(Ok(answer)));
+    assert!(matches!(actions[..], [PrimaryAction::Stop { error: ProtocolError::OwnershipLost { .. } }]), "{actions:?}");
+}
