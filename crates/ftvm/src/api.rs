@@ -10,6 +10,8 @@
 //! | PUT    | /snapshot   | {"path": "FILE"}   | {"path":..., "bytes":...}     |
 //! | PUT    | /stop       |                    | {"state":"stopped"}           |
 //! | GET    | /metrics    |                    | Prometheus text (not JSON)    |
+//! | PUT    | /protect    | {"to": "HOST:PORT", "key": "FILE", "epoch_ms": N, "on_backup_loss": "continue"\|"hold"} | {"state":"protecting",...} |
+//! | PUT    | /unprotect  |                    | {"state":"unprotected",...}   |
 //!
 //! Requests reach the VM's driver as [`HostEvent::Control`] and are answered between
 //! two run slices, so a reply always describes a consistent machine. `/metrics` renders
@@ -34,7 +36,10 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub use vmm::control::{Command, ControlRequest, Reply};
+pub use vmm::control::{Command, ControlRequest, ProtectRequest, Reply};
+
+/// The epoch lengths `protect` accepts, as `ftvm run --epoch-ms`.
+pub const EPOCH_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
 
 /// The listening socket; removed when dropped, once the answers being written (say,
 /// to the `stop` that ends the VM) have gone out.
@@ -223,6 +228,8 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
         "/pause" => Command::Pause,
         "/resume" => Command::Resume,
         "/stop" => Command::Stop,
+        "/unprotect" => Command::Unprotect,
+        "/protect" => Command::Protect(protect_request(body)?),
         "/snapshot" => {
             let value: Value =
                 serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
@@ -241,6 +248,29 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
     Ok(command)
 }
 
+/// The body of `PUT /protect`.
+fn protect_request(body: &[u8]) -> Result<ProtectRequest, Reply> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
+    let text = |field: &str| value.get(field).and_then(Value::as_str);
+    let usage = "body needs {\"to\": \"HOST:PORT\", \"key\": \"FILE\"} (optional: \"epoch_ms\", \"on_backup_loss\")";
+    let (Some(to), Some(key)) = (text("to"), text("key")) else {
+        return Err(Reply::error(400, usage));
+    };
+    let epoch_ms = match value.get("epoch_ms") {
+        None => 25,
+        Some(v) => v.as_u64().filter(|ms| EPOCH_MS_RANGE.contains(ms)).ok_or_else(|| {
+            Reply::error(400, format!("epoch_ms must be a whole number of milliseconds in {EPOCH_MS_RANGE:?}"))
+        })?,
+    };
+    let on_backup_loss = match value.get("on_backup_loss") {
+        None => replica::BackupLossPolicy::Continue,
+        Some(v) if v == "continue" => replica::BackupLossPolicy::Continue,
+        Some(v) if v == "hold" => replica::BackupLossPolicy::Hold,
+        Some(v) => return Err(Reply::error(400, format!("on_backup_loss must be \"continue\" or \"hold\", not {v}"))),
+    };
+    Ok(ProtectRequest { to: to.to_string(), key: PathBuf::from(key), epoch_ms, on_backup_loss })
+}
+
 /// The client side: send one request and return the reply.
 pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
@@ -252,8 +282,17 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
         Command::Pause => ("PUT", "/pause", Vec::new()),
         Command::Resume => ("PUT", "/resume", Vec::new()),
         Command::Stop => ("PUT", "/stop", Vec::new()),
+        Command::Unprotect => ("PUT", "/unprotect", Vec::new()),
         Command::Snapshot { path } => {
             ("PUT", "/snapshot", serde_json::to_vec(&json!({ "path": path })).expect("serializes"))
+        }
+        Command::Protect(p) => {
+            let on_backup_loss = match p.on_backup_loss {
+                replica::BackupLossPolicy::Continue => "continue",
+                replica::BackupLossPolicy::Hold => "hold",
+            };
+            let body = json!({ "to": p.to, "key": p.key, "epoch_ms": p.epoch_ms, "on_backup_loss": on_backup_loss });
+            ("PUT", "/protect", serde_json::to_vec(&body).expect("serializes"))
         }
     };
     write!(
@@ -315,6 +354,32 @@ mod tests {
         assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
         assert_eq!(route("PUT", "/snapshot", b"{").unwrap_err().status, 400);
         assert_eq!(route("PUT", "/snapshot", b"{}").unwrap_err().status, 400);
+        assert_eq!(route("PUT", "/unprotect", b""), Ok(Command::Unprotect));
+        assert_eq!(route("GET", "/unprotect", b"").unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn a_protect_request_names_the_backup_and_the_key_and_checks_the_rest() {
+        let protect = route("PUT", "/protect", br#"{"to":"10.0.0.2:7000","key":"/k"}"#).unwrap();
+        let expected = ProtectRequest {
+            to: "10.0.0.2:7000".into(),
+            key: "/k".into(),
+            epoch_ms: 25,
+            on_backup_loss: replica::BackupLossPolicy::Continue,
+        };
+        assert_eq!(protect, Command::Protect(expected.clone()));
+        let body = br#"{"to":"10.0.0.2:7000","key":"/k","epoch_ms":50,"on_backup_loss":"hold"}"#;
+        let hold = ProtectRequest { epoch_ms: 50, on_backup_loss: replica::BackupLossPolicy::Hold, ..expected };
+        assert_eq!(route("PUT", "/protect", body), Ok(Command::Protect(hold)));
+        let refused = |body: &[u8]| route("PUT", "/protect", body).unwrap_err();
+        assert!(refused(br#"{"key":"/k"}"#).body["error"].as_str().unwrap().contains("HOST:PORT"));
+        assert!(refused(br#"{"to":"a:1","key":"/k","epoch_ms":0}"#).body["error"]
+            .as_str()
+            .unwrap()
+            .contains("epoch_ms"));
+        let bad_policy = refused(br#"{"to":"a:1","key":"/k","on_backup_loss":"pray"}"#);
+        assert_eq!(bad_policy.body["error"], r#"on_backup_loss must be "continue" or "hold", not "pray""#);
+        assert_eq!(route("GET", "/protect", br#"{"to":"a:1","key":"/k"}"#).unwrap_err().status, 405);
     }
 
     #[test]

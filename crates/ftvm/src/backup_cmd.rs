@@ -3,7 +3,7 @@
 //! itself is the runtime's ([`vmm::replicate::backup::wait`]).
 
 use crate::replication_args::OwnershipArgs;
-use crate::run_cmd::{machine_config, open_tap, run_owned, VmArgs};
+use crate::run_cmd::{machine_config, open_tap, run_driver, VmArgs};
 use anyhow::{Context, Result};
 use machine::Machine;
 use std::net::TcpListener;
@@ -21,7 +21,10 @@ use vmm::replicate::{load_key, replication_digest, resolve, Ownership};
 #[command(
     after_help = "Example:\n  ftvm backup --listen 0.0.0.0:7000 --key k --store file:/shared/ftvm --net tap:tap0\n\n\
 Exit status: the VM's own exit status when it ended on the primary (the backup never takes\n\
-over an ended VM); otherwise as `ftvm run` after a takeover; 0 when stopped through the API."
+over an ended VM); otherwise as `ftvm run` after a takeover; 0 when stopped through the API\n\
+or told to stand down by `ftvm ctl unprotect` on the primary.\n\n\
+After a takeover this replica runs the VM alone; `ftvm ctl --api SOCK protect --to HOST:PORT\n\
+--key FILE` gives it a new backup."
 )]
 pub struct BackupArgs {
     #[command(flatten)]
@@ -87,6 +90,13 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             eprintln!("ftvm backup: stopped through the control API");
             Ok(0)
         }
+        Ending::StoodDown => {
+            eprintln!(
+                "ftvm backup: the primary stopped replicating to this backup (unprotect); it can never take over \
+                 now, so it stands down"
+            );
+            Ok(0)
+        }
         Ending::GoLive { machine, takeover } => {
             drop(api_server); // the live VM serves the API from here on
             if let Some(tap) = &tap {
@@ -101,7 +111,8 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             driver.role = vmm::status::Role::Primary;
             driver.vm_id = Some(ownership.vm_id.clone());
             driver.took_over = Some(takeover);
-            run_owned(driver, &args.vm, tap, tx, Some(ownership), &[], false)
+            driver.ownership = Some(ownership);
+            run_driver(driver, &args.vm, tap, tx, &[], false)
         }
     }
 }

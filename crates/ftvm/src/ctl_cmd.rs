@@ -1,6 +1,7 @@
 //! `ftvm ctl`: the client of a running VM's control API.
 
-use crate::api::{self, Command};
+use crate::api::{self, Command, ProtectRequest};
+use crate::replication_args::OnBackupLoss;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -31,6 +32,27 @@ pub enum Verb {
     Stop,
     /// The status as Prometheus metrics (text; `--metrics-listen` serves them over TCP)
     Metrics,
+    /// Start replicating this running, unprotected VM to a waiting `ftvm backup` (started
+    /// with the VM's --store and --vm-id): a VM started alone with --store, or a backup that
+    /// took over. The backup's first checkpoint is pre-copied while the guest runs; status
+    /// says when it is protected (replication.protected)
+    Protect {
+        /// The backup's address (its --listen)
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// File holding the pre-shared key (the backup's --key)
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Checkpoint interval
+        #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        epoch_ms: u64,
+        /// With the backup gone: continue serving unprotected, or hold outputs until it is back
+        #[arg(long, value_enum, default_value = "continue")]
+        on_backup_loss: OnBackupLoss,
+    },
+    /// Stop replicating: the VM runs on alone. The ownership generation moves forward first,
+    /// so the backup can never take over, told or not; it is told to stand down (it exits)
+    Unprotect,
 }
 
 pub fn run(args: CtlArgs) -> Result<i32> {
@@ -43,6 +65,14 @@ pub fn run(args: CtlArgs) -> Result<i32> {
         Verb::Pause => Command::Pause,
         Verb::Resume => Command::Resume,
         Verb::Stop => Command::Stop,
+        Verb::Unprotect => Command::Unprotect,
+        // The VM reads the key file itself: make a relative path ours.
+        Verb::Protect { to, key, epoch_ms, on_backup_loss } => Command::Protect(ProtectRequest {
+            to,
+            key: std::path::absolute(&key)?,
+            epoch_ms,
+            on_backup_loss: on_backup_loss.into(),
+        }),
         // The VM resolves a relative path against its own directory; make it ours.
         Verb::Snapshot { file } => Command::Snapshot { path: std::path::absolute(&file)? },
     };

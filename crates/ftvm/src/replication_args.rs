@@ -2,10 +2,9 @@
 //! turned into what the runtime (`vmm`) takes.
 
 use anyhow::{Context, Result};
-use std::sync::mpsc::Sender;
-use vmm::host::HostEvent;
-use vmm::replicate::primary::{start, PrimaryOptions};
-use vmm::replicate::{Ownership, OwnershipSpec};
+use vmm::driver::ReplicationOptions;
+use vmm::replicate::primary::PrimaryOptions;
+use vmm::replicate::OwnershipSpec;
 
 /// Where a VM's ownership record lives, and under which id.
 #[derive(clap::Args, Debug, Clone)]
@@ -35,6 +34,15 @@ pub enum OnBackupLoss {
     Continue,
     /// Hold outputs until a backup is back
     Hold,
+}
+
+impl From<OnBackupLoss> for replica::BackupLossPolicy {
+    fn from(policy: OnBackupLoss) -> Self {
+        match policy {
+            OnBackupLoss::Continue => replica::BackupLossPolicy::Continue,
+            OnBackupLoss::Hold => replica::BackupLossPolicy::Hold,
+        }
+    }
 }
 
 /// `ftvm run`'s replication options.
@@ -70,28 +78,16 @@ pub struct ReplicationArgs {
     pub verify_every: u64,
 }
 
-/// Start replication when `--replicate-to` was given, with the record this primary claimed.
-pub fn from_args(
-    args: &ReplicationArgs,
-    config: &machine::MachineConfig,
-    ownership: Ownership,
-    events: Sender<HostEvent>,
-) -> Result<vmm::driver::Replication> {
+/// What `--replicate-to` and its companions ask for.
+pub fn options(args: &ReplicationArgs) -> Result<ReplicationOptions> {
     let addr = args.replicate_to.as_deref().context("replication needs --replicate-to")?;
     let key_path = args.key.as_ref().context("--replicate-to needs --key")?;
-    let options = PrimaryOptions {
+    let primary = PrimaryOptions {
         backup: vmm::replicate::resolve(addr)?,
         key: vmm::replicate::load_key(key_path)?,
-        config_digest: vmm::replicate::replication_digest(config, &ownership.vm_id),
         heartbeat_ms: args.heartbeat_ms,
-        on_backup_loss: match args.on_backup_loss {
-            OnBackupLoss::Continue => replica::BackupLossPolicy::Continue,
-            OnBackupLoss::Hold => replica::BackupLossPolicy::Hold,
-        },
+        on_backup_loss: args.on_backup_loss.into(),
         backup_loss_grace_ms: args.backup_loss_grace_ms,
     };
-    let handle = start(options, ownership, events)?;
-    let mut replication = vmm::driver::Replication::new(handle, args.epoch_ms);
-    replication.verify_every = args.verify_every;
-    Ok(replication)
+    Ok(ReplicationOptions { primary, epoch_ms: args.epoch_ms, verify_every: args.verify_every })
 }

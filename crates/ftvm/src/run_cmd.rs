@@ -309,35 +309,16 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(ownership) = &mut ownership {
         ownership.claim_for_start()?;
     }
+    // The driver holds the record (and marks it ended when the VM ends here, so that no
+    // other replica ever brings it back), or hands it to replication.
     let mut driver = Driver::new(machine, rx, vm.clock.into());
     driver.vm_id = ownership.as_ref().map(|o| o.vm_id.clone());
+    driver.ownership = ownership;
     if replicated {
-        let ownership = ownership.take().context("--replicate-to needs --store")?;
-        driver.replication =
-            Some(crate::replication_args::from_args(&args.replication, &config, ownership, tx.clone())?);
-        driver.role = vmm::status::Role::Primary;
+        anyhow::ensure!(driver.ownership.is_some(), "--replicate-to needs --store");
+        driver.start_replication(crate::replication_args::options(&args.replication)?, tx.clone())?;
     }
-    run_owned(driver, vm, tap, tx, ownership, &args.command, args.boot_log)
-}
-
-/// Run a VM whose ownership record this process holds (if any), and mark the record
-/// ended when the VM ends here, so that no other replica ever brings it back.
-pub fn run_owned(
-    driver: Driver,
-    vm: &VmArgs,
-    tap: Option<Tap>,
-    tx: std::sync::mpsc::Sender<vmm::host::HostEvent>,
-    ownership: Option<vmm::replicate::Ownership>,
-    command: &[String],
-    boot_log: bool,
-) -> Result<i32> {
-    let code = run_driver(driver, vm, tap, tx, command, boot_log)?;
-    if let Some(mut ownership) = ownership {
-        if let Err(e) = ownership.mark_ended(code as u32) {
-            eprintln!("ftvm: warning: {e:#}");
-        }
-    }
-    Ok(code)
+    run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
 }
 
 /// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its
@@ -363,6 +344,11 @@ pub fn run_driver(
         None => None,
     };
     driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || driver.replication.is_some();
+    // Only the control API can ask to start replicating later; without it the driver keeps
+    // no sender of its own, so that it notices when no event can come any more.
+    if vm.api.is_some() {
+        driver.events_tx = Some(tx.clone());
+    }
     driver.tap = tap;
     driver.snapshotter = Some(snapshotter());
     drop(tx);

@@ -12,8 +12,25 @@ pub enum Command {
     Status,
     Pause,
     Resume,
-    Snapshot { path: PathBuf },
+    Snapshot {
+        path: PathBuf,
+    },
     Stop,
+    /// Start replicating this running, unprotected VM to a waiting backup.
+    Protect(ProtectRequest),
+    /// Stop replicating: the VM runs on alone, and its backup can never take over.
+    Unprotect,
+}
+
+/// Where to replicate, and how (`ftvm ctl protect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectRequest {
+    /// The backup's address (`ftvm backup --listen`), `HOST:PORT`.
+    pub to: String,
+    /// The file holding the pre-shared key, as the VM's process sees it.
+    pub key: PathBuf,
+    pub epoch_ms: u64,
+    pub on_backup_loss: replica::BackupLossPolicy,
 }
 
 /// An HTTP status and a JSON body.

@@ -3,6 +3,11 @@
 //! enter, keeps them as the input log, and routes the machine's outputs to the
 //! terminal and the TAP device.
 //!
+//! Replication is started and stopped while the VM runs (`ftvm ctl protect`, `unprotect`):
+//! the driver holds the VM's ownership record while it runs alone, hands it to a new
+//! replication thread on protect, and takes it back once replication stopped; whoever holds
+//! it at the end marks it ended.
+//!
 //! Clock policy: guest time follows wall-clock time. When the guest idles until a timer
 //! deadline, the driver waits until the wall clock reaches it (or a host event arrives
 //! first) and then skips guest time forward; while it computes, the pacer (`pacer.rs`)
@@ -10,14 +15,14 @@
 //! the clock is `Fast`, which skips idle time at once and paces nothing (for tests and
 //! benchmarks without outside peers).
 
-use crate::control::{Command, ControlRequest, Reply};
+use crate::control::{Command, ControlRequest, ProtectRequest, Reply};
 use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
 use anyhow::{Context, Result};
 use machine::board::TIMEBASE_HZ;
 use machine::{Input, InputKind, Machine, OutputKind, RunExit};
 use std::io::Write;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 /// Instructions per run slice between looks at the host (about 10-20 ms of guest work).
@@ -31,6 +36,9 @@ const ENTROPY_CHUNK: usize = 64;
 /// How long the end of a replicated VM may take to settle (the protocol's own timeouts are
 /// far shorter; this only guards against a replication thread that died).
 const END_WAIT: Duration = Duration::from_secs(30);
+/// What `ctl protect` does not set, as `ftvm run`'s defaults.
+const PROTECT_HEARTBEAT_MS: u64 = 10;
+const PROTECT_BACKUP_LOSS_GRACE_MS: u64 = 200;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Clock {
@@ -94,6 +102,12 @@ pub struct Driver {
     pub role: crate::status::Role,
     /// What `status` reports as the VM's name in the ownership store.
     pub vm_id: Option<String>,
+    /// The VM's ownership record while no replication thread holds it (None: the VM was
+    /// started without a store).
+    pub ownership: Option<crate::replicate::Ownership>,
+    /// The sender of the driver's own events, for a replication thread started later
+    /// (`ctl protect`); set when a control API can ask for it.
+    pub events_tx: Option<Sender<HostEvent>>,
     /// Keeps a busy guest's clock at the wall clock's pace.
     pacer: crate::pacer::Pacer,
 }
@@ -110,6 +124,18 @@ pub struct Replication {
     /// A full checkpoint being copied while the guest runs.
     precopy: Option<machine::checkpoint::PreCopy>,
     started: Instant,
+    /// Put the machine's digest in every N-th checkpoint (0: never).
+    pub verify_every: u64,
+    /// The answer owed to an `unprotect` under way.
+    unprotecting: Option<Sender<Reply>>,
+    /// The role to report again once replication stops.
+    role_before: crate::status::Role,
+}
+
+/// How to replicate: the replication thread's options and the checkpoint schedule's.
+pub struct ReplicationOptions {
+    pub primary: crate::replicate::primary::PrimaryOptions,
+    pub epoch_ms: u64,
     /// Put the machine's digest in every N-th checkpoint (0: never).
     pub verify_every: u64,
 }
@@ -138,6 +164,8 @@ impl Replication {
             started: Instant::now(),
             precopy: None,
             verify_every: 0,
+            unprotecting: None,
+            role_before: crate::status::Role::Standalone,
         }
     }
 }
@@ -175,8 +203,29 @@ impl Driver {
             took_over: None,
             role: crate::status::Role::Standalone,
             vm_id: None,
+            ownership: None,
+            events_tx: None,
             pacer: crate::pacer::Pacer::new(),
         }
+    }
+
+    /// Start replicating to a backup (at boot, or `ctl protect` while the VM runs): the VM's
+    /// ownership record goes to a new replication thread, and the backup's first checkpoint
+    /// is a full one, pre-copied while the guest runs.
+    pub fn start_replication(&mut self, options: ReplicationOptions, events: Sender<HostEvent>) -> Result<()> {
+        anyhow::ensure!(self.replication.is_none(), "this VM is already replicating");
+        let ownership = self.ownership.take().context("replication needs the VM's ownership record (--store)")?;
+        let handle = crate::replicate::primary::start(options.primary, ownership, events)?;
+        // The backup starts from a full checkpoint: what was written before needs no second
+        // copy in the pre-copy's final pass (it could be everything since boot).
+        self.machine.take_dirty_pages();
+        self.machine.take_dirty_sectors();
+        let mut replication = Replication::new(handle, options.epoch_ms);
+        replication.verify_every = options.verify_every;
+        replication.role_before = self.role;
+        self.role = crate::status::Role::Primary;
+        self.replication = Some(replication);
+        Ok(())
     }
 
     fn push(&mut self, kind: InputKind) -> Result<()> {
@@ -201,10 +250,19 @@ impl Driver {
             Outcome::Hung => 1,
             Outcome::Fenced(_) => return Ok(outcome),
         };
-        match self.end_replicated(exit_code, console)? {
-            Some(fenced) => Ok(fenced),
-            None => Ok(outcome),
+        if let Some(fenced) = self.end_replicated(exit_code, console)? {
+            return Ok(fenced);
         }
+        if self.replication.is_none() {
+            // Running alone: mark the record ended, so that no other replica ever brings
+            // the VM back (a replication thread does this itself).
+            if let Some(ownership) = &mut self.ownership {
+                if let Err(e) = ownership.mark_ended(exit_code) {
+                    tracing_warn(&format!("{e:#}"));
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     fn run_until_end(&mut self, console: &mut dyn ConsoleSink) -> Result<Outcome> {
@@ -277,10 +335,33 @@ impl Driver {
             HostEvent::Quit => return Ok(Some(Outcome::Quit)),
             HostEvent::Control(request) => return Ok(self.control(request)),
             HostEvent::Released { up_to_epoch } => self.release_held(up_to_epoch),
-            HostEvent::ReplicationStopped(message) => return Ok(Some(Outcome::Fenced(message))),
+            HostEvent::ReplicationStopped(message) => {
+                if let Some(reply) = self.replication.as_mut().and_then(|r| r.unprotecting.take()) {
+                    let _ = reply.send(Reply::error(409, format!("replication stopped: {message}")));
+                }
+                return Ok(Some(Outcome::Fenced(message)));
+            }
             HostEvent::Finished { exit_code, released } => self.finished = Some((exit_code, released)),
+            HostEvent::Detached { generation } => self.detached(generation),
         }
         Ok(None)
+    }
+
+    /// Replication stopped (unprotect): no backup can take over any more, so everything
+    /// held may leave; the record comes back from the replication thread.
+    fn detached(&mut self, generation: u64) {
+        let Some(mut r) = self.replication.take() else { return };
+        let held = r.schedule.release(u64::MAX);
+        self.released.extend(held);
+        self.ownership = r.handle.finish();
+        if self.ownership.is_none() {
+            tracing_warn("the replication thread died: the VM's ownership record is not marked ended at its end");
+        }
+        self.role = r.role_before;
+        if let Some(reply) = r.unprotecting.take() {
+            let body = serde_json::json!({ "state": "unprotected", "generation": generation });
+            let _ = reply.send(Reply::ok(body));
+        }
     }
 
     /// At the end of a run slice, do what the schedule says: nothing, pre-copy a full
@@ -363,6 +444,9 @@ impl Driver {
     fn end_replicated(&mut self, exit_code: u32, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
         let Some(r) = &mut self.replication else { return Ok(None) };
         r.precopy = None;
+        if let Some(reply) = r.unprotecting.take() {
+            let _ = reply.send(Reply::error(409, "the VM is ending: its end settles the replication"));
+        }
         let wanted = r.handle.shared.lock().expect("not poisoned").next_kind;
         let (_, kind) = r.schedule.final_checkpoint(wanted);
         self.route_outputs(console)?;
@@ -380,6 +464,12 @@ impl Driver {
                 }
                 Ok(HostEvent::Finished { exit_code, released }) => self.finished = Some((exit_code, released)),
                 Ok(HostEvent::ReplicationStopped(message)) => return Ok(Some(Outcome::Fenced(message))),
+                Ok(HostEvent::Detached { generation }) => {
+                    // Replication stopped just before the end: the VM ends alone.
+                    self.detached(generation);
+                    self.flush_released(console)?;
+                    return Ok(None);
+                }
                 Ok(HostEvent::Control(request)) => {
                     let _ = request.reply.send(Reply::error(409, "the VM is ending"));
                 }
@@ -428,6 +518,12 @@ impl Driver {
 
     /// Answer a control request; `Some` when it ends the run.
     fn control(&mut self, request: ControlRequest) -> Option<Outcome> {
+        if request.command == Command::Unprotect {
+            if let Some(reply) = self.unprotect(request.reply.clone()) {
+                let _ = request.reply.send(reply);
+            }
+            return None;
+        }
         let (reply, outcome) = match &request.command {
             Command::Status => (Reply::ok(serde_json::to_value(self.status()).expect("a status serializes")), None),
             Command::Pause => {
@@ -443,9 +539,75 @@ impl Driver {
                 Some(Outcome::Stopped),
             ),
             Command::Snapshot { path } => (self.snapshot(path), None),
+            Command::Protect(protect) => (self.protect(protect), None),
+            Command::Unprotect => unreachable!("answered above"),
         };
         let _ = request.reply.send(reply);
         outcome
+    }
+
+    /// `ctl protect`: replicate this running VM to a waiting backup.
+    fn protect(&mut self, request: &ProtectRequest) -> Reply {
+        if let Some(r) = &self.replication {
+            let backup = r.handle.backup;
+            return Reply::error(
+                409,
+                format!("this VM is already protected: it replicates to {backup} (unprotect first)"),
+            );
+        }
+        if self.ownership.is_none() {
+            return Reply::error(
+                409,
+                "this VM holds no ownership record, without which a backup could never take over safely: start it \
+                 with --store file:DIR (the store its backup uses) to protect it",
+            );
+        }
+        let Some(events) = self.events_tx.clone() else {
+            return Reply::error(409, "this VM cannot start replicating (it has no control API)");
+        };
+        let backup = match crate::replicate::resolve(&request.to) {
+            Ok(backup) => backup,
+            Err(e) => return Reply::error(400, format!("{e:#}")),
+        };
+        let key = match crate::replicate::load_key(&request.key) {
+            Ok(key) => key,
+            Err(e) => return Reply::error(400, format!("{e:#}")),
+        };
+        let options = ReplicationOptions {
+            primary: crate::replicate::primary::PrimaryOptions {
+                backup,
+                key,
+                heartbeat_ms: PROTECT_HEARTBEAT_MS,
+                on_backup_loss: request.on_backup_loss,
+                backup_loss_grace_ms: PROTECT_BACKUP_LOSS_GRACE_MS,
+            },
+            epoch_ms: request.epoch_ms,
+            verify_every: 0,
+        };
+        let generation = self.ownership.as_ref().map_or(0, |o| o.generation);
+        match self.start_replication(options, events) {
+            Ok(()) => Reply::ok(serde_json::json!({
+                "state": "protecting",
+                "backup": backup.to_string(),
+                "generation": generation,
+                "epoch_ms": request.epoch_ms,
+            })),
+            Err(e) => Reply::error(500, format!("cannot start replicating: {e:#}")),
+        }
+    }
+
+    /// `ctl unprotect`: the answer now when refused, or later (`reply` is kept) once the
+    /// replication thread has made the backup's state stale and stopped.
+    fn unprotect(&mut self, reply: Sender<Reply>) -> Option<Reply> {
+        let Some(r) = &mut self.replication else {
+            return Some(Reply::error(409, "this VM is not protected: it replicates to no backup"));
+        };
+        if r.unprotecting.is_some() {
+            return Some(Reply::error(409, "an unprotect is already under way"));
+        }
+        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Unprotect);
+        r.unprotecting = Some(reply);
+        None
     }
 
     fn snapshot(&self, path: &std::path::Path) -> Reply {

@@ -27,6 +27,11 @@ pub enum HostEvent {
         exit_code: u32,
         released: bool,
     },
+    /// Replication stopped (unprotect): no backup can take over at or after `generation`;
+    /// the replication thread hands the ownership record back when it is shut down.
+    Detached {
+        generation: u64,
+    },
 }
 
 /// Host entropy for the guest's RNG device (logged as an input like any other).

@@ -47,6 +47,9 @@ pub enum Ending {
     Exit(u32),
     /// Stopped through the control API.
     Stopped,
+    /// The primary stopped replicating to this backup (`ftvm ctl unprotect`), after making
+    /// its state stale: the backup stands down.
+    StoodDown,
     /// This replica owns the VM now: run `machine`, which holds the checkpoint the
     /// takeover names, as the new primary.
     GoLive { machine: Box<Machine>, takeover: Takeover },
@@ -235,18 +238,23 @@ pub fn wait(
     let mut conns = Connections { streams: HashMap::new(), next_id: 0, primary: None };
     let mut applies = Applies::default();
     let mut last_report = Instant::now();
+    let mut last_tick = Instant::now();
     loop {
         // Everything already queued goes in before the clock does: a tick must never find
-        // the primary silent while its frames wait in the queue.
+        // the primary silent while its frames wait in the queue. Only once the primary was
+        // heard may a long stream of its frames (a full checkpoint of a large VM) be cut for
+        // a tick, so that this side's heartbeats keep going out meanwhile.
         let mut actions = Vec::new();
         let mut message = rx.recv_timeout(TICK);
         loop {
+            let mut heard_primary = false;
             match message {
                 Ok(ToBackup::Accepted(stream)) => actions.extend(accept(&mut backup, &mut conns, stream, &tx)?),
                 Ok(ToBackup::Bytes { conn, bytes }) => {
                     actions.extend(backup.step(BackupEvent::Received { conn, bytes: &bytes }));
                     if let Some(primary) = backup.primary_conn() {
                         conns.primary = Some(primary);
+                        heard_primary = primary == conn;
                     }
                 }
                 Ok(ToBackup::Closed { conn }) => {
@@ -283,12 +291,16 @@ pub fn wait(
             if let Some(ending) = carry_out(&mut backup, &mut conns, &mut machine, ownership, &mut actions)? {
                 return finish(ending, &backup, applies, machine);
             }
+            if heard_primary && last_tick.elapsed() >= TICK {
+                break;
+            }
             message = match rx.try_recv() {
                 Ok(m) => Ok(m),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
             };
         }
+        last_tick = Instant::now();
         actions.extend(backup.step(BackupEvent::Tick { now_ms: now_ms() }));
         if let Some(ending) = carry_out(&mut backup, &mut conns, &mut machine, ownership, &mut actions)? {
             return finish(ending, &backup, applies, machine);
@@ -312,6 +324,7 @@ pub fn wait(
 /// What ends the waiting, as the core decided it.
 enum Decided {
     Exit(u32),
+    StoodDown,
     GoLive { epoch: u64, generation: u64 },
 }
 
@@ -320,6 +333,7 @@ enum Decided {
 fn finish(decided: Decided, backup: &Backup, applies: Applies, machine: MachineThread) -> Result<Ending> {
     Ok(match decided {
         Decided::Exit(code) => Ending::Exit(code),
+        Decided::StoodDown => Ending::StoodDown,
         Decided::GoLive { epoch, generation } => {
             let machine = Box::new(machine.give_back()?);
             let heard_ms = backup.status().last_heard_ms;
@@ -408,6 +422,12 @@ fn carry_out(
                     conns.close(conn);
                 }
                 return Ok(Some(Decided::Exit(exit_code)));
+            }
+            BackupAction::StandDown => {
+                for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
+                    conns.close(conn);
+                }
+                return Ok(Some(Decided::StoodDown));
             }
         }
     }

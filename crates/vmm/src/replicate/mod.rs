@@ -76,6 +76,8 @@ pub struct Ownership {
     pub owner: String,
     /// The generation this replica holds (0: none yet).
     pub generation: u64,
+    /// What a replication handshake for this VM checks ([`replication_digest`]).
+    pub replication_digest: replica::ConfigDigest,
 }
 
 impl Ownership {
@@ -89,7 +91,8 @@ impl Ownership {
         };
         store::validate_vm_id(&vm_id).context("--vm-id")?;
         let owner = args.replica_name.clone().unwrap_or_else(|| default_owner(role));
-        Ok(Some(Ownership { store, vm_id, owner, generation: 0 }))
+        let replication_digest = replication_digest(config, &vm_id);
+        Ok(Some(Ownership { store, vm_id, owner, generation: 0, replication_digest }))
     }
 
     /// A VM starting from its images: take the record, refusing when another replica may
@@ -221,7 +224,8 @@ mod tests {
     use super::*;
 
     fn ownership(store: &store::MemoryStore, owner: &str) -> Ownership {
-        Ownership { store: Box::new(store.clone()), vm_id: "vm-test".into(), owner: owner.into(), generation: 0 }
+        let (vm_id, owner) = ("vm-test".to_string(), owner.to_string());
+        Ownership { store: Box::new(store.clone()), vm_id, owner, generation: 0, replication_digest: [0; 32] }
     }
 
     #[test]

@@ -3,14 +3,16 @@
 //! checkpoints; it hands back output releases (output commit) and, if another replica
 //! took the VM over, the order to stop. The guest never waits for the network: checkpoints
 //! are sent here, in the background, while the next epoch runs; connecting happens on a
-//! thread of its own, so that a dead link never holds up a decision.
+//! thread of its own, so that a dead link never holds up a decision. Once replication is
+//! stopped (unprotect, [`ToRepl::Unprotect`]), the thread hands the ownership record back
+//! when it is shut down ([`PrimaryHandle::finish`]).
 
 use super::{nonce, now_ms, Ownership};
 use crate::host::HostEvent;
 use anyhow::{Context, Result};
 use replica::{
     BackupLossPolicy, CheckpointKind, ConfigDigest, PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent,
-    PrimaryStatus,
+    PrimaryStatus, ProtocolError,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,15 +26,34 @@ const TICK: Duration = Duration::from_millis(5);
 const RECONNECT_FIRST_MS: u64 = 5;
 const RECONNECT_MAX_MS: u64 = 300;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a connection closed after its last writes (StandDown, End) may take to send them.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Messages into the replication thread.
 pub enum ToRepl {
-    Checkpoint { epoch: u64, icount: u64, kind: CheckpointKind, payload: Vec<u8> },
-    VmEnded { epoch: u64, exit_code: u32 },
-    Connected { stream: TcpStream },
+    Checkpoint {
+        epoch: u64,
+        icount: u64,
+        kind: CheckpointKind,
+        payload: Vec<u8>,
+    },
+    VmEnded {
+        epoch: u64,
+        exit_code: u32,
+    },
+    /// Stop replicating; `HostEvent::Detached` answers once no backup can take over.
+    Unprotect,
+    Connected {
+        stream: TcpStream,
+    },
     ConnectFailed,
-    Bytes { conn: u64, bytes: Vec<u8> },
-    Closed { conn: u64 },
+    Bytes {
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        conn: u64,
+    },
     Shutdown,
 }
 
@@ -49,7 +70,6 @@ pub struct Shared {
 pub struct PrimaryOptions {
     pub backup: SocketAddr,
     pub key: PresharedKey,
-    pub config_digest: ConfigDigest,
     pub heartbeat_ms: u64,
     pub on_backup_loss: BackupLossPolicy,
     pub backup_loss_grace_ms: u64,
@@ -58,7 +78,17 @@ pub struct PrimaryOptions {
 pub struct PrimaryHandle {
     pub tx: Sender<ToRepl>,
     pub shared: Arc<Mutex<Shared>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Where the backup is.
+    pub backup: SocketAddr,
+    thread: Option<std::thread::JoinHandle<Ownership>>,
+}
+
+impl PrimaryHandle {
+    /// Shut the thread down and take the ownership record back (None if the thread died).
+    pub fn finish(mut self) -> Option<Ownership> {
+        let _ = self.tx.send(ToRepl::Shutdown);
+        self.thread.take().and_then(|thread| thread.join().ok())
+    }
 }
 
 impl Drop for PrimaryHandle {
@@ -70,10 +100,12 @@ impl Drop for PrimaryHandle {
     }
 }
 
-/// Start the replication thread of a primary that owns the VM's record.
+/// Start the replication thread of a primary that owns the VM's record (at the
+/// generation it holds now).
 pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostEvent>) -> Result<PrimaryHandle> {
     let run_id = u64::from_le_bytes(super::random()?);
-    let mut config = PrimaryConfig::new(options.key.clone(), options.config_digest, run_id);
+    let config_digest: ConfigDigest = ownership.replication_digest;
+    let mut config = PrimaryConfig::new(options.key.clone(), config_digest, run_id);
     config.heartbeat_interval_ms = options.heartbeat_ms;
     config.on_backup_loss = options.on_backup_loss;
     config.backup_loss_grace_ms = options.backup_loss_grace_ms;
@@ -85,6 +117,7 @@ pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostE
         last_error: None,
     }));
     let (tx, rx) = mpsc::channel();
+    let backup = options.backup;
     let mut thread = ReplThread {
         primary,
         rx,
@@ -102,9 +135,12 @@ pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostE
     };
     let handle = std::thread::Builder::new()
         .name("replication".into())
-        .spawn(move || thread.run())
+        .spawn(move || {
+            thread.run();
+            thread.ownership
+        })
         .context("cannot start the replication thread")?;
-    Ok(PrimaryHandle { tx, shared, thread: Some(handle) })
+    Ok(PrimaryHandle { tx, shared, backup, thread: Some(handle) })
 }
 
 struct ReplThread {
@@ -142,8 +178,21 @@ impl Connection {
                     return;
                 }
             }
+            // The queue ended: the connection was closed after its last writes.
+            let _ = out.shutdown(std::net::Shutdown::Both);
         });
         Ok(Connection { stream, writer })
+    }
+
+    /// Close once the writes already queued are out (the writer thread shuts the socket
+    /// down when its queue ends), or after [`LINGER`] if the link is stuck.
+    fn close_after_writes(self) {
+        let Connection { stream, writer } = self;
+        drop(writer);
+        std::thread::spawn(move || {
+            std::thread::sleep(LINGER);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        });
     }
 }
 
@@ -160,6 +209,7 @@ impl ReplThread {
                 Ok(ToRepl::VmEnded { epoch, exit_code }) => {
                     self.primary.step(PrimaryEvent::VmEnded { epoch, exit_code })
                 }
+                Ok(ToRepl::Unprotect) => self.primary.step(PrimaryEvent::Unprotect),
                 Ok(ToRepl::Connected { stream }) => {
                     self.connecting = false;
                     self.attach(stream)
@@ -254,6 +304,13 @@ impl ReplThread {
                 PrimaryAction::ProtectionChanged { protected: true, generation } => {
                     eprintln!("ftvm: replication: protected again at generation {generation}: the backup caught up")
                 }
+                PrimaryAction::Close { error: error @ (ProtocolError::Detached | ProtocolError::VmEnded { .. }) } => {
+                    // The backup must still read the StandDown or End just queued.
+                    self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
+                    if let Some(conn) = self.conn.take() {
+                        conn.close_after_writes();
+                    }
+                }
                 PrimaryAction::Close { error } => {
                     self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
                     self.drop_connection();
@@ -265,6 +322,14 @@ impl ReplThread {
                 }
                 PrimaryAction::Finished { exit_code, released } => {
                     let _ = self.events.send(HostEvent::Finished { exit_code, released });
+                }
+                PrimaryAction::Detached { generation } => {
+                    self.stopped = true; // no more connections
+                    eprintln!(
+                        "ftvm: replication: stopped (unprotect) at generation {generation}: the backup can no longer \
+                         take over; the VM runs on alone"
+                    );
+                    let _ = self.events.send(HostEvent::Detached { generation });
                 }
             }
         }

@@ -1,0 +1,225 @@
+//! `ftvm ctl protect` and `unprotect` on loopback (no root): a VM started alone with
+//! `--store` is given a backup while it runs, then replication is stopped; the backup is
+//! told to stand down and the ownership generation has moved past anything it holds.
+//! What cannot be done is refused with an error that says why. (The failovers around a
+//! re-protection run in namespaces: `tests/reprotect.rs`.)
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Booting (which may overlap the first full checkpoint) on a loaded 2-core machine.
+const PROTECTED_LIMIT: Duration = Duration::from_secs(120);
+const MEM: &str = "128M";
+
+fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// A scratch directory, removed with everything in it when the test ends.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("ftvm-protect-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        std::fs::write(dir.join("key"), "00112233445566778899aabbccddeeff").unwrap();
+        Dir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn store(&self) -> String {
+        format!("file:{}", self.path("store").display())
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An ftvm process, killed on drop.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[String], log: PathBuf) -> Proc {
+        let err = std::fs::File::create(&log).unwrap();
+        let child = ftvm().args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err).spawn().unwrap();
+        Proc { child, log }
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A VM running `sleep 1000` (with `--store` when `store` is given), its API socket ready.
+fn vm(dir: &Dir, store: bool) -> (Proc, PathBuf) {
+    let api = dir.path("vm.sock");
+    let mut args: Vec<String> = ["run", "--mem", MEM, "--api"].map(String::from).to_vec();
+    args.push(api.display().to_string());
+    if store {
+        args.extend(["--store".into(), dir.store()]);
+    }
+    args.extend(["--", "sleep", "1000"].map(String::from));
+    let proc = Proc::spawn(&args, dir.path("vm.log"));
+    wait_for(&api);
+    (proc, api)
+}
+
+/// A backup on a free loopback port: it, its address and its API socket.
+fn backup(dir: &Dir, name: &str) -> (Proc, String, PathBuf) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let api = dir.path(&format!("{name}.sock"));
+    let key = dir.path("key").display().to_string();
+    let args: Vec<String> = ["backup", "--mem", MEM, "--listen", &listen, "--key", &key, "--store", &dir.store()]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--api".into(), api.display().to_string()])
+        .collect();
+    let proc = Proc::spawn(&args, dir.path(&format!("{name}.log")));
+    wait_for(&api);
+    (proc, listen, api)
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `ftvm ctl --api API ARGS`: exit code, the JSON answer, standard error.
+fn ctl(api: &Path, args: &[&str]) -> (i32, Value, String) {
+    let out: Output = ftvm().arg("ctl").arg("--api").arg(api).args(args).output().unwrap();
+    let body = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), body, String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+fn status(api: &Path) -> Value {
+    let (code, body, err) = ctl(api, &["status"]);
+    assert_eq!(code, 0, "status failed: {err}");
+    body
+}
+
+fn protect(api: &Path, dir: &Dir, to: &str) -> (i32, Value, String) {
+    let key = dir.path("key").display().to_string();
+    ctl(api, &["protect", "--to", to, "--key", &key])
+}
+
+/// The VM's ownership record, as the store holds it.
+fn record(dir: &Dir) -> Value {
+    let entry = std::fs::read_dir(dir.path("store")).unwrap().flatten().find(|e| {
+        let name = e.file_name().to_string_lossy().to_string();
+        name.starts_with("vm-") && name.ends_with(".json")
+    });
+    let text = std::fs::read_to_string(entry.expect("a record in the store").path()).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["record"].clone()
+}
+
+#[test]
+fn protect_without_a_store_and_unprotect_without_replication_are_refused_saying_why() {
+    let dir = Dir::new("refused");
+    let (_vm, api) = vm(&dir, false);
+    let (code, _, err) = protect(&api, &dir, "127.0.0.1:9");
+    assert_eq!(code, 125, "{err}");
+    assert_eq!(
+        err,
+        "ftvm: error: the VM refused: this VM holds no ownership record, without which a backup could never take \
+         over safely: start it with --store file:DIR (the store its backup uses) to protect it (HTTP 409)"
+    );
+    let (code, _, err) = ctl(&api, &["unprotect"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (125, "ftvm: error: the VM refused: this VM is not protected: it replicates to no backup (HTTP 409)")
+    );
+    assert_eq!(status(&api)["replication"], Value::Null);
+}
+
+#[test]
+fn a_vm_started_alone_is_protected_then_unprotected_and_its_backup_stands_down_for_good() {
+    let dir = Dir::new("cycle");
+    let (mut vm, api) = vm(&dir, true);
+    let (mut backup, listen, backup_api) = backup(&dir, "backup");
+    let before = status(&api);
+    assert_eq!((&before["role"], &before["replication"]), (&Value::from("standalone"), &Value::Null), "{before}");
+
+    let (code, answer, err) = protect(&api, &dir, &listen);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(answer["state"], "protecting", "{answer}");
+    let deadline = Instant::now() + PROTECTED_LIMIT;
+    let protected = loop {
+        let s = status(&api);
+        if s["replication"]["protected"] == true {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not protected in time: {s}\n{}\n{}", vm.log(), backup.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(protected["role"], "primary");
+    let generation = protected["replication"]["generation"].as_u64().unwrap();
+    let backup_status = status(&backup_api);
+    assert_eq!(backup_status["state_generation"], generation, "{backup_status}");
+
+    let (code, _, err) = protect(&api, &dir, &listen);
+    assert_eq!(code, 125);
+    assert_eq!(
+        err,
+        format!(
+            "ftvm: error: the VM refused: this VM is already protected: it replicates to {listen} (unprotect first) \
+             (HTTP 409)"
+        )
+    );
+
+    let (code, answer, err) = ctl(&api, &["unprotect"]);
+    assert_eq!(code, 0, "{err}");
+    // The generation moved past the one the backup's state counts for, before anything
+    // it had not acknowledged left.
+    assert_eq!((&answer["state"], &answer["generation"]), (&Value::from("unprotected"), &Value::from(generation + 1)));
+    assert_eq!(record(&dir)["generation"], generation + 1);
+    let after = status(&api);
+    assert_eq!((&after["role"], &after["replication"]), (&Value::from("standalone"), &Value::Null), "{after}");
+    let stood_down = backup.wait_exit(Duration::from_secs(10));
+    assert_eq!(stood_down.and_then(|s| s.code()), Some(0), "{}", backup.log());
+    assert!(backup.log().contains("stands down"), "{}", backup.log());
+    let (code, _, _) = ctl(&api, &["unprotect"]);
+    assert_eq!(code, 125, "unprotect twice");
+
+    // Alone again, the VM still holds its record, and marks it ended (one more swap) when
+    // it stops.
+    let (code, _, err) = ctl(&api, &["stop"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0), "{}", vm.log());
+    let ended = record(&dir);
+    assert_eq!((&ended["generation"], &ended["state"]["state"]), (&Value::from(generation + 2), &Value::from("ended")));
+}
