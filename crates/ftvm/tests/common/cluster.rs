@@ -97,6 +97,8 @@ pub struct Cluster {
     pub primary_stdout: PathBuf,
     pub backup_stdout: PathBuf,
     pub epoch_ms: u64,
+    /// Fresh backups started so far (`fresh_backup_in_primary_host`).
+    replaced: u32,
 }
 
 impl Drop for Cluster {
@@ -166,7 +168,56 @@ impl Cluster {
             backup_api,
             dir,
             epoch_ms: options.epoch_ms,
+            replaced: 0,
         }
+    }
+
+    /// After a takeover, the replica that took over is the primary: start a fresh backup in
+    /// the dead primary's host (its TAP is free again), listening on that host's replication
+    /// address (not through the relay), and swap the roles. Returns the address to `protect` to.
+    pub fn fresh_backup_in_primary_host(&mut self, failover_timeout_ms: u64) -> String {
+        assert!(self.primary.exited().is_some(), "the old primary still runs");
+        let n = self.replaced;
+        self.replaced += 1;
+        let name = format!("fresh-backup-{n}");
+        let api = self.dir.join(format!("{name}.sock"));
+        // The primaries alternate between the two hosts.
+        let (ns, addr) = match n % 2 {
+            0 => (self.topo.primary_ns(), Topology::PRIMARY_REPL_ADDR),
+            _ => (self.topo.backup_ns(), Topology::BACKUP_REPL_ADDR),
+        };
+        let listen = format!("{addr}:{BACKUP_PORT}");
+        let key = self.dir.join("key").display().to_string();
+        let mut args: Vec<String> =
+            ["backup", "--listen", &listen, "--key", &key, "--net", "tap:tap0"].map(String::from).to_vec();
+        args.extend(ownership(&self.dir));
+        args.extend(["--failover-timeout-ms".into(), failover_timeout_ms.to_string()]);
+        args.extend(["--api".into(), api.display().to_string()]);
+        let fresh = spawn_in(&ns, &args, &self.dir, &name, None);
+        wait_for_socket(&api, Duration::from_secs(30));
+        self.primary = std::mem::replace(&mut self.backup, fresh);
+        self.primary_api = std::mem::replace(&mut self.backup_api, api);
+        self.primary_stdout = std::mem::replace(&mut self.backup_stdout, self.dir.join(format!("{name}.out")));
+        listen
+    }
+
+    /// `ftvm ctl --api <the primary's socket> ARGS`: its exit code and its answer (JSON),
+    /// or its error line.
+    pub fn ctl_primary(&self, args: &[&str]) -> (i32, Result<Value, String>) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ftvm"))
+            .arg("ctl")
+            .arg("--api")
+            .arg(&self.primary_api)
+            .args(args)
+            .output()
+            .expect("run ftvm ctl");
+        let answer = serde_json::from_slice(&out.stdout).map_err(|_| String::from_utf8_lossy(&out.stderr).into());
+        (out.status.code().unwrap_or(-1), answer)
+    }
+
+    /// The pre-shared key file both replicas use.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("key")
     }
 
     pub fn primary_status(&self) -> Option<Value> {
