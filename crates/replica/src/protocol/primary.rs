@@ -111,7 +111,9 @@ impl PrimaryConfig {
             heartbeat_interval_ms: 10,
             peer_timeout_ms: 250,
             handshake_timeout_ms: 500,
-            chunk_bytes: 1 << 20,
+            // Small enough that a frame damaged in transit costs little to resend (a resume
+            // starts at a frame boundary), large enough that framing costs nothing.
+            chunk_bytes: 64 << 10,
             on_backup_loss: BackupLossPolicy::Continue,
             backup_loss_grace_ms: 200,
             ownership_check_ms: 500,
