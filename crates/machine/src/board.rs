@@ -44,6 +44,8 @@ pub struct Board {
     icount: u64,
     /// The guest wrote the test device or otherwise asked to stop.
     stop: bool,
+    /// The power event the guest wrote to the test device (its output is recorded).
+    power_request: Option<OutputKind>,
 }
 
 impl Board {
@@ -61,7 +63,31 @@ impl Board {
             hart_requests: Vec::new(),
             icount: 0,
             stop: false,
+            power_request: None,
         }
+    }
+
+    /// Every device at power-on, as a reboot finds them: the UART, the PLIC, the CLINT's
+    /// view, the RTC's alarm (its time goes on) and each virtio transport (the guest
+    /// negotiates again; the disk keeps its contents, the network card its MAC). RAM and
+    /// the outputs not yet taken are the machine's to handle.
+    pub fn power_on_devices(&mut self) {
+        self.uart = Uart::new();
+        self.plic = Plic::new();
+        self.rtc.power_on();
+        for dev in &mut self.virtio {
+            dev.power_on();
+        }
+        self.clint = ClintView::default();
+        self.hart_requests.clear();
+        self.stop = false;
+        self.power_request = None;
+        self.update_irqs();
+    }
+
+    /// The power event the guest asked for through the test device, once.
+    pub fn take_power_request(&mut self) -> Option<OutputKind> {
+        self.power_request.take()
     }
 
     pub fn set_icount(&mut self, icount: u64) {
@@ -134,7 +160,8 @@ impl Board {
         }
         if let Some(off) = offset_in(paddr, TEST_BASE, test_device::SIZE) {
             if let Some(kind) = test_device::write(off, size, value)? {
-                self.outputs.push(icount, kind);
+                self.outputs.push(icount, kind.clone());
+                self.power_request = Some(kind);
                 self.stop = true;
             }
             return Ok(());
@@ -145,11 +172,6 @@ impl Board {
     fn virtio_slot(&self, paddr: u64) -> Option<(usize, u64)> {
         let off = offset_in(paddr, VIRTIO_BASE, VIRTIO_STRIDE * self.virtio.len() as u64)?;
         Some(((off / VIRTIO_STRIDE) as usize, off % VIRTIO_STRIDE))
-    }
-
-    /// The latest power-off or reset among the outputs not yet taken.
-    pub fn outputs_peek_power(&self) -> Option<OutputKind> {
-        self.outputs.last_power_event()
     }
 }
 

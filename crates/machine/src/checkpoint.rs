@@ -24,8 +24,9 @@ use bounded_reader::{ReadError, Reader};
 use thiserror::Error;
 
 const MAGIC: [u8; 4] = *b"FTCK";
-/// Version 2: the state (as in snapshot format 2) carries the RTC and the clock rate.
-pub const VERSION: u16 = 2;
+/// Version 2: the state (as in snapshot format 2) carries the RTC and the clock rate;
+/// version 3 (snapshot format 3) the reboot count and the kernel command line.
+pub const VERSION: u16 = 3;
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 /// A pre-copy step's budget is counted in pages; a page's worth of disk is this many sectors.

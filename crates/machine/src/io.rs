@@ -37,7 +37,8 @@ pub enum OutputKind {
     NetFrame(Vec<u8>),
     /// The guest powered off with this exit code (0 = success).
     PowerOff { code: u32 },
-    /// The guest asked for a reset.
+    /// The guest asked for a reset: the machine rebooted at this icount (or, without
+    /// `MachineConfig::reboot_on_reset`, ended).
     Reset,
 }
 
@@ -69,16 +70,6 @@ impl Outputs {
 
     pub fn take(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.items)
-    }
-
-    /// The last power-off or reset among the collected outputs.
-    pub fn last_power_event(&self) -> Option<OutputKind> {
-        self.items
-            .iter()
-            .rev()
-            .map(|o| &o.kind)
-            .find(|k| matches!(k, OutputKind::PowerOff { .. } | OutputKind::Reset))
-            .cloned()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -28,6 +28,11 @@ pub const MAX_PENDING_INPUTS: usize = 1 << 16;
 /// The slowest guest clock a [`InputKind::ClockRate`] may set: one tick per this many
 /// instructions (with a 10 MHz timebase, 10 thousand instructions per guest second).
 pub const MAX_ICOUNT_PER_TICK: u64 = 1_000_000;
+/// The longest kernel command line a machine boots with (it must fit the device tree's
+/// room, [`loader::FDT_RESERVE`], with the rest of the tree).
+pub const MAX_BOOTARGS_BYTES: usize = 16 << 10;
+// The rest of the device tree takes a few KiB.
+const _: () = assert!(2 * MAX_BOOTARGS_BYTES as u64 <= loader::FDT_RESERVE);
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -56,6 +61,13 @@ pub struct MachineConfig {
     pub boot_unix_ns: u64,
     /// The engine that runs guest code (the same guest either way; a matter of speed).
     pub cpu: rv64::Cpu,
+    /// A guest reset (the test device's RESET, SBI system reset) reboots the machine at
+    /// that instruction: the kernel, initrd and device tree are loaded again and the hart
+    /// starts over, with the disk, the network card's MAC and the clock kept (see
+    /// [`Machine::run`]). When false the machine ends with [`RunExit::Reset`] instead
+    /// (`ftvm --no-reboot`, as QEMU's `-no-reboot`). Not part of the configuration
+    /// digest: it is the monitor's policy, like the kernel file a reboot loads.
+    pub reboot_on_reset: bool,
 }
 
 impl MachineConfig {
@@ -70,6 +82,7 @@ impl MachineConfig {
             icount_per_tick: 10,
             boot_unix_ns: 0,
             cpu: rv64::Cpu::host_default(),
+            reboot_on_reset: true,
         }
     }
 }
@@ -95,6 +108,8 @@ pub enum MachineError {
     RamUnaligned { size: u64 },
     #[error("cannot build the device tree")]
     Fdt(#[source] vm_fdt::Error),
+    #[error("the kernel command line is {len} bytes, more than the {MAX_BOOTARGS_BYTES} a machine boots with")]
+    BootargsTooLong { len: usize },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -122,6 +137,8 @@ pub enum RunExit {
     PowerOff {
         code: u32,
     },
+    /// The guest asked for a reset and the machine does not reboot
+    /// ([`MachineConfig::reboot_on_reset`] is off).
     Reset,
 }
 
@@ -139,10 +156,15 @@ pub struct MachineState {
     /// [`InputKind::ClockRate`]); guest time is `icount / icount_per_tick +
     /// hart.time_offset_ticks`.
     pub icount_per_tick: u64,
+    /// Reboots since the machine was built (each at a guest reset).
+    pub reboots: u64,
+    /// The kernel command line a reboot boots with (in the device tree it rebuilds):
+    /// state, so that a restored or taken-over VM reboots into the same command.
+    pub bootargs: String,
     pub virtio: Vec<crate::devices::virtio::VirtioMmioState>,
     /// Inputs queued for later instruction counts.
     pub pending_inputs: Vec<Input>,
-    /// Set once the guest powered off or reset.
+    /// Set once the guest powered off, or reset without a reboot.
     pub ended: Option<RunExit>,
 }
 
@@ -159,6 +181,8 @@ pub enum RestoreError {
     Disk(crate::devices::virtio::VirtioError),
     #[error("the machine has no disk")]
     NoDisk,
+    #[error("the saved kernel command line cannot boot this machine")]
+    Bootargs(#[source] Box<MachineError>),
     #[error("saved {component} state does not fit this machine: {problem}")]
     Invalid { component: &'static str, problem: String },
 }
@@ -177,11 +201,51 @@ pub struct Machine {
     hart: Hart,
     board: Board,
     pending: VecDeque<Input>,
-    /// Set once the guest powered off or reset: the machine runs no further.
+    /// Set once the guest powered off, or reset without a reboot: the machine runs no
+    /// further.
     ended: Option<RunExit>,
     disk_path: Option<PathBuf>,
     /// The configuration's clock rate (the rate now is the hart's).
     boot_icount_per_tick: u64,
+    /// What a reboot loads again.
+    boot: BootImage,
+    reboot_on_reset: bool,
+    reboots: u64,
+    bootargs: String,
+}
+
+/// The kernel and initrd as read when the machine was built, and where they go. Kept in
+/// memory, as QEMU keeps its ROM blobs: a reboot must load the very bytes every replica
+/// and every replay loads, whatever happens to the files meanwhile.
+struct BootImage {
+    kernel: Vec<u8>,
+    initrd: Option<Vec<u8>>,
+    layout: loader::BootLayout,
+    /// The device tree's parts that come from the configuration.
+    ram_size: u64,
+    virtio_slots: usize,
+}
+
+impl BootImage {
+    /// The device tree booting with `bootargs` (one within [`MAX_BOOTARGS_BYTES`] leaves
+    /// the tree well inside its room).
+    fn fdt(&self, bootargs: &str) -> Result<Vec<u8>, MachineError> {
+        if bootargs.len() > MAX_BOOTARGS_BYTES {
+            return Err(MachineError::BootargsTooLong { len: bootargs.len() });
+        }
+        let fdt_config = fdt::FdtConfig {
+            ram_size: self.ram_size,
+            bootargs,
+            initrd: self.layout.initrd,
+            virtio_slots: self.virtio_slots,
+        };
+        fdt::build(&fdt_config).map_err(MachineError::Fdt)
+    }
+
+    /// Copy kernel, initrd and device tree into RAM.
+    fn place(&self, ram: &mut rv64::GuestRam, fdt: &[u8]) -> Result<(), LoadError> {
+        loader::place(ram, &self.layout, &self.kernel, self.initrd.as_deref(), fdt)
+    }
 }
 
 fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -221,16 +285,10 @@ impl Machine {
                 _ => MachineError::Kernel { path: kernel_path.clone(), source },
             })?;
         let virtio = Self::build_virtio(config)?;
-        let fdt_config = fdt::FdtConfig {
-            ram_size: size,
-            bootargs: &config.bootargs,
-            initrd: layout.initrd,
-            virtio_slots: virtio.len(),
-        };
-        let blob = fdt::build(&fdt_config).map_err(MachineError::Fdt)?;
+        let boot = BootImage { kernel, initrd, layout, ram_size: size, virtio_slots: virtio.len() };
+        let blob = boot.fdt(&config.bootargs)?;
         let mut ram = rv64::GuestRam::new(RAM_BASE, size);
-        loader::place(&mut ram, &layout, &kernel, initrd.as_deref(), &blob)
-            .map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
+        boot.place(&mut ram, &blob).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
         ram.take_dirty_pages(); // the initial image is the baseline, not a change
 
         let icount_per_tick = config.icount_per_tick.clamp(1, MAX_ICOUNT_PER_TICK);
@@ -246,6 +304,10 @@ impl Machine {
             ended: None,
             disk_path: config.disk.as_ref().map(|d| d.path.clone()),
             boot_icount_per_tick: icount_per_tick,
+            boot,
+            reboot_on_reset: config.reboot_on_reset,
+            reboots: 0,
+            bootargs: config.bootargs.clone(),
         })
     }
 
@@ -438,7 +500,11 @@ impl Machine {
     }
 
     /// Run until the instruction count reaches `until_icount`, the guest idles with
-    /// no input due, or it powers off or resets.
+    /// no input due, or it powers off (or resets, without `reboot_on_reset`).
+    ///
+    /// A reset with `reboot_on_reset` is not an exit: the machine reboots itself at the
+    /// icount of the request ([`Machine::reboot`]) and runs on, so a reboot needs no
+    /// input and replays, replicates and restores exactly like any other instruction.
     pub fn run(&mut self, until_icount: u64) -> RunExit {
         loop {
             if let Some(end) = self.ended {
@@ -465,7 +531,8 @@ impl Machine {
                 }
                 Exit::Sbi => {
                     if let Some(power) = sbi::handle(&mut self.hart, &mut self.board) {
-                        self.end_with(power);
+                        self.board.outputs.push(self.icount(), power.clone());
+                        self.power_event(power);
                     }
                 }
                 Exit::Stop => self.handle_stop(),
@@ -494,23 +561,54 @@ impl Machine {
                 }
             }
         }
-        // The test device records its power event as an output; find it.
-        let power = self.board.outputs_peek_power();
-        if let Some(kind) = power {
-            self.end_with(kind);
+        // The test device recorded its power event as an output already.
+        if let Some(power) = self.board.take_power_request() {
+            self.power_event(power);
         }
     }
 
-    fn end_with(&mut self, kind: OutputKind) {
-        let icount = self.icount();
-        let end = match kind {
-            OutputKind::PowerOff { code } => RunExit::PowerOff { code },
-            _ => RunExit::Reset,
-        };
-        if !self.board.outputs_peek_power().is_some_and(|k| k == kind) {
-            self.board.outputs.push(icount, kind);
+    /// The guest asked to power off or reset (the output is recorded): end the run, or
+    /// reboot.
+    fn power_event(&mut self, kind: OutputKind) {
+        match kind {
+            OutputKind::Reset if self.reboot_on_reset => self.reboot(),
+            OutputKind::Reset => self.ended = Some(RunExit::Reset),
+            OutputKind::PowerOff { code } => self.ended = Some(RunExit::PowerOff { code }),
+            OutputKind::Console(_) | OutputKind::NetFrame(_) => unreachable!("not a power event"),
         }
-        self.ended = Some(end);
+    }
+
+    /// Boot again, as a power cycle would, at this icount: RAM cleared and the kernel,
+    /// initrd and device tree loaded again (every page written counts as dirty, so the
+    /// next checkpoint carries it); the hart in its boot state; the UART, PLIC, CLINT,
+    /// the RTC's alarm and every virtio transport at power-on (the guest probes them
+    /// again). Kept: the disk's contents, the network card's MAC and counters, the
+    /// inputs queued, and the timeline — icount, and guest time, which goes on from where
+    /// it was at the rate it had, so the RTC (boot time base plus guest time) still reads
+    /// the wall clock and the driver's pacing holds. `cycle` and `instret` start from 0.
+    fn reboot(&mut self) {
+        let ram_size = self.board.ram.size();
+        debug_assert_eq!(ram_size, self.boot.ram_size);
+        self.clear_ram();
+        let fdt = self.boot.fdt(&self.bootargs).expect("the command line was checked when it was set");
+        self.boot.place(&mut self.board.ram, &fdt).expect("the boot image fitted when the machine was built");
+        let before = &self.hart.state;
+        let (icount, time_offset_ticks, time) = (before.icount, before.time_offset_ticks, self.hart.time());
+        let mut hart = Hart::new(self.hart.config, self.boot.layout.entry);
+        hart.state.icount = icount;
+        hart.state.time_offset_ticks = time_offset_ticks;
+        hart.state.cycle_offset = icount.wrapping_neg();
+        hart.state.instret_offset = icount.wrapping_neg();
+        boot_state(&mut hart, self.boot.layout.fdt_addr);
+        self.hart = hart;
+        debug_assert_eq!(self.hart.time(), time, "guest time goes on through a reboot");
+        self.board.power_on_devices();
+        self.reboots += 1;
+    }
+
+    /// Reboots since the machine was built.
+    pub fn reboots(&self) -> u64 {
+        self.reboots
     }
 
     /// The state apart from RAM and disk contents (see [`MachineState`]).
@@ -521,6 +619,8 @@ impl Machine {
             plic: self.board.plic.state.clone(),
             rtc: self.board.rtc.state.clone(),
             icount_per_tick: self.hart.config.icount_per_tick,
+            reboots: self.reboots,
+            bootargs: self.bootargs.clone(),
             virtio: self.board.virtio.iter().map(|d| d.state()).collect(),
             pending_inputs: self.pending.iter().cloned().collect(),
             ended: self.ended,
@@ -541,6 +641,8 @@ impl Machine {
         self.board.rtc.state = state.rtc;
         self.pending = state.pending_inputs.into();
         self.ended = state.ended;
+        self.reboots = state.reboots;
+        self.bootargs = state.bootargs;
         self.board.outputs.take();
         self.board.update_irqs();
         Ok(())
@@ -588,6 +690,12 @@ impl Machine {
                 format!("a rate of {rate} instructions per tick, not within 1..={MAX_ICOUNT_PER_TICK}"),
             );
         }
+        if state.reboots > state.hart.icount {
+            // Each reboot follows the instruction that asked for it.
+            let (reboots, icount) = (state.reboots, state.hart.icount);
+            return invalid("reboot count", format!("{reboots} reboots by icount {icount}"));
+        }
+        self.boot.fdt(&state.bootargs).map_err(|e| RestoreError::Bootargs(Box::new(e)))?;
         let configured = self.board.virtio.len();
         if state.virtio.len() != configured {
             return Err(RestoreError::DeviceCount { saved: state.virtio.len(), configured });
@@ -678,6 +786,8 @@ impl Machine {
         self.board.plic.state.hash(&mut h);
         self.board.rtc.state.hash(&mut h);
         self.hart.config.icount_per_tick.hash(&mut h);
+        self.reboots.hash(&mut h);
+        self.bootargs.hash(&mut h);
         for dev in &self.board.virtio {
             dev.state().hash(&mut h);
         }

@@ -59,6 +59,12 @@ impl Rtc {
         Rtc { state: RtcState { base_ns: boot_unix_ns, ..RtcState::default() } }
     }
 
+    /// As at power-on, but still telling the time: a reboot keeps the clock's base (the
+    /// boot time, or what the guest set), while the alarm and its interrupt are gone.
+    pub fn power_on(&mut self) {
+        self.state = RtcState { base_ns: self.state.base_ns, ..RtcState::default() };
+    }
+
     /// The clock's value at guest time `now_ticks`.
     pub fn now_ns(&self, now_ticks: u64) -> u64 {
         self.state.base_ns.wrapping_add(ticks_to_ns(now_ticks))

@@ -2,14 +2,14 @@
 //! devices' state, the inputs queued for later — in one versioned, checksummed file,
 //! and a machine rebuilt from it that continues exactly (DESIGN.md §6).
 //!
-//! # Format, version 2 (every integer little-endian)
+//! # Format, version 3 (every integer little-endian)
 //!
 //! A 140-byte header, then a body of sections.
 //!
 //! | offset | bytes | header field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `FTVMSNAP` |
-//! | 8 | 4 | format version, 2 |
+//! | 8 | 4 | format version, 3 |
 //! | 12 | 4 | header length, 140 (its checksum included) |
 //! | 16 | 8 | body length |
 //! | 24 | 4 | CRC32C of the body |
@@ -31,7 +31,7 @@
 //!
 //! | body section | payload |
 //! |---|---|
-//! | `STAT` | the [`MachineState`]: hart, UART, PLIC, RTC (its base time: the boot time), clock rate, virtio transports and devices, pending inputs, end of run |
+//! | `STAT` | the [`MachineState`]: hart, UART, PLIC, RTC (its base time: the boot time), clock rate, reboots and the kernel command line a reboot boots with, virtio transports and devices, pending inputs, end of run |
 //! | `RAM\0` | unit size u32 = 4096, unit count u64 = RAM pages, then extents |
 //! | `DISK` | (with a disk only) unit size u32 = 512, unit count u64 = disk sectors, then extents |
 //!
@@ -58,9 +58,11 @@
 //!   or a forgery: damage cannot do it) is refused only after its disk was written.
 //! - Not saved: outputs not yet drained (drain them first: they belong to the outside
 //!   world), the dirty page and sector sets (a restored machine starts with none, like a
-//!   new one), and the kernel, initrd and command line, which only shaped the initial
-//!   RAM that the snapshot carries. Restoring builds a machine from a configuration
-//!   with the same RAM size, timer rate and devices, as [`config_digest`] covers.
+//!   new one), and the kernel and initrd, which shaped the RAM that the snapshot carries
+//!   and which a reboot loads from the configuration it was restored with. The command
+//!   line is saved: a restored VM reboots into the command it ran (`ftvm restore` is
+//!   not given it). Restoring builds a machine from a configuration with the same RAM
+//!   size, timer rate and devices, as [`config_digest`] covers.
 //! - Writing needs `Seek` too: the header, which carries the body's length and
 //!   checksum, is written last. [`save_to_path`] writes a temporary file, syncs it and
 //!   renames it, so a crash never leaves a torn snapshot at the final path.
@@ -86,7 +88,7 @@ use crate::devices::uart::RX_QUEUE_CAP;
 use crate::devices::virtio::blk::SECTOR_SIZE_BYTES;
 use crate::devices::virtio::net::{MAX_FRAME_BYTES, RX_PENDING_MAX_FRAMES};
 use crate::devices::virtio::rng::POOL_MAX_BYTES;
-use crate::machine::{Digest, MachineError, RestoreError};
+use crate::machine::{Digest, MachineError, RestoreError, MAX_BOOTARGS_BYTES};
 use bounded_reader::ReadError;
 use config::BoardShape;
 use std::fmt;
@@ -95,9 +97,10 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// The format this code writes and reads. Version 2 added the RTC and the clock rate
-/// to the state section; its header is version 1's.
-pub const FORMAT_VERSION: u32 = 2;
-/// The version 2 header's length.
+/// to the state section, version 3 the reboot count and the kernel command line; the
+/// header is version 1's.
+pub const FORMAT_VERSION: u32 = 3;
+/// The header's length (versions 1 to 3).
 pub const HEADER_BYTES: usize = 140;
 /// The longest header any version may have (read before its checksum can be checked).
 pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
@@ -133,8 +136,10 @@ const DEVICE_NET: u32 = 1 << 2;
 const _: () = assert!(PAGE_BYTES as u64 == rv64::mem::PAGE_SIZE);
 const _: () = assert!(MAX_HEADER_BYTES as usize >= HEADER_BYTES && MIN_HEADER_BYTES as usize <= HEADER_BYTES);
 const _: () = assert!(MAX_INPUT_BYTES >= MAX_FRAME_BYTES + 64);
-const _: () =
-    assert!((MAX_STATE_BYTES as usize) > RX_PENDING_MAX_FRAMES * (MAX_FRAME_BYTES + 4) + RX_QUEUE_CAP + POOL_MAX_BYTES);
+const _: () = assert!(
+    (MAX_STATE_BYTES as usize)
+        > RX_PENDING_MAX_FRAMES * (MAX_FRAME_BYTES + 4) + RX_QUEUE_CAP + POOL_MAX_BYTES + MAX_BOOTARGS_BYTES
+);
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {

@@ -1,5 +1,5 @@
-//! The state section: the [`MachineState`] (hart, UART, PLIC, RTC, clock rate, virtio,
-//! pending inputs, end of run). Structs are destructured whole, so that a field added to any of them
+//! The state section: the [`MachineState`] (hart, UART, PLIC, RTC, clock rate, reboots and
+//! the command line they boot with, virtio, pending inputs, end of run). Structs are destructured whole, so that a field added to any of them
 //! fails to compile here until the format (and FORMAT_VERSION) takes it in.
 
 use super::codec::Encoder;
@@ -13,18 +13,21 @@ use crate::devices::virtio::net::{NetState, NetStats, MAX_FRAME_BYTES, RX_PENDIN
 use crate::devices::virtio::rng::{RngState, POOL_MAX_BYTES};
 use crate::devices::virtio::{Queue, VirtioDeviceState, VirtioMmioState, DEVICE_ID_BLK, DEVICE_ID_NET, DEVICE_ID_RNG};
 use crate::io::{Input, InputKind};
-use crate::machine::{MachineState, RunExit, MAX_ICOUNT_PER_TICK, MAX_PENDING_INPUTS};
+use crate::machine::{MachineState, RunExit, MAX_BOOTARGS_BYTES, MAX_ICOUNT_PER_TICK, MAX_PENDING_INPUTS};
 use bounded_reader::{ReadError, Reader};
 use rv64::{HartState, PrivMode};
 
 pub(super) fn encode_state(state: &MachineState) -> Result<Vec<u8>> {
-    let MachineState { hart, uart, plic, rtc, icount_per_tick, virtio, pending_inputs, ended } = state;
+    let MachineState { hart, uart, plic, rtc, icount_per_tick, reboots, bootargs, virtio, pending_inputs, ended } =
+        state;
     let mut e = Encoder::default();
     encode_hart(&mut e, hart);
     encode_uart(&mut e, uart)?;
     encode_plic(&mut e, plic);
     encode_rtc(&mut e, rtc);
     e.u64(*icount_per_tick);
+    e.u64(*reboots);
+    e.bytes(bootargs.as_bytes(), MAX_BOOTARGS_BYTES, "the kernel command line")?;
     e.count(virtio.len(), VIRTIO_SLOTS, "virtio devices")?;
     for device in virtio {
         encode_virtio(&mut e, device)?;
@@ -50,6 +53,7 @@ pub(super) fn decode_state(d: &mut Reader) -> Result<MachineState> {
     let plic = decode_plic(d)?;
     let rtc = decode_rtc(d)?;
     let icount_per_tick = decode_clock_rate(d, "the clock rate")?;
+    let (reboots, bootargs) = decode_reboots(d, hart.icount)?;
     let count = d.count("virtio devices", VIRTIO_SLOTS, 1)?;
     let virtio = (0..count).map(|_| decode_virtio(d)).collect::<Result<Vec<_>>>()?;
     let count = d.count("pending inputs", MAX_PENDING_INPUTS, 9)?;
@@ -70,7 +74,25 @@ pub(super) fn decode_state(d: &mut Reader) -> Result<MachineState> {
     }
     let ended = decode_ended(d)?;
     d.finish()?;
-    Ok(MachineState { hart, uart, plic, rtc, icount_per_tick, virtio, pending_inputs, ended })
+    Ok(MachineState { hart, uart, plic, rtc, icount_per_tick, reboots, bootargs, virtio, pending_inputs, ended })
+}
+
+/// The reboot count (each reboot follows the instruction that asked for it, so there are
+/// no more than instructions) and the command line a reboot boots with (text the device
+/// tree can hold: UTF-8 with no NUL).
+fn decode_reboots(d: &mut Reader, icount: u64) -> Result<(u64, String)> {
+    let at = d.offset();
+    let reboots = d.u64("the reboot count")?;
+    if reboots > icount {
+        return Err(malformed(at, format!("{reboots} reboots by icount {icount}")));
+    }
+    let at = d.offset();
+    let bytes = d.bytes("the kernel command line", MAX_BOOTARGS_BYTES)?;
+    let bootargs = match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => text.to_string(),
+        _ => return Err(malformed(at, "the kernel command line is not text without NUL bytes")),
+    };
+    Ok((reboots, bootargs))
 }
 
 fn encode_hart(e: &mut Encoder, hart: &HartState) {
@@ -586,7 +608,8 @@ mod tests {
             irq_pending: false,
         };
         let ended = Some(RunExit::PowerOff { code: 3 });
-        MachineState { hart, uart, plic, rtc, icount_per_tick: 22, virtio, pending_inputs, ended }
+        let bootargs = "console=ttyS0 ftvm.cmd=dHJ1ZQ==".to_string();
+        MachineState { hart, uart, plic, rtc, icount_per_tick: 22, reboots: 2, bootargs, virtio, pending_inputs, ended }
     }
 
     fn decode(bytes: &[u8]) -> Result<MachineState> {
@@ -681,6 +704,18 @@ mod tests {
             let err = decode(&encode_state(&input).unwrap()).unwrap_err().to_string();
             assert!(err.contains(&format!("a clock-rate input of {rate} instructions")), "{err}");
         }
+    }
+
+    #[test]
+    fn more_reboots_than_instructions_or_a_command_line_the_device_tree_cannot_hold_is_refused() {
+        let many = MachineState { reboots: 1_001, ..sample_state() };
+        let err = decode(&encode_state(&many).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("1001 reboots by icount 1000"), "{err}");
+        let nul = MachineState { bootargs: "console=ttyS0\0x".into(), ..sample_state() };
+        let err = decode(&encode_state(&nul).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("the kernel command line is not text without NUL bytes"), "{err}");
+        let long = MachineState { bootargs: "x".repeat(MAX_BOOTARGS_BYTES + 1), ..sample_state() };
+        assert!(matches!(encode_state(&long), Err(SnapshotError::TooLarge { .. })));
     }
 
     #[test]

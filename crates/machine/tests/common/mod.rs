@@ -36,6 +36,32 @@ pub fn drive(machine: &mut Machine, until: u64) {
     }
 }
 
+/// Run until the guest powers off or `max_icount` is reached, as [`drive`] does; returns
+/// how the run ended and the console output.
+pub fn drive_to_end(machine: &mut Machine, max_icount: u64) -> (RunExit, String) {
+    let mut console = Vec::new();
+    let exit = loop {
+        if machine.wants_entropy() {
+            let input = Input { icount: machine.icount(), kind: InputKind::Entropy(vec![7; 64]) };
+            machine.push_input(input).unwrap();
+        }
+        let exit = machine.run(max_icount);
+        for output in machine.take_outputs() {
+            if let machine::OutputKind::Console(bytes) = output.kind {
+                console.extend(bytes);
+            }
+        }
+        match exit {
+            RunExit::Idle { next_deadline_ticks: Some(d) } => {
+                let ticks = d - machine.time_ticks();
+                machine.push_input(Input { icount: machine.icount(), kind: InputKind::IdleSkip { ticks } }).unwrap();
+            }
+            other => break other,
+        }
+    };
+    (exit, String::from_utf8_lossy(&console).into_owned())
+}
+
 /// A directory under the system's temporary directory, removed when dropped.
 pub struct TempDir(PathBuf);
 

@@ -303,6 +303,11 @@ impl VirtioMmio {
         driver_features & !self.device.features() == 0 && driver_features & VIRTIO_F_VERSION_1 != 0
     }
 
+    /// The transport at power-on (a reboot): as after the driver's reset.
+    pub fn power_on(&mut self) {
+        self.reset();
+    }
+
     /// Status = 0: the device forgets the driver — features, queues, interrupts.
     fn reset(&mut self) {
         self.status = 0;
