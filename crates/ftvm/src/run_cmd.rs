@@ -48,6 +48,9 @@ pub struct VmArgs {
     /// Guest clock when idle: realtime follows the wall clock, fast skips idle time
     #[arg(long, value_enum, default_value = "realtime")]
     pub clock: ClockArg,
+    /// A guest reboot ends the run (as a power-off does) instead of booting the VM again
+    #[arg(long)]
+    pub no_reboot: bool,
     /// Print the final state digest (to stderr)
     #[arg(long)]
     pub digest: bool,
@@ -181,6 +184,7 @@ pub fn machine_config(args: &VmArgs, command: &[String]) -> Result<MachineConfig
         config.net_mac = Some(args.mac);
     }
     config.boot_unix_ns = host_unix_ns()?;
+    config.reboot_on_reset = !args.no_reboot;
     Ok(config)
 }
 
@@ -242,6 +246,17 @@ impl ConsoleSink for CommandConsole {
 
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
+    }
+
+    fn rebooted(&mut self) -> std::io::Result<()> {
+        // What the command printed last still belongs to its output; the new boot's
+        // messages are hidden again until its command starts.
+        if self.started && !self.line.is_empty() {
+            std::io::stdout().write_all(&std::mem::take(&mut self.line))?;
+        }
+        self.line.clear();
+        self.started = false;
+        Ok(())
     }
 
     fn finish(&mut self) -> std::io::Result<()> {
@@ -381,7 +396,7 @@ pub fn run_driver(
     Ok(match outcome {
         Outcome::PowerOff { code } => code as i32,
         Outcome::Reset => {
-            eprintln!("ftvm: the guest asked for a reset; ftvm stops (reset is not supported yet)");
+            eprintln!("ftvm: the guest asked for a reboot; --no-reboot ends the run here");
             0
         }
         Outcome::Quit => {

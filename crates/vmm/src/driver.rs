@@ -73,6 +73,10 @@ pub trait ConsoleSink {
     fn finish(&mut self) -> std::io::Result<()> {
         self.flush()
     }
+    /// The guest rebooted (the machine boots again by itself): what follows is a new boot.
+    fn rebooted(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct Driver {
@@ -674,6 +678,7 @@ impl Driver {
             vm_id: self.vm_id.clone(),
             icount: self.machine.icount(),
             guest_time_s: self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
+            reboots: Some(self.machine.reboots()),
             epoch: self.replication.as_ref().map_or(0, |r| r.schedule.epoch()),
             replication,
             backup: None,
@@ -806,7 +811,8 @@ impl Driver {
                         }
                     }
                 }
-                OutputKind::PowerOff { .. } | OutputKind::Reset => {}
+                OutputKind::Reset => console.rebooted().context("cannot write console output")?,
+                OutputKind::PowerOff { .. } => {}
             }
         }
         console.flush().context("cannot write console output")

@@ -138,6 +138,9 @@ fn common(t: &mut Text, s: &Status) {
     t.states("ftvm_state", help, "state", &["running", "paused", "waiting"], state);
     t.gauge("ftvm_icount", "Instructions the guest executed (a backup: as of the checkpoint it holds).", s.icount);
     t.gauge("ftvm_guest_time_seconds", "Guest time (a backup: as of the checkpoint it holds).", s.guest_time_s);
+    if let Some(n) = s.reboots {
+        t.counter("ftvm_reboots_total", "Times the guest rebooted (the VM booted again).", n);
+    }
     t.gauge("ftvm_epoch", "The newest epoch: a primary's last checkpoint, a backup's last applied.", s.epoch);
     if let Some(g) = s.generation() {
         t.gauge("ftvm_generation", "The ownership generation this replica acts under.", g);
@@ -289,6 +292,9 @@ ftvm_icount{role="primary",vm_id="vm-demo"} 123456789
 # HELP ftvm_guest_time_seconds Guest time (a backup: as of the checkpoint it holds).
 # TYPE ftvm_guest_time_seconds gauge
 ftvm_guest_time_seconds{role="primary",vm_id="vm-demo"} 12.5
+# HELP ftvm_reboots_total Times the guest rebooted (the VM booted again).
+# TYPE ftvm_reboots_total counter
+ftvm_reboots_total{role="primary",vm_id="vm-demo"} 1
 # HELP ftvm_epoch The newest epoch: a primary's last checkpoint, a backup's last applied.
 # TYPE ftvm_epoch gauge
 ftvm_epoch{role="primary",vm_id="vm-demo"} 40

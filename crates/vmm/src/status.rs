@@ -75,6 +75,9 @@ pub struct Status {
     pub icount: u64,
     /// Guest time in seconds (a backup: as of the checkpoint it holds).
     pub guest_time_s: f64,
+    /// Times the running guest rebooted (None: a backup, which runs no guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboots: Option<u64>,
     /// The newest epoch: a primary's last checkpoint taken, a backup's last applied (0: none).
     pub epoch: u64,
     /// A primary's replication.
@@ -222,6 +225,7 @@ pub(crate) mod tests {
             vm_id: Some("vm-demo".into()),
             icount: 123_456_789,
             guest_time_s: 12.5,
+            reboots: Some(1),
             epoch: 40,
             replication: Some(Replication {
                 protected: true,
@@ -262,6 +266,7 @@ pub(crate) mod tests {
             vm_id: Some("vm-demo".into()),
             icount: 1000,
             guest_time_s: 0.25,
+            reboots: None,
             epoch: 7,
             replication: None,
             backup: Some(BackupSide {

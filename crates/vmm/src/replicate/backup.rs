@@ -98,6 +98,7 @@ fn status(backup: &Backup, machine: &MachineThread, applies: Applies, vm_id: &st
         vm_id: Some(vm_id.to_string()),
         icount: machine.icount,
         guest_time_s: machine.time_ticks as f64 / machine::board::TIMEBASE_HZ as f64,
+        reboots: None,
         epoch: s.applied_epoch.unwrap_or(0),
         replication: None,
         backup: Some(BackupSide {
