@@ -1,22 +1,25 @@
 //! Checkpoints for replication: what changed in a machine since the last one (or all
 //! of it), as one payload, and applying a payload to a stopped machine.
 //!
-//! Layout (little-endian):
+//! Layout (little-endian): a header, then records to the end of the payload, each a tag
+//! byte and its body.
 //!
-//! | field          | size          | meaning                                            |
-//! |----------------|---------------|----------------------------------------------------|
-//! | magic          | 4             | `FTCK`                                             |
-//! | version        | 2             | [`VERSION`]                                        |
-//! | flags          | 2             | bit 0: full (RAM and disk are zero but for these); |
-//! |                |               | bit 1: a 16-byte machine digest follows            |
-//! | digest         | 0 or 16       | the whole machine's digest after the checkpoint    |
-//! | state length   | 4             | then the state, encoded as in snapshots            |
-//! | page count     | 4             | then (index u32, 4096 bytes) per page              |
-//! | sector count   | 4             | then (sector u64, 512 bytes) per sector            |
+//! | field / record | size                   | meaning                                           |
+//! |----------------|------------------------|---------------------------------------------------|
+//! | magic          | 4                      | `FTCK`                                            |
+//! | version        | 2                      | [`VERSION`]                                       |
+//! | flags          | 2                      | bit 0: full (RAM and disk are zero but for these) |
+//! | 1: page        | 4 + 4096               | page index u32, the page                          |
+//! | 2: sectors     | 8 + 2 + 512 × count    | first sector u64, count u16 (1..=256), the sectors|
+//! | 3: state       | 4 + length             | length u32, the state encoded as in snapshots; once |
+//! | 4: digest      | 16                     | the whole machine's digest after the checkpoint; at most once |
+//!
+//! Records come in any order, so that a pre-copy ([`PreCopy`]) lays its payload out as it
+//! scans and finishes by appending, never by copying what it gathered. A page or a sector
+//! may appear more than once (pre-copy): the last copy wins; the state applies last.
 //!
 //! A payload is decoded and checked whole before anything in the machine changes, so a
-//! malformed one leaves the backup's last whole checkpoint untouched. A page or a sector
-//! may appear more than once (pre-copy, see [`PreCopy`]): the last copy wins.
+//! malformed one leaves the backup's last whole checkpoint untouched.
 
 use crate::machine::{Machine, MachineState, RestoreError};
 use crate::snapshot::{decode_machine_state, encode_machine_state, MAX_STATE_BYTES};
@@ -25,16 +28,24 @@ use thiserror::Error;
 
 const MAGIC: [u8; 4] = *b"FTCK";
 /// Version 2: the state (as in snapshot format 2) carries the RTC and the clock rate;
-/// version 3 (snapshot format 3) the reboot count and the kernel command line.
-pub const VERSION: u16 = 3;
+/// version 3 (snapshot format 3) the reboot count and the kernel command line; version 4:
+/// records in any order, a pre-copy's payload laid out as it scans (before, counts came
+/// up front).
+pub const VERSION: u16 = 4;
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 /// A pre-copy step's budget is counted in pages; a page's worth of disk is this many sectors.
 const SECTORS_PER_PAGE: usize = PAGE_BYTES / SECTOR_BYTES;
-/// Sectors read from the disk at once (scans and runs of dirty sectors).
+/// Sectors read from the disk at once (scans and runs of dirty sectors), and the most a
+/// sectors record holds.
 const SECTORS_PER_READ: usize = 256;
 const FLAG_FULL: u16 = 1;
-const FLAG_DIGEST: u16 = 2;
+const TAG_PAGE: u8 = 1;
+const TAG_SECTORS: u8 = 2;
+const TAG_STATE: u8 = 3;
+const TAG_DIGEST: u8 = 4;
+const HEADER_BYTES: usize = 8;
+const _: () = assert!(SECTORS_PER_READ <= u16::MAX as usize);
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -64,13 +75,11 @@ impl CheckpointError {
 /// Add the machine's digest to a payload just taken from it (end-to-end verification:
 /// the backup recomputes it after applying). Costs a pass over RAM.
 pub fn add_digest(payload: &mut Vec<u8>, machine: &Machine) {
-    if payload.len() < 8 {
+    if payload.len() < HEADER_BYTES {
         return;
     }
-    let flags = u16::from_le_bytes([payload[6], payload[7]]) | FLAG_DIGEST;
-    payload[6..8].copy_from_slice(&flags.to_le_bytes());
-    let digest = machine.digest().0.to_le_bytes();
-    payload.splice(8..8, digest);
+    payload.push(TAG_DIGEST);
+    payload.extend_from_slice(&machine.digest().0.to_le_bytes());
 }
 
 /// Take a checkpoint: every non-zero page and sector and the state when `full`, else
@@ -83,19 +92,59 @@ pub fn take(machine: &mut Machine, full: bool) -> Result<Vec<u8>, CheckpointErro
     }
     let pages = machine.take_dirty_pages();
     let sectors = machine.take_dirty_sectors();
-    let mut entries = Vec::with_capacity(pages.len() * (4 + PAGE_BYTES));
+    let mut out = header(false, pages.len() * (5 + PAGE_BYTES) + sectors.len() * (11 + SECTOR_BYTES));
     for &index in &pages {
-        push_page(&mut entries, machine, index);
+        push_page(&mut out, machine, index);
     }
-    let mut sector_entries = Vec::with_capacity(sectors.len() * (8 + SECTOR_BYTES));
-    push_sectors(&mut sector_entries, machine, &sectors)?;
-    let sector_count = sectors.len();
-    encode(machine, false, &entries, pages.len(), &sector_entries, sector_count)
+    push_sectors(&mut out, machine, &sectors)?;
+    push_state(&mut out, machine)?;
+    Ok(out)
 }
 
-fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
-    entries.extend_from_slice(&(index as u32).to_le_bytes());
-    entries.extend_from_slice(machine.page(index).expect("a page index from the machine"));
+fn header(full: bool, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + capacity);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(if full { FLAG_FULL } else { 0 }).to_le_bytes());
+    out
+}
+
+fn push_page(out: &mut Vec<u8>, machine: &Machine, index: usize) {
+    out.push(TAG_PAGE);
+    out.extend_from_slice(&(index as u32).to_le_bytes());
+    out.extend_from_slice(machine.page(index).expect("a page index from the machine"));
+}
+
+/// A sectors record: `first` and the sectors in `bytes` (1..=256 of them).
+fn push_sector_run(out: &mut Vec<u8>, first: u64, bytes: &[u8]) {
+    debug_assert!(!bytes.is_empty() && bytes.len() <= SECTORS_PER_READ * SECTOR_BYTES);
+    out.push(TAG_SECTORS);
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&((bytes.len() / SECTOR_BYTES) as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Records for each of `sectors` (ascending), read and written in runs of consecutive ones.
+fn push_sectors(out: &mut Vec<u8>, machine: &Machine, sectors: &[u64]) -> Result<(), CheckpointError> {
+    let mut buf = vec![0u8; SECTORS_PER_READ * SECTOR_BYTES];
+    let mut rest = sectors;
+    while let Some(&first) = rest.first() {
+        let run = rest.iter().take(SECTORS_PER_READ).enumerate().take_while(|&(i, &s)| s == first + i as u64).count();
+        let bytes = &mut buf[..run * SECTOR_BYTES];
+        machine.read_sectors(first, bytes)?;
+        push_sector_run(out, first, bytes);
+        rest = &rest[run..];
+    }
+    Ok(())
+}
+
+/// The state record: taken last, with the guest stopped.
+fn push_state(out: &mut Vec<u8>, machine: &mut Machine) -> Result<(), CheckpointError> {
+    let state = encode_machine_state(&machine.save_state())?;
+    out.push(TAG_STATE);
+    out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    out.extend_from_slice(&state);
+    Ok(())
 }
 
 /// A full checkpoint built while the guest runs (pre-copy), so that a large VM does not
@@ -105,7 +154,7 @@ fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
 /// written since the copy began), plus the state. Every page or sector changed after it
 /// was copied is in that final set, and the later copy wins when applied, so the result is
 /// the machine exactly as it was at `finish` — and the final pause costs only what was
-/// written meanwhile, not a pass over RAM or the disk.
+/// written meanwhile: the payload is laid out as the steps scan, and `finish` appends.
 ///
 /// Starting a pre-copy does not touch the dirty logs: a pre-copy that is abandoned (the
 /// backup went away, or turned out to need only an incremental checkpoint) must leave
@@ -115,11 +164,8 @@ fn push_page(entries: &mut Vec<u8>, machine: &Machine, index: usize) {
 /// when it knows the next checkpoint will be full.)
 pub struct PreCopy {
     next_page: usize,
-    entries: Vec<u8>,
-    count: usize,
     next_sector: u64,
-    sector_entries: Vec<u8>,
-    sector_count: usize,
+    payload: Vec<u8>,
     /// A disk read that failed during a step: `finish` reports it.
     error: Option<RestoreError>,
 }
@@ -127,15 +173,7 @@ pub struct PreCopy {
 impl PreCopy {
     /// Begin (nothing else may take the dirty logs until `finish` or abandonment).
     pub fn start(_machine: &Machine) -> PreCopy {
-        PreCopy {
-            next_page: 0,
-            entries: Vec::new(),
-            count: 0,
-            next_sector: 0,
-            sector_entries: Vec::new(),
-            sector_count: 0,
-            error: None,
-        }
+        PreCopy { next_page: 0, next_sector: 0, payload: header(true, 0), error: None }
     }
 
     /// Scan up to `max_pages` more pages, copying the non-zero ones, and with what is left
@@ -146,8 +184,7 @@ impl PreCopy {
         let end = self.next_page.saturating_add(max_pages).min(page_total);
         for index in self.next_page..end {
             if machine.page(index).is_some_and(|p| !is_zero(p)) {
-                push_page(&mut self.entries, machine, index);
-                self.count += 1;
+                push_page(&mut self.payload, machine, index);
             }
         }
         let budget = max_pages - (end - self.next_page);
@@ -158,28 +195,44 @@ impl PreCopy {
         self.next_page == page_total && self.next_sector >= machine.disk_sectors().unwrap_or(0)
     }
 
-    /// Scan up to `max_sectors` more sectors of the disk, copying the non-zero ones.
+    /// Scan up to `max_sectors` more sectors of the disk, copying the non-zero ones in runs.
     fn step_disk(&mut self, machine: &Machine, max_sectors: usize) {
         let capacity = machine.disk_sectors().unwrap_or(0);
         let mut budget = max_sectors as u64;
         let mut chunk = vec![0u8; SECTORS_PER_READ * SECTOR_BYTES];
         while self.next_sector < capacity && budget > 0 {
-            let n = (capacity - self.next_sector).min(budget).min(SECTORS_PER_READ as u64);
-            let buf = &mut chunk[..n as usize * SECTOR_BYTES];
+            // Holes read as zeros: skip them without reading (or filling the page cache).
+            match machine.next_data_sector(self.next_sector) {
+                None => {
+                    self.next_sector = capacity;
+                    break;
+                }
+                Some(data) => self.next_sector = data.min(capacity),
+            }
+            if self.next_sector == capacity {
+                break;
+            }
+            let n = (capacity - self.next_sector).min(budget).min(SECTORS_PER_READ as u64) as usize;
+            let buf = &mut chunk[..n * SECTOR_BYTES];
             if let Err(e) = machine.read_sectors(self.next_sector, buf) {
                 self.error = Some(e);
                 self.next_sector = capacity; // nothing more to scan: finish reports it
                 return;
             }
-            for (i, sector) in buf.chunks(SECTOR_BYTES).enumerate() {
-                if !is_zero(sector) {
-                    self.sector_entries.extend_from_slice(&(self.next_sector + i as u64).to_le_bytes());
-                    self.sector_entries.extend_from_slice(sector);
-                    self.sector_count += 1;
+            let mut i = 0;
+            while i < n {
+                let nonzero = |s: usize| !is_zero(&buf[s * SECTOR_BYTES..(s + 1) * SECTOR_BYTES]);
+                if !nonzero(i) {
+                    i += 1;
+                    continue;
                 }
+                let run = (i..n).take_while(|&s| nonzero(s)).count();
+                let first = self.next_sector + i as u64;
+                push_sector_run(&mut self.payload, first, &buf[i * SECTOR_BYTES..(i + run) * SECTOR_BYTES]);
+                i += run;
             }
-            self.next_sector += n;
-            budget -= n;
+            self.next_sector += n as u64;
+            budget -= n as u64;
         }
     }
 
@@ -191,13 +244,12 @@ impl PreCopy {
             return Err(e.into());
         }
         for index in machine.take_dirty_pages() {
-            push_page(&mut self.entries, machine, index);
-            self.count += 1;
+            push_page(&mut self.payload, machine, index);
         }
         let dirty = machine.take_dirty_sectors();
-        push_sectors(&mut self.sector_entries, machine, &dirty)?;
-        let sector_count = self.sector_count + dirty.len();
-        encode(machine, true, &self.entries, self.count, &self.sector_entries, sector_count)
+        push_sectors(&mut self.payload, machine, &dirty)?;
+        push_state(&mut self.payload, machine)?;
+        Ok(self.payload)
     }
 }
 
@@ -206,60 +258,42 @@ fn is_zero(bytes: &[u8]) -> bool {
     bytes.chunks(64).all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
-/// Append (sector u64, 512 bytes) for each of `sectors` (ascending), reading runs of
-/// consecutive sectors at once.
-fn push_sectors(entries: &mut Vec<u8>, machine: &Machine, sectors: &[u64]) -> Result<(), CheckpointError> {
-    let mut buf = vec![0u8; SECTORS_PER_READ * SECTOR_BYTES];
-    let mut rest = sectors;
-    while let Some(&first) = rest.first() {
-        let run = rest.iter().take(SECTORS_PER_READ).enumerate().take_while(|&(i, &s)| s == first + i as u64).count();
-        let bytes = &mut buf[..run * SECTOR_BYTES];
-        machine.read_sectors(first, bytes)?;
-        for (i, sector) in bytes.chunks(SECTOR_BYTES).enumerate() {
-            entries.extend_from_slice(&(first + i as u64).to_le_bytes());
-            entries.extend_from_slice(sector);
-        }
-        rest = &rest[run..];
-    }
-    Ok(())
-}
-
-/// Lay out a payload: header, state, page entries and sector entries (already encoded).
-fn encode(
-    machine: &mut Machine,
-    full: bool,
-    page_entries: &[u8],
-    page_count: usize,
-    sector_entries: &[u8],
-    sector_count: usize,
-) -> Result<Vec<u8>, CheckpointError> {
-    let state = encode_machine_state(&machine.save_state())?;
-    let mut out = Vec::with_capacity(20 + state.len() + page_entries.len() + sector_entries.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(if full { FLAG_FULL } else { 0 }).to_le_bytes());
-    out.extend_from_slice(&(state.len() as u32).to_le_bytes());
-    out.extend_from_slice(&state);
-    out.extend_from_slice(&(page_count as u32).to_le_bytes());
-    out.extend_from_slice(page_entries);
-    out.extend_from_slice(&(sector_count as u32).to_le_bytes());
-    out.extend_from_slice(sector_entries);
-    Ok(out)
-}
-
-/// The number of pages a payload carries (0 for an empty or malformed one): for
-/// statistics, without decoding the rest.
-pub fn page_count(payload: &[u8]) -> usize {
+/// How many pages and sectors a payload carries (copies counted as often as they appear):
+/// for statistics, without decoding the state. (0, 0) for an empty or malformed payload.
+pub fn counts(payload: &[u8]) -> (usize, usize) {
     let mut r = Reader::new(payload);
-    let header = (|| {
-        r.take(6, "the magic and version")?;
-        if r.u16("the flags")? & FLAG_DIGEST != 0 {
-            r.take(16, "the digest")?;
+    let mut walk = || -> Result<(usize, usize), ReadError> {
+        r.take(HEADER_BYTES, "the header")?;
+        let (mut pages, mut sectors) = (0, 0);
+        while !r.is_empty() {
+            match r.u8("a record tag")? {
+                TAG_PAGE => {
+                    r.take(4 + PAGE_BYTES, "a page")?;
+                    pages += 1;
+                }
+                TAG_SECTORS => {
+                    r.u64("a sector number")?;
+                    let n = usize::from(r.u16("a sector count")?);
+                    r.take(n * SECTOR_BYTES, "the sectors")?;
+                    sectors += n;
+                }
+                TAG_STATE => {
+                    r.bytes("the state", MAX_STATE_BYTES as usize)?;
+                }
+                TAG_DIGEST => {
+                    r.take(16, "the digest")?;
+                }
+                _ => return Ok((0, 0)),
+            }
         }
-        r.bytes("the state", MAX_STATE_BYTES as usize)?;
-        r.u32("the page count")
-    })();
-    header.map_or(0, |n| n as usize)
+        Ok((pages, sectors))
+    };
+    walk().unwrap_or((0, 0))
+}
+
+/// The number of pages a payload carries (see [`counts`]).
+pub fn page_count(payload: &[u8]) -> usize {
+    counts(payload).0
 }
 
 /// A decoded payload, not yet applied.
@@ -268,49 +302,71 @@ struct Decoded<'a> {
     digest: Option<crate::Digest>,
     state: MachineState,
     pages: Vec<(usize, &'a [u8])>,
+    /// Runs of sectors: the first and the bytes of all of them.
     sectors: Vec<(u64, &'a [u8])>,
+}
+
+fn malformed(detail: impl Into<String>) -> CheckpointError {
+    CheckpointError::Malformed(detail.into())
 }
 
 fn decode<'a>(payload: &'a [u8], ram_pages: usize, disk_sectors: Option<u64>) -> Result<Decoded<'a>, CheckpointError> {
     let mut r = Reader::new(payload);
     if r.array::<4>("the magic")? != MAGIC {
-        return Err(CheckpointError::Malformed("not a checkpoint (bad magic)".into()));
+        return Err(malformed("not a checkpoint (bad magic)"));
     }
     let version = r.u16("the version")?;
     if version != VERSION {
         return Err(CheckpointError::Version { found: version });
     }
     let flags = r.u16("the flags")?;
-    if flags & !(FLAG_FULL | FLAG_DIGEST) != 0 {
-        return Err(CheckpointError::Malformed(format!("unknown flags {flags:#x}")));
-    }
-    let digest = match flags & FLAG_DIGEST {
-        0 => None,
-        _ => Some(crate::Digest(r.u128("the digest")?)),
-    };
-    let state = decode_machine_state(r.bytes("the state", MAX_STATE_BYTES as usize)?)?;
-    // Pre-copy may carry a page twice: once from the scan, once written since.
-    let n = r.count("pages", ram_pages.saturating_mul(2), 4 + PAGE_BYTES)?;
-    let mut pages = Vec::with_capacity(n);
-    for _ in 0..n {
-        let index = r.u32("a page index")? as usize;
-        if index >= ram_pages {
-            return Err(CheckpointError::Malformed(format!("page {index} is outside RAM ({ram_pages} pages)")));
-        }
-        pages.push((index, r.take(PAGE_BYTES, "a page")?));
+    if flags & !FLAG_FULL != 0 {
+        return Err(malformed(format!("unknown flags {flags:#x}")));
     }
     let capacity = disk_sectors.unwrap_or(0);
-    // Likewise a sector: once from the disk's scan, once written since.
-    let n = r.count("sectors", (capacity.min(usize::MAX as u64) as usize).saturating_mul(2), 8 + SECTOR_BYTES)?;
-    let mut sectors = Vec::with_capacity(n);
-    for _ in 0..n {
-        let sector = r.u64("a sector number")?;
-        if sector >= capacity {
-            return Err(CheckpointError::Malformed(format!("sector {sector} is beyond the disk ({capacity} sectors)")));
+    // Pre-copy may carry a page or a sector twice: once from the scan, once written since.
+    let (max_pages, max_sectors) = (ram_pages.saturating_mul(2), capacity.saturating_mul(2));
+    let (mut pages, mut sectors, mut sector_total) = (Vec::new(), Vec::new(), 0u64);
+    let (mut state, mut digest) = (None, None);
+    while !r.is_empty() {
+        match r.u8("a record tag")? {
+            TAG_PAGE => {
+                if pages.len() >= max_pages {
+                    return Err(malformed(format!("more than {max_pages} pages")));
+                }
+                let index = r.u32("a page index")? as usize;
+                if index >= ram_pages {
+                    return Err(malformed(format!("page {index} is outside RAM ({ram_pages} pages)")));
+                }
+                pages.push((index, r.take(PAGE_BYTES, "a page")?));
+            }
+            TAG_SECTORS => {
+                let first = r.u64("a sector number")?;
+                let n = u64::from(r.u16("a sector count")?);
+                if n == 0 || n > SECTORS_PER_READ as u64 {
+                    return Err(malformed(format!("a run of {n} sectors (1 to {SECTORS_PER_READ})")));
+                }
+                if first.checked_add(n).is_none_or(|end| end > capacity) {
+                    return Err(malformed(format!(
+                        "sectors {first}..{} are beyond the disk ({capacity} sectors)",
+                        first.saturating_add(n)
+                    )));
+                }
+                sector_total += n;
+                if sector_total > max_sectors {
+                    return Err(malformed(format!("more than {max_sectors} sectors")));
+                }
+                sectors.push((first, r.take(n as usize * SECTOR_BYTES, "the sectors")?));
+            }
+            TAG_STATE if state.is_none() => {
+                state = Some(decode_machine_state(r.bytes("the state", MAX_STATE_BYTES as usize)?)?);
+            }
+            TAG_DIGEST if digest.is_none() => digest = Some(crate::Digest(r.u128("the digest")?)),
+            TAG_STATE | TAG_DIGEST => return Err(malformed("a state or digest record appears twice")),
+            tag => return Err(malformed(format!("unknown record tag {tag}"))),
         }
-        sectors.push((sector, r.take(SECTOR_BYTES, "a sector")?));
     }
-    r.finish()?;
+    let state = state.ok_or_else(|| malformed("no state record"))?;
     Ok(Decoded { full: flags & FLAG_FULL != 0, digest, state, pages, sectors })
 }
 

@@ -770,6 +770,15 @@ impl Machine {
         blk.ok_or(RestoreError::NoDisk)?.read_sectors(sector, buf).map_err(RestoreError::Disk)
     }
 
+    /// The first disk sector at or after `sector` that may hold data (the holes of a sparse
+    /// image are skipped); None when only holes follow, or without a disk.
+    pub fn next_data_sector(&self, sector: u64) -> Option<u64> {
+        self.board.virtio.iter().find_map(|d| match d.device() {
+            VirtioDevice::Blk(blk) => blk.next_data_sector(sector),
+            _ => None,
+        })
+    }
+
     /// Write disk sectors (the backup's side of a checkpoint).
     pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), RestoreError> {
         self.blk()?.write_sectors(sector, data).map_err(RestoreError::Disk)

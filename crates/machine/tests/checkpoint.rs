@@ -189,7 +189,7 @@ fn a_disk_written_during_its_pre_copy_reaches_the_backup_exactly() {
 
 #[test]
 fn the_final_pass_of_a_disk_pre_copy_carries_only_what_was_written_meanwhile() {
-    // A payload lists each sector it carries: a disk of 2048 non-zero sectors, scanned
+    // A payload counts each sector it carries: a disk of 2048 non-zero sectors, scanned
     // during the steps, plus the 3 written meanwhile, makes 2051 — not twice the disk.
     let dir = TempDir::new("checkpoint-disk-final");
     let mut primary = tiny_machine(&dir, "primary.img", 2048, 0x11, MAC);
@@ -198,18 +198,76 @@ fn the_final_pass_of_a_disk_pre_copy_carries_only_what_was_written_meanwhile() {
     while !precopy.step(&primary, 1024) {}
     primary.write_sectors(100, &[0x99; 3 * 512]).unwrap();
     let full = precopy.finish(&mut primary).unwrap();
-    let state_and_pages = checkpoint::take(&mut primary, false).unwrap().len();
-    let sector_entry = 8 + 512;
-    let sectors_in_full = (full.len() - 4 - pages_bytes(&full)) / sector_entry;
-    assert_eq!(sectors_in_full, 2051, "payload of {} bytes (an empty incremental: {state_and_pages})", full.len());
+    assert_eq!(checkpoint::counts(&full).1, 2051);
+    let mut backup = tiny_machine(&dir, "backup.img", 2048, 0x22, MAC);
+    checkpoint::apply(&mut backup, &full).unwrap();
+    assert_eq!(backup.digest(), primary.digest());
 }
 
-/// The bytes of a payload up to the end of its page entries (header, state, pages).
-fn pages_bytes(payload: &[u8]) -> usize {
-    let flags = u16::from_le_bytes([payload[6], payload[7]]);
-    let mut at = 8 + if flags & 2 != 0 { 16 } else { 0 };
-    let state = u32::from_le_bytes(payload[at..at + 4].try_into().unwrap()) as usize;
-    at += 4 + state;
-    let pages = u32::from_le_bytes(payload[at..at + 4].try_into().unwrap()) as usize;
-    at + 4 + pages * (4 + 4096)
+#[test]
+fn records_that_break_the_layout_are_refused_and_change_nothing() {
+    let dir = TempDir::new("checkpoint-records");
+    let mut primary = tiny_machine(&dir, "primary.img", 64, 0x11, MAC);
+    let mut backup = tiny_machine(&dir, "backup.img", 64, 0x22, MAC);
+    checkpoint::apply(&mut backup, &checkpoint::take(&mut primary, true).unwrap()).unwrap();
+    primary.write_sectors(60, &[0x33; 4 * 512]).unwrap();
+    let good = checkpoint::take(&mut primary, false).unwrap();
+    let before = backup.digest();
+    let header = &good[..8];
+    // The header, one run of 4 sectors, the state.
+    assert_eq!(good[8], 2, "a sectors record first");
+    let state = &good[8 + 11 + 4 * 512..];
+    assert_eq!(state[0], 3, "then the state record");
+    let sectors = |first: u64, count: u16| {
+        let mut r = vec![2u8];
+        r.extend_from_slice(&first.to_le_bytes());
+        r.extend_from_slice(&count.to_le_bytes());
+        r.extend(std::iter::repeat_n(7u8, usize::from(count) * 512));
+        r
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("no state", header.to_vec(), "no state record"),
+        ("two states", [header, state, state].concat(), "appears twice"),
+        ("an unknown tag", [header, &[9], state].concat(), "unknown record tag 9"),
+        ("a run past the disk", [header, &sectors(62, 4), state].concat(), "sectors 62..66 are beyond the disk"),
+        ("an empty run", [header, &sectors(0, 0), state].concat(), "a run of 0 sectors"),
+        ("a long run", [header, &sectors(0, 257), state].concat(), "a run of 257 sectors"),
+    ];
+    for (what, payload, message) in cases {
+        let err = checkpoint::apply(&mut backup, &payload).unwrap_err();
+        assert!(err.to_string().contains(message), "{what}: {err}");
+        assert!(err.left_machine_unchanged(), "{what}");
+        assert_eq!(backup.digest(), before, "{what} changed the machine");
+    }
+    checkpoint::apply(&mut backup, &good).unwrap();
+    assert_eq!(backup.digest(), primary.digest());
+}
+
+#[test]
+fn a_pre_copy_skips_the_holes_of_a_sparse_disk() {
+    // 64 MiB of disk with two short runs written: the scan reads those and skips the
+    // holes (SEEK_DATA) instead of reading 131072 zero sectors.
+    let dir = TempDir::new("checkpoint-sparse");
+    let mut config = machine::MachineConfig::new(tiny_kernel(&dir));
+    config.ram_size = 16 << 20;
+    let sparse = |name: &str| {
+        let path = dir.path(name);
+        std::fs::File::create(&path).unwrap().set_len(64 << 20).unwrap();
+        machine::DiskConfig { path, read_only: false }
+    };
+    config.disk = Some(sparse("primary.img"));
+    let mut primary = Machine::new(&config).unwrap();
+    config.disk = Some(sparse("backup.img"));
+    let mut backup = Machine::new(&config).unwrap();
+    primary.write_sectors(5, &[0x12; 1024]).unwrap();
+    primary.write_sectors(100_000, &[0x34; 4096]).unwrap();
+    let mut precopy = PreCopy::start(&primary);
+    let mut steps = 1;
+    // 64 pages' budget a step: RAM takes 64 steps, and reading every sector 256 more.
+    while !precopy.step(&primary, 64) {
+        steps += 1;
+    }
+    assert!(steps <= 64 + 4, "{steps} steps: the holes were read");
+    checkpoint::apply(&mut backup, &precopy.finish(&mut primary).unwrap()).unwrap();
+    assert_eq!(backup.digest(), primary.digest());
 }

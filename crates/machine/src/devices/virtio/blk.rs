@@ -184,6 +184,20 @@ impl Blk {
         })
     }
 
+    /// The first sector at or after `sector` that may hold data, skipping the holes of a
+    /// sparse image (lseek's SEEK_DATA), so that a scan of a large, mostly empty disk reads
+    /// only what was written; None when only holes follow. An image whose file system
+    /// cannot tell (or a block device) may hold data anywhere.
+    pub fn next_data_sector(&self, sector: u64) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let Ok(offset) = i64::try_from(sector * SECTOR_SIZE_BYTES) else { return Some(sector) };
+        match nix::unistd::lseek(self.file.as_raw_fd(), offset, nix::unistd::Whence::SeekData) {
+            Ok(data) => Some((data as u64 / SECTOR_SIZE_BYTES).max(sector)),
+            Err(nix::errno::Errno::ENXIO) => None,
+            Err(_) => Some(sector),
+        }
+    }
+
     /// Writes whole sectors at `sector` (the backup's side of a checkpoint); they
     /// count as dirty like the guest's own writes.
     pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), VirtioError> {
