@@ -141,9 +141,14 @@ impl<O> CheckpointSchedule<O> {
         self.held.len() >= self.config.max_held_outputs
     }
 
-    /// How long a guest that idles may wait before the epoch must end: outputs held for
-    /// output commit never wait on a guest timer (None: no limit from output commit).
+    /// How long a guest that idles may wait before the slice must end: outputs held for
+    /// output commit never wait on a guest timer, and neither does a pre-copy (the guest's
+    /// idle time is the copy's: an idle guest would otherwise copy one step per timer tick).
+    /// None: no limit.
     pub fn idle_wait_limit_ms(&self, now_ms: u64) -> Option<u64> {
+        if self.precopying {
+            return Some(0);
+        }
         if !self.outputs_this_epoch {
             return None;
         }
@@ -226,5 +231,15 @@ mod tests {
         assert_eq!(s.idle_wait_limit_ms(10), Some(0));
         s.checkpoint_taken(10);
         assert_eq!(s.idle_wait_limit_ms(11), None);
+    }
+
+    #[test]
+    fn an_idle_guest_does_not_wait_while_a_full_checkpoint_is_pre_copied() {
+        let mut s = schedule();
+        assert_eq!(s.on_slice_end(25, true, Full), SliceAction::StartPrecopy);
+        assert_eq!(s.idle_wait_limit_ms(26), Some(0));
+        assert_eq!(s.on_slice_end(26, true, Full), SliceAction::StepPrecopy);
+        s.checkpoint_taken(27);
+        assert_eq!(s.idle_wait_limit_ms(28), None);
     }
 }
