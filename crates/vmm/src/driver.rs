@@ -154,6 +154,20 @@ struct CheckpointTotals {
 }
 
 impl Replication {
+    /// The kind of checkpoint the protocol wants next, as far as it can know: until it has
+    /// seen the checkpoint last handed over, its advice predates that one (it may still say
+    /// Full for a full checkpoint just taken, and a second one would be pre-copied and sent
+    /// for nothing), so the chain is taken to continue — an incremental it cannot use is
+    /// dropped, never sent, and its next advice says Full again.
+    fn wanted(&self) -> replica::CheckpointKind {
+        let shared = self.handle.shared.lock().expect("not poisoned");
+        if shared.taken_epoch.unwrap_or(0) == self.schedule.epoch() {
+            shared.next_kind
+        } else {
+            replica::CheckpointKind::Incremental
+        }
+    }
+
     /// The schedule's clock: milliseconds since replication started.
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -373,7 +387,7 @@ impl Driver {
     fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink, idle: bool) -> Result<()> {
         let _ = console;
         let Some(r) = &mut self.replication else { return Ok(()) };
-        let wanted = r.handle.shared.lock().expect("not poisoned").next_kind;
+        let wanted = r.wanted();
         let now_ms = r.now_ms();
         match r.schedule.on_slice_end(now_ms, idle, wanted) {
             replica::SliceAction::Continue => Ok(()),
@@ -451,7 +465,7 @@ impl Driver {
         if let Some(reply) = r.unprotecting.take() {
             let _ = reply.send(Reply::error(409, "the VM is ending: its end settles the replication"));
         }
-        let wanted = r.handle.shared.lock().expect("not poisoned").next_kind;
+        let wanted = r.wanted();
         let (_, kind) = r.schedule.final_checkpoint(wanted);
         self.route_outputs(console)?;
         self.send_checkpoint(kind, Vec::new(), Instant::now())?;
@@ -727,7 +741,8 @@ impl Driver {
             (_, None) => None,
         };
         // Outputs held for output commit never wait on a guest timer: the epoch must end
-        // (and the backup acknowledge it) as soon as the minimum epoch allows.
+        // (and the backup acknowledge it) as soon as the minimum epoch allows. Nor does a
+        // pre-copy: an idle guest's time is the copy's.
         let limit = self.replication.as_ref().and_then(|r| r.schedule.idle_wait_limit_ms(r.now_ms()));
         let limit = limit.map(Duration::from_millis);
         let capped = limit.is_some_and(|l| wait.is_none_or(|w| l < w));

@@ -16,7 +16,7 @@ use replica::{
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ pub enum ToRepl {
 pub struct Shared {
     /// The kind of checkpoint the protocol wants next.
     pub next_kind: CheckpointKind,
+    /// The newest checkpoint epoch the protocol had been given when it said `next_kind`.
+    pub taken_epoch: Option<u64>,
     pub status: PrimaryStatus,
     pub bytes_sent: u64,
     pub last_error: Option<String>,
@@ -112,6 +114,7 @@ pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostE
     let primary = Primary::new(config, ownership.generation, now_ms());
     let shared = Arc::new(Mutex::new(Shared {
         next_kind: primary.next_checkpoint_kind(),
+        taken_epoch: None,
         status: primary.status(),
         bytes_sent: 0,
         last_error: None,
@@ -197,37 +200,34 @@ impl Connection {
 }
 
 impl ReplThread {
+    /// Everything already queued goes in before the clock does: a tick must never find the
+    /// backup silent while its frames wait in the queue (behind, say, the steps that frame
+    /// a large full checkpoint). Once the backup was heard, a long queue may be cut for a
+    /// tick, so that heartbeats and timeouts keep their pace.
     fn run(&mut self) {
+        let mut last_tick = std::time::Instant::now();
         loop {
-            let message = self.rx.recv_timeout(TICK);
+            let mut message = self.rx.recv_timeout(TICK);
+            loop {
+                let heard = matches!(&message, Ok(ToRepl::Bytes { conn, .. }) if *conn == self.conn_id);
+                let actions = match message {
+                    Ok(ToRepl::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                    Ok(message) => self.on_message(message),
+                    Err(RecvTimeoutError::Timeout) => break,
+                };
+                self.carry_out(actions);
+                if heard && last_tick.elapsed() >= TICK {
+                    break;
+                }
+                message = match self.rx.try_recv() {
+                    Ok(m) => Ok(m),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                };
+            }
+            last_tick = std::time::Instant::now();
             let now = now_ms();
-            let mut actions = match message {
-                Ok(ToRepl::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
-                Ok(ToRepl::Checkpoint { epoch, icount, kind, payload }) => {
-                    self.primary.step(PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload })
-                }
-                Ok(ToRepl::VmEnded { epoch, exit_code }) => {
-                    self.primary.step(PrimaryEvent::VmEnded { epoch, exit_code })
-                }
-                Ok(ToRepl::Unprotect) => self.primary.step(PrimaryEvent::Unprotect),
-                Ok(ToRepl::Connected { stream }) => {
-                    self.connecting = false;
-                    self.attach(stream)
-                }
-                Ok(ToRepl::ConnectFailed) => {
-                    self.connecting = false;
-                    Vec::new()
-                }
-                Ok(ToRepl::Bytes { conn, bytes }) if conn == self.conn_id && self.conn.is_some() => {
-                    self.primary.step(PrimaryEvent::Received(&bytes))
-                }
-                Ok(ToRepl::Closed { conn }) if conn == self.conn_id && self.conn.is_some() => {
-                    self.drop_connection();
-                    self.primary.step(PrimaryEvent::Disconnected)
-                }
-                Ok(_) | Err(RecvTimeoutError::Timeout) => Vec::new(),
-            };
-            actions.extend(self.primary.step(PrimaryEvent::Tick { now_ms: now }));
+            let actions = self.primary.step(PrimaryEvent::Tick { now_ms: now });
             if self.primary.is_streaming() {
                 self.reconnect_wait_ms = RECONNECT_FIRST_MS;
             }
@@ -236,6 +236,32 @@ impl ReplThread {
             }
             self.carry_out(actions);
             self.publish();
+        }
+    }
+
+    fn on_message(&mut self, message: ToRepl) -> Vec<PrimaryAction> {
+        match message {
+            ToRepl::Checkpoint { epoch, icount, kind, payload } => {
+                self.primary.step(PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload })
+            }
+            ToRepl::VmEnded { epoch, exit_code } => self.primary.step(PrimaryEvent::VmEnded { epoch, exit_code }),
+            ToRepl::Unprotect => self.primary.step(PrimaryEvent::Unprotect),
+            ToRepl::Connected { stream } => {
+                self.connecting = false;
+                self.attach(stream)
+            }
+            ToRepl::ConnectFailed => {
+                self.connecting = false;
+                Vec::new()
+            }
+            ToRepl::Bytes { conn, bytes } if conn == self.conn_id && self.conn.is_some() => {
+                self.primary.step(PrimaryEvent::Received(&bytes))
+            }
+            ToRepl::Closed { conn } if conn == self.conn_id && self.conn.is_some() => {
+                self.drop_connection();
+                self.primary.step(PrimaryEvent::Disconnected)
+            }
+            ToRepl::Bytes { .. } | ToRepl::Closed { .. } | ToRepl::Shutdown => Vec::new(),
         }
     }
 
@@ -344,6 +370,7 @@ impl ReplThread {
     fn publish(&self) {
         let mut shared = self.shared.lock().expect("not poisoned");
         shared.next_kind = self.primary.next_checkpoint_kind();
+        shared.taken_epoch = self.primary.last_taken_epoch();
         shared.status = self.primary.status();
     }
 }
