@@ -5,6 +5,10 @@
 //! takeover time from SIGKILL to the first answered request (min, median and max over at
 //! least `--kills` kills, with the backup's default detection timeout).
 //!
+//! It also times re-protections ([`reprotect`]): `ftvm ctl protect` from a replica that
+//! took over to a fresh backup, until the first acknowledged epoch, for the default guest
+//! and for one with a large (sparse) disk.
+//!
 //! The takeover is measured by a probe that opens a new connection every 10 ms and
 //! abandons any connection attempt unanswered after 50 ms, so that TCP's own
 //! retransmission timers (1 s for a lost SYN) never hide what ftvm does; a connection the
@@ -18,6 +22,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod reprotect;
 
 /// The takeover probe: a new connection this often...
 const PROBE_EVERY: Duration = Duration::from_millis(10);
@@ -67,13 +73,20 @@ pub struct ReplicationBench {
     #[arg(long, default_value_t = 40)]
     pub requests: usize,
     /// Rounds: every configuration runs once per round, in alternation (this machine is
-    /// noisy); the table shows medians
+    /// noisy); the table shows medians (0: no table, e.g. to time only re-protections)
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Kills at least: rounds that only kill a primary (epoch 25 ms) are added when the
     /// configurations above give fewer
     #[arg(long, default_value_t = 5)]
     pub kills: usize,
+    /// Re-protections timed per guest (0: none)
+    #[arg(long, default_value_t = 3)]
+    pub reprotects: usize,
+    /// The disk of the second re-protected guest: a sparse raw file of this size (0: only
+    /// the default guest)
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::run_cmd::parse_size)]
+    pub reprotect_disk: u64,
     /// Pass --verify-every N to the primaries (end-to-end digest checks; costs pauses)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub verify_every: u64,
@@ -111,9 +124,9 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     let configs: Vec<Option<u64>> = std::iter::once(None).chain(args.epochs.iter().copied().map(Some)).collect();
     let mut samples: Vec<Vec<Figures>> = configs.iter().map(|_| Vec::new()).collect();
     let mut spurious = 0;
-    for round in 1..=args.runs.max(1) {
+    for round in 1..=args.runs {
         for (i, &config) in configs.iter().enumerate() {
-            eprintln!("bench: round {round}/{}: {}", args.runs.max(1), label(config));
+            eprintln!("bench: round {round}/{}: {}", args.runs, label(config));
             let figures = attempt(&mut spurious, || measure(&topo, &dir, config, args.requests, args.verify_every))?;
             samples[i].extend(figures);
         }
@@ -127,10 +140,25 @@ pub fn run(kind: BenchKind) -> Result<i32> {
         eprintln!("bench: kill {}/{}", kills.len() + 1, args.kills);
         kills.extend(attempt(&mut spurious, || kill_once(&topo, &dir, KILL_EPOCH_MS))?);
     }
+    let mut reprotections = Vec::new();
+    if args.reprotects > 0 {
+        let disks = std::iter::once(None).chain((args.reprotect_disk > 0).then_some(Some(args.reprotect_disk)));
+        for disk_bytes in disks {
+            eprintln!("bench: re-protection, {}", reprotect::label(disk_bytes));
+            if let Some(rounds) =
+                attempt(&mut spurious, || reprotect::measure(&topo, &dir, disk_bytes, args.reprotects))?
+            {
+                reprotections.push((disk_bytes, rounds));
+            }
+        }
+    }
     let rows: Vec<(String, Figures)> =
         configs.iter().zip(samples).filter(|(_, s)| !s.is_empty()).map(|(&c, s)| (label(c), median(s))).collect();
-    print_table(&rows);
+    if !rows.is_empty() {
+        print_table(&rows);
+    }
     print_takeover(&kills);
+    reprotect::print(&reprotections);
     println!(
         "spurious takeovers (the backup went live while the primary was alive; the primary then stopped; the run was repeated, {MAX_ATTEMPTS} times at most): {spurious}"
     );
@@ -206,7 +234,16 @@ impl Pair {
     }
 }
 
-fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: u64, command: &str) -> Result<Pair> {
+/// Start a backup (when `epoch_ms` is given) and a primary; `disks` gives each its disk image
+/// (primary's, backup's).
+fn start_pair(
+    topo: &Topology,
+    dir: &Path,
+    epoch_ms: Option<u64>,
+    verify_every: u64,
+    command: &str,
+    disks: Option<(&Path, &Path)>,
+) -> Result<Pair> {
     let key = dir.join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef")?;
     let store = dir.join("store");
@@ -225,6 +262,9 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
             let mut args =
                 strings(&["backup", "--listen", &listen, "--key", &key_s, "--store", &store_s, "--net", "tap:tap0"]);
             args.extend(strings(&["--api", &backup_sock.display().to_string()]));
+            if let Some((_, disk)) = disks {
+                args.extend(strings(&["--disk", &disk.display().to_string()]));
+            }
             Some(spawn_in(&topo.backup_ns(), &args, &dir.join(format!("backup-{tag}.log")), "backup")?)
         }
         None => None,
@@ -234,6 +274,9 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
         args.extend(strings(&["--replicate-to", &listen, "--key", &key_s, "--store", &store_s]));
         args.extend(strings(&["--epoch-ms", &e.to_string(), "--verify-every", &verify_every.to_string()]));
     }
+    if let Some((disk, _)) = disks {
+        args.extend(strings(&["--disk", &disk.display().to_string()]));
+    }
     args.extend(strings(&["--", "sh", "-c", command]));
     let primary = spawn_in(&topo.primary_ns(), &args, &log, "primary")?;
     Ok(Pair { backup, primary, sock, backup_sock, log })
@@ -242,7 +285,7 @@ fn start_pair(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, verify_every: 
 /// One configuration: boot, time the workload, measure latency, then (replicated) kill
 /// the primary and time the takeover.
 fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
-    let mut pair = start_pair(topo, dir, epoch_ms, verify_every, WORKLOAD)?;
+    let mut pair = start_pair(topo, dir, epoch_ms, verify_every, WORKLOAD, None)?;
     let mut figures = run_workload(topo, &mut pair, epoch_ms, requests).map_err(|e| pair.explain(e))?;
     if epoch_ms.is_some() {
         figures.takeover = Some(kill_and_time(topo, &mut pair)?);
@@ -275,7 +318,7 @@ fn run_workload(topo: &Topology, pair: &mut Pair, epoch_ms: Option<u64>, request
 
 /// A round that only kills: boot the counter replicated, wait until it is protected, kill.
 fn kill_once(topo: &Topology, dir: &Path, epoch_ms: u64) -> Result<Takeover> {
-    let mut pair = start_pair(topo, dir, Some(epoch_ms), 0, "exec /usr/share/ftvm/counter-httpd")?;
+    let mut pair = start_pair(topo, dir, Some(epoch_ms), 0, "exec /usr/share/ftvm/counter-httpd", None)?;
     in_namespace(&topo.client_ns(), || first_answer(Duration::from_secs(300)).map(|_| ()))
         .map_err(|e| pair.explain(e))?;
     kill_and_time(topo, &mut pair)
