@@ -50,6 +50,7 @@
 //!   ReleaseOutputs{up_to_epoch: N}
 //!   Protected{generation, from_epoch}  ──►  the backup's state counts for that generation
 //!   End{exit code}  ──►  the VM ended: the backup exits, never takes over
+//!   StandDown  ──►  replication stopped (unprotect), the generation already swapped: the backup exits
 //!   Heartbeat{now, epoch} both ways every heartbeat interval; NeedFull; Goodbye{reason}
 //! ```
 //!
@@ -102,6 +103,12 @@
 //! emits `GoLive { epoch, icount, generation }`. A claim that finds another generation leaves it
 //! a stale backup (`CannotTakeOver`); one that finds the VM ended makes it `Exit`. A primary
 //! whose swap or periodic read finds another owner stops (`Stop`), releasing nothing more.
+//!
+//! Replication starts and stops while the VM runs (`ftvm ctl protect`, `unprotect`): a new
+//! [`Primary`] owns the record at the generation the running VM holds (it took it at start,
+//! or by a takeover); [`PrimaryEvent::Unprotect`] is going unprotected for good — the swap
+//! first if a backup may hold a state of the current generation, then every output released,
+//! `StandDown` to the backup, and `Detached`.
 
 //! # Errors
 //!
