@@ -20,7 +20,7 @@ use crate::bus::Bus;
 use crate::decode::{Insn, Kind};
 use crate::exec::Flow;
 use crate::hart::{decode_any, Cpu, Hart, HartConfig, StepEnd};
-use crate::jit::{self, exit_code, BlockFn, Jit, JitCtx, JitStats, Refused};
+use crate::jit::{exit_code, BlockFn, BlockKey, Compiled, Jit, JitCtx, JitStats, Request};
 use crate::mem::{GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
 /// Most instructions in one block. Longer straight-line code continues in the next
@@ -68,6 +68,8 @@ struct Block {
 
 const EMPTY: Block = Block { pc: 1, page_ram_offset: 0, code_gen: 0, start: 0, len: 0, hits: 0, code: None };
 const REFUSED: u32 = u32::MAX;
+/// Sent to the compiler, not back yet.
+const PENDING: u32 = u32::MAX - 1;
 
 /// The cache of blocks. Not part of the architectural state: it starts empty and may
 /// be dropped at any time. Memory is taken when the hart first runs.
@@ -117,8 +119,9 @@ impl BlockCache {
         self.jit.as_ref().map(|jit| jit.stats()).unwrap_or_default()
     }
 
-    /// The compiled code of the block in `slot`, compiling it now if it just became
-    /// hot; `None` while it is interpreted.
+    /// The compiled code of the block in `slot`; a block that just became hot is sent
+    /// to the compiler (and, compiling inline, comes back compiled); `None` while it is
+    /// interpreted.
     #[inline]
     fn compiled(&mut self, slot: usize) -> Option<BlockFn> {
         let jit = self.jit.as_mut()?;
@@ -130,33 +133,70 @@ impl BlockCache {
             block.hits += 1;
             return None;
         }
-        if block.hits == REFUSED {
+        if block.hits >= PENDING {
             return None;
         }
-        self.compile(slot)
+        self.request(slot)
     }
 
     #[cold]
-    fn compile(&mut self, slot: usize) -> Option<BlockFn> {
+    fn request(&mut self, slot: usize) -> Option<BlockFn> {
         let jit = self.jit.as_mut().expect("called with a compiler");
+        if !jit.can_request() {
+            return None; // the next run asks again
+        }
         let block = self.slots[slot];
-        let ops = &self.ops[block.start as usize..(block.start + block.len) as usize];
-        let page = block.page_ram_offset >> PAGE_SHIFT;
-        let mut result = jit.compile(ops, block.pc, page, block.code_gen);
-        if result == Err(Refused::Full) {
-            // The code cache is full: empty it, with every pointer into it.
-            jit.flush();
+        let key = BlockKey {
+            slot,
+            pc: block.pc,
+            page_ram_offset: block.page_ram_offset,
+            code_gen: block.code_gen,
+            ram_id: self.ram_id,
+        };
+        self.slots[slot].hits = PENDING;
+        if jit.is_pending(&key) {
+            return None; // asked for before it left its slot: the result will come
+        }
+        let ops = self.ops[block.start as usize..(block.start + block.len) as usize].to_vec();
+        let done = jit.request(Request { key, ops })?;
+        self.install(done);
+        self.slots[slot].code
+    }
+
+    /// Install what the compiler's thread has finished.
+    #[inline]
+    fn install_finished(&mut self) {
+        if let Some(jit) = &mut self.jit {
+            for done in jit.finished() {
+                self.install(done);
+            }
+        }
+    }
+
+    /// Put a compiled block into the code cache, and into its slot if the slot still
+    /// holds that very block.
+    fn install(&mut self, done: Compiled) {
+        let jit = self.jit.as_mut().expect("called with a compiler");
+        let key = done.key;
+        if key.ram_id != self.ram_id {
+            jit.discard(done);
+            return;
+        }
+        let mut flushed = false;
+        let code = jit.install(done, &mut flushed);
+        if flushed {
+            // The code cache was full and is empty now, with every pointer into it.
             for block in &mut self.slots {
                 block.code = None;
             }
-            result = jit.compile(ops, block.pc, page, block.code_gen);
         }
-        let block = &mut self.slots[slot];
-        match result {
-            Ok(code) => block.code = Some(code),
-            Err(_) => block.hits = REFUSED,
+        let block = &mut self.slots[key.slot];
+        if block.pc == key.pc && block.page_ram_offset == key.page_ram_offset && block.code_gen == key.code_gen {
+            block.code = code;
+            if code.is_none() {
+                block.hits = REFUSED;
+            }
         }
-        block.code
     }
 
     /// Decode the block at `pc` from RAM page `page_ram_offset` into `slot`.
@@ -185,7 +225,10 @@ impl BlockCache {
             }
         }
         let len = (self.ops.len() - start) as u32;
-        self.slots[slot] = Block { pc, page_ram_offset, code_gen, start: start as u32, len, hits: 0, code: None };
+        // Compiled code outlives a block pushed out of its slot or a flush of the decoded
+        // instructions: the compiler keeps it by the block's identity.
+        let code = self.jit.as_ref().and_then(|jit| jit.lookup(pc, page_ram_offset, code_gen));
+        self.slots[slot] = Block { pc, page_ram_offset, code_gen, start: start as u32, len, hits: 0, code };
     }
 }
 
@@ -208,6 +251,10 @@ impl Hart {
         let mut page_ram_offset = 0;
         // What compiled code reaches, made when the chain first needs it.
         let mut jit_ctx: Option<JitCtx> = None;
+        // The link of the compiled exit that led here (exit word, compiler epoch), to
+        // fill with this block.
+        let mut pending_link: Option<(u64, u64)> = None;
+        cache.install_finished();
         loop {
             if pc & !(PAGE_SIZE - 1) != fetch_vpage {
                 self.state.pc = pc;
@@ -229,17 +276,23 @@ impl Hart {
                 self.state.pc = pc;
                 return self.step(bus);
             }
+            // A link is for the block right after the exit, and only that one.
+            let link = pending_link.take();
             if let Some(code) = cache.compiled(slot) {
+                let jit = cache.jit.as_mut().expect("compiled code comes from the compiler");
+                if let Some((word, epoch)) = link {
+                    jit.link(word, epoch, code, page, block.code_gen);
+                }
                 // Only a block that fits in what is left of the budget runs compiled, so
                 // that it cannot run past it; else it is interpreted, up to the budget.
                 if block.len as u64 <= stop_icount - self.state.icount {
-                    let jit = cache.jit.as_mut().expect("compiled code comes from the compiler");
                     let before = self.state.icount;
-                    let exit = self.run_compiled(bus, &mut jit_ctx, code);
-                    jit.count_compiled(self.state.icount - before);
-                    match exit {
+                    let word = self.run_compiled(bus, jit, &mut jit_ctx, code, stop_icount);
+                    jit.count_compiled(self.state.icount - before, word);
+                    match word & exit_code::MASK {
                         exit_code::CONTINUE => {
                             pc = self.state.pc;
+                            pending_link = Some((word, jit.epoch()));
                             if self.state.icount == stop_icount {
                                 return Ok(());
                             }
@@ -297,20 +350,28 @@ impl Hart {
         }
     }
 
-    /// Run a compiled block; returns its exit code, with pc and icount set.
+    /// Run a compiled block (and those it links to); returns the exit word, with pc and
+    /// icount set.
     #[inline]
-    fn run_compiled(&mut self, bus: &mut impl Bus, ctx: &mut Option<JitCtx>, code: BlockFn) -> u32 {
+    fn run_compiled(
+        &mut self,
+        bus: &mut impl Bus,
+        jit: &Jit,
+        ctx: &mut Option<JitCtx>,
+        code: BlockFn,
+        stop_icount: u64,
+    ) -> u64 {
         let ctx = match ctx {
             Some(ctx) => {
                 ctx.rebind(self, bus);
                 ctx
             }
-            None => ctx.insert(JitCtx::new(self, bus)),
+            None => ctx.insert(JitCtx::new(self, bus, stop_icount)),
         };
         // SAFETY: the context was made for this hart and bus (and re-pointed at them just
         // now), which nothing else uses while the block runs; `code` is in the compiler's
         // cache, which is flushed only between blocks, dropping every pointer to it.
-        unsafe { jit::run(code, ctx) }
+        unsafe { jit.run(code, ctx) }
     }
 
     /// Execute one instruction outside any block: a 32-bit instruction that crosses

@@ -20,8 +20,7 @@ static NEXT_RAM_ID: AtomicU64 = AtomicU64::new(1);
 /// See [`GuestRam::jit_view`].
 pub(crate) struct RamView {
     pub(crate) bytes: *mut u8,
-    pub(crate) dirty: *mut u64,
-    pub(crate) code_watch: *mut u64,
+    pub(crate) direct_store: *const u8,
     pub(crate) code_gen: *const u64,
 }
 
@@ -34,6 +33,9 @@ pub struct GuestRam {
     code_watch: Vec<u64>,
     /// Per page: moves whenever a watched page is written.
     code_gen: Vec<u64>,
+    /// Per page: 1 when a store may go straight in (the page is dirty already and holds
+    /// no decoded code), so compiled code need not mark it; 0 sends it to the slow path.
+    direct_store: Vec<u8>,
     /// Unique per instance, so that a hart can tell that its caches belong to other RAM.
     id: u64,
 }
@@ -46,6 +48,7 @@ impl Clone for GuestRam {
             dirty: self.dirty.clone(),
             code_watch: self.code_watch.clone(),
             code_gen: self.code_gen.clone(),
+            direct_store: self.direct_store.clone(),
             id: NEXT_RAM_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -69,6 +72,7 @@ impl GuestRam {
             dirty: vec![0; pages.div_ceil(64)],
             code_watch: vec![0; pages.div_ceil(64)],
             code_gen: vec![0; pages],
+            direct_store: vec![0; pages],
             id: NEXT_RAM_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -113,6 +117,7 @@ impl GuestRam {
         if watched {
             self.code_page_written(page);
         }
+        self.direct_store[page] = 1;
         watched
     }
 
@@ -127,6 +132,7 @@ impl GuestRam {
     #[inline]
     pub(crate) fn watch_code_page(&mut self, page: usize) -> u64 {
         self.code_watch[page >> 6] |= 1u64 << (page & 63);
+        self.direct_store[page] = 0;
         self.code_gen[page]
     }
 
@@ -142,8 +148,7 @@ impl GuestRam {
     pub(crate) fn jit_view(&mut self) -> RamView {
         RamView {
             bytes: self.bytes.as_mut_ptr(),
-            dirty: self.dirty.as_mut_ptr(),
-            code_watch: self.code_watch.as_mut_ptr(),
+            direct_store: self.direct_store.as_ptr(),
             code_gen: self.code_gen.as_ptr(),
         }
     }
@@ -211,7 +216,9 @@ impl GuestRam {
             let mut bits = std::mem::take(word);
             while bits != 0 {
                 let bit = bits.trailing_zeros() as usize;
-                pages.push(word_index * 64 + bit);
+                let page = word_index * 64 + bit;
+                pages.push(page);
+                self.direct_store[page] = 0;
                 bits &= bits - 1;
             }
         }

@@ -749,6 +749,9 @@ struct Case {
     other_budgets: Vec<u64>,
     hot_threshold: u32,
     code_cache_bytes: usize,
+    /// Compile on the compiler's own thread (when a block starts to run compiled then
+    /// varies from run to run; the guest must not).
+    background: bool,
 }
 
 fn budgets(rng: &mut Rng, total: u64) -> Vec<u64> {
@@ -891,8 +894,9 @@ fn make_case(seed: u64, instructions: u64) -> Case {
         sbi_in_monitor: rng.chance(30),
         budgets: budgets(&mut rng, instructions),
         other_budgets: budgets(&mut rng, instructions),
-        hot_threshold: rng.pick(&[0, 0, 1, 3]),
+        hot_threshold: rng.pick(&[0, 0, 1, 3, 8, 30]),
         code_cache_bytes: if rng.chance(25) { 1 << 14 } else { 16 << 20 },
+        background: rng.chance(25),
     }
 }
 
@@ -910,7 +914,11 @@ impl Run {
             icount_per_tick: 10,
             sbi_in_monitor: case.sbi_in_monitor,
             cpu,
-            jit: JitConfig { hot_threshold: case.hot_threshold, code_cache_bytes: case.code_cache_bytes },
+            jit: JitConfig {
+                hot_threshold: case.hot_threshold,
+                code_cache_bytes: case.code_cache_bytes,
+                background: case.background,
+            },
         };
         let mut bus = TestBus::new();
         bus.ram.write(RAM_BASE, &case.ram_image).expect("the image is RAM-sized");

@@ -49,10 +49,6 @@ impl CodeRegion {
         Some(CodeRegion { base: NonNull::new(ptr.cast())?, size, used: 0, page })
     }
 
-    pub(super) fn used(&self) -> usize {
-        self.used
-    }
-
     /// Copy `code` in and make it executable; its address, or `None` when the region
     /// is full (the caller flushes and tries again).
     pub(super) fn add(&mut self, code: &[u8]) -> Option<*const u8> {
