@@ -22,7 +22,7 @@ pub(crate) const HTTP_ADDR: &str = "10.0.2.15:80";
 const SESSION_ADDR: &str = "10.0.2.15:7001";
 const REPLICATION_PORT: u16 = 7000;
 /// The backup's detection timeout in a partition: well beyond the primary's 450 ms.
-const PARTITION_FAILOVER_TIMEOUT_MS: u64 = 1000;
+const PARTITION_FAILOVER_TIMEOUT_MS: u64 = 1500;
 
 /// Run the replication demo (needs root: it creates network namespaces).
 #[derive(clap::Args, Debug)]
@@ -41,8 +41,8 @@ pub struct DemoArgs {
     /// before it serves unprotected), and the backup must catch up once the link is back
     #[arg(long)]
     pub partition: bool,
-    /// The backup's detection timeout [default: the backup's own; 1000 with --partition,
-    /// longer than the primary needs to give up on a lost backup (250 ms of silence plus
+    /// The backup's detection timeout [default: the backup's own; 1500 with --partition,
+    /// longer than the primary needs to give up on a lost backup (500 ms of silence plus
     /// 200 ms of grace), so that a partition leaves the primary live and the backup stale]
     #[arg(long, value_name = "MS")]
     pub failover_timeout_ms: Option<u64>,

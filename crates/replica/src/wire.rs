@@ -39,10 +39,16 @@ use thiserror::Error;
 
 /// The four bytes every frame begins with.
 pub const MAGIC: [u8; 4] = *b"FTVR";
-/// The version of the frame format this crate reads and writes (1 was HMAC-SHA256, in clear).
-pub const WIRE_VERSION: u16 = 2;
-/// Bytes before the nonce or payload: magic, version, type, flags, sequence, length.
-pub const HEADER_BYTES: usize = 20;
+/// The version of the frame format this crate reads and writes (1 was HMAC-SHA256, in clear;
+/// 2 had no checksum of its own on the header).
+pub const WIRE_VERSION: u16 = 3;
+/// Bytes before the nonce or payload: magic, version, type, flags, sequence, length, and a
+/// CRC32C of those. The header's own checksum is checked before its length is trusted: a
+/// length damaged in transit would otherwise make the receiver wait for bytes that never
+/// come (up to [`MAX_PAYLOAD_BYTES`] of them), while the sender's frames pile up behind.
+pub const HEADER_BYTES: usize = 24;
+/// Where the header's CRC32C sits (it covers the bytes before it).
+const HEADER_CRC_AT: usize = 20;
 /// Bytes after the payload: the Poly1305 tag and the CRC32C.
 pub const TRAILER_BYTES: usize = TAG_BYTES + CRC_BYTES;
 /// Bytes of the nonce a frame flagged [`FLAG_EXPLICIT_NONCE`] carries after its header.
@@ -65,7 +71,7 @@ pub const MAX_KEY_BYTES: usize = 4096;
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
 
-const _: () = assert!(HEADER_BYTES == 4 + 2 + 1 + 1 + 8 + 4);
+const _: () = assert!(HEADER_BYTES == 4 + 2 + 1 + 1 + 8 + 4 + 4 && HEADER_CRC_AT + 4 == HEADER_BYTES);
 const _: () = assert!(MAX_FIRST_PAYLOAD_BYTES <= MAX_PAYLOAD_BYTES);
 const _: () =
     assert!((MAX_PAYLOAD_BYTES as usize) + HEADER_BYTES + EXPLICIT_NONCE_BYTES + TRAILER_BYTES < u32::MAX as usize);
@@ -387,8 +393,14 @@ impl Decoder {
         }
         let header_bytes: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().expect("header length");
         let header = Header::read(header_bytes);
+        // The version first: it sits at the same place in every version of the format, and
+        // another version's header need not carry this one's checksum.
         if header.version != WIRE_VERSION {
             return Err(WireError::UnsupportedVersion { theirs: header.version, ours: WIRE_VERSION });
+        }
+        let header_crc = u32::from_le_bytes(header_bytes[HEADER_CRC_AT..].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&header_bytes[..HEADER_CRC_AT]) != header_crc {
+            return Err(WireError::BadChecksum { seq: header.seq });
         }
         let limit = match self.next_seq {
             0 => MAX_FIRST_PAYLOAD_BYTES,
@@ -465,6 +477,8 @@ impl Header {
         bytes[7] = self.flags;
         bytes[8..16].copy_from_slice(&self.seq.to_le_bytes());
         bytes[16..20].copy_from_slice(&self.length.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..HEADER_CRC_AT]);
+        bytes[HEADER_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         bytes
     }
 }
@@ -519,10 +533,10 @@ mod tests {
         frame[4] = 1;
         let mut decoder = Decoder::new(key(1));
         decoder.push(&frame);
-        assert_eq!(decoder.next_frame(), Err(WireError::UnsupportedVersion { theirs: 1, ours: 2 }));
+        assert_eq!(decoder.next_frame(), Err(WireError::UnsupportedVersion { theirs: 1, ours: 3 }));
         assert_eq!(
-            WireError::UnsupportedVersion { theirs: 1, ours: 2 }.to_string(),
-            "the peer speaks replication wire version 1, this ftvm speaks version 2: run the same ftvm release on \
+            WireError::UnsupportedVersion { theirs: 1, ours: 3 }.to_string(),
+            "the peer speaks replication wire version 1, this ftvm speaks version 3: run the same ftvm release on \
              both sides"
         );
     }
@@ -533,6 +547,7 @@ mod tests {
         let first = encoder.encode(1, b"").unwrap();
         let mut header = encoder.encode(1, b"").unwrap();
         header[16..20].copy_from_slice(&(MAX_PAYLOAD_BYTES + 1).to_le_bytes());
+        fix_crc(&mut header); // a sender that means it, not line noise
         let mut decoder = Decoder::new(key(1));
         decoder.push(&first);
         assert!(decoder.next_frame().unwrap().is_some());
@@ -561,7 +576,10 @@ mod tests {
     }
 
     /// Recomputes the CRC32C after a deliberate change, as a forger would.
+    /// Makes both checksums match again (what a forger can always do).
     fn fix_crc(frame: &mut [u8]) {
+        let header_crc = crc32c::crc32c(&frame[..HEADER_CRC_AT]);
+        frame[HEADER_CRC_AT..HEADER_BYTES].copy_from_slice(&header_crc.to_le_bytes());
         let crc_at = frame.len() - CRC_BYTES;
         let crc = crc32c::crc32c(&frame[..crc_at]);
         frame[crc_at..].copy_from_slice(&crc.to_le_bytes());
@@ -648,6 +666,19 @@ mod tests {
             assert_eq!(first_error(&[&first, &forged], key(1)), WireError::BadAuthentication { seq }, "byte {at}");
         }
     }
+    #[test]
+    fn a_damaged_length_is_refused_at_the_header_without_waiting_for_the_payload() {
+        let mut encoder = Encoder::new(key(1));
+        let first = encoder.encode(1, b"a").unwrap();
+        let mut second = encoder.encode(1, b"payload").unwrap();
+        second[17] ^= 0x40; // the length now says about 4 MiB more
+        let mut decoder = Decoder::new(key(1));
+        decoder.push(&first);
+        decoder.push(&second[..HEADER_BYTES]);
+        assert!(decoder.next_frame().unwrap().is_some());
+        assert_eq!(decoder.next_frame(), Err(WireError::BadChecksum { seq: 1 }));
+    }
+
     #[test]
     fn a_flipped_payload_bit_fails_the_checksum() {
         let mut frame = Encoder::new(key(1)).encode(1, b"payload").unwrap();

@@ -109,7 +109,7 @@ impl PrimaryConfig {
             config_digest,
             run_id,
             heartbeat_interval_ms: 10,
-            peer_timeout_ms: 250,
+            peer_timeout_ms: 500,
             handshake_timeout_ms: 500,
             // Small enough that a frame damaged in transit costs little to resend (a resume
             // starts at a frame boundary), large enough that framing costs nothing.

@@ -572,11 +572,11 @@ fn a_silent_backup_is_dropped_and_a_stalled_handshake_times_out() {
     let mut w = World::new();
     w.connect();
     w.p.step(PrimaryEvent::Tick { now_ms: 0 }); // the handshake's frames count as heard at 0
-    w.p.step(PrimaryEvent::Tick { now_ms: 249 });
-    let actions = w.p.step(PrimaryEvent::Tick { now_ms: 250 });
+    w.p.step(PrimaryEvent::Tick { now_ms: 499 });
+    let actions = w.p.step(PrimaryEvent::Tick { now_ms: 500 });
     assert!(actions
         .iter()
-        .any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::PeerSilent { silent_ms: 250 } })));
+        .any(|a| matches!(a, PrimaryAction::Close { error: ProtocolError::PeerSilent { silent_ms: 500 } })));
     let mut p = Primary::new(primary_config(), 1, 0);
     p.step(PrimaryEvent::Connected { nonce: P_NONCE });
     let actions = p.step(PrimaryEvent::Tick { now_ms: 2000 });
