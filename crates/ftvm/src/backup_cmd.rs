@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use machine::Machine;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use vmm::driver::Driver;
 use vmm::host::announce::spawn_announcer;
 use vmm::host::HostEvent;
@@ -63,13 +63,20 @@ pub fn run(args: BackupArgs) -> Result<i32> {
         Some(path) => Some(crate::api::serve(path, api_tx)?),
         None => None,
     };
+    // The API socket stays across a takeover too: requests go to the backup's loop while it
+    // waits, to the live VM's driver once it runs (a request in flight at the takeover is
+    // answered by one or the other, never left hanging).
     let (control_tx, control_rx) = mpsc::channel();
+    let live: Arc<Mutex<Option<mpsc::Sender<HostEvent>>>> = Arc::default();
+    let route = live.clone();
     std::thread::spawn(move || {
         for event in api_rx {
+            if let Some(driver) = route.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                let _ = driver.send(event);
+                continue;
+            }
             if let HostEvent::Control(request) = event {
-                if control_tx.send(request).is_err() {
-                    return;
-                }
+                let _ = control_tx.send(request);
             }
         }
     });
@@ -98,7 +105,6 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             Ok(0)
         }
         Ending::GoLive { machine, takeover } => {
-            drop(api_server); // the live VM serves the API from here on
             if let Some(tap) = &tap {
                 tap.discard_pending().context("cannot empty the TAP device's queue")?;
                 spawn_announcer(tap.clone_handle()?, args.vm.mac);
@@ -107,12 +113,20 @@ pub fn run(args: BackupArgs) -> Result<i32> {
             if let Some(metrics) = &metrics {
                 metrics.route_to(tx.clone());
             }
+            *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
             let mut driver = Driver::new(*machine, rx, args.vm.clock.into());
             driver.role = vmm::status::Role::Primary;
             driver.vm_id = Some(ownership.vm_id.clone());
             driver.took_over = Some(takeover);
             driver.ownership = Some(ownership);
-            run_driver(driver, &args.vm, tap, tx, &[], false)
+            if args.vm.api.is_some() {
+                driver.events_tx = Some(tx.clone()); // `ctl protect` starts replication later
+            }
+            // The socket is served already (above): the live VM must not bind it again.
+            let vm = VmArgs { api: None, ..args.vm.clone() };
+            let code = run_driver(driver, &vm, tap, tx, &[], false);
+            drop(api_server);
+            code
         }
     }
 }
