@@ -13,8 +13,11 @@
 
 mod common;
 
+use common::capture::{self, Capture};
 use common::client::{Client, Verdict};
-use common::cluster::{is_protected, sample_lag, Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
+use common::cluster::{
+    is_live, is_protected, sample_lag, status_within, Cluster, Options, BACKUP_PORT, BOOT_LIMIT, GUEST_MAC,
+};
 use common::netns::Topology;
 use common::relay::Mode;
 use common::strangers::{Kind, Strangers};
@@ -31,6 +34,11 @@ const TAKEOVER_LIMIT: Duration = Duration::from_secs(30);
 const CUT_FAILOVER_TIMEOUT_MS: u64 = 1500;
 /// The backup's cap on pending handshakes (replica's BackupConfig default).
 const MAX_PENDING_HANDSHAKES: u64 = 16;
+/// The first MAC announcement reaches the client this soon after the takeover...
+const ANNOUNCE_WITHIN: Duration = Duration::from_millis(300);
+/// ...and the takeover comes this soon after the detection timeout (one swap of the
+/// ownership record, on a loaded machine).
+const TAKEOVER_SLACK: Duration = Duration::from_millis(400);
 /// Answers the client must get on each way in (HTTP and the session) after a takeover.
 const ANSWERS_AFTER: usize = 3;
 
@@ -241,6 +249,47 @@ fn a_flood_of_idle_and_hostile_connections_leaves_the_backup_running_and_the_lin
         verdict.describe()
     );
     drop(flood);
+}
+
+#[test]
+fn after_a_takeover_the_bridge_forwards_the_mac_announcement_to_the_client_at_once() {
+    let seed = seed();
+    let options = Options::counter(seed);
+    let detection = Duration::from_millis(options.failover_timeout_ms);
+    let (mut cluster, client) = started("announce", options);
+    let capture = Capture::start(&cluster.topo.client_ns(), "veth-c", capture::ETHERTYPE_RARP);
+    let killed = cluster.kill_primary();
+    // Watched as a supervisor would: the backup's status, polled.
+    let mut live = None;
+    while killed.elapsed() < TAKEOVER_LIMIT && live.is_none() {
+        if status_within(&cluster.backup_api, Duration::from_millis(200)).is_some_and(|s| is_live(&s)) {
+            live = Some(Instant::now() - killed);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let live = live.unwrap_or_else(|| panic!("no takeover\n{}", cluster.explain()));
+    std::thread::sleep(Duration::from_millis(700));
+    let announcements: Vec<Duration> = capture
+        .frames()
+        .iter()
+        .filter(|(_, f)| capture::announces(f, GUEST_MAC))
+        .map(|(at, _)| at.saturating_duration_since(killed))
+        .collect();
+    let first = announcements.first().copied();
+    let in_rounds = first.map_or(0, |f| announcements.iter().filter(|a| **a <= f + Duration::from_millis(400)).count());
+    // Takeover is detection plus one swap of the record: the announcement reaches the
+    // client within 300 ms of it (generous slack for a loaded machine).
+    let budget = detection + ANNOUNCE_WITHIN + TAKEOVER_SLACK;
+    assert!(
+        first.is_some_and(|f| f <= budget && f <= live + ANNOUNCE_WITHIN) && in_rounds >= 3,
+        "seed {seed}: the backup served as the live VM {live:?} after the kill (its status, polled); the client saw \
+         announcements at {announcements:?} (the first must come within {budget:?} of the kill, then more in rounds)\n{}",
+        cluster.explain()
+    );
+    let verdict = client
+        .check_nothing_lost(killed, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    println!("live {live:?} after the kill (as seen), announcements at {announcements:?}; {}", verdict.describe());
 }
 
 #[test]
