@@ -362,7 +362,7 @@ fn accept(
     let Ok(reader) = stream.try_clone() else {
         return Ok(Vec::new()); // out of descriptors: refuse this one, keep the rest
     };
-    let _ = stream.set_nodelay(true);
+    super::tune_link(&stream);
     conns.next_id += 1;
     let conn = conns.next_id;
     spawn_reader(reader, conn, tx.clone());

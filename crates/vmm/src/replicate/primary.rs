@@ -285,7 +285,7 @@ impl ReplThread {
         if self.conn.is_some() || self.stopped {
             return Vec::new();
         }
-        let _ = stream.set_nodelay(true);
+        super::tune_link(&stream);
         let (Ok(reader), Ok(nonce)) = (stream.try_clone(), nonce()) else {
             return Vec::new();
         };
