@@ -34,8 +34,10 @@ fn date_in_the_guest_prints_the_hosts_date_and_time() {
     let after = host_unix_s();
     assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let guest: f64 = stdout(&out).trim().parse().expect("date prints seconds since the epoch");
-    // Whole seconds, read between the host's two readings.
-    assert!(guest >= before.floor() && guest <= after, "guest {guest}, host {before}..{after}");
+    // Whole seconds, read between the host's two readings — within a second: Linux sets its
+    // clock from the RTC in whole seconds at boot and rounds by half a second, so the guest's
+    // wall clock may run up to a second from the host's (a full run of the suite saw +0.23 s).
+    assert!(guest >= before.floor() - 1.0 && guest <= after + 1.0, "guest {guest}, host {before}..{after}");
 }
 
 /// Guest time against the host's clock, at the start and at the end of a computation of
