@@ -15,6 +15,11 @@
 //! timer deadline allows, and a block stops after any instruction that may have made
 //! an interrupt deliverable or asked the hart to stop (a memory access that reached a
 //! device, a CSR write, a trap, an xRET).
+//!
+//! With the compiler tier (see [`crate::jit`]) this is also the dispatcher: a block that
+//! ran often enough is sent to the compiler, and once its code is back (kept by block
+//! identity, so it survives the block leaving its slot) the block runs compiled whenever
+//! the budget left covers it, under the same rules.
 
 use crate::bus::Bus;
 use crate::decode::{Insn, Kind};
@@ -27,7 +32,7 @@ use crate::mem::{GuestRam, PAGE_SHIFT, PAGE_SIZE};
 /// block.
 const MAX_BLOCK_OPS: usize = 32;
 /// Direct-mapped block slots, indexed by the start address.
-const BLOCK_SLOTS: usize = 1 << 15;
+const BLOCK_SLOTS: usize = 1 << 17;
 /// Decoded instructions kept at most; when full, every block is dropped.
 const ARENA_OPS: usize = 1 << 20;
 
@@ -123,7 +128,7 @@ impl BlockCache {
     /// to the compiler (and, compiling inline, comes back compiled); `None` while it is
     /// interpreted.
     #[inline]
-    fn compiled(&mut self, slot: usize) -> Option<BlockFn> {
+    fn compiled(&mut self, slot: usize, ram: &GuestRam) -> Option<BlockFn> {
         let jit = self.jit.as_mut()?;
         let block = &mut self.slots[slot];
         if block.code.is_some() {
@@ -136,11 +141,11 @@ impl BlockCache {
         if block.hits >= PENDING {
             return None;
         }
-        self.request(slot)
+        self.request(slot, ram)
     }
 
     #[cold]
-    fn request(&mut self, slot: usize) -> Option<BlockFn> {
+    fn request(&mut self, slot: usize, ram: &GuestRam) -> Option<BlockFn> {
         let jit = self.jit.as_mut().expect("called with a compiler");
         if !jit.can_request() {
             return None; // the next run asks again
@@ -157,8 +162,21 @@ impl BlockCache {
         if jit.is_pending(&key) {
             return None; // asked for before it left its slot: the result will come
         }
-        let ops = self.ops[block.start as usize..(block.start + block.len) as usize].to_vec();
-        let done = jit.request(Request { key, ops })?;
+        let ops = &self.ops[block.start as usize..(block.start + block.len) as usize];
+        let page = &ram.as_slice()[block.page_ram_offset..block.page_ram_offset + PAGE_SIZE as usize];
+        // A successor is warm when its slot holds it (same page and generation) and it
+        // ran a quarter of the way to hot, or is hot already.
+        let warm_after = jit.hot_threshold() / 4;
+        let slots = &self.slots;
+        let is_warm = |pc: u64| {
+            let b = &slots[(pc >> 1) as usize % BLOCK_SLOTS];
+            b.pc == pc
+                && b.page_ram_offset == block.page_ram_offset
+                && b.code_gen == block.code_gen
+                && (b.hits >= warm_after || b.code.is_some())
+        };
+        let blocks = region(page, block.pc, ops, is_warm);
+        let done = jit.request(Request { key, blocks })?;
         self.install(done);
         self.slots[slot].code
     }
@@ -166,11 +184,18 @@ impl BlockCache {
     /// Install what the compiler's thread has finished.
     #[inline]
     fn install_finished(&mut self) {
-        if let Some(jit) = &mut self.jit {
-            for done in jit.finished() {
-                self.install(done);
-            }
+        let Some(jit) = &mut self.jit else {
+            return;
+        };
+        let done = jit.finished();
+        if done.is_empty() {
+            return;
         }
+        jit.begin_batch();
+        for done in done {
+            self.install(done);
+        }
+        self.jit.as_mut().expect("checked above").end_batch();
     }
 
     /// Put a compiled block into the code cache, and into its slot if the slot still
@@ -207,29 +232,86 @@ impl BlockCache {
         let code_gen = ram.watch_code_page(page_ram_offset >> PAGE_SHIFT);
         let page = &ram.as_slice()[page_ram_offset..page_ram_offset + PAGE_SIZE as usize];
         let start = self.ops.len();
-        let mut offset = (pc % PAGE_SIZE) as usize;
-        while self.ops.len() - start < MAX_BLOCK_OPS && offset + 2 <= page.len() {
-            let low = u16::from_le_bytes([page[offset], page[offset + 1]]) as u32;
-            let raw = if low & 3 != 3 {
-                low
-            } else if offset + 4 <= page.len() {
-                low | (u16::from_le_bytes([page[offset + 2], page[offset + 3]]) as u32) << 16
-            } else {
-                break; // crosses into the next page: fetched on its own
-            };
-            let op = MicroOp::new(raw);
-            self.ops.push(op);
-            offset += op.insn.len as usize;
-            if op.kind.ends_block() {
-                break;
-            }
-        }
+        decode_block(page, pc, &mut self.ops);
         let len = (self.ops.len() - start) as u32;
         // Compiled code outlives a block pushed out of its slot or a flush of the decoded
         // instructions: the compiler keeps it by the block's identity.
         let code = self.jit.as_ref().and_then(|jit| jit.lookup(pc, page_ram_offset, code_gen));
         self.slots[slot] = Block { pc, page_ram_offset, code_gen, start: start as u32, len, hits: 0, code };
     }
+}
+
+/// Decode the block at `pc` from its page's bytes onto `ops`: up to [`MAX_BLOCK_OPS`]
+/// instructions, ending after one that ends blocks, before one that crosses the page end.
+fn decode_block(page: &[u8], pc: u64, ops: &mut Vec<MicroOp>) {
+    let start = ops.len();
+    let mut offset = (pc % PAGE_SIZE) as usize;
+    while ops.len() - start < MAX_BLOCK_OPS && offset + 2 <= page.len() {
+        let low = u16::from_le_bytes([page[offset], page[offset + 1]]) as u32;
+        let raw = if low & 3 != 3 {
+            low
+        } else if offset + 4 <= page.len() {
+            low | (u16::from_le_bytes([page[offset + 2], page[offset + 3]]) as u32) << 16
+        } else {
+            break; // crosses into the next page: fetched on its own
+        };
+        let op = MicroOp::new(raw);
+        ops.push(op);
+        offset += op.insn.len as usize;
+        if op.kind.ends_block() {
+            break;
+        }
+    }
+}
+
+/// Blocks in a compiled region at most, and instructions in all.
+const REGION_BLOCKS: usize = 8;
+const REGION_OPS: usize = 128;
+
+/// The region to compile for the block at `pc` (whose instructions are `ops`): it and
+/// the warm blocks (`is_warm`: run often lately) reachable from it by fixed jumps and
+/// branches within its page, decoded
+/// from the page's bytes (the page's code generation is the block's: nothing wrote it
+/// since the block was checked).
+fn region(page: &[u8], pc: u64, ops: &[MicroOp], is_warm: impl Fn(u64) -> bool) -> Vec<(u64, Vec<MicroOp>)> {
+    let vpage = pc & !(PAGE_SIZE - 1);
+    let mut blocks = vec![(pc, ops.to_vec())];
+    let mut total = ops.len();
+    let mut next = 0;
+    while next < blocks.len() && blocks.len() < REGION_BLOCKS {
+        let mut targets = Vec::new();
+        let mut at = blocks[next].0;
+        let mut falls_through = true;
+        for op in &blocks[next].1 {
+            let imm = op.insn.imm as i64 as u64;
+            match op.kind {
+                Kind::Beq | Kind::Bne | Kind::Blt | Kind::Bge | Kind::Bltu | Kind::Bgeu => {
+                    targets.push(at.wrapping_add(imm))
+                }
+                Kind::Jal => targets.push(at.wrapping_add(imm)),
+                _ => {}
+            }
+            falls_through = !op.kind.ends_block();
+            at = at.wrapping_add(op.insn.len as u64);
+        }
+        if falls_through {
+            targets.push(at);
+        }
+        for target in targets {
+            if target & !(PAGE_SIZE - 1) != vpage || !is_warm(target) || blocks.iter().any(|(p, _)| *p == target) {
+                continue;
+            }
+            let mut ops = Vec::new();
+            decode_block(page, target, &mut ops);
+            if ops.is_empty() || total + ops.len() > REGION_OPS || blocks.len() == REGION_BLOCKS {
+                continue;
+            }
+            total += ops.len();
+            blocks.push((target, ops));
+        }
+        next += 1;
+    }
+    blocks
 }
 
 impl Hart {
@@ -278,7 +360,7 @@ impl Hart {
             }
             // A link is for the block right after the exit, and only that one.
             let link = pending_link.take();
-            if let Some(code) = cache.compiled(slot) {
+            if let Some(code) = cache.compiled(slot, bus.ram()) {
                 let jit = cache.jit.as_mut().expect("compiled code comes from the compiler");
                 if let Some((word, epoch)) = link {
                     jit.link(word, epoch, code, page, block.code_gen);
@@ -286,9 +368,10 @@ impl Hart {
                 // Only a block that fits in what is left of the budget runs compiled, so
                 // that it cannot run past it; else it is interpreted, up to the budget.
                 if block.len as u64 <= stop_icount - self.state.icount {
+                    jit.remember_jump(pc, page_ram_offset, block.code_gen, code);
                     let before = self.state.icount;
                     let word = self.run_compiled(bus, jit, &mut jit_ctx, code, stop_icount);
-                    jit.count_compiled(self.state.icount - before, word);
+                    jit.count_compiled(self.state.icount - before);
                     match word & exit_code::MASK {
                         exit_code::CONTINUE => {
                             pc = self.state.pc;
@@ -299,9 +382,6 @@ impl Hart {
                             continue;
                         }
                         exit_code::RETURN => return Ok(()),
-                        // The interpreter runs the instruction the block stopped before
-                        // (from the same decoded bytes: nothing wrote the page since).
-                        exit_code::BAIL => return self.step(bus),
                         _ => return Err(self.take_step_end()),
                     }
                 }
@@ -366,7 +446,7 @@ impl Hart {
                 ctx.rebind(self, bus);
                 ctx
             }
-            None => ctx.insert(JitCtx::new(self, bus, stop_icount)),
+            None => ctx.insert(JitCtx::new(self, bus, jit, stop_icount)),
         };
         // SAFETY: the context was made for this hart and bus (and re-pointed at them just
         // now), which nothing else uses while the block runs; `code` is in the compiler's

@@ -58,6 +58,11 @@ impl Tlb {
         *self = Tlb::default();
     }
 
+    /// The low bits of a fetch's TLB tag at `privilege` (see [`tag`]).
+    pub(crate) fn fetch_tag_bits(privilege: PrivMode) -> u64 {
+        tag(0, privilege, 0)
+    }
+
     /// The first entry: the tables follow one another, one per [`Access`] in order.
     pub(crate) fn entries_ptr(&self) -> *const TlbEntry {
         self.entries.as_ptr().cast()

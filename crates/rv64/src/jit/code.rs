@@ -17,6 +17,8 @@ pub(super) struct CodeRegion {
     /// Bytes in use from `base` on.
     used: usize,
     page: usize,
+    /// During a batch: the start of the pages made writable for it (up to the end).
+    batch_from: Option<usize>,
 }
 
 // SAFETY: the region is owned by one `CodeRegion` and only reached through it (or
@@ -46,7 +48,7 @@ impl CodeRegion {
         if ptr == libc::MAP_FAILED {
             return None;
         }
-        Some(CodeRegion { base: NonNull::new(ptr.cast())?, size, used: 0, page })
+        Some(CodeRegion { base: NonNull::new(ptr.cast())?, size, used: 0, page, batch_from: None })
     }
 
     /// Copy `code` in and make it executable; its address, or `None` when the region
@@ -56,6 +58,13 @@ impl CodeRegion {
         let end = start.checked_add(code.len())?;
         if end > self.size || code.is_empty() {
             return None;
+        }
+        if self.batch_from.is_some() {
+            // SAFETY: [start, end) lies inside the batch's writable pages (end <= size).
+            unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.as_ptr().add(start), code.len()) };
+            self.used = end;
+            // SAFETY: start < size, inside the mapping.
+            return Some(unsafe { self.base.as_ptr().add(start) });
         }
         let first_page = start & !(self.page - 1);
         let span = end.next_multiple_of(self.page) - first_page;
@@ -78,8 +87,41 @@ impl CodeRegion {
         Some(unsafe { self.base.as_ptr().add(start) })
     }
 
+    /// Start adding several functions with two page-protection changes in all, not two
+    /// each (each is a TLB shootdown across the process's threads). Until
+    /// [`CodeRegion::end_batch`], nothing added may run.
+    pub(super) fn begin_batch(&mut self) -> bool {
+        let from = self.used & !(self.page - 1);
+        // SAFETY: [from, size) lies inside the mapping; its pages hold functions that do
+        // not run until the batch ends (the hart's thread installs between blocks).
+        let ok = unsafe {
+            libc::mprotect(self.base.as_ptr().add(from).cast(), self.size - from, libc::PROT_READ | libc::PROT_WRITE)
+        } == 0;
+        if ok {
+            self.batch_from = Some(from);
+        }
+        ok
+    }
+
+    /// Make what the batch added executable.
+    pub(super) fn end_batch(&mut self) {
+        let Some(from) = self.batch_from.take() else {
+            return;
+        };
+        let end = self.used.next_multiple_of(self.page);
+        if end > from {
+            // SAFETY: [from, end) lies inside the mapping (used <= size, size is a
+            // multiple of the page size). Should this fail, the pages stay writable and
+            // not executable: running them faults rather than running anything else.
+            unsafe {
+                libc::mprotect(self.base.as_ptr().add(from).cast(), end - from, libc::PROT_READ | libc::PROT_EXEC);
+            }
+        }
+    }
+
     /// Forget every function. The caller must drop every pointer `add` returned.
     pub(super) fn flush(&mut self) {
+        self.batch_from = None;
         if self.used > 0 {
             // SAFETY: the range is the mapping itself; making it inaccessible and
             // dropping its pages (MADV_DONTNEED) only affects code nobody may call now.

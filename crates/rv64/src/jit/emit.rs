@@ -14,9 +14,9 @@
 //! a fixed address in the same page goes through a link slot: once the dispatcher has
 //! filled it with the next block's code, the exit is a tail call.
 
-use super::exit_code::{BAIL, CONTINUE, END, RETURN};
+use super::exit_code::{CONTINUE, END, RETURN};
 use super::offsets::*;
-use super::Link;
+use super::{Link, JUMP_ENTRIES};
 use crate::block::MicroOp;
 use crate::decode::Kind;
 use crate::mem::PAGE_SIZE;
@@ -32,20 +32,31 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 const I64: types::Type = types::I64;
 const I32: types::Type = types::I32;
 
-/// Whether an instruction runs through the interpreter in a helper call.
-pub(super) fn is_rare(op: &MicroOp) -> bool {
+/// Whether an instruction always runs through the interpreter in a helper call.
+fn is_rare(op: &MicroOp) -> bool {
     matches!(op.kind, Kind::Amo | Kind::Csr | Kind::Sys | Kind::Fp | Kind::Illegal)
 }
 
-/// What to compile.
+/// Whether an instruction may run through the interpreter (always, or when it misses
+/// the TLB): the compiler keeps a copy of it for the helper.
+pub(super) fn is_kept(op: &MicroOp) -> bool {
+    is_rare(op) || is_load(op.kind) || is_store(op.kind)
+}
+
+/// What to compile: a region of blocks of one page, entered at the first. A jump from
+/// one to another inside the region stays inside the function (with the budget check
+/// every block makes), so a loop within a page runs with its registers in host
+/// registers across iterations.
 pub(super) struct BlockSpec<'a> {
-    pub(super) ops: &'a [MicroOp],
+    /// Each block's start and decoded instructions; the entry first.
+    pub(super) blocks: &'a [(u64, &'a [MicroOp])],
     pub(super) pc: u64,
     /// RAM page index the instructions were decoded from, and its code generation then.
     pub(super) page: usize,
     pub(super) code_gen: u64,
-    /// For each rare instruction of `ops`, in order, where the compiler keeps it.
-    pub(super) rare_ops: &'a [*const MicroOp],
+    /// For each kept instruction of `ops` (see [`is_kept`]), in order, where the
+    /// compiler keeps it.
+    pub(super) kept_ops: &'a [*const MicroOp],
 }
 
 /// Where the translator gets link slots: a new slot's address, or `None` when there are
@@ -123,7 +134,13 @@ struct Translator<'a, 'b, 'c> {
     dirty: u32,
     ctx: Value,
     hart: Value,
+    /// The instruction count at the start of the current block (a value), and as a
+    /// variable carried from block to block.
     icount0: Value,
+    icount: Variable,
+    stop: Value,
+    /// The function block of each region block, by start address.
+    region: Vec<(u64, Block)>,
     /// Loaded at entry when the block touches memory.
     mem: Option<MemBase>,
     /// The exit every way out goes through: (pc, retired, exit word).
@@ -131,8 +148,12 @@ struct Translator<'a, 'b, 'c> {
     /// The tail call into a linked block: (function).
     chain: Block,
     chain_sig: SigRef,
-    /// Index of the next rare instruction in `block.rare_ops`.
-    next_rare: usize,
+    /// Index of the next kept instruction in `block.kept_ops`.
+    next_kept: usize,
+    /// Where loads and stores go to run through the interpreter: (instruction, pc, next
+    /// pc, index in the block).
+    slow: Block,
+    has_slow_path: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -173,6 +194,16 @@ fn reads(op: &MicroOp) -> u32 {
     mask & !1
 }
 
+/// A kept instruction where it stands: the helper's copy, its index in its block, its
+/// address and the next instruction's.
+#[derive(Clone, Copy)]
+struct At {
+    op: *const MicroOp,
+    i: u64,
+    pc: u64,
+    next: u64,
+}
+
 /// Where an exit sends pc.
 #[derive(Clone, Copy)]
 enum Target {
@@ -188,12 +219,16 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         links: LinkAlloc<'c>,
     ) -> Self {
         let regs = std::array::from_fn(|_| b.declare_var(I64));
+        let icount = b.declare_var(I64);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let ctx = b.block_params(entry)[0];
         let hart = b.ins().load(I64, trusted(), ctx, CTX_HART);
         let icount0 = b.ins().load(I64, trusted(), hart, HART_ICOUNT);
+        b.def_var(icount, icount0);
+        let stop = b.ins().load(I64, trusted(), ctx, CTX_STOP_ICOUNT);
+        let region = block.blocks.iter().map(|&(pc, _)| (pc, b.create_block())).collect();
 
         let exit = b.create_block();
         b.set_cold_block(exit);
@@ -203,6 +238,11 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let chain = b.create_block();
         b.append_block_param(chain, I64);
         let chain_sig = b.import_signature(block_signature());
+        let slow = b.create_block();
+        b.set_cold_block(slow);
+        for _ in 0..4 {
+            b.append_block_param(slow, I64);
+        }
         let mut t = Translator {
             b,
             host_call_conv,
@@ -213,28 +253,27 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
             ctx,
             hart,
             icount0,
+            icount,
+            stop,
+            region,
             mem: None,
             exit,
             chain,
             chain_sig,
-            next_rare: 0,
+            next_kept: 0,
+            slow,
+            has_slow_path: false,
         };
 
-        // Enter only if the budget left covers the whole block (else the dispatcher
-        // interprets it, up to the budget).
-        let stop = t.b.ins().load(I64, trusted(), ctx, CTX_STOP_ICOUNT);
-        let left = t.b.ins().isub(stop, icount0);
-        let short = t.b.ins().icmp_imm(IntCC::UnsignedLessThan, left, block.ops.len() as i64);
-        t.exit_if(short, Target::Const(block.pc), 0, CONTINUE);
-
-        if block.ops.iter().any(|op| is_load(op.kind) || is_store(op.kind)) {
+        let all_ops = || block.blocks.iter().flat_map(|(_, ops)| ops.iter());
+        if all_ops().any(|op| is_load(op.kind) || is_store(op.kind)) {
             let ram = t.b.ins().load(I64, trusted(), ctx, CTX_RAM);
             let tlb = t.b.ins().load(I64, trusted(), ctx, CTX_TLB);
             let tag_bits = t.b.ins().load(I64, trusted(), hart, HART_DATA_TAG_BITS);
             let direct_store = t.b.ins().load(I64, trusted(), ctx, CTX_DIRECT_STORE);
             t.mem = Some(MemBase { ram, tlb, tag_bits, direct_store });
         }
-        let read = block.ops.iter().fold(0u32, |m, op| m | reads(op));
+        let read = all_ops().fold(0u32, |m, op| m | reads(op));
         for r in 1..32 {
             if read & (1 << r) != 0 {
                 let v = t.b.ins().load(I64, trusted(), hart, HART_X + 8 * r);
@@ -245,30 +284,103 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
     }
 
     fn translate(mut self) {
-        let mut pc = self.block.pc;
-        let mut ended = false;
-        for (i, op) in self.block.ops.iter().enumerate() {
-            let next = pc.wrapping_add(op.insn.len as u64);
-            if self.op(op, i as u64, pc, next) {
-                ended = true;
-                break;
+        let first = self.region[0].1;
+        self.b.ins().jump(first, &[]);
+        for (n, &(start, ops)) in self.block.blocks.iter().enumerate() {
+            let head = self.region[n].1;
+            self.b.switch_to_block(head);
+            self.icount0 = self.b.use_var(self.icount);
+            // Run only if the budget left covers the whole block (else the dispatcher
+            // interprets it, up to the budget).
+            let left = self.b.ins().isub(self.stop, self.icount0);
+            let short = self.b.ins().icmp_imm(IntCC::UnsignedLessThan, left, ops.len() as i64);
+            self.exit_if(short, Target::Const(start), 0, CONTINUE);
+            let mut pc = start;
+            let mut ended = false;
+            for (i, op) in ops.iter().enumerate() {
+                let next = pc.wrapping_add(op.insn.len as u64);
+                if self.op(op, i as u64, pc, next) {
+                    ended = true;
+                    break;
+                }
+                pc = next;
             }
-            pc = next;
+            if !ended {
+                self.leave_to(pc, ops.len() as u64);
+            }
         }
-        if !ended {
-            let n = self.block.ops.len() as u64;
-            self.leave_to(pc, n);
-        }
+        self.emit_slow_path();
         self.emit_shared_exits();
         self.b.seal_all_blocks();
         self.b.finalize();
     }
 
+    /// The slow path of loads and stores (a TLB miss, a device, a page crossing, a page
+    /// not yet dirty or holding decoded code): the interpreter's code runs the
+    /// instruction, and the block leaves after it: for the dispatcher to go on (as the
+    /// interpreter would after `Flow::Check`) or for the run loop (when an interrupt
+    /// may be deliverable or this block's code moved), or as it trapped.
+    fn emit_slow_path(&mut self) {
+        if !self.has_slow_path {
+            return;
+        }
+        self.b.switch_to_block(self.slow);
+        let [op, pc, next, i] = [0, 1, 2, 3].map(|n| self.b.block_params(self.slow)[n]);
+        let icount = i;
+        let hart = self.hart;
+        self.b.ins().store(trusted(), icount, hart, HART_ICOUNT);
+        let ctx = self.ctx;
+        let outcome = self.call(CTX_RARE, &[ctx, op, pc]);
+        // 2: not retired (pc and the reason are set).
+        let ended = self.b.ins().icmp_imm(IntCC::Equal, outcome, 2);
+        let end_word = self.b.ins().iconst(I64, END as i64);
+        let cont = self.b.create_block();
+        self.b.ins().brif(ended, self.exit, &[pc.into(), i.into(), end_word.into()], cont, &[]);
+        self.b.switch_to_block(cont);
+        // 1: retired, leave for the run loop at next_pc.
+        let retired = self.b.ins().iadd_imm(i, 1);
+        let leave = self.b.ins().icmp_imm(IntCC::Equal, outcome, 1);
+        let next_pc = self.b.ins().load(I64, trusted(), hart, HART_NEXT_PC);
+        let return_word = self.b.ins().iconst(I64, RETURN as i64);
+        let cont = self.b.create_block();
+        self.b.ins().brif(leave, self.exit, &[next_pc.into(), retired.into(), return_word.into()], cont, &[]);
+        self.b.switch_to_block(cont);
+        // 0: retired; leave if an interrupt may be deliverable or this block's code moved.
+        let irq = self.b.ins().uload8(I64, trusted(), hart, HART_IRQ_DIRTY);
+        let code_gen_base = self.b.ins().load(I64, trusted(), ctx, CTX_CODE_GEN);
+        let gen = self.b.ins().load(I64, trusted(), code_gen_base, (self.block.page * 8) as i32);
+        let moved = self.b.ins().icmp_imm(IntCC::NotEqual, gen, self.block.code_gen as i64);
+        let pending = self.b.ins().icmp_imm(IntCC::NotEqual, irq, 0);
+        let stop = self.b.ins().bor(moved, pending);
+        let continue_word = self.b.ins().iconst(I64, CONTINUE as i64);
+        let word = self.b.ins().select(stop, return_word, continue_word);
+        self.b.ins().jump(self.exit, &[next.into(), retired.into(), word.into()]);
+    }
+
+    /// Send kept instruction `i` at `pc` to the slow path if `cond`; go on in a new
+    /// block otherwise.
+    fn slow_path_if(&mut self, cond: Value, at: At) {
+        let At { op, i, pc, next } = at;
+        debug_assert_eq!(self.dirty, 0, "registers are written back before the slow path");
+        self.has_slow_path = true;
+        let icount = self.b.ins().iadd_imm(self.icount0, i as i64);
+        let [op, pc, next] = [op as i64, pc as i64, next as i64].map(|v| self.b.ins().iconst(I64, v));
+        let args = [op.into(), pc.into(), next.into(), icount.into()];
+        let cont = self.b.create_block();
+        self.b.ins().brif(cond, self.slow, &args, cont, &[]);
+        self.b.switch_to_block(cont);
+    }
+
+    fn next_kept_op(&mut self) -> *const MicroOp {
+        let op = self.block.kept_ops[self.next_kept];
+        self.next_kept += 1;
+        op
+    }
+
     fn emit_shared_exits(&mut self) {
         self.b.switch_to_block(self.exit);
-        let [pc, retired, word] = [0, 1, 2].map(|i| self.b.block_params(self.exit)[i]);
+        let [pc, icount, word] = [0, 1, 2].map(|i| self.b.block_params(self.exit)[i]);
         self.b.ins().store(trusted(), pc, self.hart, HART_PC);
-        let icount = self.b.ins().iadd(self.icount0, retired);
         self.b.ins().store(trusted(), icount, self.hart, HART_ICOUNT);
         self.b.ins().return_(&[word]);
 
@@ -313,7 +425,7 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
             Target::Const(pc) => self.b.ins().iconst(I64, pc as i64),
             Target::Value(v) => v,
         };
-        let retired = self.b.ins().iconst(I64, retired as i64);
+        let retired = self.b.ins().iadd_imm(self.icount0, retired as i64);
         let word = self.b.ins().iconst(I64, word as i64);
         [pc.into(), retired.into(), word.into()]
     }
@@ -335,14 +447,83 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         self.b.ins().jump(self.exit, &args);
     }
 
+    /// Go on at `target`, known only now or in another page, with `retired` instructions
+    /// retired: a tail call through the jump cache when it has the block and the fetch
+    /// translation is in the TLB (as the dispatcher would find them, with no page walk),
+    /// else back to the dispatcher.
+    fn leave_through_jump_cache(&mut self, target: Value, retired: u64) {
+        self.write_back();
+        let hart = self.hart;
+        let ctx = self.ctx;
+        let icount = self.b.ins().iadd_imm(self.icount0, retired as i64);
+        self.b.ins().store(trusted(), icount, hart, HART_ICOUNT);
+        let to_dispatcher = self.b.create_block();
+        self.b.set_cold_block(to_dispatcher);
+        // The fetch translation: the TLB's fetch entry for the target's page.
+        let tlb = self.b.ins().load(I64, trusted(), ctx, CTX_TLB);
+        let shifted = self.b.ins().ushr_imm(target, 12 - 4);
+        let scaled = self.b.ins().band_imm(shifted, (TLB_ENTRIES as i64 - 1) << 4);
+        let entry = self.b.ins().iadd(tlb, scaled);
+        let table = (Access::Fetch as usize * TLB_ENTRIES * 16) as i32;
+        let tag = self.b.ins().load(I64, trusted(), entry, table);
+        let fetch_bits = self.b.ins().load(I64, trusted(), ctx, CTX_FETCH_TAG_BITS);
+        let page = self.b.ins().band_imm(target, !0xfff);
+        let want = self.b.ins().bor(page, fetch_bits);
+        let miss = self.b.ins().icmp(IntCC::NotEqual, tag, want);
+        let cont = self.b.create_block();
+        self.b.ins().brif(miss, to_dispatcher, &[], cont, &[]);
+        self.b.switch_to_block(cont);
+        let addend = self.b.ins().load(I64, trusted(), entry, table + 8);
+        let offset = self.b.ins().iadd(target, addend);
+        let page_offset = self.b.ins().band_imm(offset, !0xfff);
+        // The jump cache entry: the same start, page and code generation.
+        let jumps = self.b.ins().load(I64, trusted(), ctx, CTX_JUMPS);
+        let half = self.b.ins().ushr_imm(target, 1);
+        let index = self.b.ins().band_imm(half, JUMP_ENTRIES as i64 - 1);
+        let scaled = self.b.ins().ishl_imm(index, 5);
+        let slot = self.b.ins().iadd(jumps, scaled);
+        let pc = self.b.ins().load(I64, trusted(), slot, 0);
+        let same_pc = self.b.ins().icmp(IntCC::Equal, pc, target);
+        let cached_page = self.b.ins().load(I64, trusted(), slot, 8);
+        let same_page = self.b.ins().icmp(IntCC::Equal, cached_page, page_offset);
+        let both = self.b.ins().band(same_pc, same_page);
+        let cont = self.b.create_block();
+        self.b.ins().brif(both, cont, &[], to_dispatcher, &[]);
+        self.b.switch_to_block(cont);
+        let code_gen_base = self.b.ins().load(I64, trusted(), ctx, CTX_CODE_GEN);
+        let page_index = self.b.ins().ushr_imm(page_offset, 12);
+        let gen_offset = self.b.ins().ishl_imm(page_index, 3);
+        let gen_addr = self.b.ins().iadd(code_gen_base, gen_offset);
+        let gen = self.b.ins().load(I64, trusted(), gen_addr, 0);
+        let cached_gen = self.b.ins().load(I64, trusted(), slot, 16);
+        let same_gen = self.b.ins().icmp(IntCC::Equal, gen, cached_gen);
+        let callee = self.b.ins().load(I64, trusted(), slot, 24);
+        let cont = self.b.create_block();
+        self.b.ins().brif(same_gen, cont, &[], to_dispatcher, &[]);
+        self.b.switch_to_block(cont);
+        self.b.ins().jump(self.chain, &[callee.into()]);
+        self.b.switch_to_block(to_dispatcher);
+        self.exit_now(Target::Value(target), retired, CONTINUE);
+    }
+
     /// Go on at `target` with `retired` instructions retired: a tail call into the next
     /// block once the dispatcher has linked it (same page only, where the translation and
     /// code generation cannot differ), else back to the dispatcher.
     fn leave_to(&mut self, target: u64, retired: u64) {
         self.write_back();
+        if let Some(&(_, head)) = self.region.iter().find(|(pc, _)| *pc == target) {
+            let icount = self.b.ins().iadd_imm(self.icount0, retired as i64);
+            self.b.def_var(self.icount, icount);
+            self.b.ins().jump(head, &[]);
+            return;
+        }
         let same_page = target & !(PAGE_SIZE - 1) == self.block.pc & !(PAGE_SIZE - 1);
-        let link = if same_page { (self.links)() } else { None };
-        let Some(slot) = link else {
+        if !same_page {
+            let target = self.b.ins().iconst(I64, target as i64);
+            self.leave_through_jump_cache(target, retired);
+            return;
+        }
+        let Some(slot) = (self.links)() else {
             self.exit_now(Target::Const(target), retired, CONTINUE);
             return;
         };
@@ -355,21 +536,6 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         self.b.ins().brif(callee, self.chain, &[callee.into()], miss, &[]);
         self.b.switch_to_block(miss);
         self.exit_now(Target::Const(target), retired, CONTINUE | slot as u64);
-    }
-
-    /// After something that may have made an interrupt deliverable or written this
-    /// block's code: leave (with the instruction retired) if so, as the interpreter does
-    /// after `Flow::Check`.
-    fn check(&mut self, retired: u64, next: u64) {
-        let hart = self.hart;
-        let irq = self.b.ins().uload8(I64, trusted(), hart, HART_IRQ_DIRTY);
-        let ctx = self.ctx;
-        let code_gen_base = self.b.ins().load(I64, trusted(), ctx, CTX_CODE_GEN);
-        let gen = self.b.ins().load(I64, trusted(), code_gen_base, (self.block.page * 8) as i32);
-        let moved = self.b.ins().icmp_imm(IntCC::NotEqual, gen, self.block.code_gen as i64);
-        let pending = self.b.ins().icmp_imm(IntCC::NotEqual, irq, 0);
-        let stop = self.b.ins().bor(moved, pending);
-        self.exit_if(stop, Target::Const(next), retired, RETURN);
     }
 
     // ------------------------------------------------------------ instructions
@@ -402,8 +568,7 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
                 let target = self.b.ins().band_imm(sum, !1);
                 let link = self.b.ins().iconst(I64, next as i64);
                 self.set(rd, link);
-                self.write_back();
-                self.exit_now(Target::Value(target), i + 1, CONTINUE);
+                self.leave_through_jump_cache(target, i + 1);
                 return true;
             }
             Beq | Bne | Blt | Bge | Bltu | Bgeu => {
@@ -425,8 +590,8 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
                 self.leave_to(pc.wrapping_add(imm as u64), i + 1);
                 self.b.switch_to_block(cont);
             }
-            Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu => self.load(op, i, pc),
-            Sb | Sh | Sw | Sd => self.store(op, i, pc),
+            Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu => self.load(op, i, pc, next),
+            Sb | Sh | Sw | Sd => self.store(op, i, pc, next),
             Amo | Csr | Sys | Fp | Illegal => return self.rare(i, pc, next, rd),
             _ => self.alu(op),
         }
@@ -583,10 +748,10 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
 
     // ------------------------------------------------------------ memory
 
-    /// The inline TLB check for `[vaddr, vaddr + size)`; on a miss the block leaves
-    /// before instruction `i` for the interpreter to run it. Returns the access's RAM
-    /// offset, in the block where the check passed.
-    fn tlb_lookup(&mut self, vaddr: Value, size: u64, access: Access, i: u64, pc: u64) -> Value {
+    /// The inline TLB check for `[vaddr, vaddr + size)`; on a miss, instruction `i`
+    /// runs through the slow path. Returns the access's RAM offset (in the block where
+    /// the check passed).
+    fn tlb_lookup(&mut self, vaddr: Value, size: u64, access: Access, at: At) -> Value {
         let m = self.mem.expect("memory bases are loaded for blocks with loads and stores");
         // The entry for vaddr's page: ((vaddr >> 12) % entries) * 16.
         let shifted = self.b.ins().ushr_imm(vaddr, 12 - 4);
@@ -599,12 +764,12 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let page = self.b.ins().band_imm(last, !0xfff);
         let want = self.b.ins().bor(page, m.tag_bits);
         let miss = self.b.ins().icmp(IntCC::NotEqual, tag, want);
-        self.exit_if(miss, Target::Const(pc), i, BAIL);
+        self.slow_path_if(miss, at);
         let addend = self.b.ins().load(I64, trusted(), entry, table + 8);
         self.b.ins().iadd(vaddr, addend)
     }
 
-    fn load(&mut self, op: &MicroOp, i: u64, pc: u64) {
+    fn load(&mut self, op: &MicroOp, i: u64, pc: u64, next: u64) {
         use Kind::*;
         let insn = op.insn;
         let (size, signed): (u64, bool) = match op.kind {
@@ -619,7 +784,9 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let base = self.reg(insn.rs1);
         self.write_back();
         let vaddr = self.b.ins().iadd_imm(base, insn.imm as i64);
-        let offset = self.tlb_lookup(vaddr, size, Access::Load, i, pc);
+        let op_ptr = self.next_kept_op();
+        let at = At { op: op_ptr, i, pc, next };
+        let offset = self.tlb_lookup(vaddr, size, Access::Load, at);
         let ram = self.mem.expect("loaded").ram;
         let host = self.b.ins().iadd(ram, offset);
         let v = match (size, signed) {
@@ -634,7 +801,7 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         self.set(insn.rd, v);
     }
 
-    fn store(&mut self, op: &MicroOp, i: u64, pc: u64) {
+    fn store(&mut self, op: &MicroOp, i: u64, pc: u64, next: u64) {
         use Kind::*;
         let insn = op.insn;
         let size: u64 = match op.kind {
@@ -647,7 +814,9 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let value = self.reg(insn.rs2);
         self.write_back();
         let vaddr = self.b.ins().iadd_imm(base, insn.imm as i64);
-        let offset = self.tlb_lookup(vaddr, size, Access::Store, i, pc);
+        let op_ptr = self.next_kept_op();
+        let at = At { op: op_ptr, i, pc, next };
+        let offset = self.tlb_lookup(vaddr, size, Access::Store, at);
         let m = self.mem.expect("loaded");
         // Straight in only if the page is already dirty and holds no decoded code; the
         // interpreter does the rest (marking, moving the code generation).
@@ -655,7 +824,7 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let flag = self.b.ins().iadd(m.direct_store, page);
         let direct = self.b.ins().uload8(I32, trusted(), flag, 0);
         let not_direct = self.b.ins().icmp_imm(IntCC::Equal, direct, 0);
-        self.exit_if(not_direct, Target::Const(pc), i, BAIL);
+        self.slow_path_if(not_direct, at);
         let host = self.b.ins().iadd(m.ram, offset);
         match size {
             1 => self.b.ins().istore8(guest(), value, host, 0),
@@ -678,10 +847,10 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         self.b.inst_results(call)[0]
     }
 
-    /// A rare instruction, run by the interpreter's code; true when it ends the function.
+    /// A rare instruction, run by the interpreter's code in a helper call; true when it
+    /// ends the function.
     fn rare(&mut self, i: u64, pc: u64, next: u64, rd: u8) -> bool {
-        let op = self.block.rare_ops[self.next_rare];
-        self.next_rare += 1;
+        let op = self.next_kept_op();
         self.write_back();
         let icount = self.b.ins().iadd_imm(self.icount0, i as i64);
         let hart = self.hart;
@@ -702,8 +871,15 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let leave = self.b.ins().icmp_imm(IntCC::Equal, outcome, 1);
         let next_pc = self.b.ins().load(I64, trusted(), hart, HART_NEXT_PC);
         self.exit_if(leave, Target::Value(next_pc), i + 1, RETURN);
-        // 0: retired, go on after the usual checks.
-        self.check(i + 1, next);
+        // 0: retired; leave if an interrupt may be deliverable or this block's code
+        // moved, as the interpreter does after `Flow::Check`.
+        let irq = self.b.ins().uload8(I64, trusted(), hart, HART_IRQ_DIRTY);
+        let code_gen_base = self.b.ins().load(I64, trusted(), ctx, CTX_CODE_GEN);
+        let gen = self.b.ins().load(I64, trusted(), code_gen_base, (self.block.page * 8) as i32);
+        let moved = self.b.ins().icmp_imm(IntCC::NotEqual, gen, self.block.code_gen as i64);
+        let pending = self.b.ins().icmp_imm(IntCC::NotEqual, irq, 0);
+        let stop = self.b.ins().bor(moved, pending);
+        self.exit_if(stop, Target::Const(next), i + 1, RETURN);
         false
     }
 }

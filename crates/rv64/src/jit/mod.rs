@@ -1,42 +1,63 @@
-//! The compiler tier: hot decoded blocks become host code, with the interpreter kept as
-//! the reference and the fallback.
+//! The compiler tier: hot code becomes host code, with the interpreter kept as the
+//! reference and the fallback.
 //!
 //! **Tiering.** Every block starts interpreted; the block cache counts its runs, and the
-//! run after the [`JitConfig::hot_threshold`]th compiles it. Boot code that runs a few
-//! times never pays for compiling.
+//! run after the [`JitConfig::hot_threshold`]th (4096) sends it to the compiler, on a
+//! thread of its own by default, while the hart goes on interpreting. What is compiled
+//! is a *region*: the hot block and the warm blocks reachable from it by fixed branches
+//! and jumps within its page (at most 8 blocks, 128 instructions), so that a loop within
+//! a page runs as a host loop, its guest registers in host registers across iterations.
+//! Boot code that runs a few times never pays for compiling.
 //!
-//! **The same guest, exactly.** A compiled block is the interpreter's block (the same
-//! decoded instructions, the same validity rule: start address, RAM page, page code
+//! **The same guest, exactly.** Compiled code is the interpreter's decoded blocks (the
+//! same instructions, the same validity rule: start address, RAM page, page code
 //! generation) turned into one host function. It retires what the interpreter would:
-//! - it is entered only when the remaining budget covers all of it, so it never runs past
-//!   the budget or a timer deadline, and the run loop checks interrupts exactly where it
-//!   would between interpreted blocks;
-//! - an instruction that may trap or touch a device, or that the translator does not
-//!   inline (CSRs, privileged instructions, A, F/D), runs through the interpreter's own
-//!   code in a helper call, with the guest registers written back first;
+//! - each block runs only when the budget left covers all of it, so compiled code never
+//!   runs past the budget or a timer deadline, and the run loop checks interrupts exactly
+//!   where it would between interpreted blocks;
+//! - an instruction the translator does not inline (CSRs, privileged instructions, A,
+//!   F/D with their rounding modes and flags) runs through the interpreter's own code in a
+//!   helper call, with the guest registers written back first; so does a load or store
+//!   that misses the TLB, reaches a device, crosses a page, or writes a page that is not
+//!   dirty yet or holds decoded code (then the function leaves after it);
 //! - after a store into a page that holds decoded code, a device access, or a helper that
-//!   may have changed either, it leaves the block exactly where the interpreter would, so
+//!   may have changed either, it leaves exactly where the interpreter would, so
 //!   self-modifying code and DMA are seen at the next instruction.
 //!
-//! Leaving a block early is always allowed (the run loop then does what it would have
-//! done between two interpreted instructions, which is nothing); continuing where the
+//! Leaving early is always allowed (the run loop then does what it would have done
+//! between two interpreted instructions, which is nothing); going on where the
 //! interpreter would have stopped never is. The differential tests
-//! (`tests/differential.rs`) hold the two engines to the same registers, memory and
-//! instruction counts over random programs in every privilege mode.
+//! (`tests/differential.rs`) hold the two engines to the same registers, memory, device
+//! accesses and instruction counts over random programs in every privilege mode, and the
+//! machine's tests to the same Debian boot.
 //!
-//! **Fast paths.** Within a block the guest's integer registers live in host registers
-//! (Cranelift variables); loads and stores that hit the TLB are inlined (tag compare,
-//! addend, access, dirty bit); taken branches and jumps return the next pc to the
-//! dispatcher in [`crate::block`], which goes straight on to the next block.
+//! **Fast paths.** Loads and stores that hit the TLB are inlined (tag compare, addend,
+//! access; for stores, one byte saying the page is dirty already and holds no code). An
+//! exit to a fixed address in the same page becomes a tail call once the dispatcher has
+//! linked it (a link slot per exit); an exit known only at run time (returns, indirect
+//! jumps) or to another page goes through the jump cache, after checking the fetch
+//! translation in the TLB and the target page's code generation, so it tail-calls too
+//! when the dispatcher would have found the same code. Compiled code is kept by block
+//! identity, so a block pushed out of its slot finds its code again.
 //!
 //! **Why Cranelift.** It is a well-kept code generator written in Rust (the one under
-//! Wasmtime), it builds with cargo and nothing else, and it compiles fast: a typical
-//! block takes tens of microseconds (measured by the compile-time share in `JitStats`
-//! over a boot; see README), where LLVM takes milliseconds. Its limits shape the design:
-//! it has no dynamic rounding modes and no floating-point flags (so F/D stay in the
-//! interpreter's exact code through helper calls), and its own JIT module frees code only
-//! a module at a time; so the compiled code goes into one bounded region ([`code`]) that
-//! is flushed whole when full, along with every pointer into it.
+//! Wasmtime), it builds with cargo alone, and it has the tail calls that chaining needs.
+//! Its compile time is what shapes the tiering. Measured with `cargo test -p rv64
+//! --release --lib compile_time_per_block -- --ignored --nocapture` (CPU time per block
+//! on the shared 2-core development machine): one ALU instruction 35 µs, eight 52 µs,
+//! eight with three loads and stores 206 µs, 32 mixed 830 µs; over a boot, a region takes
+//! about 1 ms. Cranelift's `opt_level = "none"` compiles 1.3-1.5x faster (27, 44, 138 and
+//! 630 µs), but the code of `"speed"` runs the gzip workload 8% faster (the boot, md5 and
+//! the shell loop the same): chosen. The single-pass register allocator compiles twice as
+//! fast but made the md5 workload a third slower. Hence regions only for code that ran
+//! 4096 times (256 and 1024 compiled so much that the compiler fell behind and the boot
+//! was slower; 16384 left too much interpreted), and compiling off the hart's thread.
+//!
+//! Its limits shape the rest: it has no dynamic rounding modes and no floating-point
+//! flags (so F/D stay in the interpreter's exact code), and its own JIT module frees code
+//! only a module at a time and gives each finalised function fresh pages; so the code
+//! goes into one bounded region of our own ([`code`]), flushed whole when full, with
+//! every pointer into it.
 //!
 //! Host time is read only to measure compile time for the statistics; it never reaches
 //! the guest.
@@ -73,7 +94,7 @@ pub struct JitConfig {
 
 impl Default for JitConfig {
     fn default() -> Self {
-        JitConfig { hot_threshold: 256, code_cache_bytes: 64 << 20, background: true }
+        JitConfig { hot_threshold: 4096, code_cache_bytes: 64 << 20, background: true }
     }
 }
 
@@ -95,9 +116,6 @@ pub struct JitStats {
     pub flushes: u64,
     /// Entries into compiled code from the dispatcher (each may run many linked blocks).
     pub entries: u64,
-    /// Exits before an instruction compiled code leaves to the interpreter (TLB misses,
-    /// devices, stores into pages with decoded code or not yet dirty).
-    pub bails: u64,
 }
 
 /// A compiled block (a function of Cranelift's `tail` convention, entered through the
@@ -133,9 +151,6 @@ pub(crate) mod exit_code {
     pub(crate) const RETURN: u64 = 1;
     /// The instruction at pc did not retire; `Hart::step_end` says why.
     pub(crate) const END: u64 = 2;
-    /// The instruction at pc did not run: the interpreter must run it first (a TLB miss,
-    /// a device, a store into a page holding decoded code).
-    pub(crate) const BAIL: u64 = 3;
     pub(crate) const MASK: u64 = 3;
 }
 
@@ -153,6 +168,10 @@ pub(crate) struct JitCtx {
     /// The instruction count compiled code must not pass: a block runs only if the
     /// whole of it fits below.
     stop_icount: u64,
+    /// The low bits of a fetch's TLB tag at the current privilege (fixed for a chain).
+    fetch_tag_bits: u64,
+    /// The compiler's jump cache.
+    jumps: *const JumpEntry,
     rare: unsafe extern "C" fn(*mut JitCtx, *const MicroOp, u64) -> u64,
 }
 
@@ -168,6 +187,8 @@ pub(crate) mod offsets {
     pub(crate) const CTX_CODE_GEN: i32 = offset_of!(JitCtx, code_gen) as i32;
     pub(crate) const CTX_TLB: i32 = offset_of!(JitCtx, tlb) as i32;
     pub(crate) const CTX_STOP_ICOUNT: i32 = offset_of!(JitCtx, stop_icount) as i32;
+    pub(crate) const CTX_FETCH_TAG_BITS: i32 = offset_of!(JitCtx, fetch_tag_bits) as i32;
+    pub(crate) const CTX_JUMPS: i32 = offset_of!(JitCtx, jumps) as i32;
     pub(crate) const CTX_RARE: i32 = offset_of!(JitCtx, rare) as i32;
     pub(crate) const HART_X: i32 = offset_of!(Hart, state.x) as i32;
     pub(crate) const HART_PC: i32 = offset_of!(Hart, state.pc) as i32;
@@ -176,6 +197,23 @@ pub(crate) mod offsets {
     pub(crate) const HART_NEXT_PC: i32 = offset_of!(Hart, next_pc) as i32;
     pub(crate) const HART_DATA_TAG_BITS: i32 = offset_of!(Hart, data_tag_bits) as i32;
 }
+
+/// A jump cache entry: compiled code for the block that starts at `pc`, decoded from RAM
+/// page offset `page_ram_offset` at `code_gen`. Compiled code jumps through it when the
+/// target is known only at run time (returns, indirect jumps) or lies in another page,
+/// after checking the fetch translation in the TLB and the page's code generation.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct JumpEntry {
+    pc: u64,
+    page_ram_offset: u64,
+    code_gen: u64,
+    code: usize,
+}
+
+/// Jump cache entries (direct-mapped by pc).
+pub(crate) const JUMP_ENTRIES: usize = 1 << 12;
+const NO_JUMP: JumpEntry = JumpEntry { pc: 1, page_ram_offset: 0, code_gen: 0, code: 0 };
 
 /// Compile requests in flight at most (each holds a copy of its block's instructions).
 const MAX_IN_FLIGHT: usize = 256;
@@ -197,6 +235,7 @@ pub(crate) struct Jit {
     pending: HashSet<(u64, usize, u64)>,
     /// Moves on every flush: a link address from before one is stale.
     epoch: u64,
+    jumps: Box<[JumpEntry]>,
     in_flight: usize,
     stats: JitStats,
 }
@@ -221,6 +260,7 @@ impl Jit {
             by_key: HashMap::new(),
             pending: HashSet::new(),
             epoch: 0,
+            jumps: vec![NO_JUMP; JUMP_ENTRIES].into_boxed_slice(),
             in_flight: 0,
             stats: JitStats { active: true, ..JitStats::default() },
         })
@@ -234,6 +274,7 @@ impl Jit {
         Some(unsafe { std::mem::transmute::<*const u8, Trampoline>(ptr) })
     }
 
+    #[inline]
     pub(crate) fn hot_threshold(&self) -> u32 {
         self.config.hot_threshold
     }
@@ -242,14 +283,15 @@ impl Jit {
         self.stats
     }
 
+    #[inline]
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
-    pub(crate) fn count_compiled(&mut self, instructions: u64, word: u64) {
+    #[inline]
+    pub(crate) fn count_compiled(&mut self, instructions: u64) {
         self.stats.compiled_instructions += instructions;
         self.stats.entries += 1;
-        self.stats.bails += (word & exit_code::MASK == exit_code::BAIL) as u64;
     }
 
     /// Whether another request may be sent.
@@ -284,6 +326,7 @@ impl Jit {
     }
 
     /// Results the compiler's thread has finished.
+    #[inline]
     pub(crate) fn finished(&mut self) -> Vec<Compiled> {
         if self.in_flight == 0 {
             return Vec::new();
@@ -296,11 +339,22 @@ impl Jit {
         done
     }
 
+    /// See [`code::CodeRegion::begin_batch`]: installs until `end_batch` cost one
+    /// protection change in all.
+    pub(crate) fn begin_batch(&mut self) {
+        self.region.begin_batch();
+    }
+
+    pub(crate) fn end_batch(&mut self) {
+        self.region.end_batch();
+    }
+
     /// Drop all compiled code (the caller forgets every `BlockFn` it holds).
     pub(crate) fn flush(&mut self) {
         self.region.flush();
         self.kept.clear();
         self.by_key.clear();
+        self.jumps.fill(NO_JUMP);
         self.epoch += 1;
         // The trampoline is a few bytes in a region just emptied: it always fits.
         self.trampoline = Self::place_trampoline(&mut self.region, &self.trampoline_code)
@@ -342,6 +396,7 @@ impl Jit {
     /// Fill the link whose address an exit word carries (taken at `epoch`) with `code`,
     /// the compiled block at the exit's target, decoded from RAM page `page` at
     /// generation `code_gen`, if that is where the exit's own block came from.
+    #[inline]
     pub(crate) fn link(&mut self, word: u64, epoch: u64, code: BlockFn, page: usize, code_gen: u64) {
         let link = (word & !exit_code::MASK) as *mut Link;
         if link.is_null() || epoch != self.epoch {
@@ -355,12 +410,21 @@ impl Jit {
         }
     }
 
+    /// Remember compiled `code` for the block at `pc` (decoded from RAM page offset
+    /// `page_ram_offset` at `code_gen`) for compiled code's indirect jumps.
+    #[inline]
+    pub(crate) fn remember_jump(&mut self, pc: u64, page_ram_offset: usize, code_gen: u64, code: BlockFn) {
+        let entry = &mut self.jumps[(pc >> 1) as usize % JUMP_ENTRIES];
+        *entry = JumpEntry { pc, page_ram_offset: page_ram_offset as u64, code_gen, code: code.0.as_ptr() as usize };
+    }
+
     /// Run compiled block `code` (and the blocks it links to); returns the exit word.
     ///
     /// # Safety
     /// `ctx` was built by [`JitCtx::new`] for this very hart and bus (and re-pointed at
     /// them with [`JitCtx::rebind`] since they were last used otherwise), and `code` came
     /// from this compiler, whose cache has not been flushed since.
+    #[inline]
     pub(crate) unsafe fn run(&self, code: BlockFn, ctx: &mut JitCtx) -> u64 {
         // SAFETY: as promised by the caller; the trampoline is current (put back on flush).
         unsafe { (self.trampoline)(ctx, code.0.as_ptr()) }
@@ -369,10 +433,13 @@ impl Jit {
 
 impl JitCtx {
     /// The context for running compiled code on `hart` and `bus`, up to `stop_icount`.
-    pub(crate) fn new<B: Bus>(hart: &mut Hart, bus: &mut B, stop_icount: u64) -> JitCtx {
+    pub(crate) fn new<B: Bus>(hart: &mut Hart, bus: &mut B, jit: &Jit, stop_icount: u64) -> JitCtx {
         let tlb = hart.tlb.entries_ptr();
+        let fetch_tag_bits = crate::mmu::Tlb::fetch_tag_bits(hart.state.privilege);
         let ram = bus.ram().jit_view();
         JitCtx {
+            fetch_tag_bits,
+            jumps: jit.jumps.as_ptr(),
             hart,
             bus: (bus as *mut B).cast(),
             ram: ram.bytes,
@@ -487,7 +554,7 @@ mod tests {
                 let mut bytes = 0;
                 for _ in 0..n {
                     let key = BlockKey { slot: 0, pc: 0x8000_0000, page_ram_offset: 0, code_gen: 0, ram_id: 0 };
-                    let done = translator.compile(Request { key, ops: ops.clone() });
+                    let done = translator.compile(Request { key, blocks: vec![(key.pc, ops.clone())] });
                     bytes += done.code.expect("compiles").len();
                 }
                 let us = (thread_cpu_ns() - started) as f64 / 1e3 / n as f64;

@@ -33,7 +33,9 @@ impl BlockKey {
 
 pub(crate) struct Request {
     pub(crate) key: BlockKey,
-    pub(crate) ops: Vec<MicroOp>,
+    /// The region: blocks of the key's page (start, decoded instructions), the key's
+    /// block first.
+    pub(crate) blocks: Vec<(u64, Vec<MicroOp>)>,
 }
 
 /// A compiled block, and what its code points into (kept as long as the code).
@@ -42,7 +44,7 @@ pub(crate) struct Compiled {
     /// `None`: the translator refused the block.
     pub(crate) code: Option<Vec<u8>>,
     _links: Box<[Link]>,
-    _rare_ops: Box<[MicroOp]>,
+    _kept_ops: Box<[MicroOp]>,
     pub(crate) compile_ns: u64,
 }
 
@@ -70,11 +72,10 @@ pub(super) struct Translator {
 }
 
 impl Translator {
-    /// What measured best on the boot and the workloads (README): no mid-level
-    /// optimisation (the translator emits little to optimise), the backtracking register
-    /// allocator (the single-pass one compiles twice as fast and runs slower by more).
+    /// What measured best on the boot and the workloads (see the module docs of `jit`):
+    /// Cranelift's optimiser on, the backtracking register allocator.
     pub(super) fn new() -> Option<Translator> {
-        Translator::with_settings("none", "backtracking")
+        Translator::with_settings("speed", "backtracking")
     }
 
     pub(super) fn with_settings(opt_level: &str, regalloc: &str) -> Option<Translator> {
@@ -89,11 +90,12 @@ impl Translator {
 
     pub(super) fn compile(&mut self, request: Request) -> Compiled {
         let started = Instant::now();
-        let Request { key, ops } = request;
-        let rare_ops: Box<[MicroOp]> = ops.iter().filter(|op| emit::is_rare(op)).copied().collect();
-        let rare_ptrs: Vec<*const MicroOp> = rare_ops.iter().map(|op| op as *const MicroOp).collect();
-        // At most one linked exit per instruction, and one at the end.
-        let links: Box<[Link]> = (0..=ops.len())
+        let Request { key, blocks } = request;
+        let ops = || blocks.iter().flat_map(|(_, ops)| ops.iter());
+        let kept_ops: Box<[MicroOp]> = ops().filter(|op| emit::is_kept(op)).copied().collect();
+        let kept_ptrs: Vec<*const MicroOp> = kept_ops.iter().map(|op| op as *const MicroOp).collect();
+        // At most one linked exit per instruction, and one at the end of each block.
+        let links: Box<[Link]> = (0..ops().count() + blocks.len())
             .map(|_| Link { target: 0, page: key.page_ram_offset >> crate::mem::PAGE_SHIFT, code_gen: key.code_gen })
             .collect();
         let mut next_link = 0;
@@ -102,15 +104,16 @@ impl Translator {
             next_link += 1;
             Some(link)
         };
+        let region: Vec<(u64, &[MicroOp])> = blocks.iter().map(|(pc, ops)| (*pc, ops.as_slice())).collect();
         let block = BlockSpec {
-            ops: &ops,
+            blocks: &region,
             pc: key.pc,
             page: key.page_ram_offset >> crate::mem::PAGE_SHIFT,
             code_gen: key.code_gen,
-            rare_ops: &rare_ptrs,
+            kept_ops: &kept_ptrs,
         };
         let code = self.emitter.compile(&*self.isa, &block, &mut new_link).map(<[u8]>::to_vec);
-        Compiled { key, code, _links: links, _rare_ops: rare_ops, compile_ns: started.elapsed().as_nanos() as u64 }
+        Compiled { key, code, _links: links, _kept_ops: kept_ops, compile_ns: started.elapsed().as_nanos() as u64 }
     }
 }
 
