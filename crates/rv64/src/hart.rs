@@ -98,10 +98,13 @@ pub enum Cpu {
 }
 
 impl Cpu {
-    /// The engine used unless one is asked for: for now the interpreter everywhere (the
-    /// compiler is chosen with `--cpu jit`).
+    /// The compiler where it is built and tested (x86-64), the interpreter elsewhere.
     pub const fn host_default() -> Cpu {
-        Cpu::Interpreter
+        if crate::jit::HOST_SUPPORTED {
+            Cpu::Jit
+        } else {
+            Cpu::Interpreter
+        }
     }
 }
 
