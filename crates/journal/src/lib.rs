@@ -1,0 +1,60 @@
+//! The input log (DESIGN.md §2): a machine is a pure function of its initial state and
+//! its stamped inputs, so a file holding the configuration, every input with its
+//! instruction count, and a state digest now and then is a recording that replays
+//! exactly (`ftvm run --record`, `ftvm replay`; the microreboot keeper reads it too).
+//!
+//! # Format, version 1 (every integer little-endian)
+//!
+//! A 16-byte preamble, then records.
+//!
+//! | offset | bytes | preamble field |
+//! |---:|---:|---|
+//! | 0 | 8 | magic `FTVMILOG` |
+//! | 8 | 4 | format version, 1 |
+//! | 12 | 4 | CRC32C of bytes 0..12 |
+//!
+//! Every record is framed alike: a 20-byte frame header, then its payload.
+//!
+//! | offset | bytes | frame field |
+//! |---:|---:|---|
+//! | 0 | 4 | record type ([`RecordType`]) |
+//! | 4 | 8 | payload length (capped per type before anything is allocated) |
+//! | 12 | 4 | CRC32C of the payload |
+//! | 16 | 4 | CRC32C of frame bytes 0..16 (checked before the length is trusted) |
+//!
+//! The first record is the header ([`LogHeader`]: the configuration, the digests of the
+//! kernel, initrd and disk, how the run starts); then inputs, digests and snapshots in
+//! the order they were written (instruction counts never go back); a finished recording
+//! ends with an end record. See `record.rs` for each payload.
+//!
+//! # Decisions
+//!
+//! - A log cut short (a crash while recording) replays up to its last whole record: the
+//!   reader reports the partial record as [`JournalError::Truncated`] with its offset,
+//!   after handing out every whole record before it. Damage inside a record is
+//!   [`JournalError::Corrupt`], naming the record's offset.
+//! - Snapshot payloads (a machine snapshot file, `machine::snapshot`) are never read into
+//!   memory by the reader: it checks their checksum as they stream past and hands out
+//!   where they lie, so that a replay can restore from the file section ([`Section`]).
+//! - Console output is hashed as a byte stream and frames one by one
+//!   ([`OutputDigest`]), so that how a run was cut into slices does not matter.
+
+mod error;
+mod frame;
+mod output_digest;
+mod reader;
+mod record;
+pub mod replay;
+mod writer;
+
+pub use error::JournalError;
+pub use frame::{RecordType, FRAME_HEADER_BYTES, PREAMBLE_BYTES};
+pub use output_digest::OutputDigest;
+pub use reader::{LogReader, Section};
+pub use record::{file_digest, DiskImage, EndReason, ImageFile, LogHeader, Record, Start, StateDigest};
+pub use writer::{LogWriter, WRITE_BUFFER_BYTES};
+
+/// The magic that starts every input log.
+pub const MAGIC: [u8; 8] = *b"FTVMILOG";
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
