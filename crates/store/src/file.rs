@@ -157,15 +157,7 @@ impl FileStore {
         let path = self.record_path(vm_id);
         let temp_path = self.temp_path(vm_id);
         let io = io_error;
-        let file = RecordFile {
-            format: RECORD_FORMAT.to_string(),
-            version: RECORD_FORMAT_VERSION.into(),
-            vm_id: vm_id.to_string(),
-            record: record.clone(),
-            crc32c: format!("{:08x}", checksum(vm_id, record)),
-        };
-        let mut text = serde_json::to_vec(&file).map_err(|e| io(&path, "encode the record")(e.into()))?;
-        text.push(b'\n');
+        let text = encode_record_file(vm_id, record)?;
         let mut temp = File::create(&temp_path).map_err(io(&temp_path, "create the temporary record"))?;
         temp.write_all(&text).map_err(io(&temp_path, "write the temporary record"))?;
         temp.sync_all().map_err(io(&temp_path, "sync the temporary record"))?;
@@ -179,13 +171,29 @@ impl FileStore {
     }
 }
 
+/// The record as a record file holds it (one line of JSON), also the value of an ownership
+/// key on a key-value store.
+pub(crate) fn encode_record_file(vm_id: &str, record: &OwnershipRecord) -> Result<Vec<u8>, StoreError> {
+    let file = RecordFile {
+        format: RECORD_FORMAT.to_string(),
+        version: RECORD_FORMAT_VERSION.into(),
+        vm_id: vm_id.to_string(),
+        record: record.clone(),
+        crc32c: format!("{:08x}", checksum(vm_id, record)),
+    };
+    let mut text = serde_json::to_vec(&file)
+        .map_err(|e| StoreError::Corrupt { path: PathBuf::from(vm_id), what: format!("cannot encode ({e})") })?;
+    text.push(b'\n');
+    Ok(text)
+}
+
 /// Wraps an I/O error with the path and what was being done.
-fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+pub(crate) fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_path_buf();
     move |source| StoreError::Io { path, action, source }
 }
 
-fn parse_record_file(bytes: &[u8], vm_id: &str, path: &Path) -> Result<OwnershipRecord, StoreError> {
+pub(crate) fn parse_record_file(bytes: &[u8], vm_id: &str, path: &Path) -> Result<OwnershipRecord, StoreError> {
     let corrupt = |what: String| StoreError::Corrupt { path: path.to_path_buf(), what };
     if bytes.len() as u64 > MAX_RECORD_FILE_BYTES {
         return Err(corrupt(format!("larger than {MAX_RECORD_FILE_BYTES} bytes")));

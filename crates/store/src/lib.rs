@@ -7,12 +7,18 @@
 //! atomic rename); [`MemoryStore`] serves tests and simulations, with a switch that models an
 //! outage. [`open`] turns a `--store` spec into a store.
 
+mod etcd;
 mod file;
+mod http;
+pub mod kv;
 mod memory;
 
 use std::path::PathBuf;
 
+pub use etcd::EtcdKv;
 pub use file::{FileStore, DEFAULT_LOCK_TIMEOUT, MAX_RECORD_FILE_BYTES, RECORD_FORMAT, RECORD_FORMAT_VERSION};
+pub use http::HttpError;
+pub use kv::{Expect, FileKv, KvEntry, KvOwnership, KvStore, MemoryKv};
 pub use memory::MemoryStore;
 
 /// The longest VM id a store accepts.
@@ -65,7 +71,7 @@ pub enum StoreError {
     ForeignVersion { path: PathBuf, found: u64 },
     #[error("ownership store {path}: its lock is still held by another process after {waited_ms} ms")]
     LockTimeout { path: PathBuf, waited_ms: u64 },
-    #[error("ownership store {spec:?}: {problem}; accepted forms: file:DIR")]
+    #[error("ownership store {spec:?}: {problem}; accepted forms: file:DIR, etcd:http://HOST:PORT[,...]")]
     BadSpec { spec: String, problem: &'static str },
     #[error(
         "VM id {id:?} is invalid: use 1 to {MAX_VM_ID_BYTES} of the characters A-Z a-z 0-9 . _ -, not starting \
@@ -82,6 +88,36 @@ pub enum StoreError {
     BadGeneration { vm_id: String, expected: Option<u64>, found: u64 },
     #[error("ownership store {name} is unreachable")]
     Unreachable { name: String },
+    #[error(
+        "store key {key:?} is invalid: use a path of A-Z a-z 0-9 . _ - starting with '/', at most {} bytes",
+        kv::MAX_KEY_BYTES
+    )]
+    BadKey { key: String },
+    #[error("store key {key}: a value of {size_bytes} bytes is over the limit of {} bytes", kv::MAX_VALUE_BYTES)]
+    ValueTooLarge { key: String, size_bytes: usize },
+    #[error("store: more than {} keys under {prefix}", kv::MAX_LIST_KEYS)]
+    TooManyKeys { prefix: String },
+    #[error("etcd {endpoint}")]
+    EtcdRequest {
+        endpoint: String,
+        #[source]
+        source: HttpError,
+    },
+    #[error("etcd {endpoint}: {problem}")]
+    EtcdAnswer { endpoint: String, problem: String },
+}
+
+impl StoreError {
+    /// Whether the store could not be reached (as opposed to answering something wrong):
+    /// callers keep serving with what they have and try again later.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::EtcdRequest { source, .. } => matches!(source, HttpError::Io { .. }),
+            StoreError::EtcdAnswer { problem, .. } => problem.starts_with("HTTP 5"),
+            _ => false,
+        }
+    }
 }
 
 /// Where ownership records are kept. Both replicas of a VM must reach the same store.
@@ -115,17 +151,40 @@ impl<S: OwnershipStore + ?Sized> OwnershipStore for Box<S> {
     }
 }
 
-/// Opens the store a `--store` spec names: `file:DIR` (the directory is created if missing).
+/// Opens the ownership store a `--store` spec names: `file:DIR` (the directory is created if
+/// missing) or `etcd:http://HOST:PORT[,...]` (records under `/ftvm/owner/`).
 pub fn open(spec: &str) -> Result<Box<dyn OwnershipStore>, StoreError> {
+    match parse_spec(spec)? {
+        Spec::File(dir) => Ok(Box::new(FileStore::open(&dir)?)),
+        Spec::Etcd(urls) => Ok(Box::new(KvOwnership::new(EtcdKv::new(&urls)?))),
+    }
+}
+
+/// Opens the key-value store a `--store` spec names, for the cluster's declared and observed
+/// state: `file:DIR` keeps it in `DIR/kv` (beside the ownership records), etcd in etcd.
+pub fn open_kv(spec: &str) -> Result<Box<dyn KvStore>, StoreError> {
+    match parse_spec(spec)? {
+        Spec::File(dir) => Ok(Box::new(FileKv::open(&dir.join("kv"))?)),
+        Spec::Etcd(urls) => Ok(Box::new(EtcdKv::new(&urls)?)),
+    }
+}
+
+enum Spec {
+    File(PathBuf),
+    Etcd(String),
+}
+
+fn parse_spec(spec: &str) -> Result<Spec, StoreError> {
     let bad = |problem| StoreError::BadSpec { spec: spec.to_string(), problem };
     if let Some(dir) = spec.strip_prefix("file:") {
         if dir.is_empty() {
             return Err(bad("file: needs a directory after the colon"));
         }
-        return Ok(Box::new(FileStore::open(std::path::Path::new(dir))?));
+        return Ok(Spec::File(PathBuf::from(dir)));
     }
-    if spec.starts_with("etcd:") {
-        return Err(bad("etcd stores are not supported yet"));
+    if let Some(urls) = spec.strip_prefix("etcd:") {
+        EtcdKv::new(urls)?;
+        return Ok(Spec::Etcd(urls.to_string()));
     }
     Err(bad("unknown kind of store"))
 }
@@ -234,17 +293,20 @@ mod tests {
     #[test]
     fn store_specs_name_the_accepted_forms() {
         let message = |spec: &str| open(spec).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(message("etcd:http://127.0.0.1:2379"), "", "opening needs no connection");
         assert_eq!(
-            message("etcd:http://127.0.0.1:2379"),
-            "ownership store \"etcd:http://127.0.0.1:2379\": etcd stores are not supported yet; accepted forms: file:DIR"
+            message("etcd:127.0.0.1:2379"),
+            "ownership store \"etcd:127.0.0.1:2379\": each etcd URL starts with http://; accepted forms: file:DIR, \
+             etcd:http://HOST:PORT[,...]"
         );
         assert_eq!(
             message("/tmp/dir"),
-            "ownership store \"/tmp/dir\": unknown kind of store; accepted forms: file:DIR"
+            "ownership store \"/tmp/dir\": unknown kind of store; accepted forms: file:DIR, etcd:http://HOST:PORT[,...]"
         );
         assert_eq!(
             message("file:"),
-            "ownership store \"file:\": file: needs a directory after the colon; accepted forms: file:DIR"
+            "ownership store \"file:\": file: needs a directory after the colon; accepted forms: file:DIR, \
+             etcd:http://HOST:PORT[,...]"
         );
     }
 

@@ -1,0 +1,113 @@
+//! A real etcd server for a test: Debian's `etcd` (package etcd-server, installed by
+//! scripts/test) on free loopback ports, its data in a temporary directory, stopped by its
+//! PID when dropped. Shared by the store's and the ftvm binary's tests (`#[path]`).
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct EtcdServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub client_port: u16,
+    peer_port: u16,
+    address: String,
+}
+
+fn free_port(address: &str) -> u16 {
+    TcpListener::bind((address, 0)).expect("bind a free port").local_addr().expect("its address").port()
+}
+
+impl EtcdServer {
+    /// Starts etcd on loopback and waits until it answers.
+    pub fn start(name: &str) -> EtcdServer {
+        Self::start_on("127.0.0.1", name)
+    }
+
+    /// Starts etcd listening on `address` (an address of this network namespace).
+    pub fn start_on(address: &str, name: &str) -> EtcdServer {
+        let dir = std::env::temp_dir().join(format!("ftvm-etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the etcd directory");
+        let mut server = EtcdServer {
+            child: None,
+            dir,
+            client_port: free_port(address),
+            peer_port: free_port(address),
+            address: address.to_string(),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let client = format!("http://{}:{}", self.address, self.client_port);
+        let peer = format!("http://{}:{}", self.address, self.peer_port);
+        let log = std::fs::File::create(self.dir.join("etcd.log")).expect("create the etcd log");
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", self.dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log"))
+            .stderr(log)
+            .spawn()
+            .expect("etcd not found: install Debian's etcd-server (scripts/test does)");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut kv = store::EtcdKv::new(&self.urls()).expect("a valid URL");
+        loop {
+            if store::KvStore::get(&mut kv, "/ready-probe").is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+                panic!("etcd exited with {status} before answering; its log:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "etcd did not answer within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `http://HOST:PORT` of its client port.
+    pub fn urls(&self) -> String {
+        format!("http://{}:{}", self.address, self.client_port)
+    }
+
+    /// The `--store` spec naming it.
+    pub fn spec(&self) -> String {
+        format!("etcd:{}", self.urls())
+    }
+
+    /// Kills it (SIGKILL, by PID) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
