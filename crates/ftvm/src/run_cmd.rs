@@ -51,6 +51,10 @@ pub struct VmArgs {
     /// A guest reboot ends the run (as a power-off does) instead of booting the VM again
     #[arg(long)]
     pub no_reboot: bool,
+    /// Draw the entropy the guest receives from a generator seeded with N instead of the
+    /// host's randomness: with --clock fast and no outside input, two runs are alike
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
     /// Print the final state digest (to stderr)
     #[arg(long)]
     pub digest: bool,
@@ -183,10 +187,17 @@ pub fn machine_config(args: &VmArgs, command: &[String]) -> Result<MachineConfig
     if args.net.is_some() {
         config.net_mac = Some(args.mac);
     }
-    config.boot_unix_ns = host_unix_ns()?;
+    config.boot_unix_ns = match args.seed {
+        // A seeded run is reproducible: its guest clock starts at a fixed time.
+        Some(_) => SEEDED_BOOT_UNIX_NS,
+        None => host_unix_ns()?,
+    };
     config.reboot_on_reset = !args.no_reboot;
     Ok(config)
 }
+
+/// Where the guest's real-time clock starts in a run with `--seed`: 2026-01-01T00:00:00Z.
+const SEEDED_BOOT_UNIX_NS: u64 = 1_767_225_600_000_000_000;
 
 /// The host's wall-clock time: the guest's real-time clock starts from it.
 fn host_unix_ns() -> Result<u64> {
@@ -365,6 +376,9 @@ pub fn run_driver(
         driver.events_tx = Some(tx.clone());
     }
     driver.tap = tap;
+    if let Some(seed) = vm.seed {
+        driver.entropy = vmm::host::EntropySource::seeded(seed);
+    }
     driver.snapshotter = Some(snapshotter());
     drop(tx);
     let started = Instant::now();

@@ -114,6 +114,8 @@ pub struct Driver {
     pub events_tx: Option<Sender<HostEvent>>,
     /// Keeps a busy guest's clock at the wall clock's pace.
     pacer: crate::pacer::Pacer,
+    /// Where the guest's entropy comes from (`--seed`: a seeded generator).
+    pub entropy: host::EntropySource,
 }
 
 /// The primary's side of checkpoint replication in the driver: the schedule (epochs, the
@@ -224,6 +226,7 @@ impl Driver {
             ownership: None,
             events_tx: None,
             pacer: crate::pacer::Pacer::new(),
+            entropy: host::EntropySource::Host,
         }
     }
 
@@ -319,7 +322,7 @@ impl Driver {
                 }
             }
             if self.machine.wants_entropy() {
-                let bytes = host::entropy(ENTROPY_CHUNK).context("cannot read host entropy")?;
+                let bytes = self.entropy.draw(ENTROPY_CHUNK).context("cannot read host entropy")?;
                 self.push(InputKind::Entropy(bytes))?;
             }
         }
