@@ -168,15 +168,19 @@ impl Browser {
         self.child.id()
     }
 
-    /// Open `url` in the page and wait for its load event. A network failure (connection
-    /// refused, a bad host) is an error naming Chromium's reason.
+    /// Open `url` in the page and wait for its load event (none when only the #fragment
+    /// changes). A network failure (connection refused, a bad host) is an error naming
+    /// Chromium's reason.
     pub fn navigate(&mut self, url: &str) -> Result<()> {
         self.events.clear();
         let reply = self.page_command("Page.navigate", json!({ "url": url }))?;
         if let Some(error_text) = reply.get("errorText").and_then(Value::as_str) {
             return Err(Error::Navigate { url: url.to_owned(), error_text: error_text.to_owned() });
         }
-        self.wait_event("Page.loadEventFired", self.command_timeout)?;
+        // A same-document navigation (only the #fragment changes) has no loader and no load event.
+        if reply.get("loaderId").is_some() {
+            self.wait_event("Page.loadEventFired", self.command_timeout)?;
+        }
         Ok(())
     }
 

@@ -249,6 +249,13 @@ fn without_a_token_the_page_asks_for_one_and_says_when_the_api_refuses_it() {
     browser.evaluate(&submit(TOKEN)).expect("submit");
     browser.wait_for("document.body.dataset.state == 'live'", WAIT).expect("the right token opens the page");
     browser.wait_for("document.querySelectorAll('#timeline li').length == 4", WAIT).expect("the timeline");
+
+    // Forgotten, then given again in the address bar of the same tab (only the fragment changes).
+    browser.evaluate("document.getElementById('forget').click(); true").expect("forget");
+    assert_eq!(browser.evaluate("document.body.dataset.state").expect("state"), "login");
+    browser.navigate(&dashboard::page_url(&base, TOKEN)).expect("the same page with #token=");
+    browser.wait_for("document.body.dataset.state == 'live'", WAIT).expect("the new token is taken");
+    assert_eq!(browser.evaluate("location.hash").expect("hash"), "");
     assert_eq!(browser.exceptions(), &[] as &[String], "the page threw");
 }
 

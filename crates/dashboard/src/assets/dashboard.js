@@ -298,5 +298,13 @@ function clock(date) {
   return date.toISOString().slice(11, 23) + "Z";
 }
 
+// A new #token=... pasted into this tab's address bar replaces the one kept.
+window.addEventListener("hashchange", () => {
+  if (!/(?:^#|&)token=/.test(location.hash)) return;
+  takeTokenFromAddress();
+  $("login").hidden = true;
+  schedule(0);
+});
+
 takeTokenFromAddress();
 schedule(0);
