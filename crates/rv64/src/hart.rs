@@ -44,7 +44,11 @@ pub struct HartState {
     pub f: [u64; 32],
     pub pc: u64,
     pub privilege: PrivMode,
-    /// Instructions retired since reset: the machine's timeline.
+    /// The machine's timeline: steps since reset, a step being an instruction retired or
+    /// a trap taken (exception or interrupt). Counting trap entries makes a guest that
+    /// traps forever without retiring anything (a trap vector on an unmapped page) still
+    /// reach every budget and timer deadline, the same way on every engine; `minstret`
+    /// counts the instructions alone (each trap moves `instret_offset` back by one).
     pub icount: u64,
     /// Guest time added by idle skips, in timer ticks.
     pub time_offset_ticks: u64,
@@ -369,7 +373,9 @@ impl Hart {
             if self.irq_dirty {
                 self.irq_dirty = false;
                 if let Some(irq) = self.pending_interrupt() {
+                    // A step of its own: the budget and the deadline are looked at again.
                     self.take_trap(Trap::Interrupt(irq));
+                    continue;
                 }
                 if self.state.wfi {
                     if self.mip_read() & self.state.mie == 0 {
@@ -413,9 +419,13 @@ impl Hart {
         }
     }
 
-    /// Enter a trap: choose M or S by delegation, save pc/cause/tval, switch mode.
+    /// Enter a trap: choose M or S by delegation, save pc/cause/tval, switch mode. The
+    /// entry is one step of the timeline (see [`HartState::icount`]); callers take a trap
+    /// only below the budget and the next timer deadline, so it never passes either.
     pub(crate) fn take_trap(&mut self, trap: Trap) {
         self.irq_dirty = true;
+        self.state.icount += 1;
+        self.state.instret_offset = self.state.instret_offset.wrapping_sub(1);
         let (cause, tval, interrupt) = match trap {
             Trap::Exception(e) => (e.cause(), e.tval(), false),
             Trap::Interrupt(i) => (i as u64, 0, true),

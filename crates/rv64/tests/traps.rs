@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use rv64::{Exit, HartConfig, Interrupt, PrivMode};
+use rv64::{Cpu, Exit, HartConfig, Interrupt, JitConfig, PrivMode};
 
 fn nops(n: usize) -> Vec<u32> {
     vec![nop(); n]
@@ -55,9 +55,10 @@ fn ebreak_raises_a_breakpoint_at_its_own_address() {
 fn an_instruction_that_traps_does_not_retire() {
     let mut m = machine_as(PrivMode::Machine, &[ecall()]);
     m.run(1);
-    // The one retired instruction is the handler's.
+    // The one step is the trap's entry: nothing retired, minstret did not move.
     assert_eq!(m.hart.state.icount, 1);
-    assert_eq!(m.pc(), M_HANDLER);
+    assert_eq!(m.hart.state.icount.wrapping_add(m.hart.state.instret_offset), 0);
+    assert_eq!((m.pc(), m.mepc()), (M_HANDLER, CODE));
 }
 
 // ---------------------------------------------------------------- trap entry into M
@@ -220,7 +221,8 @@ fn a_trap_and_its_return_round_trip_from_user_mode() {
     let mut m = machine_as(PrivMode::User, &[ecall(), addi(A1, ZERO, 9)]);
     m.load(CODE + 0x40, &[csrr(A0, MEPC), addi(A0, A0, 4), csrw(MEPC, A0), mret()]);
     m.hart.state.mtvec = CODE + 0x40;
-    m.run(5);
+    // Five instructions retire; the trap entry is a step of its own.
+    m.run(6);
     assert_eq!(m.privilege(), PrivMode::User);
     assert_eq!(m.x(A1), 9);
     assert_eq!(m.pc(), CODE + 8);
@@ -785,5 +787,74 @@ fn user_and_machine_ecalls_still_trap_when_the_monitor_implements_the_sbi() {
         m.set_privilege(p);
         assert_eq!(m.run(2), Exit::Budget);
         assert_eq!(m.mcause(), cause, "{p:?}");
+    }
+}
+
+// ---------------------------------------------------------------- trap loops
+
+/// A supervisor guest on `cpu` (the compiler taking each block at first sight) that counts
+/// to 100 in a loop and then jumps to an unmapped page, with stvec on that page too: every
+/// fetch there faults into another fetch there, and no instruction retires again.
+fn trap_loop_guest(cpu: Cpu) -> Machine {
+    let jit = JitConfig { hot_threshold: 0, background: false, ..JitConfig::default() };
+    let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: false, cpu, jit });
+    let mut pt = PageTables::new(&mut m, RAM_BASE + 0x8_0000);
+    pt.map(&mut m, RAM_BASE, RAM_BASE, 2, PTE_V | PTE_R | PTE_W | PTE_X | PTE_A | PTE_D);
+    m.hart.state.satp = pt.satp();
+    m.load(CODE, &[addi(A0, A0, 1), blt(A0, A2, -4), jalr(ZERO, A1, 0)]);
+    m.set_x(A1, UNMAPPED);
+    m.set_x(A2, 100);
+    m.hart.state.stvec = UNMAPPED;
+    m.hart.state.medeleg = 1 << CAUSE_FETCH_PAGE_FAULT;
+    m.set_privilege(PrivMode::Supervisor);
+    m
+}
+
+const UNMAPPED: u64 = 0x4000_0000;
+
+#[test]
+fn a_trap_loop_that_retires_nothing_still_returns_at_every_budget_on_both_engines() {
+    let mut states = Vec::new();
+    for cpu in [Cpu::Interpreter, Cpu::Jit] {
+        let mut m = trap_loop_guest(cpu);
+        // Each trap entry is a step: the run returns at its budget, again and again.
+        for round in 1..=3 {
+            assert_eq!(m.run(1_000), Exit::Budget, "{cpu:?} round {round}");
+            assert_eq!(m.hart.state.icount, 1_000 * round, "{cpu:?}");
+        }
+        assert_eq!((m.scause(), m.sepc(), m.stval()), (CAUSE_FETCH_PAGE_FAULT, UNMAPPED, UNMAPPED), "{cpu:?}");
+        // minstret counts the 201 instructions that retired, not the traps.
+        let s = &m.hart.state;
+        assert_eq!(s.icount.wrapping_add(s.instret_offset), 201, "{cpu:?}");
+        states.push(m.hart.state.clone());
+    }
+    assert_eq!(states[0], states[1], "the engines take the same traps at the same counts");
+}
+
+#[test]
+fn the_monitor_still_reaches_a_guest_in_a_trap_loop() {
+    for cpu in [Cpu::Interpreter, Cpu::Jit] {
+        let mut m = trap_loop_guest(cpu);
+        assert_eq!(m.run(5_000), Exit::Budget, "{cpu:?}");
+        // Between two runs the monitor raises a machine software interrupt, which S-mode
+        // cannot mask: the next run takes it, and the machine handler runs.
+        m.hart.state.mie = 1 << IRQ_MSI;
+        m.hart.set_msip(true);
+        assert_eq!(m.run(10), Exit::Budget, "{cpu:?}");
+        assert_eq!((m.mcause(), m.mepc(), m.pc()), (INTERRUPT | IRQ_MSI, UNMAPPED, M_HANDLER), "{cpu:?}");
+        assert_eq!(m.privilege(), PrivMode::Machine, "{cpu:?}");
+    }
+}
+
+#[test]
+fn how_a_trap_loop_is_split_into_runs_never_changes_the_state_at_an_icount() {
+    for cpu in [Cpu::Interpreter, Cpu::Jit] {
+        let mut straight = trap_loop_guest(cpu);
+        straight.run(3_001);
+        let mut split = trap_loop_guest(cpu);
+        for budget in [1, 7, 150, 51, 199, 1, 2_592] {
+            assert_eq!(split.run(budget), Exit::Budget, "{cpu:?}");
+        }
+        assert_eq!(split.hart.state, straight.hart.state, "{cpu:?}");
     }
 }
