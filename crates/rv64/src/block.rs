@@ -210,9 +210,13 @@ impl BlockCache {
         let mut flushed = false;
         let code = jit.install(done, &mut flushed);
         if flushed {
-            // The code cache was full and is empty now, with every pointer into it.
+            // The code cache was full and is empty now, with every pointer into it. What
+            // had code starts counting again, to be compiled anew once hot (left marked as
+            // sent, it would never be asked for again).
             for block in &mut self.slots {
-                block.code = None;
+                if block.code.take().is_some() {
+                    block.hits = 0;
+                }
             }
         }
         let block = &mut self.slots[key.slot];
