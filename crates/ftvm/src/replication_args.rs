@@ -2,7 +2,7 @@
 //! turned into what the runtime (`vmm`) takes.
 
 use anyhow::{Context, Result};
-use vmm::driver::ReplicationOptions;
+use vmm::mode::checkpoint::ReplicationOptions;
 use vmm::replicate::primary::PrimaryOptions;
 use vmm::replicate::OwnershipSpec;
 

@@ -314,11 +314,6 @@ pub fn open_tap(vm: &VmArgs) -> Result<Option<Tap>> {
     }
 }
 
-/// Saves snapshots in the machine crate's format.
-pub fn snapshotter() -> vmm::driver::Snapshotter {
-    Box::new(|machine, path| Ok(machine::snapshot::save_to_path(machine, path)?.file_bytes()))
-}
-
 pub fn run(args: RunArgs) -> Result<i32> {
     let vm = &args.vm;
     let config = machine_config(vm, &args.command)?;
@@ -369,7 +364,7 @@ pub fn run_driver(
         Some(path) => Some(crate::api::serve(path, tx.clone())?),
         None => None,
     };
-    driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || driver.replication.is_some();
+    driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || driver.replicating();
     // Only the control API can ask to start replicating later; without it the driver keeps
     // no sender of its own, so that it notices when no event can come any more.
     if vm.api.is_some() {
@@ -379,7 +374,6 @@ pub fn run_driver(
     if let Some(seed) = vm.seed {
         driver.entropy = vmm::host::EntropySource::seeded(seed);
     }
-    driver.snapshotter = Some(snapshotter());
     drop(tx);
     let started = Instant::now();
     let mut console: Box<dyn ConsoleSink> = if interactive {

@@ -1,7 +1,9 @@
-//! The live driver: runs a machine against the real world. It stamps host events
-//! (keys, frames, entropy, idle skips) with the instruction count at which they
-//! enter, keeps them as the input log, and routes the machine's outputs to the
-//! terminal and the TAP device.
+//! The live driver: runs a [`Vm`] against the real world. It stamps host events (keys,
+//! frames, entropy, idle skips) with the instruction count at which they enter, shows each
+//! input, output and slice boundary to the replication mode ([`crate::mode`]), which
+//! decides what is held, released and when the machine waits, and routes the outputs that
+//! leave to the terminal and the TAP device. It keeps no input log: a mode or an observer
+//! that needs one keeps its own (a recorder streams it to disk).
 //!
 //! Replication is started and stopped while the VM runs (`ftvm ctl protect`, `unprotect`):
 //! the driver holds the VM's ownership record while it runs alone, hands it to a new
@@ -18,19 +20,15 @@
 use crate::control::{Command, ControlRequest, ProtectRequest, Reply};
 use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
+use crate::mode::checkpoint::{CheckpointPrimary, ReplicationOptions};
+use crate::mode::{EndProgress, Mode, Observer, Standalone, Verdict};
+use crate::vm::Vm;
 use anyhow::{Context, Result};
 use machine::board::TIMEBASE_HZ;
-use machine::{Input, InputKind, Machine, OutputKind, RunExit};
-use std::io::Write;
+use machine::{Input, InputKind, OutputKind, RunExit};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
-/// Instructions per run slice between looks at the host (about 10-20 ms of guest work).
-const SLICE_ICOUNT: u64 = 2_000_000;
-/// Shorter slices while replicating, so that epochs end close to their time.
-const REPLICATING_SLICE_ICOUNT: u64 = 250_000;
-/// Pages a full checkpoint's pre-copy scans per run slice, while the guest runs.
-const PRECOPY_PAGES_PER_SLICE: usize = 8192;
 /// Bytes of entropy handed to the guest's RNG device per request.
 const ENTROPY_CHUNK: usize = 64;
 /// How long the end of a replicated VM may take to settle (the protocol's own timeouts are
@@ -79,30 +77,28 @@ pub trait ConsoleSink {
     }
 }
 
-pub struct Driver {
-    pub machine: Machine,
+pub struct Driver<V: Vm = machine::Machine> {
+    pub machine: V,
     events: Receiver<HostEvent>,
     /// False when no host source can ever send an event (stdin closed, no TAP).
     pub events_possible: bool,
     pub tap: Option<Tap>,
     pub clock: Clock,
-    pub input_log: Vec<Input>,
     started: Instant,
     /// Guest ticks at start, so that wall time maps onto guest time.
     start_ticks: u64,
     /// Paused through the control API: the machine does not run.
     paused: bool,
-    /// Writes a snapshot of the machine to a file; returns its size in bytes.
-    pub snapshotter: Option<Snapshotter>,
-    /// Outputs released by acknowledgements, not yet sent.
+    /// Outputs released by a mode that was shut down (unprotect), not yet sent.
     released: Vec<machine::Output>,
-    /// Set when this VM is a replicated primary.
-    pub replication: Option<Replication>,
-    /// Set once the replication thread settled the VM's end: (exit code, outputs released).
-    finished: Option<(u32, bool)>,
+    /// What decides what is held, released and when the machine stops.
+    mode: Box<dyn Mode<V>>,
+    /// What watches the inputs and the outputs that leave (recorders, the keeper).
+    observers: Vec<Box<dyn Observer<V>>>,
     /// What `status` reports of a takeover, when this VM is a backup that took over.
     pub took_over: Option<crate::status::Takeover>,
-    /// What `status` reports as the role.
+    /// What `status` reports as the role when the mode does not say (a backup that took
+    /// over is a primary, unprotected).
     pub role: crate::status::Role,
     /// What `status` reports as the VM's name in the ownership store.
     pub vm_id: Option<String>,
@@ -118,93 +114,8 @@ pub struct Driver {
     pub entropy: host::EntropySource,
 }
 
-/// The primary's side of checkpoint replication in the driver: the schedule (epochs, the
-/// kind of each checkpoint, pre-copy, held outputs) is replica's pure policy; this applies
-/// its decisions to the machine and hands checkpoints to the replication thread.
-pub struct Replication {
-    pub handle: crate::replicate::primary::PrimaryHandle,
-    schedule: replica::CheckpointSchedule<machine::Output>,
-    last: Option<CheckpointStats>,
-    /// Totals since the start, for `status` and benchmarks.
-    totals: CheckpointTotals,
-    /// A full checkpoint being copied while the guest runs.
-    precopy: Option<machine::checkpoint::PreCopy>,
-    started: Instant,
-    /// Put the machine's digest in every N-th checkpoint (0: never).
-    pub verify_every: u64,
-    /// The answer owed to an `unprotect` under way.
-    unprotecting: Option<Sender<Reply>>,
-    /// The role to report again once replication stops.
-    role_before: crate::status::Role,
-}
-
-/// How to replicate: the replication thread's options and the checkpoint schedule's.
-pub struct ReplicationOptions {
-    pub primary: crate::replicate::primary::PrimaryOptions,
-    pub epoch_ms: u64,
-    /// Put the machine's digest in every N-th checkpoint (0: never).
-    pub verify_every: u64,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct CheckpointTotals {
-    count: u64,
-    pause_us: u64,
-    max_pause_us: u64,
-    bytes: u64,
-    pages: u64,
-}
-
-impl Replication {
-    /// The kind of checkpoint the protocol wants next, as far as it can know: until it has
-    /// seen the checkpoint last handed over, its advice predates that one (it may still say
-    /// Full for a full checkpoint just taken, and a second one would be pre-copied and sent
-    /// for nothing), so the chain is taken to continue — an incremental it cannot use is
-    /// dropped, never sent, and its next advice says Full again.
-    fn wanted(&self) -> replica::CheckpointKind {
-        let shared = self.handle.shared.lock().expect("not poisoned");
-        if shared.taken_epoch.unwrap_or(0) == self.schedule.epoch() {
-            shared.next_kind
-        } else {
-            replica::CheckpointKind::Incremental
-        }
-    }
-
-    /// The schedule's clock: milliseconds since replication started.
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    pub fn new(handle: crate::replicate::primary::PrimaryHandle, epoch_ms: u64) -> Replication {
-        Replication {
-            handle,
-            schedule: replica::CheckpointSchedule::new(replica::ScheduleConfig::new(epoch_ms), 0),
-            last: None,
-            totals: CheckpointTotals::default(),
-            started: Instant::now(),
-            precopy: None,
-            verify_every: 0,
-            unprotecting: None,
-            role_before: crate::status::Role::Standalone,
-        }
-    }
-}
-
-/// What the last checkpoint cost.
-#[derive(Debug, Clone, Copy)]
-struct CheckpointStats {
-    epoch: u64,
-    full: bool,
-    pause_us: u64,
-    bytes: usize,
-    pages: usize,
-}
-
-/// How the driver saves a snapshot (the snapshot format lives in the machine crate).
-pub type Snapshotter = Box<dyn Fn(&Machine, &std::path::Path) -> Result<u64>>;
-
-impl Driver {
-    pub fn new(machine: Machine, events: Receiver<HostEvent>, clock: Clock) -> Driver {
+impl<V: Vm + 'static> Driver<V> {
+    pub fn new(machine: V, events: Receiver<HostEvent>, clock: Clock) -> Driver<V> {
         let start_ticks = machine.time_ticks() + start_lag_ticks(&machine);
         Driver {
             machine,
@@ -212,14 +123,12 @@ impl Driver {
             events_possible: true,
             tap: None,
             clock,
-            input_log: Vec::new(),
             started: Instant::now(),
             start_ticks,
             paused: false,
-            snapshotter: None,
             released: Vec::new(),
-            replication: None,
-            finished: None,
+            mode: Box::new(Standalone),
+            observers: Vec::new(),
             took_over: None,
             role: crate::status::Role::Standalone,
             vm_id: None,
@@ -230,29 +139,49 @@ impl Driver {
         }
     }
 
+    /// Run under `mode` from now on (the mode in place is shut down; a record it held is
+    /// lost, so swap only a [`Standalone`] one).
+    pub fn set_mode(&mut self, mode: Box<dyn Mode<V>>) {
+        let mut old = std::mem::replace(&mut self.mode, mode);
+        self.released.extend(old.take_released());
+        if let Some(ownership) = old.finish() {
+            self.ownership = Some(ownership);
+        }
+    }
+
+    /// Watch the run with `observer` from now on.
+    pub fn add_observer(&mut self, observer: Box<dyn Observer<V>>) {
+        self.observers.push(observer);
+    }
+
+    /// Whether a mode other than [`Standalone`] runs the VM.
+    pub fn replicating(&self) -> bool {
+        self.mode.kind() != crate::status::Mode::None
+    }
+
     /// Start replicating to a backup (at boot, or `ctl protect` while the VM runs): the VM's
     /// ownership record goes to a new replication thread, and the backup's first checkpoint
     /// is a full one, pre-copied while the guest runs.
     pub fn start_replication(&mut self, options: ReplicationOptions, events: Sender<HostEvent>) -> Result<()> {
-        anyhow::ensure!(self.replication.is_none(), "this VM is already replicating");
+        anyhow::ensure!(!self.replicating(), "this VM is already replicating");
         let ownership = self.ownership.take().context("replication needs the VM's ownership record (--store)")?;
-        let handle = crate::replicate::primary::start(options.primary, ownership, events)?;
-        // The backup starts from a full checkpoint: what was written before needs no second
-        // copy in the pre-copy's final pass (it could be everything since boot).
-        self.machine.take_dirty_pages();
-        self.machine.take_dirty_sectors();
-        let mut replication = Replication::new(handle, options.epoch_ms);
-        replication.verify_every = options.verify_every;
-        replication.role_before = self.role;
-        self.role = crate::status::Role::Primary;
-        self.replication = Some(replication);
+        let mode = CheckpointPrimary::start(options, ownership, events, &mut self.machine)?;
+        self.set_mode(Box::new(mode));
         Ok(())
     }
 
+    /// Stamp an input at the current icount, give it to the machine, and show it to the
+    /// mode and the observers.
     fn push(&mut self, kind: InputKind) -> Result<()> {
+        if !self.mode.stamps_inputs() {
+            return Ok(());
+        }
         let input = Input { icount: self.machine.icount(), kind };
         self.machine.push_input(input.clone()).context("cannot deliver input to the machine")?;
-        self.input_log.push(input);
+        self.mode.on_input(&input)?;
+        for observer in &mut self.observers {
+            observer.on_input(&input)?;
+        }
         Ok(())
     }
 
@@ -271,16 +200,18 @@ impl Driver {
             Outcome::Hung => 1,
             Outcome::Fenced(_) => return Ok(outcome),
         };
-        if let Some(fenced) = self.end_replicated(exit_code, console)? {
+        if let Some(fenced) = self.end(exit_code, console)? {
             return Ok(fenced);
         }
-        if self.replication.is_none() {
-            // Running alone: mark the record ended, so that no other replica ever brings
-            // the VM back (a replication thread does this itself).
-            if let Some(ownership) = &mut self.ownership {
-                if let Err(e) = ownership.mark_ended(exit_code) {
-                    tracing_warn(&format!("{e:#}"));
-                }
+        for observer in &mut self.observers {
+            observer.on_end(&self.machine, exit_code);
+        }
+        // The record is the driver's when no mode holds it (running alone, or replication
+        // stopped just before the end): mark it ended, so that no other replica ever brings
+        // the VM back (a replication thread does this itself).
+        if let Some(ownership) = &mut self.ownership {
+            if let Err(e) = ownership.mark_ended(exit_code) {
+                crate::log::warn(format_args!("{e:#}"));
             }
         }
         Ok(outcome)
@@ -299,12 +230,11 @@ impl Driver {
                 }
                 continue;
             }
-            let slice = if self.replication.is_some() { REPLICATING_SLICE_ICOUNT } else { SLICE_ICOUNT };
-            let target = self.machine.icount() + slice;
+            let target = self.mode.next_slice_end(self.machine.icount());
             let exit = self.run_slice(target)?;
             self.route_outputs(console)?;
-            self.maybe_checkpoint(console, matches!(exit, RunExit::Idle { .. }))?;
-            if let Some(outcome) = self.wait_while_outputs_pile_up(console)? {
+            self.slice_end(matches!(exit, RunExit::Idle { .. }))?;
+            if let Some(outcome) = self.wait_while_the_mode_says(console)? {
                 return Ok(outcome);
             }
             match exit {
@@ -321,11 +251,20 @@ impl Driver {
                     }
                 }
             }
-            if self.machine.wants_entropy() {
+            if self.machine.wants_entropy() && self.mode.stamps_inputs() {
                 let bytes = self.entropy.draw(ENTROPY_CHUNK).context("cannot read host entropy")?;
                 self.push(InputKind::Entropy(bytes))?;
             }
         }
+    }
+
+    /// A slice ended: the mode, then the observers, see the stopped machine.
+    fn slice_end(&mut self, idle: bool) -> Result<()> {
+        self.mode.on_slice_end(&mut self.machine, idle)?;
+        for observer in &mut self.observers {
+            observer.on_slice_end(&self.machine)?;
+        }
+        Ok(())
     }
 
     /// Run one slice; with the real-time clock, pace guest time after it (the pacer's
@@ -355,151 +294,52 @@ impl Driver {
             HostEvent::NetFrame(frame) => self.push(InputKind::NetFrame(frame))?,
             HostEvent::Quit => return Ok(Some(Outcome::Quit)),
             HostEvent::Control(request) => return Ok(self.control(request)),
-            HostEvent::Released { up_to_epoch } => self.release_held(up_to_epoch),
-            HostEvent::ReplicationStopped(message) => {
-                if let Some(reply) = self.replication.as_mut().and_then(|r| r.unprotecting.take()) {
-                    let _ = reply.send(Reply::error(409, format!("replication stopped: {message}")));
-                }
-                return Ok(Some(Outcome::Fenced(message)));
-            }
-            HostEvent::Finished { exit_code, released } => self.finished = Some((exit_code, released)),
-            HostEvent::Detached { generation } => self.detached(generation),
+            HostEvent::Mode(event) => match self.mode.on_event(event) {
+                Verdict::Continue | Verdict::Settled => {}
+                Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
+                Verdict::Detached => self.detach(),
+            },
         }
         Ok(None)
     }
 
-    /// Replication stopped (unprotect): no backup can take over any more, so everything
-    /// held may leave; the record comes back from the replication thread.
-    fn detached(&mut self, generation: u64) {
-        let Some(mut r) = self.replication.take() else { return };
-        let held = r.schedule.release(u64::MAX);
-        self.released.extend(held);
-        self.ownership = r.handle.finish();
-        if self.ownership.is_none() {
-            tracing_warn("the replication thread died: the VM's ownership record is not marked ended at its end");
-        }
-        self.role = r.role_before;
-        if let Some(reply) = r.unprotecting.take() {
-            let body = serde_json::json!({ "state": "unprotected", "generation": generation });
-            let _ = reply.send(Reply::ok(body));
-        }
+    /// The mode stopped protecting the VM (unprotect): what it released leaves, the record
+    /// comes back from its thread, and the VM runs on standalone.
+    fn detach(&mut self) {
+        self.set_mode(Box::new(Standalone));
     }
 
-    /// At the end of a run slice, do what the schedule says: nothing, pre-copy a full
-    /// checkpoint, or take the checkpoint that ends the epoch and hand it over.
-    fn maybe_checkpoint(&mut self, console: &mut dyn ConsoleSink, idle: bool) -> Result<()> {
-        let _ = console;
-        let Some(r) = &mut self.replication else { return Ok(()) };
-        let wanted = r.wanted();
-        let now_ms = r.now_ms();
-        match r.schedule.on_slice_end(now_ms, idle, wanted) {
-            replica::SliceAction::Continue => Ok(()),
-            replica::SliceAction::StartPrecopy => {
-                r.precopy = Some(machine::checkpoint::PreCopy::start(&self.machine));
-                Ok(())
-            }
-            replica::SliceAction::AbandonPrecopy => {
-                r.precopy = None; // the backup went away: nothing to copy for
-                Ok(())
-            }
-            replica::SliceAction::StepPrecopy => {
-                let precopy = r.precopy.as_mut().expect("the schedule pre-copies only what was started");
-                if !precopy.step(&self.machine, PRECOPY_PAGES_PER_SLICE) {
-                    return Ok(());
-                }
-                let precopy = r.precopy.take().expect("checked above");
-                let started = Instant::now();
-                let payload = precopy.finish(&mut self.machine).context("cannot take a checkpoint")?;
-                self.send_checkpoint(replica::CheckpointKind::Full, payload, started)
-            }
-            replica::SliceAction::Take { kind, .. } => self.send_checkpoint(kind, Vec::new(), Instant::now()),
-        }
-    }
-
-    /// Take the checkpoint of the next epoch (unless `kind` is Full, whose payload was
-    /// built by a pre-copy) and hand it to the replication thread.
-    fn send_checkpoint(&mut self, kind: replica::CheckpointKind, payload: Vec<u8>, started: Instant) -> Result<()> {
-        use replica::CheckpointKind;
-        let Some(r) = &mut self.replication else { return Ok(()) };
-        let epoch = r.schedule.epoch() + 1;
-        let mut payload = match kind {
-            CheckpointKind::Full if payload.is_empty() => {
-                machine::checkpoint::take(&mut self.machine, true).context("cannot take a checkpoint")?
-            }
-            CheckpointKind::Full => payload,
-            CheckpointKind::Incremental => {
-                machine::checkpoint::take(&mut self.machine, false).context("cannot take a checkpoint")?
-            }
-            CheckpointKind::Discard => {
-                // No backup to send it to: keep the dirty logs short; a full one follows later.
-                self.machine.take_dirty_pages();
-                self.machine.take_dirty_sectors();
-                Vec::new()
-            }
-        };
-        let full = kind == CheckpointKind::Full;
-        if !payload.is_empty() && r.verify_every > 0 && (full || epoch % r.verify_every == 0) {
-            machine::checkpoint::add_digest(&mut payload, &self.machine);
-        }
-        let pause_us = started.elapsed().as_micros() as u64;
-        let pages = machine::checkpoint::page_count(&payload);
-        r.last = Some(CheckpointStats { epoch, full, pause_us, bytes: payload.len(), pages });
-        if kind != CheckpointKind::Discard {
-            let t = &mut r.totals;
-            t.count += 1;
-            t.pause_us += pause_us;
-            t.max_pause_us = t.max_pause_us.max(pause_us);
-            t.bytes += payload.len() as u64;
-            t.pages += pages as u64;
-        }
-        let icount = self.machine.icount();
-        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Checkpoint { epoch, icount, kind, payload });
-        let now_ms = r.now_ms();
-        assert_eq!(r.schedule.checkpoint_taken(now_ms), epoch);
-        Ok(())
-    }
-
-    /// The VM ended: take the final checkpoint, let the replication thread settle the end
-    /// with the backup and the ownership record, and send what it releases. `Some` when the
-    /// replica turned out to be fenced (then nothing more leaves).
-    fn end_replicated(&mut self, exit_code: u32, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
-        let Some(r) = &mut self.replication else { return Ok(None) };
-        r.precopy = None;
-        if let Some(reply) = r.unprotecting.take() {
-            let _ = reply.send(Reply::error(409, "the VM is ending: its end settles the replication"));
-        }
-        let wanted = r.wanted();
-        let (_, kind) = r.schedule.final_checkpoint(wanted);
+    /// The VM ended: the mode settles its end (checkpoint mode: the final checkpoint, the
+    /// backup told, the record marked ended by the replication thread), and what it
+    /// releases leaves. `Some` when the replica turned out to be fenced (then nothing more
+    /// leaves).
+    fn end(&mut self, exit_code: u32, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
         self.route_outputs(console)?;
-        self.send_checkpoint(kind, Vec::new(), Instant::now())?;
-        let r = self.replication.as_ref().expect("checked above");
-        let epoch = r.schedule.epoch();
-        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::VmEnded { epoch, exit_code });
-        let deadline = Instant::now() + END_WAIT;
-        while self.finished.is_none() {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(wait) {
-                Ok(HostEvent::Released { up_to_epoch }) => {
-                    self.release_held(up_to_epoch);
-                    self.flush_released(console)?;
-                }
-                Ok(HostEvent::Finished { exit_code, released }) => self.finished = Some((exit_code, released)),
-                Ok(HostEvent::ReplicationStopped(message)) => return Ok(Some(Outcome::Fenced(message))),
-                Ok(HostEvent::Detached { generation }) => {
-                    // Replication stopped just before the end: the VM ends alone.
-                    self.detached(generation);
-                    self.flush_released(console)?;
-                    return Ok(None);
-                }
-                Ok(HostEvent::Control(request)) => {
-                    let _ = request.reply.send(Reply::error(409, "the VM is ending"));
-                }
-                Ok(_) => {} // the guest has ended: keys and frames have nowhere to go
-                Err(_) => {
-                    tracing_warn(
-                        "the replication thread did not settle the VM's end in time; its last outputs are not sent",
-                    );
-                    return Ok(None);
+        if self.mode.begin_end(&mut self.machine, exit_code)? == EndProgress::Pending {
+            let deadline = Instant::now() + END_WAIT;
+            loop {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                match self.events.recv_timeout(wait) {
+                    Ok(HostEvent::Mode(event)) => match self.mode.on_event(event) {
+                        Verdict::Continue => self.flush_released(console)?,
+                        Verdict::Settled => break,
+                        Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
+                        Verdict::Detached => {
+                            // Replication stopped just before the end: the VM ends alone.
+                            self.detach();
+                            break;
+                        }
+                    },
+                    Ok(HostEvent::Control(request)) => {
+                        let _ = request.reply.send(Reply::error(409, "the VM is ending"));
+                    }
+                    Ok(_) => {} // the guest has ended: keys and frames have nowhere to go
+                    Err(_) => {
+                        crate::log::warn(
+                            "the replication thread did not settle the VM's end in time; its last outputs are not sent",
+                        );
+                        return Ok(None);
+                    }
                 }
             }
         }
@@ -507,33 +347,26 @@ impl Driver {
         Ok(None)
     }
 
-    /// Output commit's back-pressure: a guest that outputs faster than the backup
-    /// acknowledges waits.
-    fn wait_while_outputs_pile_up(&mut self, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
-        while self.replication.as_ref().is_some_and(|r| r.schedule.must_wait()) {
-            match self.events.recv_timeout(Duration::from_millis(100)) {
+    /// While the mode says the machine must wait (output commit's back-pressure), deliver
+    /// events and let the mode look again every [`crate::mode::WAIT_TICK`].
+    fn wait_while_the_mode_says(&mut self, console: &mut dyn ConsoleSink) -> Result<Option<Outcome>> {
+        while self.mode.must_wait() {
+            match self.events.recv_timeout(crate::mode::WAIT_TICK) {
                 Ok(event) => {
                     if let Some(outcome) = self.deliver(event)? {
                         return Ok(Some(outcome));
                     }
-                    self.flush_released(console)?;
                 }
-                Err(_) => self.maybe_checkpoint(console, false)?,
+                Err(_) => self.slice_end(false)?,
             }
             self.flush_released(console)?;
         }
         Ok(None)
     }
 
-    fn release_held(&mut self, up_to_epoch: u64) {
-        if let Some(r) = &mut self.replication {
-            let released = r.schedule.release(up_to_epoch);
-            self.released.extend(released);
-        }
-    }
-
     fn flush_released(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
-        let released = std::mem::take(&mut self.released);
+        let mut released = std::mem::take(&mut self.released);
+        released.extend(self.mode.take_released());
         self.send_outputs(released, console)
     }
 
@@ -569,8 +402,7 @@ impl Driver {
 
     /// `ctl protect`: replicate this running VM to a waiting backup.
     fn protect(&mut self, request: &ProtectRequest) -> Reply {
-        if let Some(r) = &self.replication {
-            let backup = r.handle.backup;
+        if let Some(backup) = self.mode.protected_to() {
             return Reply::error(
                 409,
                 format!("this VM is already protected: it replicates to {backup} (unprotect first)"),
@@ -617,90 +449,43 @@ impl Driver {
         }
     }
 
-    /// `ctl unprotect`: the answer now when refused, or later (`reply` is kept) once the
-    /// replication thread has made the backup's state stale and stopped.
+    /// `ctl unprotect`: the answer now when refused, or later (the mode keeps `reply`) once
+    /// the replication thread has made the backup's state stale and stopped.
     fn unprotect(&mut self, reply: Sender<Reply>) -> Option<Reply> {
-        let Some(r) = &mut self.replication else {
-            return Some(Reply::error(409, "this VM is not protected: it replicates to no backup"));
-        };
-        if r.unprotecting.is_some() {
-            return Some(Reply::error(409, "an unprotect is already under way"));
-        }
-        let _ = r.handle.tx.send(crate::replicate::primary::ToRepl::Unprotect);
-        r.unprotecting = Some(reply);
-        None
+        self.mode.unprotect(reply)
     }
 
     fn snapshot(&self, path: &std::path::Path) -> Reply {
-        let Some(save) = &self.snapshotter else {
-            return Reply::error(409, "this VM cannot take snapshots");
-        };
         let started = Instant::now();
-        match save(&self.machine, path) {
+        match self.machine.save_to_path(path) {
             Ok(bytes) => Reply::ok(serde_json::json!({
                 "path": path,
                 "bytes": bytes,
                 "icount": self.machine.icount(),
                 "pause_ms": started.elapsed().as_secs_f64() * 1e3,
             })),
-            Err(e) => Reply::error(500, format!("snapshot failed: {e:#}")),
+            Err(e) => Reply::error(500, format!("snapshot failed: {:#}", anyhow::Error::from(e))),
         }
     }
 
-    /// What `GET /status` answers.
+    /// What `GET /status` answers: the driver's part, then the mode's.
     pub fn status(&self) -> crate::status::Status {
-        use crate::status::{CheckpointTotals, LastCheckpoint, Mode, Replication, State, Status};
-        let replication = self.replication.as_ref().map(|r| {
-            let shared = r.handle.shared.lock().expect("not poisoned").clone();
-            let s = &shared.status;
-            let lag_epochs = s.acked_epoch.map(|a| r.schedule.epoch().saturating_sub(a));
-            let t = &r.totals;
-            Replication {
-                protected: s.protection == replica::Protection::Protected && s.streaming,
-                protection: (&s.protection).into(),
-                generation: s.generation,
-                backup_connected: s.streaming,
-                acked_epoch: s.acked_epoch,
-                lag_epochs,
-                lag_ms: lag_epochs.map(|l| l * r.schedule.epoch_ms()),
-                released_epoch: s.released_up_to,
-                unprotected_count: s.unprotected_count,
-                resumed_checkpoints: s.resumed_checkpoints,
-                log_bytes: s.log_bytes,
-                bytes_sent: shared.bytes_sent,
-                held_outputs: r.schedule.held_outputs() as u64,
-                last_error: shared.last_error,
-                last_checkpoint: r.last.map(|c| LastCheckpoint {
-                    epoch: c.epoch,
-                    full: c.full,
-                    pause_ms: c.pause_us as f64 / 1e3,
-                    bytes: c.bytes as u64,
-                    pages: c.pages as u64,
-                }),
-                checkpoints: CheckpointTotals {
-                    count: t.count,
-                    pause_total_ms: t.pause_us as f64 / 1e3,
-                    pause_avg_ms: if t.count == 0 { 0.0 } else { t.pause_us as f64 / t.count as f64 / 1e3 },
-                    pause_max_ms: t.max_pause_us as f64 / 1e3,
-                    bytes: t.bytes,
-                    pages: t.pages,
-                    bytes_per_s: t.bytes as f64 / r.started.elapsed().as_secs_f64().max(1e-9),
-                },
-            }
-        });
-        Status {
+        use crate::status::{State, Status};
+        let mut status = Status {
             state: if self.paused { State::Paused } else { State::Running },
             role: self.role,
-            mode: if self.replication.is_some() { Mode::Checkpoint } else { Mode::None },
+            mode: self.mode.kind(),
             vm_id: self.vm_id.clone(),
             icount: self.machine.icount(),
             guest_time_s: self.machine.time_ticks() as f64 / TIMEBASE_HZ as f64,
             reboots: Some(self.machine.reboots()),
-            epoch: self.replication.as_ref().map_or(0, |r| r.schedule.epoch()),
-            replication,
+            epoch: 0,
+            replication: None,
             backup: None,
             took_over: self.took_over.clone(),
-        }
+        };
+        self.mode.report(&mut status);
+        status
     }
 
     fn poll_events(&mut self) -> Result<Option<Outcome>> {
@@ -743,11 +528,9 @@ impl Driver {
             (_, None) if !self.events_possible => return Ok(Some(Outcome::Hung)),
             (_, None) => None,
         };
-        // Outputs held for output commit never wait on a guest timer: the epoch must end
-        // (and the backup acknowledge it) as soon as the minimum epoch allows. Nor does a
-        // pre-copy: an idle guest's time is the copy's.
-        let limit = self.replication.as_ref().and_then(|r| r.schedule.idle_wait_limit_ms(r.now_ms()));
-        let limit = limit.map(Duration::from_millis);
+        // The mode may cut the wait short (checkpoint mode: outputs held for output commit,
+        // or a pre-copy under way, never wait on a guest timer).
+        let limit = self.mode.idle_wait_limit();
         let capped = limit.is_some_and(|l| wait.is_none_or(|w| l < w));
         let wait = if capped { limit } else { wait };
         let event = match wait {
@@ -799,19 +582,13 @@ impl Driver {
         }
     }
 
-    /// Outputs produced by the last slice: a replicated primary holds them until the
-    /// backup acknowledges the epoch that made them (or, with no backup connected, until
-    /// that epoch's checkpoint is taken); otherwise they leave at once.
+    /// Outputs produced by the last slice go through the mode: what it returns leaves now,
+    /// the rest it holds (checkpoint mode: until the backup acknowledges their epoch).
     fn route_outputs(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
         let outputs = self.machine.take_outputs();
         self.flush_released(console)?;
-        let Some(r) = &mut self.replication else {
-            return self.send_outputs(outputs, console);
-        };
-        for output in outputs {
-            r.schedule.hold(output);
-        }
-        Ok(())
+        let now = self.mode.on_outputs(outputs);
+        self.send_outputs(now, console)
     }
 
     fn send_outputs(&mut self, outputs: Vec<machine::Output>, console: &mut dyn ConsoleSink) -> Result<()> {
@@ -819,13 +596,16 @@ impl Driver {
             return Ok(());
         }
         for output in outputs {
+            for observer in &mut self.observers {
+                observer.on_output_left(&output);
+            }
             match output.kind {
                 OutputKind::Console(bytes) => console.write(&bytes).context("cannot write console output")?,
                 OutputKind::NetFrame(frame) => {
                     if let Some(tap) = &mut self.tap {
                         // A frame the host cannot take is lost, as on a wire; TCP recovers.
                         if let Err(e) = tap.send(&frame) {
-                            tracing_warn(&format!("TAP {}: frame dropped: {e}", tap.name));
+                            crate::log::warn(format_args!("TAP {}: frame dropped: {e}", tap.name));
                         }
                     }
                 }
@@ -839,11 +619,7 @@ impl Driver {
 
 /// How far the guest's clock is behind the host's as the driver starts (a fresh boot:
 /// the time to build the machine; a takeover: the failover's), to be caught up.
-fn start_lag_ticks(machine: &Machine) -> u64 {
+fn start_lag_ticks<V: Vm>(machine: &V) -> u64 {
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     crate::pacer::start_lag_ticks(u64::try_from(host.as_nanos()).unwrap_or(u64::MAX), machine.rtc_unix_ns())
-}
-
-fn tracing_warn(message: &str) {
-    let _ = writeln!(std::io::stderr(), "ftvm: warning: {message}");
 }

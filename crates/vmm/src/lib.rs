@@ -2,9 +2,13 @@
 //! binary (which keeps argument parsing, the API server and the wiring) and above the pure
 //! cores of `replica` and the board of `machine`.
 //!
-//! - [`driver`]: runs a machine in slices, paces guest time against the wall clock, stamps
-//!   host events as inputs, routes outputs, and applies checkpoint mode's schedule
-//!   ([`replica::CheckpointSchedule`]) and output commit.
+//! - [`vm`]: the machine's contract (DESIGN.md §6) as the [`vm::Vm`] trait, implemented
+//!   for `machine::Machine`.
+//! - [`driver`]: runs a [`vm::Vm`] in slices, paces guest time against the wall clock,
+//!   stamps host events as inputs and routes outputs, through the replication mode.
+//! - [`mode`]: the replication-mode seam — the [`mode::Mode`] trait (standalone, checkpoint
+//!   primary applying [`replica::CheckpointSchedule`]) and the [`mode::Observer`] trait.
+//! - [`log`]: the one way the runtime writes a line for the operator.
 //! - [`pacer`]: keeps a busy guest's clock within a bound of the wall clock, through
 //!   logged inputs.
 //! - [`host`]: the host edges — terminal, TAP device, entropy, the MAC announcement.
@@ -16,7 +20,10 @@
 pub mod control;
 pub mod driver;
 pub mod host;
+pub mod log;
 pub mod metrics;
+pub mod mode;
 pub mod pacer;
 pub mod replicate;
 pub mod status;
+pub mod vm;

@@ -15,23 +15,8 @@ pub enum HostEvent {
     NetFrame(Vec<u8>),
     /// A request from the control API.
     Control(crate::control::ControlRequest),
-    /// Output commit: the backup holds every epoch up to this one.
-    Released {
-        up_to_epoch: u64,
-    },
-    /// The replication layer says this replica must stop (another replica owns the VM).
-    ReplicationStopped(String),
-    /// The replication layer settled the VM's end (the backup told, or the ownership record
-    /// marked ended): exit with `exit_code`; `released` whether the last outputs were released.
-    Finished {
-        exit_code: u32,
-        released: bool,
-    },
-    /// Replication stopped (unprotect): no backup can take over at or after `generation`;
-    /// the replication thread hands the ownership record back when it is shut down.
-    Detached {
-        generation: u64,
-    },
+    /// From the replication mode's own thread (see [`crate::mode::ModeEvent`]).
+    Mode(crate::mode::ModeEvent),
 }
 
 /// Where the entropy the guest's RNG device receives comes from (logged as an input like

@@ -11,8 +11,8 @@
 use super::{nonce, now_ms, Ownership};
 use crate::control::{Command, ControlRequest, Reply};
 use crate::status::{BackupSide, Mode, Role, State, Status, Takeover};
+use crate::vm::Vm;
 use anyhow::Result;
-use machine::Machine;
 use replica::{Backup, BackupAction, BackupConfig, BackupEvent, ConnId, PresharedKey};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -42,7 +42,7 @@ pub struct BackupOptions {
 }
 
 /// How the waiting ended.
-pub enum Ending {
+pub enum Ending<V = machine::Machine> {
     /// The VM ended on the primary with this exit code: the backup stands down.
     Exit(u32),
     /// Stopped through the control API.
@@ -52,7 +52,7 @@ pub enum Ending {
     StoodDown,
     /// This replica owns the VM now: run `machine`, which holds the checkpoint the
     /// takeover names, as the new primary.
-    GoLive { machine: Box<Machine>, takeover: Takeover },
+    GoLive { machine: Box<V>, takeover: Takeover },
 }
 
 enum ToBackup {
@@ -89,7 +89,7 @@ struct Applies {
 }
 
 /// The backup's status: what the core says, what the machine holds, what the edge counted.
-fn status(backup: &Backup, machine: &MachineThread, applies: Applies, vm_id: &str) -> Status {
+fn status<V: Vm>(backup: &Backup, machine: &MachineThread<V>, applies: Applies, vm_id: &str) -> Status {
     let s = backup.status();
     Status {
         state: State::Waiting,
@@ -136,33 +136,33 @@ fn answer_as_backup(request: ControlRequest, status: impl FnOnce() -> Status) ->
 /// The backup's machine lives on a thread of its own: applying a full checkpoint of a large
 /// VM takes a while, and meanwhile the protocol must keep hearing and answering the primary
 /// (heartbeats), or either side would take the pause for a failure.
-struct MachineThread {
-    jobs: Sender<MachineJob>,
+struct MachineThread<V> {
+    jobs: Sender<MachineJob<V>>,
     /// The icount of the last checkpoint handed over (for status).
     icount: u64,
     /// The guest time of the last checkpoint applied (for status).
     time_ticks: u64,
 }
 
-enum MachineJob {
+enum MachineJob<V> {
     Apply {
         epoch: u64,
         payload: Vec<u8>,
     },
     /// Stop applying and hand the machine back (to go live from it).
-    GiveBack(Sender<Machine>),
+    GiveBack(Sender<V>),
 }
 
-impl MachineThread {
-    fn start(mut machine: Machine, events: Sender<ToBackup>) -> MachineThread {
-        let (jobs, queue) = mpsc::channel::<MachineJob>();
+impl<V: Vm + Send + 'static> MachineThread<V> {
+    fn start(mut machine: V, events: Sender<ToBackup>) -> MachineThread<V> {
+        let (jobs, queue) = mpsc::channel::<MachineJob<V>>();
         let (icount, time_ticks) = (machine.icount(), machine.time_ticks());
         std::thread::spawn(move || {
             for job in queue {
                 match job {
                     MachineJob::Apply { epoch, payload, .. } => {
-                        let result = machine::checkpoint::apply(&mut machine, &payload).map_err(|e| ApplyFailed {
-                            diverged: matches!(e, machine::checkpoint::CheckpointError::DigestMismatch { .. }),
+                        let result = machine.apply_checkpoint(&payload).map_err(|e| ApplyFailed {
+                            diverged: V::diverged(&e),
                             reason: format!("{:#}", anyhow::Error::from(e)),
                         });
                         let time_ticks = machine.time_ticks();
@@ -186,7 +186,7 @@ impl MachineThread {
     }
 
     /// The machine, once every apply handed over before is done.
-    fn give_back(self) -> Result<Machine> {
+    fn give_back(self) -> Result<V> {
         let (reply, answer) = mpsc::channel();
         self.jobs.send(MachineJob::GiveBack(reply)).map_err(|_| anyhow::anyhow!("the machine thread died"))?;
         answer.recv().map_err(|_| anyhow::anyhow!("the machine thread died"))
@@ -212,14 +212,14 @@ impl Connections {
 /// Wait for a primary (`ftvm run --replicate-to`), keep its last whole checkpoint, and
 /// take the VM over when the primary stops being heard. Control requests (status, stop)
 /// are answered as a backup meanwhile.
-pub fn wait(
+pub fn wait<V: Vm + Send + 'static>(
     options: BackupOptions,
-    machine: Machine,
+    machine: V,
     ownership: &mut Ownership,
     control: Receiver<ControlRequest>,
-) -> Result<Ending> {
+) -> Result<Ending<V>> {
     let disk_bytes = machine.disk_sectors().unwrap_or(0) * 512;
-    let limit = machine.ram().page_count() as u64 * 4096 + disk_bytes + CHECKPOINT_SLACK_BYTES;
+    let limit = machine.page_count() as u64 * 4096 + disk_bytes + CHECKPOINT_SLACK_BYTES;
     let mut backup_config = BackupConfig::new(options.key, options.config_digest, limit);
     backup_config.failover_timeout_ms = options.failover_timeout_ms;
     backup_config.heartbeat_interval_ms = options.heartbeat_ms;
@@ -331,7 +331,12 @@ enum Decided {
 
 /// The machine is ready (every checkpoint handed over applied) when a takeover goes live:
 /// its time counts from the old primary's last authenticated frame to here.
-fn finish(decided: Decided, backup: &Backup, applies: Applies, machine: MachineThread) -> Result<Ending> {
+fn finish<V: Vm + Send + 'static>(
+    decided: Decided,
+    backup: &Backup,
+    applies: Applies,
+    machine: MachineThread<V>,
+) -> Result<Ending<V>> {
     Ok(match decided {
         Decided::Exit(code) => Ending::Exit(code),
         Decided::StoodDown => Ending::StoodDown,
@@ -371,10 +376,10 @@ fn accept(
 }
 
 /// Carry out the core's actions and those they lead to; `Some` when the waiting is over.
-fn carry_out(
+fn carry_out<V: Vm + Send + 'static>(
     backup: &mut Backup,
     conns: &mut Connections,
-    machine: &mut MachineThread,
+    machine: &mut MachineThread<V>,
     ownership: &mut Ownership,
     actions: &mut Vec<BackupAction>,
 ) -> Result<Option<Decided>> {

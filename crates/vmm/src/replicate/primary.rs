@@ -9,6 +9,7 @@
 
 use super::{nonce, now_ms, Ownership};
 use crate::host::HostEvent;
+use crate::mode::ModeEvent;
 use anyhow::{Context, Result};
 use replica::{
     BackupLossPolicy, CheckpointKind, ConfigDigest, PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent,
@@ -41,7 +42,7 @@ pub enum ToRepl {
         epoch: u64,
         exit_code: u32,
     },
-    /// Stop replicating; `HostEvent::Detached` answers once no backup can take over.
+    /// Stop replicating; `ModeEvent::Detached` answers once no backup can take over.
     Unprotect,
     Connected {
         stream: TcpStream,
@@ -313,7 +314,7 @@ impl ReplThread {
                     }
                 }
                 PrimaryAction::ReleaseOutputs { up_to_epoch } => {
-                    let _ = self.events.send(HostEvent::Released { up_to_epoch });
+                    let _ = self.events.send(HostEvent::Mode(ModeEvent::Released { up_to_epoch }));
                 }
                 PrimaryAction::SwapGeneration { expected, ended } => {
                     let answer = self.ownership.swap(expected, ended);
@@ -344,10 +345,10 @@ impl ReplThread {
                 PrimaryAction::Stop { error } => {
                     self.drop_connection();
                     self.stopped = true;
-                    let _ = self.events.send(HostEvent::ReplicationStopped(error.to_string()));
+                    let _ = self.events.send(HostEvent::Mode(ModeEvent::Stopped(error.to_string())));
                 }
                 PrimaryAction::Finished { exit_code, released } => {
-                    let _ = self.events.send(HostEvent::Finished { exit_code, released });
+                    let _ = self.events.send(HostEvent::Mode(ModeEvent::Finished { exit_code, released }));
                 }
                 PrimaryAction::Detached { generation } => {
                     self.stopped = true; // no more connections
@@ -355,7 +356,7 @@ impl ReplThread {
                         "ftvm: replication: stopped (unprotect) at generation {generation}: the backup can no longer \
                          take over; the VM runs on alone"
                     );
-                    let _ = self.events.send(HostEvent::Detached { generation });
+                    let _ = self.events.send(HostEvent::Mode(ModeEvent::Detached { generation }));
                 }
             }
         }

@@ -1,0 +1,264 @@
+//! The driver through its two seams, without a RISC-V guest: a fake [`Vm`] that prints at
+//! fixed instruction counts and powers off, and modes/observers that hold, release and
+//! watch. Pins what a new mode may rely on (SEAM.md).
+
+use machine::{Digest, Input, InputKind, Output, OutputKind, RunExit};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use vmm::driver::{Clock, ConsoleSink, Driver, Outcome};
+use vmm::host::HostEvent;
+use vmm::mode::{EndProgress, Mode, ModeError, Observer};
+use vmm::vm::{ReadSeek, Vm, WriteSeek};
+
+/// Prints `"<n>"` every `every` instructions, powers off with `code` at `end`.
+struct FakeVm {
+    icount: u64,
+    every: u64,
+    end: u64,
+    code: u32,
+    outputs: Vec<Output>,
+    inputs: Vec<Input>,
+}
+
+impl FakeVm {
+    fn new(every: u64, end: u64, code: u32) -> FakeVm {
+        FakeVm { icount: 0, every, end, code, outputs: Vec::new(), inputs: Vec::new() }
+    }
+}
+
+impl Vm for FakeVm {
+    type Error = std::io::Error;
+    type Config = ();
+    type State = u64;
+    type PreCopy = ();
+
+    fn run(&mut self, until_icount: u64) -> RunExit {
+        let stop = until_icount.min(self.end);
+        let mut next = (self.icount / self.every + 1) * self.every;
+        while next <= stop {
+            let kind = OutputKind::Console(format!("{next};").into_bytes());
+            self.outputs.push(Output { icount: next, kind });
+            next += self.every;
+        }
+        self.icount = stop;
+        if stop == self.end {
+            RunExit::PowerOff { code: self.code }
+        } else {
+            RunExit::Budget
+        }
+    }
+    fn icount(&self) -> u64 {
+        self.icount
+    }
+    fn time_ticks(&self) -> u64 {
+        self.icount
+    }
+    fn icount_per_tick(&self) -> u64 {
+        1
+    }
+    fn min_icount_per_tick(&self) -> u64 {
+        1
+    }
+    fn rtc_unix_ns(&self) -> u64 {
+        u64::MAX / 2 // far ahead of the host: the driver has no lag to catch up
+    }
+    fn reboots(&self) -> u64 {
+        0
+    }
+    fn push_input(&mut self, input: Input) -> Result<(), std::io::Error> {
+        if input.icount < self.icount {
+            return Err(std::io::Error::other("an input in the past"));
+        }
+        self.inputs.push(input);
+        Ok(())
+    }
+    fn wants_entropy(&self) -> bool {
+        false
+    }
+    fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+    fn take_dirty_pages(&mut self) -> Vec<usize> {
+        Vec::new()
+    }
+    fn take_dirty_sectors(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+    fn page_count(&self) -> usize {
+        0
+    }
+    fn page(&self, _index: usize) -> Option<&[u8]> {
+        None
+    }
+    fn disk_sectors(&self) -> Option<u64> {
+        None
+    }
+    fn read_sectors(&self, _sector: u64, _buf: &mut [u8]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other("no disk"))
+    }
+    fn write_page(&mut self, _index: usize, _data: &[u8]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other("no RAM"))
+    }
+    fn write_sectors(&mut self, _sector: u64, _data: &[u8]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other("no disk"))
+    }
+    fn save_state(&self) -> u64 {
+        self.icount
+    }
+    fn restore_state(&mut self, state: u64) -> Result<(), std::io::Error> {
+        self.icount = state;
+        Ok(())
+    }
+    fn save(&self, out: &mut dyn WriteSeek) -> Result<u64, std::io::Error> {
+        out.write_all(&self.icount.to_le_bytes())?;
+        Ok(8)
+    }
+    fn save_to_path(&self, path: &std::path::Path) -> Result<u64, std::io::Error> {
+        std::fs::write(path, self.icount.to_le_bytes())?;
+        Ok(8)
+    }
+    fn restore(_config: &(), input: &mut dyn ReadSeek) -> Result<FakeVm, std::io::Error> {
+        let mut bytes = [0; 8];
+        input.read_exact(&mut bytes)?;
+        Ok(FakeVm { icount: u64::from_le_bytes(bytes), ..FakeVm::new(1, u64::MAX, 0) })
+    }
+    fn digest(&self) -> Digest {
+        Digest(self.icount as u128)
+    }
+    fn take_checkpoint(&mut self, _full: bool) -> Result<Vec<u8>, std::io::Error> {
+        Ok(self.icount.to_le_bytes().to_vec())
+    }
+    fn precopy_start(&self) {}
+    fn precopy_step(&self, _precopy: &mut (), _max_pages: usize) -> bool {
+        true
+    }
+    fn precopy_finish(&mut self, _precopy: ()) -> Result<Vec<u8>, std::io::Error> {
+        self.take_checkpoint(true)
+    }
+    fn add_digest(&self, _payload: &mut Vec<u8>) {}
+    fn apply_checkpoint(&mut self, _payload: &[u8]) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+    fn diverged(_error: &std::io::Error) -> bool {
+        false
+    }
+    fn checkpoint_pages(_payload: &[u8]) -> usize {
+        0
+    }
+}
+
+#[derive(Default, Clone)]
+struct Collect(Arc<Mutex<Vec<u8>>>);
+
+impl ConsoleSink for Collect {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Collect {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+fn driver(vm: FakeVm) -> (Driver<FakeVm>, mpsc::Sender<HostEvent>) {
+    let (tx, rx) = mpsc::channel();
+    (Driver::new(vm, rx, Clock::Fast), tx)
+}
+
+#[test]
+fn standalone_sends_every_output_in_order_and_ends_with_the_guests_code() {
+    let (mut driver, _tx) = driver(FakeVm::new(1_000_000, 5_000_000, 3));
+    let console = Collect::default();
+    let outcome = driver.run(&mut console.clone()).unwrap();
+    assert_eq!(outcome, Outcome::PowerOff { code: 3 });
+    assert_eq!(console.text(), "1000000;2000000;3000000;4000000;5000000;");
+    assert!(!driver.replicating());
+}
+
+/// Holds every output, counts slices, releases everything at the end; slices of 1.5 M.
+struct HoldAll {
+    held: Vec<Output>,
+    released: Vec<Output>,
+    slice_ends: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Mode<FakeVm> for HoldAll {
+    fn kind(&self) -> vmm::status::Mode {
+        vmm::status::Mode::Checkpoint
+    }
+    fn next_slice_end(&self, icount: u64) -> u64 {
+        icount + 1_500_000
+    }
+    fn on_outputs(&mut self, outputs: Vec<Output>) -> Vec<Output> {
+        self.held.extend(outputs);
+        Vec::new()
+    }
+    fn on_slice_end(&mut self, vm: &mut FakeVm, _idle: bool) -> Result<(), ModeError> {
+        self.slice_ends.lock().unwrap().push(vm.icount());
+        Ok(())
+    }
+    fn take_released(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.released)
+    }
+    fn begin_end(&mut self, _vm: &mut FakeVm, _exit_code: u32) -> Result<EndProgress, ModeError> {
+        self.released.append(&mut self.held);
+        Ok(EndProgress::Settled)
+    }
+}
+
+#[test]
+fn a_mode_decides_where_slices_end_and_what_leaves_and_the_driver_sends_what_it_releases() {
+    let (mut driver, _tx) = driver(FakeVm::new(1_000_000, 4_000_000, 0));
+    let slice_ends = Arc::new(Mutex::new(Vec::new()));
+    driver.set_mode(Box::new(HoldAll { held: Vec::new(), released: Vec::new(), slice_ends: slice_ends.clone() }));
+    assert!(driver.replicating());
+    assert_eq!(driver.status().mode, vmm::status::Mode::Checkpoint);
+    let console = Collect::default();
+    let outcome = driver.run(&mut console.clone()).unwrap();
+    assert_eq!(outcome, Outcome::PowerOff { code: 0 });
+    assert_eq!(*slice_ends.lock().unwrap(), vec![1_500_000, 3_000_000, 4_000_000]);
+    assert_eq!(console.text(), "1000000;2000000;3000000;4000000;", "released at the end, in order");
+}
+
+/// Sees inputs and the outputs that leave.
+#[derive(Clone, Default)]
+struct Watch {
+    inputs: Arc<Mutex<Vec<Input>>>,
+    left: Arc<Mutex<Vec<u64>>>,
+    ended: Arc<Mutex<Option<u32>>>,
+}
+
+impl Observer<FakeVm> for Watch {
+    fn on_input(&mut self, input: &Input) -> Result<(), ModeError> {
+        self.inputs.lock().unwrap().push(input.clone());
+        Ok(())
+    }
+    fn on_output_left(&mut self, output: &Output) {
+        self.left.lock().unwrap().push(output.icount);
+    }
+    fn on_end(&mut self, _vm: &FakeVm, exit_code: u32) {
+        *self.ended.lock().unwrap() = Some(exit_code);
+    }
+}
+
+#[test]
+fn an_observer_sees_each_input_as_stamped_and_each_output_as_it_leaves() {
+    let (mut driver, tx) = driver(FakeVm::new(1_000_000, 3_000_000, 9));
+    let watch = Watch::default();
+    driver.add_observer(Box::new(watch.clone()));
+    // Queued before the run: delivered after the first slice, stamped at its end.
+    tx.send(HostEvent::Console(b"k".to_vec())).unwrap();
+    let outcome = driver.run(&mut Collect::default()).unwrap();
+    assert_eq!(outcome, Outcome::PowerOff { code: 9 });
+    let inputs = watch.inputs.lock().unwrap().clone();
+    assert_eq!(inputs, vec![Input { icount: 2_000_000, kind: InputKind::Console(b"k".to_vec()) }]);
+    assert_eq!(driver.machine.inputs, inputs, "the machine took the same input");
+    assert_eq!(*watch.left.lock().unwrap(), vec![1_000_000, 2_000_000, 3_000_000]);
+    assert_eq!(*watch.ended.lock().unwrap(), Some(9));
+}
