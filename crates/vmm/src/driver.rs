@@ -586,6 +586,9 @@ impl<V: Vm + 'static> Driver<V> {
     /// the rest it holds (checkpoint mode: until the backup acknowledges their epoch).
     fn route_outputs(&mut self, console: &mut dyn ConsoleSink) -> Result<()> {
         let outputs = self.machine.take_outputs();
+        for observer in &mut self.observers {
+            observer.on_outputs_produced(&outputs);
+        }
         self.flush_released(console)?;
         let now = self.mode.on_outputs(outputs);
         self.send_outputs(now, console)

@@ -194,7 +194,7 @@ impl<V: Vm> Mode<V> for Standalone {
 }
 
 /// Watches a running VM without deciding anything: a recorder, the keeper's log. Sees the
-/// inputs as the mode does and the outputs as they leave (after output commit).
+/// inputs as the mode does, the outputs as produced and as they leave (after output commit).
 pub trait Observer<V: Vm> {
     /// An input the driver stamped, after the machine took it.
     fn on_input(&mut self, input: &Input) -> Result<(), ModeError> {
@@ -202,7 +202,13 @@ pub trait Observer<V: Vm> {
         Ok(())
     }
 
-    /// An output left for the outside world.
+    /// Outputs the last slice produced, in order, before the mode holds any (a recorder
+    /// digests these: what the machine did, whenever it leaves).
+    fn on_outputs_produced(&mut self, outputs: &[Output]) {
+        let _ = outputs;
+    }
+
+    /// An output left for the outside world (after output commit).
     fn on_output_left(&mut self, output: &Output) {
         let _ = output;
     }

@@ -230,6 +230,7 @@ fn a_mode_decides_where_slices_end_and_what_leaves_and_the_driver_sends_what_it_
 #[derive(Clone, Default)]
 struct Watch {
     inputs: Arc<Mutex<Vec<Input>>>,
+    produced: Arc<Mutex<Vec<u64>>>,
     left: Arc<Mutex<Vec<u64>>>,
     ended: Arc<Mutex<Option<u32>>>,
 }
@@ -238,6 +239,9 @@ impl Observer<FakeVm> for Watch {
     fn on_input(&mut self, input: &Input) -> Result<(), ModeError> {
         self.inputs.lock().unwrap().push(input.clone());
         Ok(())
+    }
+    fn on_outputs_produced(&mut self, outputs: &[Output]) {
+        self.produced.lock().unwrap().extend(outputs.iter().map(|o| o.icount));
     }
     fn on_output_left(&mut self, output: &Output) {
         self.left.lock().unwrap().push(output.icount);
@@ -259,6 +263,7 @@ fn an_observer_sees_each_input_as_stamped_and_each_output_as_it_leaves() {
     let inputs = watch.inputs.lock().unwrap().clone();
     assert_eq!(inputs, vec![Input { icount: 2_000_000, kind: InputKind::Console(b"k".to_vec()) }]);
     assert_eq!(driver.machine.inputs, inputs, "the machine took the same input");
+    assert_eq!(*watch.produced.lock().unwrap(), vec![1_000_000, 2_000_000, 3_000_000]);
     assert_eq!(*watch.left.lock().unwrap(), vec![1_000_000, 2_000_000, 3_000_000]);
     assert_eq!(*watch.ended.lock().unwrap(), Some(9));
 }
