@@ -282,3 +282,22 @@ fn when_the_api_fails_the_page_says_so_and_keeps_what_it_saw() {
     assert_eq!(seqs.expect("seqs"), json!([7, 6, 5, 4, 3, 2, 1]));
     assert_eq!(browser.exceptions(), &[] as &[String], "the page threw");
 }
+
+#[test]
+fn text_from_the_api_is_shown_as_text_never_as_markup() {
+    let mut cluster = protected_cluster();
+    let markup = "<img src=x id=injected onerror=\"document.body.dataset.owned='yes'\">";
+    cluster.events.push(event(5, "rule", "h1", markup));
+    cluster.hosts[2]["name"] = json!("<b id=bold>h3</b>");
+    let cluster: Shared = Arc::new(Mutex::new(cluster));
+    let base = serve(cluster);
+    let mut browser = Browser::launch().expect("launch chromium");
+    browser.navigate(&dashboard::page_url(&base, TOKEN)).expect("open the dashboard");
+    browser.wait_for("document.querySelectorAll('#timeline li').length == 5", WAIT).expect("the timeline");
+    let message = browser.evaluate("document.querySelector('#timeline li[data-kind=rule] .message').textContent");
+    assert_eq!(message.expect("message"), markup);
+    let host = browser.evaluate("document.querySelector('#hosts tbody tr:nth-child(3) td').textContent");
+    assert_eq!(host.expect("host"), "<b id=bold>h3</b>");
+    let injected = "[!!document.getElementById('injected'), !!document.getElementById('bold'), document.body.dataset.owned ?? null]";
+    assert_eq!(browser.evaluate(injected).expect("nothing injected"), json!([false, false, null]));
+}
