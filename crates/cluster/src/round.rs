@@ -1,0 +1,253 @@
+//! One round of the control loop: from what is declared and what one host observes, the
+//! actions that host takes now. A pure function — no memory of earlier rounds — so the loop
+//! converges from whatever state it finds (DESIGN.md §8). Every host computes the same
+//! decisions from the same observation and carries out only its own share; where two hosts
+//! see differently and both act, the ownership record decides (a primary starts only by
+//! swapping the record, a backup goes live only by swapping the generation its state belongs
+//! to), so a disagreement costs a refused start, never two live copies.
+//!
+//! Per declared VM:
+//! - its record ended → stop its replicas;
+//! - the record's owner runs it → that replica is the primary; any other replica claiming to
+//!   be primary is stopped (it lost its generation);
+//! - no record and nothing starting → place a primary on the best eligible host;
+//! - the owner's host is alive but runs no replica, and no backup holds the current
+//!   generation → start the primary there again (its state is gone with its process);
+//! - checkpoint protection: a primary with no backup gets one placed on another eligible host;
+//!   a primary not replicating to its backup is told to protect to it; extra backups stop.
+//!
+//! Replicas of VMs not declared, or of an earlier declaration of the same name, stop.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use store::VmState;
+
+use crate::observed::{HostView, Observed, ReplicaReport, ReplicaRole, HOST_FORGET_MS};
+use crate::spec::{Declared, DeclaredVm, Protection};
+use crate::HostState;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Start the VM from its images here; the process claims the ownership record.
+    StartPrimary { vm: String, uid: u64 },
+    /// Start a backup of the VM here, listening on this host's address.
+    StartBackup { vm: String, uid: u64 },
+    /// Tell this host's primary of the VM to replicate to `to` (`ctl protect`).
+    Protect { vm: String, uid: u64, to: String },
+    /// Stop a replica process on this host.
+    Stop { vm: String, uid: u64, pid: Option<u32>, reason: StopReason },
+    /// Remove a host's report from the store (silent for [`HOST_FORGET_MS`]).
+    ForgetHost { host: String },
+    /// Remove a key whose value is not what belongs there.
+    RemoveKey { key: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The VM is not declared (any more).
+    Undeclared,
+    /// The replica belongs to an earlier declaration of the name.
+    StaleDeclaration,
+    /// It claims to be primary but does not own the record.
+    NotOwner,
+    /// The VM ended (its record says so).
+    Ended,
+    /// More backups than the protection needs.
+    ExtraBackup,
+    /// On the primary's own host, where it protects nothing.
+    SameHostAsPrimary,
+    /// Its host is quarantined.
+    Quarantined,
+}
+
+/// The actions host `me` takes this round.
+pub fn round(me: &str, declared: &Declared, observed: &Observed) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for dv in declared.vms.values() {
+        actions.extend(vm_round(dv, declared, observed).into_iter().filter(|(host, _)| host == me).map(|(_, a)| a));
+    }
+    for (host, replica) in observed.live_replicas() {
+        if host == me && !declared.vms.contains_key(&replica.vm) {
+            actions.push(stop(replica, StopReason::Undeclared));
+        }
+    }
+    // Housekeeping falls to one host: the first alive one by name.
+    let janitor = observed.hosts.iter().find(|(_, view)| view.alive()).map(|(name, _)| name.as_str());
+    if janitor == Some(me) {
+        for (name, view) in &observed.hosts {
+            if view.silent_ms >= HOST_FORGET_MS {
+                actions.push(Action::ForgetHost { host: name.clone() });
+            }
+        }
+        for key in &observed.garbage_keys {
+            actions.push(Action::RemoveKey { key: key.clone() });
+        }
+    }
+    actions
+}
+
+fn stop(replica: &ReplicaReport, reason: StopReason) -> Action {
+    Action::Stop { vm: replica.vm.clone(), uid: replica.uid, pid: replica.pid, reason }
+}
+
+/// Every host's actions for one VM, each with the host that takes it.
+fn vm_round(dv: &DeclaredVm, declared: &Declared, observed: &Observed) -> Vec<(String, Action)> {
+    let name = &dv.spec.name;
+    let mut actions = Vec::new();
+    let mut replicas: Vec<(&str, &ReplicaReport)> = Vec::new();
+    for (host, replica) in observed.live_replicas().filter(|(_, r)| &r.vm == name) {
+        match replica.uid == dv.uid {
+            true => replicas.push((host, replica)),
+            false => actions.push((host.to_string(), stop(replica, StopReason::StaleDeclaration))),
+        }
+    }
+    let record = observed.owners.get(name).cloned().flatten();
+    if let Some(record) = &record {
+        if matches!(record.state, VmState::Ended { .. }) {
+            actions.extend(replicas.iter().map(|(host, r)| (host.to_string(), stop(r, StopReason::Ended))));
+            return actions;
+        }
+    }
+    let owner = record.as_ref().map(|r| r.owner.as_str());
+    // The primary: the record's owner's replica claiming the role. Every other claim is stale.
+    // Two claims on the owner's host: the later generation wins (a report may lag the record
+    // by a swap, never lead it).
+    let primary = replicas
+        .iter()
+        .filter(|(host, r)| Some(*host) == owner && r.role == ReplicaRole::Primary)
+        .max_by_key(|(_, r)| (r.generation, std::cmp::Reverse(r.pid)))
+        .copied();
+    for (host, replica) in &replicas {
+        let is_primary = primary.is_some_and(|(h, p)| h == *host && std::ptr::eq(p, *replica));
+        if replica.role == ReplicaRole::Primary && !is_primary {
+            actions.push((host.to_string(), stop(replica, StopReason::NotOwner)));
+        }
+    }
+    let others: Vec<(&str, &ReplicaReport)> =
+        replicas.iter().filter(|(_, r)| r.role != ReplicaRole::Primary).copied().collect();
+    match primary {
+        Some((primary_host, primary)) => {
+            actions.extend(protect_round(dv, declared, observed, (primary_host, primary), &others, &replicas));
+        }
+        None => {
+            let starting = others.iter().any(|(_, r)| r.role == ReplicaRole::Starting);
+            let current_generation = record.as_ref().map(|r| r.generation);
+            let backup_can_take_over = others.iter().any(|(_, r)| {
+                r.role == ReplicaRole::Backup && r.generation.is_some() && r.generation == current_generation
+            });
+            let owner_alive = owner.is_some_and(|o| observed.hosts.get(o).is_some_and(HostView::alive));
+            let start_on = match owner {
+                // The owner's process is gone, and no backup can continue the VM.
+                // (A backup left on that host, stale, does not hold the VM: it is stopped once the
+                // primary runs beside it.)
+                Some(o) if owner_alive && !starting && !backup_can_take_over => Some(o.to_string()),
+                Some(_) => None,
+                // Claims without a record are being stopped: place only once they are gone.
+                None if !starting && replicas.iter().all(|(_, r)| r.role != ReplicaRole::Primary) => {
+                    choose_host(dv, declared, observed, &replicas)
+                }
+                None => None,
+            };
+            if let Some(host) = start_on {
+                actions.push((host, Action::StartPrimary { vm: name.clone(), uid: dv.uid }));
+            }
+        }
+    }
+    actions
+}
+
+/// A primary runs on `primary_host`: give it the backups its protection needs.
+fn protect_round(
+    dv: &DeclaredVm,
+    declared: &Declared,
+    observed: &Observed,
+    (primary_host, primary): (&str, &ReplicaReport),
+    others: &[(&str, &ReplicaReport)],
+    all: &[(&str, &ReplicaReport)],
+) -> Vec<(String, Action)> {
+    let name = &dv.spec.name;
+    let mut actions = Vec::new();
+    let mut candidates = Vec::new();
+    for (host, replica) in others {
+        let quarantined = declared.host_states.get(*host) == Some(&HostState::Quarantined);
+        let reason = match () {
+            _ if dv.spec.protection == Protection::None && replica.role == ReplicaRole::Backup => {
+                Some(StopReason::ExtraBackup)
+            }
+            _ if *host == primary_host && dv.spec.placement.distinct_hosts => Some(StopReason::SameHostAsPrimary),
+            _ if quarantined => Some(StopReason::Quarantined),
+            _ => None,
+        };
+        match reason {
+            Some(reason) => actions.push((host.to_string(), stop(replica, reason))),
+            None => candidates.push((*host, *replica)),
+        }
+    }
+    if dv.spec.protection == Protection::None {
+        return actions;
+    }
+    // Keep the backup the primary replicates to, else the first ready one; stop the rest.
+    let ready = |r: &ReplicaReport| r.role == ReplicaRole::Backup && r.listen.is_some();
+    let keep = candidates
+        .iter()
+        .find(|(_, r)| ready(r) && r.listen.is_some() && r.listen == primary.backup_to)
+        .or_else(|| candidates.iter().find(|(_, r)| ready(r)))
+        .copied();
+    let starting = candidates.iter().any(|(_, r)| r.role == ReplicaRole::Starting);
+    for (host, replica) in &candidates {
+        let kept = keep.is_some_and(|(h, _)| h == *host);
+        if replica.role == ReplicaRole::Backup && !kept {
+            actions.push((host.to_string(), stop(replica, StopReason::ExtraBackup)));
+        }
+    }
+    match keep {
+        Some((_, backup)) if backup.listen != primary.backup_to => {
+            if let Some(to) = &backup.listen {
+                actions.push((
+                    primary_host.to_string(),
+                    Action::Protect { vm: name.clone(), uid: dv.uid, to: to.clone() },
+                ));
+            }
+        }
+        Some(_) => {}
+        None if !starting => {
+            // Hosts with any replica of the VM, even one being stopped, wait for the next round.
+            if let Some(host) = choose_host(dv, declared, observed, all) {
+                actions.push((host, Action::StartBackup { vm: name.clone(), uid: dv.uid }));
+            }
+        }
+        None => {}
+    }
+    actions
+}
+
+/// The best eligible host for a new replica of `dv`: alive, active, with the labels asked
+/// for and none of those to avoid, enough free memory, and (distinct hosts) no replica of the
+/// VM yet; the least loaded first, then by name, so every observer picks the same one.
+pub fn choose_host(
+    dv: &DeclaredVm,
+    declared: &Declared,
+    observed: &Observed,
+    occupied: &[(&str, &ReplicaReport)],
+) -> Option<String> {
+    let placement = &dv.spec.placement;
+    let taken: BTreeSet<&str> = occupied.iter().map(|(host, _)| *host).collect();
+    let needed_mib = dv.spec.memory_mib.saturating_add(placement.min_free_memory_mib);
+    observed
+        .hosts
+        .iter()
+        .filter(|(_, view)| view.alive())
+        .filter(|(name, _)| declared.host_states.get(*name).copied().unwrap_or_default() == HostState::Active)
+        .filter(|(name, _)| !placement.distinct_hosts || !taken.contains(name.as_str()))
+        .filter(|(_, view)| placement.labels.iter().all(|(k, v)| view.report.labels.get(k) == Some(v)))
+        .filter(|(_, view)| !placement.avoid_labels.iter().any(|(k, v)| view.report.labels.get(k) == Some(v)))
+        .filter(|(_, view)| view.report.memory_mib_free >= needed_mib)
+        .min_by_key(|(name, view)| (view.report.replicas.len(), name.as_str()))
+        .map(|(name, _)| name.clone())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+//! One round from hand-made states: each test names the behaviour it pins down.
+
+use super::*;
+use crate::observed::HostReport;
+use crate::spec::VmSpec;
+use store::OwnershipRecord;
+
+pub(crate) fn declared(names: &[(&str, Protection)]) -> Declared {
+    let mut declared = Declared::default();
+    for (uid, (name, protection)) in names.iter().enumerate() {
+        let spec: VmSpec = serde_json::from_value(serde_json::json!({"name": name})).unwrap();
+        let spec = VmSpec { protection: *protection, ..spec }.checked().unwrap();
+        declared.vms.insert(name.to_string(), DeclaredVm { spec, uid: uid as u64 + 1, created_ms: 0 });
+    }
+    declared
+}
+
+fn host(name: &str, replicas: Vec<ReplicaReport>) -> (String, HostView) {
+    let report = HostReport {
+        name: name.into(),
+        labels: Default::default(),
+        address: format!("10.0.0.{}", name.len()),
+        api: String::new(),
+        memory_mib_free: 4096,
+        seq: 1,
+        time_ms: 0,
+        replicas,
+    };
+    (name.to_string(), HostView { report, silent_ms: 0 })
+}
+
+fn replica(vm: &str, uid: u64, role: ReplicaRole) -> ReplicaReport {
+    ReplicaReport {
+        vm: vm.into(),
+        uid,
+        role,
+        pid: Some(100),
+        listen: (role == ReplicaRole::Backup).then(|| format!("{vm}-backup:7000")),
+        backup_to: None,
+        protected: None,
+        generation: Some(1),
+        epoch: None,
+        lag_epochs: None,
+        took_over_generation: None,
+    }
+}
+
+fn owned_by(vm: &str, owner: &str, generation: u64) -> (String, Option<OwnershipRecord>) {
+    (vm.to_string(), Some(OwnershipRecord { generation, owner: owner.into(), state: store::VmState::Active }))
+}
+
+#[test]
+fn a_new_vm_gets_its_primary_on_the_least_loaded_host() {
+    let declared = declared(&[("web", Protection::Checkpoint)]);
+    let busy = replica("other", 9, ReplicaRole::Backup);
+    let observed = Observed {
+        hosts: [host("a", vec![busy]), host("b", vec![]), host("c", vec![])].into_iter().collect(),
+        ..Default::default()
+    };
+    assert_eq!(round("b", &declared, &observed), [Action::StartPrimary { vm: "web".into(), uid: 1 }]);
+    assert_eq!(round("c", &declared, &observed), [], "every host picks the same one");
+    // Host a also stops the replica of a VM nobody declared.
+    assert!(matches!(&round("a", &declared, &observed)[..], [Action::Stop { reason: StopReason::Undeclared, .. }]));
+}
+
+#[test]
+fn a_primary_without_backup_gets_one_elsewhere_then_protects_to_it() {
+    let declared = declared(&[("web", Protection::Checkpoint)]);
+    let mut observed = Observed {
+        hosts: [host("a", vec![replica("web", 1, ReplicaRole::Primary)]), host("b", vec![])].into_iter().collect(),
+        owners: [owned_by("web", "a", 1)].into_iter().collect(),
+        ..Default::default()
+    };
+    assert_eq!(round("b", &declared, &observed), [Action::StartBackup { vm: "web".into(), uid: 1 }]);
+    assert_eq!(round("a", &declared, &observed), [], "never on the primary's own host");
+    observed.hosts.insert("b".into(), host("b", vec![replica("web", 1, ReplicaRole::Backup)]).1);
+    let protect = Action::Protect { vm: "web".into(), uid: 1, to: "web-backup:7000".into() };
+    assert_eq!(round("a", &declared, &observed), [protect]);
+}
+
+#[test]
+fn a_replica_claiming_primary_without_the_record_is_stopped() {
+    let declared = declared(&[("web", Protection::Checkpoint)]);
+    let observed = Observed {
+        hosts: [
+            host("a", vec![replica("web", 1, ReplicaRole::Primary)]),
+            host("b", vec![replica("web", 1, ReplicaRole::Primary)]),
+        ]
+        .into_iter()
+        .collect(),
+        owners: [owned_by("web", "b", 2)].into_iter().collect(),
+        ..Default::default()
+    };
+    assert!(matches!(&round("a", &declared, &observed)[..], [Action::Stop { reason: StopReason::NotOwner, .. }]));
+    assert!(!round("b", &declared, &observed).iter().any(|a| matches!(a, Action::Stop { .. })));
+}
+
+#[test]
+fn a_silent_owner_is_waited_for_not_replaced() {
+    let declared = declared(&[("web", Protection::Checkpoint)]);
+    let (name, mut dead) = host("a", vec![replica("web", 1, ReplicaRole::Primary)]);
+    dead.silent_ms = 60_000;
+    let observed = Observed {
+        hosts: [(name, dead), host("b", vec![replica("web", 1, ReplicaRole::Backup)]), host("c", vec![])]
+            .into_iter()
+            .collect(),
+        owners: [owned_by("web", "a", 1)].into_iter().collect(),
+        ..Default::default()
+    };
+    // The backup takes over by itself (swapping the generation); nobody starts a primary.
+    for me in ["a", "b", "c"] {
+        assert_eq!(round(me, &declared, &observed), [], "{me}");
+    }
+}
+
+#[test]
+fn replicas_of_an_ended_or_redeclared_vm_stop() {
+    let declared = declared(&[("web", Protection::None)]);
+    let mut observed = Observed {
+        hosts: [host("a", vec![replica("web", 7, ReplicaRole::Primary)])].into_iter().collect(),
+        ..Default::default()
+    };
+    assert_eq!(
+        round("a", &declared, &observed)[0],
+        Action::Stop { vm: "web".into(), uid: 7, pid: Some(100), reason: StopReason::StaleDeclaration }
+    );
+    observed.hosts.insert("a".into(), host("a", vec![replica("web", 1, ReplicaRole::Primary)]).1);
+    let ended = OwnershipRecord { generation: 3, owner: "a".into(), state: store::VmState::Ended { exit_code: 0 } };
+    observed.owners.insert("web".into(), Some(ended));
+    assert!(matches!(&round("a", &declared, &observed)[..], [Action::Stop { reason: StopReason::Ended, .. }]));
+}

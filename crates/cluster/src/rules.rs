@@ -1,0 +1,1 @@
+//! User rules: conditions over observed facts, actions from a fixed set (see the agent).
