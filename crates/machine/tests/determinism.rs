@@ -7,7 +7,7 @@
 //! These boot part of the way into Linux (a hundred million instructions or so), so
 //! they need the guest image (scripts/test builds it) and an optimized build.
 
-use machine::{Input, InputKind, Machine, MachineConfig, RunExit};
+use machine::{Cpu, Input, InputKind, Machine, MachineConfig, RunExit};
 use std::path::PathBuf;
 
 fn guest_out() -> PathBuf {
@@ -170,4 +170,16 @@ fn the_log_carries_the_clock_rates_and_the_rtc_the_kernel_reads() {
     let later = replayed(&MachineConfig { boot_unix_ns: BOOT_UNIX_NS + 1_000_000_000, ..config() }, &log, END, END);
     assert!(same.rtc().time_high != 0, "the kernel read the clock");
     assert_ne!(same.ram().as_slice(), later.ram().as_slice(), "the boot time reached guest memory");
+}
+
+#[test]
+fn a_log_recorded_on_either_engine_replays_exactly_on_the_other() {
+    // The engine is a matter of speed only: a run recorded with compiled code replays on
+    // the interpreter, and the other way round, in budgets that cut blocks anywhere.
+    let end = *CHECKPOINTS.last().unwrap();
+    for (recorded_on, replayed_on) in [(Cpu::Jit, Cpu::Interpreter), (Cpu::Interpreter, Cpu::Jit)] {
+        let (live, log) = live_run_at(&MachineConfig { cpu: recorded_on, ..config() }, &injected_inputs(), &[end]);
+        let replay = replay_with(&MachineConfig { cpu: replayed_on, ..config() }, &log, end, 9_999_991);
+        assert_eq!(replay, live[0], "recorded on {recorded_on:?}, replayed on {replayed_on:?}");
+    }
 }
