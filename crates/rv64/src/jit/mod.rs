@@ -47,8 +47,13 @@
 //! on the shared 2-core development machine): one ALU instruction 35 µs, eight 52 µs,
 //! eight with three loads and stores 206 µs, 32 mixed 830 µs; over a boot, a region takes
 //! about 1 ms. Cranelift's `opt_level = "none"` compiles 1.3-1.5x faster (27, 44, 138 and
-//! 630 µs), but the code of `"speed"` runs the gzip workload 8% faster (the boot, md5 and
-//! the shell loop the same): chosen. The single-pass register allocator compiles twice as
+//! 630 µs); on a quiet host the code of `"speed"` ran the gzip workload 8% faster (the
+//! boot, md5 and the shell loop the same), and it was the choice until the host got busy.
+//! With the 2 cores shared by other work (load 4-4.5), the compiler's thread waits for a
+//! core, and code that comes sooner matters more than code a little faster: whole runs of
+//! `ftvm run --stats`, two each, `"none"` against `"speed"`: the boot 2.66/2.84 s against
+//! 3.44/4.47 s, md5 4.09/4.14 against 4.28/4.53, gzip 5.59/5.70 against 5.74/5.52, the
+//! shell loop 5.82 against 6.02. `"none"` is the choice now. The single-pass register allocator compiles twice as
 //! fast but made the md5 workload a third slower. Hence regions only for code that ran
 //! 4096 times (256 and 1024 compiled so much that the compiler fell behind and the boot
 //! was slower; 16384 left too much interpreted), and compiling off the hart's thread.
@@ -108,7 +113,7 @@ pub struct JitStats {
     pub blocks_compiled: u64,
     /// Blocks the translator refused (they stay interpreted).
     pub blocks_refused: u64,
-    /// Time spent compiling, in nanoseconds (on the compiler's thread when it has one).
+    /// CPU time spent compiling, in nanoseconds (of the compiler's thread when it has one).
     pub compile_ns: u64,
     /// Host code generated, in bytes (over all flushes).
     pub code_bytes: u64,
@@ -501,13 +506,7 @@ unsafe extern "C" fn rare<B: Bus>(ctx: *mut JitCtx, op: *const MicroOp, pc: u64)
 mod tests {
     use super::*;
 
-    /// CPU time of this thread (the machine is shared: wall time says little).
-    fn thread_cpu_ns() -> u64 {
-        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-    }
+    use worker::thread_cpu_ns;
 
     /// Compile time per block shape (prints figures; run with --ignored --nocapture).
     #[test]
