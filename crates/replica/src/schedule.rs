@@ -86,6 +86,21 @@ impl<O> CheckpointSchedule<O> {
         self.held.len()
     }
 
+    /// The kind to ask for at a slice's end, from the protocol's advice
+    /// ([`crate::Primary::next_checkpoint_kind`]) and the newest epoch the protocol had been
+    /// given when it advised ([`crate::Primary::last_taken_epoch`]). Advice read across a
+    /// thread may predate the checkpoint handed over last (it may still say Full for a full
+    /// checkpoint just taken, and a second one would be pre-copied and sent for nothing), so
+    /// until the protocol has seen that checkpoint the chain is taken to continue: an
+    /// incremental it cannot use is dropped, never sent, and its next advice says Full again.
+    pub fn wanted(&self, advice: CheckpointKind, advised_after_epoch: Option<u64>) -> CheckpointKind {
+        if advised_after_epoch.unwrap_or(0) == self.epoch {
+            advice
+        } else {
+            CheckpointKind::Incremental
+        }
+    }
+
     /// The guest produced `output`: it belongs to the running epoch and waits for its release.
     pub fn hold(&mut self, output: O) {
         self.held.push(self.epoch + 1, output).unwrap_or_else(|_| unreachable!("the buffer has no limit"));
@@ -208,6 +223,16 @@ mod tests {
         assert_eq!(s.on_slice_end(28, false, Full), SliceAction::StartPrecopy);
         assert_eq!(s.checkpoint_taken(30), 1);
         assert!(!s.is_precopying());
+    }
+
+    #[test]
+    fn advice_older_than_the_last_checkpoint_is_taken_to_continue_the_chain() {
+        let mut s = schedule();
+        assert_eq!(s.wanted(Full, None), Full);
+        s.checkpoint_taken(25);
+        assert_eq!(s.wanted(Full, None), Incremental, "the protocol has not seen epoch 1 yet");
+        assert_eq!(s.wanted(Full, Some(1)), Full);
+        assert_eq!(s.wanted(CheckpointKind::Discard, Some(1)), CheckpointKind::Discard);
     }
 
     #[test]

@@ -45,9 +45,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use replica::{
-    Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, CheckpointKind, ConnId, OutputBuffer,
+    Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, CheckpointKind, CheckpointSchedule, ConnId,
     PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, Protection, ProtocolError, RecordView,
-    SwapAnswer,
+    ScheduleConfig, SliceAction, SwapAnswer,
 };
 
 const DEFAULT_SEEDS: u64 = 200;
@@ -57,8 +57,13 @@ const PAGE_BYTES: usize = 16;
 const EPOCH_MS: u64 = 25;
 const DIGEST: [u8; 32] = [0x5a; 32];
 const HOSTS: [&str; 2] = ["a", "b"];
-/// Outputs a guest may have waiting before it must pause.
-const OUTPUT_LIMIT: usize = 4096;
+/// Outputs a guest may have waiting before it must pause (the schedule's back-pressure).
+const OUTPUT_LIMIT: usize = 64;
+/// Chances that a guest's slice is idle (it waits for an interrupt), and that it outputs.
+const IDLE_SLICE: f64 = 0.4;
+const OUTPUT_SLICE: f64 = 0.15;
+/// Pages a pre-copy step scans at most.
+const PRECOPY_STEP_PAGES: u64 = 8;
 /// With no fault for this long, the VM must be protected again.
 const QUIET_MS: u64 = 1500;
 const MAX_PENDING_HANDSHAKES: usize = 8;
@@ -119,6 +124,10 @@ struct Setup {
     max_log_bytes: u64,
     /// A host whose process died starts a new one this long after.
     restart_ms: (u64, u64),
+    /// A protected primary is unprotected about this often, and protected again (to a fresh
+    /// backup) after the given wait.
+    unprotect_every_ms: Option<u64>,
+    reprotect_after_ms: (u64, u64),
 }
 
 impl Setup {
@@ -135,6 +144,8 @@ impl Setup {
             end_after_epochs: if rng.chance(0.3) { Some(rng.range(3, 200)) } else { None },
             max_log_bytes: rng.pick(&[1 << 20, 1 << 20, 2000]),
             restart_ms: (50, 1500),
+            unprotect_every_ms: if rng.chance(0.2) { Some(rng.pick(&[300, 1000, 3000])) } else { None },
+            reprotect_after_ms: (0, 400),
         }
     }
 
@@ -152,6 +163,8 @@ impl Setup {
             end_after_epochs: None,
             max_log_bytes: 1 << 20,
             restart_ms: (1500, 1500),
+            unprotect_every_ms: None,
+            reprotect_after_ms: (100, 100),
         }
     }
 }
@@ -238,18 +251,29 @@ struct Connection {
     recording: Option<usize>,
 }
 
+/// A primary: the protocol core, and the guest run by checkpoint mode's real schedule (as
+/// `vmm`'s CheckpointPrimary applies it) instead of a model of its own.
 struct PrimaryNode {
     core: Primary,
     run: u64,
     pages: Pages,
     dirty: Vec<bool>,
-    outputs: OutputBuffer<u64>,
-    next_epoch: u64,
-    next_epoch_ms: u64,
+    /// Epochs, pre-copy, held outputs (each output is the epoch it was held in), back-pressure.
+    schedule: CheckpointSchedule<u64>,
+    /// The advice the replication thread last published: (next kind, newest epoch it had).
+    advice: (CheckpointKind, Option<u64>),
+    /// A full checkpoint being copied while the guest runs: the next page to scan, and the
+    /// payload so far.
+    precopy: Option<(usize, Vec<u8>)>,
     conn: Option<ConnId>,
     next_connect_ms: u64,
     /// The guest powered off (VmEnded was fed).
     ended: bool,
+    /// An unprotect was asked for and not yet answered.
+    unprotecting: bool,
+    /// Replication stopped (unprotect): the VM runs alone, outputs leave at once, and a new
+    /// backup is attached (`ctl protect`) at this time.
+    alone_until: Option<u64>,
 }
 
 struct BackupNode {
@@ -347,10 +371,11 @@ struct RunInfo {
     final_epoch: Option<u64>,
 }
 
-/// One boot of the VM: its guest powers off at `end_epoch` with `exit_code`.
+/// One boot of the VM: its guest powers off at the first slice at or after `end_ms` with
+/// `exit_code`.
 #[derive(Debug, Clone, Copy)]
 struct Boot {
-    end_epoch: Option<u64>,
+    end_ms: Option<u64>,
     exit_code: u32,
     ended: bool,
 }
@@ -378,6 +403,16 @@ struct Stats {
     /// Takeovers from a state in which the guest had already powered off (it then ends again
     /// at once, with the same exit code: nothing is executed twice).
     go_lives_after_power_off: u64,
+    /// Pre-copies of a full checkpoint started, and abandoned before they finished.
+    precopies: u64,
+    abandoned_precopies: u64,
+    /// Slices in which the guest waited for acknowledgements (back-pressure).
+    back_pressure_waits: u64,
+    /// Unprotects asked, answered (Detached), backups told (StandDown), protected again.
+    unprotects: u64,
+    detaches: u64,
+    stand_downs: u64,
+    reprotects: u64,
     /// Why connections closed, by error kind.
     close_reasons: BTreeMap<String, u64>,
 }
@@ -402,6 +437,13 @@ impl Stats {
         self.backup_exits += other.backup_exits;
         self.quiet_checks += other.quiet_checks;
         self.go_lives_after_power_off += other.go_lives_after_power_off;
+        self.precopies += other.precopies;
+        self.abandoned_precopies += other.abandoned_precopies;
+        self.back_pressure_waits += other.back_pressure_waits;
+        self.unprotects += other.unprotects;
+        self.detaches += other.detaches;
+        self.stand_downs += other.stand_downs;
+        self.reprotects += other.reprotects;
         for (kind, count) in &other.close_reasons {
             *self.close_reasons.entry(kind.clone()).or_default() += count;
         }
@@ -564,7 +606,7 @@ impl Sim {
 
     fn step(&mut self) -> Result<(), String> {
         self.now += self.rng.range(1, 4);
-        self.inject_faults();
+        self.inject_faults()?;
         self.restarts();
         self.strangers();
         self.ticks()?;
@@ -651,14 +693,14 @@ impl Sim {
                 let bound = info.released.unwrap_or(0);
                 info.release_bound = Some(info.release_bound.map_or(bound, |b| b.min(bound)));
             }
-            let end_epoch = self.setup.end_after_epochs;
+            let end_ms = self.setup.end_after_epochs.map(|epochs| self.now + epochs * EPOCH_MS);
             let exit_code = self.rng.below(250) as u32 + 1;
-            self.boots.push(Boot { end_epoch, exit_code, ended: false });
+            self.boots.push(Boot { end_ms, exit_code, ended: false });
             self.stats.fresh_boots += 1;
             let run = self.rng.next();
             let pages = vec![[0; PAGE_BYTES]; PAGES];
             self.note(|| format!("{owner}: boots the VM as run {run:x} at generation {generation}"));
-            Role::Primary(self.new_primary(run, generation, None, pages, 1))
+            Role::Primary(self.new_primary(run, generation, None, pages))
         } else {
             self.note(|| format!("{owner}: starts as a backup"));
             Role::Backup(BackupNode {
@@ -670,29 +712,26 @@ impl Sim {
         self.procs[host] = Some(Process { incarnation, frozen_until: 0, role });
     }
 
-    fn new_primary(
-        &mut self,
-        run: u64,
-        generation: u64,
-        parent: Option<(u64, u64)>,
-        pages: Pages,
-        first_epoch: u64,
-    ) -> PrimaryNode {
+    fn new_primary(&mut self, run: u64, generation: u64, parent: Option<(u64, u64)>, pages: Pages) -> PrimaryNode {
         let boot = self.boots.len() as u64 - 1;
         let info =
             RunInfo { boot, parent, released: None, release_bound: None, marked_ended: false, final_epoch: None };
         self.runs.insert(run, info);
+        let core = Primary::new(self.primary_config(run), generation, self.now);
+        let config = ScheduleConfig { max_held_outputs: OUTPUT_LIMIT, ..ScheduleConfig::new(EPOCH_MS) };
         PrimaryNode {
-            core: Primary::new(self.primary_config(run), generation, self.now),
+            advice: (core.next_checkpoint_kind(), None),
+            core,
             run,
             pages,
             dirty: vec![true; PAGES],
-            outputs: OutputBuffer::new(OUTPUT_LIMIT),
-            next_epoch: first_epoch,
-            next_epoch_ms: self.now + EPOCH_MS,
+            schedule: CheckpointSchedule::new(config, self.now),
+            precopy: None,
             conn: None,
             next_connect_ms: self.now,
             ended: false,
+            unprotecting: false,
+            alone_until: None,
         }
     }
 
@@ -770,7 +809,7 @@ impl Sim {
     // -----------------------------------------------------------------------------------------
     // Faults
 
-    fn inject_faults(&mut self) {
+    fn inject_faults(&mut self) -> Result<(), String> {
         let f = self.faults;
         let now = self.now;
         if self.rng.chance(f.crash) {
@@ -797,6 +836,13 @@ impl Sim {
                 self.disturb(until);
             }
         }
+        if let Some(every) = self.setup.unprotect_every_ms {
+            if self.rng.chance(1.0 / every as f64) {
+                if let Some(host) = (0..2).find(|&h| self.primary(h).is_some_and(|p| p.core.is_streaming())) {
+                    self.unprotect(host)?;
+                }
+            }
+        }
         if self.rng.chance(f.store_outage) {
             let host = self.rng.below(2) as usize;
             let until = now + self.rng.range(50, 1500);
@@ -804,6 +850,7 @@ impl Sim {
             self.note(|| format!("{} cannot reach the store until {until}", HOSTS[host]));
             self.disturb(until);
         }
+        Ok(())
     }
 
     /// A reset: part of what is in flight is lost; each side learns of it, or (half-open)
@@ -1089,7 +1136,7 @@ impl Sim {
                 continue;
             }
             let Some(p) = self.primary(host) else { continue };
-            if p.conn.is_some() || now < p.next_connect_ms || p.core.stopped().is_some() {
+            if p.conn.is_some() || now < p.next_connect_ms || p.core.stopped().is_some() || p.alone_until.is_some() {
                 continue;
             }
             let retry = now + self.rng.range(10, 60);
@@ -1264,9 +1311,13 @@ impl Sim {
             if !self.awake(host) {
                 continue;
             }
-            if let Some(p) = self.primary_mut(host) {
+            if let Some(p) = self.primary_mut(host).filter(|p| p.alone_until.is_none()) {
                 let actions = p.core.step(PrimaryEvent::Tick { now_ms });
                 self.on_primary(host, actions)?;
+                // The replication thread publishes its advice after each tick.
+                if let Some(p) = self.primary_mut(host) {
+                    p.advice = (p.core.next_checkpoint_kind(), p.core.last_taken_epoch());
+                }
             } else if let Some(b) = self.backup_mut(host) {
                 let actions = b.core.step(BackupEvent::Tick { now_ms });
                 self.on_backup(host, actions)?;
@@ -1275,72 +1326,212 @@ impl Sim {
         Ok(())
     }
 
-    /// The guest runs an epoch on each primary: changes a few pages, produces an output, is
-    /// checkpointed; at its boot's last epoch it powers off.
+    /// The guest runs a slice on each primary (unless the schedule holds it back): it writes
+    /// a few pages, maybe outputs, maybe idles; then the slice ends as the runtime ends it,
+    /// doing what the real schedule says. At its boot's end it powers off.
     fn guests(&mut self) -> Result<(), String> {
         for host in 0..2 {
-            let now = self.now;
             if !self.awake(host) {
                 continue;
             }
-            let ignore_advice = self.rng.chance(self.faults.ignore_advice);
-            let changes = self.rng.range(0, 3);
             let Some(p) = self.primary(host) else { continue };
-            let ready = now >= p.next_epoch_ms && !p.ended && p.core.stopped().is_none();
-            if !ready || p.outputs.len() >= OUTPUT_LIMIT {
+            if p.ended {
                 continue;
             }
+            // (A detached core counts as stopped: the VM runs on alone.)
+            if p.alone_until.is_some() {
+                self.alone_slice(host)?;
+                continue;
+            }
+            if p.core.stopped().is_some() {
+                continue;
+            }
+            let waits = p.schedule.must_wait();
             let run = p.run;
-            let epoch = p.next_epoch;
             let boot = self.boots[self.runs[&run].boot as usize];
-            let last = boot.end_epoch.is_some_and(|end| epoch >= end);
-            let mut kind = p.core.next_checkpoint_kind();
-            if ignore_advice {
-                self.disturb(now + 1);
-                kind = match kind {
-                    CheckpointKind::Full => CheckpointKind::Incremental,
-                    CheckpointKind::Incremental | CheckpointKind::Discard => CheckpointKind::Full,
-                };
-            }
+            let idle = self.rng.chance(IDLE_SLICE);
+            let output = !waits && self.rng.chance(OUTPUT_SLICE);
             let mut writes = Vec::new();
-            for _ in 0..changes {
-                writes.push((self.rng.below(PAGES as u64) as usize, self.rng.next().to_le_bytes()));
+            if !waits && !idle {
+                for _ in 0..self.rng.range(0, 2) {
+                    writes.push((self.rng.below(PAGES as u64) as usize, self.rng.next().to_le_bytes()));
+                }
             }
+            let ignore_advice = self.rng.chance(self.faults.ignore_advice);
+            let step_pages = self.rng.range(1, PRECOPY_STEP_PAGES) as usize;
+            let powers_off = !waits && boot.end_ms.is_some_and(|end| self.now >= end);
+            let now = self.now;
             let p = self.primary_mut(host).expect("checked");
-            p.next_epoch_ms = now + EPOCH_MS;
-            p.next_epoch = epoch + 1;
             for (index, bytes) in writes {
                 p.pages[index][..8].copy_from_slice(&bytes);
                 p.dirty[index] = true;
             }
-            p.outputs.push(epoch, epoch).map_err(|e| e.to_string())?;
-            let payload = match kind {
-                CheckpointKind::Full => encode_pages(&p.pages, 0..PAGES),
-                CheckpointKind::Incremental => encode_pages(&p.pages, (0..PAGES).filter(|&i| p.dirty[i])),
-                CheckpointKind::Discard => Vec::new(),
-            };
-            p.dirty.iter_mut().for_each(|d| *d = false);
-            let icount = epoch * 1000;
-            let pages = p.pages.clone();
-            let actions = p.core.step(PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload });
-            self.history.insert((run, epoch), (pages, icount));
-            self.stats.epochs_taken += 1;
-            self.on_primary(host, actions)?;
-            if last {
-                let Some(p) = self.primary_mut(host) else { continue };
-                p.ended = true;
-                let actions = p.core.step(PrimaryEvent::VmEnded { epoch, exit_code: boot.exit_code });
-                let info = self.runs.get_mut(&run).expect("known");
-                info.final_epoch = Some(epoch);
-                let boot_index = info.boot as usize;
-                self.boots[boot_index].ended = true;
-                self.vm_over = true;
-                self.stats.ends += 1;
-                self.note(|| format!("run {run:x}: the guest powers off at epoch {epoch} ({})", boot.exit_code));
-                self.on_primary(host, actions)?;
+            if output {
+                let epoch = p.schedule.epoch() + 1;
+                p.schedule.hold(epoch);
+            }
+            if waits {
+                self.stats.back_pressure_waits += 1;
+            }
+            if powers_off {
+                self.power_off(host, boot.exit_code)?;
+                continue;
+            }
+            let p = self.primary_mut(host).expect("checked");
+            let mut wanted = p.schedule.wanted(p.advice.0, p.advice.1);
+            if ignore_advice {
+                self.disturb(now + 1);
+                wanted = match wanted {
+                    CheckpointKind::Full => CheckpointKind::Incremental,
+                    CheckpointKind::Incremental | CheckpointKind::Discard => CheckpointKind::Full,
+                };
+            }
+            let p = self.primary_mut(host).expect("checked");
+            match p.schedule.on_slice_end(now, idle, wanted) {
+                SliceAction::Continue => {}
+                SliceAction::StartPrecopy => {
+                    check!(p.precopy.is_none(), "run {run:x}: a second pre-copy started");
+                    p.precopy = Some((0, Vec::new()));
+                    self.stats.precopies += 1;
+                }
+                SliceAction::AbandonPrecopy => {
+                    check!(p.precopy.take().is_some(), "run {run:x}: abandoned a pre-copy never started");
+                    self.stats.abandoned_precopies += 1;
+                }
+                SliceAction::StepPrecopy => {
+                    let (next, payload) = p.precopy.as_mut().ok_or("stepped a pre-copy never started")?;
+                    let end = (*next + step_pages).min(PAGES);
+                    payload.extend(encode_pages(&p.pages, *next..end));
+                    *next = end;
+                    if end == PAGES {
+                        // Finish (the guest stopped): what was written meanwhile, appended.
+                        let (_, mut payload) = p.precopy.take().expect("checked");
+                        payload.extend(encode_pages(&p.pages, (0..PAGES).filter(|&i| p.dirty[i])));
+                        self.take_checkpoint(host, CheckpointKind::Full, Some(payload))?;
+                    }
+                }
+                SliceAction::Take { epoch, kind } => {
+                    check!(epoch == p.schedule.epoch() + 1, "run {run:x}: told to take epoch {epoch}");
+                    check!(kind != CheckpointKind::Full, "run {run:x}: a full checkpoint taken without pre-copy");
+                    self.take_checkpoint(host, kind, None)?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The checkpoint of the next epoch (`payload` given: a pre-copy's), handed to the core.
+    fn take_checkpoint(&mut self, host: usize, kind: CheckpointKind, payload: Option<Vec<u8>>) -> Result<(), String> {
+        let now = self.now;
+        let p = self.primary_mut(host).expect("present");
+        let run = p.run;
+        let payload = match (kind, payload) {
+            (_, Some(payload)) => payload,
+            (CheckpointKind::Full, None) => encode_pages(&p.pages, 0..PAGES),
+            (CheckpointKind::Incremental, None) => encode_pages(&p.pages, (0..PAGES).filter(|&i| p.dirty[i])),
+            (CheckpointKind::Discard, None) => Vec::new(),
+        };
+        p.dirty.iter_mut().for_each(|d| *d = false);
+        let epoch = p.schedule.checkpoint_taken(now);
+        let icount = epoch * 1000;
+        let pages = p.pages.clone();
+        let actions = p.core.step(PrimaryEvent::CheckpointTaken { epoch, icount, kind, payload });
+        self.history.insert((run, epoch), (pages, icount));
+        self.stats.epochs_taken += 1;
+        self.on_primary(host, actions)
+    }
+
+    /// The guest powers off: the final checkpoint closes the running epoch (a pre-copy under
+    /// way is dropped and taken whole), then the core hears that the VM ended.
+    fn power_off(&mut self, host: usize, exit_code: u32) -> Result<(), String> {
+        let p = self.primary_mut(host).expect("present");
+        let run = p.run;
+        p.precopy = None;
+        let wanted = p.schedule.wanted(p.advice.0, p.advice.1);
+        let (epoch, kind) = p.schedule.final_checkpoint(wanted);
+        self.take_checkpoint(host, kind, None)?;
+        let Some(p) = self.primary_mut(host) else { return Ok(()) };
+        check!(p.schedule.epoch() == epoch, "run {run:x}: the final checkpoint is {}, not {epoch}", p.schedule.epoch());
+        p.ended = true;
+        let actions = p.core.step(PrimaryEvent::VmEnded { epoch, exit_code });
+        let info = self.runs.get_mut(&run).expect("known");
+        info.final_epoch = Some(epoch);
+        let boot_index = info.boot as usize;
+        self.boots[boot_index].ended = true;
+        self.vm_over = true;
+        self.stats.ends += 1;
+        self.note(|| format!("run {run:x}: the guest powers off at epoch {epoch} ({exit_code})"));
+        self.on_primary(host, actions)
+    }
+
+    /// A slice of a VM that runs alone after an unprotect: its outputs leave at once; once
+    /// its wait is over it is protected again, to whatever backup listens (`ctl protect`: a
+    /// new core under the generation it holds, a fresh schedule, the state as it is now).
+    fn alone_slice(&mut self, host: usize) -> Result<(), String> {
+        let now = self.now;
+        let output = self.rng.chance(OUTPUT_SLICE);
+        let p = self.primary_mut(host).expect("present");
+        let run = p.run;
+        let boot = self.boots[self.runs[&run].boot as usize];
+        if boot.end_ms.is_some_and(|end| now >= end) {
+            // Ends alone: the record is the VM's own to mark ended.
+            let p = self.primary_mut(host).expect("present");
+            p.ended = true;
+            let generation = p.core.generation();
+            let owner = owner_name(host, self.incarnation(host).expect("present"));
+            let answer = self.store.cas(generation, owner, Some(boot.exit_code));
+            check!(
+                matches!(answer, SwapAnswer::Swapped { .. }),
+                "run {run:x}: ended alone, the record said {answer:?}"
+            );
+            let info = self.runs.get_mut(&run).expect("known");
+            info.marked_ended = true;
+            info.final_epoch = Some(u64::MAX);
+            let boot_index = info.boot as usize;
+            self.boots[boot_index].ended = true;
+            self.vm_over = true;
+            self.record_ended = true;
+            self.record_ended_at = Some(now);
+            self.stats.ends += 1;
+            self.note(|| format!("run {run:x}: the guest powers off alone ({})", boot.exit_code));
+            self.exit_process(host);
+            return Ok(());
+        }
+        if output {
+            // No backup can take over any more: it leaves at once.
+            self.runs.get_mut(&run).expect("known").released = Some(u64::MAX);
+        }
+        let p = self.primary_mut(host).expect("present");
+        if p.alone_until.is_some_and(|at| now >= at) {
+            let generation = p.core.generation();
+            let pages = p.pages.clone();
+            let new_run = self.rng.next();
+            // Everything the old run released is in this state: its line covers the old run
+            // whatever the epoch.
+            let mut node = self.new_primary(new_run, generation, Some((run, u64::MAX)), pages);
+            // The first checkpoint is full: protect empties the dirty logs.
+            node.dirty = vec![false; PAGES];
+            let boot = self.runs[&run].boot;
+            self.runs.get_mut(&new_run).expect("just made").boot = boot;
+            self.procs[host].as_mut().expect("present").role = Role::Primary(node);
+            self.stats.reprotects += 1;
+            self.note(|| format!("run {run:x}: protected again as run {new_run:x} at generation {generation}"));
+        }
+        Ok(())
+    }
+
+    /// `ctl unprotect` on a protected, running primary.
+    fn unprotect(&mut self, host: usize) -> Result<(), String> {
+        let Some(p) = self.primary_mut(host) else { return Ok(()) };
+        if p.ended || p.unprotecting || p.alone_until.is_some() || p.core.stopped().is_some() {
+            return Ok(());
+        }
+        p.unprotecting = true;
+        let run = p.run;
+        let actions = p.core.step(PrimaryEvent::Unprotect);
+        self.note(|| format!("run {run:x}: unprotect"));
+        self.stats.unprotects += 1;
+        self.on_primary(host, actions)
     }
 
     fn on_primary(&mut self, host: usize, actions: Vec<PrimaryAction>) -> Result<(), String> {
@@ -1403,7 +1594,26 @@ impl Sim {
                     exits = true;
                 }
                 PrimaryAction::Detached { generation } => {
-                    return Err(format!("run {run:x} detached at generation {generation}, but nothing unprotects"));
+                    check!(p.unprotecting, "run {run:x} detached at generation {generation} unasked");
+                    check!(generation == p.core.generation(), "detached at {generation}, not its generation");
+                    // No backup can take over any more: everything held leaves.
+                    let held = p.schedule.release(u64::MAX);
+                    let (lo, hi) = self.setup.reprotect_after_ms;
+                    let at = self.now + self.rng.range(lo, hi);
+                    let p = self.primary_mut(host).expect("present");
+                    p.alone_until = Some(at);
+                    p.unprotecting = false;
+                    p.precopy = None;
+                    if let Some(conn) = p.conn.take() {
+                        self.close_end(conn, false, false);
+                    }
+                    let info = self.runs.get_mut(&run).expect("known");
+                    if !held.is_empty() {
+                        info.released = Some(u64::MAX);
+                    }
+                    self.note(|| format!("run {run:x}: detached at generation {generation}; alone until {at}"));
+                    self.stats.detaches += 1;
+                    self.disturb(at);
                 }
             }
         }
@@ -1420,8 +1630,11 @@ impl Sim {
         let p = self.primary_mut(host).expect("present");
         let run = p.run;
         check!(p.core.last_taken_epoch() >= Some(up_to), "run {run:x} released epoch {up_to}, not yet taken");
-        let released = p.outputs.release(up_to);
+        // Detached (unprotect): the generation moved on first, so no backup can take over.
+        let detached = matches!(p.core.stopped(), Some(ProtocolError::Detached));
+        let released = p.schedule.release(up_to);
         check!(released.iter().all(|epoch| *epoch <= up_to), "released a later epoch");
+        check!(released.windows(2).all(|w| w[0] <= w[1]), "released out of order: {released:?}");
         let applied = self.applied_reported.get(&run).copied();
         let info = self.runs.get_mut(&run).expect("known");
         // 4: a superseded run never releases what its successor does not hold.
@@ -1429,7 +1642,7 @@ impl Sim {
             check!(up_to <= bound, "run {run:x} released epoch {up_to} after it was superseded at epoch {bound}");
         }
         // 2: with Hold, a backup's machine applied it first (or the VM is over for good).
-        if policy == BackupLossPolicy::Hold {
+        if policy == BackupLossPolicy::Hold && !detached {
             check!(
                 applied >= Some(up_to) || info.marked_ended,
                 "Hold: run {run:x} released epoch {up_to}, but a backup's machine applied only {applied:?}"
@@ -1492,7 +1705,9 @@ impl Sim {
                     exits = true;
                 }
                 BackupAction::StandDown => {
-                    return Err(format!("{}: stood down, but nothing unprotects", HOSTS[host]));
+                    self.note(|| format!("{}: the backup stands down (unprotect)", HOSTS[host]));
+                    self.stats.stand_downs += 1;
+                    exits = true;
                 }
             }
         }
@@ -1604,7 +1819,7 @@ impl Sim {
     /// The live backup carries on as the primary of a new run, from its machine's state.
     fn go_live(&mut self, host: usize, parent_run: u64, epoch: u64, generation: u64, pages: Pages) {
         let run = self.rng.next();
-        let mut node = self.new_primary(run, generation, Some((parent_run, epoch)), pages, epoch + 1);
+        let mut node = self.new_primary(run, generation, Some((parent_run, epoch)), pages);
         node.dirty = vec![false; PAGES];
         let proc = self.procs[host].as_mut().expect("present");
         proc.role = Role::Primary(node);
@@ -1782,6 +1997,11 @@ fn seeded_runs_keep_every_invariant() {
         assert!(total.unprotected > 0 && total.protected_again > 0 && total.cannot_take_over > 0, "{total:?}");
         assert!(total.strangers > 0 && total.ends > 0 && total.backup_exits > 0, "{total:?}");
         assert!(total.quiet_checks > 0, "{total:?}");
+        // The real schedule is exercised: pre-copies finish and are abandoned, the guest waits
+        // on back-pressure, and unprotect detaches, stands the backup down and re-protects.
+        assert!(total.precopies > total.abandoned_precopies && total.abandoned_precopies > 0, "{total:?}");
+        assert!(total.back_pressure_waits > 0, "{total:?}");
+        assert!(total.detaches > 0 && total.stand_downs > 0 && total.reprotects > 0, "{total:?}");
     }
 }
 
@@ -1893,37 +2113,70 @@ fn a_crashed_primary_is_replaced_by_the_backup_which_is_then_protected_by_a_new_
     }
 }
 
-/// Kills one side at each step of a fault-free run in turn (every `STRIDE`th step), then lets
-/// the survivors run on: the invariants hold throughout, a backup that holds a state counting
-/// for the primary's generation replaces a dead primary, and the VM ends up protected again.
+/// Kills one side at each step of a fault-free run in turn (each policy at every other
+/// step: the first full checkpoint's pre-copy, its acknowledgement and the epochs after),
+/// then lets the survivors run on: the invariants hold throughout, a backup that holds a
+/// state counting for the primary's generation replaces a dead primary, and the VM ends up
+/// protected again.
 #[test]
 fn crashing_either_side_at_every_step_keeps_the_invariants() {
-    const STRIDE: u64 = 3;
-    for policy in POLICIES {
-        for host in [0, 1] {
-            for crash_step in (0..400).step_by(STRIDE as usize) {
-                let seed = 0xc0de_0000 + crash_step + 1000 * host as u64;
-                let what = format!("{policy:?}, host {} crashed at step {crash_step}", HOSTS[host]);
-                run_checked(
-                    seed,
-                    &what,
-                    || calm_sim(seed, policy, |_| {}),
-                    |sim| {
-                        sim.run_steps(crash_step)?;
-                        let claimable = sim.backup(1).is_some_and(|b| b.core.state_generation().is_some());
-                        sim.crash(host);
-                        sim.run_steps(800)?;
-                        if host == 0 && claimable {
-                            check!(sim.stats.go_lives == 1, "the backup did not take over: {:?}", sim.stats);
-                        }
-                        sim.run_steps(2500)?;
-                        check!(sim.protected(), "not protected again: {:?}", sim.stats);
-                        sim.finish()
-                    },
-                );
-            }
+    for host in [0, 1] {
+        for crash_step in 0..400 {
+            let policy = POLICIES[(crash_step % 2) as usize];
+            let seed = 0xc0de_0000 + crash_step + 1000 * host as u64;
+            let what = format!("{policy:?}, host {} crashed at step {crash_step}", HOSTS[host]);
+            run_checked(
+                seed,
+                &what,
+                || calm_sim(seed, policy, |_| {}),
+                |sim| {
+                    sim.run_steps(crash_step)?;
+                    let claimable = sim.backup(1).is_some_and(|b| b.core.state_generation().is_some());
+                    sim.crash(host);
+                    sim.run_steps(800)?;
+                    if host == 0 && claimable {
+                        check!(sim.stats.go_lives == 1, "the backup did not take over: {:?}", sim.stats);
+                    }
+                    sim.run_steps(2500)?;
+                    check!(sim.protected(), "not protected again: {:?}", sim.stats);
+                    sim.finish()
+                },
+            );
         }
     }
+}
+
+/// `ctl unprotect` at some step of a protected run, then either side killed at each step
+/// after it in turn (while the generation is swapped, the backup told to stand down, the VM
+/// alone, and protected again to a fresh backup): no backup ever takes over from the state
+/// the unprotect made stale, nothing that left is lost, and the VM ends up protected again.
+#[test]
+fn an_unprotect_then_a_crash_of_either_side_at_any_step_keeps_the_invariants() {
+    let mut total = Stats::default();
+    for host in [0, 1] {
+        for crash_after in 0..120 {
+            let policy = POLICIES[(crash_after % 2) as usize];
+            let seed = 0x0df0_0000 + crash_after + 1000 * host as u64;
+            let what = format!("{policy:?}, unprotect, host {} crashed {crash_after} steps after", HOSTS[host]);
+            total.add(&run_checked(
+                seed,
+                &what,
+                || calm_sim(seed, policy, |s| s.reprotect_after_ms = (100, 100)),
+                |sim| {
+                    until_protected(sim, 600)?;
+                    sim.run_steps(50)?;
+                    sim.unprotect(0)?;
+                    sim.run_steps(crash_after)?;
+                    sim.crash(host);
+                    sim.run_steps(5000)?;
+                    check!(sim.stats.go_lives == 0, "a backup took over from a stale state: {:?}", sim.stats);
+                    check!(sim.protected(), "not protected again: {:?}", sim.stats);
+                    sim.finish()
+                },
+            ));
+        }
+    }
+    assert!(total.detaches > 0 && total.stand_downs > 0 && total.reprotects > 0, "{total:?}");
 }
 
 /// The scenario of issue 7: the replication link goes down for several grace periods, and
@@ -2045,7 +2298,7 @@ fn a_vm_that_ends_ends_on_both_sides() {
                 }
                 check!(sim.stats.backup_exits == 1, "the backup has not exited 200 ms after the end: {:?}", sim.stats);
                 check!(sim.stats.finished == 1 && sim.procs.iter().all(Option::is_none), "{:?}", sim.stats);
-                check!(sim.runs.values().all(|r| r.released == Some(40)), "final outputs held: {:?}", sim.runs);
+                check!(sim.runs.values().all(|r| r.released == r.final_epoch), "final outputs held: {:?}", sim.runs);
                 check!(sim.store.record.as_ref().is_some_and(|r| r.ended.is_some()), "{:?}", sim.store.record);
                 sim.finish()
             },

@@ -95,18 +95,11 @@ impl<V: Vm> CheckpointPrimary<V> {
         })
     }
 
-    /// The kind of checkpoint the protocol wants next, as far as it can know: until it has
-    /// seen the checkpoint last handed over, its advice predates that one (it may still say
-    /// Full for a full checkpoint just taken, and a second one would be pre-copied and sent
-    /// for nothing), so the chain is taken to continue — an incremental it cannot use is
-    /// dropped, never sent, and its next advice says Full again.
+    /// The kind of checkpoint the protocol wants next, as far as it can know from the
+    /// advice the replication thread last published ([`CheckpointSchedule::wanted`]).
     fn wanted(&self) -> CheckpointKind {
         let shared = self.handle.shared.lock().expect("not poisoned");
-        if shared.taken_epoch.unwrap_or(0) == self.schedule.epoch() {
-            shared.next_kind
-        } else {
-            CheckpointKind::Incremental
-        }
+        self.schedule.wanted(shared.next_kind, shared.taken_epoch)
     }
 
     /// The schedule's clock: milliseconds since replication started.
