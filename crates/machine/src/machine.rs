@@ -187,6 +187,9 @@ pub enum RestoreError {
     Invalid { component: &'static str, problem: String },
 }
 
+/// The disk is digested in pieces of this many sectors (1 MiB).
+const DIGEST_CHUNK_SECTORS: u64 = 2048;
+
 /// A digest of the whole machine state (RAM, hart, devices, disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Digest(pub u128);
@@ -204,7 +207,6 @@ pub struct Machine {
     /// Set once the guest powered off, or reset without a reboot: the machine runs no
     /// further.
     ended: Option<RunExit>,
-    disk_path: Option<PathBuf>,
     /// The configuration's clock rate (the rate now is the hart's).
     boot_icount_per_tick: u64,
     /// What a reboot loads again.
@@ -302,7 +304,6 @@ impl Machine {
             board,
             pending: VecDeque::new(),
             ended: None,
-            disk_path: config.disk.as_ref().map(|d| d.path.clone()),
             boot_icount_per_tick: icount_per_tick,
             boot,
             reboot_on_reset: config.reboot_on_reset,
@@ -779,6 +780,13 @@ impl Machine {
         })
     }
 
+    /// From now on the disk image file is only read: the guest's writes (and restored
+    /// sectors) go to a copy-on-write overlay that vanishes with the machine — how a
+    /// replay runs over a recording's start contents, again and again.
+    pub fn start_disk_overlay(&mut self) -> Result<(), RestoreError> {
+        self.blk()?.start_overlay().map_err(RestoreError::Disk)
+    }
+
     /// Write disk sectors (the backup's side of a checkpoint).
     pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), RestoreError> {
         self.blk()?.write_sectors(sector, data).map_err(RestoreError::Disk)
@@ -802,9 +810,20 @@ impl Machine {
         }
         // Pending inputs are not hashed: they are the future, not the state (a backup
         // holding inputs ahead of its primary is still in the same state at an icount).
-        if let Some(path) = &self.disk_path {
-            if let Ok(bytes) = std::fs::read(path) {
-                h.update(&bytes);
+        // The disk's contents as the guest sees them (through an overlay, if any), read in
+        // pieces: the same bytes as the whole file, so the same digest.
+        if let Some(blk) = self.disk() {
+            let mut buf = vec![0; DIGEST_CHUNK_SECTORS as usize * 512];
+            let sectors = blk.capacity_sectors();
+            let mut sector = 0;
+            while sector < sectors {
+                let n = (sectors - sector).min(DIGEST_CHUNK_SECTORS);
+                let piece = &mut buf[..n as usize * 512];
+                if blk.read_sectors(sector, piece).is_err() {
+                    break; // as before: an unreadable disk adds nothing more
+                }
+                h.update(piece);
+                sector += n;
             }
         }
         h.write_u8(0);

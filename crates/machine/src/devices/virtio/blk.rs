@@ -4,6 +4,11 @@
 //! in place with positioned I/O, and every sector a request writes is remembered
 //! until [`Blk::take_dirty_sectors`], so that checkpoints can carry disk writes the
 //! way they carry dirty pages.
+//!
+//! A copy-on-write overlay ([`Blk::start_overlay`]) keeps the image as it is: from then
+//! on writes go to an anonymous sparse file of the image's size, a bitmap telling which
+//! sectors it holds, and reads take each sector from wherever it is now. A replay runs
+//! over one, so that the recording's start contents serve every replay.
 
 use super::queue::{Chain, Queue, QueueError, QUEUE_SIZE_MAX};
 use super::VirtioError;
@@ -54,6 +59,38 @@ pub struct Blk {
     /// Requests still to fail with IOERR (injected host disk errors).
     injected_errors: u32,
     scratch: Vec<u8>,
+    overlay: Option<Overlay>,
+}
+
+/// The sectors written since the overlay started: in `file` (sparse, the image's size),
+/// those whose bit is set in `present` (sized for the whole disk up front).
+#[derive(Debug)]
+struct Overlay {
+    file: File,
+    present: Vec<u64>,
+}
+
+impl Overlay {
+    fn has(&self, sector: u64) -> bool {
+        self.present[(sector / 64) as usize] & (1 << (sector % 64)) != 0
+    }
+
+    /// How many sectors from `sector` (at most `max`) are alike: all in the overlay, or
+    /// all in the image.
+    fn run(&self, sector: u64, max: u64) -> (bool, u64) {
+        let here = self.has(sector);
+        let mut n = 1;
+        while n < max && self.has(sector + n) == here {
+            n += 1;
+        }
+        (here, n)
+    }
+
+    fn mark(&mut self, sector: u64, count: u64) {
+        for s in sector..sector + count {
+            self.present[(s / 64) as usize] |= 1 << (s % 64);
+        }
+    }
 }
 
 /// The block device's state beyond the image's contents, as plain data.
@@ -98,7 +135,53 @@ impl Blk {
             dirty: vec![0; dirty_words],
             injected_errors: 0,
             scratch: vec![0; CHUNK_BYTES],
+            overlay: None,
         })
+    }
+
+    /// From now on the image file is only read: writes go to a copy-on-write overlay (an
+    /// anonymous temporary file, gone with the device), and reads see them.
+    pub fn start_overlay(&mut self) -> Result<(), VirtioError> {
+        if self.overlay.is_some() {
+            return Ok(());
+        }
+        let io = |source| VirtioError::Io { path: self.path.clone(), sector: 0, source };
+        let file = tempfile_in_tmp().map_err(io)?;
+        file.set_len(self.capacity_sectors * SECTOR_SIZE_BYTES).map_err(io)?;
+        // The image is reopened read-only: nothing can write it by mistake.
+        self.file = File::open(&self.path).map_err(io)?;
+        self.overlay = Some(Overlay { file, present: vec![0; self.dirty.len()] });
+        Ok(())
+    }
+
+    /// Whether writes go to an overlay.
+    pub fn has_overlay(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// Reads whole sectors at byte `offset` (sector-aligned), each from the overlay or
+    /// the image.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let Some(overlay) = &self.overlay else { return self.file.read_exact_at(buf, offset) };
+        let first = offset / SECTOR_SIZE_BYTES;
+        let count = buf.len() as u64 / SECTOR_SIZE_BYTES;
+        let mut done = 0;
+        while done < count {
+            let (in_overlay, n) = overlay.run(first + done, count - done);
+            let range = (done * SECTOR_SIZE_BYTES) as usize..((done + n) * SECTOR_SIZE_BYTES) as usize;
+            let file = if in_overlay { &overlay.file } else { &self.file };
+            file.read_exact_at(&mut buf[range], (first + done) * SECTOR_SIZE_BYTES)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes whole sectors at byte `offset` (sector-aligned): into the overlay if there
+    /// is one, else into the image.
+    fn write_at(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let Some(overlay) = &mut self.overlay else { return self.file.write_all_at(data, offset) };
+        overlay.mark(offset / SECTOR_SIZE_BYTES, data.len() as u64 / SECTOR_SIZE_BYTES);
+        overlay.file.write_all_at(data, offset)
     }
 
     pub fn path(&self) -> &Path {
@@ -111,6 +194,12 @@ impl Blk {
         let len = self.capacity_sectors * SECTOR_SIZE_BYTES;
         let path = self.path.clone();
         let io = |source| VirtioError::Io { path: path.clone(), sector: 0, source };
+        if let Some(overlay) = &mut self.overlay {
+            // Every sector is the overlay's now, and zero.
+            overlay.present.fill(u64::MAX);
+            overlay.file.set_len(0).map_err(io)?;
+            return overlay.file.set_len(len).map_err(io);
+        }
         self.file.set_len(0).map_err(io)?;
         self.file.set_len(len).map_err(io)
     }
@@ -177,7 +266,7 @@ impl Blk {
     /// Reads whole sectors from `sector` into `buf` (checkpoints read dirty sectors).
     pub fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
         self.check_range(sector, buf.len())?;
-        self.file.read_exact_at(buf, sector * SECTOR_SIZE_BYTES).map_err(|source| VirtioError::Io {
+        self.read_at(buf, sector * SECTOR_SIZE_BYTES).map_err(|source| VirtioError::Io {
             path: self.path.clone(),
             sector,
             source,
@@ -189,12 +278,13 @@ impl Blk {
     /// only what was written; None when only holes follow. An image whose file system
     /// cannot tell (or a block device) may hold data anywhere.
     pub fn next_data_sector(&self, sector: u64) -> Option<u64> {
-        use std::os::fd::AsRawFd;
-        let Ok(offset) = i64::try_from(sector * SECTOR_SIZE_BYTES) else { return Some(sector) };
-        match nix::unistd::lseek(self.file.as_raw_fd(), offset, nix::unistd::Whence::SeekData) {
-            Ok(data) => Some((data as u64 / SECTOR_SIZE_BYTES).max(sector)),
-            Err(nix::errno::Errno::ENXIO) => None,
-            Err(_) => Some(sector),
+        let Some(overlay) = &self.overlay else { return next_data_sector(&self.file, sector) };
+        // With an overlay: the first sector that either file may hold data in (a sector the
+        // overlay holds may be zero, like any written sector).
+        let in_overlay = (sector..self.capacity_sectors).find(|&s| overlay.has(s));
+        match (next_data_sector(&self.file, sector), in_overlay) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -206,7 +296,7 @@ impl Blk {
         }
         let count = self.check_range(sector, data.len())?;
         self.mark_dirty(sector, count);
-        self.file.write_all_at(data, sector * SECTOR_SIZE_BYTES).map_err(|source| VirtioError::Io {
+        self.write_at(data, sector * SECTOR_SIZE_BYTES).map_err(|source| VirtioError::Io {
             path: self.path.clone(),
             sector,
             source,
@@ -281,7 +371,10 @@ impl Blk {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK_BYTES as u64) as usize;
-            if self.file.read_exact_at(&mut self.scratch[..n], start + done).is_err() {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let read = self.read_at(&mut scratch[..n], start + done);
+            self.scratch = scratch;
+            if read.is_err() {
                 return Ok(Outcome { status: S_IOERR, written: done });
             }
             chain.write_at(ram, done, &self.scratch[..n])?;
@@ -303,7 +396,10 @@ impl Blk {
         while done < len {
             let n = (len - done).min(CHUNK_BYTES as u64) as usize;
             chain.read_at(ram, REQUEST_HEADER_BYTES + done, &mut self.scratch[..n])?;
-            if self.file.write_all_at(&self.scratch[..n], start + done).is_err() {
+            let scratch = std::mem::take(&mut self.scratch);
+            let written = self.write_at(&scratch[..n], start + done);
+            self.scratch = scratch;
+            if written.is_err() {
                 return status_only(S_IOERR);
             }
             done += n as u64;
@@ -315,7 +411,8 @@ impl Blk {
         if self.read_only {
             return S_OK;
         }
-        match self.file.sync_data() {
+        let file = self.overlay.as_ref().map_or(&self.file, |o| &o.file);
+        match file.sync_data() {
             Ok(()) => S_OK,
             Err(_) => S_IOERR,
         }
@@ -351,6 +448,29 @@ impl Blk {
         }
         Ok(())
     }
+}
+
+/// The first sector at or after `sector` of `file` that may hold data (SEEK_DATA).
+fn next_data_sector(file: &File, sector: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let Ok(offset) = i64::try_from(sector * SECTOR_SIZE_BYTES) else { return Some(sector) };
+    match nix::unistd::lseek(file.as_raw_fd(), offset, nix::unistd::Whence::SeekData) {
+        Ok(data) => Some((data as u64 / SECTOR_SIZE_BYTES).max(sector)),
+        Err(nix::errno::Errno::ENXIO) => None,
+        Err(_) => Some(sector),
+    }
+}
+
+/// An anonymous file in the temporary directory: created, then unlinked at once, so it is
+/// gone when the device is, whatever happens to the process.
+fn tempfile_in_tmp() -> std::io::Result<File> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(".ftvm-overlay-{}-{n}", std::process::id()));
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -581,6 +701,41 @@ mod tests {
         assert_eq!(blk.take_dirty_sectors(), vec![1]);
         assert!(blk.read_sectors(4, &mut buf).is_err());
         assert!(blk.write_sectors(0, &[0; 100]).is_err());
+    }
+
+    #[test]
+    fn an_overlay_takes_the_guests_writes_and_leaves_the_image_as_it_was() {
+        let image = image("overlay");
+        let before = image.contents();
+        let mut driver = blk_driver(&image, false);
+        blk(&mut driver).start_overlay().unwrap();
+        assert!(blk(&mut driver).has_overlay());
+        // Sectors 1 and 2 written, then a read across all four mixes overlay and image.
+        assert_eq!(write_sectors(&mut driver, 1, &[[0xa1u8; 512], [0xa2; 512]].concat()).0, S_OK);
+        assert_eq!(read_sectors(&mut driver, 0, 2048), (S_OK, 2049));
+        let expected: Vec<u8> = [[1u8; 512], [0xa1; 512], [0xa2; 512], [4; 512]].concat();
+        assert_eq!(driver.bytes(BUFFER, 2048), expected);
+        assert_eq!(image.contents(), before, "the image is never written");
+        // Checkpoint access and the flush go through the overlay as well.
+        let mut buf = [0u8; 512];
+        blk(&mut driver).write_sectors(3, &[0xa3; 512]).unwrap();
+        blk(&mut driver).read_sectors(3, &mut buf).unwrap();
+        assert_eq!(buf, [0xa3; 512]);
+        assert_eq!(blk(&mut driver).flush(), S_OK);
+        assert_eq!(image.contents(), before);
+    }
+
+    #[test]
+    fn an_overlay_zeroed_reads_zero_and_tells_where_data_may_be() {
+        let image = image("overlay-zero");
+        let mut blk = Blk::open(&image.path, false).unwrap();
+        blk.start_overlay().unwrap();
+        blk.zero_all().unwrap();
+        let mut buf = [0xffu8; 2048];
+        blk.read_sectors(0, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 2048]);
+        assert_eq!(blk.next_data_sector(2), Some(2), "every sector is the overlay's");
+        assert_eq!(image.contents()[..512], [1u8; 512]);
     }
 
     #[test]
