@@ -10,6 +10,7 @@ mod guest_image;
 mod metrics_http;
 mod model_cmd;
 mod netns;
+mod replay_cmd;
 mod replication_args;
 mod run_cmd;
 mod snapshot_cmd;
@@ -38,6 +39,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Talk to a running VM through its control API socket (--api)
     Ctl(ctl_cmd::CtlArgs),
+    /// Replay a run recorded with `ftvm run --record`, checking every digest
+    Replay(replay_cmd::ReplayArgs),
     /// Save a running VM's whole state to a file (through its --api socket)
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Continue a VM from a snapshot file
@@ -52,6 +55,7 @@ enum Command {
 fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run(args) => run_cmd::run(args),
+        Command::Replay(args) => replay_cmd::run(args),
         Command::Ctl(args) => ctl_cmd::run(args),
         Command::Backup(args) => backup_cmd::run(args),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),

@@ -96,6 +96,18 @@ pub struct RunArgs {
     pub vm: VmArgs,
     #[command(flatten)]
     pub replication: crate::replication_args::ReplicationArgs,
+    /// Record the run to FILE (an input log for `ftvm replay`), the disk's contents at the
+    /// start kept beside it in FILE.disk
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// While recording, put a snapshot in the log this often (in seconds of wall time), so
+    /// that `ftvm replay --until` starts from the nearest one before its target
+    #[arg(long, value_name = "SECONDS", requires = "record")]
+    pub snapshot_every: Option<f64>,
+    /// While recording, put a digest of the machine and its outputs in the log this often
+    /// (milliseconds of wall time); a replay checks each one
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "record")]
+    pub digest_every_ms: u64,
     /// Show the console up to the command's start in command mode (kernel messages
     /// and the guest's `ftvm: userspace up` line)
     #[arg(long)]
@@ -318,6 +330,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let vm = &args.vm;
     let config = machine_config(vm, &args.command)?;
     let tap = open_tap(vm)?;
+    let recording = match &args.record {
+        Some(path) => Some(start_recording(&config, &args, path)?),
+        None => None,
+    };
     let machine = Machine::new(&config)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let _metrics = crate::metrics_http::bind(vm, &tx)?; // a busy port is refused before the record is touched
@@ -333,6 +349,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // The driver holds the record (and marks it ended when the VM ends here, so that no
     // other replica ever brings it back), or hands it to replication.
     let mut driver = Driver::new(machine, rx, vm.clock.into());
+    if let Some(recording) = recording {
+        driver.add_observer(Box::new(recording));
+    }
     driver.vm_id = ownership.as_ref().map(|o| o.vm_id.clone());
     driver.ownership = ownership;
     if replicated {
@@ -340,6 +359,22 @@ pub fn run(args: RunArgs) -> Result<i32> {
         driver.start_replication(crate::replication_args::options(&args.replication)?, tx.clone())?;
     }
     run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
+}
+
+/// `--record FILE`: the disk's start contents copied beside FILE and the log's header
+/// written, before the machine runs.
+fn start_recording(config: &MachineConfig, args: &RunArgs, path: &std::path::Path) -> Result<vmm::record::Recording> {
+    let snapshot_every = match args.snapshot_every {
+        Some(s) if !(s.is_finite() && s > 0.0) => bail!("--snapshot-every {s}: give a number of seconds above 0"),
+        s => s.map(std::time::Duration::from_secs_f64),
+    };
+    let options = vmm::record::RecordOptions {
+        path: path.to_path_buf(),
+        digest_every: std::time::Duration::from_millis(args.digest_every_ms),
+        snapshot_every,
+        seed: args.vm.seed,
+    };
+    vmm::record::Recording::start(config, &options)
 }
 
 /// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its

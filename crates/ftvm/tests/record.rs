@@ -35,3 +35,190 @@ fn two_seeded_fast_runs_give_the_same_digest_and_icount() {
     assert_eq!(run("7"), first);
     assert_ne!(run("8"), first, "another seed, other entropy: another run");
 }
+
+/// A recording of the default guest running `script` with a small disk of its own, in a
+/// scratch directory that goes with the test.
+struct Recorded {
+    log: common::Scratch,
+    disk: std::path::PathBuf,
+    run: Output,
+}
+
+fn record(name: &str, extra: &[&str], script: &str) -> Recorded {
+    let log = common::scratch("record", name);
+    let disk = log.with_file_name("disk.img");
+    let mut image = b"sector zero of the recorded disk".to_vec();
+    image.resize(1 << 20, 0);
+    std::fs::write(&disk, image).unwrap();
+    let run = ftvm()
+        .arg("run")
+        .arg("--record")
+        .arg(&*log)
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--digest", "--digest-every-ms", "200"])
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    Recorded { log, disk, run }
+}
+
+fn replay(log: &std::path::Path, extra: &[&str]) -> Output {
+    ftvm().arg("replay").arg(log).args(extra).output().unwrap()
+}
+
+/// The records of a log, read with the journal crate.
+fn records(log: &std::path::Path) -> Vec<journal::Record> {
+    let mut reader = journal::LogReader::open_path(log).unwrap();
+    let mut out = Vec::new();
+    while let Some(record) = reader.next_record().unwrap() {
+        out.push(record);
+    }
+    out
+}
+
+const DISK_SCRIPT: &str =
+    "head -c 32 /dev/vda; echo; printf WRITTEN | dd of=/dev/vda bs=1 seek=7 conv=fsync 2>/dev/null; \
+     head -c 32 /dev/vda; echo";
+
+#[test]
+fn a_recorded_run_replays_with_the_same_digest_and_console_however_often() {
+    let rec = record("replay.log", &[], DISK_SCRIPT);
+    let console = String::from_utf8_lossy(&rec.run.stdout).to_string();
+    assert_eq!(console, "sector zero of the recorded disk\nsector WRITTEN the recorded disk\n");
+    // The user's disk took the run's writes; the recording kept the disk as it was.
+    assert!(std::fs::read(&rec.disk).unwrap().starts_with(b"sector WRITTEN"));
+    let copy = vmm::record::disk_copy_path(&rec.log);
+    assert!(std::fs::read(&copy).unwrap().starts_with(b"sector zero"));
+    for _ in 0..2 {
+        let out = replay(&rec.log, &["--digest", "--console"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(digest_line(&out), digest_line(&rec.run));
+        let replayed = String::from_utf8_lossy(&out.stdout);
+        assert!(replayed.contains("sector WRITTEN the recorded disk\r\n"), "{replayed}");
+        assert!(stderr(&out).contains(" digests matching"), "{}", stderr(&out));
+    }
+    assert!(std::fs::read(&copy).unwrap().starts_with(b"sector zero"), "a replay never writes the start contents");
+    let digests = records(&rec.log).iter().filter(|r| matches!(r, journal::Record::Digest(_))).count();
+    assert!(digests >= 2, "a digest every 200 ms: {digests}");
+}
+
+#[test]
+fn replay_until_starts_from_the_nearest_snapshot_and_reaches_the_recorded_digest() {
+    let rec = record("seek.log", &["--snapshot-every", "0.5"], &format!("{DISK_SCRIPT}; sleep 2"));
+    let log = records(&rec.log);
+    let first_snapshot = log.iter().position(|r| matches!(r, journal::Record::Snapshot { .. })).expect("a snapshot");
+    let (snapshot_icount, target) = log[first_snapshot + 1..]
+        .iter()
+        .find_map(|r| match r {
+            journal::Record::Digest(d) => Some((log[first_snapshot].icount(), *d)),
+            _ => None,
+        })
+        .expect("a digest after the snapshot");
+    let out = replay(&rec.log, &["--until", &target.icount.to_string(), "--digest"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stderr(&out);
+    let from = text.lines().find_map(|l| l.strip_prefix("ftvm: replaying from the log's snapshot at icount "));
+    let from: u64 = from.unwrap_or_else(|| panic!("no seek in {text}")).parse().unwrap();
+    assert!(from >= snapshot_icount && from <= target.icount, "{text}");
+    assert_eq!(digest_line(&out), format!("ftvm: digest={:032x} icount={}", target.machine, target.icount));
+}
+
+/// Copies a log record by record, changing the first entropy input's bytes.
+fn with_other_entropy(from: &std::path::Path, to: &std::path::Path) -> u64 {
+    let reader = journal::LogReader::open_path(from).unwrap();
+    let mut writer = journal::LogWriter::create(to, reader.header()).unwrap();
+    let mut changed = None;
+    for record in records(from) {
+        match record {
+            journal::Record::Input(mut input) => {
+                if let (None, machine::InputKind::Entropy(bytes)) = (changed, &mut input.kind) {
+                    bytes.iter_mut().for_each(|b| *b ^= 0x55);
+                    changed = Some(input.icount);
+                }
+                writer.input(&input).unwrap();
+            }
+            journal::Record::Digest(d) => writer.digest(d).unwrap(),
+            journal::Record::End { state, reason } => writer.end(state, reason).unwrap(),
+            journal::Record::Snapshot { .. } => unreachable!("recorded without snapshots"),
+        }
+    }
+    changed.expect("the guest drew entropy")
+}
+
+#[test]
+fn a_changed_input_is_a_divergence_naming_the_first_digest_that_differs() {
+    let rec = record("diverge.log", &[], "head -c 16 /dev/urandom | od -x | head -1");
+    let altered = rec.log.with_file_name("altered.log");
+    let changed_at = with_other_entropy(&rec.log, &altered);
+    std::fs::copy(vmm::record::disk_copy_path(&rec.log), vmm::record::disk_copy_path(&altered)).unwrap();
+    let first_digest_after = records(&rec.log)
+        .iter()
+        .find_map(|r| match r {
+            journal::Record::Digest(d) | journal::Record::End { state: d, .. } if d.icount >= changed_at => {
+                Some(d.icount)
+            }
+            _ => None,
+        })
+        .unwrap();
+    let out = replay(&altered, &[]);
+    assert_eq!(out.status.code(), Some(125));
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let expected = format!("then: divergence at icount {first_digest_after}: the replay's state digest is ");
+    assert!(text.starts_with("ftvm: error: ") && text.contains(&expected), "{text}");
+}
+
+#[test]
+fn a_damaged_or_foreign_log_is_refused_with_one_line() {
+    let rec = record("bad.log", &["--seed", "1"], "echo hello");
+    let bytes = std::fs::read(&*rec.log).unwrap();
+    let dir = rec.log.parent().unwrap();
+    let variant = |name: &str, contents: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::copy(vmm::record::disk_copy_path(&rec.log), vmm::record::disk_copy_path(&path)).unwrap();
+        path
+    };
+    let one_line_error = |path: &std::path::Path, extra: &[&str]| {
+        let out = replay(path, extra);
+        assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+        let text = stderr(&out);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("ftvm: error: ")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        lines[0].to_string()
+    };
+    // Where the records are: cut one in its middle, damage a byte in another.
+    let mut reader = journal::LogReader::open_path(&rec.log).unwrap();
+    let mut starts = vec![reader.offset()];
+    while reader.next_record().unwrap().is_some() {
+        starts.push(reader.offset());
+    }
+    let cut_record = starts[starts.len() / 2] as usize;
+    let truncated = variant("truncated.log", &bytes[..cut_record + 25]);
+    let line = one_line_error(&truncated, &[]);
+    assert!(line.contains(&format!("the log is cut short at byte {cut_record}: the ")), "{line}");
+    assert!(line.contains(": replayed to icount "), "the whole records before the cut replay: {line}");
+
+    let mut corrupt = bytes.clone();
+    corrupt[cut_record + journal::FRAME_HEADER_BYTES] ^= 0x01;
+    let line = one_line_error(&variant("corrupt.log", &corrupt), &[]);
+    assert!(line.contains(&format!("corrupt record at byte {cut_record}: the ")), "{line}");
+
+    let mut other_version = bytes.clone();
+    other_version[8] = 2;
+    let line = one_line_error(&variant("version.log", &other_version), &[]);
+    assert!(line.ends_with("version.log: input log format version 2; this ftvm reads version 1"), "{line}");
+
+    let other_disk = variant("disk.log", &bytes);
+    std::fs::write(vmm::record::disk_copy_path(&other_disk), vec![0u8; 1 << 20]).unwrap();
+    let line = one_line_error(&other_disk, &[]);
+    assert!(line.contains("disk.log: the log was recorded with another disk: "), "{line}");
+
+    let other_initrd = dir.join("other-initrd");
+    std::fs::write(&other_initrd, b"not the recorded initrd").unwrap();
+    let line = one_line_error(&rec.log, &["--initrd", other_initrd.to_str().unwrap()]);
+    assert!(line.contains("the log was recorded with another initrd: "), "{line}");
+}

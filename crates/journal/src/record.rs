@@ -113,6 +113,13 @@ impl Record {
     }
 }
 
+/// Where a recording at `log` keeps the disk's start contents: `<log>.disk`.
+pub fn disk_copy_path(log: &Path) -> PathBuf {
+    let mut name = log.file_name().unwrap_or_default().to_os_string();
+    name.push(".disk");
+    log.with_file_name(name)
+}
+
 /// SHA-256 of a file.
 fn sha256_file(path: &Path) -> Result<(u64, [u8; 32])> {
     let mut file = std::fs::File::open(path).map_err(read_error(path))?;
@@ -193,9 +200,15 @@ impl LogHeader {
         })
     }
 
-    /// Where the disk's start contents are, for a log at `log_path`.
+    /// Where the disk's start contents are, for a log at `log_path`: `<log>.disk` beside
+    /// it if there is one (so that a log and its disk copy can be moved and renamed
+    /// together), else the header's path (a relative one relative to the log's directory).
     pub fn disk_path(&self, log_path: &Path) -> Option<PathBuf> {
         let disk = self.disk.as_ref()?;
+        let beside = disk_copy_path(log_path);
+        if beside.exists() {
+            return Some(beside);
+        }
         let path = Path::new(&disk.path);
         Some(if path.is_absolute() {
             path.to_path_buf()

@@ -68,6 +68,11 @@ pub struct MachineConfig {
     /// (`ftvm --no-reboot`, as QEMU's `-no-reboot`). Not part of the configuration
     /// digest: it is the monitor's policy, like the kernel file a reboot loads.
     pub reboot_on_reset: bool,
+    /// The disk image is only read: writes go to a copy-on-write overlay that vanishes
+    /// with the machine ([`Machine::start_disk_overlay`] from the start, so that restoring
+    /// a snapshot writes the overlay too). A replay runs so over a recording's start
+    /// contents. Not part of the configuration digest: the guest sees the same disk.
+    pub disk_overlay: bool,
 }
 
 impl MachineConfig {
@@ -83,6 +88,7 @@ impl MachineConfig {
             boot_unix_ns: 0,
             cpu: rv64::Cpu::host_default(),
             reboot_on_reset: true,
+            disk_overlay: false,
         }
     }
 }
@@ -315,7 +321,10 @@ impl Machine {
     fn build_virtio(config: &MachineConfig) -> Result<Vec<VirtioMmio>, MachineError> {
         let mut devices = Vec::new();
         if let Some(disk) = &config.disk {
-            let blk = Blk::open(&disk.path, disk.read_only).map_err(MachineError::Disk)?;
+            let mut blk = Blk::open(&disk.path, disk.read_only).map_err(MachineError::Disk)?;
+            if config.disk_overlay {
+                blk.start_overlay().map_err(MachineError::Disk)?;
+            }
             devices.push(VirtioMmio::new(VirtioDevice::Blk(blk)));
         }
         if let Some(mac) = config.net_mac {

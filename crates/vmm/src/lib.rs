@@ -8,6 +8,7 @@
 //!   stamps host events as inputs and routes outputs, through the replication mode.
 //! - [`mode`]: the replication-mode seam — the [`mode::Mode`] trait (standalone, checkpoint
 //!   primary applying [`replica::CheckpointSchedule`]) and the [`mode::Observer`] trait.
+//! - [`record`]: `--record`: an [`mode::Observer`] streaming the input log (crates/journal).
 //! - [`log`]: the one way the runtime writes a line for the operator.
 //! - [`pacer`]: keeps a busy guest's clock within a bound of the wall clock, through
 //!   logged inputs.
@@ -24,6 +25,7 @@ pub mod log;
 pub mod metrics;
 pub mod mode;
 pub mod pacer;
+pub mod record;
 pub mod replicate;
 pub mod status;
 pub mod vm;

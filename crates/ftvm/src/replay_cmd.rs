@@ -1,0 +1,155 @@
+//! `ftvm replay FILE`: rebuild the machine a log was recorded from (its images checked by
+//! digest, the disk's start contents under a copy-on-write overlay), feed it the log's
+//! inputs at their instruction counts and check every digest. No TAP, no terminal, no
+//! waiting: idle time passes at once. With `--until`, stop at an instruction count,
+//! starting from the last snapshot in the log before it.
+
+use crate::run_cmd::CpuArg;
+use anyhow::{bail, Context, Result};
+use journal::replay::{Replayer, Step};
+use journal::{JournalError, LogReader, Record, Section, Start};
+use machine::{Machine, MachineConfig, OutputKind};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Replay a recorded run (`ftvm run --record FILE`) and check that it runs the same.
+///
+/// Exits 0 when every digest in the log matched up to its end (or --until); a divergence,
+/// a damaged log or other images is one line `ftvm: error: ...` and status 125.
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// The input log
+    pub file: PathBuf,
+    /// Stop at this instruction count (from the log's last snapshot before it, if any)
+    #[arg(long, value_name = "ICOUNT")]
+    pub until: Option<u64>,
+    /// Print the final state digest (to stderr), as `ftvm run --digest` does
+    #[arg(long)]
+    pub digest: bool,
+    /// Write the guest's console output to stdout, byte for byte
+    #[arg(long)]
+    pub console: bool,
+    /// The kernel, if not at the recorded path (it must be the recorded one: checked)
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// The initrd, if not at the recorded path (checked likewise)
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Engine for guest code (the same guest either way)
+    #[arg(long, value_enum)]
+    pub cpu: Option<CpuArg>,
+}
+
+pub fn run(args: ReplayArgs) -> Result<i32> {
+    let started = Instant::now();
+    let in_log = |e: JournalError| anyhow::Error::new(e).context(format!("{}", args.file.display()));
+    let mut reader = LogReader::open_path(&args.file).map_err(in_log)?;
+    let header = reader.header().clone();
+    let disk = header.disk_path(&args.file);
+    let mut config = header.machine_config(args.kernel.clone(), args.initrd.clone(), disk.clone());
+    config.disk_overlay = true;
+    config.cpu = CpuArg::to_cpu(args.cpu);
+    header.check_images(&config, disk.as_deref()).map_err(in_log)?;
+    let log = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    let machine = match seek_point(&args.file, args.until, header.start) {
+        Some((section, icount, next)) => {
+            let machine = restore(&log, section, &config)?;
+            reader.seek_to_record(next, icount).map_err(in_log)?;
+            eprintln!("ftvm: replaying from the log's snapshot at icount {icount}");
+            machine
+        }
+        None if header.start != Start::Boot => {
+            bail!("{}: the log starts from a snapshot it does not hold", args.file.display())
+        }
+        None => Machine::new(&config)?,
+    };
+    let mut replayer = Replayer::new(machine);
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let mut on_output = |output: &machine::Output| {
+        if let (true, OutputKind::Console(bytes)) = (args.console, &output.kind) {
+            if let Err(e) = stdout.write_all(bytes) {
+                write_error.get_or_insert(e);
+            }
+        }
+    };
+    let stop = loop {
+        match reader.next_record() {
+            Ok(Some(record)) => match replayer.apply(&record, args.until, &mut on_output) {
+                Ok(Step::Continue) => {}
+                Ok(Step::ReachedUntil) | Ok(Step::Ended(_)) => break None,
+                Err(e) => break Some(anyhow::Error::new(e)),
+            },
+            Ok(None) if reader.ended() => break None,
+            // A log cut on a record boundary: the recording stopped before its end record.
+            Ok(None) => {
+                let offset = reader.offset();
+                break Some(anyhow::anyhow!(
+                    "the log ends at byte {offset} without an end record (the recording was cut short)"
+                ));
+            }
+            Err(e) => break Some(anyhow::Error::new(e)),
+        }
+    };
+    if let Some(until) = args.until.filter(|_| stop.is_none() && !reader.ended()) {
+        anyhow::ensure!(
+            replayer.machine.icount() == until,
+            "the replay stopped at icount {}",
+            replayer.machine.icount()
+        );
+    }
+    stdout.flush().ok();
+    if let Some(e) = write_error {
+        return Err(e).context("cannot write console output");
+    }
+    let icount = replayer.machine.icount();
+    if args.digest {
+        eprintln!("ftvm: digest={} icount={icount}", replayer.machine.digest());
+    }
+    let summary = format!(
+        "{} inputs, {} digests matching, {:.2} s",
+        replayer.inputs_applied,
+        replayer.digests_checked,
+        started.elapsed().as_secs_f64()
+    );
+    match stop {
+        None => {
+            eprintln!("ftvm: replayed to icount {icount}: {summary}");
+            Ok(0)
+        }
+        // The whole records before a cut or damaged one replayed: say how far.
+        Some(e) => Err(e.context(format!("{}: replayed to icount {icount} ({summary}), then", args.file.display()))),
+    }
+}
+
+/// Where a replay to `until` starts: the last snapshot record at or before it (its
+/// section, icount and the offset of the record after it), or the start snapshot of a log
+/// that starts from one. None: from boot. A damaged log is read as far as it goes here;
+/// the replay itself reports the damage.
+fn seek_point(path: &Path, until: Option<u64>, start: Start) -> Option<(Section, u64, u64)> {
+    if until.is_none() && start == Start::Boot {
+        return None;
+    }
+    let mut scan = LogReader::open_path(path).ok()?;
+    let mut best = None;
+    while let Ok(Some(record)) = scan.next_record() {
+        let icount = record.icount();
+        if until.is_some_and(|u| icount > u) {
+            break;
+        }
+        if let Record::Snapshot { icount, section } = record {
+            best = Some((section, icount, scan.offset()));
+            if until.is_none() {
+                break; // the start snapshot only
+            }
+        }
+    }
+    best
+}
+
+fn restore(log: &std::fs::File, section: Section, config: &MachineConfig) -> Result<Machine> {
+    let mut input = section.open(log);
+    machine::snapshot::read_snapshot(&mut input, config)
+        .with_context(|| format!("cannot restore the log's snapshot at byte {}", section.offset))
+}

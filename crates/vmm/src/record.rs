@@ -1,0 +1,163 @@
+//! `ftvm run --record FILE`: an [`Observer`] of the driver that streams the run's input log
+//! (crates/journal) to a file — every input as it is stamped, a digest of the machine and
+//! of its outputs every `digest_every` of wall time, a snapshot every `snapshot_every`
+//! (for `ftvm replay --until` to seek), and the end.
+//!
+//! The disk is machine state written in place, so the recording keeps its contents at the
+//! start in a copy beside the log (`FILE.disk`, holes kept), which a replay reads through
+//! a copy-on-write overlay. A copy rather than an overlay under the live run: the user's
+//! image keeps every write of the run, as without --record.
+
+use crate::mode::{ModeError, Observer};
+use anyhow::{Context, Result};
+use journal::{EndReason, LogHeader, LogWriter, OutputDigest, StateDigest};
+use machine::{Input, Machine, MachineConfig, Output};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct RecordOptions {
+    pub path: PathBuf,
+    /// A state digest this often (wall time).
+    pub digest_every: Duration,
+    /// A snapshot this often (wall time), for seeking.
+    pub snapshot_every: Option<Duration>,
+    pub seed: Option<u64>,
+}
+
+pub struct Recording {
+    writer: LogWriter<std::fs::File>,
+    outputs: OutputDigest,
+    digest_every: Duration,
+    snapshot_every: Option<Duration>,
+    last_digest: Instant,
+    last_snapshot: Instant,
+    /// Figures for the end of the run.
+    pub digests: u64,
+    pub snapshots: u64,
+}
+
+pub use journal::disk_copy_path;
+
+impl Recording {
+    /// Starts recording a machine built from `config` (not run yet): copies the disk's
+    /// contents and writes the log's header.
+    pub fn start(config: &MachineConfig, options: &RecordOptions) -> Result<Recording> {
+        let disk = match &config.disk {
+            Some(disk) => {
+                let copy = disk_copy_path(&options.path);
+                copy_sparse(&disk.path, &copy)
+                    .with_context(|| format!("cannot keep the disk's start contents in {}", copy.display()))?;
+                let name = copy.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some((name, copy))
+            }
+            None => None,
+        };
+        let mut header =
+            LogHeader::for_boot(config, disk.as_ref().map(|(name, file)| (name.as_str(), file.as_path())))?;
+        header.seed = options.seed;
+        let writer = LogWriter::create(&options.path, &header)
+            .with_context(|| format!("cannot create the input log {}", options.path.display()))?;
+        Ok(Recording {
+            writer,
+            outputs: OutputDigest::new(),
+            digest_every: options.digest_every,
+            snapshot_every: options.snapshot_every,
+            last_digest: Instant::now(),
+            last_snapshot: Instant::now(),
+            digests: 0,
+            snapshots: 0,
+        })
+    }
+
+    fn state_digest(&mut self, machine: &Machine) -> StateDigest {
+        StateDigest { icount: machine.icount(), machine: machine.digest().0, outputs: self.outputs.take() }
+    }
+
+    fn snapshot(&mut self, machine: &Machine) -> Result<()> {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        machine::snapshot::write_snapshot(machine, &mut bytes).context("cannot take a snapshot for the log")?;
+        self.writer.snapshot(machine.icount(), bytes.get_ref())?;
+        self.outputs = OutputDigest::new();
+        self.snapshots += 1;
+        Ok(())
+    }
+
+    /// The log's size so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.writer.bytes_written()
+    }
+}
+
+impl Observer<Machine> for Recording {
+    fn on_input(&mut self, input: &Input) -> Result<(), ModeError> {
+        self.writer.input(input).map_err(|e| ModeError::new("cannot record the run", e))
+    }
+
+    fn on_outputs_produced(&mut self, outputs: &[Output]) {
+        for output in outputs {
+            self.outputs.add(output);
+        }
+    }
+
+    fn on_slice_end(&mut self, machine: &Machine) -> Result<(), ModeError> {
+        if self.last_digest.elapsed() >= self.digest_every {
+            let digest = self.state_digest(machine);
+            self.writer.digest(digest).map_err(|e| ModeError::new("cannot record the run", e))?;
+            self.digests += 1;
+            self.last_digest = Instant::now();
+        }
+        if self.snapshot_every.is_some_and(|every| self.last_snapshot.elapsed() >= every) {
+            self.snapshot(machine).map_err(|e| ModeError::new("cannot record the run", e.into_boxed_dyn_error()))?;
+            self.last_snapshot = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn on_end(&mut self, machine: &Machine, _exit_code: u32) {
+        // How the machine ended, from its state: a power-off or a reset without reboot,
+        // else the run was stopped from outside (quit, stop, a hung guest).
+        let reason = match machine.save_state().ended {
+            Some(machine::RunExit::PowerOff { code }) => EndReason::PowerOff { code },
+            Some(machine::RunExit::Reset) => EndReason::Reset,
+            _ => EndReason::Stopped,
+        };
+        let digest = self.state_digest(machine);
+        if let Err(e) = self.writer.end(digest, reason).and_then(|()| self.writer.sync()) {
+            crate::log::warn(format_args!("the input log's end was not written: {e}"));
+        }
+    }
+}
+
+/// Copies `from` to `to` keeping its holes (SEEK_DATA / SEEK_HOLE): a sparse disk of
+/// gigabytes costs only what it holds.
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
+    let len = src.metadata()?.len();
+    let dst = std::fs::File::create(to)?;
+    dst.set_len(len)?;
+    let mut buf = vec![0; 1 << 20];
+    let mut offset = 0u64;
+    let mut copied = 0u64;
+    while offset < len {
+        let seek = |whence, at: u64| nix::unistd::lseek(src.as_raw_fd(), at as i64, whence).map(|o| o as u64);
+        let data = match seek(nix::unistd::Whence::SeekData, offset) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole follows
+            Err(_) => offset,                       // cannot tell: copy everything
+        };
+        let hole = seek(nix::unistd::Whence::SeekHole, data).unwrap_or(len).min(len);
+        let mut at = data;
+        while at < hole {
+            let n = ((hole - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+            copied += n as u64;
+        }
+        offset = hole;
+    }
+    dst.sync_all()?;
+    Ok(copied)
+}
