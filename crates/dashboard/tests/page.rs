@@ -73,7 +73,8 @@ fn protected_cluster() -> Cluster {
 
 /// h1 died: h2 took over, then h3 became the new backup.
 fn fail_over(cluster: &mut Cluster) {
-    cluster.hosts = vec![host("h1", false, &[]), host("h2", true, &["web/primary"]), host("h3", true, &["web/backup"])];
+    let h1 = host("h1", false, &["web/primary"]); // its last report, from before it died
+    cluster.hosts = vec![h1, host("h2", true, &["web/primary"]), host("h3", true, &["web/backup"])];
     cluster.vms =
         vec![vm("protected", 4, 1, vec![replica("h2", "primary", 830, Some(0)), replica("h3", "backup", 830, None)])];
     cluster.events.push(event(5, "host_down", "h1", "h1 missed 3 heartbeats"));
@@ -216,8 +217,13 @@ fn the_page_shows_hosts_vms_and_replicas_and_a_failover_appears_live_on_the_time
         browser.evaluate(replicas).expect("replicas"),
         json!([["web", "h2", "primary", "0 epochs"], ["web", "h3", "backup", "0 behind"]])
     );
-    let h1 = browser.evaluate("[document.querySelector('#hosts tr[data-host=h1]').dataset.alive, document.querySelector('#summary').textContent]");
-    assert_eq!(h1.expect("h1"), json!(["false", "2/3 hosts alive · 1/1 VMs protected"]));
+    let h1 = "[document.querySelector('#hosts tr[data-host=h1]').dataset.alive, \
+              document.querySelector('#hosts tr[data-host=h1] td:last-child').textContent, \
+              document.querySelector('#summary').textContent]";
+    assert_eq!(
+        browser.evaluate(h1).expect("h1"),
+        json!(["false", "last reported: web/primary", "2/3 hosts alive · 1/1 VMs protected"])
+    );
 
     let path = screenshot_path("dashboard-page-failover.png");
     browser.screenshot(&path).expect("screenshot");

@@ -185,11 +185,18 @@ function showHosts(hosts) {
       el("td", heartbeat(host)),
       el("td", labels(host.labels)),
       el("td", host.memory_mib_free == null ? "–" : host.memory_mib_free + " MiB"),
-      el("td", (host.replicas || []).join(", ") || "–"),
+      replicasCell(host),
     );
     return tr;
   });
   $("hosts").tBodies[0].replaceChildren(...rows);
+}
+
+// A host that is down still has the replicas of its last report: shown as such, not as running.
+function replicasCell(host) {
+  const text = (host.replicas || []).join(", ");
+  if (!text) return el("td", "–");
+  return host.alive ? el("td", text) : el("td", "last reported: " + text, "dim stale");
 }
 
 function heartbeat(host) {
