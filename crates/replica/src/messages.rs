@@ -1,7 +1,9 @@
-//! The messages of the replication protocol and their payload encoding: hand-written
-//! little-endian fields, every length checked against what is left and against a limit, and
-//! no trailing bytes allowed. A frame's type byte says which message its payload holds.
+//! The messages of the replication protocol and their payload encoding: little-endian
+//! fields read with the workspace's one bounded reader (`bounded-reader`: every read checked
+//! against what is left, every error naming the field and its offset), lengths capped, and no
+//! trailing bytes allowed. A frame's type byte says which message its payload holds.
 
+use bounded_reader::{ReadError, Reader};
 use thiserror::Error;
 
 use crate::wire::{Frame, Nonce, NONCE_BYTES};
@@ -86,10 +88,9 @@ pub enum Message {
 pub enum MessageError {
     #[error("frame type {frame_type} is not a message this ftvm knows")]
     UnknownType { frame_type: u8 },
-    #[error("a {message} message ends early: {needed} more bytes were needed")]
-    Short { message: &'static str, needed: usize },
-    #[error("a {message} message has {extra} bytes past its end")]
-    TrailingBytes { message: &'static str, extra: usize },
+    /// A field ends early, a presence byte is neither 0 nor 1, or bytes follow the last field.
+    #[error("a {message} message is malformed: {problem}")]
+    Malformed { message: &'static str, problem: ReadError },
     #[error("a {message} message has an invalid {field} ({value})")]
     InvalidField { message: &'static str, field: &'static str, value: u64 },
     #[error("a Goodbye reason of {length} bytes is longer than {MAX_REASON_BYTES}")]
@@ -234,59 +235,105 @@ impl Message {
             frame_type::STAND_DOWN => "StandDown",
             frame_type => return Err(MessageError::UnknownType { frame_type }),
         };
-        let mut r = Reader { bytes: &frame.payload, message: name };
-        let message = match frame.frame_type {
+        let malformed = |problem| MessageError::Malformed { message: name, problem };
+        let mut r = Reader::new(&frame.payload);
+        let message = Self::decode_fields(frame.frame_type, name, &mut r).map_err(|e| match e {
+            Decode::Read(problem) => malformed(problem),
+            Decode::Message(e) => e,
+        })?;
+        r.finish().map_err(malformed)?;
+        Ok(message)
+    }
+
+    fn decode_fields(frame_type: u8, name: &'static str, r: &mut Reader<'_>) -> Result<Message, Decode> {
+        Ok(match frame_type {
             frame_type::HELLO => Message::Hello {
-                protocol_version: r.u16()?,
-                role: r.role()?,
-                config_digest: r.array()?,
-                nonce: r.array::<NONCE_BYTES>()?,
-                run_id: r.u64()?,
-                generation: r.u64()?,
+                protocol_version: r.u16("protocol version")?,
+                role: role(r, name)?,
+                config_digest: r.array("configuration digest")?,
+                nonce: r.array::<NONCE_BYTES>("nonce")?,
+                run_id: r.u64("run id")?,
+                generation: r.u64("generation")?,
             },
             frame_type::HELLO_ACK => Message::HelloAck {
-                protocol_version: r.u16()?,
-                role: r.role()?,
-                config_digest: r.array()?,
-                nonce: r.array()?,
-                primary_nonce: r.array()?,
-                latest: r.checkpoint_id("latest")?,
-                partial: match r.checkpoint_id("partial")? {
+                protocol_version: r.u16("protocol version")?,
+                role: role(r, name)?,
+                config_digest: r.array("configuration digest")?,
+                nonce: r.array("nonce")?,
+                primary_nonce: r.array("primary nonce")?,
+                latest: checkpoint_id(r, "latest")?,
+                partial: match checkpoint_id(r, "partial")? {
                     None => None,
-                    Some(id) => Some((id, r.u64()?)),
+                    Some(id) => Some((id, r.u64("partial offset")?)),
                 },
             },
-            frame_type::CHECKPOINT_RESUME => Message::CheckpointResume { epoch: r.u64()?, offset: r.u64()? },
-            frame_type::PROTECTED => Message::Protected { generation: r.u64()?, from_epoch: r.u64()? },
-            frame_type::END => Message::End { exit_code: r.u32()? },
+            frame_type::CHECKPOINT_RESUME => {
+                Message::CheckpointResume { epoch: r.u64("epoch")?, offset: r.u64("offset")? }
+            }
+            frame_type::PROTECTED => {
+                Message::Protected { generation: r.u64("generation")?, from_epoch: r.u64("from epoch")? }
+            }
+            frame_type::END => Message::End { exit_code: r.u32("exit code")? },
             frame_type::STAND_DOWN => Message::StandDown,
-            frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64()?, epoch: r.u64()? },
+            frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64("time")?, epoch: r.u64("epoch")? },
             frame_type::CHECKPOINT_BEGIN => Message::CheckpointBegin {
-                epoch: r.u64()?,
-                base_epoch: r.option_u64("base_epoch")?,
-                icount: r.u64()?,
-                total_bytes: r.u64()?,
+                epoch: r.u64("epoch")?,
+                base_epoch: option_u64(r, "base epoch")?,
+                icount: r.u64("icount")?,
+                total_bytes: r.u64("total bytes")?,
             },
             frame_type::CHECKPOINT_CHUNK => {
-                Message::CheckpointChunk { epoch: r.u64()?, offset: r.u64()?, bytes: r.rest().to_vec() }
+                Message::CheckpointChunk { epoch: r.u64("epoch")?, offset: r.u64("offset")?, bytes: r.rest().to_vec() }
             }
-            frame_type::CHECKPOINT_END => Message::CheckpointEnd { epoch: r.u64()?, digest: r.array()? },
-            frame_type::ACK => Message::Ack { epoch: r.u64()? },
-            frame_type::NEED_FULL => Message::NeedFull { epoch: r.u64()?, latest: r.checkpoint_id("latest")? },
+            frame_type::CHECKPOINT_END => {
+                Message::CheckpointEnd { epoch: r.u64("epoch")?, digest: r.array("payload digest")? }
+            }
+            frame_type::ACK => Message::Ack { epoch: r.u64("epoch")? },
+            frame_type::NEED_FULL => Message::NeedFull { epoch: r.u64("epoch")?, latest: checkpoint_id(r, "latest")? },
             frame_type::GOODBYE => {
-                let length = usize::from(r.u16()?);
+                let length = usize::from(r.u16("reason length")?);
                 if length > MAX_REASON_BYTES {
-                    return Err(MessageError::ReasonTooLong { length });
+                    return Err(Decode::Message(MessageError::ReasonTooLong { length }));
                 }
                 // A reason is only shown to a person: invalid UTF-8 is replaced, not refused.
-                Message::Goodbye { reason: String::from_utf8_lossy(r.take(length)?).into_owned() }
+                Message::Goodbye { reason: String::from_utf8_lossy(r.take(length, "reason")?).into_owned() }
             }
-            _ => unreachable!("frame type checked above"),
-        };
-        match r.bytes.len() {
-            0 => Ok(message),
-            extra => Err(MessageError::TrailingBytes { message: name, extra }),
-        }
+            _ => unreachable!("frame type checked by the caller"),
+        })
+    }
+}
+
+/// Why decoding a message's fields stopped.
+enum Decode {
+    Read(ReadError),
+    Message(MessageError),
+}
+
+impl From<ReadError> for Decode {
+    fn from(e: ReadError) -> Decode {
+        Decode::Read(e)
+    }
+}
+
+fn option_u64(r: &mut Reader<'_>, field: &'static str) -> Result<Option<u64>, Decode> {
+    Ok(match r.bool(field)? {
+        false => None,
+        true => Some(r.u64(field)?),
+    })
+}
+
+fn checkpoint_id(r: &mut Reader<'_>, field: &'static str) -> Result<Option<CheckpointId>, Decode> {
+    Ok(match r.bool(field)? {
+        false => None,
+        true => Some(CheckpointId { run_id: r.u64(field)?, epoch: r.u64(field)? }),
+    })
+}
+
+fn role(r: &mut Reader<'_>, message: &'static str) -> Result<Role, Decode> {
+    match r.u8("role")? {
+        1 => Ok(Role::Primary),
+        2 => Ok(Role::Backup),
+        value => Err(Decode::Message(MessageError::InvalidField { message, field: "role", value: value.into() })),
     }
 }
 
@@ -324,72 +371,6 @@ fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
         end -= 1;
     }
     &text[..end]
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    message: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], MessageError> {
-        if self.bytes.len() < n {
-            return Err(MessageError::Short { message: self.message, needed: n - self.bytes.len() });
-        }
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], MessageError> {
-        Ok(self.take(N)?.try_into().expect("took N bytes"))
-    }
-
-    fn u16(&mut self) -> Result<u16, MessageError> {
-        Ok(u16::from_le_bytes(self.array()?))
-    }
-
-    fn u32(&mut self) -> Result<u32, MessageError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, MessageError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn presence(&mut self, field: &'static str) -> Result<bool, MessageError> {
-        match self.array::<1>()?[0] {
-            0 => Ok(false),
-            1 => Ok(true),
-            value => Err(MessageError::InvalidField { message: self.message, field, value: value.into() }),
-        }
-    }
-
-    fn option_u64(&mut self, field: &'static str) -> Result<Option<u64>, MessageError> {
-        Ok(match self.presence(field)? {
-            false => None,
-            true => Some(self.u64()?),
-        })
-    }
-
-    fn checkpoint_id(&mut self, field: &'static str) -> Result<Option<CheckpointId>, MessageError> {
-        Ok(match self.presence(field)? {
-            false => None,
-            true => Some(CheckpointId { run_id: self.u64()?, epoch: self.u64()? }),
-        })
-    }
-
-    fn role(&mut self) -> Result<Role, MessageError> {
-        match self.array::<1>()?[0] {
-            1 => Ok(Role::Primary),
-            2 => Ok(Role::Backup),
-            value => Err(MessageError::InvalidField { message: self.message, field: "role", value: value.into() }),
-        }
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.bytes)
-    }
 }
 
 #[cfg(test)]
@@ -461,7 +442,11 @@ mod tests {
             let frame = frame_of(&message);
             for cut in 0..frame.payload.len() {
                 let short = Frame { payload: frame.payload[..cut].to_vec(), ..frame.clone() };
-                assert!(matches!(Message::decode(&short), Err(MessageError::Short { .. })), "{message:?} cut at {cut}");
+                let truncated = matches!(
+                    Message::decode(&short),
+                    Err(MessageError::Malformed { problem: ReadError::Truncated { .. }, .. })
+                );
+                assert!(truncated, "{message:?} cut at {cut}");
             }
         }
     }
@@ -470,7 +455,8 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut frame = frame_of(&Message::Ack { epoch: 1 });
         frame.payload.push(0);
-        assert_eq!(Message::decode(&frame), Err(MessageError::TrailingBytes { message: "Ack", extra: 1 }));
+        let error = Message::decode(&frame).unwrap_err();
+        assert_eq!(error.to_string(), "a Ack message is malformed: 1 unexpected bytes at byte 8, after the last field");
     }
 
     #[test]
@@ -481,7 +467,21 @@ mod tests {
         );
         let mut frame = frame_of(&Message::NeedFull { epoch: 1, latest: None });
         frame.payload[8] = 2;
-        assert!(matches!(Message::decode(&frame), Err(MessageError::InvalidField { field: "latest", .. })));
+        let error = Message::decode(&frame).unwrap_err();
+        assert_eq!(error.to_string(), "a NeedFull message is malformed: latest at byte 8 is 2, not 0 or 1");
+        let mut frame = frame_of(&Message::Hello {
+            protocol_version: 1,
+            role: Role::Primary,
+            config_digest: [0; 32],
+            nonce: [0; NONCE_BYTES],
+            run_id: 0,
+            generation: 0,
+        });
+        frame.payload[2] = 9;
+        assert_eq!(
+            Message::decode(&frame),
+            Err(MessageError::InvalidField { message: "Hello", field: "role", value: 9 })
+        );
     }
 
     #[test]
