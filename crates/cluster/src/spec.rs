@@ -13,6 +13,7 @@ pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u64> = 16..=65536;
 const MAX_PATH_BYTES: usize = 1024;
 const MAX_APPEND_BYTES: usize = 2048;
 const MAX_LABELS: usize = 32;
+const MAX_COMMAND_WORDS: usize = 64;
 const MAX_LABEL_BYTES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -81,6 +82,9 @@ pub struct VmSpec {
     pub replicas: Option<u32>,
     #[serde(default)]
     pub placement: Placement,
+    /// A command the guest runs (as `ftvm run -- COMMAND`); empty: the console.
+    #[serde(default)]
+    pub command: Vec<String>,
 }
 
 fn default_memory_mib() -> u64 {
@@ -132,6 +136,13 @@ impl VmSpec {
                 Protection::Checkpoint => "checkpoint",
             };
             return Err(SpecError::Replicas { replicas, protection, needed });
+        }
+        let command_bytes: usize = self.command.iter().map(|w| w.len() + 1).sum();
+        if self.command.len() > MAX_COMMAND_WORDS || command_bytes > MAX_APPEND_BYTES {
+            return Err(field("command", &self.command.join(" "), "at most 64 words and 2048 bytes"));
+        }
+        if self.command.iter().any(|w| w.chars().any(char::is_control)) {
+            return Err(field("command", &self.command.join(" "), "no control characters"));
         }
         for labels in [&self.placement.labels, &self.placement.avoid_labels] {
             check_labels(labels)?;

@@ -1,6 +1,9 @@
 //! ftvm: the command-line front of the fault-tolerant virtual machine monitor.
 //! Each subcommand lives in its own module; this file only dispatches.
 
+mod agent_api;
+mod agent_cmd;
+mod agent_rules;
 mod api;
 mod backup_cmd;
 mod bench_cmd;
@@ -14,6 +17,7 @@ mod replay_cmd;
 mod replication_args;
 mod run_cmd;
 mod snapshot_cmd;
+mod vm_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -47,6 +51,10 @@ enum Command {
     Restore(snapshot_cmd::RestoreArgs),
     /// Reliability models of virtualized nodes: bounds, block diagrams, availability, plots
     Model(model_cmd::ModelArgs),
+    /// Run this host's agent: heartbeat, replicas, the control loop, the /v1 API and dashboard
+    Agent(agent_cmd::AgentArgs),
+    /// Declare, list, show and delete VMs through an agent's /v1 API
+    Vm(vm_cmd::VmArgs),
     /// Benchmarks that print figures (they are not tests)
     #[command(subcommand)]
     Bench(bench_cmd::BenchKind),
@@ -63,6 +71,8 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Bench(kind) => bench_cmd::run(kind),
         Command::Restore(args) => snapshot_cmd::restore(args),
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
+        Command::Agent(args) => agent_cmd::run(args),
+        Command::Vm(args) => vm_cmd::run(args),
     }
 }
 

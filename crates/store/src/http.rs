@@ -42,6 +42,19 @@ pub fn post_json(
     connect_timeout: Duration,
     io_timeout: Duration,
 ) -> Result<(u16, Vec<u8>), HttpError> {
+    request(authority, "POST", path, &[], body, connect_timeout, io_timeout)
+}
+
+/// One request with extra header lines (`Name: value`); returns the status and the body.
+pub fn request(
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: &[u8],
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> Result<(u16, Vec<u8>), HttpError> {
     let io = |action| move |source| HttpError::Io { action, source };
     let addrs: Vec<SocketAddr> = authority.to_socket_addrs().map_err(io("resolve the address"))?.collect();
     let addr = addrs.first().ok_or(HttpError::Malformed("the address resolves to nothing"))?;
@@ -49,11 +62,16 @@ pub fn post_json(
     stream.set_read_timeout(Some(io_timeout)).map_err(io("set a read timeout"))?;
     stream.set_write_timeout(Some(io_timeout)).map_err(io("set a write timeout"))?;
     let _ = stream.set_nodelay(true);
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n",
         body.len()
     );
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
     let mut request = head.into_bytes();
     request.extend_from_slice(body);
     stream.write_all(&request).map_err(io("send the request"))?;

@@ -9,7 +9,7 @@
 
 mod etcd;
 mod file;
-mod http;
+pub mod http;
 pub mod kv;
 mod memory;
 

@@ -1,0 +1,77 @@
+//! The agent's side of the user rules ([`cluster::rules`]): loading the file (a bad one is
+//! refused naming the line; after a re-execution the last good copy is kept instead) and
+//! carrying out a decision with the store.
+
+use anyhow::{Context, Result};
+use cluster::keys;
+use cluster::rules::{Decision, RuleAction, RuleSet};
+use cluster::HostState;
+use std::path::Path;
+use store::KvStore;
+
+/// Where the agent asks another host to stop one of its replicas (`/ftvm/stop/HOST/ID`).
+pub const STOP_REQUESTS: &str = "/ftvm/stop/";
+
+/// The rules of `path` (None: the default rules). A good file is copied to `last_good`; a bad
+/// one fails the start, unless this is a re-execution with a last good copy, which is used.
+pub fn load(path: Option<&Path>, last_good: &Path, reexecuted: bool) -> Result<RuleSet> {
+    let Some(path) = path else { return Ok(RuleSet::default_rules()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --rules {}", path.display()));
+    let parsed = text.and_then(|text| {
+        let rules = RuleSet::parse(&text).with_context(|| format!("--rules {}", path.display()))?;
+        Ok((rules, text))
+    });
+    match parsed {
+        Ok((rules, text)) => {
+            let _ = std::fs::write(last_good, text);
+            Ok(rules)
+        }
+        Err(error) if reexecuted && last_good.exists() => {
+            eprintln!("ftvm agent: {error:#}; keeping the last good rules");
+            let text = std::fs::read_to_string(last_good)?;
+            Ok(RuleSet::parse(&text)?)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Does what a rule decided, through the store: a host state, a stop request to the host of
+/// the backup to replace, or a webhook call.
+pub fn carry_out(kv: &mut Box<dyn KvStore>, decision: &Decision, observed: &cluster::Observed) -> Result<()> {
+    match &decision.action {
+        RuleAction::DrainHost | RuleAction::QuarantineHost => {
+            let state = match decision.action {
+                RuleAction::DrainHost => HostState::Draining,
+                _ => HostState::Quarantined,
+            };
+            kv.put(&keys::hostctl(&decision.host), &serde_json::to_vec(&state)?)?;
+        }
+        RuleAction::ReprotectElsewhere => {
+            let Some(vm) = &decision.vm else { return Ok(()) };
+            for (host, replica) in observed.live_replicas() {
+                if &replica.vm == vm && replica.role == cluster::ReplicaRole::Backup {
+                    let id = format!("{vm}-{}-{}", replica.uid, replica.pid.unwrap_or(0));
+                    kv.put(&format!("{STOP_REQUESTS}{host}/{id}"), &serde_json::to_vec(replica)?)?;
+                }
+            }
+        }
+        RuleAction::Webhook(url) => {
+            let url = url.clone();
+            let body = serde_json::json!({
+                "rule": decision.rule, "host": decision.host, "vm": decision.vm, "message": decision.message,
+            });
+            std::thread::spawn(move || {
+                let Some(rest) = url.strip_prefix("http://") else { return };
+                let (authority, path) =
+                    rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+                let timeout = std::time::Duration::from_secs(3);
+                if let Err(error) =
+                    store::http::post_json(authority, &path, body.to_string().as_bytes(), timeout, timeout)
+                {
+                    eprintln!("ftvm agent: webhook {url}: {error}");
+                }
+            });
+        }
+    }
+    Ok(())
+}
