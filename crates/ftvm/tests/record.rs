@@ -222,3 +222,126 @@ fn a_damaged_or_foreign_log_is_refused_with_one_line() {
     let line = one_line_error(&rec.log, &["--initrd", other_initrd.to_str().unwrap()]);
     assert!(line.contains("the log was recorded with another initrd: "), "{line}");
 }
+
+/// A network namespace holding a TAP device for the guest and an HTTP server on the host
+/// side of it (10.0.2.2:8080, serving `hello.txt`); removed, server stopped by PID, on drop.
+struct TestNet {
+    ns: String,
+    server: std::process::Child,
+    dir: common::Scratch,
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl TestNet {
+    fn new() -> TestNet {
+        let ns = format!("ftvm-record-{}", std::process::id());
+        let dir = common::scratch("record-net", "hello.txt");
+        std::fs::write(&*dir, "hello from the host side\n").unwrap();
+        ip(&["netns", "add", &ns]);
+        for args in [&["tuntap", "add", "tap0", "mode", "tap"][..], &["addr", "add", "10.0.2.2/24", "dev", "tap0"]] {
+            ip(&[&["netns", "exec", &ns, "ip"][..], args].concat());
+        }
+        ip(&["netns", "exec", &ns, "ip", "link", "set", "tap0", "up"]);
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-m", "http.server", "--bind", "10.0.2.2", "8080", "--directory"])
+            .arg(dir.parent().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the HTTP server");
+        TestNet { ns, server, dir }
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// Read from `reader` until `needle` appears (or the stream ends); appends to `seen`.
+fn read_until(reader: &mut impl std::io::Read, seen: &mut Vec<u8>, needle: &str) -> bool {
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+#[test]
+fn a_debian_run_with_network_traffic_and_typed_input_replays_with_the_same_digests_and_console() {
+    use std::io::{Read, Write};
+    let guest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest");
+    let test_image = guest.join("debian-test/out");
+    for file in [test_image.join("initrd.cpio.gz"), test_image.join("disk.img")] {
+        assert!(file.exists(), "{} missing: run `bash guest/build-debian-test.sh` (scripts/test does)", file.display());
+    }
+    let net = TestNet::new();
+    let log = net.dir.with_file_name("debian.log");
+    let disk = net.dir.with_file_name("disk.img");
+    std::fs::copy(test_image.join("disk.img"), &disk).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.ns])
+        .arg(env!("CARGO_BIN_EXE_ftvm"))
+        .arg("run")
+        .arg("--initrd")
+        .arg(test_image.join("initrd.cpio.gz"))
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--net", "tap:tap0", "--digest", "--digest-every-ms", "500", "--record"])
+        .arg(&log)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut out, mut stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(180));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let mut console = Vec::new();
+    assert!(read_until(&mut out, &mut console, "~ # "), "no prompt: {}", String::from_utf8_lossy(&console));
+    // Typed input, frames both ways (an HTTP fetch from the host), the disk read and
+    // entropy drawn by a Debian program, then the shell's exit powers the guest off.
+    let typed = "wget -q -T 10 -O- http://10.0.2.2:8080/hello.txt; /usr/share/ftvm/mount-disk && \
+                 ftvm-files /mnt/hello.txt /mnt/pattern.bin; echo typed-$((6*7))\n";
+    stdin.write_all(typed.as_bytes()).unwrap();
+    assert!(read_until(&mut out, &mut console, "typed-42"), "{}", String::from_utf8_lossy(&console));
+    stdin.write_all(b"exit\n").unwrap();
+    out.read_to_end(&mut console).unwrap();
+    let status = child.wait().unwrap();
+    let mut run_stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut run_stderr).unwrap();
+    drop(watchdog);
+    assert_eq!(status.code(), Some(0), "{run_stderr}");
+    let text = String::from_utf8_lossy(&console);
+    for line in ["hello from the host side", "files: ok", "typed-42"] {
+        assert!(text.contains(line), "no {line:?} in {text}");
+    }
+    let inputs = records(&log);
+    let count = |f: fn(&machine::InputKind) -> bool| {
+        inputs.iter().filter(|r| matches!(r, journal::Record::Input(i) if f(&i.kind))).count()
+    };
+    assert!(count(|k| matches!(k, machine::InputKind::NetFrame(_))) >= 3, "frames were received and logged");
+    assert!(count(|k| matches!(k, machine::InputKind::Console(_))) >= 1, "keys were logged");
+
+    // Replay: no TAP, no terminal, the same console byte for byte, every digest matching.
+    let replayed = replay(&log, &["--digest", "--console"]);
+    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
+    let run_digest = run_stderr.lines().find(|l| l.starts_with("ftvm: digest=")).expect("the run's digest");
+    assert_eq!(digest_line(&replayed), run_digest);
+    assert!(replayed.stdout == console, "the replay's console differs from the run's");
+    let digests = inputs.iter().filter(|r| matches!(r, journal::Record::Digest(_))).count();
+    assert!(stderr(&replayed).contains(&format!("{} digests matching", digests + 1)), "{}", stderr(&replayed));
+}
