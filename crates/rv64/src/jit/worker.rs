@@ -8,7 +8,9 @@ use super::Link;
 use crate::block::MicroOp;
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Which block a request is for, as the block cache names it: the result is installed
@@ -134,6 +136,8 @@ pub(super) enum Compiler {
         requests: Option<Sender<Request>>,
         results: Receiver<Compiled>,
         thread: Option<JoinHandle<()>>,
+        /// Set when the compiler goes: the thread drops its queue instead of compiling it.
+        closing: Arc<AtomicBool>,
         /// For the trampoline, made on the hart's thread.
         local: Translator,
     },
@@ -148,17 +152,20 @@ impl Compiler {
         let mut remote = Translator::new()?;
         let (request_tx, request_rx) = channel::<Request>();
         let (result_tx, result_rx) = channel();
+        let closing = Arc::new(AtomicBool::new(false));
+        let closing_seen = Arc::clone(&closing);
         let thread = std::thread::Builder::new()
             .name("rv64-jit".into())
             .spawn(move || {
                 while let Ok(request) = request_rx.recv() {
-                    if result_tx.send(remote.compile(request)).is_err() {
+                    // What is still queued when the hart goes would never run.
+                    if closing_seen.load(Ordering::Relaxed) || result_tx.send(remote.compile(request)).is_err() {
                         break;
                     }
                 }
             })
             .ok()?;
-        Some(Compiler::Thread { requests: Some(request_tx), results: result_rx, thread: Some(thread), local })
+        Some(Compiler::Thread { requests: Some(request_tx), results: result_rx, thread: Some(thread), closing, local })
     }
 
     pub(super) fn trampoline(&mut self) -> Option<Vec<u8>> {
@@ -195,7 +202,8 @@ impl Compiler {
 
 impl Drop for Compiler {
     fn drop(&mut self) {
-        if let Compiler::Thread { requests, thread, .. } = self {
+        if let Compiler::Thread { requests, thread, closing, .. } = self {
+            closing.store(true, Ordering::Relaxed);
             requests.take(); // the thread ends when its queue closes
             if let Some(thread) = thread.take() {
                 let _ = thread.join();
