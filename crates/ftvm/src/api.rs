@@ -44,7 +44,8 @@ pub const EPOCH_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
 /// The listening socket; removed when dropped, once the answers being written (say,
 /// to the `stop` that ends the VM) have gone out.
 pub struct ApiServer {
-    path: PathBuf,
+    /// The socket's path, removed on drop (None: a keeper owns it, `--resilient`).
+    path: Option<PathBuf>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -57,19 +58,32 @@ impl Drop for ApiServer {
         while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
 /// Bind `path` and answer requests on a thread, forwarding them to `events`.
 pub fn serve(path: &Path, events: Sender<HostEvent>) -> Result<ApiServer> {
+    let listener = bind(path)?;
+    Ok(serve_listener(listener, Some(path.to_path_buf()), events))
+}
+
+/// Bind the API socket at `path` (a stale socket file is replaced; a live one refused).
+pub fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             bail!("API socket {} is in use by another running VM", path.display());
         }
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale API socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot create API socket {}", path.display()))?;
+    UnixListener::bind(path).with_context(|| format!("cannot create API socket {}", path.display()))
+}
+
+/// Answer requests on a socket already bound (by a keeper, when `path` is None: requests
+/// wait in its backlog while no monitor runs).
+pub fn serve_listener(listener: UnixListener, path: Option<PathBuf>, events: Sender<HostEvent>) -> ApiServer {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let counter = in_flight.clone();
     std::thread::spawn(move || {
@@ -83,7 +97,7 @@ pub fn serve(path: &Path, events: Sender<HostEvent>) -> Result<ApiServer> {
             });
         }
     });
-    Ok(ApiServer { path: path.to_path_buf(), in_flight })
+    ApiServer { path, in_flight }
 }
 
 fn handle_connection(mut stream: UnixStream, events: &Sender<HostEvent>) -> std::io::Result<()> {

@@ -15,6 +15,7 @@ mod model_cmd;
 mod netns;
 mod replay_cmd;
 mod replication_args;
+mod resilient;
 mod run_cmd;
 mod snapshot_cmd;
 mod vm_cmd;

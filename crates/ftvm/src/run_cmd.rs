@@ -112,6 +112,22 @@ pub struct RunArgs {
     /// and the guest's `ftvm: userspace up` line)
     #[arg(long)]
     pub boot_log: bool,
+    /// Keep the VM running across crashes and hangs of its monitor: a small keeper process
+    /// owns the terminal, the TAP device and the API socket, and restarts the monitor, which
+    /// takes the VM over from a local checkpoint (docs/microreboot.md)
+    #[arg(long)]
+    pub resilient: bool,
+    /// With --resilient: a monitor whose heartbeat stands still this long is restarted
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "resilient")]
+    pub hang_ms: u64,
+    /// With --resilient: stop once the monitor failed this many times in a row at the same
+    /// instruction (a poison input)
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "resilient",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub poison_attempts: u32,
+    /// With --resilient: write the keeper's report (each restart, how the run ended) as JSON to FILE
+    #[arg(long, value_name = "FILE", requires = "resilient")]
+    pub keeper_report: Option<PathBuf>,
     /// Command to run in the guest (after --)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -228,10 +244,16 @@ pub fn tap_name(spec: &str) -> Result<&str> {
 
 /// Console output in command mode: hide boot messages until the guest's
 /// "ftvm: userspace up" line and the "ftvm: exit N" line, pass the rest.
-struct CommandConsole {
+pub(crate) struct CommandConsole {
     started: bool,
     line: Vec<u8>,
     show_boot: bool,
+}
+
+impl CommandConsole {
+    pub(crate) fn new(show_boot: bool) -> CommandConsole {
+        CommandConsole { started: false, line: Vec::new(), show_boot }
+    }
 }
 
 const UP_MARKER: &[u8] = b"ftvm: userspace up";
@@ -307,7 +329,7 @@ fn trim_cr(line: &[u8]) -> &[u8] {
     &line[..end]
 }
 
-struct TerminalConsole;
+pub(crate) struct TerminalConsole;
 
 impl ConsoleSink for TerminalConsole {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -327,6 +349,9 @@ pub fn open_tap(vm: &VmArgs) -> Result<Option<Tap>> {
 }
 
 pub fn run(args: RunArgs) -> Result<i32> {
+    if args.resilient {
+        return crate::resilient::run(args);
+    }
     let vm = &args.vm;
     let config = machine_config(vm, &args.command)?;
     let tap = open_tap(vm)?;
@@ -436,6 +461,11 @@ pub fn run_driver(
     if vm.digest {
         eprintln!("ftvm: digest={} icount={}", driver.machine.digest(), driver.machine.icount());
     }
+    exit_status(outcome)
+}
+
+/// The exit status of a run that ended with `outcome` (its message on stderr).
+pub fn exit_status(outcome: Outcome) -> Result<i32> {
     Ok(match outcome {
         Outcome::PowerOff { code } => code as i32,
         Outcome::Reset => {

@@ -260,6 +260,26 @@ fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
 
+/// Fault point `machine::input` (with the `failpoints` feature): `return(KIND)` makes
+/// applying an input of that kind (`console`, `frame`, `entropy`, `idle`, `rate`) panic,
+/// every time — a poison input, as a bug in device emulation would make one.
+#[cfg(feature = "failpoints")]
+fn poison_point(kind: &InputKind) {
+    let name = match kind {
+        InputKind::Console(_) => "console",
+        InputKind::NetFrame(_) => "frame",
+        InputKind::Entropy(_) => "entropy",
+        InputKind::IdleSkip { .. } => "idle",
+        InputKind::ClockRate { .. } => "rate",
+    };
+    if fail::eval("machine::input", |arg| arg).flatten().is_some_and(|k| k == name) {
+        panic!("fault point machine::input: a poisoned {name} input");
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn poison_point(_kind: &InputKind) {}
+
 impl Machine {
     /// Build a machine and load the kernel, initrd and device tree; the hart starts
     /// in S-mode at the kernel's entry, as firmware would leave it.
@@ -443,6 +463,7 @@ impl Machine {
     }
 
     fn apply(&mut self, kind: InputKind) {
+        poison_point(&kind);
         let icount = self.icount();
         let board = &mut self.board;
         let mut ctx = crate::devices::DeviceCtx { ram: &mut board.ram, outputs: &mut board.outputs, icount };

@@ -220,13 +220,17 @@ impl<V: Vm + 'static> Driver<V> {
     fn run_until_end(&mut self, console: &mut dyn ConsoleSink) -> Result<Outcome> {
         loop {
             if self.paused {
-                match self.events.recv() {
+                // A mode that limits idle waits (the keeper's heartbeat) sees slice ends
+                // while the VM is paused too.
+                let wait = self.mode.idle_wait_limit().unwrap_or(Duration::MAX);
+                match self.events.recv_timeout(wait) {
                     Ok(event) => {
                         if let Some(outcome) = self.deliver(event)? {
                             return Ok(outcome);
                         }
                     }
-                    Err(_) => self.paused = false, // nobody can resume us: carry on
+                    Err(RecvTimeoutError::Timeout) => self.slice_end(true)?,
+                    Err(RecvTimeoutError::Disconnected) => self.paused = false, // nobody can resume us: carry on
                 }
                 continue;
             }

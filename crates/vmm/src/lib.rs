@@ -15,12 +15,14 @@
 //! - [`host`]: the host edges — terminal, TAP device, entropy, the MAC announcement.
 //! - [`control`]: requests from the control API, answered by the driver between slices.
 //! - [`status`]: the status of every role, typed; [`metrics`] renders it for Prometheus.
+//! - [`keeper`]: the keeper that lets a VM outlive its monitor process (`--resilient`).
 //! - [`replicate`]: the replication edges — the primary's replication thread, the backup's
 //!   waiting loop, and the VM's ownership record in the store.
 
 pub mod control;
 pub mod driver;
 pub mod host;
+pub mod keeper;
 pub mod log;
 pub mod metrics;
 pub mod mode;

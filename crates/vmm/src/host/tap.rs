@@ -55,6 +55,16 @@ impl Tap {
         Ok(Tap { file, name: name.to_string() })
     }
 
+    /// A TAP device attached by another process (a keeper, `--resilient`), by descriptor.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, name: &str) -> Tap {
+        Tap { file: File::from(fd), name: name.to_string() }
+    }
+
+    /// The descriptor, for a process that passes it on (a keeper to its monitors).
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        self.file.into()
+    }
+
     /// Read frames on a thread and send them to the driver.
     pub fn spawn_reader(&self, events: Sender<HostEvent>) -> Result<()> {
         let mut file = self.file.try_clone().context("cannot duplicate the TAP file descriptor")?;

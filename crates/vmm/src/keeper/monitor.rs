@@ -1,0 +1,356 @@
+//! The monitor's side of the keeper: it keeps its recovery state in the shared region
+//! (a [`crate::driver::Recorder`]), and a new monitor takes the VM over from it.
+//!
+//! The recovery state: guest RAM as of the last local checkpoint (an image in the
+//! region), the machine state at that checkpoint, the inputs since, and the marks of
+//! what had been produced when it was taken. Recovery builds the machine from the
+//! configuration, lays the image over its RAM, restores the state and replays the inputs:
+//! the machine is deterministic, so it reaches the very instruction where the old monitor
+//! died, producing the same outputs, of which those that already left are held back.
+
+use super::region::{Live, Marks, Phase, Region, RegionError, Verdict, PAGE};
+use crate::driver::ConsoleSink;
+use crate::host::tap::Tap;
+use crate::mode::{Mode, ModeError};
+use anyhow::{Context, Result};
+use machine::{Input, Machine, MachineConfig, Output, OutputKind, RunExit};
+use std::time::{Duration, Instant};
+
+/// How often the monitor takes a local checkpoint: recovery replays at most this much of
+/// the guest's life, and each checkpoint costs a pause of its dirty pages' copy.
+pub const CHECKPOINT_MS: u64 = 100;
+/// The longest the run loop waits between heartbeats.
+pub const HEARTBEAT_WAIT: Duration = Duration::from_millis(50);
+
+/// Exit status of a monitor that found it cannot recover the VM (the verdict and the
+/// message are in the live page).
+pub const EXIT_CANNOT_RECOVER: i32 = 86;
+
+/// The mode a resilient VM's driver runs with: standalone as to outputs (each leaves at
+/// once, unless it left before a restart), it logs each input into the region, bumps the
+/// heartbeat and takes a local checkpoint at slice ends.
+pub struct Monitor {
+    region: Region,
+    seq: u64,
+    /// Produced since boot (replays count again what they produce).
+    console_bytes: u64,
+    resets: u64,
+    frames: u64,
+    /// What had left before this monitor started: not sent again.
+    console_mark: u64,
+    resets_mark: u64,
+    frames_mark: u64,
+    last_checkpoint: Instant,
+    checkpoint_every: Duration,
+    /// The log filled up: checkpoint before the next input.
+    log_full: bool,
+}
+
+/// A machine ready to run: fresh (booting) or recovered (to replay `inputs` first).
+pub struct Started {
+    pub machine: Machine,
+    pub monitor: Monitor,
+    pub inputs: Vec<Input>,
+    pub recovered: bool,
+}
+
+fn now_ns() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Monitor {
+    fn new(region: Region, marks: Marks) -> Monitor {
+        let console_mark = region.live(Live::ConsoleDelivered);
+        let resets_mark = region.live(Live::ResetsDelivered);
+        let frames_mark = region.live(Live::FramesSent);
+        Monitor {
+            region,
+            seq: marks.seq,
+            console_bytes: marks.console_bytes,
+            resets: marks.resets,
+            frames: marks.frames,
+            console_mark,
+            resets_mark,
+            frames_mark,
+            last_checkpoint: Instant::now(),
+            checkpoint_every: Duration::from_millis(CHECKPOINT_MS),
+            log_full: false,
+        }
+    }
+
+    /// Take a local checkpoint: the pages written since the last one and the state go to
+    /// the staging part, are committed, then applied to the image; the log starts again.
+    pub fn checkpoint(&mut self, machine: &mut Machine) -> Result<()> {
+        let started = Instant::now();
+        super::fault::point("keeper::checkpoint-take");
+        let state = machine::snapshot::encode_machine_state(&machine.save_state())
+            .context("cannot encode the machine state for the local checkpoint")?;
+        let pages = machine.take_dirty_pages();
+        let seq = self.seq + 1;
+        let marks = Marks {
+            seq,
+            icount: machine.icount(),
+            console_bytes: self.console_bytes,
+            resets: self.resets,
+            frames: self.frames,
+        };
+        let mut staging = self.region.stage();
+        for &index in &pages {
+            staging.page(index as u64, machine.page(index).expect("a dirty page is within RAM"));
+        }
+        staging.commit(marks, &state)?;
+        self.region.apply_staged()?;
+        if super::fault::corrupts("keeper::checkpoint-corrupt") {
+            self.region.corrupt_committed();
+            std::process::abort();
+        }
+        self.region.reset_log(seq);
+        self.seq = seq;
+        self.last_checkpoint = Instant::now();
+        self.log_full = false;
+        let pause_us = started.elapsed().as_micros() as u64;
+        let r = &self.region;
+        r.set_live(Live::Checkpoints, r.live(Live::Checkpoints) + 1);
+        r.set_live(Live::CheckpointPauseUs, r.live(Live::CheckpointPauseUs) + pause_us);
+        r.set_live(Live::CheckpointMaxPauseUs, r.live(Live::CheckpointMaxPauseUs).max(pause_us));
+        Ok(())
+    }
+
+    /// The first checkpoint of a fresh machine: every non-zero page.
+    fn first_checkpoint(&mut self, machine: &mut Machine) -> Result<(), RecoverError> {
+        machine.take_dirty_pages();
+        let state = machine::snapshot::encode_machine_state(&machine.save_state()).map_err(RecoverError::State)?;
+        let mut staging = self.region.stage();
+        for index in 0..machine.ram().page_count() {
+            let page = machine.page(index).expect("index within RAM");
+            if page.iter().any(|&b| b != 0) {
+                staging.page(index as u64, page);
+            }
+        }
+        let marks = Marks { seq: 1, icount: machine.icount(), ..Marks::default() };
+        staging.commit(marks, &state)?;
+        self.region.apply_staged()?;
+        self.region.reset_log(1);
+        self.seq = 1;
+        Ok(())
+    }
+
+    /// The recovery is over: the guest runs on from here.
+    pub fn running(&mut self, replayed_inputs: usize, replayed_icount: u64) {
+        running(&self.region, replayed_inputs, replayed_icount);
+    }
+}
+
+fn running(r: &Region, replayed_inputs: usize, replayed_icount: u64) {
+    {
+        r.set_live(Live::ReplayedInputs, replayed_inputs as u64);
+        r.set_live(Live::ReplayedIcount, replayed_icount);
+        r.set_live(Live::Phase, Phase::Running as u64);
+        r.set_live(Live::RunningNs, now_ns());
+    }
+}
+
+impl Monitor {
+    /// What of an output is still to leave: None when it left before a restart (console
+    /// bytes are counted to the byte, so an output may leave in part).
+    fn pass(&mut self, mut output: Output) -> Option<Output> {
+        match &mut output.kind {
+            OutputKind::Console(bytes) => {
+                let start = self.console_bytes;
+                self.console_bytes += bytes.len() as u64;
+                if self.console_bytes <= self.console_mark {
+                    return None;
+                }
+                let skip = self.console_mark.saturating_sub(start) as usize;
+                bytes.drain(..skip);
+            }
+            OutputKind::Reset => {
+                self.resets += 1;
+                if self.resets <= self.resets_mark {
+                    return None;
+                }
+            }
+            OutputKind::NetFrame(_) => {
+                self.frames += 1;
+                if self.frames <= self.frames_mark {
+                    return None;
+                }
+                // Counted as it leaves (the driver writes it next): a monitor killed in
+                // between loses this frame, never sends it twice; TCP sends it again.
+                self.region.set_live(Live::FramesSent, self.frames);
+            }
+            OutputKind::PowerOff { .. } => {}
+        }
+        Some(output)
+    }
+
+    /// Replay the inputs logged since the checkpoint (before the driver runs the machine):
+    /// each enters at its stamp; outputs go out as the driver would send them, those that
+    /// already left held back. No checkpoint meanwhile (it would drop the inputs not yet
+    /// replayed from the log). Host events wait in the driver's channel meanwhile.
+    pub fn replay(
+        &mut self,
+        machine: &mut Machine,
+        inputs: Vec<Input>,
+        console: &mut dyn ConsoleSink,
+        mut tap: Option<&mut Tap>,
+    ) -> Result<()> {
+        let (start, count) = (machine.icount(), inputs.len());
+        'replay: for input in inputs {
+            while machine.icount() < input.icount {
+                let before = machine.icount();
+                let exit = machine.run(input.icount);
+                for output in machine.take_outputs() {
+                    let Some(output) = self.pass(output) else { continue };
+                    match output.kind {
+                        OutputKind::Console(bytes) => console.write(&bytes)?,
+                        OutputKind::Reset => console.rebooted()?,
+                        OutputKind::NetFrame(frame) => {
+                            if let Some(tap) = tap.as_mut() {
+                                let _ = tap.send(&frame); // lost as on a wire
+                            }
+                        }
+                        OutputKind::PowerOff { .. } => {}
+                    }
+                }
+                self.region.bump_heartbeat(machine.icount());
+                match exit {
+                    RunExit::PowerOff { .. } | RunExit::Reset => break 'replay,
+                    RunExit::Idle { .. } if machine.icount() == before => anyhow::bail!(
+                        "replay diverged: the guest idles at icount {before}, the log has an input stamped at {}",
+                        input.icount
+                    ),
+                    _ => {}
+                }
+            }
+            anyhow::ensure!(
+                machine.icount() == input.icount,
+                "replay diverged: the machine ran to icount {}, past an input stamped at {}",
+                machine.icount(),
+                input.icount
+            );
+            machine.push_input(input).context("cannot replay an input")?;
+        }
+        console.flush()?;
+        self.running(count, machine.icount() - start);
+        Ok(())
+    }
+}
+
+impl Mode<Machine> for Monitor {
+    fn kind(&self) -> crate::status::Mode {
+        crate::status::Mode::None
+    }
+
+    fn next_slice_end(&self, icount: u64) -> u64 {
+        super::fault::point("driver::slice");
+        icount + crate::mode::SLICE_ICOUNT
+    }
+
+    fn on_input(&mut self, input: &Input) -> Result<(), ModeError> {
+        // Checkpoints at slice ends keep the log below half full; a log that fills within
+        // one slice stops this monitor before the machine runs with the input, as if it
+        // had never arrived (the next monitor starts from the last checkpoint).
+        match self.region.append(input) {
+            Ok(true) => {
+                self.log_full = self.region.live(Live::LogBytes) > (super::region::LOG_CAP / 2) as u64;
+                Ok(())
+            }
+            Ok(false) => Err(ModeError::message("the recovery region's input log is full")),
+            Err(e) => Err(ModeError::new("cannot log an input in the recovery region", e)),
+        }
+    }
+
+    fn on_outputs(&mut self, outputs: Vec<Output>) -> Vec<Output> {
+        outputs.into_iter().filter_map(|o| self.pass(o)).collect()
+    }
+
+    fn on_slice_end(&mut self, machine: &mut Machine, _idle: bool) -> Result<(), ModeError> {
+        self.region.bump_heartbeat(machine.icount());
+        if self.log_full || self.last_checkpoint.elapsed() >= self.checkpoint_every {
+            self.checkpoint(machine)
+                .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))?;
+        }
+        Ok(())
+    }
+
+    fn idle_wait_limit(&self) -> Option<Duration> {
+        Some(HEARTBEAT_WAIT)
+    }
+}
+
+/// Why a monitor cannot take the VM over.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error("the local checkpoint's machine state does not encode or decode")]
+    State(#[source] machine::snapshot::SnapshotError),
+    #[error("the local checkpoint does not fit this VM")]
+    Restore(#[source] machine::RestoreError),
+    #[error("cannot build the machine")]
+    Machine(#[source] machine::MachineError),
+}
+
+impl RecoverError {
+    /// The verdict the keeper reports.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            RecoverError::Region(RegionError::Corrupt { .. }) | RecoverError::State(_) => Verdict::RegionCorrupt,
+            _ => Verdict::None,
+        }
+    }
+}
+
+/// Start a monitor on `region`: a fresh machine (first checkpoint taken), or the VM
+/// recovered from the region's checkpoint with the inputs to replay.
+pub fn start(mut region: Region, config: &MachineConfig) -> Result<Started, RecoverError> {
+    region.set_live(Live::MonitorPid, u64::from(std::process::id()));
+    region.bump_heartbeat(0);
+    region.apply_staged()?;
+    let Some(committed) = region.committed()? else {
+        region.set_live(Live::Phase, Phase::Starting as u64);
+        let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
+        let mut monitor = Monitor::new(region, Marks::default());
+        monitor.first_checkpoint(&mut machine)?;
+        monitor.running(0, 0);
+        return Ok(Started { machine, monitor, inputs: Vec::new(), recovered: false });
+    };
+    region.set_live(Live::Phase, Phase::Recovering as u64);
+    let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
+    for index in region.written_pages().collect::<Vec<_>>() {
+        let page = region.checked_page(index)?;
+        debug_assert_eq!(page.len(), PAGE);
+        machine.write_page(index as usize, page).map_err(RecoverError::Restore)?;
+    }
+    region.bump_heartbeat(committed.marks.icount);
+    let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
+    machine.restore_state(state).map_err(RecoverError::Restore)?;
+    machine.take_dirty_pages();
+    machine.take_dirty_sectors();
+    let inputs = region.inputs(committed.marks.seq)?;
+    let monitor = Monitor::new(region, committed.marks);
+    Ok(Started { machine, monitor, inputs, recovered: true })
+}
+
+/// The recovery is over (the replay done): tell the keeper the guest runs again.
+pub fn mark_running(region_fd: &std::os::fd::OwnedFd, ram_bytes: u64, replayed_inputs: usize, replayed_icount: u64) {
+    if let Ok(fd) = region_fd.try_clone() {
+        if let Ok(region) = Region::open(fd, ram_bytes) {
+            running(&region, replayed_inputs, replayed_icount);
+        }
+    }
+}
+
+/// Tell the keeper why this monitor gives up, through the live page (if the region can
+/// be mapped at all; the exit status says it either way).
+pub fn give_up(region_fd: &std::os::fd::OwnedFd, ram_bytes: u64, verdict: Verdict, message: &str) -> i32 {
+    if let Ok(fd) = region_fd.try_clone() {
+        if let Ok(mut region) = Region::open(fd, ram_bytes) {
+            region.set_message(message);
+            region.set_live(Live::Verdict, verdict as u64);
+        }
+    }
+    EXIT_CANNOT_RECOVER
+}
