@@ -91,9 +91,11 @@ impl Drop for RemoveOnDrop {
 
 /// A monitor: take the VM over from the region (or boot it), run it, tell the keeper its end.
 fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
+    let t0 = std::time::Instant::now();
     let _faults = vmm::keeper::fault::setup();
     let vm = &args.vm;
     let config = run_cmd::machine_config(vm, &args.command)?;
+    let t1 = t0.elapsed();
     let region_fd = inherited.region.try_clone().context("cannot duplicate the region's descriptor")?;
     let region = Region::open(inherited.region, vm.mem);
     let started = match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config)) {
@@ -105,6 +107,9 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
             return Ok(monitor::give_up(&region_fd, vm.mem, verdict, &text));
         }
     };
+    if std::env::var_os("FTVM_KEEPER_TIMING").is_some() {
+        eprintln!("ftvm: monitor: config {t1:?}, started {:?} (recovered {})", t0.elapsed(), started.recovered);
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let interactive = args.command.is_empty();
     let mut tap = match (inherited.tap, &vm.net) {

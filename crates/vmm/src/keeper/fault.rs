@@ -47,6 +47,9 @@ pub fn inject(name: &str, kind: &str) {
     match kind {
         "abort" => std::process::abort(),
         "segv" => {
+            // Rust's own SIGSEGV handler (stack-overflow detection) takes the first one,
+            // finds no guard page hit, and puts the default action back: the second kills.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
         }
         "hang" => loop {

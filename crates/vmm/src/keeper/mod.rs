@@ -5,7 +5,7 @@
 //! VM over from the region's local checkpoint and input log, with every output once.
 //!
 //! - [`region`]: the shared recovery region's layout, checkpoint commit and input log.
-//! - [`monitor`]: the monitor's recorder and its recovery.
+//! - [`monitor`]: the monitor's mode (log, heartbeat, local checkpoints, exactly-once outputs) and its recovery.
 //! - [`supervisor`]: the keeper's loop.
 //! - [`stream`]: the console stream from monitor to keeper.
 //! - [`fault`]: fault points (the `fail` crate, with the `failpoints` feature).

@@ -30,11 +30,14 @@ pub struct Options {
     pub poison_attempts: u32,
     /// At most this many restarts in all.
     pub max_restarts: u32,
+    /// While a monitor starts or recovers (builds the machine, lays the image, replays),
+    /// its heartbeat may stand still this long (at least `hang_ms`).
+    pub start_grace_ms: u64,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { hang_ms: 1000, poison_attempts: 3, max_restarts: 10_000 }
+        Options { hang_ms: 1000, poison_attempts: 3, max_restarts: 10_000, start_grace_ms: 5000 }
     }
 }
 
@@ -341,7 +344,7 @@ fn run_one(
         let now = region.live(Live::Heartbeat);
         if now != beat {
             (beat, beat_at) = (now, Instant::now());
-        } else if !hung && beat_at.elapsed() >= Duration::from_millis(options.hang_ms) {
+        } else if !hung && beat_at.elapsed() >= hang_limit(region, options) {
             hung = true;
             let _ = child.kill(); // the pipe closes with it
         }
@@ -356,6 +359,11 @@ fn run_one(
         Cause::Exit(status.code().unwrap_or(-1))
     };
     Ok((Some(detected), cause))
+}
+
+fn hang_limit(region: &Region, options: &Options) -> Duration {
+    let running = region.live(Live::Phase) == Phase::Running as u64;
+    Duration::from_millis(if running { options.hang_ms } else { options.hang_ms.max(options.start_grace_ms) })
 }
 
 fn reap(child: &mut Child) -> Result<std::process::ExitStatus> {

@@ -1,0 +1,150 @@
+//! End-to-end: `ftvm run --resilient` — the VM outlives its monitor. The monitor is
+//! killed (SIGKILL, SIGSEGV, SIGABRT) or stopped (a hang) from outside while a guest
+//! command runs, and the command's output and status come out exactly as without faults;
+//! a region the monitor corrupted and a poison input stop the keeper with that verdict
+//! (those two need fault points: `--features failpoints`). The verdicts are read from the
+//! keeper's JSON report, not from its wording.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn guest_out() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest/out");
+    assert!(dir.join("Image").exists(), "guest image missing: run `bash guest/build.sh` (scripts/test does)");
+    dir
+}
+
+/// Prints every 2000th number up to `n` and exits with 3.
+fn counting(n: u32) -> String {
+    format!("i=0; while [ $i -lt {n} ]; do i=$((i+1)); if [ $((i % 2000)) = 0 ]; then echo $i; fi; done; exit 3")
+}
+
+fn expected(n: u32) -> String {
+    (1..=n / 2000).map(|k| format!("{}\n", k * 2000)).collect()
+}
+
+struct Run {
+    child: Child,
+    report: PathBuf,
+}
+
+fn start(extra: &[&str], env: &[(&str, &str)], script: &str) -> Run {
+    guest_out();
+    let report = std::env::temp_dir().join(format!("ftvm-resilient-{}-{}.json", std::process::id(), rand_tag()));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    command.args(["run", "--resilient", "--clock", "fast", "--keeper-report"]).arg(&report).args(extra);
+    command.args(["--", "sh", "-c", script]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    Run { child: command.spawn().expect("start ftvm"), report }
+}
+
+fn rand_tag() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+/// The keeper's running monitor (its only child).
+fn monitor_of(keeper: u32, limit: Duration) -> u32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the keeper {keeper} has no monitor");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+fn finish(run: Run) -> (Option<i32>, String, String, Value) {
+    let out = run.child.wait_with_output().unwrap();
+    let report = read_report(&run.report);
+    let _ = std::fs::remove_file(&run.report);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr), report)
+}
+
+fn read_report(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("no keeper report at {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn a_command_completes_exactly_when_its_monitor_is_killed_three_times() {
+    let n = 60_000;
+    let run = start(&[], &[], &counting(n));
+    let keeper = run.child.id();
+    // Once during boot, twice while the command counts.
+    for (wait_ms, sig) in [(1500, "KILL"), (2500, "SEGV"), (2000, "ABRT")] {
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        let monitor = monitor_of(keeper, Duration::from_secs(10));
+        signal(monitor, sig);
+        if sig == "SEGV" {
+            // Rust's SIGSEGV handler (stack-overflow detection) takes the first one and puts
+            // the default action back; a real fault would hit again, as this second one does.
+            std::thread::sleep(Duration::from_millis(50));
+            signal(monitor, sig);
+        }
+    }
+    let (code, stdout, stderr, report) = finish(run);
+    assert_eq!(stdout, expected(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    assert_eq!(report["end"]["kind"], "exited");
+    let causes: Vec<&str> =
+        report["restarts"].as_array().unwrap().iter().map(|r| r["cause"].as_str().unwrap()).collect();
+    assert_eq!(causes, ["killed by SIGKILL", "killed by SIGSEGV", "killed by SIGABRT"], "{report}");
+}
+
+#[test]
+fn a_hung_monitor_is_detected_by_its_heartbeat_and_replaced() {
+    let n = 30_000;
+    let run = start(&["--hang-ms", "400"], &[], &counting(n));
+    std::thread::sleep(Duration::from_millis(2500));
+    signal(monitor_of(run.child.id(), Duration::from_secs(10)), "STOP");
+    let (code, stdout, stderr, report) = finish(run);
+    assert_eq!(stdout, expected(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    assert_eq!(report["restarts"][0]["cause"], "hung (no heartbeat)", "{report}");
+}
+
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_corrupted_region_is_reported_as_exactly_that() {
+    // The fifth local checkpoint is damaged by its own monitor, which then dies.
+    let points = "keeper::checkpoint-corrupt=4*off->return(corrupt)";
+    let run = start(&[], &[("FAILPOINTS", points)], &counting(60_000));
+    let (code, _, stderr, report) = finish(run);
+    assert_eq!(code, Some(125), "stderr: {stderr}");
+    assert_eq!(report["end"]["kind"], "region_corrupt", "{report}");
+    let message = report["end"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the shared recovery region's checkpoint state is corrupt: checkpoint 6: CRC mismatch"),
+        "{message}"
+    );
+    assert!(stderr.contains(&format!("ftvm: error: the VM cannot be recovered: {message}")), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_poison_input_stops_the_keeper_after_three_attempts_naming_it() {
+    // Every entropy input crashes the monitor as it enters the machine, replayed or not.
+    let run = start(&[], &[("FAILPOINTS", "machine::input=return(entropy)")], "echo never");
+    let (code, stdout, stderr, report) = finish(run);
+    assert_eq!(code, Some(125), "stderr: {stderr}");
+    assert_eq!(stdout, "");
+    let end = &report["end"];
+    assert_eq!((end["kind"].as_str(), end["attempts"].as_u64()), (Some("poison"), Some(3)), "{report}");
+    let input = end["input"].as_str().unwrap();
+    assert!(input.contains("(entropy, 64 bytes, stamped at icount"), "{input}");
+    let icount = end["icount"].as_u64().unwrap();
+    assert!(input.ends_with(&format!("stamped at icount {icount})")), "{input} at {icount}");
+    assert_eq!(report["restarts"].as_array().unwrap().len(), 2, "{report}");
+}
