@@ -748,7 +748,7 @@ mod tests {
         let mut region = Region::create(1 << 20).unwrap();
         let mut staging = region.stage();
         staging.page(1, &[1u8; PAGE]);
-        drop(staging); // the monitor died before committing
+        let _ = staging; // the monitor died before committing
         assert!(!region.apply_staged().unwrap());
         assert!(region.committed().unwrap().is_none());
     }
