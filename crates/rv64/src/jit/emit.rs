@@ -3,7 +3,7 @@
 //! and of the trampoline through which Rust enters compiled code.
 //!
 //! The block is straight-line code with side exits (taken branches, misses, checks).
-//! Guest registers are Cranelift variables: those the block reads are loaded at entry;
+//! Guest registers are Cranelift variables: those a block reads are loaded where it starts;
 //! a register written is stored back to the hart on the way to the next point where the
 //! block may leave, so every exit is the same few instructions (pc, instruction count,
 //! exit word), shared by all. The instruction count is `icount at entry + instructions
@@ -45,8 +45,8 @@ pub(super) fn is_kept(op: &MicroOp) -> bool {
 
 /// What to compile: a region of blocks of one page, entered at the first. A jump from
 /// one to another inside the region stays inside the function (with the budget check
-/// every block makes), so a loop within a page runs with its registers in host
-/// registers across iterations.
+/// every block makes), so a loop within a page runs without returning to the
+/// dispatcher.
 pub(super) struct BlockSpec<'a> {
     /// Each block's start and decoded instructions; the entry first.
     pub(super) blocks: &'a [(u64, &'a [MicroOp])],
@@ -273,14 +273,23 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
             let direct_store = t.b.ins().load(I64, trusted(), ctx, CTX_DIRECT_STORE);
             t.mem = Some(MemBase { ram, tlb, tag_bits, direct_store });
         }
-        let read = all_ops().fold(0u32, |m, op| m | reads(op));
+        t
+    }
+
+    /// Load the registers a block reads from the hart, where it starts: every register
+    /// written is stored back before a block starts (its budget check may leave), so the
+    /// hart's copy is current there. Loading per block, not all a region reads at its
+    /// entry, keeps few values live across the region: an entry costs what its first
+    /// block needs, and nothing spills the hart's registers onto the host stack.
+    fn load_registers(&mut self, ops: &[MicroOp]) {
+        debug_assert_eq!(self.dirty, 0, "the hart's registers are current where a block starts");
+        let read = ops.iter().fold(0u32, |m, op| m | reads(op));
         for r in 1..32 {
             if read & (1 << r) != 0 {
-                let v = t.b.ins().load(I64, trusted(), hart, HART_X + 8 * r);
-                t.b.def_var(t.regs[r as usize], v);
+                let v = self.b.ins().load(I64, trusted(), self.hart, HART_X + 8 * r);
+                self.b.def_var(self.regs[r as usize], v);
             }
         }
-        t
     }
 
     fn translate(mut self) {
@@ -295,6 +304,7 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
             let left = self.b.ins().isub(self.stop, self.icount0);
             let short = self.b.ins().icmp_imm(IntCC::UnsignedLessThan, left, ops.len() as i64);
             self.exit_if(short, Target::Const(start), 0, CONTINUE);
+            self.load_registers(ops);
             let mut pc = start;
             let mut ended = false;
             for (i, op) in ops.iter().enumerate() {
