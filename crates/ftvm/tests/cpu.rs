@@ -1,7 +1,9 @@
 //! `--cpu interp|jit` is a choice of speed only: a seeded run with the fast clock (no input
 //! from outside) ends in the same state, at the same instruction count, on either engine;
-//! `--stats` names the engine. These need the guest image (scripts/test builds it).
+//! `--stats` names the engine; a run recorded on one engine replays on the other, every
+//! digest matching. These need the guest image (scripts/test builds it).
 
+mod common;
 use std::process::{Command, Output};
 
 fn run(cpu: &str) -> Output {
@@ -30,4 +32,31 @@ fn the_debian_boot_ends_in_the_same_state_at_the_same_icount_on_either_engine() 
     assert!(stats.contains(" cpu=jit "), "{stats}");
     let share: f64 = stats.split(" compiled_share=").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
     assert!(share > 0.3, "the compiler ran: {stats}");
+}
+
+#[test]
+fn a_run_recorded_on_either_engine_replays_on_the_other_every_digest_matching() {
+    let script = "head -c 16 /dev/urandom | od -An -tx1; head -n 3 /proc/interrupts";
+    for (recorded_on, replayed_on) in [("jit", "interp"), ("interp", "jit")] {
+        let log = common::scratch("cpu", &format!("{recorded_on}.log"));
+        let run = Command::new(env!("CARGO_BIN_EXE_ftvm"))
+            .args(["run", "--cpu", recorded_on, "--record"])
+            .arg(&*log)
+            .args(["--digest", "--digest-every-ms", "200", "--", "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+        let replay = Command::new(env!("CARGO_BIN_EXE_ftvm"))
+            .args(["replay", "--cpu", replayed_on, "--digest", "--console"])
+            .arg(&*log)
+            .output()
+            .unwrap();
+        let what = format!("recorded on {recorded_on}, replayed on {replayed_on}");
+        assert_eq!(replay.status.code(), Some(0), "{what}: {}", String::from_utf8_lossy(&replay.stderr));
+        assert_eq!(line(&replay, "ftvm: digest="), line(&run, "ftvm: digest="), "{what}");
+        let text = String::from_utf8_lossy(&replay.stderr);
+        assert!(text.contains(" digests matching"), "{what}: {text}");
+        let console = String::from_utf8_lossy(&replay.stdout).replace("\r\n", "\n");
+        assert!(console.contains(&*String::from_utf8_lossy(&run.stdout)), "{what}: the same console: {console}");
+    }
 }
