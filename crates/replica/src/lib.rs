@@ -20,8 +20,9 @@
 //! # Frames ([`wire`])
 //!
 //! `"FTVR" | version u16 | type u8 | flags u8 | seq u64 | length u32 | (nonce) | ciphertext | tag | CRC32C`,
-//! little-endian (wire version 2). Every payload is sealed with ChaCha20-Poly1305, the header
-//! as associated data; the CRC32C covers all before it, so corruption in transit
+//! little-endian (wire version 3: the header carries a CRC32C of its own, checked before its
+//! length is trusted). Every payload is sealed with ChaCha20-Poly1305, the header as
+//! associated data; the CRC32C covers all before it, so corruption in transit
 //! (*BadChecksum*) and forgery (*BadAuthentication*, *WrongKey*) stay distinct. The length is
 //! capped at [`wire::MAX_PAYLOAD_BYTES`] (at [`wire::MAX_FIRST_PAYLOAD_BYTES`] for a
 //! connection's first, not yet authenticated frame) before anything is allocated. Sequence
@@ -31,6 +32,13 @@
 //! connection; for all later frames also from both sides' nonces, with the nonce taken from
 //! the direction and sequence number, so no nonce repeats under a key, a frame recorded on
 //! one connection fails on any other, and none can be reflected back.
+//!
+//! Damage in transit is repaired within the connection: a frame whose header checks out but
+//! whose payload fails its CRC32C or its tag is skipped unused, and the receiver sends
+//! `Resend { from_seq }`; the sender, which keeps what it sent (up to
+//! [`wire::RESEND_WINDOW_BYTES`]), sends everything from there again, byte for byte
+//! (go-back-N). The link does this by itself: the protocol's rules never see a damaged frame
+//! nor a `Resend`. Only a damaged header, which loses the framing, costs the connection.
 //!
 //! # Message flow
 //!
@@ -52,6 +60,7 @@
 //!   End{exit code}  ──►  the VM ended: the backup exits, never takes over
 //!   StandDown  ──►  replication stopped (unprotect), the generation already swapped: the backup exits
 //!   Heartbeat{now, epoch} both ways every heartbeat interval; NeedFull; Goodbye{reason}
+//!   Resend{from_seq} either way: a frame arrived damaged; everything from it again
 //! ```
 //!
 //! # Epochs and the checkpoint chain
@@ -113,12 +122,16 @@
 //! # Errors
 //!
 //! Any [`WireError`] or [`ProtocolError`] closes the connection and leaves the backup's last
-//! whole checkpoint untouched; the side that detects it tries to send a `Goodbye` with the
-//! reason, so both logs say the same thing. In short: *BadMagic* — not an ftvm peer;
-//! *UnsupportedVersion*/*ProtocolVersionMismatch* — different ftvm releases; *ConfigMismatch*
-//! — the two VMs are configured differently; *WrongKey* — the keys differ (the first frame
-//! failed authentication); *BadChecksum* — corruption in transit; *BadAuthentication* — a
-//! forged or replayed frame; *OutOfOrder* — a lost, duplicated or reordered frame;
+//! whole checkpoint untouched (a damaged payload is not an error: it is asked for again); the
+//! side that detects it tries to send a `Goodbye` with the reason, so both logs say the same
+//! thing. In short: *BadMagic* — not an ftvm peer; *UnsupportedVersion*/
+//! *ProtocolVersionMismatch* — different ftvm releases; *ConfigMismatch* — the two VMs are
+//! configured differently; *WrongKey* — the keys differ (the first frame failed
+//! authentication); *BadChecksum* — corruption in transit (of a header, of a connection's
+//! first frame, or of one frame again and again); *BadAuthentication* — a forged or replayed
+//! frame; *OutOfOrder* — a lost, duplicated or reordered frame;
+//! *ResendUnavailable*, *ResendOverdue* — more was in flight when a frame arrived damaged than
+//! the resend window holds; *ResendOfUnsentFrame* — a peer that breaks the protocol;
 //! *Oversized*, *CheckpointTooLarge* — a length over the limit; *Truncated* — the connection
 //! ended mid-frame; *MalformedCheckpoint*, *CheckpointDigestMismatch*, *EpochNotIncreasing*,
 //! *UnexpectedMessage*, *AckOfUnsentEpoch* — a peer that breaks the protocol (a bug);
@@ -141,4 +154,4 @@ pub use protocol::{
     PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection, ProtocolError, RecordView, SwapAnswer,
 };
 pub use schedule::{CheckpointSchedule, ScheduleConfig, SliceAction};
-pub use wire::{Decoder, Encoder, Frame, KeyError, Nonce, PresharedKey, WireError};
+pub use wire::{Decoded, Decoder, Encoder, Frame, KeyError, Nonce, PresharedKey, WireError};

@@ -9,7 +9,7 @@ use thiserror::Error;
 use crate::wire::{Frame, Nonce, NONCE_BYTES};
 
 /// The version of the protocol's messages and rules (the frame format has its own).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The longest reason a Goodbye may carry.
 pub const MAX_REASON_BYTES: usize = 1024;
 
@@ -80,6 +80,10 @@ pub enum Message {
     StandDown,
     /// Either way: the sender closes the connection, for this reason.
     Goodbye { reason: String },
+    /// Either way, after the handshake: frame `from_seq` arrived damaged and was skipped, and
+    /// so were the frames after it; send them all again, as they were (go-back-N, see
+    /// [`crate::wire`]). Handled by the link itself, never shown to the protocol's rules.
+    Resend { from_seq: u64 },
 }
 
 /// A frame whose payload is not a well-formed message. The frame was authenticated, so this
@@ -111,6 +115,7 @@ mod frame_type {
     pub const PROTECTED: u8 = 11;
     pub const END: u8 = 12;
     pub const STAND_DOWN: u8 = 13;
+    pub const RESEND: u8 = 14;
 }
 
 impl Message {
@@ -130,6 +135,7 @@ impl Message {
             Message::Protected { .. } => "Protected",
             Message::End { .. } => "End",
             Message::StandDown => "StandDown",
+            Message::Resend { .. } => "Resend",
         }
     }
 
@@ -174,6 +180,10 @@ impl Message {
                 frame_type::END
             }
             Message::StandDown => frame_type::STAND_DOWN,
+            Message::Resend { from_seq } => {
+                w.extend_from_slice(&from_seq.to_le_bytes());
+                frame_type::RESEND
+            }
             Message::Heartbeat { now_ms, epoch } => {
                 w.extend_from_slice(&now_ms.to_le_bytes());
                 w.extend_from_slice(&epoch.to_le_bytes());
@@ -233,6 +243,7 @@ impl Message {
             frame_type::PROTECTED => "Protected",
             frame_type::END => "End",
             frame_type::STAND_DOWN => "StandDown",
+            frame_type::RESEND => "Resend",
             frame_type => return Err(MessageError::UnknownType { frame_type }),
         };
         let malformed = |problem| MessageError::Malformed { message: name, problem };
@@ -275,6 +286,7 @@ impl Message {
             }
             frame_type::END => Message::End { exit_code: r.u32("exit code")? },
             frame_type::STAND_DOWN => Message::StandDown,
+            frame_type::RESEND => Message::Resend { from_seq: r.u64("from seq")? },
             frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64("time")?, epoch: r.u64("epoch")? },
             frame_type::CHECKPOINT_BEGIN => Message::CheckpointBegin {
                 epoch: r.u64("epoch")?,
@@ -417,6 +429,7 @@ mod tests {
             Message::Protected { generation: 7, from_epoch: 12 },
             Message::End { exit_code: 3 },
             Message::StandDown,
+            Message::Resend { from_seq: 41 },
             Message::Goodbye { reason: "configuration mismatch".into() },
         ]
     }

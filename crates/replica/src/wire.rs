@@ -30,6 +30,19 @@
 //! reordered frame is caught here. Keys are per direction and, after the handshake, per
 //! connection (see [`PresharedKey::session_key`]), so a frame recorded on one connection cannot
 //! be replayed into another nor reflected back to its sender.
+//!
+//! Damage in transit need not cost the connection. Once a link is past its handshake, its
+//! encoder keeps the frames it sent, up to [`RESEND_WINDOW_BYTES`] ([`Encoder::keep_for_resend`]),
+//! and its decoder recovers from a damaged payload ([`Decoder::recover_damaged_frames`]): a
+//! frame whose header checks out (so its length, and where the next frame begins, can be
+//! trusted) but whose payload fails its CRC32C or its authentication is skipped, unused, and
+//! reported as [`Decoded::Damaged`]; the frames after it are skipped unread until it comes
+//! again, and the receiver asks the sender to send everything again from that sequence number
+//! (go-back-N; [`Encoder::resend_from`] gives the very bytes sent the first time). A resent
+//! frame is the same ciphertext under the same nonce, so nothing new is revealed; every frame
+//! is still accepted once, in sequence, and only after its tag checks out, so neither a forged
+//! nor a replayed frame is ever used. A damaged header means the framing is lost: that, as
+//! every other error, is final for the connection.
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
@@ -70,6 +83,13 @@ pub const MIN_KEY_BYTES: usize = 16;
 pub const MAX_KEY_BYTES: usize = 4096;
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
+/// The most an encoder keeps of the frames it sent, for resending; and so the most a decoder
+/// skips while it waits for a damaged frame to come again (every frame it skips was sent
+/// after that one, and the sender must still hold them all to resend them).
+pub const RESEND_WINDOW_BYTES: usize = 64 << 20;
+/// Damaged arrivals of the frame due, one after the other with no good frame between, after
+/// which the decoder gives up on the connection: line noise does not strike every copy.
+pub const MAX_DAMAGED_IN_A_ROW: u32 = 8;
 
 const _: () = assert!(HEADER_BYTES == 4 + 2 + 1 + 1 + 8 + 4 + 4 && HEADER_CRC_AT + 4 == HEADER_BYTES);
 const _: () = assert!(MAX_FIRST_PAYLOAD_BYTES <= MAX_PAYLOAD_BYTES);
@@ -126,6 +146,18 @@ pub enum WireError {
     Truncated { buffered: usize },
     #[error("a {length}-byte payload cannot be sent: frames carry at most {limit} bytes")]
     PayloadTooLarge { length: usize, limit: u32 },
+    #[error(
+        "the peer asked for frame {seq} again, but only frames from {oldest:?} on are kept for resending: \
+         more was in flight than the resend window holds"
+    )]
+    ResendUnavailable { seq: u64, oldest: Option<u64> },
+    #[error("the peer asked for frame {seq} again, but only frames up to {sent:?} were sent")]
+    ResendOfUnsentFrame { seq: u64, sent: Option<u64> },
+    #[error(
+        "frame {seq} arrived damaged and was asked for again, but {skipped_bytes} bytes of later frames came \
+         instead, more than the sender can hold for resending"
+    )]
+    ResendOverdue { seq: u64, skipped_bytes: u64 },
 }
 
 /// Why a pre-shared key was refused.
@@ -264,21 +296,77 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// What [`Decoder::next_decoded`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// A whole, verified frame, the next in sequence.
+    Frame(Frame),
+    /// Frame `seq` arrived with a sound header but a payload that failed its checksum or its
+    /// authentication (`error`): it was skipped unused, and so is every frame after it until
+    /// it comes again. Ask the sender to resend from `seq`.
+    Damaged { seq: u64, error: WireError },
+}
+
 /// Turns payloads into frames, numbering them.
 #[derive(Debug)]
 pub struct Encoder {
     key: FrameKey,
     next_seq: u64,
+    /// The frames sent, oldest first, once [`Encoder::keep_for_resend`] was called.
+    kept: Option<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    frames: std::collections::VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    limit_bytes: usize,
 }
 
 impl Encoder {
     pub fn new(key: FrameKey) -> Self {
-        Encoder { key, next_seq: 0 }
+        Encoder { key, next_seq: 0, kept: None }
     }
 
     /// Changes the key of the frames encoded from now on (after the handshake).
     pub fn set_key(&mut self, key: FrameKey) {
         self.key = key;
+    }
+
+    /// Keep a copy of every frame encoded from now on, the newest `limit_bytes` of them (at
+    /// most [`RESEND_WINDOW_BYTES`]), so that [`Encoder::resend_from`] can send them again.
+    pub fn keep_for_resend(&mut self, limit_bytes: usize) {
+        assert!(limit_bytes <= RESEND_WINDOW_BYTES, "the peer skips at most RESEND_WINDOW_BYTES");
+        self.kept = Some(Kept { limit_bytes, ..Kept::default() });
+    }
+
+    /// The sequence number the next frame will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The kept frames from `seq` on, in order, exactly as they were sent the first time.
+    pub fn resend_from(&self, seq: u64) -> Result<Vec<Vec<u8>>, WireError> {
+        let sent = self.next_seq.checked_sub(1);
+        if Some(seq) > sent {
+            return Err(WireError::ResendOfUnsentFrame { seq, sent });
+        }
+        let frames = self.kept.as_ref().map(|k| &k.frames);
+        let oldest = frames.and_then(|f| f.front()).map(|(s, _)| *s);
+        let Some(frames) = frames.filter(|_| oldest.is_some_and(|o| o <= seq)) else {
+            return Err(WireError::ResendUnavailable { seq, oldest });
+        };
+        Ok(frames.iter().filter(|(s, _)| *s >= seq).map(|(_, f)| f.clone()).collect())
+    }
+
+    fn keep(&mut self, seq: u64, frame: &[u8]) {
+        let Some(kept) = &mut self.kept else { return };
+        kept.frames.push_back((seq, frame.to_vec()));
+        kept.bytes += frame.len();
+        while kept.bytes > kept.limit_bytes {
+            let (_, old) = kept.frames.pop_front().expect("bytes are counted in frames");
+            kept.bytes -= old.len();
+        }
     }
 
     /// The whole frame for `payload`, with the next sequence number.
@@ -289,6 +377,7 @@ impl Encoder {
             .ok_or(WireError::PayloadTooLarge { length: payload.len(), limit: MAX_PAYLOAD_BYTES })?;
         let header = Header { version: WIRE_VERSION, frame_type, flags: self.key.flags(), seq: self.next_seq, length };
         let frame = seal(&self.key, &header, payload);
+        self.keep(self.next_seq, &frame);
         self.next_seq += 1;
         Ok(frame)
     }
@@ -324,16 +413,51 @@ pub struct Decoder {
     start: usize,
     next_seq: u64,
     failed: Option<WireError>,
+    /// Set by [`Decoder::recover_damaged_frames`]: a damaged payload is skipped, not final.
+    recovery: Option<Recovery>,
+}
+
+/// Where a decoder that recovers from damaged payloads stands.
+#[derive(Debug)]
+struct Recovery {
+    /// The most to skip while awaiting the frame due: what the sender keeps for resending.
+    max_skipped_bytes: u64,
+    /// The frame due (`next_seq`) arrived damaged: later frames are skipped until it comes again.
+    awaiting: bool,
+    /// Bytes of later frames skipped while awaiting it.
+    skipped_bytes: u64,
+    damaged_in_a_row: u32,
+}
+
+/// A header that checked out, and where its frame's parts lie.
+struct Located {
+    header: Header,
+    explicit_nonce: bool,
+    body_at: usize,
+    tag_at: usize,
+    crc_at: usize,
+    total: usize,
 }
 
 impl Decoder {
     pub fn new(key: FrameKey) -> Self {
-        Decoder { key, buf: Vec::new(), start: 0, next_seq: 0, failed: None }
+        Decoder { key, buf: Vec::new(), start: 0, next_seq: 0, failed: None, recovery: None }
     }
 
     /// Changes the key that frames decoded from now on must carry (after the handshake).
     pub fn set_key(&mut self, key: FrameKey) {
         self.key = key;
+    }
+
+    /// From now on, a frame whose header checks out but whose payload does not is skipped and
+    /// reported ([`Decoded::Damaged`]) instead of failing the stream; the sender must then
+    /// resend from it. For the frames after the handshake: a connection's first frame has no
+    /// sender that could resend it, and its failure says "wrong key". While it waits for the
+    /// damaged frame to come again, it skips at most `max_skipped_bytes` of later frames: the
+    /// sender's resend window (at most [`RESEND_WINDOW_BYTES`]).
+    pub fn recover_damaged_frames(&mut self, max_skipped_bytes: usize) {
+        let max_skipped_bytes = max_skipped_bytes as u64;
+        self.recovery = Some(Recovery { max_skipped_bytes, awaiting: false, skipped_bytes: 0, damaged_in_a_row: 0 });
     }
 
     /// Bytes received and not yet returned as frames.
@@ -353,20 +477,31 @@ impl Decoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next whole, verified frame; `Ok(None)` when more bytes are needed.
+    /// The next whole, verified frame; `Ok(None)` when more bytes are needed. Every error is
+    /// final, a damaged payload included (see [`Decoder::next_decoded`] for recovering from one).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        match self.next_decoded()? {
+            None => Ok(None),
+            Some(Decoded::Frame(frame)) => Ok(Some(frame)),
+            Some(Decoded::Damaged { error, .. }) => Err(self.fail(error)),
+        }
+    }
+
+    /// The next whole, verified frame, or the news that the frame due arrived damaged and was
+    /// skipped (only once [`Decoder::recover_damaged_frames`] was called); `Ok(None)` when
+    /// more bytes are needed. An error is final: the decoder returns it from then on.
+    pub fn next_decoded(&mut self) -> Result<Option<Decoded>, WireError> {
         if let Some(error) = &self.failed {
             return Err(error.clone());
         }
-        match self.parse() {
-            Ok(frame) => Ok(frame),
-            Err(error) => {
-                self.failed = Some(error.clone());
-                self.buf = Vec::new();
-                self.start = 0;
-                Err(error)
-            }
-        }
+        self.parse().map_err(|error| self.fail(error))
+    }
+
+    fn fail(&mut self, error: WireError) -> WireError {
+        self.failed = Some(error.clone());
+        self.buf = Vec::new();
+        self.start = 0;
+        error
     }
 
     /// The stream has ended: an error if it ended inside a frame.
@@ -380,7 +515,51 @@ impl Decoder {
         }
     }
 
-    fn parse(&mut self) -> Result<Option<Frame>, WireError> {
+    fn parse(&mut self) -> Result<Option<Decoded>, WireError> {
+        loop {
+            let Some(at) = self.locate()? else { return Ok(None) };
+            let awaiting = self.recovery.as_ref().is_some_and(|r| r.awaiting);
+            if awaiting && at.header.seq > self.next_seq {
+                // Sent before the sender heard that the frame due was damaged: it comes again.
+                self.start += at.total;
+                let recovery = self.recovery.as_mut().expect("awaiting");
+                recovery.skipped_bytes += at.total as u64;
+                if recovery.skipped_bytes > recovery.max_skipped_bytes {
+                    let skipped_bytes = recovery.skipped_bytes;
+                    return Err(WireError::ResendOverdue { seq: self.next_seq, skipped_bytes });
+                }
+                continue;
+            }
+            return match self.open(&at) {
+                Ok(payload) => {
+                    self.start += at.total;
+                    self.next_seq += 1;
+                    if let Some(recovery) = &mut self.recovery {
+                        (recovery.awaiting, recovery.skipped_bytes, recovery.damaged_in_a_row) = (false, 0, 0);
+                    }
+                    let Header { frame_type, seq, .. } = at.header;
+                    Ok(Some(Decoded::Frame(Frame { frame_type, seq, payload })))
+                }
+                Err(error @ (WireError::BadChecksum { .. } | WireError::BadAuthentication { .. }))
+                    if at.header.seq == self.next_seq && self.recovery.is_some() =>
+                {
+                    // The header checked out, so the length can be trusted: skip just this frame.
+                    self.start += at.total;
+                    let recovery = self.recovery.as_mut().expect("checked");
+                    (recovery.awaiting, recovery.skipped_bytes) = (true, 0);
+                    recovery.damaged_in_a_row += 1;
+                    if recovery.damaged_in_a_row > MAX_DAMAGED_IN_A_ROW {
+                        return Err(error);
+                    }
+                    Ok(Some(Decoded::Damaged { seq: at.header.seq, error }))
+                }
+                Err(error) => Err(error),
+            };
+        }
+    }
+
+    /// The next frame's header, checked, once the whole frame has arrived.
+    fn locate(&self) -> Result<Option<Located>, WireError> {
         let bytes = &self.buf[self.start..];
         // The magic is checked on its first byte already, so that a stranger's stream is
         // refused at once rather than after a header's worth of bytes.
@@ -417,8 +596,17 @@ impl Decoder {
         if bytes.len() < total {
             return Ok(None);
         }
-        let crc = u32::from_le_bytes(bytes[crc_at..total].try_into().expect("crc length"));
-        if crc32c::crc32c(&bytes[..crc_at]) != crc {
+        Ok(Some(Located { header, explicit_nonce, body_at, tag_at, crc_at, total }))
+    }
+
+    /// The payload of the located frame, once its CRC32C, its tag, its place in the
+    /// sequence and its flags all check out.
+    fn open(&self, at: &Located) -> Result<Vec<u8>, WireError> {
+        let bytes = &self.buf[self.start..self.start + at.total];
+        let header_bytes: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().expect("header length");
+        let header = &at.header;
+        let crc = u32::from_le_bytes(bytes[at.crc_at..].try_into().expect("crc length"));
+        if crc32c::crc32c(&bytes[..at.crc_at]) != crc {
             return Err(WireError::BadChecksum { seq: header.seq });
         }
         let failed_authentication = match self.next_seq {
@@ -426,15 +614,15 @@ impl Decoder {
             _ => WireError::BadAuthentication { seq: header.seq },
         };
         // A frame sealed under the other kind of key (handshake or session) is not ours.
-        if explicit_nonce != (self.key.flags() & FLAG_EXPLICIT_NONCE != 0) {
+        if at.explicit_nonce != (self.key.flags() & FLAG_EXPLICIT_NONCE != 0) {
             return Err(failed_authentication);
         }
-        let nonce = match explicit_nonce {
-            true => *AeadNonce::from_slice(&bytes[HEADER_BYTES..body_at]),
+        let nonce = match at.explicit_nonce {
+            true => *AeadNonce::from_slice(&bytes[HEADER_BYTES..at.body_at]),
             false => self.key.nonce(header_bytes, header.seq, &[]),
         };
-        let mut payload = bytes[body_at..tag_at].to_vec();
-        let tag = chacha20poly1305::Tag::from_slice(&bytes[tag_at..crc_at]);
+        let mut payload = bytes[at.body_at..at.tag_at].to_vec();
+        let tag = chacha20poly1305::Tag::from_slice(&bytes[at.tag_at..at.crc_at]);
         if self.key.cipher.decrypt_in_place_detached(&nonce, header_bytes, &mut payload, tag).is_err() {
             return Err(failed_authentication);
         }
@@ -444,9 +632,7 @@ impl Decoder {
         if header.flags & !KNOWN_FLAGS != 0 {
             return Err(WireError::UnknownFlags { seq: header.seq, flags: header.flags });
         }
-        self.start += total;
-        self.next_seq += 1;
-        Ok(Some(Frame { frame_type: header.frame_type, seq: header.seq, payload }))
+        Ok(payload)
     }
 }
 
@@ -770,6 +956,146 @@ mod tests {
         assert_eq!(PresharedKey::new(b"short").unwrap_err(), KeyError::TooShort { length: 5 });
         let psk = PresharedKey::new(b"0123456789abcdefSECRET").unwrap();
         assert!(!format!("{psk:?}").contains("SECRET"));
+    }
+
+    /// A decoder past its handshake, and the encoder that feeds it, both recovering.
+    fn recovering_pair(window_bytes: usize) -> (Encoder, Decoder) {
+        let mut encoder = Encoder::new(key(1));
+        encoder.keep_for_resend(window_bytes);
+        let mut decoder = Decoder::new(key(1));
+        decoder.recover_damaged_frames(window_bytes);
+        // The first frame of a connection is never recovered: get it out of the way.
+        decoder.push(&encoder.encode(1, b"hello").unwrap());
+        assert!(matches!(decoder.next_decoded(), Ok(Some(Decoded::Frame(_)))));
+        (encoder, decoder)
+    }
+
+    fn payload_of(decoded: Option<Decoded>) -> Vec<u8> {
+        match decoded {
+            Some(Decoded::Frame(frame)) => frame.payload,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_damaged_payload_is_skipped_and_so_are_later_frames_until_it_is_resent() {
+        let (mut encoder, mut decoder) = recovering_pair(1 << 20);
+        let frames: Vec<Vec<u8>> = (1..=3u8).map(|i| encoder.encode(5, &[i; 10]).unwrap()).collect();
+        let mut damaged = frames[0].clone();
+        damaged[HEADER_BYTES + 3] ^= 0x20;
+        for frame in [&damaged, &frames[1], &frames[2]] {
+            decoder.push(frame);
+        }
+        assert_eq!(
+            decoder.next_decoded(),
+            Ok(Some(Decoded::Damaged { seq: 1, error: WireError::BadChecksum { seq: 1 } }))
+        );
+        assert_eq!(decoder.next_decoded(), Ok(None), "frames 2 and 3 wait for frame 1");
+        assert_eq!(decoder.buffered_len(), 0, "skipped, not buffered");
+        let resent = encoder.resend_from(1).unwrap();
+        assert_eq!(resent, frames, "the very bytes sent the first time");
+        for frame in &resent {
+            decoder.push(frame);
+        }
+        for i in 1..=3u8 {
+            assert_eq!(payload_of(decoder.next_decoded().unwrap()), vec![i; 10]);
+        }
+        assert_eq!(decoder.next_decoded(), Ok(None));
+    }
+
+    #[test]
+    fn a_forged_payload_is_skipped_unused_and_asked_for_again() {
+        let (mut encoder, mut decoder) = recovering_pair(1 << 20);
+        let genuine = encoder.encode(5, b"genuine").unwrap();
+        let mut forged = genuine.clone();
+        forged[HEADER_BYTES] ^= 0x01;
+        fix_crc(&mut forged); // passes the CRC32C: only the tag catches it
+        decoder.push(&forged);
+        assert_eq!(
+            decoder.next_decoded(),
+            Ok(Some(Decoded::Damaged { seq: 1, error: WireError::BadAuthentication { seq: 1 } }))
+        );
+        decoder.push(&genuine);
+        assert_eq!(payload_of(decoder.next_decoded().unwrap()), b"genuine".to_vec());
+    }
+
+    #[test]
+    fn a_damaged_header_is_final_even_when_recovering() {
+        let (mut encoder, mut decoder) = recovering_pair(1 << 20);
+        let mut frame = encoder.encode(5, b"payload").unwrap();
+        frame[17] ^= 0x01; // the length: where the next frame begins is lost
+        decoder.push(&frame);
+        decoder.push(&encoder.encode(5, b"next").unwrap());
+        assert_eq!(decoder.next_decoded(), Err(WireError::BadChecksum { seq: 1 }));
+        assert_eq!(decoder.next_decoded(), Err(WireError::BadChecksum { seq: 1 }), "final");
+    }
+
+    #[test]
+    fn a_replayed_frame_is_refused_while_recovering_too() {
+        let (mut encoder, mut decoder) = recovering_pair(1 << 20);
+        let first = encoder.encode(5, b"first").unwrap();
+        decoder.push(&first);
+        assert_eq!(payload_of(decoder.next_decoded().unwrap()), b"first".to_vec());
+        let mut damaged = encoder.encode(5, b"second").unwrap();
+        damaged[HEADER_BYTES] ^= 0x01;
+        decoder.push(&damaged);
+        assert!(matches!(decoder.next_decoded(), Ok(Some(Decoded::Damaged { seq: 2, .. }))));
+        decoder.push(&first);
+        assert_eq!(decoder.next_decoded(), Err(WireError::OutOfOrder { expected: 2, found: 1 }));
+    }
+
+    #[test]
+    fn a_frame_damaged_again_and_again_ends_the_stream() {
+        let (mut encoder, mut decoder) = recovering_pair(1 << 20);
+        let mut damaged = encoder.encode(5, b"payload").unwrap();
+        damaged[HEADER_BYTES] ^= 0x01;
+        for _ in 0..MAX_DAMAGED_IN_A_ROW {
+            decoder.push(&damaged);
+            assert!(matches!(decoder.next_decoded(), Ok(Some(Decoded::Damaged { seq: 1, .. }))));
+        }
+        decoder.push(&damaged);
+        assert_eq!(decoder.next_decoded(), Err(WireError::BadChecksum { seq: 1 }));
+    }
+
+    #[test]
+    fn a_decoder_skips_no_more_than_the_resend_window_while_it_waits() {
+        let (mut encoder, mut decoder) = recovering_pair(200);
+        let mut damaged = encoder.encode(5, &[0; 10]).unwrap();
+        damaged[HEADER_BYTES] ^= 0x01;
+        decoder.push(&damaged);
+        assert!(matches!(decoder.next_decoded(), Ok(Some(Decoded::Damaged { seq: 1, .. }))));
+        let later = encoder.encode(5, &[0; 100]).unwrap(); // 144 bytes
+        decoder.push(&later);
+        assert_eq!(decoder.next_decoded(), Ok(None));
+        decoder.push(&encoder.encode(5, &[0; 100]).unwrap());
+        assert_eq!(decoder.next_decoded(), Err(WireError::ResendOverdue { seq: 1, skipped_bytes: 288 }));
+    }
+
+    #[test]
+    fn an_encoder_keeps_only_its_window_and_resends_nothing_it_did_not_send() {
+        let mut encoder = Encoder::new(key(1));
+        encoder.encode(5, b"before keeping").unwrap(); // seq 0: never kept
+        encoder.keep_for_resend(150);
+        for _ in 0..3 {
+            encoder.encode(5, &[0; 60]).unwrap(); // 104 bytes each: only the newest fits
+        }
+        assert_eq!(encoder.resend_from(3).map(|f| f.len()), Ok(1));
+        assert_eq!(encoder.resend_from(2), Err(WireError::ResendUnavailable { seq: 2, oldest: Some(3) }));
+        assert_eq!(encoder.resend_from(0), Err(WireError::ResendUnavailable { seq: 0, oldest: Some(3) }));
+        assert_eq!(encoder.resend_from(4), Err(WireError::ResendOfUnsentFrame { seq: 4, sent: Some(3) }));
+    }
+
+    #[test]
+    fn without_recovery_a_damaged_payload_is_final() {
+        let mut encoder = Encoder::new(key(1));
+        let first = encoder.encode(5, b"a").unwrap();
+        let mut second = encoder.encode(5, b"payload").unwrap();
+        second[HEADER_BYTES] ^= 0x01;
+        let mut decoder = Decoder::new(key(1));
+        decoder.push(&first);
+        decoder.push(&second);
+        assert!(decoder.next_decoded().unwrap().is_some());
+        assert_eq!(decoder.next_decoded(), Err(WireError::BadChecksum { seq: 1 }));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use sha2::{Digest, Sha256};
 
-use super::{goodbye, worth_a_goodbye, Link, ProtocolError, RecordView, SwapAnswer};
+use super::{goodbye, worth_a_goodbye, Link, ProtocolError, RecordView, Repairs, SwapAnswer};
 use crate::messages::{CheckpointId, ConfigDigest, Message, Role, PROTOCOL_VERSION};
 use crate::wire::{Decoder, Direction, Encoder, Nonce, PresharedKey};
 
@@ -183,6 +183,11 @@ pub struct BackupStatus {
     /// When the primary was last heard (an authenticated frame, or a checkpoint of its
     /// applied), on the clock of the `now_ms` the core is given; None: never.
     pub last_heard_ms: Option<u64>,
+    /// Frames that arrived damaged and were asked for again (the connection kept), over this
+    /// backup's lifetime.
+    pub damaged_frames: u64,
+    /// The primary's requests to resend frames that reached it damaged, served.
+    pub resends_served: u64,
 }
 
 /// The backup's protocol state machine.
@@ -217,6 +222,7 @@ pub struct Backup {
     live_generation: Option<u64>,
     exited: bool,
     refused_connections: u64,
+    repairs: Repairs,
 }
 
 impl Backup {
@@ -243,6 +249,7 @@ impl Backup {
             live_generation: None,
             exited: false,
             refused_connections: 0,
+            repairs: Repairs::default(),
         }
     }
 
@@ -304,6 +311,8 @@ impl Backup {
             },
             live_generation: self.live_generation,
             last_heard_ms: self.last_heard_ms,
+            damaged_frames: self.repairs.damaged_frames,
+            resends_served: self.repairs.resends_served,
         }
     }
 
@@ -444,14 +453,11 @@ impl Backup {
             return actions.push(BackupAction::Close { conn, error: ProtocolError::AlreadyLive });
         }
         let key = &self.config.key;
-        let link = Link {
-            encoder: Encoder::new(key.hello_key(Direction::BackupToPrimary)),
-            decoder: Decoder::new(key.hello_key(Direction::PrimaryToBackup)),
-            opened_ms: self.now_ms,
-            last_heard_ms: self.now_ms,
-            last_sent_ms: self.now_ms,
-            heard_since_tick: false,
-        };
+        let link = Link::new(
+            Encoder::new(key.hello_key(Direction::BackupToPrimary)),
+            Decoder::new(key.hello_key(Direction::PrimaryToBackup)),
+            self.now_ms,
+        );
         if self.pending.len() >= self.config.max_pending_handshakes.max(1) {
             let oldest = self.pending.pop_front().expect("the queue is full");
             self.refused_connections += 1;
@@ -480,9 +486,12 @@ impl Backup {
         }
         let Some(index) = self.pending.iter().position(|p| p.conn == conn) else { return };
         self.pending[index].link.decoder.push(bytes);
+        let mut sends = Vec::new();
         loop {
             let Some(index) = self.pending.iter().position(|p| p.conn == conn) else { return };
-            let result = match self.pending[index].link.next_message(self.now_ms) {
+            let next = self.pending[index].link.next_message(self.now_ms, &mut sends, &mut self.repairs);
+            actions.extend(sends.drain(..).map(|bytes| BackupAction::Send { conn, bytes }));
+            let result = match next {
                 Ok(None) => return,
                 Ok(Some(message)) => self.on_pending_message(index, message, actions),
                 Err(error) => Err(error),
@@ -502,9 +511,12 @@ impl Backup {
 
     /// Handle every whole message buffered on the primary's connection.
     fn drain_link(&mut self, conn: ConnId, actions: &mut Vec<BackupAction>) {
+        let mut sends = Vec::new();
         loop {
             let Some(bl) = self.link.as_mut().filter(|bl| bl.conn == conn) else { return };
-            let result = match bl.link.next_message(self.now_ms) {
+            let next = bl.link.next_message(self.now_ms, &mut sends, &mut self.repairs);
+            actions.extend(sends.drain(..).map(|bytes| BackupAction::Send { conn, bytes }));
+            let result = match next {
                 Ok(None) => return,
                 Ok(Some(message)) => self.on_message(message, actions),
                 Err(error) => Err(error),
@@ -563,8 +575,10 @@ impl Backup {
                 let bytes = p.link.frame(&ack, self.now_ms);
                 actions.push(BackupAction::Send { conn: p.conn, bytes });
                 let key = &self.config.key;
-                p.link.encoder.set_key(key.session_key(Direction::BackupToPrimary, &nonce, &p.nonce));
-                p.link.decoder.set_key(key.session_key(Direction::PrimaryToBackup, &nonce, &p.nonce));
+                p.link.secure(
+                    key.session_key(Direction::BackupToPrimary, &nonce, &p.nonce),
+                    key.session_key(Direction::PrimaryToBackup, &nonce, &p.nonce),
+                );
                 p.hello = Some((run_id, generation));
                 Ok(false)
             }

@@ -35,7 +35,7 @@ pub struct RecordView {
 use thiserror::Error;
 
 use crate::messages::{ConfigDigest, Message, MessageError};
-use crate::wire::{Decoder, Encoder, WireError};
+use crate::wire::{Decoded, Decoder, Encoder, FrameKey, WireError, RESEND_WINDOW_BYTES};
 
 /// Why a connection was closed, or why a replica must stop. Every message says what happened
 /// and, where there is one, what to do about it.
@@ -127,9 +127,42 @@ struct Link {
     /// between ticks (after a long apply, say) while the state machine's clock stands still;
     /// the next tick then counts them as heard at its own time.
     heard_since_tick: bool,
+    /// Past the handshake: frames are kept for resending and damaged ones asked for again.
+    secured: bool,
+}
+
+/// What the links of a replica repaired in place, over its lifetime.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Repairs {
+    /// Frames of the peer that arrived damaged, each asked for again.
+    damaged_frames: u64,
+    /// The peer's requests to resend, served.
+    resends_served: u64,
 }
 
 impl Link {
+    fn new(encoder: Encoder, decoder: Decoder, now_ms: u64) -> Link {
+        Link {
+            encoder,
+            decoder,
+            opened_ms: now_ms,
+            last_heard_ms: now_ms,
+            last_sent_ms: now_ms,
+            heard_since_tick: false,
+            secured: false,
+        }
+    }
+
+    /// The handshake is done: switch to the session keys, and from now on keep what is sent
+    /// for resending and ask for what arrives damaged (see [`crate::wire`]).
+    fn secure(&mut self, send_key: FrameKey, receive_key: FrameKey) {
+        self.encoder.set_key(send_key);
+        self.decoder.set_key(receive_key);
+        self.encoder.keep_for_resend(RESEND_WINDOW_BYTES);
+        self.decoder.recover_damaged_frames(RESEND_WINDOW_BYTES);
+        self.secured = true;
+    }
+
     /// Encodes `message` into the next frame. Messages always fit: chunk sizes are bounded
     /// by the configuration and every other message is small.
     fn frame(&mut self, message: &Message, now_ms: u64) -> Vec<u8> {
@@ -147,14 +180,34 @@ impl Link {
         heard
     }
 
-    /// The next whole message received, if any.
-    fn next_message(&mut self, now_ms: u64) -> Result<Option<Message>, ProtocolError> {
-        match self.decoder.next_frame()? {
-            None => Ok(None),
-            Some(frame) => {
-                self.last_heard_ms = now_ms;
-                self.heard_since_tick = true;
-                Ok(Some(Message::decode(&frame)?))
+    /// The next whole message received, if any. The link repairs damage itself: a frame
+    /// that arrived damaged is asked for again, and the peer's requests to resend are served,
+    /// with the frames to write in `sends` (in order, before anything the message leads to).
+    fn next_message(
+        &mut self,
+        now_ms: u64,
+        sends: &mut Vec<Vec<u8>>,
+        repairs: &mut Repairs,
+    ) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            match self.decoder.next_decoded()? {
+                None => return Ok(None),
+                Some(Decoded::Damaged { seq, .. }) => {
+                    repairs.damaged_frames += 1;
+                    sends.push(self.frame(&Message::Resend { from_seq: seq }, now_ms));
+                }
+                Some(Decoded::Frame(frame)) => {
+                    self.last_heard_ms = now_ms;
+                    self.heard_since_tick = true;
+                    match Message::decode(&frame)? {
+                        Message::Resend { from_seq } if self.secured => {
+                            repairs.resends_served += 1;
+                            sends.extend(self.encoder.resend_from(from_seq)?);
+                            self.last_sent_ms = now_ms;
+                        }
+                        message => return Ok(Some(message)),
+                    }
+                }
             }
         }
     }

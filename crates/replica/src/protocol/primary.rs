@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::{goodbye, worth_a_goodbye, Link, ProtocolError, RecordView, SwapAnswer};
+use super::{goodbye, worth_a_goodbye, Link, ProtocolError, RecordView, Repairs, SwapAnswer};
 use crate::messages::{CheckpointId, ConfigDigest, Message, Role, PROTOCOL_VERSION};
 use crate::wire::{Decoder, Direction, Encoder, Nonce, PresharedKey, MAX_PAYLOAD_BYTES};
 
@@ -257,6 +257,11 @@ pub struct PrimaryStatus {
     pub unprotected_count: u64,
     pub log_bytes: u64,
     pub resumed_checkpoints: u64,
+    /// Frames of the backup that arrived damaged and were asked for again (the connection
+    /// kept), over this primary's lifetime.
+    pub damaged_frames: u64,
+    /// The backup's requests to resend frames that reached it damaged, served.
+    pub resends_served: u64,
 }
 
 /// The primary's protocol state machine.
@@ -289,6 +294,7 @@ pub struct Primary {
     stopped: Option<ProtocolError>,
     unprotected_count: u64,
     resumed_checkpoints: u64,
+    repairs: Repairs,
 }
 
 impl Primary {
@@ -323,6 +329,7 @@ impl Primary {
             stopped: None,
             unprotected_count: 0,
             resumed_checkpoints: 0,
+            repairs: Repairs::default(),
         }
     }
 
@@ -424,6 +431,8 @@ impl Primary {
             unprotected_count: self.unprotected_count,
             log_bytes: self.log_bytes,
             resumed_checkpoints: self.resumed_checkpoints,
+            damaged_frames: self.repairs.damaged_frames,
+            resends_served: self.repairs.resends_served,
         }
     }
 
@@ -603,14 +612,11 @@ impl Primary {
 
     fn on_connected(&mut self, nonce: Nonce, actions: &mut Vec<PrimaryAction>) {
         let key = &self.config.key;
-        let mut link = Link {
-            encoder: Encoder::new(key.hello_key(Direction::PrimaryToBackup)),
-            decoder: Decoder::new(key.hello_key(Direction::BackupToPrimary)),
-            opened_ms: self.now_ms,
-            last_heard_ms: self.now_ms,
-            last_sent_ms: self.now_ms,
-            heard_since_tick: false,
-        };
+        let mut link = Link::new(
+            Encoder::new(key.hello_key(Direction::PrimaryToBackup)),
+            Decoder::new(key.hello_key(Direction::BackupToPrimary)),
+            self.now_ms,
+        );
         let hello = Message::Hello {
             protocol_version: PROTOCOL_VERSION,
             role: Role::Primary,
@@ -633,9 +639,12 @@ impl Primary {
     fn on_received(&mut self, bytes: &[u8], actions: &mut Vec<PrimaryAction>) {
         let Some(pl) = &mut self.link else { return };
         pl.link.decoder.push(bytes);
+        let mut sends = Vec::new();
         loop {
             let Some(pl) = &mut self.link else { return };
-            let result = match pl.link.next_message(self.now_ms) {
+            let next = pl.link.next_message(self.now_ms, &mut sends, &mut self.repairs);
+            actions.extend(sends.drain(..).map(PrimaryAction::Send));
+            let result = match next {
                 Ok(None) => return,
                 Ok(Some(message)) => self.on_message(message, actions),
                 Err(error) => Err(error),
@@ -672,8 +681,10 @@ impl Primary {
                     return Err(ProtocolError::HandshakeReplay);
                 }
                 let key = &self.config.key;
-                pl.link.encoder.set_key(key.session_key(Direction::PrimaryToBackup, &pl.nonce, &nonce));
-                pl.link.decoder.set_key(key.session_key(Direction::BackupToPrimary, &pl.nonce, &nonce));
+                pl.link.secure(
+                    key.session_key(Direction::PrimaryToBackup, &pl.nonce, &nonce),
+                    key.session_key(Direction::BackupToPrimary, &pl.nonce, &nonce),
+                );
                 pl.streaming = true;
                 self.backup_lost_since_ms = None;
                 self.on_handshake(latest, partial, actions);

@@ -63,6 +63,12 @@ impl World {
         Self::with(primary_config(), backup_config())
     }
 
+    fn new_connected() -> Self {
+        let mut w = Self::new();
+        w.connect();
+        w
+    }
+
     fn with(p: PrimaryConfig, b: BackupConfig) -> Self {
         World {
             p: Primary::new(p, 1, 0),
@@ -338,7 +344,7 @@ fn another_protocol_version_is_refused_naming_both() {
     let actions = b.step(BackupEvent::Received { conn: 1, bytes: &frame });
     let expected = ProtocolError::ProtocolVersionMismatch { ours: PROTOCOL_VERSION, theirs: 9 };
     assert_eq!(closes(&actions), vec![&expected]);
-    assert!(expected.to_string().contains("version 2") && expected.to_string().contains("version 9"));
+    assert!(expected.to_string().contains("version 3") && expected.to_string().contains("version 9"));
 }
 
 #[test]
@@ -368,23 +374,129 @@ fn a_connection_cut_mid_checkpoint_leaves_the_last_whole_one() {
     assert_eq!(w.b.applied(), Some(CheckpointId { run_id: RUN, epoch: 1 }));
 }
 
+/// Where each frame of a stream of session frames lies (they carry no nonce of their own).
+fn frame_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let length = u32::from_le_bytes(bytes[at + 16..at + 20].try_into().unwrap()) as usize;
+        let end = at + crate::wire::HEADER_BYTES + length + crate::wire::TRAILER_BYTES;
+        spans.push(at..end);
+        at = end;
+    }
+    spans
+}
+
+/// The primary's frames for a full checkpoint of `payload` at epoch 1, on a connected world.
+fn full_checkpoint_frames(w: &mut World, payload: &[u8]) -> Vec<u8> {
+    let kind = CheckpointKind::Full;
+    sends(w.p.step(PrimaryEvent::CheckpointTaken { epoch: 1, icount: 100, kind, payload: payload.to_vec() }))
+}
+
 #[test]
-fn a_corrupted_chunk_closes_the_connection_without_applying() {
-    let mut w = World::new();
-    w.connect();
-    let actions = w.p.step(PrimaryEvent::CheckpointTaken {
-        epoch: 1,
-        icount: 0,
-        kind: CheckpointKind::Full,
-        payload: b"abcdefgh".to_vec(),
-    });
-    let mut bytes = sends(actions);
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 1;
+fn a_frame_damaged_on_its_way_to_the_backup_is_resent_within_the_connection() {
+    let payload = b"0123456789abcdef";
+    let spans = frame_spans(&full_checkpoint_frames(&mut World::new_connected(), payload));
+    assert_eq!(spans.len(), 6, "Begin, four chunks, End");
+    // Each frame in turn, damaged in its payload (or its tag, or its CRC32C): the backup asks
+    // for it again, and ends up with what an undamaged link would have given it.
+    for (index, span) in spans.iter().enumerate() {
+        for at in [span.start + crate::wire::HEADER_BYTES, span.end - 1] {
+            let mut w = World::new_connected();
+            let mut bytes = full_checkpoint_frames(&mut w, payload);
+            bytes[at] ^= 0x08;
+            let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+            assert!(closes(&actions).is_empty(), "frame {index}, byte {at}: {actions:?}");
+            w.on_b(actions);
+            w.settle();
+            assert_eq!(w.applied, vec![(1, None, payload.to_vec())], "frame {index}, byte {at}");
+            assert_eq!(w.p.acked_epoch(), Some(1));
+            assert!(w.p_closes().is_empty() && w.b_closes().is_empty(), "{:?} {:?}", w.p_log, w.b_log);
+            assert_eq!(w.b.primary_conn(), Some(w.conn), "the same connection");
+            assert_eq!((w.b.status().damaged_frames, w.p.status().resends_served), (1, 1));
+        }
+    }
+}
+
+#[test]
+fn an_ack_damaged_on_its_way_to_the_primary_is_resent_and_releases_outputs() {
+    let mut w = World::new_connected();
+    let bytes = full_checkpoint_frames(&mut w, b"state");
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    let [BackupAction::ApplyCheckpoint { epoch: 1, .. }] = actions.as_slice() else { panic!("{actions:?}") };
+    let actions = w.b.step(BackupEvent::CheckpointApplied { epoch: 1 });
+    let [BackupAction::Send { bytes: ack, .. }] = actions.as_slice() else { panic!("{actions:?}") };
+    let mut ack = ack.clone();
+    ack[crate::wire::HEADER_BYTES] ^= 0x01;
+    let actions = w.p.step(PrimaryEvent::Received(&ack));
+    assert!(actions.iter().all(|a| matches!(a, PrimaryAction::Send(_))), "only a resend request: {actions:?}");
+    assert_eq!(w.p.acked_epoch(), None);
+    w.on_p(actions);
+    w.settle();
+    assert_eq!(w.p.acked_epoch(), Some(1));
+    assert_eq!(w.releases(), vec![1]);
+    assert!(w.p_closes().is_empty() && w.b_closes().is_empty(), "{:?} {:?}", w.p_log, w.b_log);
+    assert_eq!((w.p.status().damaged_frames, w.b.status().resends_served), (1, 1));
+}
+
+#[test]
+fn a_forged_frame_changes_nothing_and_the_genuine_one_is_asked_for_again() {
+    let mut w = World::new_connected();
+    let mut bytes = full_checkpoint_frames(&mut w, b"0123456789abcdef");
+    let chunk = frame_spans(&bytes)[1].clone();
+    // A forger who fixes both checksums: only the tag catches the change.
+    bytes[chunk.start + crate::wire::HEADER_BYTES + 16] ^= 0x01;
+    let crc_at = chunk.end - 4;
+    let crc = crc32c::crc32c(&bytes[chunk.start..crc_at]);
+    bytes[crc_at..chunk.end].copy_from_slice(&crc.to_le_bytes());
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    assert!(actions.iter().all(|a| matches!(a, BackupAction::Send { .. })), "{actions:?}");
+    assert_eq!(w.b.status().partial_bytes, 0, "nothing of the forged chunk, nor of those after it, was taken");
+    w.on_b(actions);
+    w.settle();
+    assert_eq!(w.applied, vec![(1, None, b"0123456789abcdef".to_vec())]);
+}
+
+#[test]
+fn a_damaged_header_closes_the_connection_without_applying() {
+    let mut w = World::new_connected();
+    let mut bytes = full_checkpoint_frames(&mut w, b"abcdefgh");
+    let chunk = frame_spans(&bytes)[1].clone();
+    bytes[chunk.start + 17] ^= 0x01; // its length: the framing is lost
     let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
     assert!(actions.iter().all(|a| !matches!(a, BackupAction::ApplyCheckpoint { .. })));
-    assert!(matches!(closes(&actions)[..], [ProtocolError::Wire(_)]));
+    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::BadChecksum { seq: 3 })]);
     assert_eq!(w.b.applied(), None);
+}
+
+#[test]
+fn a_frame_replayed_on_its_own_connection_is_refused_and_changes_nothing() {
+    let mut w = World::new_connected();
+    w.checkpoint(1, b"full");
+    let kind = CheckpointKind::Incremental;
+    let delta = b"delta".to_vec();
+    let bytes = sends(w.p.step(PrimaryEvent::CheckpointTaken { epoch: 2, icount: 200, kind, payload: delta }));
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    w.on_b(actions);
+    assert_eq!(w.applied.len(), 2);
+    // The whole checkpoint again, as recorded: its sequence numbers are spent.
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    assert!(matches!(closes(&actions)[..], [ProtocolError::Wire(WireError::OutOfOrder { .. })]), "{actions:?}");
+    w.on_b(actions);
+    assert_eq!(w.applied.len(), 2, "applied once");
+    assert_eq!(w.b.applied(), Some(CheckpointId { run_id: RUN, epoch: 2 }));
+}
+
+#[test]
+fn a_request_to_resend_what_is_not_kept_or_was_never_sent_closes_the_connection() {
+    let mut b = Backup::new(backup_config(), 0);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
+    let actions = fake.send(&mut b, Message::Resend { from_seq: 0 }); // the HelloAck: never kept
+    let unavailable = WireError::ResendUnavailable { seq: 0, oldest: None };
+    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(unavailable)]);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 2, 1);
+    let actions = fake.send(&mut b, Message::Resend { from_seq: 9 });
+    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::ResendOfUnsentFrame { seq: 9, sent: Some(0) })]);
 }
 
 #[test]
