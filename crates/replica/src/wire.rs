@@ -90,6 +90,9 @@ pub const RESEND_WINDOW_BYTES: usize = 64 << 20;
 /// Damaged arrivals of the frame due, one after the other with no good frame between, after
 /// which the decoder gives up on the connection: line noise does not strike every copy.
 pub const MAX_DAMAGED_IN_A_ROW: u32 = 8;
+/// Frames out of turn are opened ([`Decoded::Ahead`]) up to this payload: requests to resend
+/// and heartbeats, not checkpoint chunks.
+pub const MAX_AHEAD_PAYLOAD_BYTES: u32 = 64;
 
 const _: () = assert!(HEADER_BYTES == 4 + 2 + 1 + 1 + 8 + 4 + 4 && HEADER_CRC_AT + 4 == HEADER_BYTES);
 const _: () = assert!(MAX_FIRST_PAYLOAD_BYTES <= MAX_PAYLOAD_BYTES);
@@ -305,6 +308,10 @@ pub enum Decoded {
     /// authentication (`error`): it was skipped unused, and so is every frame after it until
     /// it comes again. Ask the sender to resend from `seq`.
     Damaged { seq: u64, error: WireError },
+    /// A small frame from after the damaged one, authentic but out of turn, while the decoder
+    /// waits for the damaged one: it will come again in its turn. Use it only for what may be
+    /// done twice (serving a request to resend; a sign of life).
+    Ahead(Frame),
 }
 
 /// Turns payloads into frames, numbering them.
@@ -427,6 +434,9 @@ struct Recovery {
     /// Bytes of later frames skipped while awaiting it.
     skipped_bytes: u64,
     damaged_in_a_row: u32,
+    /// The first frame reported damaged on this connection: copies of frames from it on may
+    /// come again (a request repeated, or served twice), and are dropped unread.
+    first_requested: Option<u64>,
 }
 
 /// A header that checked out, and where its frame's parts lie.
@@ -457,7 +467,13 @@ impl Decoder {
     /// sender's resend window (at most [`RESEND_WINDOW_BYTES`]).
     pub fn recover_damaged_frames(&mut self, max_skipped_bytes: usize) {
         let max_skipped_bytes = max_skipped_bytes as u64;
-        self.recovery = Some(Recovery { max_skipped_bytes, awaiting: false, skipped_bytes: 0, damaged_in_a_row: 0 });
+        self.recovery = Some(Recovery {
+            max_skipped_bytes,
+            awaiting: false,
+            skipped_bytes: 0,
+            damaged_in_a_row: 0,
+            first_requested: None,
+        });
     }
 
     /// Bytes received and not yet returned as frames.
@@ -484,6 +500,7 @@ impl Decoder {
             None => Ok(None),
             Some(Decoded::Frame(frame)) => Ok(Some(frame)),
             Some(Decoded::Damaged { error, .. }) => Err(self.fail(error)),
+            Some(Decoded::Ahead(_)) => unreachable!("frames come ahead only after a damaged one, made final here"),
         }
     }
 
@@ -518,44 +535,71 @@ impl Decoder {
     fn parse(&mut self) -> Result<Option<Decoded>, WireError> {
         loop {
             let Some(at) = self.locate()? else { return Ok(None) };
-            let awaiting = self.recovery.as_ref().is_some_and(|r| r.awaiting);
-            if awaiting && at.header.seq > self.next_seq {
+            let seq = at.header.seq;
+            let Some(recovery) = &mut self.recovery else {
+                let payload = self.open(&at, true)?;
+                return Ok(Some(self.accept(at, payload)));
+            };
+            if recovery.awaiting && seq > self.next_seq {
                 // Sent before the sender heard that the frame due was damaged: it comes again.
-                self.start += at.total;
-                let recovery = self.recovery.as_mut().expect("awaiting");
+                // A small one is opened all the same, for what may be done twice (a request
+                // to resend, a sign of life): two sides that each wait for the other's
+                // resend would otherwise wait for ever.
                 recovery.skipped_bytes += at.total as u64;
                 if recovery.skipped_bytes > recovery.max_skipped_bytes {
                     let skipped_bytes = recovery.skipped_bytes;
                     return Err(WireError::ResendOverdue { seq: self.next_seq, skipped_bytes });
                 }
+                let ahead = (at.header.length <= MAX_AHEAD_PAYLOAD_BYTES).then(|| self.open(&at, false));
+                self.start += at.total;
+                match ahead {
+                    Some(Ok(payload)) => {
+                        let Header { frame_type, seq, .. } = at.header;
+                        return Ok(Some(Decoded::Ahead(Frame { frame_type, seq, payload })));
+                    }
+                    _ => continue,
+                }
+            }
+            if recovery.first_requested.is_some_and(|first| first <= seq) && seq < self.next_seq {
+                // Sent again after this side asked: a copy of a frame already taken.
+                self.start += at.total;
                 continue;
             }
-            return match self.open(&at) {
-                Ok(payload) => {
-                    self.start += at.total;
-                    self.next_seq += 1;
-                    if let Some(recovery) = &mut self.recovery {
-                        (recovery.awaiting, recovery.skipped_bytes, recovery.damaged_in_a_row) = (false, 0, 0);
-                    }
-                    let Header { frame_type, seq, .. } = at.header;
-                    Ok(Some(Decoded::Frame(Frame { frame_type, seq, payload })))
-                }
+            return match self.open(&at, true) {
+                Ok(payload) => Ok(Some(self.accept(at, payload))),
                 Err(error @ (WireError::BadChecksum { .. } | WireError::BadAuthentication { .. }))
-                    if at.header.seq == self.next_seq && self.recovery.is_some() =>
+                    if seq == self.next_seq =>
                 {
                     // The header checked out, so the length can be trusted: skip just this frame.
                     self.start += at.total;
                     let recovery = self.recovery.as_mut().expect("checked");
                     (recovery.awaiting, recovery.skipped_bytes) = (true, 0);
+                    recovery.first_requested.get_or_insert(seq);
                     recovery.damaged_in_a_row += 1;
                     if recovery.damaged_in_a_row > MAX_DAMAGED_IN_A_ROW {
                         return Err(error);
                     }
-                    Ok(Some(Decoded::Damaged { seq: at.header.seq, error }))
+                    Ok(Some(Decoded::Damaged { seq, error }))
                 }
                 Err(error) => Err(error),
             };
         }
+    }
+
+    /// The frame due, opened: it is consumed and the sequence moves on.
+    fn accept(&mut self, at: Located, payload: Vec<u8>) -> Decoded {
+        self.start += at.total;
+        self.next_seq += 1;
+        if let Some(recovery) = &mut self.recovery {
+            (recovery.awaiting, recovery.skipped_bytes, recovery.damaged_in_a_row) = (false, 0, 0);
+        }
+        let Header { frame_type, seq, .. } = at.header;
+        Decoded::Frame(Frame { frame_type, seq, payload })
+    }
+
+    /// The frame due, if the last one reported [`Decoded::Damaged`] and it has not come since.
+    pub fn awaiting_resend(&self) -> Option<u64> {
+        self.recovery.as_ref().filter(|r| r.awaiting).map(|_| self.next_seq)
     }
 
     /// The next frame's header, checked, once the whole frame has arrived.
@@ -579,7 +623,8 @@ impl Decoder {
         }
         let header_crc = u32::from_le_bytes(header_bytes[HEADER_CRC_AT..].try_into().expect("4 bytes"));
         if crc32c::crc32c(&header_bytes[..HEADER_CRC_AT]) != header_crc {
-            return Err(WireError::BadChecksum { seq: header.seq });
+            // The sequence number read is as damaged as the rest: name the frame due.
+            return Err(WireError::BadChecksum { seq: self.next_seq });
         }
         let limit = match self.next_seq {
             0 => MAX_FIRST_PAYLOAD_BYTES,
@@ -600,8 +645,8 @@ impl Decoder {
     }
 
     /// The payload of the located frame, once its CRC32C, its tag, its place in the
-    /// sequence and its flags all check out.
-    fn open(&self, at: &Located) -> Result<Vec<u8>, WireError> {
+    /// sequence (when `in_turn`) and its flags all check out.
+    fn open(&self, at: &Located, in_turn: bool) -> Result<Vec<u8>, WireError> {
         let bytes = &self.buf[self.start..self.start + at.total];
         let header_bytes: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().expect("header length");
         let header = &at.header;
@@ -626,7 +671,7 @@ impl Decoder {
         if self.key.cipher.decrypt_in_place_detached(&nonce, header_bytes, &mut payload, tag).is_err() {
             return Err(failed_authentication);
         }
-        if header.seq != self.next_seq {
+        if in_turn && header.seq != self.next_seq {
             return Err(WireError::OutOfOrder { expected: self.next_seq, found: header.seq });
         }
         if header.flags & !KNOWN_FLAGS != 0 {
@@ -840,8 +885,8 @@ mod tests {
         for at in (6..16).chain(HEADER_BYTES..second.len()) {
             let mut corrupted = second.clone();
             corrupted[at] ^= 0x04;
-            let seq = u64::from_le_bytes(corrupted[8..16].try_into().unwrap());
-            assert_eq!(first_error(&[&first, &corrupted], key(1)), WireError::BadChecksum { seq }, "byte {at}");
+            // A damaged header's sequence number means nothing: the error names the frame due.
+            assert_eq!(first_error(&[&first, &corrupted], key(1)), WireError::BadChecksum { seq: 1 }, "byte {at}");
         }
         // The same changes with the CRC32C made to match: only the tag catches them.
         for at in [6, 8, HEADER_BYTES, HEADER_BYTES + 6, second.len() - CRC_BYTES - 1] {
@@ -980,7 +1025,7 @@ mod tests {
     #[test]
     fn a_damaged_payload_is_skipped_and_so_are_later_frames_until_it_is_resent() {
         let (mut encoder, mut decoder) = recovering_pair(1 << 20);
-        let frames: Vec<Vec<u8>> = (1..=3u8).map(|i| encoder.encode(5, &[i; 10]).unwrap()).collect();
+        let frames: Vec<Vec<u8>> = (1..=3u8).map(|i| encoder.encode(5, &[i; 100]).unwrap()).collect();
         let mut damaged = frames[0].clone();
         damaged[HEADER_BYTES + 3] ^= 0x20;
         for frame in [&damaged, &frames[1], &frames[2]] {
@@ -998,9 +1043,40 @@ mod tests {
             decoder.push(frame);
         }
         for i in 1..=3u8 {
-            assert_eq!(payload_of(decoder.next_decoded().unwrap()), vec![i; 10]);
+            assert_eq!(payload_of(decoder.next_decoded().unwrap()), vec![i; 100]);
         }
         assert_eq!(decoder.next_decoded(), Ok(None));
+    }
+
+    #[test]
+    fn small_frames_after_a_damaged_one_are_opened_ahead_and_their_copies_dropped_in_turn() {
+        let (mut encoder, mut decoder) = recovering_pair(1 << 20);
+        let mut damaged = encoder.encode(5, &[1; 100]).unwrap();
+        damaged[HEADER_BYTES] ^= 0x01;
+        let small = encoder.encode(6, b"resend from 7").unwrap();
+        let mut small_damaged = encoder.encode(6, b"heartbeat").unwrap();
+        small_damaged[HEADER_BYTES] ^= 0x01;
+        for frame in [&damaged, &small, &small_damaged] {
+            decoder.push(frame);
+        }
+        assert!(matches!(decoder.next_decoded(), Ok(Some(Decoded::Damaged { seq: 1, .. }))));
+        assert_eq!(decoder.awaiting_resend(), Some(1));
+        let ahead = Frame { frame_type: 6, seq: 2, payload: b"resend from 7".to_vec() };
+        assert_eq!(decoder.next_decoded(), Ok(Some(Decoded::Ahead(ahead))));
+        assert_eq!(decoder.next_decoded(), Ok(None), "a damaged frame ahead is skipped: it comes again");
+        // Served twice (asked again, say): the second copies are dropped unread.
+        let resent = encoder.resend_from(1).unwrap();
+        for frame in resent.iter().chain(&resent) {
+            decoder.push(frame);
+        }
+        let seqs: Vec<u64> = std::iter::from_fn(|| decoder.next_decoded().unwrap())
+            .map(|d| match d {
+                Decoded::Frame(frame) => frame.seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(decoder.awaiting_resend(), None);
     }
 
     #[test]

@@ -335,6 +335,9 @@ impl Backup {
             if bl.link.tick(now) {
                 self.last_heard_ms = Some(now);
             }
+            if let Some(bytes) = bl.link.retry_resend(now) {
+                actions.push(BackupAction::Send { conn: bl.conn, bytes });
+            }
             if now - bl.link.last_sent_ms >= self.config.heartbeat_interval_ms {
                 let epoch = self.latest.map_or(0, |id| id.epoch);
                 let bytes = bl.link.frame(&Message::Heartbeat { now_ms: now, epoch }, now);

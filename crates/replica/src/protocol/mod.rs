@@ -129,7 +129,22 @@ struct Link {
     heard_since_tick: bool,
     /// Past the handshake: frames are kept for resending and damaged ones asked for again.
     secured: bool,
+    /// The last request to resend: from which frame, when, and how long to wait before asking
+    /// again (the request itself may arrive damaged while the peer waits for a resend too).
+    resend_asked: Option<ResendAsked>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct ResendAsked {
+    seq: u64,
+    at_ms: u64,
+    wait_ms: u64,
+}
+
+/// A request to resend that brought nothing is repeated this much later, then twice as late
+/// each time, up to [`RESEND_RETRY_MAX_MS`]. Copies that come twice are dropped unread.
+const RESEND_RETRY_FIRST_MS: u64 = 20;
+const RESEND_RETRY_MAX_MS: u64 = 320;
 
 /// What the links of a replica repaired in place, over its lifetime.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +165,7 @@ impl Link {
             last_sent_ms: now_ms,
             heard_since_tick: false,
             secured: false,
+            resend_asked: None,
         }
     }
 
@@ -180,6 +196,44 @@ impl Link {
         heard
     }
 
+    fn heard(&mut self, now_ms: u64) {
+        self.last_heard_ms = now_ms;
+        self.heard_since_tick = true;
+    }
+
+    fn ask_resend(&mut self, seq: u64, wait_ms: u64, now_ms: u64, sends: &mut Vec<Vec<u8>>) {
+        sends.push(self.frame(&Message::Resend { from_seq: seq }, now_ms));
+        self.resend_asked = Some(ResendAsked { seq, at_ms: now_ms, wait_ms });
+    }
+
+    fn serve_resend(
+        &mut self,
+        from_seq: u64,
+        now_ms: u64,
+        sends: &mut Vec<Vec<u8>>,
+        repairs: &mut Repairs,
+    ) -> Result<(), ProtocolError> {
+        repairs.resends_served += 1;
+        sends.extend(self.encoder.resend_from(from_seq)?);
+        self.last_sent_ms = now_ms;
+        Ok(())
+    }
+
+    /// At a tick: ask again for a resend that has not come.
+    fn retry_resend(&mut self, now_ms: u64) -> Option<Vec<u8>> {
+        let asked = self.resend_asked?;
+        if self.decoder.awaiting_resend() != Some(asked.seq) {
+            self.resend_asked = None;
+            return None;
+        }
+        if now_ms < asked.at_ms + asked.wait_ms {
+            return None;
+        }
+        let mut sends = Vec::new();
+        self.ask_resend(asked.seq, (asked.wait_ms * 2).min(RESEND_RETRY_MAX_MS), now_ms, &mut sends);
+        sends.pop()
+    }
+
     /// The next whole message received, if any. The link repairs damage itself: a frame
     /// that arrived damaged is asked for again, and the peer's requests to resend are served,
     /// with the frames to write in `sends` (in order, before anything the message leads to).
@@ -194,16 +248,24 @@ impl Link {
                 None => return Ok(None),
                 Some(Decoded::Damaged { seq, .. }) => {
                     repairs.damaged_frames += 1;
-                    sends.push(self.frame(&Message::Resend { from_seq: seq }, now_ms));
+                    self.ask_resend(seq, RESEND_RETRY_FIRST_MS, now_ms, sends);
+                }
+                Some(Decoded::Ahead(frame)) => {
+                    // Authentic: a sign of life. A request to resend is served now (it is
+                    // served again when it comes in its turn; the copies are dropped).
+                    self.heard(now_ms);
+                    if let Ok(Message::Resend { from_seq }) = Message::decode(&frame) {
+                        self.serve_resend(from_seq, now_ms, sends, repairs)?;
+                    }
                 }
                 Some(Decoded::Frame(frame)) => {
-                    self.last_heard_ms = now_ms;
-                    self.heard_since_tick = true;
+                    self.heard(now_ms);
+                    if self.decoder.awaiting_resend().is_none() {
+                        self.resend_asked = None;
+                    }
                     match Message::decode(&frame)? {
                         Message::Resend { from_seq } if self.secured => {
-                            repairs.resends_served += 1;
-                            sends.extend(self.encoder.resend_from(from_seq)?);
-                            self.last_sent_ms = now_ms;
+                            self.serve_resend(from_seq, now_ms, sends, repairs)?
                         }
                         message => return Ok(Some(message)),
                     }

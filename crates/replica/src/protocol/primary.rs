@@ -446,6 +446,9 @@ impl Primary {
         let now = self.now_ms;
         if let Some(pl) = &mut self.link {
             pl.link.tick(now);
+            if let Some(again) = pl.link.retry_resend(now) {
+                actions.push(PrimaryAction::Send(again));
+            }
             let link = &pl.link;
             if !pl.streaming && now - link.opened_ms >= self.config.handshake_timeout_ms {
                 let waited_ms = now - link.opened_ms;

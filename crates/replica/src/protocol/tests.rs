@@ -439,6 +439,54 @@ fn an_ack_damaged_on_its_way_to_the_primary_is_resent_and_releases_outputs() {
     assert_eq!((w.p.status().damaged_frames, w.b.status().resends_served), (1, 1));
 }
 
+/// Both ways damaged at once: each side waits for the other's resend, and each request to
+/// resend arrives while its reader skips what comes after its own damaged frame. With
+/// `lose_requests`, both requests arrive damaged too, and only asking again (at a tick) gets
+/// the frames through.
+fn damage_both_ways(lose_requests: bool) -> World {
+    let mut w = World::new_connected();
+    w.checkpoint(1, b"full");
+    let kind = CheckpointKind::Incremental;
+    let payload = b"0123456789abcdef".to_vec();
+    let mut to_b = sends(w.p.step(PrimaryEvent::CheckpointTaken { epoch: 2, icount: 200, kind, payload }));
+    let chunk = frame_spans(&to_b)[2].clone();
+    to_b[chunk.start + crate::wire::HEADER_BYTES] ^= 0x01;
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 10 });
+    let [BackupAction::Send { bytes: heartbeat, .. }] = actions.as_slice() else { panic!("{actions:?}") };
+    let mut to_p = heartbeat.clone();
+    to_p[crate::wire::HEADER_BYTES] ^= 0x01;
+    let b_asks = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &to_b });
+    let p_asks = w.p.step(PrimaryEvent::Received(&to_p));
+    assert!(closes(&b_asks).is_empty() && w.b.status().damaged_frames == 1, "{b_asks:?}");
+    assert!(p_asks.iter().all(|a| matches!(a, PrimaryAction::Send(_))) && w.p.status().damaged_frames == 1);
+    w.on_p(p_asks);
+    w.on_b(b_asks);
+    if lose_requests {
+        w.to_p[crate::wire::HEADER_BYTES] ^= 0x01;
+        w.to_b[crate::wire::HEADER_BYTES] ^= 0x01;
+    }
+    w.settle();
+    w
+}
+
+#[test]
+fn frames_damaged_both_ways_at_once_are_both_resent() {
+    let w = damage_both_ways(false);
+    assert_eq!(w.applied.last(), Some(&(2, Some(1), b"0123456789abcdef".to_vec())));
+    assert_eq!(w.p.acked_epoch(), Some(2));
+    assert!(w.p_closes().is_empty() && w.b_closes().is_empty(), "{:?} {:?}", w.p_log, w.b_log);
+}
+
+#[test]
+fn requests_to_resend_that_arrive_damaged_are_made_again() {
+    let mut w = damage_both_ways(true);
+    assert_eq!(w.applied.len(), 1, "the backup still waits for the damaged chunk");
+    w.tick(40);
+    assert_eq!(w.applied.last(), Some(&(2, Some(1), b"0123456789abcdef".to_vec())));
+    assert_eq!(w.p.acked_epoch(), Some(2));
+    assert!(w.p_closes().is_empty() && w.b_closes().is_empty(), "{:?} {:?}", w.p_log, w.b_log);
+}
+
 #[test]
 fn a_forged_frame_changes_nothing_and_the_genuine_one_is_asked_for_again() {
     let mut w = World::new_connected();
