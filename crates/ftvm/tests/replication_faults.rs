@@ -171,7 +171,7 @@ fn a_link_damaging_one_chunk_in_a_hundred_keeps_the_backup_within_a_second_and_l
     cluster.relay.set(Mode::Pass);
     cluster.wait_protected(Duration::from_secs(30));
     let verdict = kill_and_check(&mut cluster, &client, seed);
-    println!("damaged chunks {damaged}, {lag:?}; {}", verdict.describe());
+    println!("damaged chunks {damaged}, relay {:?}, {lag:?}; {}", cluster.relay.stats(), verdict.describe());
 }
 
 #[test]

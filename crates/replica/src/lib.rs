@@ -127,8 +127,9 @@
 //! thing. In short: *BadMagic* — not an ftvm peer; *UnsupportedVersion*/
 //! *ProtocolVersionMismatch* — different ftvm releases; *ConfigMismatch* — the two VMs are
 //! configured differently; *WrongKey* — the keys differ (the first frame failed
-//! authentication); *BadChecksum* — corruption in transit (of a header, of a connection's
-//! first frame, or of one frame again and again); *BadAuthentication* — a forged or replayed
+//! authentication); *BadHeaderChecksum* — a header corrupted in transit (the framing is lost);
+//! *BadChecksum* — corruption in transit (of a connection's first frame, or of one frame again
+//! and again); *BadAuthentication* — a forged or replayed
 //! frame; *OutOfOrder* — a lost, duplicated or reordered frame;
 //! *ResendUnavailable*, *ResendOverdue* — more was in flight when a frame arrived damaged than
 //! the resend window holds; *ResendOfUnsentFrame* — a peer that breaks the protocol;

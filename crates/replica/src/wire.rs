@@ -131,6 +131,11 @@ pub enum WireError {
     #[error("frame {seq} failed its CRC32C checksum: the data was corrupted in transit")]
     BadChecksum { seq: u64 },
     #[error(
+        "the header of frame {seq} failed its CRC32C checksum: it was corrupted in transit, and with it \
+         where the frames after it begin"
+    )]
+    BadHeaderChecksum { seq: u64 },
+    #[error(
         "the peer's first frame failed authentication: the two sides use different \
          pre-shared keys (give both the same --key FILE)"
     )]
@@ -624,7 +629,7 @@ impl Decoder {
         let header_crc = u32::from_le_bytes(header_bytes[HEADER_CRC_AT..].try_into().expect("4 bytes"));
         if crc32c::crc32c(&header_bytes[..HEADER_CRC_AT]) != header_crc {
             // The sequence number read is as damaged as the rest: name the frame due.
-            return Err(WireError::BadChecksum { seq: self.next_seq });
+            return Err(WireError::BadHeaderChecksum { seq: self.next_seq });
         }
         let limit = match self.next_seq {
             0 => MAX_FIRST_PAYLOAD_BYTES,
@@ -880,12 +885,17 @@ mod tests {
         let mut encoder = Encoder::new(key(1));
         let first = encoder.encode(1, b"a").unwrap();
         let second = encoder.encode(1, b"payload").unwrap();
-        // Any byte but the magic, version and length (which have their own errors), corrupted in
-        // transit: type, flags, sequence number, ciphertext, tag, the CRC itself.
-        for at in (6..16).chain(HEADER_BYTES..second.len()) {
+        // Any byte but the magic and version (which have their own errors), corrupted in
+        // transit: type, flags, sequence number, length, the header's CRC; ciphertext, tag, the
+        // frame's CRC. A damaged header's sequence number means nothing: the frame due is named.
+        for at in 6..HEADER_BYTES {
             let mut corrupted = second.clone();
             corrupted[at] ^= 0x04;
-            // A damaged header's sequence number means nothing: the error names the frame due.
+            assert_eq!(first_error(&[&first, &corrupted], key(1)), WireError::BadHeaderChecksum { seq: 1 }, "{at}");
+        }
+        for at in HEADER_BYTES..second.len() {
+            let mut corrupted = second.clone();
+            corrupted[at] ^= 0x04;
             assert_eq!(first_error(&[&first, &corrupted], key(1)), WireError::BadChecksum { seq: 1 }, "byte {at}");
         }
         // The same changes with the CRC32C made to match: only the tag catches them.
@@ -907,7 +917,7 @@ mod tests {
         decoder.push(&first);
         decoder.push(&second[..HEADER_BYTES]);
         assert!(decoder.next_frame().unwrap().is_some());
-        assert_eq!(decoder.next_frame(), Err(WireError::BadChecksum { seq: 1 }));
+        assert_eq!(decoder.next_frame(), Err(WireError::BadHeaderChecksum { seq: 1 }));
     }
 
     #[test]
@@ -1102,8 +1112,8 @@ mod tests {
         frame[17] ^= 0x01; // the length: where the next frame begins is lost
         decoder.push(&frame);
         decoder.push(&encoder.encode(5, b"next").unwrap());
-        assert_eq!(decoder.next_decoded(), Err(WireError::BadChecksum { seq: 1 }));
-        assert_eq!(decoder.next_decoded(), Err(WireError::BadChecksum { seq: 1 }), "final");
+        assert_eq!(decoder.next_decoded(), Err(WireError::BadHeaderChecksum { seq: 1 }));
+        assert_eq!(decoder.next_decoded(), Err(WireError::BadHeaderChecksum { seq: 1 }), "final");
     }
 
     #[test]

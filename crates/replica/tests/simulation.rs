@@ -2351,3 +2351,48 @@ fn a_vm_that_ends_stays_ended_whatever_the_link_does() {
         assert!(totals.backup_exits > 0 && totals.finished > 0, "{policy:?}: {totals:?}");
     }
 }
+
+/// Issue 7 item 2: a link that damages segments, and does nothing else, costs few
+/// connections: a frame damaged in its payload is skipped and sent again on the same
+/// connection, both ways at once too; only a damaged header (the framing lost) closes one.
+/// The invariants hold throughout, and the backup keeps up.
+#[test]
+fn a_link_that_damages_frames_has_them_resent_within_the_connection() {
+    for policy in POLICIES {
+        let seed = 3;
+        let what = format!("a damaging link, {policy:?}");
+        let repaired = std::cell::Cell::new(0);
+        let stats = run_checked(
+            seed,
+            &what,
+            || {
+                Sim::with(seed, |setup, faults| {
+                    *setup = Setup::calm(policy);
+                    *faults = Faults { corrupt: 0.02, ..Faults::none() };
+                })
+            },
+            |sim| {
+                sim.run_steps(STEPS)?;
+                let p = sim.primary(0).ok_or("the primary is gone")?.core.status();
+                let b = sim.backup(1).ok_or("the backup is gone")?.core.status();
+                repaired.set(p.damaged_frames + b.damaged_frames);
+                let taken = p.last_taken_epoch.unwrap_or(0);
+                check!(p.acked_epoch.unwrap_or(0) + 8 >= taken, "the backup fell behind: {p:?}");
+                sim.finish()
+            },
+        );
+        // A payload's damage closes a connection only for its first frame (which no one could
+        // resend) or a frame damaged again and again.
+        let payload_closes: u64 = (stats.close_reasons.iter())
+            .filter(|(kind, _)| kind.ends_with("Wire::BadChecksum") || kind.ends_with("Wire::BadAuthentication"))
+            .map(|(_, count)| count)
+            .sum();
+        eprintln!("{what}: {} frames repaired, {payload_closes} closed for a payload: {stats:?}", repaired.get());
+        assert!(
+            repaired.get() >= 20 && payload_closes * 10 <= repaired.get(),
+            "{} repaired: {stats:?}",
+            repaired.get()
+        );
+        assert_eq!(stats.go_lives + stats.primary_stops + stats.crashes, 0, "{stats:?}");
+    }
+}

@@ -513,7 +513,7 @@ fn a_damaged_header_closes_the_connection_without_applying() {
     bytes[chunk.start + 17] ^= 0x01; // its length: the framing is lost
     let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
     assert!(actions.iter().all(|a| !matches!(a, BackupAction::ApplyCheckpoint { .. })));
-    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::BadChecksum { seq: 3 })]);
+    assert_eq!(closes(&actions), vec![&ProtocolError::Wire(WireError::BadHeaderChecksum { seq: 3 })]);
     assert_eq!(w.b.applied(), None);
 }
 

@@ -43,8 +43,9 @@ pub fn load_key(path: &Path) -> Result<PresharedKey> {
 }
 
 /// Socket buffers of the replication link. Bytes in flight when a frame arrives damaged are
-/// lost with the connection and sent again on the next one, so a small window costs little
-/// on a bad link; on a good one it is far above what a few milliseconds of checkpoints need.
+/// sent again after it (go-back-N, see `replica::wire`), or on the next connection when the
+/// damage lost the framing, so a small window costs little on a bad link; on a good one it is
+/// far above what a few milliseconds of checkpoints need.
 const LINK_BUFFER_BYTES: usize = 256 << 10;
 
 /// Set up a replication connection: no Nagle delay, small buffers (see LINK_BUFFER_BYTES).
