@@ -15,6 +15,8 @@ pub struct EtcdServer {
     pub client_port: u16,
     peer_port: u16,
     address: String,
+    /// The network namespace it runs in (None: this one).
+    netns: Option<String>,
 }
 
 fn free_port(address: &str) -> u16 {
@@ -38,6 +40,24 @@ impl EtcdServer {
             client_port: free_port(address),
             peer_port: free_port(address),
             address: address.to_string(),
+            netns: None,
+        };
+        server.launch();
+        server
+    }
+
+    /// Starts etcd inside network namespace `ns` (made by the test), on `address` there.
+    pub fn start_in_netns(ns: &str, address: &str, name: &str) -> EtcdServer {
+        let dir = std::env::temp_dir().join(format!("ftvm-etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the etcd directory");
+        let mut server = EtcdServer {
+            child: None,
+            dir,
+            client_port: 2379,
+            peer_port: 2380,
+            address: address.to_string(),
+            netns: Some(ns.to_string()),
         };
         server.launch();
         server
@@ -47,7 +67,16 @@ impl EtcdServer {
         let client = format!("http://{}:{}", self.address, self.client_port);
         let peer = format!("http://{}:{}", self.address, self.peer_port);
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("create the etcd log");
-        let child = Command::new("etcd")
+        // `ip netns exec` executes etcd in place: the PID is etcd's.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, "etcd"]);
+                command
+            }
+            None => Command::new("etcd"),
+        };
+        let child = command
             .arg("--name=test")
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -66,9 +95,18 @@ impl EtcdServer {
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut kv = store::EtcdKv::new(&self.urls()).expect("a valid URL");
+        let urls = self.urls();
+        let netns = self.netns.clone();
+        let probe = move || {
+            let mut kv = store::EtcdKv::new(&urls).expect("a valid URL");
+            store::KvStore::get(&mut kv, "/ready-probe").is_ok()
+        };
         loop {
-            if store::KvStore::get(&mut kv, "/ready-probe").is_ok() {
+            let ready = match &netns {
+                None => probe(),
+                Some(ns) => in_netns(ns, probe.clone()),
+            };
+            if ready {
                 return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -103,6 +141,17 @@ impl EtcdServer {
         self.kill();
         self.launch();
     }
+}
+
+/// Runs `f` on a thread that has joined network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("the namespace exists");
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("the thread in the namespace")
 }
 
 impl Drop for EtcdServer {

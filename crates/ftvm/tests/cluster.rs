@@ -1,0 +1,284 @@
+//! The cluster end to end, in network namespaces (root): three hosts, each running
+//! `ftvm agent` against a real etcd (Debian's etcd-server, started by the test in a namespace
+//! of its own and stopped by PID), and a client namespace counting on the guest.
+//!
+//! ```text
+//!   switch ns: br0 192.168.78.254 (etcd :2379)
+//!     ├── host h1: br0 192.168.78.1 ── TAPs of its replicas
+//!     ├── host h2: br0 192.168.78.2 ── ...
+//!     ├── host h3: br0 192.168.78.3 ── ...
+//!     └── client: 10.0.2.100 (the counter client), 192.168.78.100 (the API client)
+//! ```
+//!
+//! A protected VM is declared through the API; the client drives the guest's counter; the
+//! primary's whole host is killed (its agent and every process it started, at once, and its
+//! uplink cut): the backup takes over, the control loop re-protects the VM onto the third
+//! host; then that primary's host is killed too and the last host carries on. Nothing the
+//! client was told is lost at any point (judged from the client's record, and from typed
+//! fields of the API, never from log wording).
+
+mod common;
+#[path = "../../store/tests/etcd_server.rs"]
+mod etcd_server;
+
+use common::client::Client;
+use common::netns::ip;
+use etcd_server::{in_netns, EtcdServer};
+use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+const ETCD_ADDR: &str = "192.168.78.254";
+const API_CLIENT_ADDR: &str = "192.168.78.100";
+const TOKEN: &str = "cluster-test-token";
+/// Booting the guest and protecting it, on a loaded 2-core machine.
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// A failover plus placing, booting and protecting a new backup.
+const REPROTECT_LIMIT: Duration = Duration::from_secs(90);
+
+struct Net {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+impl Net {
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn exec(&self, name: &str, args: &[&str]) {
+        let ns = self.ns(name);
+        let mut full = vec!["netns", "exec", ns.as_str()];
+        full.extend_from_slice(args);
+        ip(&full).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    fn create() -> Net {
+        let mut net = Net { prefix: format!("ftc{}", std::process::id()), namespaces: Vec::new() };
+        for name in ["sw", "h1", "h2", "h3", "cl"] {
+            let ns = net.ns(name);
+            let _ = ip(&["netns", "del", &ns]);
+            ip(&["netns", "add", &ns]).unwrap();
+            net.namespaces.push(ns);
+            net.exec(name, &["ip", "link", "set", "lo", "up"]);
+        }
+        net.exec("sw", &["ip", "link", "add", "br0", "type", "bridge"]);
+        net.exec("sw", &["ip", "addr", "add", &format!("{ETCD_ADDR}/24"), "dev", "br0"]);
+        net.exec("sw", &["ip", "link", "set", "br0", "up"]);
+        for (i, host) in HOSTS.iter().enumerate() {
+            net.uplink(host);
+            net.exec(host, &["ip", "link", "add", "br0", "type", "bridge"]);
+            net.exec(host, &["ip", "link", "set", "dev", "uplink", "master", "br0"]);
+            net.exec(host, &["ip", "addr", "add", &format!("192.168.78.{}/24", i + 1), "dev", "br0"]);
+            net.exec(host, &["ip", "link", "set", "br0", "up"]);
+        }
+        net.uplink("cl");
+        net.exec("cl", &["ip", "addr", "add", "10.0.2.100/24", "dev", "uplink"]);
+        net.exec("cl", &["ip", "addr", "add", &format!("{API_CLIENT_ADDR}/24"), "dev", "uplink"]);
+        net
+    }
+
+    /// A veth `up` in `name`, its peer on the switch's bridge.
+    fn uplink(&self, name: &str) {
+        let (ns, sw) = (self.ns(name), self.ns("sw"));
+        ip(&["link", "add", "uplink", "netns", &ns, "type", "veth", "peer", "name", name, "netns", &sw]).unwrap();
+        self.exec("sw", &["ip", "link", "set", name, "master", "br0", "up"]);
+        self.exec(name, &["ip", "link", "set", "dev", "uplink", "up"]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+}
+
+/// An agent, leader of its own process group (its replicas stay in it): killing the group
+/// kills the whole host at once.
+struct Agent {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    fn kill_host(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill_host();
+    }
+}
+
+fn start_agent(net: &Net, host: &str, index: usize, store: &str, dir: &std::path::Path) -> Agent {
+    let log = dir.join(format!("{host}.log"));
+    let address = format!("192.168.78.{}", index + 1);
+    let child = Command::new("ip")
+        .args(["netns", "exec", &net.ns(host)])
+        .arg(env!("CARGO_BIN_EXE_ftvm"))
+        .args(["agent", "--store", store, "--host-name", host, "--bridge", "br0"])
+        .args(["--address", &address, "--listen", &format!("{address}:7780")])
+        .arg("--work-dir")
+        .arg(dir.join(host))
+        .arg("--token-file")
+        .arg(dir.join("token"))
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start an agent");
+    Agent { child, log }
+}
+
+/// One API request from the client namespace to host `index`'s agent.
+fn api(net: &Net, index: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (method, path) = (method.to_string(), path.to_string());
+    in_netns(&net.ns("cl"), move || {
+        let authority = format!("192.168.78.{}:7780", index + 1);
+        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let auth = vec![format!("Authorization: Bearer {TOKEN}")];
+        let timeout = Duration::from_secs(5);
+        match store::http::request(&authority, &method, &path, &auth, &body, timeout, timeout) {
+            Ok((status, answer)) => (status, serde_json::from_slice(&answer).unwrap_or(Value::Null)),
+            Err(_) => (0, Value::Null),
+        }
+    })
+}
+
+/// Polls the VM through host `index`'s API until `done` holds; the last answer.
+fn wait_vm(net: &Net, index: usize, limit: Duration, done: impl Fn(&Value) -> bool) -> Result<Value, Value> {
+    let deadline = Instant::now() + limit;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        let (status, vm) = api(net, index, "GET", "/v1/vms/web", None);
+        if status == 200 {
+            if done(&vm) {
+                return Ok(vm);
+            }
+            last = vm;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Err(last)
+}
+
+fn replica_hosts(vm: &Value, role: &str) -> Vec<String> {
+    let replicas = vm["replicas"].as_array().cloned().unwrap_or_default();
+    replicas.iter().filter(|r| r["role"] == role).filter_map(|r| r["host"].as_str().map(String::from)).collect()
+}
+
+fn event_kinds(net: &Net, index: usize) -> Vec<String> {
+    let (_, events) = api(net, index, "GET", "/v1/events", None);
+    let events = events["events"].as_array().cloned().unwrap_or_default();
+    events.iter().filter(|e| e["vm"] == "web").filter_map(|e| e["kind"].as_str().map(String::from)).collect()
+}
+
+fn logs(agents: &[Option<Agent>], dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    for agent in agents.iter().flatten() {
+        text += &format!("--- {}\n{}\n", agent.log.display(), std::fs::read_to_string(&agent.log).unwrap_or_default());
+    }
+    for host in HOSTS {
+        for entry in std::fs::read_dir(dir.join(host).join("replicas")).into_iter().flatten().flatten() {
+            let log = std::fs::read_to_string(entry.path().join("log")).unwrap_or_default();
+            let tail: String =
+                log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            text += &format!("--- {}\n{tail}\n", entry.path().display());
+        }
+    }
+    text
+}
+
+#[test]
+fn a_vm_declared_through_the_api_stays_protected_through_two_host_kills_losing_nothing() {
+    let dir = std::env::temp_dir().join(format!("ftvm-cluster-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let net = Net::create();
+    let etcd = EtcdServer::start_in_netns(&net.ns("sw"), ETCD_ADDR, "cluster-e2e");
+    let mut agents: Vec<Option<Agent>> =
+        HOSTS.iter().enumerate().map(|(i, host)| Some(start_agent(&net, host, i, &etcd.spec(), &dir))).collect();
+
+    // Unauthenticated requests are refused, saying so.
+    std::thread::sleep(Duration::from_secs(1));
+    let refused = in_netns(&net.ns("cl"), || {
+        let timeout = Duration::from_secs(5);
+        store::http::request("192.168.78.1:7780", "GET", "/v1/vms", &[], b"", timeout, timeout).map(|(s, _)| s).ok()
+    });
+    assert_eq!(refused, Some(401));
+
+    let spec = json!({
+        "name": "web", "protection": "checkpoint", "bridge": "br0",
+        "command": ["/usr/share/ftvm/counter-httpd"],
+    });
+    let (status, created) = api(&net, 0, "POST", "/v1/vms", Some(spec));
+    assert_eq!(status, 201, "{created}");
+    let protected = |vm: &Value| vm["state"] == "protected";
+    wait_vm(&net, 1, BOOT_LIMIT, protected)
+        .unwrap_or_else(|last| panic!("not protected in time: {last}\n{}", logs(&agents, &dir)));
+    let client = Client::start(&net.ns("cl"));
+    assert!(
+        client.wait_for_answers(20, Duration::from_secs(60)),
+        "the counter never answered\n{}",
+        logs(&agents, &dir)
+    );
+
+    let mut alive: Vec<usize> = vec![0, 1, 2];
+    for round in 1..=2 {
+        let owner = vm_owner(&net, alive[0]);
+        let victim = HOSTS.iter().position(|h| *h == owner).expect("an owner among the hosts");
+        let started = Instant::now();
+        // The whole host at once: its agent and every replica, and its uplink.
+        agents[victim].take().expect("alive").kill_host();
+        let _ = ip(&["netns", "exec", &net.ns(HOSTS[victim]), "ip", "link", "set", "dev", "uplink", "down"]);
+        alive.retain(|i| *i != victim);
+        let verdict = client
+            .check_nothing_lost(started, 5, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", logs(&agents, &dir)));
+        println!("round {round}: killed {owner}; {}", verdict.describe());
+        let remaining: Vec<String> = alive.iter().map(|i| HOSTS[*i].to_string()).collect();
+        let expected_state = if alive.len() >= 2 { "protected" } else { "running" };
+        let settled = |vm: &Value| {
+            let on_remaining = vm["owner"].as_str().is_some_and(|o| remaining.iter().any(|h| h == o));
+            vm["state"] == expected_state
+                && on_remaining
+                && vm["replicas"].as_array().map(Vec::len) == Some(alive.len())
+        };
+        let vm = wait_vm(&net, alive[0], REPROTECT_LIMIT, settled)
+            .unwrap_or_else(|last| panic!("round {round}: not settled: {last}\n{}", logs(&agents, &dir)));
+        println!(
+            "round {round}: {} after {:.1} s: primary on {:?}, backup on {:?}",
+            expected_state,
+            started.elapsed().as_secs_f64(),
+            replica_hosts(&vm, "primary"),
+            replica_hosts(&vm, "backup")
+        );
+        if alive.len() >= 2 {
+            assert_ne!(replica_hosts(&vm, "primary"), replica_hosts(&vm, "backup"), "distinct hosts: {vm}");
+        }
+    }
+    let kinds = event_kinds(&net, alive[0]);
+    assert_eq!(kinds.iter().filter(|k| *k == "failover").count(), 2, "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "reprotect"), "{kinds:?}");
+    client.check_no_value_lost_or_repeated().unwrap();
+    drop(client);
+    drop(agents);
+    drop(etcd);
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn vm_owner(net: &Net, index: usize) -> String {
+    let (_, vm) = api(net, index, "GET", "/v1/vms/web", None);
+    vm["owner"].as_str().expect("an owner").to_string()
+}
