@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{debian_config, drive};
-use machine::{Cpu, Machine, MachineConfig};
+use common::{debian_config, drive, TempDir};
+use machine::{Cpu, Machine, MachineConfig, RunExit};
 
 fn config(cpu: Cpu) -> MachineConfig {
     MachineConfig { cpu, ..debian_config(None) }
@@ -73,4 +73,34 @@ fn a_machine_saved_on_one_engine_continues_exactly_on_the_other() {
         drive(&mut restored, n + m);
         assert_eq!(difference(&straight, &restored), None, "{first:?} -> {then:?}");
     }
+}
+
+/// A kernel whose first instruction jumps to address 0, outside RAM: the fetch faults, and
+/// so does every fetch at the trap vector after it, so no instruction retires again.
+fn trap_loop_config(dir: &TempDir, cpu: Cpu) -> MachineConfig {
+    let mut image = vec![0u8; 4096];
+    image[0..4].copy_from_slice(&0x0000_0067u32.to_le_bytes()); // jalr x0, 0(x0)
+    image[8..16].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    image[16..24].copy_from_slice(&4096u64.to_le_bytes());
+    image[56..60].copy_from_slice(b"RSC\x05");
+    let path = dir.path("Image");
+    std::fs::write(&path, image).unwrap();
+    MachineConfig { ram_size: 16 << 20, cpu, ..MachineConfig::new(path) }
+}
+
+#[test]
+fn a_guest_trapping_forever_still_hands_the_machine_back_at_every_budget() {
+    let dir = TempDir::new("trap-loop");
+    let mut digests = Vec::new();
+    for cpu in [Cpu::Interpreter, Cpu::Jit] {
+        let mut machine = Machine::new(&trap_loop_config(&dir, cpu)).unwrap();
+        for until in [1_000, 1_000_001, 3_000_000] {
+            assert_eq!(machine.run(until), RunExit::Budget, "{cpu:?}");
+            assert_eq!(machine.icount(), until, "{cpu:?}");
+        }
+        let s = &machine.hart().state;
+        assert_eq!(s.icount.wrapping_add(s.instret_offset), 1, "{cpu:?}: only the jump retired");
+        digests.push(machine.digest());
+    }
+    assert_eq!(digests[0], digests[1], "the engines trap the same");
 }
