@@ -21,13 +21,31 @@ use crate::control::{Command, ControlRequest, ProtectRequest, Reply};
 use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
 use crate::mode::checkpoint::{CheckpointPrimary, ReplicationOptions};
+use crate::mode::ModeError;
 use crate::mode::{EndProgress, Mode, Observer, Standalone, Verdict};
+use crate::replicate::{chain, ReplicationError};
 use crate::vm::Vm;
-use anyhow::{Context, Result};
 use machine::board::TIMEBASE_HZ;
 use machine::{Input, InputKind, OutputKind, RunExit};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
+
+/// Why the run stopped with an error (the guest's own ending is an [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot deliver input to the machine")]
+    Input(#[source] crate::mode::BoxError),
+    #[error("cannot read host entropy")]
+    Entropy(#[source] std::io::Error),
+    #[error("cannot write console output")]
+    Console(#[source] std::io::Error),
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+}
+
+type Result<T, E = DriverError> = std::result::Result<T, E>;
 
 /// Bytes of entropy handed to the guest's RNG device per request.
 const ENTROPY_CHUNK: usize = 64;
@@ -162,9 +180,15 @@ impl<V: Vm + 'static> Driver<V> {
     /// Start replicating to a backup (at boot, or `ctl protect` while the VM runs): the VM's
     /// ownership record goes to a new replication thread, and the backup's first checkpoint
     /// is a full one, pre-copied while the guest runs.
-    pub fn start_replication(&mut self, options: ReplicationOptions, events: Sender<HostEvent>) -> Result<()> {
-        anyhow::ensure!(!self.replicating(), "this VM is already replicating");
-        let ownership = self.ownership.take().context("replication needs the VM's ownership record (--store)")?;
+    pub fn start_replication(
+        &mut self,
+        options: ReplicationOptions,
+        events: Sender<HostEvent>,
+    ) -> Result<(), ReplicationError> {
+        if self.replicating() {
+            return Err(ReplicationError::AlreadyReplicating);
+        }
+        let ownership = self.ownership.take().ok_or(ReplicationError::NoRecord)?;
         let mode = CheckpointPrimary::start(options, ownership, events, &mut self.machine)?;
         self.set_mode(Box::new(mode));
         Ok(())
@@ -177,7 +201,7 @@ impl<V: Vm + 'static> Driver<V> {
             return Ok(());
         }
         let input = Input { icount: self.machine.icount(), kind };
-        self.machine.push_input(input.clone()).context("cannot deliver input to the machine")?;
+        self.machine.push_input(input.clone()).map_err(|e| DriverError::Input(e.into()))?;
         self.mode.on_input(&input)?;
         for observer in &mut self.observers {
             observer.on_input(&input)?;
@@ -211,7 +235,7 @@ impl<V: Vm + 'static> Driver<V> {
         // the VM back (a replication thread does this itself).
         if let Some(ownership) = &mut self.ownership {
             if let Err(e) = ownership.mark_ended(exit_code) {
-                crate::log::warn(format_args!("{e:#}"));
+                crate::log::warn(chain(&e));
             }
         }
         Ok(outcome)
@@ -256,7 +280,7 @@ impl<V: Vm + 'static> Driver<V> {
                 }
             }
             if self.machine.wants_entropy() && self.mode.stamps_inputs() {
-                let bytes = self.entropy.draw(ENTROPY_CHUNK).context("cannot read host entropy")?;
+                let bytes = self.entropy.draw(ENTROPY_CHUNK).map_err(DriverError::Entropy)?;
                 self.push(InputKind::Entropy(bytes))?;
             }
         }
@@ -424,11 +448,11 @@ impl<V: Vm + 'static> Driver<V> {
         };
         let backup = match crate::replicate::resolve(&request.to) {
             Ok(backup) => backup,
-            Err(e) => return Reply::error(400, format!("{e:#}")),
+            Err(e) => return Reply::error(400, chain(&e)),
         };
         let key = match crate::replicate::load_key(&request.key) {
             Ok(key) => key,
-            Err(e) => return Reply::error(400, format!("{e:#}")),
+            Err(e) => return Reply::error(400, chain(&e)),
         };
         let options = ReplicationOptions {
             primary: crate::replicate::primary::PrimaryOptions {
@@ -449,7 +473,7 @@ impl<V: Vm + 'static> Driver<V> {
                 "generation": generation,
                 "epoch_ms": request.epoch_ms,
             })),
-            Err(e) => Reply::error(500, format!("cannot start replicating: {e:#}")),
+            Err(e) => Reply::error(500, format!("cannot start replicating: {}", chain(&e))),
         }
     }
 
@@ -468,7 +492,7 @@ impl<V: Vm + 'static> Driver<V> {
                 "icount": self.machine.icount(),
                 "pause_ms": started.elapsed().as_secs_f64() * 1e3,
             })),
-            Err(e) => Reply::error(500, format!("snapshot failed: {:#}", anyhow::Error::from(e))),
+            Err(e) => Reply::error(500, format!("snapshot failed: {}", chain(&e))),
         }
     }
 
@@ -607,7 +631,7 @@ impl<V: Vm + 'static> Driver<V> {
                 observer.on_output_left(&output);
             }
             match output.kind {
-                OutputKind::Console(bytes) => console.write(&bytes).context("cannot write console output")?,
+                OutputKind::Console(bytes) => console.write(&bytes).map_err(DriverError::Console)?,
                 OutputKind::NetFrame(frame) => {
                     if let Some(tap) = &mut self.tap {
                         // A frame the host cannot take is lost, as on a wire; TCP recovers.
@@ -616,11 +640,11 @@ impl<V: Vm + 'static> Driver<V> {
                         }
                     }
                 }
-                OutputKind::Reset => console.rebooted().context("cannot write console output")?,
+                OutputKind::Reset => console.rebooted().map_err(DriverError::Console)?,
                 OutputKind::PowerOff { .. } => {}
             }
         }
-        console.flush().context("cannot write console output")
+        console.flush().map_err(DriverError::Console)
     }
 }
 

@@ -39,7 +39,7 @@ pub fn spawn_announcer(mut tap: super::tap::Tap, mac: [u8; 6]) {
             let at = std::time::Duration::from_millis(at_ms);
             std::thread::sleep(at.saturating_sub(start.elapsed()));
             if let Err(e) = tap.send(&frame) {
-                eprintln!("ftvm: warning: cannot announce the guest's MAC address on {}: {e}", tap.name);
+                crate::log::warn(format_args!("cannot announce the guest's MAC address on {}: {e}", tap.name));
             }
         }
     });

@@ -3,7 +3,6 @@
 //! would otherwise silently make a new, unconnected device.
 
 use super::HostEvent;
-use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -26,6 +25,27 @@ struct IfReq {
 
 nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
 
+/// Why a TAP device could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("TAP device name {0:?} is not a valid interface name (1 to 15 characters, no '/')")]
+    BadName(String),
+    #[error("TAP device {0} does not exist (create it first, e.g. `ip tuntap add {0} mode tap`)")]
+    Missing(String),
+    #[error("network device {0} is not a TAP device")]
+    NotATap(String),
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] std::io::Error),
+    #[error("cannot attach to TAP device {name} (is it in use or owned by another user?)")]
+    Attach { name: String, source: nix::Error },
+    #[error("cannot duplicate the TAP file descriptor")]
+    Duplicate(#[source] std::io::Error),
+    #[error("cannot {what}")]
+    Flags { what: &'static str, source: nix::Error },
+}
+
+type Result<T, E = TapError> = std::result::Result<T, E>;
+
 pub struct Tap {
     file: File,
     pub name: String,
@@ -35,23 +55,22 @@ impl Tap {
     /// Attach to the existing TAP device `name`.
     pub fn open(name: &str) -> Result<Tap> {
         if name.is_empty() || name.len() > 15 || name.contains('/') {
-            bail!("TAP device name {name:?} is not a valid interface name (1 to 15 characters, no '/')");
+            return Err(TapError::BadName(name.to_string()));
         }
         let sys = Path::new("/sys/class/net").join(name);
         if !sys.exists() {
-            bail!("TAP device {name} does not exist (create it first, e.g. `ip tuntap add {name} mode tap`)");
+            return Err(TapError::Missing(name.to_string()));
         }
         if !sys.join("tun_flags").exists() {
-            bail!("network device {name} is not a TAP device");
+            return Err(TapError::NotATap(name.to_string()));
         }
-        let file =
-            OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("cannot open /dev/net/tun")?;
+        let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(TapError::OpenTun)?;
         let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads a struct ifreq; IfReq has ifreq's layout (16-byte name,
         // short flags, padding to 40 bytes) and lives for the whole call.
         unsafe { tunsetiff(file.as_raw_fd(), &req) }
-            .with_context(|| format!("cannot attach to TAP device {name} (is it in use or owned by another user?)"))?;
+            .map_err(|source| TapError::Attach { name: name.to_string(), source })?;
         Ok(Tap { file, name: name.to_string() })
     }
 
@@ -67,7 +86,7 @@ impl Tap {
 
     /// Read frames on a thread and send them to the driver.
     pub fn spawn_reader(&self, events: Sender<HostEvent>) -> Result<()> {
-        let mut file = self.file.try_clone().context("cannot duplicate the TAP file descriptor")?;
+        let mut file = self.file.try_clone().map_err(TapError::Duplicate)?;
         std::thread::spawn(move || {
             let mut buf = vec![0u8; MAX_FRAME];
             loop {
@@ -86,10 +105,7 @@ impl Tap {
 
     /// A second handle on the same device (for a sender apart from the driver's).
     pub fn clone_handle(&self) -> Result<Tap> {
-        Ok(Tap {
-            file: self.file.try_clone().context("cannot duplicate the TAP file descriptor")?,
-            name: self.name.clone(),
-        })
+        Ok(Tap { file: self.file.try_clone().map_err(TapError::Duplicate)?, name: self.name.clone() })
     }
 
     /// Throw away the frames queued on the device: a backup keeps its TAP attached while it
@@ -98,8 +114,10 @@ impl Tap {
     pub fn discard_pending(&self) -> Result<usize> {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
         let fd = self.file.as_raw_fd();
-        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).context("cannot read the TAP's flags")?);
-        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).context("cannot set the TAP non-blocking")?;
+        let flags_error = |what| move |source| TapError::Flags { what, source };
+        let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(flags_error("read the TAP's flags"))?;
+        let flags = OFlag::from_bits_truncate(flags);
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(flags_error("set the TAP non-blocking"))?;
         let mut buf = vec![0u8; MAX_FRAME];
         let mut discarded = 0;
         let mut file = &self.file;
@@ -109,7 +127,7 @@ impl Tap {
             }
             discarded += 1;
         }
-        fcntl(fd, FcntlArg::F_SETFL(flags)).context("cannot set the TAP back to blocking")?;
+        fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(flags_error("set the TAP back to blocking"))?;
         Ok(discarded)
     }
 

@@ -75,7 +75,7 @@ impl<V: Vm> CheckpointPrimary<V> {
         ownership: Ownership,
         events: Sender<HostEvent>,
         vm: &mut V,
-    ) -> anyhow::Result<CheckpointPrimary<V>> {
+    ) -> Result<CheckpointPrimary<V>, crate::replicate::ReplicationError> {
         let handle = crate::replicate::primary::start(options.primary, ownership, events)?;
         // The backup starts from a full checkpoint: what was written before needs no second
         // copy in the pre-copy's final pass (it could be everything since boot).

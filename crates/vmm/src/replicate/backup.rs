@@ -8,11 +8,12 @@
 //! the protocol core decides which one is the primary's, and a stranger's connection can
 //! neither close the primary's nor count as a sign of its life.
 
-use super::{nonce, now_ms, Ownership};
+use super::{nonce, now_ms, Ownership, ReplicationError};
 use crate::control::{Command, ControlRequest, Reply};
+use crate::log::{self, Source};
 use crate::status::{BackupSide, Mode, Role, State, Status, Takeover};
 use crate::vm::Vm;
-use anyhow::Result;
+type Result<T, E = ReplicationError> = std::result::Result<T, E>;
 use replica::{Backup, BackupAction, BackupConfig, BackupEvent, ConnId, PresharedKey};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -161,10 +162,9 @@ impl<V: Vm + Send + 'static> MachineThread<V> {
             for job in queue {
                 match job {
                     MachineJob::Apply { epoch, payload, .. } => {
-                        let result = machine.apply_checkpoint(&payload).map_err(|e| ApplyFailed {
-                            diverged: V::diverged(&e),
-                            reason: format!("{:#}", anyhow::Error::from(e)),
-                        });
+                        let result = machine
+                            .apply_checkpoint(&payload)
+                            .map_err(|e| ApplyFailed { diverged: V::diverged(&e), reason: super::chain(&e) });
                         let time_ticks = machine.time_ticks();
                         if events.send(ToBackup::Applied { epoch, result, time_ticks }).is_err() {
                             return;
@@ -188,8 +188,8 @@ impl<V: Vm + Send + 'static> MachineThread<V> {
     /// The machine, once every apply handed over before is done.
     fn give_back(self) -> Result<V> {
         let (reply, answer) = mpsc::channel();
-        self.jobs.send(MachineJob::GiveBack(reply)).map_err(|_| anyhow::anyhow!("the machine thread died"))?;
-        answer.recv().map_err(|_| anyhow::anyhow!("the machine thread died"))
+        self.jobs.send(MachineJob::GiveBack(reply)).map_err(|_| ReplicationError::MachineThreadDied)?;
+        answer.recv().map_err(|_| ReplicationError::MachineThreadDied)
     }
 }
 
@@ -271,8 +271,9 @@ pub fn wait<V: Vm + Send + 'static>(
                         }
                         Err(ApplyFailed { reason, diverged }) => {
                             applies.diverged += diverged as u64;
-                            eprintln!(
-                                "ftvm backup: checkpoint {epoch} not applied: {reason}; asking for a full checkpoint"
+                            log::line(
+                                Source::Backup,
+                                format_args!("checkpoint {epoch} not applied: {reason}; asking for a full checkpoint"),
                             );
                             BackupEvent::ApplyFailed { epoch, reason }
                         }
@@ -285,7 +286,7 @@ pub fn wait<V: Vm + Send + 'static>(
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the listener stopped"),
+                Err(RecvTimeoutError::Disconnected) => return Err(ReplicationError::ListenerStopped),
             }
             // Handle what the last message led to before taking the next one (an apply
             // may take a while; the queue keeps meanwhile).
@@ -310,13 +311,16 @@ pub fn wait<V: Vm + Send + 'static>(
             last_report = Instant::now();
             let s = backup.status();
             match s.applied_epoch {
-                Some(epoch) => eprintln!(
-                    "ftvm backup: holding epoch {epoch} (icount {}), generation {:?}{}",
-                    machine.icount,
-                    s.state_generation,
-                    if s.stale { ", stale" } else { "" }
+                Some(epoch) => log::line(
+                    Source::Backup,
+                    format_args!(
+                        "holding epoch {epoch} (icount {}), generation {:?}{}",
+                        machine.icount,
+                        s.state_generation,
+                        if s.stale { ", stale" } else { "" }
+                    ),
                 ),
-                None => eprintln!("ftvm backup: no checkpoint yet"),
+                None => log::line(Source::Backup, "no checkpoint yet"),
             }
         }
     }
@@ -400,7 +404,7 @@ fn carry_out<V: Vm + Send + 'static>(
                 use replica::ProtocolError as E;
                 let stranger = matches!(error, E::HandshakeTimeout { .. } | E::TooManyHandshakes | E::Wire(_));
                 if !stranger || conns.primary == Some(conn) {
-                    eprintln!("ftvm backup: connection {conn} closed: {error}");
+                    log::line(Source::Backup, format_args!("connection {conn} closed: {error}"));
                 }
                 conns.close(conn);
             }
@@ -408,15 +412,18 @@ fn carry_out<V: Vm + Send + 'static>(
                 let answer = ownership.swap(generation, None);
                 queue.extend(backup.step(BackupEvent::Claim(answer)));
             }
-            BackupAction::CannotTakeOver { reason } => eprintln!("ftvm backup: {reason}"),
+            BackupAction::CannotTakeOver { reason } => log::line(Source::Backup, reason),
             BackupAction::ReadOwnership => {
                 let answer = ownership.read();
                 queue.extend(backup.step(BackupEvent::Ownership(answer)));
             }
             BackupAction::GoLive { epoch, icount, generation } => {
-                eprintln!(
-                    "ftvm backup: the primary fell silent; taking over at epoch {epoch} (icount {icount}), \
-                     ownership generation {generation}"
+                log::line(
+                    Source::Backup,
+                    format_args!(
+                        "the primary fell silent; taking over at epoch {epoch} (icount {icount}), ownership \
+                         generation {generation}"
+                    ),
                 );
                 for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
                     conns.close(conn);

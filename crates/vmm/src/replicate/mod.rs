@@ -9,11 +9,64 @@
 pub mod backup;
 pub mod primary;
 
-use anyhow::{bail, Context, Result};
 use replica::{Nonce, PresharedKey, RecordView, SwapAnswer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 use store::{OwnershipRecord, OwnershipStore, SwapOutcome, VmState};
+
+/// Why replication, or the ownership record it rests on, could not do what was asked. Each
+/// variant says its cause once: in its message, or as its source (printed by the chain).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot read host randomness: {0}")]
+    Randomness(getrandom::Error),
+    #[error("cannot read key file {}", path.display())]
+    ReadKey { path: PathBuf, source: std::io::Error },
+    #[error("key file {}", path.display())]
+    Key { path: PathBuf, source: replica::KeyError },
+    #[error("{addr:?} is not an address (HOST:PORT)")]
+    NotAnAddress { addr: String, source: std::io::Error },
+    #[error("{addr:?} resolves to no address")]
+    NoAddress { addr: String },
+    #[error("--store {spec}")]
+    OpenStore { spec: String, source: store::StoreError },
+    #[error("--vm-id")]
+    VmId(#[source] store::StoreError),
+    #[error("cannot read VM {vm_id}'s record")]
+    ReadRecord { vm_id: String, source: store::StoreError },
+    #[error("cannot update VM {vm_id}'s ownership record")]
+    UpdateRecord { vm_id: String, source: store::StoreError },
+    #[error(
+        "VM {vm_id} is running elsewhere: its ownership record (generation {generation}) is owned by {owner}; stop \
+         that replica first (its record is marked ended when it stops), or give this VM another --vm-id"
+    )]
+    RunningElsewhere { vm_id: String, generation: u64, owner: String },
+    #[error(
+        "VM {vm_id}'s ownership record changed while this replica was starting (now {now}): another replica is \
+         starting it"
+    )]
+    ChangedWhileStarting { vm_id: String, now: String },
+    #[error(
+        "VM {vm_id} ended here, but its ownership record is at generation {generation:?}, owned by {owner}: \
+         another replica owns it"
+    )]
+    EndedButOwnedElsewhere { vm_id: String, generation: Option<u64>, owner: String },
+    /// The store could not be reached (its error, rendered for the protocol core).
+    #[error("{0}")]
+    Store(String),
+    #[error("replication needs the VM's ownership record (--store)")]
+    NoRecord,
+    #[error("this VM is already replicating")]
+    AlreadyReplicating,
+    #[error("cannot start the replication thread")]
+    Thread(#[source] std::io::Error),
+    #[error("the machine thread died")]
+    MachineThreadDied,
+    #[error("the listener stopped")]
+    ListenerStopped,
+}
+
+type Result<T, E = ReplicationError> = std::result::Result<T, E>;
 
 /// Wall-clock milliseconds, for the protocol's heartbeats and timeouts (each side's own
 /// clock; nothing compares the two sides' clocks).
@@ -25,7 +78,7 @@ pub fn now_ms() -> u64 {
 /// of connections that exhausts descriptors cannot stop a handshake).
 pub fn random<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot read host randomness: {e}"))?;
+    getrandom::fill(&mut bytes).map_err(ReplicationError::Randomness)?;
     Ok(bytes)
 }
 
@@ -35,11 +88,12 @@ pub fn nonce() -> Result<Nonce> {
 
 /// The pre-shared key from a file (its bytes, trailing newline removed).
 pub fn load_key(path: &Path) -> Result<PresharedKey> {
-    let mut bytes = std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    let mut bytes =
+        std::fs::read(path).map_err(|source| ReplicationError::ReadKey { path: path.to_path_buf(), source })?;
     while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         bytes.pop();
     }
-    PresharedKey::new(&bytes).with_context(|| format!("key file {}", path.display()))
+    PresharedKey::new(&bytes).map_err(|source| ReplicationError::Key { path: path.to_path_buf(), source })
 }
 
 /// Socket buffers of the replication link. Bytes in flight when a frame arrives damaged are
@@ -59,11 +113,9 @@ pub fn tune_link(stream: &std::net::TcpStream) {
 /// A `host:port` address, resolved.
 pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
-    let mut addrs = addr.to_socket_addrs().with_context(|| format!("{addr:?} is not an address (HOST:PORT)"))?;
-    match addrs.next() {
-        Some(a) => Ok(a),
-        None => bail!("{addr:?} resolves to no address"),
-    }
+    let mut addrs =
+        addr.to_socket_addrs().map_err(|source| ReplicationError::NotAnAddress { addr: addr.to_string(), source })?;
+    addrs.next().ok_or_else(|| ReplicationError::NoAddress { addr: addr.to_string() })
 }
 
 /// Where a VM's ownership record lives, under which id, and who this replica is.
@@ -98,12 +150,12 @@ impl Ownership {
     /// Opens the store `args` names for the VM of `config`; None without a store.
     pub fn open(args: &OwnershipSpec, config: &machine::MachineConfig, role: &str) -> Result<Option<Ownership>> {
         let Some(spec) = &args.store else { return Ok(None) };
-        let store = store::open(spec).with_context(|| format!("--store {spec}"))?;
+        let store = store::open(spec).map_err(|source| ReplicationError::OpenStore { spec: spec.clone(), source })?;
         let vm_id = match &args.vm_id {
             Some(id) => id.clone(),
             None => default_vm_id(config),
         };
-        store::validate_vm_id(&vm_id).context("--vm-id")?;
+        store::validate_vm_id(&vm_id).map_err(ReplicationError::VmId)?;
         let owner = args.replica_name.clone().unwrap_or_else(|| default_owner(role));
         let replication_digest = replication_digest(config, &vm_id);
         Ok(Some(Ownership { store, vm_id, owner, generation: 0, replication_digest }))
@@ -112,17 +164,17 @@ impl Ownership {
     /// A VM starting from its images: take the record, refusing when another replica may
     /// run the VM (an active record owned by someone else).
     pub fn claim_for_start(&mut self) -> Result<u64> {
-        let current =
-            self.store.read(&self.vm_id).with_context(|| format!("cannot read VM {}'s record", self.vm_id))?;
+        let current = self
+            .store
+            .read(&self.vm_id)
+            .map_err(|source| ReplicationError::ReadRecord { vm_id: self.vm_id.clone(), source })?;
         if let Some(record) = &current {
             if record.state == VmState::Active && record.owner != self.owner {
-                bail!(
-                    "VM {} is running elsewhere: its ownership record (generation {}) is owned by {}; stop that \
-                     replica first (its record is marked ended when it stops), or give this VM another --vm-id",
-                    self.vm_id,
-                    record.generation,
-                    record.owner
-                );
+                return Err(ReplicationError::RunningElsewhere {
+                    vm_id: self.vm_id.clone(),
+                    generation: record.generation,
+                    owner: record.owner.clone(),
+                });
             }
         }
         let expected = current.map(|r| r.generation);
@@ -131,12 +183,9 @@ impl Ownership {
                 self.generation = record.generation;
                 Ok(record.generation)
             }
-            SwapOutcome::Conflict(other) => bail!(
-                "VM {}'s ownership record changed while this replica was starting (now {}): another replica \
-                 is starting it",
-                self.vm_id,
-                describe(other.as_ref())
-            ),
+            SwapOutcome::Conflict(other) => {
+                Err(ReplicationError::ChangedWhileStarting { vm_id: self.vm_id.clone(), now: describe(other.as_ref()) })
+            }
         }
     }
 
@@ -144,7 +193,7 @@ impl Ownership {
         let new = OwnershipRecord { generation: expected.map_or(1, |g| g + 1), owner: self.owner.clone(), state };
         self.store
             .compare_and_swap(&self.vm_id, expected, &new)
-            .with_context(|| format!("cannot update VM {}'s ownership record", self.vm_id))
+            .map_err(|source| ReplicationError::UpdateRecord { vm_id: self.vm_id.clone(), source })
     }
 
     /// Compare-and-swap from `expected` to the next generation, owned by this replica: the
@@ -176,7 +225,7 @@ impl Ownership {
                     VmState::Active => None,
                 }),
             }),
-            Err(e) => Err(format!("{e:#}")),
+            Err(e) => Err(chain(&e)),
         }
     }
 
@@ -190,7 +239,7 @@ impl Ownership {
                     VmState::Active => None,
                 },
             })),
-            Err(e) => Err(format!("cannot read VM {}'s ownership record: {e:#}", self.vm_id)),
+            Err(e) => Err(format!("cannot read VM {}'s ownership record: {}", self.vm_id, chain(&e))),
         }
     }
 
@@ -199,12 +248,10 @@ impl Ownership {
     pub fn mark_ended(&mut self, exit_code: u32) -> Result<()> {
         match self.swap(self.generation, Some(exit_code)) {
             Ok(SwapAnswer::Swapped { .. }) => Ok(()),
-            Ok(SwapAnswer::Conflict { generation, owner, .. }) => bail!(
-                "VM {} ended here, but its ownership record is at generation {generation:?}, owned by {owner}: \
-                 another replica owns it",
-                self.vm_id
-            ),
-            Err(e) => bail!("{e}"),
+            Ok(SwapAnswer::Conflict { generation, owner, .. }) => {
+                Err(ReplicationError::EndedButOwnedElsewhere { vm_id: self.vm_id.clone(), generation, owner })
+            }
+            Err(e) => Err(ReplicationError::Store(e)),
         }
     }
 }
@@ -224,6 +271,19 @@ pub fn replication_digest(config: &machine::MachineConfig, vm_id: &str) -> repli
     hasher.update(machine::snapshot::config_digest(config));
     hasher.update(vm_id.as_bytes());
     hasher.finalize().into()
+}
+
+/// An error and its sources, as one line (`a: b: c`), for the protocol core, which carries
+/// the store's errors as text.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        source = e.source();
+    }
+    line
 }
 
 fn describe(record: Option<&OwnershipRecord>) -> String {

@@ -7,10 +7,10 @@
 //! stopped (unprotect, [`ToRepl::Unprotect`]), the thread hands the ownership record back
 //! when it is shut down ([`PrimaryHandle::finish`]).
 
-use super::{nonce, now_ms, Ownership};
+use super::{nonce, now_ms, Ownership, ReplicationError};
 use crate::host::HostEvent;
+use crate::log::{self, Source::Replication};
 use crate::mode::ModeEvent;
-use anyhow::{Context, Result};
 use replica::{
     BackupLossPolicy, CheckpointKind, ConfigDigest, PresharedKey, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent,
     PrimaryStatus, ProtocolError,
@@ -27,8 +27,11 @@ const TICK: Duration = Duration::from_millis(5);
 const RECONNECT_FIRST_MS: u64 = 5;
 const RECONNECT_MAX_MS: u64 = 300;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a connection closed after its last writes (StandDown, End) may take to send them.
-const LINGER: Duration = Duration::from_secs(1);
+/// How long a connection closed after its last writes (StandDown, End) may take to send them:
+/// they may queue behind a large checkpoint, and a loaded host sends slowly (with 1 s, a
+/// StandDown behind a full checkpoint was cut off mid-frame on a busy test machine). Only a
+/// stuck link waits this long.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Messages into the replication thread.
 pub enum ToRepl {
@@ -105,7 +108,11 @@ impl Drop for PrimaryHandle {
 
 /// Start the replication thread of a primary that owns the VM's record (at the
 /// generation it holds now).
-pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostEvent>) -> Result<PrimaryHandle> {
+pub fn start(
+    options: PrimaryOptions,
+    ownership: Ownership,
+    events: Sender<HostEvent>,
+) -> Result<PrimaryHandle, ReplicationError> {
     let run_id = u64::from_le_bytes(super::random()?);
     let config_digest: ConfigDigest = ownership.replication_digest;
     let mut config = PrimaryConfig::new(options.key.clone(), config_digest, run_id);
@@ -143,7 +150,7 @@ pub fn start(options: PrimaryOptions, ownership: Ownership, events: Sender<HostE
             thread.run();
             thread.ownership
         })
-        .context("cannot start the replication thread")?;
+        .map_err(ReplicationError::Thread)?;
     Ok(PrimaryHandle { tx, shared, backup, thread: Some(handle) })
 }
 
@@ -324,13 +331,17 @@ impl ReplThread {
                     let answer = self.ownership.read();
                     queue.extend(self.primary.step(PrimaryEvent::Ownership(answer)));
                 }
-                PrimaryAction::ProtectionChanged { protected: false, generation } => eprintln!(
-                    "ftvm: replication: running unprotected at generation {generation}: the backup is gone, so \
-                     outputs leave without it (--on-backup-loss continue)"
+                PrimaryAction::ProtectionChanged { protected: false, generation } => log::line(
+                    Replication,
+                    format_args!(
+                        "running unprotected at generation {generation}: the backup is gone, so outputs leave \
+                         without it (--on-backup-loss continue)"
+                    ),
                 ),
-                PrimaryAction::ProtectionChanged { protected: true, generation } => {
-                    eprintln!("ftvm: replication: protected again at generation {generation}: the backup caught up")
-                }
+                PrimaryAction::ProtectionChanged { protected: true, generation } => log::line(
+                    Replication,
+                    format_args!("protected again at generation {generation}: the backup caught up"),
+                ),
                 PrimaryAction::Close { error: error @ (ProtocolError::Detached | ProtocolError::VmEnded { .. }) } => {
                     // The backup must still read the StandDown or End just queued.
                     self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
@@ -352,9 +363,12 @@ impl ReplThread {
                 }
                 PrimaryAction::Detached { generation } => {
                     self.stopped = true; // no more connections
-                    eprintln!(
-                        "ftvm: replication: stopped (unprotect) at generation {generation}: the backup can no longer \
-                         take over; the VM runs on alone"
+                    log::line(
+                        Replication,
+                        format_args!(
+                            "stopped (unprotect) at generation {generation}: the backup can no longer take over; \
+                             the VM runs on alone"
+                        ),
                     );
                     let _ = self.events.send(HostEvent::Mode(ModeEvent::Detached { generation }));
                 }
