@@ -267,3 +267,67 @@ fn an_observer_sees_each_input_as_stamped_and_each_output_as_it_leaves() {
     assert_eq!(*watch.left.lock().unwrap(), vec![1_000_000, 2_000_000, 3_000_000]);
     assert_eq!(*watch.ended.lock().unwrap(), Some(9));
 }
+
+/// Checkpoint mode through the seam, on a fake VM and loopback only: the primary's backup
+/// never answers (a closed port), so under `Hold` nothing the guest printed leaves while it
+/// runs; at the end the replication thread marks the record ended and the held outputs
+/// leave, in order.
+#[test]
+fn checkpoint_mode_holds_every_output_until_replication_releases_it() {
+    let dir = std::env::temp_dir().join(format!("vmm-mode-seam-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = vmm::replicate::OwnershipSpec {
+        store: Some(format!("file:{}", dir.display())),
+        vm_id: Some("vm-seam-test".into()),
+        replica_name: Some("primary-test".into()),
+    };
+    let config = machine::MachineConfig::new("/nonexistent-kernel");
+    let mut ownership = vmm::replicate::Ownership::open(&spec, &config, "primary").unwrap().unwrap();
+    ownership.claim_for_start().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let options = vmm::mode::checkpoint::ReplicationOptions {
+        primary: vmm::replicate::primary::PrimaryOptions {
+            backup: closed,
+            key: replica::PresharedKey::new(b"a test key of 32 bytes, no more.").unwrap(),
+            heartbeat_ms: 10,
+            on_backup_loss: replica::BackupLossPolicy::Hold,
+            backup_loss_grace_ms: 50,
+        },
+        epoch_ms: 5,
+        verify_every: 0,
+    };
+    let (mut driver, tx) = driver(FakeVm::new(1_000_000, 8_000_000, 4));
+    driver.ownership = Some(ownership);
+    driver.start_replication(options, tx.clone()).unwrap();
+    drop(tx);
+    let watch = Watch::default();
+    let left_at_slice_ends = Arc::new(Mutex::new(Vec::new()));
+    driver.add_observer(Box::new(watch.clone()));
+    driver.add_observer(Box::new(CountLeft { watch: watch.clone(), seen: left_at_slice_ends.clone() }));
+    assert_eq!(driver.status().mode, vmm::status::Mode::Checkpoint);
+    assert_eq!(driver.status().role, vmm::status::Role::Primary);
+    let console = Collect::default();
+    let outcome = driver.run(&mut console.clone()).unwrap();
+    assert_eq!(outcome, Outcome::PowerOff { code: 4 });
+    let seen = left_at_slice_ends.lock().unwrap().clone();
+    assert!(seen.len() >= 30 && seen.iter().all(|&n| n == 0), "outputs left while the guest ran: {seen:?}");
+    let expected: String = (1..=8).map(|i| format!("{}000000;", i)).collect();
+    assert_eq!(console.text(), expected);
+    let mut reader = vmm::replicate::Ownership::open(&spec, &config, "reader").unwrap().unwrap();
+    let record = reader.read().unwrap().expect("a record");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(record.ended, Some(4), "the replication thread marks the record ended: {record:?}");
+}
+
+/// How many outputs had left at each slice end.
+struct CountLeft {
+    watch: Watch,
+    seen: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Observer<FakeVm> for CountLeft {
+    fn on_slice_end(&mut self, _vm: &FakeVm) -> Result<(), ModeError> {
+        self.seen.lock().unwrap().push(self.watch.left.lock().unwrap().len());
+        Ok(())
+    }
+}
