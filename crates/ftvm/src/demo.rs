@@ -52,6 +52,20 @@ pub struct DemoArgs {
     /// Also write the verdict, field by field, as JSON to this file (tests read it)
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
+    /// The many-host story instead: agents sharing a file store (as root: in namespaces, with a
+    /// client counting; else on loopback), a protected VM declared through the API, its
+    /// primary's host killed twice, the dashboard's address printed first
+    #[arg(long, conflicts_with = "partition")]
+    pub cluster: bool,
+    /// With --cluster: how many host agents (besides the console agent that serves the dashboard)
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "cluster")]
+    pub hosts: usize,
+    /// With --cluster: keep the hosts on loopback, without namespaces or a client, even as root
+    #[arg(long, requires = "cluster")]
+    pub loopback: bool,
+    /// With --cluster: seconds the agents and the dashboard stay up after the story
+    #[arg(long, value_name = "S", default_value_t = 30, requires = "cluster")]
+    pub linger_s: u64,
 }
 
 /// A child process killed on drop.
@@ -189,6 +203,9 @@ fn spawn_client(
 }
 
 pub fn run(args: DemoArgs) -> Result<i32> {
+    if args.cluster {
+        return crate::demo_cluster::run(&args);
+    }
     crate::netns::require_root()?;
     crate::guest_image::ensure()?;
     let dir = match &args.logs {

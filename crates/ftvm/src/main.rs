@@ -9,6 +9,7 @@ mod backup_cmd;
 mod bench_cmd;
 mod ctl_cmd;
 mod demo;
+mod demo_cluster;
 mod guest_image;
 mod metrics_http;
 mod model_cmd;
@@ -40,7 +41,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Wait for a primary's checkpoints and take its VM over when it fails
     Backup(backup_cmd::BackupArgs),
-    /// Show replication and failover live: kill a primary, watch the backup take over (root)
+    /// Show replication and failover live: kill a primary, watch the backup take over (root;
+    /// --cluster: the many-host story with its dashboard)
     Demo(demo::DemoArgs),
     /// Talk to a running VM through its control API socket (--api)
     Ctl(ctl_cmd::CtlArgs),
