@@ -136,19 +136,33 @@ fn sha256_file(path: &Path) -> Result<(u64, [u8; 32])> {
     }
 }
 
-/// XXH3-128 of a file's contents, read in 1 MiB pieces: the disk's digest (fast enough for
-/// images of gigabytes, as SHA-256 would not be at every replay).
+/// XXH3-128 of a disk image's contents: each 1 MiB piece that is not all zero, with its
+/// index (holes skipped unread, as `Machine::digest` does), so that a sparse disk of
+/// gigabytes costs what it holds and the value does not depend on where the file has holes.
 pub fn file_digest(path: &Path) -> Result<u128> {
-    let mut file = std::fs::File::open(path).map_err(read_error(path))?;
+    use machine::devices::virtio::blk::Blk;
+    const PIECE_SECTORS: u64 = 2048;
+    let blk = Blk::open(path, true)
+        .map_err(|e| JournalError::Read { what: path.display().to_string(), source: std::io::Error::other(e) })?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(read_error(path))?;
-        if n == 0 {
-            return Ok(h.digest128());
+    let mut buf = vec![0; PIECE_SECTORS as usize * 512];
+    let sectors = blk.capacity_sectors();
+    let mut next = 0;
+    while let Some(data) = blk.next_data_sector(next).filter(|&s| s < sectors) {
+        let piece_index = data / PIECE_SECTORS;
+        let first = piece_index * PIECE_SECTORS;
+        let n = (sectors - first).min(PIECE_SECTORS);
+        let piece = &mut buf[..n as usize * 512];
+        blk.read_sectors(first, piece)
+            .map_err(|e| JournalError::Read { what: path.display().to_string(), source: std::io::Error::other(e) })?;
+        if piece.iter().any(|&b| b != 0) {
+            h.update(&piece_index.to_le_bytes());
+            h.update(piece);
         }
-        h.update(&buf[..n]);
+        next = first + n;
     }
+    h.update(&sectors.to_le_bytes());
+    Ok(h.digest128())
 }
 
 fn read_error(path: &Path) -> impl Fn(std::io::Error) -> JournalError + '_ {

@@ -193,7 +193,7 @@ pub enum RestoreError {
     Invalid { component: &'static str, problem: String },
 }
 
-/// The disk is digested in pieces of this many sectors (1 MiB).
+/// The disk is digested in pieces of this many sectors (1 MiB), the zero ones left out.
 const DIGEST_CHUNK_SECTORS: u64 = 2048;
 
 /// A digest of the whole machine state (RAM, hart, devices, disk).
@@ -840,20 +840,27 @@ impl Machine {
         }
         // Pending inputs are not hashed: they are the future, not the state (a backup
         // holding inputs ahead of its primary is still in the same state at an icount).
-        // The disk's contents as the guest sees them (through an overlay, if any), read in
-        // pieces: the same bytes as the whole file, so the same digest.
+        // The disk's contents as the guest sees them (through an overlay, if any): each
+        // 1 MiB piece that is not all zero, with its index, so that the value depends on
+        // the contents only (not on where the image file has holes), and a large sparse
+        // disk costs only what it holds (holes are skipped unread).
         if let Some(blk) = self.disk() {
             let mut buf = vec![0; DIGEST_CHUNK_SECTORS as usize * 512];
             let sectors = blk.capacity_sectors();
-            let mut sector = 0;
-            while sector < sectors {
-                let n = (sectors - sector).min(DIGEST_CHUNK_SECTORS);
+            let mut next = 0;
+            while let Some(data) = blk.next_data_sector(next).filter(|&s| s < sectors) {
+                let chunk = data / DIGEST_CHUNK_SECTORS;
+                let first = chunk * DIGEST_CHUNK_SECTORS;
+                let n = (sectors - first).min(DIGEST_CHUNK_SECTORS);
                 let piece = &mut buf[..n as usize * 512];
-                if blk.read_sectors(sector, piece).is_err() {
-                    break; // as before: an unreadable disk adds nothing more
+                if blk.read_sectors(first, piece).is_err() {
+                    break; // an unreadable disk adds nothing more
                 }
-                h.update(piece);
-                sector += n;
+                if piece.iter().any(|&b| b != 0) {
+                    h.update(&chunk.to_le_bytes());
+                    h.update(piece);
+                }
+                next = first + n;
             }
         }
         h.write_u8(0);

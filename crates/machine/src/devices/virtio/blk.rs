@@ -86,6 +86,21 @@ impl Overlay {
         (here, n)
     }
 
+    /// The first sector at or after `sector` (below `end`) that the overlay holds, a
+    /// word of the bitmap at a time.
+    fn next_present(&self, sector: u64, end: u64) -> Option<u64> {
+        let mut word = (sector / 64) as usize;
+        let mut bits = *self.present.get(word)? & (u64::MAX << (sector % 64));
+        loop {
+            if bits != 0 {
+                let found = word as u64 * 64 + u64::from(bits.trailing_zeros());
+                return (found < end).then_some(found);
+            }
+            word += 1;
+            bits = *self.present.get(word)?;
+        }
+    }
+
     fn mark(&mut self, sector: u64, count: u64) {
         for s in sector..sector + count {
             self.present[(s / 64) as usize] |= 1 << (s % 64);
@@ -281,7 +296,7 @@ impl Blk {
         let Some(overlay) = &self.overlay else { return next_data_sector(&self.file, sector) };
         // With an overlay: the first sector that either file may hold data in (a sector the
         // overlay holds may be zero, like any written sector).
-        let in_overlay = (sector..self.capacity_sectors).find(|&s| overlay.has(s));
+        let in_overlay = overlay.next_present(sector, self.capacity_sectors);
         match (next_data_sector(&self.file, sector), in_overlay) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
