@@ -152,20 +152,30 @@ fn a_primary_killed_while_cut_off_is_never_brought_back_from_an_older_state() {
 fn a_link_damaging_one_chunk_in_a_hundred_keeps_the_backup_within_a_second_and_loses_nothing() {
     let seed = seed();
     let (mut cluster, client) = started("damage", Options::counter(seed));
+    let connections_before = cluster.relay.stats().connections;
     cluster.relay.set(Mode::Damage(0.01));
     let lag = sample_lag(&cluster, Duration::from_secs(12), ONE_SECOND_OF_EPOCHS);
-    let damaged = cluster.relay.stats().damaged_chunks;
-    assert!(damaged >= 5, "the relay damaged only {damaged} chunks: {:?}", cluster.relay.stats());
+    let stats = cluster.relay.stats();
+    let damaged = stats.damaged_chunks;
+    assert!(damaged >= 5, "the relay damaged only {damaged} chunks: {stats:?}");
     let advanced = lag.last_acked.unwrap_or(0).saturating_sub(lag.first_acked.unwrap_or(0));
-    // The aim is 90% within a second; on an idle 2-core machine runs reach it, but
-    // with the host loaded they have been seen at 11-42% (every damaged frame costs a
-    // reconnect and what was in flight), so the test pins what holds under load — the backup
-    // keeps up half the time and keeps advancing — and prints the share.
+    // The aim: within a second for 90% of the run. A frame damaged in its payload is
+    // sent again on the same connection; only damage to a header (a small part of the bytes)
+    // costs a reconnect. Seen with the host loaded (load 5-10 on 2 cores): 100% of samples
+    // within a second, the worst lag 2-14 epochs, 10-16 connections through the relay in the
+    // whole test; before the in-connection repair, every damaged frame cost a reconnect (337
+    // connections, a quarter of the samples without a backup) and loaded runs fell to 11-42%.
     println!("damage: {:.0}% of samples within one second of epochs: {lag:?}", lag.share_within() * 100.0);
     assert!(
-        lag.share_within() >= 0.5 && advanced >= 12 * 1000 / 25 / 2,
+        lag.share_within() >= 0.9 && advanced >= 12 * 1000 / 25 / 2,
         "seed {seed}: with {damaged} damaged chunks the acknowledged epoch advanced by {advanced} and trailed by at most one second in {:.0}% of the run: {lag:?}\n{}",
         lag.share_within() * 100.0,
+        cluster.explain()
+    );
+    let reconnects = stats.connections - connections_before;
+    assert!(
+        reconnects <= 50,
+        "seed {seed}: {reconnects} new connections during the damage ({damaged} damaged chunks): frames damaged in their payload must be sent again within the connection\n{}",
         cluster.explain()
     );
     cluster.relay.set(Mode::Pass);
