@@ -353,3 +353,55 @@ fn vm_owner(net: &Net, index: usize) -> String {
         .unwrap_or_else(|last| panic!("no owner: {last}"));
     vm["owner"].as_str().unwrap_or_default().to_string()
 }
+
+/// `ftvm agent` with its store in a temporary directory and `extra` arguments: exit code, stderr.
+fn agent_refusal(name: &str, extra: &[&str], token: Option<&str>) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(format!("ftvm-cluster-refusal-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    command
+        .args(["agent", "--host-name", "h1", "--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("file:{}", dir.join("store").display()))
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .args(extra)
+        .env_remove("FTVM_TOKEN");
+    if let Some(token) = token {
+        command.env("FTVM_TOKEN", token);
+    }
+    let out = command.output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+#[test]
+fn an_agent_refuses_a_bad_rules_file_naming_the_line() {
+    let rules = std::env::temp_dir().join(format!("ftvm-cluster-bad-{}.rules", std::process::id()));
+    std::fs::write(&rules, "# fine\nrule drain: when host.missed_heartbeats >= 3 then drain_host\nrule x: when host.cpu > 1 then drain_host\n")
+        .unwrap();
+    let (code, stderr) = agent_refusal("rules", &["--rules", rules.to_str().unwrap()], Some("t0ken"));
+    let _ = std::fs::remove_file(&rules);
+    assert_eq!(code, Some(125));
+    assert_eq!(
+        stderr,
+        format!(
+            "ftvm: error: --rules {}: line 3: unknown fact \"host.cpu\"; facts: host.missed_heartbeats, host.replicas, \
+             host.memory_mib_free, replica.lag_epochs, replica.failovers, replica.role, host.label.KEY",
+            rules.display()
+        )
+    );
+}
+
+#[test]
+fn an_agent_without_a_token_refuses_to_start() {
+    let (code, stderr) = agent_refusal("token", &[], None);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(125), "ftvm: error: no API token: give --token-file FILE or set FTVM_TOKEN")
+    );
+    let (code, stderr) = agent_refusal("spaces", &[], Some("two words"));
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(125), "ftvm: error: the API token must be 1 to 256 printable characters without spaces")
+    );
+}
