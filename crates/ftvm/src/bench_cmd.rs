@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod microreboot;
 mod reprotect;
 
 /// The takeover probe: a new connection this often...
@@ -62,6 +63,8 @@ const WORKLOAD: &str = "nc -l -p 9 >/dev/null; echo bench: start; i=0; while [ $
 pub enum BenchKind {
     /// Replication overhead, latency and failover time (root: network namespaces)
     Replication(ReplicationBench),
+    /// Monitor microreboots: fault injections into a --resilient VM's monitor, coverage and recovery time
+    Microreboot(microreboot::MicrorebootBench),
 }
 
 #[derive(clap::Args, Debug)]
@@ -114,7 +117,10 @@ pub(crate) struct Takeover {
 }
 
 pub fn run(kind: BenchKind) -> Result<i32> {
-    let BenchKind::Replication(args) = kind;
+    let args = match kind {
+        BenchKind::Replication(args) => args,
+        BenchKind::Microreboot(args) => return microreboot::run(args),
+    };
     crate::netns::require_root()?;
     crate::guest_image::ensure()?;
     let dir =

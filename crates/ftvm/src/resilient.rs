@@ -16,7 +16,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     match vmm::keeper::inherited()? {
         Some(inherited) => run_monitor(&args, inherited),
         None => {
-            let (end, restarts) = keep(&args, &mut NoHooks)?;
+            let (end, restarts) = keep(&args, std::env::args_os().skip(1).collect(), &mut *sink(&args), &mut NoHooks)?;
             if let Some(path) = &args.keeper_report {
                 write_report(path, &end, &restarts)?;
             }
@@ -43,7 +43,22 @@ fn refuse_unsupported(args: &RunArgs) -> Result<()> {
 
 /// The keeper: own the region, the terminal, the TAP device and the API socket; run
 /// monitors until the VM ends.
-pub fn keep(args: &RunArgs, hooks: &mut dyn Hooks) -> Result<(End, Vec<Restart>)> {
+/// The console of a keeper that shows the VM on this terminal (a benchmark keeps its own).
+pub fn sink(args: &RunArgs) -> Box<dyn ConsoleSink> {
+    if args.command.is_empty() {
+        Box::new(TerminalConsole)
+    } else {
+        Box::new(CommandConsole::new(args.boot_log))
+    }
+}
+
+/// Supervise monitors started as `ftvm MONITOR_ARGS` (a `run --resilient` command line).
+pub fn keep(
+    args: &RunArgs,
+    monitor_args: Vec<std::ffi::OsString>,
+    sink: &mut dyn ConsoleSink,
+    hooks: &mut dyn Hooks,
+) -> Result<(End, Vec<Restart>)> {
     let vm = &args.vm;
     run_cmd::machine_config(vm, &args.command)?; // a missing kernel is refused before anything starts
     let region = Region::create(vm.mem)?;
@@ -61,11 +76,9 @@ pub fn keep(args: &RunArgs, hooks: &mut dyn Hooks) -> Result<(End, Vec<Restart>)
     };
     let interactive = args.command.is_empty();
     let _raw = interactive.then(console::RawMode::enter);
-    let mut sink: Box<dyn ConsoleSink> =
-        if interactive { Box::new(TerminalConsole) } else { Box::new(CommandConsole::new(args.boot_log)) };
     let inherit = Inherit {
         exe: std::env::current_exe().context("cannot find this ftvm binary to start the monitor")?,
-        args: monitor_args(args),
+        args: monitor_args,
         fds,
     };
     let options = supervisor::Options {
@@ -73,12 +86,8 @@ pub fn keep(args: &RunArgs, hooks: &mut dyn Hooks) -> Result<(End, Vec<Restart>)
         poison_attempts: args.poison_attempts,
         ..supervisor::Options::default()
     };
-    supervisor::supervise(&region, &inherit, sink.as_mut(), &options, hooks)
-}
-
-/// The monitor's command line: this one (the environment tells it that it is a monitor).
-fn monitor_args(_args: &RunArgs) -> Vec<std::ffi::OsString> {
-    std::env::args_os().skip(1).collect()
+    refuse_unsupported(args)?;
+    supervisor::supervise(&region, &inherit, sink, &options, hooks)
 }
 
 struct RemoveOnDrop(std::path::PathBuf);

@@ -138,6 +138,10 @@ pub trait Hooks {
     }
     /// Console bytes as they leave.
     fn console(&mut self, _bytes: &[u8]) {}
+    /// Looked at every tick: true kills the monitor now (SIGKILL from outside).
+    fn kill_now(&mut self) -> bool {
+        false
+    }
 }
 
 pub struct NoHooks;
@@ -216,7 +220,7 @@ pub fn supervise(
         inheritable(fd)?;
     }
     let mut keeper = Keeper { region, sink, hooks, restarts: Vec::new(), pending: false, ended: None };
-    let mut same_point = (0u32, u64::MAX);
+    let mut same_point = (0u32, u64::MAX); // (failures in a row, at this icount)
     for attempt in 1.. {
         let (died, cause) = run_one(&mut keeper, inherit, options, attempt)?;
         if keeper.pending {
@@ -241,8 +245,9 @@ pub fn supervise(
             return Ok((End::CannotRecover { verdict, message }, keeper.restarts));
         }
         let icount = region.live(Live::Icount);
-        same_point =
-            if icount <= same_point.1 && same_point.0 > 0 { (same_point.0 + 1, same_point.1) } else { (1, icount) };
+        // A poison input fails the machine at the very same instruction every time (it is
+        // deterministic); other faults strike wherever the monitor happens to be.
+        same_point = if icount == same_point.1 { (same_point.0 + 1, icount) } else { (1, icount) };
         if same_point.0 >= options.poison_attempts {
             let input = last_input(region, icount);
             return Ok((End::Poison { attempts: same_point.0, icount: same_point.1, input }, keeper.restarts));
@@ -340,6 +345,9 @@ fn run_one(
             let _ = child.kill();
             let _ = child.wait();
             return Ok((None, Cause::Exit(0)));
+        }
+        if !hung && keeper.hooks.kill_now() {
+            let _ = child.kill();
         }
         let now = region.live(Live::Heartbeat);
         if now != beat {
