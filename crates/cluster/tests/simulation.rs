@@ -24,16 +24,18 @@ const STEP_MS: u64 = 500;
 const CONVERGE_ROUNDS: u64 = 30;
 const FAULT_STEPS: u64 = 60;
 
-struct Rng(u64);
+/// A seeded generator (ChaCha8 from rand_chacha): the same on every platform.
+struct Rng(rand_chacha::ChaCha8Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        use rand_chacha::rand_core::SeedableRng as _;
+        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        use rand_chacha::rand_core::RngCore as _;
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
@@ -95,7 +97,7 @@ fn record_id(vm: &str, uid: u64) -> String {
 
 impl World {
     fn new(seed: u64) -> World {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let host_count = 3 + rng.below(3);
         let hosts = (0..host_count)
             .map(|i| (format!("h{i}"), Host { up: true, agent_up: true, ..Default::default() }))

@@ -69,16 +69,18 @@ const QUIET_MS: u64 = 1500;
 const MAX_PENDING_HANDSHAKES: usize = 8;
 const TRACE_LINES: usize = 120;
 
-/// SplitMix64: small, fast, and the same on every platform.
-struct Rng(u64);
+/// A seeded generator (ChaCha8 from rand_chacha): the same on every platform.
+struct Rng(rand_chacha::ChaCha8Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        use rand_chacha::rand_core::SeedableRng as _;
+        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        use rand_chacha::rand_core::RngCore as _;
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: u64) -> u64 {
@@ -533,7 +535,7 @@ impl Sim {
 
     /// A run of `seed`, its random setup and faults adjusted by `adjust`.
     fn with(seed: u64, adjust: impl FnOnce(&mut Setup, &mut Faults)) -> Sim {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut setup = Setup::random(&mut rng);
         let mut faults = Faults::scaled(rng.pick(&[0.0, 0.3, 1.0, 1.0, 3.0, 8.0]));
         adjust(&mut setup, &mut faults);

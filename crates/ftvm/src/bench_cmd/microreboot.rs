@@ -40,16 +40,18 @@ const POINTS: [(&str, u64); 4] = [
 ];
 const ACTIONS: [&str; 4] = ["panic", "return(abort)", "return(segv)", "return(hang)"];
 
-/// splitmix64: a seeded schedule without a dependency.
-struct Rng(u64);
+/// A seeded schedule (ChaCha8, the generator the guest entropy of --seed uses): the same on every platform.
+struct Rng(rand_chacha::ChaCha8Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        use rand_chacha::rand_core::SeedableRng as _;
+        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        use rand_chacha::rand_core::RngCore as _;
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: u64) -> u64 {
@@ -168,7 +170,7 @@ pub fn run(args: MicrorebootBench) -> Result<i32> {
     let run_args =
         RunLine::try_parse_from(std::iter::once(OsString::from("ftvm")).chain(line.iter().skip(1).cloned()))?.run;
     let mut campaign = Campaign {
-        rng: Rng(seed),
+        rng: Rng::new(seed),
         injections: args.injections,
         faults: Vec::new(),
         restarts: Vec::new(),
