@@ -77,24 +77,79 @@ fn read_report(path: &Path) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// Reads the run's console output as it comes, line by line, on a thread of its own, so
+/// that a test can strike when the guest has got somewhere rather than after a guessed
+/// time (the command's speed depends on the machine and on the compiler).
+struct Progress {
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Progress {
+    fn follow(run: &mut Run) -> Progress {
+        use std::io::BufRead;
+        let stdout = run.child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Progress { lines, seen: String::new() }
+    }
+
+    /// Waits until the guest has printed `line`.
+    fn wait_for(&mut self, line: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(got) => {
+                    self.seen.push_str(&got);
+                    self.seen.push('\n');
+                    if got == line {
+                        return;
+                    }
+                }
+                Err(e) => panic!("the guest never printed {line:?} ({e}); it printed {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Everything the guest printed, once the run has ended.
+    fn rest(mut self) -> String {
+        while let Ok(got) = self.lines.recv_timeout(Duration::from_secs(60)) {
+            self.seen.push_str(&got);
+            self.seen.push('\n');
+        }
+        self.seen
+    }
+}
+
 #[test]
 fn a_command_completes_exactly_when_its_monitor_is_killed_three_times() {
     let n = 60_000;
-    let run = start(&[], &[], &counting(n));
+    let mut run = start(&[], &[], &counting(n));
     let keeper = run.child.id();
-    // Once during boot, twice while the command counts.
-    for (wait_ms, sig) in [(1500, "KILL"), (2500, "SEGV"), (2000, "ABRT")] {
-        std::thread::sleep(Duration::from_millis(wait_ms));
-        let monitor = monitor_of(keeper, Duration::from_secs(10));
-        signal(monitor, sig);
-        if sig == "SEGV" {
-            // Rust's SIGSEGV handler (stack-overflow detection) takes the first one and puts
-            // the default action back; a real fault would hit again, as this second one does.
-            std::thread::sleep(Duration::from_millis(50));
-            signal(monitor, sig);
-        }
-    }
-    let (code, stdout, stderr, report) = finish(run);
+    let mut progress = Progress::follow(&mut run);
+    // Once during boot, then twice while the command counts: struck at points of the
+    // guest's progress, so that a fast machine cannot finish the command first.
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(monitor_of(keeper, Duration::from_secs(10)), "KILL");
+    progress.wait_for("10000", Duration::from_secs(60));
+    let monitor = monitor_of(keeper, Duration::from_secs(10));
+    signal(monitor, "SEGV");
+    // Rust's SIGSEGV handler (stack-overflow detection) takes the first one and puts the
+    // default action back; a real fault would hit again, as this second one does.
+    std::thread::sleep(Duration::from_millis(50));
+    signal(monitor, "SEGV");
+    progress.wait_for("30000", Duration::from_secs(60));
+    signal(monitor_of(keeper, Duration::from_secs(10)), "ABRT");
+    let (code, _, stderr, report) = finish(run);
+    let stdout = progress.rest();
     assert_eq!(stdout, expected(n), "stderr: {stderr}");
     assert_eq!(code, Some(3), "stderr: {stderr}");
     assert_eq!(report["end"]["kind"], "exited");
@@ -106,10 +161,12 @@ fn a_command_completes_exactly_when_its_monitor_is_killed_three_times() {
 #[test]
 fn a_hung_monitor_is_detected_by_its_heartbeat_and_replaced() {
     let n = 30_000;
-    let run = start(&["--hang-ms", "400"], &[], &counting(n));
-    std::thread::sleep(Duration::from_millis(2500));
+    let mut run = start(&["--hang-ms", "400"], &[], &counting(n));
+    let mut progress = Progress::follow(&mut run);
+    progress.wait_for("10000", Duration::from_secs(60));
     signal(monitor_of(run.child.id(), Duration::from_secs(10)), "STOP");
-    let (code, stdout, stderr, report) = finish(run);
+    let (code, _, stderr, report) = finish(run);
+    let stdout = progress.rest();
     assert_eq!(stdout, expected(n), "stderr: {stderr}");
     assert_eq!(code, Some(3), "stderr: {stderr}");
     assert_eq!(report["restarts"][0]["cause"], "hung (no heartbeat)", "{report}");
