@@ -64,6 +64,17 @@ pub enum EventKind {
     Error,
 }
 
+/// The identity of the failover event of VM `vm` (declaration `uid`) at `generation`: one per
+/// takeover, however many agents report it, so counting these counts failovers.
+pub fn failover_event(vm: &str, uid: u64, generation: u64) -> String {
+    format!("{}{generation}", failover_event_prefix(vm, uid))
+}
+
+/// What every failover event identity of VM `vm` (declaration `uid`) starts with.
+pub fn failover_event_prefix(vm: &str, uid: u64) -> String {
+    format!("failover-{vm}-{uid}-")
+}
+
 /// The key of an event with this identity (only `[A-Za-z0-9._-]` and `/` survive).
 pub fn event(identity: &str) -> String {
     let clean: String = identity

@@ -226,7 +226,6 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
     let name = &dv.spec.name;
     let record = shared.owners.read(&keys::ownership_id(name, dv.uid))?;
     let mut replicas = Vec::new();
-    let mut failovers = 0;
     let (mut primary_protected, mut has_primary, mut has_backup) = (false, false, false);
     for (report, silent_ms) in &view.reports {
         if *silent_ms >= HOST_TIMEOUT_MS {
@@ -243,7 +242,6 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
                 primary_protected = r.protected == Some(true);
             }
             has_backup |= r.role == ReplicaRole::Backup;
-            failovers += u64::from(r.took_over_generation.is_some());
             replicas.push(json!({
                 "host": report.name, "role": role, "pid": r.pid, "listen": r.listen,
                 "lag_epochs": r.lag_epochs, "epoch": r.epoch,
@@ -252,6 +250,7 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
             }));
         }
     }
+    let failovers = count_failovers(shared, dv)?;
     let ended = record.as_ref().is_some_and(|r| matches!(r.state, store::VmState::Ended { .. }));
     let state = match () {
         _ if ended => "ended",
@@ -272,6 +271,18 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
         "failovers": failovers,
         "created_ms": dv.created_ms,
     }))
+}
+
+/// Failovers of this declaration: its failover events on the timeline (one per takeover; the
+/// replicas running now show only the last one they took part in).
+fn count_failovers(shared: &mut Shared, dv: &DeclaredVm) -> Result<u64> {
+    let prefix = keys::event(&keys::failover_event_prefix(&dv.spec.name, dv.uid));
+    let entries = shared.kv.list(&prefix)?;
+    let of_this_vm = |value: &[u8]| {
+        serde_json::from_slice::<Event>(value)
+            .is_ok_and(|e| e.kind == EventKind::Failover && e.vm.as_deref() == Some(dv.spec.name.as_str()))
+    };
+    Ok(entries.iter().filter(|(_, entry)| of_this_vm(&entry.value)).count() as u64)
 }
 
 fn list_vms(shared: &mut Shared) -> Result<Answer> {
@@ -510,6 +521,64 @@ mod tests {
         let later = body(&answer(&mut shared, "GET", &format!("/v1/events?since={last}"), auth, b""));
         assert_eq!(later["events"], json!([]));
         assert_eq!(answer(&mut shared, "PUT", "/v1/vms", auth, b"").status, 405);
+    }
+
+    #[test]
+    fn failovers_count_every_takeover_on_the_timeline_not_only_the_live_replicas() {
+        let mut shared = shared();
+        let auth = Some("Bearer sekrit");
+        let created = answer(&mut shared, "POST", "/v1/vms", auth, br#"{"name":"web","protection":"checkpoint"}"#);
+        let uid = body(&created)["uid"].as_u64().unwrap();
+        // Two takeovers (h2 took over at generation 2, then h3 at 3), each reported by two
+        // agents; a VM whose name extends this one's has a failover of its own.
+        for (generation, host) in [(2, "h2"), (3, "h3"), (3, "h1"), (2, "h2")] {
+            let identity = keys::failover_event("web", uid, generation);
+            let message = format!("{host} took over web");
+            crate::agent_cmd::write_event(
+                &mut shared.kv,
+                &identity,
+                EventKind::Failover,
+                Some("web".into()),
+                None,
+                message,
+            );
+        }
+        let other = keys::failover_event(&format!("web-{uid}"), 7, 2);
+        crate::agent_cmd::write_event(
+            &mut shared.kv,
+            &other,
+            EventKind::Failover,
+            Some(format!("web-{uid}")),
+            None,
+            "x".into(),
+        );
+        // Only the last taker runs now.
+        let report = HostReport {
+            name: "h3".into(),
+            labels: Default::default(),
+            address: "127.0.0.1".into(),
+            api: String::new(),
+            memory_mib_free: 0,
+            seq: 1,
+            time_ms: 0,
+            replicas: vec![cluster::ReplicaReport {
+                vm: "web".into(),
+                uid,
+                role: ReplicaRole::Primary,
+                pid: Some(1),
+                listen: None,
+                backup_to: None,
+                protected: Some(false),
+                generation: Some(3),
+                epoch: Some(1),
+                lag_epochs: None,
+                took_over_generation: Some(3),
+            }],
+        };
+        shared.kv.put(&keys::host("h3"), &serde_json::to_vec(&report).unwrap()).unwrap();
+        let shown = body(&answer(&mut shared, "GET", "/v1/vms/web", auth, b""));
+        assert_eq!(shown["failovers"], 2);
+        assert_eq!(shown["replicas"].as_array().unwrap().len(), 1);
     }
 
     #[test]

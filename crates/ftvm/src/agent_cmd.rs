@@ -403,7 +403,7 @@ impl Agent {
                     self.args.host_name, took_over.generation, took_over.last_frame_to_live_ms
                 );
                 self.event(
-                    &format!("failover-{vm}-{uid}-{}", took_over.generation),
+                    &keys::failover_event(vm, uid, took_over.generation),
                     EventKind::Failover,
                     Some(vm.clone()),
                     message,
