@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use store::{KvStore, OwnershipStore};
@@ -53,25 +52,9 @@ pub fn serve(listen: &str, store_spec: &str, host_name: &str, token: String) -> 
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
-    let open = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            continue;
-        };
-        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            open.fetch_sub(1, Ordering::AcqRel);
-            continue;
-        }
-        let (shared, open) = (shared.clone(), open.clone());
-        let spawned = std::thread::Builder::new().spawn(move || {
-            let _ = handle(stream, &shared);
-            open.fetch_sub(1, Ordering::AcqRel);
-        });
-        if spawned.is_err() {
-            // The closure (and its slot) was dropped without running.
-        }
-    }
+    crate::accept::serve(listener.incoming(), MAX_CONNECTIONS, crate::accept::Open::default(), move |stream| {
+        let _ = handle(stream, &shared);
+    })
 }
 
 /// An answer on the wire.

@@ -18,14 +18,13 @@
 //! the typed status ([`vmm::status::Status`]) as Prometheus text ([`vmm::metrics`]); the
 //! same text is served over TCP by `--metrics-listen` ([`crate::metrics_http`]).
 
+use crate::accept::Open;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
 use std::time::Duration;
 use vmm::host::HostEvent;
 
@@ -35,6 +34,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long a client may take to send its request, and the VM to answer.
 pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Requests served at once; more are closed at accept (see [`crate::accept`]).
+const MAX_CONNECTIONS: usize = 64;
 
 pub use vmm::control::{Command, ControlRequest, ProtectRequest, Reply};
 
@@ -46,7 +47,7 @@ pub const EPOCH_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
 pub struct ApiServer {
     /// The socket's path, removed on drop (None: a keeper owns it, `--resilient`).
     path: Option<PathBuf>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Open,
 }
 
 /// How long dropping the server waits for answers still being written.
@@ -55,7 +56,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
-        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        while self.in_flight.count() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         if let Some(path) = &self.path {
@@ -84,18 +85,12 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 /// Answer requests on a socket already bound (by a keeper, when `path` is None: requests
 /// wait in its backlog while no monitor runs).
 pub fn serve_listener(listener: UnixListener, path: Option<PathBuf>, events: Sender<HostEvent>) -> ApiServer {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let counter = in_flight.clone();
+    let in_flight = Open::default();
+    let open = in_flight.clone();
     std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let events = events.clone();
-            let counter = counter.clone();
-            counter.fetch_add(1, Ordering::AcqRel);
-            std::thread::spawn(move || {
-                let _ = handle_connection(stream, &events);
-                counter.fetch_sub(1, Ordering::AcqRel);
-            });
-        }
+        crate::accept::serve(listener.incoming(), MAX_CONNECTIONS, open, move |stream| {
+            let _ = handle_connection(stream, &events);
+        })
     });
     ApiServer { path, in_flight }
 }
@@ -287,7 +282,7 @@ fn protect_request(body: &[u8]) -> Result<ProtectRequest, Reply> {
 
 /// The client side: send one request and return the reply.
 pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
+    let stream = UnixStream::connect(socket).with_context(|| {
         format!("cannot connect to the API socket {} (is the VM running with --api?)", socket.display())
     })?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT + IO_TIMEOUT))?;
@@ -309,26 +304,49 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
             ("PUT", "/protect", serde_json::to_vec(&body).expect("serializes"))
         }
     };
-    write!(
-        stream,
+    let mut request = format!(
         "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
-    )?;
-    stream.write_all(&body)?;
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    parse_response(&exchange(stream, &request)?)
+}
+
+/// Sends `request` and reads the whole answer. A server that closes without a word has
+/// every slot taken ([`MAX_CONNECTIONS`]) or has just stopped: said so, rather than as a
+/// bare reset.
+fn exchange(mut stream: UnixStream, request: &[u8]) -> Result<Vec<u8>> {
+    let busy = || {
+        anyhow::anyhow!(
+            "the VM's API closed the connection without answering: either {MAX_CONNECTIONS} requests, its limit, \
+             are open at once (retry, or look for a client holding connections), or the VM has just stopped"
+        )
+    };
+    let closed =
+        |e: &std::io::Error| matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
+    match stream.write_all(request) {
+        Err(e) if closed(&e) => return Err(busy()),
+        other => other.context("cannot send the request to the API")?,
+    }
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).context("cannot read the API's answer")?;
-    parse_response(&response)
+    match stream.read_to_end(&mut response) {
+        Err(e) if closed(&e) => return Err(busy()),
+        other => other.context("cannot read the API's answer")?,
+    };
+    if response.is_empty() {
+        return Err(busy());
+    }
+    Ok(response)
 }
 
 /// The client side of `GET /metrics`: the Prometheus text.
 pub fn metrics_text(socket: &Path) -> Result<String> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
+    let stream = UnixStream::connect(socket).with_context(|| {
         format!("cannot connect to the API socket {} (is the VM running with --api?)", socket.display())
     })?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT + IO_TIMEOUT))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).context("cannot read the API's answer")?;
+    let response = exchange(stream, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n").context("malformed answer from the API (no header end)")?;
     if !head.starts_with("HTTP/1.1 200") {

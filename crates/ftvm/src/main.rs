@@ -1,6 +1,7 @@
 //! ftvm: the command-line front of the fault-tolerant virtual machine monitor.
 //! Each subcommand lives in its own module; this file only dispatches.
 
+mod accept;
 mod agent_api;
 mod agent_cmd;
 mod agent_rules;

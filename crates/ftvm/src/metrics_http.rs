@@ -9,7 +9,6 @@
 use crate::api::{self, Answer};
 use anyhow::{Context, Result};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use vmm::host::HostEvent;
@@ -57,41 +56,9 @@ impl MetricsServer {
 }
 
 fn accept_loop(listener: TcpListener, route: Route) {
-    let open = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else {
-            // Out of descriptors, say: refuse for a moment, keep serving.
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            continue;
-        };
-        if open.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            continue;
-        }
-        let slot = Slot::take(&open);
-        let route = route.clone();
-        // A thread that cannot start drops its closure, and the slot with it.
-        let _ = std::thread::Builder::new().spawn(move || {
-            let _ = handle(stream, &route);
-            drop(slot);
-        });
-    }
-}
-
-/// One of the [`MAX_CONNECTIONS`], given back when dropped.
-struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(open: &Arc<AtomicUsize>) -> Slot {
-        open.fetch_add(1, Ordering::AcqRel);
-        Slot(open.clone())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+    crate::accept::serve(listener.incoming(), MAX_CONNECTIONS, crate::accept::Open::default(), move |stream| {
+        let _ = handle(stream, &route);
+    })
 }
 
 fn handle(mut stream: TcpStream, route: &Route) -> std::io::Result<()> {

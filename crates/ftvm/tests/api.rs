@@ -269,3 +269,37 @@ fn a_busy_metrics_port_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains(&format!("cannot listen for metrics on {addr}")), "{stderr}");
 }
+
+#[test]
+fn strangers_holding_idle_connections_get_a_clear_refusal_and_never_the_vms_descriptors() {
+    let vm = Vm::start("strangers");
+    // Far more than the API serves at once, each sending nothing.
+    let idle: Vec<UnixStream> = (0..200).map(|_| UnixStream::connect(&vm.socket).unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let (code, _, stderr) = vm.ctl(&["status"]);
+        if code != 0 {
+            break stderr;
+        }
+        // The server may not have accepted the whole flood yet.
+        assert!(Instant::now() < deadline, "the API kept answering with 200 idle connections open");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        refusal.contains("the VM's API closed the connection without answering: either 64 requests, its limit"),
+        "{refusal}"
+    );
+    drop(idle);
+    // Slots come back as the strangers leave; the VM ran on throughout.
+    let status = loop {
+        let (code, status, stderr) = vm.ctl(&["status"]);
+        if code == 0 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the API never answered again: {stderr}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["state"], "running");
+    let open = std::fs::read_dir(format!("/proc/{}/fd", vm.child.id())).unwrap().count();
+    assert!(open < 100, "the monitor holds {open} descriptors after the strangers left");
+}
