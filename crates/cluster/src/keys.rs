@@ -5,6 +5,7 @@
 //! | /ftvm/vms/NAME              | [`crate::DeclaredVm`] JSON              | the API (any agent) |
 //! | /ftvm/hosts/NAME            | [`crate::HostReport`] JSON (heartbeat)  | that host's agent |
 //! | /ftvm/hostctl/NAME          | [`crate::HostState`] JSON (drain, ...)  | rules, the user   |
+//! | /ftvm/replace/NAME         | [`crate::spec::Replacement`] JSON       | rules (reprotect_elsewhere) |
 //! | /ftvm/events/ID             | [`Event`] JSON (timeline)               | any agent         |
 //! | /ftvm/owner/NAME.UID        | ownership record (etcd; file: in DIR/)  | the replicas      |
 
@@ -14,6 +15,7 @@ pub const VMS: &str = "/ftvm/vms/";
 pub const HOSTS: &str = "/ftvm/hosts/";
 pub const HOSTCTL: &str = "/ftvm/hostctl/";
 pub const EVENTS: &str = "/ftvm/events/";
+pub const REPLACE: &str = "/ftvm/replace/";
 /// The timeline keeps at most this many events (the oldest are removed).
 pub const MAX_EVENTS: usize = 1000;
 
@@ -27,6 +29,11 @@ pub fn host(name: &str) -> String {
 
 pub fn hostctl(name: &str) -> String {
     format!("{HOSTCTL}{name}")
+}
+
+/// A request to move VM `name`'s backup off a host ([`crate::spec::Replacement`]).
+pub fn replace(name: &str) -> String {
+    format!("{REPLACE}{name}")
 }
 
 /// The id of a VM's ownership record: its name and the store revision that declared it, so

@@ -14,7 +14,9 @@
 //! - the owner's host is alive but runs no replica, and no backup holds the current
 //!   generation → start the primary there again (its state is gone with its process);
 //! - checkpoint protection: a primary with no backup gets one placed on another eligible host;
-//!   a primary not replicating to its backup is told to protect to it; extra backups stop.
+//!   a primary not replicating to its backup is told to protect to it; extra backups stop;
+//! - a backup asked to move (a rule's `reprotect_elsewhere`) stops once another eligible host
+//!   (not the primary's) can take its place, and the new one goes there.
 //!
 //! Replicas of VMs not declared, or of an earlier declaration of the same name, stop.
 
@@ -61,6 +63,8 @@ pub enum StopReason {
     SameHostAsPrimary,
     /// Its host is quarantined.
     Quarantined,
+    /// A rule asked for the VM's backup elsewhere, and another host can take it.
+    Replaced,
 }
 
 /// The actions host `me` takes this round.
@@ -85,8 +89,32 @@ pub fn round(me: &str, declared: &Declared, observed: &Observed) -> Vec<Action> 
         for key in &observed.garbage_keys {
             actions.push(Action::RemoveKey { key: key.clone() });
         }
+        for (vm, replacement) in &declared.replacing {
+            let done = match declared.vms.get(vm) {
+                Some(dv) if dv.uid == replacement.uid => replacement_done(dv, &replacement.host, observed),
+                _ => true,
+            };
+            if done {
+                actions.push(Action::RemoveKey { key: crate::keys::replace(vm) });
+            }
+        }
     }
     actions
+}
+
+/// Whether `dv`'s primary is protected by a backup that is not on `host` (or the VM has no
+/// backups to move).
+fn replacement_done(dv: &DeclaredVm, host: &str, observed: &Observed) -> bool {
+    if dv.spec.protection == Protection::None {
+        return true;
+    }
+    let name = &dv.spec.name;
+    let mine = || observed.live_replicas().filter(|(_, r)| &r.vm == name && r.uid == dv.uid);
+    mine().any(|(_, primary)| {
+        primary.role == ReplicaRole::Primary
+            && primary.protected == Some(true)
+            && mine().any(|(h, b)| h != host && b.role == ReplicaRole::Backup && b.listen == primary.backup_to)
+    })
 }
 
 fn stop(replica: &ReplicaReport, reason: StopReason) -> Action {
@@ -171,6 +199,14 @@ fn protect_round(
     let name = &dv.spec.name;
     let mut actions = Vec::new();
     let mut candidates = Vec::new();
+    // A backup to move off `leave`, once a host other than the primary's and `leave` has or
+    // can get one (else it stays: protection on that host beats none).
+    let leave = declared.replacing.get(name).filter(|r| r.uid == dv.uid).map(|r| r.host.as_str());
+    let elsewhere = leave.and_then(|leave| {
+        let has_other = others.iter().any(|(h, _)| *h != leave && *h != primary_host);
+        let other_host = choose_host_avoiding(dv, declared, observed, all, Some(leave));
+        (has_other || other_host.is_some()).then_some(other_host)
+    });
     for (host, replica) in others {
         let quarantined = declared.host_states.get(*host) == Some(&HostState::Quarantined);
         let reason = match () {
@@ -179,6 +215,7 @@ fn protect_round(
             }
             _ if *host == primary_host && dv.spec.placement.distinct_hosts => Some(StopReason::SameHostAsPrimary),
             _ if quarantined => Some(StopReason::Quarantined),
+            _ if Some(*host) == leave && elsewhere.is_some() => Some(StopReason::Replaced),
             _ => None,
         };
         match reason {
@@ -215,7 +252,8 @@ fn protect_round(
         Some(_) => {}
         None if !starting => {
             // Hosts with any replica of the VM, even one being stopped, wait for the next round.
-            if let Some(host) = choose_host(dv, declared, observed, all) {
+            let host = elsewhere.flatten().or_else(|| choose_host(dv, declared, observed, all));
+            if let Some(host) = host {
                 actions.push((host, Action::StartBackup { vm: name.clone(), uid: dv.uid }));
             }
         }
@@ -233,6 +271,17 @@ pub fn choose_host(
     observed: &Observed,
     occupied: &[(&str, &ReplicaReport)],
 ) -> Option<String> {
+    choose_host_avoiding(dv, declared, observed, occupied, None)
+}
+
+/// [`choose_host`], never `avoid` (whatever `distinct_hosts` says).
+fn choose_host_avoiding(
+    dv: &DeclaredVm,
+    declared: &Declared,
+    observed: &Observed,
+    occupied: &[(&str, &ReplicaReport)],
+    avoid: Option<&str>,
+) -> Option<String> {
     let placement = &dv.spec.placement;
     let taken: BTreeSet<&str> = occupied.iter().map(|(host, _)| *host).collect();
     let needed_mib = dv.spec.memory_mib.saturating_add(placement.min_free_memory_mib);
@@ -240,6 +289,7 @@ pub fn choose_host(
         .hosts
         .iter()
         .filter(|(_, view)| view.alive())
+        .filter(|(name, _)| Some(name.as_str()) != avoid)
         .filter(|(name, _)| declared.host_states.get(*name).copied().unwrap_or_default() == HostState::Active)
         .filter(|(name, _)| !placement.distinct_hosts || !taken.contains(name.as_str()))
         .filter(|(_, view)| placement.labels.iter().all(|(k, v)| view.report.labels.get(k) == Some(v)))

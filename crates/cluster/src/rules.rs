@@ -10,8 +10,8 @@
 //! `host.label.KEY` (a string). Facts of a replica (checked for every replica):
 //! `replica.lag_epochs`, `replica.failovers` (numbers), `replica.role` (primary|backup|starting),
 //! and the facts of its host. OP is one of `< <= > >= == !=` (strings: `==` and `!=`).
-//! Actions: `drain_host`, `quarantine_host`, `reprotect_elsewhere` (stop the replica's backup
-//! so that the control loop places a new one), `webhook URL` (POST the decision as JSON to an
+//! Actions: `drain_host`, `quarantine_host`, `reprotect_elsewhere` (move the VM's backup to
+//! another eligible host, neither the primary's nor its own), `webhook URL` (POST the decision as JSON to an
 //! `http://` URL). `migrate` and `rejuvenate_monitor` are refused on load until live migration
 //! and microreboot land.
 //!

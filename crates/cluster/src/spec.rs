@@ -253,6 +253,20 @@ pub struct Declared {
     pub vms: BTreeMap<String, DeclaredVm>,
     /// Per host, a state set from outside (a rule's drain or quarantine).
     pub host_states: BTreeMap<String, crate::HostState>,
+    /// Per VM name, a backup to move elsewhere (a rule's `reprotect_elsewhere`).
+    pub replacing: BTreeMap<String, Replacement>,
+}
+
+/// "Move this VM's backup off `host`": the control loop places a new backup on another
+/// eligible host (not the primary's, not this one), and the key is removed once the primary
+/// is protected by a backup elsewhere. With no other eligible host the backup stays where it
+/// is: protection on the same host beats none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replacement {
+    /// The declaration it is about (a request about an earlier one is dropped).
+    pub uid: u64,
+    pub host: String,
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! actions, clocks far off), then heals everything. It asserts:
 //! - never two live copies of a VM (two running primaries holding the record's generation),
 //!   at every step, faults included;
-//! - convergence to the declared state within [`CONVERGE_ROUNDS`] rounds after healing.
+//! - convergence to the declared state within [`CONVERGE_ROUNDS`] rounds after healing, a
+//!   rule's request to move a backup elsewhere (made during the faults or at healing) carried
+//!   out and removed.
 //!
 //! The seed is printed; `FTVM_SIM_SEED=N` replays one run.
 
@@ -343,7 +345,10 @@ impl World {
             Action::ForgetHost { host } => {
                 self.reports.remove(&host);
             }
-            Action::RemoveKey { key } => self.garbage_keys.retain(|k| *k != key),
+            Action::RemoveKey { key } => {
+                self.garbage_keys.retain(|k| *k != key);
+                self.declared.replacing.retain(|vm, _| cluster::keys::replace(vm) != key);
+            }
         }
     }
 
@@ -537,6 +542,9 @@ impl World {
         if !strays.is_empty() {
             return Err(format!("stray replicas: {strays:?}"));
         }
+        if !self.declared.replacing.is_empty() {
+            return Err(format!("replacements left: {:?}", self.declared.replacing));
+        }
         if !self.garbage_keys.is_empty() || self.reports.contains_key("ghost") {
             return Err(format!("garbage left: {:?}", self.garbage_keys));
         }
@@ -563,6 +571,10 @@ impl World {
             }
             _ => {}
         }
+        // A rule asks a VM's backup elsewhere (naming any host: the backup's, or a stale one).
+        if self.rng.chance(5) {
+            self.ask_backup_elsewhere();
+        }
         // Crashed agents come back (their own watchdog re-executes them).
         for host in self.hosts.values_mut() {
             if host.up && !host.agent_up && self.rng.chance(30) {
@@ -577,6 +589,27 @@ impl World {
             host.agent_up = true;
             host.partitioned = false;
         }
+        if self.rng.chance(50) {
+            self.ask_backup_elsewhere();
+        }
+    }
+
+    /// What a `reprotect_elsewhere` rule writes: move a VM's backup off its host (or off a
+    /// random host). Converged means the request was carried out and removed (the round removes
+    /// it only once the primary is protected by a backup elsewhere).
+    fn ask_backup_elsewhere(&mut self) {
+        let vms: Vec<(String, u64)> = self.declared.vms.values().map(|d| (d.spec.name.clone(), d.uid)).collect();
+        let (vm, uid) = self.rng.pick(&vms).clone();
+        let backup_host = self
+            .processes
+            .values()
+            .find(|p| p.vm == vm && p.uid == uid && p.role == ReplicaRole::Backup)
+            .map(|p| p.host.clone());
+        let host = match backup_host {
+            Some(host) => host,
+            None => self.rng.pick(&self.host_names()).clone(),
+        };
+        self.declared.replacing.insert(vm, cluster::spec::Replacement { uid, host });
     }
 
     fn step(&mut self, faults: bool, seed: u64) {

@@ -245,7 +245,6 @@ impl Agent {
         let (declared, observed) = self.observe()?;
         let actions = cluster::round(&self.args.host_name, &declared, &observed);
         self.run_rules(&declared, &observed);
-        self.stop_requests(&locals)?;
         for action in actions {
             if let Err(error) = self.act(&action, &declared, &locals) {
                 eprintln!("ftvm agent: {action:?} failed: {error:#}");
@@ -371,20 +370,6 @@ impl Agent {
                 }
             }
         }
-    }
-
-    /// Replicas other hosts' rules asked this host to stop.
-    fn stop_requests(&mut self, locals: &[Local]) -> Result<()> {
-        let prefix = format!("{}{}/", crate::agent_rules::STOP_REQUESTS, self.args.host_name);
-        for (key, entry) in self.kv.list(&prefix)? {
-            if let Ok(replica) = serde_json::from_slice::<ReplicaReport>(&entry.value) {
-                if let Some(local) = find_local(locals, &replica.vm, replica.uid, |l| Some(l.meta.pid) == replica.pid) {
-                    stop_replica(local);
-                }
-            }
-            self.kv.delete(&key)?;
-        }
-        Ok(())
     }
 
     /// Writes an event once per identity; whether it was new.
@@ -608,6 +593,15 @@ pub fn read_declared(kv: &mut Box<dyn KvStore>) -> Result<(Declared, Vec<String>
                 declared.host_states.insert(key[keys::HOSTCTL.len()..].to_string(), state);
             }
             Err(_) => garbage.push(key),
+        }
+    }
+    for (key, entry) in kv.list(keys::REPLACE)? {
+        let vm = &key[keys::REPLACE.len()..];
+        match serde_json::from_slice::<cluster::spec::Replacement>(&entry.value) {
+            Ok(replacement) if cluster::spec::check_name(vm).is_ok() => {
+                declared.replacing.insert(vm.to_string(), replacement);
+            }
+            _ => garbage.push(key),
         }
     }
     Ok((declared, garbage))

@@ -9,9 +9,6 @@ use cluster::HostState;
 use std::path::Path;
 use store::KvStore;
 
-/// Where the agent asks another host to stop one of its replicas (`/ftvm/stop/HOST/ID`).
-pub const STOP_REQUESTS: &str = "/ftvm/stop/";
-
 /// The rules of `path` (None: the default rules). A good file is copied to `last_good`; a bad
 /// one fails the start, unless this is a re-execution with a last good copy, which is used.
 pub fn load(path: Option<&Path>, last_good: &Path, reexecuted: bool) -> Result<RuleSet> {
@@ -35,8 +32,8 @@ pub fn load(path: Option<&Path>, last_good: &Path, reexecuted: bool) -> Result<R
     }
 }
 
-/// Does what a rule decided, through the store: a host state, a stop request to the host of
-/// the backup to replace, or a webhook call.
+/// Does what a rule decided, through the store: a host state, a request to move a VM's backup
+/// elsewhere ([`keys::replace`]), or a webhook call.
 pub fn carry_out(kv: &mut Box<dyn KvStore>, decision: &Decision, observed: &cluster::Observed) -> Result<()> {
     match &decision.action {
         RuleAction::DrainHost | RuleAction::QuarantineHost => {
@@ -47,12 +44,18 @@ pub fn carry_out(kv: &mut Box<dyn KvStore>, decision: &Decision, observed: &clus
             kv.put(&keys::hostctl(&decision.host), &serde_json::to_vec(&state)?)?;
         }
         RuleAction::ReprotectElsewhere => {
+            // The round moves the backup (the one the primary replicates to, else any) off its
+            // host once another can take it, then removes the request.
             let Some(vm) = &decision.vm else { return Ok(()) };
-            for (host, replica) in observed.live_replicas() {
-                if &replica.vm == vm && replica.role == cluster::ReplicaRole::Backup {
-                    let id = format!("{vm}-{}-{}", replica.uid, replica.pid.unwrap_or(0));
-                    kv.put(&format!("{STOP_REQUESTS}{host}/{id}"), &serde_json::to_vec(replica)?)?;
-                }
+            let mine: Vec<_> = observed.live_replicas().filter(|(_, r)| &r.vm == vm).collect();
+            let primary = mine.iter().find(|(_, r)| r.role == cluster::ReplicaRole::Primary);
+            let backups = || mine.iter().filter(|(_, r)| r.role == cluster::ReplicaRole::Backup);
+            let backup = backups()
+                .find(|(_, r)| primary.is_some_and(|(_, p)| r.listen.is_some() && r.listen == p.backup_to))
+                .or_else(|| backups().next());
+            if let Some((host, replica)) = backup {
+                let replacement = cluster::spec::Replacement { uid: replica.uid, host: host.to_string() };
+                kv.put(&keys::replace(vm), &serde_json::to_vec(&replacement)?)?;
             }
         }
         RuleAction::Webhook(url) => {

@@ -129,3 +129,71 @@ fn replicas_of_an_ended_or_redeclared_vm_stop() {
     observed.owners.insert("web".into(), Some(ended));
     assert!(matches!(&round("a", &declared, &observed)[..], [Action::Stop { reason: StopReason::Ended, .. }]));
 }
+
+#[test]
+fn a_backup_asked_to_move_goes_to_a_third_host_never_back_to_its_own_or_the_primarys() {
+    let mut declared = declared(&[("web", Protection::Checkpoint)]);
+    declared.replacing.insert("web".into(), crate::spec::Replacement { uid: 1, host: "b".into() });
+    let mut primary = replica("web", 1, ReplicaRole::Primary);
+    primary.backup_to = Some("web-backup:7000".into());
+    primary.protected = Some(true);
+    // Host b is the least loaded once its backup is gone, and a the primary's: neither may get it.
+    let busy = || vec![replica("x", 9, ReplicaRole::Backup), replica("y", 9, ReplicaRole::Backup)];
+    let mut observed = Observed {
+        hosts: [
+            host("a", vec![primary.clone()]),
+            host("b", vec![replica("web", 1, ReplicaRole::Backup)]),
+            host("c", busy()),
+        ]
+        .into_iter()
+        .collect(),
+        owners: [owned_by("web", "a", 1)].into_iter().collect(),
+        ..Default::default()
+    };
+    // (c also stops the undeclared replicas that make it busy.)
+    let of_web = |me: &str, observed: &Observed| -> Vec<Action> {
+        round(me, &declared, observed)
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Stop { vm, .. } if vm != "web"))
+            .collect()
+    };
+    assert!(matches!(&of_web("b", &observed)[..], [Action::Stop { reason: StopReason::Replaced, .. }]));
+    assert_eq!(of_web("c", &observed), [Action::StartBackup { vm: "web".into(), uid: 1 }]);
+    // The old backup gone: the new one still goes to c, never to b or a.
+    observed.hosts.insert("b".into(), host("b", vec![]).1);
+    assert_eq!(of_web("c", &observed), [Action::StartBackup { vm: "web".into(), uid: 1 }]);
+    assert_eq!(of_web("b", &observed), []);
+    assert_eq!(of_web("a", &observed), [], "never on the primary's host");
+    // Protected by c's backup: the request is done, and the first alive host removes it.
+    let mut moved = replica("web", 1, ReplicaRole::Backup);
+    moved.listen = Some("c:7000".into());
+    let mut c = busy();
+    c.push(moved);
+    observed.hosts.insert("c".into(), host("c", c).1);
+    primary.backup_to = Some("c:7000".into());
+    observed.hosts.insert("a".into(), host("a", vec![primary]).1);
+    assert_eq!(of_web("a", &observed), [Action::RemoveKey { key: "/ftvm/replace/web".into() }]);
+}
+
+#[test]
+fn a_backup_asked_to_move_stays_when_no_other_host_can_take_it() {
+    let mut declared = declared(&[("web", Protection::Checkpoint)]);
+    declared.replacing.insert("web".into(), crate::spec::Replacement { uid: 1, host: "b".into() });
+    let mut primary = replica("web", 1, ReplicaRole::Primary);
+    primary.backup_to = Some("web-backup:7000".into());
+    primary.protected = Some(true);
+    let mut observed = Observed {
+        hosts: [host("a", vec![primary]), host("b", vec![replica("web", 1, ReplicaRole::Backup)])]
+            .into_iter()
+            .collect(),
+        owners: [owned_by("web", "a", 1)].into_iter().collect(),
+        ..Default::default()
+    };
+    assert_eq!(round("b", &declared, &observed), [], "protection on b beats none");
+    // Lost anyway: b is the only place left for it.
+    observed.hosts.insert("b".into(), host("b", vec![]).1);
+    assert_eq!(round("b", &declared, &observed), [Action::StartBackup { vm: "web".into(), uid: 1 }]);
+    // A request about an earlier declaration is dropped.
+    declared.replacing.insert("web".into(), crate::spec::Replacement { uid: 7, host: "b".into() });
+    assert!(round("a", &declared, &observed).contains(&Action::RemoveKey { key: "/ftvm/replace/web".into() }));
+}
