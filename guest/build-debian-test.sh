@@ -8,6 +8,12 @@
 #                                          riscv64 cross compiler as /usr/bin/ftvm-*,
 #                                          the ext2 modules and /usr/share/ftvm/mount-disk
 #   guest/debian-test/out/disk.img         an ext2 file system with files for ftvm-files
+#   guest/debian-test/out/redis-initrd.cpio.gz
+#                                          the default initramfs with Debian trixie's
+#                                          redis-server and redis-cli (8.0) and the
+#                                          libraries they need: a real service for the
+#                                          replication tests, driven by Debian's
+#                                          redis-cli on the host
 # Downloaded .debs and the private apt state are kept in guest/debian-test; a second run
 # with the same inputs is instant. Run guest/build.sh first (this builds on guest/out).
 # Works on Debian bookworm as root (it installs gcc-riscv64-linux-gnu and the few tools it
@@ -39,8 +45,11 @@ readonly DEFAULT_INITRD=$GUEST_DIR/out/initramfs.cpio.gz
 readonly KERNEL_DEBS=$GUEST_DIR/cache/debs
 readonly PROGRAMS_DIR=$GUEST_DIR/debian-programs
 readonly CROSS=riscv64-linux-gnu
-# libc6 depends on libgcc-s1 (thread cancellation unwinds with it); coreutils for date.
-readonly PACKAGES=(libc6 libgcc-s1 coreutils)
+# libc6 depends on libgcc-s1 (thread cancellation unwinds with it); coreutils for date;
+# redis-tools (redis-server is its redis-check-rdb under another name, as Debian's
+# redis-server package links it) and the libraries its binaries need.
+readonly PACKAGES=(libc6 libgcc-s1 coreutils redis-tools libatomic1 libjemalloc2 liblzf1 libssl3t64 libstdc++6
+    libsystemd0 libzstd1 zlib1g libcap2 liblz4-1 liblzma5 libgcrypt20 libgpg-error0)
 # ext2 is served by the ext4 module, which wants the crc32c driver loaded before it mounts
 # (nothing can load it on demand: no modprobe, no modules.dep); the order satisfies the
 # dependencies.
@@ -113,19 +122,57 @@ needed_libs() {
     done | sort -u
 }
 
+# The C library where the programs' interpreter (/lib/ld-linux-riscv64-lp64d.so.1) and the
+# multiarch search path find it, and every library the binaries $3... need, from the
+# packages unpacked in $1 (and nothing else), into the tree $2. The default image's /lib is
+# a directory, so the links go into it (trixie's packages ship under /usr; /lib is a link
+# on Debian).
+install_runtime() {
+    local debs=$1 root=$2 lib
+    shift 2
+    mkdir -p "$root/usr/lib/$CROSS" "$root/lib"
+    cp -a "$debs/usr/lib/ld-linux-riscv64-lp64d.so.1" "$root/usr/lib/"
+    ln -sfn ../usr/lib/ld-linux-riscv64-lp64d.so.1 "$root/lib/ld-linux-riscv64-lp64d.so.1"
+    ln -sfn ../usr/lib/$CROSS "$root/lib/$CROSS"
+    local bin
+    for bin in "$@"; do
+        needed_libs "$debs" "$bin"
+    done | sort -u | while read -r lib; do
+        [ -e "$debs/usr/lib/$CROSS/$lib" ] || die "$lib (needed by $*) is in none of: ${PACKAGES[*]}"
+        cp -a "$debs/usr/lib/$CROSS/$lib" "$root/usr/lib/$CROSS/"
+        # A soname is a link to the versioned file: bring that too.
+        if [ -L "$debs/usr/lib/$CROSS/$lib" ]; then
+            cp -a "$(readlink -f "$debs/usr/lib/$CROSS/$lib")" "$root/usr/lib/$CROSS/"
+        fi
+    done
+}
+
+# Writes the tree $1 as a reproducible newc archive to $2: fixed timestamps, sorted names.
+archive_tree() {
+    local tree=$1 out=$2
+    find "$tree" -exec touch -h -d @0 {} +
+    (cd "$tree" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
+        | cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) \
+        | gzip -9n >"$out"
+}
+
+# The default initramfs with Debian's redis-server and redis-cli appended.
+build_redis_image() {
+    local work=$1 debs=$work/debs root=$work/redis
+    mkdir -p "$root/usr/bin"
+    install -m 0755 "$debs/usr/bin/redis-check-rdb" "$root/usr/bin/redis-server"
+    install -m 0755 "$debs/usr/bin/redis-cli" "$root/usr/bin/redis-cli"
+    install_runtime "$debs" "$root" "$root/usr/bin/redis-server" "$root/usr/bin/redis-cli"
+    archive_tree "$root" "$work/redis.cpio.gz"
+    cat "$DEFAULT_INITRD" "$work/redis.cpio.gz" >"$work/out/redis-initrd.cpio.gz"
+}
+
 build_test_image() {
     local work=$1 debs=$work/debs root=$work/extra deb lib kdeb
     mkdir -p "$debs" "$root"/{usr/bin,opt/debian/bin,lib/modules,usr/share/ftvm,mnt} "$root/usr/lib/$CROSS"
     while read -r deb; do
         dpkg-deb -x "$deb" "$debs"
     done < <(cached_debs)
-
-    # The C library where the programs' interpreter (/lib/ld-linux-riscv64-lp64d.so.1) and
-    # the multiarch search path find it. The default image's /lib is a directory, so the
-    # links go into it (trixie's packages ship under /usr; /lib is a link on Debian).
-    cp -a "$debs/usr/lib/ld-linux-riscv64-lp64d.so.1" "$root/usr/lib/"
-    ln -s ../usr/lib/ld-linux-riscv64-lp64d.so.1 "$root/lib/ld-linux-riscv64-lp64d.so.1"
-    ln -s ../usr/lib/$CROSS "$root/lib/$CROSS"
 
     say "building the test programs with $($CROSS-gcc --version | head -n 1)"
     local src name
@@ -134,19 +181,7 @@ build_test_image() {
         "$CROSS-gcc" -O2 -Wall -Wextra -Werror -pthread -o "$root/usr/bin/$name" "$src"
     done
     install -m 0755 "$debs/usr/bin/date" "$root/opt/debian/bin/date"
-
-    # Every library the binaries need, from the packages (and nothing else).
-    local bin
-    for bin in "$root"/usr/bin/ftvm-* "$root/opt/debian/bin/date"; do
-        needed_libs "$debs" "$bin"
-    done | sort -u | while read -r lib; do
-        [ -e "$debs/usr/lib/$CROSS/$lib" ] || die "$lib (needed by the test programs) is in none of: ${PACKAGES[*]}"
-        cp -a "$debs/usr/lib/$CROSS/$lib" "$root/usr/lib/$CROSS/"
-        # A soname is a link to the versioned file: bring that too.
-        if [ -L "$debs/usr/lib/$CROSS/$lib" ]; then
-            cp -a "$(readlink -f "$debs/usr/lib/$CROSS/$lib")" "$root/usr/lib/$CROSS/"
-        fi
-    done
+    install_runtime "$debs" "$root" "$root"/usr/bin/ftvm-* "$root/opt/debian/bin/date"
     say "libraries: $(cd "$root/usr/lib/$CROSS" && echo *)"
 
     # The ext2 file system's modules, unsigned as guest/build.sh stores the others.
@@ -168,11 +203,7 @@ mount -t ext2 -o ro /dev/vda /mnt
 EOF
     chmod 0755 "$root/usr/share/ftvm/mount-disk"
 
-    # Fixed timestamps, sorted names: same inputs, same archive.
-    find "$root" -exec touch -h -d @0 {} +
-    (cd "$root" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
-        | cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) \
-        | gzip -9n >"$work/out/extra.cpio.gz"
+    archive_tree "$root" "$work/out/extra.cpio.gz"
     cat "$DEFAULT_INITRD" "$work/out/extra.cpio.gz" >"$work/out/initrd.cpio.gz"
 
     # The disk: an ext2 file system with a text file and 1 MiB of a fixed pattern.
@@ -199,6 +230,7 @@ test_main() {
     [ -s "$DEFAULT_INITRD" ] || die "$DEFAULT_INITRD is missing: run guest/build.sh first"
     ensure_test_tools
     if [ "$force" = 0 ] && [ "$refresh" = 0 ] && [ -s "$OUT_DIR/initrd.cpio.gz" ] && [ -s "$OUT_DIR/disk.img" ] \
+        && [ -s "$OUT_DIR/redis-initrd.cpio.gz" ] \
         && cached_debs >/dev/null && [ "$(cat "$OUT_DIR/.inputs" 2>/dev/null)" = "$(inputs_digest)" ]; then
         say "up to date, nothing to do: $OUT_DIR/{initrd.cpio.gz,disk.img} (--force rebuilds)"
         return 0
@@ -210,11 +242,13 @@ test_main() {
     trap "rm -rf '$work'" EXIT
     mkdir -p "$work/out"
     build_test_image "$work"
+    build_redis_image "$work"
     inputs_digest >"$work/out/.inputs"
     # Replace the outputs only once everything is built.
     rm -rf "$OUT_DIR"
     mv "$work/out" "$OUT_DIR"
-    say "built $OUT_DIR/initrd.cpio.gz ($(stat -c %s "$OUT_DIR/initrd.cpio.gz") bytes) and disk.img"
+    say "built $OUT_DIR/initrd.cpio.gz ($(stat -c %s "$OUT_DIR/initrd.cpio.gz") bytes), disk.img and" \
+        "redis-initrd.cpio.gz ($(stat -c %s "$OUT_DIR/redis-initrd.cpio.gz") bytes)"
 }
 
 test_main "$@"

@@ -35,6 +35,8 @@ pub struct Options {
     pub backup_max_files: Option<u32>,
     /// Seed of the relay's damage.
     pub seed: u64,
+    /// `--initrd` of the primary (the backup gets the machine from it); the default image if None.
+    pub initrd: Option<PathBuf>,
 }
 
 impl Options {
@@ -47,6 +49,7 @@ impl Options {
             failover_timeout_ms: 500,
             backup_max_files: None,
             seed,
+            initrd: None,
         }
     }
 }
@@ -154,6 +157,9 @@ impl Cluster {
             ["run", "--net", "tap:tap0", "--replicate-to", &relay_addr, "--key", &key_s].map(String::from).to_vec();
         primary_args.extend(ownership(&dir));
         primary_args.extend(["--epoch-ms".into(), options.epoch_ms.to_string()]);
+        if let Some(initrd) = &options.initrd {
+            primary_args.extend(["--initrd".into(), initrd.display().to_string()]);
+        }
         primary_args.extend(["--api".into(), primary_api.display().to_string(), "--".into()]);
         primary_args.extend(options.command.iter().cloned());
         let primary = spawn_in(&topo.primary_ns(), &primary_args, &dir, "primary", None);
