@@ -142,6 +142,7 @@
 //! *OwnershipLost* — the replica must stop (another replica may be live); *VmEnded* — the VM
 //! ended.
 
+pub mod lockstep;
 pub mod messages;
 pub mod output_commit;
 pub mod protocol;

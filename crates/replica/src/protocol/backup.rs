@@ -80,6 +80,11 @@ pub enum BackupEvent<'a> {
     CheckpointApplied { epoch: u64 },
     /// The machine could not apply it; its state is no longer a whole checkpoint.
     ApplyFailed { epoch: u64, reason: String },
+    /// Between applies: the machine's state is no longer what the primary's checkpoints
+    /// made it (a lockstep backup found a divergence after it acknowledged the epoch), so it
+    /// holds nothing whole, as after `ApplyFailed`: the connection closes and the primary
+    /// sends a full checkpoint (lockstep: a state) on the next.
+    StateLost { reason: String },
     /// The answer to a `ClaimOwnership` action (`Err`: the store could not be reached).
     Claim(Result<SwapAnswer, String>),
     /// The answer to a `ReadOwnership` action.
@@ -263,6 +268,7 @@ impl Backup {
             BackupEvent::Disconnected { conn } => self.on_disconnected(conn, &mut actions),
             BackupEvent::CheckpointApplied { epoch } => self.on_applied(epoch, &mut actions),
             BackupEvent::ApplyFailed { epoch, reason } => self.on_apply_failed(epoch, reason, &mut actions),
+            BackupEvent::StateLost { reason } => self.on_state_lost(reason, &mut actions),
             BackupEvent::Claim(answer) => self.on_claim(answer, &mut actions),
             BackupEvent::Ownership(answer) => self.on_ownership(answer, &mut actions),
         }
@@ -834,6 +840,18 @@ impl Backup {
         self.incoming_from_old_link = false;
         if let Some(bl) = self.link.take() {
             self.close_link(bl, ProtocolError::ApplyFailed { epoch, reason }, actions);
+        }
+    }
+
+    fn on_state_lost(&mut self, reason: String, actions: &mut Vec<BackupAction>) {
+        assert!(self.applying.is_none(), "StateLost comes between applies");
+        self.applied = None;
+        self.latest = None;
+        self.ready.clear();
+        self.incoming = None;
+        self.incoming_from_old_link = false;
+        if let Some(bl) = self.link.take() {
+            self.close_link(bl, ProtocolError::StateLost { reason }, actions);
         }
     }
 

@@ -94,6 +94,8 @@ pub enum ProtocolError {
     ConnectionLost,
     #[error("applying checkpoint {epoch} failed: {reason}; this backup waits for a full checkpoint")]
     ApplyFailed { epoch: u64, reason: String },
+    #[error("the backup's machine no longer holds the primary's state ({reason}); it waits for a full checkpoint")]
+    StateLost { reason: String },
     #[error(
         "this replica no longer owns the VM: the ownership record is at generation {generation:?}, \
          owned by {owner} (this replica held generation {ours}); another replica may be live, so this one stops"
