@@ -373,11 +373,18 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let At { op, i, pc, next } = at;
         debug_assert_eq!(self.dirty, 0, "registers are written back before the slow path");
         self.has_slow_path = true;
+        // The arguments are made in a cold stub of their own: made before the branch,
+        // they would cost four instructions and four host registers on the hot path
+        // (Cranelift's `opt_level = "none"` does not sink them).
+        let stub = self.b.create_block();
+        self.b.set_cold_block(stub);
+        let cont = self.b.create_block();
+        self.b.ins().brif(cond, stub, &[], cont, &[]);
+        self.b.switch_to_block(stub);
         let icount = self.b.ins().iadd_imm(self.icount0, i as i64);
         let [op, pc, next] = [op as i64, pc as i64, next as i64].map(|v| self.b.ins().iconst(I64, v));
         let args = [op.into(), pc.into(), next.into(), icount.into()];
-        let cont = self.b.create_block();
-        self.b.ins().brif(cond, self.slow, &args, cont, &[]);
+        self.b.ins().jump(self.slow, &args);
         self.b.switch_to_block(cont);
     }
 
@@ -444,9 +451,14 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
     /// block otherwise.
     fn exit_if(&mut self, cond: Value, target: Target, retired: u64, word: u64) {
         debug_assert_eq!(self.dirty, 0, "registers are written back before a possible exit");
-        let args = self.exit_args(target, retired, word);
+        // The exit's arguments are made in a cold stub (see `slow_path_if`).
+        let stub = self.b.create_block();
+        self.b.set_cold_block(stub);
         let cont = self.b.create_block();
-        self.b.ins().brif(cond, self.exit, &args, cont, &[]);
+        self.b.ins().brif(cond, stub, &[], cont, &[]);
+        self.b.switch_to_block(stub);
+        let args = self.exit_args(target, retired, word);
+        self.b.ins().jump(self.exit, &args);
         self.b.switch_to_block(cont);
     }
 
