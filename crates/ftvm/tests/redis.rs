@@ -131,8 +131,15 @@ fn debians_redis_cli_counts_on_through_a_sigkill_of_the_primary_with_nothing_los
     let seed = seed();
     let image = redis_image();
     let command = ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"];
-    let options =
-        Options { command: command.map(String::from).to_vec(), initrd: Some(image), ..Options::counter(seed) };
+    let options = Options {
+        command: command.map(String::from).to_vec(),
+        initrd: Some(image),
+        // Twice the other tests' detection timeout: redis' larger image boots with more
+        // pauses, and a spurious takeover on a loaded machine (correctly refused to the
+        // primary by the ownership record) would end the test before its kill.
+        failover_timeout_ms: 1000,
+        ..Options::counter(seed)
+    };
     let mut cluster = Cluster::start("redis", &options);
     let ns = cluster.topo.client_ns();
     let deadline = Instant::now() + BOOT_LIMIT;
