@@ -6,6 +6,7 @@ pub mod client;
 pub mod cluster;
 #[path = "../../src/netns.rs"]
 pub mod netns;
+pub mod redis;
 pub mod relay;
 pub mod strangers;
 
