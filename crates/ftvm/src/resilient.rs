@@ -9,7 +9,7 @@ use vmm::driver::{ConsoleSink, Driver};
 use vmm::host::{console, tap::Tap};
 use vmm::keeper::region::{Region, Verdict};
 use vmm::keeper::supervisor::{self, End, Hooks, Inherit, NoHooks, Restart};
-use vmm::keeper::{monitor, stream::StreamSink, Inherited};
+use vmm::keeper::{disk::DiskJournal, monitor, stream::StreamSink, Inherited};
 
 pub fn run(args: RunArgs) -> Result<i32> {
     refuse_unsupported(&args)?;
@@ -31,12 +31,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
 fn refuse_unsupported(args: &RunArgs) -> Result<()> {
     if args.replication.replicate_to.is_some() || args.replication.ownership.store.is_some() {
         bail!("--resilient does not work with replication or an ownership store yet (docs/microreboot.md)");
-    }
-    if args.vm.disk.is_some() && !args.vm.disk_read_only {
-        bail!(
-            "--resilient needs --disk-read-only for now: a disk written in place cannot be taken back to the local \
-             checkpoint (docs/microreboot.md)"
-        );
     }
     Ok(())
 }
@@ -66,6 +60,9 @@ pub fn keep(
     if let Some(tap) = run_cmd::open_tap(vm)? {
         fds.push(("tap", tap.into_fd()));
     }
+    if written_disk(vm).is_some() {
+        fds.push(("disk", vmm::keeper::disk::create_journal()?));
+    }
     let _api = match &vm.api {
         Some(path) => {
             let listener = crate::api::bind(path)?;
@@ -90,6 +87,11 @@ pub fn keep(
     supervisor::supervise(&region, &inherit, sink, &options, hooks)
 }
 
+/// The disk image, if the guest writes it (then it is kept as of the local checkpoint).
+fn written_disk(vm: &run_cmd::VmArgs) -> Option<&std::path::Path> {
+    vm.disk.as_deref().filter(|_| !vm.disk_read_only)
+}
+
 struct RemoveOnDrop(std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -103,11 +105,19 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let _faults = vmm::keeper::fault::setup();
     let vm = &args.vm;
-    let config = run_cmd::machine_config(vm, &args.command)?;
+    let mut config = run_cmd::machine_config(vm, &args.command)?;
+    let disk = match (inherited.disk, written_disk(vm)) {
+        (Some(journal), Some(path)) => Some(DiskJournal::open(journal, path)?),
+        (None, Some(_)) => bail!("the keeper passed no disk journal for a written disk"),
+        _ => None,
+    };
+    // The guest's writes since the local checkpoint stay in an overlay that dies with
+    // this monitor; each checkpoint folds them into the image.
+    config.disk_overlay = disk.is_some();
     let t1 = t0.elapsed();
     let region_fd = inherited.region.try_clone().context("cannot duplicate the region's descriptor")?;
     let region = Region::open(inherited.region, vm.mem);
-    let started = match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config)) {
+    let started = match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config, disk)) {
         Ok(started) => started,
         Err(e) => {
             let verdict = e.verdict();

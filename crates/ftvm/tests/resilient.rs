@@ -205,3 +205,43 @@ fn a_poison_input_stops_the_keeper_after_three_attempts_naming_it() {
     assert!(input.ends_with(&format!("stamped at icount {icount})")), "{input} at {icount}");
     assert_eq!(report["restarts"].as_array().unwrap().len(), 2, "{report}");
 }
+
+/// A counter kept on the disk: each step reads sector 0 (bypassing the guest's page cache),
+/// adds one and writes it back, then prints it. A replay that read a sector written after
+/// its local checkpoint would count twice and skip a number; the disk must be as it was at
+/// the checkpoint.
+fn disk_counter(n: u32) -> String {
+    format!(
+        "i=0; while [ $i -lt {n} ]; do \
+         i=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -1); i=$((i+1)); \
+         echo $i | dd of=/dev/vda bs=512 count=1 conv=sync,fsync oflag=direct 2>/dev/null; echo $i; done"
+    )
+}
+
+#[test]
+fn a_written_disk_ends_right_when_its_monitor_is_killed_while_the_guest_writes_it() {
+    let n = 200;
+    let disk = std::env::temp_dir().join(format!("ftvm-resilient-disk-{}-{}.img", std::process::id(), rand_tag()));
+    let mut image = b"0\n".to_vec();
+    image.resize(1 << 20, 0);
+    std::fs::write(&disk, &image).unwrap();
+    let mut run = start(&["--disk", disk.to_str().unwrap()], &[], &disk_counter(n));
+    let keeper = run.child.id();
+    let mut progress = Progress::follow(&mut run);
+    for (line, sig) in [("40", "KILL"), ("90", "ABRT"), ("150", "KILL")] {
+        progress.wait_for(line, Duration::from_secs(90));
+        signal(monitor_of(keeper, Duration::from_secs(10)), sig);
+    }
+    let (code, _, stderr, report) = finish(run);
+    let stdout = progress.rest();
+    let written = std::fs::read(&disk).unwrap();
+    let _ = std::fs::remove_file(&disk);
+    let counted: String = (1..=n).map(|i| format!("{i}\n")).collect();
+    assert_eq!(stdout, counted, "stderr: {stderr}");
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(report["restarts"].as_array().unwrap().len(), 3, "{report}");
+    // The image holds the last count, in sector 0 padded with zeros, and nothing else.
+    let mut want = format!("{n}\n").into_bytes();
+    want.resize(1 << 20, 0);
+    assert!(written == want, "the image after the run: {:?}", String::from_utf8_lossy(&written[..16]));
+}

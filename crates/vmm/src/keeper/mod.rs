@@ -5,11 +5,13 @@
 //! VM over from the region's local checkpoint and input log, with every output once.
 //!
 //! - [`region`]: the shared recovery region's layout, checkpoint commit and input log.
+//! - [`disk`]: a written disk kept as of the local checkpoint (the disk journal).
 //! - [`monitor`]: the monitor's mode (log, heartbeat, local checkpoints, exactly-once outputs) and its recovery.
 //! - [`supervisor`]: the keeper's loop.
 //! - [`stream`]: the console stream from monitor to keeper.
 //! - [`fault`]: fault points (the `fail` crate, with the `failpoints` feature).
 
+pub mod disk;
 pub mod fault;
 pub mod monitor;
 pub mod region;
@@ -20,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// The environment variable by which a keeper tells its monitor which descriptors it
-/// inherited: `region=N,stream=N[,tap=N][,api=N]`.
+/// inherited: `region=N,stream=N[,tap=N][,api=N][,disk=N]`.
 pub const ENV_FDS: &str = "FTVM_KEEPER_FDS";
 /// The monitor's attempt number (1 for the first).
 pub const ENV_ATTEMPT: &str = "FTVM_KEEPER_ATTEMPT";
@@ -31,6 +33,8 @@ pub struct Inherited {
     pub stream: std::fs::File,
     pub tap: Option<OwnedFd>,
     pub api: Option<OwnedFd>,
+    /// The disk journal, when the VM's disk is written.
+    pub disk: Option<OwnedFd>,
     pub attempt: u32,
 }
 
@@ -38,7 +42,7 @@ pub struct Inherited {
 pub fn inherited() -> Result<Option<Inherited>> {
     let Ok(spec) = std::env::var(ENV_FDS) else { return Ok(None) };
     let attempt = std::env::var(ENV_ATTEMPT).ok().and_then(|a| a.parse().ok()).unwrap_or(1);
-    let (mut region, mut stream, mut tap, mut api) = (None, None, None, None);
+    let (mut region, mut stream, mut tap, mut api, mut disk) = (None, None, None, None, None);
     for part in spec.split(',') {
         let Some((name, fd)) = part.split_once('=') else { bail!("{ENV_FDS}={spec:?}: expected name=fd pairs") };
         let fd: RawFd = fd.parse().with_context(|| format!("{ENV_FDS}: {part:?} is not a descriptor"))?;
@@ -52,6 +56,7 @@ pub fn inherited() -> Result<Option<Inherited>> {
             "stream" => &mut stream,
             "tap" => &mut tap,
             "api" => &mut api,
+            "disk" => &mut disk,
             _ => bail!("{ENV_FDS}: unknown descriptor name {name:?}"),
         };
         anyhow::ensure!(slot.replace(owned).is_none(), "{ENV_FDS}: {name} given twice");
@@ -64,6 +69,7 @@ pub fn inherited() -> Result<Option<Inherited>> {
         stream: std::fs::File::from(stream.context("the keeper passed no console stream")?),
         tap,
         api,
+        disk,
         attempt,
     }))
 }

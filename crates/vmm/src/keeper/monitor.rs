@@ -8,6 +8,7 @@
 //! the machine is deterministic, so it reaches the very instruction where the old monitor
 //! died, producing the same outputs, of which those that already left are held back.
 
+use super::disk::{DiskJournal, DiskStaged};
 use super::region::{Live, Marks, Phase, Region, RegionError, Verdict, PAGE};
 use crate::driver::ConsoleSink;
 use crate::host::tap::Tap;
@@ -44,6 +45,8 @@ pub struct Monitor {
     checkpoint_every: Duration,
     /// The log filled up: checkpoint before the next input.
     log_full: bool,
+    /// A written disk: its sectors go to the journal at each checkpoint.
+    disk: Option<DiskJournal>,
 }
 
 /// A machine ready to run: fresh (booting) or recovered (to replay `inputs` first).
@@ -60,7 +63,7 @@ fn now_ns() -> u64 {
 }
 
 impl Monitor {
-    fn new(region: Region, marks: Marks) -> Monitor {
+    fn new(region: Region, marks: Marks, disk: Option<DiskJournal>) -> Monitor {
         let console_mark = region.live(Live::ConsoleDelivered);
         let resets_mark = region.live(Live::ResetsDelivered);
         let frames_mark = region.live(Live::FramesSent);
@@ -76,6 +79,7 @@ impl Monitor {
             last_checkpoint: Instant::now(),
             checkpoint_every: Duration::from_millis(CHECKPOINT_MS),
             log_full: false,
+            disk,
         }
     }
 
@@ -87,6 +91,11 @@ impl Monitor {
         let state = machine::snapshot::encode_machine_state(&machine.save_state())
             .context("cannot encode the machine state for the local checkpoint")?;
         let pages = machine.take_dirty_pages();
+        let sectors = machine.take_dirty_sectors();
+        let disk = match &mut self.disk {
+            Some(disk) => disk.stage(machine, &sectors)?,
+            None => DiskStaged::default(),
+        };
         let seq = self.seq + 1;
         let marks = Marks {
             seq,
@@ -99,8 +108,8 @@ impl Monitor {
         for &index in &pages {
             staging.page(index as u64, machine.page(index).expect("a dirty page is within RAM"));
         }
-        staging.commit(marks, &state)?;
-        self.region.apply_staged()?;
+        staging.commit(marks, &state, disk)?;
+        self.region.apply_staged(self.disk.as_mut())?;
         if super::fault::corrupts("keeper::checkpoint-corrupt") {
             self.region.corrupt_committed();
             std::process::abort();
@@ -123,10 +132,11 @@ impl Monitor {
     /// took half a second).
     fn first_checkpoint(&mut self, machine: &mut Machine) -> Result<(), RecoverError> {
         machine.take_dirty_pages();
+        machine.take_dirty_sectors(); // none yet: the image is the disk as it boots
         let state = machine::snapshot::encode_machine_state(&machine.save_state()).map_err(RecoverError::State)?;
         let marks = Marks { seq: 1, icount: machine.icount(), ..Marks::default() };
-        self.region.stage().commit(marks, &state)?;
-        self.region.apply_staged()?;
+        self.region.stage().commit(marks, &state, DiskStaged::default())?;
+        self.region.apply_staged(self.disk.as_mut())?;
         self.region.reset_log(1);
         self.seq = 1;
         Ok(())
@@ -272,6 +282,15 @@ impl Mode<Machine> for Monitor {
     fn idle_wait_limit(&self) -> Option<Duration> {
         Some(HEARTBEAT_WAIT)
     }
+
+    /// The VM ended: a last checkpoint folds the disk's last writes into the image.
+    fn begin_end(&mut self, machine: &mut Machine, _exit_code: u32) -> Result<crate::mode::EndProgress, ModeError> {
+        if self.disk.is_some() {
+            self.checkpoint(machine)
+                .map_err(|e| ModeError::message(format!("cannot take the last local checkpoint: {e:#}")))?;
+        }
+        Ok(crate::mode::EndProgress::Settled)
+    }
 }
 
 /// Why a monitor cannot take the VM over.
@@ -299,14 +318,21 @@ impl RecoverError {
 
 /// Start a monitor on `region`: a fresh machine (first checkpoint taken), or the VM
 /// recovered from the region's checkpoint with the inputs to replay.
-pub fn start(mut region: Region, config: &MachineConfig) -> Result<Started, RecoverError> {
+/// A written disk (`disk`) is folded up to the committed checkpoint first, and the machine
+/// must write into an overlay (`config.disk_overlay`).
+pub fn start(
+    mut region: Region,
+    config: &MachineConfig,
+    mut disk: Option<DiskJournal>,
+) -> Result<Started, RecoverError> {
+    assert!(disk.is_none() || config.disk_overlay, "a resilient VM's written disk goes through an overlay");
     region.set_live(Live::MonitorPid, u64::from(std::process::id()));
     region.bump_heartbeat(0);
-    region.apply_staged()?;
+    region.apply_staged(disk.as_mut())?;
     let Some(committed) = region.committed()? else {
         region.set_live(Live::Phase, Phase::Starting as u64);
         let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
-        let mut monitor = Monitor::new(region, Marks::default());
+        let mut monitor = Monitor::new(region, Marks::default(), disk);
         monitor.first_checkpoint(&mut machine)?;
         monitor.running(0, 0);
         return Ok(Started { machine, monitor, inputs: Vec::new(), recovered: false });
@@ -330,7 +356,7 @@ pub fn start(mut region: Region, config: &MachineConfig) -> Result<Started, Reco
     if std::env::var_os("FTVM_KEEPER_TIMING").is_some() {
         eprintln!("ftvm: monitor: machine built in {t1:?}, {} pages restored by {:?}", written.len(), t0.elapsed());
     }
-    let monitor = Monitor::new(region, committed.marks);
+    let monitor = Monitor::new(region, committed.marks, disk);
     Ok(Started { machine, monitor, inputs, recovered: true })
 }
 

@@ -20,6 +20,7 @@
 //! body and CRC are in place; applying it to the image and the state part is idempotent,
 //! so a monitor killed at any instruction leaves either the old checkpoint or the new one.
 
+use super::disk::{DiskError, DiskJournal, DiskStaged};
 use crc32c::{crc32c, crc32c_append};
 use machine::{Input, InputKind};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -29,8 +30,9 @@ use thiserror::Error;
 
 pub const PAGE: usize = 4096;
 pub const MAGIC: [u8; 8] = *b"FTVMKEEP";
-/// Version 1: the layout above.
-pub const VERSION: u32 = 1;
+/// The handover state's format version (a binary that reads another refuses to take the
+/// VM over). 1: the layout above; 2: a staged checkpoint names the disk journal's part.
+pub const VERSION: u32 = 2;
 /// Room for the encoded machine state (a few KiB in practice: registers, device queues,
 /// pending inputs).
 pub const STATE_CAP: usize = 4 << 20;
@@ -126,6 +128,8 @@ pub enum RegionError {
     RamSize { found: u64, expected: u64 },
     #[error("the input record of {bytes} bytes is larger than {MAX_RECORD}")]
     RecordTooLarge { bytes: usize },
+    #[error(transparent)]
+    Disk(#[from] DiskError),
 }
 
 impl RegionError {
@@ -396,12 +400,15 @@ impl Region {
     }
 }
 
-/// The staging header: seq (the commit store, last), count, state length, CRC, marks.
+/// The staging header: seq (the commit store, last), count, state length, CRC, marks, the
+/// disk journal's part (runs, CRC, bytes).
 const STAGING_SEQ: u64 = 0;
 const STAGING_COUNT: u64 = 8;
 const STAGING_STATE_LEN: u64 = 12;
 const STAGING_CRC: u64 = 16;
 const STAGING_MARKS: u64 = 24;
+const STAGING_DISK: u64 = STAGING_MARKS + MARKS_BYTES as u64;
+const DISK_BYTES: usize = 16;
 
 /// The state part: seq first; then length, CRC, marks, the state.
 const STATE_LEN: u64 = 8;
@@ -440,7 +447,7 @@ impl<'a> Staging<'a> {
 
     /// Write the state and commit: after this returns the new checkpoint stands, and
     /// [`Region::apply_staged`] makes it the image's.
-    pub fn commit(self, marks: Marks, state: &[u8]) -> Result<(), RegionError> {
+    pub fn commit(self, marks: Marks, state: &[u8], disk: DiskStaged) -> Result<(), RegionError> {
         if state.len() > STATE_CAP - STATE_BODY as usize {
             return Err(RegionError::corrupt("state", format!("a machine state of {} bytes", state.len())));
         }
@@ -451,6 +458,9 @@ impl<'a> Staging<'a> {
         self.region.put_u32(s + STAGING_STATE_LEN, state.len() as u32);
         let m = marks.encode();
         self.region.bytes_mut(s + STAGING_MARKS, MARKS_BYTES).copy_from_slice(&m);
+        self.region.put_u32(s + STAGING_DISK, disk.runs);
+        self.region.put_u32(s + STAGING_DISK + 4, disk.crc);
+        self.region.bytes_mut(s + STAGING_DISK + 8, 8).copy_from_slice(&disk.bytes.to_le_bytes());
         let crc = self.region.staging_crc(self.count, state.len());
         self.region.put_u32(s + STAGING_CRC, crc);
         crate::keeper::fault::point("keeper::checkpoint-commit");
@@ -472,7 +482,7 @@ impl Region {
     fn staging_crc(&self, count: u64, state_len: usize) -> u32 {
         let s = self.layout.staging_off;
         let mut crc = crc32c(self.bytes(s + STAGING_COUNT, 8));
-        crc = crc32c_append(crc, self.bytes(s + STAGING_MARKS, MARKS_BYTES));
+        crc = crc32c_append(crc, self.bytes(s + STAGING_MARKS, MARKS_BYTES + DISK_BYTES));
         crc = crc32c_append(crc, self.bytes(s + PAGE as u64, count as usize * 8));
         let state_off = s + PAGE as u64 + round_up(self.layout.ram_pages * 8) + count * PAGE as u64;
         crc32c_append(crc, self.bytes(state_off, state_len))
@@ -483,8 +493,9 @@ impl Region {
     }
 
     /// If the staging part holds a committed checkpoint newer than the image's, copy it
-    /// into the image and the state part (redo; idempotent). Returns whether it did.
-    pub fn apply_staged(&mut self) -> Result<bool, RegionError> {
+    /// into the image and the state part, and fold its disk writes into the disk image
+    /// (redo; idempotent). Returns whether it did.
+    pub fn apply_staged(&mut self, disk: Option<&mut DiskJournal>) -> Result<bool, RegionError> {
         let s = self.layout.staging_off;
         let seq = self.atomic(s + STAGING_SEQ).load(Ordering::Acquire);
         if seq <= self.committed_seq() {
@@ -520,6 +531,18 @@ impl Region {
             self.put_u32(self.layout.crcs_off + index * 4, crc);
             let byte = self.layout.bitmap_off + index / 8;
             self.bytes_mut(byte, 1)[0] |= 1 << (index % 8);
+        }
+        let staged = DiskStaged {
+            runs: self.u32_at(s + STAGING_DISK),
+            crc: self.u32_at(s + STAGING_DISK + 4),
+            bytes: self.u64_at(s + STAGING_DISK + 8),
+        };
+        match disk {
+            Some(disk) => disk.fold(staged)?,
+            None if staged.runs > 0 => {
+                return Err(RegionError::corrupt("staged checkpoint", "disk writes, and this VM has no writable disk"))
+            }
+            None => {}
         }
         crate::keeper::fault::point("keeper::checkpoint-apply");
         let state_off = pages + count * PAGE as u64;
@@ -734,9 +757,9 @@ mod tests {
         let mut staging = region.stage();
         staging.page(3, &page);
         let marks = Marks { seq: 1, icount: 100, console_bytes: 5, resets: 0, frames: 2 };
-        staging.commit(marks, b"state").unwrap();
-        assert!(region.apply_staged().unwrap());
-        assert!(!region.apply_staged().unwrap(), "applying again changes nothing");
+        staging.commit(marks, b"state", DiskStaged::default()).unwrap();
+        assert!(region.apply_staged(None).unwrap());
+        assert!(!region.apply_staged(None).unwrap(), "applying again changes nothing");
         let committed = region.committed().unwrap().unwrap();
         assert_eq!((committed.marks, committed.state.as_slice()), (marks, &b"state"[..]));
         assert_eq!(region.written_pages().collect::<Vec<_>>(), vec![3]);
@@ -749,7 +772,7 @@ mod tests {
         let mut staging = region.stage();
         staging.page(1, &[1u8; PAGE]);
         let _ = staging; // the monitor died before committing
-        assert!(!region.apply_staged().unwrap());
+        assert!(!region.apply_staged(None).unwrap());
         assert!(region.committed().unwrap().is_none());
     }
 
@@ -758,8 +781,8 @@ mod tests {
         let mut region = Region::create(1 << 20).unwrap();
         let mut staging = region.stage();
         staging.page(2, &[9u8; PAGE]);
-        staging.commit(Marks { seq: 1, ..Marks::default() }, b"state").unwrap();
-        region.apply_staged().unwrap();
+        staging.commit(Marks { seq: 1, ..Marks::default() }, b"state", DiskStaged::default()).unwrap();
+        region.apply_staged(None).unwrap();
         region.corrupt_committed();
         let err = region.committed().err().unwrap();
         assert_eq!(
