@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use store::{KvStore, OwnershipStore};
@@ -31,11 +32,13 @@ struct Shared {
     owners: Box<dyn OwnershipStore>,
     token: String,
     host_name: String,
+    /// The agent's --work-dir (its replicas' directories, for their console sockets).
+    work_dir: std::path::PathBuf,
     /// Per host: last seq seen and when it changed (this server's own observation).
     seen: HashMap<String, (u64, Instant)>,
 }
 
-pub fn serve(listen: &str, store_spec: &str, host_name: &str, token: String) -> Result<ApiHandle> {
+pub fn serve(listen: &str, store_spec: &str, host_name: &str, token: String, work_dir: &Path) -> Result<ApiHandle> {
     let addr = vmm::replicate::resolve(listen).context("--listen")?;
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     let addr = listener.local_addr()?;
@@ -44,6 +47,7 @@ pub fn serve(listen: &str, store_spec: &str, host_name: &str, token: String) -> 
         owners: store::open(store_spec)?,
         token,
         host_name: host_name.to_string(),
+        work_dir: work_dir.to_path_buf(),
         seen: HashMap::new(),
     };
     let shared = Arc::new(Mutex::new(shared));
@@ -84,6 +88,7 @@ impl Answer {
             404 => "Not Found",
             405 => "Method Not Allowed",
             409 => "Conflict",
+            502 => "Bad Gateway",
             503 => "Service Unavailable",
             _ => "Error",
         };
@@ -109,28 +114,95 @@ fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> 
     let request = read_request_with_auth(&mut stream);
     let answer = match request {
         Err(message) => Answer::error(400, message),
-        Ok((method, target, authorization, body)) => {
-            let mut shared = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            answer(&mut shared, &method, &target, authorization.as_deref(), &body)
-        }
+        Ok(request) => match crate::agent_console::console_vm(&request.method, &request.target) {
+            Some(vm) => match console(&stream, shared, &vm, &request) {
+                Ok(()) => return Ok(()),
+                Err(answer) => answer,
+            },
+            None => {
+                let mut shared = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let authorization = request.authorization.as_deref();
+                answer(&mut shared, &request.method, &request.target, authorization, &request.body)
+            }
+        },
     };
     answer.write(&mut stream)
 }
 
-/// The control API's bounded reader, keeping the Authorization header too.
-fn read_request_with_auth(stream: &mut TcpStream) -> Result<(String, String, Option<String>, Vec<u8>), String> {
-    // Peek at the header block for Authorization, then let the shared reader parse it all.
+/// `POST /v1/vms/NAME/console`: the connection becomes the VM's console (or an error answer).
+fn console(stream: &TcpStream, shared: &Mutex<Shared>, vm: &str, request: &Request) -> Result<(), Answer> {
+    let (target, me, work_dir) = {
+        let mut shared = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(refusal) = unauthorized(&shared, request.authorization.as_deref()) {
+            return Err(refusal);
+        }
+        let target = console_target(&mut shared, vm)?;
+        (target, shared.host_name.clone(), shared.work_dir.clone())
+    };
+    let authorization = request.authorization.clone().unwrap_or_default();
+    crate::agent_console::attach(stream, &me, &work_dir, &target, &authorization, request.hopped)
+        .map_err(|(status, message)| Answer::error(status, message))
+}
+
+/// Where `vm`'s primary runs: the record's owner, its API and the primary's PID there.
+fn console_target(shared: &mut Shared, vm: &str) -> Result<crate::agent_console::Target, Answer> {
+    let unreachable = |error: anyhow::Error| Answer::error(503, format!("the store did not answer: {error:#}"));
+    let view = view(shared).map_err(unreachable)?;
+    let Some(dv) = view.declared.vms.get(vm) else { return Err(Answer::error(404, format!("no VM named {vm:?}"))) };
+    let record = shared.owners.read(&keys::ownership_id(vm, dv.uid)).map_err(|e| unreachable(e.into()))?;
+    let Some(record) = record else { return Err(Answer::error(409, format!("{vm} is not running yet"))) };
+    let report = view.reports.iter().find(|(r, silent_ms)| r.name == record.owner && *silent_ms < HOST_TIMEOUT_MS);
+    let Some((report, _)) = report else {
+        return Err(Answer::error(503, format!("{vm}'s host {} is not answering", record.owner)));
+    };
+    let primary = report.replicas.iter().find(|r| r.vm == vm && r.uid == dv.uid && r.role == ReplicaRole::Primary);
+    Ok(crate::agent_console::Target {
+        vm: vm.to_string(),
+        uid: dv.uid,
+        host: record.owner.clone(),
+        api: report.api.clone(),
+        pid: primary.and_then(|r| r.pid),
+    })
+}
+
+/// One request, with the headers the API looks at.
+struct Request {
+    method: String,
+    target: String,
+    authorization: Option<String>,
+    /// Passed on by another agent (a console request).
+    hopped: bool,
+    body: Vec<u8>,
+}
+
+/// The control API's bounded reader, keeping the headers the API needs.
+fn read_request_with_auth(stream: &mut TcpStream) -> Result<Request, String> {
+    // Peek at the header block, then let the shared reader parse it all.
     let mut peek = vec![0u8; 8192];
     let n = stream.peek(&mut peek).map_err(|e| format!("cannot read request: {e}"))?;
     let head = String::from_utf8_lossy(&peek[..n]);
-    let authorization = head
-        .split("\r\n")
-        .take_while(|line| !line.is_empty())
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.eq_ignore_ascii_case("authorization"))
-        .map(|(_, value)| value.trim().to_string());
+    let header = |wanted: &str| {
+        head.split("\r\n")
+            .take_while(|line| !line.is_empty())
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|(_, value)| value.trim().to_string())
+    };
+    let authorization = header("authorization");
+    let hopped = header(crate::agent_console::HOP_HEADER).is_some();
     let (method, target, body) = crate::api::read_request(&mut *stream)?;
-    Ok((method, target, authorization, body))
+    Ok(Request { method, target, authorization, hopped, body })
+}
+
+/// The 401 answer, unless `authorization` carries the token.
+fn unauthorized(shared: &Shared, authorization: Option<&str>) -> Option<Answer> {
+    let expected = format!("Bearer {}", shared.token);
+    if authorization.map(str::as_bytes) == Some(expected.as_bytes()) {
+        return None;
+    }
+    let mut answer = Answer::error(401, "unauthorized: send Authorization: Bearer <token>");
+    answer.headers.push(("WWW-Authenticate", "Bearer realm=\"ftvm\"".into()));
+    Some(answer)
 }
 
 /// The answer to one request (no I/O but the store).
@@ -148,11 +220,8 @@ fn answer(shared: &mut Shared, method: &str, target: &str, authorization: Option
             _ => Answer::error(404, format!("no such resource {path}; the API is under /v1/")),
         };
     }
-    let expected = format!("Bearer {}", shared.token);
-    if authorization.map(str::as_bytes) != Some(expected.as_bytes()) {
-        let mut answer = Answer::error(401, "unauthorized: send Authorization: Bearer <token>");
-        answer.headers.push(("WWW-Authenticate", "Bearer realm=\"ftvm\"".into()));
-        return answer;
+    if let Some(refusal) = unauthorized(shared, authorization) {
+        return refusal;
     }
     let result = match (method, path) {
         ("GET", "/v1/vms") => list_vms(shared),
@@ -455,6 +524,7 @@ mod tests {
             owners: Box::new(store::MemoryStore::new()),
             token: "sekrit".into(),
             host_name: "h1".into(),
+            work_dir: std::env::temp_dir(),
             seen: HashMap::new(),
         }
     }

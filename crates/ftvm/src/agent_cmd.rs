@@ -99,7 +99,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
     let reexecuted = std::env::var(REEXEC_LISTEN_ENV).is_ok();
     let rules = crate::agent_rules::load(args.rules.as_deref(), &work_dir.join("rules.good"), reexecuted)?;
     let listen = std::env::var(REEXEC_LISTEN_ENV).unwrap_or_else(|_| args.listen.clone());
-    let api = crate::agent_api::serve(&listen, &args.store, &args.host_name, token)?;
+    let api = crate::agent_api::serve(&listen, &args.store, &args.host_name, token, &work_dir)?;
     eprintln!("ftvm agent: API on http://{}/v1 (host {})", api.addr, args.host_name);
     let progress = Arc::new(AtomicU64::new(now_ms()));
     spawn_watchdog(progress.clone(), api.addr.to_string());
@@ -489,6 +489,8 @@ impl Agent {
             command.arg("--net").arg(format!("tap:{tap}"));
         }
         command.arg("--api").arg(dir.join("api.sock"));
+        // `ftvm vm console` attaches here (a backup binds it when it takes over).
+        command.arg("--console-socket").arg(dir.join("console.sock"));
         command.arg("--store").arg(&self.args.store);
         command.arg("--vm-id").arg(keys::ownership_id(&spec.name, dv.uid));
         command.arg("--replica-name").arg(&self.args.host_name);

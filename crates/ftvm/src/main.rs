@@ -4,10 +4,12 @@
 mod accept;
 mod agent_api;
 mod agent_cmd;
+mod agent_console;
 mod agent_rules;
 mod api;
 mod backup_cmd;
 mod bench_cmd;
+mod console_socket;
 mod ctl_cmd;
 mod demo;
 mod demo_cluster;

@@ -42,6 +42,10 @@ pub struct VmArgs {
     /// Serve the control API (status, pause, resume, snapshot, stop) on this Unix socket
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Serve the guest's console on this Unix socket too (`ftvm vm console` attaches to it):
+    /// clients see its output and type on it
+    #[arg(long, value_name = "PATH")]
+    pub console_socket: Option<PathBuf>,
     /// Serve Prometheus metrics (`GET /metrics`, as on the API socket) over TCP on this address
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
@@ -424,7 +428,12 @@ pub fn run_driver(
         Some(path) => Some(crate::api::serve(path, tx.clone())?),
         None => None,
     };
-    driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || driver.replicating();
+    let console_hub = match &vm.console_socket {
+        Some(path) => Some(crate::console_socket::serve(path, tx.clone())?),
+        None => None,
+    };
+    driver.events_possible =
+        interactive || tap.is_some() || vm.api.is_some() || console_hub.is_some() || driver.replicating();
     // Only the control API can ask to start replicating later; without it the driver keeps
     // no sender of its own, so that it notices when no event can come any more.
     if vm.api.is_some() {
@@ -441,6 +450,9 @@ pub fn run_driver(
     } else {
         Box::new(CommandConsole { started: false, line: Vec::new(), show_boot: boot_log })
     };
+    if let Some(hub) = console_hub {
+        console = Box::new(crate::console_socket::TeeConsole { inner: console, hub });
+    }
     let outcome = driver.run(console.as_mut())?;
     console.finish().context("cannot write console output")?;
     drop(_raw);

@@ -2,8 +2,16 @@
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long `vm console` keeps trying to attach again after its console closed (a failover
+/// takes about a second; placing the VM again, longer).
+const REATTACH_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Debug)]
 pub struct VmArgs {
@@ -49,7 +57,8 @@ pub enum Verb {
     Show { name: String },
     /// Delete a VM (its replicas stop)
     Delete { name: String },
-    /// Follow a VM's console wherever it runs
+    /// Attach the terminal to a VM's console wherever it runs (Ctrl-A x detaches); after a
+    /// failover it attaches again to the new primary
     Console { name: String },
 }
 
@@ -97,11 +106,7 @@ pub fn run(args: VmArgs) -> Result<i32> {
         }
         Verb::Show { name } => print_json(&client.call("GET", &format!("/v1/vms/{name}"), None)?),
         Verb::Delete { name } => print_json(&client.call("DELETE", &format!("/v1/vms/{name}"), None)?),
-        Verb::Console { name } => {
-            bail!(
-                "ftvm vm console {name}: not in this build yet (a replica's console is in its agent's work directory)"
-            )
-        }
+        Verb::Console { name } => console(&client, &name),
     }
 }
 
@@ -136,5 +141,111 @@ impl Client {
             bail!("the agent refused: {message} (HTTP {status})");
         }
         Ok(value)
+    }
+}
+
+/// `ftvm vm console NAME`: the terminal (raw, if it is one) on the VM's console; Ctrl-A x
+/// detaches. When the console closes under it (the primary's host failed), it attaches again
+/// to wherever the VM runs next. Typing after stdin ends is over; the output still comes.
+fn console(client: &Client, name: &str) -> Result<i32> {
+    let (stream, host) = client.attach_console(name)?;
+    let raw = vmm::host::console::RawMode::enter();
+    eprint!("ftvm vm console: attached to {name} on {host} (Ctrl-A x detaches)\r\n");
+    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+    let detached = Arc::new(AtomicBool::new(false));
+    {
+        let (writer, detached) = (writer.clone(), detached.clone());
+        std::thread::spawn(move || type_into(&writer, &detached));
+    }
+    let mut reader = stream;
+    let mut stdout = std::io::stdout();
+    loop {
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    stdout.write_all(&buf[..n])?;
+                    stdout.flush()?;
+                }
+            }
+        }
+        if detached.load(Ordering::Acquire) {
+            drop(raw);
+            return Ok(0);
+        }
+        eprint!("\r\nftvm vm console: {name}'s console closed; attaching again\r\n");
+        let deadline = Instant::now() + REATTACH_LIMIT;
+        let (stream, host) = loop {
+            match client.attach_console(name) {
+                Ok(attached) => break attached,
+                Err(error) if Instant::now() >= deadline => {
+                    drop(raw);
+                    return Err(error.context(format!("{name}'s console did not come back within {REATTACH_LIMIT:?}")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            }
+        };
+        eprint!("ftvm vm console: attached to {name} on {host}\r\n");
+        *writer.lock().unwrap_or_else(|p| p.into_inner()) = stream.try_clone()?;
+        reader = stream;
+    }
+}
+
+/// Stdin to the console (through the Ctrl-A escape) until it ends or the user detaches.
+fn type_into(writer: &Mutex<TcpStream>, detached: &AtomicBool) {
+    let mut stdin = std::io::stdin();
+    let mut escape = vmm::host::console::Escape::default();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let (bytes, quit) = escape.filter(&buf[..n]);
+        let stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+        // A write to a console that just closed is lost, as keys typed at a host going down are.
+        let _ = (&*stream).write_all(&bytes);
+        if quit {
+            detached.store(true, Ordering::Release);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}
+
+impl Client {
+    /// `POST /v1/vms/NAME/console` upgraded to a raw pipe: the connection and the host whose
+    /// replica answers.
+    pub fn attach_console(&self, name: &str) -> Result<(TcpStream, String)> {
+        use crate::agent_console::{read_head, HOST_HEADER, UPGRADE};
+        let addr = vmm::replicate::resolve(&self.authority)?;
+        let timeout = Duration::from_secs(10);
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("cannot reach the agent at {}", self.authority))?;
+        stream.set_read_timeout(Some(timeout))?;
+        let request = format!(
+            "POST /v1/vms/{name}/console HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Upgrade: {UPGRADE}\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n",
+            self.authority, self.token
+        );
+        stream.write_all(request.as_bytes())?;
+        let head = read_head(&mut stream)?;
+        let head = String::from_utf8_lossy(&head).to_string();
+        let status = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+        if status != "101" {
+            let mut body = Vec::new();
+            let _ = (&mut stream).take(64 * 1024).read_to_end(&mut body);
+            let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let message = value["error"].as_str().unwrap_or("no message");
+            bail!("the agent refused: {message} (HTTP {status})");
+        }
+        stream.set_read_timeout(None)?;
+        let host = head
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(HOST_HEADER))
+            .map_or("?".to_string(), |(_, v)| v.trim().to_string());
+        Ok((stream, host))
     }
 }
