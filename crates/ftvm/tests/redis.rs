@@ -11,20 +11,13 @@ mod common;
 
 use common::cluster::{Cluster, Options, BOOT_LIMIT};
 use common::redis::{check_consecutive, redis_cli, redis_image, Session, SERVER};
+use common::seed;
 use std::time::{Duration, Instant};
 
 const PROTECTED_LIMIT: Duration = Duration::from_secs(60);
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(30);
 /// Replies the session must get after the kill.
 const REPLIES_AFTER: usize = 30;
-
-fn seed() -> u64 {
-    let seed = std::env::var("FTVM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    });
-    println!("FTVM_TEST_SEED={seed}");
-    seed
-}
 
 #[test]
 fn debians_redis_cli_counts_on_through_a_sigkill_of_the_primary_with_nothing_lost() {

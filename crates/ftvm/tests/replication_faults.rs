@@ -20,6 +20,7 @@ use common::cluster::{
 };
 use common::netns::Topology;
 use common::relay::Mode;
+use common::seed;
 use common::strangers::{Kind, Strangers};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -41,15 +42,6 @@ const ANNOUNCE_WITHIN: Duration = Duration::from_millis(300);
 const TAKEOVER_SLACK: Duration = Duration::from_millis(400);
 /// Answers the client must get on each way in (HTTP and the session) after a takeover.
 const ANSWERS_AFTER: usize = 3;
-
-/// A seed from FTVM_TEST_SEED or the clock, printed so that a failure can be replayed.
-fn seed() -> u64 {
-    let seed = std::env::var("FTVM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    });
-    println!("FTVM_TEST_SEED={seed}");
-    seed
-}
 
 /// The counter, with the detection timeout of the tests that cut the link.
 fn cut_options(seed: u64) -> Options {

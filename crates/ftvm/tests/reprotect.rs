@@ -12,6 +12,7 @@ mod common;
 
 use common::client::Client;
 use common::cluster::{Cluster, Options, BOOT_LIMIT};
+use common::seed;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -19,15 +20,6 @@ const PROTECTED_LIMIT: Duration = Duration::from_secs(60);
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(30);
 /// Answers the client must get on each way in (HTTP and the session) after a takeover.
 const ANSWERS_AFTER: usize = 3;
-
-/// A seed from FTVM_TEST_SEED or the clock, printed so that a failure can be replayed.
-fn seed() -> u64 {
-    let seed = std::env::var("FTVM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    });
-    println!("FTVM_TEST_SEED={seed}");
-    seed
-}
 
 /// A delay of 0 to 2 s, to the millisecond, drawn from `seed` and `round`: epochs are
 /// 25 ms, so across runs the kill lands at every phase of a checkpoint.

@@ -50,3 +50,13 @@ pub fn scratch(suite: &str, name: &str) -> Scratch {
     std::fs::create_dir_all(&dir).expect("temp dir");
     Scratch { path: dir.join(name), dir }
 }
+
+/// A seed from FTVM_TEST_SEED or the clock, printed so that a failing run can be replayed
+/// with the same faults.
+pub fn seed() -> u64 {
+    let seed = std::env::var("FTVM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    });
+    println!("FTVM_TEST_SEED={seed}");
+    seed
+}
