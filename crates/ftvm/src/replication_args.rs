@@ -45,6 +45,14 @@ impl From<OnBackupLoss> for replica::BackupLossPolicy {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplicationMode {
+    /// Every epoch the changed pages, sectors and device state go to the backup
+    Checkpoint,
+    /// The backup executes the same instruction stream; only the inputs cross the wire
+    Lockstep,
+}
+
 /// `ftvm run`'s replication options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplicationArgs {
@@ -76,6 +84,27 @@ pub struct ReplicationArgs {
     /// 0: off
     #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Replication")]
     pub verify_every: u64,
+    /// Checkpoint replication, or lockstep: the backup (the same `ftvm backup`, which learns
+    /// the mode from the stream) boots from the same images and executes behind the primary,
+    /// only the inputs crossing the wire; an output leaves once the backup holds every input
+    /// before it
+    #[arg(long, value_enum, default_value = "checkpoint", help_heading = "Replication")]
+    pub mode: ReplicationMode,
+    /// Lockstep: how often the backup compares its machine's digest with the primary's
+    /// (a divergence stops lockstep and resynchronizes the backup with a full checkpoint).
+    /// Costs a pass over RAM and disk on both sides per check. 0: never
+    #[arg(long, value_name = "MS", default_value_t = 2000, help_heading = "Replication")]
+    pub lockstep_digest_ms: u64,
+}
+
+/// What `--replicate-to --mode lockstep` and its companions ask for.
+pub fn lockstep_options(args: &ReplicationArgs) -> Result<vmm::mode::lockstep::LockstepOptions> {
+    let ReplicationOptions { primary, .. } = options(args)?;
+    let leader = replica::lockstep::LeaderConfig {
+        digest_every_ms: args.lockstep_digest_ms,
+        ..replica::lockstep::LeaderConfig::default()
+    };
+    Ok(vmm::mode::lockstep::LockstepOptions { primary, leader })
 }
 
 /// What `--replicate-to` and its companions ask for.

@@ -385,7 +385,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
     driver.ownership = ownership;
     if replicated {
         anyhow::ensure!(driver.ownership.is_some(), "--replicate-to needs --store");
-        driver.start_replication(crate::replication_args::options(&args.replication)?, tx.clone())?;
+        match args.replication.mode {
+            crate::replication_args::ReplicationMode::Checkpoint => {
+                driver.start_replication(crate::replication_args::options(&args.replication)?, tx.clone())?
+            }
+            crate::replication_args::ReplicationMode::Lockstep => {
+                let options = crate::replication_args::lockstep_options(&args.replication)?;
+                let ownership = driver.ownership.take().context("--replicate-to needs --store")?;
+                let mode =
+                    vmm::mode::lockstep::LockstepPrimary::start(options, ownership, tx.clone(), &mut driver.machine)?;
+                driver.set_mode(Box::new(mode));
+            }
+        }
     }
     run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
 }

@@ -51,7 +51,10 @@ pub use error::JournalError;
 pub use frame::{RecordType, FRAME_HEADER_BYTES, PREAMBLE_BYTES};
 pub use output_digest::OutputDigest;
 pub use reader::{LogReader, Section};
-pub use record::{disk_copy_path, file_digest, DiskImage, EndReason, ImageFile, LogHeader, Record, Start, StateDigest};
+pub use record::{
+    decode_input, disk_copy_path, encode_input, file_digest, DiskImage, EndReason, ImageFile, LogHeader, Record, Start,
+    StateDigest,
+};
 pub use writer::{LogWriter, WRITE_BUFFER_BYTES};
 
 /// The magic that starts every input log.

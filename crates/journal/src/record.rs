@@ -405,7 +405,8 @@ fn put_image(out: &mut Vec<u8>, image: &ImageFile) {
     out.extend_from_slice(&image.sha256);
 }
 
-pub(crate) fn encode_input(input: &Input, out: &mut Vec<u8>) {
+/// An input's encoding in the log (icount, tag, fields); lockstep ships inputs the same way.
+pub fn encode_input(input: &Input, out: &mut Vec<u8>) {
     put_u64(out, input.icount);
     match &input.kind {
         InputKind::Console(bytes) => {
@@ -431,7 +432,8 @@ pub(crate) fn encode_input(input: &Input, out: &mut Vec<u8>) {
     }
 }
 
-pub(crate) fn decode_input(bytes: &[u8], offset: u64) -> Result<Input> {
+/// An input from its encoding ([`encode_input`]); `offset` names where it was found in errors.
+pub fn decode_input(bytes: &[u8], offset: u64) -> Result<Input> {
     let base = offset + crate::FRAME_HEADER_BYTES as u64;
     let mut r = Reader::at_offset(bytes, base);
     let malformed = |source| JournalError::Malformed { offset, what: "input", source };

@@ -511,6 +511,7 @@ impl<V: Vm + 'static> Driver<V> {
             replication: None,
             backup: None,
             took_over: self.took_over.clone(),
+            lockstep: None,
         };
         self.mode.report(&mut status);
         status

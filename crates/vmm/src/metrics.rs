@@ -119,13 +119,36 @@ pub fn render(status: &Status) -> String {
     replication(&mut t, status);
     backup(&mut t, status);
     takeover(&mut t, status);
+    lockstep(&mut t, status);
     t.out
+}
+
+fn lockstep(t: &mut Text, s: &Status) {
+    let Some(l) = &s.lockstep else { return };
+    t.counter("ftvm_lockstep_batches_total", "Lockstep epochs (batches of inputs) cut by the primary.", l.batches);
+    t.counter("ftvm_lockstep_inputs_total", "Inputs the primary streamed to the backup.", l.inputs);
+    t.counter("ftvm_lockstep_input_bytes_total", "Bytes of the inputs streamed.", l.input_bytes);
+    t.counter("ftvm_lockstep_states_total", "Whole states sent (a backup joining or resynchronizing).", l.states);
+    t.counter("ftvm_lockstep_inputs_held_total", "Inputs the backup holds or has executed.", l.inputs_held);
+    t.counter(
+        "ftvm_lockstep_digests_checked_total",
+        "Digests the backup compared with the primary's.",
+        l.digests_checked,
+    );
+    let help = "Divergences the backup found (each stops lockstep until a state resynchronizes it).";
+    t.counter("ftvm_lockstep_divergences_total", help, l.divergences);
+    t.counter("ftvm_lockstep_resyncs_total", "Resynchronizations by a whole state after a divergence.", l.resyncs);
+    t.gauge("ftvm_lockstep_diverged", "Whether the backup stands diverged, waiting for a state.", l.diverged.is_some());
+    if let Some(lag) = l.lag_icount {
+        t.gauge("ftvm_lockstep_lag_instructions", "Instructions the backup runs behind what it holds.", lag);
+    }
 }
 
 fn common(t: &mut Text, s: &Status) {
     let mode = match s.mode {
         Mode::None => "none",
         Mode::Checkpoint => "checkpoint",
+        Mode::Lockstep => "lockstep",
     };
     t.head("ftvm_info", Kind::Gauge, "The replica's replication mode (always 1).");
     t.sample("ftvm_info", Some(("mode", mode)), 1.into());

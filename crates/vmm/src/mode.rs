@@ -10,6 +10,7 @@
 //! [`ModeEvent`]s on the driver's event channel.
 
 pub mod checkpoint;
+pub mod lockstep;
 
 use crate::control::Reply;
 use crate::status::Status;

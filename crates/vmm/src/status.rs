@@ -38,6 +38,7 @@ pub enum State {
 pub enum Mode {
     None,
     Checkpoint,
+    Lockstep,
 }
 
 /// A primary's protection (replica's [`replica::Protection`], without its details).
@@ -89,6 +90,35 @@ pub struct Status {
     /// A primary that took the VM over from another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub took_over: Option<Takeover>,
+    /// Lockstep's own figures, on either side (None: not in lockstep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lockstep: Option<Lockstep>,
+}
+
+/// Lockstep replication, as either side sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lockstep {
+    /// A primary: batches (epochs) cut, inputs streamed and their bytes, digests sent, states
+    /// sent (a backup that joined or resynchronized).
+    pub batches: u64,
+    pub inputs: u64,
+    pub input_bytes: u64,
+    pub digests: u64,
+    pub states: u64,
+    /// Outputs that left (the release mark).
+    pub released_outputs: u64,
+    /// A backup: inputs held and pushed into its machine, digests checked, divergences found
+    /// and resynchronizations done, outputs kept after the release mark.
+    pub inputs_held: u64,
+    pub inputs_pushed: u64,
+    pub digests_checked: u64,
+    pub divergences: u64,
+    pub resyncs: u64,
+    pub kept_outputs: u64,
+    /// A backup: how many instructions its machine runs behind what it holds.
+    pub lag_icount: Option<u64>,
+    /// A backup: the divergence it stopped at, waiting for a state (None: in step).
+    pub diverged: Option<String>,
 }
 
 impl Status {
@@ -255,6 +285,7 @@ pub(crate) mod tests {
             }),
             backup: None,
             took_over: None,
+            lockstep: None,
         }
     }
 
@@ -283,6 +314,7 @@ pub(crate) mod tests {
                 silence_ms: Some(4),
             }),
             took_over: None,
+            lockstep: None,
         }
     }
 

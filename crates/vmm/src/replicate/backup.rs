@@ -116,6 +116,7 @@ fn status<V: Vm>(backup: &Backup, machine: &MachineThread<V>, applies: Applies, 
             silence_ms: s.last_heard_ms.map(|heard| now_ms().saturating_sub(heard)),
         }),
         took_over: None,
+        lockstep: None,
     }
 }
 
