@@ -208,9 +208,9 @@ fn a_damaged_or_foreign_log_is_refused_with_one_line() {
     assert!(line.contains(&format!("corrupt record at byte {cut_record}: the ")), "{line}");
 
     let mut other_version = bytes.clone();
-    other_version[8] = 2;
+    other_version[8] = 1;
     let line = one_line_error(&variant("version.log", &other_version), &[]);
-    assert!(line.ends_with("version.log: input log format version 2; this ftvm reads version 1"), "{line}");
+    assert!(line.ends_with("version.log: input log format version 1; this ftvm reads version 2"), "{line}");
 
     let other_disk = variant("disk.log", &bytes);
     std::fs::write(vmm::record::disk_copy_path(&other_disk), vec![0u8; 1 << 20]).unwrap();

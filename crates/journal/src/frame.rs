@@ -160,10 +160,10 @@ mod tests {
     fn the_preamble_names_another_version() {
         let mut bytes = preamble();
         check_preamble(&bytes).unwrap();
-        bytes[8] = 2;
+        bytes[8] = 1;
         assert_eq!(
             check_preamble(&bytes).unwrap_err().to_string(),
-            "input log format version 2; this ftvm reads version 1"
+            "input log format version 1; this ftvm reads version 2"
         );
         bytes[0] = b'X';
         assert!(matches!(check_preamble(&bytes), Err(JournalError::NotALog { .. })));

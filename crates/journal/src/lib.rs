@@ -3,14 +3,14 @@
 //! instruction count, and a state digest now and then is a recording that replays
 //! exactly (`ftvm run --record`, `ftvm replay`; the microreboot keeper reads it too).
 //!
-//! # Format, version 1 (every integer little-endian)
+//! # Format, version 2 (every integer little-endian)
 //!
 //! A 16-byte preamble, then records.
 //!
 //! | offset | bytes | preamble field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `FTVMILOG` |
-//! | 8 | 4 | format version, 1 |
+//! | 8 | 4 | format version, 2 |
 //! | 12 | 4 | CRC32C of bytes 0..12 |
 //!
 //! Every record is framed alike: a 20-byte frame header, then its payload.
@@ -59,5 +59,7 @@ pub use writer::{LogWriter, WRITE_BUFFER_BYTES};
 
 /// The magic that starts every input log.
 pub const MAGIC: [u8; 8] = *b"FTVMILOG";
-/// The format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes and reads. Version 2: the same records, with
+/// machine digests as `machine::digest` defines them since its region digests (a version 1
+/// log would replay to other digest values, which must not read as a divergence).
+pub const FORMAT_VERSION: u32 = 2;

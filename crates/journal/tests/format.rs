@@ -161,7 +161,7 @@ fn another_version_and_another_file_are_refused_with_one_line() {
     let mut bytes = log_bytes(&[]);
     bytes[8] = 9;
     let err = LogReader::new(Cursor::new(&bytes)).err().unwrap();
-    assert_eq!(err.to_string(), "input log format version 9; this ftvm reads version 1");
+    assert_eq!(err.to_string(), "input log format version 9; this ftvm reads version 2");
     let err = LogReader::new(Cursor::new(b"FTVMSNAP and more".to_vec())).err().unwrap();
     assert_eq!(
         err.to_string(),

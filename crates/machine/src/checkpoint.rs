@@ -30,8 +30,9 @@ const MAGIC: [u8; 4] = *b"FTCK";
 /// Version 2: the state (as in snapshot format 2) carries the RTC and the clock rate;
 /// version 3 (snapshot format 3) the reboot count and the kernel command line; version 4:
 /// records in any order, a pre-copy's payload laid out as it scans (before, counts came
-/// up front).
-pub const VERSION: u16 = 4;
+/// up front); version 5: the digest record holds the region digests' root
+/// ([`crate::digest`]).
+pub const VERSION: u16 = 5;
 const PAGE_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 /// A pre-copy step's budget is counted in pages; a page's worth of disk is this many sectors.

@@ -8,6 +8,7 @@
 pub mod board;
 pub mod checkpoint;
 pub mod devices;
+pub mod digest;
 pub mod fdt;
 pub mod io;
 pub mod loader;
@@ -17,7 +18,8 @@ pub mod snapshot;
 
 pub use io::{Input, InputKind, Output, OutputKind};
 pub use machine::{
-    Digest, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError, RunExit,
+    Digest, DigestWork, DiskConfig, InputError, Machine, MachineConfig, MachineError, MachineState, RestoreError,
+    RunExit,
 };
 /// The engine choice for [`MachineConfig::cpu`], and what the compiler did.
 pub use rv64::{Cpu, JitStats};

@@ -9,12 +9,14 @@
 use crate::board::{Board, RAM_BASE, VIRTIO_SLOTS};
 use crate::devices::clint::HartRequest;
 use crate::devices::virtio::{blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioMmio};
+use crate::digest::{Bitmap, RegionDigests, RegionTree, SECTORS_PER_LEAF, SECTORS_PER_REGION};
 use crate::io::{Input, InputKind, Output, OutputKind};
 use crate::loader::{self, LoadError};
 use crate::{fdt, sbi};
 use rv64::{Exit, Hart, HartConfig, PrivMode};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use thiserror::Error;
 
 /// The smallest RAM ftvm accepts (the kernel alone needs tens of MiB).
@@ -193,9 +195,6 @@ pub enum RestoreError {
     Invalid { component: &'static str, problem: String },
 }
 
-/// The disk is digested in pieces of this many sectors (1 MiB), the zero ones left out.
-const DIGEST_CHUNK_SECTORS: u64 = 2048;
-
 /// A digest of the whole machine state (RAM, hart, devices, disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Digest(pub u128);
@@ -220,6 +219,49 @@ pub struct Machine {
     reboot_on_reset: bool,
     reboots: u64,
     bootargs: String,
+    /// The region digests of RAM and disk, brought up to date by each digest.
+    digests: Mutex<DigestCache>,
+    /// Pages and sectors written before a digest looked at them and moved out of the
+    /// RAM's and disk's own dirty logs since (see [`Machine::fold_digest_view`]): the
+    /// next [`Machine::take_dirty_pages`] / [`Machine::take_dirty_sectors`] returns them.
+    owed_pages: Bitmap,
+    owed_sectors: Bitmap,
+}
+
+/// What incremental digests keep between two digests.
+///
+/// The RAM's and the disk's dirty logs belong to checkpoints (`take_dirty_*`). A digest
+/// reads them without taking them, plus `*_pending`: what checkpoints took since the last
+/// digest. Every page or disk leaf written since the last digest is in one of the two, so
+/// the digest rehashes exactly those. Afterwards the logs still hold pages the digest has
+/// now seen: `fold_due` says so, and the next `&mut` verb that could write RAM or the disk
+/// first moves them to `owed_*` (still owed to checkpoints, no longer new to digests).
+#[derive(Debug)]
+struct DigestCache {
+    /// None until the first digest (which hashes everything), or after a change that
+    /// bypassed dirty tracking.
+    trees: Option<Trees>,
+    ram_pending: Bitmap,
+    /// Disk leaves (8 sectors) taken by checkpoints since the last digest.
+    disk_pending: Bitmap,
+    fold_due: bool,
+    last_work: DigestWork,
+}
+
+/// What the last digest hashed (for benchmarks and status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DigestWork {
+    /// It hashed everything (the first digest, or one after [`Machine::forget_digests`]).
+    pub from_scratch: bool,
+    /// RAM pages and disk leaves (8 sectors) hashed.
+    pub ram_leaves: usize,
+    pub disk_leaves: usize,
+}
+
+#[derive(Debug)]
+struct Trees {
+    ram: RegionTree,
+    disk: Option<RegionTree>,
 }
 
 /// The kernel and initrd as read when the machine was built, and where they go. Kept in
@@ -325,6 +367,18 @@ impl Machine {
         let mut hart = Hart::new(hart_config, layout.entry);
         boot_state(&mut hart, layout.fdt_addr);
         let board = Board::new(ram, virtio, config.boot_unix_ns);
+        let pages = board.ram.page_count();
+        let sectors = board.virtio.iter().find_map(|d| match d.device() {
+            VirtioDevice::Blk(blk) => Some(blk.capacity_sectors() as usize),
+            _ => None,
+        });
+        let digests = DigestCache {
+            trees: None,
+            ram_pending: Bitmap::new(pages),
+            disk_pending: Bitmap::new(sectors.unwrap_or(0).div_ceil(SECTORS_PER_LEAF as usize)),
+            fold_due: false,
+            last_work: DigestWork::default(),
+        };
         Ok(Machine {
             hart,
             board,
@@ -335,6 +389,9 @@ impl Machine {
             reboot_on_reset: config.reboot_on_reset,
             reboots: 0,
             bootargs: config.bootargs.clone(),
+            digests: Mutex::new(digests),
+            owed_pages: Bitmap::new(pages),
+            owed_sectors: Bitmap::new(sectors.unwrap_or(0)),
         })
     }
 
@@ -448,9 +505,20 @@ impl Machine {
         self.board.outputs.take()
     }
 
-    /// RAM pages (indices from RAM base) written since the last call.
+    /// RAM pages (indices from RAM base) written since the last call, ascending (digests
+    /// taken meanwhile change nothing here).
     pub fn take_dirty_pages(&mut self) -> Vec<usize> {
-        self.board.ram.take_dirty_pages()
+        self.fold_digest_view();
+        let taken = self.board.ram.take_dirty_pages();
+        let cache = self.digests.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if cache.trees.is_some() {
+            taken.iter().for_each(|&p| cache.ram_pending.set(p));
+        }
+        if self.owed_pages.is_empty() {
+            return taken;
+        }
+        taken.into_iter().for_each(|p| self.owed_pages.set(p));
+        self.owed_pages.drain()
     }
 
     fn apply_due_inputs(&mut self) {
@@ -537,6 +605,7 @@ impl Machine {
     /// icount of the request ([`Machine::reboot`]) and runs on, so a reboot needs no
     /// input and replays, replicates and restores exactly like any other instruction.
     pub fn run(&mut self, until_icount: u64) -> RunExit {
+        self.fold_digest_view();
         loop {
             if let Some(end) = self.ended {
                 return end;
@@ -686,6 +755,7 @@ impl Machine {
 
     /// Overwrite RAM page `index` (the backup's side of a checkpoint).
     pub fn write_page(&mut self, index: usize, data: &[u8]) -> Result<(), RestoreError> {
+        self.fold_digest_view();
         let pages = self.board.ram.page_count();
         self.board.ram.write_page(index, data).ok_or(RestoreError::Page { index, pages })
     }
@@ -761,6 +831,7 @@ impl Machine {
 
     /// Zero all of RAM (the base of a full checkpoint).
     pub fn clear_ram(&mut self) {
+        self.fold_digest_view();
         let zero = [0u8; rv64::mem::PAGE_SIZE as usize];
         for index in 0..self.board.ram.page_count() {
             if self.board.ram.page(index).is_some_and(|p| p.iter().any(|&b| b != 0)) {
@@ -771,6 +842,9 @@ impl Machine {
 
     /// Zero the whole disk, if there is one (the base of a full checkpoint).
     pub fn clear_disk(&mut self) -> Result<(), RestoreError> {
+        self.fold_digest_view();
+        // Zeroing bypasses the dirty log: the digest must not rely on it for the disk.
+        self.forget_disk_digests();
         match self.blk() {
             Ok(blk) => blk.zero_all().map_err(RestoreError::Disk),
             Err(RestoreError::NoDisk) => Ok(()),
@@ -786,9 +860,20 @@ impl Machine {
         })
     }
 
-    /// Disk sectors written since the last call (empty without a disk).
+    /// Disk sectors written since the last call, ascending (empty without a disk; digests
+    /// taken meanwhile change nothing here).
     pub fn take_dirty_sectors(&mut self) -> Vec<u64> {
-        self.blk().map(|b| b.take_dirty_sectors()).unwrap_or_default()
+        self.fold_digest_view();
+        let taken = self.blk().map(|b| b.take_dirty_sectors()).unwrap_or_default();
+        let cache = self.digests.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if cache.trees.is_some() {
+            taken.iter().for_each(|&s| cache.disk_pending.set((s / SECTORS_PER_LEAF) as usize));
+        }
+        if self.owed_sectors.is_empty() {
+            return taken;
+        }
+        taken.into_iter().for_each(|s| self.owed_sectors.set(s as usize));
+        self.owed_sectors.drain().into_iter().map(|s| s as u64).collect()
     }
 
     /// Read disk sectors starting at `sector` into `buf` (a multiple of 512 bytes). Reading
@@ -819,15 +904,75 @@ impl Machine {
 
     /// Write disk sectors (the backup's side of a checkpoint).
     pub fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), RestoreError> {
+        self.fold_digest_view();
         self.blk()?.write_sectors(sector, data).map_err(RestoreError::Disk)
     }
 
-    /// A fast digest (XXH3-128) of the state at this icount: RAM, hart, devices and
-    /// the disk's contents.
+    /// The machine's digest at this icount: RAM, hart, devices and the disk's contents as
+    /// the guest sees them (through an overlay, if any), shaped as [`crate::digest`] says.
+    /// Incremental: the first digest hashes everything; each later one only the pages
+    /// and disk leaves written since the previous one. The same value as
+    /// [`Machine::digest_from_scratch`], whatever digests came before.
     pub fn digest(&self) -> Digest {
+        let cache = self.update_digests();
+        let trees = cache.trees.as_ref().expect("brought up to date");
+        crate::digest::root(self.state_digest(), trees.ram.digests(), trees.disk.as_ref().map_or(&[], |t| t.digests()))
+    }
+
+    /// The state digest and every region's digest (see [`crate::digest`]); their
+    /// [`RegionDigests::root`] is [`Machine::digest`]. Incremental, as that is.
+    pub fn region_digests(&self) -> RegionDigests {
+        let cache = self.update_digests();
+        let trees = cache.trees.as_ref().expect("brought up to date");
+        RegionDigests {
+            state: self.state_digest(),
+            ram: trees.ram.digests().to_vec(),
+            disk: trees.disk.as_ref().map_or_else(Vec::new, |t| t.digests().to_vec()),
+        }
+    }
+
+    /// [`Machine::digest`] computed from nothing but the state as it is (every page and
+    /// every disk sector that may hold data hashed again; no cache read or changed): the
+    /// reference the incremental digest is checked against.
+    pub fn digest_from_scratch(&self) -> Digest {
+        let (trees, _) = self.trees_from_scratch();
+        crate::digest::root(self.state_digest(), trees.ram.digests(), trees.disk.as_ref().map_or(&[], |t| t.digests()))
+    }
+
+    /// What the last [`Machine::digest`] or [`Machine::region_digests`] hashed.
+    pub fn last_digest_work(&self) -> DigestWork {
+        self.digests.lock().unwrap_or_else(PoisonError::into_inner).last_work
+    }
+
+    /// The sectors of disk region `index` (the last region may be short); None beyond the
+    /// disk or without one.
+    pub fn disk_region_sectors(&self, index: usize) -> Option<std::ops::Range<u64>> {
+        let capacity = self.disk_sectors()?;
+        let first = (index as u64).checked_mul(SECTORS_PER_REGION).filter(|&f| f < capacity)?;
+        Some(first..(first + SECTORS_PER_REGION).min(capacity))
+    }
+
+    /// Forget the region digests (the next digest hashes everything again): for a change to
+    /// RAM or the disk that bypassed dirty tracking.
+    pub fn forget_digests(&mut self) {
+        self.fold_digest_view();
+        self.digests.get_mut().unwrap_or_else(PoisonError::into_inner).trees = None;
+    }
+
+    /// The disk was made all zero behind the dirty log: its tree becomes the empty one
+    /// (exact, and free), the pages' tree stays.
+    fn forget_disk_digests(&mut self) {
+        let leaves = self.disk_sectors().map(|s| s.div_ceil(SECTORS_PER_LEAF) as usize);
+        let cache = self.digests.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let (Some(trees), Some(leaves)) = (&mut cache.trees, leaves) {
+            trees.disk = Some(RegionTree::zero(leaves));
+        }
+    }
+
+    /// The hart's and the devices' state, hashed (cheap: no RAM, no disk).
+    fn state_digest(&self) -> u128 {
         use std::hash::{Hash, Hasher};
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(self.board.ram.as_slice());
         self.hart.state.hash(&mut h);
         self.board.uart.state.hash(&mut h);
         self.board.plic.state.hash(&mut h);
@@ -840,31 +985,122 @@ impl Machine {
         }
         // Pending inputs are not hashed: they are the future, not the state (a backup
         // holding inputs ahead of its primary is still in the same state at an icount).
-        // The disk's contents as the guest sees them (through an overlay, if any): each
-        // 1 MiB piece that is not all zero, with its index, so that the value depends on
-        // the contents only (not on where the image file has holes), and a large sparse
-        // disk costs only what it holds (holes are skipped unread).
-        if let Some(blk) = self.disk() {
-            let mut buf = vec![0; DIGEST_CHUNK_SECTORS as usize * 512];
+        h.write_u8(0);
+        h.digest128()
+    }
+
+    /// Every RAM page, and every disk leaf that may hold data (holes skipped unread, so a
+    /// large sparse disk costs what it holds), hashed into fresh trees.
+    fn trees_from_scratch(&self) -> (Trees, DigestWork) {
+        let pages = self.board.ram.page_count();
+        let mut ram = RegionTree::zero(pages);
+        let ram_leaves = self.update_ram_tree(&mut ram, &vec![u64::MAX; pages.div_ceil(64)]);
+        let mut disk_leaves = 0;
+        let disk = self.disk().map(|blk| {
             let sectors = blk.capacity_sectors();
+            let leaves = sectors.div_ceil(SECTORS_PER_LEAF) as usize;
+            let mut all = Bitmap::new(leaves);
             let mut next = 0;
             while let Some(data) = blk.next_data_sector(next).filter(|&s| s < sectors) {
-                let chunk = data / DIGEST_CHUNK_SECTORS;
-                let first = chunk * DIGEST_CHUNK_SECTORS;
-                let n = (sectors - first).min(DIGEST_CHUNK_SECTORS);
-                let piece = &mut buf[..n as usize * 512];
-                if blk.read_sectors(first, piece).is_err() {
-                    break; // an unreadable disk adds nothing more
+                let region = data / SECTORS_PER_REGION;
+                let first_leaf = (region * SECTORS_PER_REGION / SECTORS_PER_LEAF) as usize;
+                let end_leaf = (first_leaf + crate::digest::LEAVES_PER_REGION).min(leaves);
+                (first_leaf..end_leaf).for_each(|l| all.set(l));
+                next = (region + 1) * SECTORS_PER_REGION;
+            }
+            let mut tree = RegionTree::zero(leaves);
+            disk_leaves = update_disk_tree(&mut tree, blk, all.words());
+            tree
+        });
+        (Trees { ram, disk }, DigestWork { from_scratch: true, ram_leaves, disk_leaves })
+    }
+
+    /// Rehash the RAM pages set in `dirty` (a page bitmap); how many.
+    fn update_ram_tree(&self, tree: &mut RegionTree, dirty: &[u64]) -> usize {
+        let ram = self.board.ram.as_slice();
+        tree.update(dirty, ram.len() as u64, &mut &ram[..])
+    }
+
+    /// Bring the region digests up to date (see [`DigestCache`]) and hand them out locked.
+    fn update_digests(&self) -> MutexGuard<'_, DigestCache> {
+        let mut guard = self.digests.lock().unwrap_or_else(PoisonError::into_inner);
+        let cache = &mut *guard;
+        match cache.trees.take() {
+            None => {
+                let (trees, work) = self.trees_from_scratch();
+                (cache.trees, cache.last_work) = (Some(trees), work);
+            }
+            Some(Trees { mut ram, disk }) => {
+                let mut dirty = cache.ram_pending.words().to_vec();
+                for (d, r) in dirty.iter_mut().zip(self.board.ram.dirty_bitmap()) {
+                    *d |= r;
                 }
-                if piece.iter().any(|&b| b != 0) {
-                    h.update(&chunk.to_le_bytes());
-                    h.update(piece);
-                }
-                next = first + n;
+                let ram_leaves = self.update_ram_tree(&mut ram, &dirty);
+                let mut disk_leaves = 0;
+                let disk = disk.map(|mut tree| {
+                    if let Some(blk) = self.disk() {
+                        let dirty = disk_leaves_dirty(cache.disk_pending.words(), blk.dirty_bitmap());
+                        disk_leaves = update_disk_tree(&mut tree, blk, &dirty);
+                    }
+                    tree
+                });
+                cache.trees = Some(Trees { ram, disk });
+                cache.last_work = DigestWork { from_scratch: false, ram_leaves, disk_leaves };
             }
         }
-        h.write_u8(0);
-        Digest(h.digest128())
+        cache.ram_pending.clear();
+        cache.disk_pending.clear();
+        cache.fold_due = true;
+        guard
+    }
+
+    /// After a digest, the RAM's and the disk's dirty logs hold pages and sectors the digest
+    /// has seen: before anything can write again, move them to `owed_*` (where checkpoints
+    /// still find them) so that the next digest does not hash them again.
+    fn fold_digest_view(&mut self) {
+        let cache = self.digests.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if !std::mem::take(&mut cache.fold_due) {
+            return;
+        }
+        self.board.ram.take_dirty_pages().into_iter().for_each(|p| self.owed_pages.set(p));
+        let blk = self.board.virtio.iter_mut().find_map(|d| match d.device_mut() {
+            VirtioDevice::Blk(blk) => Some(blk),
+            _ => None,
+        });
+        if let Some(blk) = blk {
+            blk.take_dirty_sectors().into_iter().for_each(|s| self.owed_sectors.set(s as usize));
+        }
+    }
+}
+
+/// Disk leaves (8 sectors each) to rehash: those in `pending` (a leaf bitmap) and those with
+/// any sector in `sectors` (a sector bitmap: a byte of it is a leaf).
+fn disk_leaves_dirty(pending: &[u64], sectors: &[u64]) -> Vec<u64> {
+    let mut leaves = pending.to_vec();
+    for (w, &word) in sectors.iter().enumerate().filter(|(_, &w)| w != 0) {
+        for (b, byte) in word.to_le_bytes().into_iter().enumerate().filter(|(_, byte)| *byte != 0) {
+            let _ = byte;
+            let leaf = w * 8 + b;
+            leaves[leaf / 64] |= 1 << (leaf % 64);
+        }
+    }
+    leaves
+}
+
+/// Rehash the disk leaves set in `dirty`, reading them through the block device (an
+/// unreadable run counts as unreadable leaves, and is read again at the next full digest).
+fn update_disk_tree(tree: &mut RegionTree, blk: &Blk, dirty: &[u64]) -> usize {
+    let total = blk.capacity_sectors() * crate::devices::virtio::blk::SECTOR_SIZE_BYTES;
+    tree.update(dirty, total, &mut DiskLeaves(blk))
+}
+
+struct DiskLeaves<'a>(&'a Blk);
+
+impl crate::digest::LeafSource for DiskLeaves<'_> {
+    fn read<'a>(&'a mut self, offset: u64, len: usize, buf: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+        buf.resize(len, 0);
+        let sector = offset / crate::devices::virtio::blk::SECTOR_SIZE_BYTES;
+        self.0.read_sectors(sector, buf).ok().map(|()| &buf[..])
     }
 }
 

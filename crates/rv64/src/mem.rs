@@ -225,6 +225,13 @@ impl GuestRam {
         pages
     }
 
+    /// The dirty-page bitmap as it is (bit `p % 64` of word `p / 64`: page `p` written
+    /// since the last take), read without taking it: a second consumer (incremental
+    /// digests) looks at what the first has not taken yet.
+    pub fn dirty_bitmap(&self) -> &[u64] {
+        &self.dirty
+    }
+
     /// The bytes of page `index` (relative to `base`).
     pub fn page(&self, index: usize) -> Option<&[u8]> {
         let start = index.checked_mul(PAGE_SIZE as usize)?;

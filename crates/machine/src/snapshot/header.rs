@@ -1,4 +1,4 @@
-//! The header: the fixed 140 bytes (versions 1 to 3), encoded and parsed (its fields checked
+//! The header: the fixed 140 bytes (versions 1 to 4), encoded and parsed (its fields checked
 //! against each other).
 
 use super::{
@@ -154,10 +154,10 @@ mod tests {
         let mut bytes = encode_header(&sample_info());
         bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         let damaged = read_header(&mut &bytes[..]).unwrap_err();
-        assert!(matches!(damaged, SnapshotError::UnsupportedVersion { found: 1, supported: 3, header_intact: false }));
+        assert!(matches!(damaged, SnapshotError::UnsupportedVersion { found: 1, supported: 4, header_intact: false }));
         reseal(&mut bytes);
         let err = read_header(&mut &bytes[..]).unwrap_err();
-        assert_eq!(err.to_string(), "snapshot format version 1, this ftvm reads version 3");
+        assert_eq!(err.to_string(), "snapshot format version 1, this ftvm reads version 4");
         // A later version with a longer header is still recognised by its version.
         let mut longer = bytes[..HEADER_BYTES - 4].to_vec();
         longer[12..16].copy_from_slice(&300u32.to_le_bytes());

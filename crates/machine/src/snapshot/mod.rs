@@ -2,14 +2,14 @@
 //! devices' state, the inputs queued for later — in one versioned, checksummed file,
 //! and a machine rebuilt from it that continues exactly (DESIGN.md §6).
 //!
-//! # Format, version 3 (every integer little-endian)
+//! # Format, version 4 (every integer little-endian)
 //!
 //! A 140-byte header, then a body of sections.
 //!
 //! | offset | bytes | header field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `FTVMSNAP` |
-//! | 8 | 4 | format version, 3 |
+//! | 8 | 4 | format version, 4 |
 //! | 12 | 4 | header length, 140 (its checksum included) |
 //! | 16 | 8 | body length |
 //! | 24 | 4 | CRC32C of the body |
@@ -97,10 +97,11 @@ use thiserror::Error;
 
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// The format this code writes and reads. Version 2 added the RTC and the clock rate
-/// to the state section, version 3 the reboot count and the kernel command line; the
-/// header is version 1's.
-pub const FORMAT_VERSION: u32 = 3;
-/// The header's length (versions 1 to 3).
+/// to the state section, version 3 the reboot count and the kernel command line, version
+/// 4 changed nothing in the layout but the machine digest's definition (region digests,
+/// [`crate::digest`]); the header is version 1's.
+pub const FORMAT_VERSION: u32 = 4;
+/// The header's length (versions 1 to 4).
 pub const HEADER_BYTES: usize = 140;
 /// The longest header any version may have (read before its checksum can be checked).
 pub const MAX_HEADER_BYTES: u32 = 64 * 1024;

@@ -263,6 +263,12 @@ impl Blk {
         sectors
     }
 
+    /// The dirty-sector bitmap as it is (bit `s % 64` of word `s / 64`), read without
+    /// taking it (incremental digests look at what checkpoints have not taken yet).
+    pub(crate) fn dirty_bitmap(&self) -> &[u64] {
+        &self.dirty
+    }
+
     fn mark_dirty(&mut self, sector: u64, count: u64) {
         for s in sector..sector + count {
             self.dirty[(s / 64) as usize] |= 1 << (s % 64);
