@@ -132,6 +132,9 @@ struct Translator<'a, 'b, 'c> {
     regs: [Variable; 32],
     /// Registers written since they were last stored to the hart (bit per register).
     dirty: u32,
+    /// Registers whose value in the current block is in their variable (read from the
+    /// hart or written since the block started).
+    avail: u32,
     ctx: Value,
     hart: Value,
     /// The instruction count at the start of the current block (a value), and as a
@@ -179,19 +182,6 @@ fn is_load(kind: Kind) -> bool {
 
 fn is_store(kind: Kind) -> bool {
     matches!(kind, Kind::Sb | Kind::Sh | Kind::Sw | Kind::Sd)
-}
-
-/// The registers an inlined instruction reads (rare ones read the hart's copy).
-fn reads(op: &MicroOp) -> u32 {
-    use Kind::*;
-    let (rs1, rs2) = (1u32 << op.insn.rs1, 1u32 << op.insn.rs2);
-    let mask = match op.kind {
-        Nop | Lui | Auipc | Jal | Fence | FenceI | Amo | Csr | Sys | Fp | Illegal => 0,
-        Jalr | Lb | Lh | Lw | Ld | Lbu | Lhu | Lwu | Addi | Slti | Sltiu | Xori | Ori | Andi | Slli | Srli | Srai
-        | Addiw | Slliw | Srliw | Sraiw => rs1,
-        _ => rs1 | rs2,
-    };
-    mask & !1
 }
 
 /// A kept instruction where it stands: the helper's copy, its index in its block, its
@@ -250,6 +240,7 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
             links,
             regs,
             dirty: 0,
+            avail: 0,
             ctx,
             hart,
             icount0,
@@ -276,22 +267,6 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         t
     }
 
-    /// Load the registers a block reads from the hart, where it starts: every register
-    /// written is stored back before a block starts (its budget check may leave), so the
-    /// hart's copy is current there. Loading per block, not all a region reads at its
-    /// entry, keeps few values live across the region: an entry costs what its first
-    /// block needs, and nothing spills the hart's registers onto the host stack.
-    fn load_registers(&mut self, ops: &[MicroOp]) {
-        debug_assert_eq!(self.dirty, 0, "the hart's registers are current where a block starts");
-        let read = ops.iter().fold(0u32, |m, op| m | reads(op));
-        for r in 1..32 {
-            if read & (1 << r) != 0 {
-                let v = self.b.ins().load(I64, trusted(), self.hart, HART_X + 8 * r);
-                self.b.def_var(self.regs[r as usize], v);
-            }
-        }
-    }
-
     fn translate(mut self) {
         let first = self.region[0].1;
         self.b.ins().jump(first, &[]);
@@ -304,7 +279,10 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
             let left = self.b.ins().isub(self.stop, self.icount0);
             let short = self.b.ins().icmp_imm(IntCC::UnsignedLessThan, left, ops.len() as i64);
             self.exit_if(short, Target::Const(start), 0, CONTINUE);
-            self.load_registers(ops);
+            // Registers are loaded from the hart where the block first reads them (see
+            // `reg`).
+            debug_assert_eq!(self.dirty, 0, "the hart's registers are current where a block starts");
+            self.avail = 0;
             let mut pc = start;
             let mut ended = false;
             for (i, op) in ops.iter().enumerate() {
@@ -409,18 +387,31 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
 
     // ------------------------------------------------------------ registers and exits
 
+    /// Guest register `r`'s value. A register the block has not read or written yet is
+    /// loaded from the hart here, at its first read: every register written is stored
+    /// back before a block starts (its budget check may leave), so the hart's copy is
+    /// current. Loading at the first read, per block, loads only what is used (a load
+    /// at the block's start of a register written before it is read was dead code that
+    /// Cranelift at `opt_level = "none"` keeps) and keeps few values live across a
+    /// region, so nothing spills the hart's registers onto the host stack.
     fn reg(&mut self, r: u8) -> Value {
         if r == 0 {
-            self.b.ins().iconst(I64, 0)
-        } else {
-            self.b.use_var(self.regs[r as usize])
+            return self.b.ins().iconst(I64, 0);
         }
+        if self.avail & (1 << r) == 0 {
+            let v = self.b.ins().load(I64, trusted(), self.hart, HART_X + 8 * r as i32);
+            self.b.def_var(self.regs[r as usize], v);
+            self.avail |= 1 << r;
+            return v;
+        }
+        self.b.use_var(self.regs[r as usize])
     }
 
     fn set(&mut self, r: u8, v: Value) {
         if r != 0 {
             self.b.def_var(self.regs[r as usize], v);
             self.dirty |= 1 << r;
+            self.avail |= 1 << r;
         }
     }
 
@@ -882,9 +873,8 @@ impl<'a, 'b, 'c> Translator<'a, 'b, 'c> {
         let ctx = self.ctx;
         let outcome = self.call(CTX_RARE, &[ctx, op, pc_v]);
         if rd != 0 {
-            // The helper may have written rd (in the hart: reload it).
-            let v = self.b.ins().load(I64, trusted(), hart, HART_X + 8 * rd as i32);
-            self.b.def_var(self.regs[rd as usize], v);
+            // The helper may have written rd (in the hart: read it from there again).
+            self.avail &= !(1 << rd);
         }
         // 2: not retired (pc and the reason are set).
         let ended = self.b.ins().icmp_imm(IntCC::Equal, outcome, 2);
