@@ -59,6 +59,10 @@ pub struct ReplicaReport {
     pub lag_epochs: Option<u64>,
     /// It took the VM over from a primary (at this generation).
     pub took_over_generation: Option<u64>,
+    /// The size of its disk: a new backup gets an empty disk of this size, which the first
+    /// full checkpoint fills (the disk travels by the replication stream, not a shared file).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 /// A host's heartbeat in the store.

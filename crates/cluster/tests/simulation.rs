@@ -636,6 +636,7 @@ fn replica_report(pid: u32, p: &Process) -> ReplicaReport {
         epoch: None,
         lag_epochs: None,
         took_over_generation: None,
+        disk_bytes: None,
     }
 }
 

@@ -626,6 +626,7 @@ mod tests {
                 epoch: Some(1),
                 lag_epochs: None,
                 took_over_generation: Some(3),
+                disk_bytes: None,
             }],
         };
         shared.kv.put(&keys::host("h3"), &serde_json::to_vec(&report).unwrap()).unwrap();

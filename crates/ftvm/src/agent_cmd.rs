@@ -209,6 +209,9 @@ struct ReplicaMeta {
     memory_mib: u64,
     /// Where the agent last told it to protect to.
     protect_to: Option<String>,
+    /// Its disk: the declared image (a primary placed first), else its own copy in its directory.
+    #[serde(default)]
+    disk: Option<PathBuf>,
 }
 
 /// A replica process of this host, found in the work directory.
@@ -246,7 +249,7 @@ impl Agent {
         let actions = cluster::round(&self.args.host_name, &declared, &observed);
         self.run_rules(&declared, &observed);
         for action in actions {
-            if let Err(error) = self.act(&action, &declared, &locals) {
+            if let Err(error) = self.act(&action, &declared, &observed, &locals) {
                 eprintln!("ftvm agent: {action:?} failed: {error:#}");
                 self.event(&format!("error-{}", now_ms()), EventKind::Error, None, format!("{error:#}"));
             }
@@ -277,6 +280,7 @@ impl Agent {
                     if let Some(tap) = meta.as_ref().and_then(|m| m.tap.as_ref()) {
                         remove_tap(tap);
                     }
+                    // (A backup's disk copy goes with it; a declared image is never in there.)
                     let _ = std::fs::remove_dir_all(&path);
                 }
             }
@@ -311,6 +315,7 @@ impl Agent {
             epoch: status.map(|s| s.epoch),
             lag_epochs: replication.and_then(|r| r.lag_epochs),
             took_over_generation: status.and_then(|s| s.took_over.as_ref()).map(|t| t.generation),
+            disk_bytes: local.meta.disk.as_ref().and_then(|d| std::fs::metadata(d).ok()).map(|m| m.len()),
         }
     }
 
@@ -416,13 +421,16 @@ impl Agent {
         }
     }
 
-    fn act(&mut self, action: &Action, declared: &Declared, locals: &[Local]) -> Result<()> {
+    fn act(&mut self, action: &Action, declared: &Declared, observed: &Observed, locals: &[Local]) -> Result<()> {
         match action {
             Action::StartPrimary { vm, uid } | Action::StartBackup { vm, uid } => {
                 let dv = declared.vms.get(vm).context("the VM is no longer declared")?;
                 anyhow::ensure!(dv.uid == *uid, "the VM was declared again");
-                let primary = matches!(action, Action::StartPrimary { .. });
-                self.start(dv, primary)
+                let disk = match action {
+                    Action::StartPrimary { .. } => dv.spec.disk.clone().map(Disk::Declared),
+                    _ => backup_disk(dv, observed)?.map(Disk::Empty),
+                };
+                self.start(dv, matches!(action, Action::StartPrimary { .. }), disk)
             }
             Action::Protect { vm, uid, to } => {
                 let local = find_local(locals, vm, *uid, |l| l.status.is_some()).context("no such primary here")?;
@@ -455,7 +463,7 @@ impl Agent {
         }
     }
 
-    fn start(&mut self, dv: &DeclaredVm, primary: bool) -> Result<()> {
+    fn start(&mut self, dv: &DeclaredVm, primary: bool, disk: Option<Disk>) -> Result<()> {
         let spec = &dv.spec;
         let role = if primary { "primary" } else { "backup" };
         let dir = self.work_dir.join("replicas").join(format!("{}.{}.{role}.{}", spec.name, dv.uid, now_ms()));
@@ -479,7 +487,17 @@ impl Agent {
                 command.arg(flag).arg(value);
             }
         }
-        if let (true, Some(disk)) = (primary, &spec.disk) {
+        let disk = match disk {
+            Some(Disk::Declared(path)) => Some(PathBuf::from(path)),
+            Some(Disk::Empty(size_bytes)) => {
+                let path = dir.join("disk.img");
+                let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+                file.set_len(size_bytes).with_context(|| format!("cannot size {}", path.display()))?;
+                Some(path)
+            }
+            None => None,
+        };
+        if let Some(disk) = &disk {
             command.arg("--disk").arg(disk);
         }
         if let Some(mac) = &spec.mac {
@@ -513,6 +531,7 @@ impl Agent {
             tap,
             memory_mib: spec.memory_mib,
             protect_to: None,
+            disk,
         };
         write_meta(&dir, &meta)?;
         let where_ = listen.map(|l| format!(", listening on {l}")).unwrap_or_default();
@@ -554,6 +573,26 @@ impl Agent {
         });
         Ok(())
     }
+}
+
+/// Where a new replica's disk comes from.
+enum Disk {
+    /// The declared image, used in place (the VM's first primary).
+    Declared(String),
+    /// A fresh empty disk of this size, filled by the primary's first full checkpoint.
+    Empty(u64),
+}
+
+/// The size of the disk a new backup of `dv` needs: its primary's, as its host reports it.
+fn backup_disk(dv: &DeclaredVm, observed: &Observed) -> Result<Option<u64>> {
+    if dv.spec.disk.is_none() {
+        return Ok(None);
+    }
+    let primary = observed.live_replicas().find(|(_, r)| {
+        r.vm == dv.spec.name && r.uid == dv.uid && r.role == ReplicaRole::Primary && r.disk_bytes.is_some()
+    });
+    let (_, primary) = primary.context("its primary's disk size is not reported yet (next round)")?;
+    Ok(primary.disk_bytes)
 }
 
 fn find_local<'a>(locals: &'a [Local], vm: &str, uid: u64, pick: impl Fn(&Local) -> bool) -> Option<&'a Local> {

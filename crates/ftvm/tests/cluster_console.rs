@@ -1,10 +1,13 @@
-//! `ftvm vm console`, end to end with real agents on loopback (no root): two hosts share a
-//! file store; a checkpoint-protected VM running the guest's shell is declared through the
-//! API. The console is attached through the agent of the backup's host (which passes it on to
-//! the primary's); a command typed there runs in the guest and its output comes back. Then
-//! the primary's whole host is killed: the backup takes over, the same `vm console` attaches
-//! again by itself (now served by its own agent), and a second command runs in the VM where
-//! it runs now. Verdicts: the commands' evaluated output, the client's exit status.
+//! `ftvm vm console` and disks under the agent, end to end with real agents on loopback (no
+//! root): three hosts share a file store; a checkpoint-protected VM with a disk, running the
+//! guest's shell, is declared through the API. The console is attached through the agent of
+//! the host that runs no replica (which passes it on to the primary's), and a command typed
+//! there writes a sector of the disk. The primary's whole host is killed and the declared
+//! image removed: the backup takes over and is re-protected onto the third host, whose disk
+//! starts empty and is filled by the replication stream; `vm console` attaches again by
+//! itself, and the sector reads back (O_DIRECT, from the disk, not the guest's cache). Then
+//! the second host is killed and the third reads it too. Verdicts: the commands' evaluated
+//! output, the API's typed fields, the client's exit status.
 
 #[path = "support/agents.rs"]
 mod agents;
@@ -18,6 +21,8 @@ use std::time::{Duration, Instant};
 
 /// Booting the guest and protecting it, on a loaded 2-core machine.
 const PROTECT_LIMIT: Duration = Duration::from_secs(180);
+/// A failover, then placing, booting and protecting a new backup.
+const REPROTECT_LIMIT: Duration = Duration::from_secs(90);
 /// A command's output coming back (the shell may still be starting: the command is typed again
 /// every few seconds until it does).
 const ANSWER_LIMIT: Duration = Duration::from_secs(90);
@@ -88,40 +93,72 @@ impl Drop for Console {
 }
 
 #[test]
-fn vm_console_runs_a_typed_command_in_the_guest_and_follows_the_vm_through_a_failover() {
-    let mut cluster = Agents::start("console", &["h1", "h2"]);
+fn a_disk_write_typed_through_vm_console_survives_two_host_kills_on_disks_sent_by_the_stream() {
+    let mut cluster = Agents::start("console", &["h1", "h2", "h3"]);
     let token = cluster.token.clone();
     let api = cluster.agents[0].api.clone();
-    let spec = json!({ "name": "shell", "protection": "checkpoint" });
+    let image = cluster.dir.join("declared-disk.img");
+    let mut bytes = b"ftvm-disk-start".to_vec();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&image, bytes).expect("disk image");
+    let spec = json!({ "name": "shell", "protection": "checkpoint", "disk": image });
     let (status, answer) = request(&api, "POST", "/v1/vms", &token, Some(&spec)).expect("POST /v1/vms");
     assert_eq!(status, 201, "{answer}");
-    let protected = poll(PROTECT_LIMIT, || {
-        let vm = get(&api, "/v1/vms/shell", &token).ok()?;
-        (vm["state"] == "protected").then_some(vm)
-    });
-    let vm = protected.unwrap_or_else(|| panic!("not protected within {PROTECT_LIMIT:?}\n{}", cluster.logs()));
-    let primary = vm["owner"].as_str().expect("an owner").to_owned();
-    let survivor = if primary == "h1" { "h2" } else { "h1" };
-    let survivor_api = cluster.agent(survivor).api.clone();
+    let vm = wait_vm(&cluster, &api, PROTECT_LIMIT, |vm| vm["state"] == "protected");
+    let first = vm["owner"].as_str().expect("an owner").to_owned();
+    let second = host_of(&vm, "backup");
+    let third = ["h1", "h2", "h3"].into_iter().find(|h| *h != first && *h != second).expect("a third host").to_owned();
+    let third_api = cluster.agent(&third).api.clone();
 
-    // Through the agent of the host that does not run the primary: passed on to the one that does.
-    let mut console = Console::attach(&survivor_api, &token, "shell");
-    console.run("echo first-$((6*7))", "first-42").unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    // Through the agent of a host that runs no replica: passed on to the primary's.
+    let mut console = Console::attach(&third_api, &token, "shell");
+    let write = "printf disk-before-kill | dd of=/dev/vda bs=512 seek=8 conv=sync,fsync oflag=direct 2>/dev/null \
+                 && echo wrote-$((6*7))";
+    console.run(write, "wrote-42").unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
 
-    cluster.agent(&primary).kill();
-    let taken_over = poll(Duration::from_secs(60), || {
-        let vm: Value = get(&survivor_api, "/v1/vms/shell", &token).ok()?;
-        (vm["owner"] == survivor && vm["state"] == "running").then_some(vm)
-    });
-    taken_over.unwrap_or_else(|| panic!("{survivor} did not take over\n{}", cluster.logs()));
-    console
-        .run("echo second-$((6*8))", "second-48")
-        .unwrap_or_else(|e| panic!("after the failover: {e}\n{}", cluster.logs()));
+    // The primary's whole host goes, and with it the declared image: the replicas left have
+    // only their own disks, filled by the replication stream.
+    cluster.agent(&first).kill();
+    std::fs::remove_file(&image).expect("remove the declared image");
+    let reprotected = |vm: &Value| vm["owner"] == second.as_str() && vm["state"] == "protected";
+    let vm = wait_vm(&cluster, &third_api, REPROTECT_LIMIT, reprotected);
+    assert_eq!(host_of(&vm, "backup"), third, "re-protected onto the third host: {vm}");
+    let read = "echo read-$(dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 16)";
+    console.run(read, "read-disk-before-kill").unwrap_or_else(|e| panic!("on {second}: {e}\n{}", cluster.logs()));
+
+    // Then the host that took over: the third host's disk, sent whole by the second, has it.
+    cluster.agent(&second).kill();
+    let vm =
+        wait_vm(&cluster, &third_api, REPROTECT_LIMIT, |vm| vm["owner"] == third.as_str() && vm["state"] == "running");
+    assert_eq!(vm["failovers"], 2, "{vm}");
+    let again = "echo again-$(dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 16)";
+    console.run(again, "again-disk-before-kill").unwrap_or_else(|e| panic!("on {third}: {e}\n{}", cluster.logs()));
 
     // Ctrl-A x detaches: the client ends by itself, with status 0.
     console.stdin.write_all(&[0x01, b'x']).expect("type Ctrl-A x");
     let ended = poll(Duration::from_secs(10), || console.child.try_wait().ok().flatten());
     assert_eq!(ended.expect("vm console ended after Ctrl-A x").code(), Some(0));
+}
+
+/// Polls the VM through `api` until `done` holds (the last answer in the panic otherwise).
+fn wait_vm(cluster: &Agents, api: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let found = poll(limit, || {
+        let vm = get(api, "/v1/vms/shell", &cluster.token).ok()?;
+        if done(&vm) {
+            return Some(vm);
+        }
+        last = vm;
+        None
+    });
+    found.unwrap_or_else(|| panic!("not reached within {limit:?}: {last}\n{}", cluster.logs()))
+}
+
+/// The host of the VM's replica in `role`.
+fn host_of(vm: &Value, role: &str) -> String {
+    let replicas = vm["replicas"].as_array().cloned().unwrap_or_default();
+    let replica = replicas.iter().find(|r| r["role"] == role).unwrap_or_else(|| panic!("no {role}: {vm}"));
+    replica["host"].as_str().unwrap_or_default().to_owned()
 }
 
 #[test]

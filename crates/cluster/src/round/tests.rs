@@ -42,6 +42,7 @@ fn replica(vm: &str, uid: u64, role: ReplicaRole) -> ReplicaReport {
         epoch: None,
         lag_epochs: None,
         took_over_generation: None,
+        disk_bytes: None,
     }
 }
 
