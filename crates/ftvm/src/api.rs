@@ -12,6 +12,7 @@
 //! | GET    | /metrics    |                    | Prometheus text (not JSON)    |
 //! | PUT    | /protect    | {"to": "HOST:PORT", "key": "FILE", "epoch_ms": N, "on_backup_loss": "continue"\|"hold"} | {"state":"protecting",...} |
 //! | PUT    | /unprotect  |                    | {"state":"unprotected",...}   |
+//! | PUT    | /migrate    | {"to": "HOST:PORT", "key": "FILE", "epoch_ms": N} | {"state":"migrated","migration":{...}} once handed over |
 //!
 //! Requests reach the VM's driver as [`HostEvent::Control`] and are answered between
 //! two run slices, so a reply always describes a consistent machine. `/metrics` renders
@@ -37,7 +38,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Requests served at once; more are closed at accept (see [`crate::accept`]).
 const MAX_CONNECTIONS: usize = 64;
 
-pub use vmm::control::{Command, ControlRequest, ProtectRequest, Reply};
+pub use vmm::control::{Command, ControlRequest, MigrateRequest, ProtectRequest, Reply};
 
 /// The epoch lengths `protect` accepts, as `ftvm run --epoch-ms`.
 pub const EPOCH_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
@@ -239,6 +240,10 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
         "/stop" => Command::Stop,
         "/unprotect" => Command::Unprotect,
         "/protect" => Command::Protect(protect_request(body)?),
+        "/migrate" => {
+            let p = protect_request(body)?;
+            Command::Migrate(MigrateRequest { to: p.to, key: p.key, epoch_ms: p.epoch_ms })
+        }
         "/snapshot" => {
             let value: Value =
                 serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
@@ -294,6 +299,10 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
         Command::Unprotect => ("PUT", "/unprotect", Vec::new()),
         Command::Snapshot { path } => {
             ("PUT", "/snapshot", serde_json::to_vec(&json!({ "path": path })).expect("serializes"))
+        }
+        Command::Migrate(m) => {
+            let body = json!({ "to": m.to, "key": m.key, "epoch_ms": m.epoch_ms });
+            ("PUT", "/migrate", serde_json::to_vec(&body).expect("serializes"))
         }
         Command::Protect(p) => {
             let on_backup_loss = match p.on_backup_loss {
@@ -412,6 +421,15 @@ mod tests {
         let bad_policy = refused(br#"{"to":"a:1","key":"/k","on_backup_loss":"pray"}"#);
         assert_eq!(bad_policy.body["error"], r#"on_backup_loss must be "continue" or "hold", not "pray""#);
         assert_eq!(route("GET", "/protect", br#"{"to":"a:1","key":"/k"}"#).unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn a_migrate_request_names_the_destination_and_the_key() {
+        let migrate = route("PUT", "/migrate", br#"{"to":"10.0.0.2:7000","key":"/k","epoch_ms":10}"#).unwrap();
+        let expected = MigrateRequest { to: "10.0.0.2:7000".into(), key: "/k".into(), epoch_ms: 10 };
+        assert_eq!(migrate, Command::Migrate(expected));
+        assert_eq!(route("PUT", "/migrate", br#"{"key":"/k"}"#).unwrap_err().status, 400);
+        assert_eq!(route("GET", "/migrate", br#"{"to":"a:1","key":"/k"}"#).unwrap_err().status, 405);
     }
 
     #[test]

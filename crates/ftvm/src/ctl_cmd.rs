@@ -53,6 +53,23 @@ pub enum Verb {
     /// Stop replicating: the VM runs on alone. The ownership generation moves forward first,
     /// so the backup can never take over, told or not; it is told to stand down (it exits)
     Unprotect,
+    /// Live-migrate this running, unprotected VM to a waiting `ftvm backup --listen` on
+    /// another host (started with the VM's --store and --vm-id): pre-copy while the guest
+    /// runs, a short stop-and-copy, then the destination takes the ownership record, runs the
+    /// VM and announces its MAC; this VM's process exits 0. Waits until it is done and prints
+    /// the figures (total time, bytes sent, the guest's pause). When the migration is called
+    /// off (the destination lost), the VM runs on here
+    Migrate {
+        /// The destination's address (its --listen)
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// File holding the pre-shared key (the destination's --key)
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Checkpoint interval of the pre-copy
+        #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        epoch_ms: u64,
+    },
 }
 
 pub fn run(args: CtlArgs) -> Result<i32> {
@@ -66,6 +83,9 @@ pub fn run(args: CtlArgs) -> Result<i32> {
         Verb::Resume => Command::Resume,
         Verb::Stop => Command::Stop,
         Verb::Unprotect => Command::Unprotect,
+        Verb::Migrate { to, key, epoch_ms } => {
+            Command::Migrate(api::MigrateRequest { to, key: std::path::absolute(&key)?, epoch_ms })
+        }
         // The VM reads the key file itself: make a relative path ours.
         Verb::Protect { to, key, epoch_ms, on_backup_loss } => Command::Protect(ProtectRequest {
             to,
@@ -78,6 +98,9 @@ pub fn run(args: CtlArgs) -> Result<i32> {
     };
     let reply = api::request(&args.api, &command)?;
     if reply.status != 200 {
+        if reply.body.get("migration").is_some() {
+            println!("{}", serde_json::to_string_pretty(&reply.body)?); // the figures of a called-off migration
+        }
         let message = reply.body.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
         bail!("the VM refused: {message} (HTTP {})", reply.status);
     }

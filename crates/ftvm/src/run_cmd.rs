@@ -504,6 +504,10 @@ pub fn exit_status(outcome: Outcome) -> Result<i32> {
             0
         }
         Outcome::Fenced(message) => anyhow::bail!("{message}"),
+        Outcome::Migrated(message) => {
+            eprintln!("ftvm: {message}");
+            0
+        }
         Outcome::Hung => {
             eprintln!("ftvm: the guest is idle with no timer armed and nothing can wake it; stopping");
             1

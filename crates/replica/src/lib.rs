@@ -152,7 +152,7 @@ pub mod wire;
 pub use messages::{CheckpointId, ConfigDigest, Message, MessageError, Role, PROTOCOL_VERSION};
 pub use output_commit::{OutputBuffer, OutputBufferFull};
 pub use protocol::{
-    Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, BackupStatus, CheckpointKind, ConnId, Primary,
+    Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, BackupStatus, CheckpointKind, ConnId, Handover, Primary,
     PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection, ProtocolError, RecordView, SwapAnswer,
 };
 pub use schedule::{CheckpointSchedule, ScheduleConfig, SliceAction};

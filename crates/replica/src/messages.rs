@@ -84,6 +84,17 @@ pub enum Message {
     /// so were the frames after it; send them all again, as they were (go-back-N, see
     /// [`crate::wire`]). Handled by the link itself, never shown to the protocol's rules.
     Resend { from_seq: u64 },
+    /// Primary → backup, live migration (`ftvm ctl migrate`): the primary is paused, its final
+    /// state is the acknowledged checkpoint of `epoch`, and every output it made has left.
+    /// Take the VM over by swapping `generation` (the one that state counts for), then answer
+    /// `SwitchedOver`. `paused_at_unix_us`: when the guest paused, on the primary's clock (for the
+    /// backup's downtime figure: exact on one host, off by the clocks' offset across hosts).
+    Switchover { epoch: u64, generation: u64, paused_at_unix_us: u64 },
+    /// Backup → primary: the record is at `generation`, owned by this backup, which goes live
+    /// once the primary confirms (`HandedOver`) that it never runs the VM again.
+    SwitchedOver { generation: u64 },
+    /// Primary → backup: the primary has stopped for good; the VM is the backup's.
+    HandedOver,
 }
 
 /// A frame whose payload is not a well-formed message. The frame was authenticated, so this
@@ -116,6 +127,10 @@ mod frame_type {
     pub const END: u8 = 12;
     pub const STAND_DOWN: u8 = 13;
     pub const RESEND: u8 = 14;
+    // Live migration (32..=39; lockstep's messages take other numbers).
+    pub const SWITCHOVER: u8 = 32;
+    pub const SWITCHED_OVER: u8 = 33;
+    pub const HANDED_OVER: u8 = 34;
 }
 
 impl Message {
@@ -136,6 +151,9 @@ impl Message {
             Message::End { .. } => "End",
             Message::StandDown => "StandDown",
             Message::Resend { .. } => "Resend",
+            Message::Switchover { .. } => "Switchover",
+            Message::SwitchedOver { .. } => "SwitchedOver",
+            Message::HandedOver => "HandedOver",
         }
     }
 
@@ -184,6 +202,17 @@ impl Message {
                 w.extend_from_slice(&from_seq.to_le_bytes());
                 frame_type::RESEND
             }
+            Message::Switchover { epoch, generation, paused_at_unix_us } => {
+                w.extend_from_slice(&epoch.to_le_bytes());
+                w.extend_from_slice(&generation.to_le_bytes());
+                w.extend_from_slice(&paused_at_unix_us.to_le_bytes());
+                frame_type::SWITCHOVER
+            }
+            Message::SwitchedOver { generation } => {
+                w.extend_from_slice(&generation.to_le_bytes());
+                frame_type::SWITCHED_OVER
+            }
+            Message::HandedOver => frame_type::HANDED_OVER,
             Message::Heartbeat { now_ms, epoch } => {
                 w.extend_from_slice(&now_ms.to_le_bytes());
                 w.extend_from_slice(&epoch.to_le_bytes());
@@ -244,6 +273,9 @@ impl Message {
             frame_type::END => "End",
             frame_type::STAND_DOWN => "StandDown",
             frame_type::RESEND => "Resend",
+            frame_type::SWITCHOVER => "Switchover",
+            frame_type::SWITCHED_OVER => "SwitchedOver",
+            frame_type::HANDED_OVER => "HandedOver",
             frame_type => return Err(MessageError::UnknownType { frame_type }),
         };
         let malformed = |problem| MessageError::Malformed { message: name, problem };
@@ -287,6 +319,13 @@ impl Message {
             frame_type::END => Message::End { exit_code: r.u32("exit code")? },
             frame_type::STAND_DOWN => Message::StandDown,
             frame_type::RESEND => Message::Resend { from_seq: r.u64("from seq")? },
+            frame_type::SWITCHOVER => Message::Switchover {
+                epoch: r.u64("epoch")?,
+                generation: r.u64("generation")?,
+                paused_at_unix_us: r.u64("pause time")?,
+            },
+            frame_type::SWITCHED_OVER => Message::SwitchedOver { generation: r.u64("generation")? },
+            frame_type::HANDED_OVER => Message::HandedOver,
             frame_type::HEARTBEAT => Message::Heartbeat { now_ms: r.u64("time")?, epoch: r.u64("epoch")? },
             frame_type::CHECKPOINT_BEGIN => Message::CheckpointBegin {
                 epoch: r.u64("epoch")?,
@@ -430,6 +469,9 @@ mod tests {
             Message::End { exit_code: 3 },
             Message::StandDown,
             Message::Resend { from_seq: 41 },
+            Message::Switchover { epoch: 12, generation: 3, paused_at_unix_us: 1_700_000_000_000_870 },
+            Message::SwitchedOver { generation: 4 },
+            Message::HandedOver,
             Message::Goodbye { reason: "configuration mismatch".into() },
         ]
     }

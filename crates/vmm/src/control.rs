@@ -20,6 +20,19 @@ pub enum Command {
     Protect(ProtectRequest),
     /// Stop replicating: the VM runs on alone, and its backup can never take over.
     Unprotect,
+    /// Live migration: hand this running, unprotected VM to a waiting backup elsewhere.
+    Migrate(MigrateRequest),
+}
+
+/// Where to migrate (`ftvm ctl migrate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateRequest {
+    /// The destination's address (`ftvm backup --listen`), `HOST:PORT`.
+    pub to: String,
+    /// The file holding the pre-shared key, as the VM's process sees it.
+    pub key: PathBuf,
+    /// The pre-copy's checkpoint interval.
+    pub epoch_ms: u64,
 }
 
 /// Where to replicate, and how (`ftvm ctl protect`).

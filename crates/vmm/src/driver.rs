@@ -79,6 +79,8 @@ pub enum Outcome {
     Fenced(String),
     /// The guest idles with no timer set and nothing can wake it.
     Hung,
+    /// Live migration: the VM runs elsewhere now (the message says where).
+    Migrated(String),
 }
 
 /// Where console output goes.
@@ -222,7 +224,7 @@ impl<V: Vm + 'static> Driver<V> {
             Outcome::PowerOff { code } => *code,
             Outcome::Reset | Outcome::Quit | Outcome::Stopped => 0,
             Outcome::Hung => 1,
-            Outcome::Fenced(_) => return Ok(outcome),
+            Outcome::Fenced(_) | Outcome::Migrated(_) => return Ok(outcome),
         };
         if let Some(fenced) = self.end(exit_code, console)? {
             return Ok(fenced);
@@ -325,6 +327,7 @@ impl<V: Vm + 'static> Driver<V> {
             HostEvent::Mode(event) => match self.mode.on_event(event) {
                 Verdict::Continue | Verdict::Settled => {}
                 Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
+                Verdict::Migrated(message) => return Ok(Some(Outcome::Migrated(message))),
                 Verdict::Detached => self.detach(),
             },
         }
@@ -352,6 +355,7 @@ impl<V: Vm + 'static> Driver<V> {
                         Verdict::Continue => self.flush_released(console)?,
                         Verdict::Settled => break,
                         Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
+                        Verdict::Migrated(message) => return Ok(Some(Outcome::Migrated(message))),
                         Verdict::Detached => {
                             // Replication stopped just before the end: the VM ends alone.
                             self.detach();
@@ -406,6 +410,12 @@ impl<V: Vm + 'static> Driver<V> {
             }
             return None;
         }
+        if let Command::Migrate(migrate) = &request.command {
+            if let Some(reply) = self.migrate(migrate, request.reply.clone()) {
+                let _ = request.reply.send(reply);
+            }
+            return None;
+        }
         let (reply, outcome) = match &request.command {
             Command::Status => (Reply::ok(serde_json::to_value(self.status()).expect("a status serializes")), None),
             Command::Pause => {
@@ -422,7 +432,7 @@ impl<V: Vm + 'static> Driver<V> {
             ),
             Command::Snapshot { path } => (self.snapshot(path), None),
             Command::Protect(protect) => (self.protect(protect), None),
-            Command::Unprotect => unreachable!("answered above"),
+            Command::Unprotect | Command::Migrate(_) => unreachable!("answered above"),
         };
         let _ = request.reply.send(reply);
         outcome
@@ -477,6 +487,52 @@ impl<V: Vm + 'static> Driver<V> {
         }
     }
 
+    /// `ctl migrate`: hand this running, unprotected VM to a waiting backup elsewhere (see
+    /// [`crate::mode::migrate`]). The answer now when refused, or later (the mode keeps
+    /// `reply`) once the VM was handed over or the migration called off.
+    fn migrate(&mut self, request: &crate::control::MigrateRequest, reply: Sender<Reply>) -> Option<Reply> {
+        if let Some(backup) = self.mode.protected_to() {
+            return Some(Reply::error(
+                409,
+                format!("this VM replicates to {backup}: unprotect it first, then migrate it"),
+            ));
+        }
+        if self.ownership.is_none() {
+            return Some(Reply::error(
+                409,
+                "this VM holds no ownership record, which a migration hands over: start it with --store (the \
+                 store its destination uses)",
+            ));
+        }
+        let Some(events) = self.events_tx.clone() else {
+            return Some(Reply::error(409, "this VM cannot migrate (it has no control API)"));
+        };
+        let (to, key) = match (crate::replicate::resolve(&request.to), crate::replicate::load_key(&request.key)) {
+            (Ok(to), Ok(key)) => (to, key),
+            (Err(e), _) | (_, Err(e)) => return Some(Reply::error(400, chain(&e))),
+        };
+        let options = ReplicationOptions {
+            primary: crate::replicate::primary::PrimaryOptions {
+                backup: to,
+                key,
+                heartbeat_ms: PROTECT_HEARTBEAT_MS,
+                on_backup_loss: replica::BackupLossPolicy::Continue,
+                backup_loss_grace_ms: PROTECT_BACKUP_LOSS_GRACE_MS,
+            },
+            epoch_ms: request.epoch_ms,
+            verify_every: 0,
+        };
+        let ownership = self.ownership.take().expect("checked above");
+        match CheckpointPrimary::start(options, ownership, events, &mut self.machine) {
+            Ok(inner) => {
+                let mode = crate::mode::migrate::MigrationSource::new(inner, to.to_string(), reply);
+                self.set_mode(Box::new(mode));
+                None
+            }
+            Err(e) => Some(Reply::error(500, format!("cannot start migrating: {}", chain(&e)))),
+        }
+    }
+
     /// `ctl unprotect`: the answer now when refused, or later (the mode keeps `reply`) once
     /// the replication thread has made the backup's state stale and stopped.
     fn unprotect(&mut self, reply: Sender<Reply>) -> Option<Reply> {
@@ -512,6 +568,7 @@ impl<V: Vm + 'static> Driver<V> {
             backup: None,
             took_over: self.took_over.clone(),
             lockstep: None,
+            migration: None,
         };
         self.mode.report(&mut status);
         status

@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod lockstep;
+pub mod migrate;
 
 use crate::control::Reply;
 use crate::status::Status;
@@ -59,6 +60,8 @@ pub enum ModeEvent {
     /// Checkpoint mode: replication stopped (unprotect); no backup can take over at or
     /// after `generation`; the thread hands the ownership record back when shut down.
     Detached { generation: u64 },
+    /// Live migration: the destination owns the VM at `generation`; this replica stops.
+    HandedOver { generation: u64 },
 }
 
 /// What the driver does after a mode heard its event.
@@ -73,6 +76,9 @@ pub enum Verdict {
     Detached,
     /// The VM's end is settled ([`Mode::begin_end`] answered [`EndProgress::Pending`]).
     Settled,
+    /// Live migration: the VM went elsewhere (the message says where); stop at once,
+    /// nothing more leaves, and leave the ownership record alone.
+    Migrated(String),
 }
 
 /// How far a mode got with the VM's end.

@@ -93,6 +93,9 @@ pub struct Status {
     /// Lockstep's own figures, on either side (None: not in lockstep).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lockstep: Option<Lockstep>,
+    /// A live migration out of this replica (`ftvm ctl migrate`), under way or over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
 }
 
 /// Lockstep replication, as either side sees it.
@@ -119,6 +122,55 @@ pub struct Lockstep {
     pub lag_icount: Option<u64>,
     /// A backup: the divergence it stopped at, waiting for a state (None: in step).
     pub diverged: Option<String>,
+}
+
+/// Where a live migration out of this replica stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Pre-copy: the destination receives checkpoints (a full one, then each epoch's dirty
+    /// pages and sectors) while the guest runs.
+    Precopy,
+    /// Stop-and-copy and switchover: the guest is paused, its final checkpoint sent, the
+    /// destination takes the ownership record.
+    Switchover,
+    /// The destination owns the VM; this replica stops.
+    HandedOver,
+    /// Called off: the VM runs on here.
+    CalledOff,
+}
+
+/// A live migration's figures, as the source sees them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    pub phase: MigrationPhase,
+    /// The destination's address.
+    pub to: String,
+    /// From `migrate` to now, or to the handover.
+    pub total_ms: f64,
+    /// Bytes written to the destination.
+    pub bytes_sent: u64,
+    /// Checkpoints sent: the full one, the pre-copy rounds, the final one.
+    pub checkpoints: u64,
+    /// From the guest's pause to the destination's `SwitchedOver` answered (this replica's
+    /// view of the downtime: the destination runs one message later; its own figure is its
+    /// `took_over.migration.downtime_ms`).
+    pub paused_ms: Option<f64>,
+    /// The final checkpoint's epoch.
+    pub final_epoch: Option<u64>,
+    /// Why it was called off.
+    pub error: Option<String>,
+}
+
+/// A VM that arrived by live migration, as the destination saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// From the guest's pause on the source to it running here, on the two hosts' clocks
+    /// (exact on one host; across hosts, off by the offset between their clocks).
+    pub downtime_ms: f64,
+    /// The source confirmed the handover (false: this replica swapped the record once more
+    /// without its word, after the handover timeout or a broken link).
+    pub confirmed: bool,
 }
 
 impl Status {
@@ -241,6 +293,9 @@ pub struct Takeover {
     pub last_frame_to_live_ms: u64,
     /// Checkpoints whose digest check failed while it was a backup.
     pub diverged_checkpoints: u64,
+    /// It went live by a planned switchover (live migration), not a failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Arrival>,
 }
 
 #[cfg(test)]
@@ -286,6 +341,7 @@ pub(crate) mod tests {
             backup: None,
             took_over: None,
             lockstep: None,
+            migration: None,
         }
     }
 
@@ -315,6 +371,7 @@ pub(crate) mod tests {
             }),
             took_over: None,
             lockstep: None,
+            migration: None,
         }
     }
 
@@ -327,7 +384,7 @@ pub(crate) mod tests {
         let mut took_over = primary();
         took_over.replication = None;
         took_over.took_over =
-            Some(Takeover { epoch: 9, generation: 4, last_frame_to_live_ms: 130, diverged_checkpoints: 0 });
+            Some(Takeover { epoch: 9, generation: 4, last_frame_to_live_ms: 130, diverged_checkpoints: 0, migration: None });
         let standalone = Status { role: Role::Standalone, mode: Mode::None, vm_id: None, ..took_over.clone() };
         for status in [primary(), backup(), took_over, standalone] {
             assert_eq!(round_trip(&status), status);

@@ -11,6 +11,14 @@
 //! received, does not count as a sign of life, and is dropped at its handshake deadline or
 //! when too many others wait (the oldest goes first). Only then does it replace the
 //! connection the backup had.
+//!
+//! Live migration: a `Switchover` from the primary (paused, its final checkpoint applied here
+//! and acknowledged) makes the backup swap the record from the generation its state counts
+//! for and answer `SwitchedOver`; it goes live (`GoLive`) only on the primary's `HandedOver`,
+//! its promise never to run the VM again. Without that promise in time (or with the link
+//! gone) it swaps the record once more before running, so that a primary which took the VM
+//! back meanwhile wins or loses by the record alone (the backup then stands down). See
+//! [`Backup::handover`].
 
 use std::collections::VecDeque;
 
@@ -46,6 +54,8 @@ pub struct BackupConfig {
     pub max_checkpoint_bytes: u64,
     /// Whole checkpoints waiting for the machine to apply them; more closes the connection.
     pub max_queued_checkpoints: usize,
+    /// Live migration: how long to wait for `HandedOver` after answering `SwitchedOver`.
+    pub handover_timeout_ms: u64,
 }
 
 impl BackupConfig {
@@ -61,6 +71,7 @@ impl BackupConfig {
             ownership_check_ms: 1000,
             max_checkpoint_bytes,
             max_queued_checkpoints: 64,
+            handover_timeout_ms: 1000,
         }
     }
 }
@@ -155,6 +166,26 @@ struct WholeCheckpoint {
     payload: Vec<u8>,
 }
 
+/// Live migration, on the destination: how far the switchover got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switchover {
+    /// Swapping the record from the generation the state counts for.
+    Claiming { generation: u64 },
+    /// The record is ours at `generation`; `SwitchedOver` sent, waiting for `HandedOver`.
+    Confirmed { generation: u64, since_ms: u64 },
+    /// No `HandedOver`: swapping again, from `generation`, before running.
+    Fencing { generation: u64 },
+}
+
+/// How a switchover ended, once this backup went live by one (for status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// When the primary paused the guest, on its clock.
+    pub paused_at_unix_us: u64,
+    /// The primary confirmed with `HandedOver` (false: this backup swapped again without it).
+    pub confirmed: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Applied {
     id: CheckpointId,
@@ -226,6 +257,8 @@ pub struct Backup {
     said_cannot: bool,
     live_generation: Option<u64>,
     exited: bool,
+    switchover: Option<Switchover>,
+    handover: Option<Handover>,
     refused_connections: u64,
     repairs: Repairs,
 }
@@ -253,6 +286,8 @@ impl Backup {
             said_cannot: false,
             live_generation: None,
             exited: false,
+            switchover: None,
+            handover: None,
             refused_connections: 0,
             repairs: Repairs::default(),
         }
@@ -283,6 +318,17 @@ impl Backup {
     /// Whether this backup has gone live (it then refuses primaries).
     pub fn is_live(&self) -> bool {
         self.live_generation.is_some()
+    }
+
+    /// Live migration: how the switchover this backup went live by ended (None: it went
+    /// live by a takeover, or not at all).
+    pub fn handover(&self) -> Option<Handover> {
+        self.handover.filter(|_| self.is_live())
+    }
+
+    /// Whether a switchover (live migration) is under way.
+    pub fn switching_over(&self) -> bool {
+        self.switchover.is_some()
     }
 
     /// Whether a primary is connected and past the handshake.
@@ -350,7 +396,99 @@ impl Backup {
                 actions.push(BackupAction::Send { conn: bl.conn, bytes });
             }
         }
+        if self.switchover.is_some() {
+            return self.advance_switchover(actions);
+        }
         self.maybe_suspect(actions);
+    }
+
+    /// Live migration: without `HandedOver` in time, or with the link gone, swap again.
+    fn advance_switchover(&mut self, actions: &mut Vec<BackupAction>) {
+        let now = self.now_ms;
+        match self.switchover {
+            Some(Switchover::Confirmed { generation, since_ms })
+                if self.link.is_none() || now - since_ms.min(now) >= self.config.handover_timeout_ms =>
+            {
+                if let Some(bl) = self.link.take() {
+                    let silent_ms = now - since_ms.min(now);
+                    self.close_link(bl, ProtocolError::PeerSilent { silent_ms }, actions);
+                }
+                self.switchover = Some(Switchover::Fencing { generation });
+                self.claim(generation, actions);
+            }
+            Some(Switchover::Claiming { generation } | Switchover::Fencing { generation })
+                if !self.claim_outstanding && now >= self.next_claim_attempt_ms =>
+            {
+                self.claim(generation, actions)
+            }
+            _ => {}
+        }
+    }
+
+    fn claim(&mut self, generation: u64, actions: &mut Vec<BackupAction>) {
+        self.claim_outstanding = true;
+        actions.push(BackupAction::ClaimOwnership { generation });
+    }
+
+    /// The primary's `Switchover`: valid only for the state this backup holds, whole and
+    /// counted for the generation named.
+    fn on_switchover(
+        &mut self,
+        run_id: u64,
+        epoch: u64,
+        generation: u64,
+        paused_at_unix_us: u64,
+        actions: &mut Vec<BackupAction>,
+    ) -> Result<(), ProtocolError> {
+        let holds = self.applied.map(|a| a.id) == Some(CheckpointId { run_id, epoch })
+            && self.applying.is_none()
+            && self.ready.is_empty()
+            && self.incoming.is_none();
+        let counts = self.state_generation() == Some(generation) && generation >= self.newest_generation;
+        if !holds || !counts || self.switchover.is_some() || self.claim_outstanding {
+            return Err(ProtocolError::UnexpectedMessage {
+                message: "Switchover",
+                context: "for a state this backup does not hold whole, or that does not count for that generation",
+            });
+        }
+        self.handover = Some(Handover { paused_at_unix_us, confirmed: false });
+        self.switchover = Some(Switchover::Claiming { generation });
+        self.claim(generation, actions);
+        Ok(())
+    }
+
+    /// The answer to a swap of a switchover.
+    fn on_switchover_claim(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<BackupAction>) {
+        match (self.switchover, answer) {
+            (Some(Switchover::Claiming { .. }), Ok(SwapAnswer::Swapped { generation })) => {
+                let now = self.now_ms;
+                self.switchover = Some(Switchover::Confirmed { generation, since_ms: now });
+                if let Some(bl) = self.link.as_mut() {
+                    let bytes = bl.link.frame(&Message::SwitchedOver { generation }, now);
+                    actions.push(BackupAction::Send { conn: bl.conn, bytes });
+                }
+            }
+            (Some(Switchover::Fencing { .. }), Ok(SwapAnswer::Swapped { generation })) => {
+                self.go_live_by_handover(generation, actions)
+            }
+            (_, Ok(SwapAnswer::Conflict { ended: Some(exit_code), .. })) => self.exit(exit_code, actions),
+            (_, Ok(SwapAnswer::Conflict { generation, owner, .. })) => {
+                self.switchover = None;
+                self.exited = true;
+                self.close_all(ProtocolError::TakenBack { generation, owner }, actions);
+                actions.push(BackupAction::StandDown);
+            }
+            (_, Err(_)) => self.next_claim_attempt_ms = self.now_ms + self.config.store_retry_ms,
+            (_, Ok(SwapAnswer::Swapped { .. })) => unreachable!("a swap outside a switchover step"),
+        }
+    }
+
+    fn go_live_by_handover(&mut self, generation: u64, actions: &mut Vec<BackupAction>) {
+        let applied = self.applied.expect("a switchover starts with a whole checkpoint applied");
+        self.switchover = None;
+        self.close_all(ProtocolError::AlreadyLive, actions);
+        self.live_generation = Some(generation);
+        actions.push(BackupAction::GoLive { epoch: applied.id.epoch, icount: applied.icount, generation });
     }
 
     /// Failover rule: silent primary + a whole checkpoint applied + nothing left to apply
@@ -423,6 +561,9 @@ impl Backup {
             return;
         }
         self.claim_outstanding = false;
+        if self.switchover.is_some() {
+            return self.on_switchover_claim(answer, actions);
+        }
         match answer {
             Ok(SwapAnswer::Swapped { generation }) => {
                 let applied = self.applied.expect("ownership is only claimed with a whole checkpoint applied");
@@ -658,6 +799,19 @@ impl Backup {
                 self.exit(exit_code, actions);
                 Ok(())
             }
+            Message::Switchover { epoch, generation, paused_at_unix_us } => {
+                self.on_switchover(run_id, epoch, generation, paused_at_unix_us, actions)
+            }
+            Message::HandedOver => match self.switchover {
+                Some(Switchover::Confirmed { generation, .. }) => {
+                    if let Some(handover) = &mut self.handover {
+                        handover.confirmed = true;
+                    }
+                    self.go_live_by_handover(generation, actions);
+                    Ok(())
+                }
+                _ => Err(ProtocolError::UnexpectedMessage { message: "HandedOver", context: "outside a switchover" }),
+            },
             Message::StandDown => {
                 self.exited = true;
                 self.close_all(ProtocolError::StoodDown, actions);

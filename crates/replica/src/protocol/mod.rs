@@ -8,7 +8,7 @@ mod primary;
 #[cfg(test)]
 mod tests;
 
-pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent, BackupStatus, ConnId};
+pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent, BackupStatus, ConnId, Handover};
 pub use primary::{
     BackupLossPolicy, CheckpointKind, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection,
 };
@@ -111,6 +111,16 @@ pub enum ProtocolError {
     StoodDown,
     #[error("this primary has stopped: {0}")]
     Stopped(Box<ProtocolError>),
+    /// Live migration: the backup owns the VM now (the switchover is done, or the backup
+    /// moved the record past it): this replica never runs it again.
+    #[error("the VM was handed over to the destination, which owns it at generation {generation}")]
+    HandedOver { generation: u64 },
+    /// Live migration: the switchover was called off before the backup took the record.
+    #[error("the switchover was called off: {reason}")]
+    SwitchoverCalledOff { reason: String },
+    /// Live migration, the destination: the source took the VM back before handing it over.
+    #[error("the source took the VM back (generation {generation:?}, owned by {owner}): the migration was called off")]
+    TakenBack { generation: Option<u64>, owner: String },
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -290,6 +300,7 @@ fn worth_a_goodbye(error: &ProtocolError) -> bool {
             | ProtocolError::ConnectionLost
             | ProtocolError::Detached
             | ProtocolError::StoodDown
+            | ProtocolError::HandedOver { .. }
             | ProtocolError::Wire(WireError::Truncated { .. })
     )
 }

@@ -23,6 +23,16 @@
 //!   backup may hold a state that counts for the current one), so that the backup can never
 //!   take over, told or not; then it releases everything, tells the backup to stand down,
 //!   and reports [`PrimaryAction::Detached`]. The VM runs on alone, owning the record.
+//! - Live migration ([`PrimaryEvent::Switchover`], `ftvm ctl migrate`) hands the VM to the
+//!   backup: with the machine paused at its final checkpoint, once the backup acknowledged it
+//!   (so every output left) the primary sends `Switchover`; the backup swaps the record and
+//!   answers `SwitchedOver`; the primary answers `HandedOver` and stops
+//!   ([`ProtocolError::HandedOver`]). Without an answer in time the switchover is called off:
+//!   before `Switchover` was sent, as an unprotect (`Detached`); after it, the primary reads
+//!   the record and takes the VM back by swapping whatever generation it finds at most one
+//!   past its own (the backup does not run before `HandedOver`, and swaps again before it
+//!   runs without one, so a record one past ours names a backup that never ran), or concedes
+//!   when the record moved further.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -100,6 +110,9 @@ pub struct PrimaryConfig {
     /// Checkpoints kept for resending after a broken connection; past this the log is
     /// dropped and the next connection starts with a full checkpoint.
     pub max_log_bytes: u64,
+    /// Live migration: how long each step of a switchover (the acknowledgement of the final
+    /// checkpoint, then `SwitchedOver`) may take before it is called off.
+    pub switchover_timeout_ms: u64,
 }
 
 impl PrimaryConfig {
@@ -120,6 +133,7 @@ impl PrimaryConfig {
             store_retry_ms: 100,
             end_timeout_ms: 1000,
             max_log_bytes: 1 << 30,
+            switchover_timeout_ms: 1000,
         }
     }
 }
@@ -147,6 +161,12 @@ pub enum PrimaryEvent<'a> {
     /// over any more (or by `Stop`, should another replica own the VM); ignored once the VM
     /// is ending (its end settles it).
     Unprotect,
+    /// Live migration: the machine is paused, and the checkpoint last taken holds its final
+    /// state. Hand the VM to the backup (see the module's doc); ends with `Stop` of
+    /// [`ProtocolError::HandedOver`] when the backup has it, or `Detached` when this replica
+    /// keeps it. `paused_at_unix_us` (the pause, on this host's clock) goes to the backup for
+    /// its downtime figure.
+    Switchover { paused_at_unix_us: u64 },
     /// The answer to a `SwapGeneration` action (`Err`: the store could not be reached).
     Swap(Result<SwapAnswer, String>),
     /// The answer to a `ReadOwnership` action.
@@ -225,6 +245,20 @@ enum SwapPurpose {
     End,
     /// To stop replicating (`Unprotect`).
     Detach,
+    /// To take the VM back after an unanswered switchover (from the generation read).
+    Reclaim,
+}
+
+/// Live migration: how far the switchover got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switchover {
+    /// Waiting for the acknowledgement of the final checkpoint, `epoch`.
+    AwaitingAck { epoch: u64, since_ms: u64 },
+    /// `Switchover` sent: waiting for `SwitchedOver`.
+    Sent { since_ms: u64 },
+    /// No answer: reading the record (then swapping it) to take the VM back, unless the
+    /// backup moved it past `base + 1`. `base` is the generation this replica held.
+    Reclaiming { base: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +326,8 @@ pub struct Primary {
     /// `Unprotect` was asked for and is not done yet.
     detaching: bool,
     stopped: Option<ProtocolError>,
+    switchover: Option<Switchover>,
+    paused_at_unix_us: u64,
     unprotected_count: u64,
     resumed_checkpoints: u64,
     repairs: Repairs,
@@ -327,6 +363,8 @@ impl Primary {
             ending: None,
             detaching: false,
             stopped: None,
+            switchover: None,
+            paused_at_unix_us: 0,
             unprotected_count: 0,
             resumed_checkpoints: 0,
             repairs: Repairs::default(),
@@ -362,8 +400,16 @@ impl Primary {
             PrimaryEvent::VmEnded { epoch, exit_code } => self.on_vm_ended(epoch, exit_code, &mut actions),
             PrimaryEvent::Swap(answer) => self.on_swap(answer, &mut actions),
             PrimaryEvent::Ownership(answer) => self.on_ownership(answer, &mut actions),
+            PrimaryEvent::Switchover { paused_at_unix_us } => {
+                if self.ending.is_none() && self.switchover.is_none() && !self.detaching {
+                    let epoch = self.last_taken.unwrap_or(0);
+                    self.paused_at_unix_us = paused_at_unix_us;
+                    self.switchover = Some(Switchover::AwaitingAck { epoch, since_ms: self.now_ms });
+                    self.advance_switchover(&mut actions);
+                }
+            }
             PrimaryEvent::Unprotect => {
-                if self.ending.is_none() {
+                if self.ending.is_none() && self.switchover.is_none() {
                     self.detaching = true;
                     self.advance_detach(&mut actions);
                 }
@@ -463,8 +509,72 @@ impl Primary {
         }
         self.advance_ending(actions);
         self.advance_detach(actions);
+        self.advance_switchover(actions);
         self.maybe_go_unprotected(actions);
         self.maybe_check_ownership(actions);
+    }
+
+    /// Whether a switchover (live migration) is under way.
+    pub fn switching_over(&self) -> bool {
+        self.switchover.is_some()
+    }
+
+    /// Live migration: send `Switchover` once the final checkpoint is acknowledged, call the
+    /// switchover off when an answer does not come in time, and take the VM back after an
+    /// unanswered `Switchover` (see the module's doc).
+    fn advance_switchover(&mut self, actions: &mut Vec<PrimaryAction>) {
+        let now = self.now_ms;
+        let timeout = self.config.switchover_timeout_ms;
+        match self.switchover {
+            None => {}
+            Some(Switchover::AwaitingAck { epoch, since_ms }) => {
+                let streaming = self.is_streaming();
+                if streaming && self.protection == Protection::Protected && self.acked >= Some(epoch) {
+                    let (generation, paused_at_unix_us) = (self.generation, self.paused_at_unix_us);
+                    let message = Message::Switchover { epoch, generation, paused_at_unix_us };
+                    let pl = self.link.as_mut().expect("streaming");
+                    actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
+                    self.switchover = Some(Switchover::Sent { since_ms: now });
+                } else if !streaming || now - since_ms.min(now) >= timeout {
+                    // Nothing was handed over: called off as an unprotect (the backup's state
+                    // made stale first, so it can never take over; told to stand down).
+                    self.switchover = None;
+                    self.detaching = true;
+                    self.advance_detach(actions);
+                }
+            }
+            Some(Switchover::Sent { since_ms }) => {
+                if !self.is_streaming() || now - since_ms.min(now) >= timeout {
+                    let reason = format!("no SwitchedOver from the destination within {timeout} ms");
+                    self.close(ProtocolError::SwitchoverCalledOff { reason }, actions);
+                    self.switchover = Some(Switchover::Reclaiming { base: self.generation });
+                    self.advance_switchover(actions);
+                }
+            }
+            Some(Switchover::Reclaiming { .. }) => {
+                if !self.read_outstanding && self.swap_outstanding.is_none() && now >= self.next_store_attempt_ms {
+                    self.read_outstanding = true;
+                    actions.push(PrimaryAction::ReadOwnership);
+                }
+            }
+        }
+    }
+
+    /// Taking the VM back: what the record says decides (see [`Switchover::Reclaiming`]).
+    fn on_reclaim_read(&mut self, base: u64, answer: Result<Option<RecordView>, String>, actions: &mut Vec<PrimaryAction>) {
+        match answer {
+            Ok(Some(RecordView { ended: Some(exit_code), .. })) => self.stop(ProtocolError::VmEnded { exit_code }, actions),
+            Ok(Some(record)) if record.generation <= base + 1 => {
+                self.swap_outstanding = Some(SwapPurpose::Reclaim);
+                actions.push(PrimaryAction::SwapGeneration { expected: record.generation, ended: None });
+            }
+            Ok(Some(record)) => self.stop(ProtocolError::HandedOver { generation: record.generation }, actions),
+            Ok(None) => {
+                let error = ProtocolError::OwnershipLost { generation: None, owner: "nobody".into(), ours: base };
+                self.stop(error, actions)
+            }
+            Err(_) => self.next_store_attempt_ms = self.now_ms + self.config.store_retry_ms,
+        }
     }
 
     /// Unprotect: fence the backup off first if it may hold a state that counts for this
@@ -510,6 +620,7 @@ impl Primary {
         let Some(lost_since) = self.backup_lost_since_ms else { return };
         if self.config.on_backup_loss == BackupLossPolicy::Hold
             || self.ending.is_some()
+            || self.switchover.is_some()
             || now - lost_since.min(now) < self.config.backup_loss_grace_ms
         {
             return;
@@ -543,6 +654,7 @@ impl Primary {
     /// that holds its outputs would otherwise never learn it was fenced.
     fn maybe_check_ownership(&mut self, actions: &mut Vec<PrimaryAction>) {
         if self.backup_lost_since_ms.is_none()
+            || self.switchover.is_some()
             || self.read_outstanding
             || self.swap_outstanding.is_some()
             || self.now_ms < self.next_ownership_check_ms
@@ -557,6 +669,9 @@ impl Primary {
 
     fn on_ownership(&mut self, answer: Result<Option<RecordView>, String>, actions: &mut Vec<PrimaryAction>) {
         self.read_outstanding = false;
+        if let Some(Switchover::Reclaiming { base }) = self.switchover {
+            return self.on_reclaim_read(base, answer, actions);
+        }
         // While a swap or the end is under way the record legitimately moves.
         if self.swap_outstanding.is_some() || self.ending.is_some() {
             return;
@@ -573,6 +688,9 @@ impl Primary {
 
     fn on_swap(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<PrimaryAction>) {
         let Some(purpose) = self.swap_outstanding.take() else { return };
+        if purpose == SwapPurpose::Reclaim {
+            return self.on_reclaim_swap(answer, actions);
+        }
         match answer {
             Ok(SwapAnswer::Swapped { generation }) => {
                 assert_eq!(generation, self.generation + 1, "a swap raises the generation by one");
@@ -610,6 +728,23 @@ impl Primary {
                     }
                 }
             }
+        }
+    }
+
+    /// Taking the VM back: swapped, it is ours again (run on alone, as after an unprotect);
+    /// the record moved meanwhile: read it again.
+    fn on_reclaim_swap(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<PrimaryAction>) {
+        match answer {
+            Ok(SwapAnswer::Swapped { generation }) => {
+                self.generation = generation;
+                self.switchover = None;
+                self.detach(actions);
+            }
+            Ok(SwapAnswer::Conflict { ended: Some(exit_code), .. }) => {
+                self.stop(ProtocolError::VmEnded { exit_code }, actions)
+            }
+            Ok(SwapAnswer::Conflict { .. }) => self.advance_switchover(actions),
+            Err(_) => self.next_store_attempt_ms = self.now_ms + self.config.store_retry_ms,
         }
     }
 
@@ -711,6 +846,16 @@ impl Primary {
                 self.clear_log();
                 Ok(())
             }
+            Message::SwitchedOver { generation }
+                if matches!(self.switchover, Some(Switchover::Sent { .. })) && generation == self.generation + 1 =>
+            {
+                // The promise the backup waits for: this replica never runs the VM again.
+                let now = self.now_ms;
+                actions.push(PrimaryAction::Send(pl.link.frame(&Message::HandedOver, now)));
+                self.switchover = None;
+                self.stop(ProtocolError::HandedOver { generation }, actions);
+                Ok(())
+            }
             message => Err(ProtocolError::UnexpectedMessage { message: message.name(), context: "to a primary" }),
         }
     }
@@ -794,6 +939,7 @@ impl Primary {
                 self.mark_ended(last, exit_code, true, actions);
             }
         }
+        self.advance_switchover(actions);
     }
 
     /// Catching up: once the backup holds the last epoch released early, its state covers

@@ -152,6 +152,52 @@ impl<V: Vm> CheckpointPrimary<V> {
     }
 }
 
+/// What live migration ([`crate::mode::migrate`]) asks of checkpoint replication.
+impl<V: Vm> CheckpointPrimary<V> {
+    /// The backup holds every checkpoint taken and the VM counts as protected: a final
+    /// checkpoint now copies one short epoch.
+    pub fn caught_up(&self) -> bool {
+        let shared = self.handle.shared.lock().expect("not poisoned");
+        let s = &shared.status;
+        let epoch = self.schedule.epoch();
+        self.precopy.is_none()
+            && epoch > 0
+            && s.streaming
+            && s.protection == replica::Protection::Protected
+            && s.acked_epoch == Some(epoch)
+    }
+
+    /// Take the checkpoint that closes the running epoch now, whatever its length; its epoch.
+    pub fn checkpoint_now(&mut self, vm: &mut V) -> Result<u64, ModeError> {
+        self.precopy = None;
+        let wanted = self.wanted();
+        let (_, kind) = self.schedule.final_checkpoint(wanted);
+        self.send_checkpoint(vm, kind, Vec::new(), Instant::now())?;
+        Ok(self.schedule.epoch())
+    }
+
+    /// Hand the VM to the backup: the machine is paused at the checkpoint just taken
+    /// ([`replica::PrimaryEvent::Switchover`]).
+    pub fn switch_over(&self, paused_at_unix_us: u64) {
+        let _ = self.handle.tx.send(ToRepl::Switchover { paused_at_unix_us });
+    }
+
+    /// Bytes written to the backup so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.handle.shared.lock().expect("not poisoned").bytes_sent
+    }
+
+    /// Checkpoints taken (and handed to the replication thread) so far.
+    pub fn checkpoints_taken(&self) -> u64 {
+        self.totals.count
+    }
+
+    /// The last error the replication thread reported, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.handle.shared.lock().expect("not poisoned").last_error.clone()
+    }
+}
+
 impl<V: Vm> Mode<V> for CheckpointPrimary<V> {
     fn kind(&self) -> crate::status::Mode {
         crate::status::Mode::Checkpoint
@@ -233,6 +279,10 @@ impl<V: Vm> Mode<V> for CheckpointPrimary<V> {
                 self.finished = Some((exit_code, released));
                 Verdict::Settled
             }
+            ModeEvent::HandedOver { generation } => Verdict::Migrated(format!(
+                "the VM was handed over to {}, which owns it at generation {generation}",
+                self.handle.backup
+            )),
             ModeEvent::Detached { generation } => {
                 // No backup can take over any more: everything held may leave.
                 let held = self.schedule.release(u64::MAX);

@@ -194,6 +194,10 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
                 self.finished = Some((exit_code, released));
                 Verdict::Settled
             }
+            // Live migration's (checkpoint replication only): never asked for here.
+            ModeEvent::HandedOver { generation } => {
+                Verdict::Migrated(format!("the VM was handed over at generation {generation}"))
+            }
             ModeEvent::Detached { generation } => {
                 let held = self.leader.release(u64::MAX);
                 self.released.extend(held);

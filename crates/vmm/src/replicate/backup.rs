@@ -117,6 +117,7 @@ fn status<V: Vm>(backup: &Backup, machine: &MachineThread<V>, applies: Applies, 
         }),
         took_over: None,
         lockstep: None,
+        migration: None,
     }
 }
 
@@ -353,6 +354,7 @@ fn finish<V: Vm + Send + 'static>(
                 generation,
                 last_frame_to_live_ms: heard_ms.map_or(0, |heard| now_ms().saturating_sub(heard)),
                 diverged_checkpoints: applies.diverged,
+                migration: super::migrate::arrival(backup.handover()),
             };
             Ending::GoLive { machine, takeover }
         }
@@ -410,7 +412,9 @@ fn carry_out<V: Vm + Send + 'static>(
                 conns.close(conn);
             }
             BackupAction::ClaimOwnership { generation } => {
+                super::migrate::before_claim(backup);
                 let answer = ownership.swap(generation, None);
+                super::migrate::after_claim(backup, &answer);
                 queue.extend(backup.step(BackupEvent::Claim(answer)));
             }
             BackupAction::CannotTakeOver { reason } => log::line(Source::Backup, reason),
@@ -419,13 +423,16 @@ fn carry_out<V: Vm + Send + 'static>(
                 queue.extend(backup.step(BackupEvent::Ownership(answer)));
             }
             BackupAction::GoLive { epoch, icount, generation } => {
-                log::line(
-                    Source::Backup,
-                    format_args!(
-                        "the primary fell silent; taking over at epoch {epoch} (icount {icount}), ownership \
-                         generation {generation}"
+                match backup.handover() {
+                    Some(handover) => super::migrate::log_arrival(epoch, icount, generation, handover),
+                    None => log::line(
+                        Source::Backup,
+                        format_args!(
+                            "the primary fell silent; taking over at epoch {epoch} (icount {icount}), ownership \
+                             generation {generation}"
+                        ),
                     ),
-                );
+                }
                 for conn in conns.streams.keys().copied().collect::<Vec<_>>() {
                     conns.close(conn);
                 }

@@ -3,10 +3,13 @@
 //!
 //! - [`primary`]: the replication thread of a running VM (`ftvm run --replicate-to`).
 //! - [`backup`]: `ftvm backup`, which holds the last whole checkpoint and takes over.
+//! - [`migrate`]: the destination's side of a live migration (a backup that goes live by a
+//!   planned switchover); the source's is a mode, [`crate::mode::migrate`].
 //! - [`Ownership`]: the VM's ownership record (generation + compare-and-swap) in the store
 //!   both replicas see (`--store file:DIR`).
 
 pub mod backup;
+pub mod migrate;
 pub mod primary;
 
 use replica::{Nonce, PresharedKey, RecordView, SwapAnswer};

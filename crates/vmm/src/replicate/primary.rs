@@ -45,6 +45,10 @@ pub enum ToRepl {
         epoch: u64,
         exit_code: u32,
     },
+    /// Live migration: hand the VM to the backup (the machine is paused at its final checkpoint).
+    Switchover {
+        paused_at_unix_us: u64,
+    },
     /// Stop replicating; `ModeEvent::Detached` answers once no backup can take over.
     Unprotect,
     Connected {
@@ -254,6 +258,9 @@ impl ReplThread {
             }
             ToRepl::VmEnded { epoch, exit_code } => self.primary.step(PrimaryEvent::VmEnded { epoch, exit_code }),
             ToRepl::Unprotect => self.primary.step(PrimaryEvent::Unprotect),
+            ToRepl::Switchover { paused_at_unix_us } => {
+                self.primary.step(PrimaryEvent::Switchover { paused_at_unix_us })
+            }
             ToRepl::Connected { stream } => {
                 self.connecting = false;
                 self.attach(stream)
@@ -342,8 +349,10 @@ impl ReplThread {
                     Replication,
                     format_args!("protected again at generation {generation}: the backup caught up"),
                 ),
-                PrimaryAction::Close { error: error @ (ProtocolError::Detached | ProtocolError::VmEnded { .. }) } => {
-                    // The backup must still read the StandDown or End just queued.
+                PrimaryAction::Close {
+                    error: error @ (ProtocolError::Detached | ProtocolError::VmEnded { .. } | ProtocolError::HandedOver { .. }),
+                } => {
+                    // The backup must still read the StandDown, End or HandedOver just queued.
                     self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
                     if let Some(conn) = self.conn.take() {
                         conn.close_after_writes();
@@ -352,6 +361,10 @@ impl ReplThread {
                 PrimaryAction::Close { error } => {
                     self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
                     self.drop_connection();
+                }
+                PrimaryAction::Stop { error: ProtocolError::HandedOver { generation } } => {
+                    self.stopped = true;
+                    let _ = self.events.send(HostEvent::Mode(ModeEvent::HandedOver { generation }));
                 }
                 PrimaryAction::Stop { error } => {
                     self.drop_connection();
