@@ -46,6 +46,8 @@ pub struct BackupArgs {
 }
 
 pub fn run(args: BackupArgs) -> Result<i32> {
+    // Fault points named in FAILPOINTS (with the `failpoints` feature; the migration's too).
+    let _faults = vmm::keeper::fault::setup();
     let config = machine_config(&args.vm, &[])?;
     // Attached now and kept: a TAP attached only at takeover may not forward at once.
     let tap = open_tap(&args.vm)?;

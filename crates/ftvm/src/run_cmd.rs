@@ -356,6 +356,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.resilient {
         return crate::resilient::run(args);
     }
+    // Fault points named in FAILPOINTS (with the `failpoints` feature; the migration's too).
+    let _faults = vmm::keeper::fault::setup();
     let vm = &args.vm;
     let config = machine_config(vm, &args.command)?;
     let tap = open_tap(vm)?;

@@ -37,6 +37,13 @@ pub struct Options {
     pub seed: u64,
     /// `--initrd` of the primary (the backup gets the machine from it); the default image if None.
     pub initrd: Option<PathBuf>,
+    /// Start the primary replicating to the backup (false: alone, with --store; the backup
+    /// waits, as a migration's destination does).
+    pub replicate: bool,
+    /// Fault points of the primary's and the backup's processes (`FAILPOINTS`; needs the
+    /// `failpoints` feature).
+    pub primary_failpoints: Option<String>,
+    pub backup_failpoints: Option<String>,
 }
 
 impl Options {
@@ -50,6 +57,9 @@ impl Options {
             backup_max_files: None,
             seed,
             initrd: None,
+            replicate: true,
+            primary_failpoints: None,
+            backup_failpoints: None,
         }
     }
 }
@@ -142,7 +152,14 @@ impl Cluster {
         backup_args.extend(ownership(&dir));
         backup_args.extend(["--failover-timeout-ms".into(), options.failover_timeout_ms.to_string()]);
         backup_args.extend(["--api".into(), backup_api.display().to_string()]);
-        let backup = spawn_in(&topo.backup_ns(), &backup_args, &dir, "backup", options.backup_max_files);
+        let backup = spawn_in_with(
+            &topo.backup_ns(),
+            &backup_args,
+            &dir,
+            "backup",
+            options.backup_max_files,
+            options.backup_failpoints.as_deref(),
+        );
         wait_for_socket(&backup_api, Duration::from_secs(30));
 
         let relay_addr = format!("{}:{RELAY_PORT}", Topology::BACKUP_REPL_ADDR);
@@ -153,8 +170,10 @@ impl Cluster {
             options.seed,
         );
 
-        let mut primary_args: Vec<String> =
-            ["run", "--net", "tap:tap0", "--replicate-to", &relay_addr, "--key", &key_s].map(String::from).to_vec();
+        let mut primary_args: Vec<String> = ["run", "--net", "tap:tap0"].map(String::from).to_vec();
+        if options.replicate {
+            primary_args.extend(["--replicate-to", &relay_addr, "--key", &key_s].map(String::from));
+        }
         primary_args.extend(ownership(&dir));
         primary_args.extend(["--epoch-ms".into(), options.epoch_ms.to_string()]);
         if let Some(initrd) = &options.initrd {
@@ -162,7 +181,14 @@ impl Cluster {
         }
         primary_args.extend(["--api".into(), primary_api.display().to_string(), "--".into()]);
         primary_args.extend(options.command.iter().cloned());
-        let primary = spawn_in(&topo.primary_ns(), &primary_args, &dir, "primary", None);
+        let primary = spawn_in_with(
+            &topo.primary_ns(),
+            &primary_args,
+            &dir,
+            "primary",
+            None,
+            options.primary_failpoints.as_deref(),
+        );
         Cluster {
             primary_stdout: dir.join("primary.out"),
             backup_stdout: dir.join("backup.out"),
@@ -330,6 +356,18 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// Start `ftvm ARGS` in namespace `ns`: standard output (the guest command's output) to
 /// DIR/NAME.out, standard error (the monitor's messages) to DIR/NAME.log.
 fn spawn_in(ns: &str, args: &[String], dir: &Path, name: &str, max_files: Option<u32>) -> Proc {
+    spawn_in_with(ns, args, dir, name, max_files, None)
+}
+
+/// [`spawn_in`], with fault points (`FAILPOINTS`).
+fn spawn_in_with(
+    ns: &str,
+    args: &[String],
+    dir: &Path,
+    name: &str,
+    max_files: Option<u32>,
+    failpoints: Option<&str>,
+) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let out = std::fs::File::create(dir.join(format!("{name}.out"))).expect("output file");
     let err = std::fs::File::create(&log).expect("log file");
@@ -338,6 +376,9 @@ fn spawn_in(ns: &str, args: &[String], dir: &Path, name: &str, max_files: Option
     if let Some(n) = max_files {
         // `exec` keeps the PID: killing the child kills ftvm itself.
         command.args(["sh", "-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")]);
+    }
+    if let Some(failpoints) = failpoints {
+        command.env("FAILPOINTS", failpoints);
     }
     let child = command
         .arg(env!("CARGO_BIN_EXE_ftvm"))

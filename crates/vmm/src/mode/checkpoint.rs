@@ -167,6 +167,12 @@ impl<V: Vm> CheckpointPrimary<V> {
             && s.acked_epoch == Some(epoch)
     }
 
+    /// The replication went unprotected (its backup lost for the grace period, the
+    /// generation swapped past it): the backup can no longer take over.
+    pub fn went_unprotected(&self) -> bool {
+        self.handle.shared.lock().expect("not poisoned").status.unprotected_count > 0
+    }
+
     /// Take the checkpoint that closes the running epoch now, whatever its length; its epoch.
     pub fn checkpoint_now(&mut self, vm: &mut V) -> Result<u64, ModeError> {
         self.precopy = None;

@@ -8,7 +8,9 @@
 //!
 //! While it migrates the VM is protected by its destination, so a source that dies during
 //! the pre-copy (once the destination holds a whole checkpoint) or the stop-and-copy is
-//! taken over by it, as in any failover. Fault point (feature `failpoints`):
+//! taken over by it, as in any failover. Fault points (feature `failpoints`):
+//! `migrate::caught-up`, once, when the destination first holds every checkpoint taken (the
+//! end of the pre-copy; the guest waits while the point sleeps), and
 //! `migrate::final-checkpoint`, after the final checkpoint was taken, before the switchover.
 
 use super::checkpoint::CheckpointPrimary;
@@ -39,6 +41,8 @@ pub struct MigrationSource<V: Vm> {
     error: Option<String>,
     /// `ctl migrate`'s answer, owed until the migration is over.
     reply: Option<Sender<Reply>>,
+    /// The log said the destination caught up.
+    said_caught_up: bool,
 }
 
 impl<V: Vm> MigrationSource<V> {
@@ -57,6 +61,7 @@ impl<V: Vm> MigrationSource<V> {
             final_epoch: None,
             error: None,
             reply: Some(reply),
+            said_caught_up: false,
         }
     }
 
@@ -95,8 +100,12 @@ impl<V: Vm> MigrationSource<V> {
         if self.phase != MigrationPhase::Precopy {
             return Ok(());
         }
-        if self.started.elapsed() >= MAX_PRECOPY {
-            self.error = Some(format!("the pre-copy did not catch up within {} s", MAX_PRECOPY.as_secs()));
+        let lost = self.inner.went_unprotected();
+        if lost || self.started.elapsed() >= MAX_PRECOPY {
+            self.error = Some(match lost {
+                true => "the destination was lost during the pre-copy".into(),
+                false => format!("the pre-copy did not catch up within {} s", MAX_PRECOPY.as_secs()),
+            });
             let (tx, _rx) = std::sync::mpsc::channel();
             if let Some(refused) = self.inner.unprotect(tx) {
                 self.error = refused.body["error"].as_str().map(String::from);
@@ -106,6 +115,14 @@ impl<V: Vm> MigrationSource<V> {
         }
         if !self.inner.caught_up() {
             return Ok(());
+        }
+        if !self.said_caught_up {
+            self.said_caught_up = true;
+            log::line(Source::Replication, format_args!("migration to {}: caught up", self.to));
+            crate::keeper::fault::point("migrate::caught-up");
+            if !self.inner.caught_up() {
+                return Ok(()); // lost meanwhile (the fault point's wait)
+            }
         }
         self.paused_at = Some(Instant::now());
         let paused_at_unix_us = std::time::SystemTime::now()
