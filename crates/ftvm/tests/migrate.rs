@@ -87,7 +87,9 @@ fn check_one_vm(cluster: &mut Cluster, client: &Client, fault: Instant, expect_d
         let source_runs = source.as_ref().is_some_and(|s| s["state"] == "running" && s["migration"].is_null());
         let destination_runs = destination.as_ref().is_some_and(|s| s["role"] == "primary");
         match (source_runs, destination_runs) {
-            (true, false) if cluster.backup.exited().is_some() || destination.as_ref().is_some_and(|d| d["stale"] == true) => {
+            (true, false)
+                if cluster.backup.exited().is_some() || destination.as_ref().is_some_and(|d| d["stale"] == true) =>
+            {
                 break (false, source.expect("runs"));
             }
             (false, true) if cluster.primary.exited().is_some() => break (true, destination.expect("runs")),

@@ -62,8 +62,11 @@ fn any_message() -> impl Strategy<Value = Message> {
         (0u64..4, 0u64..6).prop_map(|(generation, from_epoch)| Message::Protected { generation, from_epoch }),
         any::<u32>().prop_map(|exit_code| Message::End { exit_code }),
         Just(Message::StandDown),
-        (0u64..6, 0u64..4, any::<u64>())
-            .prop_map(|(epoch, generation, paused_at_unix_us)| Message::Switchover { epoch, generation, paused_at_unix_us }),
+        (0u64..6, 0u64..4, any::<u64>()).prop_map(|(epoch, generation, paused_at_unix_us)| Message::Switchover {
+            epoch,
+            generation,
+            paused_at_unix_us
+        }),
         (0u64..4).prop_map(|generation| Message::SwitchedOver { generation }),
         Just(Message::HandedOver),
         (0u64..60).prop_map(|from_seq| Message::Resend { from_seq }),

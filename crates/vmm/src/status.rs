@@ -383,8 +383,13 @@ pub(crate) mod tests {
     fn every_role_parses_back_as_it_was_served() {
         let mut took_over = primary();
         took_over.replication = None;
-        took_over.took_over =
-            Some(Takeover { epoch: 9, generation: 4, last_frame_to_live_ms: 130, diverged_checkpoints: 0, migration: None });
+        took_over.took_over = Some(Takeover {
+            epoch: 9,
+            generation: 4,
+            last_frame_to_live_ms: 130,
+            diverged_checkpoints: 0,
+            migration: None,
+        });
         let standalone = Status { role: Role::Standalone, mode: Mode::None, vm_id: None, ..took_over.clone() };
         for status in [primary(), backup(), took_over, standalone] {
             assert_eq!(round_trip(&status), status);

@@ -561,9 +561,16 @@ impl Primary {
     }
 
     /// Taking the VM back: what the record says decides (see [`Switchover::Reclaiming`]).
-    fn on_reclaim_read(&mut self, base: u64, answer: Result<Option<RecordView>, String>, actions: &mut Vec<PrimaryAction>) {
+    fn on_reclaim_read(
+        &mut self,
+        base: u64,
+        answer: Result<Option<RecordView>, String>,
+        actions: &mut Vec<PrimaryAction>,
+    ) {
         match answer {
-            Ok(Some(RecordView { ended: Some(exit_code), .. })) => self.stop(ProtocolError::VmEnded { exit_code }, actions),
+            Ok(Some(RecordView { ended: Some(exit_code), .. })) => {
+                self.stop(ProtocolError::VmEnded { exit_code }, actions)
+            }
             Ok(Some(record)) if record.generation <= base + 1 => {
                 self.swap_outstanding = Some(SwapPurpose::Reclaim);
                 actions.push(PrimaryAction::SwapGeneration { expected: record.generation, ended: None });

@@ -125,9 +125,8 @@ impl<V: Vm> MigrationSource<V> {
             }
         }
         self.paused_at = Some(Instant::now());
-        let paused_at_unix_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+        let paused_at_unix_us =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         self.phase = MigrationPhase::Switchover;
         let epoch = self.inner.checkpoint_now(vm)?;
         self.final_epoch = Some(epoch);
@@ -213,7 +212,10 @@ impl<V: Vm> Mode<V> for MigrationSource<V> {
                     "error": format!("the migration was interrupted and the destination {} took the VM over: {message}", self.to),
                     "migration": self.figures() });
                 self.answer(Reply { status: 409, body });
-                Verdict::Migrated(format!("the VM is at {}, which took it over ({message}); this replica stops", self.to))
+                Verdict::Migrated(format!(
+                    "the VM is at {}, which took it over ({message}); this replica stops",
+                    self.to
+                ))
             }
             ModeEvent::Detached { generation } => {
                 let why = self.error.clone().or_else(|| self.inner.last_error()).unwrap_or_else(|| {

@@ -31,9 +31,7 @@ pub(crate) fn after_claim(backup: &Backup, answer: &Result<SwapAnswer, String>) 
 /// The figures of an arrival by switchover, as the machine is handed to the live VM.
 pub(crate) fn arrival(handover: Option<replica::Handover>) -> Option<Arrival> {
     let handover = handover?;
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
     Some(Arrival {
         downtime_ms: now_us.saturating_sub(handover.paused_at_unix_us) as f64 / 1e3,
         confirmed: handover.confirmed,

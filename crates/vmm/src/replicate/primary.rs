@@ -350,7 +350,8 @@ impl ReplThread {
                     format_args!("protected again at generation {generation}: the backup caught up"),
                 ),
                 PrimaryAction::Close {
-                    error: error @ (ProtocolError::Detached | ProtocolError::VmEnded { .. } | ProtocolError::HandedOver { .. }),
+                    error:
+                        error @ (ProtocolError::Detached | ProtocolError::VmEnded { .. } | ProtocolError::HandedOver { .. }),
                 } => {
                     // The backup must still read the StandDown, End or HandedOver just queued.
                     self.shared.lock().expect("not poisoned").last_error = Some(error.to_string());
