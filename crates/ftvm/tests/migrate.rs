@@ -24,12 +24,6 @@ const ANSWERS_BEFORE: usize = 20;
 const ANSWERS_AFTER: usize = 3;
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
-fn seed() -> u64 {
-    let seed = std::env::var("FTVM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    println!("FTVM_TEST_SEED={seed}");
-    seed
-}
-
 /// The source alone in the primary's host, the destination waiting in the backup's, the
 /// client counting.
 fn start(name: &str, primary_failpoints: Option<&str>, backup_failpoints: Option<&str>) -> (Cluster, Client) {
@@ -37,7 +31,7 @@ fn start(name: &str, primary_failpoints: Option<&str>, backup_failpoints: Option
         replicate: false,
         primary_failpoints: primary_failpoints.map(String::from),
         backup_failpoints: backup_failpoints.map(String::from),
-        ..Options::counter(seed())
+        ..Options::counter(common::seed())
     };
     let cluster = Cluster::start(name, &options);
     let client = Client::start(&cluster.topo.client_ns());

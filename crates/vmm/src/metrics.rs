@@ -264,7 +264,13 @@ mod tests {
         let mut s = primary();
         s.replication = None;
         s.vm_id = None;
-        s.took_over = Some(Takeover { epoch: 9, generation: 4, last_frame_to_live_ms: 130, diverged_checkpoints: 0 });
+        s.took_over = Some(Takeover {
+            epoch: 9,
+            generation: 4,
+            last_frame_to_live_ms: 130,
+            diverged_checkpoints: 0,
+            migration: None,
+        });
         let text = render(&s);
         assert!(text.contains("ftvm_takeover_last_frame_to_live_seconds{role=\"primary\"} 0.13\n"), "{text}");
         assert!(text.contains("ftvm_generation{role=\"primary\"} 4\n"), "{text}");

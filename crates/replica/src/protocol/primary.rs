@@ -543,20 +543,19 @@ impl Primary {
                     self.advance_detach(actions);
                 }
             }
-            Some(Switchover::Sent { since_ms }) => {
-                if !self.is_streaming() || now - since_ms.min(now) >= timeout {
-                    let reason = format!("no SwitchedOver from the destination within {timeout} ms");
-                    self.close(ProtocolError::SwitchoverCalledOff { reason }, actions);
-                    self.switchover = Some(Switchover::Reclaiming { base: self.generation });
-                    self.advance_switchover(actions);
-                }
+            Some(Switchover::Sent { since_ms }) if !self.is_streaming() || now - since_ms.min(now) >= timeout => {
+                let reason = format!("no SwitchedOver from the destination within {timeout} ms");
+                self.close(ProtocolError::SwitchoverCalledOff { reason }, actions);
+                self.switchover = Some(Switchover::Reclaiming { base: self.generation });
+                self.advance_switchover(actions);
             }
-            Some(Switchover::Reclaiming { .. }) => {
-                if !self.read_outstanding && self.swap_outstanding.is_none() && now >= self.next_store_attempt_ms {
-                    self.read_outstanding = true;
-                    actions.push(PrimaryAction::ReadOwnership);
-                }
+            Some(Switchover::Reclaiming { .. })
+                if !self.read_outstanding && self.swap_outstanding.is_none() && now >= self.next_store_attempt_ms =>
+            {
+                self.read_outstanding = true;
+                actions.push(PrimaryAction::ReadOwnership);
             }
+            Some(Switchover::Sent { .. } | Switchover::Reclaiming { .. }) => {}
         }
     }
 
