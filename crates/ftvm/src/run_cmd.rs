@@ -109,8 +109,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", requires = "record")]
     pub snapshot_every: Option<f64>,
     /// While recording, put a digest of the machine and its outputs in the log this often
-    /// (milliseconds of wall time); a replay checks each one
-    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "record")]
+    /// (milliseconds of wall time; 0: at every slice's end); a replay checks each one. A
+    /// digest costs what the guest wrote since the previous one (the first hashes all of RAM)
+    #[arg(long, value_name = "MS", default_value_t = 100, requires = "record")]
     pub digest_every_ms: u64,
     /// Show the console up to the command's start in command mode (kernel messages
     /// and the guest's `ftvm: userspace up` line)

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 pub struct RecordOptions {
     pub path: PathBuf,
-    /// A state digest this often (wall time).
+    /// A state digest this often (wall time; zero: at every slice's end). Digests are
+    /// incremental (`machine::digest`): each costs what the guest wrote since the last.
     pub digest_every: Duration,
     /// A snapshot this often (wall time), for seeking.
     pub snapshot_every: Option<Duration>,
