@@ -91,15 +91,9 @@ impl CpuArg {
 ///
 /// Without COMMAND, the guest's console is attached to the terminal: Ctrl-A x quits.
 /// With COMMAND, the guest runs it, ftvm prints its output and exits with its status.
+/// Recording the run (`ftvm run`, and `ftvm restore` from a snapshot).
 #[derive(clap::Args, Debug)]
-#[command(
-    after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --store file:/shared/ftvm -- /usr/share/ftvm/counter-httpd"
-)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub vm: VmArgs,
-    #[command(flatten)]
-    pub replication: crate::replication_args::ReplicationArgs,
+pub struct RecordArgs {
     /// Record the run to FILE (an input log for `ftvm replay`), the disk's contents at the
     /// start kept beside it in FILE.disk
     #[arg(long, value_name = "FILE")]
@@ -113,6 +107,19 @@ pub struct RunArgs {
     /// digest costs what the guest wrote since the previous one (the first hashes all of RAM)
     #[arg(long, value_name = "MS", default_value_t = 100, requires = "record")]
     pub digest_every_ms: u64,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ftvm run                      boot the default guest, console on the terminal\n  ftvm run -- uname -m          prints riscv64\n  ftvm run --disk d.img --net tap:tap0 -- wget -O- http://10.0.2.2/\n  ftvm run --replicate-to 192.168.77.2:7000 --key k --store file:/shared/ftvm -- /usr/share/ftvm/counter-httpd"
+)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub replication: crate::replication_args::ReplicationArgs,
+    #[command(flatten)]
+    pub record: RecordArgs,
     /// Show the console up to the command's start in command mode (kernel messages
     /// and the guest's `ftvm: userspace up` line)
     #[arg(long)]
@@ -362,8 +369,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let vm = &args.vm;
     let config = machine_config(vm, &args.command)?;
     let tap = open_tap(vm)?;
-    let recording = match &args.record {
-        Some(path) => Some(start_recording(&config, &args, path)?),
+    let recording = match &args.record.record {
+        Some(path) => Some(vmm::record::Recording::start(&config, &record_options(&args.record, &args.vm, path)?)?),
         None => None,
     };
     let machine = Machine::new(&config)?;
@@ -404,20 +411,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
     run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
 }
 
-/// `--record FILE`: the disk's start contents copied beside FILE and the log's header
-/// written, before the machine runs.
-fn start_recording(config: &MachineConfig, args: &RunArgs, path: &std::path::Path) -> Result<vmm::record::Recording> {
+/// What `--record FILE` and its options ask for.
+pub fn record_options(args: &RecordArgs, vm: &VmArgs, path: &std::path::Path) -> Result<vmm::record::RecordOptions> {
     let snapshot_every = match args.snapshot_every {
         Some(s) if !(s.is_finite() && s > 0.0) => bail!("--snapshot-every {s}: give a number of seconds above 0"),
         s => s.map(std::time::Duration::from_secs_f64),
     };
-    let options = vmm::record::RecordOptions {
+    Ok(vmm::record::RecordOptions {
         path: path.to_path_buf(),
         digest_every: std::time::Duration::from_millis(args.digest_every_ms),
         snapshot_every,
-        seed: args.vm.seed,
-    };
-    vmm::record::Recording::start(config, &options)
+        seed: vm.seed,
+    })
 }
 
 /// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its

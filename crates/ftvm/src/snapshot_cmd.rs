@@ -2,7 +2,7 @@
 //! (continue a VM from a snapshot file, with the same device options as `run`).
 
 use crate::api::{self, Command};
-use crate::run_cmd::{machine_config, open_tap, run_driver, VmArgs};
+use crate::run_cmd::{machine_config, open_tap, record_options, run_driver, RecordArgs, VmArgs};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use vmm::driver::Driver;
@@ -42,6 +42,10 @@ pub struct RestoreArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub vm: VmArgs,
+    /// `--record FILE`: the log starts from the snapshot's state (its first record), so
+    /// that `ftvm replay FILE` restores it and replays what followed
+    #[command(flatten)]
+    pub record: RecordArgs,
     /// Only print what the snapshot holds
     #[arg(long)]
     pub info: bool,
@@ -71,8 +75,18 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     // The snapshot's errors name the file.
     let machine = machine::snapshot::load_from_path(&args.file, &config)?;
     eprintln!("ftvm: restored {} at icount {}", args.file.display(), machine.icount());
+    let recording = match &args.record.record {
+        Some(path) => {
+            let options = record_options(&args.record, &args.vm, path)?;
+            Some(vmm::record::Recording::start_from(&config, &machine, &options)?)
+        }
+        None => None,
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let _metrics = crate::metrics_http::bind(&args.vm, &tx)?;
-    let driver = Driver::new(machine, rx, args.vm.clock.into());
+    let mut driver = Driver::new(machine, rx, args.vm.clock.into());
+    if let Some(recording) = recording {
+        driver.add_observer(Box::new(recording));
+    }
     run_driver(driver, &args.vm, tap, tx, &[], false)
 }

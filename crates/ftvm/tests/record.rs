@@ -346,3 +346,74 @@ fn a_debian_run_with_network_traffic_and_typed_input_replays_with_the_same_diges
     let digests = inputs.iter().filter(|r| matches!(r, journal::Record::Digest(_))).count();
     assert!(stderr(&replayed).contains(&format!("{} digests matching", digests + 1)), "{}", stderr(&replayed));
 }
+
+#[test]
+fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_digests() {
+    use std::time::{Duration, Instant};
+    let dir = common::scratch("record-restore", "vm.snap");
+    let (snap, socket, out_path) = (dir.to_path_buf(), dir.with_file_name("api.sock"), dir.with_file_name("out.txt"));
+    let disk = dir.with_file_name("disk.img");
+    let mut image = b"sector zero of the recorded disk".to_vec();
+    image.resize(1 << 20, 0);
+    std::fs::write(&disk, image).unwrap();
+    // A VM that ticks, then writes its disk; saved while it ticks.
+    let script = format!("for i in $(seq 1 6); do echo tick $i; sleep 1; done; {DISK_SCRIPT}");
+    let mut vm = ftvm()
+        .args(["run", "--clock", "fast", "--api"])
+        .arg(&socket)
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--", "sh", "-c", &script])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&out_path).unwrap().contains("tick 2") {
+        assert!(Instant::now() < deadline, "the guest never ticked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ctl = |verb: &[&str]| ftvm().arg("ctl").arg("--api").arg(&socket).args(verb).output().unwrap();
+    assert!(ctl(&["pause"]).status.success());
+    let save = ftvm().args(["snapshot", "--api"]).arg(&socket).arg(&snap).output().unwrap();
+    assert!(save.status.success(), "{}", stderr(&save));
+    assert!(ctl(&["stop"]).status.success());
+    vm.wait().unwrap();
+    let snapshot_icount = machine::snapshot::read_header_from_path(&snap).unwrap().icount;
+
+    let log = dir.with_file_name("restored.log");
+    let restored = ftvm()
+        .arg("restore")
+        .arg(&snap)
+        .args(["--clock", "fast", "--digest", "--digest-every-ms", "0", "--disk"])
+        .arg(&disk)
+        .arg("--record")
+        .arg(&log)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(restored.status.code(), Some(0), "{}", stderr(&restored));
+    let console = String::from_utf8_lossy(&restored.stdout);
+    assert!(console.contains("tick 6") && console.contains("sector WRITTEN the recorded disk"), "{console}");
+
+    let header = journal::LogReader::open_path(&log).unwrap().header().clone();
+    assert_eq!(header.start, journal::Start::Snapshot { icount: snapshot_icount });
+    let recorded = records(&log);
+    assert!(
+        matches!(recorded[0], journal::Record::Snapshot { icount, .. } if icount == snapshot_icount),
+        "the log's first record is the start state"
+    );
+    let digests = recorded.iter().filter(|r| matches!(r, journal::Record::Digest(_))).count();
+    assert!(digests >= 10, "a digest at every slice's end: {digests}");
+    for _ in 0..2 {
+        let out = replay(&log, &["--digest", "--console"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("replaying from the log's snapshot at icount {snapshot_icount}")));
+        assert_eq!(digest_line(&out), digest_line(&restored));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), console, "the same console, byte for byte");
+    }
+    assert!(
+        std::fs::read(vmm::record::disk_copy_path(&log)).unwrap().starts_with(b"sector zero"),
+        "the log keeps the disk as the snapshot had it"
+    );
+}

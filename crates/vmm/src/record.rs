@@ -3,6 +3,10 @@
 //! of its outputs every `digest_every` of wall time, a snapshot every `snapshot_every`
 //! (for `ftvm replay --until` to seek), and the end.
 //!
+//! A recording starts from boot ([`Recording::start`]) or from a machine restored from a
+//! snapshot ([`Recording::start_from`]): then the header says so and the log's first record
+//! is that state, as a snapshot record.
+//!
 //! The disk is machine state written in place, so the recording keeps its contents at the
 //! start in a copy beside the log (`FILE.disk`, holes kept), which a replay reads through
 //! a copy-on-write overlay. A copy rather than an overlay under the live run: the user's
@@ -10,7 +14,7 @@
 
 use crate::mode::{ModeError, Observer};
 use anyhow::{Context, Result};
-use journal::{EndReason, LogHeader, LogWriter, OutputDigest, StateDigest};
+use journal::{EndReason, LogHeader, LogWriter, OutputDigest, Start, StateDigest};
 use machine::{Input, Machine, MachineConfig, Output};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -43,6 +47,20 @@ impl Recording {
     /// Starts recording a machine built from `config` (not run yet): copies the disk's
     /// contents and writes the log's header.
     pub fn start(config: &MachineConfig, options: &RecordOptions) -> Result<Recording> {
+        Self::begin(config, options, Start::Boot)
+    }
+
+    /// Starts recording `machine`, restored from a snapshot with `config` and not run since:
+    /// copies the disk's contents as they are now (the snapshot's), writes a header that
+    /// starts from a snapshot at the machine's icount, and the machine's whole state as the
+    /// log's first record. `ftvm replay` restores from that record.
+    pub fn start_from(config: &MachineConfig, machine: &Machine, options: &RecordOptions) -> Result<Recording> {
+        let mut recording = Self::begin(config, options, Start::Snapshot { icount: machine.icount() })?;
+        recording.snapshot(machine)?;
+        Ok(recording)
+    }
+
+    fn begin(config: &MachineConfig, options: &RecordOptions, start: Start) -> Result<Recording> {
         let disk = match &config.disk {
             Some(disk) => {
                 let copy = disk_copy_path(&options.path);
@@ -56,6 +74,7 @@ impl Recording {
         let mut header =
             LogHeader::for_boot(config, disk.as_ref().map(|(name, file)| (name.as_str(), file.as_path())))?;
         header.seed = options.seed;
+        header.start = start;
         let writer = LogWriter::create(&options.path, &header)
             .with_context(|| format!("cannot create the input log {}", options.path.display()))?;
         Ok(Recording {
