@@ -13,6 +13,8 @@
 //! | PUT    | /protect    | {"to": "HOST:PORT", "key": "FILE", "epoch_ms": N, "on_backup_loss": "continue"\|"hold"} | {"state":"protecting",...} |
 //! | PUT    | /unprotect  |                    | {"state":"unprotected",...}   |
 //! | PUT    | /migrate    | {"to": "HOST:PORT", "key": "FILE", "epoch_ms": N} | {"state":"migrated","migration":{...}} once handed over |
+//! | PUT    | /rejuvenate |                    | {"handover": N,...} (`--resilient`) |
+//! | PUT    | /upgrade    | {"binary": "PATH"} | {"handover": N,...} (`--resilient`) |
 //!
 //! Requests reach the VM's driver as [`HostEvent::Control`] and are answered between
 //! two run slices, so a reply always describes a consistent machine. `/metrics` renders
@@ -38,7 +40,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Requests served at once; more are closed at accept (see [`crate::accept`]).
 const MAX_CONNECTIONS: usize = 64;
 
-pub use vmm::control::{Command, ControlRequest, MigrateRequest, ProtectRequest, Reply};
+pub use vmm::control::{Command, ControlRequest, HandoverRequest, MigrateRequest, ProtectRequest, Reply};
 
 /// The epoch lengths `protect` accepts, as `ftvm run --epoch-ms`.
 pub const EPOCH_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
@@ -244,6 +246,16 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
             let p = protect_request(body)?;
             Command::Migrate(MigrateRequest { to: p.to, key: p.key, epoch_ms: p.epoch_ms })
         }
+        "/rejuvenate" => Command::Handover(HandoverRequest::Rejuvenate),
+        "/upgrade" => {
+            let value: Value =
+                serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
+            let binary = value
+                .get("binary")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Reply::error(400, "body needs {\"binary\": \"PATH\"}"))?;
+            Command::Handover(HandoverRequest::Upgrade { binary: PathBuf::from(binary) })
+        }
         "/snapshot" => {
             let value: Value =
                 serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
@@ -297,6 +309,10 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
         Command::Resume => ("PUT", "/resume", Vec::new()),
         Command::Stop => ("PUT", "/stop", Vec::new()),
         Command::Unprotect => ("PUT", "/unprotect", Vec::new()),
+        Command::Handover(HandoverRequest::Rejuvenate) => ("PUT", "/rejuvenate", Vec::new()),
+        Command::Handover(HandoverRequest::Upgrade { binary }) => {
+            ("PUT", "/upgrade", serde_json::to_vec(&json!({ "binary": binary })).expect("serializes"))
+        }
         Command::Snapshot { path } => {
             ("PUT", "/snapshot", serde_json::to_vec(&json!({ "path": path })).expect("serializes"))
         }

@@ -1,9 +1,11 @@
 //! `ftvm ctl`: the client of a running VM's control API.
 
-use crate::api::{self, Command, ProtectRequest};
+use crate::api::{self, Command, HandoverRequest, ProtectRequest};
 use crate::replication_args::OnBackupLoss;
 use anyhow::{bail, Result};
-use std::path::PathBuf;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Talk to a running VM through its control API socket (`ftvm run --api PATH`).
 #[derive(clap::Args, Debug)]
@@ -70,6 +72,17 @@ pub enum Verb {
         #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         epoch_ms: u64,
     },
+    /// A --resilient VM: hand it to a fresh monitor (rejuvenation) through a clean handover;
+    /// prints the guest's pause once the new monitor runs it
+    Rejuvenate,
+    /// A --resilient VM: hand it to a monitor of the ftvm binary at PATH, its keeper
+    /// re-executing itself with it; a binary that cannot read the handover state refuses and
+    /// the running monitor carries on
+    Upgrade {
+        /// The new ftvm binary
+        #[arg(long, value_name = "PATH")]
+        binary: PathBuf,
+    },
 }
 
 pub fn run(args: CtlArgs) -> Result<i32> {
@@ -85,6 +98,10 @@ pub fn run(args: CtlArgs) -> Result<i32> {
         Verb::Unprotect => Command::Unprotect,
         Verb::Migrate { to, key, epoch_ms } => {
             Command::Migrate(api::MigrateRequest { to, key: std::path::absolute(&key)?, epoch_ms })
+        }
+        Verb::Rejuvenate => return handover(&args.api, HandoverRequest::Rejuvenate),
+        Verb::Upgrade { binary } => {
+            return handover(&args.api, HandoverRequest::Upgrade { binary: std::path::absolute(&binary)? })
         }
         // The VM reads the key file itself: make a relative path ours.
         Verb::Protect { to, key, epoch_ms, on_backup_loss } => Command::Protect(ProtectRequest {
@@ -106,4 +123,43 @@ pub fn run(args: CtlArgs) -> Result<i32> {
     }
     println!("{}", serde_json::to_string_pretty(&reply.body)?);
     Ok(0)
+}
+
+/// How long `rejuvenate` and `upgrade` wait for the handover's end.
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// Ask for a handover, then follow the keeper's status until it is done (print it) or
+/// failed (say why). The API may not answer for a moment while monitors change.
+fn handover(socket: &Path, request: HandoverRequest) -> Result<i32> {
+    let reply = api::request(socket, &Command::Handover(request))?;
+    if reply.status != 200 {
+        bail!("the VM refused: {} (HTTP {})", error_text(&reply.body), reply.status);
+    }
+    let seq = reply.body.get("handover").and_then(Value::as_u64).unwrap_or(0);
+    let deadline = Instant::now() + HANDOVER_WAIT;
+    loop {
+        if let Ok(status) = api::request(socket, &Command::Status) {
+            let handover = &status.body["keeper"]["handover"];
+            let settled = handover["seq"].as_u64() == Some(seq) || handover["seq"].as_u64() > Some(seq);
+            match handover["state"].as_str() {
+                Some("done") if settled => {
+                    println!("{}", serde_json::to_string_pretty(handover)?);
+                    return Ok(0);
+                }
+                Some("failed") if settled => {
+                    let kind = handover["kind"].as_str().unwrap_or("handover");
+                    bail!("the {kind} did not happen: {}", handover["outcome"].as_str().unwrap_or("no reason given"))
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the handover {seq} did not end within {HANDOVER_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn error_text(body: &Value) -> &str {
+    body.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")
 }

@@ -64,6 +64,14 @@ enum Command {
     /// Benchmarks that print figures (they are not tests)
     #[command(subcommand)]
     Bench(bench_cmd::BenchKind),
+    /// Whether this binary reads a running --resilient VM's handover state (asked by its
+    /// keeper before `ctl upgrade` re-executes it)
+    #[command(hide = true)]
+    HandoverCheck {
+        /// The handover state's format version
+        #[arg(long)]
+        version: u32,
+    },
 }
 
 fn dispatch(command: Command) -> anyhow::Result<i32> {
@@ -79,6 +87,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Model(args) => model_cmd::run(args).map(|()| 0),
         Command::Agent(args) => agent_cmd::run(args),
         Command::Vm(args) => vm_cmd::run(args),
+        Command::HandoverCheck { version } => resilient::handover_check(version).map(|()| 0),
     }
 }
 

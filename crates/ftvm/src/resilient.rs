@@ -1,30 +1,44 @@
 //! `ftvm run --resilient`: the keeper, and the monitor it runs (this binary again, told
 //! by the environment which descriptors it inherited). The logic is in `vmm::keeper`;
-//! this wires the terminal, the TAP device and the API socket to it.
+//! this wires the terminal, the TAP device and the API socket to it, answers the keeper's
+//! part of the control API (rejuvenate, upgrade, the keeper's status), and re-executes the
+//! keeper for an upgrade.
 
+use crate::api::{Command, ControlRequest, HandoverRequest, Reply};
 use crate::run_cmd::{self, CommandConsole, RunArgs, TerminalConsole};
 use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Duration;
 use vmm::driver::{ConsoleSink, Driver};
-use vmm::host::{console, tap::Tap};
-use vmm::keeper::region::{Region, Verdict};
-use vmm::keeper::supervisor::{self, End, Hooks, Inherit, NoHooks, Restart};
+use vmm::host::{console, tap::Tap, HostEvent};
+use vmm::keeper::region::{self, HandoverKind, HandoverState, Live, Region, Verdict};
+use vmm::keeper::stream::Parser;
+use vmm::keeper::supervisor::{self, End, Hooks, Inherit, MonitorProc, NoHooks, Restart, Upgrade};
 use vmm::keeper::{disk::DiskJournal, monitor, stream::StreamSink, Inherited};
 
 pub fn run(args: RunArgs) -> Result<i32> {
     refuse_unsupported(&args)?;
-    match vmm::keeper::inherited()? {
-        Some(inherited) => run_monitor(&args, inherited),
-        None => {
-            let (end, restarts) = keep(&args, std::env::args_os().skip(1).collect(), &mut *sink(&args), &mut NoHooks)?;
-            if let Some(path) = &args.keeper_report {
-                write_report(path, &end, &restarts)?;
-            }
-            match end {
-                End::Exited(code) => Ok(code),
-                other => bail!("{other}"),
-            }
-        }
+    if let Some(inherited) = vmm::keeper::inherited()? {
+        return run_monitor(&args, inherited);
+    }
+    let resume = Resume::from_env()?;
+    let mut sink: Box<dyn KeptConsole> = match (args.command.is_empty(), &resume) {
+        (true, _) => Box::new(TerminalConsole),
+        (false, Some(resume)) => Box::new(CommandConsole::from_state(args.boot_log, &resume.console)),
+        (false, None) => Box::new(CommandConsole::new(args.boot_log)),
+    };
+    let monitor_args = std::env::args_os().skip(1).collect();
+    let (end, restarts, handovers) = keep_with(&args, monitor_args, &mut *sink, &mut NoHooks, resume)?;
+    if let Some(path) = &args.keeper_report {
+        write_report(path, &end, &restarts, handovers)?;
+    }
+    match end {
+        End::Exited(code) => Ok(code),
+        other => bail!("{other}"),
     }
 }
 
@@ -35,56 +49,188 @@ fn refuse_unsupported(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The keeper: own the region, the terminal, the TAP device and the API socket; run
-/// monitors until the VM ends.
-/// The console of a keeper that shows the VM on this terminal (a benchmark keeps its own).
-pub fn sink(args: &RunArgs) -> Box<dyn ConsoleSink> {
-    if args.command.is_empty() {
-        Box::new(TerminalConsole)
-    } else {
-        Box::new(CommandConsole::new(args.boot_log))
+/// A keeper's console, whose state a keeper re-executed for an upgrade takes on.
+pub trait KeptConsole: ConsoleSink {
+    fn state(&self) -> String {
+        String::new()
+    }
+}
+
+impl KeptConsole for TerminalConsole {}
+
+impl KeptConsole for CommandConsole {
+    fn state(&self) -> String {
+        self.encode_state()
     }
 }
 
 /// Supervise monitors started as `ftvm MONITOR_ARGS` (a `run --resilient` command line).
 pub fn keep(
     args: &RunArgs,
-    monitor_args: Vec<std::ffi::OsString>,
-    sink: &mut dyn ConsoleSink,
+    monitor_args: Vec<OsString>,
+    sink: &mut dyn KeptConsole,
     hooks: &mut dyn Hooks,
 ) -> Result<(End, Vec<Restart>)> {
+    keep_with(args, monitor_args, sink, hooks, None).map(|(end, restarts, _)| (end, restarts))
+}
+
+/// The keeper: own the region, the terminal, the TAP device, the disk journal and the API
+/// socket (or take them on from the keeper this one was before an upgrade); run monitors
+/// until the VM ends. Also returns the planned handovers done.
+fn keep_with(
+    args: &RunArgs,
+    monitor_args: Vec<OsString>,
+    sink: &mut dyn KeptConsole,
+    hooks: &mut dyn Hooks,
+    resume: Option<Resume>,
+) -> Result<(End, Vec<Restart>, u64)> {
     let vm = &args.vm;
     run_cmd::machine_config(vm, &args.command)?; // a missing kernel is refused before anything starts
-    let region = Region::create(vm.mem)?;
-    let mut fds = Vec::new();
-    if let Some(tap) = run_cmd::open_tap(vm)? {
-        fds.push(("tap", tap.into_fd()));
-    }
-    if written_disk(vm).is_some() {
-        fds.push(("disk", vmm::keeper::disk::create_journal()?));
-    }
-    let _api = match &vm.api {
-        Some(path) => {
-            let listener = crate::api::bind(path)?;
-            fds.push(("api", std::os::fd::OwnedFd::from(listener)));
-            Some(RemoveOnDrop(path.clone()))
+    let (region, fds, mut adopted) = match resume {
+        Some(resume) => (Region::open(resume.region, vm.mem)?, resume.fds, Some(resume.monitor)),
+        None => {
+            let region = Region::create(vm.mem)?;
+            let mut fds = Vec::new();
+            if let Some(tap) = run_cmd::open_tap(vm)? {
+                fds.push(("tap", tap.into_fd()));
+            }
+            if written_disk(vm).is_some() {
+                fds.push(("disk", vmm::keeper::disk::create_journal()?));
+            }
+            if let Some(path) = &vm.api {
+                fds.push(("api", OwnedFd::from(crate::api::bind(path)?)));
+            }
+            (region, fds, None)
         }
-        None => None,
     };
+    let _api = vm.api.clone().map(RemoveOnDrop);
     let interactive = args.command.is_empty();
-    let _raw = interactive.then(console::RawMode::enter);
+    let mut raw = interactive.then(console::RawMode::enter);
     let inherit = Inherit {
         exe: std::env::current_exe().context("cannot find this ftvm binary to start the monitor")?,
-        args: monitor_args,
+        args: monitor_args.clone(),
         fds,
     };
     let options = supervisor::Options {
         hang_ms: args.hang_ms,
         poison_attempts: args.poison_attempts,
+        rejuvenate_every: args.rejuvenate_every,
         ..supervisor::Options::default()
     };
-    refuse_unsupported(args)?;
-    supervisor::supervise(&region, &inherit, sink, &options, hooks)
+    loop {
+        let (end, restarts) = supervisor::supervise(&region, &inherit, sink, &options, hooks, adopted.take())?;
+        let End::Upgrade(up) = end else { return Ok((end, restarts, region.live(Live::Handovers))) };
+        drop(raw.take()); // the terminal as it was: the new keeper enters raw mode again
+        let err = exec_keeper(&up, &region, &inherit, &monitor_args, sink.state());
+        // Still here: the exec failed; the running monitor carries on under this keeper.
+        raw = interactive.then(console::RawMode::enter);
+        supervisor::fail_handover(&region, &format!("cannot execute {}: {err}", up.binary.display()));
+        adopted = Some(up.monitor);
+    }
+}
+
+/// The environment variable carrying a command-mode console's state across an upgrade.
+const ENV_CONSOLE: &str = "FTVM_KEEPER_CONSOLE";
+
+/// Become the new binary's keeper (exec keeps the descriptors and the running monitor,
+/// our child); returns only if that fails.
+fn exec_keeper(up: &Upgrade, region: &Region, inherit: &Inherit, args: &[OsString], console: String) -> std::io::Error {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let m = &up.monitor;
+    if let Err(e) = fcntl(m.pipe.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())) {
+        return e.into();
+    }
+    let mut spec = format!(
+        "region={},monitor={},pipe={},attempt={},parser={}",
+        region.fd().as_raw_fd(),
+        m.pid,
+        m.pipe.as_raw_fd(),
+        m.attempt,
+        m.parser.encode()
+    );
+    for (name, fd) in &inherit.fds {
+        spec.push_str(&format!(",{name}={}", fd.as_raw_fd()));
+    }
+    let err = std::process::Command::new(&up.binary)
+        .args(args)
+        .env(supervisor::ENV_RESUME, spec)
+        .env(ENV_CONSOLE, console)
+        .exec();
+    let _ = fcntl(m.pipe.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    err
+}
+
+/// What a keeper re-executed for an upgrade takes on from its former self.
+struct Resume {
+    region: OwnedFd,
+    fds: Vec<(&'static str, OwnedFd)>,
+    monitor: MonitorProc,
+    console: String,
+}
+
+impl Resume {
+    fn from_env() -> Result<Option<Resume>> {
+        let Ok(spec) = std::env::var(supervisor::ENV_RESUME) else { return Ok(None) };
+        let console = std::env::var(ENV_CONSOLE).unwrap_or_default();
+        let bad = || anyhow::anyhow!("{}={spec:?} is malformed", supervisor::ENV_RESUME);
+        let (mut region, mut pid, mut pipe, mut attempt, mut parser, mut fds) = (None, None, None, 1, None, Vec::new());
+        for part in spec.split(',') {
+            let (name, value) = part.split_once('=').ok_or_else(bad)?;
+            match name {
+                "region" => region = Some(adopt_fd(value)?),
+                "pipe" => pipe = Some(adopt_fd(value)?),
+                "monitor" => pid = Some(nix::unistd::Pid::from_raw(value.parse().map_err(|_| bad())?)),
+                "attempt" => attempt = value.parse().map_err(|_| bad())?,
+                "parser" => parser = Some(Parser::decode(value).ok_or_else(bad)?),
+                "tap" => fds.push(("tap", adopt_fd(value)?)),
+                "api" => fds.push(("api", adopt_fd(value)?)),
+                "disk" => fds.push(("disk", adopt_fd(value)?)),
+                _ => return Err(bad()),
+            }
+        }
+        let pipe = std::fs::File::from(pipe.ok_or_else(bad)?);
+        nix::fcntl::fcntl(pipe.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        let monitor = MonitorProc { pid: pid.ok_or_else(bad)?, pipe, parser: parser.unwrap_or_default(), attempt };
+        Ok(Some(Resume { region: region.ok_or_else(bad)?, fds, monitor, console }))
+    }
+}
+
+/// A descriptor a former keeper passed on by number.
+fn adopt_fd(text: &str) -> Result<OwnedFd> {
+    let fd: i32 = text.parse().with_context(|| format!("{text:?} is not a descriptor"))?;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).with_context(|| format!("descriptor {fd} is not open"))?;
+    // SAFETY: the keeper this process was before exec passed this open descriptor (checked
+    // just above) to it alone; nothing else here owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `ftvm handover-check --version N`: whether this binary reads handover state version N
+/// (`FTVM_TEST_HANDOVER_VERSION` makes it claim another version, for tests).
+pub fn handover_check(version: u32) -> Result<()> {
+    let reads =
+        std::env::var("FTVM_TEST_HANDOVER_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(region::VERSION);
+    if reads != version {
+        bail!("this ftvm reads handover state version {reads}; the running VM's handover state is version {version}");
+    }
+    Ok(())
+}
+
+/// A duration as `--rejuvenate-every` takes it: `500ms`, `30s`, `10m`, `2h` (seconds without a unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 10m)"))?;
+    let seconds = match unit {
+        "ms" => number / 1e3,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    if !(0.1..=1e7).contains(&seconds) {
+        return Err(format!("{text:?}: between 100ms and 10000000s"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// The disk image, if the guest writes it (then it is kept as of the local checkpoint).
@@ -100,7 +246,8 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// A monitor: take the VM over from the region (or boot it), run it, tell the keeper its end.
+/// A monitor: take the VM over from the region (or boot it; or, a planned handover's
+/// successor, from the old monitor), run it, tell the keeper its end.
 fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let _faults = vmm::keeper::fault::setup();
@@ -116,14 +263,25 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     config.disk_overlay = disk.is_some();
     let t1 = t0.elapsed();
     let region_fd = inherited.region.try_clone().context("cannot duplicate the region's descriptor")?;
+    let live = Region::open(region_fd.try_clone()?, vm.mem)?; // the API thread's view of the live page
     let region = Region::open(inherited.region, vm.mem);
-    let started = match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config, disk)) {
-        Ok(started) => started,
-        Err(e) => {
-            let verdict = e.verdict();
-            let text = format!("{:#}", anyhow::Error::new(e));
-            eprintln!("ftvm: monitor: cannot take the VM over: {text}");
-            return Ok(monitor::give_up(&region_fd, vm.mem, verdict, &text));
+    let started = if std::env::var_os(supervisor::ENV_HANDOVER).is_some() {
+        match region.map_err(monitor::RecoverError::from).map_err(monitor::HandoverError::from) {
+            Ok(r) => match monitor::prepare(r, &config, disk) {
+                Ok(started) => started,
+                Err(e) => bail!("cannot take the VM over in the handover: {:#}", anyhow::Error::new(e)),
+            },
+            Err(e) => bail!("cannot take the VM over in the handover: {:#}", anyhow::Error::new(e)),
+        }
+    } else {
+        match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config, disk)) {
+            Ok(started) => started,
+            Err(e) => {
+                let verdict = e.verdict();
+                let text = format!("{:#}", anyhow::Error::new(e));
+                eprintln!("ftvm: monitor: cannot take the VM over: {text}");
+                return Ok(monitor::give_up(&region_fd, vm.mem, verdict, &text));
+            }
         }
     };
     if std::env::var_os("FTVM_KEEPER_TIMING").is_some() {
@@ -154,7 +312,12 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     if let Some(tap) = &tap {
         tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
     }
-    let _api = inherited.api.map(|fd| crate::api::serve_listener(UnixListener::from(fd), None, tx.clone()));
+    let _api = inherited.api.map(|fd| {
+        let (api_tx, api_rx) = std::sync::mpsc::channel();
+        let driver_tx = tx.clone();
+        std::thread::spawn(move || answer_keeper_part(api_rx, driver_tx, live));
+        crate::api::serve_listener(UnixListener::from(fd), None, api_tx)
+    });
     driver.events_possible = interactive || tap.is_some() || vm.api.is_some();
     if vm.api.is_some() {
         driver.events_tx = Some(tx.clone());
@@ -170,8 +333,95 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     Ok(code)
 }
 
+/// Why `ctl protect` is refused on a `--resilient` VM.
+pub const PROTECT_REFUSED: &str = "a --resilient VM cannot be protected yet: its keeper does not keep a replication \
+     connection across monitor restarts (docs/microreboot.md); start the VM without --resilient to protect it";
+
+/// Why `ctl migrate` is refused on a `--resilient` VM.
+pub const MIGRATE_REFUSED: &str = "a --resilient VM cannot be migrated yet: its keeper would take the monitor's end \
+     after the switchover for a crash (docs/microreboot.md); start the VM without --resilient to migrate it";
+
+/// Between the API and the driver: answer what is the keeper's (handovers, the keeper's part
+/// of the status, the refusal of protect), pass the rest on.
+fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live: Region) {
+    for event in api {
+        let HostEvent::Control(request) = event else {
+            if driver.send(event).is_err() {
+                return;
+            }
+            continue;
+        };
+        let reply = match &request.command {
+            Command::Protect(_) => Reply::error(409, PROTECT_REFUSED),
+            // The monitor would end after handing the VM away, and the keeper would start it again.
+            Command::Migrate(_) => Reply::error(409, MIGRATE_REFUSED),
+            Command::Handover(handover) => ask_handover(&live, handover),
+            Command::Status => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                if driver.send(HostEvent::Control(ControlRequest { command: Command::Status, reply: tx })).is_err() {
+                    return;
+                }
+                match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(mut reply) => {
+                        if let Some(body) = reply.body.as_object_mut() {
+                            body.insert("keeper".to_string(), keeper_status(&live));
+                        }
+                        reply
+                    }
+                    Err(_) => Reply::error(503, "the VM did not answer"),
+                }
+            }
+            _ => {
+                if driver.send(HostEvent::Control(request)).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let _ = request.reply.send(reply);
+    }
+}
+
+/// `rejuvenate` / `upgrade`: asked of the keeper through the live page.
+fn ask_handover(live: &Region, handover: &HandoverRequest) -> Reply {
+    let (kind, text) = match handover {
+        HandoverRequest::Rejuvenate => (HandoverKind::Rejuvenate, String::new()),
+        HandoverRequest::Upgrade { binary } => {
+            if !binary.is_absolute() || !binary.is_file() {
+                return Reply::error(400, format!("{} is not an ftvm binary's absolute path", binary.display()));
+            }
+            let text = binary.to_string_lossy().into_owned();
+            if text.len() > region::REQUEST_CAP {
+                return Reply::error(400, format!("the binary's path is longer than {} bytes", region::REQUEST_CAP));
+            }
+            (HandoverKind::Upgrade, text)
+        }
+    };
+    match supervisor::request_handover(live, kind, &text) {
+        Some(seq) => Reply::ok(serde_json::json!({ "handover": seq, "kind": kind.name(), "state": "requested" })),
+        None => Reply::error(409, "a handover is already under way"),
+    }
+}
+
+/// The keeper's part of `GET /status`.
+fn keeper_status(live: &Region) -> serde_json::Value {
+    let state = HandoverState::from_u64(live.live(Live::HandoverState));
+    serde_json::json!({
+        "monitor": live.live(Live::Attempt),
+        "handovers": live.live(Live::Handovers),
+        "handover": {
+            "seq": live.live(Live::HandoverSeq),
+            "kind": HandoverKind::from_u64(live.live(Live::HandoverKind)).name(),
+            "state": state.name(),
+            "pause_ms": live.live(Live::HandoverPauseUs) as f64 / 1e3,
+            "final_checkpoint_ms": live.live(Live::HandoverCheckpointUs) as f64 / 1e3,
+            "outcome": live.outcome(),
+        },
+    })
+}
+
 /// The keeper's report: each restart, and how the run ended (typed, for tests and tools).
-fn write_report(path: &std::path::Path, end: &End, restarts: &[Restart]) -> Result<()> {
+fn write_report(path: &std::path::Path, end: &End, restarts: &[Restart], handovers: u64) -> Result<()> {
     let restarts: Vec<_> = restarts.iter().map(restart_json).collect();
     let end = match end {
         End::Exited(code) => serde_json::json!({ "kind": "exited", "code": code }),
@@ -184,8 +434,9 @@ fn write_report(path: &std::path::Path, end: &End, restarts: &[Restart]) -> Resu
         }
         End::TooManyRestarts(n) => serde_json::json!({ "kind": "too_many_restarts", "restarts": n }),
         End::Stopped => serde_json::json!({ "kind": "stopped" }),
+        End::Upgrade(up) => serde_json::json!({ "kind": "upgrading", "binary": up.binary }),
     };
-    let report = serde_json::json!({ "end": end, "restarts": restarts });
+    let report = serde_json::json!({ "end": end, "restarts": restarts, "handovers": handovers });
     std::fs::write(path, serde_json::to_vec_pretty(&report).expect("JSON values serialize"))
         .with_context(|| format!("cannot write the keeper's report to {}", path.display()))
 }

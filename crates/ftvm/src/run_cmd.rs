@@ -140,6 +140,10 @@ pub struct RunArgs {
     /// With --resilient: write the keeper's report (each restart, how the run ended) as JSON to FILE
     #[arg(long, value_name = "FILE", requires = "resilient")]
     pub keeper_report: Option<PathBuf>,
+    /// With --resilient: hand the VM to a fresh monitor this often (rejuvenation, as `ftvm ctl
+    /// rejuvenate`), e.g. 30s, 10m, 500ms
+    #[arg(long, value_name = "DURATION", requires = "resilient", value_parser = crate::resilient::parse_duration)]
+    pub rejuvenate_every: Option<std::time::Duration>,
     /// Command to run in the guest (after --)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -265,6 +269,23 @@ pub(crate) struct CommandConsole {
 impl CommandConsole {
     pub(crate) fn new(show_boot: bool) -> CommandConsole {
         CommandConsole { started: false, line: Vec::new(), show_boot }
+    }
+
+    /// Where it is (started or not, the line so far), for a keeper re-executed for an
+    /// upgrade: `1:HEX` or `0:HEX`.
+    pub(crate) fn encode_state(&self) -> String {
+        let hex: String = self.line.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}:{hex}", u8::from(self.started))
+    }
+
+    pub(crate) fn from_state(show_boot: bool, state: &str) -> CommandConsole {
+        let mut console = CommandConsole::new(show_boot);
+        if let Some((started, hex)) = state.split_once(':') {
+            console.started = started == "1";
+            console.line =
+                (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+        }
+        console
     }
 }
 

@@ -31,10 +31,14 @@ struct Run {
 }
 
 fn start(extra: &[&str], env: &[(&str, &str)], script: &str) -> Run {
+    start_clocked("fast", extra, env, script)
+}
+
+fn start_clocked(clock: &str, extra: &[&str], env: &[(&str, &str)], script: &str) -> Run {
     guest_out();
     let report = std::env::temp_dir().join(format!("ftvm-resilient-{}-{}.json", std::process::id(), rand_tag()));
     let mut command = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-    command.args(["run", "--resilient", "--clock", "fast", "--keeper-report"]).arg(&report).args(extra);
+    command.args(["run", "--resilient", "--clock", clock, "--keeper-report"]).arg(&report).args(extra);
     command.args(["--", "sh", "-c", script]).stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in env {
         command.env(k, v);
@@ -244,4 +248,133 @@ fn a_written_disk_ends_right_when_its_monitor_is_killed_while_the_guest_writes_i
     let mut want = format!("{n}\n").into_bytes();
     want.resize(1 << 20, 0);
     assert!(written == want, "the image after the run: {:?}", String::from_utf8_lossy(&written[..16]));
+}
+
+/// Counts to `n`, a line a number, with some work and a short sleep between lines (guest
+/// time follows the wall clock: the run lasts a few seconds whatever the machine's speed),
+/// and exits with 3.
+fn paced(n: u32) -> String {
+    format!(
+        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); j=0; while [ $j -lt 200 ]; do j=$((j+1)); done; echo $i; \
+         sleep 0.05; done; exit 3"
+    )
+}
+
+fn paced_out(n: u32) -> String {
+    (1..=n).map(|i| format!("{i}\n")).collect()
+}
+
+fn ctl(api: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ftvm")).arg("ctl").arg("--api").arg(api).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The keeper's only monitor once it is not `old` (a handover's old monitor ends at once,
+/// and the keeper reaps it).
+fn new_monitor(keeper: u32, old: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
+        let pids: Vec<u32> = children.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        if pids.len() == 1 && pids[0] != old {
+            return pids[0];
+        }
+        assert!(Instant::now() < deadline, "the keeper {keeper} still has monitors {pids:?} (the old one was {old})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("ftvm-resilient-{name}-{}-{}", std::process::id(), rand_tag()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn rejuvenate_and_upgrade_hand_the_vm_to_new_monitors_with_every_line_once() {
+    let n = 80;
+    let dir = Scratch::new("handover");
+    let api = dir.0.join("api.sock");
+    // Another binary (a copy), and one that cannot read this VM's handover state.
+    let copy = dir.0.join("ftvm-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_ftvm"), &copy).unwrap();
+    let refusing = dir.0.join("ftvm-v99");
+    let wrapper = format!("#!/bin/sh\nFTVM_TEST_HANDOVER_VERSION=99 exec {} \"$@\"\n", env!("CARGO_BIN_EXE_ftvm"));
+    std::fs::write(&refusing, wrapper).unwrap();
+    Command::new("chmod").arg("755").arg(&refusing).status().unwrap();
+    let key = dir.0.join("key");
+    std::fs::write(&key, "k").unwrap();
+
+    let mut run = start_clocked("realtime", &["--api", api.to_str().unwrap(), "--hang-ms", "5000"], &[], &paced(n));
+    let keeper = run.child.id();
+    let mut progress = Progress::follow(&mut run);
+    progress.wait_for("10", Duration::from_secs(120));
+    let first = monitor_of(keeper, Duration::from_secs(10));
+
+    let (code, stdout, stderr) = ctl(&api, &["rejuvenate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let done: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((done["kind"].as_str(), done["state"].as_str()), (Some("rejuvenate"), Some("done")), "{done}");
+    assert!(done["pause_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{done}");
+    let second = new_monitor(keeper, first);
+
+    progress.wait_for("25", Duration::from_secs(60));
+    let (code, _, stderr) = ctl(&api, &["upgrade", "--binary", refusing.to_str().unwrap()]);
+    assert_eq!(code, Some(125));
+    let refused = format!(
+        "ftvm: error: the upgrade did not happen: {} refused: this ftvm reads handover state version 99; the running \
+         VM's handover state is version 2\n",
+        refusing.display()
+    );
+    assert_eq!(stderr, refused);
+    assert_eq!(monitor_of(keeper, Duration::from_secs(1)), second, "the running monitor carries on");
+    let (code, _, stderr) = ctl(&api, &["protect", "--to", "127.0.0.1:9", "--key", key.to_str().unwrap()]);
+    assert_eq!(code, Some(125));
+    assert!(stderr.starts_with("ftvm: error: the VM refused: a --resilient VM cannot be protected yet: "), "{stderr}");
+
+    progress.wait_for("40", Duration::from_secs(60));
+    let (code, stdout, stderr) = ctl(&api, &["upgrade", "--binary", copy.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let done: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((done["kind"].as_str(), done["state"].as_str()), (Some("upgrade"), Some("done")), "{done}");
+    let third = new_monitor(keeper, second);
+    let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        (exe(keeper), exe(third)),
+        (copy.clone(), copy.clone()),
+        "the keeper and its monitor run the new binary"
+    );
+
+    let (code, _, stderr, report) = finish(run);
+    let stdout = progress.rest();
+    assert_eq!(stdout, paced_out(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    assert_eq!(
+        (report["handovers"].as_u64(), report["restarts"].as_array().map(Vec::len)),
+        (Some(2), Some(0)),
+        "{report}"
+    );
+}
+
+#[test]
+fn rejuvenate_every_hands_the_vm_over_again_and_again() {
+    let n = 40;
+    let mut run = start_clocked("realtime", &["--rejuvenate-every", "300ms", "--hang-ms", "5000"], &[], &paced(n));
+    let progress = Progress::follow(&mut run);
+    let (code, _, stderr, report) = finish(run);
+    assert_eq!(progress.rest(), paced_out(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    assert!(report["handovers"].as_u64().is_some_and(|h| h >= 3), "{report}");
+    assert_eq!(report["restarts"].as_array().map(Vec::len), Some(0), "{report}");
 }

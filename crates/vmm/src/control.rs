@@ -22,6 +22,9 @@ pub enum Command {
     Unprotect,
     /// Live migration: hand this running, unprotected VM to a waiting backup elsewhere.
     Migrate(MigrateRequest),
+    /// Hand the VM to a fresh monitor (`ctl rejuvenate`, `ctl upgrade`): a `--resilient`
+    /// VM's keeper does it; the driver alone refuses.
+    Handover(HandoverRequest),
 }
 
 /// Where to migrate (`ftvm ctl migrate`).
@@ -33,6 +36,15 @@ pub struct MigrateRequest {
     pub key: PathBuf,
     /// The pre-copy's checkpoint interval.
     pub epoch_ms: u64,
+}
+
+/// A planned handover to another monitor process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverRequest {
+    /// A fresh monitor of the same binary.
+    Rejuvenate,
+    /// A monitor (and keeper) of the ftvm binary at this path, as the VM's process sees it.
+    Upgrade { binary: PathBuf },
 }
 
 /// Where to replicate, and how (`ftvm ctl protect`).

@@ -432,6 +432,13 @@ impl<V: Vm + 'static> Driver<V> {
             ),
             Command::Snapshot { path } => (self.snapshot(path), None),
             Command::Protect(protect) => (self.protect(protect), None),
+            Command::Handover(_) => (
+                Reply::error(
+                    409,
+                    "a handover to a new monitor needs a VM started with --resilient (its keeper starts it)",
+                ),
+                None,
+            ),
             Command::Unprotect | Command::Migrate(_) => unreachable!("answered above"),
         };
         let _ = request.reply.send(reply);

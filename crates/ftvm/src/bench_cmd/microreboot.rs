@@ -135,6 +135,7 @@ impl Hooks for Campaign {
 
 /// The keeper's console for the campaign: nothing shown.
 struct Quiet;
+impl resilient::KeptConsole for Quiet {}
 
 impl ConsoleSink for Quiet {
     fn write(&mut self, _bytes: &[u8]) -> std::io::Result<()> {

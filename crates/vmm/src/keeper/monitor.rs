@@ -9,7 +9,7 @@
 //! died, producing the same outputs, of which those that already left are held back.
 
 use super::disk::{DiskJournal, DiskStaged};
-use super::region::{Live, Marks, Phase, Region, RegionError, Verdict, PAGE};
+use super::region::{HandoverState, Live, Marks, Phase, Region, RegionError, Verdict};
 use crate::driver::ConsoleSink;
 use crate::host::tap::Tap;
 use crate::mode::{Mode, ModeError};
@@ -142,6 +142,21 @@ impl Monitor {
         Ok(())
     }
 
+    /// A planned handover: the next monitor is ready. Stop the guest here, at a slice end,
+    /// with a final checkpoint (the log empty: the next monitor replays nothing), say so,
+    /// and end this process at once, so that nothing more of it reaches the keeper.
+    fn hand_over(&mut self, machine: &mut Machine) -> Result<(), ModeError> {
+        let started = Instant::now();
+        self.region.set_live(Live::HandoverStopNs, now_ns());
+        self.checkpoint(machine)
+            .map_err(|e| ModeError::message(format!("cannot take the handover's final checkpoint: {e:#}")))?;
+        self.region.set_live(Live::HandoverCheckpointUs, started.elapsed().as_micros() as u64);
+        if self.region.swap_live(Live::HandoverState, HandoverState::Synced as u64, HandoverState::Committed as u64) {
+            std::process::exit(0);
+        }
+        Ok(()) // called off meanwhile: that was an ordinary checkpoint, and this monitor carries on
+    }
+
     /// The recovery is over: the guest runs on from here.
     pub fn running(&mut self, replayed_inputs: usize, replayed_icount: u64) {
         running(&self.region, replayed_inputs, replayed_icount);
@@ -272,7 +287,22 @@ impl Mode<Machine> for Monitor {
 
     fn on_slice_end(&mut self, machine: &mut Machine, _idle: bool) -> Result<(), ModeError> {
         self.region.bump_heartbeat(machine.icount());
-        if self.log_full || self.last_checkpoint.elapsed() >= self.checkpoint_every {
+        let handover = HandoverState::from_u64(self.region.live(Live::HandoverState));
+        match handover {
+            HandoverState::Ready => {
+                // The pre-copy round: a checkpoint whose pages the next monitor lays while
+                // the guest runs on.
+                self.checkpoint(machine)
+                    .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))?;
+                self.region.swap_live(Live::HandoverState, handover as u64, HandoverState::Delta as u64);
+                return Ok(());
+            }
+            HandoverState::Synced => self.hand_over(machine)?,
+            _ => {}
+        }
+        // While the next monitor lays the image or a checkpoint's pages, they stay as they are.
+        let preparing = matches!(handover, HandoverState::Preparing | HandoverState::Delta);
+        if self.log_full || (!preparing && self.last_checkpoint.elapsed() >= self.checkpoint_every) {
             self.checkpoint(machine)
                 .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))?;
         }
@@ -341,12 +371,7 @@ pub fn start(
     let t0 = Instant::now();
     let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
     let t1 = t0.elapsed();
-    let written: Vec<u64> = region.written_pages().collect();
-    for &index in &written {
-        let page = region.checked_page(index)?;
-        debug_assert_eq!(page.len(), PAGE);
-        machine.write_page(index as usize, page).map_err(RecoverError::Restore)?;
-    }
+    let written = lay_image(&region, &mut machine)?;
     region.bump_heartbeat(committed.marks.icount);
     let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
     machine.restore_state(state).map_err(RecoverError::Restore)?;
@@ -354,7 +379,7 @@ pub fn start(
     machine.take_dirty_sectors();
     let inputs = region.inputs(committed.marks.seq)?;
     if std::env::var_os("FTVM_KEEPER_TIMING").is_some() {
-        eprintln!("ftvm: monitor: machine built in {t1:?}, {} pages restored by {:?}", written.len(), t0.elapsed());
+        eprintln!("ftvm: monitor: machine built in {t1:?}, {written} pages restored by {:?}", t0.elapsed());
     }
     let monitor = Monitor::new(region, committed.marks, disk);
     Ok(Started { machine, monitor, inputs, recovered: true })
@@ -370,4 +395,99 @@ pub fn give_up(region_fd: &std::os::fd::OwnedFd, ram_bytes: u64, verdict: Verdic
         }
     }
     EXIT_CANNOT_RECOVER
+}
+
+/// Why a prepared monitor did not take the VM over.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error(transparent)]
+    Recover(#[from] RecoverError),
+    #[error("the handover was called off ({0})")]
+    CalledOff(&'static str),
+    #[error("the old monitor took no final checkpoint within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How long a prepared monitor waits for the old one's final checkpoint.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Take the VM over in a planned handover: build the machine and lay the image while the
+/// old monitor still runs the guest (it takes no checkpoint meanwhile), say `Ready`, wait
+/// for its final checkpoint, then lay only the pages that checkpoint carried and restore
+/// its state. The guest's pause is the final checkpoint plus that last step.
+pub fn prepare(
+    region: Region,
+    config: &MachineConfig,
+    mut disk: Option<DiskJournal>,
+) -> Result<Started, HandoverError> {
+    assert!(disk.is_none() || config.disk_overlay, "a resilient VM's written disk goes through an overlay");
+    let seq0 = region.live(Live::CheckpointSeq);
+    let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
+    // The image may change under us if the old monitor was inside a checkpoint as the
+    // handover began: then the next checkpoint is not seq0 + 1, and we lay it all again
+    // at the end.
+    let mut in_step = lay_image(&region, &mut machine).is_ok();
+    if !region.swap_live(Live::HandoverState, HandoverState::Preparing as u64, HandoverState::Ready as u64) {
+        return Err(HandoverError::CalledOff("by the keeper"));
+    }
+    let deadline = Instant::now() + HANDOVER_WAIT;
+    wait_for(&region, HandoverState::Delta, HandoverState::Ready, deadline)?;
+    let seq1 = region.live(Live::CheckpointSeq);
+    in_step = in_step && seq1 == seq0 + 1 && lay_staged(&region, seq1, &mut machine).is_ok();
+    if !region.swap_live(Live::HandoverState, HandoverState::Delta as u64, HandoverState::Synced as u64) {
+        return Err(HandoverError::CalledOff("by the keeper"));
+    }
+    wait_for(&region, HandoverState::Committed, HandoverState::Synced, deadline)?;
+    let mut region = region;
+    region.set_live(Live::MonitorPid, u64::from(std::process::id()));
+    region.apply_staged(disk.as_mut()).map_err(RecoverError::from)?; // the old monitor applied it; redo if not
+    let committed = region.committed().map_err(RecoverError::from)?.ok_or(HandoverError::CalledOff("no checkpoint"))?;
+    if !(in_step && committed.marks.seq == seq1 + 1 && lay_staged(&region, committed.marks.seq, &mut machine).is_ok()) {
+        lay_image(&region, &mut machine)?;
+    }
+    let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
+    machine.restore_state(state).map_err(RecoverError::Restore)?;
+    machine.take_dirty_pages();
+    machine.take_dirty_sectors();
+    let inputs = region.inputs(committed.marks.seq).map_err(RecoverError::from)?;
+    let pause_us = now_ns().saturating_sub(region.live(Live::HandoverStopNs)) / 1000;
+    region.set_live(Live::HandoverPauseUs, pause_us);
+    region.set_live(Live::Handovers, region.live(Live::Handovers) + 1);
+    region.set_live(Live::HandoverState, HandoverState::Done as u64);
+    region.bump_heartbeat(committed.marks.icount);
+    let monitor = Monitor::new(region, committed.marks, disk);
+    Ok(Started { machine, monitor, inputs, recovered: true })
+}
+
+/// Wait until the handover's state is `want` (from `now`): anything else calls it off.
+fn wait_for(region: &Region, want: HandoverState, now: HandoverState, deadline: Instant) -> Result<(), HandoverError> {
+    loop {
+        match HandoverState::from_u64(region.live(Live::HandoverState)) {
+            state if state == want => return Ok(()),
+            state if state == now => {}
+            _ => return Err(HandoverError::CalledOff("by the keeper")),
+        }
+        if Instant::now() >= deadline {
+            return Err(HandoverError::Timeout(HANDOVER_WAIT));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Lay the pages of staged checkpoint `seq` over the machine's RAM, CRCs checked.
+fn lay_staged(region: &Region, seq: u64, machine: &mut Machine) -> Result<(), RecoverError> {
+    for (index, page) in region.staged_pages(seq)? {
+        machine.write_page(index as usize, page).map_err(RecoverError::Restore)?;
+    }
+    Ok(())
+}
+
+/// Lay every written page of the committed image over the machine's RAM, CRCs checked.
+fn lay_image(region: &Region, machine: &mut Machine) -> Result<usize, RecoverError> {
+    let written: Vec<u64> = region.written_pages().collect();
+    for &index in &written {
+        let page = region.checked_page(index)?;
+        machine.write_page(index as usize, page).map_err(RecoverError::Restore)?;
+    }
+    Ok(written.len())
 }

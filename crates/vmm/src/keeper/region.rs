@@ -40,9 +40,15 @@ pub const STATE_CAP: usize = 4 << 20;
 pub const LOG_CAP: usize = 16 << 20;
 /// The largest input record (a jumbo frame is 64 KiB).
 pub const MAX_RECORD: usize = 128 << 10;
-/// The live page's message area.
-const MESSAGE_OFF: usize = 1024;
+/// The live page's text areas: a handover request's argument (the new binary), the last
+/// handover's outcome, and the message of a monitor that gave up.
+const REQUEST_OFF: usize = 512;
+pub const REQUEST_CAP: usize = 1024;
+const OUTCOME_OFF: usize = REQUEST_OFF + REQUEST_CAP;
+const OUTCOME_CAP: usize = 1024;
+const MESSAGE_OFF: usize = OUTCOME_OFF + OUTCOME_CAP;
 const MESSAGE_CAP: usize = PAGE - MESSAGE_OFF - 8;
+const _: () = assert!(Live::COUNT * 8 <= REQUEST_OFF && MESSAGE_CAP >= 1024);
 
 /// The live page's counters (index into the page's atomic u64s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +88,117 @@ pub enum Live {
     CheckpointMaxPauseUs = 16,
     /// Bytes of the last message written ([`Region::set_message`]).
     MessageLen = 17,
+    /// The planned handover under way or last done ([`Handover`]): its number (1 for the
+    /// first), [`HandoverKind`], [`HandoverState`].
+    HandoverSeq = 18,
+    HandoverKind = 19,
+    HandoverState = 20,
+    /// Wall clock (ns since the epoch) at which the old monitor stopped the guest for its
+    /// final checkpoint; the guest's pause (µs) until the new monitor ran it; the final
+    /// checkpoint's part of it (µs).
+    HandoverStopNs = 21,
+    HandoverPauseUs = 22,
+    HandoverCheckpointUs = 23,
+    /// Planned handovers completed since the start.
+    Handovers = 24,
+    /// Bytes of the request's and the outcome's text.
+    RequestLen = 25,
+    OutcomeLen = 26,
+}
+
+impl Live {
+    const COUNT: usize = 27;
+}
+
+/// What a planned handover does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverKind {
+    None = 0,
+    /// A fresh monitor of the same binary (`ctl rejuvenate`, `--rejuvenate-every`).
+    Rejuvenate = 1,
+    /// A monitor of another binary, the keeper re-executed first (`ctl upgrade`).
+    Upgrade = 2,
+}
+
+impl HandoverKind {
+    pub fn from_u64(v: u64) -> HandoverKind {
+        match v {
+            1 => HandoverKind::Rejuvenate,
+            2 => HandoverKind::Upgrade,
+            _ => HandoverKind::None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HandoverKind::None => "none",
+            HandoverKind::Rejuvenate => "rejuvenate",
+            HandoverKind::Upgrade => "upgrade",
+        }
+    }
+}
+
+/// Where a planned handover is. The new monitor lays the image while the old one runs the
+/// guest (`Preparing`); one round of pre-copy (`Ready`: the old takes a checkpoint, `Delta`:
+/// the new lays its pages, `Synced`) leaves little for the final checkpoint, which the old
+/// monitor takes with the guest stopped (`Committed`); the new one runs the guest from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverState {
+    None = 0,
+    /// Asked for (through the API or by the keeper's timer); the keeper acts on it.
+    Requested = 1,
+    /// Upgrade: the new binary can read this state; the keeper re-executes itself with it.
+    Exec = 2,
+    /// The new monitor builds its machine and lays the image; the old one takes no checkpoint.
+    Preparing = 3,
+    /// The new monitor laid the image: the old one takes a checkpoint at its next slice end.
+    Ready = 4,
+    /// The new monitor lays that checkpoint's pages; the old one takes no checkpoint.
+    Delta = 5,
+    /// The new monitor is in step: the old one takes its final checkpoint at its next slice end.
+    Synced = 6,
+    /// The final checkpoint is committed: the old monitor is gone, the new one takes over.
+    Committed = 7,
+    Done = 8,
+    /// Refused or failed (the outcome says why); the old monitor carries on.
+    Failed = 9,
+}
+
+impl HandoverState {
+    pub fn from_u64(v: u64) -> HandoverState {
+        match v {
+            1 => HandoverState::Requested,
+            2 => HandoverState::Exec,
+            3 => HandoverState::Preparing,
+            4 => HandoverState::Ready,
+            5 => HandoverState::Delta,
+            6 => HandoverState::Synced,
+            7 => HandoverState::Committed,
+            8 => HandoverState::Done,
+            9 => HandoverState::Failed,
+            _ => HandoverState::None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HandoverState::None => "none",
+            HandoverState::Requested => "requested",
+            HandoverState::Exec => "exec",
+            HandoverState::Preparing => "preparing",
+            HandoverState::Ready => "ready",
+            HandoverState::Delta => "delta",
+            HandoverState::Synced => "synced",
+            HandoverState::Committed => "committed",
+            HandoverState::Done => "done",
+            HandoverState::Failed => "failed",
+        }
+    }
+
+    /// Whether a new handover may start.
+    pub fn settled(self) -> bool {
+        matches!(self, HandoverState::None | HandoverState::Done | HandoverState::Failed)
+    }
 }
 
 /// What a monitor reports through the live page before it gives up.
@@ -357,6 +474,13 @@ impl Region {
         self.atomic(PAGE as u64 + field as u64 * 8).store(value, Ordering::Release);
     }
 
+    /// Set `field` to `to` if it is `from` (the handover's states change hands so).
+    pub fn swap_live(&self, field: Live, from: u64, to: u64) -> bool {
+        self.atomic(PAGE as u64 + field as u64 * 8)
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     pub fn bump_heartbeat(&self, icount: u64) {
         self.set_live(Live::Icount, icount);
         self.atomic(PAGE as u64).fetch_add(1, Ordering::AcqRel);
@@ -372,6 +496,65 @@ impl Region {
     pub fn message(&self) -> String {
         let len = (self.live(Live::MessageLen) as usize).min(MESSAGE_CAP);
         String::from_utf8_lossy(self.bytes((PAGE + MESSAGE_OFF) as u64, len)).into_owned()
+    }
+
+    /// The live page's text at `off` (capped at `cap`), its length in `len`. Written by
+    /// one process at a time: the API thread asks while no handover is under way, the
+    /// keeper answers.
+    fn text(&self, off: usize, cap: usize, len: Live) -> String {
+        let len = (self.live(len) as usize).min(cap);
+        String::from_utf8_lossy(self.bytes((PAGE + off) as u64, len)).into_owned()
+    }
+
+    fn set_text(&self, off: usize, cap: usize, len: Live, text: &str) {
+        let bytes = &text.as_bytes()[..text.len().min(cap)];
+        // SAFETY: within the live page (off + cap ≤ PAGE, checked by the constants' layout);
+        // a text area is written by one party at a time (see `text`), and read only after
+        // its length is published below.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(PAGE + off), bytes.len());
+        }
+        self.set_live(len, bytes.len() as u64);
+    }
+
+    /// A handover request's argument (the new binary's path).
+    pub fn request_text(&self) -> String {
+        self.text(REQUEST_OFF, REQUEST_CAP, Live::RequestLen)
+    }
+
+    pub fn set_request_text(&self, text: &str) {
+        self.set_text(REQUEST_OFF, REQUEST_CAP, Live::RequestLen, text)
+    }
+
+    /// Why the last handover failed.
+    pub fn outcome(&self) -> String {
+        self.text(OUTCOME_OFF, OUTCOME_CAP, Live::OutcomeLen)
+    }
+
+    pub fn set_outcome(&self, text: &str) {
+        self.set_text(OUTCOME_OFF, OUTCOME_CAP, Live::OutcomeLen, text)
+    }
+
+    /// The staged checkpoint's pages (index, bytes), each CRC checked: after a handover's
+    /// final checkpoint, the pages written since the image the new monitor laid.
+    pub fn staged_pages(&self, seq: u64) -> Result<Vec<(u64, &[u8])>, RegionError> {
+        let s = self.layout.staging_off;
+        if self.atomic(s + STAGING_SEQ).load(Ordering::Acquire) != seq {
+            return Err(RegionError::corrupt("staged checkpoint", format!("it is not checkpoint {seq}")));
+        }
+        let count = u64::from(self.u32_at(s + STAGING_COUNT)).min(self.layout.ram_pages);
+        let indices = s + PAGE as u64;
+        let pages = indices + round_up(self.layout.ram_pages * 8);
+        let mut out = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let index = u64::from(self.u32_at(indices + i * 8));
+            let page = self.bytes(pages + i * PAGE as u64, PAGE);
+            if index >= self.layout.ram_pages || crc32c(page) != self.u32_at(indices + i * 8 + 4) {
+                return Err(RegionError::corrupt("staged checkpoint", format!("page {index}: CRC mismatch")));
+            }
+            out.push((index, page));
+        }
+        Ok(out)
     }
 
     fn u64_at(&self, off: u64) -> u64 {

@@ -68,7 +68,7 @@ pub enum Event<'a> {
 }
 
 /// The keeper's reader of one monitor's stream (a new monitor starts a new one).
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Parser {
     header: Vec<u8>,
     tag: u8,
@@ -81,6 +81,28 @@ pub struct Parser {
 pub struct StreamError(String);
 
 impl Parser {
+    /// The reader's place within a frame, as text: a keeper re-executed for an upgrade
+    /// reads on from where its former self stopped.
+    pub fn encode(&self) -> String {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        format!("{}.{}.{}.{}", hex(&self.header), self.tag, self.remaining, hex(&self.end))
+    }
+
+    pub fn decode(text: &str) -> Option<Parser> {
+        let unhex = |t: &str| -> Option<Vec<u8>> {
+            if !t.len().is_multiple_of(2) || t.len() > 2 * HEADER {
+                return None;
+            }
+            (0..t.len()).step_by(2).map(|i| u8::from_str_radix(&t[i..i + 2], 16).ok()).collect()
+        };
+        let mut parts = text.split('.');
+        let header = unhex(parts.next()?)?;
+        let tag = parts.next()?.parse().ok()?;
+        let remaining: usize = parts.next()?.parse().ok()?;
+        let end = unhex(parts.next()?)?;
+        (parts.next().is_none() && remaining <= MAX_BODY).then_some(Parser { header, tag, remaining, end })
+    }
+
     /// Feed bytes as they arrive; `event` sees console bytes as soon as they do.
     pub fn feed(&mut self, mut bytes: &[u8], event: &mut dyn FnMut(Event<'_>)) -> Result<(), StreamError> {
         while !bytes.is_empty() {
@@ -157,6 +179,29 @@ mod tests {
         }
         assert_eq!(text, b"helloagain");
         assert_eq!(seen, ["Reset", "End(3)"]);
+    }
+
+    #[test]
+    fn a_parser_goes_on_from_its_encoded_place() {
+        let mut frames = Vec::new();
+        frames.extend_from_slice(&[TAG_CONSOLE, 5, 0, 0, 0]);
+        frames.extend_from_slice(b"hello");
+        frames.extend_from_slice(&[TAG_END, 4, 0, 0, 0, 3, 0, 0, 0]);
+        for cut in 0..frames.len() {
+            let (mut text, mut ends) = (Vec::new(), Vec::new());
+            let mut collect = |e: Event<'_>| match e {
+                Event::Console(b) => text.extend_from_slice(b),
+                Event::End(code) => ends.push(code),
+                Event::Reset => {}
+            };
+            let mut first = Parser::default();
+            first.feed(&frames[..cut], &mut collect).unwrap();
+            let mut second = Parser::decode(&first.encode()).unwrap();
+            assert_eq!(second, first);
+            second.feed(&frames[cut..], &mut collect).unwrap();
+            assert_eq!((text.as_slice(), ends.as_slice()), (&b"hello"[..], &[3][..]), "cut at {cut}");
+        }
+        assert!(Parser::decode("zz.1.0.").is_none());
     }
 
     #[test]

@@ -4,18 +4,19 @@
 //! the monitor keeps dying at the same instruction (a poison input).
 //! It holds no VM logic: what it knows of the VM is in the region's live page.
 
-use super::region::{describe, Live, Phase, Region, Verdict};
+use super::region::{describe, HandoverKind, HandoverState, Live, Phase, Region, Verdict};
 use super::stream::{Event, Parser};
 use super::ENV_FDS;
 use crate::driver::ConsoleSink;
 use anyhow::{Context, Result};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// How often the keeper looks at the heartbeat when the stream is quiet.
@@ -33,11 +34,19 @@ pub struct Options {
     /// While a monitor starts or recovers (builds the machine, lays the image, replays),
     /// its heartbeat may stand still this long (at least `hang_ms`).
     pub start_grace_ms: u64,
+    /// Hand the VM to a fresh monitor this often (`--rejuvenate-every`).
+    pub rejuvenate_every: Option<Duration>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { hang_ms: 1000, poison_attempts: 3, max_restarts: 10_000, start_grace_ms: 5000 }
+        Options {
+            hang_ms: 1000,
+            poison_attempts: 3,
+            max_restarts: 10_000,
+            start_grace_ms: 5000,
+            rejuvenate_every: None,
+        }
     }
 }
 
@@ -85,7 +94,7 @@ pub struct Restart {
 }
 
 /// How supervision ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum End {
     /// The VM ended; the monitor's exit status.
     Exited(i32),
@@ -103,6 +112,17 @@ pub enum End {
     TooManyRestarts(u32),
     /// The hooks asked to stop.
     Stopped,
+    /// `ctl upgrade`: the new binary can read the handover state; the keeper re-executes
+    /// itself with it, keeping the running monitor.
+    Upgrade(Box<Upgrade>),
+}
+
+/// What a keeper re-executed for an upgrade takes on: the binary, and the monitor that
+/// runs the guest meanwhile.
+#[derive(Debug)]
+pub struct Upgrade {
+    pub binary: std::path::PathBuf,
+    pub monitor: MonitorProc,
 }
 
 impl std::fmt::Display for End {
@@ -120,6 +140,7 @@ impl std::fmt::Display for End {
             ),
             End::TooManyRestarts(n) => write!(f, "the monitor was restarted {n} times; giving up"),
             End::Stopped => write!(f, "stopped"),
+            End::Upgrade(up) => write!(f, "upgrading to {}", up.binary.display()),
         }
     }
 }
@@ -166,6 +187,10 @@ struct Keeper<'a> {
     /// The last restart waits for the new monitor's first output.
     pending: bool,
     ended: Option<i32>,
+    /// The last monitor started (1 for the first).
+    attempt: u32,
+    /// When the last handover ended (or supervision began), for `rejuvenate_every`.
+    last_handover: Instant,
 }
 
 impl Keeper<'_> {
@@ -207,22 +232,67 @@ impl Keeper<'_> {
     }
 }
 
-/// Supervise monitors until the VM ends (or cannot go on).
+/// A monitor process: a child of this keeper (or of the binary this keeper was before an
+/// upgrade re-executed it: exec keeps children), and its console stream.
+#[derive(Debug)]
+pub struct MonitorProc {
+    pub pid: Pid,
+    pub pipe: std::fs::File,
+    pub parser: Parser,
+    pub attempt: u32,
+}
+
+impl MonitorProc {
+    fn kill(&self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Reap it: how it ended.
+    fn wait(&self) -> Result<Cause> {
+        loop {
+            match nix::sys::wait::waitpid(self.pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(Cause::Exit(code)),
+                Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Cause::Signal(signal.to_string())),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("cannot wait for the monitor"),
+            }
+        }
+    }
+}
+
+/// Supervise monitors until the VM ends (or cannot go on). `adopted`: a monitor already
+/// running (the one a keeper re-executed for an upgrade kept).
 pub fn supervise(
     region: &Region,
     inherit: &Inherit,
     sink: &mut dyn ConsoleSink,
     options: &Options,
     hooks: &mut dyn Hooks,
+    adopted: Option<MonitorProc>,
 ) -> Result<(End, Vec<Restart>)> {
     inheritable(region.fd())?;
     for (_, fd) in &inherit.fds {
         inheritable(fd)?;
     }
-    let mut keeper = Keeper { region, sink, hooks, restarts: Vec::new(), pending: false, ended: None };
+    let attempt = adopted.as_ref().map_or(0, |m| m.attempt);
+    let mut keeper = Keeper {
+        region,
+        sink,
+        hooks,
+        restarts: Vec::new(),
+        pending: false,
+        ended: None,
+        attempt,
+        last_handover: Instant::now(),
+    };
     let mut same_point = (0u32, u64::MAX); // (failures in a row, at this icount)
-    for attempt in 1.. {
-        let (died, cause) = run_one(&mut keeper, inherit, options, attempt)?;
+    let mut next = adopted;
+    loop {
+        let monitor = match next.take() {
+            Some(monitor) => monitor,
+            None => spawn(&mut keeper, inherit, false)?,
+        };
+        let step = run_one(&mut keeper, inherit, options, monitor)?;
         if keeper.pending {
             keeper.complete(None); // the new monitor ended or died before any output
         }
@@ -231,9 +301,11 @@ pub fn supervise(
             keeper.sink.finish().context("cannot write console output")?;
             return Ok((End::Exited(code), restarts));
         }
-        if died.is_none() {
-            return Ok((End::Stopped, restarts));
-        }
+        let (died, cause) = match step {
+            Step::Died(died, cause) => (died, cause),
+            Step::Stopped => return Ok((End::Stopped, restarts)),
+            Step::Upgrade(up) => return Ok((End::Upgrade(up), restarts)),
+        };
         keeper.restarts = restarts;
         let restarts = &keeper.restarts;
         let verdict = Verdict::from_u64(region.live(Live::Verdict));
@@ -257,10 +329,10 @@ pub fn supervise(
             return Ok((End::TooManyRestarts(n), keeper.restarts));
         }
         let restart = Restart {
-            attempt,
+            attempt: keeper.attempt,
             cause,
             icount,
-            detected_ns: died.expect("checked above"),
+            detected_ns: died,
             running_ns: None,
             first_output_ns: None,
             replayed_inputs: 0,
@@ -270,7 +342,6 @@ pub fn supervise(
         keeper.restarts.push(restart);
         keeper.pending = true;
     }
-    unreachable!("the loop returns")
 }
 
 /// The input the monitor died after, named for the poison message.
@@ -285,14 +356,16 @@ fn last_input(region: &Region, icount: u64) -> String {
     }
 }
 
-/// Run one monitor until it ends or dies: the time it was seen to die (None when the
-/// hooks stopped supervision) and how.
-fn run_one(
-    keeper: &mut Keeper<'_>,
-    inherit: &Inherit,
-    options: &Options,
-    attempt: u32,
-) -> Result<(Option<u64>, Cause)> {
+/// The environment variable that makes a monitor a planned handover's successor
+/// ([`super::monitor::prepare`]).
+pub const ENV_HANDOVER: &str = "FTVM_KEEPER_HANDOVER";
+/// The environment variable by which a keeper re-executed for an upgrade finds what it
+/// keeps (see `ftvm run --resilient`).
+pub const ENV_RESUME: &str = "FTVM_KEEPER_RESUME";
+
+/// Start the next monitor: `successor` for a planned handover (it prepares while the
+/// running one carries on).
+fn spawn(keeper: &mut Keeper<'_>, inherit: &Inherit, successor: bool) -> Result<MonitorProc> {
     let region = keeper.region;
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create the console pipe")?;
     inheritable(&write)?;
@@ -300,80 +373,268 @@ fn run_one(
     for (name, fd) in &inherit.fds {
         fds.push_str(&format!(",{name}={}", fd.as_raw_fd()));
     }
-    region.set_live(Live::Attempt, u64::from(attempt));
-    region.set_live(Live::Phase, Phase::Starting as u64);
-    region.set_live(Live::Verdict, Verdict::None as u64);
-    region.set_live(Live::MessageLen, 0);
+    keeper.attempt += 1;
+    let attempt = keeper.attempt;
+    if !successor {
+        region.set_live(Live::Attempt, u64::from(attempt));
+        region.set_live(Live::Phase, Phase::Starting as u64);
+        region.set_live(Live::Verdict, Verdict::None as u64);
+        region.set_live(Live::MessageLen, 0);
+    }
     let mut command = Command::new(&inherit.exe);
-    command.args(&inherit.args).env(ENV_FDS, fds).env(super::ENV_ATTEMPT, attempt.to_string());
+    command.args(&inherit.args).env(ENV_FDS, fds).env(super::ENV_ATTEMPT, attempt.to_string()).env_remove(ENV_RESUME);
+    if successor {
+        command.env(ENV_HANDOVER, "1");
+    } else {
+        command.env_remove(ENV_HANDOVER);
+    }
     for (k, v) in keeper.hooks.env(attempt) {
         command.env(k, v);
     }
-    let mut child = command.spawn().context("cannot start the monitor")?;
+    let child = command.spawn().context("cannot start the monitor")?;
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child); // reaped by pid (a keeper re-executed for an upgrade has no Child)
     drop(write);
-    let mut pipe = std::fs::File::from(read);
-    let mut parser = Parser::default();
+    Ok(MonitorProc { pid, pipe: std::fs::File::from(read), parser: Parser::default(), attempt })
+}
+
+/// How one monitor's run ended.
+enum Step {
+    /// It died (seen at this wall clock, ns since the epoch).
+    Died(u64, Cause),
+    /// The hooks stopped supervision.
+    Stopped,
+    Upgrade(Box<Upgrade>),
+}
+
+/// Read what `monitor` wrote to its stream and pass it on; false at its end (EOF).
+fn drain(keeper: &mut Keeper<'_>, monitor: &mut MonitorProc, buf: &mut [u8]) -> Result<bool> {
+    match monitor.pipe.read(buf) {
+        Ok(0) => Ok(false), // every writer is gone: the monitor ended or died
+        Ok(n) => {
+            let mut failed = None;
+            monitor
+                .parser
+                .feed(&buf[..n], &mut |e| {
+                    if let Err(err) = keeper.on_event(e) {
+                        failed.get_or_insert(err);
+                    }
+                })
+                .context("cannot read the monitor's console stream")?;
+            if let Some(err) = failed {
+                monitor.kill();
+                let _ = monitor.wait();
+                return Err(err).context("cannot write console output");
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(true),
+        Err(e) => Err(e).context("cannot read the monitor's console stream"),
+    }
+}
+
+fn readable(fd: &PollFd<'_>) -> bool {
+    fd.revents().is_some_and(|r| !r.is_empty())
+}
+
+/// Run `monitor` until it ends or dies, handing the VM over to a successor when asked.
+fn run_one(keeper: &mut Keeper<'_>, inherit: &Inherit, options: &Options, mut monitor: MonitorProc) -> Result<Step> {
+    let region = keeper.region;
+    let mut successor: Option<(MonitorProc, Instant)> = None;
     let mut buf = vec![0u8; 64 << 10];
     let (mut beat, mut beat_at) = (region.live(Live::Heartbeat), Instant::now());
     let mut hung = false;
     loop {
-        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
-        let ready = poll(&mut fds, PollTimeout::from(TICK_MS)).unwrap_or(0);
-        if ready > 0 {
-            match pipe.read(&mut buf) {
-                Ok(0) => break, // every writer is gone: the monitor ended or died
-                Ok(n) => {
-                    let mut failed = None;
-                    parser
-                        .feed(&buf[..n], &mut |e| {
-                            if let Err(err) = keeper.on_event(e) {
-                                failed.get_or_insert(err);
-                            }
-                        })
-                        .context("cannot read the monitor's console stream")?;
-                    if let Some(err) = failed {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(err).context("cannot write console output");
-                    }
+        let state = HandoverState::from_u64(region.live(Live::HandoverState));
+        // Once the final checkpoint is committed the successor runs the guest: its output
+        // waits in its pipe until the old monitor's stream is read to its end.
+        let watch_successor = !matches!(state, HandoverState::Committed | HandoverState::Done);
+        let (now_ready, next_ready) = {
+            let mut fds = vec![PollFd::new(monitor.pipe.as_fd(), PollFlags::POLLIN)];
+            if let (Some((next, _)), true) = (&successor, watch_successor) {
+                fds.push(PollFd::new(next.pipe.as_fd(), PollFlags::POLLIN));
+            }
+            let _ = poll(&mut fds, PollTimeout::from(TICK_MS));
+            (readable(&fds[0]), fds.get(1).is_some_and(readable))
+        };
+        if now_ready && !drain(keeper, &mut monitor, &mut buf)? {
+            let detected = now_ns();
+            let cause = if hung { Cause::Hang } else { monitor.wait()? };
+            if hung {
+                let _ = monitor.wait();
+            }
+            let state = HandoverState::from_u64(region.live(Live::HandoverState));
+            match successor.take() {
+                Some((next, _)) if !hung && matches!(state, HandoverState::Committed | HandoverState::Done) => {
+                    monitor = next;
+                    region.set_live(Live::Attempt, u64::from(monitor.attempt));
+                    keeper.last_handover = Instant::now();
+                    (beat, beat_at) = (region.live(Live::Heartbeat), Instant::now());
+                    continue;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("cannot read the monitor's console stream"),
+                Some((next, _)) => {
+                    next.kill();
+                    let _ = next.wait();
+                    fail_handover(region, &format!("the running monitor {cause} during the handover"));
+                }
+                None => {}
+            }
+            return Ok(Step::Died(detected, cause));
+        }
+        if next_ready {
+            let (mut next, _) = successor.take().expect("polled");
+            if drain(keeper, &mut next, &mut buf)? {
+                successor = Some((next, Instant::now())); // (it writes nothing before it takes over)
+            } else {
+                let cause = next.wait()?;
+                fail_handover(region, &format!("the new monitor {cause} before it took over (its error is above)"));
             }
         }
         if keeper.hooks.stop() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok((None, Cause::Exit(0)));
+            monitor.kill();
+            let _ = monitor.wait();
+            if let Some((next, _)) = successor.take() {
+                next.kill();
+                let _ = next.wait();
+            }
+            return Ok(Step::Stopped);
         }
         if !hung && keeper.hooks.kill_now() {
-            let _ = child.kill();
+            monitor.kill();
         }
         let now = region.live(Live::Heartbeat);
         if now != beat {
             (beat, beat_at) = (now, Instant::now());
         } else if !hung && beat_at.elapsed() >= hang_limit(region, options) {
             hung = true;
-            let _ = child.kill(); // the pipe closes with it
+            monitor.kill(); // the pipe closes with it
+        }
+        if hung {
+            continue;
+        }
+        if let Some(up) = handover_tick(keeper, inherit, options, &mut successor)? {
+            return Ok(Step::Upgrade(Box::new(Upgrade { binary: up, monitor })));
         }
     }
-    let detected = now_ns();
-    let status = reap(&mut child)?;
-    let cause = if hung {
-        Cause::Hang
-    } else if let Some(signal) = status.signal() {
-        Cause::Signal(nix::sys::signal::Signal::try_from(signal).map_or(format!("signal {signal}"), |s| s.to_string()))
-    } else {
-        Cause::Exit(status.code().unwrap_or(-1))
-    };
-    Ok((Some(detected), cause))
 }
+
+/// How long a successor may take to be ready.
+const PREPARE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Move a planned handover on: start the successor, or (upgrade) check the new binary and
+/// say where to re-execute. Returns the binary of an upgrade that can go ahead.
+fn handover_tick(
+    keeper: &mut Keeper<'_>,
+    inherit: &Inherit,
+    options: &Options,
+    successor: &mut Option<(MonitorProc, Instant)>,
+) -> Result<Option<std::path::PathBuf>> {
+    let region = keeper.region;
+    let state = HandoverState::from_u64(region.live(Live::HandoverState));
+    match state {
+        HandoverState::Requested | HandoverState::Exec if successor.is_none() => {
+            let kind = HandoverKind::from_u64(region.live(Live::HandoverKind));
+            if state == HandoverState::Requested && kind == HandoverKind::Upgrade {
+                let binary = std::path::PathBuf::from(region.request_text());
+                return match check_binary(&binary) {
+                    Ok(()) => {
+                        region.set_live(Live::HandoverState, HandoverState::Exec as u64);
+                        Ok(Some(binary))
+                    }
+                    Err(why) => {
+                        fail_handover(region, &why);
+                        Ok(None)
+                    }
+                };
+            }
+            region.set_live(Live::HandoverState, HandoverState::Preparing as u64);
+            match spawn(keeper, inherit, true) {
+                Ok(next) => *successor = Some((next, Instant::now())),
+                Err(e) => fail_handover(region, &format!("{e:#}")),
+            }
+        }
+        HandoverState::Preparing | HandoverState::Ready | HandoverState::Delta | HandoverState::Synced => {
+            if let Some((next, _)) = successor.as_ref().filter(|(_, at)| at.elapsed() > PREPARE_LIMIT) {
+                next.kill();
+                let _ = next.wait();
+                *successor = None;
+                fail_handover(region, &format!("the new monitor was not ready within {PREPARE_LIMIT:?}"));
+            }
+        }
+        _ => {}
+    }
+    let running = region.live(Live::Phase) == Phase::Running as u64;
+    if let Some(every) = options.rejuvenate_every {
+        if running && state.settled() && successor.is_none() && keeper.last_handover.elapsed() >= every {
+            keeper.last_handover = Instant::now();
+            request_handover(region, HandoverKind::Rejuvenate, "");
+        }
+    }
+    Ok(None)
+}
+
+/// Ask for a planned handover (the API's thread in the monitor, or the keeper's timer);
+/// its number, or None while another is under way.
+pub fn request_handover(region: &Region, kind: HandoverKind, text: &str) -> Option<u64> {
+    let state = HandoverState::from_u64(region.live(Live::HandoverState));
+    if !state.settled() {
+        return None;
+    }
+    let seq = region.live(Live::HandoverSeq) + 1;
+    region.set_request_text(text);
+    region.set_outcome("");
+    region.set_live(Live::HandoverKind, kind as u64);
+    region.set_live(Live::HandoverSeq, seq);
+    region.swap_live(Live::HandoverState, state as u64, HandoverState::Requested as u64).then_some(seq)
+}
+
+/// The handover did not happen: say why; the running monitor carries on.
+pub fn fail_handover(region: &Region, why: &str) {
+    eprintln!("ftvm: keeper: the handover failed: {why}; the running monitor carries on");
+    region.set_outcome(why);
+    region.set_live(Live::HandoverState, HandoverState::Failed as u64);
+}
+
+/// Ask the new binary whether it reads this handover state (`ftvm handover-check`): its
+/// refusal, if it refuses, names both versions.
+fn check_binary(binary: &std::path::Path) -> Result<(), String> {
+    let mut child = Command::new(binary)
+        .args(["handover-check", "--version", &super::region::VERSION.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .env_remove(ENV_FDS)
+        .env_remove(ENV_RESUME)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let deadline = Instant::now() + CHECK_LIMIT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} did not answer within {CHECK_LIMIT:?}", binary.display()));
+            }
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    let said = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let said = said.strip_prefix("ftvm: error: ").unwrap_or(said);
+    Err(format!("{} refused: {}", binary.display(), if said.is_empty() { "no reason given" } else { said }))
+}
+
+/// How long the new binary may take to answer the check.
+const CHECK_LIMIT: Duration = Duration::from_secs(10);
 
 fn hang_limit(region: &Region, options: &Options) -> Duration {
     let running = region.live(Live::Phase) == Phase::Running as u64;
     Duration::from_millis(if running { options.hang_ms } else { options.hang_ms.max(options.start_grace_ms) })
-}
-
-fn reap(child: &mut Child) -> Result<std::process::ExitStatus> {
-    child.wait().context("cannot wait for the monitor")
 }

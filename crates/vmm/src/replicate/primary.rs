@@ -186,7 +186,14 @@ impl Connection {
         let mut out = stream.try_clone()?;
         let (writer, queue) = mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || {
-            for bytes in queue {
+            for mut bytes in queue {
+                // Fault injection (`--features failpoints`): the send panics, aborts, hangs,
+                // or corrupts the frame it sends (the backup must refuse it).
+                if crate::keeper::fault::corrupts("replicate::send") {
+                    if let Some(byte) = bytes.last_mut() {
+                        *byte ^= 0x5a;
+                    }
+                }
                 if out.write_all(&bytes).is_err() {
                     let _ = out.shutdown(std::net::Shutdown::Both);
                     let _ = events.send(ToRepl::Closed { conn });
