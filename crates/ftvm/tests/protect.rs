@@ -101,11 +101,25 @@ fn backup(dir: &Dir, name: &str) -> (Proc, String, PathBuf) {
     let listen = format!("127.0.0.1:{port}");
     let api = dir.path(&format!("{name}.sock"));
     let key = dir.path("key").display().to_string();
-    let args: Vec<String> = ["backup", "--mem", MEM, "--listen", &listen, "--key", &key, "--store", &dir.store()]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--api".into(), api.display().to_string()])
-        .collect();
+    // A detection timeout of 500 ms, as the other end-to-end tests use, rather than the
+    // default 60 ms: on a loaded machine a pause of the primary would take over.
+    let args: Vec<String> = [
+        "backup",
+        "--mem",
+        MEM,
+        "--listen",
+        &listen,
+        "--key",
+        &key,
+        "--store",
+        &dir.store(),
+        "--failover-timeout-ms",
+        "500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--api".into(), api.display().to_string()])
+    .collect();
     let proc = Proc::spawn(&args, dir.path(&format!("{name}.log")));
     wait_for(&api);
     (proc, listen, api)
