@@ -49,18 +49,17 @@ fn debians_redis_cli_counts_on_through_a_sigkill_of_the_primary_with_nothing_los
     let killed = cluster.kill_primary();
     let live = cluster.wait_takeover(TAKEOVER_LIMIT);
     let answered = session.wait_for(REPLIES_AFTER, Duration::from_secs(60), Some(killed));
-    let replies = session.replies.lock().unwrap().clone();
-    let after = session.count_after(killed);
-    let stderr = session.stop();
+    let got = session.stop();
+    let after = got.count_after(killed);
     assert!(
         answered,
-        "seed {seed}: the session got {after} replies after the kill (redis-cli said {stderr:?}); \
+        "seed {seed}: the session got {after} replies after the kill (redis-cli said {:?}); \
          the backup's status: {live}\n{}",
+        got.stderr,
         cluster.explain()
     );
-    check_consecutive(&replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
     // A new connection to the VM that carries on sees the count the session last saw.
-    let last = replies.last().map(|(_, r)| r.clone()).unwrap();
-    assert_eq!(redis_cli(&ns, &["GET", "n"]), Some(last), "seed {seed}\n{}", cluster.explain());
-    println!("{} replies, {after} after the kill", replies.len());
+    got.check_count(&ns).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    println!("{} replies, {after} after the kill", got.replies.len());
 }

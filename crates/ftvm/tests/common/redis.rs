@@ -37,7 +37,36 @@ pub fn redis_cli(ns: &str, args: &[&str]) -> Option<String> {
 /// One redis-cli repeating INCR on a single connection, every reply recorded as it comes.
 pub struct Session {
     child: Child,
-    pub replies: Arc<Mutex<Vec<(Instant, String)>>>,
+    replies: Arc<Mutex<Vec<(Instant, String)>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a stopped session got: every reply with when it came, and redis-cli's stderr.
+pub struct Stopped {
+    pub replies: Vec<(Instant, String)>,
+    pub stderr: String,
+}
+
+impl Stopped {
+    /// The last reply, as a number (0 before any).
+    pub fn last(&self) -> u64 {
+        self.replies.last().and_then(|(_, r)| r.parse().ok()).unwrap_or(0)
+    }
+
+    pub fn count_after(&self, t: Instant) -> usize {
+        self.replies.iter().filter(|(at, _)| *at > t).count()
+    }
+
+    /// What a new connection reads as the count must be the last reply, or one more: the
+    /// INCR in flight when the session was stopped may have been applied, its reply lost.
+    pub fn check_count(&self, ns: &str) -> Result<(), String> {
+        let count = redis_cli(ns, &["GET", "n"]).ok_or("GET n failed")?;
+        let last = self.last();
+        match count.parse::<u64>() {
+            Ok(n) if n == last || n == last + 1 => Ok(()),
+            _ => Err(format!("a new connection reads the count as {count:?}; the session's last reply was {last}")),
+        }
+    }
 }
 
 impl Session {
@@ -52,13 +81,13 @@ impl Session {
         let replies = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("piped");
         let record = replies.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 record.lock().unwrap().push((Instant::now(), line));
             }
         });
-        Session { child, replies }
+        Session { child, replies, reader: Some(reader) }
     }
 
     pub fn count(&self) -> usize {
@@ -84,15 +113,19 @@ impl Session {
         }
     }
 
-    /// What redis-cli printed on stderr, once stopped.
-    pub fn stop(mut self) -> String {
+    /// Stops redis-cli and returns all it got, read to the end of its output.
+    pub fn stop(mut self) -> Stopped {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
-        err
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        let replies = std::mem::take(&mut *self.replies.lock().unwrap());
+        Stopped { replies, stderr }
     }
 }
 
