@@ -9,7 +9,7 @@ use crate::exec::Flow;
 use crate::hart::{Hart, PrivMode};
 use crate::trap::Exception;
 
-pub(crate) const TLB_ENTRIES: usize = 256;
+pub(crate) const TLB_ENTRIES: usize = 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
