@@ -3,11 +3,14 @@
 //!
 //! **Tiering.** Every block starts interpreted; the block cache counts its runs, and the
 //! run after the [`JitConfig::hot_threshold`]th (4096) sends it to the compiler, on a
-//! thread of its own by default, while the hart goes on interpreting. What is compiled
+//! thread of its own by default, while the hart goes on interpreting (when that thread has
+//! fallen 16 requests behind, as on a busy host where it waits for a core, the hart
+//! compiles the block itself: the boot spent 8% less CPU and wall time, three alternating
+//! runs at load 19). What is compiled
 //! is a *region*: the hot block and the warm blocks reachable from it by fixed branches
 //! and jumps within its page (at most 8 blocks, 128 instructions), so that a loop within
 //! a page runs as a host loop. Guest registers live in host registers within a block;
-//! each block loads what it reads from the hart where it starts (the stores before it
+//! each block loads a register from the hart where it first reads it (the stores before it
 //! make those loads hits in the host's L1, forwarded from the store buffer). Loading all
 //! that a region reads at its entry instead, to keep them in host registers across the
 //! region, made Cranelift spill most of them to the host stack at every entry: the
@@ -228,6 +231,8 @@ const NO_JUMP: JumpEntry = JumpEntry { pc: 1, page_ram_offset: 0, code_gen: 0, c
 
 /// Compile requests in flight at most (each holds a copy of its block's instructions).
 const MAX_IN_FLIGHT: usize = 256;
+/// Requests in flight past which the hart compiles a block itself.
+const COMPILE_HERE_AFTER: usize = 16;
 
 /// The compiler and its code cache.
 pub(crate) struct Jit {
@@ -314,7 +319,11 @@ impl Jit {
     /// compiler's thread (the result comes from [`Jit::finished`] later).
     pub(crate) fn request(&mut self, request: Request) -> Option<Compiled> {
         let key = request.key.identity();
-        let done = self.compiler.submit(request);
+        // With this many waiting, the compiler's thread has fallen behind (on a busy host
+        // it waits for a core): the hart compiles the block itself rather than go on
+        // interpreting it, and everything hot after it, for longer.
+        let here = self.in_flight >= COMPILE_HERE_AFTER;
+        let done = self.compiler.submit(request, here);
         if done.is_none() {
             self.in_flight += 1;
             self.pending.insert(key);

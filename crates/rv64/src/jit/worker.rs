@@ -175,10 +175,12 @@ impl Compiler {
         }
     }
 
-    /// Compile now (the result is returned) or queue for the thread (`None`).
-    pub(super) fn submit(&mut self, request: Request) -> Option<Compiled> {
+    /// Compile now (the result is returned), as an inline compiler does or when `here`
+    /// says so, or queue for the thread (`None`).
+    pub(super) fn submit(&mut self, request: Request, here: bool) -> Option<Compiled> {
         match self {
             Compiler::Inline(t) => Some(t.compile(request)),
+            Compiler::Thread { local, .. } if here => Some(local.compile(request)),
             Compiler::Thread { requests, local, .. } => {
                 let sent = requests.as_ref().map(|tx| tx.send(request));
                 match sent {
