@@ -68,6 +68,10 @@ struct Campaign {
     console: Vec<u8>,
     /// A SIGKILL from outside due at this time, for the running monitor.
     kill_at: Option<std::time::Instant>,
+    /// A SIGKILL from outside due this long after the new monitor's first output (counted
+    /// from then, so that a slow recovery on a loaded host is not struck again and again
+    /// before the guest runs, which the keeper would take for a poison input).
+    kill_after_ms: Option<u64>,
     /// Numbers printed since the guest's userspace came up (the first monitor is killed
     /// once the counter runs: the campaign measures a running service, not a boot).
     counting: bool,
@@ -77,14 +81,15 @@ struct Campaign {
 impl Hooks for Campaign {
     fn env(&mut self, attempt: u32) -> Vec<(String, String)> {
         self.kill_at = None; // a kill due was for the monitor that died
+        self.kill_after_ms = None;
         if attempt == 1 || attempt as usize > self.injections + 1 {
             return Vec::new(); // the first boots the guest; the last runs on until the end
         }
         if self.rng.below(5) == 0 {
             // A kill from outside (an operator's kill -9, the OOM killer), once it recovered.
             let after_ms = 100 + self.rng.below(400);
-            self.kill_at = Some(std::time::Instant::now() + std::time::Duration::from_millis(after_ms));
-            self.faults.push(format!("SIGKILL after {after_ms} ms"));
+            self.kill_after_ms = Some(after_ms);
+            self.faults.push(format!("SIGKILL {after_ms} ms after its first output"));
             return Vec::new();
         }
         let (point, passes) = POINTS[self.rng.below(POINTS.len() as u64) as usize];
@@ -97,6 +102,9 @@ impl Hooks for Campaign {
     }
 
     fn restarted(&mut self, restart: &Restart) {
+        if let (Some(after_ms), Some(_)) = (self.kill_after_ms.take(), restart.first_output_ns) {
+            self.kill_at = Some(std::time::Instant::now() + std::time::Duration::from_millis(after_ms));
+        }
         self.restarts.push(restart.clone());
         let n = self.restarts.len();
         if n.is_multiple_of(50) {
@@ -177,6 +185,7 @@ pub fn run(args: MicrorebootBench) -> Result<i32> {
         restarts: Vec::new(),
         console: Vec::new(),
         kill_at: None,
+        kill_after_ms: None,
         counting: false,
         printed: 0,
     };
