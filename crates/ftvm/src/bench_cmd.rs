@@ -24,6 +24,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod microreboot;
+mod migrate;
 mod reprotect;
 
 /// The takeover probe: a new connection this often...
@@ -65,6 +66,8 @@ pub enum BenchKind {
     Replication(ReplicationBench),
     /// Monitor microreboots: fault injections into a --resilient VM's monitor, coverage and recovery time
     Microreboot(microreboot::MicrorebootBench),
+    /// Live migrations of the default guest under load: total time, bytes sent, downtime (loopback)
+    Migrate(migrate::MigrateBench),
 }
 
 #[derive(clap::Args, Debug)]
@@ -120,6 +123,7 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     let args = match kind {
         BenchKind::Replication(args) => args,
         BenchKind::Microreboot(args) => return microreboot::run(args),
+        BenchKind::Migrate(args) => return migrate::run(args),
     };
     crate::netns::require_root()?;
     crate::guest_image::ensure()?;

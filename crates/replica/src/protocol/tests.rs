@@ -1208,3 +1208,72 @@ fn unprotect_that_finds_another_owner_stops_releasing_nothing() {
     let actions = w.p.step(PrimaryEvent::Swap(Ok(answer)));
     assert!(matches!(actions[..], [PrimaryAction::Stop { error: ProtocolError::OwnershipLost { .. } }]), "{actions:?}");
 }
+
+// Live migration: a switchover hands the VM over whole, or leaves it with the primary.
+
+fn switch_over(w: &mut World) {
+    let actions = w.p.step(PrimaryEvent::Switchover { paused_at_unix_us: 1234 });
+    w.on_p(actions);
+}
+
+#[test]
+fn a_switchover_hands_the_vm_to_the_backup_once_the_final_checkpoint_is_acknowledged() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"final");
+    switch_over(&mut w);
+    w.settle();
+    assert_eq!(w.releases(), vec![1, 2, 3], "every output left before the switchover");
+    assert_eq!(w.record, Record { generation: 2, owner: "backup", ended: None });
+    assert!(w.b_log.contains(&BackupAction::GoLive { epoch: 3, icount: 300, generation: 2 }), "{:?}", w.b_log);
+    assert!(w.p_log.contains(&PrimaryAction::Stop { error: ProtocolError::HandedOver { generation: 2 } }));
+    assert_eq!(w.b.handover(), Some(Handover { paused_at_unix_us: 1234, confirmed: true }));
+}
+
+#[test]
+fn a_backup_that_took_the_record_and_vanished_before_confirming_loses_the_vm_to_the_primary() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"final");
+    switch_over(&mut w);
+    // The backup takes the record; its SwitchedOver never arrives.
+    let bytes = std::mem::take(&mut w.to_b);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    w.on_b(actions);
+    assert_eq!(w.record.owner, "backup");
+    w.disconnect();
+    w.tick(10);
+    // It never ran (it waits for HandedOver), so the primary takes the VM back by swapping
+    // the backup's generation, and the backup, swapping it too, loses and stands down.
+    assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 3 }), "{:?}", w.p_log);
+    assert_eq!(w.record, Record { generation: 3, owner: "primary", ended: None });
+    assert!(w.b_log.contains(&BackupAction::StandDown), "{:?}", w.b_log);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
+}
+
+#[test]
+fn a_backup_without_the_primary_s_word_swaps_again_before_it_runs() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"final");
+    switch_over(&mut w);
+    let bytes = std::mem::take(&mut w.to_b);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    w.on_b(actions);
+    // The primary died: its HandedOver never comes; the backup fences it off and runs.
+    w.to_p.clear();
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 2000 });
+    w.on_b(actions);
+    assert_eq!(w.record, Record { generation: 3, owner: "backup", ended: None });
+    assert!(w.b_log.contains(&BackupAction::GoLive { epoch: 3, icount: 300, generation: 3 }), "{:?}", w.b_log);
+    assert_eq!(w.b.handover().map(|h| h.confirmed), Some(false));
+}
+
+#[test]
+fn a_switchover_whose_final_checkpoint_is_not_acknowledged_is_called_off_as_an_unprotect() {
+    let mut w = protected_world();
+    w.disconnect();
+    w.checkpoint(3, b"final");
+    switch_over(&mut w);
+    w.tick(10);
+    assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 2 }), "{:?}", w.p_log);
+    assert_eq!(w.record, Record { generation: 2, owner: "primary", ended: None });
+    assert_eq!(w.releases(), vec![1, 2, 3], "released once the backup's state is stale");
+}

@@ -167,10 +167,9 @@ impl<V: Vm> CheckpointPrimary<V> {
             && s.acked_epoch == Some(epoch)
     }
 
-    /// The replication went unprotected (its backup lost for the grace period, the
-    /// generation swapped past it): the backup can no longer take over.
-    pub fn went_unprotected(&self) -> bool {
-        self.handle.shared.lock().expect("not poisoned").status.unprotected_count > 0
+    /// Whether a backup is connected and past the handshake.
+    pub fn backup_streaming(&self) -> bool {
+        self.handle.shared.lock().expect("not poisoned").status.streaming
     }
 
     /// Take the checkpoint that closes the running epoch now, whatever its length; its epoch.

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 /// How long the pre-copy may take to catch up before the migration is called off.
 pub const MAX_PRECOPY: Duration = Duration::from_secs(100);
+/// How long the destination may be unreachable during the pre-copy before the migration is
+/// called off.
+pub const DESTINATION_LOST: Duration = Duration::from_secs(3);
 
 /// The source of a live migration.
 pub struct MigrationSource<V: Vm> {
@@ -43,6 +46,8 @@ pub struct MigrationSource<V: Vm> {
     reply: Option<Sender<Reply>>,
     /// The log said the destination caught up.
     said_caught_up: bool,
+    /// Since when no destination is connected (during the pre-copy).
+    unheard_since: Option<Instant>,
 }
 
 impl<V: Vm> MigrationSource<V> {
@@ -62,6 +67,7 @@ impl<V: Vm> MigrationSource<V> {
             error: None,
             reply: Some(reply),
             said_caught_up: false,
+            unheard_since: None,
         }
     }
 
@@ -100,10 +106,25 @@ impl<V: Vm> MigrationSource<V> {
         if self.phase != MigrationPhase::Precopy {
             return Ok(());
         }
-        let lost = self.inner.went_unprotected();
+        // A destination that drops the link now and then (one that applies too slowly closes
+        // it) comes back and catches up; one gone for DESTINATION_LOST is given up.
+        let lost = match (self.inner.backup_streaming(), self.unheard_since) {
+            (true, _) => {
+                self.unheard_since = None;
+                false
+            }
+            (false, None) => {
+                self.unheard_since = Some(Instant::now());
+                false
+            }
+            (false, Some(since)) => since.elapsed() >= DESTINATION_LOST,
+        };
         if lost || self.started.elapsed() >= MAX_PRECOPY {
             self.error = Some(match lost {
-                true => "the destination was lost during the pre-copy".into(),
+                true => format!(
+                    "the destination was lost during the pre-copy (no link for {} s)",
+                    DESTINATION_LOST.as_secs()
+                ),
                 false => format!("the pre-copy did not catch up within {} s", MAX_PRECOPY.as_secs()),
             });
             let (tx, _rx) = std::sync::mpsc::channel();
