@@ -53,10 +53,18 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
     header.check_images(&config, disk.as_deref()).map_err(in_log)?;
     let log = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let machine = match seek_point(&args.file, args.until, header.start) {
-        Some((section, icount, next)) => {
-            let machine = restore(&log, section, &config)?;
-            reader.seek_to_record(next, icount).map_err(in_log)?;
-            eprintln!("ftvm: replaying from the log's snapshot at icount {icount}");
+        Some(seek) => {
+            let mut machine = restore(&log, seek.snapshot, &config)?;
+            for &(section, _) in &seek.deltas {
+                apply_delta(&log, section, &mut machine)?;
+            }
+            let icount = seek.icount();
+            reader.seek_to_record(seek.next_offset, icount).map_err(in_log)?;
+            let deltas = match seek.deltas.len() {
+                0 => String::new(),
+                n => format!(" (its snapshot at icount {} and {n} deltas after it)", seek.snapshot_icount),
+            };
+            eprintln!("ftvm: replaying from the log's snapshot at icount {icount}{deltas}");
             machine
         }
         None if header.start != Start::Boot => {
@@ -123,29 +131,76 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
     }
 }
 
-/// Where a replay to `until` starts: the last snapshot record at or before it (its
-/// section, icount and the offset of the record after it), or the start snapshot of a log
-/// that starts from one. None: from boot. A damaged log is read as far as it goes here;
-/// the replay itself reports the damage.
-fn seek_point(path: &Path, until: Option<u64>, start: Start) -> Option<(Section, u64, u64)> {
+/// Where a replay starts when it does not boot.
+struct SeekPoint {
+    /// The last whole snapshot at or before the target, and the deltas after it (in order,
+    /// with their icounts) up to the target.
+    snapshot: Section,
+    snapshot_icount: u64,
+    deltas: Vec<(Section, u64)>,
+    /// The offset of the record after the last of them.
+    next_offset: u64,
+}
+
+impl SeekPoint {
+    fn icount(&self) -> u64 {
+        self.deltas.last().map_or(self.snapshot_icount, |&(_, icount)| icount)
+    }
+}
+
+/// Where a replay to `until` starts: the last snapshot or delta record at or before it, or
+/// the start snapshot of a log that starts from one. None: from boot. A damaged log is read
+/// as far as it goes here; the replay itself reports the damage.
+fn seek_point(path: &Path, until: Option<u64>, start: Start) -> Option<SeekPoint> {
     if until.is_none() && start == Start::Boot {
         return None;
     }
     let mut scan = LogReader::open_path(path).ok()?;
-    let mut best = None;
+    let mut best: Option<SeekPoint> = None;
     while let Ok(Some(record)) = scan.next_record() {
         let icount = record.icount();
         if until.is_some_and(|u| icount > u) {
             break;
         }
-        if let Record::Snapshot { icount, section } = record {
-            best = Some((section, icount, scan.offset()));
-            if until.is_none() {
-                break; // the start snapshot only
+        match record {
+            Record::Snapshot { icount, section } => {
+                best = Some(SeekPoint {
+                    snapshot: section,
+                    snapshot_icount: icount,
+                    deltas: Vec::new(),
+                    next_offset: scan.offset(),
+                });
+                if until.is_none() {
+                    break; // the start snapshot only
+                }
             }
+            // A delta applies to the snapshot before it (a log cut before any has none).
+            Record::Delta { icount, section } => {
+                if let Some(best) = &mut best {
+                    best.deltas.push((section, icount));
+                    best.next_offset = scan.offset();
+                }
+            }
+            _ => {}
         }
     }
     best
+}
+
+/// Apply a snapshot delta record to the machine restored from the snapshot before it (and
+/// the deltas between): the checkpoint it holds, checked by the digest it carries.
+fn apply_delta(log: &std::fs::File, section: Section, machine: &mut Machine) -> Result<()> {
+    use std::io::Read;
+    // A delta holds at most every page and sector twice over, and the state.
+    let disk_bytes = machine.disk_sectors().unwrap_or(0).saturating_mul(512);
+    let cap = 2 * (machine.ram().size() + disk_bytes) + machine::snapshot::MAX_STATE_BYTES;
+    let context = || format!("cannot apply the log's snapshot delta at byte {}", section.offset);
+    if section.len > cap {
+        bail!("{}: {} bytes, more than the {cap} a delta of this machine can hold", context(), section.len);
+    }
+    let mut bytes = Vec::with_capacity(section.len as usize);
+    section.open(log).read_to_end(&mut bytes).with_context(context)?;
+    machine::checkpoint::apply(machine, &bytes).with_context(context)
 }
 
 fn restore(log: &std::fs::File, section: Section, config: &MachineConfig) -> Result<Machine> {

@@ -142,7 +142,9 @@ fn with_other_entropy(from: &std::path::Path, to: &std::path::Path) -> u64 {
             }
             journal::Record::Digest(d) => writer.digest(d).unwrap(),
             journal::Record::End { state, reason } => writer.end(state, reason).unwrap(),
-            journal::Record::Snapshot { .. } => unreachable!("recorded without snapshots"),
+            journal::Record::Snapshot { .. } | journal::Record::Delta { .. } => {
+                unreachable!("recorded without snapshots")
+            }
         }
     }
     changed.expect("the guest drew entropy")
@@ -416,4 +418,66 @@ fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_dig
         std::fs::read(vmm::record::disk_copy_path(&log)).unwrap().starts_with(b"sector zero"),
         "the log keeps the disk as the snapshot had it"
     );
+}
+
+#[test]
+fn periodic_snapshots_after_the_first_are_small_deltas_and_replay_until_seeks_through_them() {
+    let script = format!("sleep 1; {DISK_SCRIPT}; sleep 2");
+    let rec = record("deltas.log", &["--snapshot-every", "0.25"], &script);
+    let log = records(&rec.log);
+    let file = std::fs::read(&*rec.log).unwrap();
+    let bytes = |s: &journal::Section| &file[s.offset as usize..][..s.len as usize];
+    let full = log
+        .iter()
+        .find_map(|r| match r {
+            journal::Record::Snapshot { section, .. } => Some(section.len),
+            _ => None,
+        })
+        .expect("a whole snapshot");
+    let deltas: Vec<(u64, (usize, usize), u64)> = log
+        .iter()
+        .filter_map(|r| match r {
+            journal::Record::Delta { icount, section } => {
+                Some((*icount, machine::checkpoint::counts(bytes(section)), section.len))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(deltas.len() >= 3, "deltas between whole snapshots: {deltas:?}");
+    let mut lens: Vec<u64> = deltas.iter().map(|&(_, _, len)| len).collect();
+    lens.sort();
+    // Boot rewrites much of RAM between two snapshots; a guest at work, little.
+    assert!(lens[lens.len() / 2] < full / 8, "deltas of {lens:?} bytes against {full} bytes whole");
+    assert!(deltas.iter().any(|&(_, (_, sectors), _)| sectors > 0), "the guest's disk write is in a delta");
+    // Seek to a digest whose nearest snapshot record at or before it is a delta: the whole
+    // snapshot before that restored, then the deltas up to it applied.
+    let seek_record = |icount: u64| {
+        log.iter()
+            .rev()
+            .filter(|r| matches!(r, journal::Record::Snapshot { .. } | journal::Record::Delta { .. }))
+            .find(|r| r.icount() <= icount)
+    };
+    let (target, last_delta) = log
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            journal::Record::Digest(d) => match seek_record(d.icount) {
+                Some(journal::Record::Delta { icount, .. }) => Some((*d, *icount)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("a digest after a delta");
+    let out = replay(&rec.log, &["--until", &target.icount.to_string(), "--digest"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(&format!("replaying from the log's snapshot at icount {last_delta} (its snapshot at icount ")),
+        "{text}"
+    );
+    assert_eq!(digest_line(&out), format!("ftvm: digest={:032x} icount={}", target.machine, target.icount));
+    // And the whole log still replays from boot, deltas passed over.
+    let whole = replay(&rec.log, &["--digest"]);
+    assert_eq!(whole.status.code(), Some(0), "{}", stderr(&whole));
+    assert_eq!(digest_line(&whole), digest_line(&rec.run));
 }

@@ -15,6 +15,8 @@ pub enum RecordType {
     Digest = 3,
     Snapshot = 4,
     End = 5,
+    /// What changed since the previous snapshot or delta (a `machine::checkpoint` payload).
+    Delta = 6,
 }
 
 /// The largest input payload: an icount, a tag and the input's bytes (frames are at most
@@ -33,6 +35,7 @@ impl RecordType {
             3 => RecordType::Digest,
             4 => RecordType::Snapshot,
             5 => RecordType::End,
+            6 => RecordType::Delta,
             _ => return None,
         })
     }
@@ -44,6 +47,7 @@ impl RecordType {
             RecordType::Digest => "digest",
             RecordType::Snapshot => "snapshot",
             RecordType::End => "end",
+            RecordType::Delta => "snapshot delta",
         }
     }
 
@@ -54,6 +58,7 @@ impl RecordType {
             RecordType::Digest => 64,
             RecordType::Snapshot => MAX_SNAPSHOT_BYTES,
             RecordType::End => 64,
+            RecordType::Delta => MAX_SNAPSHOT_BYTES,
         }
     }
 }

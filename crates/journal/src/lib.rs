@@ -23,8 +23,8 @@
 //! | 16 | 4 | CRC32C of frame bytes 0..16 (checked before the length is trusted) |
 //!
 //! The first record is the header ([`LogHeader`]: the configuration, the digests of the
-//! kernel, initrd and disk, how the run starts); then inputs, digests and snapshots in
-//! the order they were written (instruction counts never go back); a finished recording
+//! kernel, initrd and disk, how the run starts); then inputs, digests, snapshots and
+//! snapshot deltas in the order they were written (instruction counts never go back); a finished recording
 //! ends with an end record. See `record.rs` for each payload.
 //!
 //! # Decisions
@@ -36,6 +36,11 @@
 //! - Snapshot payloads (a machine snapshot file, `machine::snapshot`) are never read into
 //!   memory by the reader: it checks their checksum as they stream past and hands out
 //!   where they lie, so that a replay can restore from the file section ([`Section`]).
+//! - A recording's periodic snapshots after the first are deltas (record type 6): the pages,
+//!   disk sectors and state that differ from the previous one, found by comparing region
+//!   digests (`machine::digest`), with a full snapshot every so often to bound how many
+//!   deltas a seek applies. A delta carries the machine digest after it, so a seek that
+//!   applies it checks the state it reached.
 //! - Console output is hashed as a byte stream and frames one by one
 //!   ([`OutputDigest`]), so that how a run was cut into slices does not matter.
 

@@ -192,7 +192,14 @@ impl<R: Read> LogReader<R> {
             RecordType::Header => {
                 return Err(JournalError::Corrupt { offset: start, problem: "a second header record".into() });
             }
-            RecordType::Snapshot => self.snapshot(start, frame)?,
+            RecordType::Snapshot => {
+                let (icount, section) = self.streamed(start, frame)?;
+                Record::Snapshot { icount, section }
+            }
+            RecordType::Delta => {
+                let (icount, section) = self.streamed(start, frame)?;
+                Record::Delta { icount, section }
+            }
             RecordType::Input => {
                 let payload = self.payload(start, frame)?;
                 let input = decode_input(&payload, start);
@@ -216,11 +223,12 @@ impl<R: Read> LogReader<R> {
         Ok(Some(record))
     }
 
-    /// A snapshot record: its checksum checked as it streams past, nothing kept.
-    fn snapshot(&mut self, start: u64, frame: crate::frame::Frame) -> Result<Record> {
-        let truncated = |missing| JournalError::Truncated { offset: start, what: "snapshot record", missing };
+    /// A snapshot or delta record: its checksum checked as it streams past, nothing kept.
+    fn streamed(&mut self, start: u64, frame: crate::frame::Frame) -> Result<(u64, Section)> {
+        let what = if frame.record == RecordType::Delta { "snapshot delta record" } else { "snapshot record" };
+        let truncated = |missing| JournalError::Truncated { offset: start, what, missing };
         if frame.payload_len < 8 {
-            let problem = format!("a snapshot record of {} bytes has no icount", frame.payload_len);
+            let problem = format!("a {what} of {} bytes has no icount", frame.payload_len);
             return Err(JournalError::Corrupt { offset: start, problem });
         }
         let mut icount_bytes = [0; 8];
@@ -243,7 +251,7 @@ impl<R: Read> LogReader<R> {
         }
         self.offset += frame.payload_len;
         check_crc(start, frame, crc)?;
-        Ok(Record::Snapshot { icount: u64::from_le_bytes(icount_bytes), section })
+        Ok((u64::from_le_bytes(icount_bytes), section))
     }
 }
 

@@ -8,6 +8,7 @@
 //! | input | icount u64 · tag u8 (1 console, 2 frame, 3 entropy: then the bytes; 4 idle skip: ticks u64; 5 clock rate: instructions per tick u64) |
 //! | digest | icount u64 · machine digest u128 ([`machine::Machine::digest`]) · output digest u128 ([`crate::OutputDigest`]: of the outputs since the previous digest or snapshot record) |
 //! | snapshot | icount u64 · a machine snapshot file (`machine::snapshot`, its own format) |
+//! | delta | icount u64 · a `machine::checkpoint` payload (not full, with a digest record): the pages, disk sectors and state that differ from the previous snapshot or delta |
 //! | end | the digest record's fields · reason u8 (0 power-off, 1 reset, 2 stopped) · exit code u32 |
 
 use crate::error::{JournalError, Result};
@@ -97,6 +98,12 @@ pub enum Record {
         icount: u64,
         section: crate::Section,
     },
+    /// What changed since the previous snapshot or delta, at `icount`: applied in order to
+    /// the machine restored from the last snapshot before it, it gives the state at `icount`.
+    Delta {
+        icount: u64,
+        section: crate::Section,
+    },
     End {
         state: StateDigest,
         reason: EndReason,
@@ -108,7 +115,7 @@ impl Record {
         match self {
             Record::Input(input) => input.icount,
             Record::Digest(d) | Record::End { state: d, .. } => d.icount,
-            Record::Snapshot { icount, .. } => *icount,
+            Record::Snapshot { icount, .. } | Record::Delta { icount, .. } => *icount,
         }
     }
 }

@@ -78,7 +78,7 @@ impl Replayer {
                 self.inputs_applied += 1;
             }
             Record::Digest(recorded) => self.check(recorded)?,
-            Record::Snapshot { .. } => {
+            Record::Snapshot { .. } | Record::Delta { .. } => {
                 // A recorder starts a new interval of outputs at a snapshot.
                 self.outputs = OutputDigest::new();
             }

@@ -134,14 +134,24 @@ impl<W: Write> LogWriter<W> {
     /// Appends a machine snapshot (`machine::snapshot`'s file format) taken at `icount`,
     /// and flushes.
     pub fn snapshot(&mut self, icount: u64, snapshot: &[u8]) -> Result<()> {
+        self.streamed(RecordType::Snapshot, icount, snapshot)
+    }
+
+    /// Appends what changed since the previous snapshot or delta (a `machine::checkpoint`
+    /// payload, not full) at `icount`, and flushes.
+    pub fn delta(&mut self, icount: u64, payload: &[u8]) -> Result<()> {
+        self.streamed(RecordType::Delta, icount, payload)
+    }
+
+    fn streamed(&mut self, record: RecordType, icount: u64, snapshot: &[u8]) -> Result<()> {
         self.stamp(icount)?;
         let len = 8 + snapshot.len() as u64;
-        if len > RecordType::Snapshot.max_payload_bytes() {
-            return Err(JournalError::Unrecordable(format!("a snapshot of {len} bytes is too large")));
+        if len > record.max_payload_bytes() {
+            return Err(JournalError::Unrecordable(format!("a {} of {len} bytes is too large", record.name())));
         }
         let icount_bytes = icount.to_le_bytes();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&icount_bytes), snapshot);
-        self.put(&frame_header(RecordType::Snapshot, len, crc))?;
+        self.put(&frame_header(record, len, crc))?;
         self.put(&icount_bytes)?;
         self.put(snapshot)?;
         self.records += 1;

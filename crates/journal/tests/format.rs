@@ -25,6 +25,8 @@ fn header() -> LogHeader {
     }
 }
 
+const DELTA: &[u8] = b"the pages that changed since the snapshot";
+
 fn records() -> Vec<Record> {
     let input = |icount, kind| Record::Input(Input { icount, kind });
     vec![
@@ -41,7 +43,8 @@ fn records() -> Vec<Record> {
     ]
 }
 
-/// A log of `records()`, with a snapshot record of `snapshot` bytes after the digest.
+/// A log of `records()`, with a snapshot record of `snapshot` bytes after the digest, and a
+/// snapshot delta after it.
 fn log_bytes(snapshot: &[u8]) -> Vec<u8> {
     let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
     for record in records() {
@@ -50,9 +53,10 @@ fn log_bytes(snapshot: &[u8]) -> Vec<u8> {
             Record::Digest(d) => {
                 w.digest(d).unwrap();
                 w.snapshot(d.icount, snapshot).unwrap();
+                w.delta(d.icount, DELTA).unwrap();
             }
             Record::End { state, reason } => w.end(state, reason).unwrap(),
-            Record::Snapshot { .. } => unreachable!(),
+            Record::Snapshot { .. } | Record::Delta { .. } => unreachable!(),
         }
     }
     w.into_inner().unwrap()
@@ -82,7 +86,11 @@ fn what_the_writer_writes_the_reader_reads_back() {
     let Record::Snapshot { icount, section } = read[5] else { panic!("no snapshot in {read:?}") };
     assert_eq!(icount, 600);
     assert_eq!(&bytes[section.offset as usize..][..section.len as usize], &snapshot[..]);
+    let Record::Delta { icount, section } = read[6] else { panic!("no delta in {read:?}") };
+    assert_eq!(icount, 600);
+    assert_eq!(&bytes[section.offset as usize..][..section.len as usize], DELTA);
     expected.insert(5, read[5].clone());
+    expected.insert(6, read[6].clone());
     assert_eq!(read, expected);
 }
 

@@ -102,6 +102,19 @@ pub fn take(machine: &mut Machine, full: bool) -> Result<Vec<u8>, CheckpointErro
     Ok(out)
 }
 
+/// A checkpoint (not full) of exactly these pages and sectors (ascending) and the state,
+/// leaving the dirty logs alone: what differs from an earlier state the caller knows by
+/// other means (region digests; a recording's snapshot deltas).
+pub fn take_these(machine: &Machine, pages: &[usize], sectors: &[u64]) -> Result<Vec<u8>, CheckpointError> {
+    let mut out = header(false, pages.len() * (5 + PAGE_BYTES) + sectors.len() * (11 + SECTOR_BYTES));
+    for &index in pages {
+        push_page(&mut out, machine, index);
+    }
+    push_sectors(&mut out, machine, sectors)?;
+    push_state(&mut out, machine)?;
+    Ok(out)
+}
+
 fn header(full: bool, capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + capacity);
     out.extend_from_slice(&MAGIC);
@@ -140,7 +153,7 @@ fn push_sectors(out: &mut Vec<u8>, machine: &Machine, sectors: &[u64]) -> Result
 }
 
 /// The state record: taken last, with the guest stopped.
-fn push_state(out: &mut Vec<u8>, machine: &mut Machine) -> Result<(), CheckpointError> {
+fn push_state(out: &mut Vec<u8>, machine: &Machine) -> Result<(), CheckpointError> {
     let state = encode_machine_state(&machine.save_state())?;
     out.push(TAG_STATE);
     out.extend_from_slice(&(state.len() as u32).to_le_bytes());

@@ -64,6 +64,34 @@ pub struct RegionDigests {
     pub disk: Vec<u128>,
 }
 
+/// Every leaf's hash (RAM pages; disk leaves of 8 sectors), for finding exactly which pages
+/// and sectors differ between two states of one machine (a recording's snapshot deltas).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafHashes {
+    pub ram: Vec<u64>,
+    pub disk: Vec<u64>,
+}
+
+impl LeafHashes {
+    /// The RAM pages and disk sectors (of a disk of `disk_sectors`) whose leaves differ
+    /// from `earlier`'s, ascending. Equal hashes are taken for equal bytes (64-bit hashes:
+    /// a caller that must be sure checks a digest after using the difference).
+    pub fn changed_since(&self, earlier: &LeafHashes, disk_sectors: u64) -> (Vec<usize>, Vec<u64>) {
+        let differ = |a: &[u64], b: &[u64]| -> Vec<usize> {
+            (0..a.len().max(b.len())).filter(|&i| a.get(i) != b.get(i)).collect()
+        };
+        let pages = differ(&self.ram, &earlier.ram);
+        let sectors = differ(&self.disk, &earlier.disk)
+            .into_iter()
+            .flat_map(|leaf| {
+                let first = leaf as u64 * SECTORS_PER_LEAF;
+                first..(first + SECTORS_PER_LEAF).min(disk_sectors)
+            })
+            .collect();
+        (pages, sectors)
+    }
+}
+
 /// A part of the machine that region digests tell apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Region {
@@ -211,6 +239,18 @@ impl RegionTree {
 
     pub(crate) fn digests(&self) -> &[u128] {
         &self.digests
+    }
+
+    /// Every leaf's hash, in order (0 for the leaves of empty regions).
+    pub(crate) fn leaf_hashes(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.leaf_count);
+        for (region, leaves) in self.leaves.iter().enumerate() {
+            match leaves {
+                Some(leaves) => out.extend_from_slice(leaves),
+                None => out.resize(out.len() + self.region_len(region), 0),
+            }
+        }
+        out
     }
 
     /// Leaves in region `region`.

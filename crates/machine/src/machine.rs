@@ -939,6 +939,16 @@ impl Machine {
         crate::digest::root(self.state_digest(), trees.ram.digests(), trees.disk.as_ref().map_or(&[], |t| t.digests()))
     }
 
+    /// Every page's and disk leaf's hash, brought up to date as a digest is.
+    pub fn leaf_hashes(&self) -> crate::digest::LeafHashes {
+        let cache = self.update_digests();
+        let trees = cache.trees.as_ref().expect("brought up to date");
+        crate::digest::LeafHashes {
+            ram: trees.ram.leaf_hashes(),
+            disk: trees.disk.as_ref().map_or_else(Vec::new, |t| t.leaf_hashes()),
+        }
+    }
+
     /// What the last [`Machine::digest`] or [`Machine::region_digests`] hashed.
     pub fn last_digest_work(&self) -> DigestWork {
         self.digests.lock().unwrap_or_else(PoisonError::into_inner).last_work

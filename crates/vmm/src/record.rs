@@ -3,6 +3,12 @@
 //! of its outputs every `digest_every` of wall time, a snapshot every `snapshot_every`
 //! (for `ftvm replay --until` to seek), and the end.
 //!
+//! Periodic snapshots are mostly deltas: the pages, disk sectors and state that differ from
+//! the previous snapshot, found by comparing leaf hashes of the region digests (no dirty
+//! log is taken, so a replicating primary's checkpoints are not disturbed). Every
+//! [`FULL_SNAPSHOT_EVERY`]th is whole, so a seek restores one and applies at most
+//! `FULL_SNAPSHOT_EVERY - 1` deltas.
+//!
 //! A recording starts from boot ([`Recording::start`]) or from a machine restored from a
 //! snapshot ([`Recording::start_from`]): then the header says so and the log's first record
 //! is that state, as a snapshot record.
@@ -29,8 +35,17 @@ pub struct RecordOptions {
     pub seed: Option<u64>,
 }
 
+/// One snapshot in this many is whole; the others are deltas.
+pub const FULL_SNAPSHOT_EVERY: u64 = 8;
+
 pub struct Recording {
     writer: LogWriter<std::fs::File>,
+    /// The leaf hashes at the last snapshot or delta, and deltas since the last whole one.
+    last_leaves: Option<machine::digest::LeafHashes>,
+    deltas_since_full: u64,
+    /// Bytes of whole snapshots and of deltas written.
+    pub snapshot_bytes: u64,
+    pub delta_bytes: u64,
     outputs: OutputDigest,
     digest_every: Duration,
     snapshot_every: Option<Duration>,
@@ -79,6 +94,10 @@ impl Recording {
             .with_context(|| format!("cannot create the input log {}", options.path.display()))?;
         Ok(Recording {
             writer,
+            last_leaves: None,
+            deltas_since_full: 0,
+            snapshot_bytes: 0,
+            delta_bytes: 0,
             outputs: OutputDigest::new(),
             digest_every: options.digest_every,
             snapshot_every: options.snapshot_every,
@@ -93,10 +112,27 @@ impl Recording {
         StateDigest { icount: machine.icount(), machine: machine.digest().0, outputs: self.outputs.take() }
     }
 
+    /// A snapshot record, or a delta record after the last one.
     fn snapshot(&mut self, machine: &Machine) -> Result<()> {
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        machine::snapshot::write_snapshot(machine, &mut bytes).context("cannot take a snapshot for the log")?;
-        self.writer.snapshot(machine.icount(), bytes.get_ref())?;
+        let leaves = machine.leaf_hashes();
+        let base = self.last_leaves.take().filter(|_| self.deltas_since_full + 1 < FULL_SNAPSHOT_EVERY);
+        if let Some(base) = base {
+            let (pages, sectors) = leaves.changed_since(&base, machine.disk_sectors().unwrap_or(0));
+            let mut delta = machine::checkpoint::take_these(machine, &pages, &sectors)
+                .context("cannot take a snapshot delta for the log")?;
+            // The state the delta leads to, checked by a seek that applies it.
+            machine::checkpoint::add_digest(&mut delta, machine);
+            self.writer.delta(machine.icount(), &delta)?;
+            self.delta_bytes += delta.len() as u64;
+            self.deltas_since_full += 1;
+        } else {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            machine::snapshot::write_snapshot(machine, &mut bytes).context("cannot take a snapshot for the log")?;
+            self.writer.snapshot(machine.icount(), bytes.get_ref())?;
+            self.snapshot_bytes += bytes.get_ref().len() as u64;
+            self.deltas_since_full = 0;
+        }
+        self.last_leaves = Some(leaves);
         self.outputs = OutputDigest::new();
         self.snapshots += 1;
         Ok(())
