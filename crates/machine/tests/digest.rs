@@ -191,3 +191,26 @@ fn a_guest_run_digested_every_slice_agrees_with_scratch_and_with_an_undigested_r
     drive(&mut plain, at);
     assert_eq!(digested.region_digests(), plain.region_digests(), "the state a run without digests reaches");
 }
+
+#[test]
+fn the_pages_and_sectors_whose_leaves_changed_carry_one_state_to_the_next() {
+    // What a recording's snapshot delta is: a checkpoint of what the leaf hashes say changed.
+    let dir = TempDir::new("digest-delta");
+    let mut a = Machine::new(&tiny_config(&dir, "a.img")).unwrap();
+    let mut b = Machine::new(&tiny_config(&dir, "b.img")).unwrap();
+    a.write_page(7, &[3; 4096]).unwrap();
+    checkpoint::apply(&mut b, &checkpoint::take(&mut a, true).unwrap()).unwrap();
+    let before = a.leaf_hashes();
+    a.write_page(7, &[0; 4096]).unwrap(); // back to zero
+    a.write_page(300, &[4; 4096]).unwrap();
+    a.write_sectors(DISK_SECTORS - 1, &[5; 512]).unwrap(); // in the short last leaf
+    a.write_sectors(100, &[0; 512]).unwrap(); // written, unchanged
+    a.run(a.icount() + 10);
+    let (pages, sectors) = a.leaf_hashes().changed_since(&before, DISK_SECTORS);
+    assert_eq!(pages, vec![7, 300]);
+    assert_eq!(sectors, vec![DISK_SECTORS - 3, DISK_SECTORS - 2, DISK_SECTORS - 1]);
+    let mut delta = checkpoint::take_these(&a, &pages, &sectors).unwrap();
+    checkpoint::add_digest(&mut delta, &a);
+    checkpoint::apply(&mut b, &delta).unwrap();
+    assert_eq!(b.digest(), a.digest());
+}
