@@ -48,7 +48,7 @@ pub fn serve(listen: &str, store_spec: &str, host_name: &str, token: String, wor
         token,
         host_name: host_name.to_string(),
         work_dir: work_dir.to_path_buf(),
-        seen: HashMap::new(),
+        seen: crate::agent_cmd::inherited_seen(),
     };
     let shared = Arc::new(Mutex::new(shared));
     std::thread::Builder::new().name("api".into()).spawn(move || accept_loop(listener, shared))?;
@@ -151,7 +151,9 @@ fn console_target(shared: &mut Shared, vm: &str) -> Result<crate::agent_console:
     let Some(dv) = view.declared.vms.get(vm) else { return Err(Answer::error(404, format!("no VM named {vm:?}"))) };
     let record = shared.owners.read(&keys::ownership_id(vm, dv.uid)).map_err(|e| unreachable(e.into()))?;
     let Some(record) = record else { return Err(Answer::error(409, format!("{vm} is not running yet"))) };
-    let report = view.reports.iter().find(|(r, silent_ms)| r.name == record.owner && *silent_ms < HOST_TIMEOUT_MS);
+    // Not judged by liveness: a host that is gone refuses the connection, and a fresh observer
+    // (an agent just re-executed) would otherwise take a live host for silent.
+    let report = view.reports.iter().find(|(r, _)| r.name == record.owner);
     let Some((report, _)) = report else {
         return Err(Answer::error(503, format!("{vm}'s host {} is not answering", record.owner)));
     };
@@ -263,12 +265,7 @@ fn view(shared: &mut Shared) -> Result<View> {
     let mut reports = Vec::new();
     for (_, entry) in shared.kv.list(keys::HOSTS)? {
         let Ok(report) = serde_json::from_slice::<HostReport>(&entry.value) else { continue };
-        let now = Instant::now();
-        let seen = shared.seen.entry(report.name.clone()).or_insert((report.seq, now));
-        if seen.0 != report.seq {
-            *seen = (report.seq, now);
-        }
-        let silent_ms = seen.1.elapsed().as_millis() as u64;
+        let silent_ms = crate::agent_cmd::silent_ms(&mut shared.seen, &report);
         reports.push((report, silent_ms));
     }
     Ok(View { declared, reports })
@@ -629,6 +626,10 @@ mod tests {
                 disk_bytes: None,
             }],
         };
+        shared.kv.put(&keys::host("h3"), &serde_json::to_vec(&report).unwrap()).unwrap();
+        // First seen, a report is not yet taken for alive: its next heartbeat is.
+        assert_eq!(body(&answer(&mut shared, "GET", "/v1/vms/web", auth, b""))["replicas"], json!([]));
+        let report = HostReport { seq: 2, ..report };
         shared.kv.put(&keys::host("h3"), &serde_json::to_vec(&report).unwrap()).unwrap();
         let shown = body(&answer(&mut shared, "GET", "/v1/vms/web", auth, b""));
         assert_eq!(shown["failovers"], 2);

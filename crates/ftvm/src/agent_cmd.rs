@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::{KvStore, OwnershipStore};
@@ -78,12 +78,24 @@ pub struct AgentArgs {
 const MAX_TOKEN_BYTES: usize = 256;
 /// A round that has not finished after this long is stuck: the watchdog re-executes the agent.
 const WATCHDOG_MS: u64 = 30_000;
+/// A protect request is taken as in flight this long (a full checkpoint's pre-copy runs first,
+/// seconds on a loaded host; asking again sooner would restart it).
+const PROTECT_PENDING_MS: u64 = 30_000;
+/// Protect requests being carried out on threads: the periodic re-execution waits for them.
+static PROTECTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 /// How long the agent waits for a replica's status.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(800);
 /// Where the pre-shared replication key of the cluster lives in the store.
 const KEY_KEY: &str = "/ftvm/replication-key";
 /// Set on re-execution: the address the API was bound to (so that port 0 keeps its port).
 const REEXEC_LISTEN_ENV: &str = "FTVM_AGENT_LISTEN";
+/// Set on re-execution: the observation of every host's heartbeat (seq, ms silent), so that the
+/// new image judges liveness as the old one did (see [`silent_ms`]).
+const REEXEC_SEEN_ENV: &str = "FTVM_AGENT_SEEN";
+/// The latest observation, kept for a re-execution (from the loop or the watchdog).
+static SEEN_FOR_REEXEC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+/// The most hosts an inherited observation may name.
+const MAX_SEEN_HOSTS: usize = 4096;
 
 pub fn run(args: AgentArgs) -> Result<i32> {
     cluster::spec::check_name(&args.host_name).context("--host-name")?;
@@ -95,7 +107,19 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         .with_context(|| format!("cannot create {}", work_dir.display()))?;
     let mut kv = store::open_kv(&args.store).with_context(|| format!("--store {}", args.store))?;
     let key_path = work_dir.join("replication.key");
-    ensure_replication_key(&mut kv, &key_path)?;
+    // The store may be away (an outage, a partition) when the agent starts or re-executes
+    // itself: the key kept from an earlier start serves; a first start waits for the store.
+    if let Err(error) = ensure_replication_key(&mut kv, &key_path) {
+        match key_path.exists() {
+            true => eprintln!("ftvm agent: {error:#}; using the replication key kept in {}", key_path.display()),
+            false => {
+                eprintln!("ftvm agent: {error:#}; waiting for the store");
+                while ensure_replication_key(&mut kv, &key_path).is_err() {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
     let reexecuted = std::env::var(REEXEC_LISTEN_ENV).is_ok();
     let rules = crate::agent_rules::load(args.rules.as_deref(), &work_dir.join("rules.good"), reexecuted)?;
     let listen = std::env::var(REEXEC_LISTEN_ENV).unwrap_or_else(|_| args.listen.clone());
@@ -111,7 +135,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         work_dir,
         key_path,
         api_url: format!("http://{}", api.addr),
-        seen: HashMap::new(),
+        seen: inherited_seen(),
         seq: now_ms(),
         rules,
     };
@@ -123,7 +147,9 @@ pub fn run(args: AgentArgs) -> Result<i32> {
             eprintln!("ftvm agent: round skipped: {error:#}");
         }
         progress.store(now_ms(), Ordering::Release);
-        if args.reexec_s > 0 && started.elapsed() >= Duration::from_secs(args.reexec_s) {
+        *SEEN_FOR_REEXEC.lock().unwrap_or_else(|p| p.into_inner()) = seen_to_text(&agent.seen);
+        let idle = PROTECTS_IN_FLIGHT.load(Ordering::Acquire) == 0;
+        if args.reexec_s > 0 && started.elapsed() >= Duration::from_secs(args.reexec_s) && idle {
             reexec(&api.addr.to_string(), "periodic reset");
         }
         let spent = round_start.elapsed();
@@ -136,7 +162,12 @@ pub fn run(args: AgentArgs) -> Result<i32> {
 fn reexec(listen: &str, why: &str) -> ! {
     use std::os::unix::process::CommandExt;
     eprintln!("ftvm agent: re-executing ({why})");
-    let error = Command::new("/proc/self/exe").args(std::env::args_os().skip(1)).env(REEXEC_LISTEN_ENV, listen).exec();
+    let seen = SEEN_FOR_REEXEC.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let error = Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_LISTEN_ENV, listen)
+        .env(REEXEC_SEEN_ENV, seen)
+        .exec();
     eprintln!("ftvm agent: cannot re-execute: {error}");
     std::process::exit(crate::EXIT_FTVM_ERROR);
 }
@@ -196,6 +227,50 @@ fn ensure_replication_key(kv: &mut Box<dyn KvStore>, path: &Path) -> Result<()> 
     Ok(())
 }
 
+/// An observation as text: `HOST=SEQ:SILENT_MS,...`.
+fn seen_to_text(seen: &HashMap<String, (u64, Instant)>) -> String {
+    let entries: Vec<String> =
+        seen.iter().map(|(host, (seq, at))| format!("{host}={seq}:{}", at.elapsed().as_millis())).collect();
+    entries.join(",")
+}
+
+/// The observation the previous image of this agent handed over (empty on a first start, or
+/// if it does not parse: then every host is judged afresh).
+pub fn inherited_seen() -> HashMap<String, (u64, Instant)> {
+    let text = std::env::var(REEXEC_SEEN_ENV).unwrap_or_default();
+    let now = Instant::now();
+    let mut seen = HashMap::new();
+    for entry in text.split(',').filter(|e| !e.is_empty()).take(MAX_SEEN_HOSTS) {
+        let parsed = entry.split_once('=').and_then(|(host, rest)| {
+            let (seq, silent) = rest.split_once(':')?;
+            let at = now.checked_sub(Duration::from_millis(silent.parse().ok()?))?;
+            Some((host.to_string(), (seq.parse().ok()?, at)))
+        });
+        match parsed {
+            Some((host, observation)) => {
+                seen.insert(host, observation);
+            }
+            None => return HashMap::new(),
+        }
+    }
+    seen
+}
+
+/// How long `report` has not changed, by this observer's monotonic clock. A report seen for the
+/// first time (by a fresh observer: after a start) counts as silent for the whole timeout, not as
+/// just changed: a host that died before the observer started must not look alive to it. A live
+/// host's next heartbeat (one round later) shows it alive. A re-execution hands its observation
+/// over ([`inherited_seen`]), so that it judges no host afresh.
+pub fn silent_ms(seen: &mut HashMap<String, (u64, Instant)>, report: &HostReport) -> u64 {
+    let now = Instant::now();
+    let unseen = now.checked_sub(Duration::from_millis(cluster::observed::HOST_TIMEOUT_MS)).unwrap_or(now);
+    let entry = seen.entry(report.name.clone()).or_insert((report.seq, unseen));
+    if entry.0 != report.seq {
+        *entry = (report.seq, now);
+    }
+    entry.1.elapsed().as_millis() as u64
+}
+
 /// What the agent writes beside each replica it starts (`replica.json` in its directory).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct ReplicaMeta {
@@ -209,6 +284,9 @@ struct ReplicaMeta {
     memory_mib: u64,
     /// Where the agent last told it to protect to.
     protect_to: Option<String>,
+    /// When the agent sent that (its own clock).
+    #[serde(default)]
+    protect_sent_ms: Option<u64>,
     /// Its disk: the declared image (a primary placed first), else its own copy in its directory.
     #[serde(default)]
     disk: Option<PathBuf>,
@@ -305,9 +383,16 @@ impl Agent {
             role,
             pid: Some(local.meta.pid),
             listen: (role == ReplicaRole::Backup).then(|| local.meta.listen.clone()).flatten(),
+            // Where the agent told it to protect to, while that protects it or the request is in
+            // flight; a primary unprotected long after (its backup gone, or the request lost
+            // with a crashed agent) protects to nothing, and the round asks again.
             backup_to: match (role, replication) {
-                (ReplicaRole::Primary, Some(r)) if r.backup_connected || r.protected => local.meta.protect_to.clone(),
-                (ReplicaRole::Primary, _) => local.meta.protect_to.clone(),
+                (ReplicaRole::Primary, Some(r)) if r.protected => local.meta.protect_to.clone(),
+                (ReplicaRole::Primary, _)
+                    if local.meta.protect_sent_ms.is_some_and(|t| now_ms() < t + PROTECT_PENDING_MS) =>
+                {
+                    local.meta.protect_to.clone()
+                }
                 _ => None,
             },
             protected: replication.map(|r| r.protected),
@@ -349,12 +434,7 @@ impl Agent {
                 garbage_keys.push(key);
                 continue;
             }
-            let now = Instant::now();
-            let seen = self.seen.entry(report.name.clone()).or_insert((report.seq, now));
-            if seen.0 != report.seq {
-                *seen = (report.seq, now);
-            }
-            let silent_ms = seen.1.elapsed().as_millis() as u64;
+            let silent_ms = silent_ms(&mut self.seen, &report);
             observed.hosts.insert(report.name.clone(), HostView { report, silent_ms });
         }
         for (name, dv) in &declared.vms {
@@ -531,6 +611,7 @@ impl Agent {
             tap,
             memory_mib: spec.memory_mib,
             protect_to: None,
+            protect_sent_ms: None,
             disk,
         };
         write_meta(&dir, &meta)?;
@@ -550,6 +631,7 @@ impl Agent {
     fn protect(&mut self, local: &Local, to: &str) -> Result<()> {
         let mut meta = local.meta.clone();
         meta.protect_to = Some(to.to_string());
+        meta.protect_sent_ms = Some(now_ms());
         write_meta(&local.dir, &meta)?;
         let request = crate::api::ProtectRequest {
             to: to.to_string(),
@@ -558,20 +640,43 @@ impl Agent {
             on_backup_loss: replica::BackupLossPolicy::Continue,
         };
         let socket = local.dir.join("api.sock");
+        // Still replicating towards a backup that is gone (its host died: the primary runs on
+        // unprotected, trying to reach it again): it stops that first (unprotect swaps the
+        // generation forward, so the lost backup can never take over), then protects anew. A
+        // primary its backup protects keeps it (the protect is refused), whatever a round saw.
+        let lost_backup = local
+            .status
+            .as_ref()
+            .is_some_and(|s| s.mode != vmm::status::Mode::None && s.replication.as_ref().is_some_and(|r| !r.protected));
         // Answered between two slices; a slow answer must not stall the round.
         let dir = local.dir.clone();
-        std::thread::spawn(move || match crate::api::request(&socket, &crate::api::Command::Protect(request)) {
-            Ok(reply) if reply.status == 200 => {}
-            outcome => {
-                eprintln!("ftvm agent: protect {}: {outcome:?}", dir.display());
-                // Try again next round.
-                if let Some(mut meta) = read_meta(&dir) {
-                    meta.protect_to = None;
-                    let _ = write_meta(&dir, &meta);
+        PROTECTS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        std::thread::spawn(move || {
+            if lost_backup {
+                match crate::api::request(&socket, &crate::api::Command::Unprotect) {
+                    Ok(reply) if reply.status == 200 || reply.status == 409 => {}
+                    outcome => eprintln!("ftvm agent: unprotect {}: {outcome:?}", dir.display()),
                 }
             }
+            protect_now(&socket, &dir, &request);
+            PROTECTS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
         });
         Ok(())
+    }
+}
+
+/// `ctl protect`; on failure the agent forgets the target, to try again next round.
+fn protect_now(socket: &Path, dir: &Path, request: &crate::api::ProtectRequest) {
+    match crate::api::request(socket, &crate::api::Command::Protect(request.clone())) {
+        Ok(reply) if reply.status == 200 => {}
+        outcome => {
+            eprintln!("ftvm agent: protect {}: {outcome:?}", dir.display());
+            // Try again next round.
+            if let Some(mut meta) = read_meta(dir) {
+                meta.protect_to = None;
+                let _ = write_meta(dir, &meta);
+            }
+        }
     }
 }
 

@@ -148,7 +148,7 @@ impl Client {
 /// detaches. When the console closes under it (the primary's host failed), it attaches again
 /// to wherever the VM runs next. Typing after stdin ends is over; the output still comes.
 fn console(client: &Client, name: &str) -> Result<i32> {
-    let (stream, host) = client.attach_console(name)?;
+    let (stream, host) = attach_when_ready(client, name)?;
     let raw = vmm::host::console::RawMode::enter();
     eprint!("ftvm vm console: attached to {name} on {host} (Ctrl-A x detaches)\r\n");
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
@@ -191,6 +191,44 @@ fn console(client: &Client, name: &str) -> Result<i32> {
         reader = stream;
     }
 }
+
+/// The first attach: a VM still starting, or a host just failed, is waited for (up to
+/// [`REATTACH_LIMIT`]); a VM that does not exist or a wrong token is an error at once.
+fn attach_when_ready(client: &Client, name: &str) -> Result<(TcpStream, String)> {
+    let deadline = Instant::now() + REATTACH_LIMIT;
+    loop {
+        match client.attach_console(name) {
+            Err(error)
+                if error.downcast_ref::<Refused>().is_some_and(|r| r.transient()) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            attached => return attached,
+        }
+    }
+}
+
+/// An agent's refusal of a console request.
+#[derive(Debug)]
+struct Refused {
+    status: String,
+    message: String,
+}
+
+impl Refused {
+    /// Not running yet (409), a host not answering or busy (502, 503): worth asking again.
+    fn transient(&self) -> bool {
+        matches!(self.status.as_str(), "409" | "502" | "503")
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the agent refused: {} (HTTP {})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Stdin to the console (through the Ctrl-A escape) until it ends or the user detaches.
 fn type_into(writer: &Mutex<TcpStream>, detached: &AtomicBool) {
@@ -237,8 +275,8 @@ impl Client {
             let mut body = Vec::new();
             let _ = (&mut stream).take(64 * 1024).read_to_end(&mut body);
             let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let message = value["error"].as_str().unwrap_or("no message");
-            bail!("the agent refused: {message} (HTTP {status})");
+            let message = value["error"].as_str().unwrap_or("no message").to_string();
+            return Err(Refused { status, message }.into());
         }
         stream.set_read_timeout(None)?;
         let host = head

@@ -253,7 +253,9 @@ fn scenario(kind: StoreKind) {
     });
     let (status, created) = api(&net, 0, "POST", "/v1/vms", Some(spec));
     assert_eq!(status, 201, "{created}");
-    let protected = |vm: &Value| vm["state"] == "protected";
+    // (Listed with its backup: an agent that has just re-executed sees a host alive only
+    // once its report changes.)
+    let protected = |vm: &Value| vm["state"] == "protected" && replica_hosts(vm, "backup").len() == 1;
     wait_vm(&net, 1, BOOT_LIMIT, protected)
         .unwrap_or_else(|last| panic!("not protected in time: {last}\n{}", logs(&agents, &dir)));
     let client = Client::start(&net.ns("cl"));
@@ -344,6 +346,187 @@ fn scenario(kind: StoreKind) {
     drop(etcd);
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A partition and a store outage, on etcd (a `file:` store cannot be cut off from a host).
+/// First the outage: etcd is stopped; the protected pair keeps serving; then the backup's
+/// whole host is killed, and the primary, unable to swap the generation, holds its outputs
+/// (its released epoch stands still and the client is told nothing) until etcd is back; then
+/// it runs on, re-protected onto the third host. Then the partition: the primary's host is cut
+/// off (its uplink down); its backup takes over and is re-protected onto the host killed
+/// before (its agent started again); the link comes back, and the old primary, which held
+/// its outputs all along, stands down (its process ends) and only one copy serves. Nothing
+/// the client was told is lost or repeated at any point.
+#[test]
+fn a_store_outage_holds_a_primary_that_lost_its_backup_and_a_partitioned_primary_stands_down_on_rejoining() {
+    let dir = std::env::temp_dir().join(format!("ftvm-cluster-partition-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let net = Net::create("part");
+    let mut etcd =
+        EtcdServer::start_in_netns(&net.ns("sw"), ETCD_ADDR, &format!("cluster-part-{}", std::process::id()));
+    let store = etcd.spec();
+    let mut agents: Vec<Option<Agent>> =
+        HOSTS.iter().enumerate().map(|(i, host)| Some(start_agent(&net, host, i, &store, &dir))).collect();
+    let spec = json!({
+        "name": "web", "protection": "checkpoint", "bridge": "br0",
+        "command": ["/usr/share/ftvm/counter-httpd"],
+    });
+    // Asked again until the agent listens (0: no answer yet).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, created) = loop {
+        let (status, created) = api(&net, 0, "POST", "/v1/vms", Some(spec.clone()));
+        if status != 0 || Instant::now() >= deadline {
+            break (status, created);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 201, "{created}");
+    // (Listed with its backup: an agent that has just re-executed sees a host alive only
+    // once its report changes.)
+    let protected = |vm: &Value| vm["state"] == "protected" && replica_hosts(vm, "backup").len() == 1;
+    let vm = wait_vm(&net, 0, BOOT_LIMIT, protected)
+        .unwrap_or_else(|last| panic!("not protected in time: {last}\n{}", logs(&agents, &dir)));
+    let client = Client::start(&net.ns("cl"));
+    assert!(client.wait_for_answers(20, Duration::from_secs(60)), "no answers\n{}", logs(&agents, &dir));
+    let index_of = |host: &str| HOSTS.iter().position(|h| *h == host).expect("a host");
+    let primary = index_of(vm["owner"].as_str().expect("an owner"));
+    let backup = index_of(&replica_hosts(&vm, "backup")[0]);
+    let third = (0..3).find(|i| *i != primary && *i != backup).expect("a third host");
+
+    // The store goes away: the protected pair keeps serving.
+    let outage = Instant::now();
+    etcd.kill();
+    client.check_nothing_lost(outage, 5, Duration::from_secs(30)).unwrap_or_else(|e| panic!("store outage: {e}"));
+    // The backup's host dies while the store is away: the primary cannot swap the generation
+    // forward to run alone, so it releases nothing.
+    let status_socket = primary_socket(&dir, HOSTS[primary]).expect("the primary's API socket");
+    agents[backup].take().expect("alive").kill_host();
+    let lost = poll_status(&status_socket, Duration::from_secs(30), |s| s["replication"]["backup_connected"] == false)
+        .unwrap_or_else(|| panic!("the primary never noticed its backup gone\n{}", logs(&agents, &dir)));
+    let released = lost["replication"]["released_epoch"].clone();
+    let told_before = client.answers().len();
+    // Held, not fenced, for as long as the store is away (here: 3 s of it).
+    let hold_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < hold_until {
+        let now = read_status(&status_socket)
+            .unwrap_or_else(|| panic!("the primary died while holding\n{}", logs(&agents, &dir)));
+        assert_eq!(now["replication"]["released_epoch"], released, "released while unprotected: {now}");
+        assert_eq!(now["replication"]["protected"], false, "{now}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held = read_status(&status_socket).expect("the primary's status");
+    assert!(held["replication"]["held_outputs"].as_u64() > Some(0), "the client's requests are held: {held}");
+    assert!(client.answers().len() <= told_before + 2, "the client was told nothing while held");
+    // The store is back: the primary swaps forward and releases what it held; the control loop
+    // re-protects it onto the third host.
+    let back = Instant::now();
+    etcd.start_again();
+    client.check_nothing_lost(back, 5, Duration::from_secs(60)).unwrap_or_else(|e| panic!("after the outage: {e}"));
+    let reprotected =
+        |vm: &Value| protected(vm) && vm["owner"] == HOSTS[primary] && replica_hosts(vm, "backup") == [HOSTS[third]];
+    wait_vm(&net, primary, REPROTECT_LIMIT, reprotected)
+        .unwrap_or_else(|last| panic!("not re-protected after the outage: {last}\n{}", logs(&agents, &dir)));
+    println!(
+        "outage: held {:.1} s, protected again {:.1} s after etcd came back",
+        back.duration_since(outage).as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
+
+    // The killed host comes back empty; then the primary's host is cut off.
+    agents[backup] = Some(start_agent(&net, HOSTS[backup], backup, &store, &dir));
+    let old_pid =
+        read_status(&status_socket).and_then(|_| primary_pid(&dir, HOSTS[primary])).expect("the primary's PID");
+    let cut = Instant::now();
+    net.exec(HOSTS[primary], &["ip", "link", "set", "dev", "uplink", "down"]);
+    let verdict = client
+        .check_nothing_lost(cut, 5, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("partition: {e}\n{}", logs(&agents, &dir)));
+    println!("partition: {}", verdict.describe());
+    let cut_off =
+        poll_status(&status_socket, Duration::from_secs(30), |s| s["replication"]["backup_connected"] == false)
+            .unwrap_or_else(|| panic!("the cut-off primary never noticed\n{}", logs(&agents, &dir)));
+    let cut_released = cut_off["replication"]["released_epoch"].clone();
+    let taken_over =
+        |vm: &Value| protected(vm) && vm["owner"] == HOSTS[third] && replica_hosts(vm, "backup") == [HOSTS[backup]];
+    wait_vm(&net, third, REPROTECT_LIMIT, taken_over)
+        .unwrap_or_else(|last| panic!("not taken over and re-protected: {last}\n{}", logs(&agents, &dir)));
+    // The link comes back: the old primary stands down, having released nothing since.
+    if let Some(status) = read_status(&status_socket) {
+        assert_eq!(status["replication"]["released_epoch"], cut_released, "released while cut off: {status}");
+    }
+    net.exec(HOSTS[primary], &["ip", "link", "set", "dev", "uplink", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while process_runs(old_pid) {
+        assert!(Instant::now() < deadline, "the old primary {old_pid} still runs\n{}", logs(&agents, &dir));
+        if let Some(status) = read_status(&status_socket) {
+            assert_eq!(status["replication"]["released_epoch"], cut_released, "released after rejoining: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let one_copy = |vm: &Value| {
+        taken_over(vm)
+            && replica_hosts(vm, "primary") == [HOSTS[third]]
+            && vm["replicas"].as_array().map(Vec::len) == Some(2)
+    };
+    let vm = wait_vm(&net, primary, Duration::from_secs(30), one_copy)
+        .unwrap_or_else(|last| panic!("not one copy after rejoining: {last}\n{}", logs(&agents, &dir)));
+    assert_eq!(vm["failovers"], 1, "{vm}");
+    let rejoined = Instant::now();
+    client.check_nothing_lost(rejoined, 5, Duration::from_secs(30)).unwrap_or_else(|e| panic!("after rejoining: {e}"));
+    client.check_no_value_lost_or_repeated().unwrap();
+    drop(client);
+    drop(agents);
+    drop(etcd);
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The API socket of the replica of `host` whose status says primary.
+fn primary_socket(dir: &std::path::Path, host: &str) -> Option<std::path::PathBuf> {
+    let entries = std::fs::read_dir(dir.join(host).join("replicas")).ok()?;
+    entries
+        .flatten()
+        .map(|e| e.path().join("api.sock"))
+        .find(|s| read_status(s).is_some_and(|v| v["role"] == "primary"))
+}
+
+/// The PID of `host`'s primary (its agent's record beside the replica).
+fn primary_pid(dir: &std::path::Path, host: &str) -> Option<u32> {
+    let socket = primary_socket(dir, host)?;
+    let meta: Value = serde_json::from_slice(&std::fs::read(socket.with_file_name("replica.json")).ok()?).ok()?;
+    meta["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn process_runs(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
+}
+
+/// A replica's typed status through its API socket (None: no answer).
+fn read_status(socket: &std::path::Path) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut answer = Vec::new();
+    stream.take(1 << 20).read_to_end(&mut answer).ok()?;
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    serde_json::from_slice(&answer[split + 4..]).ok()
+}
+
+/// Polls a replica's status until `done` holds; that status.
+fn poll_status(socket: &std::path::Path, limit: Duration, done: impl Fn(&Value) -> bool) -> Option<Value> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = read_status(socket).filter(&done) {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 /// The host owning the VM's record (asked until an agent answers: one may be re-executing,

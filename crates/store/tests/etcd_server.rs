@@ -136,6 +136,13 @@ impl EtcdServer {
         }
     }
 
+    /// Starts it again after [`EtcdServer::kill`], on the same ports and data.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.launch();
+        }
+    }
+
     /// Starts it again on the same ports and data.
     pub fn restart(&mut self) {
         self.kill();
