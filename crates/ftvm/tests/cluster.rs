@@ -505,7 +505,7 @@ fn process_runs(pid: u32) -> bool {
     !stat.is_empty() && !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
 }
 
-/// A replica's typed status through its API socket (None: no answer).
+/// A replica's typed status through its API socket (None: no answer, or not a status).
 fn read_status(socket: &std::path::Path) -> Option<Value> {
     use std::io::{Read, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
@@ -514,7 +514,8 @@ fn read_status(socket: &std::path::Path) -> Option<Value> {
     let mut answer = Vec::new();
     stream.take(1 << 20).read_to_end(&mut answer).ok()?;
     let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
-    serde_json::from_slice(&answer[split + 4..]).ok()
+    // A status, not an error answer (a VM that is ending says so).
+    serde_json::from_slice::<Value>(&answer[split + 4..]).ok().filter(|status| status.get("role").is_some())
 }
 
 /// Polls a replica's status until `done` holds; that status.
