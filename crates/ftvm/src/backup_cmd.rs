@@ -1,18 +1,17 @@
-//! `ftvm backup`: the options, the wiring (TAP, API server, ownership store) and what
-//! follows the waiting — standing down, or running the VM as the new primary. The waiting
-//! itself is the runtime's ([`vmm::replicate::backup::wait`]).
+//! `ftvm backup`: the options and the wiring (TAP, API server, ownership store). The backup
+//! is a mode of the runtime's driver ([`vmm::mode::backup::CheckpointBackup`]): the same
+//! driver waits, and after a takeover runs the VM as the new primary.
 
 use crate::replication_args::OwnershipArgs;
-use crate::run_cmd::{machine_config, open_tap, run_driver, VmArgs};
+use crate::run_cmd::{machine_config, open_tap, run_driver, Attach, VmArgs};
 use anyhow::{Context, Result};
 use machine::Machine;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use vmm::driver::Driver;
-use vmm::host::announce::spawn_announcer;
-use vmm::host::HostEvent;
-use vmm::replicate::backup::{wait, BackupOptions, Ending};
+use vmm::mode::backup::CheckpointBackup;
+use vmm::replicate::backup::BackupOptions;
 use vmm::replicate::{load_key, replication_digest, resolve, Ownership};
 
 /// Wait for a primary (`ftvm run --replicate-to`), keep its last whole checkpoint, and
@@ -53,35 +52,14 @@ pub fn run(args: BackupArgs) -> Result<i32> {
     let tap = open_tap(&args.vm)?;
     let machine = Machine::new(&config)?;
     let key = load_key(&args.key)?;
-    let mut ownership = Ownership::open(&args.ownership.spec(), &config, "backup")?
+    let ownership = Ownership::open(&args.ownership.spec(), &config, "backup")?
         .context("ftvm backup needs --store (the ownership store the primary uses)")?;
     let addr = resolve(&args.listen)?;
     let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    // The API answers as a backup now, and as the live VM after a takeover.
-    let (api_tx, api_rx) = mpsc::channel::<HostEvent>();
-    // The metrics port stays across a takeover: it asks the live VM from then on.
-    let metrics = crate::metrics_http::bind(&args.vm, &api_tx)?;
-    let api_server = match &args.vm.api {
-        Some(path) => Some(crate::api::serve(path, api_tx)?),
-        None => None,
-    };
-    // The API socket stays across a takeover too: requests go to the backup's loop while it
-    // waits, to the live VM's driver once it runs (a request in flight at the takeover is
-    // answered by one or the other, never left hanging).
-    let (control_tx, control_rx) = mpsc::channel();
-    let live: Arc<Mutex<Option<mpsc::Sender<HostEvent>>>> = Arc::default();
-    let route = live.clone();
-    std::thread::spawn(move || {
-        for event in api_rx {
-            if let Some(driver) = route.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                let _ = driver.send(event);
-                continue;
-            }
-            if let HostEvent::Control(request) = event {
-                let _ = control_tx.send(request);
-            }
-        }
-    });
+    // One driver for the whole life of this replica: the API and the metrics port answer
+    // as a backup now, and as the live VM after a takeover.
+    let (tx, rx) = mpsc::channel();
+    let _metrics = crate::metrics_http::bind(&args.vm, &tx)?;
     eprintln!("ftvm backup: waiting for a primary on {addr} (VM {})", ownership.vm_id);
     let options = BackupOptions {
         listener,
@@ -90,45 +68,10 @@ pub fn run(args: BackupArgs) -> Result<i32> {
         failover_timeout_ms: args.failover_timeout_ms,
         heartbeat_ms: args.heartbeat_ms,
     };
-    match wait(options, machine, &mut ownership, control_rx)? {
-        Ending::Exit(code) => {
-            eprintln!("ftvm backup: the VM ended on the primary with exit status {code}; this backup stands down");
-            Ok(code as i32)
-        }
-        Ending::Stopped => {
-            eprintln!("ftvm backup: stopped through the control API");
-            Ok(0)
-        }
-        Ending::StoodDown => {
-            eprintln!(
-                "ftvm backup: the primary stopped replicating to this backup (unprotect); it can never take over \
-                 now, so it stands down"
-            );
-            Ok(0)
-        }
-        Ending::GoLive { machine, takeover } => {
-            if let Some(tap) = &tap {
-                tap.discard_pending().context("cannot empty the TAP device's queue")?;
-                spawn_announcer(tap.clone_handle()?, args.vm.mac);
-            }
-            let (tx, rx) = mpsc::channel();
-            if let Some(metrics) = &metrics {
-                metrics.route_to(tx.clone());
-            }
-            *live.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
-            let mut driver = Driver::new(*machine, rx, args.vm.clock.into());
-            driver.role = vmm::status::Role::Primary;
-            driver.vm_id = Some(ownership.vm_id.clone());
-            driver.took_over = Some(takeover);
-            driver.ownership = Some(ownership);
-            if args.vm.api.is_some() {
-                driver.events_tx = Some(tx.clone()); // `ctl protect` starts replication later
-            }
-            // The socket is served already (above): the live VM must not bind it again.
-            let vm = VmArgs { api: None, ..args.vm.clone() };
-            let code = run_driver(driver, &vm, tap, tx, &[], false);
-            drop(api_server);
-            code
-        }
-    }
+    let vm_id = ownership.vm_id.clone();
+    let mode = CheckpointBackup::start(options, ownership, tx.clone(), &machine)?;
+    let mut driver = Driver::new(machine, rx, args.vm.clock.into());
+    driver.vm_id = Some(vm_id);
+    driver.set_mode(Box::new(mode));
+    run_driver(driver, &args.vm, tap, tx, &[], false, Attach::AtGoLive { mac: args.vm.mac })
 }

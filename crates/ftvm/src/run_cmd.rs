@@ -5,11 +5,14 @@ use crate::guest_image;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use machine::{DiskConfig, Machine, MachineConfig};
+use std::cell::RefCell;
 use std::io::Write;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Instant;
 use vmm::driver::{ConsoleSink, Driver, Outcome};
 use vmm::host::{console, tap::Tap};
+use vmm::mode::StandDown;
 
 /// The options that define a VM and attach it to the host: shared by `run`, `backup`
 /// and `restore`, so that every replica of a VM is described the same way.
@@ -429,7 +432,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
         }
     }
-    run_driver(driver, vm, tap, tx, &args.command, args.boot_log)
+    run_driver(driver, vm, tap, tx, &args.command, args.boot_log, Attach::Now)
 }
 
 /// What `--record FILE` and its options ask for.
@@ -446,8 +449,19 @@ pub fn record_options(args: &RecordArgs, vm: &VmArgs, path: &std::path::Path) ->
     })
 }
 
+/// When the host's terminal and TAP frames start reaching a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// At once (a VM that runs from the start).
+    Now,
+    /// When the backup takes over (before that, the terminal stays as it is and the TAP's
+    /// frames, meant for the primary's guest, queue and are thrown away); then the MAC is
+    /// announced.
+    AtGoLive { mac: [u8; 6] },
+}
+
 /// Attach the host side (terminal, TAP, API) to a driver, run it, and turn its
-/// outcome into an exit status. Shared by `run`, `restore` and a backup that took over.
+/// outcome into an exit status. Shared by `run`, `restore` and `backup`.
 pub fn run_driver(
     mut driver: Driver,
     vm: &VmArgs,
@@ -455,14 +469,37 @@ pub fn run_driver(
     tx: std::sync::mpsc::Sender<vmm::host::HostEvent>,
     command: &[String],
     boot_log: bool,
+    attach: Attach,
 ) -> Result<i32> {
     let interactive = command.is_empty();
-    let _raw = interactive.then(console::RawMode::enter);
-    if interactive {
-        console::spawn_reader(tx.clone());
-    }
-    if let Some(tap) = &tap {
-        tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
+    let raw: Rc<RefCell<Option<console::RawMode>>> = Rc::default();
+    let attach_host = {
+        let (raw, events) = (raw.clone(), tx.clone());
+        let tap = tap.as_ref().map(Tap::clone_handle).transpose()?;
+        move |announce: Option<[u8; 6]>| -> Result<()> {
+            if interactive {
+                *raw.borrow_mut() = Some(console::RawMode::enter());
+                console::spawn_reader(events.clone());
+            }
+            if let Some(tap) = &tap {
+                if announce.is_some() {
+                    tap.discard_pending().context("cannot empty the TAP device's queue")?;
+                }
+                tap.spawn_reader(events.clone()).context("cannot start the TAP reader")?;
+                if let Some(mac) = announce {
+                    vmm::host::announce::spawn_announcer(tap.clone_handle()?, mac);
+                }
+            }
+            Ok(())
+        }
+    };
+    match attach {
+        Attach::Now => attach_host(None)?,
+        Attach::AtGoLive { mac } => driver.on_go_live(Box::new(move |_| {
+            if let Err(e) = attach_host(Some(mac)) {
+                vmm::log::warn(format_args!("{e:#}"));
+            }
+        })),
     }
     let _api = match &vm.api {
         Some(path) => Some(crate::api::serve(path, tx.clone())?),
@@ -495,7 +532,7 @@ pub fn run_driver(
     }
     let outcome = driver.run(console.as_mut())?;
     console.finish().context("cannot write console output")?;
-    drop(_raw);
+    drop(raw.borrow_mut().take()); // the terminal as it was
     let seconds = started.elapsed().as_secs_f64();
     if vm.stats {
         let n = driver.machine.icount();
@@ -540,6 +577,17 @@ pub fn exit_status(outcome: Outcome) -> Result<i32> {
         Outcome::Hung => {
             eprintln!("ftvm: the guest is idle with no timer armed and nothing can wake it; stopping");
             1
+        }
+        Outcome::StoodDown(StandDown::EndedOnPrimary { exit_code }) => {
+            eprintln!("ftvm backup: the VM ended on the primary with exit status {exit_code}; this backup stands down");
+            exit_code as i32
+        }
+        Outcome::StoodDown(StandDown::Unprotected) => {
+            eprintln!(
+                "ftvm backup: the primary stopped replicating to this backup (unprotect); it can never take over \
+                 now, so it stands down"
+            );
+            0
         }
     })
 }

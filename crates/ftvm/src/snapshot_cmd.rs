@@ -2,7 +2,7 @@
 //! (continue a VM from a snapshot file, with the same device options as `run`).
 
 use crate::api::{self, Command};
-use crate::run_cmd::{machine_config, open_tap, record_options, run_driver, RecordArgs, VmArgs};
+use crate::run_cmd::{machine_config, open_tap, record_options, run_driver, Attach, RecordArgs, VmArgs};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use vmm::driver::Driver;
@@ -88,5 +88,5 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     if let Some(recording) = recording {
         driver.add_observer(Box::new(recording));
     }
-    run_driver(driver, &args.vm, tap, tx, &[], false)
+    run_driver(driver, &args.vm, tap, tx, &[], false, Attach::Now)
 }

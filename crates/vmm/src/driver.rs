@@ -5,6 +5,11 @@
 //! leave to the terminal and the TAP device. It keeps no input log: a mode or an observer
 //! that needs one keeps its own (a recorder streams it to disk).
 //!
+//! A backup runs in the same driver: its mode keeps the machine stopped while it applies
+//! checkpoints, and a takeover is a change of mode ([`Verdict::GoLive`]): the driver runs
+//! the machine on as the primary, standalone, and calls the go-live hooks (TAP, terminal,
+//! the MAC announcement).
+//!
 //! Replication is started and stopped while the VM runs (`ftvm ctl protect`, `unprotect`):
 //! the driver holds the VM's ownership record while it runs alone, hands it to a new
 //! replication thread on protect, and takes it back once replication stopped; whoever holds
@@ -22,7 +27,7 @@ use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
 use crate::mode::checkpoint::{CheckpointPrimary, ReplicationOptions};
 use crate::mode::ModeError;
-use crate::mode::{EndProgress, Mode, Observer, Standalone, Verdict};
+use crate::mode::{EndProgress, Mode, Observer, StandDown, Standalone, Verdict};
 use crate::replicate::{chain, ReplicationError};
 use crate::vm::Vm;
 use machine::board::TIMEBASE_HZ;
@@ -81,7 +86,14 @@ pub enum Outcome {
     Hung,
     /// Live migration: the VM runs elsewhere now (the message says where).
     Migrated(String),
+    /// A backup stood down without running the VM (the VM ended on its primary, or the
+    /// primary unprotected it); the ownership record is not touched.
+    StoodDown(StandDown),
 }
+
+/// Called when a backup takes over, before the machine runs (the binary attaches the TAP,
+/// the terminal, announces the MAC).
+pub type GoLiveHook = Box<dyn FnMut(&crate::status::Takeover)>;
 
 /// Where console output goes.
 pub trait ConsoleSink {
@@ -132,6 +144,8 @@ pub struct Driver<V: Vm = machine::Machine> {
     pacer: crate::pacer::Pacer,
     /// Where the guest's entropy comes from (`--seed`: a seeded generator).
     pub entropy: host::EntropySource,
+    /// What runs when a backup takes over ([`Driver::on_go_live`]).
+    go_live_hooks: Vec<GoLiveHook>,
 }
 
 impl<V: Vm + 'static> Driver<V> {
@@ -156,7 +170,34 @@ impl<V: Vm + 'static> Driver<V> {
             events_tx: None,
             pacer: crate::pacer::Pacer::new(),
             entropy: host::EntropySource::Host,
+            go_live_hooks: Vec::new(),
         }
+    }
+
+    /// Call `hook` when a backup mode takes the VM over, before the machine runs.
+    pub fn on_go_live(&mut self, hook: GoLiveHook) {
+        self.go_live_hooks.push(hook);
+    }
+
+    /// A backup took the VM over: its mode hands the ownership record back, and the machine,
+    /// holding the checkpoint it went live from, runs on as the primary, standalone (`ctl
+    /// protect` gives it a new backup); guest time maps onto the wall clock from here.
+    fn go_live(&mut self, takeover: crate::status::Takeover) {
+        self.set_mode(Box::new(Standalone));
+        if self.ownership.is_none() {
+            crate::log::warn("the VM was taken over without its ownership record: it cannot be protected again");
+        }
+        if self.vm_id.is_none() {
+            self.vm_id = self.ownership.as_ref().map(|o| o.vm_id.clone());
+        }
+        self.role = crate::status::Role::Primary;
+        self.started = Instant::now();
+        self.start_ticks = self.machine.time_ticks() + start_lag_ticks(&self.machine);
+        self.pacer = crate::pacer::Pacer::new();
+        for hook in &mut self.go_live_hooks {
+            hook(&takeover);
+        }
+        self.took_over = Some(takeover);
     }
 
     /// Run under `mode` from now on (the mode in place is shut down; a record it held is
@@ -224,7 +265,8 @@ impl<V: Vm + 'static> Driver<V> {
             Outcome::PowerOff { code } => *code,
             Outcome::Reset | Outcome::Quit | Outcome::Stopped => 0,
             Outcome::Hung => 1,
-            Outcome::Fenced(_) | Outcome::Migrated(_) => return Ok(outcome),
+            // Not this replica's end: the VM lives on elsewhere, or ended there.
+            Outcome::Fenced(_) | Outcome::Migrated(_) | Outcome::StoodDown(_) => return Ok(outcome),
         };
         if let Some(fenced) = self.end(exit_code, console)? {
             return Ok(fenced);
@@ -259,6 +301,10 @@ impl<V: Vm + 'static> Driver<V> {
                     Err(RecvTimeoutError::Disconnected) => self.paused = false, // nobody can resume us: carry on
                 }
                 continue;
+            }
+            // A backup's machine does not run until it takes over.
+            if let Some(outcome) = self.wait_while_the_mode_says(console)? {
+                return Ok(outcome);
             }
             let target = self.mode.next_slice_end(self.machine.icount());
             let exit = self.run_slice(target)?;
@@ -324,11 +370,13 @@ impl<V: Vm + 'static> Driver<V> {
             HostEvent::NetFrame(frame) => self.push(InputKind::NetFrame(frame))?,
             HostEvent::Quit => return Ok(Some(Outcome::Quit)),
             HostEvent::Control(request) => return Ok(self.control(request)),
-            HostEvent::Mode(event) => match self.mode.on_event(event) {
+            HostEvent::Mode(event) => match self.mode.on_event(&mut self.machine, event) {
                 Verdict::Continue | Verdict::Settled => {}
                 Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
                 Verdict::Migrated(message) => return Ok(Some(Outcome::Migrated(message))),
                 Verdict::Detached => self.detach(),
+                Verdict::GoLive(takeover) => self.go_live(takeover),
+                Verdict::StandDown(why) => return Ok(Some(Outcome::StoodDown(why))),
             },
         }
         Ok(None)
@@ -351,9 +399,10 @@ impl<V: Vm + 'static> Driver<V> {
             loop {
                 let wait = deadline.saturating_duration_since(Instant::now());
                 match self.events.recv_timeout(wait) {
-                    Ok(HostEvent::Mode(event)) => match self.mode.on_event(event) {
+                    Ok(HostEvent::Mode(event)) => match self.mode.on_event(&mut self.machine, event) {
                         Verdict::Continue => self.flush_released(console)?,
-                        Verdict::Settled => break,
+                        // A backup's verdicts: its end was settled at once.
+                        Verdict::Settled | Verdict::GoLive(_) | Verdict::StandDown(_) => break,
                         Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
                         Verdict::Migrated(message) => return Ok(Some(Outcome::Migrated(message))),
                         Verdict::Detached => {
@@ -389,7 +438,12 @@ impl<V: Vm + 'static> Driver<V> {
                         return Ok(Some(outcome));
                     }
                 }
-                Err(_) => self.slice_end(false)?,
+                Err(RecvTimeoutError::Timeout) => self.slice_end(false)?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Nobody can send (the mode's thread is gone too): look again each tick.
+                    std::thread::sleep(crate::mode::WAIT_TICK);
+                    self.slice_end(false)?;
+                }
             }
             self.flush_released(console)?;
         }
@@ -404,6 +458,10 @@ impl<V: Vm + 'static> Driver<V> {
 
     /// Answer a control request; `Some` when it ends the run.
     fn control(&mut self, request: ControlRequest) -> Option<Outcome> {
+        if let Some(reply) = self.mode.control(&request.command) {
+            let _ = request.reply.send(reply);
+            return None;
+        }
         if request.command == Command::Unprotect {
             if let Some(reply) = self.unprotect(request.reply.clone()) {
                 let _ = request.reply.send(reply);

@@ -7,7 +7,8 @@
 //! - [`driver`]: runs a [`vm::Vm`] in slices, paces guest time against the wall clock,
 //!   stamps host events as inputs and routes outputs, through the replication mode.
 //! - [`mode`]: the replication-mode seam — the [`mode::Mode`] trait (standalone, checkpoint
-//!   primary applying [`replica::CheckpointSchedule`]) and the [`mode::Observer`] trait.
+//!   primary applying [`replica::CheckpointSchedule`], checkpoint backup, whose takeover is
+//!   a change of mode in the same driver) and the [`mode::Observer`] trait.
 //! - [`record`]: `--record`: an [`mode::Observer`] streaming the input log (crates/journal).
 //! - [`log`]: the one way the runtime writes a line for the operator.
 //! - [`pacer`]: keeps a busy guest's clock within a bound of the wall clock, through
@@ -17,7 +18,7 @@
 //! - [`status`]: the status of every role, typed; [`metrics`] renders it for Prometheus.
 //! - [`keeper`]: the keeper that lets a VM outlive its monitor process (`--resilient`).
 //! - [`replicate`]: the replication edges — the primary's replication thread, the backup's
-//!   waiting loop, and the VM's ownership record in the store.
+//!   protocol thread, and the VM's ownership record in the store.
 
 pub mod control;
 pub mod driver;

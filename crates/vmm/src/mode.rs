@@ -2,18 +2,22 @@
 //! world; a [`Mode`] sees each input as it is stamped, each output as it is produced and
 //! each slice boundary, and decides what is held, what is released and when the machine
 //! must stop. [`Standalone`] holds nothing; [`checkpoint::CheckpointPrimary`] is checkpoint
-//! mode's primary, applying `replica`'s pure schedule. An [`Observer`] only watches (a
-//! recorder, the keeper's log): it sees the same inputs and the outputs as they leave.
+//! mode's primary, applying `replica`'s pure schedule; [`backup::CheckpointBackup`] is its
+//! backup, which keeps the machine stopped while it applies whole checkpoints and, on a
+//! takeover, hands the same driver over to [`Standalone`] ([`Verdict::GoLive`]). An
+//! [`Observer`] only watches (a recorder, the keeper's log): it sees the same inputs and
+//! the outputs as they leave.
 //!
 //! Modes and observers run on the driver's thread between run slices: whatever they do
 //! with sockets or files goes through their own threads, which talk back through
 //! [`ModeEvent`]s on the driver's event channel.
 
+pub mod backup;
 pub mod checkpoint;
 pub mod lockstep;
 pub mod migrate;
 
-use crate::control::Reply;
+use crate::control::{Command, Reply};
 use crate::status::Status;
 use crate::vm::Vm;
 use machine::{Input, Output};
@@ -62,10 +66,25 @@ pub enum ModeEvent {
     Detached { generation: u64 },
     /// Live migration: the destination owns the VM at `generation`; this replica stops.
     HandedOver { generation: u64 },
+    /// Checkpoint backup: apply this whole checkpoint (the machine's format) to the stopped
+    /// machine, then tell the protocol thread how it went.
+    Apply { epoch: u64, icount: u64, payload: Vec<u8> },
+    /// Checkpoint backup: the primary fell silent and the ownership record is this
+    /// replica's now (swapped to `generation`): go live from the checkpoint of `epoch`,
+    /// the last one handed over (every [`ModeEvent::Apply`] before this event was delivered
+    /// first). `last_heard_ms`: when the old primary's last authenticated frame came
+    /// ([`crate::replicate::now_ms`]'s clock).
+    /// `handover`: how a planned switchover (live migration) ended, if it was one.
+    TookOver { epoch: u64, generation: u64, last_heard_ms: Option<u64>, handover: Option<replica::Handover> },
+    /// Checkpoint backup: the VM ended on the primary with this exit code.
+    EndedOnPrimary { exit_code: u32 },
+    /// Checkpoint backup: the primary stopped replicating to this backup (unprotect) after
+    /// making its state stale: it can never take over.
+    Unprotected,
 }
 
 /// What the driver does after a mode heard its event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Run on (released outputs, if any, are taken with [`Mode::take_released`]).
     Continue,
@@ -79,6 +98,24 @@ pub enum Verdict {
     /// Live migration: the VM went elsewhere (the message says where); stop at once,
     /// nothing more leaves, and leave the ownership record alone.
     Migrated(String),
+    /// This replica owns the VM now (a backup took over): the driver shuts the mode down
+    /// ([`Mode::finish`] hands the ownership record back), runs the machine as it stands
+    /// under [`Standalone`] as the primary (which `ctl protect` can protect again), and
+    /// calls the go-live hooks ([`crate::driver::Driver::on_go_live`]).
+    GoLive(crate::status::Takeover),
+    /// This replica stops without running the VM (a backup whose VM ended elsewhere, or
+    /// that can never take over): the run ends with [`crate::driver::Outcome::StoodDown`],
+    /// and the ownership record is not touched.
+    StandDown(StandDown),
+}
+
+/// Why a backup stood down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandDown {
+    /// The VM ended on the primary with this exit code.
+    EndedOnPrimary { exit_code: u32 },
+    /// The primary stopped replicating to this backup (`ctl unprotect`).
+    Unprotected,
 }
 
 /// How far a mode got with the VM's end.
@@ -113,7 +150,8 @@ pub trait Mode<V: Vm> {
     }
 
     /// Whether the driver stamps inputs of its own (host events, pacing, idle skips,
-    /// entropy). A replay says no: its inputs come from the log it pushes itself.
+    /// entropy). A replay says no: its inputs come from the log it pushes itself; a backup
+    /// says no: the primary's VM takes the inputs (keys and frames meanwhile are dropped).
     fn stamps_inputs(&self) -> bool {
         true
     }
@@ -141,7 +179,8 @@ pub trait Mode<V: Vm> {
         Vec::new()
     }
 
-    /// The machine must not run on yet (back-pressure).
+    /// The machine must not run on yet (back-pressure; a backup, until it takes over). The
+    /// driver asks before every slice, the first one included.
     fn must_wait(&self) -> bool {
         false
     }
@@ -152,10 +191,18 @@ pub trait Mode<V: Vm> {
         None
     }
 
-    /// An event from the mode's own thread.
-    fn on_event(&mut self, event: ModeEvent) -> Verdict {
-        let _ = event;
+    /// An event from the mode's own thread; the machine is stopped (a backup applies its
+    /// checkpoints here).
+    fn on_event(&mut self, vm: &mut V, event: ModeEvent) -> Verdict {
+        let _ = (vm, event);
         Verdict::Continue
+    }
+
+    /// A control request the mode answers itself (a backup refuses what needs a running
+    /// VM); None: the driver answers it.
+    fn control(&mut self, command: &Command) -> Option<Reply> {
+        let _ = command;
+        None
     }
 
     /// The VM ended with `exit_code` (its last outputs went through [`Mode::on_outputs`]).

@@ -267,7 +267,7 @@ impl<V: Vm> Mode<V> for CheckpointPrimary<V> {
         self.schedule.idle_wait_limit_ms(self.now_ms()).map(Duration::from_millis)
     }
 
-    fn on_event(&mut self, event: ModeEvent) -> Verdict {
+    fn on_event(&mut self, _vm: &mut V, event: ModeEvent) -> Verdict {
         match event {
             ModeEvent::Released { up_to_epoch } => {
                 let released = self.schedule.release(up_to_epoch);
@@ -298,6 +298,11 @@ impl<V: Vm> Mode<V> for CheckpointPrimary<V> {
                 }
                 Verdict::Detached
             }
+            // A backup's events: none come to a primary.
+            ModeEvent::Apply { .. }
+            | ModeEvent::TookOver { .. }
+            | ModeEvent::EndedOnPrimary { .. }
+            | ModeEvent::Unprotected => Verdict::Continue,
         }
     }
 

@@ -177,7 +177,7 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
         Some(IDLE_WAIT_LIMIT)
     }
 
-    fn on_event(&mut self, event: ModeEvent) -> Verdict {
+    fn on_event(&mut self, _vm: &mut V, event: ModeEvent) -> Verdict {
         match event {
             ModeEvent::Released { up_to_epoch } => {
                 let released = self.leader.release(up_to_epoch);
@@ -207,6 +207,11 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
                 }
                 Verdict::Detached
             }
+            // A backup's events: none come to a primary.
+            ModeEvent::Apply { .. }
+            | ModeEvent::TookOver { .. }
+            | ModeEvent::EndedOnPrimary { .. }
+            | ModeEvent::Unprotected => Verdict::Continue,
         }
     }
 

@@ -198,7 +198,7 @@ impl<V: Vm> Mode<V> for MigrationSource<V> {
         Mode::<V>::idle_wait_limit(&self.inner)
     }
 
-    fn on_event(&mut self, event: ModeEvent) -> Verdict {
+    fn on_event(&mut self, vm: &mut V, event: ModeEvent) -> Verdict {
         match event {
             ModeEvent::HandedOver { generation } => {
                 self.phase = MigrationPhase::HandedOver;
@@ -243,9 +243,9 @@ impl<V: Vm> Mode<V> for MigrationSource<V> {
                     "the destination did not take the VM (no acknowledgement or switchover answer in time)".into()
                 });
                 self.called_off(format!("{why} (ownership generation {generation} stays here)"));
-                self.inner.on_event(ModeEvent::Detached { generation })
+                self.inner.on_event(vm, ModeEvent::Detached { generation })
             }
-            event => self.inner.on_event(event),
+            event => self.inner.on_event(vm, event),
         }
     }
 

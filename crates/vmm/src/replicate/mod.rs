@@ -63,8 +63,8 @@ pub enum ReplicationError {
     AlreadyReplicating,
     #[error("cannot start the replication thread")]
     Thread(#[source] std::io::Error),
-    #[error("the machine thread died")]
-    MachineThreadDied,
+    #[error("the driver stopped taking the backup's checkpoints")]
+    DriverGone,
     #[error("the listener stopped")]
     ListenerStopped,
 }
