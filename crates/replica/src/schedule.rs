@@ -44,7 +44,7 @@ pub enum SliceAction {
 }
 
 /// Checkpoint mode's schedule: epochs, pre-copy and held outputs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CheckpointSchedule<O> {
     config: ScheduleConfig,
     /// The epoch of the last checkpoint taken (0: none yet).

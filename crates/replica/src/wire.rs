@@ -320,7 +320,7 @@ pub enum Decoded {
 }
 
 /// Turns payloads into frames, numbering them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Encoder {
     key: FrameKey,
     next_seq: u64,
@@ -328,7 +328,7 @@ pub struct Encoder {
     kept: Option<Kept>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Kept {
     frames: std::collections::VecDeque<(u64, Vec<u8>)>,
     bytes: usize,
@@ -417,7 +417,7 @@ fn seal(key: &FrameKey, header: &Header, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reassembles frames from a byte stream cut anywhere, and checks each one.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Decoder {
     key: FrameKey,
     buf: Vec<u8>,
@@ -430,7 +430,7 @@ pub struct Decoder {
 }
 
 /// Where a decoder that recovers from damaged payloads stands.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Recovery {
     /// The most to skip while awaiting the frame due: what the sender keeps for resending.
     max_skipped_bytes: u64,

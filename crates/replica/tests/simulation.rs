@@ -64,12 +64,13 @@ const IDLE_SLICE: f64 = 0.4;
 const OUTPUT_SLICE: f64 = 0.15;
 /// Pages a pre-copy step scans at most.
 const PRECOPY_STEP_PAGES: u64 = 8;
-/// With no fault for this long, the VM must be protected again.
+/// With no fault for this long, the VM must be protected again (unless the setup says less).
 const QUIET_MS: u64 = 1500;
 const MAX_PENDING_HANDSHAKES: usize = 8;
 const TRACE_LINES: usize = 120;
 
 /// A seeded generator (ChaCha8 from rand_chacha): the same on every platform.
+#[derive(Clone)]
 struct Rng(rand_chacha::ChaCha8Rng);
 
 impl Rng {
@@ -130,6 +131,8 @@ struct Setup {
     /// backup) after the given wait.
     unprotect_every_ms: Option<u64>,
     reprotect_after_ms: (u64, u64),
+    /// With no fault for this long, the VM must be protected again.
+    quiet_ms: u64,
 }
 
 impl Setup {
@@ -148,6 +151,7 @@ impl Setup {
             restart_ms: (50, 1500),
             unprotect_every_ms: if rng.chance(0.2) { Some(rng.pick(&[300, 1000, 3000])) } else { None },
             reprotect_after_ms: (0, 400),
+            quiet_ms: QUIET_MS,
         }
     }
 
@@ -167,6 +171,7 @@ impl Setup {
             restart_ms: (1500, 1500),
             unprotect_every_ms: None,
             reprotect_after_ms: (100, 100),
+            quiet_ms: QUIET_MS,
         }
     }
 }
@@ -238,6 +243,7 @@ enum Opener {
     Stranger,
 }
 
+#[derive(Clone)]
 struct Connection {
     opener: Opener,
     listener_host: usize,
@@ -255,6 +261,7 @@ struct Connection {
 
 /// A primary: the protocol core, and the guest run by checkpoint mode's real schedule (as
 /// `vmm`'s CheckpointPrimary applies it) instead of a model of its own.
+#[derive(Clone)]
 struct PrimaryNode {
     core: Primary,
     run: u64,
@@ -278,6 +285,7 @@ struct PrimaryNode {
     alone_until: Option<u64>,
 }
 
+#[derive(Clone)]
 struct BackupNode {
     core: Backup,
     /// The machine: (run, epoch) and pages, or None when it holds no whole checkpoint.
@@ -286,11 +294,13 @@ struct BackupNode {
     applying: Option<(u64, u64, bool)>,
 }
 
+#[derive(Clone)]
 enum Role {
     Primary(PrimaryNode),
     Backup(BackupNode),
 }
 
+#[derive(Clone)]
 struct Process {
     incarnation: u64,
     frozen_until: u64,
@@ -312,11 +322,13 @@ enum StoreOp {
     BackupRead,
 }
 
+#[derive(Clone)]
 enum StoreAnswer {
     Swap(Result<SwapAnswer, String>),
     Read(Result<Option<RecordView>, String>),
 }
 
+#[derive(Clone)]
 struct StoreCall {
     host: usize,
     incarnation: u64,
@@ -329,7 +341,7 @@ struct StoreCall {
 }
 
 /// The ownership store: one record, changed only by compare-and-swap of its generation.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Store {
     record: Option<Record>,
     unreachable_until: [u64; 2],
@@ -452,6 +464,7 @@ impl Stats {
     }
 }
 
+#[derive(Clone)]
 struct Sim {
     rng: Rng,
     setup: Setup,
@@ -1900,19 +1913,20 @@ impl Sim {
         }
     }
 
-    /// 6: with no fault for QUIET_MS, the VM is protected; once it ended, a backup whose state
+    /// 6: with no fault for `quiet_ms`, the VM is protected; once it ended, a backup whose state
     /// is not stale has exited (it was told, or its claim found the record ended).
     fn check_progress(&mut self) -> Result<(), String> {
-        if self.now < self.disturbed_until + QUIET_MS {
+        let quiet_ms = self.setup.quiet_ms;
+        if self.now < self.disturbed_until + quiet_ms {
             return Ok(());
         }
         if self.vm_over {
-            if self.record_ended_at.is_some_and(|at| self.now >= at + QUIET_MS) {
+            if self.record_ended_at.is_some_and(|at| self.now >= at + quiet_ms) {
                 self.stats.quiet_checks += 1;
                 for b in (0..2).filter_map(|h| self.backup(h)) {
                     let status = b.core.status();
                     let lingers = status.applied_epoch.is_some() && !status.stale;
-                    check!(!lingers, "{QUIET_MS} ms after the VM ended a backup is still there: {status:?}");
+                    check!(!lingers, "{quiet_ms} ms after the VM ended a backup is still there: {status:?}");
                 }
             }
             return Ok(());
@@ -1922,7 +1936,7 @@ impl Sim {
         let backup = (0..2).find_map(|h| self.backup(h));
         check!(
             self.protected(),
-            "{QUIET_MS} ms after the last fault the VM is not protected: primary {:?}, backup {:?}",
+            "{quiet_ms} ms after the last fault the VM is not protected: primary {:?}, backup {:?}",
             primary.map(|p| p.core.status()),
             backup.map(|b| b.core.status())
         );
@@ -2115,36 +2129,26 @@ fn a_crashed_primary_is_replaced_by_the_backup_which_is_then_protected_by_a_new_
     }
 }
 
-/// Kills one side at each step of a fault-free run in turn (each policy at every other
-/// step: the first full checkpoint's pre-copy, its acknowledgement and the epochs after),
-/// then lets the survivors run on: the invariants hold throughout, a backup that holds a
-/// state counting for the primary's generation replaces a dead primary, and the VM ends up
-/// protected again.
+/// Kills one side at each of the first steps of a fault-free run in turn (each policy at
+/// every other step: the first full checkpoint's pre-copy, its acknowledgement and the
+/// epochs after), in a world where the backup suspects only after the primary gave up on
+/// it; the survivors run on until the VM is judged again: the invariants hold throughout, a
+/// backup that holds a state counting for the primary's generation replaces a dead primary,
+/// and the VM ends up protected again.
 #[test]
-fn crashing_either_side_at_every_step_keeps_the_invariants() {
-    for host in [0, 1] {
-        for crash_step in 0..400 {
-            let policy = POLICIES[(crash_step % 2) as usize];
-            let seed = 0xc0de_0000 + crash_step + 1000 * host as u64;
-            let what = format!("{policy:?}, host {} crashed at step {crash_step}", HOSTS[host]);
-            run_checked(
-                seed,
-                &what,
-                || calm_sim(seed, policy, |_| {}),
-                |sim| {
-                    sim.run_steps(crash_step)?;
-                    let claimable = sim.backup(1).is_some_and(|b| b.core.state_generation().is_some());
-                    sim.crash(host);
-                    sim.run_steps(800)?;
-                    if host == 0 && claimable {
-                        check!(sim.stats.go_lives == 1, "the backup did not take over: {:?}", sim.stats);
-                    }
-                    sim.run_steps(2500)?;
-                    check!(sim.protected(), "not protected again: {:?}", sim.stats);
-                    sim.finish()
-                },
-            );
-        }
+fn crashing_either_side_at_each_early_step_keeps_the_invariants() {
+    for (i, policy) in POLICIES.into_iter().enumerate() {
+        let seed = 0xc0de_0000 + i as u64;
+        let (steps, crashes, _) = crash_sweep(
+            seed,
+            &format!("{policy:?}, the first 400 steps"),
+            || calm_sim(seed, policy, |_| {}),
+            |_, step| step < 400,
+            |step| step % 2 == i as u64,
+        );
+        eprintln!(
+            "seed {seed:#x} ({policy:?}): a side killed at every other of the first {steps} steps ({crashes} crashes)"
+        );
     }
 }
 
@@ -2179,6 +2183,123 @@ fn an_unprotect_then_a_crash_of_either_side_at_any_step_keeps_the_invariants() {
         }
     }
     assert!(total.detaches > 0 && total.stand_downs > 0 && total.reprotects > 0, "{total:?}");
+}
+
+/// The world of the whole-run crash sweep: calm, but quick to fail over and to restart a
+/// crashed process, judged sooner, and a guest that powers off after `WHOLE_RUN_EPOCHS`.
+fn whole_run_sim(seed: u64, policy: BackupLossPolicy) -> Sim {
+    calm_sim(seed, policy, |s| {
+        s.failover_ms = 100;
+        // Later than a takeover: a host restarted while it still owns the record boots the VM
+        // again from its images, which would race the backup's claim.
+        s.restart_ms = (300, 300);
+        s.quiet_ms = 600;
+        s.end_after_epochs = Some(WHOLE_RUN_EPOCHS);
+    })
+}
+
+const WHOLE_RUN_EPOCHS: u64 = 160;
+/// A sweep's world is over well before this (a whole run: about 1,600 steps).
+const WHOLE_RUN_MAX_STEPS: u64 = 20_000;
+/// After a crash the VM is judged again well before this (about 400 steps).
+const AFTER_CRASH_MAX_STEPS: u64 = 3_000;
+
+/// Kill `host` now and run on until the VM is judged again: protected once the world has
+/// been quiet for `quiet_ms` (invariant 6, checked by every step), or ended with no process
+/// left. A backup whose state counted for the primary's generation has taken over by then.
+fn after_crash(sim: &mut Sim, host: usize) -> Result<Stats, String> {
+    let (judged, go_lives) = (sim.stats.quiet_checks, sim.stats.go_lives);
+    let active = sim.store.record.as_ref().filter(|r| r.ended.is_none()).map(|r| r.generation);
+    let claimable =
+        !sim.vm_over && active.is_some() && sim.backup(1 - host).is_some_and(|b| b.core.state_generation() == active);
+    let primary_crashed = sim.primary(host).is_some();
+    sim.crash(host);
+    for _ in 0..AFTER_CRASH_MAX_STEPS {
+        sim.step()?;
+        if sim.stats.quiet_checks > judged || (sim.vm_over && sim.procs.iter().all(Option::is_none)) {
+            break;
+        }
+    }
+    check!(
+        sim.stats.quiet_checks > judged || sim.vm_over,
+        "not judged again {AFTER_CRASH_MAX_STEPS} steps after the crash: {:?}",
+        sim.stats
+    );
+    if primary_crashed && claimable && !sim.vm_over {
+        check!(sim.stats.go_lives == go_lives + 1, "the backup did not take over: {:?}", sim.stats);
+    }
+    sim.finish()
+}
+
+/// Kills either side at every step of a whole run — from boot through the first full
+/// checkpoint, the epochs, to the guest's power-off and both sides' exit — for a seed of each
+/// policy.
+#[test]
+fn crashing_either_side_at_every_step_of_a_whole_run_keeps_the_invariants() {
+    for (i, policy) in POLICIES.into_iter().enumerate() {
+        let seed = 0x3a0e_0000 + i as u64;
+        let (steps, crashes, totals) = crash_sweep(
+            seed,
+            &format!("{policy:?}, a whole run"),
+            || whole_run_sim(seed, policy),
+            |sim, _| !(sim.vm_over && sim.procs.iter().all(Option::is_none)),
+            |_| true,
+        );
+        eprintln!("seed {seed:#x} ({policy:?}): a side killed at each of the {steps} steps of a whole run ({crashes} crashes)");
+        check_whole_run(steps, &totals, policy);
+    }
+}
+
+/// Steps the world `make` builds, without a crash, while `going` says so; at each step that
+/// `crash_at` picks, a copy of the world (cloned: its state is small) has either side killed
+/// and runs on until the VM is judged again ([`after_crash`]). The sweep costs the steps after
+/// each crash, not the prefix before it. Returns the steps, the crashes and their totals; on
+/// a violation, panics with the seed, the step and a trace (from scratch: the world is
+/// deterministic).
+fn crash_sweep(
+    seed: u64,
+    what: &str,
+    make: impl Fn() -> Sim,
+    going: impl Fn(&Sim, u64) -> bool,
+    crash_at: impl Fn(u64) -> bool,
+) -> (u64, u64, Stats) {
+    let mut base = make();
+    let (mut step, mut crashes, mut totals) = (0, 0, Stats::default());
+    while going(&base, step) {
+        for host in (0..2).filter(|&h| crash_at(step) && base.procs[h].is_some()) {
+            let mut sim = base.clone();
+            match catch_unwind(AssertUnwindSafe(|| after_crash(&mut sim, host))) {
+                Ok(Ok(stats)) => totals.add(&stats),
+                _ => {
+                    let what = format!("{what}, host {} crashed at step {step}", HOSTS[host]);
+                    let rebuild = || {
+                        let mut sim = make();
+                        sim.run_steps(step).expect("the prefix passed before");
+                        sim
+                    };
+                    run_checked(seed, &what, rebuild, |sim| after_crash(sim, host));
+                    panic!("simulation seed {seed} ({what}): failed on the copy, passed from scratch");
+                }
+            }
+            crashes += 1;
+        }
+        if let Err(violation) = base.step() {
+            panic!("simulation seed {seed} ({what}, no crash, step {step}) failed: {violation}");
+        }
+        step += 1;
+        assert!(step < WHOLE_RUN_MAX_STEPS, "simulation seed {seed} ({what}): not over after {step} steps");
+    }
+    totals.add(&base.stats);
+    (step, crashes, totals)
+}
+
+/// The sweep was not vacuous: the run ended, takeovers happened and were refused, backups
+/// were protected again, and the end of the VM was reached on both sides.
+fn check_whole_run(steps: u64, totals: &Stats, policy: BackupLossPolicy) {
+    assert!(steps > WHOLE_RUN_EPOCHS * EPOCH_MS / 4, "{policy:?}: a run of {steps} steps");
+    assert!(totals.go_lives > 0 && totals.claims > totals.go_lives, "{policy:?}: {totals:?}");
+    assert!(totals.quiet_checks > 0 && totals.ends > 0 && totals.backup_exits > 0, "{policy:?}: {totals:?}");
+    assert!(totals.precopies > 0 && totals.protected_again + totals.fresh_boots > 0, "{policy:?}: {totals:?}");
 }
 
 /// The scenario of issue 7: the replication link goes down for several grace periods, and

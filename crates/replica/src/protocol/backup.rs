@@ -135,7 +135,7 @@ pub enum BackupAction {
     StandDown,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Incoming {
     Receiving {
         id: CheckpointId,
@@ -149,7 +149,7 @@ enum Incoming {
     Discarding { epoch: u64 },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct BackupLink {
     conn: ConnId,
     link: Link,
@@ -158,7 +158,7 @@ struct BackupLink {
     hello: Option<(u64, u64)>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct WholeCheckpoint {
     id: CheckpointId,
     base_epoch: Option<u64>,
@@ -227,7 +227,7 @@ pub struct BackupStatus {
 }
 
 /// The backup's protocol state machine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Backup {
     config: BackupConfig,
     now_ms: u64,

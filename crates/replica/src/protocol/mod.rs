@@ -128,7 +128,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The per-connection codec both roles share.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Link {
     encoder: Encoder,
     decoder: Decoder,

@@ -211,7 +211,7 @@ struct Logged {
 }
 
 /// A checkpoint being framed onto the connection, a step at a time.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Outgoing {
     logged: Logged,
     /// Where to start: 0, or a resume offset.
@@ -224,7 +224,7 @@ struct Outgoing {
     begun: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PrimaryLink {
     link: Link,
     nonce: Nonce,
@@ -299,7 +299,7 @@ pub struct PrimaryStatus {
 }
 
 /// The primary's protocol state machine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Primary {
     config: PrimaryConfig,
     now_ms: u64,
