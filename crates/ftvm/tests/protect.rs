@@ -125,9 +125,10 @@ fn backup(dir: &Dir, name: &str) -> (Proc, String, PathBuf) {
     (proc, listen, api)
 }
 
+/// Until the API answers: the socket's file appears at bind, a moment before it listens.
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(Instant::now() < deadline, "{} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -200,6 +200,43 @@ fn stranger_connections_to_the_backup_port_never_disturb_replication_nor_the_tak
     println!("{lag:?}; {}", verdict.describe());
 }
 
+/// Faults in sequence, from outside, during a transition: the backup is SIGKILLed while its
+/// first full checkpoint is on its way (or just after, if it was quicker than the poll), with
+/// strangers on its port; a new backup starts in its place, and the primary (which served on,
+/// unprotected) protects the VM with it; then the primary is SIGKILLed and the new backup
+/// takes over with nothing the client was told lost.
+#[test]
+fn a_backup_killed_during_its_first_full_checkpoint_is_replaced_and_a_later_sigkill_loses_nothing() {
+    let seed = seed();
+    let mut cluster = Cluster::start("full-kill", &Options::counter(seed));
+    let receiving = cluster.wait_backup("the first full checkpoint under way", BOOT_LIMIT, |s| {
+        s["partial_checkpoint_bytes"].as_u64() > Some(0) || !s["applied_epoch"].is_null()
+    });
+    cluster.kill_backup();
+    let during = receiving["applied_epoch"].is_null();
+    let kinds = [Kind::Idle, Kind::Garbage, Kind::Hangup];
+    let strangers =
+        Strangers::every(&cluster.topo.primary_ns(), backup_port(), &kinds, Duration::from_millis(300), seed);
+    let client = Client::start(&cluster.topo.client_ns());
+    if !client.wait_for_answers(20, BOOT_LIMIT) {
+        panic!("the guest's counter never answered 20 times\n{}", cluster.explain());
+    }
+    cluster.restart_backup();
+    let protected = cluster.wait_protected(PROTECTED_LIMIT);
+    let generation = replication(&protected, "generation");
+    let backup = cluster.backup_now();
+    assert_eq!((&backup["role"], &backup["state_generation"]), (&"backup".into(), &generation), "{backup}");
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    let verdict = kill_and_check(&mut cluster, &client, seed);
+    drop(strangers);
+    println!(
+        "backup killed {} its first full checkpoint ({} bytes of it received); {}",
+        if during { "during" } else { "just after" },
+        receiving["partial_checkpoint_bytes"],
+        verdict.describe()
+    );
+}
+
 #[test]
 fn a_flood_of_idle_and_hostile_connections_leaves_the_backup_running_and_the_link_intact() {
     let seed = seed();

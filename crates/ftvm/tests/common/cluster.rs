@@ -112,6 +112,10 @@ pub struct Cluster {
     pub epoch_ms: u64,
     /// Fresh backups started so far (`fresh_backup_in_primary_host`).
     replaced: u32,
+    /// How the first backup was started (`restart_backup` starts another the same way).
+    backup_args: Vec<String>,
+    backup_max_files: Option<u32>,
+    restarted: u32,
 }
 
 impl Drop for Cluster {
@@ -201,7 +205,28 @@ impl Cluster {
             dir,
             epoch_ms: options.epoch_ms,
             replaced: 0,
+            backup_args,
+            backup_max_files: options.backup_max_files,
+            restarted: 0,
         }
+    }
+
+    /// SIGKILL the backup.
+    pub fn kill_backup(&mut self) {
+        let _ = self.backup.child.kill();
+        let _ = self.backup.child.wait();
+    }
+
+    /// Start a new backup in the backup's host as the first one was (same address, TAP and
+    /// API socket), once the old one is dead: the primary, which keeps connecting, finds it.
+    pub fn restart_backup(&mut self) {
+        assert!(self.backup.exited().is_some(), "the old backup still runs");
+        self.restarted += 1;
+        let name = format!("backup-{}", self.restarted);
+        let _ = std::fs::remove_file(&self.backup_api);
+        self.backup = spawn_in(&self.topo.backup_ns(), &self.backup_args, &self.dir, &name, self.backup_max_files);
+        self.backup_stdout = self.dir.join(format!("{name}.out"));
+        wait_for_socket(&self.backup_api, Duration::from_secs(30));
     }
 
     /// After a takeover, the replica that took over is the primary: start a fresh backup in
@@ -391,9 +416,10 @@ fn spawn_in_with(
     Proc { child, log }
 }
 
+/// Until the API answers: the socket's file appears at bind, a moment before it listens.
 fn wait_for_socket(path: &Path, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while !path.exists() {
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(Instant::now() < deadline, "{} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
