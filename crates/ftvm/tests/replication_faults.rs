@@ -365,3 +365,61 @@ fn a_replicated_command_that_exits_ends_on_both_sides_with_all_its_output_and_it
         cluster.explain()
     );
 }
+
+/// A guest that powers off while the replication link is cut ends on both sides: the primary,
+/// serving alone since the cut, marks the record ended; the backup, which cannot be told,
+/// finds the record ended when it looks and stands down with the guest's status, never going
+/// live. The exit is set off from outside once the cut has taken effect (a connection to the
+/// guest's port 7002), not after a guessed sleep.
+#[test]
+fn a_guest_that_powers_off_while_the_link_is_cut_ends_on_both_sides_and_the_backup_never_goes_live() {
+    let mut options = cut_options(seed());
+    let script = "echo ready; nc -l -p 7002 </dev/null >/dev/null; echo bye; exit 3";
+    options.command = ["sh", "-c", script].map(String::from).to_vec();
+    let mut cluster = Cluster::start("cut-end", &options);
+    cluster.wait_protected(PROTECTED_LIMIT);
+    let deadline = Instant::now() + BOOT_LIMIT;
+    while !std::fs::read_to_string(&cluster.primary_stdout).unwrap_or_default().lines().any(|l| l.trim() == "ready") {
+        assert!(Instant::now() < deadline, "the guest never said ready\n{}", cluster.explain());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.relay.set(Mode::Cut);
+    cluster.wait_primary("the primary serving alone", Duration::from_secs(30), |s| !is_protected(s));
+    connect_from(&cluster.topo.client_ns(), "10.0.2.15:7002".parse().unwrap(), Duration::from_secs(30));
+    let primary = cluster.primary.wait_exit(Duration::from_secs(60));
+    let mut roles = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.backup.exited().is_none() && Instant::now() < deadline {
+        if let Some(s) = cluster.backup_status() {
+            roles.push(s["role"].clone());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let backup = cluster.backup.exited();
+    let out = std::fs::read_to_string(&cluster.primary_stdout).unwrap_or_default();
+    assert!(
+        primary.and_then(|s| s.code()) == Some(3)
+            && backup.and_then(|s| s.code()) == Some(3)
+            && out.lines().any(|l| l.trim() == "bye")
+            && roles.iter().all(|r| r == "backup"),
+        "primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}\nprimary output:\n{out}\n{}",
+        cluster.explain()
+    );
+}
+
+/// Connect to `addr` from inside namespace `ns`, again and again until it works.
+fn connect_from(ns: &str, addr: SocketAddr, limit: Duration) {
+    let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("the namespace exists");
+    let connected = std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    assert!(connected.join().unwrap(), "no connection to {addr} from {ns} within {limit:?}");
+}
