@@ -113,6 +113,11 @@ pub struct PrimaryConfig {
     /// Live migration: how long each step of a switchover (the acknowledgement of the final
     /// checkpoint, then `SwitchedOver`) may take before it is called off.
     pub switchover_timeout_ms: u64,
+    /// This run took up a generation an earlier run of this replica held (a `--resilient`
+    /// primary's restarted monitor): a backup may hold that run's state, which counts for
+    /// this generation, so releasing outputs without a backup swaps the generation first,
+    /// even before this run's backup was declared protected.
+    pub earlier_run_protected: bool,
 }
 
 impl PrimaryConfig {
@@ -134,6 +139,7 @@ impl PrimaryConfig {
             end_timeout_ms: 1000,
             max_log_bytes: 1 << 30,
             switchover_timeout_ms: 1000,
+            earlier_run_protected: false,
         }
     }
 }
@@ -592,13 +598,16 @@ impl Primary {
             return;
         }
         match self.protection {
-            Protection::Protected => {
+            Protection::CatchingUp { released_up_to } if self.earlier_run_fenced_off(released_up_to) => {
+                self.detach(actions)
+            }
+            Protection::Protected | Protection::CatchingUp { .. } => {
                 if self.swap_outstanding.is_none() && self.now_ms >= self.next_store_attempt_ms {
                     self.swap_outstanding = Some(SwapPurpose::Detach);
                     actions.push(PrimaryAction::SwapGeneration { expected: self.generation, ended: None });
                 }
             }
-            Protection::CatchingUp { .. } | Protection::Unprotected => self.detach(actions),
+            Protection::Unprotected => self.detach(actions),
         }
     }
 
@@ -634,14 +643,22 @@ impl Primary {
         match self.protection {
             Protection::Unprotected => {}
             // No backup was told its state counts for this generation: nothing to fence.
-            Protection::CatchingUp { .. } => self.become_unprotected(actions),
-            Protection::Protected => {
+            Protection::CatchingUp { released_up_to } if self.earlier_run_fenced_off(released_up_to) => {
+                self.become_unprotected(actions)
+            }
+            Protection::Protected | Protection::CatchingUp { .. } => {
                 if self.swap_outstanding.is_none() && now >= self.next_store_attempt_ms {
                     self.swap_outstanding = Some(SwapPurpose::Unprotect);
                     actions.push(PrimaryAction::SwapGeneration { expected: self.generation, ended: None });
                 }
             }
         }
+    }
+
+    /// Whether a backup may still hold a state of an earlier run that counts for this
+    /// generation: only before this run released anything early (which swapped it).
+    fn earlier_run_fenced_off(&self, released_up_to: Option<u64>) -> bool {
+        !self.config.earlier_run_protected || released_up_to.is_some()
     }
 
     fn become_unprotected(&mut self, actions: &mut Vec<PrimaryAction>) {

@@ -861,6 +861,33 @@ fn a_resynchronized_backup_is_declared_protected_under_the_new_generation_and_ca
 }
 
 #[test]
+fn a_restarted_primary_that_took_up_its_generation_fences_the_earlier_runs_backup_before_releasing() {
+    // A --resilient primary's monitor dies and a new one (a new run) takes up generation 1,
+    // which the backup's state from the old run counts for. Cut off from the backup past the
+    // grace period, the new run must swap the generation before releasing anything: the
+    // backup would otherwise take over with a state older than the released outputs.
+    let mut w = protected_world();
+    w.disconnect();
+    let restarted = PrimaryConfig { earlier_run_protected: true, ..PrimaryConfig::new(psk(), DIGEST, RUN + 1) };
+    w.p = Primary::new(restarted, 1, w.now_ms);
+    w.p_log.clear();
+    w.checkpoint(1, b"unacked");
+    w.tick(w.now_ms + 300);
+    let swap = w.p_log.iter().position(|a| *a == PrimaryAction::SwapGeneration { expected: 1, ended: None });
+    let release = w.p_log.iter().position(|a| *a == PrimaryAction::ReleaseOutputs { up_to_epoch: 1 });
+    assert!(swap.is_some() && swap < release, "{:?}", w.p_log);
+    assert_eq!(w.record.generation, 2);
+    // The old run's state no longer counts: the backup cannot take over with it.
+    w.tick(w.now_ms + 2000);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
+    // Without the flag (a fresh primary), nothing could have held this generation's state.
+    let mut fresh = World::with(primary_config(), patient_backup());
+    fresh.checkpoint(1, b"unacked");
+    fresh.tick(300);
+    assert!(!fresh.p_log.iter().any(|a| matches!(a, PrimaryAction::SwapGeneration { .. })), "{:?}", fresh.p_log);
+}
+
+#[test]
 fn with_hold_the_primary_never_runs_unprotected() {
     let p = PrimaryConfig { on_backup_loss: BackupLossPolicy::Hold, ..primary_config() };
     let b = BackupConfig { failover_timeout_ms: 100_000, ..backup_config() };
