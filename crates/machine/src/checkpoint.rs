@@ -305,6 +305,41 @@ pub fn counts(payload: &[u8]) -> (usize, usize) {
     walk().unwrap_or((0, 0))
 }
 
+/// The RAM pages and disk sectors a payload writes (a page or sector copied twice by a
+/// pre-copy appears twice), without decoding the state: for a second consumer of the dirty
+/// logs (the keeper's local checkpoint of a replicated primary), which must learn what a
+/// checkpoint took from them. None for a malformed payload.
+pub fn written(payload: &[u8]) -> Option<(Vec<usize>, Vec<u64>)> {
+    let mut r = Reader::new(payload);
+    let mut walk = || -> Result<Option<(Vec<usize>, Vec<u64>)>, ReadError> {
+        r.take(HEADER_BYTES, "the header")?;
+        let (mut pages, mut sectors) = (Vec::new(), Vec::new());
+        while !r.is_empty() {
+            match r.u8("a record tag")? {
+                TAG_PAGE => {
+                    pages.push(r.u32("a page index")? as usize);
+                    r.take(PAGE_BYTES, "a page")?;
+                }
+                TAG_SECTORS => {
+                    let first = r.u64("a sector number")?;
+                    let n = r.u16("a sector count")?;
+                    r.take(usize::from(n) * SECTOR_BYTES, "the sectors")?;
+                    sectors.extend((0..u64::from(n)).map(|i| first.saturating_add(i)));
+                }
+                TAG_STATE => {
+                    r.bytes("the state", MAX_STATE_BYTES as usize)?;
+                }
+                TAG_DIGEST => {
+                    r.take(16, "the digest")?;
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some((pages, sectors)))
+    };
+    walk().ok().flatten()
+}
+
 /// The number of pages a payload carries (see [`counts`]).
 pub fn page_count(payload: &[u8]) -> usize {
     counts(payload).0

@@ -271,3 +271,20 @@ fn a_pre_copy_skips_the_holes_of_a_sparse_disk() {
     checkpoint::apply(&mut backup, &precopy.finish(&mut primary).unwrap()).unwrap();
     assert_eq!(backup.digest(), primary.digest());
 }
+
+#[test]
+fn written_names_the_pages_a_checkpoint_took_from_the_dirty_log() {
+    // A second consumer of the dirty log (the keeper's local checkpoint of a replicated
+    // primary) learns from the payload which pages the checkpoint took.
+    let mut primary = Machine::new(&config()).unwrap();
+    drive(&mut primary, 10_000_000);
+    checkpoint::take(&mut primary, true).unwrap();
+    drive(&mut primary, 15_000_000);
+    let delta = checkpoint::take(&mut primary, false).unwrap();
+    let (pages, sectors) = checkpoint::written(&delta).expect("a well-formed payload");
+    assert!(!pages.is_empty(), "the guest wrote pages in 5 M instructions");
+    assert_eq!(pages.len(), checkpoint::page_count(&delta));
+    assert!(sectors.is_empty(), "no disk");
+    assert!(pages.windows(2).all(|w| w[0] < w[1]), "each page once, ascending: {pages:?}");
+    assert_eq!(checkpoint::written(&delta[..delta.len() - 1]), None, "a cut payload is malformed");
+}
