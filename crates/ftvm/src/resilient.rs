@@ -16,6 +16,7 @@ use std::time::Duration;
 use vmm::driver::{ConsoleSink, Driver};
 use vmm::host::{console, tap::Tap, HostEvent};
 use vmm::keeper::region::{self, HandoverKind, HandoverState, Live, Region, Verdict};
+use vmm::keeper::replicated::{ReplicatedMonitor, Watched};
 use vmm::keeper::stream::Parser;
 use vmm::keeper::supervisor::{self, End, Hooks, Inherit, MonitorProc, NoHooks, Restart, Upgrade};
 use vmm::keeper::{disk::DiskJournal, monitor, stream::StreamSink, Inherited};
@@ -43,8 +44,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
 }
 
 fn refuse_unsupported(args: &RunArgs) -> Result<()> {
-    if args.replication.replicate_to.is_some() || args.replication.ownership.store.is_some() {
-        bail!("--resilient does not work with replication or an ownership store yet (docs/microreboot.md)");
+    if args.replication.replicate_to.is_none() && args.replication.ownership.store.is_some() {
+        bail!("--resilient takes --store only with --replicate-to for now (docs/microreboot.md)");
+    }
+    if args.replication.replicate_to.is_some() && args.rejuvenate_every.is_some() {
+        bail!("--rejuvenate-every does not work with --replicate-to yet (docs/microreboot.md)");
     }
     Ok(())
 }
@@ -287,13 +291,15 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     if std::env::var_os("FTVM_KEEPER_TIMING").is_some() {
         eprintln!("ftvm: monitor: config {t1:?}, started {:?} (recovered {})", t0.elapsed(), started.recovered);
     }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let interactive = args.command.is_empty();
     let mut tap = match (inherited.tap, &vm.net) {
         (Some(fd), Some(spec)) => Some(Tap::from_fd(fd, run_cmd::tap_name(spec)?)),
         _ => None,
     };
     let mut sink = StreamSink::new(inherited.stream);
+    if args.replication.replicate_to.is_some() {
+        return run_replicated(args, &config, started, sink, tap, inherited.api, live, &region_fd);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
     let (mut machine, mut mode) = (started.machine, started.monitor);
     if started.recovered {
         // Keys, frames and requests that arrive meanwhile wait in the terminal, the TAP
@@ -306,28 +312,117 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     }
     let mut driver = Driver::new(machine, rx, vm.clock.into());
     driver.set_mode(Box::new(mode));
+    let outcome = run_attached(driver, args, tap, inherited.api, live, tx, &mut sink)?;
+    let code = run_cmd::exit_status(outcome)?;
+    sink.end(code).context("cannot tell the keeper that the VM ended")?;
+    Ok(code)
+}
+
+/// Attach the inherited terminal, TAP device and API socket to a monitor's driver (only
+/// now: what arrived during a recovery waited in their queues) and run it.
+fn run_attached<V: vmm::vm::Vm + 'static>(
+    mut driver: Driver<V>,
+    args: &RunArgs,
+    tap: Option<Tap>,
+    api: Option<std::os::fd::OwnedFd>,
+    live: Region,
+    tx: std::sync::mpsc::Sender<vmm::host::HostEvent>,
+    sink: &mut StreamSink,
+) -> Result<vmm::driver::Outcome> {
+    let vm = &args.vm;
+    let interactive = args.command.is_empty();
     if interactive {
         console::spawn_reader(tx.clone());
     }
     if let Some(tap) = &tap {
         tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
     }
-    let _api = inherited.api.map(|fd| {
+    let replicated = driver.replicating();
+    let _api = api.map(|fd| {
         let (api_tx, api_rx) = std::sync::mpsc::channel();
         let driver_tx = tx.clone();
-        std::thread::spawn(move || answer_keeper_part(api_rx, driver_tx, live));
+        std::thread::spawn(move || answer_keeper_part(api_rx, driver_tx, live, replicated));
         crate::api::serve_listener(UnixListener::from(fd), None, api_tx)
     });
-    driver.events_possible = interactive || tap.is_some() || vm.api.is_some();
+    driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || replicated;
     if vm.api.is_some() {
         driver.events_tx = Some(tx.clone());
     }
-    driver.tap = tap.take();
+    driver.tap = tap;
     if let Some(seed) = vm.seed {
         driver.entropy = vmm::host::EntropySource::seeded(seed);
     }
     drop(tx);
-    let outcome = driver.run(&mut sink)?;
+    Ok(driver.run(sink)?)
+}
+
+/// This keeper's name in the VM's ownership record: the same for each of its monitors, so
+/// that a restarted one knows the record it finds as its own.
+fn keeper_replica_name() -> String {
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "host".into());
+    format!("primary-{host}-{}", nix::unistd::getppid())
+}
+
+/// A replicated primary's monitor: take the VM's ownership record up (claimed by a fresh
+/// VM; resumed at the generation it holds by a restarted monitor, which stops if another
+/// replica took the VM over meanwhile), recover, and replicate on to the backup with the
+/// outputs the recovery replayed held for output commit.
+fn run_replicated(
+    args: &RunArgs,
+    config: &machine::MachineConfig,
+    started: monitor::Started,
+    mut sink: StreamSink,
+    tap: Option<Tap>,
+    api: Option<std::os::fd::OwnedFd>,
+    live: Region,
+    region_fd: &std::os::fd::OwnedFd,
+) -> Result<i32> {
+    use vmm::replicate::{Ownership, ReplicationError};
+    let mem = args.vm.mem;
+    let options = crate::replication_args::options(&args.replication)?;
+    let mut spec = args.replication.ownership.spec();
+    spec.replica_name.get_or_insert_with(keeper_replica_name);
+    let mut ownership = Ownership::open(&spec, config, "primary")?.context("--replicate-to needs --store")?;
+    let taken_up = if started.recovered { ownership.resume() } else { ownership.claim_for_start() };
+    match taken_up {
+        Ok(_) => {}
+        Err(e @ (ReplicationError::Superseded { .. } | ReplicationError::RunningElsewhere { .. })) => {
+            let text = e.to_string();
+            eprintln!("ftvm: monitor: {text}");
+            return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, &text));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let (mut machine, mut monitor) = (started.machine, started.monitor);
+    monitor.count_frames_on_release();
+    let mut held = Vec::new();
+    if started.recovered {
+        let replayed = monitor.replay_into(&mut machine, started.inputs, &mut |output| {
+            held.push(output);
+            Ok(())
+        });
+        match replayed {
+            Ok((inputs, icount)) => monitor.running(inputs, icount),
+            Err(e) => {
+                let text = format!("{e:#}");
+                eprintln!("ftvm: monitor: cannot take the VM over: {text}");
+                return Ok(monitor::give_up(region_fd, mem, Verdict::ReplayDiverged, &text));
+            }
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut vm = Watched::new(machine);
+    let vm_id = ownership.vm_id.clone();
+    let mode = ReplicatedMonitor::start(monitor, &mut vm, held, options, ownership, tx.clone())?;
+    let mut driver = Driver::new(vm, rx, args.vm.clock.into());
+    driver.vm_id = Some(vm_id);
+    driver.set_mode(Box::new(mode));
+    let outcome = run_attached(driver, args, tap, api, live, tx, &mut sink)?;
+    if let vmm::driver::Outcome::Fenced(message) = &outcome {
+        // Another replica owns the VM: this keeper must not start another monitor.
+        eprintln!("ftvm: monitor: {message}");
+        return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, message));
+    }
     let code = run_cmd::exit_status(outcome)?;
     sink.end(code).context("cannot tell the keeper that the VM ended")?;
     Ok(code)
@@ -335,7 +430,11 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
 
 /// Why `ctl protect` is refused on a `--resilient` VM.
 pub const PROTECT_REFUSED: &str = "a --resilient VM cannot be protected yet: its keeper does not keep a replication \
-     connection across monitor restarts (docs/microreboot.md); start the VM without --resilient to protect it";
+     connection across monitor restarts (docs/microreboot.md); give it its backup when it starts (--replicate-to)";
+
+/// Why `ctl rejuvenate` and `ctl upgrade` are refused on a replicated `--resilient` VM.
+pub const HANDOVER_REPLICATED_REFUSED: &str = "a replicated --resilient VM cannot be handed to a new monitor in a \
+     planned handover yet (docs/microreboot.md); a monitor that dies is still replaced";
 
 /// Why `ctl migrate` is refused on a `--resilient` VM.
 pub const MIGRATE_REFUSED: &str = "a --resilient VM cannot be migrated yet: its keeper would take the monitor's end \
@@ -343,7 +442,7 @@ pub const MIGRATE_REFUSED: &str = "a --resilient VM cannot be migrated yet: its 
 
 /// Between the API and the driver: answer what is the keeper's (handovers, the keeper's part
 /// of the status, the refusal of protect), pass the rest on.
-fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live: Region) {
+fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live: Region, replicated: bool) {
     for event in api {
         let HostEvent::Control(request) = event else {
             if driver.send(event).is_err() {
@@ -355,6 +454,7 @@ fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live:
             Command::Protect(_) => Reply::error(409, PROTECT_REFUSED),
             // The monitor would end after handing the VM away, and the keeper would start it again.
             Command::Migrate(_) => Reply::error(409, MIGRATE_REFUSED),
+            Command::Handover(_) if replicated => Reply::error(409, HANDOVER_REPLICATED_REFUSED),
             Command::Handover(handover) => ask_handover(&live, handover),
             Command::Status => {
                 let (tx, rx) = std::sync::mpsc::channel();
@@ -426,7 +526,12 @@ fn write_report(path: &std::path::Path, end: &End, restarts: &[Restart], handove
     let end = match end {
         End::Exited(code) => serde_json::json!({ "kind": "exited", "code": code }),
         End::CannotRecover { verdict, message } => serde_json::json!({
-            "kind": match verdict { Verdict::RegionCorrupt => "region_corrupt", Verdict::ReplayDiverged => "replay_diverged", Verdict::None => "cannot_recover" },
+            "kind": match verdict {
+                Verdict::RegionCorrupt => "region_corrupt",
+                Verdict::ReplayDiverged => "replay_diverged",
+                Verdict::Superseded => "superseded",
+                Verdict::None => "cannot_recover",
+            },
             "message": message,
         }),
         End::Poison { attempts, icount, input } => {

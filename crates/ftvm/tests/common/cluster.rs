@@ -44,6 +44,8 @@ pub struct Options {
     /// `failpoints` feature).
     pub primary_failpoints: Option<String>,
     pub backup_failpoints: Option<String>,
+    /// More options of the primary's `ftvm run` (e.g. `--resilient`).
+    pub primary_args: Vec<String>,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
             replicate: true,
             primary_failpoints: None,
             backup_failpoints: None,
+            primary_args: Vec::new(),
         }
     }
 }
@@ -183,6 +186,7 @@ impl Cluster {
         if let Some(initrd) = &options.initrd {
             primary_args.extend(["--initrd".into(), initrd.display().to_string()]);
         }
+        primary_args.extend(options.primary_args.iter().cloned());
         primary_args.extend(["--api".into(), primary_api.display().to_string(), "--".into()]);
         primary_args.extend(options.command.iter().cloned());
         let primary = spawn_in_with(

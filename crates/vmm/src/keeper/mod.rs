@@ -7,6 +7,7 @@
 //! - [`region`]: the shared recovery region's layout, checkpoint commit and input log.
 //! - [`disk`]: a written disk kept as of the local checkpoint (the disk journal).
 //! - [`monitor`]: the monitor's mode (log, heartbeat, local checkpoints, exactly-once outputs) and its recovery.
+//! - [`replicated`]: a replicated primary's mode (the monitor's and checkpoint mode's together).
 //! - [`supervisor`]: the keeper's loop.
 //! - [`stream`]: the console stream from monitor to keeper.
 //! - [`fault`]: fault points (the `fail` crate, with the `failpoints` feature).
@@ -15,6 +16,7 @@ pub mod disk;
 pub mod fault;
 pub mod monitor;
 pub mod region;
+pub mod replicated;
 pub mod stream;
 pub mod supervisor;
 

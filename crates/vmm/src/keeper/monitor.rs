@@ -47,6 +47,9 @@ pub struct Monitor {
     log_full: bool,
     /// A written disk: its sectors go to the journal at each checkpoint.
     disk: Option<DiskJournal>,
+    /// Outputs are held after this filter (a replicated primary's output commit): a frame
+    /// is counted as sent when it is released ([`Monitor::frame_released`]), not here.
+    frames_counted_on_release: bool,
 }
 
 /// A machine ready to run: fresh (booting) or recovered (to replay `inputs` first).
@@ -80,6 +83,7 @@ impl Monitor {
             checkpoint_every: Duration::from_millis(CHECKPOINT_MS),
             log_full: false,
             disk,
+            frames_counted_on_release: false,
         }
     }
 
@@ -88,12 +92,25 @@ impl Monitor {
     pub fn checkpoint(&mut self, machine: &mut Machine) -> Result<()> {
         let started = Instant::now();
         super::fault::point("keeper::checkpoint-take");
-        let state = machine::snapshot::encode_machine_state(&machine.save_state())
-            .context("cannot encode the machine state for the local checkpoint")?;
         let pages = machine.take_dirty_pages();
         let sectors = machine.take_dirty_sectors();
+        self.checkpoint_of(machine, &pages, &sectors, started)
+    }
+
+    /// A local checkpoint of `pages` and `sectors` (ascending, each once), the pages and
+    /// sectors written since the last one, which another consumer of the dirty logs took
+    /// from the machine (a replicated primary's checkpoints: `keeper::replicated`).
+    pub fn checkpoint_of(
+        &mut self,
+        machine: &mut Machine,
+        pages: &[usize],
+        sectors: &[u64],
+        started: Instant,
+    ) -> Result<()> {
+        let state = machine::snapshot::encode_machine_state(&machine.save_state())
+            .context("cannot encode the machine state for the local checkpoint")?;
         let disk = match &mut self.disk {
-            Some(disk) => disk.stage(machine, &sectors)?,
+            Some(disk) => disk.stage(machine, sectors)?,
             None => DiskStaged::default(),
         };
         let seq = self.seq + 1;
@@ -105,7 +122,7 @@ impl Monitor {
             frames: self.frames,
         };
         let mut staging = self.region.stage();
-        for &index in &pages {
+        for &index in pages {
             staging.page(index as u64, machine.page(index).expect("a dirty page is within RAM"));
         }
         staging.commit(marks, &state, disk)?;
@@ -124,6 +141,27 @@ impl Monitor {
         r.set_live(Live::CheckpointPauseUs, r.live(Live::CheckpointPauseUs) + pause_us);
         r.set_live(Live::CheckpointMaxPauseUs, r.live(Live::CheckpointMaxPauseUs).max(pause_us));
         Ok(())
+    }
+
+    /// Whether a local checkpoint is due (its interval passed, or the log is half full).
+    pub fn checkpoint_due(&self) -> bool {
+        self.log_full || self.last_checkpoint.elapsed() >= self.checkpoint_every
+    }
+
+    /// A sign of life for the keeper, at a slice end.
+    pub fn heartbeat(&self, icount: u64) {
+        self.region.bump_heartbeat(icount);
+    }
+
+    /// Outputs are held after this monitor's filter (see [`Monitor::frame_released`]).
+    pub fn count_frames_on_release(&mut self) {
+        self.frames_counted_on_release = true;
+    }
+
+    /// A network frame that passed the filter is released now (the driver writes it next):
+    /// counted as sent, as [`Monitor::pass`] counts it when nothing holds outputs.
+    pub fn frame_released(&self) {
+        self.region.set_live(Live::FramesSent, self.region.live(Live::FramesSent) + 1);
     }
 
     /// The first checkpoint of a fresh machine: its state alone. A new monitor builds the
@@ -197,7 +235,9 @@ impl Monitor {
                 }
                 // Counted as it leaves (the driver writes it next): a monitor killed in
                 // between loses this frame, never sends it twice; TCP sends it again.
-                self.region.set_live(Live::FramesSent, self.frames);
+                if !self.frames_counted_on_release {
+                    self.region.set_live(Live::FramesSent, self.frames);
+                }
             }
             OutputKind::PowerOff { .. } => {}
         }
@@ -215,6 +255,33 @@ impl Monitor {
         console: &mut dyn ConsoleSink,
         mut tap: Option<&mut Tap>,
     ) -> Result<()> {
+        let (count, replayed_icount) = self.replay_into(machine, inputs, &mut |output| {
+            match output.kind {
+                OutputKind::Console(bytes) => console.write(&bytes)?,
+                OutputKind::Reset => console.rebooted()?,
+                OutputKind::NetFrame(frame) => {
+                    if let Some(tap) = tap.as_mut() {
+                        let _ = tap.send(&frame); // lost as on a wire
+                    }
+                }
+                OutputKind::PowerOff { .. } => {}
+            }
+            Ok(())
+        })?;
+        console.flush()?;
+        self.running(count, replayed_icount);
+        Ok(())
+    }
+
+    /// [`Monitor::replay`], each output that passes the filter handed to `emit` (a
+    /// replicated primary holds them for output commit); the inputs and instructions
+    /// replayed. The caller then says [`Monitor::running`].
+    pub fn replay_into(
+        &mut self,
+        machine: &mut Machine,
+        inputs: Vec<Input>,
+        emit: &mut dyn FnMut(Output) -> Result<()>,
+    ) -> Result<(usize, u64)> {
         let (start, count) = (machine.icount(), inputs.len());
         'replay: for input in inputs {
             while machine.icount() < input.icount {
@@ -222,16 +289,7 @@ impl Monitor {
                 let exit = machine.run(input.icount);
                 for output in machine.take_outputs() {
                     let Some(output) = self.pass(output) else { continue };
-                    match output.kind {
-                        OutputKind::Console(bytes) => console.write(&bytes)?,
-                        OutputKind::Reset => console.rebooted()?,
-                        OutputKind::NetFrame(frame) => {
-                            if let Some(tap) = tap.as_mut() {
-                                let _ = tap.send(&frame); // lost as on a wire
-                            }
-                        }
-                        OutputKind::PowerOff { .. } => {}
-                    }
+                    emit(output)?;
                 }
                 self.region.bump_heartbeat(machine.icount());
                 match exit {
@@ -251,9 +309,7 @@ impl Monitor {
             );
             machine.push_input(input).context("cannot replay an input")?;
         }
-        console.flush()?;
-        self.running(count, machine.icount() - start);
-        Ok(())
+        Ok((count, machine.icount() - start))
     }
 }
 

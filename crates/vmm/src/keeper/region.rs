@@ -209,6 +209,9 @@ pub enum Verdict {
     RegionCorrupt = 1,
     /// Replaying the log did not reach the logged instruction counts.
     ReplayDiverged = 2,
+    /// A replicated primary's monitor found that another replica owns the VM now (its
+    /// backup took over while no monitor ran): it stops, and is not restarted.
+    Superseded = 3,
 }
 
 impl Verdict {
@@ -216,6 +219,7 @@ impl Verdict {
         match v {
             1 => Verdict::RegionCorrupt,
             2 => Verdict::ReplayDiverged,
+            3 => Verdict::Superseded,
             _ => Verdict::None,
         }
     }

@@ -132,6 +132,7 @@ impl std::fmt::Display for End {
             End::CannotRecover { verdict: Verdict::RegionCorrupt, message } => {
                 write!(f, "the VM cannot be recovered: {message}")
             }
+            End::CannotRecover { verdict: Verdict::Superseded, message } => write!(f, "{message}"),
             End::CannotRecover { message, .. } => write!(f, "the VM cannot be recovered: {message}"),
             End::Poison { attempts, icount, input } => write!(
                 f,

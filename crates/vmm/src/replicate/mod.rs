@@ -45,6 +45,12 @@ pub enum ReplicationError {
     )]
     RunningElsewhere { vm_id: String, generation: u64, owner: String },
     #[error(
+        "VM {vm_id}'s ownership generation has moved on to {generation}, owned by {owner}{}: another replica \
+         took the VM over while this one restarted, so this one stops",
+        ended.map_or(String::new(), |code| format!(", ended with exit code {code}"))
+    )]
+    Superseded { vm_id: String, generation: u64, owner: String, ended: Option<u32> },
+    #[error(
         "VM {vm_id}'s ownership record changed while this replica was starting (now {now}): another replica is \
          starting it"
     )]
@@ -147,6 +153,9 @@ pub struct Ownership {
     pub generation: u64,
     /// What a replication handshake for this VM checks ([`replication_digest`]).
     pub replication_digest: replica::ConfigDigest,
+    /// Taken up by [`Ownership::resume`] at a generation an earlier run held: a backup may
+    /// hold that run's state, which counts for it (replica's `earlier_run_protected`).
+    pub resumed: bool,
 }
 
 impl Ownership {
@@ -161,7 +170,7 @@ impl Ownership {
         store::validate_vm_id(&vm_id).map_err(ReplicationError::VmId)?;
         let owner = args.replica_name.clone().unwrap_or_else(|| default_owner(role));
         let replication_digest = replication_digest(config, &vm_id);
-        Ok(Some(Ownership { store, vm_id, owner, generation: 0, replication_digest }))
+        Ok(Some(Ownership { store, vm_id, owner, generation: 0, replication_digest, resumed: false }))
     }
 
     /// A VM starting from its images: take the record, refusing when another replica may
@@ -189,6 +198,35 @@ impl Ownership {
             SwapOutcome::Conflict(other) => {
                 Err(ReplicationError::ChangedWhileStarting { vm_id: self.vm_id.clone(), now: describe(other.as_ref()) })
             }
+        }
+    }
+
+    /// A replica restarted under the same name (a `--resilient` primary's new monitor):
+    /// take up the record at the generation it holds, without swapping it (the backup's
+    /// state keeps counting for it). Err(RunningElsewhere) when the record moved on to
+    /// another owner or ended meanwhile: another replica owns the VM, so this one must stop.
+    pub fn resume(&mut self) -> Result<u64> {
+        let current = self
+            .store
+            .read(&self.vm_id)
+            .map_err(|source| ReplicationError::ReadRecord { vm_id: self.vm_id.clone(), source })?;
+        match current {
+            Some(record) if record.state == VmState::Active && record.owner == self.owner => {
+                self.generation = record.generation;
+                self.resumed = true;
+                Ok(record.generation)
+            }
+            // Never claimed (the first start stopped before it did): claim it now.
+            None => self.claim_for_start(),
+            Some(record) => Err(ReplicationError::Superseded {
+                vm_id: self.vm_id.clone(),
+                generation: record.generation,
+                owner: record.owner,
+                ended: match record.state {
+                    VmState::Ended { exit_code } => Some(exit_code),
+                    VmState::Active => None,
+                },
+            }),
         }
     }
 
@@ -302,7 +340,14 @@ mod tests {
 
     fn ownership(store: &store::MemoryStore, owner: &str) -> Ownership {
         let (vm_id, owner) = ("vm-test".to_string(), owner.to_string());
-        Ownership { store: Box::new(store.clone()), vm_id, owner, generation: 0, replication_digest: [0; 32] }
+        Ownership {
+            store: Box::new(store.clone()),
+            vm_id,
+            owner,
+            generation: 0,
+            replication_digest: [0; 32],
+            resumed: false,
+        }
     }
 
     #[test]
@@ -317,6 +362,24 @@ mod tests {
         // Someone else's record at that generation is a real conflict.
         let mut other = ownership(&store, "backup-2");
         assert!(matches!(other.swap(1, None), Ok(SwapAnswer::Conflict { generation: Some(2), .. })));
+    }
+
+    #[test]
+    fn a_restarted_replica_resumes_its_generation_unless_another_replica_took_the_vm_over() {
+        let store = store::MemoryStore::new();
+        assert_eq!(ownership(&store, "primary-1").claim_for_start().unwrap(), 1);
+        // The same name again (a new monitor under the same keeper): the same generation.
+        let mut again = ownership(&store, "primary-1");
+        assert_eq!(again.resume().unwrap(), 1);
+        assert_eq!(again.generation, 1);
+        // The backup took over meanwhile: the restarted primary stops, naming the generation.
+        assert!(matches!(ownership(&store, "backup-2").swap(1, None), Ok(SwapAnswer::Swapped { generation: 2 })));
+        let error = ownership(&store, "primary-1").resume().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "VM vm-test's ownership generation has moved on to 2, owned by backup-2: another replica took the VM \
+             over while this one restarted, so this one stops"
+        );
     }
 
     #[test]

@@ -123,6 +123,7 @@ pub fn start(
     config.heartbeat_interval_ms = options.heartbeat_ms;
     config.on_backup_loss = options.on_backup_loss;
     config.backup_loss_grace_ms = options.backup_loss_grace_ms;
+    config.earlier_run_protected = ownership.resumed;
     let primary = Primary::new(config, ownership.generation, now_ms());
     let shared = Arc::new(Mutex::new(Shared {
         next_kind: primary.next_checkpoint_kind(),

@@ -1,0 +1,146 @@
+//! A replicated `--resilient` primary (issue 11 item 1): its monitor is SIGKILLed twice
+//! while Debian's redis-cli counts with INCR over one TCP session through the VM's TAP.
+//! The keeper restarts the monitor, which recovers from the shared region and replicates
+//! on to the same backup: no takeover (the backup stays a backup, the ownership generation
+//! does not move), every reply 1, 2, 3, ..., the session survives, and the VM is protected
+//! again. Then the whole primary (keeper and monitor) is killed, and the backup takes over
+//! with nothing lost. Every fault is struck on observed progress (a reply count). Root
+//! (network namespaces). Prints the backup's longest silence per restart against its
+//! detection timeout.
+
+mod common;
+
+use common::cluster::{is_live, Cluster, Options, BOOT_LIMIT};
+use common::redis::{check_consecutive, redis_cli, redis_image, Session, SERVER};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The backup's detection timeout: above the microreboot's p99 (382 ms on a loaded host,
+/// docs/microreboot.md) plus the new monitor's reconnection, with room for a loaded CI
+/// machine.
+const FAILOVER_TIMEOUT_MS: u64 = 2000;
+const PROTECTED_LIMIT: Duration = Duration::from_secs(60);
+/// Replies the session must get between two faults, and after the last.
+const REPLIES_BETWEEN: usize = 40;
+
+/// The keeper's running monitor (its only child), other than `not`.
+fn monitor_of(keeper: u32, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
+        let pid = children.split_whitespace().next().and_then(|p| p.parse().ok());
+        if let Some(pid) = pid.filter(|p| Some(*p) != not) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the keeper {keeper} has no new monitor");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sigkill(pid: u32) {
+    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -KILL {pid}");
+}
+
+/// The backup's longest silence (ms since it last heard the primary) until the restarted
+/// primary is connected and heard again, sampled every 10 ms; panics if it took over.
+fn longest_silence(cluster: &mut Cluster, killed: Instant) -> u64 {
+    let mut longest = 0;
+    let mut seen_gone = false;
+    while killed.elapsed() < Duration::from_secs(30) {
+        let status = cluster.backup_now();
+        assert!(!is_live(&status), "the backup took over after a monitor's restart: {status}\n{}", cluster.explain());
+        let silence = status["silence_ms"].as_u64().unwrap_or(0);
+        longest = longest.max(silence);
+        seen_gone |= status["primary_connected"] == false;
+        if seen_gone && silence < 50 && status["primary_connected"] == true {
+            return longest;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the backup never heard the restarted primary (longest silence {longest} ms)\n{}", cluster.explain());
+}
+
+#[test]
+fn a_replicated_resilient_primary_survives_two_monitor_kills_without_a_takeover_then_fails_over() {
+    let options = Options {
+        command: SERVER.map(String::from).to_vec(),
+        initrd: Some(redis_image()),
+        failover_timeout_ms: FAILOVER_TIMEOUT_MS,
+        primary_args: vec!["--resilient".into()],
+        ..Options::counter(0)
+    };
+    let mut cluster = Cluster::start("resrep", &options);
+    let ns = cluster.topo.client_ns();
+    let deadline = Instant::now() + BOOT_LIMIT;
+    while redis_cli(&ns, &["PING"]).as_deref() != Some("PONG") {
+        assert!(Instant::now() < deadline, "redis-server never answered PING\n{}", cluster.explain());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cluster.wait_protected(PROTECTED_LIMIT);
+    let generation = cluster.backup_now()["state_generation"].clone();
+    assert!(generation.is_u64(), "{}", cluster.backup_now());
+
+    let keeper = cluster.primary.child.id();
+    let mut session = Session::start(&ns);
+    let mut monitor = monitor_of(keeper, None);
+    for kill in 1..=2 {
+        let want = session.count() + REPLIES_BETWEEN;
+        assert!(
+            session.wait_for(want, Duration::from_secs(60), None),
+            "before kill {kill}: {} replies, waiting for {want}\n{}",
+            session.count(),
+            cluster.explain()
+        );
+        sigkill(monitor);
+        let killed = Instant::now();
+        let silence = longest_silence(&mut cluster, killed);
+        let answered = session.wait_for(1, Duration::from_secs(60), Some(killed));
+        let first_reply_ms = session
+            .replies
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, _)| *at > killed)
+            .map(|(at, _)| (*at - killed).as_millis());
+        assert!(answered, "no reply after kill {kill}\n{}", cluster.explain());
+        println!(
+            "kill {kill}: the backup's longest silence {silence} ms (detection timeout {FAILOVER_TIMEOUT_MS} ms); \
+             first reply {first_reply_ms:?} ms after the kill"
+        );
+        monitor = monitor_of(keeper, Some(monitor));
+        let backup = cluster.backup_now();
+        assert_eq!(backup["role"], "backup", "{backup}");
+        assert_eq!(backup["state_generation"], generation, "the generation moved: {backup}");
+    }
+    let want = session.count() + REPLIES_BETWEEN;
+    assert!(session.wait_for(want, Duration::from_secs(60), None), "after the kills\n{}", cluster.explain());
+    let status = cluster.wait_protected(PROTECTED_LIMIT);
+    assert_eq!(status["replication"]["generation"], generation, "{status}");
+    assert_eq!(status["replication"]["unprotected_count"], 0, "{status}");
+    let backup = cluster.wait_backup("the backup's state counting for the generation", PROTECTED_LIMIT, |b| {
+        b["state_generation"] == generation && b["stale"] == false
+    });
+    assert_eq!(backup["role"], "backup", "{backup}");
+
+    // Now the whole primary: the backup takes over, and the count goes on.
+    let killed = cluster.kill_primary();
+    let live = cluster.wait_takeover(Duration::from_secs(30));
+    let answered = session.wait_for(REPLIES_BETWEEN, Duration::from_secs(60), Some(killed));
+    let replies = session.replies.lock().unwrap().clone();
+    let stderr = session.stop();
+    assert!(
+        answered,
+        "{} replies after the primary's kill (redis-cli said {stderr:?}); the backup: {live}\n{}",
+        replies.iter().filter(|(at, _)| *at > killed).count(),
+        cluster.explain()
+    );
+    check_consecutive(&replies).unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    let last = replies.last().map(|(_, r)| r.clone()).unwrap();
+    assert_eq!(redis_cli(&ns, &["GET", "n"]), Some(last), "{}", cluster.explain());
+    println!(
+        "{} replies, the takeover after {} ms of silence",
+        replies.len(),
+        live["took_over"]["last_frame_to_live_ms"]
+    );
+}

@@ -1,0 +1,285 @@
+//! A replicated primary under a keeper (`ftvm run --resilient --replicate-to`, issue 11,
+//! docs/microreboot.md): the keeper's [`Monitor`] and checkpoint mode's
+//! [`CheckpointPrimary`] as one mode, so that a monitor that dies is replaced, recovers from
+//! the shared region and replicates on to the same backup, which does not take over.
+//!
+//! - Outputs pass the monitor's exactly-once filter (what left before a restart is not sent
+//!   again), then wait for output commit in the checkpoint primary; a network frame counts
+//!   as sent only when it is released. Outputs a recovery replays that had not left are held
+//!   for the new run's first acknowledged epoch.
+//! - The machine's dirty logs have two consumers, the replication's checkpoints and the
+//!   local checkpoints. [`Watched`] remembers what the replication took; a local checkpoint
+//!   is taken right after a replication checkpoint (the machine's own logs are then empty)
+//!   from what it remembers.
+
+use super::monitor::{Monitor, HEARTBEAT_WAIT};
+use crate::control::Reply;
+use crate::mode::checkpoint::CheckpointPrimary;
+use crate::mode::{EndProgress, Mode, ModeError, ModeEvent, Verdict};
+use crate::replicate::Ownership;
+use crate::status::Status;
+use crate::vm::{MachineVmError, ReadSeek, Vm, WriteSeek};
+use machine::{Digest, Input, Machine, Output, OutputKind, RunExit};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+/// A resilient primary's machine: every take of its dirty logs (the replication's
+/// checkpoints, pre-copies and discarded epochs) is remembered for the next local checkpoint.
+pub struct Watched {
+    pub machine: Machine,
+    /// Pages and sectors the replication took since the last local checkpoint.
+    pages: BTreeSet<usize>,
+    sectors: BTreeSet<u64>,
+    /// The replication took the dirty logs since this was last cleared.
+    taken: bool,
+}
+
+impl Watched {
+    pub fn new(machine: Machine) -> Watched {
+        Watched { machine, pages: BTreeSet::new(), sectors: BTreeSet::new(), taken: false }
+    }
+
+    /// Remember what a checkpoint just taken carries.
+    fn note(&mut self, payload: &[u8]) {
+        let (pages, sectors) =
+            machine::checkpoint::written(payload).expect("a checkpoint the machine just took is well-formed");
+        self.pages.extend(pages);
+        self.sectors.extend(sectors);
+        self.taken = true;
+    }
+}
+
+impl Vm for Watched {
+    type Error = MachineVmError;
+    type Config = machine::MachineConfig;
+    type State = machine::MachineState;
+    type PreCopy = machine::checkpoint::PreCopy;
+
+    fn run(&mut self, until_icount: u64) -> RunExit {
+        self.machine.run(until_icount)
+    }
+    fn icount(&self) -> u64 {
+        self.machine.icount()
+    }
+    fn time_ticks(&self) -> u64 {
+        Vm::time_ticks(&self.machine)
+    }
+    fn icount_per_tick(&self) -> u64 {
+        Vm::icount_per_tick(&self.machine)
+    }
+    fn min_icount_per_tick(&self) -> u64 {
+        Vm::min_icount_per_tick(&self.machine)
+    }
+    fn rtc_unix_ns(&self) -> u64 {
+        Vm::rtc_unix_ns(&self.machine)
+    }
+    fn reboots(&self) -> u64 {
+        Vm::reboots(&self.machine)
+    }
+    fn push_input(&mut self, input: Input) -> Result<(), MachineVmError> {
+        Vm::push_input(&mut self.machine, input)
+    }
+    fn wants_entropy(&self) -> bool {
+        Vm::wants_entropy(&self.machine)
+    }
+    fn take_outputs(&mut self) -> Vec<Output> {
+        self.machine.take_outputs()
+    }
+    fn take_dirty_pages(&mut self) -> Vec<usize> {
+        let pages = self.machine.take_dirty_pages();
+        self.pages.extend(&pages);
+        self.taken = true;
+        pages
+    }
+    fn take_dirty_sectors(&mut self) -> Vec<u64> {
+        let sectors = self.machine.take_dirty_sectors();
+        self.sectors.extend(&sectors);
+        self.taken = true;
+        sectors
+    }
+    fn page_count(&self) -> usize {
+        Vm::page_count(&self.machine)
+    }
+    fn page(&self, index: usize) -> Option<&[u8]> {
+        self.machine.page(index)
+    }
+    fn disk_sectors(&self) -> Option<u64> {
+        self.machine.disk_sectors()
+    }
+    fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<(), MachineVmError> {
+        Vm::read_sectors(&self.machine, sector, buf)
+    }
+    fn write_page(&mut self, index: usize, data: &[u8]) -> Result<(), MachineVmError> {
+        Vm::write_page(&mut self.machine, index, data)
+    }
+    fn write_sectors(&mut self, sector: u64, data: &[u8]) -> Result<(), MachineVmError> {
+        Vm::write_sectors(&mut self.machine, sector, data)
+    }
+    fn save_state(&self) -> machine::MachineState {
+        self.machine.save_state()
+    }
+    fn restore_state(&mut self, state: machine::MachineState) -> Result<(), MachineVmError> {
+        Vm::restore_state(&mut self.machine, state)
+    }
+    fn save(&self, out: &mut dyn WriteSeek) -> Result<u64, MachineVmError> {
+        Vm::save(&self.machine, out)
+    }
+    fn save_to_path(&self, path: &Path) -> Result<u64, MachineVmError> {
+        Vm::save_to_path(&self.machine, path)
+    }
+    fn restore(config: &machine::MachineConfig, input: &mut dyn ReadSeek) -> Result<Watched, MachineVmError> {
+        <Machine as Vm>::restore(config, input).map(Watched::new)
+    }
+    fn digest(&self) -> Digest {
+        self.machine.digest()
+    }
+    fn take_checkpoint(&mut self, full: bool) -> Result<Vec<u8>, MachineVmError> {
+        let payload = Vm::take_checkpoint(&mut self.machine, full)?;
+        self.note(&payload);
+        Ok(payload)
+    }
+    fn precopy_start(&self) -> machine::checkpoint::PreCopy {
+        Vm::precopy_start(&self.machine)
+    }
+    fn precopy_step(&self, precopy: &mut machine::checkpoint::PreCopy, max_pages: usize) -> bool {
+        Vm::precopy_step(&self.machine, precopy, max_pages)
+    }
+    fn precopy_finish(&mut self, precopy: machine::checkpoint::PreCopy) -> Result<Vec<u8>, MachineVmError> {
+        let payload = Vm::precopy_finish(&mut self.machine, precopy)?;
+        self.note(&payload);
+        Ok(payload)
+    }
+    fn add_digest(&self, payload: &mut Vec<u8>) {
+        Vm::add_digest(&self.machine, payload)
+    }
+    fn apply_checkpoint(&mut self, payload: &[u8]) -> Result<(), MachineVmError> {
+        Vm::apply_checkpoint(&mut self.machine, payload)
+    }
+    fn diverged(error: &MachineVmError) -> bool {
+        <Machine as Vm>::diverged(error)
+    }
+    fn checkpoint_pages(payload: &[u8]) -> usize {
+        <Machine as Vm>::checkpoint_pages(payload)
+    }
+}
+
+/// The mode of a replicated `--resilient` primary: the keeper's monitor (input log,
+/// heartbeat, local checkpoints, exactly-once filter) and the checkpoint primary (epochs,
+/// output commit, the replication thread and the ownership record).
+pub struct ReplicatedMonitor {
+    monitor: Monitor,
+    primary: CheckpointPrimary<Watched>,
+}
+
+impl ReplicatedMonitor {
+    /// Replicate `vm` from here on. `held`: the outputs a recovery replayed that had not left,
+    /// held for the first epoch the backup acknowledges. The monitor must count frames on
+    /// release from before its replay ([`Monitor::count_frames_on_release`]).
+    pub fn start(
+        monitor: Monitor,
+        vm: &mut Watched,
+        held: Vec<Output>,
+        options: crate::mode::checkpoint::ReplicationOptions,
+        ownership: Ownership,
+        events: Sender<crate::host::HostEvent>,
+    ) -> Result<ReplicatedMonitor, crate::replicate::ReplicationError> {
+        let mut primary = CheckpointPrimary::start(options, ownership, events, vm)?;
+        let released = Mode::<Watched>::on_outputs(&mut primary, held);
+        debug_assert!(released.is_empty(), "a replicated primary holds every output");
+        Ok(ReplicatedMonitor { monitor, primary })
+    }
+
+    /// A local checkpoint of what the replication took since the last one, if one is due (or
+    /// `now`) and the replication just took the dirty logs (so that the machine's own are empty).
+    fn local_checkpoint(&mut self, vm: &mut Watched, now: bool) -> Result<(), ModeError> {
+        if !std::mem::take(&mut vm.taken) || !(now || self.monitor.checkpoint_due()) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        super::fault::point("keeper::checkpoint-take");
+        let pages: Vec<usize> = std::mem::take(&mut vm.pages).into_iter().collect();
+        let sectors: Vec<u64> = std::mem::take(&mut vm.sectors).into_iter().collect();
+        self.monitor
+            .checkpoint_of(&mut vm.machine, &pages, &sectors, started)
+            .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))
+    }
+}
+
+impl Mode<Watched> for ReplicatedMonitor {
+    fn kind(&self) -> crate::status::Mode {
+        Mode::<Watched>::kind(&self.primary)
+    }
+
+    fn next_slice_end(&self, icount: u64) -> u64 {
+        let monitor = Mode::<Machine>::next_slice_end(&self.monitor, icount); // its fault point
+        monitor.min(Mode::<Watched>::next_slice_end(&self.primary, icount))
+    }
+
+    fn on_input(&mut self, input: &Input) -> Result<(), ModeError> {
+        Mode::<Machine>::on_input(&mut self.monitor, input)?;
+        Mode::<Watched>::on_input(&mut self.primary, input)
+    }
+
+    fn on_outputs(&mut self, outputs: Vec<Output>) -> Vec<Output> {
+        let fresh = Mode::<Machine>::on_outputs(&mut self.monitor, outputs);
+        Mode::<Watched>::on_outputs(&mut self.primary, fresh)
+    }
+
+    fn on_slice_end(&mut self, vm: &mut Watched, idle: bool) -> Result<(), ModeError> {
+        self.monitor.heartbeat(vm.machine.icount());
+        vm.taken = false;
+        self.primary.on_slice_end(vm, idle)?;
+        self.local_checkpoint(vm, false)
+    }
+
+    /// Released outputs leave next: a frame is counted as sent now.
+    fn take_released(&mut self) -> Vec<Output> {
+        let released = Mode::<Watched>::take_released(&mut self.primary);
+        for output in &released {
+            if let OutputKind::NetFrame(_) = output.kind {
+                self.monitor.frame_released();
+            }
+        }
+        released
+    }
+
+    fn must_wait(&self) -> bool {
+        Mode::<Watched>::must_wait(&self.primary)
+    }
+
+    fn idle_wait_limit(&self) -> Option<Duration> {
+        let primary = Mode::<Watched>::idle_wait_limit(&self.primary);
+        Some(primary.map_or(HEARTBEAT_WAIT, |p| p.min(HEARTBEAT_WAIT)))
+    }
+
+    fn on_event(&mut self, event: ModeEvent) -> Verdict {
+        Mode::<Watched>::on_event(&mut self.primary, event)
+    }
+
+    /// The primary's final checkpoint, then a local one of it (a written disk's last
+    /// sectors fold into the image).
+    fn begin_end(&mut self, vm: &mut Watched, exit_code: u32) -> Result<EndProgress, ModeError> {
+        vm.taken = false;
+        let progress = self.primary.begin_end(vm, exit_code)?;
+        self.local_checkpoint(vm, true)?;
+        Ok(progress)
+    }
+
+    fn protected_to(&self) -> Option<String> {
+        Mode::<Watched>::protected_to(&self.primary)
+    }
+
+    fn unprotect(&mut self, reply: Sender<Reply>) -> Option<Reply> {
+        Mode::<Watched>::unprotect(&mut self.primary, reply)
+    }
+
+    fn report(&self, status: &mut Status) {
+        Mode::<Watched>::report(&self.primary, status)
+    }
+
+    fn finish(self: Box<Self>) -> Option<Ownership> {
+        Box::new(self.primary).finish()
+    }
+}
