@@ -271,8 +271,10 @@ impl Mode<Watched> for ReplicatedMonitor {
         Mode::<Watched>::protected_to(&self.primary)
     }
 
-    fn unprotect(&mut self, reply: Sender<Reply>) -> Option<Reply> {
-        Mode::<Watched>::unprotect(&mut self.primary, reply)
+    /// Refused: the driver would run on standalone, without the keeper's monitor (and its
+    /// heartbeat), and a restarted monitor would replicate again.
+    fn unprotect(&mut self, _reply: Sender<Reply>) -> Option<Reply> {
+        Some(Reply::error(409, "a --resilient primary cannot be unprotected yet (docs/microreboot.md)"))
     }
 
     fn report(&self, status: &mut Status) {
