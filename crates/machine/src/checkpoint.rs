@@ -311,7 +311,8 @@ pub fn counts(payload: &[u8]) -> (usize, usize) {
 /// checkpoint took from them. None for a malformed payload.
 pub fn written(payload: &[u8]) -> Option<(Vec<usize>, Vec<u64>)> {
     let mut r = Reader::new(payload);
-    let mut walk = || -> Result<Option<(Vec<usize>, Vec<u64>)>, ReadError> {
+    type Written = Option<(Vec<usize>, Vec<u64>)>;
+    let mut walk = || -> Result<Written, ReadError> {
         r.take(HEADER_BYTES, "the header")?;
         let (mut pages, mut sectors) = (Vec::new(), Vec::new());
         while !r.is_empty() {
