@@ -98,6 +98,11 @@ impl Session {
         self.replies.lock().unwrap().iter().filter(|(at, _)| *at > t).count()
     }
 
+    /// When the first reply after `t` came.
+    pub fn first_after(&self, t: Instant) -> Option<Instant> {
+        self.replies.lock().unwrap().iter().map(|(at, _)| *at).find(|at| *at > t)
+    }
+
     /// Waits for `n` replies in all; false if the session ended or `limit` passed first.
     pub fn wait_for(&mut self, n: usize, limit: Duration, after: Option<Instant>) -> bool {
         let deadline = Instant::now() + limit;
