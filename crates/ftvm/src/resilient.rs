@@ -297,7 +297,8 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     };
     let mut sink = StreamSink::new(inherited.stream);
     if args.replication.replicate_to.is_some() {
-        return run_replicated(args, &config, started, sink, tap, inherited.api, live, &region_fd);
+        let host = Host { tap, api: inherited.api, live };
+        return run_replicated(args, &config, started, sink, host, &region_fd);
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let (mut machine, mut mode) = (started.machine, started.monitor);
@@ -356,6 +357,13 @@ fn run_attached<V: vmm::vm::Vm + 'static>(
     Ok(driver.run(sink)?)
 }
 
+/// What a monitor attaches once the VM runs: the TAP device, the API socket, the live page.
+struct Host {
+    tap: Option<Tap>,
+    api: Option<std::os::fd::OwnedFd>,
+    live: Region,
+}
+
 /// This keeper's name in the VM's ownership record: the same for each of its monitors, so
 /// that a restarted one knows the record it finds as its own.
 fn keeper_replica_name() -> String {
@@ -372,11 +380,10 @@ fn run_replicated(
     config: &machine::MachineConfig,
     started: monitor::Started,
     mut sink: StreamSink,
-    tap: Option<Tap>,
-    api: Option<std::os::fd::OwnedFd>,
-    live: Region,
+    host: Host,
     region_fd: &std::os::fd::OwnedFd,
 ) -> Result<i32> {
+    let Host { tap, api, live } = host;
     use vmm::replicate::{Ownership, ReplicationError};
     let mem = args.vm.mem;
     let options = crate::replication_args::options(&args.replication)?;
