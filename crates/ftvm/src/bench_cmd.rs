@@ -99,6 +99,27 @@ pub struct ReplicationBench {
     /// Keep the replicas' logs here [default: a temporary directory]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
+    /// Also measure lockstep replication (`--mode lockstep`), beside the checkpoint epochs
+    /// (off by default until the lockstep backup, `ftvm backup` following a lockstep
+    /// primary, is on main)
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub lockstep: bool,
+}
+
+/// One configuration of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Config {
+    Unreplicated,
+    /// Checkpoint replication with this epoch length (ms).
+    Checkpoint(u64),
+    /// Lockstep replication.
+    Lockstep,
+}
+
+impl Config {
+    fn replicated(self) -> bool {
+        self != Config::Unreplicated
+    }
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +128,10 @@ struct Figures {
     pause_avg_ms: Option<f64>,
     pause_max_ms: Option<f64>,
     link_mb_s: Option<f64>,
+    /// The link with the guest idle (the counter waiting), in Mbit/s: everything sent both
+    /// ways, and the share of it that is heartbeats (lockstep: what is not batches or acks).
+    idle_mbit_s: Option<f64>,
+    idle_heartbeat_mbit_s: Option<f64>,
     latency_ms: f64,
     takeover: Option<Takeover>,
 }
@@ -131,7 +156,10 @@ pub fn run(kind: BenchKind) -> Result<i32> {
         args.logs.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let topo = Topology::create(&format!("ftvm-bench-{}", std::process::id()))?;
-    let configs: Vec<Option<u64>> = std::iter::once(None).chain(args.epochs.iter().copied().map(Some)).collect();
+    let configs: Vec<Config> = std::iter::once(Config::Unreplicated)
+        .chain(args.epochs.iter().copied().map(Config::Checkpoint))
+        .chain(args.lockstep.then_some(Config::Lockstep))
+        .collect();
     let mut samples: Vec<Vec<Figures>> = configs.iter().map(|_| Vec::new()).collect();
     let mut spurious = 0;
     for round in 1..=args.runs {
@@ -195,8 +223,12 @@ fn attempt<T>(spurious: &mut usize, mut f: impl FnMut() -> Result<T>) -> Result<
     Ok(None)
 }
 
-fn label(config: Option<u64>) -> String {
-    config.map_or("unreplicated".into(), |e| format!("epoch {e} ms"))
+fn label(config: Config) -> String {
+    match config {
+        Config::Unreplicated => "unreplicated".into(),
+        Config::Checkpoint(e) => format!("epoch {e} ms"),
+        Config::Lockstep => "lockstep".into(),
+    }
 }
 
 /// The median of each figure over the rounds.
@@ -214,6 +246,8 @@ fn median(samples: Vec<Figures>) -> Figures {
         pause_avg_ms: opt(&|f| f.pause_avg_ms),
         pause_max_ms: opt(&|f| f.pause_max_ms),
         link_mb_s: opt(&|f| f.link_mb_s),
+        idle_mbit_s: opt(&|f| f.idle_mbit_s),
+        idle_heartbeat_mbit_s: opt(&|f| f.idle_heartbeat_mbit_s),
         latency_ms: mid(samples.iter().map(|f| f.latency_ms).collect()),
         takeover: opt(&|f| f.takeover.map(|t| t.answered_ms))
             .zip(opt(&|f| f.takeover.map(|t| t.accepted_ms)))
@@ -254,11 +288,28 @@ fn start_pair(
     command: &str,
     disks: Option<(&Path, &Path)>,
 ) -> Result<Pair> {
+    let config = epoch_ms.map_or(Config::Unreplicated, Config::Checkpoint);
+    start_config(topo, dir, config, verify_every, command, disks)
+}
+
+/// [`start_pair`] for any configuration.
+fn start_config(
+    topo: &Topology,
+    dir: &Path,
+    config: Config,
+    verify_every: u64,
+    command: &str,
+    disks: Option<(&Path, &Path)>,
+) -> Result<Pair> {
     let key = dir.join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef")?;
     let store = dir.join("store");
     let _ = std::fs::remove_dir_all(&store);
-    let tag = epoch_ms.unwrap_or(0);
+    let tag = match config {
+        Config::Unreplicated => "0".to_string(),
+        Config::Checkpoint(e) => e.to_string(),
+        Config::Lockstep => "lockstep".to_string(),
+    };
     let log = dir.join(format!("primary-{tag}.log"));
     let sock = dir.join("primary.sock");
     let backup_sock = dir.join("backup.sock");
@@ -267,8 +318,8 @@ fn start_pair(
     let key_s = key.display().to_string();
     let store_s = format!("file:{}", store.display());
     // The backup keeps its default detection timeout: that is the figure to measure.
-    let backup = match epoch_ms {
-        Some(_) => {
+    let backup = match config.replicated() {
+        true => {
             let mut args =
                 strings(&["backup", "--listen", &listen, "--key", &key_s, "--store", &store_s, "--net", "tap:tap0"]);
             args.extend(strings(&["--api", &backup_sock.display().to_string()]));
@@ -277,12 +328,18 @@ fn start_pair(
             }
             Some(spawn_in(&topo.backup_ns(), &args, &dir.join(format!("backup-{tag}.log")), "backup")?)
         }
-        None => None,
+        false => None,
     };
     let mut args = strings(&["run", "--net", "tap:tap0", "--api", &sock.display().to_string()]);
-    if let Some(e) = epoch_ms {
+    if config.replicated() {
         args.extend(strings(&["--replicate-to", &listen, "--key", &key_s, "--store", &store_s]));
-        args.extend(strings(&["--epoch-ms", &e.to_string(), "--verify-every", &verify_every.to_string()]));
+    }
+    match config {
+        Config::Unreplicated => {}
+        Config::Checkpoint(e) => {
+            args.extend(strings(&["--epoch-ms", &e.to_string(), "--verify-every", &verify_every.to_string()]))
+        }
+        Config::Lockstep => args.extend(strings(&["--mode", "lockstep"])),
     }
     if let Some((disk, _)) = disks {
         args.extend(strings(&["--disk", &disk.display().to_string()]));
@@ -292,33 +349,81 @@ fn start_pair(
     Ok(Pair { backup, primary, sock, backup_sock, log })
 }
 
-/// One configuration: boot, time the workload, measure latency, then (replicated) kill
-/// the primary and time the takeover.
-fn measure(topo: &Topology, dir: &Path, epoch_ms: Option<u64>, requests: usize, verify_every: u64) -> Result<Figures> {
-    let mut pair = start_pair(topo, dir, epoch_ms, verify_every, WORKLOAD, None)?;
-    let mut figures = run_workload(topo, &mut pair, epoch_ms, requests).map_err(|e| pair.explain(e))?;
-    if epoch_ms.is_some() {
-        figures.takeover = Some(kill_and_time(topo, &mut pair)?);
+/// One configuration: boot, time the workload, measure latency and the idle link, then
+/// (replicated) kill the primary and time the takeover.
+fn measure(topo: &Topology, dir: &Path, config: Config, requests: usize, verify_every: u64) -> Result<Figures> {
+    let mut pair = start_config(topo, dir, config, verify_every, WORKLOAD, None)?;
+    let mut figures = run_workload(topo, &mut pair, config, requests).map_err(|e| pair.explain(e))?;
+    if config.replicated() {
+        idle_link(&pair.sock, &mut figures).map_err(|e| pair.explain(e))?;
+        figures.takeover = match kill_and_time(topo, &mut pair) {
+            Ok(takeover) => Some(takeover),
+            // A lockstep backup that diverged just before the kill refuses to go live (its
+            // log says so): that row has no takeover figure, the rest of the bench goes on.
+            Err(e) if config == Config::Lockstep => {
+                eprintln!("bench: lockstep: no takeover after the kill: {e:#}");
+                None
+            }
+            Err(e) => return Err(e),
+        };
     }
     Ok(figures)
 }
 
+/// How long the idle link is measured (the guest's counter waits for a request).
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
+/// Bytes of the frames that carry one lockstep epoch besides its batch (CheckpointBegin,
+/// CheckpointChunk and CheckpointEnd: each a 24-byte header, a 16-byte tag and a CRC32C,
+/// with 33, 16 and 40 bytes of fields), and of the backup's Ack of it (8 bytes of fields).
+const LOCKSTEP_EPOCH_FRAMING_BYTES: u64 = 3 * 44 + 33 + 16 + 40;
+const ACK_FRAME_BYTES: u64 = 44 + 8;
+
+/// The link while the guest idles: what the primary sent over [`IDLE_WINDOW`] plus (lockstep)
+/// the backup's acks, in Mbit/s; lockstep's heartbeats are the rest of what the primary sent
+/// and as many again from the backup (both sides beat at the same interval when idle).
+fn idle_link(sock: &Path, figures: &mut Figures) -> Result<()> {
+    let read = || -> Result<(u64, Option<vmm::status::Lockstep>)> {
+        let reply = crate::api::request(sock, &crate::api::Command::Status)?;
+        let status: vmm::status::Status = serde_json::from_value(reply.body).context("the status does not parse")?;
+        Ok((status.replication.map_or(0, |r| r.bytes_sent), status.lockstep))
+    };
+    let (sent0, lockstep0) = read()?;
+    let started = Instant::now();
+    std::thread::sleep(IDLE_WINDOW);
+    let (sent1, lockstep1) = read()?;
+    let mbit = |bytes: u64| bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
+    let sent = sent1.saturating_sub(sent0);
+    match (lockstep0, lockstep1) {
+        (Some(a), Some(b)) => {
+            let epochs = b.batches.saturating_sub(a.batches);
+            let batches = b.batch_bytes.saturating_sub(a.batch_bytes) + epochs * LOCKSTEP_EPOCH_FRAMING_BYTES;
+            let heartbeats = sent.saturating_sub(batches);
+            figures.idle_mbit_s = Some(mbit(batches + epochs * ACK_FRAME_BYTES));
+            figures.idle_heartbeat_mbit_s = Some(mbit(2 * heartbeats));
+        }
+        _ => figures.idle_mbit_s = Some(mbit(sent)),
+    }
+    Ok(())
+}
+
 /// The workload's time, the checkpoint figures and the latency.
-fn run_workload(topo: &Topology, pair: &mut Pair, epoch_ms: Option<u64>, requests: usize) -> Result<Figures> {
-    if epoch_ms.is_some() {
+fn run_workload(topo: &Topology, pair: &mut Pair, config: Config, requests: usize) -> Result<Figures> {
+    if config.replicated() {
         wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(300))?;
     }
     in_namespace(&topo.client_ns(), || start_workload(Duration::from_secs(300)))?;
     let start = wait_for_line(&pair.log, "bench: start", Duration::from_secs(300), &mut pair.primary)?;
     let end = wait_for_line(&pair.log, "bench: end", Duration::from_secs(300), &mut pair.primary)?;
     let mut figures = Figures { workload_s: (end - start).as_secs_f64(), ..Figures::default() };
-    if epoch_ms.is_some() {
+    if config.replicated() {
         let reply = crate::api::request(&pair.sock, &crate::api::Command::Status)?;
         let status: vmm::status::Status =
             serde_json::from_value(reply.body).context("the primary's status does not parse")?;
         if let Some(c) = status.replication.map(|r| r.checkpoints) {
-            figures.pause_avg_ms = Some(c.pause_avg_ms);
-            figures.pause_max_ms = Some(c.pause_max_ms);
+            if config != Config::Lockstep {
+                figures.pause_avg_ms = Some(c.pause_avg_ms);
+                figures.pause_max_ms = Some(c.pause_max_ms);
+            }
             figures.link_mb_s = Some(c.bytes_per_s / 1e6);
         }
     }
@@ -515,25 +620,41 @@ fn print_table(rows: &[(String, Figures)]) {
     let base = &rows[0].1;
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     println!(
-        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}",
-        "config", "workload_s", "normalized", "pause_avg", "pause_max", "link", "latency", "added", "takeover"
+        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10}",
+        "config",
+        "workload_s",
+        "normalized",
+        "pause_avg",
+        "pause_max",
+        "link busy",
+        "link idle",
+        "heartbeat",
+        "latency",
+        "added",
+        "takeover"
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>11} {:>9} {:>10}",
-        "", "", "perf", "ms", "ms", "MB/s", "ms (p50)", "ms", "ms"
+        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10}",
+        "", "", "perf", "ms", "ms", "Mbit/s", "Mbit/s", "Mbit/s", "ms (p50)", "ms", "ms"
     );
     for (name, f) in rows {
         println!(
-            "{:<14} {:>10.2} {:>10.2} {:>11} {:>11} {:>9} {:>11.1} {:>9.1} {:>10}",
+            "{:<14} {:>10.2} {:>10.2} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11.1} {:>9.1} {:>10}",
             name,
             f.workload_s,
             base.workload_s / f.workload_s,
             opt(f.pause_avg_ms, 3),
             opt(f.pause_max_ms, 1),
-            opt(f.link_mb_s, 1),
+            opt(f.link_mb_s.map(|mb| mb * 8.0), 2),
+            opt(f.idle_mbit_s, 3),
+            opt(f.idle_heartbeat_mbit_s, 3),
             f.latency_ms,
             f.latency_ms - base.latency_ms,
             opt(f.takeover.map(|t| t.answered_ms), 0)
         );
     }
+    println!(
+        "link busy: all the primary sent during the workload; link idle: with the guest idle (lockstep: batches \
+         and their acks), heartbeat: lockstep's heartbeats both ways (checkpoint: included in link idle)"
+    );
 }

@@ -36,6 +36,10 @@ pub struct DemoArgs {
     /// Checkpoint interval
     #[arg(long, value_name = "MS", default_value_t = 25)]
     pub epoch_ms: u64,
+    /// Replicate by checkpoints, or in lockstep (the backup executes behind the primary, only
+    /// the inputs crossing the wire; needs the lockstep backup, not yet on main)
+    #[arg(long, value_enum, default_value = "checkpoint", conflicts_with = "cluster")]
+    pub mode: crate::replication_args::ReplicationMode,
     /// Instead of killing the primary, cut the replication link both ways: exactly one
     /// side must stay live (the primary, which swaps the ownership generation forward
     /// before it serves unprotected), and the backup must catch up once the link is back
@@ -242,7 +246,14 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     primary_args.insert(4, args.epoch_ms.to_string());
     // A whole-machine digest check about once a second: a backup that ever diverges
     // says so in its log, and the demo fails.
-    primary_args.extend(["--verify-every".into(), "40".into()]);
+    match args.mode {
+        crate::replication_args::ReplicationMode::Checkpoint => {
+            primary_args.extend(["--verify-every".into(), "40".into()])
+        }
+        crate::replication_args::ReplicationMode::Lockstep => {
+            primary_args.extend(["--mode", "lockstep", "--lockstep-digest-ms", "1000"].map(String::from))
+        }
+    }
     primary_args.extend([
         "--api".into(),
         dir.join("primary.sock").display().to_string(),

@@ -92,19 +92,24 @@ pub struct ReplicationArgs {
     pub mode: ReplicationMode,
     /// Lockstep: how often the backup compares its machine's digest with the primary's
     /// (a divergence stops lockstep and resynchronizes the backup with a full checkpoint).
-    /// Costs a pass over RAM and disk on both sides per check. 0: never
-    #[arg(long, value_name = "MS", default_value_t = 2000, help_heading = "Replication")]
+    /// The digest is incremental (per 1 MiB region, from the pages written since the last
+    /// one), so a check costs what the guest wrote meanwhile. 0: never
+    #[arg(long, value_name = "MS", default_value_t = 250, help_heading = "Replication")]
     pub lockstep_digest_ms: u64,
 }
 
 /// What `--replicate-to --mode lockstep` and its companions ask for.
-pub fn lockstep_options(args: &ReplicationArgs) -> Result<vmm::mode::lockstep::LockstepOptions> {
+pub fn lockstep_options(
+    args: &ReplicationArgs,
+    config: &machine::MachineConfig,
+) -> Result<vmm::mode::lockstep::LockstepOptions> {
     let ReplicationOptions { primary, .. } = options(args)?;
     let leader = replica::lockstep::LeaderConfig {
         digest_every_ms: args.lockstep_digest_ms,
         ..replica::lockstep::LeaderConfig::default()
     };
-    Ok(vmm::mode::lockstep::LockstepOptions { primary, leader })
+    let boot = vmm::mode::lockstep::BootParams::of(config);
+    Ok(vmm::mode::lockstep::LockstepOptions { primary, leader, boot })
 }
 
 /// What `--replicate-to` and its companions ask for.

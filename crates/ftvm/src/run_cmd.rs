@@ -424,7 +424,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 driver.start_replication(crate::replication_args::options(&args.replication)?, tx.clone())?
             }
             crate::replication_args::ReplicationMode::Lockstep => {
-                let options = crate::replication_args::lockstep_options(&args.replication)?;
+                let options = crate::replication_args::lockstep_options(&args.replication, &config)?;
                 let ownership = driver.ownership.take().context("--replicate-to needs --store")?;
                 let mode =
                     vmm::mode::lockstep::LockstepPrimary::start(options, ownership, tx.clone(), &mut driver.machine)?;

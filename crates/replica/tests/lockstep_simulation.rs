@@ -226,7 +226,10 @@ impl Sim {
         config.ownership_check_ms = 50;
         let primary = PrimaryHost {
             core: Primary::new(config, 1, 0),
-            leader: Leader::new(LeaderConfig { max_held_outputs: 64, digest_every_ms: 30, max_lag_ms: 5 }, 0),
+            leader: Leader::new(
+                LeaderConfig { max_held_outputs: 64, digest_every_ms: 30, min_batch_ms: 3, max_lag_ms: 5 },
+                0,
+            ),
             machine: Toy::boot(),
             outputs_produced: 0,
             stopped: false,
@@ -440,7 +443,9 @@ impl Sim {
             CheckpointKind::Discard => (p.leader.discard(icount, now), Vec::new()),
             CheckpointKind::Full | CheckpointKind::Incremental => {
                 let start = match kind {
-                    CheckpointKind::Full if icount == 0 => Some(Start::Boot { digest: p.machine.digest() }),
+                    CheckpointKind::Full if icount == 0 => {
+                        Some(Start::Boot { digest: p.machine.digest(), params: vec![] })
+                    }
                     CheckpointKind::Full => Some(p.leader.state_start(icount, p.machine.save())),
                     _ => None,
                 };
@@ -576,7 +581,7 @@ impl Sim {
         let icount = b.machine.icount;
         match b.follower.next(icount) {
             Next::Wait => return false,
-            Next::Boot => b.machine = Toy::boot(),
+            Next::Boot { .. } => b.machine = Toy::boot(),
             Next::Restore { bytes, .. } => b.machine = Toy::restore(&bytes),
             Next::Push { icount, mut bytes } => {
                 if b.alter_at == Some(b.follower.status().inputs_pushed) {

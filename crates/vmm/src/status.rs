@@ -104,6 +104,8 @@ pub struct Lockstep {
     /// A primary: batches (epochs) cut, inputs streamed and their bytes, digests sent, states
     /// sent (a backup that joined or resynchronized).
     pub batches: u64,
+    /// Bytes of the batches (their payloads, framing aside).
+    pub batch_bytes: u64,
     pub inputs: u64,
     pub input_bytes: u64,
     pub digests: u64,

@@ -19,6 +19,8 @@ pub const BATCH_VERSION: u16 = 1;
 pub const MAX_INPUTS_PER_BATCH: usize = 1 << 16;
 /// The largest input (a network frame is far smaller; the journal's cap is the same).
 pub const MAX_INPUT_BYTES: usize = 1 << 20;
+/// The largest boot parameters (a kernel command line and a clock).
+pub const MAX_BOOT_PARAMS_BYTES: usize = 64 << 10;
 
 /// An input as the primary's machine took it: the icount at which it takes effect and its
 /// encoding (opaque here: `replica` does not know the machine).
@@ -31,9 +33,11 @@ pub struct StampedInput {
 /// What the backup's machine starts from (only in the batch that starts a stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
-    /// Booted from the backup's own images (the same as the primary's): its machine's digest
-    /// before the first instruction must be `digest`.
-    Boot { digest: u128 },
+    /// Booted from the backup's own images (the same as the primary's) with the primary's
+    /// boot parameters (`params`, opaque here: what the images do not say, such as the
+    /// kernel command line and the clock's start): its machine's digest before the first
+    /// instruction must be `digest`.
+    Boot { digest: u128, params: Vec<u8> },
     /// The whole machine at `icount`, in the machine's own format (a full checkpoint): a
     /// backup joining a running primary, or resynchronizing after a divergence. `inputs` and
     /// `outputs` are how many the primary had stamped and produced by then.
@@ -103,9 +107,11 @@ impl Batch {
         }
         match &self.start {
             None => w.push(0),
-            Some(Start::Boot { digest }) => {
+            Some(Start::Boot { digest, params }) => {
                 w.push(1);
                 w.extend_from_slice(&digest.to_le_bytes());
+                w.extend_from_slice(&(params.len() as u32).to_le_bytes());
+                w.extend_from_slice(params);
             }
             Some(Start::State { icount, inputs, outputs, bytes }) => {
                 w.push(2);
@@ -147,7 +153,10 @@ impl Batch {
         }
         let start = match r.u8("start")? {
             0 => None,
-            1 => Some(Start::Boot { digest: r.u128("boot digest")? }),
+            1 => Some(Start::Boot {
+                digest: r.u128("boot digest")?,
+                params: r.bytes("boot parameters", MAX_BOOT_PARAMS_BYTES)?.to_vec(),
+            }),
             2 => Some(Start::State {
                 icount: r.u64("state icount")?,
                 inputs: r.u64("state inputs")?,
@@ -179,7 +188,7 @@ mod tests {
         vec![
             Batch { start: None, inputs: vec![], end_icount: 7, released_outputs: 0, digest: None },
             Batch {
-                start: Some(Start::Boot { digest: 0xfeed }),
+                start: Some(Start::Boot { digest: 0xfeed, params: b"console=ttyS0".to_vec() }),
                 inputs: vec![input(0, b"a")],
                 end_icount: 0,
                 released_outputs: 0,

@@ -18,8 +18,9 @@ pub const MAX_KEPT_OUTPUTS: usize = 1 << 16;
 pub enum Next {
     /// Nothing held to execute: wait for the next batch.
     Wait,
-    /// Build the machine from the images (it may already be): then `Check` its digest.
-    Boot,
+    /// Build the machine from the images with these boot parameters (the primary's, opaque
+    /// here): then `Check` its digest.
+    Boot { params: Vec<u8> },
     /// Replace the machine by this whole state, at `icount`.
     Restore { icount: u64, bytes: Vec<u8> },
     /// Push this input (stamped at the machine's icount, which has reached it).
@@ -174,11 +175,11 @@ impl<O> Follower<O> {
             }
             let Some(front) = self.batches.front_mut() else { return Next::Wait };
             match front.start.take() {
-                Some(Start::Boot { digest }) => {
-                    front.digest.get_or_insert(digest);
-                    // The boot's digest is checked before the first instruction: as the
-                    // batch's own digest when it has none, else right here.
-                    return Next::Boot;
+                Some(Start::Boot { digest, params }) => {
+                    // The boot's digest is checked before the first instruction (the boot's
+                    // batch ends at icount 0, so its own digest would be the same).
+                    front.digest = Some(digest);
+                    return Next::Boot { params };
                 }
                 Some(Start::State { icount, bytes, .. }) => return Next::Restore { icount, bytes },
                 None => {}
@@ -312,14 +313,14 @@ mod tests {
     }
 
     fn boot() -> Batch {
-        Batch { start: Some(Start::Boot { digest: 7 }), ..batch(0, &[], 0, None) }
+        Batch { start: Some(Start::Boot { digest: 7, params: vec![] }), ..batch(0, &[], 0, None) }
     }
 
     #[test]
     fn the_backup_never_runs_past_the_last_input_it_holds() {
         let mut follower: Follower<&str> = Follower::new();
         follower.hold(boot()).unwrap();
-        assert_eq!(follower.next(0), Next::Boot);
+        assert_eq!(follower.next(0), Next::Boot { params: vec![] });
         assert_eq!(follower.next(0), Next::Check { icount: 0, digest: 7 });
         follower.check(0, 7).unwrap();
         assert_eq!(follower.next(0), Next::Wait, "nothing held beyond icount 0");

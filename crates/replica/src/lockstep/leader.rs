@@ -13,6 +13,10 @@ pub struct LeaderConfig {
     pub max_held_outputs: usize,
     /// A batch carries the machine's digest this often (0: never).
     pub digest_every_ms: u64,
+    /// Inputs alone (no output waits) go out at most this often, gathered into one batch:
+    /// a busy guest's clock-rate inputs come every slice, and each batch costs framing, an
+    /// acknowledgement and a hand-over on the backup. Outputs never wait for it.
+    pub min_batch_ms: u64,
     /// With no input and no output, a batch still goes out this often while the guest runs,
     /// so that the backup follows closely (its lag is what a failover must execute).
     pub max_lag_ms: u64,
@@ -20,7 +24,7 @@ pub struct LeaderConfig {
 
 impl Default for LeaderConfig {
     fn default() -> Self {
-        LeaderConfig { max_held_outputs: 4096, digest_every_ms: 2000, max_lag_ms: 50 }
+        LeaderConfig { max_held_outputs: 4096, digest_every_ms: 250, min_batch_ms: 10, max_lag_ms: 50 }
     }
 }
 
@@ -90,19 +94,16 @@ impl<O> Leader<O> {
     }
 
     /// Whether a batch should be cut at this slice end (the machine stands at `icount`):
-    /// inputs or outputs wait for it, or the backup has not been told of progress for
-    /// `max_lag_ms`, or the protocol wants a stream started (`start_wanted`: it asks for a
-    /// full checkpoint). The first cut (the start) is always due.
+    /// outputs wait for it, or inputs have for `min_batch_ms`, or the backup has not been
+    /// told of progress for `max_lag_ms`, or the protocol wants a stream started
+    /// (`start_wanted`: it asks for a full checkpoint). The first cut (the start) is always due.
     pub fn cut_due(&self, icount: u64, now_ms: u64, start_wanted: bool) -> bool {
-        match self.last_cut_icount {
-            None => true,
-            Some(cut) => {
-                start_wanted
-                    || !self.pending.is_empty()
-                    || self.outputs_this_epoch
-                    || (icount > cut && now_ms.saturating_sub(self.last_cut_ms) >= self.config.max_lag_ms)
-            }
-        }
+        let Some(cut) = self.last_cut_icount else { return true };
+        let since_ms = now_ms.saturating_sub(self.last_cut_ms);
+        start_wanted
+            || self.outputs_this_epoch
+            || (!self.pending.is_empty() && since_ms >= self.config.min_batch_ms)
+            || (icount > cut && since_ms >= self.config.max_lag_ms)
     }
 
     /// Whether the next batch should carry the machine's digest.
@@ -200,7 +201,7 @@ mod tests {
     #[test]
     fn an_output_leaves_only_with_the_epoch_that_carries_the_inputs_before_it() {
         let mut leader = Leader::new(LeaderConfig::default(), 0);
-        let (epoch, start) = leader.cut(0, 0, Some(Start::Boot { digest: 1 }), None);
+        let (epoch, start) = leader.cut(0, 0, Some(Start::Boot { digest: 1, params: vec![] }), None);
         assert_eq!((epoch, start.end_icount), (1, 0));
         leader.input(10, b"key".to_vec());
         leader.hold("echo");
@@ -216,7 +217,16 @@ mod tests {
 
     #[test]
     fn a_quiet_guest_cuts_only_to_report_progress() {
-        let config = LeaderConfig { max_lag_ms: 50, ..LeaderConfig::default() };
+        let config = LeaderConfig { min_batch_ms: 10, max_lag_ms: 50, ..LeaderConfig::default() };
+        let mut leader: Leader<()> = Leader::new(config, 0);
+        leader.cut(0, 0, None, None);
+        leader.input(0, vec![1]);
+        assert!(!leader.cut_due(0, 9, false), "inputs alone gather for a while");
+        assert!(leader.cut_due(0, 10, false));
+        leader.cut(0, 10, None, None);
+        leader.hold(());
+        assert!(leader.cut_due(0, 10, false), "an output never waits");
+        leader.cut(0, 10, None, None);
         let mut leader: Leader<()> = Leader::new(config, 0);
         leader.cut(0, 0, None, None);
         assert!(!leader.cut_due(0, 500, false), "no progress, nothing to say");
@@ -228,7 +238,7 @@ mod tests {
     #[test]
     fn a_state_start_holds_the_inputs_not_yet_cut() {
         let mut leader: Leader<()> = Leader::new(LeaderConfig::default(), 0);
-        leader.cut(0, 0, Some(Start::Boot { digest: 0 }), None);
+        leader.cut(0, 0, Some(Start::Boot { digest: 0, params: vec![] }), None);
         leader.input(5, vec![1]);
         let start = leader.state_start(8, vec![7; 4]);
         let (_, batch) = leader.cut(8, 1, Some(start), Some(9));

@@ -91,8 +91,7 @@ pub enum BackupEvent<'a> {
     CheckpointApplied { epoch: u64 },
     /// The machine could not apply it; its state is no longer a whole checkpoint.
     ApplyFailed { epoch: u64, reason: String },
-    /// Between applies: the machine's state is no longer what the primary's checkpoints
-    /// made it (a lockstep backup found a divergence after it acknowledged the epoch), so it
+    /// The machine's state is no longer what the primary's checkpoints made it (a lockstep backup found a divergence after it acknowledged the epoch), so it
     /// holds nothing whole, as after `ApplyFailed`: the connection closes and the primary
     /// sends a full checkpoint (lockstep: a state) on the next.
     StateLost { reason: String },
@@ -998,7 +997,8 @@ impl Backup {
     }
 
     fn on_state_lost(&mut self, reason: String, actions: &mut Vec<BackupAction>) {
-        assert!(self.applying.is_none(), "StateLost comes between applies");
+        // An apply handed over meanwhile is reported as it went (a lockstep backup refuses
+        // every batch but a state once diverged, and a state replaces what was lost).
         self.applied = None;
         self.latest = None;
         self.ready.clear();

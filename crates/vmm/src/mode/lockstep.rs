@@ -13,7 +13,7 @@ use crate::host::HostEvent;
 use crate::replicate::primary::{PrimaryHandle, PrimaryOptions, ToRepl};
 use crate::replicate::Ownership;
 use crate::vm::Vm;
-use machine::{Input, Output};
+use machine::{Input, Output, OutputKind};
 use replica::lockstep::{Leader, LeaderConfig, Start};
 use replica::CheckpointKind;
 use std::sync::mpsc::Sender;
@@ -30,6 +30,44 @@ const IDLE_WAIT_LIMIT: Duration = Duration::from_millis(20);
 pub struct LockstepOptions {
     pub primary: PrimaryOptions,
     pub leader: LeaderConfig,
+    /// What a backup booting from the same images needs besides them ([`BootParams`]).
+    pub boot: BootParams,
+}
+
+/// What makes two machines built from the same images (the board shape the handshake checks)
+/// the same machine at icount 0: the kernel command line (it carries the guest's command)
+/// and the real-time clock's start. A lockstep backup builds its machine with the primary's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootParams {
+    pub bootargs: String,
+    pub boot_unix_ns: u64,
+}
+
+impl BootParams {
+    pub fn of(config: &machine::MachineConfig) -> BootParams {
+        BootParams { bootargs: config.bootargs.clone(), boot_unix_ns: config.boot_unix_ns }
+    }
+
+    /// `config` with these parameters.
+    pub fn apply(&self, config: &machine::MachineConfig) -> machine::MachineConfig {
+        let mut config = config.clone();
+        config.bootargs = self.bootargs.clone();
+        config.boot_unix_ns = self.boot_unix_ns;
+        config
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = self.boot_unix_ns.to_le_bytes().to_vec();
+        bytes.extend_from_slice(self.bootargs.as_bytes());
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<BootParams, String> {
+        let (time, bootargs) = bytes.split_at_checked(8).ok_or("the boot parameters end before the boot time")?;
+        let boot_unix_ns = u64::from_le_bytes(time.try_into().expect("8 bytes"));
+        let bootargs = std::str::from_utf8(bootargs).map_err(|_| "the kernel command line is not UTF-8")?;
+        Ok(BootParams { bootargs: bootargs.to_string(), boot_unix_ns })
+    }
 }
 
 /// The primary's side of lockstep replication.
@@ -42,6 +80,11 @@ pub struct LockstepPrimary<V: Vm> {
     finished: Option<(u32, bool)>,
     /// The time the digests took (a full digest reads all of RAM and disk).
     digest_us: u64,
+    boot: BootParams,
+    /// Bytes of the batches handed over.
+    batch_bytes: u64,
+    /// The guest powered off or reset (no more digests).
+    ended: bool,
     _vm: std::marker::PhantomData<fn(&mut V)>,
 }
 
@@ -73,11 +116,14 @@ impl<V: Vm> LockstepPrimary<V> {
             unprotecting: None,
             finished: None,
             digest_us: 0,
+            batch_bytes: 0,
+            ended: false,
+            boot: options.boot,
             _vm: std::marker::PhantomData,
         };
         // The start is full whatever the protocol advises: it keeps a full epoch for a backup
         // that connects later, and the inputs after it continue its chain.
-        primary.cut(vm, Some(CheckpointKind::Full)).map_err(LockstepStartError::Start)?;
+        primary.cut(vm, Some(CheckpointKind::Full), false).map_err(LockstepStartError::Start)?;
         Ok(primary)
     }
 
@@ -96,8 +142,10 @@ impl<V: Vm> LockstepPrimary<V> {
         }
     }
 
-    /// Cut the next epoch (of kind `force`, or as the protocol wants) and hand it over.
-    fn cut(&mut self, vm: &mut V, force: Option<CheckpointKind>) -> Result<(), ModeError> {
+    /// Cut the next epoch (of kind `force`, or as the protocol wants) and hand it over;
+    /// `last`: the guest ended, and its machine stands past an exit the backup's, at the same
+    /// icount, may not have taken yet (so no digest: the end itself is compared).
+    fn cut(&mut self, vm: &mut V, force: Option<CheckpointKind>, last: bool) -> Result<(), ModeError> {
         let kind = force.unwrap_or_else(|| self.wanted());
         let (icount, now_ms) = (vm.icount(), self.now_ms());
         let (epoch, payload) = match kind {
@@ -105,7 +153,7 @@ impl<V: Vm> LockstepPrimary<V> {
             CheckpointKind::Full | CheckpointKind::Incremental => {
                 let start = match kind {
                     CheckpointKind::Full if self.leader.epoch() == 0 && icount == 0 => {
-                        Some(Start::Boot { digest: self.digest(vm) })
+                        Some(Start::Boot { digest: self.digest(vm), params: self.boot.encode() })
                     }
                     CheckpointKind::Full => {
                         let state = vm.take_checkpoint(true).map_err(|e| ModeError::new("cannot take a state", e))?;
@@ -114,13 +162,14 @@ impl<V: Vm> LockstepPrimary<V> {
                     _ => None,
                 };
                 let digest = match start {
-                    None if self.leader.digest_due(now_ms) => Some(self.digest(vm)),
+                    None if !last && !self.ended && self.leader.digest_due(now_ms) => Some(self.digest(vm)),
                     _ => None,
                 };
                 let (epoch, batch) = self.leader.cut(icount, now_ms, start, digest);
                 (epoch, batch.encode())
             }
         };
+        self.batch_bytes += payload.len() as u64;
         let _ = self.handle.tx.send(ToRepl::Checkpoint { epoch, icount, kind, payload });
         Ok(())
     }
@@ -152,6 +201,9 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
     /// Every output waits for the epoch cut after it.
     fn on_outputs(&mut self, outputs: Vec<Output>) -> Vec<Output> {
         for output in outputs {
+            // Past the guest's end its machine stands past an exit the backup's may not have
+            // taken at the same icount: no more digests.
+            self.ended |= matches!(output.kind, OutputKind::PowerOff { .. } | OutputKind::Reset);
             self.leader.hold(output);
         }
         Vec::new()
@@ -160,7 +212,7 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
     fn on_slice_end(&mut self, vm: &mut V, _idle: bool) -> Result<(), ModeError> {
         let wanted = self.wanted();
         if self.leader.cut_due(vm.icount(), self.now_ms(), wanted == CheckpointKind::Full) {
-            self.cut(vm, Some(wanted))?;
+            self.cut(vm, Some(wanted), false)?;
         }
         Ok(())
     }
@@ -221,7 +273,7 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
         if let Some(reply) = self.unprotecting.take() {
             let _ = reply.send(Reply::error(409, "the VM is ending: its end settles the replication"));
         }
-        self.cut(vm, None)?;
+        self.cut(vm, None, true)?;
         let epoch = self.leader.epoch();
         let _ = self.handle.tx.send(ToRepl::VmEnded { epoch, exit_code });
         Ok(if self.finished.is_some() { EndProgress::Settled } else { EndProgress::Pending })
@@ -278,6 +330,7 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
         });
         status.lockstep = Some(Lockstep {
             batches: totals.batches,
+            batch_bytes: self.batch_bytes,
             inputs: totals.inputs,
             input_bytes: totals.input_bytes,
             digests: totals.digests,
