@@ -254,8 +254,12 @@ impl Mode<Watched> for ReplicatedMonitor {
         Some(primary.map_or(HEARTBEAT_WAIT, |p| p.min(HEARTBEAT_WAIT)))
     }
 
-    fn on_event(&mut self, event: ModeEvent) -> Verdict {
-        Mode::<Watched>::on_event(&mut self.primary, event)
+    fn on_event(&mut self, vm: &mut Watched, event: ModeEvent) -> Verdict {
+        Mode::<Watched>::on_event(&mut self.primary, vm, event)
+    }
+
+    fn control(&mut self, command: &crate::control::Command) -> Option<Reply> {
+        Mode::<Watched>::control(&mut self.primary, command)
     }
 
     /// The primary's final checkpoint, then a local one of it (a written disk's last
