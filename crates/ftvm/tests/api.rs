@@ -273,9 +273,14 @@ fn a_busy_metrics_port_is_refused_at_start() {
 #[test]
 fn strangers_holding_idle_connections_get_a_clear_refusal_and_never_the_vms_descriptors() {
     let vm = Vm::start("strangers");
+    // First the VM answers (a request while it starts may get its own error).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.ctl(&["status"]).0 != 0 {
+        assert!(Instant::now() < deadline, "the VM never answered its API");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Far more than the API serves at once, each sending nothing.
     let idle: Vec<UnixStream> = (0..200).map(|_| UnixStream::connect(&vm.socket).unwrap()).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
     let refusal = loop {
         let (code, _, stderr) = vm.ctl(&["status"]);
         if code != 0 {
