@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::redis::{check_consecutive, redis_cli, redis_image, Session, SERVER};
+use common::redis::{check_consecutive, redis_image, wait_pong, Session, SERVER};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -110,11 +110,7 @@ fn debians_redis_cli_session_survives_its_monitor_killed_and_hung_with_nothing_l
         .spawn()
         .expect("start ftvm");
     let keeper = Keeper { child, report };
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while redis_cli(&net.ns, &["PING"]).as_deref() != Some("PONG") {
-        assert!(Instant::now() < deadline, "redis-server never answered PING");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(wait_pong(&net.ns, Duration::from_secs(180)), "redis-server never answered PING");
     let mut session = Session::start(&net.ns);
     let mut struck = Vec::new();
     // Each fault once the session has had 40 more replies: struck while the client counts.

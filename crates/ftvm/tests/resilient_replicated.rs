@@ -11,7 +11,7 @@
 mod common;
 
 use common::cluster::{is_live, Cluster, Options, BOOT_LIMIT};
-use common::redis::{check_consecutive, redis_cli, redis_image, Session, SERVER};
+use common::redis::{check_consecutive, redis_image, wait_pong, Session, SERVER};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -72,11 +72,7 @@ fn a_replicated_resilient_primary_survives_two_monitor_kills_without_a_takeover_
     };
     let mut cluster = Cluster::start("resrep", &options);
     let ns = cluster.topo.client_ns();
-    let deadline = Instant::now() + BOOT_LIMIT;
-    while redis_cli(&ns, &["PING"]).as_deref() != Some("PONG") {
-        assert!(Instant::now() < deadline, "redis-server never answered PING\n{}", cluster.explain());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(wait_pong(&ns, BOOT_LIMIT), "redis-server never answered PING\n{}", cluster.explain());
     cluster.wait_protected(PROTECTED_LIMIT);
     let generation = cluster.backup_now()["state_generation"].clone();
     assert!(generation.is_u64(), "{}", cluster.backup_now());

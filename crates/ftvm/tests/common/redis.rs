@@ -34,6 +34,19 @@ pub fn redis_cli(ns: &str, args: &[&str]) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Wait until redis-server in the guest answers PING from namespace `ns`; false once
+/// `limit` has passed without an answer.
+pub fn wait_pong(ns: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while redis_cli(ns, &["PING"]).as_deref() != Some("PONG") {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    true
+}
+
 /// One redis-cli repeating INCR on a single connection, every reply recorded as it comes.
 pub struct Session {
     child: Child,
