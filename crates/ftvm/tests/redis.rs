@@ -11,7 +11,7 @@ mod common;
 
 use common::cluster::{is_protected, Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
 use common::netns::Topology;
-use common::redis::{check_consecutive, redis_image, wait_pong, Session, SERVER};
+use common::redis::{check_consecutive, redis_cli, redis_image, wait_pong, Session, SERVER};
 use common::relay::Mode;
 use common::seed;
 use common::strangers::{Kind, Strangers};
@@ -133,4 +133,42 @@ fn debians_redis_cli_counts_on_through_strangers_damage_a_cut_and_a_sigkill_in_s
     drop(strangers);
     assert!(opened >= 20, "only {opened} stranger connections opened");
     println!("{replies} replies, {damaged} chunks damaged, {served} while cut off, {after} after the kill; {opened} strangers");
+}
+
+/// A replicated VM that ends stays ended, when a real client ends it: redis-cli tells the
+/// server to shut down while the session counts; the guest's command exits, the VM powers
+/// off, and both replicas exit with its status. The backup never goes live (which would
+/// bring redis back with an older count), and the replies up to the end run on.
+#[test]
+fn a_redis_server_shut_down_by_its_client_ends_the_replicated_vm_on_both_sides() {
+    let seed = seed();
+    let (mut cluster, mut session) = started("redis-end", seed, 1000);
+    let ns = cluster.topo.client_ns();
+    assert!(session.wait_for(session.count() + 20, Duration::from_secs(60), None), "the session stalled");
+    // redis-cli gets no reply to SHUTDOWN: the server closes the connection as it exits.
+    let _ = redis_cli(&ns, &["SHUTDOWN", "NOSAVE"]);
+    let primary = cluster.primary.wait_exit(Duration::from_secs(60));
+    let mut roles = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.backup.exited().is_none() && Instant::now() < deadline {
+        if let Some(s) = cluster.backup_status() {
+            roles.push(s["role"].clone());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let backup = cluster.backup.exited();
+    let got = session.stop();
+    assert!(
+        primary.and_then(|s| s.code()) == Some(0)
+            && backup.and_then(|s| s.code()) == Some(0)
+            && roles.iter().all(|r| r == "backup"),
+        "seed {seed}: primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}\n{}",
+        cluster.explain()
+    );
+    check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    println!(
+        "{} replies before the shutdown; the backup's status read {} times before it exited",
+        got.replies.len(),
+        roles.len()
+    );
 }
