@@ -360,8 +360,8 @@ fn a_debian_run_with_network_traffic_and_typed_input_replays_with_the_same_diges
 }
 
 #[test]
-#[ignore = "fails 2 runs in 3 on a quiet host: the restored guest powers off (exit 0) within ~100k instructions, printing nothing; passes under load. Under investigation (issue 10 note, session 4)"]
 fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_digests() {
+    use std::io::Write;
     use std::time::{Duration, Instant};
     let dir = common::scratch("record-restore", "vm.snap");
     let (snap, socket, out_path) = (dir.to_path_buf(), dir.with_file_name("api.sock"), dir.with_file_name("out.txt"));
@@ -369,14 +369,20 @@ fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_dig
     let mut image = b"sector zero of the recorded disk".to_vec();
     image.resize(1 << 20, 0);
     std::fs::write(&disk, image).unwrap();
-    // A VM that ticks, then writes its disk; saved while it ticks.
-    let script = format!("for i in $(seq 1 6); do echo tick $i; sleep 1; done; {DISK_SCRIPT}");
+    // A VM that ticks, waits for a line on its console, ticks on, then writes its disk;
+    // saved while it waits. (Under --clock fast a `sleep 1` costs the host next to nothing:
+    // a VM saved "while it ticks" had often finished its script before the pause arrived.)
+    let script = format!(
+        "for i in 1 2; do echo tick $i; sleep 1; done; read word; echo read $word; \
+         for i in 3 4 5 6; do echo tick $i; sleep 1; done; {DISK_SCRIPT}"
+    );
     let mut vm = ftvm()
         .args(["run", "--clock", "fast", "--api"])
         .arg(&socket)
         .arg("--disk")
         .arg(&disk)
         .args(["--", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -394,24 +400,31 @@ fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_dig
     vm.wait().unwrap();
     let snapshot_icount = machine::snapshot::read_header_from_path(&snap).unwrap().icount;
 
+    let saved = std::fs::read_to_string(&out_path).unwrap();
+    assert!(!saved.contains("read "), "the VM was saved while it waited for its line: {saved}");
+
     let log = dir.with_file_name("restored.log");
-    let restored = ftvm()
+    let mut restore = ftvm()
         .arg("restore")
         .arg(&snap)
         .args(["--clock", "fast", "--digest", "--digest-every-ms", "0", "--disk"])
         .arg(&disk)
         .arg("--record")
         .arg(&log)
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // The line the restored guest waits for: typed input, recorded in the log.
+    restore.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let restored = restore.wait_with_output().unwrap();
     assert_eq!(restored.status.code(), Some(0), "{}", stderr(&restored));
     let console = String::from_utf8_lossy(&restored.stdout);
-    assert!(
-        console.contains("tick 6") && console.contains("sector WRITTEN the recorded disk"),
-        "{console}\n{}",
-        stderr(&restored)
-    );
+    for line in ["read go", "tick 3", "tick 6", "sector WRITTEN the recorded disk"] {
+        assert!(console.contains(line), "no {line:?} in {console}\n{}", stderr(&restored));
+    }
+    assert!(!console.contains("tick 2"), "the restored guest goes on from where it was saved: {console}");
 
     let header = journal::LogReader::open_path(&log).unwrap().header().clone();
     assert_eq!(header.start, journal::Start::Snapshot { icount: snapshot_icount });
@@ -422,6 +435,17 @@ fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_dig
     );
     let digests = recorded.iter().filter(|r| matches!(r, journal::Record::Digest(_))).count();
     assert!(digests >= 10, "a digest at every slice's end: {digests}");
+    let typed: Vec<u8> = recorded
+        .iter()
+        .filter_map(|r| match r {
+            journal::Record::Input(machine::Input { kind: machine::InputKind::Console(bytes), .. }) => {
+                Some(bytes.clone())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(typed, b"go\n", "the typed line is an input of the log");
     for _ in 0..2 {
         let out = replay(&log, &["--digest", "--console"]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
