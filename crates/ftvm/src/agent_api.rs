@@ -177,22 +177,14 @@ struct Request {
     body: Vec<u8>,
 }
 
-/// The control API's bounded reader, keeping the headers the API needs.
+/// The control API's bounded reader, keeping the headers the API needs. (This once peeked
+/// at the first segment for the headers: a client whose Authorization header came in a
+/// later segment was refused with 401.)
 fn read_request_with_auth(stream: &mut TcpStream) -> Result<Request, String> {
-    // Peek at the header block, then let the shared reader parse it all.
-    let mut peek = vec![0u8; 8192];
-    let n = stream.peek(&mut peek).map_err(|e| format!("cannot read request: {e}"))?;
-    let head = String::from_utf8_lossy(&peek[..n]);
-    let header = |wanted: &str| {
-        head.split("\r\n")
-            .take_while(|line| !line.is_empty())
-            .filter_map(|line| line.split_once(':'))
-            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
-            .map(|(_, value)| value.trim().to_string())
-    };
-    let authorization = header("authorization");
-    let hopped = header(crate::agent_console::HOP_HEADER).is_some();
-    let (method, target, body) = crate::api::read_request(&mut *stream)?;
+    let request = crate::api::read_request(&mut *stream)?;
+    let authorization = request.header("authorization").map(String::from);
+    let hopped = request.header(crate::agent_console::HOP_HEADER).is_some();
+    let crate::api::Request { method, target, body, .. } = request;
     Ok(Request { method, target, authorization, hopped, body })
 }
 
@@ -528,6 +520,27 @@ mod tests {
 
     fn body(answer: &Answer) -> Value {
         serde_json::from_slice(&answer.body).unwrap()
+    }
+
+    /// A client whose headers arrive in several TCP segments, the token in a later one
+    /// (a client writing a header at a time): once refused with 401.
+    #[test]
+    fn a_token_in_a_later_segment_than_the_request_line_is_honoured() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let _ = handle(stream, &Mutex::new(shared()));
+        });
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.set_nodelay(true).unwrap();
+        client.write_all(b"GET /v1/vms HTTP/1.1\r\nHost: h1\r\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        client.write_all(b"Authorization: Bearer sekrit\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut client, &mut answer).unwrap();
+        server.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 
     #[test]

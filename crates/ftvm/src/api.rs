@@ -102,8 +102,8 @@ fn handle_connection(mut stream: UnixStream, events: &Sender<HostEvent>) -> std:
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let answer = match read_request(&mut stream) {
-        Ok((method, target, _)) if target == "/metrics" && method == "GET" => metrics(events),
-        Ok((method, target, body)) => match route(&method, &target, &body) {
+        Ok(r) if r.target == "/metrics" && r.method == "GET" => metrics(events),
+        Ok(r) => match route(&r.method, &r.target, &r.body) {
             Ok(command) => Answer::from(ask_vm(command, events)),
             Err(reply) => Answer::from(reply),
         },
@@ -184,9 +184,79 @@ fn ask_vm(command: Command, events: &Sender<HostEvent>) -> Reply {
     rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_else(|_| Reply::error(504, "the VM did not answer in time"))
 }
 
-/// Read one request: method, target, body. Errors are messages for a 400 answer.
-pub(crate) fn read_request(stream: impl Read) -> Result<(String, String, Vec<u8>), String> {
-    let mut reader = BufReader::new(stream.take((MAX_HEADER_BYTES + MAX_BODY_BYTES) as u64));
+/// One request as read from a client.
+pub(crate) struct Request {
+    pub method: String,
+    pub target: String,
+    /// Header names as sent; look them up with [`Request::header`].
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The value of header `name` (case-insensitive), trimmed.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A socket whose reads can be bounded in time (TCP and Unix streams alike).
+pub(crate) trait TimedRead: Read {
+    fn set_read_deadline_in(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl TimedRead for &mut UnixStream {
+    fn set_read_deadline_in(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl TimedRead for &mut std::net::TcpStream {
+    fn set_read_deadline_in(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+/// Reads from `stream` until a fixed instant: each read gets the time that is left, so that
+/// a client sending a byte now and then (a slowloris) cannot hold its slot past
+/// [`IO_TIMEOUT`] in all, where a timeout per read alone would let it hold the slot forever.
+struct Deadline<S> {
+    stream: S,
+    until: std::time::Instant,
+    limit: Duration,
+}
+
+impl<S: TimedRead> Read for Deadline<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let late = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the request was not complete within {} ms", self.limit.as_millis()),
+            )
+        };
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        self.stream.set_read_deadline_in(left)?;
+        // A socket's read timeout shows as EAGAIN ("Resource temporarily unavailable").
+        self.stream.read(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => late(),
+            _ => e,
+        })
+    }
+}
+
+/// Read one request, all of it within [`IO_TIMEOUT`]. Errors are messages for a 400 answer.
+/// Nothing past the body is read (a console upgrade's pipe starts right after it only once
+/// the answer has gone out, so a buffered read-ahead loses nothing).
+pub(crate) fn read_request(stream: impl TimedRead) -> Result<Request, String> {
+    read_request_within(stream, IO_TIMEOUT)
+}
+
+fn read_request_within(stream: impl TimedRead, limit: Duration) -> Result<Request, String> {
+    let deadline = Deadline { stream, until: std::time::Instant::now() + limit, limit };
+    let mut reader = BufReader::new(deadline.take((MAX_HEADER_BYTES + MAX_BODY_BYTES) as u64));
     let mut header_bytes = 0;
     let mut line = String::new();
     let mut next_line = |reader: &mut BufReader<_>, line: &mut String| -> Result<(), String> {
@@ -211,25 +281,32 @@ pub(crate) fn read_request(stream: impl Read) -> Result<(String, String, Vec<u8>
         return Err(format!("unsupported protocol {version:?}; HTTP/1.1 expected"));
     }
     let (method, target) = (method.to_string(), target.to_string());
-    let mut content_length = 0usize;
+    let mut headers = Vec::new();
     loop {
         next_line(&mut reader, &mut line)?;
         let header = line.trim_end();
         if header.is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
-            }
-        }
+        let Some((name, value)) = header.split_once(':') else {
+            return Err(format!("malformed header line {header:?}"));
+        };
+        headers.push((name.trim().to_string(), value.trim().to_string()));
     }
+    let mut request = Request { method, target, headers, body: Vec::new() };
+    let content_length = match request.header("content-length") {
+        None => 0,
+        Some(value) => value.parse::<usize>().map_err(|_| format!("bad Content-Length {value:?}"))?,
+    };
     if content_length > MAX_BODY_BYTES {
         return Err(format!("request body of {content_length} bytes exceeds {MAX_BODY_BYTES}"));
     }
-    let mut body = vec![0; content_length];
-    reader.read_exact(&mut body).map_err(|_| "request body shorter than its Content-Length".to_string())?;
-    Ok((method, target, body))
+    request.body = vec![0; content_length];
+    reader.read_exact(&mut request.body).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "request body shorter than its Content-Length".to_string(),
+        _ => format!("cannot read the request body: {e}"),
+    })?;
+    Ok(request)
 }
 
 /// Map a request onto a command, or answer it with an error.
@@ -401,6 +478,70 @@ fn parse_response(response: &[u8]) -> Result<Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request written by `client` (on a thread) over a real Unix socket pair, read
+    /// with `limit`.
+    fn read_written(limit: Duration, client: impl FnOnce(UnixStream) + Send + 'static) -> Result<Request, String> {
+        let (mut server, other) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || client(other));
+        let request = read_request_within(&mut server, limit);
+        drop(server);
+        writer.join().unwrap();
+        request
+    }
+
+    #[test]
+    fn a_request_in_pieces_is_read_whole_with_its_headers() {
+        let request = read_written(Duration::from_secs(10), |mut c| {
+            for piece in
+                ["PUT /snap", "shot HTTP/1.1\r\nAuthor", "ization: Bearer x\r\nContent-Length: 4\r\n\r\n", "{}\r\n"]
+            {
+                c.write_all(piece.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        })
+        .unwrap();
+        assert_eq!((request.method.as_str(), request.target.as_str()), ("PUT", "/snapshot"));
+        assert_eq!(request.header("AUTHORIZATION"), Some("Bearer x"));
+        assert_eq!(request.body, b"{}\r\n");
+    }
+
+    #[test]
+    fn a_client_trickling_bytes_is_cut_off_at_the_deadline_for_the_whole_request() {
+        let started = std::time::Instant::now();
+        let error = read_written(Duration::from_millis(400), |mut c| {
+            // A byte every 50 ms: each read is quick, the request never ends.
+            for byte in b"GET /status HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                if c.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .err()
+        .unwrap();
+        assert!(error.contains("the request was not complete within 400 ms"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(2), "held for {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn malformed_requests_say_what_is_wrong() {
+        let read = |text: &'static str| {
+            read_written(Duration::from_secs(10), move |mut c| {
+                let _ = c.write_all(text.as_bytes());
+            })
+            .err()
+            .unwrap()
+        };
+        assert_eq!(read("GET /status HTTP/1.1\r\nno colon here\r\n\r\n"), r#"malformed header line "no colon here""#);
+        assert_eq!(read("GET /status HTTP/1.1\r\nContent-Length: x\r\n\r\n"), r#"bad Content-Length "x""#);
+        assert_eq!(read("GET /status SPDY/3\r\n\r\n"), r#"unsupported protocol "SPDY/3"; HTTP/1.1 expected"#);
+        assert_eq!(
+            read("PUT /stop HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"),
+            "request body shorter than its Content-Length"
+        );
+        assert_eq!(read("GET /status HTTP/1.1\r\n"), "connection closed before the request was complete");
+    }
 
     #[test]
     fn routes_map_methods_and_paths() {

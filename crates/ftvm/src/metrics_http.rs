@@ -66,7 +66,7 @@ fn handle(mut stream: TcpStream, route: &Route) -> std::io::Result<()> {
     stream.set_write_timeout(Some(api::IO_TIMEOUT))?;
     let answer = match api::read_request(&mut stream) {
         Err(message) => Answer::text(400, message),
-        Ok((method, target, _)) => answer(&method, &target, route),
+        Ok(request) => answer(&request.method, &request.target, route),
     };
     answer.write(&mut stream)
 }
