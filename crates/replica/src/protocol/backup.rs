@@ -12,9 +12,11 @@
 //! when too many others wait (the oldest goes first). Only then does it replace the
 //! connection the backup had.
 //!
-//! Live migration: a `Switchover` from the primary (paused, its final checkpoint applied here
-//! and acknowledged) makes the backup swap the record from the generation its state counts
-//! for and answer `SwitchedOver`; it goes live (`GoLive`) only on the primary's `HandedOver`,
+//! Live migration: a `Switchover` from the primary (paused, sent right behind its final
+//! checkpoint) makes the backup swap the record from the generation its state counts for —
+//! while the machine still applies that checkpoint — and answer `SwitchedOver` once both are
+//! done (the answer says it holds the final state, so the primary releases that epoch's
+//! outputs on it); it goes live (`GoLive`) only on the primary's `HandedOver`,
 //! its promise never to run the VM again. Without that promise in time (or with the link
 //! gone) it swaps the record once more before running, so that a primary which took the VM
 //! back meanwhile wins or loses by the record alone (the backup then stands down). See
@@ -168,8 +170,11 @@ struct WholeCheckpoint {
 /// Live migration, on the destination: how far the switchover got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Switchover {
-    /// Swapping the record from the generation the state counts for.
-    Claiming { generation: u64 },
+    /// Swapping the record from the generation the state counts for; `epoch` is the final
+    /// checkpoint's (whole here, perhaps still being applied).
+    Claiming { generation: u64, epoch: u64 },
+    /// The record is ours at `generation`; the final checkpoint, `epoch`, is still being applied.
+    Claimed { generation: u64, epoch: u64 },
     /// The record is ours at `generation`; `SwitchedOver` sent, waiting for `HandedOver`.
     Confirmed { generation: u64, since_ms: u64 },
     /// No `HandedOver`: swapping again, from `generation`, before running.
@@ -415,7 +420,7 @@ impl Backup {
                 self.switchover = Some(Switchover::Fencing { generation });
                 self.claim(generation, actions);
             }
-            Some(Switchover::Claiming { generation } | Switchover::Fencing { generation })
+            Some(Switchover::Claiming { generation, .. } | Switchover::Fencing { generation })
                 if !self.claim_outstanding && now >= self.next_claim_attempt_ms =>
             {
                 self.claim(generation, actions)
@@ -429,8 +434,16 @@ impl Backup {
         actions.push(BackupAction::ClaimOwnership { generation });
     }
 
-    /// The primary's `Switchover`: valid only for the state this backup holds, whole and
-    /// counted for the generation named.
+    /// Whether the swap asked for last is a switchover's first: the backup acts on it only
+    /// once the primary's `HandedOver` arrives, so the caller may answer from a swap every
+    /// reader sees and make it durable meanwhile (before the next event it gives the core).
+    pub fn claim_awaits_handover(&self) -> bool {
+        self.claim_outstanding && matches!(self.switchover, Some(Switchover::Claiming { .. }))
+    }
+
+    /// The primary's `Switchover`: valid only for the checkpoint this backup received last,
+    /// whole (applied, or still being applied), continuing a state counted for the
+    /// generation named.
     fn on_switchover(
         &mut self,
         run_id: u64,
@@ -439,10 +452,7 @@ impl Backup {
         paused_at_unix_us: u64,
         actions: &mut Vec<BackupAction>,
     ) -> Result<(), ProtocolError> {
-        let holds = self.applied.map(|a| a.id) == Some(CheckpointId { run_id, epoch })
-            && self.applying.is_none()
-            && self.ready.is_empty()
-            && self.incoming.is_none();
+        let holds = self.latest == Some(CheckpointId { run_id, epoch }) && self.incoming.is_none();
         let counts = self.state_generation() == Some(generation) && generation >= self.newest_generation;
         if !holds || !counts || self.switchover.is_some() || self.claim_outstanding {
             return Err(ProtocolError::UnexpectedMessage {
@@ -451,7 +461,7 @@ impl Backup {
             });
         }
         self.handover = Some(Handover { paused_at_unix_us, confirmed: false });
-        self.switchover = Some(Switchover::Claiming { generation });
+        self.switchover = Some(Switchover::Claiming { generation, epoch });
         self.claim(generation, actions);
         Ok(())
     }
@@ -459,13 +469,10 @@ impl Backup {
     /// The answer to a swap of a switchover.
     fn on_switchover_claim(&mut self, answer: Result<SwapAnswer, String>, actions: &mut Vec<BackupAction>) {
         match (self.switchover, answer) {
-            (Some(Switchover::Claiming { .. }), Ok(SwapAnswer::Swapped { generation })) => {
-                let now = self.now_ms;
-                self.switchover = Some(Switchover::Confirmed { generation, since_ms: now });
-                if let Some(bl) = self.link.as_mut() {
-                    let bytes = bl.link.frame(&Message::SwitchedOver { generation }, now);
-                    actions.push(BackupAction::Send { conn: bl.conn, bytes });
-                }
+            (Some(Switchover::Claiming { epoch, .. }), Ok(SwapAnswer::Swapped { generation })) => {
+                self.switchover = Some(Switchover::Claimed { generation, epoch });
+                self.maybe_switched_over(actions);
+                self.pump(actions);
             }
             (Some(Switchover::Fencing { .. }), Ok(SwapAnswer::Swapped { generation })) => {
                 self.go_live_by_handover(generation, actions)
@@ -479,6 +486,20 @@ impl Backup {
             }
             (_, Err(_)) => self.next_claim_attempt_ms = self.now_ms + self.config.store_retry_ms,
             (_, Ok(SwapAnswer::Swapped { .. })) => unreachable!("a swap outside a switchover step"),
+        }
+    }
+
+    /// Once the record is ours and the final checkpoint applied: `SwitchedOver`.
+    fn maybe_switched_over(&mut self, actions: &mut Vec<BackupAction>) {
+        let Some(Switchover::Claimed { generation, epoch }) = self.switchover else { return };
+        if self.applied.map(|a| a.id.epoch) != Some(epoch) {
+            return;
+        }
+        let now = self.now_ms;
+        self.switchover = Some(Switchover::Confirmed { generation, since_ms: now });
+        if let Some(bl) = self.link.as_mut() {
+            let bytes = bl.link.frame(&Message::SwitchedOver { generation }, now);
+            actions.push(BackupAction::Send { conn: bl.conn, bytes });
         }
     }
 
@@ -565,7 +586,10 @@ impl Backup {
         }
         match answer {
             Ok(SwapAnswer::Swapped { generation }) => {
-                let applied = self.applied.expect("ownership is only claimed with a whole checkpoint applied");
+                // A switchover's claim whose state was lost meanwhile (its apply failed): the
+                // record names this backup, which never ran and cannot; the primary takes the
+                // VM back by swapping it once more.
+                let Some(applied) = self.applied else { return };
                 self.close_all(ProtocolError::AlreadyLive, actions);
                 // Whole checkpoints that arrived meanwhile are newer but not needed: the
                 // primary released outputs only up to what this backup acknowledged.
@@ -954,9 +978,10 @@ impl Backup {
     }
 
     /// Hands the next whole checkpoint to the machine, one at a time, and none while a
-    /// takeover is being decided.
+    /// takeover is being decided (a switchover's claim goes with the final checkpoint's apply).
     fn pump(&mut self, actions: &mut Vec<BackupAction>) {
-        if self.applying.is_some() || self.claim_outstanding || self.is_live() || self.exited {
+        let deciding = self.claim_outstanding && self.switchover.is_none();
+        if self.applying.is_some() || deciding || self.is_live() || self.exited {
             return;
         }
         if let Some(checkpoint) = self.ready.pop_front() {
@@ -979,13 +1004,16 @@ impl Backup {
         if let Some(bl) = self.link.as_mut().filter(|bl| bl.hello.map(|h| h.0) == Some(applied.id.run_id)) {
             actions.push(BackupAction::Send { conn: bl.conn, bytes: bl.link.frame(&Message::Ack { epoch }, now) });
         }
+        self.maybe_switched_over(actions);
         self.pump(actions);
     }
 
     fn on_apply_failed(&mut self, epoch: u64, reason: String, actions: &mut Vec<BackupAction>) {
         let failed = self.applying.take().expect("ApplyFailed follows an ApplyCheckpoint");
         assert_eq!(failed.id.epoch, epoch, "ApplyFailed names the epoch of the last ApplyCheckpoint");
-        // The machine no longer holds a whole checkpoint: nothing to build on or go live from.
+        // The machine no longer holds a whole checkpoint: nothing to build on or go live from
+        // (a switchover under way is abandoned: the primary takes the VM back).
+        self.switchover = None;
         self.applied = None;
         self.latest = None;
         self.ready.clear();
@@ -999,6 +1027,7 @@ impl Backup {
     fn on_state_lost(&mut self, reason: String, actions: &mut Vec<BackupAction>) {
         // An apply handed over meanwhile is reported as it went (a lockstep backup refuses
         // every batch but a state once diverged, and a state replaces what was lost).
+        self.switchover = None;
         self.applied = None;
         self.latest = None;
         self.ready.clear();

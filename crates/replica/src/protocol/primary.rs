@@ -24,9 +24,11 @@
 //!   take over, told or not; then it releases everything, tells the backup to stand down,
 //!   and reports [`PrimaryAction::Detached`]. The VM runs on alone, owning the record.
 //! - Live migration ([`PrimaryEvent::Switchover`], `ftvm ctl migrate`) hands the VM to the
-//!   backup: with the machine paused at its final checkpoint, once the backup acknowledged it
-//!   (so every output left) the primary sends `Switchover`; the backup swaps the record and
-//!   answers `SwitchedOver`; the primary answers `HandedOver` and stops
+//!   backup: with the machine paused at its final checkpoint, the primary sends `Switchover`
+//!   right behind that checkpoint's frames; the backup swaps the record while it applies the
+//!   checkpoint and, once both are done, answers `SwitchedOver` (which says it holds the final
+//!   state: the final epoch's outputs are released, if its Ack did not release them already);
+//!   the primary answers `HandedOver` and stops
 //!   ([`ProtocolError::HandedOver`]). Without an answer in time the switchover is called off:
 //!   before `Switchover` was sent, as an unprotect (`Detached`); after it, the primary reads
 //!   the record and takes the VM back by swapping whatever generation it finds at most one
@@ -258,10 +260,10 @@ enum SwapPurpose {
 /// Live migration: how far the switchover got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Switchover {
-    /// Waiting for the acknowledgement of the final checkpoint, `epoch`.
+    /// Waiting for the final checkpoint, `epoch`, to be framed (or acknowledged).
     AwaitingAck { epoch: u64, since_ms: u64 },
-    /// `Switchover` sent: waiting for `SwitchedOver`.
-    Sent { since_ms: u64 },
+    /// `Switchover` sent behind the final checkpoint, `epoch`: waiting for `SwitchedOver`.
+    Sent { epoch: u64, since_ms: u64 },
     /// No answer: reading the record (then swapping it) to take the VM back, unless the
     /// backup moved it past `base + 1`. `base` is the generation this replica held.
     Reclaiming { base: u64 },
@@ -423,6 +425,10 @@ impl Primary {
         }
         if self.stopped.is_none() {
             self.pump_outbox(&mut actions);
+            // The final checkpoint just framed: `Switchover` goes right behind it.
+            if matches!(self.switchover, Some(Switchover::AwaitingAck { .. })) {
+                self.advance_switchover(&mut actions);
+            }
         }
         actions
     }
@@ -535,12 +541,16 @@ impl Primary {
             None => {}
             Some(Switchover::AwaitingAck { epoch, since_ms }) => {
                 let streaming = self.is_streaming();
-                if streaming && self.protection == Protection::Protected && self.acked >= Some(epoch) {
+                // Every frame of the final checkpoint is out (or it was acknowledged): the
+                // backup reads `Switchover` after them, and answers once it applied them.
+                let framed = self.acked >= Some(epoch)
+                    || self.link.as_ref().is_some_and(|pl| pl.sent_up_to >= Some(epoch) && pl.outbox.is_empty());
+                if streaming && self.protection == Protection::Protected && framed {
                     let (generation, paused_at_unix_us) = (self.generation, self.paused_at_unix_us);
                     let message = Message::Switchover { epoch, generation, paused_at_unix_us };
                     let pl = self.link.as_mut().expect("streaming");
                     actions.push(PrimaryAction::Send(pl.link.frame(&message, now)));
-                    self.switchover = Some(Switchover::Sent { since_ms: now });
+                    self.switchover = Some(Switchover::Sent { epoch, since_ms: now });
                 } else if !streaming || now - since_ms.min(now) >= timeout {
                     // Nothing was handed over: called off as an unprotect (the backup's state
                     // made stale first, so it can never take over; told to stand down).
@@ -549,7 +559,7 @@ impl Primary {
                     self.advance_detach(actions);
                 }
             }
-            Some(Switchover::Sent { since_ms }) if !self.is_streaming() || now - since_ms.min(now) >= timeout => {
+            Some(Switchover::Sent { since_ms, .. }) if !self.is_streaming() || now - since_ms.min(now) >= timeout => {
                 let reason = format!("no SwitchedOver from the destination within {timeout} ms");
                 self.close(ProtocolError::SwitchoverCalledOff { reason }, actions);
                 self.switchover = Some(Switchover::Reclaiming { base: self.generation });
@@ -872,9 +882,13 @@ impl Primary {
             Message::SwitchedOver { generation }
                 if matches!(self.switchover, Some(Switchover::Sent { .. })) && generation == self.generation + 1 =>
             {
+                let Some(Switchover::Sent { epoch, .. }) = self.switchover else { unreachable!("matched above") };
                 // The promise the backup waits for: this replica never runs the VM again.
                 let now = self.now_ms;
                 actions.push(PrimaryAction::Send(pl.link.frame(&Message::HandedOver, now)));
+                // The backup holds the final state (it answers only once it applied it): the
+                // outputs of that epoch may leave, as on its Ack.
+                self.release(epoch, actions);
                 self.switchover = None;
                 self.stop(ProtocolError::HandedOver { generation }, actions);
                 Ok(())

@@ -56,6 +56,9 @@ struct World {
     applied: Vec<(u64, Option<u64>, Vec<u8>)>,
     record: Record,
     now_ms: u64,
+    /// Applies wait in `deferred` until [`World::apply_deferred`] (a slow machine).
+    defer_applies: bool,
+    deferred: Vec<u64>,
 }
 
 impl World {
@@ -82,6 +85,8 @@ impl World {
             applied: Vec::new(),
             record: Record { generation: 1, owner: "primary", ended: None },
             now_ms: 0,
+            defer_applies: false,
+            deferred: Vec::new(),
         }
     }
 
@@ -114,8 +119,12 @@ impl World {
                 BackupAction::Send { .. } => {}
                 BackupAction::ApplyCheckpoint { epoch, base_epoch, payload, .. } => {
                     self.applied.push((epoch, base_epoch, payload));
-                    let more = self.b.step(BackupEvent::CheckpointApplied { epoch });
-                    self.on_b(more);
+                    if self.defer_applies {
+                        self.deferred.push(epoch);
+                    } else {
+                        let more = self.b.step(BackupEvent::CheckpointApplied { epoch });
+                        self.on_b(more);
+                    }
                 }
                 BackupAction::ReadOwnership => {
                     let r = &self.record;
@@ -131,6 +140,14 @@ impl World {
                 }
                 other => self.b_log.push(other),
             }
+        }
+    }
+
+    /// The machine finishes the applies it was handed.
+    fn apply_deferred(&mut self) {
+        for epoch in std::mem::take(&mut self.deferred) {
+            let more = self.b.step(BackupEvent::CheckpointApplied { epoch });
+            self.on_b(more);
         }
     }
 
@@ -1303,4 +1320,84 @@ fn a_switchover_whose_final_checkpoint_is_not_acknowledged_is_called_off_as_an_u
     assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 2 }), "{:?}", w.p_log);
     assert_eq!(w.record, Record { generation: 2, owner: "primary", ended: None });
     assert_eq!(w.releases(), vec![1, 2, 3], "released once the backup's state is stale");
+}
+
+#[test]
+fn the_switchover_goes_right_behind_the_final_checkpoint_and_the_claim_overlaps_its_apply() {
+    let mut w = protected_world();
+    w.defer_applies = true;
+    let taken = PrimaryEvent::CheckpointTaken {
+        epoch: 3,
+        icount: 300,
+        kind: CheckpointKind::Incremental,
+        payload: b"final".to_vec(),
+    };
+    let actions = w.p.step(taken);
+    w.on_p(actions);
+    switch_over(&mut w);
+    // No acknowledgement of epoch 3 was waited for: both are on the wire, in that order.
+    assert_eq!(w.releases(), vec![1, 2]);
+    let bytes = std::mem::take(&mut w.to_b);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    w.on_b(actions);
+    // The record is swapped while the machine still applies the final checkpoint, and the
+    // backup says nothing yet: the primary neither stops nor releases the final epoch.
+    assert_eq!(w.deferred, vec![3]);
+    assert_eq!(w.record, Record { generation: 2, owner: "backup", ended: None });
+    w.settle();
+    assert!(w.p.stopped().is_none(), "{:?}", w.p_log);
+    assert_eq!(w.releases(), vec![1, 2]);
+    // Applied: Ack and SwitchedOver; the primary releases epoch 3 and hands the VM over.
+    w.apply_deferred();
+    w.settle();
+    assert_eq!(w.releases(), vec![1, 2, 3]);
+    assert!(w.p_log.contains(&PrimaryAction::Stop { error: ProtocolError::HandedOver { generation: 2 } }));
+    assert!(w.b_log.contains(&BackupAction::GoLive { epoch: 3, icount: 300, generation: 2 }), "{:?}", w.b_log);
+    assert_eq!(w.b.handover(), Some(Handover { paused_at_unix_us: 1234, confirmed: true }));
+}
+
+#[test]
+fn a_switchover_s_claim_is_the_one_whose_durability_may_wait_for_the_handover() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"final");
+    let actions = w.p.step(PrimaryEvent::Switchover { paused_at_unix_us: 1 });
+    let bytes = sends(actions);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    assert_eq!(actions, vec![BackupAction::ClaimOwnership { generation: 1 }]);
+    assert!(w.b.claim_awaits_handover());
+    // Without HandedOver the backup swaps again, and that swap it acts on at once.
+    let actions = w.b.step(BackupEvent::Claim(Ok(SwapAnswer::Swapped { generation: 2 })));
+    assert!(!w.b.claim_awaits_handover(), "{actions:?}");
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 5000 });
+    assert!(actions.contains(&BackupAction::ClaimOwnership { generation: 2 }), "{actions:?}");
+    assert!(!w.b.claim_awaits_handover());
+}
+
+#[test]
+fn a_final_checkpoint_that_fails_to_apply_during_the_claim_leaves_the_vm_with_the_primary() {
+    let mut w = protected_world();
+    w.defer_applies = true;
+    let taken = PrimaryEvent::CheckpointTaken {
+        epoch: 3,
+        icount: 300,
+        kind: CheckpointKind::Incremental,
+        payload: b"final".to_vec(),
+    };
+    let actions = w.p.step(taken);
+    w.on_p(actions);
+    switch_over(&mut w);
+    let bytes = std::mem::take(&mut w.to_b);
+    let actions = w.b.step(BackupEvent::Received { conn: w.conn, bytes: &bytes });
+    w.on_b(actions);
+    assert_eq!(w.record.owner, "backup");
+    let actions = w.b.step(BackupEvent::ApplyFailed { epoch: 3, reason: "bad page".into() });
+    w.on_b(actions);
+    w.deferred.clear();
+    w.settle();
+    w.disconnect();
+    w.tick(5000);
+    // The backup never ran and holds nothing to run; the primary takes the VM back past it.
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
+    assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 3 }), "{:?}", w.p_log);
+    assert_eq!(w.record, Record { generation: 3, owner: "primary", ended: None });
 }
