@@ -3,6 +3,8 @@
 //! process locks the same inode — reads the record, and if the generation matches writes
 //! `DIR/<vm_id>.json.tmp`, fsyncs it, renames it over the record and fsyncs the directory. A
 //! crash leaves either the old record or the new one, never a mix; a reader needs no lock.
+//! [`OwnershipStore::compare_and_swap_visible`] returns after the rename (every process sees
+//! the new record from then on) and leaves the directory's fsync to [`OwnershipStore::sync`].
 //!
 //! `flock` is atomic between processes and threads on one machine; on a network filesystem its
 //! guarantees are the filesystem's (NFSv4 maps it to byte-range locks). Hosts that share no
@@ -153,7 +155,9 @@ impl FileStore {
         parse_record_file(&bytes, vm_id, &path).map(Some)
     }
 
-    fn write_record(&self, vm_id: &str, record: &OwnershipRecord) -> Result<(), StoreError> {
+    /// Write the record in place of the old one; `durable`: and fsync the directory (else
+    /// [`FileStore::sync_dir`] does it later).
+    fn write_record(&self, vm_id: &str, record: &OwnershipRecord, durable: bool) -> Result<(), StoreError> {
         let path = self.record_path(vm_id);
         let temp_path = self.temp_path(vm_id);
         let io = io_error;
@@ -167,7 +171,32 @@ impl FileStore {
             return Err(io(&temp_path, "rename (simulated crash)")(std::io::ErrorKind::Interrupted.into()));
         }
         std::fs::rename(&temp_path, &path).map_err(io(&path, "replace the record"))?;
-        File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(io(&self.dir, "sync the directory"))
+        if durable {
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    /// Make the renames done so far durable.
+    fn sync_dir(&self) -> Result<(), StoreError> {
+        File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(io_error(&self.dir, "sync the directory"))
+    }
+
+    fn swap(
+        &mut self,
+        vm_id: &str,
+        expected: Option<u64>,
+        new: &OwnershipRecord,
+        durable: bool,
+    ) -> Result<SwapOutcome, StoreError> {
+        check_swap(vm_id, expected, new)?;
+        let _lock = self.lock(vm_id)?;
+        let current = self.read_record(vm_id)?;
+        let outcome = decide_swap(current.as_ref(), expected, new);
+        if let SwapOutcome::Swapped(record) = &outcome {
+            self.write_record(vm_id, record, durable)?;
+        }
+        Ok(outcome)
     }
 }
 
@@ -239,14 +268,21 @@ impl OwnershipStore for FileStore {
         expected: Option<u64>,
         new: &OwnershipRecord,
     ) -> Result<SwapOutcome, StoreError> {
-        check_swap(vm_id, expected, new)?;
-        let _lock = self.lock(vm_id)?;
-        let current = self.read_record(vm_id)?;
-        let outcome = decide_swap(current.as_ref(), expected, new);
-        if let SwapOutcome::Swapped(record) = &outcome {
-            self.write_record(vm_id, record)?;
-        }
-        Ok(outcome)
+        self.swap(vm_id, expected, new, true)
+    }
+
+    fn compare_and_swap_visible(
+        &mut self,
+        vm_id: &str,
+        expected: Option<u64>,
+        new: &OwnershipRecord,
+    ) -> Result<SwapOutcome, StoreError> {
+        self.swap(vm_id, expected, new, false)
+    }
+
+    fn sync(&mut self, vm_id: &str) -> Result<(), StoreError> {
+        validate_vm_id(vm_id)?;
+        self.sync_dir()
     }
 }
 

@@ -134,6 +134,24 @@ pub trait OwnershipStore: Send {
         expected: Option<u64>,
         new: &OwnershipRecord,
     ) -> Result<SwapOutcome, StoreError>;
+    /// As [`OwnershipStore::compare_and_swap`], but it may return once the swap is decided and
+    /// every reader sees it, before it would survive a crash of the store's host; then
+    /// [`OwnershipStore::sync`] makes it durable. For a caller that acts on the swap only
+    /// later (a migration's destination answers the source at once and runs only after the
+    /// source's reply). The default is the durable swap.
+    fn compare_and_swap_visible(
+        &mut self,
+        vm_id: &str,
+        expected: Option<u64>,
+        new: &OwnershipRecord,
+    ) -> Result<SwapOutcome, StoreError> {
+        self.compare_and_swap(vm_id, expected, new)
+    }
+    /// Make the swaps of `vm_id`'s record done so far durable (a no-op for a store whose
+    /// every swap is).
+    fn sync(&mut self, _vm_id: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 impl<S: OwnershipStore + ?Sized> OwnershipStore for Box<S> {
@@ -148,6 +166,19 @@ impl<S: OwnershipStore + ?Sized> OwnershipStore for Box<S> {
         new: &OwnershipRecord,
     ) -> Result<SwapOutcome, StoreError> {
         (**self).compare_and_swap(vm_id, expected, new)
+    }
+
+    fn compare_and_swap_visible(
+        &mut self,
+        vm_id: &str,
+        expected: Option<u64>,
+        new: &OwnershipRecord,
+    ) -> Result<SwapOutcome, StoreError> {
+        (**self).compare_and_swap_visible(vm_id, expected, new)
+    }
+
+    fn sync(&mut self, vm_id: &str) -> Result<(), StoreError> {
+        (**self).sync(vm_id)
     }
 }
 

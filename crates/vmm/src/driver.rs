@@ -146,6 +146,8 @@ pub struct Driver<V: Vm = machine::Machine> {
     pub entropy: host::EntropySource,
     /// What runs when a backup takes over ([`Driver::on_go_live`]).
     go_live_hooks: Vec<GoLiveHook>,
+    /// Arrived by live migration, not run yet: the downtime ends at the first slice.
+    arriving: bool,
 }
 
 impl<V: Vm + 'static> Driver<V> {
@@ -171,6 +173,7 @@ impl<V: Vm + 'static> Driver<V> {
             pacer: crate::pacer::Pacer::new(),
             entropy: host::EntropySource::Host,
             go_live_hooks: Vec::new(),
+            arriving: false,
         }
     }
 
@@ -197,6 +200,7 @@ impl<V: Vm + 'static> Driver<V> {
         for hook in &mut self.go_live_hooks {
             hook(&takeover);
         }
+        self.arriving = takeover.migration.is_some();
         self.took_over = Some(takeover);
     }
 
@@ -307,6 +311,11 @@ impl<V: Vm + 'static> Driver<V> {
                 return Ok(outcome);
             }
             let target = self.mode.next_slice_end(self.machine.icount());
+            if std::mem::take(&mut self.arriving) {
+                if let Some(arrival) = self.took_over.as_mut().and_then(|t| t.migration.as_mut()) {
+                    arrival.running(crate::replicate::migrate::unix_us());
+                }
+            }
             let exit = self.run_slice(target)?;
             self.route_outputs(console)?;
             self.slice_end(matches!(exit, RunExit::Idle { .. }))?;

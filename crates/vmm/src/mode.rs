@@ -74,8 +74,8 @@ pub enum ModeEvent {
     /// the last one handed over (every [`ModeEvent::Apply`] before this event was delivered
     /// first). `last_heard_ms`: when the old primary's last authenticated frame came
     /// ([`crate::replicate::now_ms`]'s clock).
-    /// `handover`: how a planned switchover (live migration) ended, if it was one.
-    TookOver { epoch: u64, generation: u64, last_heard_ms: Option<u64>, handover: Option<replica::Handover> },
+    /// `migration`: how a planned switchover (live migration) went, if it was one.
+    TookOver { epoch: u64, generation: u64, last_heard_ms: Option<u64>, migration: Option<crate::status::Arrival> },
     /// Checkpoint backup: the VM ended on the primary with this exit code.
     EndedOnPrimary { exit_code: u32 },
     /// Checkpoint backup: the primary stopped replicating to this backup (unprotect) after

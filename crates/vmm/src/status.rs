@@ -173,6 +173,44 @@ pub struct Arrival {
     /// The source confirmed the handover (false: this replica swapped the record once more
     /// without its word, after the handover timeout or a broken link).
     pub confirmed: bool,
+    /// When the source paused the guest, on its clock (µs since the Unix epoch).
+    #[serde(default)]
+    pub paused_at_unix_us: u64,
+    /// Where the downtime went (absent from an ftvm that did not break it down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<DowntimePhases>,
+}
+
+/// A migration's downtime, step by step on the path that decides it: the first four add up
+/// to `downtime_ms`; the last two are parts of them, measured on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DowntimePhases {
+    /// From the pause on the source to the final checkpoint applied here (taking it, sending
+    /// it, applying it).
+    pub final_copy_ms: f64,
+    /// From then to the ownership record swapped (the part of the swap the copy did not hide).
+    pub record_ms: f64,
+    /// From then to the source's `HandedOver` (`SwitchedOver` out, `HandedOver` back).
+    pub handover_ms: f64,
+    /// From then to the guest running here (the go-live: TAP reader, MAC announcer, the first
+    /// slice's start).
+    pub start_ms: f64,
+    /// The record's compare-and-swap itself (started as the `Switchover` arrived, beside the
+    /// final checkpoint's apply).
+    pub swap_ms: f64,
+    /// Making the swap durable (the file store's directory fsync), while `SwitchedOver` and
+    /// `HandedOver` travel.
+    pub sync_ms: f64,
+}
+
+impl Arrival {
+    /// The machine runs here now: the downtime ends.
+    pub fn running(&mut self, now_unix_us: u64) {
+        self.downtime_ms = now_unix_us.saturating_sub(self.paused_at_unix_us) as f64 / 1e3;
+        if let Some(p) = &mut self.phases {
+            p.start_ms = (self.downtime_ms - p.final_copy_ms - p.record_ms - p.handover_ms).max(0.0);
+        }
+    }
 }
 
 impl Status {

@@ -4,7 +4,9 @@
 //! `ctl migrate` to the handover), the bytes sent, the checkpoints sent, the guest's pause
 //! as the source saw it, and the downtime — from the guest's pause on the source to it
 //! running on the destination — which the destination reports (both processes share this
-//! host's clock, so the figure is exact).
+//! host's clock, so the figure is exact), broken down by phase: the final checkpoint's copy
+//! (taken, sent, applied), the ownership record's swap (what of it the copy did not hide),
+//! the `SwitchedOver`/`HandedOver` round trip, and the destination's start.
 //!
 //! The load: the guest writes 4 MiB of files and deletes them, over and over, so every
 //! pre-copy round and the final stop-and-copy carry dirty pages.
@@ -14,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use vmm::status::Status;
+use vmm::status::{DowntimePhases, Status};
 
 const WORKLOAD: &str = "while true; do dd if=/dev/zero of=/tmp/w bs=64k count=64 2>/dev/null; rm /tmp/w; done";
 const BASE_PORT: u16 = 7740;
@@ -47,6 +49,7 @@ struct Round {
     checkpoints: u64,
     source_paused_ms: f64,
     downtime_ms: f64,
+    phases: Option<DowntimePhases>,
 }
 
 /// An ftvm process, killed on drop.
@@ -135,7 +138,8 @@ pub fn run(args: MigrateBench) -> Result<i32> {
             bytes: figures["bytes_sent"].as_u64().unwrap_or(0),
             checkpoints: figures["checkpoints"].as_u64().unwrap_or(0),
             source_paused_ms: figures["paused_ms"].as_f64().unwrap_or(0.0),
-            downtime_ms: arrival.map_or(0.0, |a| a.downtime_ms),
+            downtime_ms: arrival.as_ref().map_or(0.0, |a| a.downtime_ms),
+            phases: arrival.as_ref().and_then(|a| a.phases),
         };
         eprintln!(
             "bench: migration {n}: total {:.0} ms, {:.1} MiB, {} checkpoints, downtime {:.2} ms",
@@ -173,6 +177,38 @@ fn print(rounds: &[Round], epoch_ms: u64) {
             r.downtime_ms
         );
     }
+    println!("where the downtime went (ms; the first four add up to it; swap and sync are parts measured alone):");
+    println!(
+        "{:>4} {:>11} {:>8} {:>9} {:>7} {:>7} {:>7}",
+        "run", "final copy", "record", "handover", "start", "swap", "sync"
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        let Some(p) = r.phases else { continue };
+        println!(
+            "{:>4} {:>11.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2}",
+            i + 1,
+            p.final_copy_ms,
+            p.record_ms,
+            p.handover_ms,
+            p.start_ms,
+            p.swap_ms,
+            p.sync_ms
+        );
+    }
+    let median = |f: fn(&DowntimePhases) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().filter_map(|r| r.phases.as_ref().map(f)).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!(
+        "median {:>11.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2}",
+        median(|p| p.final_copy_ms),
+        median(|p| p.record_ms),
+        median(|p| p.handover_ms),
+        median(|p| p.start_ms),
+        median(|p| p.swap_ms),
+        median(|p| p.sync_ms)
+    );
     let mut downtimes: Vec<f64> = rounds.iter().map(|r| r.downtime_ms).collect();
     downtimes.sort_by(f64::total_cmp);
     if let (Some(min), Some(max)) = (downtimes.first(), downtimes.last()) {

@@ -322,3 +322,20 @@ fn bad_vm_ids_never_reach_the_filesystem() {
     assert!(matches!(store.compare_and_swap("../escape", None, &active(1, "a")), Err(StoreError::BadVmId { .. })));
     assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
 }
+
+#[test]
+fn a_visible_swap_is_seen_by_every_reader_and_decided_like_a_durable_one() {
+    let dir = TempDir::new("visible");
+    let (mut a, mut b) = (dir.store(), dir.store());
+    a.compare_and_swap("vm", None, &active(1, "source")).unwrap();
+    let swapped = a.compare_and_swap_visible("vm", Some(1), &active(2, "destination")).unwrap();
+    assert_eq!(swapped, SwapOutcome::Swapped(active(2, "destination")));
+    // Before the sync, another store on the directory reads the new record and loses a swap
+    // from the old generation.
+    assert_eq!(b.read("vm").unwrap(), Some(active(2, "destination")));
+    let lost = b.compare_and_swap_visible("vm", Some(1), &active(2, "source")).unwrap();
+    assert_eq!(lost, SwapOutcome::Conflict(Some(active(2, "destination"))));
+    a.sync("vm").unwrap();
+    assert_eq!(b.read("vm").unwrap(), Some(active(2, "destination")));
+    assert!(matches!(a.sync("../x"), Err(StoreError::BadVmId { .. })), "the id is checked");
+}

@@ -103,7 +103,7 @@ impl<V: Vm> Mode<V> for CheckpointBackup<V> {
                 self.apply(vm, epoch, &payload);
                 Verdict::Continue
             }
-            ModeEvent::TookOver { epoch, generation, last_heard_ms, handover } => {
+            ModeEvent::TookOver { epoch, generation, last_heard_ms, migration } => {
                 // Every apply handed over came first; one that failed left the state of the
                 // checkpoint before it.
                 let epoch = self.applies.last_epoch.map_or(epoch, |applied| applied.min(epoch));
@@ -112,8 +112,8 @@ impl<V: Vm> Mode<V> for CheckpointBackup<V> {
                     generation,
                     last_frame_to_live_ms: last_heard_ms.map_or(0, |heard| now_ms().saturating_sub(heard)),
                     diverged_checkpoints: self.applies.diverged,
-                    // The machine is ready: a switchover's downtime ends here.
-                    migration: crate::replicate::migrate::arrival(handover),
+                    // A switchover's downtime ends as the machine first runs (the driver).
+                    migration,
                 })
             }
             ModeEvent::EndedOnPrimary { exit_code } => Verdict::StandDown(StandDown::EndedOnPrimary { exit_code }),

@@ -140,6 +140,7 @@ pub fn start(
         ownership,
         conns: Connections { streams: HashMap::new(), next_id: 0, primary: None },
         handed_icount: None,
+        timeline: super::migrate::Timeline::default(),
     };
     let thread = std::thread::Builder::new()
         .name("backup".into())
@@ -182,6 +183,8 @@ struct Waiting {
     ownership: Ownership,
     conns: Connections,
     handed_icount: Option<u64>,
+    /// A switchover's steps, for the downtime's breakdown.
+    timeline: super::migrate::Timeline,
 }
 
 /// What ends the waiting, as the core decided it (or the driver asked).
@@ -260,7 +263,10 @@ impl Waiting {
             }
             ToBackup::Applied { epoch, result } => {
                 let event = match result {
-                    Ok(()) => BackupEvent::CheckpointApplied { epoch },
+                    Ok(()) => {
+                        self.timeline.applied();
+                        BackupEvent::CheckpointApplied { epoch }
+                    }
                     Err(ApplyFailed { reason, .. }) => {
                         log::line(
                             Source::Backup,
@@ -309,7 +315,7 @@ impl Waiting {
                 epoch,
                 generation,
                 last_heard_ms: self.backup.status().last_heard_ms,
-                handover: self.backup.handover(),
+                migration: super::migrate::arrival(self.backup.handover(), &self.timeline),
             },
         };
         let _ = self.events.send(HostEvent::Mode(event));
@@ -341,6 +347,9 @@ impl Waiting {
     /// Carry out the core's actions and those they lead to; `Some` when the waiting is over.
     fn carry_out(&mut self, actions: &mut Vec<BackupAction>) -> Result<Option<Decided>> {
         let mut queue: std::collections::VecDeque<BackupAction> = std::mem::take(actions).into();
+        // A switchover's swap, answered before it was durable: made durable once what it led
+        // to (`SwitchedOver`) is on its way, before any later event (`HandedOver`) comes in.
+        let mut unsynced = false;
         while let Some(action) = queue.pop_front() {
             match action {
                 BackupAction::Send { conn, bytes } => {
@@ -368,9 +377,16 @@ impl Waiting {
                     self.conns.close(conn);
                 }
                 BackupAction::ClaimOwnership { generation } => {
-                    super::migrate::before_claim(&self.backup);
-                    let answer = self.ownership.swap(generation, None);
-                    super::migrate::after_claim(&self.backup, &answer);
+                    super::migrate::before_claim(&self.backup, &mut self.timeline);
+                    // Safe to answer before the swap is durable: every replica reads the new
+                    // record from now on, and this one runs only after the sync below.
+                    let visible = self.backup.claim_awaits_handover();
+                    let answer = match visible {
+                        true => self.ownership.swap_visible(generation),
+                        false => self.ownership.swap(generation, None),
+                    };
+                    unsynced |= visible && matches!(answer, Ok(replica::SwapAnswer::Swapped { .. }));
+                    super::migrate::after_claim(&self.backup, &answer, &mut self.timeline);
                     queue.extend(self.backup.step(BackupEvent::Claim(answer)));
                 }
                 BackupAction::CannotTakeOver { reason } => log::line(Source::Backup, reason),
@@ -401,6 +417,17 @@ impl Waiting {
                     return Ok(Some(Decided::StoodDown));
                 }
             }
+        }
+        if unsynced {
+            let started = Instant::now();
+            if let Err(e) = self.ownership.sync() {
+                // Every replica sees the swap; only a crash of the store's host could undo it.
+                log::warn(format_args!(
+                    "the switchover's swap may not survive a crash of the store: {}",
+                    super::chain(&e)
+                ));
+            }
+            self.timeline.synced(started.elapsed().as_micros() as u64);
         }
         Ok(None)
     }

@@ -10,31 +10,72 @@
 
 use crate::keeper::fault;
 use crate::log::{self, Source};
-use crate::status::Arrival;
+use crate::status::{Arrival, DowntimePhases};
 use replica::{Backup, SwapAnswer};
 
+/// Now, on the wall clock the source's pause is stamped with.
+pub(crate) fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// When this replica's steps of a switchover happened (unix µs), for the downtime's breakdown.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Timeline {
+    /// The last checkpoint applied (the final one, once the switchover is under way).
+    applied_us: u64,
+    swap_started_us: u64,
+    swapped_us: u64,
+    /// How long making the swap durable took (while `SwitchedOver` and `HandedOver` travel).
+    sync_us: u64,
+}
+
+impl Timeline {
+    pub(crate) fn applied(&mut self) {
+        self.applied_us = unix_us();
+    }
+
+    pub(crate) fn synced(&mut self, took_us: u64) {
+        self.sync_us = took_us;
+    }
+}
+
 /// Before a swap of the record: a switchover's steps have fault points.
-pub(crate) fn before_claim(backup: &Backup) {
+pub(crate) fn before_claim(backup: &Backup, timeline: &mut Timeline) {
     if backup.switching_over() {
         fault::point("migrate::dest-claim");
+        timeline.swap_started_us = unix_us();
     }
 }
 
 /// After a swap of the record.
-pub(crate) fn after_claim(backup: &Backup, answer: &Result<SwapAnswer, String>) {
+pub(crate) fn after_claim(backup: &Backup, answer: &Result<SwapAnswer, String>, timeline: &mut Timeline) {
     if backup.switching_over() && matches!(answer, Ok(SwapAnswer::Swapped { .. })) {
+        timeline.swapped_us = unix_us();
         log::line(Source::Backup, "switchover: the ownership record is this replica's; waiting for the handover");
         fault::point("migrate::dest-claimed");
     }
 }
 
-/// The figures of an arrival by switchover, as the machine is handed to the live VM.
-pub(crate) fn arrival(handover: Option<replica::Handover>) -> Option<Arrival> {
+/// The figures of an arrival by switchover, as the protocol hands the VM to the machine
+/// (the driver ends the downtime as the machine first runs: [`Arrival::running`]).
+pub(crate) fn arrival(handover: Option<replica::Handover>, timeline: &Timeline) -> Option<Arrival> {
     let handover = handover?;
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let paused = handover.paused_at_unix_us;
+    let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e3;
+    let (now, copied) = (unix_us(), timeline.applied_us.max(paused));
+    let recorded = timeline.swapped_us.max(copied);
     Some(Arrival {
-        downtime_ms: now_us.saturating_sub(handover.paused_at_unix_us) as f64 / 1e3,
+        downtime_ms: ms(paused, now),
         confirmed: handover.confirmed,
+        paused_at_unix_us: paused,
+        phases: Some(DowntimePhases {
+            final_copy_ms: ms(paused, copied),
+            record_ms: ms(copied, recorded),
+            handover_ms: ms(recorded, now),
+            start_ms: 0.0,
+            swap_ms: ms(timeline.swap_started_us, timeline.swapped_us.max(timeline.swap_started_us)),
+            sync_ms: timeline.sync_us as f64 / 1e3,
+        }),
     })
 }
 

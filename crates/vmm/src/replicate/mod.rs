@@ -231,20 +231,45 @@ impl Ownership {
     }
 
     fn swap_to(&mut self, expected: Option<u64>, state: VmState) -> Result<SwapOutcome> {
+        self.swap_record(expected, state, true)
+    }
+
+    /// `durable`: the store's compare-and-swap; else its visible one ([`Ownership::sync`] later).
+    fn swap_record(&mut self, expected: Option<u64>, state: VmState, durable: bool) -> Result<SwapOutcome> {
         let new = OwnershipRecord { generation: expected.map_or(1, |g| g + 1), owner: self.owner.clone(), state };
-        self.store
-            .compare_and_swap(&self.vm_id, expected, &new)
-            .map_err(|source| ReplicationError::UpdateRecord { vm_id: self.vm_id.clone(), source })
+        let outcome = match durable {
+            true => self.store.compare_and_swap(&self.vm_id, expected, &new),
+            false => self.store.compare_and_swap_visible(&self.vm_id, expected, &new),
+        };
+        outcome.map_err(|source| ReplicationError::UpdateRecord { vm_id: self.vm_id.clone(), source })
     }
 
     /// Compare-and-swap from `expected` to the next generation, owned by this replica: the
     /// answer the protocol core wants (`Err` when the store cannot be reached).
     pub fn swap(&mut self, expected: u64, ended: Option<u32>) -> Result<SwapAnswer, String> {
+        self.swap_answer(expected, ended, true)
+    }
+
+    /// As [`Ownership::swap`], answered once every reader of the store sees the swap, which
+    /// [`Ownership::sync`] makes durable: for a swap this replica acts on only later (a
+    /// migration's destination answers `SwitchedOver` from it and runs after `HandedOver`).
+    pub fn swap_visible(&mut self, expected: u64) -> Result<SwapAnswer, String> {
+        self.swap_answer(expected, None, false)
+    }
+
+    /// Make the visible swaps so far durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.store
+            .sync(&self.vm_id)
+            .map_err(|source| ReplicationError::UpdateRecord { vm_id: self.vm_id.clone(), source })
+    }
+
+    fn swap_answer(&mut self, expected: u64, ended: Option<u32>, durable: bool) -> Result<SwapAnswer, String> {
         let state = match ended {
             Some(exit_code) => VmState::Ended { exit_code },
             None => VmState::Active,
         };
-        match self.swap_to(Some(expected), state) {
+        match self.swap_record(Some(expected), state, durable) {
             Ok(SwapOutcome::Swapped(record)) => {
                 self.generation = record.generation;
                 Ok(SwapAnswer::Swapped { generation: record.generation })
