@@ -24,6 +24,10 @@ pub enum RecordType {
 pub const MAX_INPUT_BYTES: u64 = 1 << 20;
 /// The largest header: the kernel command line (16 KiB at most) and three paths.
 pub const MAX_HEADER_BYTES: u64 = 128 << 10;
+/// The largest digest or end record: the region digests of a machine whose RAM and disk
+/// hold up to about 3 TiB that is not zero (a reader caps each log's records tighter, by
+/// the RAM and disk its header names).
+pub const MAX_DIGEST_BYTES: u64 = 64 << 20;
 /// The largest snapshot: a machine snapshot holds at most all of RAM (64 GiB) and a disk.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 42;
 
@@ -55,9 +59,9 @@ impl RecordType {
         match self {
             RecordType::Header => MAX_HEADER_BYTES,
             RecordType::Input => MAX_INPUT_BYTES,
-            RecordType::Digest => 64,
+            RecordType::Digest => MAX_DIGEST_BYTES,
             RecordType::Snapshot => MAX_SNAPSHOT_BYTES,
-            RecordType::End => 64,
+            RecordType::End => MAX_DIGEST_BYTES,
             RecordType::Delta => MAX_SNAPSHOT_BYTES,
         }
     }
@@ -149,7 +153,7 @@ mod tests {
 
     #[test]
     fn an_oversized_length_is_refused_before_it_is_trusted() {
-        let header = frame_header(RecordType::Digest, 0, 0);
+        let header = frame_header(RecordType::Header, 0, 0);
         let mut big = header;
         big[4..12].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let crc = crc32c::crc32c(&big[..16]);
@@ -157,7 +161,7 @@ mod tests {
         let err = parse_frame_header(&big, 3).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "corrupt record at byte 3: a digest record of 1099511627776 bytes, more than the 64 allowed"
+            "corrupt record at byte 3: a header record of 1099511627776 bytes, more than the 131072 allowed"
         );
     }
 
@@ -165,10 +169,10 @@ mod tests {
     fn the_preamble_names_another_version() {
         let mut bytes = preamble();
         check_preamble(&bytes).unwrap();
-        bytes[8] = 1;
+        bytes[8] = 2;
         assert_eq!(
             check_preamble(&bytes).unwrap_err().to_string(),
-            "input log format version 1; this ftvm reads version 2"
+            "input log format version 2; this ftvm reads version 3"
         );
         bytes[0] = b'X';
         assert!(matches!(check_preamble(&bytes), Err(JournalError::NotALog { .. })));

@@ -3,14 +3,14 @@
 //! instruction count, and a state digest now and then is a recording that replays
 //! exactly (`ftvm run --record`, `ftvm replay`; the microreboot keeper reads it too).
 //!
-//! # Format, version 2 (every integer little-endian)
+//! # Format, version 3 (every integer little-endian)
 //!
 //! A 16-byte preamble, then records.
 //!
 //! | offset | bytes | preamble field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `FTVMILOG` |
-//! | 8 | 4 | format version, 2 |
+//! | 8 | 4 | format version, 3 |
 //! | 12 | 4 | CRC32C of bytes 0..12 |
 //!
 //! Every record is framed alike: a 20-byte frame header, then its payload.
@@ -41,6 +41,12 @@
 //!   digests (`machine::digest`), with a full snapshot every so often to bound how many
 //!   deltas a seek applies. A delta carries the machine digest after it, so a seek that
 //!   applies it checks the state it reached.
+//! - Digest records carry the region digests their machine digest is the root of (one per
+//!   MiB of RAM and of the disk, `machine::digest`), listed as the regions changed since
+//!   the previous digest record (all non-empty ones after the header and after each
+//!   snapshot or delta record), so that a replay's divergence names the RAM addresses and
+//!   disk bytes that differ at the cost of a few regions per record. The reader rebuilds
+//!   every region and checks that they make the recorded root.
 //! - Console output is hashed as a byte stream and frames one by one
 //!   ([`OutputDigest`]), so that how a run was cut into slices does not matter.
 
@@ -49,11 +55,13 @@ mod frame;
 mod output_digest;
 mod reader;
 mod record;
+mod regions;
 pub mod replay;
 mod writer;
 
 pub use error::JournalError;
-pub use frame::{RecordType, FRAME_HEADER_BYTES, PREAMBLE_BYTES};
+pub use frame::{RecordType, FRAME_HEADER_BYTES, MAX_DIGEST_BYTES, PREAMBLE_BYTES};
+pub use machine::digest::RegionDigests;
 pub use output_digest::OutputDigest;
 pub use reader::{LogReader, Section};
 pub use record::{
@@ -64,7 +72,8 @@ pub use writer::{LogWriter, WRITE_BUFFER_BYTES};
 
 /// The magic that starts every input log.
 pub const MAGIC: [u8; 8] = *b"FTVMILOG";
-/// The format version this crate writes and reads. Version 2: the same records, with
-/// machine digests as `machine::digest` defines them since its region digests (a version 1
-/// log would replay to other digest values, which must not read as a divergence).
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this crate writes and reads. Version 2: machine digests as
+/// `machine::digest` defines them since its region digests (a version 1 log would replay to
+/// other digest values, which must not read as a divergence). Version 3: digest and end
+/// records carry the region digests (a version 2 reader would take them for trailing bytes).
+pub const FORMAT_VERSION: u32 = 3;

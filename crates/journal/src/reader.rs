@@ -1,11 +1,13 @@
 //! The reader: checks the preamble and the header, then hands out records one by one,
 //! each checked (frame checksum before its length is trusted, the length against the
 //! type's cap, the payload's checksum, instruction counts never going back). Memory is
-//! bounded by the largest input record: snapshots stream past.
+//! bounded by the largest input record and the region digests of the machine the header
+//! names (a digest record is capped by them before it is read): snapshots stream past.
 
 use crate::error::{JournalError, Result};
 use crate::frame::{check_preamble, parse_frame_header, RecordType, FRAME_HEADER_BYTES, PREAMBLE_BYTES};
-use crate::record::{decode_digest, decode_end, decode_input, LogHeader, Record};
+use crate::record::{decode_digest, decode_end, decode_input, LogHeader, Record, DIGEST_FIXED_BYTES, END_FIXED_BYTES};
+use machine::digest::RegionDigests;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 
 /// Where a snapshot's bytes lie in the log file.
@@ -64,6 +66,11 @@ pub struct LogReader<R: Read> {
     last_icount: u64,
     ended: bool,
     scratch: Vec<u8>,
+    /// The region digests of the last digest record since the last snapshot or delta
+    /// record (the next one lists its changes against them), and how many regions a digest
+    /// record of this log may list at most (from the header's RAM and disk).
+    last_regions: Option<RegionDigests>,
+    max_regions: u64,
 }
 
 impl LogReader<std::fs::File> {
@@ -84,6 +91,8 @@ impl<R: Read> LogReader<R> {
             last_icount: 0,
             ended: false,
             scratch: Vec::new(),
+            last_regions: None,
+            max_regions: 0,
         };
         let mut preamble = [0; PREAMBLE_BYTES];
         let got = reader.fill(&mut preamble)?;
@@ -114,6 +123,10 @@ impl<R: Read> LogReader<R> {
         if let crate::Start::Snapshot { icount } = reader.header.start {
             reader.last_icount = icount;
         }
+        let disk_sectors = reader.header.disk.as_ref().map_or(0, |d| d.sectors);
+        // One region more of each than the header's sizes round up to (a disk's last
+        // region may be short).
+        reader.max_regions = crate::regions::max_regions(reader.header.ram_size, disk_sectors).saturating_add(2);
         Ok(reader)
     }
 
@@ -206,13 +219,25 @@ impl<R: Read> LogReader<R> {
                 self.scratch = payload;
                 Record::Input(input?)
             }
-            RecordType::Digest => Record::Digest(decode_digest(&self.payload(start, frame)?, start)?),
+            RecordType::Digest => {
+                self.check_digest_len(start, frame, DIGEST_FIXED_BYTES)?;
+                let payload = self.payload(start, frame)?;
+                let (state, regions) = decode_digest(&payload, start, self.last_regions.as_ref(), self.max_regions)?;
+                self.last_regions.clone_from(&regions);
+                Record::Digest { state, regions }
+            }
             RecordType::End => {
-                let (state, reason) = decode_end(&self.payload(start, frame)?, start)?;
+                self.check_digest_len(start, frame, END_FIXED_BYTES)?;
+                let payload = self.payload(start, frame)?;
+                let (state, regions, reason) =
+                    decode_end(&payload, start, self.last_regions.as_ref(), self.max_regions)?;
                 self.ended = true;
-                Record::End { state, reason }
+                Record::End { state, regions, reason }
             }
         };
+        if matches!(record, Record::Snapshot { .. } | Record::Delta { .. }) {
+            self.last_regions = None;
+        }
         let icount = record.icount();
         if icount < self.last_icount {
             let last = self.last_icount;
@@ -221,6 +246,20 @@ impl<R: Read> LogReader<R> {
         }
         self.last_icount = icount;
         Ok(Some(record))
+    }
+
+    /// A digest or end record may list every region of the machine the header names, no more.
+    fn check_digest_len(&self, start: u64, frame: crate::frame::Frame, fixed: u64) -> Result<()> {
+        let max = crate::regions::max_record_bytes(fixed, self.max_regions);
+        if frame.payload_len > max {
+            let problem = format!(
+                "a {} record of {} bytes, more than the {max} the region digests of the log's RAM and disk need",
+                frame.record.name(),
+                frame.payload_len
+            );
+            return Err(JournalError::Corrupt { offset: start, problem });
+        }
+        Ok(())
     }
 
     /// A snapshot or delta record: its checksum checked as it streams past, nothing kept.
@@ -257,7 +296,9 @@ impl<R: Read> LogReader<R> {
 
 impl<R: Read + Seek> LogReader<R> {
     /// Goes on reading at `offset`, the offset of a record this reader (or another
-    /// reader of the same log) handed out or stood at; `icount` is that record's.
+    /// reader of the same log) handed out or stood at; `icount` is that record's. Right
+    /// after a snapshot or delta record, digest records carry their regions again at once;
+    /// elsewhere, from the first digest record after the next snapshot or delta.
     pub fn seek_to_record(&mut self, offset: u64, icount: u64) -> Result<()> {
         self.input
             .seek(SeekFrom::Start(offset))
@@ -265,6 +306,7 @@ impl<R: Read + Seek> LogReader<R> {
         self.offset = offset;
         self.last_icount = icount;
         self.ended = false;
+        self.last_regions = None;
         Ok(())
     }
 }

@@ -6,13 +6,14 @@
 //! | image file | path (u32 length + UTF-8) · size u64 · SHA-256 (32 bytes) |
 //! | disk | path of the start contents (u32 length + UTF-8; relative paths are beside the log) · read-only u8 · sectors u64 · XXH3-128 of the contents (16 bytes) |
 //! | input | icount u64 · tag u8 (1 console, 2 frame, 3 entropy: then the bytes; 4 idle skip: ticks u64; 5 clock rate: instructions per tick u64) |
-//! | digest | icount u64 · machine digest u128 ([`machine::Machine::digest`]) · output digest u128 ([`crate::OutputDigest`]: of the outputs since the previous digest or snapshot record) |
+//! | digest | icount u64 · machine digest u128 ([`machine::Machine::digest`]) · output digest u128 ([`crate::OutputDigest`]: of the outputs since the previous digest or snapshot record) · the region digests whose root the machine digest is (`regions.rs`: those changed since the previous digest record) |
 //! | snapshot | icount u64 · a machine snapshot file (`machine::snapshot`, its own format) |
 //! | delta | icount u64 · a `machine::checkpoint` payload (not full, with a digest record): the pages, disk sectors and state that differ from the previous snapshot or delta |
-//! | end | the digest record's fields · reason u8 (0 power-off, 1 reset, 2 stopped) · exit code u32 |
+//! | end | the digest record's fields (region digests included) · reason u8 (0 power-off, 1 reset, 2 stopped) · exit code u32 |
 
 use crate::error::{JournalError, Result};
 use bounded_reader::Reader;
+use machine::digest::RegionDigests;
 use machine::{Input, InputKind, MachineConfig};
 use sha2::{Digest as _, Sha256};
 use std::io::Read;
@@ -92,7 +93,13 @@ pub enum EndReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Input(Input),
-    Digest(StateDigest),
+    /// A digest, with the region digests whose root `state.machine` is (checked by the
+    /// reader). `regions` is None only after [`crate::LogReader::seek_to_record`] to a
+    /// record after which the log lists regions against a digest record not read.
+    Digest {
+        state: StateDigest,
+        regions: Option<RegionDigests>,
+    },
     /// A machine snapshot at `icount`; its bytes lie in the log at `section`.
     Snapshot {
         icount: u64,
@@ -106,6 +113,7 @@ pub enum Record {
     },
     End {
         state: StateDigest,
+        regions: Option<RegionDigests>,
         reason: EndReason,
     },
 }
@@ -114,7 +122,7 @@ impl Record {
     pub fn icount(&self) -> u64 {
         match self {
             Record::Input(input) => input.icount,
-            Record::Digest(d) | Record::End { state: d, .. } => d.icount,
+            Record::Digest { state, .. } | Record::End { state, .. } => state.icount,
             Record::Snapshot { icount, .. } | Record::Delta { icount, .. } => *icount,
         }
     }
@@ -458,24 +466,61 @@ pub fn decode_input(bytes: &[u8], offset: u64) -> Result<Input> {
     Ok(Input { icount, kind })
 }
 
-pub(crate) fn encode_digest(d: &StateDigest, out: &mut Vec<u8>) {
+/// The fixed bytes of a digest record, and of an end record, before the region digests.
+pub(crate) const DIGEST_FIXED_BYTES: u64 = 8 + 16 + 16;
+pub(crate) const END_FIXED_BYTES: u64 = DIGEST_FIXED_BYTES + 1 + 4;
+
+/// A digest record's payload: `d`, then `regions` listed against `base` (the previous
+/// digest record's regions, if the log lists against them here).
+pub(crate) fn encode_digest(d: &StateDigest, regions: &RegionDigests, base: Option<&RegionDigests>, out: &mut Vec<u8>) {
     put_u64(out, d.icount);
     out.extend_from_slice(&d.machine.to_le_bytes());
     out.extend_from_slice(&d.outputs.to_le_bytes());
+    crate::regions::encode(regions, base, out);
 }
 
 fn get_digest(r: &mut Reader) -> bounded_reader::Result<StateDigest> {
     Ok(StateDigest { icount: r.u64("icount")?, machine: r.u128("machine digest")?, outputs: r.u128("output digest")? })
 }
 
-pub(crate) fn decode_digest(bytes: &[u8], offset: u64) -> Result<StateDigest> {
-    let mut r = Reader::at_offset(bytes, offset + crate::FRAME_HEADER_BYTES as u64);
-    let d = get_digest(&mut r).and_then(|d| r.finish().map(|()| d));
-    d.map_err(|source| JournalError::Malformed { offset, what: "digest", source })
+/// The digest fields and the region digests, checked: their root must be the machine digest.
+fn get_digest_and_regions(
+    r: &mut Reader,
+    base: Option<&RegionDigests>,
+    max_regions: u64,
+    offset: u64,
+    what: &'static str,
+) -> Result<(StateDigest, Option<RegionDigests>)> {
+    let state = get_digest(r).map_err(|source| JournalError::Malformed { offset, what, source })?;
+    let regions = crate::regions::decode(r, base, max_regions, offset, what)?;
+    if let Some(root) = regions.as_ref().map(|r| r.root().0).filter(|&root| root != state.machine) {
+        let problem =
+            format!("its region digests make the machine digest {root:032x}, but it records {:032x}", state.machine);
+        return Err(JournalError::Corrupt { offset, problem });
+    }
+    Ok((state, regions))
 }
 
-pub(crate) fn encode_end(state: &StateDigest, reason: EndReason, out: &mut Vec<u8>) {
-    encode_digest(state, out);
+pub(crate) fn decode_digest(
+    bytes: &[u8],
+    offset: u64,
+    base: Option<&RegionDigests>,
+    max_regions: u64,
+) -> Result<(StateDigest, Option<RegionDigests>)> {
+    let mut r = Reader::at_offset(bytes, offset + crate::FRAME_HEADER_BYTES as u64);
+    let digest = get_digest_and_regions(&mut r, base, max_regions, offset, "digest")?;
+    r.finish().map_err(|source| JournalError::Malformed { offset, what: "digest", source })?;
+    Ok(digest)
+}
+
+pub(crate) fn encode_end(
+    state: &StateDigest,
+    regions: &RegionDigests,
+    base: Option<&RegionDigests>,
+    reason: EndReason,
+    out: &mut Vec<u8>,
+) {
+    encode_digest(state, regions, base, out);
     let (tag, code) = match reason {
         EndReason::PowerOff { code } => (0u8, code),
         EndReason::Reset => (1, 0),
@@ -485,21 +530,24 @@ pub(crate) fn encode_end(state: &StateDigest, reason: EndReason, out: &mut Vec<u
     out.extend_from_slice(&code.to_le_bytes());
 }
 
-pub(crate) fn decode_end(bytes: &[u8], offset: u64) -> Result<(StateDigest, EndReason)> {
+/// What an end record holds: the last digest, its regions and why the run ended.
+pub(crate) type End = (StateDigest, Option<RegionDigests>, EndReason);
+
+pub(crate) fn decode_end(bytes: &[u8], offset: u64, base: Option<&RegionDigests>, max_regions: u64) -> Result<End> {
     let mut r = Reader::at_offset(bytes, offset + crate::FRAME_HEADER_BYTES as u64);
+    let (state, regions) = get_digest_and_regions(&mut r, base, max_regions, offset, "end")?;
     let end = (|| {
-        let state = get_digest(&mut r)?;
         let tag = r.u8("end reason")?;
         let code = r.u32("exit code")?;
         r.finish()?;
-        Ok((state, tag, code))
+        Ok((tag, code))
     })();
-    let (state, tag, code) = end.map_err(|source| JournalError::Malformed { offset, what: "end", source })?;
+    let (tag, code) = end.map_err(|source| JournalError::Malformed { offset, what: "end", source })?;
     let reason = match tag {
         0 => EndReason::PowerOff { code },
         1 => EndReason::Reset,
         2 => EndReason::Stopped,
         _ => return Err(JournalError::Corrupt { offset, problem: format!("unknown end reason {tag}") }),
     };
-    Ok((state, reason))
+    Ok((state, regions, reason))
 }

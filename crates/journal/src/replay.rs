@@ -4,15 +4,19 @@
 
 use crate::output_digest::OutputDigest;
 use crate::record::{EndReason, Record, StateDigest};
+use machine::digest::{Region, RegionDigests};
 use machine::{Machine, Output, RunExit};
+use std::ops::Range;
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ReplayError {
+    /// `parts`: where the states differ, as the region digests tell (empty for outputs,
+    /// or where the log holds no region digests).
     #[error(
-        "divergence at icount {icount}: the replay's {what} digest is {replayed:032x}, the recording's {recorded:032x}"
+        "divergence at icount {icount}: the replay's {what} digest is {replayed:032x}, the recording's {recorded:032x}{parts}"
     )]
-    Diverged { icount: u64, what: &'static str, recorded: u128, replayed: u128 },
+    Diverged { icount: u64, what: &'static str, recorded: u128, replayed: u128, parts: Parts },
     #[error(
         "divergence at icount {icount}: the guest idles there, but the recording's next record is at icount {next}"
     )]
@@ -29,6 +33,88 @@ pub enum ReplayError {
         #[source]
         source: machine::InputError,
     },
+}
+
+/// A part of the machine whose region digests differ between the recording and the replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// The hart's and the devices' state.
+    State,
+    /// Guest-physical RAM addresses (whole regions of `machine::digest::REGION_BYTES`).
+    Ram { addresses: Range<u64> },
+    /// Byte offsets on the disk.
+    Disk { bytes: Range<u64> },
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::State => write!(f, "the hart's and devices' state"),
+            Part::Ram { addresses } => write!(f, "RAM {:#x}..{:#x}", addresses.start, addresses.end),
+            Part::Disk { bytes } => write!(f, "disk bytes {:#x}..{:#x}", bytes.start, bytes.end),
+        }
+    }
+}
+
+/// The parts that differ, adjacent regions merged; shown as "; they differ in A, B and C".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parts(pub Vec<Part>);
+
+/// At most this many parts are named in an error line.
+const PARTS_SHOWN: usize = 8;
+
+impl Parts {
+    /// The parts of `machine` whose regions differ from `recorded`'s.
+    pub fn between(machine: &Machine, recorded: &RegionDigests) -> Parts {
+        let regions = machine.region_digests().differing(recorded);
+        let region_bytes = machine::digest::REGION_BYTES;
+        let mut parts: Vec<Part> = Vec::new();
+        for region in regions {
+            let part = match region {
+                Region::State => Part::State,
+                Region::Ram(i) => {
+                    let start = machine::board::RAM_BASE + i as u64 * region_bytes;
+                    Part::Ram { addresses: start..start + region_bytes }
+                }
+                Region::Disk(i) => {
+                    let sectors = machine.disk_region_sectors(i);
+                    let bytes = sectors
+                        .map_or(i as u64 * region_bytes..(i as u64 + 1) * region_bytes, |s| s.start * 512..s.end * 512);
+                    Part::Disk { bytes }
+                }
+            };
+            match (parts.last_mut(), &part) {
+                (Some(Part::Ram { addresses: last }), Part::Ram { addresses }) if last.end == addresses.start => {
+                    last.end = addresses.end
+                }
+                (Some(Part::Disk { bytes: last }), Part::Disk { bytes }) if last.end == bytes.start => {
+                    last.end = bytes.end
+                }
+                _ => parts.push(part),
+            }
+        }
+        Parts(parts)
+    }
+}
+
+impl std::fmt::Display for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some((last, rest)) = self.0.split_last() else { return Ok(()) };
+        write!(f, "; they differ in ")?;
+        if self.0.len() > PARTS_SHOWN {
+            for part in &self.0[..PARTS_SHOWN] {
+                write!(f, "{part}, ")?;
+            }
+            return write!(f, "and {} more parts", self.0.len() - PARTS_SHOWN);
+        }
+        for (i, part) in rest.iter().enumerate() {
+            write!(f, "{}{part}", if i == 0 { "" } else { ", " })?;
+        }
+        if !rest.is_empty() {
+            write!(f, " and ")?;
+        }
+        write!(f, "{last}")
+    }
 }
 
 /// What applying a record led to.
@@ -77,14 +163,14 @@ impl Replayer {
                 self.machine.push_input(input.clone()).map_err(|source| ReplayError::Input { icount, source })?;
                 self.inputs_applied += 1;
             }
-            Record::Digest(recorded) => self.check(recorded)?,
+            Record::Digest { state, regions } => self.check(state, regions.as_ref())?,
             Record::Snapshot { .. } | Record::Delta { .. } => {
                 // A recorder starts a new interval of outputs at a snapshot.
                 self.outputs = OutputDigest::new();
             }
-            Record::End { state, reason } => {
+            Record::End { state, regions, reason } => {
                 self.finish_end(*reason, on_output);
-                self.check(state)?;
+                self.check(state, regions.as_ref())?;
                 self.check_end(icount, *reason)?;
                 return Ok(Step::Ended(*reason));
             }
@@ -98,17 +184,20 @@ impl Replayer {
         StateDigest { icount: self.machine.icount(), machine: self.machine.digest().0, outputs: self.outputs.take() }
     }
 
-    fn check(&mut self, recorded: &StateDigest) -> Result<(), ReplayError> {
+    /// Checks a digest record (`regions`: the recorded region digests, to name the parts
+    /// that differ).
+    fn check(&mut self, recorded: &StateDigest, regions: Option<&RegionDigests>) -> Result<(), ReplayError> {
         let replayed = self.take_state_digest();
         self.digests_checked += 1;
         let icount = recorded.icount;
         if replayed.machine != recorded.machine {
+            let parts = regions.map(|r| Parts::between(&self.machine, r)).unwrap_or_default();
             let (recorded, replayed) = (recorded.machine, replayed.machine);
-            return Err(ReplayError::Diverged { icount, what: "state", recorded, replayed });
+            return Err(ReplayError::Diverged { icount, what: "state", recorded, replayed, parts });
         }
         if replayed.outputs != recorded.outputs {
             let (recorded, replayed) = (recorded.outputs, replayed.outputs);
-            return Err(ReplayError::Diverged { icount, what: "output", recorded, replayed });
+            return Err(ReplayError::Diverged { icount, what: "output", recorded, replayed, parts: Parts::default() });
         }
         Ok(())
     }
@@ -161,5 +250,23 @@ impl Replayer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_read_as_a_list_and_a_long_one_is_cut_after_eight() {
+        let ram = |i: u64| Part::Ram { addresses: 0x8000_0000 + 2 * i * 0x10_0000..0x8010_0000 + 2 * i * 0x10_0000 };
+        assert_eq!(Parts::default().to_string(), "");
+        assert_eq!(Parts(vec![Part::State]).to_string(), "; they differ in the hart's and devices' state");
+        let two = Parts(vec![ram(0), Part::Disk { bytes: 0..512 }]);
+        assert_eq!(two.to_string(), "; they differ in RAM 0x80000000..0x80100000 and disk bytes 0x0..0x200");
+        let many = Parts((0..11).map(ram).collect());
+        let line = many.to_string();
+        assert!(line.ends_with(", RAM 0x80e00000..0x80f00000, and 3 more parts"), "{line}");
+        assert_eq!(line.matches("RAM ").count(), 8, "{line}");
     }
 }

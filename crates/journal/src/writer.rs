@@ -13,6 +13,7 @@
 use crate::error::{JournalError, Result};
 use crate::frame::{frame_header, preamble, RecordType};
 use crate::record::{encode_digest, encode_end, encode_input, EndReason, LogHeader, StateDigest};
+use machine::digest::RegionDigests;
 use machine::Input;
 use std::io::{BufWriter, Write};
 
@@ -26,6 +27,9 @@ pub struct LogWriter<W: Write> {
     last_icount: u64,
     scratch: Vec<u8>,
     records: u64,
+    /// The region digests of the last digest record since the last snapshot or delta
+    /// record: the next digest record lists the regions changed since.
+    last_regions: Option<RegionDigests>,
 }
 
 impl LogWriter<std::fs::File> {
@@ -42,8 +46,8 @@ impl LogWriter<std::fs::File> {
     }
 
     /// Writes the end record, flushes and syncs.
-    pub fn finish_file(mut self, state: StateDigest, reason: EndReason) -> Result<u64> {
-        self.end(state, reason)?;
+    pub fn finish_file(mut self, state: StateDigest, regions: &RegionDigests, reason: EndReason) -> Result<u64> {
+        self.end(state, regions, reason)?;
         self.sync()?;
         Ok(self.offset)
     }
@@ -58,6 +62,7 @@ impl<W: Write> LogWriter<W> {
             last_icount: 0,
             scratch: Vec::new(),
             records: 0,
+            last_regions: None,
         };
         writer.put(&preamble())?;
         let payload = header.encode();
@@ -122,13 +127,43 @@ impl<W: Write> LogWriter<W> {
         result
     }
 
-    /// Appends a state digest and flushes.
-    pub fn digest(&mut self, state: StateDigest) -> Result<()> {
-        self.stamp(state.icount)?;
-        let mut payload = Vec::with_capacity(40);
-        encode_digest(&state, &mut payload);
+    /// Appends a state digest and flushes. `regions` are the machine's region digests
+    /// (`Machine::region_digests`), whose root must be `state.machine`.
+    pub fn digest(&mut self, state: StateDigest, regions: &RegionDigests) -> Result<()> {
+        let payload = self.digest_payload(&state, regions, None)?;
         self.record(RecordType::Digest, &payload)?;
         self.flush()
+    }
+
+    /// A digest or end record's payload, the regions listed against the last digest record's.
+    fn digest_payload(
+        &mut self,
+        state: &StateDigest,
+        regions: &RegionDigests,
+        end: Option<EndReason>,
+    ) -> Result<Vec<u8>> {
+        let root = regions.root().0;
+        if root != state.machine {
+            let problem =
+                format!("region digests whose root is {root:032x} for a machine digest {:032x}", state.machine);
+            return Err(JournalError::Unrecordable(problem));
+        }
+        let mut payload = Vec::with_capacity(128);
+        match end {
+            None => encode_digest(state, regions, self.last_regions.as_ref(), &mut payload),
+            Some(reason) => encode_end(state, regions, self.last_regions.as_ref(), reason, &mut payload),
+        }
+        let record = if end.is_some() { RecordType::End } else { RecordType::Digest };
+        if payload.len() as u64 > record.max_payload_bytes() {
+            return Err(JournalError::Unrecordable(format!(
+                "a {} of {} bytes is too large",
+                record.name(),
+                payload.len()
+            )));
+        }
+        self.stamp(state.icount)?;
+        self.last_regions = Some(regions.clone());
+        Ok(payload)
     }
 
     /// Appends a machine snapshot (`machine::snapshot`'s file format) taken at `icount`,
@@ -155,14 +190,15 @@ impl<W: Write> LogWriter<W> {
         self.put(&icount_bytes)?;
         self.put(snapshot)?;
         self.records += 1;
+        // A seek starts reading after a snapshot or delta record: the next digest record
+        // lists its regions against none.
+        self.last_regions = None;
         self.flush()
     }
 
     /// Appends the end record and flushes; nothing may follow it.
-    pub fn end(&mut self, state: StateDigest, reason: EndReason) -> Result<()> {
-        self.stamp(state.icount)?;
-        let mut payload = Vec::with_capacity(48);
-        encode_end(&state, reason, &mut payload);
+    pub fn end(&mut self, state: StateDigest, regions: &RegionDigests, reason: EndReason) -> Result<()> {
+        let payload = self.digest_payload(&state, regions, Some(reason))?;
         self.record(RecordType::End, &payload)?;
         self.flush()
     }

@@ -4,7 +4,8 @@
 //! other images are refused with one line.
 
 use journal::{
-    DiskImage, EndReason, ImageFile, JournalError, LogHeader, LogReader, LogWriter, Record, Start, StateDigest,
+    DiskImage, EndReason, ImageFile, JournalError, LogHeader, LogReader, LogWriter, Record, RegionDigests, Start,
+    StateDigest,
 };
 use machine::{Input, InputKind};
 use std::io::Cursor;
@@ -27,36 +28,62 @@ fn header() -> LogHeader {
 
 const DELTA: &[u8] = b"the pages that changed since the snapshot";
 
+/// Region digests of the header's machine (256 MiB of RAM, a disk of one region): the
+/// state, and `changed` RAM regions given digests of their own.
+fn regions(state: u128, changed: &[(usize, u128)]) -> RegionDigests {
+    let mut ram = vec![0; 256];
+    ram[0] = 0xaaaa;
+    ram[7] = 0xbbbb;
+    for &(i, d) in changed {
+        ram[i] = d;
+    }
+    RegionDigests { state, ram, disk: vec![0xcccc] }
+}
+
+fn digest(icount: u64, regions: RegionDigests) -> Record {
+    let state = StateDigest { icount, machine: regions.root().0, outputs: icount as u128 * 3 };
+    Record::Digest { state, regions: Some(regions) }
+}
+
 fn records() -> Vec<Record> {
     let input = |icount, kind| Record::Input(Input { icount, kind });
+    let end_regions = regions(6, &[(7, 0x7777), (200, 0x2000)]);
     vec![
         input(0, InputKind::ClockRate { icount_per_tick: 12 }),
         input(10, InputKind::Entropy(vec![7; 64])),
         input(10, InputKind::Console(b"ls\n".to_vec())),
         input(500, InputKind::IdleSkip { ticks: 1000 }),
-        Record::Digest(StateDigest { icount: 600, machine: 0x1234, outputs: 0x5678 }),
+        digest(550, regions(1, &[])),
+        digest(600, regions(2, &[(3, 0x3333)])),
         input(700, InputKind::NetFrame(vec![0xff; 1514])),
+        digest(750, regions(5, &[(7, 0x7777)])),
         Record::End {
-            state: StateDigest { icount: 800, machine: 1, outputs: 2 },
+            state: StateDigest { icount: 800, machine: end_regions.root().0, outputs: 2 },
+            regions: Some(end_regions),
             reason: EndReason::PowerOff { code: 3 },
         },
     ]
 }
 
-/// A log of `records()`, with a snapshot record of `snapshot` bytes after the digest, and a
-/// snapshot delta after it.
+/// Writes `record` (not a snapshot or delta) to `w`.
+fn write(w: &mut LogWriter<Vec<u8>>, record: &Record) {
+    match record {
+        Record::Input(input) => w.input(input).unwrap(),
+        Record::Digest { state, regions } => w.digest(*state, regions.as_ref().unwrap()).unwrap(),
+        Record::End { state, regions, reason } => w.end(*state, regions.as_ref().unwrap(), *reason).unwrap(),
+        Record::Snapshot { .. } | Record::Delta { .. } => unreachable!(),
+    }
+}
+
+/// A log of `records()`, with a snapshot record of `snapshot` bytes after the digest at
+/// icount 600, and a snapshot delta after it.
 fn log_bytes(snapshot: &[u8]) -> Vec<u8> {
     let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
     for record in records() {
-        match record {
-            Record::Input(input) => w.input(&input).unwrap(),
-            Record::Digest(d) => {
-                w.digest(d).unwrap();
-                w.snapshot(d.icount, snapshot).unwrap();
-                w.delta(d.icount, DELTA).unwrap();
-            }
-            Record::End { state, reason } => w.end(state, reason).unwrap(),
-            Record::Snapshot { .. } | Record::Delta { .. } => unreachable!(),
+        write(&mut w, &record);
+        if matches!(record, Record::Digest { state, .. } if state.icount == 600) {
+            w.snapshot(600, snapshot).unwrap();
+            w.delta(600, DELTA).unwrap();
         }
     }
     w.into_inner().unwrap()
@@ -83,15 +110,15 @@ fn what_the_writer_writes_the_reader_reads_back() {
     let (read, stop) = read_all(&bytes).unwrap();
     assert!(stop.is_none());
     let mut expected = records();
-    let Record::Snapshot { icount, section } = read[5] else { panic!("no snapshot in {read:?}") };
+    let Record::Snapshot { icount, section } = read[6] else { panic!("no snapshot in {read:?}") };
     assert_eq!(icount, 600);
     assert_eq!(&bytes[section.offset as usize..][..section.len as usize], &snapshot[..]);
-    let Record::Delta { icount, section } = read[6] else { panic!("no delta in {read:?}") };
+    let Record::Delta { icount, section } = read[7] else { panic!("no delta in {read:?}") };
     assert_eq!(icount, 600);
     assert_eq!(&bytes[section.offset as usize..][..section.len as usize], DELTA);
-    expected.insert(5, read[5].clone());
     expected.insert(6, read[6].clone());
-    assert_eq!(read, expected);
+    expected.insert(7, read[7].clone());
+    assert_eq!(read, expected, "every digest record's regions rebuilt, those listed as changes included");
 }
 
 #[test]
@@ -169,7 +196,10 @@ fn another_version_and_another_file_are_refused_with_one_line() {
     let mut bytes = log_bytes(&[]);
     bytes[8] = 9;
     let err = LogReader::new(Cursor::new(&bytes)).err().unwrap();
-    assert_eq!(err.to_string(), "input log format version 9; this ftvm reads version 2");
+    assert_eq!(err.to_string(), "input log format version 9; this ftvm reads version 3");
+    bytes[8] = 2; // the version before region digests in digest records
+    let err = LogReader::new(Cursor::new(&bytes)).err().unwrap();
+    assert_eq!(err.to_string(), "input log format version 2; this ftvm reads version 3");
     let err = LogReader::new(Cursor::new(b"FTVMSNAP and more".to_vec())).err().unwrap();
     assert_eq!(
         err.to_string(),
@@ -203,4 +233,115 @@ fn images_other_than_the_recorded_ones_are_refused_naming_the_image() {
     let err = header.check_images(&config, Some(&disk)).unwrap_err();
     assert!(err.to_string().starts_with("the log was recorded with another kernel: "), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The offsets where each record after the header starts, and where the log ends.
+fn record_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut reader = LogReader::new(Cursor::new(bytes)).unwrap();
+    let mut starts = vec![reader.offset() as usize];
+    while reader.next_record().unwrap().is_some() {
+        starts.push(reader.offset() as usize);
+    }
+    starts
+}
+
+/// Sets the checksums of the record at `start` (a frame header and a payload of
+/// `payload_len` bytes) to fit its bytes, as a writer with a bug would have written them.
+fn reframe(bytes: &mut [u8], start: usize) {
+    let payload_len = u64::from_le_bytes(bytes[start + 4..start + 12].try_into().unwrap()) as usize;
+    let payload = start + journal::FRAME_HEADER_BYTES;
+    let crc = crc32c::crc32c(&bytes[payload..payload + payload_len]);
+    bytes[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[start..start + 16]);
+    bytes[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn a_digest_record_lists_only_the_regions_changed_since_the_previous_one() {
+    let bytes = log_bytes(&[]);
+    let starts = record_starts(&bytes);
+    let len = |i: usize| starts[i + 1] - starts[i];
+    // Records 4 and 5: the first digest (three non-empty regions), then one with one
+    // region changed; record 9, the first after the delta record, lists all three again.
+    let (fixed, entry) = (journal::FRAME_HEADER_BYTES + 40 + 33, 20);
+    assert_eq!(len(4), fixed + 3 * entry);
+    assert_eq!(len(5), fixed + entry);
+    assert_eq!(len(9), fixed + 3 * entry);
+    // The end record (reason and code: 5 bytes): one region changed since the digest before.
+    assert_eq!(len(10), fixed + 5 + entry);
+}
+
+#[test]
+fn a_digest_record_whose_regions_do_not_make_its_root_is_corrupt() {
+    let mut bytes = log_bytes(&[]);
+    let starts = record_starts(&bytes);
+    // The first digest's state digest (after icount, root and output digest, and the base).
+    let at = starts[4] + journal::FRAME_HEADER_BYTES + 40 + 1;
+    bytes[at] ^= 1;
+    reframe(&mut bytes, starts[4]);
+    let (read, stop) = read_all(&bytes).unwrap();
+    assert_eq!(read.len(), 4);
+    let message = stop.unwrap().to_string();
+    assert!(
+        message
+            .starts_with(&format!("corrupt record at byte {}: its region digests make the machine digest ", starts[4])),
+        "{message}"
+    );
+    assert!(message.contains(", but it records "), "{message}");
+}
+
+#[test]
+fn a_digest_record_listing_more_regions_than_the_headers_machine_has_is_refused_before_it_is_read() {
+    let big = RegionDigests { state: 1, ram: vec![0x5; 4096], disk: vec![] };
+    let empty = RegionDigests { state: 1, ram: vec![0; 4096], disk: vec![] };
+    let line = |regions: &RegionDigests| {
+        let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+        w.digest(StateDigest { icount: 1, machine: regions.root().0, outputs: 0 }, regions).unwrap();
+        read_all(&w.into_inner().unwrap()).unwrap().1.unwrap().to_string()
+    };
+    let first = record_starts(&LogWriter::new(Vec::new(), &header()).unwrap().into_inner().unwrap())[0];
+    // 256 MiB of RAM and a disk of one region: 257 regions (and one more of each allowed).
+    assert_eq!(
+        line(&big),
+        format!(
+            "corrupt record at byte {first}: a digest record of {} bytes, more than the {} the region digests of \
+             the log's RAM and disk need",
+            40 + 33 + 4096 * 20,
+            40 + 33 + 259 * 20
+        )
+    );
+    assert_eq!(
+        line(&empty),
+        format!(
+            "corrupt record at byte {first}: its region digests list 4096 RAM and 0 disk regions, more than the 259 \
+             the log's RAM and disk have"
+        )
+    );
+}
+
+#[test]
+fn after_a_seek_past_a_snapshot_digest_records_carry_their_regions_and_elsewhere_none_until_the_next() {
+    let bytes = log_bytes(&[1; 100]);
+    let starts = record_starts(&bytes);
+    let whole = read_all(&bytes).unwrap().0;
+    let mut reader = LogReader::new(Cursor::new(&bytes)).unwrap();
+    // Right after the delta record (where `ftvm replay --until` starts reading).
+    reader.seek_to_record(starts[8] as u64, 600).unwrap();
+    let after: Vec<Record> = std::iter::from_fn(|| reader.next_record().unwrap()).collect();
+    assert_eq!(after, whole[8..]);
+    // Right after the first digest: the second lists changes against a digest not read.
+    reader.seek_to_record(starts[5] as u64, 550).unwrap();
+    let Some(Record::Digest { state, regions: None }) = reader.next_record().unwrap() else {
+        panic!("regions listed against a digest record not read")
+    };
+    assert_eq!(state.icount, 600);
+}
+
+#[test]
+fn a_writer_refuses_region_digests_that_do_not_make_the_machine_digest() {
+    let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
+    let regions = regions(1, &[]);
+    let state = StateDigest { icount: 5, machine: regions.root().0 ^ 1, outputs: 0 };
+    let err = w.digest(state, &regions).unwrap_err().to_string();
+    assert!(err.starts_with("cannot record this run: region digests whose root is "), "{err}");
 }

@@ -20,7 +20,7 @@
 
 use crate::mode::{ModeError, Observer};
 use anyhow::{Context, Result};
-use journal::{EndReason, LogHeader, LogWriter, OutputDigest, Start, StateDigest};
+use journal::{EndReason, LogHeader, LogWriter, OutputDigest, RegionDigests, Start, StateDigest};
 use machine::{Input, Machine, MachineConfig, Output};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -108,8 +108,12 @@ impl Recording {
         })
     }
 
-    fn state_digest(&mut self, machine: &Machine) -> StateDigest {
-        StateDigest { icount: machine.icount(), machine: machine.digest().0, outputs: self.outputs.take() }
+    /// The digest of the machine and of the outputs since the last one, with the region
+    /// digests the machine digest is the root of (a replay's divergence names the regions).
+    fn state_digest(&mut self, machine: &Machine) -> (StateDigest, RegionDigests) {
+        let regions = machine.region_digests();
+        let state = StateDigest { icount: machine.icount(), machine: regions.root().0, outputs: self.outputs.take() };
+        (state, regions)
     }
 
     /// A snapshot record, or a delta record after the last one.
@@ -157,8 +161,8 @@ impl Observer<Machine> for Recording {
 
     fn on_slice_end(&mut self, machine: &Machine) -> Result<(), ModeError> {
         if self.last_digest.elapsed() >= self.digest_every {
-            let digest = self.state_digest(machine);
-            self.writer.digest(digest).map_err(|e| ModeError::new("cannot record the run", e))?;
+            let (digest, regions) = self.state_digest(machine);
+            self.writer.digest(digest, &regions).map_err(|e| ModeError::new("cannot record the run", e))?;
             self.digests += 1;
             self.last_digest = Instant::now();
         }
@@ -177,8 +181,8 @@ impl Observer<Machine> for Recording {
             Some(machine::RunExit::Reset) => EndReason::Reset,
             _ => EndReason::Stopped,
         };
-        let digest = self.state_digest(machine);
-        if let Err(e) = self.writer.end(digest, reason).and_then(|()| self.writer.sync()) {
+        let (digest, regions) = self.state_digest(machine);
+        if let Err(e) = self.writer.end(digest, &regions, reason).and_then(|()| self.writer.sync()) {
             crate::log::warn(format_args!("the input log's end was not written: {e}"));
         }
     }
