@@ -164,8 +164,11 @@ impl BlockCache {
         }
         let ops = &self.ops[block.start as usize..(block.start + block.len) as usize];
         let page = &ram.as_slice()[block.page_ram_offset..block.page_ram_offset + PAGE_SIZE as usize];
-        // A successor is warm when its slot holds it (same page and generation) and it
-        // ran a quarter of the way to hot, or is hot already.
+        // A successor joins when its slot holds it (same page and generation) and it ran
+        // a quarter of the way to hot, unless it has code already or is with the
+        // compiler: the exit to it then links to that code. Compiling such blocks again
+        // inside every region that reaches them made the boot compile each instruction
+        // about three times over.
         let warm_after = jit.hot_threshold() / 4;
         let slots = &self.slots;
         let is_warm = |pc: u64| {
@@ -173,9 +176,19 @@ impl BlockCache {
             b.pc == pc
                 && b.page_ram_offset == block.page_ram_offset
                 && b.code_gen == block.code_gen
-                && (b.hits >= warm_after || b.code.is_some())
+                && b.code.is_none()
+                && (warm_after..PENDING).contains(&b.hits)
         };
         let blocks = region(page, block.pc, ops, is_warm);
+        // The other blocks of the region start counting again: what runs through the
+        // entry runs them compiled too, so only runs from elsewhere make one of them hot
+        // (else each soon asked to be compiled once more, on its own).
+        for &(pc, _) in &blocks[1..] {
+            let member = &mut self.slots[(pc >> 1) as usize % BLOCK_SLOTS];
+            if member.pc == pc && member.code.is_none() && member.hits < PENDING {
+                member.hits = 0;
+            }
+        }
         let done = jit.request(Request { key, blocks })?;
         self.install(done);
         self.slots[slot].code

@@ -47,6 +47,8 @@ pub(crate) struct Compiled {
     _links: Box<[Link]>,
     _kept_ops: Box<[MicroOp]>,
     pub(crate) compile_ns: u64,
+    /// Guest instructions in the region.
+    pub(crate) instructions: u64,
 }
 
 // SAFETY: the raw pointers inside (`Link::target` is a code address, the code refers to
@@ -125,7 +127,9 @@ impl Translator {
             kept_ops: &kept_ptrs,
         };
         let code = self.emitter.compile(&*self.isa, &block, &mut new_link).map(<[u8]>::to_vec);
-        Compiled { key, code, _links: links, _kept_ops: kept_ops, compile_ns: thread_cpu_ns().saturating_sub(started) }
+        let instructions = ops().count() as u64;
+        let compile_ns = thread_cpu_ns().saturating_sub(started);
+        Compiled { key, code, _links: links, _kept_ops: kept_ops, compile_ns, instructions }
     }
 }
 
