@@ -257,6 +257,10 @@ pub struct Backup {
     next_claim_attempt_ms: u64,
     read_outstanding: bool,
     next_read_ms: u64,
+    /// The record as this backup first read it, before any primary was heard: an end
+    /// recorded then belongs to an earlier run of the VM, which a new primary may start
+    /// again (None: not read yet).
+    baseline: Option<Baseline>,
     /// Said that it cannot take over, for this silence.
     said_cannot: bool,
     live_generation: Option<u64>,
@@ -265,6 +269,13 @@ pub struct Backup {
     handover: Option<Handover>,
     refused_connections: u64,
     repairs: Repairs,
+}
+
+/// See [`Backup::baseline`].
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    /// The record's generation then (None: no record).
+    generation: Option<u64>,
 }
 
 impl Backup {
@@ -287,6 +298,7 @@ impl Backup {
             next_claim_attempt_ms: 0,
             read_outstanding: false,
             next_read_ms: 0,
+            baseline: None,
             said_cannot: false,
             live_generation: None,
             exited: false,
@@ -515,7 +527,12 @@ impl Backup {
     /// → claim the ownership record for the generation the state belongs to.
     fn maybe_suspect(&mut self, actions: &mut Vec<BackupAction>) {
         let now = self.now_ms;
-        let Some(heard_ms) = self.last_heard_ms else { return };
+        let Some(heard_ms) = self.last_heard_ms else {
+            // No primary heard yet: watch the record, so that a VM that ends before its
+            // primary ever got through (a protection cut short, say) does not leave this
+            // backup waiting for ever.
+            return self.maybe_read_ownership(actions);
+        };
         let silent_ms = now - heard_ms.min(now);
         let quiet = self.applying.is_none() && self.ready.is_empty();
         let usable = self.state_generation().is_some_and(|g| g >= self.newest_generation);
@@ -569,10 +586,22 @@ impl Backup {
 
     fn on_ownership(&mut self, answer: Result<Option<RecordView>, String>, actions: &mut Vec<BackupAction>) {
         self.read_outstanding = false;
-        match answer {
-            Ok(Some(RecordView { ended: Some(exit_code), .. })) => self.exit(exit_code, actions),
-            Ok(Some(record)) => self.newest_generation = self.newest_generation.max(record.generation),
-            Ok(None) | Err(_) => {}
+        let Ok(record) = answer else { return };
+        let first_read = self.baseline.is_none();
+        if first_read {
+            self.baseline = Some(Baseline { generation: record.as_ref().map(|r| r.generation) });
+        }
+        match record {
+            // Once a primary was heard, any end is this run's (the primary held the record
+            // active); before, only one recorded after this backup's first read.
+            Some(RecordView { ended: Some(exit_code), generation, .. })
+                if self.last_heard_ms.is_some()
+                    || (!first_read && self.baseline.is_some_and(|b| b.generation.is_none_or(|g| generation > g))) =>
+            {
+                self.exit(exit_code, actions)
+            }
+            Some(record) => self.newest_generation = self.newest_generation.max(record.generation),
+            None => {}
         }
     }
 
