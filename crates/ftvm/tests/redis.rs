@@ -148,15 +148,7 @@ fn a_redis_server_shut_down_by_its_client_ends_the_replicated_vm_on_both_sides()
     // redis-cli gets no reply to SHUTDOWN: the server closes the connection as it exits.
     let _ = redis_cli(&ns, &["SHUTDOWN", "NOSAVE"]);
     let primary = cluster.primary.wait_exit(Duration::from_secs(60));
-    let mut roles = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.backup.exited().is_none() && Instant::now() < deadline {
-        if let Some(s) = cluster.backup_status() {
-            roles.push(s["role"].clone());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let backup = cluster.backup.exited();
+    let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(30));
     let got = session.stop();
     assert!(
         primary.and_then(|s| s.code()) == Some(0)

@@ -342,15 +342,7 @@ fn a_replicated_command_that_exits_ends_on_both_sides_with_all_its_output_and_it
     options.command = ["sh", "-c", "echo a; echo last-line; exit 3"].map(String::from).to_vec();
     let mut cluster = Cluster::start("exit", &options);
     let primary = cluster.primary.wait_exit(BOOT_LIMIT);
-    let mut roles = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.backup.exited().is_none() && Instant::now() < deadline {
-        if let Some(s) = cluster.backup_status() {
-            roles.push(s["role"].clone());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let backup = cluster.backup.exited();
+    let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(10));
     let out = std::fs::read_to_string(&cluster.primary_stdout).unwrap();
     let backup_out = std::fs::read_to_string(&cluster.backup_stdout).unwrap();
     let last_lines = out.lines().chain(backup_out.lines()).filter(|l| l.trim() == "last-line").count();
@@ -387,15 +379,7 @@ fn a_guest_that_powers_off_while_the_link_is_cut_ends_on_both_sides_and_the_back
     cluster.wait_primary("the primary serving alone", Duration::from_secs(30), |s| !is_protected(s));
     connect_from(&cluster.topo.client_ns(), "10.0.2.15:7002".parse().unwrap(), Duration::from_secs(30));
     let primary = cluster.primary.wait_exit(Duration::from_secs(60));
-    let mut roles = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.backup.exited().is_none() && Instant::now() < deadline {
-        if let Some(s) = cluster.backup_status() {
-            roles.push(s["role"].clone());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let backup = cluster.backup.exited();
+    let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(30));
     let out = std::fs::read_to_string(&cluster.primary_stdout).unwrap_or_default();
     assert!(
         primary.and_then(|s| s.code()) == Some(3)

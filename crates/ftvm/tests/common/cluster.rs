@@ -332,6 +332,21 @@ impl Cluster {
     }
 
     /// Wait until the primary is protected (its backup holds every output released).
+    /// Wait up to `limit` for the backup to exit, reading its role meanwhile: its exit status
+    /// (None: still running) and every role it reported (a backup that stays down reports
+    /// only "backup").
+    pub fn wait_backup_exit(&mut self, limit: Duration) -> (Option<ExitStatus>, Vec<Value>) {
+        let mut roles = Vec::new();
+        let deadline = Instant::now() + limit;
+        while self.backup.exited().is_none() && Instant::now() < deadline {
+            if let Some(s) = self.backup_status() {
+                roles.push(s["role"].clone());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (self.backup.exited(), roles)
+    }
+
     pub fn wait_protected(&mut self, limit: Duration) -> Value {
         self.wait_primary("the primary protected by its backup", limit, is_protected)
     }
