@@ -44,9 +44,18 @@ pub struct ReplayArgs {
 pub fn run(args: ReplayArgs) -> Result<i32> {
     let started = Instant::now();
     let in_log = |e: JournalError| anyhow::Error::new(e).context(format!("{}", args.file.display()));
-    let mut reader = LogReader::open_path(&args.file).map_err(in_log)?;
+    let file = std::fs::File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    let mut reader = LogReader::new(file).map_err(in_log)?;
     let header = reader.header().clone();
     let disk = header.disk_path(&args.file);
+    if let Some(disk) = disk.as_ref().filter(|d| !d.exists()) {
+        bail!(
+            "{}: the disk's contents at the recording's start are missing: no {} (a recording keeps them in \
+             FILE.disk beside the log; move and rename the two together)",
+            args.file.display(),
+            disk.display()
+        );
+    }
     let mut config = header.machine_config(args.kernel.clone(), args.initrd.clone(), disk.clone());
     config.disk_overlay = true;
     config.cpu = CpuArg::to_cpu(args.cpu);
@@ -67,10 +76,16 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
             eprintln!("ftvm: replaying from the log's snapshot at icount {icount}{deltas}");
             machine
         }
-        None if header.start != Start::Boot => {
-            bail!("{}: the log starts from a snapshot it does not hold", args.file.display())
-        }
-        None => Machine::new(&config)?,
+        None => match (header.start, args.until) {
+            (Start::Snapshot { icount }, Some(until)) if until < icount => bail!(
+                "{}: --until {until} is before the recording's start: it starts from a snapshot at icount {icount}",
+                args.file.display()
+            ),
+            (Start::Snapshot { .. }, _) => {
+                bail!("{}: the log starts from a snapshot it does not hold", args.file.display())
+            }
+            (Start::Boot, _) => Machine::new(&config)?,
+        },
     };
     let mut replayer = Replayer::new(machine);
     let mut stdout = std::io::stdout().lock();
@@ -86,15 +101,27 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
         match reader.next_record() {
             Ok(Some(record)) => match replayer.apply(&record, args.until, &mut on_output) {
                 Ok(Step::Continue) => {}
-                Ok(Step::ReachedUntil) | Ok(Step::Ended(_)) => break None,
+                Ok(Step::ReachedUntil) => break None,
+                // Every digest matched to the end, but --until asked for more than there is.
+                Ok(Step::Ended(reason)) => match args.until.filter(|&u| u > record.icount()) {
+                    Some(until) => {
+                        break Some(anyhow::anyhow!(
+                            "--until {until} is past the recording's end at icount {} ({})",
+                            record.icount(),
+                            end_reason(reason)
+                        ))
+                    }
+                    None => break None,
+                },
                 Err(e) => break Some(anyhow::Error::new(e)),
             },
             Ok(None) if reader.ended() => break None,
             // A log cut on a record boundary: the recording stopped before its end record.
             Ok(None) => {
                 let offset = reader.offset();
+                let until = args.until.map_or(String::new(), |u| format!(", before --until {u}"));
                 break Some(anyhow::anyhow!(
-                    "the log ends at byte {offset} without an end record (the recording was cut short)"
+                    "the log ends at byte {offset} without an end record (the recording was cut short){until}"
                 ));
             }
             Err(e) => break Some(anyhow::Error::new(e)),
@@ -128,6 +155,15 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
         }
         // The whole records before a cut or damaged one replayed: say how far.
         Some(e) => Err(e.context(format!("{}: replayed to icount {icount} ({summary}), then", args.file.display()))),
+    }
+}
+
+/// How a recording's end record says it ended, in words.
+fn end_reason(reason: journal::EndReason) -> String {
+    match reason {
+        journal::EndReason::PowerOff { code } => format!("the guest powered off with status {code}"),
+        journal::EndReason::Reset => "the guest reset".to_string(),
+        journal::EndReason::Stopped => "the run was stopped".to_string(),
     }
 }
 

@@ -52,6 +52,9 @@ pub struct RestoreArgs {
 }
 
 pub fn restore(args: RestoreArgs) -> Result<i32> {
+    if let Some(log) = &args.record.record {
+        vmm::record::refuse_overwriting(log, &[("snapshot", &args.file)])?;
+    }
     let info = machine::snapshot::read_header_from_path(&args.file)?;
     if args.info {
         println!(

@@ -234,10 +234,100 @@ fn a_damaged_or_foreign_log_is_refused_with_one_line() {
     let line = one_line_error(&other_disk, &[]);
     assert!(line.contains("disk.log: the log was recorded with another disk: "), "{line}");
 
+    // Asked for more than there is: every digest matched to the end, and the line says so.
+    let end = records(&rec.log).last().map(journal::Record::icount).unwrap();
+    let line = one_line_error(&rec.log, &["--until", &(end + 1).to_string()]);
+    assert!(
+        line.ends_with(&format!(
+            "then: --until {} is past the recording's end at icount {end} (the guest powered off with status 0)",
+            end + 1
+        )),
+        "{line}"
+    );
+
+    // A log moved without its disk copy, an empty file, no file, not a log.
+    let alone = dir.join("moved").join("alone.log");
+    std::fs::create_dir(alone.parent().unwrap()).unwrap();
+    std::fs::write(&alone, &bytes).unwrap();
+    let line = one_line_error(&alone, &[]);
+    assert!(
+        line.contains("alone.log: the disk's contents at the recording's start are missing: no ")
+            && line.contains("bad.log.disk (a recording keeps them in FILE.disk beside the log"),
+        "{line}"
+    );
+    let empty = variant("empty.log", b"");
+    let line = one_line_error(&empty, &[]);
+    assert!(line.ends_with("empty.log: not an ftvm input log: the file is empty"), "{line}");
+    let line = one_line_error(&dir.join("no-such.log"), &[]);
+    assert!(line.starts_with("ftvm: error: cannot open ") && line.contains("no-such.log: No such file"), "{line}");
+    let line = one_line_error(&rec.disk, &[]);
+    assert!(line.contains("disk.img: not an ftvm input log: it starts with [73, 65, 63,"), "{line}");
+
     let other_initrd = dir.join("other-initrd");
     std::fs::write(&other_initrd, b"not the recorded initrd").unwrap();
     let line = one_line_error(&rec.log, &["--initrd", other_initrd.to_str().unwrap()]);
     assert!(line.contains("the log was recorded with another initrd: "), "{line}");
+}
+
+#[test]
+fn recording_over_a_file_the_run_reads_is_refused_and_leaves_it_intact() {
+    let dir = common::scratch("record-overwrite", "disk.img");
+    let disk = dir.to_path_buf();
+    std::fs::write(&disk, vec![0x5a; 1 << 20]).unwrap();
+    let refused = |args: &[&std::ffi::OsStr]| {
+        let out = ftvm().args(args).stdin(std::process::Stdio::null()).output().unwrap();
+        assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+        let text = stderr(&out);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        text.trim_end().to_string()
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    // The log is the disk image itself.
+    let line = refused(&[
+        &os("run"),
+        &os("--record"),
+        disk.as_os_str(),
+        &os("--disk"),
+        disk.as_os_str(),
+        &os("--"),
+        &os("true"),
+    ]);
+    assert_eq!(
+        line,
+        format!(
+            "ftvm: error: --record {}: that is the disk image this run reads, which recording would overwrite; \
+             record to another file",
+            disk.display()
+        )
+    );
+    // The log's disk copy (FILE.disk) is the disk image.
+    let log = dir.with_file_name("disk");
+    let with_copy = dir.with_file_name("disk.disk");
+    std::fs::copy(&disk, &with_copy).unwrap();
+    let line = refused(&[
+        &os("run"),
+        &os("--record"),
+        log.as_os_str(),
+        &os("--disk"),
+        with_copy.as_os_str(),
+        &os("--"),
+        &os("true"),
+    ]);
+    assert!(line.contains("the recording keeps the disk's start contents in "), "{line}");
+    assert!(line.ends_with("disk.disk, which is the disk image this run reads; record to another file"), "{line}");
+    // The log is the snapshot being restored.
+    let snap = dir.with_file_name("vm.snap");
+    std::fs::write(&snap, b"a snapshot's bytes").unwrap();
+    let line = refused(&[&os("restore"), snap.as_os_str(), &os("--record"), snap.as_os_str()]);
+    assert!(
+        line.ends_with(
+            "vm.snap: that is the snapshot this run reads, which recording would overwrite; record to another file"
+        ),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0x5a; 1 << 20]);
+    assert_eq!(std::fs::read(&with_copy).unwrap(), vec![0x5a; 1 << 20]);
+    assert_eq!(std::fs::read(&snap).unwrap(), b"a snapshot's bytes");
 }
 
 /// A network namespace holding a TAP device for the guest and an HTTP server on the host
@@ -450,6 +540,17 @@ fn a_run_restored_from_a_snapshot_records_a_log_that_replays_its_console_and_dig
         .flatten()
         .collect();
     assert_eq!(typed, b"go\n", "the typed line is an input of the log");
+    let before = replay(&log, &["--until", &(snapshot_icount - 1).to_string()]);
+    assert_eq!(before.status.code(), Some(125));
+    assert!(
+        stderr(&before).trim_end().ends_with(&format!(
+            "restored.log: --until {} is before the recording's start: it starts from a snapshot at icount \
+             {snapshot_icount}",
+            snapshot_icount - 1
+        )),
+        "{}",
+        stderr(&before)
+    );
     for _ in 0..2 {
         let out = replay(&log, &["--digest", "--console"]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -4,7 +4,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum JournalError {
-    #[error("not an ftvm input log: it starts with {found:02x?}, not \"FTVMILOG\"")]
+    #[error("not an ftvm input log: {}", describe_start(found))]
     NotALog { found: Vec<u8> },
     #[error("input log format version {found}; this ftvm reads version {supported}")]
     OtherVersion { found: u32, supported: u32 },
@@ -31,6 +31,13 @@ pub enum JournalError {
     Write(#[source] std::io::Error),
     #[error("cannot record this run: {0}")]
     Unrecordable(String),
+}
+
+fn describe_start(found: &[u8]) -> String {
+    match found {
+        [] => "the file is empty".to_string(),
+        found => format!("it starts with {found:02x?}, not \"FTVMILOG\""),
+    }
 }
 
 pub type Result<T, E = JournalError> = std::result::Result<T, E>;

@@ -76,6 +76,10 @@ impl Recording {
     }
 
     fn begin(config: &MachineConfig, options: &RecordOptions, start: Start) -> Result<Recording> {
+        let mut inputs = vec![("kernel", config.kernel.as_path())];
+        inputs.extend(config.initrd.as_deref().map(|initrd| ("initrd", initrd)));
+        inputs.extend(config.disk.as_ref().map(|disk| ("disk image", disk.path.as_path())));
+        refuse_overwriting(&options.path, &inputs)?;
         let disk = match &config.disk {
             Some(disk) => {
                 let copy = disk_copy_path(&options.path);
@@ -185,6 +189,39 @@ impl Observer<Machine> for Recording {
         if let Err(e) = self.writer.end(digest, &regions, reason).and_then(|()| self.writer.sync()) {
             crate::log::warn(format_args!("the input log's end was not written: {e}"));
         }
+    }
+}
+
+/// Refuses a log at `log` whose file, or whose disk copy beside it (`<log>.disk`), is one
+/// of the run's `inputs` (what, path): creating them would truncate the user's image (or
+/// snapshot) before the run starts.
+pub fn refuse_overwriting(log: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let copy = disk_copy_path(log);
+    for &(what, file) in inputs {
+        if same_file(log, file) {
+            anyhow::bail!(
+                "--record {}: that is the {what} this run reads, which recording would overwrite; record to another file",
+                log.display()
+            );
+        }
+        if same_file(&copy, file) {
+            anyhow::bail!(
+                "--record {}: the recording keeps the disk's start contents in {}, which is the {what} this run \
+                 reads; record to another file",
+                log.display(),
+                copy.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether two paths name one existing file (hard links and symbolic links included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
