@@ -42,6 +42,19 @@ pub fn ownership_id(name: &str, uid: u64) -> String {
     format!("{name}.{uid}")
 }
 
+/// The name a replica process carries in its VM's ownership record: its host's name, a `/`,
+/// and an id unique to that process start. A host may run two replicas of one VM for a while
+/// (a backup that has just taken over beside a primary started again), so the record names
+/// the process, not the host: nothing may take a record whose owner still runs.
+pub fn replica_name(host: &str, id: &str) -> String {
+    format!("{host}/{id}")
+}
+
+/// The host of a record's owner ([`replica_name`]; a bare name is a host's).
+pub fn owner_host(owner: &str) -> &str {
+    owner.split_once('/').map_or(owner, |(host, _)| host)
+}
+
 /// One entry of the timeline. Its key is derived from what happened (a failover of VM v at
 /// generation g has one key), so that agents reporting the same thing twice — after a
 /// restart, say — write it once; its place in the timeline is the store revision that wrote it.

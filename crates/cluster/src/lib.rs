@@ -12,5 +12,5 @@ pub mod rules;
 pub mod spec;
 
 pub use observed::{HostReport, HostState, HostView, Observed, ReplicaReport, ReplicaRole};
-pub use round::{round, Action};
+pub use round::{round, Action, ClaimFrom, StopReason};
 pub use spec::{Declared, DeclaredVm, Placement, Protection, SpecError, VmSpec};

@@ -63,6 +63,9 @@ pub struct ReplicaReport {
     /// full checkpoint fills (the disk travels by the replication stream, not a shared file).
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    /// Its name in the ownership record ([`crate::keys::replica_name`]).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// A host's heartbeat in the store.

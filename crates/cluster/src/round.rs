@@ -8,11 +8,13 @@
 //!
 //! Per declared VM:
 //! - its record ended → stop its replicas;
-//! - the record's owner runs it → that replica is the primary; any other replica claiming to
-//!   be primary is stopped (it lost its generation);
+//! - the record's owner (a replica process, by name) runs it → that replica is the primary; any
+//!   other replica claiming to be primary is stopped (it lost its generation); an owner not
+//!   reporting itself primary yet (a backup taking over) is waited for;
 //! - no record and nothing starting → place a primary on the best eligible host;
-//! - the owner's host is alive but runs no replica, and no backup holds the current
-//!   generation → start the primary there again (its state is gone with its process);
+//! - the owner's host is alive but no longer runs the owner, and no backup holds the current
+//!   generation → start the primary there again (its state is gone with its process), taking
+//!   exactly that record;
 //! - checkpoint protection: a primary with no backup gets one placed on another eligible host;
 //!   a primary not replicating to its backup is told to protect to it; extra backups stop;
 //! - a backup asked to move (a rule's `reprotect_elsewhere`) stops once another eligible host
@@ -32,8 +34,9 @@ use crate::HostState;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
-    /// Start the VM from its images here; the process claims the ownership record.
-    StartPrimary { vm: String, uid: u64 },
+    /// Start the VM from its images here; the process claims the ownership record (taking it
+    /// from `claim_from`, an owner whose process is gone, and from nothing else).
+    StartPrimary { vm: String, uid: u64, claim_from: Option<ClaimFrom> },
     /// Start a backup of the VM here, listening on this host's address.
     StartBackup { vm: String, uid: u64 },
     /// Tell this host's primary of the VM to replicate to `to` (`ctl protect`).
@@ -44,6 +47,14 @@ pub enum Action {
     ForgetHost { host: String },
     /// Remove a key whose value is not what belongs there.
     RemoveKey { key: String },
+}
+
+/// The record a primary started again may take: exactly this generation, owned by this
+/// replica (whose process its host no longer runs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimFrom {
+    pub generation: u64,
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +76,15 @@ pub enum StopReason {
     Quarantined,
     /// A rule asked for the VM's backup elsewhere, and another host can take it.
     Replaced,
+}
+
+impl StopReason {
+    /// Whether the stop ends the VM (its record marked ended): only when a user ended it (the
+    /// VM deleted or declared anew) or it ended already. Every other stop is of a replica the
+    /// VM can do without, and must leave the record as it is.
+    pub fn ends_the_vm(self) -> bool {
+        matches!(self, StopReason::Undeclared | StopReason::StaleDeclaration | StopReason::Ended)
+    }
 }
 
 /// The actions host `me` takes this round.
@@ -140,17 +160,19 @@ fn vm_round(dv: &DeclaredVm, declared: &Declared, observed: &Observed) -> Vec<(S
         }
     }
     let owner = record.as_ref().map(|r| r.owner.as_str());
-    // The primary: the record's owner's replica claiming the role. Every other claim is stale.
-    // Two claims on the owner's host: the later generation wins (a report may lag the record
-    // by a swap, never lead it).
-    let primary = replicas
+    let owner_host = owner.map(crate::keys::owner_host);
+    // The replica the record names, found by name on its host: it owns the VM whatever its
+    // report says (a report may lag the record by a swap, never lead it: a backup that has
+    // just taken over still reports itself a backup).
+    let owner_replica = replicas
         .iter()
-        .filter(|(host, r)| Some(*host) == owner && r.role == ReplicaRole::Primary)
-        .max_by_key(|(_, r)| (r.generation, std::cmp::Reverse(r.pid)))
+        .find(|(host, r)| Some(*host) == owner_host && r.name.is_some() && r.name.as_deref() == owner)
         .copied();
+    // The primary: the owner claiming the role. Every other claim is stale.
+    let primary = owner_replica.filter(|(_, r)| r.role == ReplicaRole::Primary);
     for (host, replica) in &replicas {
-        let is_primary = primary.is_some_and(|(h, p)| h == *host && std::ptr::eq(p, *replica));
-        if replica.role == ReplicaRole::Primary && !is_primary {
+        let is_owner = owner_replica.is_some_and(|(h, p)| h == *host && std::ptr::eq(p, *replica));
+        if replica.role == ReplicaRole::Primary && !is_owner {
             actions.push((host.to_string(), stop(replica, StopReason::NotOwner)));
         }
     }
@@ -160,27 +182,32 @@ fn vm_round(dv: &DeclaredVm, declared: &Declared, observed: &Observed) -> Vec<(S
         Some((primary_host, primary)) => {
             actions.extend(protect_round(dv, declared, observed, (primary_host, primary), &others, &replicas));
         }
+        // The owner runs but does not report itself primary yet (taking over, or starting): wait.
+        None if owner_replica.is_some() => {}
         None => {
-            let starting = others.iter().any(|(_, r)| r.role == ReplicaRole::Starting);
+            // A start waits for replicas still starting, and for stale claims to be stopped.
+            let starting = others.iter().any(|(_, r)| r.role == ReplicaRole::Starting)
+                || replicas.iter().any(|(_, r)| r.role == ReplicaRole::Primary);
             let current_generation = record.as_ref().map(|r| r.generation);
             let backup_can_take_over = others.iter().any(|(_, r)| {
                 r.role == ReplicaRole::Backup && r.generation.is_some() && r.generation == current_generation
             });
-            let owner_alive = owner.is_some_and(|o| observed.hosts.get(o).is_some_and(HostView::alive));
-            let start_on = match owner {
-                // The owner's process is gone, and no backup can continue the VM.
+            let owner_alive = owner_host.is_some_and(|o| observed.hosts.get(o).is_some_and(HostView::alive));
+            let start_on = match (owner_host, &record) {
+                // The owner's process is gone (its host, alive, runs no replica of that name), and
+                // no backup can continue the VM: start it again there, taking exactly that record.
                 // (A backup left on that host, stale, does not hold the VM: it is stopped once the
                 // primary runs beside it.)
-                Some(o) if owner_alive && !starting && !backup_can_take_over => Some(o.to_string()),
-                Some(_) => None,
-                // Claims without a record are being stopped: place only once they are gone.
-                None if !starting && replicas.iter().all(|(_, r)| r.role != ReplicaRole::Primary) => {
-                    choose_host(dv, declared, observed, &replicas)
-                }
-                None => None,
+                (Some(o), Some(record)) if owner_alive && !starting && !backup_can_take_over => Some((
+                    o.to_string(),
+                    Some(ClaimFrom { generation: record.generation, owner: record.owner.clone() }),
+                )),
+                (Some(_), _) => None,
+                (None, _) if !starting => choose_host(dv, declared, observed, &replicas).map(|host| (host, None)),
+                (None, _) => None,
             };
-            if let Some(host) = start_on {
-                actions.push((host, Action::StartPrimary { vm: name.clone(), uid: dv.uid }));
+            if let Some((host, claim_from)) = start_on {
+                actions.push((host, Action::StartPrimary { vm: name.clone(), uid: dv.uid, claim_from }));
             }
         }
     }

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 
 use cluster::observed::HOST_FORGET_MS;
-use cluster::{round, Action, Declared, DeclaredVm, HostReport, HostView, Observed, ReplicaReport, ReplicaRole};
+use cluster::{
+    round, Action, ClaimFrom, Declared, DeclaredVm, HostReport, HostView, Observed, ReplicaReport, ReplicaRole,
+};
 use store::{MemoryStore, OwnershipRecord, OwnershipStore, SwapOutcome, VmState};
 
 /// Simulated milliseconds per step (one round of every agent, then the processes move).
@@ -25,6 +27,8 @@ const STEP_MS: u64 = 500;
 /// Rounds after healing within which the cluster must match what is declared.
 const CONVERGE_ROUNDS: u64 = 30;
 const FAULT_STEPS: u64 = 60;
+/// How often a replica's reported status is the one from before the last moves.
+const STATUS_LAG_PERCENT: u64 = 25;
 
 /// A seeded generator (ChaCha8 from rand_chacha): the same on every platform.
 struct Rng(rand_chacha::ChaCha8Rng);
@@ -68,6 +72,8 @@ struct Process {
     backup_to: Option<String>,
     protected: bool,
     generation: Option<u64>,
+    /// A primary being started again: the record it may take (the round's `claim_from`).
+    claim_from: Option<ClaimFrom>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,6 +97,9 @@ struct World {
     /// Reports in the store, with the step each last changed.
     reports: BTreeMap<String, (HostReport, u64)>,
     garbage_keys: Vec<String>,
+    /// The processes as they were before the last moves: an agent reads its replicas' status
+    /// before it reads the records, so what it reports may lag a takeover the record shows.
+    before_moves: BTreeMap<u32, Process>,
 }
 
 fn record_id(vm: &str, uid: u64) -> String {
@@ -123,6 +132,7 @@ impl World {
             declared,
             reports: BTreeMap::new(),
             garbage_keys: Vec::new(),
+            before_moves: BTreeMap::new(),
         };
         world.scramble();
         world
@@ -149,6 +159,7 @@ impl World {
             backup_to: None,
             protected: false,
             generation: None,
+            claim_from: None,
         }
     }
 
@@ -232,7 +243,7 @@ impl World {
         for pid in live {
             let p = self.processes[&pid].clone();
             let record = self.records.read(&record_id(&p.vm, p.uid)).unwrap();
-            let owns = record.is_some_and(|r| r.owner == p.host && Some(r.generation) == p.generation);
+            let owns = record.is_some_and(|r| r.owner == name(pid, &p) && Some(r.generation) == p.generation);
             let p = self.processes.get_mut(&pid).unwrap();
             if !owns || !seen.insert((p.vm.clone(), p.uid)) {
                 p.backup_to = Some("gone:1".into());
@@ -289,8 +300,14 @@ impl World {
         let host = self.hosts.get_mut(me).unwrap();
         host.seq += 1;
         let (seq, offset) = (host.seq, host.clock_offset_ms);
-        let replicas: Vec<ReplicaReport> =
-            self.processes.iter().filter(|(_, p)| p.host == me).map(|(pid, p)| replica_report(*pid, p)).collect();
+        let mine: Vec<u32> = self.processes.iter().filter(|(_, p)| p.host == me).map(|(pid, _)| *pid).collect();
+        let mut replicas = Vec::new();
+        for pid in mine {
+            // A status read just before the process moved (a takeover, a start settling).
+            let lagging = self.rng.chance(STATUS_LAG_PERCENT);
+            let p = self.before_moves.get(&pid).filter(|_| lagging).unwrap_or(&self.processes[&pid]);
+            replicas.push(replica_report(pid, p));
+        }
         let time_ms = (self.step * STEP_MS) as i64 + offset;
         let report = report_of(me, seq, time_ms.max(0) as u64, replicas);
         self.reports.insert(me.to_string(), (report, self.step));
@@ -315,9 +332,10 @@ impl World {
 
     fn act(&mut self, me: &str, action: Action) {
         match action {
-            Action::StartPrimary { vm, uid } => {
+            Action::StartPrimary { vm, uid, claim_from } => {
                 let mut p = self.process(&vm, uid, me, ReplicaRole::Starting);
                 p.starting = Some(Intent::Primary);
+                p.claim_from = claim_from;
                 self.spawn(p);
             }
             Action::StartBackup { vm, uid } => {
@@ -368,6 +386,7 @@ impl World {
 
     /// The replica processes move: starts resolve, protection, takeovers (the runtime's rules).
     fn physics(&mut self) {
+        self.before_moves = self.processes.clone();
         let pids: Vec<u32> = self.processes.keys().copied().collect();
         for pid in pids {
             let Some(p) = self.processes.get(&pid).cloned() else { continue };
@@ -385,12 +404,18 @@ impl World {
                     p.listen = Some(format!("{}:{pid}", p.host));
                 }
                 (Some(Intent::Primary), _) if store_reachable => {
-                    // claim_for_start: refused when another owner holds an active record.
+                    // claim_for_start: refused when another owner holds an active record, unless
+                    // it is exactly the one the round said to take.
                     let current = self.records.read(&id).unwrap();
-                    let refused = current.as_ref().is_some_and(|r| r.owner != p.host || r.state != VmState::Active);
+                    let me = name(pid, &p);
+                    let taken = |r: &OwnershipRecord| {
+                        p.claim_from.as_ref().is_some_and(|c| c.generation == r.generation && c.owner == r.owner)
+                    };
+                    let refused =
+                        current.as_ref().is_some_and(|r| r.state != VmState::Active || (r.owner != me && !taken(r)));
                     let won = match refused {
                         true => None,
-                        false => self.swap(&p.vm, p.uid, current.map(|r| r.generation), &p.host),
+                        false => self.swap(&p.vm, p.uid, current.map(|r| r.generation), &me),
                     };
                     match won {
                         Some(generation) => {
@@ -424,7 +449,7 @@ impl World {
             Some((bpid, bhost)) if self.link_up(&p.host, &bhost) => {
                 if !p.protected {
                     // Protect swaps the generation forward before anything unacknowledged leaves.
-                    match self.swap(&p.vm, p.uid, p.generation, &p.host) {
+                    match self.swap(&p.vm, p.uid, p.generation, &name(pid, p)) {
                         Some(generation) => {
                             let me = self.processes.get_mut(&pid).unwrap();
                             me.generation = Some(generation);
@@ -440,7 +465,7 @@ impl World {
                 self.processes.get_mut(&bpid).unwrap().generation = generation;
             }
             // The backup is gone: run on alone, swapping forward first (or hold, cut off).
-            _ if store_reachable => match self.swap(&p.vm, p.uid, p.generation, &p.host) {
+            _ if store_reachable => match self.swap(&p.vm, p.uid, p.generation, &name(pid, p)) {
                 Some(generation) => {
                     let me = self.processes.get_mut(&pid).unwrap();
                     me.generation = Some(generation);
@@ -464,7 +489,7 @@ impl World {
             return;
         }
         // Silence: take over by swapping the generation the state belongs to.
-        let won = self.swap(&b.vm, b.uid, Some(state_generation), &b.host);
+        let won = self.swap(&b.vm, b.uid, Some(state_generation), &name(pid, b));
         let me = self.processes.get_mut(&pid).unwrap();
         match won {
             Some(generation) => {
@@ -512,15 +537,20 @@ impl World {
             let name = &dv.spec.name;
             let record =
                 self.records.clone().read(&record_id(name, dv.uid)).unwrap().ok_or(format!("{name}: no record"))?;
-            let mine: Vec<&Process> = self.processes.values().filter(|p| &p.vm == name && p.uid == dv.uid).collect();
-            let primaries: Vec<&&Process> = mine.iter().filter(|p| p.role == ReplicaRole::Primary).collect();
-            let [primary] = primaries[..] else { return Err(format!("{name}: primaries {primaries:?}")) };
-            // An unprotected primary never swaps, so it may hold an older generation of the
-            // record its host owns; a protected one holds the current one (checked below).
-            if primary.host != record.owner {
+            let mine: Vec<(&u32, &Process)> =
+                self.processes.iter().filter(|(_, p)| &p.vm == name && p.uid == dv.uid).collect();
+            let primaries: Vec<&(&u32, &Process)> =
+                mine.iter().filter(|(_, p)| p.role == ReplicaRole::Primary).collect();
+            let [&(primary_pid, primary)] = primaries[..] else {
+                return Err(format!("{name}: primaries {primaries:?}"));
+            };
+            // The record names the primary; a protected one holds its current generation (checked
+            // below).
+            if self::name(*primary_pid, primary) != record.owner {
                 return Err(format!("{name}: primary {primary:?} does not hold record {record:?}"));
             }
-            let backups: Vec<&&Process> = mine.iter().filter(|p| p.role != ReplicaRole::Primary).collect();
+            let backups: Vec<&Process> =
+                mine.iter().map(|(_, p)| *p).filter(|p| p.role != ReplicaRole::Primary).collect();
             let wanted = dv.spec.replica_count() as usize - 1;
             if backups.len() != wanted {
                 return Err(format!("{name}: {} backups, {wanted} wanted: {backups:?}", backups.len()));
@@ -623,6 +653,11 @@ impl World {
     }
 }
 
+/// A process's name in ownership records.
+fn name(pid: u32, p: &Process) -> String {
+    cluster::keys::replica_name(&p.host, &pid.to_string())
+}
+
 fn replica_report(pid: u32, p: &Process) -> ReplicaReport {
     ReplicaReport {
         vm: p.vm.clone(),
@@ -637,6 +672,7 @@ fn replica_report(pid: u32, p: &Process) -> ReplicaReport {
         lag_epochs: None,
         took_over_generation: None,
         disk_bytes: None,
+        name: Some(name(pid, p)),
     }
 }
 

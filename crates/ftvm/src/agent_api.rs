@@ -153,15 +153,18 @@ fn console_target(shared: &mut Shared, vm: &str) -> Result<crate::agent_console:
     let Some(record) = record else { return Err(Answer::error(409, format!("{vm} is not running yet"))) };
     // Not judged by liveness: a host that is gone refuses the connection, and a fresh observer
     // (an agent just re-executed) would otherwise take a live host for silent.
-    let report = view.reports.iter().find(|(r, _)| r.name == record.owner);
+    let host = keys::owner_host(&record.owner);
+    let report = view.reports.iter().find(|(r, _)| r.name == host);
     let Some((report, _)) = report else {
-        return Err(Answer::error(503, format!("{vm}'s host {} is not answering", record.owner)));
+        return Err(Answer::error(503, format!("{vm}'s host {host} is not answering")));
     };
-    let primary = report.replicas.iter().find(|r| r.vm == vm && r.uid == dv.uid && r.role == ReplicaRole::Primary);
+    let named = report.replicas.iter().find(|r| r.name.as_ref() == Some(&record.owner));
+    let primary = named
+        .or_else(|| report.replicas.iter().find(|r| r.vm == vm && r.uid == dv.uid && r.role == ReplicaRole::Primary));
     Ok(crate::agent_console::Target {
         vm: vm.to_string(),
         uid: dv.uid,
-        host: record.owner.clone(),
+        host: host.to_string(),
         api: report.api.clone(),
         pid: primary.and_then(|r| r.pid),
     })
@@ -278,7 +281,8 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
                 ReplicaRole::Backup => "backup",
                 ReplicaRole::Starting => "starting",
             };
-            if r.role == ReplicaRole::Primary && record.as_ref().is_some_and(|rec| rec.owner == report.name) {
+            if r.role == ReplicaRole::Primary && record.as_ref().is_some_and(|rec| Some(&rec.owner) == r.name.as_ref())
+            {
                 has_primary = true;
                 primary_protected = r.protected == Some(true);
             }
@@ -292,7 +296,11 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
         }
     }
     let failovers = count_failovers(shared, dv)?;
-    let ended = record.as_ref().is_some_and(|r| matches!(r.state, store::VmState::Ended { .. }));
+    let exit_code = record.as_ref().and_then(|r| match r.state {
+        store::VmState::Ended { exit_code } => Some(exit_code),
+        store::VmState::Active => None,
+    });
+    let ended = exit_code.is_some();
     let state = match () {
         _ if ended => "ended",
         _ if has_primary && primary_protected => "protected",
@@ -307,9 +315,12 @@ fn vm_json(shared: &mut Shared, view: &View, dv: &DeclaredVm) -> Result<Value> {
         "uid": dv.uid,
         "state": state,
         "generation": record.as_ref().map(|r| r.generation),
-        "owner": record.as_ref().map(|r| r.owner.clone()),
+        // The host of the replica owning the record.
+        "owner": record.as_ref().map(|r| keys::owner_host(&r.owner).to_string()),
         "replicas": replicas,
         "failovers": failovers,
+        // How the VM ended (its record's exit code), or null while it runs.
+        "exit_code": exit_code,
         "created_ms": dv.created_ms,
     }))
 }
@@ -637,6 +648,7 @@ mod tests {
                 lag_epochs: None,
                 took_over_generation: Some(3),
                 disk_bytes: None,
+                name: Some("h3/web".into()),
             }],
         };
         shared.kv.put(&keys::host("h3"), &serde_json::to_vec(&report).unwrap()).unwrap();

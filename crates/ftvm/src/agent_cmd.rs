@@ -358,6 +358,16 @@ impl Agent {
                     if let Some(tap) = meta.as_ref().and_then(|m| m.tap.as_ref()) {
                         remove_tap(tap);
                     }
+                    // Its log goes with its directory: its last lines stay in the agent's.
+                    if let Some(meta) = &meta {
+                        eprintln!(
+                            "ftvm agent: the {} of {} (pid {}) is gone; its log ended with:\n{}",
+                            meta.started_as,
+                            meta.vm,
+                            meta.pid,
+                            log_tail(&path.join("log"), GONE_LOG_LINES)
+                        );
+                    }
                     // (A backup's disk copy goes with it; a declared image is never in there.)
                     let _ = std::fs::remove_dir_all(&path);
                 }
@@ -367,7 +377,7 @@ impl Agent {
         locals
     }
 
-    fn replica_report(local: &Local) -> ReplicaReport {
+    fn replica_report(host_name: &str, local: &Local) -> ReplicaReport {
         use vmm::status::Role;
         let status = local.status.as_ref();
         let role = match status.map(|s| s.role) {
@@ -401,6 +411,7 @@ impl Agent {
             lag_epochs: replication.and_then(|r| r.lag_epochs),
             took_over_generation: status.and_then(|s| s.took_over.as_ref()).map(|t| t.generation),
             disk_bytes: local.meta.disk.as_ref().and_then(|d| std::fs::metadata(d).ok()).map(|m| m.len()),
+            name: Some(keys::replica_name(host_name, &local.dir.file_name().unwrap_or_default().to_string_lossy())),
         }
     }
 
@@ -415,7 +426,7 @@ impl Agent {
             memory_mib_free: self.args.memory_mib.saturating_sub(used),
             seq: self.seq,
             time_ms: now_ms(),
-            replicas: locals.iter().map(Self::replica_report).collect(),
+            replicas: locals.iter().map(|local| Self::replica_report(&self.args.host_name, local)).collect(),
         };
         let bytes = serde_json::to_vec(&report)?;
         self.kv.put(&keys::host(&self.args.host_name), &bytes).context("cannot write this host's heartbeat")?;
@@ -503,14 +514,16 @@ impl Agent {
 
     fn act(&mut self, action: &Action, declared: &Declared, observed: &Observed, locals: &[Local]) -> Result<()> {
         match action {
-            Action::StartPrimary { vm, uid } | Action::StartBackup { vm, uid } => {
+            Action::StartPrimary { vm, uid, .. } | Action::StartBackup { vm, uid } => {
                 let dv = declared.vms.get(vm).context("the VM is no longer declared")?;
                 anyhow::ensure!(dv.uid == *uid, "the VM was declared again");
-                let disk = match action {
-                    Action::StartPrimary { .. } => dv.spec.disk.clone().map(Disk::Declared),
-                    _ => backup_disk(dv, observed)?.map(Disk::Empty),
+                let (disk, claim_from) = match action {
+                    Action::StartPrimary { claim_from, .. } => {
+                        (dv.spec.disk.clone().map(Disk::Declared), Some(claim_from.clone()))
+                    }
+                    _ => (backup_disk(dv, observed)?.map(Disk::Empty), None),
                 };
-                self.start(dv, matches!(action, Action::StartPrimary { .. }), disk)
+                self.start(dv, claim_from, disk)
             }
             Action::Protect { vm, uid, to } => {
                 let local = find_local(locals, vm, *uid, |l| l.status.is_some()).context("no such primary here")?;
@@ -518,9 +531,10 @@ impl Agent {
             }
             Action::Stop { vm, uid, pid, reason } => {
                 let Some(local) = find_local(locals, vm, *uid, |l| Some(l.meta.pid) == *pid) else { return Ok(()) };
-                stop_replica(local);
+                stop_replica(local, *reason);
                 let message =
                     format!("stopped the {} of {vm} on {} ({reason:?})", local.meta.started_as, self.args.host_name);
+                eprintln!("ftvm agent: {message}, pid {}", local.meta.pid);
                 self.event(
                     &format!("stopped-{vm}-{uid}-{}", local.meta.pid),
                     EventKind::ReplicaStopped,
@@ -543,10 +557,18 @@ impl Agent {
         }
     }
 
-    fn start(&mut self, dv: &DeclaredVm, primary: bool, disk: Option<Disk>) -> Result<()> {
+    /// Starts a replica: a primary (`primary`: the record it may take from a gone owner, if
+    /// any) or a backup.
+    fn start(
+        &mut self,
+        dv: &DeclaredVm,
+        primary: Option<Option<cluster::ClaimFrom>>,
+        disk: Option<Disk>,
+    ) -> Result<()> {
         let spec = &dv.spec;
-        let role = if primary { "primary" } else { "backup" };
-        let dir = self.work_dir.join("replicas").join(format!("{}.{}.{role}.{}", spec.name, dv.uid, now_ms()));
+        let role = if primary.is_some() { "primary" } else { "backup" };
+        let id = format!("{}.{}.{role}.{}", spec.name, dv.uid, now_ms());
+        let dir = self.work_dir.join("replicas").join(&id);
         std::fs::create_dir_all(&dir)?;
         let tap = match &spec.bridge {
             Some(bridge) => {
@@ -556,11 +578,11 @@ impl Agent {
             None => None,
         };
         let listen = match primary {
-            true => None,
-            false => Some(format!("{}:{}", self.args.address, free_port(&self.args.address)?)),
+            Some(_) => None,
+            None => Some(format!("{}:{}", self.args.address, free_port(&self.args.address)?)),
         };
         let mut command = Command::new("/proc/self/exe");
-        command.arg(if primary { "run" } else { "backup" });
+        command.arg(if primary.is_some() { "run" } else { "backup" });
         command.arg("--mem").arg(format!("{}M", spec.memory_mib));
         for (flag, value) in [("--kernel", &spec.kernel), ("--initrd", &spec.initrd), ("--append", &spec.append)] {
             if let Some(value) = value {
@@ -591,12 +613,16 @@ impl Agent {
         command.arg("--console-socket").arg(dir.join("console.sock"));
         command.arg("--store").arg(&self.args.store);
         command.arg("--vm-id").arg(keys::ownership_id(&spec.name, dv.uid));
-        command.arg("--replica-name").arg(&self.args.host_name);
+        // The record names this very process (see keys::replica_name).
+        command.arg("--replica-name").arg(keys::replica_name(&self.args.host_name, &id));
+        if let Some(Some(from)) = &primary {
+            command.arg("--claim-from").arg(format!("{}:{}", from.generation, from.owner));
+        }
         if let Some(listen) = &listen {
             command.arg("--listen").arg(listen).arg("--key").arg(&self.key_path);
             command.arg("--failover-timeout-ms").arg(self.args.failover_timeout_ms.to_string());
         }
-        if primary && !spec.command.is_empty() {
+        if primary.is_some() && !spec.command.is_empty() {
             command.arg("--").args(&spec.command);
         }
         let log = std::fs::File::create(dir.join("log"))?;
@@ -783,18 +809,39 @@ fn reap_children() {
     }
 }
 
-/// Stops a replica: a primary through its API (the VM ends on both sides), then SIGKILL.
-fn stop_replica(local: &Local) {
+/// Stops a replica. A primary whose VM the stop ends (`reason`: the user deleted or declared
+/// it anew, or it ended) is stopped through its API first, so that the VM ends on both sides
+/// and its record says ended. Any other replica is killed: its record stays as it is, so that
+/// a judgement made on a stale observation can cost a replica, never the VM.
+fn stop_replica(local: &Local, reason: cluster::StopReason) {
     let pid = nix::unistd::Pid::from_raw(local.meta.pid as i32);
     let socket = local.dir.join("api.sock");
     let is_primary = local.status.as_ref().is_some_and(|s| s.role != vmm::status::Role::Backup);
     std::thread::spawn(move || {
-        if is_primary {
+        if is_primary && reason.ends_the_vm() {
             let _ = crate::api::request(&socket, &crate::api::Command::Stop);
             std::thread::sleep(Duration::from_secs(2));
         }
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     });
+}
+
+/// How many of a gone replica's last log lines the agent keeps in its own log.
+const GONE_LOG_LINES: usize = 12;
+
+/// The last `lines` lines of a log file (at most 64 KiB of its end are read), indented.
+fn log_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Seek, SeekFrom};
+    const MAX_TAIL_BYTES: u64 = 64 << 10;
+    let mut text = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(MAX_TAIL_BYTES)));
+        let _ = file.take(MAX_TAIL_BYTES).read_to_end(&mut text);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.iter().rev().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
 }
 
 /// A replica's status through its API socket, within [`STATUS_TIMEOUT`] (None: no answer).

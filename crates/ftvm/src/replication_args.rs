@@ -66,6 +66,11 @@ pub struct ReplicationArgs {
     pub key: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub ownership: OwnershipArgs,
+    /// Start even though the VM's record is active at GENERATION, owned by replica OWNER, whose
+    /// process is known to be gone (the agent starting a primary again passes this): exactly
+    /// that record is taken; one that moved on since is refused
+    #[arg(long, value_name = "GENERATION:OWNER", value_parser = parse_claim_from, requires = "store", help_heading = "Replication")]
+    pub claim_from: Option<(u64, String)>,
     /// Checkpoint interval
     #[arg(long, value_name = "MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Replication")]
     pub epoch_ms: u64,
@@ -96,6 +101,15 @@ pub struct ReplicationArgs {
     /// one), so a check costs what the guest wrote meanwhile. 0: never
     #[arg(long, value_name = "MS", default_value_t = 250, help_heading = "Replication")]
     pub lockstep_digest_ms: u64,
+}
+
+/// `--claim-from GENERATION:OWNER`.
+fn parse_claim_from(text: &str) -> Result<(u64, String), String> {
+    let parsed = text.split_once(':').and_then(|(generation, owner)| {
+        let generation = generation.parse::<u64>().ok().filter(|g| *g > 0)?;
+        (!owner.is_empty()).then(|| (generation, owner.to_string()))
+    });
+    parsed.ok_or_else(|| format!("{text:?} is not GENERATION:OWNER (a generation from 1, then the owner's name)"))
 }
 
 /// What `--replicate-to --mode lockstep` and its companions ask for.

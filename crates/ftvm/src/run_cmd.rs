@@ -407,7 +407,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let role = if replicated { "primary" } else { "vm" };
     let mut ownership = vmm::replicate::Ownership::open(&args.replication.ownership.spec(), &config, role)?;
     if let Some(ownership) = &mut ownership {
-        ownership.claim_for_start()?;
+        let from = args.replication.claim_from.as_ref().map(|(generation, owner)| (*generation, owner.as_str()));
+        ownership.claim_for_start_from(from)?;
     }
     // The driver holds the record (and marks it ended when the VM ends here, so that no
     // other replica ever brings it back), or hands it to replication.

@@ -15,7 +15,12 @@ pub(crate) fn declared(names: &[(&str, Protection)]) -> Declared {
     declared
 }
 
+/// A host and its replicas (each named `HOST/VM` in ownership records unless named already).
 fn host(name: &str, replicas: Vec<ReplicaReport>) -> (String, HostView) {
+    let replicas = replicas
+        .into_iter()
+        .map(|r| ReplicaReport { name: r.name.clone().or_else(|| Some(crate::keys::replica_name(name, &r.vm))), ..r })
+        .collect();
     let report = HostReport {
         name: name.into(),
         labels: Default::default(),
@@ -43,11 +48,14 @@ fn replica(vm: &str, uid: u64, role: ReplicaRole) -> ReplicaReport {
         lag_epochs: None,
         took_over_generation: None,
         disk_bytes: None,
+        name: None,
     }
 }
 
-fn owned_by(vm: &str, owner: &str, generation: u64) -> (String, Option<OwnershipRecord>) {
-    (vm.to_string(), Some(OwnershipRecord { generation, owner: owner.into(), state: store::VmState::Active }))
+/// `vm`'s record, owned by its replica on `host` (as [`host`] names it).
+fn owned_by(vm: &str, host: &str, generation: u64) -> (String, Option<OwnershipRecord>) {
+    let owner = crate::keys::replica_name(host, vm);
+    (vm.to_string(), Some(OwnershipRecord { generation, owner, state: store::VmState::Active }))
 }
 
 #[test]
@@ -58,7 +66,7 @@ fn a_new_vm_gets_its_primary_on_the_least_loaded_host() {
         hosts: [host("a", vec![busy]), host("b", vec![]), host("c", vec![])].into_iter().collect(),
         ..Default::default()
     };
-    assert_eq!(round("b", &declared, &observed), [Action::StartPrimary { vm: "web".into(), uid: 1 }]);
+    assert_eq!(round("b", &declared, &observed), [Action::StartPrimary { vm: "web".into(), uid: 1, claim_from: None }]);
     assert_eq!(round("c", &declared, &observed), [], "every host picks the same one");
     // Host a also stops the replica of a VM nobody declared.
     assert!(matches!(&round("a", &declared, &observed)[..], [Action::Stop { reason: StopReason::Undeclared, .. }]));
@@ -197,4 +205,55 @@ fn a_backup_asked_to_move_stays_when_no_other_host_can_take_it() {
     // A request about an earlier declaration is dropped.
     declared.replacing.insert("web".into(), crate::spec::Replacement { uid: 7, host: "b".into() });
     assert!(round("a", &declared, &observed).contains(&Action::RemoveKey { key: "/ftvm/replace/web".into() }));
+}
+
+#[test]
+fn a_backup_that_took_over_is_waited_for_while_it_still_reports_itself_a_backup() {
+    // The primary's host died; its backup on b swapped the record (generation 2, owned by the
+    // backup) but b's agent read the backup's status just before: it reports a backup of
+    // generation 1. Nobody starts a primary beside it (that would be a second live copy, and
+    // stopping either would end the VM).
+    let declared = declared(&[("web", Protection::Checkpoint)]);
+    let (name, mut dead) = host("a", vec![replica("web", 1, ReplicaRole::Primary)]);
+    dead.silent_ms = 60_000;
+    let observed = Observed {
+        hosts: [(name, dead), host("b", vec![replica("web", 1, ReplicaRole::Backup)]), host("c", vec![])]
+            .into_iter()
+            .collect(),
+        owners: [owned_by("web", "b", 2)].into_iter().collect(),
+        ..Default::default()
+    };
+    for me in ["a", "b", "c"] {
+        assert_eq!(round(me, &declared, &observed), [], "{me}");
+    }
+}
+
+#[test]
+fn a_primary_whose_process_is_gone_starts_again_on_its_host_taking_exactly_its_record() {
+    let declared = declared(&[("web", Protection::None)]);
+    let mut observed = Observed {
+        hosts: [host("a", vec![]), host("b", vec![])].into_iter().collect(),
+        owners: [owned_by("web", "a", 3)].into_iter().collect(),
+        ..Default::default()
+    };
+    let claim_from = Some(ClaimFrom { generation: 3, owner: "a/web".into() });
+    assert_eq!(round("a", &declared, &observed), [Action::StartPrimary { vm: "web".into(), uid: 1, claim_from }]);
+    assert_eq!(round("b", &declared, &observed), []);
+    // Another replica of the VM on a, claiming primary under another name, does not own the
+    // record: it is stopped, and the owner is waited for no longer than its process runs.
+    let mut other = replica("web", 1, ReplicaRole::Primary);
+    other.name = Some("a/web-again".into());
+    observed.hosts.insert("a".into(), host("a", vec![other]).1);
+    assert!(matches!(&round("a", &declared, &observed)[..], [Action::Stop { reason: StopReason::NotOwner, .. }]));
+}
+
+#[test]
+fn only_a_users_end_or_an_ended_vm_stops_a_replica_by_ending_the_vm() {
+    use StopReason::*;
+    let ends: Vec<StopReason> =
+        [Undeclared, StaleDeclaration, NotOwner, Ended, ExtraBackup, SameHostAsPrimary, Quarantined, Replaced]
+            .into_iter()
+            .filter(|r| r.ends_the_vm())
+            .collect();
+    assert_eq!(ends, [Undeclared, StaleDeclaration, Ended]);
 }

@@ -176,12 +176,20 @@ impl Ownership {
     /// A VM starting from its images: take the record, refusing when another replica may
     /// run the VM (an active record owned by someone else).
     pub fn claim_for_start(&mut self) -> Result<u64> {
+        self.claim_for_start_from(None)
+    }
+
+    /// [`Self::claim_for_start`], also taking an active record at exactly `from` (generation,
+    /// owner): a replica whose process is known to be gone (its host's agent saw it end). A
+    /// record that moved on since is refused like any other.
+    pub fn claim_for_start_from(&mut self, from: Option<(u64, &str)>) -> Result<u64> {
         let current = self
             .store
             .read(&self.vm_id)
             .map_err(|source| ReplicationError::ReadRecord { vm_id: self.vm_id.clone(), source })?;
         if let Some(record) = &current {
-            if record.state == VmState::Active && record.owner != self.owner {
+            let gone = from.is_some_and(|(generation, owner)| record.generation == generation && record.owner == owner);
+            if record.state == VmState::Active && record.owner != self.owner && !gone {
                 return Err(ReplicationError::RunningElsewhere {
                     vm_id: self.vm_id.clone(),
                     generation: record.generation,
@@ -413,5 +421,20 @@ mod tests {
         ownership(&store, "primary-1").claim_for_start().unwrap();
         let error = ownership(&store, "primary-2").claim_for_start().unwrap_err();
         assert!(format!("{error:#}").contains("is running elsewhere"), "{error:#}");
+    }
+
+    #[test]
+    fn a_start_takes_a_gone_owners_record_only_at_the_generation_it_was_told() {
+        let store = store::MemoryStore::new();
+        ownership(&store, "h1/first").claim_for_start().unwrap();
+        // Told of an older state of the record (the owner swapped on since): refused.
+        assert!(matches!(ownership(&store, "h1/first").swap(1, None), Ok(SwapAnswer::Swapped { generation: 2 })));
+        let error = ownership(&store, "h1/again").claim_for_start_from(Some((1, "h1/first"))).unwrap_err();
+        assert!(matches!(error, ReplicationError::RunningElsewhere { generation: 2, .. }), "{error:#}");
+        // Told of another owner: refused.
+        let error = ownership(&store, "h1/again").claim_for_start_from(Some((2, "h1/other"))).unwrap_err();
+        assert!(matches!(error, ReplicationError::RunningElsewhere { .. }), "{error:#}");
+        // Exactly the record there: taken, at the next generation.
+        assert_eq!(ownership(&store, "h1/again").claim_for_start_from(Some((2, "h1/first"))).unwrap(), 3);
     }
 }
