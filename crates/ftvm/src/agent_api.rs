@@ -114,8 +114,8 @@ fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> 
     let request = read_request_with_auth(&mut stream);
     let answer = match request {
         Err(message) => Answer::error(400, message),
-        Ok(request) => match crate::agent_console::console_vm(&request.method, &request.target) {
-            Some(vm) => match console(&stream, shared, &vm, &request) {
+        Ok(request) => match console_request(&request) {
+            Some((vm, protocol)) => match console(&stream, shared, &vm, &request, &protocol) {
                 Ok(()) => return Ok(()),
                 Err(answer) => answer,
             },
@@ -129,18 +129,44 @@ fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> 
     answer.write(&mut stream)
 }
 
-/// `POST /v1/vms/NAME/console`: the connection becomes the VM's console (or an error answer).
-fn console(stream: &TcpStream, shared: &Mutex<Shared>, vm: &str, request: &Request) -> Result<(), Answer> {
+/// A console request's VM and protocol (see [`crate::agent_console::console_request`]).
+fn console_request(request: &Request) -> Option<(String, crate::agent_console::Protocol)> {
+    let header =
+        |name: &str| request.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+    crate::agent_console::console_request(
+        &request.method,
+        &request.target,
+        header("upgrade"),
+        header("sec-websocket-version"),
+        header("sec-websocket-key"),
+    )
+}
+
+/// `POST /v1/vms/NAME/console` (raw) or a WebSocket on `GET`: the connection becomes the VM's
+/// console (or an error answer). A WebSocket may carry the token in its query instead.
+fn console(
+    stream: &TcpStream,
+    shared: &Mutex<Shared>,
+    vm: &str,
+    request: &Request,
+    protocol: &crate::agent_console::Protocol,
+) -> Result<(), Answer> {
+    let authorization = match protocol {
+        crate::agent_console::Protocol::WebSocket { .. } if request.authorization.is_none() => {
+            crate::agent_console::query_authorization(&request.target)
+        }
+        _ => request.authorization.clone(),
+    };
     let (target, me, work_dir) = {
         let mut shared = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(refusal) = unauthorized(&shared, request.authorization.as_deref()) {
+        if let Some(refusal) = unauthorized(&shared, authorization.as_deref()) {
             return Err(refusal);
         }
         let target = console_target(&mut shared, vm)?;
         (target, shared.host_name.clone(), shared.work_dir.clone())
     };
-    let authorization = request.authorization.clone().unwrap_or_default();
-    crate::agent_console::attach(stream, &me, &work_dir, &target, &authorization, request.hopped)
+    let authorization = authorization.unwrap_or_default();
+    crate::agent_console::attach(stream, &me, &work_dir, &target, &authorization, request.hopped, protocol)
         .map_err(|(status, message)| Answer::error(status, message))
 }
 
@@ -177,6 +203,8 @@ struct Request {
     authorization: Option<String>,
     /// Passed on by another agent (a console request).
     hopped: bool,
+    /// The headers a console request looks at (Upgrade, Sec-WebSocket-*), as sent.
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
@@ -187,8 +215,12 @@ fn read_request_with_auth(stream: &mut TcpStream) -> Result<Request, String> {
     let request = crate::api::read_request(&mut *stream)?;
     let authorization = request.header("authorization").map(String::from);
     let hopped = request.header(crate::agent_console::HOP_HEADER).is_some();
+    let headers = ["upgrade", "sec-websocket-version", "sec-websocket-key"]
+        .into_iter()
+        .filter_map(|name| Some((name.to_string(), request.header(name)?.to_string())))
+        .collect();
     let crate::api::Request { method, target, body, .. } = request;
-    Ok(Request { method, target, authorization, hopped, body })
+    Ok(Request { method, target, authorization, hopped, headers, body })
 }
 
 /// The 401 answer, unless `authorization` carries the token.

@@ -1,10 +1,18 @@
-//! `POST /v1/vms/NAME/console` with `Upgrade: ftvm-console`: a VM's console, through any
-//! agent. The agent answers `101 Switching Protocols` and the connection becomes a raw byte
-//! pipe both ways (as `docker attach` hijacks its HTTP connection): what the client sends is
-//! typed on the guest's console, what the guest prints comes back. The agent that runs the
-//! VM's primary connects it to that replica's `--console-socket`; any other agent passes the
-//! request on to that host's agent, once (a request already passed on is never passed again,
-//! so two agents that disagree about where the primary is cannot bounce it between them).
+//! A VM's console, through any agent, two ways:
+//! - `POST /v1/vms/NAME/console` with `Upgrade: ftvm-console` (`ftvm vm console`): the agent
+//!   answers `101 Switching Protocols` and the connection becomes a raw byte pipe both ways
+//!   (as `docker attach` hijacks its HTTP connection);
+//! - `GET /v1/vms/NAME/console` as a WebSocket (RFC 6455; the dashboard's console pane: a
+//!   browser can send neither that Upgrade nor an Authorization header on a WebSocket, so the
+//!   token may come as `?access_token=`, RFC 6750 §2.3): each binary or text message is typed,
+//!   what the guest prints comes back as binary messages.
+//!
+//! Either way, what the client sends is typed on the guest's console and what the guest prints
+//! comes back. The agent that runs the VM's primary connects it to that replica's
+//! `--console-socket`; any other agent passes the request on to that host's agent as a raw
+//! pipe, once (a request already passed on is never passed again, so two agents that disagree
+//! about where the primary is cannot bounce it between them). A WebSocket ends at the agent the
+//! browser reached, which frames the raw bytes.
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
@@ -16,6 +24,12 @@ use std::time::Duration;
 
 /// The protocol named in `Upgrade:`.
 pub const UPGRADE: &str = "ftvm-console";
+/// The longest WebSocket message (and frame) taken from a browser: keystrokes and pastes.
+const MAX_WS_MESSAGE_BYTES: usize = 64 << 10;
+/// How long the WebSocket pump waits for the browser before it looks at the guest's output.
+const WS_POLL: Duration = Duration::from_millis(20);
+/// A browser that takes no output for this long is dropped.
+const WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Marks a request one agent passed on to another.
 pub const HOP_HEADER: &str = "X-Ftvm-Console-Hop";
 /// Names the host whose replica the console belongs to, in the 101 answer.
@@ -40,10 +54,72 @@ pub struct Target {
     pub pid: Option<u32>,
 }
 
-/// The console path's VM name, for `POST /v1/vms/NAME/console`.
-pub fn console_vm(method: &str, path: &str) -> Option<String> {
+/// How a console request wants its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    /// `Upgrade: ftvm-console`: raw bytes both ways.
+    Raw,
+    /// A WebSocket; its `Sec-WebSocket-Key`.
+    WebSocket { key: String },
+}
+
+/// A console request's VM and protocol: `POST /v1/vms/NAME/console` (raw), or a WebSocket
+/// handshake (`GET`, `Upgrade: websocket`, version 13, a key) on that path. `upgrade`,
+/// `version` and `key` are the request's `Upgrade`, `Sec-WebSocket-Version` and
+/// `Sec-WebSocket-Key` headers.
+pub fn console_request(
+    method: &str,
+    target: &str,
+    upgrade: Option<&str>,
+    version: Option<&str>,
+    key: Option<&str>,
+) -> Option<(String, Protocol)> {
+    let path = target.split('?').next().unwrap_or_default();
     let name = path.strip_prefix("/v1/vms/")?.strip_suffix("/console")?;
-    (method == "POST" && !name.contains('/')).then(|| name.to_string())
+    if name.contains('/') {
+        return None;
+    }
+    let websocket = upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    match (method, key) {
+        ("POST", _) => Some((name.to_string(), Protocol::Raw)),
+        ("GET", Some(key)) if websocket && version == Some("13") => {
+            Some((name.to_string(), Protocol::WebSocket { key: key.to_string() }))
+        }
+        _ => None,
+    }
+}
+
+/// The token a WebSocket request carries in its query (`access_token=`, percent-decoded), as an
+/// `Authorization` value.
+pub fn query_authorization(target: &str) -> Option<String> {
+    let query = target.split_once('?')?.1;
+    let value = query.split('&').find_map(|pair| pair.strip_prefix("access_token="))?;
+    Some(format!("Bearer {}", percent_decode(value)?))
+}
+
+/// `%XX` escapes (and `+` as a space) decoded; None if malformed or not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The answer head that hands the connection over.
@@ -51,6 +127,62 @@ fn switching(host: &str) -> String {
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {UPGRADE}\r\nConnection: Upgrade\r\n{HOST_HEADER}: {host}\r\n\r\n"
     )
+}
+
+/// The answer head that makes the connection a WebSocket.
+fn websocket_switching(key: &str, host: &str) -> String {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n{HOST_HEADER}: {host}\r\n\r\n"
+    )
+}
+
+/// The other end of a console: the replica's console socket here, or the primary's host's
+/// agent (a raw pipe).
+enum Console {
+    Local(UnixStream),
+    Hop(TcpStream),
+}
+
+impl Console {
+    fn try_clone(&self) -> std::io::Result<Console> {
+        Ok(match self {
+            Console::Local(s) => Console::Local(s.try_clone()?),
+            Console::Hop(s) => Console::Hop(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Console::Local(s) => s.shutdown(std::net::Shutdown::Both),
+            Console::Hop(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Console {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Console::Local(s) => s.read(buf),
+            Console::Hop(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Console::Local(s) => s.write(buf),
+            Console::Hop(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Console::Local(s) => s.flush(),
+            Console::Hop(s) => s.flush(),
+        }
+    }
 }
 
 /// Serves an authenticated console request on `client`: locally when this host runs the
@@ -63,30 +195,33 @@ pub fn attach(
     target: &Target,
     authorization: &str,
     hopped: bool,
+    protocol: &Protocol,
 ) -> Result<(), (u16, String)> {
-    let mut client = client.try_clone().map_err(|e| (500, e.to_string()))?;
+    let internal = |e: std::io::Error| (500, e.to_string());
+    let mut client = client.try_clone().map_err(internal)?;
     let Some(_session) = Session::take() else {
         return Err((503, format!("{MAX_SESSIONS} consoles are attached through this agent already")));
     };
-    if target.host == me {
+    let (console, raw_head) = if target.host == me {
         let socket = local_socket(work_dir, target).map_err(|e| (503, format!("{e:#}")))?;
-        let head = switching(me);
-        client.write_all(head.as_bytes()).map_err(|e| (500, e.to_string()))?;
-        let (socket_in, socket_out) = (socket.try_clone().map_err(|e| (500, e.to_string()))?, socket);
-        splice(client, socket_in, socket_out, |s| {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        });
-        return Ok(());
-    }
-    if hopped {
+        (Console::Local(socket), switching(me).into_bytes())
+    } else if hopped {
         return Err((503, format!("{} runs on {}, not here: ask again", target.vm, target.host)));
+    } else {
+        let (upstream, head) = hop(target, authorization).map_err(|e| (502, format!("{e:#}")))?;
+        (Console::Hop(upstream), head)
+    };
+    let console_in = console.try_clone().map_err(internal)?;
+    match protocol {
+        Protocol::Raw => {
+            client.write_all(&raw_head).map_err(internal)?;
+            splice(client, console_in, console);
+        }
+        Protocol::WebSocket { key } => {
+            client.write_all(websocket_switching(key, &target.host).as_bytes()).map_err(internal)?;
+            websocket_pump(client, console_in, console);
+        }
     }
-    let (upstream, head) = hop(target, authorization).map_err(|e| (502, format!("{e:#}")))?;
-    client.write_all(&head).map_err(|e| (500, e.to_string()))?;
-    let upstream_in = upstream.try_clone().map_err(|e| (500, e.to_string()))?;
-    splice(client, upstream_in, upstream, |s| {
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    });
     Ok(())
 }
 
@@ -155,21 +290,82 @@ pub fn read_head(stream: &mut impl Read) -> Result<Vec<u8>> {
     Ok(head)
 }
 
-/// Copies both ways between the client and the other end until either side hangs up, then
-/// closes both (`close` shuts the other end).
-fn splice<S: Read + Write + Send + 'static>(client: TcpStream, mut from_other: S, mut to_other: S, close: fn(&S)) {
+/// Copies both ways between the client and the console until either side hangs up, then
+/// closes both.
+fn splice(client: TcpStream, mut from_console: Console, mut to_console: Console) {
     let _ = client.set_read_timeout(None);
     let _ = client.set_write_timeout(None);
     let Ok(mut client_out) = client.try_clone() else { return };
     let mut client_in = client;
     let upward = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_other, &mut client_out);
+        let _ = std::io::copy(&mut from_console, &mut client_out);
         let _ = client_out.shutdown(std::net::Shutdown::Both);
     });
-    let _ = std::io::copy(&mut client_in, &mut to_other);
-    close(&to_other);
+    let _ = std::io::copy(&mut client_in, &mut to_console);
+    to_console.shutdown();
     let _ = client_in.shutdown(std::net::Shutdown::Both);
     let _ = upward.join();
+}
+
+/// The console as a WebSocket, until either side hangs up: the guest's output (read on a thread)
+/// goes out as binary messages; each message from the browser, binary or text, is typed. The
+/// WebSocket lives on this thread, which waits for the browser [`WS_POLL`] at a time.
+fn websocket_pump(client: TcpStream, mut from_console: Console, mut to_console: Console) {
+    use std::sync::mpsc::{sync_channel, TryRecvError};
+    use tungstenite::{protocol::Role, Message, WebSocket};
+    if client.set_read_timeout(Some(WS_POLL)).is_err() || client.set_write_timeout(Some(WS_WRITE_TIMEOUT)).is_err() {
+        return;
+    }
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_WS_MESSAGE_BYTES));
+    let mut socket = WebSocket::from_raw_socket(client, Role::Server, Some(config));
+    // Bounded: a browser slower than the guest holds the guest's console back, no more.
+    let (output_tx, output) = sync_channel::<Vec<u8>>(64);
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from_console.read(&mut buf) {
+            if output_tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    'pump: loop {
+        loop {
+            match output.try_recv() {
+                Ok(bytes) => {
+                    if socket.send(Message::binary(bytes)).is_err() {
+                        break 'pump;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    let _ = socket.close(None);
+                    let _ = socket.flush();
+                    break 'pump;
+                }
+            }
+        }
+        match socket.read() {
+            Ok(Message::Binary(bytes)) if to_console.write_all(&bytes).is_err() => break,
+            Ok(Message::Text(text)) if to_console.write_all(text.as_bytes()).is_err() => break,
+            Ok(Message::Close(_)) => break,
+            // Pings are answered by the library on the next write or flush.
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                if socket.flush().is_err() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    to_console.shutdown();
+    let _ = socket.get_mut().shutdown(std::net::Shutdown::Both);
+    drop(output);
+    let _ = reader.join();
 }
 
 /// One of [`MAX_SESSIONS`], given back on drop.
@@ -197,11 +393,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_post_to_a_vms_console_path_is_a_console_request() {
-        assert_eq!(console_vm("POST", "/v1/vms/web/console").as_deref(), Some("web"));
-        assert_eq!(console_vm("GET", "/v1/vms/web/console"), None);
-        assert_eq!(console_vm("POST", "/v1/vms/web"), None);
-        assert_eq!(console_vm("POST", "/v1/vms/a/b/console"), None);
+    fn a_console_request_is_a_post_or_a_websocket_handshake_on_a_vms_console_path() {
+        let raw = |method, target| console_request(method, target, Some(UPGRADE), None, None);
+        assert_eq!(raw("POST", "/v1/vms/web/console"), Some(("web".into(), Protocol::Raw)));
+        assert_eq!(raw("GET", "/v1/vms/web/console"), None);
+        assert_eq!(raw("POST", "/v1/vms/web"), None);
+        assert_eq!(raw("POST", "/v1/vms/a/b/console"), None);
+        let ws = |upgrade, version, key| {
+            console_request("GET", "/v1/vms/web/console?access_token=t", Some(upgrade), Some(version), key)
+        };
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        assert_eq!(ws("websocket", "13", Some(key)), Some(("web".into(), Protocol::WebSocket { key: key.into() })));
+        assert_eq!(ws("WebSocket", "13", Some(key)).map(|(vm, _)| vm).as_deref(), Some("web"));
+        assert_eq!(ws("websocket", "8", Some(key)), None, "only RFC 6455's version");
+        assert_eq!(ws("websocket", "13", None), None, "no key");
+        assert_eq!(ws("h2c", "13", Some(key)), None);
+    }
+
+    #[test]
+    fn a_websocket_handshake_is_answered_with_rfc_6455s_accept_key() {
+        // RFC 6455 §1.3's example.
+        let head = websocket_switching("dGhlIHNhbXBsZSBub25jZQ==", "h1");
+        assert!(head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"), "{head}");
+        assert!(head.contains("\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{head}");
+        assert!(head.ends_with("X-Ftvm-Host: h1\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn the_token_of_a_websocket_comes_from_its_query() {
+        assert_eq!(query_authorization("/v1/vms/web/console?access_token=s3cret").as_deref(), Some("Bearer s3cret"));
+        assert_eq!(
+            query_authorization("/v1/vms/web/console?x=1&access_token=a%2Fb%25").as_deref(),
+            Some("Bearer a/b%")
+        );
+        assert_eq!(query_authorization("/v1/vms/web/console"), None);
+        assert_eq!(query_authorization("/v1/vms/web/console?access_token=%zz"), None);
     }
 
     #[test]

@@ -1,23 +1,32 @@
 //! The dashboard, end to end, in a real headless Chromium (crates/cdp): three `ftvm agent`s on
-//! loopback share a file store; a checkpoint-protected VM is declared through the API; the
-//! page is opened on a host that runs no replica of it, and the whole host of its primary is
-//! killed (agent and replicas, one SIGKILL to the process group). Verdicts come from the
-//! page's DOM — the failover appears on the timeline, the old backup is shown as primary —
-//! and a screenshot is kept under target/ for people to look at.
+//! loopback share a store (a file store, and a real etcd: Debian's etcd-server, started by the
+//! test on free loopback ports and stopped by PID); a checkpoint-protected VM running the
+//! guest's shell is declared through the API; the page is opened on a host that runs no
+//! replica of it, and a command is typed in its console pane (a WebSocket through that agent,
+//! passed on to the primary's); then the whole host of its primary is killed (agent and
+//! replicas, one SIGKILL to the process group). Verdicts come from the page's DOM — the
+//! failover appears on the timeline, the old backup is shown as primary, the console pane
+//! attaches again by itself and answers from the new primary — and a screenshot is kept under
+//! target/ for people to look at.
 
 #[path = "support/agents.rs"]
 mod agents;
+#[path = "../../store/tests/etcd_server.rs"]
+mod etcd_server;
 
 use agents::{get, poll, request, Agents};
 use cdp::Browser;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Booting the guest and its first full checkpoint to the backup, on a loaded 2-core machine.
 const PROTECT_LIMIT: Duration = Duration::from_secs(180);
 /// Detecting the lost primary, taking over and showing it.
 const FAILOVER_LIMIT: Duration = Duration::from_secs(60);
+/// A command's answer in the console pane (the shell may still be starting, or the pane
+/// attaching again: the command is typed again every few seconds until it answers).
+const CONSOLE_LIMIT: Duration = Duration::from_secs(90);
 
 /// The VM's replicas as (host, role), from the API.
 fn replicas(vm: &Value) -> Vec<(String, String)> {
@@ -26,9 +35,43 @@ fn replicas(vm: &Value) -> Vec<(String, String)> {
     list.iter().map(pair).collect()
 }
 
+/// Types `command` in the page's console pane until `answer` shows in it (the evaluated form,
+/// never the echo of the typed line).
+fn console_answers(browser: &mut Browser, command: &str, answer: &str) -> Result<(), String> {
+    let deadline = Instant::now() + CONSOLE_LIMIT;
+    let typed = format!(
+        "(() => {{ document.querySelector('#console-input').value = {}; \
+         document.querySelector('#console-form').requestSubmit(); return true; }})()",
+        json!(command)
+    );
+    let answered = format!("document.querySelector('#console-output').textContent.includes({})", json!(answer));
+    loop {
+        browser.evaluate(&typed).map_err(|e| format!("typing: {e:#}"))?;
+        if browser.wait_for(&answered, Duration::from_secs(4)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let shown = browser.evaluate(
+                "[window.ftvmDashboard.console, document.querySelector('#console-output').textContent.slice(-2000)]",
+            );
+            return Err(format!("no {answer:?} in the console pane within {CONSOLE_LIMIT:?}: {shown:?}"));
+        }
+    }
+}
+
 #[test]
-fn a_failover_appears_on_the_dashboard_timeline_in_chromium() {
-    let mut cluster = Agents::start("dashboard", &["h1", "h2", "h3"]);
+fn a_failover_appears_on_the_dashboard_timeline_and_its_console_follows_the_primary_in_chromium() {
+    failover_scenario(Agents::start("dashboard", &["h1", "h2", "h3"]), "file");
+}
+
+#[test]
+fn a_failover_appears_on_the_dashboard_of_agents_on_etcd_in_chromium() {
+    let etcd = etcd_server::EtcdServer::start("dashboard");
+    failover_scenario(Agents::start_on("dashboard-etcd", &["h1", "h2", "h3"], Some(&etcd.spec())), "etcd");
+    drop(etcd);
+}
+
+fn failover_scenario(mut cluster: Agents, tag: &str) {
     let token = cluster.token.clone();
     let api = cluster.agents[0].api.clone();
     let spec = json!({ "name": "web", "protection": "checkpoint", "replicas": 2 });
@@ -51,6 +94,10 @@ fn a_failover_appears_on_the_dashboard_timeline_in_chromium() {
     let shows_primary =
         format!("document.querySelector('#vms tr[data-vm=web][data-role=primary][data-host={primary}]')");
     browser.wait_for(&shows_primary, Duration::from_secs(15)).expect("the page shows the primary");
+    // The console pane, through the watcher's agent (which passes it on to the primary's).
+    browser.evaluate("document.querySelector('#vms button[data-console=web]').click()").expect("open the console");
+    console_answers(&mut browser, "echo before-$((6*7))", "before-42")
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
 
     cluster.agent(&primary).kill();
     let failover = "document.querySelector('#timeline li[data-kind=failover][data-vm=web]')";
@@ -61,8 +108,13 @@ fn a_failover_appears_on_the_dashboard_timeline_in_chromium() {
     browser.wait_for(&shows_new_primary, FAILOVER_LIMIT).expect("the page shows the backup as the primary");
     let host_down = format!("document.querySelector('#hosts tr[data-host={primary}]').dataset.alive == 'false'");
     browser.wait_for(&host_down, FAILOVER_LIMIT).expect("the page shows the killed host down");
+    // The pane lost its primary with the host and attached again by itself: the new one answers.
+    console_answers(&mut browser, "echo after-$((6*7))", "after-42")
+        .unwrap_or_else(|e| panic!("after the failover: {e}\n{}", cluster.logs()));
+    let opened = browser.evaluate("window.ftvmDashboard.console.opened").expect("the console's state");
+    assert!(opened.as_u64() >= Some(2), "attached again after the failover: {opened}");
 
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-failover.png");
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-failover-{tag}.png"));
     browser.screenshot(&path).expect("screenshot");
     println!("screenshot of the dashboard after the failover: {}", path.display());
     assert_eq!(browser.exceptions(), &[] as &[String], "the page threw");

@@ -4,11 +4,17 @@
 //
 // The token: taken from the address's #token=... (then removed from it), kept in this tab's
 // sessionStorage, sent as "Authorization: Bearer"; a 401 asks for it again.
+//
+// The console pane: a WebSocket on /v1/vms/NAME/console (a browser cannot set Authorization on
+// a WebSocket, so the token goes as ?access_token=); what the guest prints is shown as text,
+// each line typed is sent; a closed socket (the primary moved) attaches again every second.
 "use strict";
 
 const POLL_MS = 1000;
 const MAX_EVENTS = 500; // the timeline keeps the newest this many
 const TOKEN_KEY = "ftvm-token";
+const CONSOLE_MAX_CHARS = 64 * 1024; // the pane keeps the newest this many characters
+const CONSOLE_RETRY_MS = 1000;
 
 // What the page knows; window.ftvmDashboard lets a test (or a curious user) look at it.
 const state = {
@@ -17,6 +23,8 @@ const state = {
   events: [], // oldest first
   error: null, // why the last poll failed, or null
   updatedAt: null,
+  // The console pane: which VM, its socket's state, how often it opened, characters received.
+  console: { vm: null, state: "closed", opened: 0, received: 0 },
 };
 window.ftvmDashboard = state;
 
@@ -228,6 +236,7 @@ function showVms(vms) {
           el("td", `${spec.protection || "?"} ×${spec.replicas ?? "?"}`),
           el("td", vm.generation ?? "–"),
           el("td", vm.failovers ?? 0),
+          consoleCell(vm),
         ];
         for (const cell of cells) {
           cell.rowSpan = replicas.length;
@@ -243,6 +252,15 @@ function showVms(vms) {
     });
   }
   $("vms").tBodies[0].replaceChildren(...rows);
+}
+
+function consoleCell(vm) {
+  const cell = el("td");
+  const button = el("button", state.console.vm === vm.name ? "attached" : "console", "console-open");
+  button.type = "button";
+  button.dataset.console = vm.name;
+  cell.append(button);
+  return cell;
 }
 
 function replicaCells(replica, primary) {
@@ -304,6 +322,97 @@ function eventTime(text) {
 function clock(date) {
   return date.toISOString().slice(11, 23) + "Z";
 }
+
+// ---- the console -----------------------------------------------------------------------
+
+let consoleSocket = null;
+let consoleTimer = null;
+let consoleText = "";
+
+function consoleUrl(vm) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const name = encodeURIComponent(vm);
+  return `${scheme}//${location.host}/v1/vms/${name}/console?access_token=${encodeURIComponent(token() || "")}`;
+}
+
+function setConsoleState(value) {
+  state.console.state = value;
+  $("console-section").dataset.state = value;
+  $("console-state").textContent = `(${value})`;
+}
+
+function openConsole(vm) {
+  closeConsole();
+  state.console.vm = vm;
+  consoleText = "";
+  $("console-output").textContent = "";
+  $("console-vm").textContent = vm;
+  $("console-section").dataset.vm = vm;
+  $("console-section").hidden = false;
+  connectConsole();
+  $("console-input").focus();
+}
+
+function closeConsole() {
+  clearTimeout(consoleTimer);
+  const socket = consoleSocket;
+  consoleSocket = null;
+  if (socket) socket.close();
+  state.console.vm = null;
+  setConsoleState("closed");
+  $("console-section").hidden = true;
+}
+
+function connectConsole() {
+  const vm = state.console.vm;
+  if (!vm || !token()) return;
+  const socket = new WebSocket(consoleUrl(vm));
+  socket.binaryType = "arraybuffer";
+  const decoder = new TextDecoder();
+  consoleSocket = socket;
+  setConsoleState("connecting");
+  socket.onopen = () => {
+    if (consoleSocket !== socket) return;
+    state.console.opened += 1;
+    setConsoleState("open");
+  };
+  socket.onmessage = (event) => {
+    if (consoleSocket !== socket) return;
+    const text = typeof event.data === "string" ? event.data : decoder.decode(new Uint8Array(event.data), { stream: true });
+    state.console.received += text.length;
+    appendConsole(text);
+  };
+  socket.onclose = () => {
+    if (consoleSocket !== socket) return; // closed by the user, or replaced
+    consoleSocket = null;
+    setConsoleState("reconnecting");
+    consoleTimer = setTimeout(connectConsole, CONSOLE_RETRY_MS);
+  };
+}
+
+// Terminal control sequences and carriage returns are dropped: the pane shows plain text.
+function appendConsole(text) {
+  consoleText += text.replace(/\x1b\[[0-9;?]*[ -\/]*[@-~]/g, "").replace(/\x1b[()][A-Za-z0-9]/g, "").replace(/\r/g, "");
+  if (consoleText.length > CONSOLE_MAX_CHARS) consoleText = consoleText.slice(-CONSOLE_MAX_CHARS);
+  const output = $("console-output");
+  output.textContent = consoleText;
+  output.scrollTop = output.scrollHeight;
+}
+
+$("vms").addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-console]");
+  if (button) openConsole(button.dataset.console);
+});
+
+$("console-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = $("console-input");
+  if (!consoleSocket || consoleSocket.readyState !== WebSocket.OPEN) return;
+  consoleSocket.send(input.value + "\n");
+  input.value = "";
+});
+
+$("console-close").addEventListener("click", closeConsole);
 
 // A new #token=... pasted into this tab's address bar replaces the one kept.
 window.addEventListener("hashchange", () => {

@@ -1,5 +1,5 @@
-//! `ftvm agent`s on loopback for the tests: several "hosts" sharing one `file:` store in a
-//! scratch directory, each agent the leader of its own process group (its replicas in it), so
+//! `ftvm agent`s on loopback for the tests: several "hosts" sharing one store (a `file:` store
+//! in a scratch directory, or any store spec given, such as a test's own etcd), each agent the leader of its own process group (its replicas in it), so
 //! that killing the group kills the whole host at once. A small HTTP client reads the `/v1`
 //! API (notes/CLUSTER-API.md) with the token.
 
@@ -54,15 +54,21 @@ pub struct Agents {
 
 impl Agents {
     /// Start one agent per name on 127.0.0.1 (a port each, chosen by the agent) and wait for
-    /// each to say where its API is.
+    /// each to say where its API is; they share a `file:` store.
     pub fn start(suite: &str, names: &[&str]) -> Agents {
+        Self::start_on(suite, names, None)
+    }
+
+    /// [`Agents::start`] on the store `store` names (`etcd:http://...`; None: a `file:` store in
+    /// the scratch directory).
+    pub fn start_on(suite: &str, names: &[&str], store: Option<&str>) -> Agents {
         let dir = std::env::temp_dir().join(format!("ftvm-{suite}-{}-agents", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let token = format!("test-token-{}", std::process::id());
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{token}\n")).expect("token file");
-        let store = dir.join("store");
+        let store = store.map_or_else(|| format!("file:{}", dir.join("store").display()), String::from);
         let mut cluster = Agents { agents: Vec::new(), token, dir: dir.clone() };
         for name in names {
             let agent = start_agent(&dir, &store, &token_file, name);
@@ -100,15 +106,14 @@ impl Drop for Agents {
     }
 }
 
-fn start_agent(dir: &Path, store: &Path, token_file: &Path, name: &str) -> Agent {
+fn start_agent(dir: &Path, store: &str, token_file: &Path, name: &str) -> Agent {
     let work_dir = dir.join(name);
     std::fs::create_dir_all(&work_dir).expect("work dir");
     let log = dir.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
         .arg("agent")
-        .arg("--store")
-        .arg(format!("file:{}", store.display()))
+        .args(["--store", store])
         .args(["--host-name", name, "--listen", "127.0.0.1:0"])
         .arg("--token-file")
         .arg(token_file)
