@@ -310,6 +310,9 @@ fn scenario(kind: StoreKind) {
     for round in 1..=2 {
         let owner = vm_owner(&net, alive[0]);
         let victim = HOSTS.iter().position(|h| *h == owner).expect("an owner among the hosts");
+        let failovers_before = wait_vm(&net, alive[0], Duration::from_secs(20), |vm| vm["failovers"].is_u64())
+            .map(|vm| vm["failovers"].as_u64().unwrap_or(0))
+            .unwrap_or_else(|last| panic!("no failover count: {last}"));
         let started = Instant::now();
         // The whole host at once: its agent and every replica, and its uplink.
         agents[victim].take().expect("alive").kill_host();
@@ -329,6 +332,7 @@ fn scenario(kind: StoreKind) {
             vm["state"] == expected_state
                 && on_remaining
                 && vm["replicas"].as_array().map(Vec::len) == Some(alive.len())
+                && vm["failovers"].as_u64() > Some(failovers_before)
         };
         let vm = wait_vm(&net, alive[0], REPROTECT_LIMIT, settled)
             .unwrap_or_else(|last| panic!("round {round}: not settled: {last}\n{}", logs(&net, &agents, &dir)));
@@ -347,8 +351,13 @@ fn scenario(kind: StoreKind) {
     for event in events["events"].as_array().into_iter().flatten().filter(|e| e["kind"] == "failover") {
         println!("{tag}: {}", event["message"]);
     }
+    // Each kill was followed by its failover (checked as each round settled). A backup may also
+    // take over a primary starved past the detection timeout on a loaded host (it cannot tell
+    // one from a dead primary): safe, and counted here, so at least two.
     let kinds = event_kinds(&net, alive[0]);
-    assert_eq!(kinds.iter().filter(|k| *k == "failover").count(), 2, "{kinds:?}");
+    let failovers = kinds.iter().filter(|k| *k == "failover").count();
+    assert!(failovers >= 2, "{kinds:?}");
+    println!("{tag}: {failovers} failovers ({} besides the two kills)", failovers - 2);
     assert!(kinds.iter().any(|k| k == "reprotect"), "{kinds:?}");
     client.check_no_value_lost_or_repeated().unwrap();
     drop(client);
