@@ -324,6 +324,7 @@ impl Agent {
         self.report_events(&locals);
         self.write_report(&locals)?;
         let (declared, observed) = self.observe()?;
+        self.drop_stale_disks(&declared, &observed);
         let actions = cluster::round(&self.args.host_name, &declared, &observed);
         self.run_rules(&declared, &observed);
         for action in actions {
@@ -358,6 +359,13 @@ impl Agent {
                     if let Some(tap) = meta.as_ref().and_then(|m| m.tap.as_ref()) {
                         remove_tap(tap);
                     }
+                    // The owner's own disk copy is the VM's newest disk: it stays on this host.
+                    if let Some(meta) = &meta {
+                        if let Err(error) = self.keep_owners_disk(&path, meta) {
+                            eprintln!("ftvm agent: keeping {} for now: {error:#}", path.display());
+                            continue;
+                        }
+                    }
                     // Its log goes with its directory: its last lines stay in the agent's.
                     if let Some(meta) = &meta {
                         eprintln!(
@@ -368,13 +376,57 @@ impl Agent {
                             log_tail(&path.join("log"), GONE_LOG_LINES)
                         );
                     }
-                    // (A backup's disk copy goes with it; a declared image is never in there.)
+                    // (Any other disk copy goes with it; a declared image is never in there.)
                     let _ = std::fs::remove_dir_all(&path);
                 }
             }
         }
         locals.truncate(MAX_REPLICAS_PER_HOST);
         locals
+    }
+
+    /// Where this host keeps the disk of VM `vm` (declaration `uid`) whose owner's process
+    /// ended here: the disk a primary started again here runs on.
+    fn kept_disk(&self, vm: &str, uid: u64) -> PathBuf {
+        self.work_dir.join("disks").join(format!("{vm}.{uid}.img"))
+    }
+
+    /// A replica that is gone and that owned its VM's record, with its own disk copy in its
+    /// directory (a backup that took over): that copy holds every write the VM acknowledged, so
+    /// it is moved out to [`Self::kept_disk`] before the directory goes. Err: the record could
+    /// not be read (the directory stays until it can).
+    fn keep_owners_disk(&mut self, dir: &Path, meta: &ReplicaMeta) -> Result<()> {
+        let Some(disk) = meta.disk.as_ref().filter(|d| d.starts_with(dir) && d.exists()) else { return Ok(()) };
+        let record = self.owners.read(&keys::ownership_id(&meta.vm, meta.uid))?;
+        let name = keys::replica_name(&self.args.host_name, &dir.file_name().unwrap_or_default().to_string_lossy());
+        if record.is_some_and(|r| r.state == store::VmState::Active && r.owner == name) {
+            let kept = self.kept_disk(&meta.vm, meta.uid);
+            std::fs::create_dir_all(kept.parent().unwrap_or(&self.work_dir))?;
+            std::fs::rename(disk, &kept)
+                .with_context(|| format!("cannot keep {} as {}", disk.display(), kept.display()))?;
+            eprintln!("ftvm agent: {} owned {}: its disk is kept as {}", name, meta.vm, kept.display());
+        }
+        Ok(())
+    }
+
+    /// Kept disks of VMs no longer declared, ended, or owned by a replica on another host (whose
+    /// disk is newer) go.
+    fn drop_stale_disks(&self, declared: &Declared, observed: &Observed) {
+        let Ok(entries) = std::fs::read_dir(self.work_dir.join("disks")) else { return };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let parsed = file.strip_suffix(".img").and_then(|stem| stem.rsplit_once('.'));
+            let Some((vm, uid)) = parsed else { continue };
+            let owned_here = declared.vms.get(vm).filter(|dv| dv.uid.to_string() == uid).is_some_and(|_| {
+                let record = observed.owners.get(vm).cloned().flatten();
+                record.is_some_and(|r| {
+                    r.state == store::VmState::Active && keys::owner_host(&r.owner) == self.args.host_name
+                })
+            });
+            if !owned_here {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn replica_report(host_name: &str, local: &Local) -> ReplicaReport {
@@ -519,7 +571,17 @@ impl Agent {
                 anyhow::ensure!(dv.uid == *uid, "the VM was declared again");
                 let (disk, claim_from) = match action {
                     Action::StartPrimary { claim_from, .. } => {
-                        (dv.spec.disk.clone().map(Disk::Declared), Some(claim_from.clone()))
+                        match primary_disk(dv, claim_from.as_ref(), self.kept_disk(&dv.spec.name, dv.uid)) {
+                            Ok(disk) => (disk, Some(claim_from.clone())),
+                            Err(refusal) => {
+                                let generation = claim_from.as_ref().map_or(0, |c| c.generation);
+                                let identity = format!("disk-lost-{vm}-{uid}-{generation}");
+                                if self.event(&identity, EventKind::Error, Some(vm.clone()), refusal.clone()) {
+                                    eprintln!("ftvm agent: {refusal}");
+                                }
+                                return Ok(());
+                            }
+                        }
                     }
                     _ => (backup_disk(dv, observed)?.map(Disk::Empty), None),
                 };
@@ -591,6 +653,7 @@ impl Agent {
         }
         let disk = match disk {
             Some(Disk::Declared(path)) => Some(PathBuf::from(path)),
+            Some(Disk::Kept(path)) => Some(path),
             Some(Disk::Empty(size_bytes)) => {
                 let path = dir.join("disk.img");
                 let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -708,8 +771,11 @@ fn protect_now(socket: &Path, dir: &Path, request: &crate::api::ProtectRequest) 
 
 /// Where a new replica's disk comes from.
 enum Disk {
-    /// The declared image, used in place (the VM's first primary).
+    /// The declared image, used in place (the VM's first primary, or one started again after a
+    /// primary that ran on it).
     Declared(String),
+    /// The disk kept from the gone owner's own copy ([`Agent::kept_disk`]), used in place.
+    Kept(PathBuf),
     /// A fresh empty disk of this size, filled by the primary's first full checkpoint.
     Empty(u64),
 }
@@ -724,6 +790,36 @@ fn backup_disk(dv: &DeclaredVm, observed: &Observed) -> Result<Option<u64>> {
     });
     let (_, primary) = primary.context("its primary's disk size is not reported yet (next round)")?;
     Ok(primary.disk_bytes)
+}
+
+/// The disk a primary of `dv` starting on a host runs on: the disk `kept` there from its gone
+/// owner's own copy, else the declared image. Err when the owner was a former backup (its disk
+/// its own copy) and that copy is not kept: starting from the declared image would lose the
+/// writes the VM acknowledged, so the VM waits instead (README: "Both replicas lost at once").
+fn primary_disk(
+    dv: &DeclaredVm,
+    claim_from: Option<&cluster::ClaimFrom>,
+    kept: PathBuf,
+) -> Result<Option<Disk>, String> {
+    let Some(declared) = &dv.spec.disk else { return Ok(None) };
+    match claim_from {
+        Some(_) if kept.exists() => Ok(Some(Disk::Kept(kept))),
+        Some(from) if started_as(&from.owner) == Some("backup") => Err(format!(
+            "{}'s newest disk was the own copy of {}, which is gone: not starting it from its declared image \
+             {declared} (that would lose the writes it acknowledged); delete it and declare it again to start afresh",
+            dv.spec.name, from.owner
+        )),
+        _ => Ok(Some(Disk::Declared(declared.clone()))),
+    }
+}
+
+/// How a replica named `owner` ([`keys::replica_name`]: HOST/VM.UID.ROLE.MS) was started:
+/// "primary" or "backup" (None: not a name this agent gives).
+fn started_as(owner: &str) -> Option<&str> {
+    let (_, id) = owner.split_once('/')?;
+    let mut parts = id.rsplitn(3, '.');
+    let (_ms, role) = (parts.next()?, parts.next()?);
+    matches!(role, "primary" | "backup").then_some(role)
 }
 
 fn find_local<'a>(locals: &'a [Local], vm: &str, uid: u64, pick: impl Fn(&Local) -> bool) -> Option<&'a Local> {
@@ -882,4 +978,57 @@ fn create_tap(dir: &Path, bridge: &str) -> Result<String> {
 
 fn remove_tap(name: &str) {
     let _ = crate::netns::ip(&["link", "del", name]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declared_with_disk(disk: Option<&str>) -> DeclaredVm {
+        let spec: cluster::VmSpec =
+            serde_json::from_value(serde_json::json!({"name": "web", "protection": "checkpoint", "disk": disk}))
+                .unwrap();
+        DeclaredVm { spec: spec.checked().unwrap(), uid: 7, created_ms: 0 }
+    }
+
+    #[test]
+    fn a_replica_name_says_how_it_was_started() {
+        assert_eq!(started_as("h2/web.7.backup.1796"), Some("backup"));
+        assert_eq!(started_as("h2/my.vm.7.primary.1796"), Some("primary"));
+        assert_eq!(started_as("h2"), None);
+        assert_eq!(started_as("h2/web"), None);
+    }
+
+    #[test]
+    fn a_primary_started_again_runs_on_the_kept_disk_else_the_declared_image_unless_that_loses_writes() {
+        let dir = std::env::temp_dir().join(format!("ftvm-agent-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kept = dir.join("web.7.img");
+        let dv = declared_with_disk(Some("/images/web.img"));
+        let from = |owner: &str| cluster::ClaimFrom { generation: 3, owner: owner.into() };
+        let disk = |claim: Option<&cluster::ClaimFrom>| match primary_disk(&dv, claim, kept.clone()) {
+            Ok(Some(Disk::Declared(path))) => Ok(format!("declared {path}")),
+            Ok(Some(Disk::Kept(path))) => Ok(format!("kept {}", path.display())),
+            Ok(Some(Disk::Empty(_)) | None) => Ok("other".to_string()),
+            Err(refusal) => Err(refusal),
+        };
+        // A first start, and a primary that ran on the declared image: the declared image.
+        assert_eq!(disk(None), Ok("declared /images/web.img".into()));
+        assert_eq!(disk(Some(&from("h1/web.7.primary.1"))), Ok("declared /images/web.img".into()));
+        // A former backup's own copy is gone: refused, saying why.
+        assert_eq!(
+            disk(Some(&from("h2/web.7.backup.1"))),
+            Err("web's newest disk was the own copy of h2/web.7.backup.1, which is gone: not starting it from its \
+                 declared image /images/web.img (that would lose the writes it acknowledged); delete it and declare \
+                 it again to start afresh"
+                .into())
+        );
+        // Kept here: that disk, whoever owned it.
+        std::fs::write(&kept, b"disk").unwrap();
+        assert_eq!(disk(Some(&from("h2/web.7.backup.1"))), Ok(format!("kept {}", kept.display())));
+        assert_eq!(disk(Some(&from("h2/web.7.primary.2"))), Ok(format!("kept {}", kept.display())));
+        // A VM without a disk has none to choose.
+        assert!(matches!(primary_disk(&declared_with_disk(None), Some(&from("h2/web.7.backup.1")), kept), Ok(None)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -6,8 +6,11 @@
 //! image removed: the backup takes over and is re-protected onto the third host, whose disk
 //! starts empty and is filled by the replication stream; `vm console` attaches again by
 //! itself, and the sector reads back (O_DIRECT, from the disk, not the guest's cache). Then
-//! the second host is killed and the third reads it too. Verdicts: the commands' evaluated
-//! output, the API's typed fields, the client's exit status.
+//! the second host is killed and the third reads it too. Last, the one replica left (a former
+//! backup, its disk its own copy) is killed alone, its agent alive: every replica is lost at
+//! once; the agent keeps that copy and starts the VM again on it (a reboot: RAM is gone, the
+//! disk's acknowledged writes are not), and the sector reads back once more. Verdicts: the
+//! commands' evaluated output, the API's typed fields, the client's exit status.
 
 #[path = "support/agents.rs"]
 mod agents;
@@ -133,6 +136,26 @@ fn a_disk_write_typed_through_vm_console_survives_two_host_kills_on_disks_sent_b
     assert_eq!(vm["failovers"], 2, "{vm}");
     let again = "echo again-$(dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 16)";
     console.run(again, "again-disk-before-kill").unwrap_or_else(|e| panic!("on {third}: {e}\n{}", cluster.logs()));
+
+    // Every replica lost at once: the last one, killed alone (its host's agent lives on). The VM
+    // starts again there from the disk copy that replica wrote, not from the declared image
+    // (which is gone anyway): nothing the disk acknowledged is lost.
+    let replicas = vm["replicas"].as_array().cloned().unwrap_or_default();
+    let last = replicas.iter().find(|r| r["host"] == third.as_str() && r["role"] == "primary").expect("the primary");
+    let pid = last["pid"].as_u64().and_then(|p| i32::try_from(p).ok()).expect("the primary's PID");
+    let generation = vm["generation"].as_u64().expect("a generation");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill it");
+    let gone = poll(Duration::from_secs(10), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))).then_some(())
+    });
+    assert!(gone.is_some(), "replica {pid} still runs: {:?}", std::fs::read_to_string(format!("/proc/{pid}/status")));
+    let restarted = |vm: &Value| {
+        vm["owner"] == third.as_str() && vm["state"] == "running" && vm["generation"].as_u64() > Some(generation)
+    };
+    wait_vm(&cluster, &third_api, REPROTECT_LIMIT, restarted);
+    let kept = "echo kept-$(dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 16)";
+    console.run(kept, "kept-disk-before-kill").unwrap_or_else(|e| panic!("restarted: {e}\n{}", cluster.logs()));
 
     // Ctrl-A x detaches: the client ends by itself, with status 0.
     console.stdin.write_all(&[0x01, b'x']).expect("type Ctrl-A x");
