@@ -362,6 +362,34 @@ impl Hart {
             }
             let slot = (pc >> 1) as usize % BLOCK_SLOTS;
             let page = page_ram_offset >> PAGE_SHIFT;
+            // Compiled code that the jump cache knows runs without the block slot, whose
+            // table (6 MiB) costs a cache miss at most dispatches.
+            let code_gen = bus.ram().code_gen(page);
+            if let Some(code) = cache.jit.as_ref().and_then(|jit| jit.jump_target(pc, page_ram_offset, code_gen)) {
+                let jit = cache.jit.as_mut().expect("checked above");
+                if let Some((word, epoch)) = pending_link.take() {
+                    jit.link(word, epoch, code, page, code_gen);
+                }
+                let before = self.state.icount;
+                let word = self.run_compiled(bus, jit, &mut jit_ctx, code, stop_icount);
+                // Nothing retired and on at the same pc: the block did not fit in what is
+                // left of the budget, and is interpreted below.
+                if self.state.icount != before || word & exit_code::MASK != exit_code::CONTINUE {
+                    jit.count_compiled(self.state.icount - before);
+                    match word & exit_code::MASK {
+                        exit_code::CONTINUE => {
+                            pc = self.state.pc;
+                            pending_link = Some((word, jit.epoch()));
+                            if self.state.icount == stop_icount {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        exit_code::RETURN => return Ok(()),
+                        _ => return Err(self.take_step_end()),
+                    }
+                }
+            }
             let ram = bus.ram();
             let block = cache.slots[slot];
             let block =

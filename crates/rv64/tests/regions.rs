@@ -88,3 +88,19 @@ fn a_rewritten_block_that_a_region_links_to_runs_its_new_code_at_once() {
     let stats = jit.hart.jit_stats();
     assert!(stats.blocks_compiled > 2, "B was compiled again after the rewrite: {stats:?}");
 }
+
+#[test]
+fn a_compiled_block_given_less_budget_than_it_needs_runs_interpreted_to_the_budget() {
+    let mut interp = machine(Cpu::Interpreter);
+    let mut jit = machine(Cpu::Jit);
+    // Both loops compiled, then the rest one instruction per run: a compiled block is
+    // found (through the jump cache) at most steps, and only a one-instruction block fits.
+    for m in [&mut interp, &mut jit] {
+        assert_eq!(m.run(TO_REWRITE), Exit::Budget);
+    }
+    for step in 0..3 * TO_REWRITE {
+        assert_eq!(interp.run(1), Exit::Budget);
+        assert_eq!(jit.run(1), Exit::Budget);
+        assert_eq!(jit.hart.state, interp.hart.state, "after {step} single steps");
+    }
+}

@@ -440,6 +440,17 @@ impl Jit {
         }
     }
 
+    /// The compiled code the jump cache holds for the block at `pc`, decoded from RAM page
+    /// offset `page_ram_offset` at `code_gen`.
+    #[inline]
+    pub(crate) fn jump_target(&self, pc: u64, page_ram_offset: usize, code_gen: u64) -> Option<BlockFn> {
+        let entry = &self.jumps[(pc >> 1) as usize % JUMP_ENTRIES];
+        if entry.pc != pc || entry.page_ram_offset != page_ram_offset as u64 || entry.code_gen != code_gen {
+            return None;
+        }
+        NonNull::new(entry.code as *mut u8).map(BlockFn)
+    }
+
     /// Remember compiled `code` for the block at `pc` (decoded from RAM page offset
     /// `page_ram_offset` at `code_gen`) for compiled code's indirect jumps.
     #[inline]
