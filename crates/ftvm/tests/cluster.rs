@@ -178,8 +178,17 @@ fn replica_hosts(vm: &Value, role: &str) -> Vec<String> {
     replicas.iter().filter(|r| r["role"] == role).filter_map(|r| r["host"].as_str().map(String::from)).collect()
 }
 
+/// The kinds of the VM's events on the timeline, asked until an agent answers (one may be
+/// re-executing, or slow on a loaded host: an unanswered request once read as no events).
 fn event_kinds(net: &Net, index: usize) -> Vec<String> {
-    let (_, events) = api(net, index, "GET", "/v1/events", None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        match api(net, index, "GET", "/v1/events", None) {
+            (200, events) => break events,
+            (status, answer) if Instant::now() >= deadline => panic!("no timeline: {status} {answer}"),
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
     let events = events["events"].as_array().cloned().unwrap_or_default();
     events.iter().filter(|e| e["vm"] == "web").filter_map(|e| e["kind"].as_str().map(String::from)).collect()
 }
