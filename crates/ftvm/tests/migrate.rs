@@ -5,15 +5,22 @@
 //! HTTP and over one long-lived TCP session: whatever happens to the migration, exactly one
 //! VM runs afterwards, nothing it was told is lost, and the session survives.
 //!
+//! A protected VM migrates too: its backup is released first, and a fresh backup protects
+//! it at the destination afterwards (then the destination's SIGKILL is survived). And a VM
+//! whose ownership record is on etcd (a real one, on loopback) migrates, counted in the
+//! destination's status and metrics.
+//!
 //! The interrupted migrations strike at the stage they test through fault points (feature
 //! `failpoints`: `migrate::final-checkpoint` on the source, `migrate::dest-claim` and
 //! `migrate::dest-claimed` on the destination) or on observed progress (a status field, a
 //! log line), never after a guessed sleep.
 
 mod common;
+#[path = "../../store/tests/etcd_server.rs"]
+mod etcd_server;
 
 use common::client::Client;
-use common::cluster::{tail, Cluster, Options, BOOT_LIMIT, RELAY_PORT};
+use common::cluster::{is_protected, tail, Cluster, Options, BOOT_LIMIT, RELAY_PORT};
 use common::netns::Topology;
 use common::relay::Mode;
 use serde_json::Value;
@@ -131,17 +138,126 @@ fn a_vm_migrates_under_load_and_its_client_loses_nothing() {
     client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
 }
 
+/// A protected VM migrates: its backup is released first (the record's generation swapped
+/// forward, so that it can never take over, then told to stand down), the destination — a
+/// third replica — is the VM's backup during the pre-copy, and once it runs a fresh backup
+/// in the source's host protects it again; the destination's SIGKILL is then survived. The
+/// client, judged from its side, loses nothing and sees no value twice throughout.
+#[test]
+fn a_protected_vm_migrates_and_is_protected_again_at_the_destination() {
+    let options = Options { replicate: true, ..Options::counter(common::seed()) };
+    let mut cluster = Cluster::start("migrate-protected", &options);
+    let client = Client::start(&cluster.topo.client_ns());
+    if !client.wait_for_answers(ANSWERS_BEFORE, BOOT_LIMIT) {
+        panic!("the guest's counter never answered {ANSWERS_BEFORE} times\n{}", cluster.explain());
+    }
+    cluster.wait_protected(SETTLE_LIMIT);
+    let (destination, destination_api, to) = cluster.spare_backup_in_backup_host("destination");
+    let key = cluster.key_file().display().to_string();
+    let (code, answer) = cluster.ctl_primary(&["migrate", "--to", &to, "--key", &key]);
+    let migrated = Instant::now();
+    let answer = answer.unwrap_or_else(|e| panic!("ctl migrate: {e}\n{}", cluster.explain()));
+    assert_eq!((code, &answer["state"]), (0, &"migrated".into()), "{answer}\n{}", cluster.explain());
+    // The old backup never runs again: it stood down (exit 0), or — when the stand-down did
+    // not reach it (a link the loaded backup had just closed) — its state is stale (it belongs
+    // to a generation the record has left), so it can never take over.
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    loop {
+        if let Some(exit) = cluster.backup.exited() {
+            assert!(exit.success(), "the old backup stands down: {exit}\n{}", cluster.explain());
+            break;
+        }
+        if cluster.backup_status().is_some_and(|s| s["stale"] == true && s["role"] == "backup") {
+            cluster.kill_backup();
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old backup neither stood down nor is stale\n{}", cluster.explain());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let source_exit = cluster.primary.wait_exit(SETTLE_LIMIT);
+    assert!(source_exit.is_some_and(|s| s.success()), "the source exits 0: {source_exit:?}\n{}", cluster.explain());
+    // The destination runs the VM; a fresh backup in the source's host protects it.
+    cluster.backup = destination;
+    cluster.backup_api = destination_api;
+    let live = cluster.wait_backup("the destination live", SETTLE_LIMIT, |s| s["role"] == "primary");
+    assert_eq!(live["took_over"]["migration"]["confirmed"], true, "{live}");
+    assert_eq!(live["took_over"]["generation"], answer["generation"], "{live}");
+    client
+        .check_nothing_lost(migrated, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    let backup = cluster.fresh_backup_in_primary_host(options.failover_timeout_ms);
+    let (code, answer) = cluster.ctl_primary(&["protect", "--to", &backup, "--key", &key]);
+    assert_eq!(code, 0, "ctl protect at the destination: {answer:?}\n{}", cluster.explain());
+    let protected = cluster.wait_protected(SETTLE_LIMIT);
+    assert!(is_protected(&protected), "{protected}");
+    let fault = cluster.kill_primary();
+    cluster.wait_takeover(SETTLE_LIMIT);
+    let verdict = client
+        .check_nothing_lost(fault, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    println!("{}", verdict.describe());
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+}
+
+/// A side of the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// How a test interrupts a migration.
+enum Strike {
+    /// A fault point aborts this side's process: the fault is its death.
+    Abort(Side),
+    /// Once the source logs this line (it waits at a fault point then), the destination is
+    /// SIGKILLed.
+    KillDestination(&'static str),
+    /// Once this side logs this line (it waits at a fault point then), the link is cut.
+    Cut(Side, &'static str),
+}
+
+/// A migration with fault points (`FAILPOINTS` of the source and of the destination),
+/// interrupted by `strike`: exactly one VM runs afterwards — on the side `live`, when the
+/// stage decides it — and the client lost nothing. A migration the source survives is
+/// answered with an error (called off).
+fn interrupted(name: &str, failpoints: (Option<&str>, Option<&str>), strike: Strike, live: Option<Side>) {
+    let (mut cluster, client) = start(name, failpoints.0, failpoints.1);
+    let ctl = migrate(&cluster);
+    let (source_log, destination_log) = (cluster.primary.log.clone(), cluster.backup.log.clone());
+    let log = |side| match side {
+        Side::Source => &source_log,
+        Side::Destination => &destination_log,
+    };
+    match strike {
+        Strike::Abort(Side::Source) => drop(cluster.primary.wait_exit(SETTLE_LIMIT)),
+        Strike::Abort(Side::Destination) => drop(cluster.backup.wait_exit(SETTLE_LIMIT)),
+        Strike::KillDestination(line) => {
+            wait_for_line(&cluster, log(Side::Source), line, SETTLE_LIMIT);
+            let _ = cluster.backup.child.kill();
+            let _ = cluster.backup.child.wait();
+        }
+        Strike::Cut(side, line) => {
+            wait_for_line(&cluster, log(side), line, SETTLE_LIMIT);
+            cluster.relay.set(Mode::Cut);
+        }
+    }
+    let fault = Instant::now();
+    let (code, answer) = ctl.join().expect("ctl thread");
+    if live == Some(Side::Source) {
+        assert_ne!(code, 0, "the migration is called off: {answer:?}");
+    }
+    check_one_vm(&mut cluster, &client, fault, live.map(|side| side == Side::Destination));
+    cluster.relay.set(Mode::Pass);
+}
+
 /// The source dies during the stop-and-copy (right after its final checkpoint): the
 /// destination, its backup meanwhile, takes over from what it holds.
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_source_killed_at_the_stop_and_copy_leaves_the_destination_running() {
-    let (mut cluster, client) = start("migrate-src-stop", Some("migrate::final-checkpoint=return(abort)"), None);
-    let ctl = migrate(&cluster);
-    let _ = cluster.primary.wait_exit(SETTLE_LIMIT);
-    let fault = Instant::now();
-    let _ = ctl.join();
-    check_one_vm(&mut cluster, &client, fault, Some(true));
+    let failpoints = (Some("migrate::final-checkpoint=return(abort)"), None);
+    interrupted("migrate-src-stop", failpoints, Strike::Abort(Side::Source), Some(Side::Destination));
 }
 
 /// The source dies at the end of the pre-copy (the destination holds every checkpoint
@@ -149,12 +265,8 @@ fn a_source_killed_at_the_stop_and_copy_leaves_the_destination_running() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_source_killed_during_the_precopy_leaves_the_destination_running() {
-    let (mut cluster, client) = start("migrate-src-pre", Some("migrate::caught-up=return(abort)"), None);
-    let ctl = migrate(&cluster);
-    let _ = cluster.primary.wait_exit(SETTLE_LIMIT);
-    let fault = Instant::now();
-    let _ = ctl.join();
-    check_one_vm(&mut cluster, &client, fault, Some(true));
+    let failpoints = (Some("migrate::caught-up=return(abort)"), None);
+    interrupted("migrate-src-pre", failpoints, Strike::Abort(Side::Source), Some(Side::Destination));
 }
 
 /// The destination dies during the pre-copy (the source holds at its end, at a fault point):
@@ -162,16 +274,8 @@ fn a_source_killed_during_the_precopy_leaves_the_destination_running() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_destination_killed_during_the_precopy_leaves_the_source_running() {
-    let (mut cluster, client) = start("migrate-dst-pre", Some("migrate::caught-up=sleep(2000)"), None);
-    let ctl = migrate(&cluster);
-    let log = cluster.primary.log.clone();
-    wait_for_line(&cluster, &log, "caught up", SETTLE_LIMIT);
-    let _ = cluster.backup.child.kill();
-    let _ = cluster.backup.child.wait();
-    let fault = Instant::now();
-    let (code, answer) = ctl.join().expect("ctl thread");
-    assert_ne!(code, 0, "the migration is called off: {answer:?}");
-    check_one_vm(&mut cluster, &client, fault, Some(false));
+    let failpoints = (Some("migrate::caught-up=sleep(2000)"), None);
+    interrupted("migrate-dst-pre", failpoints, Strike::KillDestination("caught up"), Some(Side::Source));
 }
 
 /// The link is cut during the pre-copy: the destination, the source's backup meanwhile,
@@ -179,15 +283,8 @@ fn a_destination_killed_during_the_precopy_leaves_the_source_running() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_link_cut_during_the_precopy_leaves_exactly_one_vm() {
-    let (mut cluster, client) = start("migrate-cut-pre", Some("migrate::caught-up=sleep(2000)"), None);
-    let ctl = migrate(&cluster);
-    let log = cluster.primary.log.clone();
-    wait_for_line(&cluster, &log, "caught up", SETTLE_LIMIT);
-    cluster.relay.set(Mode::Cut);
-    let fault = Instant::now();
-    let _ = ctl.join();
-    check_one_vm(&mut cluster, &client, fault, None);
-    cluster.relay.set(Mode::Pass);
+    let failpoints = (Some("migrate::caught-up=sleep(2000)"), None);
+    interrupted("migrate-cut-pre", failpoints, Strike::Cut(Side::Source, "caught up"), None);
 }
 
 /// The destination dies during the stop-and-copy (the source holds there, at a fault
@@ -195,16 +292,8 @@ fn a_link_cut_during_the_precopy_leaves_exactly_one_vm() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_destination_killed_at_the_stop_and_copy_leaves_the_source_running() {
-    let (mut cluster, client) = start("migrate-dst-stop", Some("migrate::final-checkpoint=sleep(2000)"), None);
-    let ctl = migrate(&cluster);
-    let log = cluster.primary.log.clone();
-    wait_for_line(&cluster, &log, "stop-and-copy", SETTLE_LIMIT);
-    let _ = cluster.backup.child.kill();
-    let _ = cluster.backup.child.wait();
-    let fault = Instant::now();
-    let (code, answer) = ctl.join().expect("ctl thread");
-    assert_ne!(code, 0, "the migration is called off: {answer:?}");
-    check_one_vm(&mut cluster, &client, fault, Some(false));
+    let failpoints = (Some("migrate::final-checkpoint=sleep(2000)"), None);
+    interrupted("migrate-dst-stop", failpoints, Strike::KillDestination("stop-and-copy"), Some(Side::Source));
 }
 
 /// The link is cut during the stop-and-copy: the destination takes over from what it holds,
@@ -212,15 +301,8 @@ fn a_destination_killed_at_the_stop_and_copy_leaves_the_source_running() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_link_cut_at_the_stop_and_copy_leaves_exactly_one_vm() {
-    let (mut cluster, client) = start("migrate-cut-stop", Some("migrate::final-checkpoint=sleep(2000)"), None);
-    let ctl = migrate(&cluster);
-    let log = cluster.primary.log.clone();
-    wait_for_line(&cluster, &log, "stop-and-copy", SETTLE_LIMIT);
-    cluster.relay.set(Mode::Cut);
-    let fault = Instant::now();
-    let _ = ctl.join();
-    check_one_vm(&mut cluster, &client, fault, None);
-    cluster.relay.set(Mode::Pass);
+    let failpoints = (Some("migrate::final-checkpoint=sleep(2000)"), None);
+    interrupted("migrate-cut-stop", failpoints, Strike::Cut(Side::Source, "stop-and-copy"), None);
 }
 
 /// The destination dies after the switchover message, before it took the record: the
@@ -228,13 +310,8 @@ fn a_link_cut_at_the_stop_and_copy_leaves_exactly_one_vm() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_destination_killed_before_it_takes_the_record_leaves_the_source_running() {
-    let (mut cluster, client) = start("migrate-dst-claim", None, Some("migrate::dest-claim=return(abort)"));
-    let ctl = migrate(&cluster);
-    let _ = cluster.backup.wait_exit(SETTLE_LIMIT);
-    let fault = Instant::now();
-    let (code, answer) = ctl.join().expect("ctl thread");
-    assert_ne!(code, 0, "the migration is called off: {answer:?}");
-    check_one_vm(&mut cluster, &client, fault, Some(false));
+    let failpoints = (None, Some("migrate::dest-claim=return(abort)"));
+    interrupted("migrate-dst-claim", failpoints, Strike::Abort(Side::Destination), Some(Side::Source));
 }
 
 /// The destination dies after it took the record, before it confirmed: it never ran, so
@@ -242,14 +319,8 @@ fn a_destination_killed_before_it_takes_the_record_leaves_the_source_running() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_destination_killed_after_it_took_the_record_leaves_the_source_running() {
-    let (mut cluster, client) = start("migrate-dst-claimed", None, Some("migrate::dest-claimed=return(abort)"));
-    let ctl = migrate(&cluster);
-    let _ = cluster.backup.wait_exit(SETTLE_LIMIT);
-    let fault = Instant::now();
-    let (code, answer) = ctl.join().expect("ctl thread");
-    assert_ne!(code, 0, "the migration is called off: {answer:?}");
-    let status = check_one_vm(&mut cluster, &client, fault, Some(false));
-    println!("source after taking the VM back: generation {:?}", status["took_over"]);
+    let failpoints = (None, Some("migrate::dest-claimed=return(abort)"));
+    interrupted("migrate-dst-claimed", failpoints, Strike::Abort(Side::Destination), Some(Side::Source));
 }
 
 /// The link is cut after the switchover message, while the destination holds the record
@@ -258,13 +329,128 @@ fn a_destination_killed_after_it_took_the_record_leaves_the_source_running() {
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_link_cut_after_the_switchover_message_leaves_exactly_one_vm() {
-    let (mut cluster, client) = start("migrate-cut", None, Some("migrate::dest-claimed=sleep(1500)"));
-    let ctl = migrate(&cluster);
-    let log = cluster.backup.log.clone();
-    wait_for_line(&cluster, &log, "the ownership record is this replica's", SETTLE_LIMIT);
-    cluster.relay.set(Mode::Cut);
-    let fault = Instant::now();
-    let _ = ctl.join();
-    check_one_vm(&mut cluster, &client, fault, None);
-    cluster.relay.set(Mode::Pass);
+    let failpoints = (None, Some("migrate::dest-claimed=sleep(1500)"));
+    let strike = Strike::Cut(Side::Destination, "the ownership record is this replica's");
+    interrupted("migrate-cut", failpoints, strike, None);
+}
+
+/// `GET PATH` on a control socket: the body of a 200 answer.
+fn get(api: &std::path::Path, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(api).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: ftvm\r\nConnection: close\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    stream.take(1 << 20).read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// `ftvm ARGS` on this host, its standard error to DIR/NAME.log; killed on drop.
+fn spawn_here(dir: &std::path::Path, name: &str, args: &[&str]) -> common::cluster::Proc {
+    let log = dir.join(format!("{name}.log"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start ftvm");
+    common::cluster::Proc { child, log }
+}
+
+/// The VM's record on etcd, read as any replica reads it.
+fn record_on(spec: &str, vm_id: &str) -> store::OwnershipRecord {
+    let mut store = store::open(spec).expect("the etcd store opens");
+    store.read(vm_id).expect("etcd answers").expect("the VM has a record")
+}
+
+/// A VM whose ownership record is on etcd (Debian's etcd-server on loopback, stopped by its
+/// PID) migrates between two processes on this host while its guest writes memory: the
+/// source exits 0, the record on etcd names the destination at the generation `ctl migrate`
+/// answered, and the destination counts the arrival and its downtime in status and metrics.
+#[test]
+fn a_vm_whose_record_is_on_etcd_migrates_and_the_destination_counts_it() {
+    let etcd = etcd_server::EtcdServer::start(&format!("migrate-{}", std::process::id()));
+    let scratch = common::scratch("migrate", "etcd");
+    let dir = scratch.parent().expect("its directory");
+    let key = dir.join("key");
+    std::fs::write(&key, "00112233445566778899aabbccddeeff").expect("key file");
+    let (spec, vm_id) = (etcd.spec(), "migrate-etcd");
+    let (source_api, destination_api) = (dir.join("source.sock"), dir.join("destination.sock"));
+    let workload = "while true; do dd if=/dev/zero of=/tmp/w bs=64k count=64 2>/dev/null; rm /tmp/w; done";
+    let source_api_s = source_api.display().to_string();
+    let source_args = ["run", "--store", &spec, "--vm-id", vm_id, "--api", &source_api_s, "--", "sh", "-c", workload];
+    let mut source = spawn_here(dir, "source", &source_args);
+    let deadline = Instant::now() + BOOT_LIMIT;
+    let booted = || common::cluster::status(&source_api).is_some_and(|s| s["icount"].as_u64() > Some(300_000_000));
+    while !booted() {
+        assert!(source.exited().is_none(), "the source exited:\n{}", tail(&source.log, 20));
+        assert!(Instant::now() < deadline, "the guest did not boot within {BOOT_LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = record_on(&spec, vm_id);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let listen = format!("127.0.0.1:{port}");
+    let api = destination_api.display().to_string();
+    let key_s = key.display().to_string();
+    let destination_args = [
+        "backup",
+        "--listen",
+        &listen,
+        "--key",
+        &key_s,
+        "--store",
+        &spec,
+        "--vm-id",
+        vm_id,
+        "--api",
+        &api,
+        "--failover-timeout-ms",
+        "500",
+    ];
+    let mut destination = spawn_here(dir, "destination", &destination_args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::cluster::status(&destination_api).is_none() {
+        assert!(Instant::now() < deadline, "the destination never answered:\n{}", tail(&destination.log, 20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .args(["ctl", "--api", &source_api_s, "migrate", "--to", &listen, "--key", &key_s])
+        .output()
+        .expect("run ftvm ctl");
+    let answer: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("ctl migrate: {}\n{}", String::from_utf8_lossy(&out.stderr), tail(&source.log, 20)));
+    assert_eq!(answer["state"], "migrated", "{answer}\n{}", tail(&source.log, 20));
+    let exit = source.wait_exit(SETTLE_LIMIT);
+    assert!(exit.is_some_and(|s| s.success()), "the source exits 0: {exit:?}\n{}", tail(&source.log, 20));
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let live = loop {
+        let status = common::cluster::status(&destination_api);
+        if let Some(s) = status.filter(|s| s["role"] == "primary" && !s["migrations"].is_null()) {
+            break s;
+        }
+        assert!(destination.exited().is_none(), "the destination exited:\n{}", tail(&destination.log, 20));
+        assert!(Instant::now() < deadline, "the destination never ran:\n{}", tail(&destination.log, 20));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let after = record_on(&spec, vm_id);
+    assert_eq!(Some(after.generation), answer["generation"].as_u64(), "{answer}");
+    assert_eq!(after.generation, before.generation + 1, "one swap: {before:?} -> {after:?}");
+    assert_ne!(after.owner, before.owner, "the record names the destination now");
+    assert_eq!(live["took_over"]["generation"], answer["generation"], "{live}");
+    assert_eq!(live["took_over"]["migration"]["confirmed"], true, "{live}");
+    let downtime_ms = live["migrations"]["last_downtime_ms"].as_f64().unwrap_or(0.0);
+    assert_eq!(live["migrations"]["arrived"], 1, "{live}");
+    assert!(downtime_ms > 0.0, "{live}");
+    let metrics = get(&destination_api, "/metrics").expect("the destination's metrics");
+    assert!(
+        metrics.contains("ftvm_migrations_arrived_total{role=\"primary\",vm_id=\"migrate-etcd\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ftvm_migration_last_downtime_seconds{"), "{metrics}");
+    println!(
+        "on etcd: total {} ms, {} bytes, downtime {downtime_ms:.2} ms, phases {}",
+        answer["migration"]["total_ms"], answer["migration"]["bytes_sent"], live["took_over"]["migration"]["phases"]
+    );
 }

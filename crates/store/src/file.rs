@@ -4,7 +4,10 @@
 //! `DIR/<vm_id>.json.tmp`, fsyncs it, renames it over the record and fsyncs the directory. A
 //! crash leaves either the old record or the new one, never a mix; a reader needs no lock.
 //! [`OwnershipStore::compare_and_swap_visible`] returns after the rename (every process sees
-//! the new record from then on) and leaves the directory's fsync to [`OwnershipStore::sync`].
+//! the new record from then on) and leaves both fsyncs to [`OwnershipStore::sync`]: a crash of
+//! the host before that may leave the old record, the new one, or — on a filesystem that does
+//! not write a file's data before a rename over another (ext4 does, by default) — one its
+//! checksum refuses, never a record that reads as valid and is not one of the two.
 //!
 //! `flock` is atomic between processes and threads on one machine; on a network filesystem its
 //! guarantees are the filesystem's (NFSv4 maps it to byte-range locks). Hosts that share no
@@ -155,8 +158,8 @@ impl FileStore {
         parse_record_file(&bytes, vm_id, &path).map(Some)
     }
 
-    /// Write the record in place of the old one; `durable`: and fsync the directory (else
-    /// [`FileStore::sync_dir`] does it later).
+    /// Write the record in place of the old one; `durable`: fsync it before the rename and
+    /// the directory after (else [`FileStore::sync_record`] does both later).
     fn write_record(&self, vm_id: &str, record: &OwnershipRecord, durable: bool) -> Result<(), StoreError> {
         let path = self.record_path(vm_id);
         let temp_path = self.temp_path(vm_id);
@@ -164,7 +167,9 @@ impl FileStore {
         let text = encode_record_file(vm_id, record)?;
         let mut temp = File::create(&temp_path).map_err(io(&temp_path, "create the temporary record"))?;
         temp.write_all(&text).map_err(io(&temp_path, "write the temporary record"))?;
-        temp.sync_all().map_err(io(&temp_path, "sync the temporary record"))?;
+        if durable {
+            temp.sync_all().map_err(io(&temp_path, "sync the temporary record"))?;
+        }
         drop(temp);
         #[cfg(test)]
         if CRASH_BEFORE_RENAME.with(|crash| crash.replace(false)) {
@@ -175,6 +180,13 @@ impl FileStore {
             self.sync_dir()?;
         }
         Ok(())
+    }
+
+    /// Make the record as it stands, and the renames so far, durable.
+    fn sync_record(&self, vm_id: &str) -> Result<(), StoreError> {
+        let path = self.record_path(vm_id);
+        File::open(&path).and_then(|file| file.sync_all()).map_err(io_error(&path, "sync the record"))?;
+        self.sync_dir()
     }
 
     /// Make the renames done so far durable.
@@ -282,7 +294,7 @@ impl OwnershipStore for FileStore {
 
     fn sync(&mut self, vm_id: &str) -> Result<(), StoreError> {
         validate_vm_id(vm_id)?;
-        self.sync_dir()
+        self.sync_record(vm_id)
     }
 }
 

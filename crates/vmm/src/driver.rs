@@ -148,6 +148,12 @@ pub struct Driver<V: Vm = machine::Machine> {
     go_live_hooks: Vec<GoLiveHook>,
     /// Arrived by live migration, not run yet: the downtime ends at the first slice.
     arriving: bool,
+    /// `ctl migrate` of a protected VM, waiting for its backup to be released (made stale
+    /// and told to stand down, as by `ctl unprotect`) before the migration starts.
+    pending_migration: Option<(crate::control::MigrateRequest, Sender<Reply>)>,
+    /// The migrations out of and into this replica so far (settled ones; status adds the
+    /// one under way).
+    migrations: crate::status::MigrationTotals,
 }
 
 impl<V: Vm + 'static> Driver<V> {
@@ -174,6 +180,8 @@ impl<V: Vm + 'static> Driver<V> {
             entropy: host::EntropySource::Host,
             go_live_hooks: Vec::new(),
             arriving: false,
+            pending_migration: None,
+            migrations: Default::default(),
         }
     }
 
@@ -207,6 +215,16 @@ impl<V: Vm + 'static> Driver<V> {
     /// Run under `mode` from now on (the mode in place is shut down; a record it held is
     /// lost, so swap only a [`Standalone`] one).
     pub fn set_mode(&mut self, mode: Box<dyn Mode<V>>) {
+        // A migration out ends with its mode: what it sent and, called off, its pause count.
+        if let Some(m) = self.status().migration {
+            self.migrations.bytes_sent += m.bytes_sent;
+            if m.phase == crate::status::MigrationPhase::CalledOff {
+                self.migrations.called_off += 1;
+                if m.paused_ms.is_some() {
+                    self.migrations.last_downtime_ms = m.paused_ms;
+                }
+            }
+        }
         let mut old = std::mem::replace(&mut self.mode, mode);
         self.released.extend(old.take_released());
         if let Some(ownership) = old.finish() {
@@ -314,6 +332,8 @@ impl<V: Vm + 'static> Driver<V> {
             if std::mem::take(&mut self.arriving) {
                 if let Some(arrival) = self.took_over.as_mut().and_then(|t| t.migration.as_mut()) {
                     arrival.running(crate::replicate::migrate::unix_us());
+                    self.migrations.arrived += 1;
+                    self.migrations.last_downtime_ms = Some(arrival.downtime_ms);
                 }
             }
             let exit = self.run_slice(target)?;
@@ -383,7 +403,10 @@ impl<V: Vm + 'static> Driver<V> {
                 Verdict::Continue | Verdict::Settled => {}
                 Verdict::Fenced(message) => return Ok(Some(Outcome::Fenced(message))),
                 Verdict::Migrated(message) => return Ok(Some(Outcome::Migrated(message))),
-                Verdict::Detached => self.detach(),
+                Verdict::Detached => {
+                    self.detach();
+                    self.start_pending_migration();
+                }
                 Verdict::GoLive(takeover) => self.go_live(takeover),
                 Verdict::StandDown(why) => return Ok(Some(Outcome::StoodDown(why))),
             },
@@ -417,6 +440,9 @@ impl<V: Vm + 'static> Driver<V> {
                         Verdict::Detached => {
                             // Replication stopped just before the end: the VM ends alone.
                             self.detach();
+                            if let Some((_, reply)) = self.pending_migration.take() {
+                                let _ = reply.send(Reply::error(409, "the VM ended before it could migrate"));
+                            }
                             break;
                         }
                     },
@@ -561,15 +587,29 @@ impl<V: Vm + 'static> Driver<V> {
         }
     }
 
-    /// `ctl migrate`: hand this running, unprotected VM to a waiting backup elsewhere (see
+    /// `ctl migrate`: hand this running VM to a waiting backup elsewhere (see
     /// [`crate::mode::migrate`]). The answer now when refused, or later (the mode keeps
-    /// `reply`) once the VM was handed over or the migration called off.
+    /// `reply`) once the VM was handed over or the migration called off. A protected VM first
+    /// releases its backup as `ctl unprotect` does — the record's generation swapped forward,
+    /// so that the backup can never take over, then told to stand down — and migrates once
+    /// that is done; the destination is its backup during the pre-copy, and `ctl protect` on
+    /// the destination protects it again afterwards.
     fn migrate(&mut self, request: &crate::control::MigrateRequest, reply: Sender<Reply>) -> Option<Reply> {
+        if self.pending_migration.is_some() || self.status().migration.is_some_and(|m| m.phase.under_way()) {
+            return Some(Reply::error(409, "a migration of this VM is under way already"));
+        }
         if let Some(backup) = self.mode.protected_to() {
-            return Some(Reply::error(
-                409,
-                format!("this VM replicates to {backup}: unprotect it first, then migrate it"),
-            ));
+            let (released, _answer) = std::sync::mpsc::channel();
+            if let Some(refused) = self.mode.unprotect(released) {
+                let why = refused.body["error"].as_str().unwrap_or("refused").to_string();
+                return Some(Reply::error(refused.status, format!("cannot release the backup {backup}: {why}")));
+            }
+            crate::log::line(
+                crate::log::Source::Replication,
+                format_args!("migration to {}: releasing the backup {backup} first", request.to),
+            );
+            self.pending_migration = Some((request.clone(), reply));
+            return None;
         }
         if self.ownership.is_none() {
             return Some(Reply::error(
@@ -601,9 +641,19 @@ impl<V: Vm + 'static> Driver<V> {
             Ok(inner) => {
                 let mode = crate::mode::migrate::MigrationSource::new(inner, to.to_string(), reply);
                 self.set_mode(Box::new(mode));
+                self.migrations.started += 1;
                 None
             }
             Err(e) => Some(Reply::error(500, format!("cannot start migrating: {}", chain(&e)))),
+        }
+    }
+
+    /// The backup of a VM asked to migrate is released: the migration starts.
+    fn start_pending_migration(&mut self) {
+        if let Some((request, reply)) = self.pending_migration.take() {
+            if let Some(answer) = self.migrate(&request, reply.clone()) {
+                let _ = reply.send(answer);
+            }
         }
     }
 
@@ -643,8 +693,15 @@ impl<V: Vm + 'static> Driver<V> {
             took_over: self.took_over.clone(),
             lockstep: None,
             migration: None,
+            migrations: None,
         };
         self.mode.report(&mut status);
+        let under_way = status.migration.as_ref().filter(|m| m.phase.under_way());
+        if self.migrations.started > 0 || self.migrations.arrived > 0 {
+            let mut totals = self.migrations.clone();
+            totals.bytes_sent += under_way.map_or(0, |m| m.bytes_sent);
+            status.migrations = Some(totals);
+        }
         status
     }
 

@@ -120,7 +120,23 @@ pub fn render(status: &Status) -> String {
     backup(&mut t, status);
     takeover(&mut t, status);
     lockstep(&mut t, status);
+    migrations(&mut t, status);
     t.out
+}
+
+fn migrations(t: &mut Text, s: &Status) {
+    let Some(m) = &s.migrations else { return };
+    let under_way = s.migration.as_ref().is_some_and(|m| m.phase.under_way());
+    t.gauge("ftvm_migrating", "Whether a live migration out of this replica is under way.", under_way);
+    t.counter("ftvm_migrations_started_total", "Live migrations out of this replica started.", m.started);
+    let help = "Live migrations out of this replica called off (the VM ran on here).";
+    t.counter("ftvm_migrations_called_off_total", help, m.called_off);
+    t.counter("ftvm_migrations_arrived_total", "Times the VM arrived at this replica by live migration.", m.arrived);
+    t.counter("ftvm_migration_sent_bytes_total", "Bytes sent to migration destinations.", m.bytes_sent);
+    if let Some(ms) = m.last_downtime_ms {
+        let help = "The last migration's downtime (the guest paused on the source until it ran on the destination).";
+        t.gauge("ftvm_migration_last_downtime_seconds", help, ms / 1e3);
+    }
 }
 
 fn lockstep(t: &mut Text, s: &Status) {
@@ -257,6 +273,30 @@ mod tests {
     #[test]
     fn a_backup_renders_exactly() {
         assert_eq!(render(&backup()), BACKUP);
+    }
+
+    #[test]
+    fn migrations_render_their_counts_bytes_and_last_downtime_only_once_there_were_any() {
+        let mut s = primary();
+        assert!(!render(&s).contains("migration"), "no migration, no family");
+        s.migrations = Some(crate::status::MigrationTotals {
+            started: 2,
+            called_off: 1,
+            arrived: 1,
+            bytes_sent: 5_000_000,
+            last_downtime_ms: Some(4.5),
+        });
+        let text = render(&s);
+        for line in [
+            "ftvm_migrating{role=\"primary\",vm_id=\"vm-demo\"} 0\n",
+            "ftvm_migrations_started_total{role=\"primary\",vm_id=\"vm-demo\"} 2\n",
+            "ftvm_migrations_called_off_total{role=\"primary\",vm_id=\"vm-demo\"} 1\n",
+            "ftvm_migrations_arrived_total{role=\"primary\",vm_id=\"vm-demo\"} 1\n",
+            "ftvm_migration_sent_bytes_total{role=\"primary\",vm_id=\"vm-demo\"} 5000000\n",
+            "ftvm_migration_last_downtime_seconds{role=\"primary\",vm_id=\"vm-demo\"} 0.0045\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

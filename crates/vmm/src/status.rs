@@ -96,6 +96,26 @@ pub struct Status {
     /// A live migration out of this replica (`ftvm ctl migrate`), under way or over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// Every live migration out of and into this replica over its life (None: none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<MigrationTotals>,
+}
+
+/// A replica's live migrations over its life (`status.migrations`, and `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationTotals {
+    /// Migrations out of this replica started (`ctl migrate`), the one under way included.
+    pub started: u64,
+    /// Of those, called off (the VM ran on here).
+    pub called_off: u64,
+    /// Times the VM arrived here by a migration (0 or 1: a replica arrives once).
+    pub arrived: u64,
+    /// Bytes sent to destinations, the migration under way included.
+    pub bytes_sent: u64,
+    /// The downtime of the last migration: the arrival here (pause on the source to running
+    /// here), or a switchover out of here called off (the guest's pause here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_downtime_ms: Option<f64>,
 }
 
 /// Lockstep replication, as either side sees it.
@@ -140,6 +160,13 @@ pub enum MigrationPhase {
     HandedOver,
     /// Called off: the VM runs on here.
     CalledOff,
+}
+
+impl MigrationPhase {
+    /// Not settled yet: the pre-copy or the switchover.
+    pub fn under_way(self) -> bool {
+        matches!(self, MigrationPhase::Precopy | MigrationPhase::Switchover)
+    }
 }
 
 /// A live migration's figures, as the source sees them.
@@ -382,6 +409,7 @@ pub(crate) mod tests {
             took_over: None,
             lockstep: None,
             migration: None,
+            migrations: None,
         }
     }
 
@@ -412,6 +440,7 @@ pub(crate) mod tests {
             took_over: None,
             lockstep: None,
             migration: None,
+            migrations: None,
         }
     }
 

@@ -262,6 +262,28 @@ impl Cluster {
         listen
     }
 
+    /// A third replica waiting in the backup's host, on a TAP device of its own (`tap1`, made
+    /// here) and port `BACKUP_PORT + 1` (not through the relay): a migration's destination
+    /// while the backup still runs. Its process, API socket and the address to migrate to.
+    pub fn spare_backup_in_backup_host(&self, name: &str) -> (Proc, PathBuf, String) {
+        let ns = self.topo.backup_ns();
+        for args in
+            [&["ip", "tuntap", "add", "tap1", "mode", "tap"][..], &["ip", "link", "set", "tap1", "master", "br0", "up"]]
+        {
+            self.topo.exec(&ns, args).expect("a second TAP device in the backup's host");
+        }
+        let api = self.dir.join(format!("{name}.sock"));
+        let listen = format!("{}:{}", Topology::BACKUP_REPL_ADDR, BACKUP_PORT + 1);
+        let key = self.dir.join("key").display().to_string();
+        let mut args: Vec<String> =
+            ["backup", "--listen", &listen, "--key", &key, "--net", "tap:tap1"].map(String::from).to_vec();
+        args.extend(ownership(&self.dir));
+        args.extend(["--failover-timeout-ms".into(), "500".into(), "--api".into(), api.display().to_string()]);
+        let spare = spawn_in(&ns, &args, &self.dir, name, None);
+        wait_for_socket(&api, Duration::from_secs(30));
+        (spare, api, listen)
+    }
+
     /// `ftvm ctl --api <the primary's socket> ARGS`: its exit code and its answer (JSON),
     /// or its error line.
     pub fn ctl_primary(&self, args: &[&str]) -> (i32, Result<Value, String>) {
