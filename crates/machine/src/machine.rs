@@ -467,7 +467,10 @@ impl Machine {
     }
 
     /// Queue an input. Its stamp must not be in the past; inputs with equal stamps
-    /// apply in the order they were pushed.
+    /// apply in the order they were pushed. An input stamped where the machine stands takes
+    /// effect at once: so the state at an icount is that of every input stamped up to it,
+    /// however many runs stopped there (a live driver runs an idle guest between its idle
+    /// skips; a replay or a lockstep backup pushes them back to back), and digests agree.
     pub fn push_input(&mut self, input: Input) -> Result<(), InputError> {
         let now = self.icount();
         if input.icount < now {
@@ -486,8 +489,14 @@ impl Machine {
         if let Some((name, false)) = needed {
             return Err(InputError::NoDevice(name));
         }
+        let due = input.icount == now && self.ended.is_none();
         let at = self.pending.partition_point(|queued| queued.icount <= input.icount);
         self.pending.insert(at, input);
+        if due {
+            self.fold_digest_view();
+            self.apply_due_inputs();
+            self.update_rtc();
+        }
         Ok(())
     }
 

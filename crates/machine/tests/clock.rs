@@ -2,7 +2,10 @@
 //! read `time`, `cycle` and `instret` from boot (glibc's vDSO does); the Goldfish RTC
 //! reads the configured boot time plus guest time and its alarm fires at the same
 //! instruction whatever the run splits; a clock-rate input changes the pace of guest
-//! time without moving it, and never moves it back.
+//! time without moving it, and never moves it back; inputs stamped where the machine
+//! stands take effect as they are pushed, so the state at an icount does not depend on
+//! how many runs stopped there (a live driver runs an idle guest between its idle skips,
+//! a replay or a lockstep backup pushes them back to back).
 
 use machine::{Input, InputError, InputKind, Machine, MachineConfig, RunExit};
 use std::path::PathBuf;
@@ -294,4 +297,46 @@ fn clock_rates_out_of_range_are_refused() {
         let input = Input { icount: 0, kind: InputKind::ClockRate { icount_per_tick: bad } };
         assert_eq!(machine.push_input(input), Err(InputError::ClockRate(bad)));
     }
+}
+
+/// The machine's state where it stands, and its guest time.
+fn state_at(machine: &Machine) -> (u64, u64, u128) {
+    (machine.icount(), machine.time_ticks(), machine.digest().0)
+}
+
+#[test]
+fn inputs_at_the_icount_where_the_machine_stands_need_no_run_to_take_effect() {
+    let dir = Scratch::new("idle-inputs");
+    // The guest arms its RTC alarm and waits for interrupts, none enabled in the hart: it
+    // idles at one icount for good, and the last skip passes the alarm.
+    let config = tiny_config(&dir, &alarm_program());
+    let inputs = [
+        InputKind::IdleSkip { ticks: 200 },
+        InputKind::ClockRate { icount_per_tick: 20 },
+        InputKind::IdleSkip { ticks: 50 },
+        InputKind::IdleSkip { ticks: 20_000 },
+    ];
+    // A live driver (a lockstep primary, a keeper's monitor: idle waits cut short): each
+    // input stamped, then a run that idles at once; the state looked at after the last run.
+    let mut live = Machine::new(&config).unwrap();
+    let RunExit::Idle { .. } = live.run(1_000_000) else { panic!("the guest idles") };
+    let at = live.icount();
+    for kind in inputs.clone() {
+        push(&mut live, at, kind);
+        assert!(matches!(live.run(at + 1_000), RunExit::Idle { .. }), "still idle");
+        assert_eq!(live.icount(), at);
+    }
+    assert!(live.rtc().irq_pending, "the alarm fired");
+    // A replay or a lockstep backup: run to the stamp, then the inputs back to back.
+    let mut follower = Machine::new(&config).unwrap();
+    assert!(matches!(follower.run(at), RunExit::Budget | RunExit::Idle { .. }));
+    assert_eq!(follower.icount(), at);
+    for kind in inputs {
+        push(&mut follower, at, kind);
+    }
+    assert_eq!(state_at(&follower), state_at(&live), "the same inputs at the same icount: the same state");
+    assert!(follower.rtc().irq_pending);
+    // And on from there alike.
+    follower.run(at + 1_000);
+    assert_eq!(state_at(&follower), state_at(&live));
 }

@@ -26,17 +26,13 @@
 //!   holds, sends again the outputs produced after the primary's last release mark
 //!   ([`Follower::take_unreleased`]: some may have left, none is lost), then goes live.
 
-//! # Known problem (2026-12-01)
+//! # Inputs where the machine stands
 //!
-//! With the default guest, once it idles after boot, the backup's machine diverges from the
-//! primary's within about 100k instructions (its digest differs; both sides' incremental
-//! digests equal their from-scratch digests, so the states really differ), and again after
-//! every resynchronization; busy guests (a shell loop, a disk workload) stay in step. The
-//! follower pushes several inputs stamped at the same icount (idle skips while the primary's
-//! guest waited) with no run in between, where the primary ran (and idled at once) between
-//! them: if a run of an idle hart is not a no-op for the machine's state, that is the cause.
-//! Lockstep detects it (status `lockstep.divergences`, the log) and resynchronizes, and
-//! refuses a takeover from a diverged state.
+//! A primary whose idle waits are cut short runs its idle guest between idle skips stamped
+//! at one icount; the follower pushes them back to back. Both give one state because the
+//! machine applies an input stamped where it stands as it is pushed (`Machine::push_input`):
+//! before that, the two sides' digests differed at such icounts (an idle guest "diverged"
+//! after boot, again after every resynchronization).
 
 pub mod batch;
 pub mod follower;
