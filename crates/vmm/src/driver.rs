@@ -259,18 +259,20 @@ impl<V: Vm + 'static> Driver<V> {
         Ok(())
     }
 
-    /// Stamp an input at the current icount, give it to the machine, and show it to the
-    /// mode and the observers.
+    /// Stamp an input at the current icount, show it to the mode and the observers, and
+    /// give it to the machine. Shown first: the machine applies an input stamped where it
+    /// stands at once, and a log (the keeper's, a recording) must hold an input before it
+    /// takes effect (one that crashes the monitor is then replayed, and found poison).
     fn push(&mut self, kind: InputKind) -> Result<()> {
         if !self.mode.stamps_inputs() {
             return Ok(());
         }
         let input = Input { icount: self.machine.icount(), kind };
-        self.machine.push_input(input.clone()).map_err(|e| DriverError::Input(e.into()))?;
         self.mode.on_input(&input)?;
         for observer in &mut self.observers {
             observer.on_input(&input)?;
         }
+        self.machine.push_input(input).map_err(|e| DriverError::Input(e.into()))?;
         Ok(())
     }
 
