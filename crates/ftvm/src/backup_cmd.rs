@@ -45,7 +45,8 @@ pub struct BackupArgs {
 }
 
 pub fn run(args: BackupArgs) -> Result<i32> {
-    // Fault points named in FAILPOINTS (with the `failpoints` feature; the migration's too).
+    // Fault points named in FAILPOINTS (with the `failpoints` feature; the migration's and
+    // lockstep's provoked divergence too).
     let _faults = vmm::keeper::fault::setup();
     let config = machine_config(&args.vm, &[])?;
     // Attached now and kept: a TAP attached only at takeover may not forward at once.
@@ -70,6 +71,13 @@ pub fn run(args: BackupArgs) -> Result<i32> {
     };
     let vm_id = ownership.vm_id.clone();
     let mode = CheckpointBackup::start(options, ownership, tx.clone(), &machine)?;
+    // The same backup follows a lockstep primary: the stream says which (a lockstep start
+    // boots a machine from these images with the primary's boot parameters).
+    let images = config.clone();
+    let rebuild: vmm::mode::lockstep_follower::Rebuild<Machine> =
+        Box::new(move |boot| Machine::new(&boot.apply(&images)).map_err(|e| vmm::replicate::chain(&e)));
+    let mode = vmm::mode::lockstep_follower::LockstepBackup::new(mode, rebuild)
+        .context("the backup's protocol thread stopped at once")?;
     let mut driver = Driver::new(machine, rx, args.vm.clock.into());
     driver.vm_id = Some(vm_id);
     driver.set_mode(Box::new(mode));

@@ -37,7 +37,7 @@ pub struct DemoArgs {
     #[arg(long, value_name = "MS", default_value_t = 25)]
     pub epoch_ms: u64,
     /// Replicate by checkpoints, or in lockstep (the backup executes behind the primary, only
-    /// the inputs crossing the wire; needs the lockstep backup, not yet on main)
+    /// the inputs crossing the wire)
     #[arg(long, value_enum, default_value = "checkpoint", conflicts_with = "cluster")]
     pub mode: crate::replication_args::ReplicationMode,
     /// Instead of killing the primary, cut the replication link both ways: exactly one

@@ -15,6 +15,7 @@
 pub mod backup;
 pub mod checkpoint;
 pub mod lockstep;
+pub mod lockstep_follower;
 pub mod migrate;
 
 use crate::control::{Command, Reply};

@@ -74,6 +74,12 @@ impl<V: Vm> CheckpointBackup<V> {
     pub fn applies(&self) -> Applies {
         self.applies
     }
+
+    /// The way to the protocol thread, for a mode that answers applies itself (lockstep's
+    /// follower); None once the thread was shut down.
+    pub fn sender(&self) -> Option<Sender<ToBackup>> {
+        self.handle.as_ref().map(|h| h.tx.clone())
+    }
 }
 
 impl<V: Vm> Mode<V> for CheckpointBackup<V> {

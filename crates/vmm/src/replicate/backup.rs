@@ -64,6 +64,11 @@ pub enum ToBackup {
     Closed {
         conn: ConnId,
     },
+    /// The machine no longer holds the primary's state (a lockstep backup diverged after it
+    /// acknowledged): the protocol drops it and gets a full checkpoint on the next connection.
+    StateLost {
+        reason: String,
+    },
     /// Stop waiting (the backup was stopped): close every connection, hand the record back.
     Shutdown,
 }
@@ -277,6 +282,7 @@ impl Waiting {
                 };
                 (self.backup.step(event), false)
             }
+            ToBackup::StateLost { reason } => (self.backup.step(BackupEvent::StateLost { reason }), false),
             ToBackup::Shutdown => (Vec::new(), false), // taken in `run`
         })
     }
@@ -361,9 +367,16 @@ impl Waiting {
                 }
                 BackupAction::ApplyCheckpoint { epoch, icount, payload, .. } => {
                     self.handed_icount = Some(icount);
+                    // A lockstep batch is held once this process has it (its follower answers
+                    // a divergence with StateLost): acknowledged now, without waiting for the
+                    // driver, which runs the machine meanwhile.
+                    let lockstep = replica::lockstep::is_lockstep(&payload);
                     let apply = ModeEvent::Apply { epoch, icount, payload };
                     if self.events.send(HostEvent::Mode(apply)).is_err() {
                         return Err(ReplicationError::DriverGone);
+                    }
+                    if lockstep {
+                        queue.extend(self.backup.step(BackupEvent::CheckpointApplied { epoch }));
                     }
                 }
                 BackupAction::Close { conn, error } => {
