@@ -227,7 +227,13 @@ impl Sim {
         let primary = PrimaryHost {
             core: Primary::new(config, 1, 0),
             leader: Leader::new(
-                LeaderConfig { max_held_outputs: 64, digest_every_ms: 30, min_batch_ms: 3, max_lag_ms: 5 },
+                LeaderConfig {
+                    max_held_outputs: 64,
+                    digest_every_ms: 30,
+                    min_batch_ms: 3,
+                    max_lag_ms: 5,
+                    ..LeaderConfig::default()
+                },
                 0,
             ),
             machine: Toy::boot(),

@@ -132,6 +132,15 @@ pub struct Lockstep {
     pub states: u64,
     /// Outputs that left (the release mark).
     pub released_outputs: u64,
+    /// A primary, bounded lag: batches the backup has not acknowledged yet (it acknowledges
+    /// only what its machine has nearly executed); the guest pauses at 48, or once it ran 40 M
+    /// instructions past the oldest: how often it paused, and for how long in all.
+    #[serde(default)]
+    pub unreleased_batches: Option<u64>,
+    #[serde(default)]
+    pub throttles: u64,
+    #[serde(default)]
+    pub throttled_ms: f64,
     /// A backup: inputs held and pushed into its machine, digests checked, divergences found
     /// and resynchronizations done, outputs kept after the release mark.
     pub inputs_held: u64,

@@ -13,6 +13,19 @@ use thiserror::Error;
 /// far fewer: its back-pressure stops the guest first).
 pub const MAX_KEPT_OUTPUTS: usize = 1 << 16;
 
+/// A backup acknowledges a batch only while its machine runs at most this many instructions
+/// behind the batch's end (about 0.1 s of guest work); past that it acknowledges as it
+/// catches up, and the primary, which pauses with too much unacknowledged
+/// ([`super::leader::LeaderConfig::max_unreleased_icount`]), slows to its pace. So the lag a
+/// failover must execute stays bounded.
+pub const MAX_LAG_ICOUNT: u64 = 20_000_000;
+
+/// Whether a batch ending at `end_icount` may be acknowledged now, the backup's machine
+/// standing at `executed_icount`.
+pub fn ack_now(end_icount: u64, executed_icount: u64) -> bool {
+    end_icount.saturating_sub(executed_icount) <= MAX_LAG_ICOUNT
+}
+
 /// What the caller does with its machine next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {

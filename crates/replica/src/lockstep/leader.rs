@@ -20,11 +20,27 @@ pub struct LeaderConfig {
     /// With no input and no output, a batch still goes out this often while the guest runs,
     /// so that the backup follows closely (its lag is what a failover must execute).
     pub max_lag_ms: u64,
+    /// Batches cut but not yet released beyond which the guest pauses ([`Leader::lagging`]):
+    /// a backup acknowledges a batch only while its machine runs at most
+    /// [`super::follower::MAX_LAG_ICOUNT`] behind it, so a backup that cannot keep up slows
+    /// the primary down to its pace instead of falling ever further behind (and its queue,
+    /// 64 checkpoints at most, never overflows).
+    pub max_unreleased_batches: u64,
+    /// Instructions executed past the last released batch's end beyond which the guest
+    /// pauses too: with the backup's own bound, what a failover must execute is bounded.
+    pub max_unreleased_icount: u64,
 }
 
 impl Default for LeaderConfig {
     fn default() -> Self {
-        LeaderConfig { max_held_outputs: 4096, digest_every_ms: 250, min_batch_ms: 10, max_lag_ms: 50 }
+        LeaderConfig {
+            max_held_outputs: 4096,
+            digest_every_ms: 250,
+            min_batch_ms: 10,
+            max_lag_ms: 50,
+            max_unreleased_batches: 48,
+            max_unreleased_icount: 2 * super::follower::MAX_LAG_ICOUNT,
+        }
     }
 }
 
@@ -55,6 +71,9 @@ pub struct Leader<O> {
     last_cut_ms: u64,
     last_cut_icount: Option<u64>,
     last_digest_ms: u64,
+    /// The newest epoch released, and the end icount of each epoch cut after it.
+    released_epoch: u64,
+    unreleased_ends: std::collections::VecDeque<(u64, u64)>,
     totals: LeaderTotals,
 }
 
@@ -72,6 +91,8 @@ impl<O> Leader<O> {
             last_cut_ms: now_ms,
             last_cut_icount: None,
             last_digest_ms: now_ms,
+            released_epoch: 0,
+            unreleased_ends: std::collections::VecDeque::new(),
             totals: LeaderTotals::default(),
         }
     }
@@ -149,6 +170,7 @@ impl<O> Leader<O> {
 
     fn end_epoch(&mut self, icount: u64, now_ms: u64) -> u64 {
         self.epoch += 1;
+        self.unreleased_ends.push_back((self.epoch, icount));
         self.last_cut_icount = Some(icount);
         self.last_cut_ms = now_ms;
         self.outputs_this_epoch = false;
@@ -158,6 +180,10 @@ impl<O> Leader<O> {
     /// Output commit: the backup holds every epoch up to `up_to_epoch` (or no backup can
     /// take over any more): their outputs leave, in order.
     pub fn release(&mut self, up_to_epoch: u64) -> Vec<O> {
+        self.released_epoch = self.released_epoch.max(up_to_epoch.min(self.epoch));
+        while self.unreleased_ends.front().is_some_and(|&(epoch, _)| epoch <= self.released_epoch) {
+            self.unreleased_ends.pop_front();
+        }
         let released = self.held.release(up_to_epoch);
         self.outputs_released += released.len() as u64;
         released
@@ -166,6 +192,21 @@ impl<O> Leader<O> {
     /// Back-pressure: the guest pauses while this many outputs wait.
     pub fn must_wait(&self) -> bool {
         self.held.len() >= self.config.max_held_outputs
+    }
+
+    /// Bounded lag: the backup has not acknowledged the last `max_unreleased_batches`
+    /// batches, or the machine (at `icount`) ran `max_unreleased_icount` past the end of the
+    /// oldest unreleased one (the guest should pause until it does; the caller applies this
+    /// only while a backup follows).
+    pub fn lagging(&self, icount: u64) -> bool {
+        let oldest_end = self.unreleased_ends.front().map(|&(_, end)| end);
+        self.unreleased_batches() >= self.config.max_unreleased_batches
+            || oldest_end.is_some_and(|end| icount.saturating_sub(end) >= self.config.max_unreleased_icount)
+    }
+
+    /// Batches cut and not yet released.
+    pub fn unreleased_batches(&self) -> u64 {
+        self.epoch - self.released_epoch
     }
 
     pub fn held_outputs(&self) -> usize {
@@ -213,6 +254,26 @@ mod tests {
         leader.hold("next");
         let (_, batch) = leader.cut(20, 2, None, None);
         assert_eq!(batch.released_outputs, 1, "the release mark counts what left");
+    }
+
+    #[test]
+    fn a_backup_that_does_not_acknowledge_makes_the_leader_lag() {
+        let config = LeaderConfig { max_unreleased_batches: 4, max_unreleased_icount: 1000, ..LeaderConfig::default() };
+        let mut leader: Leader<()> = Leader::new(config, 0);
+        for icount in [0, 10, 20] {
+            leader.cut(icount, icount, None, None);
+            assert!(!leader.lagging(icount), "{icount}");
+        }
+        leader.cut(30, 30, None, None);
+        assert!(leader.lagging(30), "four batches unreleased, fewer than four allowed");
+        leader.release(2);
+        assert_eq!(leader.unreleased_batches(), 2);
+        assert!(!leader.lagging(30));
+        assert!(!leader.lagging(20 + 999));
+        assert!(leader.lagging(20 + 1000), "1000 instructions past the oldest unreleased batch's end");
+        leader.release(u64::MAX);
+        assert_eq!(leader.unreleased_batches(), 0);
+        assert!(!leader.lagging(1_000_000));
     }
 
     #[test]

@@ -85,6 +85,13 @@ pub struct LockstepPrimary<V: Vm> {
     batch_bytes: u64,
     /// The guest powered off or reset (no more digests).
     ended: bool,
+    /// Where the machine stood at the last slice end (for the lag bound).
+    icount: u64,
+    /// Bounded lag: the guest paused because the backup lagged — since when, how often,
+    /// for how long in all (kept in cells: `must_wait` only looks).
+    throttled_since: std::cell::Cell<Option<Instant>>,
+    throttles: std::cell::Cell<u64>,
+    throttled_us: std::cell::Cell<u64>,
     _vm: std::marker::PhantomData<fn(&mut V)>,
 }
 
@@ -118,6 +125,10 @@ impl<V: Vm> LockstepPrimary<V> {
             digest_us: 0,
             batch_bytes: 0,
             ended: false,
+            icount: vm.icount(),
+            throttled_since: std::cell::Cell::new(None),
+            throttles: std::cell::Cell::new(0),
+            throttled_us: std::cell::Cell::new(0),
             boot: options.boot,
             _vm: std::marker::PhantomData,
         };
@@ -210,6 +221,7 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
     }
 
     fn on_slice_end(&mut self, vm: &mut V, _idle: bool) -> Result<(), ModeError> {
+        self.icount = vm.icount();
         let wanted = self.wanted();
         if self.leader.cut_due(vm.icount(), self.now_ms(), wanted == CheckpointKind::Full) {
             self.cut(vm, Some(wanted), false)?;
@@ -221,8 +233,27 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
         std::mem::take(&mut self.released)
     }
 
+    /// Output commit's back-pressure, and bounded lag: while a backup follows, the guest
+    /// pauses when the backup has not acknowledged the last batches (it acknowledges only
+    /// what its machine nearly caught up with), until it catches up.
     fn must_wait(&self) -> bool {
-        self.leader.must_wait()
+        if self.leader.must_wait() {
+            return true;
+        }
+        let lagging =
+            self.leader.lagging(self.icount) && self.handle.shared.lock().expect("not poisoned").status.streaming;
+        match (lagging, self.throttled_since.get()) {
+            (true, None) => {
+                self.throttled_since.set(Some(Instant::now()));
+                self.throttles.set(self.throttles.get() + 1);
+            }
+            (false, Some(since)) => {
+                self.throttled_since.set(None);
+                self.throttled_us.set(self.throttled_us.get() + since.elapsed().as_micros() as u64);
+            }
+            _ => {}
+        }
+        lagging
     }
 
     fn idle_wait_limit(&self) -> Option<Duration> {
@@ -336,6 +367,12 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
             digests: totals.digests,
             states: totals.states,
             released_outputs: self.leader.outputs_released(),
+            unreleased_batches: Some(self.leader.unreleased_batches()),
+            throttles: self.throttles.get(),
+            throttled_ms: (self.throttled_us.get()
+                + self.throttled_since.get().map_or(0, |since| since.elapsed().as_micros() as u64))
+                as f64
+                / 1e3,
             ..Lockstep::default()
         });
     }

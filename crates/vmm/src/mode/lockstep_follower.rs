@@ -50,7 +50,13 @@ struct Following {
     said_diverged: bool,
     /// The protocol was told the state is lost (since the last start).
     said_lost: bool,
+    /// The icount last reported to the protocol thread ([`ToBackup::Executed`]).
+    reported_icount: Option<u64>,
 }
+
+/// The follower tells the protocol thread how far its machine got at least this often (in
+/// instructions), and whenever it has executed all it holds.
+const REPORT_EVERY_ICOUNT: u64 = 1_000_000;
 
 impl<V: Vm> LockstepBackup<V> {
     /// Wrap the checkpoint backup `inner`; `rebuild` makes the machine a lockstep start
@@ -75,6 +81,7 @@ impl<V: Vm> LockstepBackup<V> {
                 epoch: 0,
                 said_diverged: false,
                 said_lost: false,
+                reported_icount: None,
             }
         });
         let held =
@@ -142,6 +149,19 @@ impl Following {
             }
         }
         self.say_divergence(tx);
+        self.report_executed(vm.icount(), tx);
+    }
+
+    /// Bounded lag: the protocol thread acknowledges a batch far ahead of the machine only
+    /// once the machine catches up with it.
+    fn report_executed(&mut self, icount: u64, tx: &Sender<ToBackup>) {
+        let due = self.reported_icount.is_none_or(|last| {
+            icount < last || icount - last >= REPORT_EVERY_ICOUNT || (self.target.is_none() && icount != last)
+        });
+        if due {
+            self.reported_icount = Some(icount);
+            let _ = tx.send(ToBackup::Executed { icount });
+        }
     }
 
     /// A slice ended: tell the follower how far it got and what it produced.

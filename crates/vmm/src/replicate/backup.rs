@@ -69,6 +69,12 @@ pub enum ToBackup {
     StateLost {
         reason: String,
     },
+    /// A lockstep backup's machine has executed up to `icount`: a batch whose
+    /// acknowledgement waits for it to catch up ([`replica::lockstep::follower::ack_now`])
+    /// may be acknowledged.
+    Executed {
+        icount: u64,
+    },
     /// Stop waiting (the backup was stopped): close every connection, hand the record back.
     Shutdown,
 }
@@ -145,6 +151,8 @@ pub fn start(
         ownership,
         conns: Connections { streams: HashMap::new(), next_id: 0, primary: None },
         handed_icount: None,
+        executed_icount: 0,
+        deferred_ack: None,
         timeline: super::migrate::Timeline::default(),
     };
     let thread = std::thread::Builder::new()
@@ -188,6 +196,10 @@ struct Waiting {
     ownership: Ownership,
     conns: Connections,
     handed_icount: Option<u64>,
+    /// Lockstep: how far the follower's machine has executed, and the batch (epoch, end
+    /// icount) whose acknowledgement waits for it to catch up (bounded lag).
+    executed_icount: u64,
+    deferred_ack: Option<(u64, u64)>,
     /// A switchover's steps, for the downtime's breakdown.
     timeline: super::migrate::Timeline,
 }
@@ -282,7 +294,21 @@ impl Waiting {
                 };
                 (self.backup.step(event), false)
             }
-            ToBackup::StateLost { reason } => (self.backup.step(BackupEvent::StateLost { reason }), false),
+            // A batch whose acknowledgement waited is not held any more: as a failed apply.
+            ToBackup::StateLost { reason } => match self.deferred_ack.take() {
+                Some((epoch, _)) => (self.backup.step(BackupEvent::ApplyFailed { epoch, reason }), false),
+                None => (self.backup.step(BackupEvent::StateLost { reason }), false),
+            },
+            ToBackup::Executed { icount } => {
+                self.executed_icount = icount;
+                match self.deferred_ack {
+                    Some((epoch, end)) if replica::lockstep::follower::ack_now(end, icount) => {
+                        self.deferred_ack = None;
+                        (self.backup.step(BackupEvent::CheckpointApplied { epoch }), false)
+                    }
+                    _ => (Vec::new(), false),
+                }
+            }
             ToBackup::Shutdown => (Vec::new(), false), // taken in `run`
         })
     }
@@ -375,7 +401,10 @@ impl Waiting {
                     if self.events.send(HostEvent::Mode(apply)).is_err() {
                         return Err(ReplicationError::DriverGone);
                     }
-                    if lockstep {
+                    if lockstep && !replica::lockstep::follower::ack_now(icount, self.executed_icount) {
+                        // Bounded lag: acknowledged once the follower's machine catches up.
+                        self.deferred_ack = Some((epoch, icount));
+                    } else if lockstep {
                         queue.extend(self.backup.step(BackupEvent::CheckpointApplied { epoch }));
                     }
                 }
