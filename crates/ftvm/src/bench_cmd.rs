@@ -5,6 +5,10 @@
 //! takeover time from SIGKILL to the first answered request (min, median and max over at
 //! least `--kills` kills, with the backup's default detection timeout).
 //!
+//! Lockstep (`--mode lockstep`) is a row beside the epochs (`--lockstep false` to skip it),
+//! and [`redis`] measures a real service the same three ways (unreplicated, epoch 25 ms,
+//! lockstep): Debian's redis-server driven by the host's redis-benchmark.
+//!
 //! It also times re-protections ([`reprotect`]): `ftvm ctl protect` from a replica that
 //! took over to a fresh backup, until the first acknowledged epoch, for the default guest
 //! and for one with a large (sparse) disk.
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 
 mod microreboot;
 mod migrate;
+mod redis;
 mod reprotect;
 
 /// The takeover probe: a new connection this often...
@@ -100,10 +105,13 @@ pub struct ReplicationBench {
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
     /// Also measure lockstep replication (`--mode lockstep`), beside the checkpoint epochs
-    /// (off by default until the lockstep backup, `ftvm backup` following a lockstep
-    /// primary, is on main)
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub lockstep: bool,
+    /// Rounds of the real-service figures: Debian's redis-server in the guest (the Debian test
+    /// image, `bash guest/build-debian-test.sh`; skipped when it is missing) driven by the
+    /// host's redis-benchmark, unreplicated, at epoch 25 ms and in lockstep (0: none)
+    #[arg(long, default_value_t = 1)]
+    pub redis_runs: usize,
 }
 
 /// One configuration of the table.
@@ -195,6 +203,7 @@ pub fn run(kind: BenchKind) -> Result<i32> {
     if !rows.is_empty() {
         print_table(&rows);
     }
+    redis_rounds(&topo, &dir, &args, &mut spurious)?;
     print_takeover(&kills);
     reprotect::print(&reprotections);
     println!(
@@ -205,6 +214,31 @@ pub fn run(kind: BenchKind) -> Result<i32> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(0)
+}
+
+/// The real-service figures ([`redis`]), each configuration once per round, in alternation.
+fn redis_rounds(topo: &Topology, dir: &Path, args: &ReplicationBench, spurious: &mut usize) -> Result<()> {
+    if args.redis_runs == 0 {
+        return Ok(());
+    }
+    let Some(initrd) = redis::image() else {
+        println!("redis: no guest/debian-test/out/redis-initrd.cpio.gz (bash guest/build-debian-test.sh): skipped");
+        return Ok(());
+    };
+    let configs: Vec<Config> = [Config::Unreplicated, Config::Checkpoint(KILL_EPOCH_MS)]
+        .into_iter()
+        .chain(args.lockstep.then_some(Config::Lockstep))
+        .collect();
+    let mut rows: Vec<(String, Vec<redis::RedisFigures>)> = configs.iter().map(|&c| (label(c), Vec::new())).collect();
+    let load_start = redis::load_average();
+    for round in 1..=args.redis_runs {
+        for (i, &config) in configs.iter().enumerate() {
+            eprintln!("bench: redis round {round}/{}: {}", args.redis_runs, label(config));
+            rows[i].1.extend(attempt(spurious, || redis::measure(topo, dir, config, &initrd))?);
+        }
+    }
+    redis::print(&rows, (load_start, redis::load_average()));
+    Ok(())
 }
 
 /// Run `f` again (up to [`MAX_ATTEMPTS`] in all) when a spurious takeover cut it short;
@@ -301,6 +335,21 @@ fn start_config(
     command: &str,
     disks: Option<(&Path, &Path)>,
 ) -> Result<Pair> {
+    start_with(topo, dir, config, verify_every, command, disks, None)
+}
+
+/// [`start_config`] with another initial ramdisk for both replicas.
+fn start_with(
+    topo: &Topology,
+    dir: &Path,
+    config: Config,
+    verify_every: u64,
+    command: &str,
+    disks: Option<(&Path, &Path)>,
+    initrd: Option<&Path>,
+) -> Result<Pair> {
+    let initrd_args: Vec<String> =
+        initrd.map(|p| vec!["--initrd".to_string(), p.display().to_string()]).unwrap_or_default();
     let key = dir.join("key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef")?;
     let store = dir.join("store");
@@ -326,6 +375,7 @@ fn start_config(
             if let Some((_, disk)) = disks {
                 args.extend(strings(&["--disk", &disk.display().to_string()]));
             }
+            args.extend(initrd_args.iter().cloned());
             Some(spawn_in(&topo.backup_ns(), &args, &dir.join(format!("backup-{tag}.log")), "backup")?)
         }
         false => None,
@@ -344,6 +394,7 @@ fn start_config(
     if let Some((disk, _)) = disks {
         args.extend(strings(&["--disk", &disk.display().to_string()]));
     }
+    args.extend(initrd_args);
     args.extend(strings(&["--", "sh", "-c", command]));
     let primary = spawn_in(&topo.primary_ns(), &args, &log, "primary")?;
     Ok(Pair { backup, primary, sock, backup_sock, log })
