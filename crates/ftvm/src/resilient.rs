@@ -119,6 +119,7 @@ fn keep_with(
         hang_ms: args.hang_ms,
         poison_attempts: args.poison_attempts,
         rejuvenate_every: args.rejuvenate_every,
+        spare: !args.no_spare,
         ..supervisor::Options::default()
     };
     loop {
@@ -269,16 +270,28 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     let region_fd = inherited.region.try_clone().context("cannot duplicate the region's descriptor")?;
     let live = Region::open(region_fd.try_clone()?, vm.mem)?; // the API thread's view of the live page
     let region = Region::open(inherited.region, vm.mem);
-    let started = if std::env::var_os(supervisor::ENV_HANDOVER).is_some() {
+    let mut handover = std::env::var_os(supervisor::ENV_HANDOVER).is_some();
+    // A spare builds its machine now and waits, touching nothing in the region, until the
+    // keeper needs it.
+    let mut built = None;
+    if let Some(mut wake) = inherited.wake {
+        built = Some(monitor::build(&config).context("the spare monitor cannot build its machine")?);
+        match vmm::keeper::wait_to_be_woken(&mut wake)? {
+            Some(vmm::keeper::Wake::Recover) => {}
+            Some(vmm::keeper::Wake::Handover) => handover = true,
+            None => return Ok(0),
+        }
+    }
+    let started = if handover {
         match region.map_err(monitor::RecoverError::from).map_err(monitor::HandoverError::from) {
-            Ok(r) => match monitor::prepare(r, &config, disk) {
+            Ok(r) => match monitor::prepare(r, &config, disk, built) {
                 Ok(started) => started,
                 Err(e) => bail!("cannot take the VM over in the handover: {:#}", anyhow::Error::new(e)),
             },
             Err(e) => bail!("cannot take the VM over in the handover: {:#}", anyhow::Error::new(e)),
         }
     } else {
-        match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config, disk)) {
+        match region.map_err(monitor::RecoverError::from).and_then(|r| monitor::start(r, &config, disk, built)) {
             Ok(started) => started,
             Err(e) => {
                 let verdict = e.verdict();

@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// rejuvenate`), e.g. 30s, 10m, 500ms
     #[arg(long, value_name = "DURATION", requires = "resilient", value_parser = crate::resilient::parse_duration)]
     pub rejuvenate_every: Option<std::time::Duration>,
+    /// With --resilient: start each monitor only when it is needed, not one ahead with its
+    /// machine built (recovery then also builds the machine; less memory)
+    #[arg(long, requires = "resilient")]
+    pub no_spare: bool,
     /// Command to run in the guest (after --)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -29,6 +29,9 @@ pub struct MicrorebootBench {
     /// Guest RAM
     #[arg(long, default_value = "512M")]
     pub mem: String,
+    /// Start each monitor when it is needed, without a spare (--no-spare of the keeper)
+    #[arg(long)]
+    pub no_spare: bool,
 }
 
 /// Where faults go, and how many passes of each point a monitor makes before it (at most).
@@ -68,6 +71,8 @@ struct Campaign {
     console: Vec<u8>,
     /// A SIGKILL from outside due at this time, for the running monitor.
     kill_at: Option<std::time::Instant>,
+    /// The SIGKILLs planned (ms after the first output), by the attempt that gets one.
+    kill_plan: std::collections::HashMap<u32, u64>,
     /// A SIGKILL from outside due this long after the new monitor's first output (counted
     /// from then, so that a slow recovery on a loaded host is not struck again and again
     /// before the guest runs, which the keeper would take for a poison input).
@@ -80,15 +85,14 @@ struct Campaign {
 
 impl Hooks for Campaign {
     fn env(&mut self, attempt: u32) -> Vec<(String, String)> {
-        self.kill_at = None; // a kill due was for the monitor that died
-        self.kill_after_ms = None;
+        // (Called as monitor `attempt` starts, which may be ahead, as a spare.)
         if attempt == 1 || attempt as usize > self.injections + 1 {
             return Vec::new(); // the first boots the guest; the last runs on until the end
         }
         if self.rng.below(5) == 0 {
             // A kill from outside (an operator's kill -9, the OOM killer), once it recovered.
             let after_ms = 100 + self.rng.below(400);
-            self.kill_after_ms = Some(after_ms);
+            self.kill_plan.insert(attempt, after_ms);
             self.faults.push(format!("SIGKILL {after_ms} ms after its first output"));
             return Vec::new();
         }
@@ -102,6 +106,11 @@ impl Hooks for Campaign {
         let spec = format!("{point}={skip}*off->1*{action}");
         self.faults.push(spec.clone());
         vec![("FAILPOINTS".to_string(), spec)]
+    }
+
+    fn started(&mut self, attempt: u32) {
+        self.kill_at = None; // a kill due was for the monitor that died
+        self.kill_after_ms = self.kill_plan.remove(&attempt);
     }
 
     fn restarted(&mut self, restart: &Restart) {
@@ -173,9 +182,13 @@ pub fn run(args: MicrorebootBench) -> Result<i32> {
     crate::guest_image::ensure()?;
     let seed = args.seed.unwrap_or_else(vmm::keeper::supervisor::now_ns);
     eprintln!("bench: microreboot, {} injections, seed {seed} (--seed {seed} repeats the schedule)", args.injections);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     let hang = args.hang_ms.to_string();
+    let spare: &[&str] = if args.no_spare { &["--no-spare"] } else { &[] };
     let line: Vec<OsString> = ["run", "--resilient", "--clock", "fast", "--mem", &args.mem, "--hang-ms", &hang]
         .iter()
+        .chain(spare)
         .map(OsString::from)
         .chain(["--", "sh", "-c", COUNTER].iter().map(OsString::from))
         .collect();
@@ -188,6 +201,7 @@ pub fn run(args: MicrorebootBench) -> Result<i32> {
         restarts: Vec::new(),
         console: Vec::new(),
         kill_at: None,
+        kill_plan: Default::default(),
         kill_after_ms: None,
         counting: false,
         printed: 0,
@@ -196,6 +210,14 @@ pub fn run(args: MicrorebootBench) -> Result<i32> {
     let (end, _) = resilient::keep(&run_args, line, &mut Quiet, &mut campaign)?;
     let seconds = started.elapsed().as_secs_f64();
     report(&campaign, &end, seconds, args.hang_ms, seed);
+    let after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let after: Vec<&str> = after.split_whitespace().take(3).collect();
+    println!(
+        "  host load average (1, 5, 15 min): {} at the start, {} at the end; spare monitors {}",
+        load.join(" "),
+        after.join(" "),
+        if args.no_spare { "off" } else { "on" }
+    );
     Ok(0)
 }
 
@@ -264,11 +286,41 @@ fn report(c: &Campaign, end: &End, seconds: f64, hang_ms: u64, seed: u64) {
         println!("  {what} ({}): failure seen -> first output:  {}", output.len(), line(&output));
     }
     println!("  (a hang is seen {hang_ms} ms after the last heartbeat: --hang-ms)");
+    report_steps(restarts);
     let mut by_kind: std::collections::BTreeMap<String, usize> = Default::default();
     for r in restarts {
         *by_kind.entry(r.cause.to_string()).or_default() += 1;
     }
     for (kind, count) in by_kind {
         println!("  {count:5} {kind}");
+    }
+}
+
+/// The recovery's steps after a crash (a hang adds the wait before it is seen), median and
+/// p99 of each, over the restarts whose new monitor reached the guest running.
+fn report_steps(restarts: &[Restart]) {
+    use vmm::keeper::supervisor::Cause;
+    let done: Vec<&Restart> = restarts.iter().filter(|r| r.cause != Cause::Hang && r.running_ns.is_some()).collect();
+    let spares = done.iter().filter(|r| r.steps.spare).count();
+    println!("  crashes, failure seen -> guest running, by step ({} restarts, {spares} by a spare):", done.len());
+    let steps: [(&str, &dyn Fn(&Restart) -> Option<(u64, u64)>); 7] = [
+        ("reap + hand over", &|r| Some((r.detected_ns, r.steps.handed_ns))),
+        ("process start / wake", &|r| Some((r.steps.handed_ns, r.steps.begun_ns?))),
+        ("build the machine", &|r| Some((r.steps.begun_ns?, r.steps.built_ns?))),
+        ("lay the RAM image", &|r| Some((r.steps.built_ns?, r.steps.laid_ns?))),
+        ("restore the state", &|r| Some((r.steps.laid_ns?, r.steps.restored_ns?))),
+        ("replay the log", &|r| Some((r.steps.restored_ns?, r.running_ns?))),
+        ("then: first output", &|r| Some((r.running_ns?, r.first_output_ns?))),
+    ];
+    for (name, step) in steps {
+        let mut v: Vec<f64> =
+            done.iter().filter_map(|r| step(r)).map(|(a, b)| b.saturating_sub(a) as f64 / 1e6).collect();
+        v.sort_by(f64::total_cmp);
+        println!(
+            "    {name:22} median {:7.1} ms, p99 {:7.1} ms ({} samples)",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99),
+            v.len()
+        );
     }
 }

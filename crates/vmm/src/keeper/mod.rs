@@ -37,6 +37,8 @@ pub struct Inherited {
     pub api: Option<OwnedFd>,
     /// The disk journal, when the VM's disk is written.
     pub disk: Option<OwnedFd>,
+    /// A spare's wake pipe (see [`supervisor::WAKE_RECOVER`]).
+    pub wake: Option<std::fs::File>,
     pub attempt: u32,
 }
 
@@ -44,7 +46,7 @@ pub struct Inherited {
 pub fn inherited() -> Result<Option<Inherited>> {
     let Ok(spec) = std::env::var(ENV_FDS) else { return Ok(None) };
     let attempt = std::env::var(ENV_ATTEMPT).ok().and_then(|a| a.parse().ok()).unwrap_or(1);
-    let (mut region, mut stream, mut tap, mut api, mut disk) = (None, None, None, None, None);
+    let (mut region, mut stream, mut tap, mut api, mut disk, mut wake) = (None, None, None, None, None, None);
     for part in spec.split(',') {
         let Some((name, fd)) = part.split_once('=') else { bail!("{ENV_FDS}={spec:?}: expected name=fd pairs") };
         let fd: RawFd = fd.parse().with_context(|| format!("{ENV_FDS}: {part:?} is not a descriptor"))?;
@@ -59,6 +61,7 @@ pub fn inherited() -> Result<Option<Inherited>> {
             "tap" => &mut tap,
             "api" => &mut api,
             "disk" => &mut disk,
+            "wake" => &mut wake,
             _ => bail!("{ENV_FDS}: unknown descriptor name {name:?}"),
         };
         anyhow::ensure!(slot.replace(owned).is_none(), "{ENV_FDS}: {name} given twice");
@@ -72,6 +75,36 @@ pub fn inherited() -> Result<Option<Inherited>> {
         tap,
         api,
         disk,
+        wake: wake.map(std::fs::File::from),
         attempt,
     }))
+}
+
+/// What a spare monitor was woken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Take the VM over from the region (a monitor died).
+    Recover,
+    /// Be a planned handover's successor.
+    Handover,
+}
+
+/// Wait on a spare's wake pipe for the keeper's word; None at its end (the keeper is gone,
+/// or needs no spare any more): the spare then just ends.
+pub fn wait_to_be_woken(wake: &mut std::fs::File) -> Result<Option<Wake>> {
+    use std::io::Read as _;
+    let mut word = [0u8; 1];
+    loop {
+        match wake.read(&mut word) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("cannot read the spare's wake pipe"),
+        }
+    }
+    match word[0] {
+        supervisor::WAKE_RECOVER => Ok(Some(Wake::Recover)),
+        supervisor::WAKE_HANDOVER => Ok(Some(Wake::Handover)),
+        other => bail!("the keeper woke the spare with an unknown word {other}"),
+    }
 }

@@ -405,40 +405,60 @@ impl RecoverError {
 /// Start a monitor on `region`: a fresh machine (first checkpoint taken), or the VM
 /// recovered from the region's checkpoint with the inputs to replay.
 /// A written disk (`disk`) is folded up to the committed checkpoint first, and the machine
-/// must write into an overlay (`config.disk_overlay`).
+/// must write into an overlay (`config.disk_overlay`). `built`: the machine, if this monitor
+/// built it ahead (a spare, [`build`]), as `Machine::new(config)` builds it.
 pub fn start(
     mut region: Region,
     config: &MachineConfig,
     mut disk: Option<DiskJournal>,
+    built: Option<Machine>,
 ) -> Result<Started, RecoverError> {
     assert!(disk.is_none() || config.disk_overlay, "a resilient VM's written disk goes through an overlay");
+    region.set_live(Live::BegunNs, now_ns());
     region.set_live(Live::MonitorPid, u64::from(std::process::id()));
     region.bump_heartbeat(0);
     region.apply_staged(disk.as_mut())?;
+    let built = match built {
+        Some(machine) => machine,
+        None => build(config)?,
+    };
+    region.set_live(Live::BuiltNs, now_ns());
     let Some(committed) = region.committed()? else {
         region.set_live(Live::Phase, Phase::Starting as u64);
-        let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
+        let mut machine = built;
         let mut monitor = Monitor::new(region, Marks::default(), disk);
         monitor.first_checkpoint(&mut machine)?;
         monitor.running(0, 0);
         return Ok(Started { machine, monitor, inputs: Vec::new(), recovered: false });
     };
     region.set_live(Live::Phase, Phase::Recovering as u64);
-    let t0 = Instant::now();
-    let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
-    let t1 = t0.elapsed();
+    let mut machine = built;
     let written = lay_image(&region, &mut machine)?;
+    region.set_live(Live::LaidNs, now_ns());
     region.bump_heartbeat(committed.marks.icount);
     let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
     machine.restore_state(state).map_err(RecoverError::Restore)?;
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
     let inputs = region.inputs(committed.marks.seq)?;
+    region.set_live(Live::RestoredNs, now_ns());
     if std::env::var_os("FTVM_KEEPER_TIMING").is_some() {
-        eprintln!("ftvm: monitor: machine built in {t1:?}, {written} pages restored by {:?}", t0.elapsed());
+        let ms = |a: Live, b: Live| region.live(b).saturating_sub(region.live(a)) as f64 / 1e6;
+        eprintln!(
+            "ftvm: monitor: machine built in {:.1} ms, {written} pages laid in {:.1} ms, state restored in {:.1} ms",
+            ms(Live::BegunNs, Live::BuiltNs),
+            ms(Live::BuiltNs, Live::LaidNs),
+            ms(Live::LaidNs, Live::RestoredNs)
+        );
     }
     let monitor = Monitor::new(region, committed.marks, disk);
     Ok(Started { machine, monitor, inputs, recovered: true })
+}
+
+/// Build the machine a monitor starts from: the boot image laid out, as every monitor of
+/// this VM lays it (a spare does this before it is needed).
+pub fn build(config: &MachineConfig) -> Result<Machine, RecoverError> {
+    Machine::new(config).map_err(RecoverError::Machine)
 }
 
 /// Tell the keeper why this monitor gives up, through the live page (if the region can
@@ -467,18 +487,22 @@ pub enum HandoverError {
 /// How long a prepared monitor waits for the old one's final checkpoint.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(30);
 
-/// Take the VM over in a planned handover: build the machine and lay the image while the
-/// old monitor still runs the guest (it takes no checkpoint meanwhile), say `Ready`, wait
+/// Take the VM over in a planned handover: build the machine (unless `built`, a spare's)
+/// and lay the image while the old monitor still runs the guest (it takes no checkpoint meanwhile), say `Ready`, wait
 /// for its final checkpoint, then lay only the pages that checkpoint carried and restore
 /// its state. The guest's pause is the final checkpoint plus that last step.
 pub fn prepare(
     region: Region,
     config: &MachineConfig,
     mut disk: Option<DiskJournal>,
+    built: Option<Machine>,
 ) -> Result<Started, HandoverError> {
     assert!(disk.is_none() || config.disk_overlay, "a resilient VM's written disk goes through an overlay");
     let seq0 = region.live(Live::CheckpointSeq);
-    let mut machine = Machine::new(config).map_err(RecoverError::Machine)?;
+    let mut machine = match built {
+        Some(machine) => machine,
+        None => build(config)?,
+    };
     // The image may change under us if the old monitor was inside a checkpoint as the
     // handover began: then the next checkpoint is not seq0 + 1, and we lay it all again
     // at the end.

@@ -104,10 +104,18 @@ pub enum Live {
     /// Bytes of the request's and the outcome's text.
     RequestLen = 25,
     OutcomeLen = 26,
+    /// A recovery's steps, wall clock (ns since the epoch), written by the monitor: it began
+    /// (a spare: woken), its machine was built, the image laid, the state restored and the
+    /// log read. [`Live::RunningNs`] follows, once the replay is done. The keeper zeroes them
+    /// as it starts or wakes a monitor.
+    BegunNs = 27,
+    BuiltNs = 28,
+    LaidNs = 29,
+    RestoredNs = 30,
 }
 
 impl Live {
-    const COUNT: usize = 27;
+    const COUNT: usize = 31;
 }
 
 /// What a planned handover does.

@@ -36,6 +36,9 @@ pub struct Options {
     pub start_grace_ms: u64,
     /// Hand the VM to a fresh monitor this often (`--rejuvenate-every`).
     pub rejuvenate_every: Option<Duration>,
+    /// Keep a spare monitor started ahead, its machine built, for the next restart or
+    /// handover (it then only lays the image, restores and replays).
+    pub spare: bool,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             max_restarts: 10_000,
             start_grace_ms: 5000,
             rejuvenate_every: None,
+            spare: true,
         }
     }
 }
@@ -91,6 +95,22 @@ pub struct Restart {
     pub first_output_ns: Option<u64>,
     pub replayed_inputs: u64,
     pub replayed_icount: u64,
+    /// The recovery's steps (ns since the epoch; None when the new monitor did not reach
+    /// them): the keeper started or woke the new monitor; it began (after its process
+    /// start, or woken as a spare); built its machine; laid the image; restored the state.
+    pub steps: Steps,
+}
+
+/// When a recovery reached each step (ns since the epoch), see [`Restart::steps`].
+#[derive(Debug, Clone, Default)]
+pub struct Steps {
+    /// Whether the new monitor was a spare, started ahead.
+    pub spare: bool,
+    pub handed_ns: u64,
+    pub begun_ns: Option<u64>,
+    pub built_ns: Option<u64>,
+    pub laid_ns: Option<u64>,
+    pub restored_ns: Option<u64>,
 }
 
 /// How supervision ended.
@@ -164,6 +184,8 @@ pub trait Hooks {
     fn kill_now(&mut self) -> bool {
         false
     }
+    /// Monitor `attempt` runs the VM from now on (started for it, or a spare woken).
+    fn started(&mut self, _attempt: u32) {}
 }
 
 pub struct NoHooks;
@@ -192,6 +214,26 @@ struct Keeper<'a> {
     attempt: u32,
     /// When the last handover ended (or supervision began), for `rejuvenate_every`.
     last_handover: Instant,
+    /// A monitor started ahead, waiting to be woken (`Options::spare`).
+    spare: Option<Spare>,
+    spare_wanted: bool,
+    /// The restart under way: how its new monitor was started.
+    handed: Steps,
+}
+
+/// A spare monitor: it built its machine and waits for one byte on its wake pipe.
+struct Spare {
+    monitor: MonitorProc,
+    wake: std::fs::File,
+}
+
+impl Drop for Keeper<'_> {
+    fn drop(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            spare.monitor.kill();
+            let _ = spare.monitor.wait();
+        }
+    }
 }
 
 impl Keeper<'_> {
@@ -221,11 +263,72 @@ impl Keeper<'_> {
         self.pending = false;
         let running_ns = self.running_ns();
         let (inputs, icount) = (self.region.live(Live::ReplayedInputs), self.region.live(Live::ReplayedIcount));
+        let r = self.region;
+        let step = |field: Live| Some(r.live(field)).filter(|&ns| ns != 0);
+        let steps = Steps {
+            begun_ns: step(Live::BegunNs),
+            built_ns: step(Live::BuiltNs),
+            laid_ns: step(Live::LaidNs),
+            restored_ns: step(Live::RestoredNs),
+            ..self.handed.clone()
+        };
         let Some(restart) = self.restarts.last_mut() else { return };
         restart.first_output_ns = first_output_ns;
         restart.running_ns = running_ns;
         (restart.replayed_inputs, restart.replayed_icount) = (inputs, icount);
+        restart.steps = steps;
         self.hooks.restarted(restart);
+    }
+
+    /// Monitor `attempt` runs the VM from now on: the live page's per-monitor fields are
+    /// its (set before it can write them).
+    fn activate(&mut self, attempt: u32, spare: bool) {
+        let r = self.region;
+        r.set_live(Live::Attempt, u64::from(attempt));
+        r.set_live(Live::Phase, Phase::Starting as u64);
+        r.set_live(Live::Verdict, Verdict::None as u64);
+        r.set_live(Live::MessageLen, 0);
+        for field in [Live::BegunNs, Live::BuiltNs, Live::LaidNs, Live::RestoredNs] {
+            r.set_live(field, 0);
+        }
+        self.handed = Steps { spare, handed_ns: now_ns(), ..Steps::default() };
+        self.hooks.started(attempt);
+    }
+
+    /// Wake the spare, if there is one and it is alive: `word` says what it does
+    /// ([`WAKE_RECOVER`]: take the VM over; [`WAKE_HANDOVER`]: a planned handover's successor).
+    fn wake_spare(&mut self, word: u8) -> Option<MonitorProc> {
+        use std::io::Write as _;
+        let mut spare = self.spare.take()?;
+        if word == WAKE_RECOVER {
+            self.activate(spare.monitor.attempt, true);
+        }
+        match spare.wake.write_all(&[word]) {
+            Ok(()) => Some(spare.monitor),
+            Err(e) => {
+                // It died while it waited (its error is above): start one as before.
+                eprintln!("ftvm: keeper: the spare monitor is gone ({e}); starting another");
+                spare.monitor.kill();
+                let _ = spare.monitor.wait();
+                None
+            }
+        }
+    }
+
+    /// Start a spare if one is wanted and none waits: once the VM runs and no handover is
+    /// under way, so that it does not slow a recovery down.
+    fn keep_spare(&mut self, inherit: &Inherit, state: HandoverState) {
+        let running = self.region.live(Live::Phase) == Phase::Running as u64;
+        if !self.spare_wanted || self.spare.is_some() || !running || !state.settled() {
+            return;
+        }
+        match spawn(self, inherit, Role::Spare) {
+            Ok(spare) => self.spare = Some(spare.into_spare()),
+            Err(e) => {
+                eprintln!("ftvm: keeper: cannot start a spare monitor ({e:#}); monitors start when needed");
+                self.spare_wanted = false;
+            }
+        }
     }
 
     fn running_ns(&self) -> Option<u64> {
@@ -285,13 +388,16 @@ pub fn supervise(
         ended: None,
         attempt,
         last_handover: Instant::now(),
+        spare: None,
+        spare_wanted: options.spare,
+        handed: Steps::default(),
     };
     let mut same_point = (0u32, u64::MAX); // (failures in a row, at this icount)
     let mut next = adopted;
     loop {
-        let monitor = match next.take() {
+        let monitor = match next.take().or_else(|| keeper.wake_spare(WAKE_RECOVER)) {
             Some(monitor) => monitor,
-            None => spawn(&mut keeper, inherit, false)?,
+            None => spawn(&mut keeper, inherit, Role::Active)?.monitor,
         };
         let step = run_one(&mut keeper, inherit, options, monitor)?;
         if keeper.pending {
@@ -315,7 +421,7 @@ pub fn supervise(
                 m if m.is_empty() => format!("the monitor {cause} (its error is above)"),
                 m => m,
             };
-            return Ok((End::CannotRecover { verdict, message }, keeper.restarts));
+            return Ok((End::CannotRecover { verdict, message }, std::mem::take(&mut keeper.restarts)));
         }
         let icount = region.live(Live::Icount);
         // A poison input fails the machine at the very same instruction every time (it is
@@ -323,14 +429,17 @@ pub fn supervise(
         same_point = if icount == same_point.1 { (same_point.0 + 1, icount) } else { (1, icount) };
         if same_point.0 >= options.poison_attempts {
             let input = last_input(region, icount);
-            return Ok((End::Poison { attempts: same_point.0, icount: same_point.1, input }, keeper.restarts));
+            return Ok((
+                End::Poison { attempts: same_point.0, icount: same_point.1, input },
+                std::mem::take(&mut keeper.restarts),
+            ));
         }
         if restarts.len() as u32 >= options.max_restarts {
             let n = restarts.len() as u32;
-            return Ok((End::TooManyRestarts(n), keeper.restarts));
+            return Ok((End::TooManyRestarts(n), std::mem::take(&mut keeper.restarts)));
         }
         let restart = Restart {
-            attempt: keeper.attempt,
+            attempt: region.live(Live::Attempt) as u32, // the monitor that failed (a spare may be started since)
             cause,
             icount,
             detected_ns: died,
@@ -338,6 +447,7 @@ pub fn supervise(
             first_output_ns: None,
             replayed_inputs: 0,
             replayed_icount: 0,
+            steps: Steps::default(),
         };
         eprintln!("ftvm: keeper: the monitor {} at icount {icount}; starting another", restart.cause);
         keeper.restarts.push(restart);
@@ -363,10 +473,37 @@ pub const ENV_HANDOVER: &str = "FTVM_KEEPER_HANDOVER";
 /// The environment variable by which a keeper re-executed for an upgrade finds what it
 /// keeps (see `ftvm run --resilient`).
 pub const ENV_RESUME: &str = "FTVM_KEEPER_RESUME";
+/// What a spare monitor reads from its `wake` descriptor: take the VM over from the region
+/// (after a monitor died), or be a planned handover's successor. The end of the pipe (the
+/// keeper gone, or the spare not needed) ends it.
+pub const WAKE_RECOVER: u8 = b'r';
+pub const WAKE_HANDOVER: u8 = b'h';
 
-/// Start the next monitor: `successor` for a planned handover (it prepares while the
-/// running one carries on).
-fn spawn(keeper: &mut Keeper<'_>, inherit: &Inherit, successor: bool) -> Result<MonitorProc> {
+/// What a monitor is started as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// It runs the VM (recovering it, or booting it) at once.
+    Active,
+    /// A planned handover's successor: it prepares while the running monitor carries on.
+    Successor,
+    /// It builds its machine and waits to be woken ([`WAKE_RECOVER`], [`WAKE_HANDOVER`]).
+    Spare,
+}
+
+/// A monitor just started, and the wake pipe of a spare.
+struct Spawned {
+    monitor: MonitorProc,
+    wake: Option<std::fs::File>,
+}
+
+impl Spawned {
+    fn into_spare(self) -> Spare {
+        Spare { monitor: self.monitor, wake: self.wake.expect("a spare has a wake pipe") }
+    }
+}
+
+/// Start the next monitor as `role`.
+fn spawn(keeper: &mut Keeper<'_>, inherit: &Inherit, role: Role) -> Result<Spawned> {
     let region = keeper.region;
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create the console pipe")?;
     inheritable(&write)?;
@@ -374,17 +511,24 @@ fn spawn(keeper: &mut Keeper<'_>, inherit: &Inherit, successor: bool) -> Result<
     for (name, fd) in &inherit.fds {
         fds.push_str(&format!(",{name}={}", fd.as_raw_fd()));
     }
+    let wake = match role {
+        Role::Spare => {
+            let (wake_read, wake_write) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create the spare's wake pipe")?;
+            inheritable(&wake_read)?;
+            fds.push_str(&format!(",wake={}", wake_read.as_raw_fd()));
+            Some((wake_read, std::fs::File::from(wake_write)))
+        }
+        _ => None,
+    };
     keeper.attempt += 1;
     let attempt = keeper.attempt;
-    if !successor {
-        region.set_live(Live::Attempt, u64::from(attempt));
-        region.set_live(Live::Phase, Phase::Starting as u64);
-        region.set_live(Live::Verdict, Verdict::None as u64);
-        region.set_live(Live::MessageLen, 0);
+    if role == Role::Active {
+        keeper.activate(attempt, false);
     }
     let mut command = Command::new(&inherit.exe);
     command.args(&inherit.args).env(ENV_FDS, fds).env(super::ENV_ATTEMPT, attempt.to_string()).env_remove(ENV_RESUME);
-    if successor {
+    if role == Role::Successor {
         command.env(ENV_HANDOVER, "1");
     } else {
         command.env_remove(ENV_HANDOVER);
@@ -396,7 +540,8 @@ fn spawn(keeper: &mut Keeper<'_>, inherit: &Inherit, successor: bool) -> Result<
     let pid = Pid::from_raw(child.id() as i32);
     drop(child); // reaped by pid (a keeper re-executed for an upgrade has no Child)
     drop(write);
-    Ok(MonitorProc { pid, pipe: std::fs::File::from(read), parser: Parser::default(), attempt })
+    let monitor = MonitorProc { pid, pipe: std::fs::File::from(read), parser: Parser::default(), attempt };
+    Ok(Spawned { monitor, wake: wake.map(|(_read, write)| write) }) // our copy of the read end closes here
 }
 
 /// How one monitor's run ended.
@@ -516,6 +661,9 @@ fn run_one(keeper: &mut Keeper<'_>, inherit: &Inherit, options: &Options, mut mo
         if let Some(up) = handover_tick(keeper, inherit, options, &mut successor)? {
             return Ok(Step::Upgrade(Box::new(Upgrade { binary: up, monitor })));
         }
+        if successor.is_none() {
+            keeper.keep_spare(inherit, HandoverState::from_u64(region.live(Live::HandoverState)));
+        }
     }
 }
 
@@ -549,7 +697,11 @@ fn handover_tick(
                 };
             }
             region.set_live(Live::HandoverState, HandoverState::Preparing as u64);
-            match spawn(keeper, inherit, true) {
+            let next = match keeper.wake_spare(WAKE_HANDOVER) {
+                Some(spare) => Ok(spare),
+                None => spawn(keeper, inherit, Role::Successor).map(|s| s.monitor),
+            };
+            match next {
                 Ok(next) => *successor = Some((next, Instant::now())),
                 Err(e) => fail_handover(region, &format!("{e:#}")),
             }
