@@ -281,6 +281,7 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
             Some(vmm::keeper::Wake::Handover) => handover = true,
             None => return Ok(0),
         }
+        let _ = nix::sys::prctl::set_name(supervisor::SPARE_AWAKE_NAME); // no longer a spare that waits
     }
     let started = if handover {
         match region.map_err(monitor::RecoverError::from).map_err(monitor::HandoverError::from) {

@@ -5,6 +5,9 @@
 //! (those two need fault points: `--features failpoints`). The verdicts are read from the
 //! keeper's JSON report, not from its wording.
 
+#[path = "common/keeper.rs"]
+mod keeper;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,12 +53,11 @@ fn rand_tag() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
 }
 
-/// The keeper's running monitor (its only child).
+/// The keeper's running monitor (not its spare).
 fn monitor_of(keeper: u32, limit: Duration) -> u32 {
     let deadline = Instant::now() + limit;
     loop {
-        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
-        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+        if let Some(&pid) = keeper::monitors(keeper).first() {
             return pid;
         }
         assert!(Instant::now() < deadline, "the keeper {keeper} has no monitor");
@@ -275,8 +277,7 @@ fn ctl(api: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 fn new_monitor(keeper: u32, old: u32) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
-        let pids: Vec<u32> = children.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let pids = keeper::monitors(keeper);
         if pids.len() == 1 && pids[0] != old {
             return pids[0];
         }

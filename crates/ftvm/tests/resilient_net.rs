@@ -61,14 +61,12 @@ impl Drop for Keeper {
 }
 
 impl Keeper {
-    /// The keeper's running monitor (its only child).
+    /// The keeper's running monitor (not its spare).
     fn monitor(&self) -> u32 {
         let keeper = self.child.id();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let children =
-                std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            if let Some(&pid) = common::keeper::monitors(keeper).first() {
                 return pid;
             }
             assert!(Instant::now() < deadline, "the keeper {keeper} has no monitor");

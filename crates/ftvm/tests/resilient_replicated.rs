@@ -23,12 +23,11 @@ const PROTECTED_LIMIT: Duration = Duration::from_secs(60);
 /// Replies the session must get between two faults, and after the last.
 const REPLIES_BETWEEN: usize = 40;
 
-/// The keeper's running monitor (its only child), other than `not`.
+/// The keeper's running monitor (not its spare), other than `not`.
 fn monitor_of(keeper: u32, not: Option<u32>) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
-        let pid = children.split_whitespace().next().and_then(|p| p.parse().ok());
+        let pid = common::keeper::monitors(keeper).first().copied();
         if let Some(pid) = pid.filter(|p| Some(*p) != not) {
             return pid;
         }

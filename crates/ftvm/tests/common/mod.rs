@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod client;
 pub mod cluster;
+pub mod keeper;
 #[path = "../../src/netns.rs"]
 pub mod netns;
 pub mod redis;

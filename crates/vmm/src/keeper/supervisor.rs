@@ -478,6 +478,10 @@ pub const ENV_RESUME: &str = "FTVM_KEEPER_RESUME";
 /// keeper gone, or the spare not needed) ends it.
 pub const WAKE_RECOVER: u8 = b'r';
 pub const WAKE_HANDOVER: u8 = b'h';
+/// A spare's argv[0], and the name (`/proc/PID/comm`) it takes once woken: a child of the
+/// keeper started as `SPARE_ARG0` and not named `SPARE_AWAKE_NAME` is a spare that waits.
+pub const SPARE_ARG0: &str = "ftvm-spare";
+pub const SPARE_AWAKE_NAME: &std::ffi::CStr = c"ftvm-monitor";
 
 /// What a monitor is started as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,6 +531,11 @@ fn spawn(keeper: &mut Keeper<'_>, inherit: &Inherit, role: Role) -> Result<Spawn
         keeper.activate(attempt, false);
     }
     let mut command = Command::new(&inherit.exe);
+    if role == Role::Spare {
+        // How tools and tests tell a spare from the running monitor: its argv[0] says it
+        // started as one, and it names itself SPARE_AWAKE_NAME once woken.
+        std::os::unix::process::CommandExt::arg0(&mut command, SPARE_ARG0);
+    }
     command.args(&inherit.args).env(ENV_FDS, fds).env(super::ENV_ATTEMPT, attempt.to_string()).env_remove(ENV_RESUME);
     if role == Role::Successor {
         command.env(ENV_HANDOVER, "1");
