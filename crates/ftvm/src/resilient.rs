@@ -275,7 +275,7 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     // keeper needs it.
     let mut built = None;
     if let Some(mut wake) = inherited.wake {
-        built = Some(monitor::build(&config).context("the spare monitor cannot build its machine")?);
+        built = Some(monitor::build(&live, &config).context("the spare monitor cannot build its machine")?);
         match vmm::keeper::wait_to_be_woken(&mut wake)? {
             Some(vmm::keeper::Wake::Recover) => {}
             Some(vmm::keeper::Wake::Handover) => handover = true,

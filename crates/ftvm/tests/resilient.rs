@@ -180,6 +180,20 @@ fn a_hung_monitor_is_detected_by_its_heartbeat_and_replaced() {
 
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_start_slower_than_the_hang_limit_is_not_taken_for_a_hang() {
+    // The monitor's first slice starts 3 s late, as startup work (threads starting, the
+    // first slice's cold code, a first checkpoint) may under load: past --hang-ms, inside
+    // the start grace (5 s). (Before the grace covered it: "hung" at icount 0, again and again.)
+    let n = 4000;
+    let run = start(&["--hang-ms", "2000"], &[("FAILPOINTS", "driver::slice=1*sleep(3000)")], &counting(n));
+    let (code, stdout, stderr, report) = finish(run);
+    assert_eq!(stdout, expected(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    assert_eq!(report["restarts"].as_array().map(Vec::len), Some(0), "{report}");
+}
+
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
 fn a_corrupted_region_is_reported_as_exactly_that() {
     // The fifth local checkpoint is damaged by its own monitor, which then dies.
     let points = "keeper::checkpoint-corrupt=4*off->return(corrupt)";

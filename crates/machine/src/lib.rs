@@ -22,4 +22,4 @@ pub use machine::{
     RunExit,
 };
 /// The engine choice for [`MachineConfig::cpu`], and what the compiler did.
-pub use rv64::{Cpu, JitStats};
+pub use rv64::{Cpu, JitStats, RamMapping};

@@ -114,6 +114,8 @@ pub enum MachineError {
     RamTooLarge { size: u64, max: u64 },
     #[error("memory size {size} bytes is not a multiple of 4 KiB")]
     RamUnaligned { size: u64 },
+    #[error("the mapping given as RAM is {bytes} bytes, the machine has {ram_bytes}")]
+    RamMapping { bytes: u64, ram_bytes: u64 },
     #[error("cannot build the device tree")]
     Fdt(#[source] vm_fdt::Error),
     #[error("the kernel command line is {len} bytes, more than the {MAX_BOOTARGS_BYTES} a machine boots with")]
@@ -326,6 +328,24 @@ impl Machine {
     /// Build a machine and load the kernel, initrd and device tree; the hart starts
     /// in S-mode at the kernel's entry, as firmware would leave it.
     pub fn new(config: &MachineConfig) -> Result<Machine, MachineError> {
+        Machine::build(config, None).map(|(machine, _)| machine)
+    }
+
+    /// [`Machine::new`] with its RAM in `mapping` (of the configuration's RAM size; a
+    /// resilient monitor maps its recovery region's RAM image, docs/microreboot.md): the
+    /// boot image is laid over what the mapping holds. Also returns the pages the boot
+    /// image was laid on.
+    pub fn new_over(
+        config: &MachineConfig,
+        mapping: Box<dyn rv64::RamMapping>,
+    ) -> Result<(Machine, Vec<usize>), MachineError> {
+        Machine::build(config, Some(mapping))
+    }
+
+    fn build(
+        config: &MachineConfig,
+        mapping: Option<Box<dyn rv64::RamMapping>>,
+    ) -> Result<(Machine, Vec<usize>), MachineError> {
         let size = config.ram_size;
         if size < MIN_RAM_BYTES {
             return Err(MachineError::RamTooSmall { size, min: MIN_RAM_BYTES });
@@ -357,9 +377,15 @@ impl Machine {
         let virtio = Self::build_virtio(config)?;
         let boot = BootImage { kernel, initrd, layout, ram_size: size, virtio_slots: virtio.len() };
         let blob = boot.fdt(&config.bootargs)?;
-        let mut ram = rv64::GuestRam::new(RAM_BASE, size);
+        let mut ram = match mapping {
+            Some(mapping) if mapping.len() as u64 != size => {
+                return Err(MachineError::RamMapping { bytes: mapping.len() as u64, ram_bytes: size })
+            }
+            Some(mapping) => rv64::GuestRam::over(RAM_BASE, mapping),
+            None => rv64::GuestRam::new(RAM_BASE, size),
+        };
         boot.place(&mut ram, &blob).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
-        ram.take_dirty_pages(); // the initial image is the baseline, not a change
+        let boot_pages = ram.take_dirty_pages(); // the initial image is the baseline, not a change
 
         let icount_per_tick = config.icount_per_tick.clamp(1, MAX_ICOUNT_PER_TICK);
         let hart_config =
@@ -379,7 +405,7 @@ impl Machine {
             fold_due: false,
             last_work: DigestWork::default(),
         };
-        Ok(Machine {
+        let machine = Machine {
             hart,
             board,
             pending: VecDeque::new(),
@@ -392,7 +418,8 @@ impl Machine {
             digests: Mutex::new(digests),
             owed_pages: Bitmap::new(pages),
             owed_sectors: Bitmap::new(sectors.unwrap_or(0)),
-        })
+        };
+        Ok((machine, boot_pages))
     }
 
     fn build_virtio(config: &MachineConfig) -> Result<Vec<VirtioMmio>, MachineError> {
@@ -909,6 +936,20 @@ impl Machine {
     /// replay runs over a recording's start contents, again and again.
     pub fn start_disk_overlay(&mut self) -> Result<(), RestoreError> {
         self.blk()?.start_overlay().map_err(RestoreError::Disk)
+    }
+
+    /// The disk image holds every sector of the overlay now (folded into it from outside):
+    /// the overlay starts again empty (see [`Machine::start_disk_overlay`]).
+    pub fn disk_overlay_folded(&mut self) -> Result<(), RestoreError> {
+        self.blk()?.overlay_folded().map_err(RestoreError::Disk)
+    }
+
+    /// How many sectors the disk's overlay holds (None without a disk or an overlay).
+    pub fn disk_overlay_sectors(&self) -> Option<u64> {
+        self.board.virtio.iter().find_map(|d| match d.device() {
+            VirtioDevice::Blk(blk) => blk.overlay_sectors(),
+            _ => None,
+        })
     }
 
     /// Write disk sectors (the backup's side of a checkpoint).

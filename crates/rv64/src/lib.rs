@@ -21,5 +21,5 @@ pub mod trap;
 pub use bus::{Bus, BusFault};
 pub use hart::{Cpu, Exit, Hart, HartConfig, HartState, PrivMode};
 pub use jit::{JitConfig, JitStats};
-pub use mem::GuestRam;
+pub use mem::{GuestRam, RamMapping};
 pub use trap::{Exception, Interrupt};

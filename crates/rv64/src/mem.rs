@@ -9,6 +9,7 @@
 //! table A/D update, DMA, a restored page) moves that page's code generation, which
 //! the cached blocks compare before they run.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -24,10 +25,74 @@ pub(crate) struct RamView {
     pub(crate) code_gen: *const u64,
 }
 
-/// Guest RAM: one contiguous region starting at `base`, allocated up front.
+/// Memory that guest RAM can live in instead of an allocation of its own: a mapping the
+/// caller made ([`GuestRam::over`]; a resilient monitor maps its recovery region's RAM
+/// image copy-on-write, so that taking a VM over copies no RAM: docs/microreboot.md).
+///
+/// # Safety
+/// `as_mut_ptr` returns the same pointer every time, to `len` bytes (a multiple of the
+/// page size) that are readable and writable, stay valid and in place while the value
+/// lives, and that nothing else in this process reads or writes meanwhile.
+pub unsafe trait RamMapping: Send {
+    fn as_mut_ptr(&mut self) -> *mut u8;
+    fn len(&self) -> usize;
+}
+
+/// RAM's bytes: an allocation of its own, or a caller's mapping. A pointer and a length
+/// (not an enum to match on), so that every access is a plain slice access.
+struct Bytes {
+    ptr: NonNull<u8>,
+    len: usize,
+    _owner: Owner,
+}
+
+enum Owner {
+    Vec(#[allow(dead_code)] Vec<u8>),
+    Mapping(#[allow(dead_code)] Box<dyn RamMapping>),
+}
+
+// SAFETY: Bytes owns what `ptr` points at (a Vec's buffer, or a mapping whose contract
+// says nothing else touches it), like a Vec<u8>: moving it between threads moves the
+// owner, and `&Bytes` only ever reads.
+unsafe impl Send for Bytes {}
+// SAFETY: as above: shared references only read.
+unsafe impl Sync for Bytes {}
+
+impl Bytes {
+    fn owned(mut bytes: Vec<u8>) -> Bytes {
+        let (ptr, len) = (NonNull::new(bytes.as_mut_ptr()).expect("a Vec's buffer is never null"), bytes.len());
+        Bytes { ptr, len, _owner: Owner::Vec(bytes) } // moving the Vec leaves its buffer in place
+    }
+
+    fn mapped(mut mapping: Box<dyn RamMapping>) -> Bytes {
+        let (ptr, len) = (NonNull::new(mapping.as_mut_ptr()).expect("a mapping is never null"), mapping.len());
+        Bytes { ptr, len, _owner: Owner::Mapping(mapping) }
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    #[inline(always)]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points at `len` valid bytes owned by `_owner` (a Vec's buffer, or a
+        // mapping by its contract) for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Bytes {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref; &mut self makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// Guest RAM: one contiguous region starting at `base`, allocated up front (or a mapping
+/// the caller made, [`GuestRam::over`]).
 pub struct GuestRam {
     base: u64,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     dirty: Vec<u64>,
     /// Pages the hart has decoded code from since their last write (one bit each).
     code_watch: Vec<u64>,
@@ -44,7 +109,7 @@ impl Clone for GuestRam {
     fn clone(&self) -> Self {
         GuestRam {
             base: self.base,
-            bytes: self.bytes.clone(),
+            bytes: Bytes::owned(self.bytes.to_vec()),
             dirty: self.dirty.clone(),
             code_watch: self.code_watch.clone(),
             code_gen: self.code_gen.clone(),
@@ -64,11 +129,22 @@ impl GuestRam {
     /// RAM of `size_bytes` (a multiple of the page size) at physical `base`.
     pub fn new(base: u64, size_bytes: u64) -> Self {
         assert!(size_bytes.is_multiple_of(PAGE_SIZE), "RAM size must be page aligned");
+        GuestRam::with_bytes(base, Bytes::owned(vec![0; size_bytes as usize]))
+    }
+
+    /// RAM at physical `base` in `mapping` (its length a multiple of the page size), holding
+    /// what the mapping holds; no page is dirty.
+    pub fn over(base: u64, mapping: Box<dyn RamMapping>) -> Self {
+        assert!((mapping.len() as u64).is_multiple_of(PAGE_SIZE), "RAM size must be page aligned");
+        GuestRam::with_bytes(base, Bytes::mapped(mapping))
+    }
+
+    fn with_bytes(base: u64, bytes: Bytes) -> Self {
         assert!(base.is_multiple_of(PAGE_SIZE), "RAM base must be page aligned");
-        let pages = (size_bytes / PAGE_SIZE) as usize;
+        let pages = bytes.len() / PAGE_SIZE as usize;
         GuestRam {
             base,
-            bytes: vec![0; size_bytes as usize],
+            bytes,
             dirty: vec![0; pages.div_ceil(64)],
             code_watch: vec![0; pages.div_ceil(64)],
             code_gen: vec![0; pages],
@@ -253,6 +329,32 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A caller's memory (here a Vec of the test's) as RAM.
+    struct Outside(Vec<u8>);
+    // SAFETY: the Vec's buffer, fixed while the value lives, touched by nothing else.
+    unsafe impl RamMapping for Outside {
+        fn as_mut_ptr(&mut self) -> *mut u8 {
+            self.0.as_mut_ptr()
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    #[test]
+    fn ram_over_a_callers_mapping_holds_its_bytes_and_tracks_writes_as_its_own_would() {
+        let mut bytes = vec![0u8; 4 * PAGE_SIZE as usize];
+        bytes[PAGE_SIZE as usize] = 0x5a;
+        let mut ram = GuestRam::over(0x8000_0000, Box::new(Outside(bytes)));
+        assert_eq!((ram.size(), ram.read_u32(0x8000_1000)), (4 * PAGE_SIZE, Some(0x5a)));
+        assert!(ram.take_dirty_pages().is_empty(), "what the mapping held is no write");
+        ram.write_u64(0x8000_2008, 7).unwrap();
+        assert_eq!(ram.take_dirty_pages(), vec![2]);
+        let copy = ram.clone(); // a clone has RAM of its own
+        ram.write_u64(0x8000_2008, 8).unwrap();
+        assert_eq!((copy.read_u64(0x8000_2008), ram.read_u64(0x8000_2008)), (Some(7), Some(8)));
+    }
 
     #[test]
     fn writes_mark_exactly_the_touched_pages_dirty() {

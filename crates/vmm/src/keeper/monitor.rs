@@ -9,7 +9,7 @@
 //! died, producing the same outputs, of which those that already left are held back.
 
 use super::disk::{DiskJournal, DiskStaged};
-use super::region::{HandoverState, Live, Marks, Phase, Region, RegionError, Verdict};
+use super::region::{self, HandoverState, Live, Marks, Phase, Region, RegionError, Verdict, BEAT_PAGES};
 use crate::driver::ConsoleSink;
 use crate::host::tap::Tap;
 use crate::mode::{Mode, ModeError};
@@ -122,11 +122,19 @@ impl Monitor {
             frames: self.frames,
         };
         let mut staging = self.region.stage();
-        for &index in pages {
+        for (n, &index) in pages.iter().enumerate() {
             staging.page(index as u64, machine.page(index).expect("a dirty page is within RAM"));
+            if n as u64 % BEAT_PAGES == BEAT_PAGES - 1 {
+                staging.beat();
+            }
         }
         staging.commit(marks, &state, disk)?;
         self.region.apply_staged(self.disk.as_mut())?;
+        if self.disk.is_some() {
+            // The image holds the overlay's sectors now: they were all staged, at this or an
+            // earlier checkpoint (the dirty log was taken with the guest stopped here).
+            machine.disk_overlay_folded().context("cannot empty the disk's overlay after folding it")?;
+        }
         if super::fault::corrupts("keeper::checkpoint-corrupt") {
             self.region.corrupt_committed();
             std::process::abort();
@@ -148,9 +156,13 @@ impl Monitor {
         self.log_full || self.last_checkpoint.elapsed() >= self.checkpoint_every
     }
 
-    /// A sign of life for the keeper, at a slice end.
+    /// A sign of life for the keeper, at a slice end. The first says the run loop runs:
+    /// from then on the hang limit applies ([`Phase::Resuming`] before).
     pub fn heartbeat(&self, icount: u64) {
         self.region.bump_heartbeat(icount);
+        if self.region.live(Live::Phase) == Phase::Resuming as u64 {
+            self.region.set_live(Live::Phase, Phase::Running as u64);
+        }
     }
 
     /// Outputs are held after this monitor's filter (see [`Monitor::frame_released`]).
@@ -204,8 +216,8 @@ impl Monitor {
 fn running(r: &Region, replayed_inputs: usize, replayed_icount: u64) {
     r.set_live(Live::ReplayedInputs, replayed_inputs as u64);
     r.set_live(Live::ReplayedIcount, replayed_icount);
-    r.set_live(Live::Phase, Phase::Running as u64);
     r.set_live(Live::RunningNs, now_ns());
+    r.set_live(Live::Phase, Phase::Resuming as u64);
 }
 
 impl Monitor {
@@ -342,7 +354,7 @@ impl Mode<Machine> for Monitor {
     }
 
     fn on_slice_end(&mut self, machine: &mut Machine, _idle: bool) -> Result<(), ModeError> {
-        self.region.bump_heartbeat(machine.icount());
+        self.heartbeat(machine.icount());
         let handover = HandoverState::from_u64(self.region.live(Live::HandoverState));
         match handover {
             HandoverState::Ready => {
@@ -406,12 +418,12 @@ impl RecoverError {
 /// recovered from the region's checkpoint with the inputs to replay.
 /// A written disk (`disk`) is folded up to the committed checkpoint first, and the machine
 /// must write into an overlay (`config.disk_overlay`). `built`: the machine, if this monitor
-/// built it ahead (a spare, [`build`]), as `Machine::new(config)` builds it.
+/// built it ahead (a spare, [`build`]).
 pub fn start(
     mut region: Region,
     config: &MachineConfig,
     mut disk: Option<DiskJournal>,
-    built: Option<Machine>,
+    built: Option<Built>,
 ) -> Result<Started, RecoverError> {
     assert!(disk.is_none() || config.disk_overlay, "a resilient VM's written disk goes through an overlay");
     region.set_live(Live::BegunNs, now_ns());
@@ -419,21 +431,21 @@ pub fn start(
     region.bump_heartbeat(0);
     region.apply_staged(disk.as_mut())?;
     let built = match built {
-        Some(machine) => machine,
-        None => build(config)?,
+        Some(built) => built,
+        None => build(&region, config)?,
     };
     region.set_live(Live::BuiltNs, now_ns());
     let Some(committed) = region.committed()? else {
         region.set_live(Live::Phase, Phase::Starting as u64);
-        let mut machine = built;
+        let mut machine = built.machine;
         let mut monitor = Monitor::new(region, Marks::default(), disk);
         monitor.first_checkpoint(&mut machine)?;
         monitor.running(0, 0);
         return Ok(Started { machine, monitor, inputs: Vec::new(), recovered: false });
     };
     region.set_live(Live::Phase, Phase::Recovering as u64);
-    let mut machine = built;
-    let written = lay_image(&region, &mut machine)?;
+    let mut machine = built.machine;
+    let written = lay_image(&region, &mut machine, Some(&built.boot_pages))?;
     region.set_live(Live::LaidNs, now_ns());
     region.bump_heartbeat(committed.marks.icount);
     let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
@@ -455,10 +467,23 @@ pub fn start(
     Ok(Started { machine, monitor, inputs, recovered: true })
 }
 
-/// Build the machine a monitor starts from: the boot image laid out, as every monitor of
-/// this VM lays it (a spare does this before it is needed).
-pub fn build(config: &MachineConfig) -> Result<Machine, RecoverError> {
-    Machine::new(config).map_err(RecoverError::Machine)
+/// The machine a monitor starts from, its RAM the region's image mapped copy-on-write
+/// (nothing copied), the boot image laid over it as every monitor of this VM lays it (a
+/// spare does this before it is needed). [`Built::boot_pages`] are then this process's
+/// own copies: the image's version of those is laid again before the machine runs.
+pub struct Built {
+    pub machine: Machine,
+    boot_pages: Vec<bool>,
+}
+
+pub fn build(region: &Region, config: &MachineConfig) -> Result<Built, RecoverError> {
+    let mapping = region.private_image()?;
+    let (machine, pages) = Machine::new_over(config, Box::new(mapping)).map_err(RecoverError::Machine)?;
+    let mut boot_pages = vec![false; (config.ram_size / region::PAGE as u64) as usize];
+    for page in pages {
+        boot_pages[page] = true;
+    }
+    Ok(Built { machine, boot_pages })
 }
 
 /// Tell the keeper why this monitor gives up, through the live page (if the region can
@@ -495,18 +520,18 @@ pub fn prepare(
     region: Region,
     config: &MachineConfig,
     mut disk: Option<DiskJournal>,
-    built: Option<Machine>,
+    built: Option<Built>,
 ) -> Result<Started, HandoverError> {
     assert!(disk.is_none() || config.disk_overlay, "a resilient VM's written disk goes through an overlay");
     let seq0 = region.live(Live::CheckpointSeq);
-    let mut machine = match built {
-        Some(machine) => machine,
-        None => build(config)?,
+    let Built { mut machine, boot_pages } = match built {
+        Some(built) => built,
+        None => build(&region, config)?,
     };
     // The image may change under us if the old monitor was inside a checkpoint as the
     // handover began: then the next checkpoint is not seq0 + 1, and we lay it all again
     // at the end.
-    let mut in_step = lay_image(&region, &mut machine).is_ok();
+    let mut in_step = lay_image(&region, &mut machine, Some(&boot_pages)).is_ok();
     if !region.swap_live(Live::HandoverState, HandoverState::Preparing as u64, HandoverState::Ready as u64) {
         return Err(HandoverError::CalledOff("by the keeper"));
     }
@@ -523,7 +548,7 @@ pub fn prepare(
     region.apply_staged(disk.as_mut()).map_err(RecoverError::from)?; // the old monitor applied it; redo if not
     let committed = region.committed().map_err(RecoverError::from)?.ok_or(HandoverError::CalledOff("no checkpoint"))?;
     if !(in_step && committed.marks.seq == seq1 + 1 && lay_staged(&region, committed.marks.seq, &mut machine).is_ok()) {
-        lay_image(&region, &mut machine)?;
+        lay_image(&region, &mut machine, None)?; // every written page: laid ones may be stale
     }
     let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
     machine.restore_state(state).map_err(RecoverError::Restore)?;
@@ -562,12 +587,77 @@ fn lay_staged(region: &Region, seq: u64, machine: &mut Machine) -> Result<(), Re
     Ok(())
 }
 
-/// Lay every written page of the committed image over the machine's RAM, CRCs checked.
-fn lay_image(region: &Region, machine: &mut Machine) -> Result<usize, RecoverError> {
-    let written: Vec<u64> = region.written_pages().collect();
-    for &index in &written {
+/// Lay the written pages of the committed image over the machine's RAM, CRCs checked:
+/// those of `only` (the pages this process holds copies of: RAM over the image shows the
+/// rest as they are), or all.
+fn lay_image(region: &Region, machine: &mut Machine, only: Option<&[bool]>) -> Result<usize, RecoverError> {
+    let own = |index: u64| only.is_none_or(|own| own.get(index as usize).copied().unwrap_or(true));
+    let written: Vec<u64> = region.written_pages().filter(|&index| own(index)).collect();
+    for (n, &index) in written.iter().enumerate() {
         let page = region.checked_page(index)?;
         machine.write_page(index as usize, page).map_err(RecoverError::Restore)?;
+        if n as u64 % BEAT_PAGES == BEAT_PAGES - 1 {
+            region.beat();
+        }
     }
     Ok(written.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keeper::disk::create_journal;
+
+    const SECTOR: usize = 512;
+
+    /// A 16 MiB machine whose kernel is one instruction (`j .`), with a 64 KiB written disk
+    /// of 0xee bytes under an overlay, as a resilient monitor builds it.
+    fn machine_config(dir: &std::path::Path) -> MachineConfig {
+        let mut image = vec![0u8; 4096];
+        image[0..4].copy_from_slice(&0x0000_006fu32.to_le_bytes());
+        image[8..16].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        image[16..24].copy_from_slice(&4096u64.to_le_bytes());
+        image[56..60].copy_from_slice(b"RSC\x05");
+        std::fs::write(dir.join("Image"), image).unwrap();
+        std::fs::write(dir.join("disk.img"), vec![0xee; 128 * SECTOR]).unwrap();
+        let mut config = MachineConfig::new(dir.join("Image"));
+        config.ram_size = 16 << 20;
+        config.disk = Some(machine::DiskConfig { path: dir.join("disk.img"), read_only: false });
+        config.disk_overlay = true;
+        config
+    }
+
+    #[test]
+    fn each_local_checkpoint_folds_the_disk_into_the_image_and_empties_the_overlay() {
+        let dir = std::env::temp_dir().join(format!("ftvm-keeper-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = machine_config(&dir);
+        let path = dir.join("disk.img");
+        let disk = DiskJournal::open(create_journal().unwrap(), &path).unwrap();
+        let region = Region::create(config.ram_size).unwrap();
+        let Started { mut machine, mut monitor, .. } = start(region, &config, Some(disk), None).unwrap();
+        let sector = |n: usize| std::fs::read(&path).unwrap()[n * SECTOR..(n + 1) * SECTOR].to_vec();
+
+        machine.write_sectors(3, &[7; 2 * SECTOR]).unwrap();
+        assert_eq!(
+            (machine.disk_overlay_sectors(), sector(3)),
+            (Some(2), vec![0xee; SECTOR]),
+            "written in the overlay"
+        );
+        monitor.checkpoint(&mut machine).unwrap();
+        assert_eq!(
+            (machine.disk_overlay_sectors(), sector(4)),
+            (Some(0), vec![7; SECTOR]),
+            "folded, the overlay empty"
+        );
+
+        machine.write_sectors(4, &[9; SECTOR]).unwrap();
+        let mut seen = vec![0u8; 3 * SECTOR];
+        machine.read_sectors(3, &mut seen).unwrap();
+        assert_eq!(seen, [[7; SECTOR], [9; SECTOR], [0xee; SECTOR]].concat(), "the guest sees image and overlay");
+        assert_eq!((machine.disk_overlay_sectors(), sector(4)), (Some(1), vec![7; SECTOR]));
+        monitor.checkpoint(&mut machine).unwrap();
+        assert_eq!((machine.disk_overlay_sectors(), sector(4)), (Some(0), vec![9; SECTOR]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

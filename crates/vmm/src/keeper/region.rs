@@ -50,6 +50,10 @@ const MESSAGE_OFF: usize = OUTCOME_OFF + OUTCOME_CAP;
 const MESSAGE_CAP: usize = PAGE - MESSAGE_OFF - 8;
 const _: () = assert!(Live::COUNT * 8 <= REQUEST_OFF && MESSAGE_CAP >= 1024);
 
+/// Long work (copying a checkpoint's pages, laying the image) bumps the heartbeat every
+/// this many pages (16 MiB), so that the keeper does not take it for a hang.
+pub const BEAT_PAGES: u64 = 4096;
+
 /// The live page's counters (index into the page's atomic u64s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
@@ -238,7 +242,12 @@ impl Verdict {
 pub enum Phase {
     Starting = 0,
     Recovering = 1,
+    /// Past its first slice (a sign of life from the run loop): the hang limit applies.
     Running = 2,
+    /// The guest runs (booting, or recovered), its first slice not over yet: the start
+    /// grace still covers the monitor's threads starting, the first slice's cold code and
+    /// a first checkpoint, which under load outlast a short hang limit.
+    Resuming = 3,
 }
 
 #[derive(Debug, Error)]
@@ -495,6 +504,11 @@ impl Region {
 
     pub fn bump_heartbeat(&self, icount: u64) {
         self.set_live(Live::Icount, icount);
+        self.beat();
+    }
+
+    /// A sign of life from inside long work (the icount stays the last heartbeat's).
+    pub fn beat(&self) {
         self.atomic(PAGE as u64).fetch_add(1, Ordering::AcqRel);
     }
 
@@ -595,6 +609,61 @@ impl Region {
     }
 }
 
+/// The region's RAM image mapped copy-on-write (`MAP_PRIVATE`), as a monitor's guest RAM:
+/// taking the VM over copies no RAM. A page reads as the image until the guest (or the
+/// boot image, or a laid page) writes it; from then on it is this process's own copy,
+/// which later checkpoints applied to the image do not change (they only carry pages this
+/// monitor's guest wrote, which it holds already).
+pub struct ImageMapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a private mapping owned by this value alone; moving it moves that ownership.
+unsafe impl Send for ImageMapping {}
+
+// SAFETY: `base` and `len` are the mapping made in `Region::private_image`, fixed until
+// Drop unmaps it, and nothing else in this process refers to it (it is private).
+unsafe impl machine::RamMapping for ImageMapping {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for ImageMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `private_image`, unmapped once here.
+        let _ = unsafe { nix::sys::mman::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl Region {
+    /// Map the RAM image copy-on-write, as guest RAM ([`ImageMapping`]).
+    pub fn private_image(&self) -> Result<ImageMapping, RegionError> {
+        use nix::sys::mman::{MapFlags, ProtFlags};
+        let len = (self.layout.ram_pages * PAGE as u64) as usize;
+        let size = std::num::NonZeroUsize::new(len).expect("RAM is never empty");
+        let flags = MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE;
+        // SAFETY: a fresh private mapping of part of a file we hold (its offset is
+        // page-aligned); nothing else refers to the range, and ImageMapping unmaps it.
+        let base = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                flags,
+                &self.fd,
+                self.layout.image_off as i64,
+            )
+        }
+        .map_err(RegionError::Map)?;
+        Ok(ImageMapping { base: base.cast(), len })
+    }
+}
+
 /// The staging header: seq (the commit store, last), count, state length, CRC, marks, the
 /// disk journal's part (runs, CRC, bytes).
 const STAGING_SEQ: u64 = 0;
@@ -624,6 +693,11 @@ impl<'a> Staging<'a> {
 
     fn pages_off(&self) -> u64 {
         self.indices_off() + round_up(self.region.layout.ram_pages * 8)
+    }
+
+    /// A sign of life while the pages are copied.
+    pub fn beat(&self) {
+        self.region.beat();
     }
 
     /// Add a page (in ascending or any order; each index once).
@@ -726,6 +800,9 @@ impl Region {
             self.put_u32(self.layout.crcs_off + index * 4, crc);
             let byte = self.layout.bitmap_off + index / 8;
             self.bytes_mut(byte, 1)[0] |= 1 << (index % 8);
+            if i % BEAT_PAGES == BEAT_PAGES - 1 {
+                self.beat();
+            }
         }
         let staged = DiskStaged {
             runs: self.u32_at(s + STAGING_DISK),
@@ -959,6 +1036,19 @@ mod tests {
         assert_eq!((committed.marks, committed.state.as_slice()), (marks, &b"state"[..]));
         assert_eq!(region.written_pages().collect::<Vec<_>>(), vec![3]);
         assert_eq!(region.checked_page(3).unwrap(), page.as_slice());
+    }
+
+    #[test]
+    fn applying_a_large_checkpoint_is_a_sign_of_life() {
+        let mut region = Region::create(64 << 20).unwrap();
+        let mut staging = region.stage();
+        for index in 0..3 * BEAT_PAGES {
+            staging.page(index, &[1u8; PAGE]);
+        }
+        staging.commit(Marks { seq: 1, ..Marks::default() }, b"state", DiskStaged::default()).unwrap();
+        let before = region.live(Live::Heartbeat);
+        assert!(region.apply_staged(None).unwrap());
+        assert_eq!(region.live(Live::Heartbeat) - before, 3, "a beat every {BEAT_PAGES} pages");
     }
 
     #[test]

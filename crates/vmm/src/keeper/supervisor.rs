@@ -332,7 +332,8 @@ impl Keeper<'_> {
     }
 
     fn running_ns(&self) -> Option<u64> {
-        (self.region.live(Live::Phase) == Phase::Running as u64).then(|| self.region.live(Live::RunningNs))
+        let phase = self.region.live(Live::Phase);
+        (phase == Phase::Running as u64 || phase == Phase::Resuming as u64).then(|| self.region.live(Live::RunningNs))
     }
 }
 
@@ -796,6 +797,8 @@ fn check_binary(binary: &std::path::Path) -> Result<(), String> {
 /// How long the new binary may take to answer the check.
 const CHECK_LIMIT: Duration = Duration::from_secs(10);
 
+/// The hang limit, or the start grace while the monitor starts, recovers, or has not yet
+/// finished its first slice ([`Phase::Resuming`]).
 fn hang_limit(region: &Region, options: &Options) -> Duration {
     let running = region.live(Live::Phase) == Phase::Running as u64;
     Duration::from_millis(if running { options.hang_ms } else { options.hang_ms.max(options.start_grace_ms) })

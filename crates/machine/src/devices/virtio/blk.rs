@@ -174,6 +174,25 @@ impl Blk {
         self.overlay.is_some()
     }
 
+    /// The image now holds every sector the overlay holds (they were folded into it from
+    /// outside: a resilient monitor's disk journal): empty the overlay, so that it holds
+    /// only what is written from here on and its file gives its space back.
+    pub fn overlay_folded(&mut self) -> Result<(), VirtioError> {
+        let len = self.capacity_sectors * SECTOR_SIZE_BYTES;
+        let path = self.path.clone();
+        let Some(overlay) = &mut self.overlay else { return Ok(()) };
+        let io = |source| VirtioError::Io { path: path.clone(), sector: 0, source };
+        overlay.present.fill(0);
+        overlay.file.set_len(0).map_err(io)?;
+        overlay.file.set_len(len).map_err(io)
+    }
+
+    /// How many sectors the overlay holds (None without one).
+    pub fn overlay_sectors(&self) -> Option<u64> {
+        let overlay = self.overlay.as_ref()?;
+        Some(overlay.present.iter().map(|w| u64::from(w.count_ones())).sum())
+    }
+
     /// Reads whole sectors at byte `offset` (sector-aligned), each from the overlay or
     /// the image.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
