@@ -599,6 +599,7 @@ fn run_one(keeper: &mut Keeper<'_>, inherit: &Inherit, options: &Options, mut mo
     let mut successor: Option<(MonitorProc, Instant)> = None;
     let mut buf = vec![0u8; 64 << 10];
     let (mut beat, mut beat_at) = (region.live(Live::Heartbeat), Instant::now());
+    let mut waited_at_beat = waited_ns(monitor.pid);
     let mut hung = false;
     loop {
         let state = HandoverState::from_u64(region.live(Live::HandoverState));
@@ -626,6 +627,7 @@ fn run_one(keeper: &mut Keeper<'_>, inherit: &Inherit, options: &Options, mut mo
                     region.set_live(Live::Attempt, u64::from(monitor.attempt));
                     keeper.last_handover = Instant::now();
                     (beat, beat_at) = (region.live(Live::Heartbeat), Instant::now());
+                    waited_at_beat = waited_ns(monitor.pid);
                     continue;
                 }
                 Some((next, _)) => {
@@ -661,7 +663,8 @@ fn run_one(keeper: &mut Keeper<'_>, inherit: &Inherit, options: &Options, mut mo
         let now = region.live(Live::Heartbeat);
         if now != beat {
             (beat, beat_at) = (now, Instant::now());
-        } else if !hung && beat_at.elapsed() >= hang_limit(region, options) {
+            waited_at_beat = waited_ns(monitor.pid);
+        } else if !hung && stalled(beat_at, waited_at_beat, monitor.pid) >= hang_limit(region, options) {
             hung = true;
             monitor.kill(); // the pipe closes with it
         }
@@ -796,6 +799,23 @@ fn check_binary(binary: &std::path::Path) -> Result<(), String> {
 
 /// How long the new binary may take to answer the check.
 const CHECK_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long the monitor's run loop (its main thread) has waited for a CPU on a run queue
+/// since it started (ns; `/proc/PID/schedstat`), if the kernel says.
+fn waited_ns(pid: Pid) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How long the heartbeat has stood still, less the time the monitor could not run for
+/// want of a CPU: on a loaded host a monitor that waits its turn is not hung.
+fn stalled(beat_at: Instant, waited_at_beat: Option<u64>, pid: Pid) -> Duration {
+    let elapsed = beat_at.elapsed();
+    match (waited_at_beat, waited_ns(pid)) {
+        (Some(then), Some(now)) => elapsed.saturating_sub(Duration::from_nanos(now.saturating_sub(then))),
+        _ => elapsed,
+    }
+}
 
 /// The hang limit, or the start grace while the monitor starts, recovers, or has not yet
 /// finished its first slice ([`Phase::Resuming`]).
