@@ -203,8 +203,17 @@ fn a_vm_started_alone_is_protected_then_unprotected_and_its_backup_stands_down_f
     };
     assert_eq!(protected["role"], "primary");
     let generation = protected["replication"]["generation"].as_u64().unwrap();
-    let backup_status = status(&backup_api);
-    assert_eq!(backup_status["state_generation"], generation, "{backup_status}");
+    // The backup learns that its state counts for this generation from a message the primary
+    // sends as it declares itself protected: it may read it a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let backup_status = status(&backup_api);
+        if backup_status["state_generation"] == generation {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backup never held generation {generation}: {backup_status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let (code, _, err) = protect(&api, &dir, &listen);
     assert_eq!(code, 125);
@@ -225,7 +234,7 @@ fn a_vm_started_alone_is_protected_then_unprotected_and_its_backup_stands_down_f
     let after = status(&api);
     assert_eq!((&after["role"], &after["replication"]), (&Value::from("standalone"), &Value::Null), "{after}");
     let stood_down = backup.wait_exit(Duration::from_secs(10));
-    assert_eq!(stood_down.and_then(|s| s.code()), Some(0), "{}", backup.log());
+    assert_eq!(stood_down.and_then(|s| s.code()), Some(0), "{}\nthe VM's log:\n{}", backup.log(), vm.log());
     assert!(backup.log().contains("stands down"), "{}", backup.log());
     let (code, _, _) = ctl(&api, &["unprotect"]);
     assert_eq!(code, 125, "unprotect twice");

@@ -17,6 +17,7 @@ use replica::{
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,10 +28,11 @@ const TICK: Duration = Duration::from_millis(5);
 const RECONNECT_FIRST_MS: u64 = 5;
 const RECONNECT_MAX_MS: u64 = 300;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a connection closed after its last writes (StandDown, End) may take to send them:
-/// they may queue behind a large checkpoint, and a loaded host sends slowly (with 1 s, a
-/// StandDown behind a full checkpoint was cut off mid-frame on a busy test machine). Only a
-/// stuck link waits this long.
+/// How long a connection closed after its last writes (StandDown, End) may go without sending
+/// anything before it is cut: its last writes may queue behind a large checkpoint, and a
+/// loaded host sends slowly. A bound on the silence of the writes, not on their total time:
+/// with 5 s in all, a StandDown behind a backlog of checkpoints was cut off at load 20, and
+/// the backup, never told, waited for ever.
 const LINGER: Duration = Duration::from_secs(5);
 
 /// Messages into the replication thread.
@@ -180,13 +182,18 @@ struct ReplThread {
 struct Connection {
     stream: TcpStream,
     writer: Sender<Vec<u8>>,
+    progress: Arc<WriteProgress>,
 }
 
 impl Connection {
     fn new(stream: TcpStream, conn: u64, events: Sender<ToRepl>) -> std::io::Result<Connection> {
         let mut out = stream.try_clone()?;
         let (writer, queue) = mpsc::channel::<Vec<u8>>();
+        let progress = Arc::new(WriteProgress::default());
+        let written = progress.clone();
         std::thread::spawn(move || {
+            // Done (or failed) however the loop ends.
+            let _done = DoneOnDrop(written.clone());
             for mut bytes in queue {
                 // Fault injection (`--features failpoints`): the send panics, aborts, hangs,
                 // or corrupts the frame it sends (the backup must refuse it).
@@ -200,22 +207,45 @@ impl Connection {
                     let _ = events.send(ToRepl::Closed { conn });
                     return;
                 }
+                written.writes.fetch_add(1, Ordering::Release);
             }
             // The queue ended: the connection was closed after its last writes.
             let _ = out.shutdown(std::net::Shutdown::Both);
         });
-        Ok(Connection { stream, writer })
+        Ok(Connection { stream, writer, progress })
     }
 
     /// Close once the writes already queued are out (the writer thread shuts the socket
-    /// down when its queue ends), or after [`LINGER`] if the link is stuck.
+    /// down when its queue ends), or once no write has gone out for [`LINGER`] (a stuck link).
     fn close_after_writes(self) {
-        let Connection { stream, writer } = self;
+        let Connection { stream, writer, progress } = self;
         drop(writer);
         std::thread::spawn(move || {
-            std::thread::sleep(LINGER);
+            const POLL: Duration = Duration::from_millis(100);
+            let (mut seen, mut still) = (progress.writes.load(Ordering::Acquire), Duration::ZERO);
+            while !progress.done.load(Ordering::Acquire) && still < LINGER {
+                std::thread::sleep(POLL);
+                let now = progress.writes.load(Ordering::Acquire);
+                still = if now == seen { still + POLL } else { Duration::ZERO };
+                seen = now;
+            }
             let _ = stream.shutdown(std::net::Shutdown::Both);
         });
+    }
+}
+
+/// How far a connection's writer thread got: frames written, and whether it has finished.
+#[derive(Default)]
+struct WriteProgress {
+    writes: AtomicU64,
+    done: AtomicBool,
+}
+
+struct DoneOnDrop(Arc<WriteProgress>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::Release);
     }
 }
 
