@@ -148,6 +148,29 @@ fn too_little_memory_is_refused() {
     assert_eq!(line, "ftvm: error: memory size 1048576 bytes is too small: at least 16777216 bytes (16M) are needed");
 }
 
+/// More RAM than the host can give (the most a machine takes, 64G, beyond this host's memory
+/// and swap): an error naming the size, not an abort with a backtrace. Skipped, saying so, on
+/// a host with 64 GiB or more to give.
+#[test]
+fn more_memory_than_the_host_has_is_refused_naming_the_size() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib = |field: &str| -> u64 {
+        let line = meminfo.lines().find(|l| l.starts_with(field)).unwrap_or_default();
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let host_bytes = (kib("MemTotal:") + kib("SwapTotal:")) * 1024;
+    if host_bytes >= 64 << 30 {
+        eprintln!("skipped: this host has {host_bytes} bytes of memory and swap, enough for 64G");
+        return;
+    }
+    let out = ftvm(&["run", "--mem", "64G", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        error_line(&out),
+        "ftvm: error: cannot allocate 68719476736 bytes of guest memory: the host refused (ask for less with --mem)"
+    );
+}
+
 #[test]
 fn a_kernel_larger_than_ram_is_refused() {
     let kernel = scratch("k-huge");

@@ -116,6 +116,8 @@ pub enum MachineError {
     RamUnaligned { size: u64 },
     #[error("the mapping given as RAM is {bytes} bytes, the machine has {ram_bytes}")]
     RamMapping { bytes: u64, ram_bytes: u64 },
+    #[error("cannot allocate {size} bytes of guest memory: the host refused (ask for less with --mem)")]
+    RamUnavailable { size: u64 },
     #[error("cannot build the device tree")]
     Fdt(#[source] vm_fdt::Error),
     #[error("the kernel command line is {len} bytes, more than the {MAX_BOOTARGS_BYTES} a machine boots with")]
@@ -382,7 +384,7 @@ impl Machine {
                 return Err(MachineError::RamMapping { bytes: mapping.len() as u64, ram_bytes: size })
             }
             Some(mapping) => rv64::GuestRam::over(RAM_BASE, mapping),
-            None => rv64::GuestRam::new(RAM_BASE, size),
+            None => rv64::GuestRam::try_new(RAM_BASE, size).ok_or(MachineError::RamUnavailable { size })?,
         };
         boot.place(&mut ram, &blob).map_err(|source| MachineError::Kernel { path: kernel_path.clone(), source })?;
         let boot_pages = ram.take_dirty_pages(); // the initial image is the baseline, not a change

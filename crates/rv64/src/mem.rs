@@ -105,6 +105,22 @@ pub struct GuestRam {
     id: u64,
 }
 
+/// `len` zero bytes, or None when the allocator refuses them. `vec![0; len]` aborts the
+/// process instead; this asks for zeroed memory the same way (calloc: the pages stay the
+/// kernel's zero page until written) but hears the refusal.
+fn zeroed_bytes(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout is non-zero in size; a non-null pointer is `len` zeroed bytes from the
+    // global allocator with the layout Vec<u8> of capacity `len` frees with.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout);
+        (!ptr.is_null()).then(|| Vec::from_raw_parts(ptr, len, len))
+    }
+}
+
 impl Clone for GuestRam {
     fn clone(&self) -> Self {
         GuestRam {
@@ -127,9 +143,18 @@ impl std::fmt::Debug for GuestRam {
 
 impl GuestRam {
     /// RAM of `size_bytes` (a multiple of the page size) at physical `base`.
+    ///
+    /// Panics if the host cannot give that much memory: see [`GuestRam::try_new`].
     pub fn new(base: u64, size_bytes: u64) -> Self {
+        Self::try_new(base, size_bytes).expect("the host gives the guest's RAM")
+    }
+
+    /// As [`GuestRam::new`], but None when the host cannot give `size_bytes` of memory, so that
+    /// a user asking for more RAM than the host has gets an error, not an abort.
+    pub fn try_new(base: u64, size_bytes: u64) -> Option<Self> {
         assert!(size_bytes.is_multiple_of(PAGE_SIZE), "RAM size must be page aligned");
-        GuestRam::with_bytes(base, Bytes::owned(vec![0; size_bytes as usize]))
+        let bytes = zeroed_bytes(usize::try_from(size_bytes).ok()?)?;
+        Some(GuestRam::with_bytes(base, Bytes::owned(bytes)))
     }
 
     /// RAM at physical `base` in `mapping` (its length a multiple of the page size), holding
