@@ -42,9 +42,29 @@ pub struct BackupArgs {
     /// Heartbeat interval on the replication link
     #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub heartbeat_ms: u64,
+    /// Keep the backup across crashes and hangs of its monitor: a small keeper process owns
+    /// the listening socket, the TAP device and the API socket, and restarts the monitor,
+    /// which takes the checkpoint it last applied up again, so that the primary stays
+    /// protected (docs/microreboot.md)
+    #[arg(long)]
+    pub resilient: bool,
+    /// With --resilient: a monitor whose heartbeat stands still this long is restarted
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "resilient")]
+    pub hang_ms: u64,
+    /// With --resilient: stop once the monitor failed this many times in a row at the same
+    /// instruction (the icount of the checkpoint it holds)
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "resilient",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub poison_attempts: u32,
+    /// With --resilient: write the keeper's report (each restart, how the run ended) as JSON to FILE
+    #[arg(long, value_name = "FILE", requires = "resilient")]
+    pub keeper_report: Option<PathBuf>,
 }
 
 pub fn run(args: BackupArgs) -> Result<i32> {
+    if args.resilient {
+        return crate::resilient::run_backup(args);
+    }
     // Fault points named in FAILPOINTS (with the `failpoints` feature; the migration's and
     // lockstep's provoked divergence too).
     let _faults = vmm::keeper::fault::setup();

@@ -5,6 +5,7 @@
 //! keeper for an upgrade.
 
 use crate::api::{Command, ControlRequest, HandoverRequest, Reply};
+use crate::backup_cmd::BackupArgs;
 use crate::run_cmd::{self, CommandConsole, RunArgs, TerminalConsole};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -33,7 +34,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
         (false, None) => Box::new(CommandConsole::new(args.boot_log)),
     };
     let monitor_args = std::env::args_os().skip(1).collect();
-    let (end, restarts, handovers) = keep_with(&args, monitor_args, &mut *sink, &mut NoHooks, resume)?;
+    let keeping = Keeping::of(&args);
+    let (end, restarts, handovers) = keep_with(&keeping, monitor_args, &mut *sink, &mut NoHooks, resume)?;
     if let Some(path) = &args.keeper_report {
         write_report(path, &end, &restarts, handovers)?;
     }
@@ -75,21 +77,50 @@ pub fn keep(
     sink: &mut dyn KeptConsole,
     hooks: &mut dyn Hooks,
 ) -> Result<(End, Vec<Restart>)> {
-    keep_with(args, monitor_args, sink, hooks, None).map(|(end, restarts, _)| (end, restarts))
+    keep_with(&Keeping::of(args), monitor_args, sink, hooks, None).map(|(end, restarts, _)| (end, restarts))
 }
 
-/// The keeper: own the region, the terminal, the TAP device, the disk journal and the API
-/// socket (or take them on from the keeper this one was before an upgrade); run monitors
-/// until the VM ends. Also returns the planned handovers done.
+/// What a keeper keeps: the VM, the guest's command, how monitors are supervised, and for
+/// a backup the address it listens on (the socket is the keeper's).
+struct Keeping<'a> {
+    vm: &'a run_cmd::VmArgs,
+    command: &'a [String],
+    options: supervisor::Options,
+    listen: Option<&'a str>,
+    /// A replicated primary: its monitors record what they sent (`vmm::keeper::sent`).
+    replicated: bool,
+}
+
+impl Keeping<'_> {
+    fn of(args: &RunArgs) -> Keeping<'_> {
+        Keeping {
+            vm: &args.vm,
+            command: &args.command,
+            options: supervisor::Options {
+                hang_ms: args.hang_ms,
+                poison_attempts: args.poison_attempts,
+                rejuvenate_every: args.rejuvenate_every,
+                spare: !args.no_spare,
+                ..supervisor::Options::default()
+            },
+            listen: None,
+            replicated: args.replication.replicate_to.is_some(),
+        }
+    }
+}
+
+/// The keeper: own the region, the terminal, the TAP device, the disk journal, the API
+/// socket and a backup's listening socket (or take them on from the keeper this one was
+/// before an upgrade); run monitors until the VM ends. Also returns the planned handovers done.
 fn keep_with(
-    args: &RunArgs,
+    keeping: &Keeping,
     monitor_args: Vec<OsString>,
     sink: &mut dyn KeptConsole,
     hooks: &mut dyn Hooks,
     resume: Option<Resume>,
 ) -> Result<(End, Vec<Restart>, u64)> {
-    let vm = &args.vm;
-    run_cmd::machine_config(vm, &args.command)?; // a missing kernel is refused before anything starts
+    let vm = keeping.vm;
+    run_cmd::machine_config(vm, keeping.command)?; // a missing kernel is refused before anything starts
     let (region, fds, mut adopted) = match resume {
         Some(resume) => (Region::open(resume.region, vm.mem)?, resume.fds, Some(resume.monitor)),
         None => {
@@ -104,26 +135,29 @@ fn keep_with(
             if let Some(path) = &vm.api {
                 fds.push(("api", OwnedFd::from(crate::api::bind(path)?)));
             }
+            if let Some(listen) = keeping.listen {
+                let addr = vmm::replicate::resolve(listen)?;
+                let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+                eprintln!("ftvm backup: waiting for a primary on {addr} (a resilient backup's keeper)");
+                fds.push(("listen", OwnedFd::from(listener)));
+            }
+            if keeping.replicated {
+                fds.push(("sent", vmm::keeper::sent::create(vm.mem)?));
+            }
             (region, fds, None)
         }
     };
     let _api = vm.api.clone().map(RemoveOnDrop);
-    let interactive = args.command.is_empty();
+    // A backup's terminal stays as it is (its monitor attaches the console when it takes over).
+    let interactive = keeping.command.is_empty() && keeping.listen.is_none();
     let mut raw = interactive.then(console::RawMode::enter);
     let inherit = Inherit {
         exe: std::env::current_exe().context("cannot find this ftvm binary to start the monitor")?,
         args: monitor_args.clone(),
         fds,
     };
-    let options = supervisor::Options {
-        hang_ms: args.hang_ms,
-        poison_attempts: args.poison_attempts,
-        rejuvenate_every: args.rejuvenate_every,
-        spare: !args.no_spare,
-        ..supervisor::Options::default()
-    };
     loop {
-        let (end, restarts) = supervisor::supervise(&region, &inherit, sink, &options, hooks, adopted.take())?;
+        let (end, restarts) = supervisor::supervise(&region, &inherit, sink, &keeping.options, hooks, adopted.take())?;
         let End::Upgrade(up) = end else { return Ok((end, restarts, region.live(Live::Handovers))) };
         drop(raw.take()); // the terminal as it was: the new keeper enters raw mode again
         let err = exec_keeper(&up, &region, &inherit, &monitor_args, sink.state());
@@ -190,6 +224,8 @@ impl Resume {
                 "tap" => fds.push(("tap", adopt_fd(value)?)),
                 "api" => fds.push(("api", adopt_fd(value)?)),
                 "disk" => fds.push(("disk", adopt_fd(value)?)),
+                "listen" => fds.push(("listen", adopt_fd(value)?)),
+                "sent" => fds.push(("sent", adopt_fd(value)?)),
                 _ => return Err(bad()),
             }
         }
@@ -312,8 +348,9 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     let mut sink = StreamSink::new(inherited.stream);
     if args.replication.replicate_to.is_some() {
         let host = Host { tap, api: inherited.api, live };
-        return run_replicated(args, &config, started, sink, host, &region_fd);
+        return run_replicated(args, &config, started, sink, host, (&region_fd, inherited.sent));
     }
+    let attached = Attached { vm, command: &args.command, attach: run_cmd::Attach::Now };
     let (tx, rx) = std::sync::mpsc::channel();
     let (mut machine, mut mode) = (started.machine, started.monitor);
     if started.recovered {
@@ -327,30 +364,63 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     }
     let mut driver = Driver::new(machine, rx, vm.clock.into());
     driver.set_mode(Box::new(mode));
-    let outcome = run_attached(driver, args, tap, inherited.api, live, tx, &mut sink)?;
+    let outcome = run_attached(driver, &attached, tap, inherited.api, live, tx, &mut sink)?;
     let code = run_cmd::exit_status(outcome)?;
     sink.end(code).context("cannot tell the keeper that the VM ended")?;
     Ok(code)
 }
 
+/// How a monitor's driver meets the host: the VM's options, the guest's command, and when
+/// the terminal and the TAP device start reaching it.
+struct Attached<'a> {
+    vm: &'a run_cmd::VmArgs,
+    command: &'a [String],
+    attach: run_cmd::Attach,
+}
+
 /// Attach the inherited terminal, TAP device and API socket to a monitor's driver (only
-/// now: what arrived during a recovery waited in their queues) and run it.
+/// now: what arrived during a recovery waited in their queues; a backup's terminal and
+/// TAP device when it takes over) and run it.
 fn run_attached<V: vmm::vm::Vm + 'static>(
     mut driver: Driver<V>,
-    args: &RunArgs,
+    attached: &Attached,
     tap: Option<Tap>,
     api: Option<std::os::fd::OwnedFd>,
     live: Region,
     tx: std::sync::mpsc::Sender<vmm::host::HostEvent>,
     sink: &mut StreamSink,
 ) -> Result<vmm::driver::Outcome> {
-    let vm = &args.vm;
-    let interactive = args.command.is_empty();
-    if interactive {
-        console::spawn_reader(tx.clone());
-    }
-    if let Some(tap) = &tap {
-        tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
+    let vm = attached.vm;
+    let interactive = attached.command.is_empty();
+    match attached.attach {
+        run_cmd::Attach::Now => {
+            if interactive {
+                console::spawn_reader(tx.clone());
+            }
+            if let Some(tap) = &tap {
+                tap.spawn_reader(tx.clone()).context("cannot start the TAP reader")?;
+            }
+        }
+        run_cmd::Attach::AtGoLive { mac } => {
+            // The TAP's frames meanwhile were meant for the primary's guest: thrown away.
+            let tap = tap.as_ref().map(Tap::clone_handle).transpose()?;
+            let events = tx.clone();
+            driver.on_go_live(Box::new(move |_| {
+                if interactive {
+                    console::spawn_reader(events.clone());
+                }
+                let Some(tap) = &tap else { return };
+                let attached = tap
+                    .discard_pending()
+                    .context("cannot empty the TAP device's queue")
+                    .and_then(|_| tap.spawn_reader(events.clone()).context("cannot start the TAP reader"))
+                    .and_then(|()| tap.clone_handle().context("cannot announce the MAC"));
+                match attached {
+                    Ok(announce) => vmm::host::announce::spawn_announcer(announce, mac),
+                    Err(e) => vmm::log::warn(format_args!("{e:#}")),
+                }
+            }));
+        }
     }
     let replicated = driver.replicating();
     let _api = api.map(|fd| {
@@ -378,11 +448,11 @@ struct Host {
     live: Region,
 }
 
-/// This keeper's name in the VM's ownership record: the same for each of its monitors, so
-/// that a restarted one knows the record it finds as its own.
-fn keeper_replica_name() -> String {
+/// This keeper's name in the VM's ownership record (`role` primary or backup): the same
+/// for each of its monitors, so that a restarted one knows the record it finds as its own.
+fn keeper_replica_name(role: &str) -> String {
     let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "host".into());
-    format!("primary-{host}-{}", nix::unistd::getppid())
+    format!("{role}-{host}-{}", nix::unistd::getppid())
 }
 
 /// A replicated primary's monitor: take the VM's ownership record up (claimed by a fresh
@@ -395,14 +465,14 @@ fn run_replicated(
     started: monitor::Started,
     mut sink: StreamSink,
     host: Host,
-    region_fd: &std::os::fd::OwnedFd,
+    (region_fd, sent): (&std::os::fd::OwnedFd, Option<OwnedFd>),
 ) -> Result<i32> {
     let Host { tap, api, live } = host;
     use vmm::replicate::{Ownership, ReplicationError};
     let mem = args.vm.mem;
     let options = crate::replication_args::options(&args.replication)?;
     let mut spec = args.replication.ownership.spec();
-    spec.replica_name.get_or_insert_with(keeper_replica_name);
+    spec.replica_name.get_or_insert_with(|| keeper_replica_name("primary"));
     let mut ownership = Ownership::open(&spec, config, "primary")?.context("--replicate-to needs --store")?;
     let taken_up = if started.recovered { ownership.resume() } else { ownership.claim_for_start() };
     match taken_up {
@@ -432,13 +502,34 @@ fn run_replicated(
         }
     }
     let (tx, rx) = std::sync::mpsc::channel();
+    // What the run sent is recorded for a monitor restarted after this one: it takes the
+    // run up again with one incremental checkpoint. Not with a written disk (its sectors are
+    // not recorded): a restart then sends a full checkpoint.
+    let record = sent.map(|fd| vmm::keeper::sent::SentRecord::open(fd, mem)).transpose()?;
+    let resume = match (&record, started.recovered && written_disk(&args.vm).is_none()) {
+        (Some(record), true) => record.resumable(),
+        _ => None,
+    };
+    if let Some(r) = &resume {
+        eprintln!(
+            "ftvm: monitor: taking run {:x} up again after epoch {} ({} pages since epoch {})",
+            r.run_id,
+            r.last_epoch,
+            r.pages.len(),
+            r.since_epoch
+        );
+    }
     let mut vm = Watched::new(machine);
+    if let Some(record) = record {
+        vm.record_into(record);
+    }
     let vm_id = ownership.vm_id.clone();
-    let mode = ReplicatedMonitor::start(monitor, &mut vm, held, options, ownership, tx.clone())?;
+    let mode = ReplicatedMonitor::start(monitor, &mut vm, held, options, ownership, tx.clone(), resume)?;
     let mut driver = Driver::new(vm, rx, args.vm.clock.into());
     driver.vm_id = Some(vm_id);
     driver.set_mode(Box::new(mode));
-    let outcome = run_attached(driver, args, tap, api, live, tx, &mut sink)?;
+    let attached = Attached { vm: &args.vm, command: &args.command, attach: run_cmd::Attach::Now };
+    let outcome = run_attached(driver, &attached, tap, api, live, tx, &mut sink)?;
     if let vmm::driver::Outcome::Fenced(message) = &outcome {
         // Another replica owns the VM: this keeper must not start another monitor.
         eprintln!("ftvm: monitor: {message}");
@@ -578,4 +669,164 @@ pub fn restart_json(r: &Restart) -> serde_json::Value {
         "replayed_inputs": r.replayed_inputs,
         "replayed_icount": r.replayed_icount,
     })
+}
+
+/// `ftvm backup --resilient`: the keeper (it owns the listening socket, the TAP device, the
+/// API socket and the region), or the backup's monitor it runs.
+pub fn run_backup(args: BackupArgs) -> Result<i32> {
+    if args.vm.disk.is_some() {
+        bail!("ftvm backup --resilient does not take --disk yet (docs/microreboot.md)");
+    }
+    if let Some(inherited) = vmm::keeper::inherited()? {
+        return run_backup_monitor(&args, inherited);
+    }
+    let resume = Resume::from_env()?;
+    let mut sink = TerminalConsole;
+    let monitor_args = std::env::args_os().skip(1).collect();
+    let keeping = Keeping {
+        vm: &args.vm,
+        command: &[],
+        options: supervisor::Options {
+            hang_ms: args.hang_ms,
+            poison_attempts: args.poison_attempts,
+            // A backup's monitor does not take part in the spare's wake-up protocol yet.
+            spare: false,
+            ..supervisor::Options::default()
+        },
+        listen: Some(&args.listen),
+        replicated: false,
+    };
+    let (end, restarts, handovers) = keep_with(&keeping, monitor_args, &mut sink, &mut NoHooks, resume)?;
+    if let Some(path) = &args.keeper_report {
+        write_report(path, &end, &restarts, handovers)?;
+    }
+    match end {
+        End::Exited(code) => Ok(code),
+        other => bail!("{other}"),
+    }
+}
+
+/// A backup's monitor: take the backup's state up from the region (or, if this backup took
+/// the VM over before, the VM's), and wait for the primary on the keeper's listener.
+fn run_backup_monitor(args: &BackupArgs, inherited: Inherited) -> Result<i32> {
+    use vmm::keeper::resilient_backup::{self as rb, BackupMonitor, Found};
+    let _faults = vmm::keeper::fault::setup();
+    let vm = &args.vm;
+    let config = run_cmd::machine_config(vm, &[])?;
+    let region_fd = inherited.region.try_clone().context("cannot duplicate the region's descriptor")?;
+    let live = Region::open(region_fd.try_clone()?, vm.mem)?;
+    let mut spec = args.ownership.spec();
+    spec.replica_name.get_or_insert_with(|| keeper_replica_name("backup"));
+    let ownership = vmm::replicate::Ownership::open(&spec, &config, "backup")?
+        .context("ftvm backup needs --store (the ownership store the primary uses)")?;
+    let tap = match (inherited.tap, &vm.net) {
+        (Some(fd), Some(spec)) => Some(Tap::from_fd(fd, run_cmd::tap_name(spec)?)),
+        _ => None,
+    };
+    let sink = StreamSink::new(inherited.stream);
+    let host = Host { tap, api: inherited.api, live };
+    let found = Region::open(inherited.region, vm.mem)
+        .map_err(rb::BackupRecoverError::from)
+        .and_then(|region| rb::recover(region, &config));
+    let (machine, kept, keeper) = match found {
+        Ok(Found::Waiting { machine, kept, keeper }) => (machine, kept, keeper),
+        Ok(Found::Live(region)) => return run_taken_over(args, &config, region, ownership, sink, host, &region_fd),
+        Err(e) => {
+            let verdict = e.verdict();
+            let text = format!("{:#}", anyhow::Error::new(e));
+            eprintln!("ftvm: monitor: cannot take the backup's state up: {text}");
+            return Ok(monitor::give_up(&region_fd, vm.mem, verdict, &text));
+        }
+    };
+    if let Some(kept) = &kept {
+        eprintln!(
+            "ftvm backup: resumed with epoch {} of run {:x} (icount {}), generation {:?}",
+            kept.applied.epoch,
+            kept.applied.run_id,
+            kept.icount,
+            kept.right.map(|r| r.generation)
+        );
+    }
+    let listener = std::net::TcpListener::from(inherited.listen.context("the keeper passed no listening socket")?);
+    let options = vmm::replicate::backup::BackupOptions {
+        listener,
+        key: vmm::replicate::load_key(&args.key)?,
+        config_digest: vmm::replicate::replication_digest(&config, &ownership.vm_id),
+        failover_timeout_ms: args.failover_timeout_ms,
+        heartbeat_ms: args.heartbeat_ms,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let vm_id = ownership.vm_id.clone();
+    let live_region = Region::open(region_fd.try_clone()?, vm.mem)?;
+    let mode = BackupMonitor::start(options, ownership, tx.clone(), &machine, kept, keeper)?;
+    let mut driver = Driver::new(machine, rx, vm.clock.into());
+    driver.vm_id = Some(vm_id);
+    driver.set_mode(Box::new(mode));
+    driver.run_live_under(BackupMonitor::live_mode(live_region));
+    let attached = Attached { vm, command: &[], attach: run_cmd::Attach::AtGoLive { mac: vm.mac } };
+    let Host { tap, api, live } = host;
+    let mut sink = sink;
+    let outcome = run_attached(driver, &attached, tap, api, live, tx, &mut sink)?;
+    end_monitor(outcome, sink, &region_fd, vm.mem)
+}
+
+/// A backup's monitor after its backup took the VM over (a monitor before it died there):
+/// the record must still be this replica's; the VM recovers from the region and runs on.
+fn run_taken_over(
+    args: &BackupArgs,
+    config: &machine::MachineConfig,
+    region: Region,
+    mut ownership: vmm::replicate::Ownership,
+    mut sink: StreamSink,
+    host: Host,
+    region_fd: &OwnedFd,
+) -> Result<i32> {
+    use vmm::replicate::ReplicationError;
+    let mem = args.vm.mem;
+    match ownership.resume() {
+        Ok(_) => {}
+        Err(e @ (ReplicationError::Superseded { .. } | ReplicationError::RunningElsewhere { .. })) => {
+            let text = e.to_string();
+            eprintln!("ftvm: monitor: {text}");
+            return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, &text));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let Host { mut tap, api, live } = host;
+    let started = match monitor::start(region, config, None) {
+        Ok(started) => started,
+        Err(e) => {
+            let verdict = e.verdict();
+            let text = format!("{:#}", anyhow::Error::new(e));
+            eprintln!("ftvm: monitor: cannot take the VM over: {text}");
+            return Ok(monitor::give_up(region_fd, mem, verdict, &text));
+        }
+    };
+    let (mut machine, mut mode) = (started.machine, started.monitor);
+    if started.recovered {
+        if let Err(e) = mode.replay(&mut machine, started.inputs, &mut sink, tap.as_mut()) {
+            let text = format!("{e:#}");
+            eprintln!("ftvm: monitor: cannot take the VM over: {text}");
+            return Ok(monitor::give_up(region_fd, mem, Verdict::ReplayDiverged, &text));
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut driver = Driver::new(machine, rx, args.vm.clock.into());
+    driver.vm_id = Some(ownership.vm_id.clone());
+    driver.ownership = Some(ownership);
+    driver.set_mode(Box::new(mode));
+    let attached = Attached { vm: &args.vm, command: &[], attach: run_cmd::Attach::Now };
+    let outcome = run_attached(driver, &attached, tap, api, live, tx, &mut sink)?;
+    end_monitor(outcome, sink, region_fd, mem)
+}
+
+/// A monitor's end: told to the keeper (which does not restart a monitor fenced off).
+fn end_monitor(outcome: vmm::driver::Outcome, mut sink: StreamSink, region_fd: &OwnedFd, mem: u64) -> Result<i32> {
+    if let vmm::driver::Outcome::Fenced(message) = &outcome {
+        eprintln!("ftvm: monitor: {message}");
+        return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, message));
+    }
+    let code = run_cmd::exit_status(outcome)?;
+    sink.end(code).context("cannot tell the keeper that the VM ended")?;
+    Ok(code)
 }

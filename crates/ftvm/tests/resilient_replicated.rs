@@ -11,8 +11,8 @@
 mod common;
 
 use common::cluster::{is_live, Cluster, Options, BOOT_LIMIT};
+use common::keeper::{monitor_of, sigkill};
 use common::redis::{check_consecutive, redis_image, wait_pong, Session, SERVER};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The backup's detection timeout: above the microreboot's p99 (382 ms on a loaded host,
@@ -22,24 +22,6 @@ const FAILOVER_TIMEOUT_MS: u64 = 2000;
 const PROTECTED_LIMIT: Duration = Duration::from_secs(60);
 /// Replies the session must get between two faults, and after the last.
 const REPLIES_BETWEEN: usize = 40;
-
-/// The keeper's running monitor (not its spare), other than `not`.
-fn monitor_of(keeper: u32, not: Option<u32>) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pid = common::keeper::monitors(keeper).first().copied();
-        if let Some(pid) = pid.filter(|p| Some(*p) != not) {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "the keeper {keeper} has no new monitor");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn sigkill(pid: u32) {
-    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
-    assert!(status.success(), "kill -KILL {pid}");
-}
 
 /// The backup's longest silence (ms since it last heard the primary) until the restarted
 /// primary is connected and heard again, sampled every 10 ms; panics if it took over.
@@ -76,6 +58,8 @@ fn a_replicated_resilient_primary_survives_two_monitor_kills_without_a_takeover_
     let generation = cluster.backup_now()["state_generation"].clone();
     assert!(generation.is_u64(), "{}", cluster.backup_now());
 
+    // The first run's full checkpoint of the written RAM is most of what it sent.
+    let full_bytes = cluster.primary_now()["replication"]["bytes_sent"].as_u64().unwrap();
     let keeper = cluster.primary.child.id();
     let mut session = Session::start(&ns);
     let mut monitor = monitor_of(keeper, None);
@@ -101,6 +85,17 @@ fn a_replicated_resilient_primary_survives_two_monitor_kills_without_a_takeover_
         let backup = cluster.backup_now();
         assert_eq!(backup["role"], "backup", "{backup}");
         assert_eq!(backup["state_generation"], generation, "the generation moved: {backup}");
+        // The restarted monitor took the run up again: an incremental checkpoint of what was
+        // written since the backup's state, not a full one.
+        let status = cluster.wait_protected(PROTECTED_LIMIT);
+        let sent = status["replication"]["bytes_sent"].as_u64().unwrap();
+        assert!(
+            sent < full_bytes / 4,
+            "kill {kill}: the new monitor sent {sent} bytes (a full checkpoint: {full_bytes})"
+        );
+        println!(
+            "kill {kill}: the new monitor sent {sent} bytes until protected (the first full checkpoint: {full_bytes})"
+        );
     }
     let want = session.count() + REPLIES_BETWEEN;
     assert!(session.wait_for(want, Duration::from_secs(60), None), "after the kills\n{}", cluster.explain());

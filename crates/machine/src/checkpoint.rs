@@ -341,6 +341,14 @@ pub fn written(payload: &[u8]) -> Option<(Vec<usize>, Vec<u64>)> {
     walk().ok().flatten()
 }
 
+/// Whether a payload is a full checkpoint (applying it zeroes RAM and disk but for what it
+/// carries), read from its header alone; false for a malformed one.
+pub fn is_full(payload: &[u8]) -> bool {
+    payload.len() >= HEADER_BYTES
+        && payload[..4] == MAGIC
+        && u16::from_le_bytes([payload[6], payload[7]]) & FLAG_FULL != 0
+}
+
 /// The number of pages a payload carries (see [`counts`]).
 pub fn page_count(payload: &[u8]) -> usize {
     counts(payload).0

@@ -152,9 +152,9 @@ pub mod wire;
 pub use messages::{CheckpointId, ConfigDigest, Message, MessageError, Role, PROTOCOL_VERSION};
 pub use output_commit::{OutputBuffer, OutputBufferFull};
 pub use protocol::{
-    Backup, BackupAction, BackupConfig, BackupEvent, BackupLossPolicy, BackupStatus, CheckpointKind, ConnId, Handover,
-    Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection, ProtocolError, RecordView,
-    SwapAnswer,
+    Backup, BackupAction, BackupConfig, BackupEvent, BackupKept, BackupLossPolicy, BackupStatus, CheckpointKind,
+    ClaimRight, ConnId, Handover, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection,
+    ProtocolError, RecordView, ResumeRun, SwapAnswer,
 };
 pub use schedule::{CheckpointSchedule, ScheduleConfig, SliceAction};
 pub use wire::{Decoded, Decoder, Encoder, Frame, KeyError, Nonce, PresharedKey, WireError};

@@ -70,6 +70,12 @@ impl<O> CheckpointSchedule<O> {
     }
 
     /// The epoch of the last checkpoint taken (0: none yet).
+    /// A schedule whose epochs go on after `epoch` (a primary that took its run up again:
+    /// [`crate::Primary::resume`]).
+    pub fn resumed(config: ScheduleConfig, now_ms: u64, epoch: u64) -> Self {
+        CheckpointSchedule { epoch, ..CheckpointSchedule::new(config, now_ms) }
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

@@ -94,6 +94,9 @@ pub enum Outcome {
 /// Called when a backup takes over, before the machine runs (the binary attaches the TAP,
 /// the terminal, announces the MAC).
 pub type GoLiveHook = Box<dyn FnMut(&crate::status::Takeover)>;
+/// The mode a backup that took over runs the VM under, made from the machine as it stands
+/// ([`Driver::run_live_under`]; [`Standalone`] when none is given).
+pub type LiveMode<V> = Box<dyn FnOnce(&mut V, &crate::status::Takeover) -> Box<dyn Mode<V>>>;
 
 /// Where console output goes.
 pub trait ConsoleSink {
@@ -154,6 +157,8 @@ pub struct Driver<V: Vm = machine::Machine> {
     /// The migrations out of and into this replica so far (settled ones; status adds the
     /// one under way).
     migrations: crate::status::MigrationTotals,
+    /// The mode after a takeover ([`Driver::run_live_under`]).
+    live_mode: Option<LiveMode<V>>,
 }
 
 impl<V: Vm + 'static> Driver<V> {
@@ -182,6 +187,7 @@ impl<V: Vm + 'static> Driver<V> {
             arriving: false,
             pending_migration: None,
             migrations: Default::default(),
+            live_mode: None,
         }
     }
 
@@ -190,11 +196,22 @@ impl<V: Vm + 'static> Driver<V> {
         self.go_live_hooks.push(hook);
     }
 
+    /// After a takeover, run the VM under the mode `make` builds (a resilient backup's
+    /// keeper monitor: `vmm::keeper::resilient_backup`), not [`Standalone`].
+    pub fn run_live_under(&mut self, make: LiveMode<V>) {
+        self.live_mode = Some(make);
+    }
+
     /// A backup took the VM over: its mode hands the ownership record back, and the machine,
     /// holding the checkpoint it went live from, runs on as the primary, standalone (`ctl
-    /// protect` gives it a new backup); guest time maps onto the wall clock from here.
+    /// protect` gives it a new backup) or under the mode given to [`Driver::run_live_under`];
+    /// guest time maps onto the wall clock from here.
     fn go_live(&mut self, takeover: crate::status::Takeover) {
-        self.set_mode(Box::new(Standalone));
+        let mode = match self.live_mode.take() {
+            Some(make) => make(&mut self.machine, &takeover),
+            None => Box::new(Standalone),
+        };
+        self.set_mode(mode);
         if self.ownership.is_none() {
             crate::log::warn("the VM was taken over without its ownership record: it cannot be protected again");
         }

@@ -68,8 +68,9 @@ pub enum ModeEvent {
     /// Live migration: the destination owns the VM at `generation`; this replica stops.
     HandedOver { generation: u64 },
     /// Checkpoint backup: apply this whole checkpoint (the machine's format) to the stopped
-    /// machine, then tell the protocol thread how it went.
-    Apply { epoch: u64, icount: u64, payload: Vec<u8> },
+    /// machine, then tell the protocol thread how it went. `run_id`: the primary run that
+    /// took it (with `epoch`, what a resilient backup keeps: [`replica::BackupKept`]).
+    Apply { run_id: u64, epoch: u64, icount: u64, payload: Vec<u8> },
     /// Checkpoint backup: the primary fell silent and the ownership record is this
     /// replica's now (swapped to `generation`): go live from the checkpoint of `epoch`,
     /// the last one handed over (every [`ModeEvent::Apply`] before this event was delivered

@@ -46,6 +46,8 @@ pub struct Options {
     pub backup_failpoints: Option<String>,
     /// More options of the primary's `ftvm run` (e.g. `--resilient`).
     pub primary_args: Vec<String>,
+    /// More options of the backup's `ftvm backup` (e.g. `--resilient`).
+    pub backup_args: Vec<String>,
 }
 
 impl Options {
@@ -63,6 +65,7 @@ impl Options {
             primary_failpoints: None,
             backup_failpoints: None,
             primary_args: Vec::new(),
+            backup_args: Vec::new(),
         }
     }
 }
@@ -159,6 +162,7 @@ impl Cluster {
         backup_args.extend(ownership(&dir));
         backup_args.extend(["--failover-timeout-ms".into(), options.failover_timeout_ms.to_string()]);
         backup_args.extend(["--api".into(), backup_api.display().to_string()]);
+        backup_args.extend(options.backup_args.iter().cloned());
         let backup = spawn_in_with(
             &topo.backup_ns(),
             &backup_args,

@@ -14,3 +14,21 @@ fn waiting_spare(pid: u32) -> bool {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     arg0 == b"ftvm-spare" && comm.trim_end() != "ftvm-monitor"
 }
+
+/// The keeper's running monitor (not its spare), other than `not`.
+pub fn monitor_of(keeper: u32, not: Option<u32>) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let pid = monitors(keeper).first().copied();
+        if let Some(pid) = pid.filter(|p| Some(*p) != not) {
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "the keeper {keeper} has no new monitor");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+pub fn sigkill(pid: u32) {
+    let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -KILL {pid}");
+}

@@ -199,10 +199,22 @@ struct Applied {
 /// What the primary said this backup's state counts for: generation `generation` once it
 /// holds epoch `from_epoch` of run `run_id`, or later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ClaimRight {
-    run_id: u64,
-    generation: u64,
-    from_epoch: u64,
+pub struct ClaimRight {
+    pub run_id: u64,
+    pub generation: u64,
+    pub from_epoch: u64,
+}
+
+/// What a backup keeps across a restart of its process (a `--resilient` backup keeps it in
+/// its keeper's region, committed with the machine state of `applied` before that epoch is
+/// acknowledged): the checkpoint its machine holds, what the primary said it counts for,
+/// and the newest generation heard of. [`Backup::resume`] starts from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupKept {
+    pub applied: CheckpointId,
+    pub icount: u64,
+    pub right: Option<ClaimRight>,
+    pub newest_generation: u64,
 }
 
 /// What `status` reports of a backup.
@@ -228,6 +240,8 @@ pub struct BackupStatus {
     pub damaged_frames: u64,
     /// The primary's requests to resend frames that reached it damaged, served.
     pub resends_served: u64,
+    /// What the primary said the state counts for (kept across a restart: [`BackupKept`]).
+    pub right: Option<ClaimRight>,
 }
 
 /// The backup's protocol state machine.
@@ -309,6 +323,23 @@ impl Backup {
         }
     }
 
+    /// A backup whose process restarted, its machine holding `kept.applied` again (restored
+    /// from what it kept): it answers the next Hello with that checkpoint, so that the
+    /// primary continues its chain with the incremental checkpoints it kept rather than a
+    /// full one, and it may take over with that state as before, for the generation the
+    /// primary said it counts for. The primary counts as heard now: a primary that died
+    /// meanwhile is taken over after the failover timeout from here.
+    pub fn resume(config: BackupConfig, now_ms: u64, kept: BackupKept) -> Self {
+        let mut backup = Backup::new(config, now_ms);
+        let applied = Applied { id: kept.applied, icount: kept.icount };
+        backup.applied = Some(applied);
+        backup.latest = Some(kept.applied);
+        backup.right = kept.right;
+        backup.newest_generation = kept.newest_generation;
+        backup.last_heard_ms = Some(now_ms);
+        backup
+    }
+
     /// Feeds one event; returns the actions to carry out, in order.
     pub fn step(&mut self, event: BackupEvent<'_>) -> Vec<BackupAction> {
         let mut actions = Vec::new();
@@ -329,6 +360,18 @@ impl Backup {
     /// The checkpoint the machine is known to hold.
     pub fn applied(&self) -> Option<CheckpointId> {
         self.applied.map(|a| a.id)
+    }
+
+    /// What a restarted process needs to resume as this backup ([`Backup::resume`]): None
+    /// while the machine holds no whole checkpoint.
+    pub fn kept(&self) -> Option<BackupKept> {
+        let applied = self.applied?;
+        Some(BackupKept {
+            applied: applied.id,
+            icount: applied.icount,
+            right: self.right,
+            newest_generation: self.newest_generation,
+        })
     }
 
     /// Whether this backup has gone live (it then refuses primaries).
@@ -381,6 +424,7 @@ impl Backup {
             last_heard_ms: self.last_heard_ms,
             damaged_frames: self.repairs.damaged_frames,
             resends_served: self.repairs.resends_served,
+            right: self.right,
         }
     }
 
@@ -902,13 +946,18 @@ impl Backup {
         if let Some(latest) = latest.filter(|l| l.run_id == run_id && epoch <= l.epoch) {
             return Err(ProtocolError::EpochNotIncreasing { latest: latest.epoch, got: epoch });
         }
-        if base_epoch.is_some_and(|base| base.checked_add(1) != Some(epoch)) {
-            let detail = format!("base epoch {base_epoch:?} is not the epoch before it");
+        if base_epoch.is_some_and(|base| base >= epoch) {
+            let detail = format!("base epoch {base_epoch:?} is not an epoch before it");
             return Err(ProtocolError::MalformedCheckpoint { epoch, detail });
         }
+        // An incremental on the epoch before holds what changed since it, so it fits that
+        // state alone. One on an older epoch (a restarted primary resuming its run) holds
+        // every page written since that epoch, in whatever this run did after it: it fits
+        // any state of the run from that epoch on.
         let fits = match base_epoch {
             None => true,
-            Some(base) => latest == Some(CheckpointId { run_id, epoch: base }),
+            Some(base) if base + 1 == epoch => latest == Some(CheckpointId { run_id, epoch: base }),
+            Some(base) => latest.is_some_and(|l| l.run_id == run_id && base <= l.epoch),
         };
         if !fits {
             let bl = self.link.as_mut().expect("checked by the caller");

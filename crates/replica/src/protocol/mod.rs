@@ -8,9 +8,12 @@ mod primary;
 #[cfg(test)]
 mod tests;
 
-pub use backup::{Backup, BackupAction, BackupConfig, BackupEvent, BackupStatus, ConnId, Handover};
+pub use backup::{
+    Backup, BackupAction, BackupConfig, BackupEvent, BackupKept, BackupStatus, ClaimRight, ConnId, Handover,
+};
 pub use primary::{
     BackupLossPolicy, CheckpointKind, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryStatus, Protection,
+    ResumeRun,
 };
 
 /// The answer of the ownership store to a compare-and-swap of a VM's record: the caller

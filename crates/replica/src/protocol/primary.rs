@@ -339,9 +339,41 @@ pub struct Primary {
     unprotected_count: u64,
     resumed_checkpoints: u64,
     repairs: Repairs,
+    /// A resumed run ([`Primary::resume`]): its first checkpoint is an incremental on this
+    /// epoch, holding every page written since it.
+    resume_base: Option<u64>,
+}
+
+/// Where a restarted primary takes its run up ([`Primary::resume`]): the run went up to
+/// epoch `last_epoch` at most, and every page it wrote after epoch `since_epoch` (at or
+/// before the backup's last acknowledgement) is known, so the first checkpoint of the
+/// resumed run can bring any state of the run from `since_epoch` on up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeRun {
+    pub last_epoch: u64,
+    pub since_epoch: u64,
 }
 
 impl Primary {
+    /// A primary whose process restarted (a `--resilient` primary's new monitor) and takes
+    /// its run up again (`config.run_id` is that run's): epochs go on from
+    /// `resume.last_epoch`, and the first checkpoint, an incremental on `resume.since_epoch`
+    /// that the caller fills with every page written since then, fits whatever state of
+    /// the run the backup holds from that epoch on, so that no full checkpoint is needed.
+    /// A backup that holds less gets a full checkpoint as usual.
+    pub fn resume(config: PrimaryConfig, generation: u64, now_ms: u64, resume: ResumeRun) -> Self {
+        assert!(resume.since_epoch <= resume.last_epoch, "the run's known writes start at or before its last epoch");
+        let mut primary = Primary::new(config, generation, now_ms);
+        primary.last_taken = Some(resume.last_epoch);
+        primary.resume_base = Some(resume.since_epoch);
+        primary
+    }
+
+    /// The epoch the first checkpoint of a resumed run is based on, until it is taken.
+    pub fn resume_base(&self) -> Option<u64> {
+        self.resume_base
+    }
+
     /// A primary that owns the VM's record at `generation` (claim it before starting the VM).
     pub fn new(config: PrimaryConfig, generation: u64, now_ms: u64) -> Self {
         assert!(
@@ -376,6 +408,7 @@ impl Primary {
             unprotected_count: 0,
             resumed_checkpoints: 0,
             repairs: Repairs::default(),
+            resume_base: None,
         }
     }
 
@@ -450,6 +483,11 @@ impl Primary {
     /// backup holds or will be sent.
     fn chain_continues(&self) -> bool {
         let Some(last) = self.last_taken else { return false };
+        if let Some(base) = self.resume_base {
+            // The resumed run's first checkpoint (see `resume`): kept for a backup not heard
+            // yet; useless to one that holds less than its base.
+            return !self.is_streaming() || fits_after(Some(base), last + 1, self.backup_holds);
+        }
         match self.log.back() {
             Some(logged) => logged.epoch == last,
             None => self.backup_holds == Some(last),
@@ -921,7 +959,7 @@ impl Primary {
         }
         let continues = match self.log.front() {
             None => true,
-            Some(first) => first.base_epoch.is_none() || first.base_epoch == ours,
+            Some(first) => first.base_epoch.is_none() || fits_after(first.base_epoch, first.epoch, ours),
         };
         if !continues {
             // Keep from the newest full checkpoint on, if there is one.
@@ -1017,12 +1055,14 @@ impl Primary {
             CheckpointKind::Full => None,
             // An incremental checkpoint that does not continue the backup's chain is useless
             // to it: dropped; next_checkpoint_kind now says Full (or Discard).
-            CheckpointKind::Incremental if continues => Some(epoch - 1),
+            CheckpointKind::Incremental if continues => Some(self.resume_base.unwrap_or(epoch - 1)),
             CheckpointKind::Incremental | CheckpointKind::Discard => {
+                self.resume_base = None;
                 self.clear_log();
                 return self.after_checkpoint(epoch, actions);
             }
         };
+        self.resume_base = None;
         if base_epoch.is_none() {
             self.clear_log(); // a full checkpoint replaces everything before it
         }
@@ -1036,7 +1076,7 @@ impl Primary {
         } else if self
             .link
             .as_ref()
-            .is_some_and(|pl| pl.streaming && (base_epoch.is_none() || pl.sent_up_to == base_epoch))
+            .is_some_and(|pl| pl.streaming && (base_epoch.is_none() || fits_after(base_epoch, epoch, pl.sent_up_to)))
         {
             self.send_checkpoint(&logged, None, actions);
         }
@@ -1216,5 +1256,16 @@ impl Primary {
         self.close(error.clone(), actions);
         actions.push(PrimaryAction::Stop { error: error.clone() });
         self.stopped = Some(error);
+    }
+}
+
+/// Whether a checkpoint of `epoch` on `base` fits a backup that holds (or will hold) `holds`
+/// of this run: the epoch before it exactly, or, a resumed run's first checkpoint (on an
+/// older epoch, holding every page written since), any epoch from its base on.
+fn fits_after(base: Option<u64>, epoch: u64, holds: Option<u64>) -> bool {
+    match (base, holds) {
+        (Some(base), Some(holds)) if base + 1 == epoch => holds == base,
+        (Some(base), Some(holds)) => base <= holds && holds < epoch,
+        _ => false,
     }
 }

@@ -1400,6 +1400,136 @@ fn a_final_checkpoint_that_fails_to_apply_during_the_claim_leaves_the_vm_with_th
     assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
     assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 3 }), "{:?}", w.p_log);
     assert_eq!(w.record, Record { generation: 3, owner: "primary", ended: None });
+// A backup whose process restarted (`ftvm backup --resilient`) resumes from what it kept.
+
+/// The backup's process dies (its connection with it) and a new one resumes from what the
+/// old one kept: a backup core rebuilt with [`Backup::resume`].
+fn restart_backup(w: &mut World) {
+    let kept = w.b.kept().expect("the backup holds a whole checkpoint");
+    w.disconnect();
+    w.b = Backup::resume(patient_backup(), w.now_ms, kept);
+}
+
+#[test]
+fn a_resumed_backup_gets_the_kept_incrementals_not_a_full_checkpoint() {
+    let mut w = protected_world();
+    restart_backup(&mut w);
+    assert_eq!(w.b.state_generation(), Some(1), "the state still counts for its generation");
+    w.checkpoint(3, b"taken while the backup restarted");
+    w.connect();
+    w.checkpoint(4, b"live");
+    let epochs: Vec<_> = w.applied.iter().map(|(e, base, _)| (*e, *base)).collect();
+    assert_eq!(epochs, vec![(1, None), (2, Some(1)), (3, Some(2)), (4, Some(3))]);
+    assert_eq!(w.p.acked_epoch(), Some(4));
+    assert_eq!(w.p.protection(), Protection::Protected);
+    assert_eq!(w.record.generation, 1, "no swap: the primary stayed protected");
+}
+
+#[test]
+fn a_resumed_backup_takes_over_a_primary_that_died_while_it_restarted() {
+    let mut w = protected_world();
+    w.tick(10);
+    restart_backup(&mut w);
+    // The primary died too and never comes back: the failover timeout counts from the restart.
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 1009 });
+    w.on_b(actions);
+    assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::ClaimOwnership { .. })), "{:?}", w.b_log);
+    let actions = w.b.step(BackupEvent::Tick { now_ms: 1010 });
+    w.on_b(actions);
+    assert!(w.b_log.contains(&BackupAction::GoLive { epoch: 2, icount: 200, generation: 2 }), "{:?}", w.b_log);
+    assert_eq!(w.record, Record { generation: 2, owner: "backup", ended: None });
+}
+
+#[test]
+fn a_resumed_backup_whose_primary_went_unprotected_meanwhile_is_protected_again_by_incrementals() {
+    let mut w = protected_world();
+    restart_backup(&mut w);
+    w.checkpoint(3, b"released unprotected");
+    w.tick(200); // the grace period: swapped to generation 2, released
+    assert_eq!(w.record.generation, 2);
+    w.connect();
+    assert_eq!(w.b.status().newest_generation, 2);
+    w.checkpoint(4, b"live");
+    let epochs: Vec<_> = w.applied.iter().map(|(e, base, _)| (*e, *base)).collect();
+    assert_eq!(epochs, vec![(1, None), (2, Some(1)), (3, Some(2)), (4, Some(3))]);
+    assert_eq!(w.p.protection(), Protection::Protected);
+    assert_eq!(w.b.state_generation(), Some(2));
+}
+
+// A primary whose process restarted (`ftvm run --resilient --replicate-to`) takes its run up.
+
+/// The primary's process dies and a new one takes its run up: it took epochs up to `last`,
+/// and knows every page written since `since`.
+fn restart_primary(w: &mut World, last: u64, since: u64) {
+    w.disconnect();
+    let generation = w.p.generation();
+    w.p = Primary::resume(primary_config(), generation, w.now_ms, ResumeRun { last_epoch: last, since_epoch: since });
+}
+
+fn applied_epochs(w: &World) -> Vec<(u64, Option<u64>)> {
+    w.applied.iter().map(|(e, base, _)| (*e, *base)).collect()
+}
+
+#[test]
+fn a_resumed_primary_brings_its_backup_up_to_date_with_an_incremental_on_an_older_epoch() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"acked");
+    w.disconnect();
+    w.checkpoint(4, b"never reached the backup");
+    restart_primary(&mut w, 4, 3);
+    assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Incremental);
+    w.connect();
+    w.checkpoint(5, b"every page since 3");
+    w.checkpoint(6, b"delta");
+    assert_eq!(applied_epochs(&w), vec![(1, None), (2, Some(1)), (3, Some(2)), (5, Some(3)), (6, Some(5))]);
+    assert_eq!(w.p.acked_epoch(), Some(6));
+    assert_eq!(w.p.protection(), Protection::Protected);
+    assert_eq!(w.b.state_generation(), Some(1), "the same run: the backup's right still counts");
+}
+
+#[test]
+fn a_resumed_run_fits_a_backup_that_got_more_than_the_last_acknowledged_epoch() {
+    let mut w = protected_world();
+    w.checkpoint(3, b"acked, but the dead primary recorded its acknowledgement up to 2 only");
+    restart_primary(&mut w, 3, 2);
+    w.connect();
+    assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Incremental);
+    w.checkpoint(4, b"every page since 2");
+    assert_eq!(w.applied.last(), Some(&(4, Some(2), b"every page since 2".to_vec())));
+    assert_eq!(w.p.acked_epoch(), Some(4));
+}
+
+#[test]
+fn a_resumed_run_gives_a_backup_that_holds_less_a_full_checkpoint() {
+    let mut w = protected_world();
+    restart_primary(&mut w, 2, 2);
+    w.b = Backup::new(patient_backup(), w.now_ms); // a fresh backup: nothing of the run
+    w.connect();
+    assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Full);
+    w.checkpoint(3, b"full");
+    assert_eq!(w.applied.last(), Some(&(3, None, b"full".to_vec())));
+    assert_eq!(w.p.acked_epoch(), Some(3));
+}
+
+#[test]
+fn a_resumed_runs_first_checkpoint_kept_for_a_backup_that_holds_less_is_dropped_for_a_full() {
+    let mut w = protected_world();
+    restart_primary(&mut w, 2, 2);
+    w.checkpoint(3, b"every page since 2"); // taken before any backup is heard: kept
+    w.b = Backup::new(patient_backup(), w.now_ms);
+    w.connect();
+    assert_eq!(w.p.next_checkpoint_kind(), CheckpointKind::Full);
+    w.checkpoint(4, b"full");
+    assert_eq!(w.applied.last(), Some(&(4, None, b"full".to_vec())));
+}
+
+#[test]
+fn a_backup_refuses_a_base_that_is_not_before_the_epoch() {
+    let mut b = Backup::new(backup_config(), 0);
+    let (mut fake, _) = FakePrimary::handshake(&mut b, 1, 1);
+    let begin = Message::CheckpointBegin { epoch: 3, base_epoch: Some(3), icount: 0, total_bytes: 1 };
+    let actions = fake.send(&mut b, begin);
+    assert!(matches!(closes(&actions)[..], [ProtocolError::MalformedCheckpoint { epoch: 3, .. }]), "{actions:?}");
 }
 
 /// A backup alone (no primary ever heard), fed `records` one per read: the actions of the

@@ -8,6 +8,8 @@
 //! - [`disk`]: a written disk kept as of the local checkpoint (the disk journal).
 //! - [`monitor`]: the monitor's mode (log, heartbeat, local checkpoints, exactly-once outputs) and its recovery.
 //! - [`replicated`]: a replicated primary's mode (the monitor's and checkpoint mode's together).
+//! - [`resilient_backup`]: a checkpoint backup's mode (`ftvm backup --resilient`).
+//! - [`sent`]: what a replicated primary sent, for a restarted monitor to take its run up.
 //! - [`supervisor`]: the keeper's loop.
 //! - [`stream`]: the console stream from monitor to keeper.
 //! - [`fault`]: fault points (the `fail` crate, with the `failpoints` feature).
@@ -17,6 +19,8 @@ pub mod fault;
 pub mod monitor;
 pub mod region;
 pub mod replicated;
+pub mod resilient_backup;
+pub mod sent;
 pub mod stream;
 pub mod supervisor;
 
@@ -24,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// The environment variable by which a keeper tells its monitor which descriptors it
-/// inherited: `region=N,stream=N[,tap=N][,api=N][,disk=N]`.
+/// inherited: `region=N,stream=N[,tap=N][,api=N][,disk=N][,listen=N][,sent=N]`.
 pub const ENV_FDS: &str = "FTVM_KEEPER_FDS";
 /// The monitor's attempt number (1 for the first).
 pub const ENV_ATTEMPT: &str = "FTVM_KEEPER_ATTEMPT";
@@ -39,6 +43,10 @@ pub struct Inherited {
     pub disk: Option<OwnedFd>,
     /// A spare's wake pipe (see [`supervisor::WAKE_RECOVER`]).
     pub wake: Option<std::fs::File>,
+    /// A backup's listening socket (`ftvm backup --resilient`).
+    pub listen: Option<OwnedFd>,
+    /// A replicated primary's record of what it sent ([`sent`]).
+    pub sent: Option<OwnedFd>,
     pub attempt: u32,
 }
 
@@ -46,7 +54,8 @@ pub struct Inherited {
 pub fn inherited() -> Result<Option<Inherited>> {
     let Ok(spec) = std::env::var(ENV_FDS) else { return Ok(None) };
     let attempt = std::env::var(ENV_ATTEMPT).ok().and_then(|a| a.parse().ok()).unwrap_or(1);
-    let (mut region, mut stream, mut tap, mut api, mut disk, mut wake) = (None, None, None, None, None, None);
+    let (mut region, mut stream, mut tap, mut api, mut disk, mut wake, mut listen, mut sent) =
+        (None, None, None, None, None, None, None, None);
     for part in spec.split(',') {
         let Some((name, fd)) = part.split_once('=') else { bail!("{ENV_FDS}={spec:?}: expected name=fd pairs") };
         let fd: RawFd = fd.parse().with_context(|| format!("{ENV_FDS}: {part:?} is not a descriptor"))?;
@@ -62,6 +71,8 @@ pub fn inherited() -> Result<Option<Inherited>> {
             "api" => &mut api,
             "disk" => &mut disk,
             "wake" => &mut wake,
+            "listen" => &mut listen,
+            "sent" => &mut sent,
             _ => bail!("{ENV_FDS}: unknown descriptor name {name:?}"),
         };
         anyhow::ensure!(slot.replace(owned).is_none(), "{ENV_FDS}: {name} given twice");
@@ -76,6 +87,8 @@ pub fn inherited() -> Result<Option<Inherited>> {
         api,
         disk,
         wake: wake.map(std::fs::File::from),
+        listen,
+        sent,
         attempt,
     }))
 }

@@ -87,6 +87,13 @@ impl Monitor {
         }
     }
 
+    /// The monitor of a machine that stands at the region's committed checkpoint already,
+    /// `marks` being that checkpoint's (a resilient backup that took the VM over:
+    /// `keeper::resilient_backup`).
+    pub fn adopt(region: Region, marks: Marks, disk: Option<DiskJournal>) -> Monitor {
+        Monitor::new(region, marks, disk)
+    }
+
     /// Take a local checkpoint: the pages written since the last one and the state go to
     /// the staging part, are committed, then applied to the image; the log starts again.
     pub fn checkpoint(&mut self, machine: &mut Machine) -> Result<()> {
@@ -213,7 +220,8 @@ impl Monitor {
     }
 }
 
-fn running(r: &Region, replayed_inputs: usize, replayed_icount: u64) {
+/// Tell the keeper the guest runs (or, a backup, waits) again after a recovery.
+pub fn running(r: &Region, replayed_inputs: usize, replayed_icount: u64) {
     r.set_live(Live::ReplayedInputs, replayed_inputs as u64);
     r.set_live(Live::ReplayedIcount, replayed_icount);
     r.set_live(Live::RunningNs, now_ns());

@@ -13,6 +13,7 @@
 //!   from what it remembers.
 
 use super::monitor::{Monitor, HEARTBEAT_WAIT};
+use super::sent::{Resumable, SentRecord};
 use crate::control::Reply;
 use crate::mode::checkpoint::CheckpointPrimary;
 use crate::mode::{EndProgress, Mode, ModeError, ModeEvent, Verdict};
@@ -34,17 +35,43 @@ pub struct Watched {
     sectors: BTreeSet<u64>,
     /// The replication took the dirty logs since this was last cleared.
     taken: bool,
+    /// The keeper's record of the pages the replication took (for a restarted monitor to
+    /// take the run up again: [`super::sent`]).
+    sent: Option<SentRecord>,
+    /// A resumed run: pages its first incremental checkpoint carries besides the dirty log.
+    resume_pages: Option<Vec<usize>>,
 }
 
 impl Watched {
     pub fn new(machine: Machine) -> Watched {
-        Watched { machine, pages: BTreeSet::new(), sectors: BTreeSet::new(), taken: false }
+        Watched {
+            machine,
+            pages: BTreeSet::new(),
+            sectors: BTreeSet::new(),
+            taken: false,
+            sent: None,
+            resume_pages: None,
+        }
+    }
+
+    /// Record every page the replication takes in `sent` (before it leaves).
+    pub fn record_into(&mut self, sent: SentRecord) {
+        self.sent = Some(sent);
+    }
+
+    /// A resumed run ([`CheckpointPrimary::resume`]): its first incremental checkpoint also
+    /// carries `pages` (what the record says the run took since the epoch it resumes on).
+    pub fn resume_with(&mut self, pages: Vec<usize>) {
+        self.resume_pages = Some(pages);
     }
 
     /// Remember what a checkpoint just taken carries.
     fn note(&mut self, payload: &[u8]) {
         let (pages, sectors) =
             machine::checkpoint::written(payload).expect("a checkpoint the machine just took is well-formed");
+        if let Some(sent) = &self.sent {
+            sent.taken(pages.iter().copied());
+        }
         self.pages.extend(pages);
         self.sectors.extend(sectors);
         self.taken = true;
@@ -89,6 +116,9 @@ impl Vm for Watched {
     }
     fn take_dirty_pages(&mut self) -> Vec<usize> {
         let pages = self.machine.take_dirty_pages();
+        if let Some(sent) = &self.sent {
+            sent.taken(pages.iter().copied());
+        }
         self.pages.extend(&pages);
         self.taken = true;
         pages
@@ -136,7 +166,16 @@ impl Vm for Watched {
         self.machine.digest()
     }
     fn take_checkpoint(&mut self, full: bool) -> Result<Vec<u8>, MachineVmError> {
-        let payload = Vm::take_checkpoint(&mut self.machine, full)?;
+        let payload = match self.resume_pages.take() {
+            Some(kept) if !full => {
+                let dirty = self.machine.take_dirty_pages();
+                let sectors = self.machine.take_dirty_sectors();
+                let pages: BTreeSet<usize> = kept.into_iter().chain(dirty).collect();
+                let pages: Vec<usize> = pages.into_iter().collect();
+                machine::checkpoint::take_these(&self.machine, &pages, &sectors)?
+            }
+            _ => Vm::take_checkpoint(&mut self.machine, full)?,
+        };
         self.note(&payload);
         Ok(payload)
     }
@@ -177,6 +216,10 @@ impl ReplicatedMonitor {
     /// Replicate `vm` from here on. `held`: the outputs a recovery replayed that had not left,
     /// held for the first epoch the backup acknowledges. The monitor must count frames on
     /// release from before its replay ([`Monitor::count_frames_on_release`]).
+    /// With `resume` (a restarted monitor, its record of what was sent read back), the run
+    /// it names is taken up again: the backup gets one incremental checkpoint rather than a
+    /// full one ([`CheckpointPrimary::resume`]); otherwise a new run starts, and the record
+    /// (if `vm` keeps one) starts again with it.
     pub fn start(
         monitor: Monitor,
         vm: &mut Watched,
@@ -184,8 +227,22 @@ impl ReplicatedMonitor {
         options: crate::mode::checkpoint::ReplicationOptions,
         ownership: Ownership,
         events: Sender<crate::host::HostEvent>,
+        resume: Option<Resumable>,
     ) -> Result<ReplicatedMonitor, crate::replicate::ReplicationError> {
-        let mut primary = CheckpointPrimary::start(options, ownership, events, vm)?;
+        let mut primary = match resume {
+            Some(r) => {
+                let at = replica::ResumeRun { last_epoch: r.last_epoch, since_epoch: r.since_epoch };
+                vm.resume_with(r.pages);
+                CheckpointPrimary::resume(options, ownership, events, r.run_id, at)?
+            }
+            None => {
+                let primary = CheckpointPrimary::start(options, ownership, events, vm)?;
+                if let Some(sent) = &mut vm.sent {
+                    sent.begin(primary.run_id());
+                }
+                primary
+            }
+        };
         let released = Mode::<Watched>::on_outputs(&mut primary, held);
         debug_assert!(released.is_empty(), "a replicated primary holds every output");
         Ok(ReplicatedMonitor { monitor, primary })
@@ -203,7 +260,11 @@ impl ReplicatedMonitor {
         let sectors: Vec<u64> = std::mem::take(&mut vm.sectors).into_iter().collect();
         self.monitor
             .checkpoint_of(&mut vm.machine, &pages, &sectors, started)
-            .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))
+            .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))?;
+        if let Some(sent) = &vm.sent {
+            sent.local_checkpoint(self.primary.epoch());
+        }
+        Ok(())
     }
 }
 
@@ -229,6 +290,9 @@ impl Mode<Watched> for ReplicatedMonitor {
 
     fn on_slice_end(&mut self, vm: &mut Watched, idle: bool) -> Result<(), ModeError> {
         self.monitor.heartbeat(vm.machine.icount());
+        if let Some(sent) = &vm.sent {
+            sent.will_take(self.primary.epoch() + 1); // recorded before the checkpoint may leave
+        }
         vm.taken = false;
         self.primary.on_slice_end(vm, idle)?;
         self.local_checkpoint(vm, false)
@@ -255,6 +319,11 @@ impl Mode<Watched> for ReplicatedMonitor {
     }
 
     fn on_event(&mut self, vm: &mut Watched, event: ModeEvent) -> Verdict {
+        if let (ModeEvent::Released { up_to_epoch }, Some(sent)) = (&event, &vm.sent) {
+            // Released without the backup (unprotected) is no acknowledgement, but the record
+            // letting go of it is safe: a resumed run fits only a backup that holds its base.
+            sent.acknowledged(*up_to_epoch);
+        }
         Mode::<Watched>::on_event(&mut self.primary, vm, event)
     }
 
@@ -265,6 +334,9 @@ impl Mode<Watched> for ReplicatedMonitor {
     /// The primary's final checkpoint, then a local one of it (a written disk's last
     /// sectors fold into the image).
     fn begin_end(&mut self, vm: &mut Watched, exit_code: u32) -> Result<EndProgress, ModeError> {
+        if let Some(sent) = &vm.sent {
+            sent.will_take(self.primary.epoch() + 1);
+        }
         vm.taken = false;
         let progress = self.primary.begin_end(vm, exit_code)?;
         self.local_checkpoint(vm, true)?;

@@ -14,6 +14,7 @@ use crate::replicate::{chain, now_ms, Ownership, ReplicationError};
 use crate::status::{BackupSide, Role, State, Status, Takeover};
 use crate::vm::Vm;
 use machine::Output;
+use replica::BackupKept;
 use std::marker::PhantomData;
 use std::sync::mpsc::Sender;
 
@@ -48,16 +49,53 @@ impl<V: Vm> CheckpointBackup<V> {
         events: Sender<HostEvent>,
         vm: &V,
     ) -> Result<CheckpointBackup<V>, ReplicationError> {
+        Self::resume(options, ownership, events, vm, None)
+    }
+
+    /// [`CheckpointBackup::start`] for a backup whose process restarted with `vm` holding
+    /// the checkpoint `kept` names again (`ftvm backup --resilient`, restored from its
+    /// keeper's region): the protocol answers the primary with that checkpoint and may take
+    /// over with it ([`replica::Backup::resume`]).
+    pub fn resume(
+        options: BackupOptions,
+        ownership: Ownership,
+        events: Sender<HostEvent>,
+        vm: &V,
+        kept: Option<BackupKept>,
+    ) -> Result<CheckpointBackup<V>, ReplicationError> {
         let vm_id = ownership.vm_id.clone();
         let limit = edge::checkpoint_limit_bytes(vm.page_count(), vm.disk_sectors());
-        let handle = edge::start(options, ownership, events, limit)?;
-        Ok(CheckpointBackup { handle: Some(handle), vm_id, applies: Applies::default(), _vm: PhantomData })
+        let handle = edge::start_from(options, ownership, events, limit, kept)?;
+        let applies = Applies { last_epoch: kept.map(|k| k.applied.epoch), ..Applies::default() };
+        Ok(CheckpointBackup { handle: Some(handle), vm_id, applies, _vm: PhantomData })
+    }
+
+    /// The protocol's state as last published (None once the thread was shut down).
+    pub fn protocol_status(&self) -> Option<replica::BackupStatus> {
+        let handle = self.handle.as_ref()?;
+        Some(handle.shared.lock().unwrap_or_else(|p| p.into_inner()).status.clone())
     }
 
     /// Apply one whole checkpoint to the stopped machine, and tell the protocol how it went.
     fn apply(&mut self, vm: &mut V, epoch: u64, payload: &[u8]) {
-        let result =
-            vm.apply_checkpoint(payload).map_err(|e| ApplyFailed { diverged: V::diverged(&e), reason: chain(&e) });
+        self.apply_then(vm, epoch, payload, &mut |_| Ok(()))
+    }
+
+    /// Apply one whole checkpoint to the stopped machine, then `keep` it (a resilient backup
+    /// commits it to its keeper's region), and only then tell the protocol how it went: an
+    /// epoch is acknowledged once kept. A `keep` that fails counts as a failed apply (the
+    /// backup then waits for a full checkpoint).
+    pub fn apply_then(
+        &mut self,
+        vm: &mut V,
+        epoch: u64,
+        payload: &[u8],
+        keep: &mut dyn FnMut(&mut V) -> Result<(), String>,
+    ) {
+        let result = vm
+            .apply_checkpoint(payload)
+            .map_err(|e| ApplyFailed { diverged: V::diverged(&e), reason: chain(&e) })
+            .and_then(|()| keep(vm).map_err(|reason| ApplyFailed { diverged: false, reason }));
         match &result {
             Ok(()) => {
                 self.applies.applied += 1;

@@ -76,14 +76,44 @@ impl<V: Vm> CheckpointPrimary<V> {
         events: Sender<HostEvent>,
         vm: &mut V,
     ) -> Result<CheckpointPrimary<V>, crate::replicate::ReplicationError> {
-        let handle = crate::replicate::primary::start(options.primary, ownership, events)?;
+        let primary = Self::start_run(options, ownership, events, None)?;
         // The backup starts from a full checkpoint: what was written before needs no second
         // copy in the pre-copy's final pass (it could be everything since boot).
         vm.take_dirty_pages();
         vm.take_dirty_sectors();
+        Ok(primary)
+    }
+
+    /// Take run `run_id` up again after a restart of this process (a `--resilient` primary,
+    /// [`replica::Primary::resume`]): the epochs go on after `at.last_epoch`, and the first
+    /// checkpoint is an incremental on `at.since_epoch`, so `vm`'s next incremental
+    /// checkpoint must hold every page written since that epoch (`keeper::replicated::Watched`
+    /// adds those its record kept to what its dirty log holds).
+    pub fn resume(
+        options: ReplicationOptions,
+        ownership: Ownership,
+        events: Sender<HostEvent>,
+        run_id: u64,
+        at: replica::ResumeRun,
+    ) -> Result<CheckpointPrimary<V>, crate::replicate::ReplicationError> {
+        Self::start_run(options, ownership, events, Some((run_id, at)))
+    }
+
+    fn start_run(
+        options: ReplicationOptions,
+        ownership: Ownership,
+        events: Sender<HostEvent>,
+        resume: Option<(u64, replica::ResumeRun)>,
+    ) -> Result<CheckpointPrimary<V>, crate::replicate::ReplicationError> {
+        let handle = crate::replicate::primary::start_run(options.primary, ownership, events, resume)?;
+        let config = ScheduleConfig::new(options.epoch_ms);
+        let schedule = match resume {
+            Some((_, at)) => CheckpointSchedule::resumed(config, 0, at.last_epoch),
+            None => CheckpointSchedule::new(config, 0),
+        };
         Ok(CheckpointPrimary {
             handle,
-            schedule: CheckpointSchedule::new(ScheduleConfig::new(options.epoch_ms), 0),
+            schedule,
             released: Vec::new(),
             last: None,
             totals: CheckpointTotals::default(),
@@ -93,6 +123,16 @@ impl<V: Vm> CheckpointPrimary<V> {
             unprotecting: None,
             finished: None,
         })
+    }
+
+    /// This run's id (it names its checkpoints).
+    pub fn run_id(&self) -> u64 {
+        self.handle.run_id
+    }
+
+    /// The epoch of the last checkpoint taken (0: none yet).
+    pub fn epoch(&self) -> u64 {
+        self.schedule.epoch()
     }
 
     /// The kind of checkpoint the protocol wants next, as far as it can know from the

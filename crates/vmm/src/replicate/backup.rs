@@ -20,7 +20,7 @@ use crate::host::HostEvent;
 use crate::log::{self, Source};
 use crate::mode::ModeEvent;
 type Result<T, E = ReplicationError> = std::result::Result<T, E>;
-use replica::{Backup, BackupAction, BackupConfig, BackupEvent, BackupStatus, ConnId, PresharedKey};
+use replica::{Backup, BackupAction, BackupConfig, BackupEvent, BackupKept, BackupStatus, ConnId, PresharedKey};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -135,10 +135,26 @@ pub fn start(
     events: Sender<HostEvent>,
     limit_bytes: u64,
 ) -> Result<BackupHandle> {
+    start_from(options, ownership, events, limit_bytes, None)
+}
+
+/// [`start`], for a backup whose process restarted with its machine holding `kept.applied`
+/// again (`ftvm backup --resilient`): the protocol resumes from what it kept
+/// ([`Backup::resume`]).
+pub fn start_from(
+    options: BackupOptions,
+    ownership: Ownership,
+    events: Sender<HostEvent>,
+    limit_bytes: u64,
+    kept: Option<BackupKept>,
+) -> Result<BackupHandle> {
     let mut backup_config = BackupConfig::new(options.key, options.config_digest, limit_bytes);
     backup_config.failover_timeout_ms = options.failover_timeout_ms;
     backup_config.heartbeat_interval_ms = options.heartbeat_ms;
-    let backup = Backup::new(backup_config, now_ms());
+    let backup = match kept {
+        Some(kept) => Backup::resume(backup_config, now_ms(), kept),
+        None => Backup::new(backup_config, now_ms()),
+    };
     let shared = Arc::new(Mutex::new(Shared { status: backup.status(), handed_icount: None }));
     let (tx, rx) = mpsc::channel();
     spawn_acceptor(options.listener, tx.clone());
@@ -391,13 +407,13 @@ impl Waiting {
                         queue.extend(self.backup.step(BackupEvent::Disconnected { conn }));
                     }
                 }
-                BackupAction::ApplyCheckpoint { epoch, icount, payload, .. } => {
+                BackupAction::ApplyCheckpoint { run_id, epoch, icount, payload, .. } => {
                     self.handed_icount = Some(icount);
                     // A lockstep batch is held once this process has it (its follower answers
                     // a divergence with StateLost): acknowledged now, without waiting for the
                     // driver, which runs the machine meanwhile.
                     let lockstep = replica::lockstep::is_lockstep(&payload);
-                    let apply = ModeEvent::Apply { epoch, icount, payload };
+                    let apply = ModeEvent::Apply { run_id, epoch, icount, payload };
                     if self.events.send(HostEvent::Mode(apply)).is_err() {
                         return Err(ReplicationError::DriverGone);
                     }

@@ -92,6 +92,8 @@ pub struct PrimaryHandle {
     pub shared: Arc<Mutex<Shared>>,
     /// Where the backup is.
     pub backup: SocketAddr,
+    /// This run's id (it names its checkpoints).
+    pub run_id: u64,
     thread: Option<std::thread::JoinHandle<Ownership>>,
 }
 
@@ -119,14 +121,31 @@ pub fn start(
     ownership: Ownership,
     events: Sender<HostEvent>,
 ) -> Result<PrimaryHandle, ReplicationError> {
-    let run_id = u64::from_le_bytes(super::random()?);
+    start_run(options, ownership, events, None)
+}
+
+/// [`start`]; with `resume`, take up run `.0` again where [`replica::ResumeRun`] says (a
+/// restarted `--resilient` primary: [`replica::Primary::resume`]), rather than a new run.
+pub fn start_run(
+    options: PrimaryOptions,
+    ownership: Ownership,
+    events: Sender<HostEvent>,
+    resume: Option<(u64, replica::ResumeRun)>,
+) -> Result<PrimaryHandle, ReplicationError> {
+    let run_id = match resume {
+        Some((run_id, _)) => run_id,
+        None => u64::from_le_bytes(super::random()?),
+    };
     let config_digest: ConfigDigest = ownership.replication_digest;
     let mut config = PrimaryConfig::new(options.key.clone(), config_digest, run_id);
     config.heartbeat_interval_ms = options.heartbeat_ms;
     config.on_backup_loss = options.on_backup_loss;
     config.backup_loss_grace_ms = options.backup_loss_grace_ms;
     config.earlier_run_protected = ownership.resumed;
-    let primary = Primary::new(config, ownership.generation, now_ms());
+    let primary = match resume {
+        Some((_, at)) => Primary::resume(config, ownership.generation, now_ms(), at),
+        None => Primary::new(config, ownership.generation, now_ms()),
+    };
     let shared = Arc::new(Mutex::new(Shared {
         next_kind: primary.next_checkpoint_kind(),
         taken_epoch: None,
@@ -158,7 +177,7 @@ pub fn start(
             thread.ownership
         })
         .map_err(ReplicationError::Thread)?;
-    Ok(PrimaryHandle { tx, shared, backup, thread: Some(handle) })
+    Ok(PrimaryHandle { tx, shared, backup, run_id, thread: Some(handle) })
 }
 
 struct ReplThread {
