@@ -75,7 +75,10 @@
 //! so epochs taken while disconnected continue the chain. An incremental taken against that
 //! advice is dropped, not sent; with the chain broken and no backup, `Discard` is asked for. Checkpoints are named by ([`CheckpointId`]) run id + epoch, the run id
 //! chosen at random when a primary starts, so a backup's state from another run is never
-//! mistaken for a base.
+//! mistaken for a base. A primary whose process restarted may take its run up again
+//! ([`Primary::resume`]): the epochs go on past any it took, and its first checkpoint is an
+//! incremental on an older epoch of the run (`base < N-1`) that holds every page the run
+//! wrote since that epoch, so it fits any state of the run from that epoch on.
 //!
 //! # The backup applies only whole checkpoints
 //!

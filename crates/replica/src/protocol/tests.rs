@@ -1400,6 +1400,51 @@ fn a_final_checkpoint_that_fails_to_apply_during_the_claim_leaves_the_vm_with_th
     assert!(!w.b_log.iter().any(|a| matches!(a, BackupAction::GoLive { .. })), "{:?}", w.b_log);
     assert!(w.p_log.contains(&PrimaryAction::Detached { generation: 3 }), "{:?}", w.p_log);
     assert_eq!(w.record, Record { generation: 3, owner: "primary", ended: None });
+}
+
+/// A backup alone (no primary ever heard), fed `records` one per read: the actions of the
+/// ticks, a second apart.
+fn lone_backup_reads(records: &[Option<RecordView>]) -> Vec<BackupAction> {
+    let mut b = Backup::new(backup_config(), 0);
+    let mut log = Vec::new();
+    let mut records = records.iter();
+    for now_ms in (0..).step_by(1000).take(records.len() + 2) {
+        for action in b.step(BackupEvent::Tick { now_ms }) {
+            if action == BackupAction::ReadOwnership {
+                let record = records.next().cloned().flatten();
+                log.extend(b.step(BackupEvent::Ownership(Ok(record))));
+            }
+            log.push(action);
+        }
+    }
+    log
+}
+
+fn view(generation: u64, ended: Option<u32>) -> Option<RecordView> {
+    Some(RecordView { generation, owner: "p".into(), ended })
+}
+
+/// A protection cut short: the VM ended before its primary ever got through to this backup
+/// (it was frozen, say). Reading the record, the backup exits with the VM's status instead
+/// of waiting for ever. (Found from outside: `ftvm backup` waited for ever after `ctl stop`
+/// during `ctl protect` with the backup SIGSTOPped.)
+#[test]
+fn a_backup_that_never_heard_its_primary_exits_once_the_record_says_the_vm_ended() {
+    let log = lone_backup_reads(&[view(1, None), view(1, None), view(2, Some(3))]);
+    assert!(log.contains(&BackupAction::Exit { exit_code: 3 }), "{log:?}");
+    let log = lone_backup_reads(&[None, view(1, Some(0))]);
+    assert!(log.contains(&BackupAction::Exit { exit_code: 0 }), "no record at first, then an ended one: {log:?}");
+}
+
+/// An end recorded before the backup first looked belongs to an earlier run of the VM,
+/// which a new primary may start again: the backup keeps waiting for it.
+#[test]
+fn a_backup_started_for_a_vm_that_had_ended_waits_for_its_next_run() {
+    let log = lone_backup_reads(&[view(4, Some(0)), view(4, Some(0)), view(4, Some(0))]);
+    assert!(!log.iter().any(|a| matches!(a, BackupAction::Exit { .. })), "{log:?}");
+    assert!(log.iter().filter(|a| **a == BackupAction::ReadOwnership).count() >= 3, "it keeps watching: {log:?}");
+}
+
 // A backup whose process restarted (`ftvm backup --resilient`) resumes from what it kept.
 
 /// The backup's process dies (its connection with it) and a new one resumes from what the
@@ -1530,47 +1575,4 @@ fn a_backup_refuses_a_base_that_is_not_before_the_epoch() {
     let begin = Message::CheckpointBegin { epoch: 3, base_epoch: Some(3), icount: 0, total_bytes: 1 };
     let actions = fake.send(&mut b, begin);
     assert!(matches!(closes(&actions)[..], [ProtocolError::MalformedCheckpoint { epoch: 3, .. }]), "{actions:?}");
-}
-
-/// A backup alone (no primary ever heard), fed `records` one per read: the actions of the
-/// ticks, a second apart.
-fn lone_backup_reads(records: &[Option<RecordView>]) -> Vec<BackupAction> {
-    let mut b = Backup::new(backup_config(), 0);
-    let mut log = Vec::new();
-    let mut records = records.iter();
-    for now_ms in (0..).step_by(1000).take(records.len() + 2) {
-        for action in b.step(BackupEvent::Tick { now_ms }) {
-            if action == BackupAction::ReadOwnership {
-                let record = records.next().cloned().flatten();
-                log.extend(b.step(BackupEvent::Ownership(Ok(record))));
-            }
-            log.push(action);
-        }
-    }
-    log
-}
-
-fn view(generation: u64, ended: Option<u32>) -> Option<RecordView> {
-    Some(RecordView { generation, owner: "p".into(), ended })
-}
-
-/// A protection cut short: the VM ended before its primary ever got through to this backup
-/// (it was frozen, say). Reading the record, the backup exits with the VM's status instead
-/// of waiting for ever. (Found from outside: `ftvm backup` waited for ever after `ctl stop`
-/// during `ctl protect` with the backup SIGSTOPped.)
-#[test]
-fn a_backup_that_never_heard_its_primary_exits_once_the_record_says_the_vm_ended() {
-    let log = lone_backup_reads(&[view(1, None), view(1, None), view(2, Some(3))]);
-    assert!(log.contains(&BackupAction::Exit { exit_code: 3 }), "{log:?}");
-    let log = lone_backup_reads(&[None, view(1, Some(0))]);
-    assert!(log.contains(&BackupAction::Exit { exit_code: 0 }), "no record at first, then an ended one: {log:?}");
-}
-
-/// An end recorded before the backup first looked belongs to an earlier run of the VM,
-/// which a new primary may start again: the backup keeps waiting for it.
-#[test]
-fn a_backup_started_for_a_vm_that_had_ended_waits_for_its_next_run() {
-    let log = lone_backup_reads(&[view(4, Some(0)), view(4, Some(0)), view(4, Some(0))]);
-    assert!(!log.iter().any(|a| matches!(a, BackupAction::Exit { .. })), "{log:?}");
-    assert!(log.iter().filter(|a| **a == BackupAction::ReadOwnership).count() >= 3, "it keeps watching: {log:?}");
 }

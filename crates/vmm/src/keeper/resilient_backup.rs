@@ -237,7 +237,12 @@ impl Mode<Machine> for BackupMonitor {
         self.backup.on_outputs(outputs)
     }
 
+    /// The driver asks at every turn of its wait, events or not: the heartbeat goes with
+    /// it. (Slice ends come only when no event arrived for a wait tick, and a client asking
+    /// for the status more often than that kept the heartbeat still: the keeper took the
+    /// backup for hung.)
     fn must_wait(&self) -> bool {
+        self.keeper.live.bump_heartbeat(self.keeper.region.live(Live::Icount));
         true
     }
 
