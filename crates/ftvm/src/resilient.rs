@@ -793,7 +793,7 @@ fn run_taken_over(
         Err(e) => return Err(e.into()),
     }
     let Host { mut tap, api, live } = host;
-    let started = match monitor::start(region, config, None) {
+    let started = match monitor::start(region, config, None, None) {
         Ok(started) => started,
         Err(e) => {
             let verdict = e.verdict();

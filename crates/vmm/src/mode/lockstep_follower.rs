@@ -278,10 +278,10 @@ impl<V: Vm> Mode<V> for LockstepBackup<V> {
                 self.hold(vm, epoch, &payload);
                 Verdict::Continue
             }
-            ModeEvent::Apply { epoch, icount, payload } => {
+            ModeEvent::Apply { run_id, epoch, icount, payload } => {
                 // A checkpoint stream (again): whatever was followed is replaced.
                 self.following = None;
-                self.inner.on_event(vm, ModeEvent::Apply { epoch, icount, payload })
+                self.inner.on_event(vm, ModeEvent::Apply { run_id, epoch, icount, payload })
             }
             ModeEvent::TookOver { generation, last_heard_ms, .. } if self.following.is_some() => {
                 let following = self.following.as_mut().expect("checked");
