@@ -14,6 +14,7 @@
 //!
 //! The seed is printed; `FTVM_SIM_SEED=N` replays one run.
 
+use seeded::SeededRng;
 use std::collections::BTreeMap;
 
 use cluster::observed::HOST_FORGET_MS;
@@ -29,30 +30,6 @@ const CONVERGE_ROUNDS: u64 = 30;
 const FAULT_STEPS: u64 = 60;
 /// How often a replica's reported status is the one from before the last moves.
 const STATUS_LAG_PERCENT: u64 = 25;
-
-/// A seeded generator (ChaCha8 from rand_chacha): the same on every platform.
-struct Rng(rand_chacha::ChaCha8Rng);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        use rand_chacha::rand_core::SeedableRng as _;
-        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
-    }
-
-    fn next(&mut self) -> u64 {
-        use rand_chacha::rand_core::RngCore as _;
-        self.0.next_u64()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Intent {
@@ -87,7 +64,7 @@ struct Host {
 }
 
 struct World {
-    rng: Rng,
+    rng: SeededRng,
     step: u64,
     hosts: BTreeMap<String, Host>,
     processes: BTreeMap<u32, Process>,
@@ -108,14 +85,14 @@ fn record_id(vm: &str, uid: u64) -> String {
 
 impl World {
     fn new(seed: u64) -> World {
-        let mut rng = Rng::new(seed);
+        let mut rng = SeededRng::new(seed);
         let host_count = 3 + rng.below(3);
         let hosts = (0..host_count)
             .map(|i| (format!("h{i}"), Host { up: true, agent_up: true, ..Default::default() }))
             .collect();
         let mut declared = Declared::default();
         for i in 0..1 + rng.below(4) {
-            let protection = if rng.chance(70) { "checkpoint" } else { "none" };
+            let protection = if rng.percent(70) { "checkpoint" } else { "none" };
             let spec: cluster::VmSpec =
                 serde_json::from_value(serde_json::json!({"name": format!("vm{i}"), "protection": protection}))
                     .unwrap();
@@ -172,8 +149,8 @@ impl World {
             self.garbage_keys.push(key);
         }
         // A report of a host that left long ago, still claiming a primary.
-        if self.rng.chance(50) {
-            let (vm, uid) = self.rng.pick(&vms).clone();
+        if self.rng.percent(50) {
+            let (vm, uid) = self.rng.pick(&vms);
             let ghost = self.process(&vm, uid, "ghost", ReplicaRole::Primary);
             let report = report_of("ghost", 1, 0, vec![replica_report(0, &ghost)]);
             self.reports.insert("ghost".into(), (report, 0));
@@ -181,8 +158,8 @@ impl World {
         }
         for (vm, uid) in &vms {
             // Stale ownership: an odd generation, owned by a host that may run nothing.
-            if self.rng.chance(40) {
-                let owner = self.rng.pick(&names).clone();
+            if self.rng.percent(40) {
+                let owner = self.rng.pick(&names);
                 let record = OwnershipRecord { generation: 1 + self.rng.below(9), owner, state: VmState::Active };
                 let generation = record.generation;
                 let _ = self.records.compare_and_swap(
@@ -199,7 +176,7 @@ impl World {
                 }
             }
             // Two replicas claiming primary, one of them maybe holding the record.
-            if self.rng.chance(30) {
+            if self.rng.percent(30) {
                 let current = self.records.read(&record_id(vm, *uid)).unwrap();
                 // At most one process can have won the current generation; the other holds
                 // an older one (or none).
@@ -207,7 +184,7 @@ impl World {
                 let claims =
                     [current.as_ref().map(|r| r.generation), current.and_then(|r| r.generation.checked_sub(1))];
                 for (i, generation) in claims.into_iter().enumerate() {
-                    let host = self.rng.pick(&names).clone();
+                    let host = self.rng.pick(&names);
                     let mut p = self.process(vm, *uid, &host, ReplicaRole::Primary);
                     p.generation = generation;
                     if i == 1 {
@@ -218,10 +195,10 @@ impl World {
                 }
             }
             // Half-finished placement: a backup nobody replicates to, or one still starting.
-            if self.rng.chance(40) {
-                let host = self.rng.pick(&names).clone();
+            if self.rng.percent(40) {
+                let host = self.rng.pick(&names);
                 let mut p = self.process(vm, *uid, &host, ReplicaRole::Backup);
-                if self.rng.chance(50) {
+                if self.rng.percent(50) {
                     p.starting = Some(Intent::Backup);
                     p.role = ReplicaRole::Starting;
                     p.listen = None;
@@ -229,8 +206,8 @@ impl World {
                 self.spawn(p);
             }
             // A replica of an earlier declaration of the same name.
-            if self.rng.chance(20) {
-                let host = self.rng.pick(&names).clone();
+            if self.rng.percent(20) {
+                let host = self.rng.pick(&names);
                 let p = self.process(vm, uid - 5, &host, ReplicaRole::Backup);
                 self.spawn(p);
             }
@@ -252,12 +229,12 @@ impl World {
         }
         // Orphans: replicas of VMs nobody declared.
         for _ in 0..self.rng.below(3) {
-            let host = self.rng.pick(&names).clone();
+            let host = self.rng.pick(&names);
             let p = self.process("orphan", 1, &host, ReplicaRole::Primary);
             self.spawn(p);
         }
         // A clock far off on one host.
-        let skewed = self.rng.pick(&names).clone();
+        let skewed = self.rng.pick(&names);
         if let Some(host) = self.hosts.get_mut(&skewed) {
             host.clock_offset_ms = 3_600_000 * 24 * 365;
         }
@@ -283,7 +260,7 @@ impl World {
             let observed = self.observe();
             let actions = round(&me, &self.declared, &observed);
             // An agent crashing in the middle of its actions does only a prefix of them.
-            let crash_at = (crashes && self.rng.chance(5)).then(|| self.rng.below(actions.len() as u64 + 1) as usize);
+            let crash_at = (crashes && self.rng.percent(5)).then(|| self.rng.below(actions.len() as u64 + 1) as usize);
             for (i, action) in actions.into_iter().enumerate() {
                 if crash_at == Some(i) {
                     break;
@@ -304,7 +281,7 @@ impl World {
         let mut replicas = Vec::new();
         for pid in mine {
             // A status read just before the process moved (a takeover, a start settling).
-            let lagging = self.rng.chance(STATUS_LAG_PERCENT);
+            let lagging = self.rng.percent(STATUS_LAG_PERCENT);
             let p = self.before_moves.get(&pid).filter(|_| lagging).unwrap_or(&self.processes[&pid]);
             replicas.push(replica_report(pid, p));
         }
@@ -583,7 +560,7 @@ impl World {
 
     fn inject_fault(&mut self) {
         let names = self.host_names();
-        let name = self.rng.pick(&names).clone();
+        let name = self.rng.pick(&names);
         let up_hosts = self.hosts.values().filter(|h| h.up && !h.partitioned).count();
         let host = self.hosts.get_mut(&name).unwrap();
         match self.rng.below(10) {
@@ -602,12 +579,12 @@ impl World {
             _ => {}
         }
         // A rule asks a VM's backup elsewhere (naming any host: the backup's, or a stale one).
-        if self.rng.chance(5) {
+        if self.rng.percent(5) {
             self.ask_backup_elsewhere();
         }
         // Crashed agents come back (their own watchdog re-executes them).
         for host in self.hosts.values_mut() {
-            if host.up && !host.agent_up && self.rng.chance(30) {
+            if host.up && !host.agent_up && self.rng.percent(30) {
                 host.agent_up = true;
             }
         }
@@ -619,7 +596,7 @@ impl World {
             host.agent_up = true;
             host.partitioned = false;
         }
-        if self.rng.chance(50) {
+        if self.rng.percent(50) {
             self.ask_backup_elsewhere();
         }
     }
@@ -629,7 +606,7 @@ impl World {
     /// it only once the primary is protected by a backup elsewhere).
     fn ask_backup_elsewhere(&mut self) {
         let vms: Vec<(String, u64)> = self.declared.vms.values().map(|d| (d.spec.name.clone(), d.uid)).collect();
-        let (vm, uid) = self.rng.pick(&vms).clone();
+        let (vm, uid) = self.rng.pick(&vms);
         let backup_host = self
             .processes
             .values()
@@ -637,7 +614,7 @@ impl World {
             .map(|p| p.host.clone());
         let host = match backup_host {
             Some(host) => host,
-            None => self.rng.pick(&self.host_names()).clone(),
+            None => self.rng.pick(&self.host_names()),
         };
         self.declared.replacing.insert(vm, cluster::spec::Replacement { uid, host });
     }

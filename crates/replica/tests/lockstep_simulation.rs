@@ -19,6 +19,7 @@
 //! `LOCKSTEP_SIM_SEEDS=N` runs N seeds; `LOCKSTEP_SIM_SEED=S` runs seed S alone. A failing run
 //! prints its seed.
 
+use seeded::SeededRng;
 use std::collections::{BTreeMap, VecDeque};
 
 use replica::lockstep::{Batch, Divergence, Follower, Leader, LeaderConfig, Next, RunEnd, Start};
@@ -30,31 +31,6 @@ use replica::{
 const DIGEST: [u8; 32] = [0x17; 32];
 const SLICE_ICOUNT: u64 = 40;
 const FAILOVER_MS: u64 = 100;
-
-struct Rng(rand_chacha::ChaCha8Rng);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        use rand_chacha::rand_core::SeedableRng as _;
-        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
-    }
-    fn next(&mut self) -> u64 {
-        use rand_chacha::rand_core::RngCore as _;
-        self.0.next_u64()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-    fn nonce(&mut self) -> [u8; 16] {
-        let mut nonce = [0; 16];
-        nonce[..8].copy_from_slice(&self.next().to_le_bytes());
-        nonce[8..].copy_from_slice(&self.next().to_le_bytes());
-        nonce
-    }
-}
 
 fn mix(a: u64, b: u64) -> u64 {
     (a ^ b).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0x5bd1_e995
@@ -148,7 +124,7 @@ impl Faults {
     fn none() -> Faults {
         Faults { corrupt: 0.0, cut: 0.0, partition: 0.0, crash_backup: 0.0, crash_primary: 0.0, input: 0.02 }
     }
-    fn random(rng: &mut Rng) -> Faults {
+    fn random(rng: &mut SeededRng) -> Faults {
         let k = [0.0, 0.5, 1.0, 2.0][rng.below(4) as usize];
         Faults {
             corrupt: 0.002 * k,
@@ -194,7 +170,7 @@ struct Store {
 }
 
 struct Sim {
-    rng: Rng,
+    rng: SeededRng,
     now_ms: u64,
     faults: Faults,
     primary: PrimaryHost,
@@ -218,9 +194,9 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, faults: Faults) -> Sim {
-        let mut rng = Rng::new(seed);
+        let mut rng = SeededRng::new(seed);
         let key = PresharedKey::new(b"lockstep simulation key").unwrap();
-        let mut config = PrimaryConfig::new(key.clone(), DIGEST, rng.next());
+        let mut config = PrimaryConfig::new(key.clone(), DIGEST, rng.next_u64());
         config.on_backup_loss = BackupLossPolicy::Hold;
         config.peer_timeout_ms = 60;
         config.ownership_check_ms = 50;
@@ -423,7 +399,7 @@ impl Sim {
         if p.leader.epoch() > 0 && !p.leader.must_wait() {
             let wake = p.machine.waiting && self.rng.chance(0.3);
             if wake || self.rng.chance(self.faults.input) {
-                let bytes = self.rng.next().to_le_bytes()[..1 + self.rng.below(7) as usize].to_vec();
+                let bytes = self.rng.next_u64().to_le_bytes()[..1 + self.rng.below(7) as usize].to_vec();
                 let p = &mut self.primary;
                 p.machine.push(p.machine.icount, bytes.clone());
                 p.leader.input(p.machine.icount, bytes);
@@ -700,7 +676,7 @@ fn a_fault_free_pair_releases_outputs_as_the_backup_acknowledges_their_inputs() 
 fn a_seeded_run_with_faults_keeps_the_output_rule_and_loses_nothing() {
     for seed in seeds(60) {
         run_checked(seed, "faults", |seed| {
-            let mut rng = Rng::new(seed ^ 0xfa17);
+            let mut rng = SeededRng::new(seed ^ 0xfa17);
             let mut sim = Sim::new(seed, Faults::random(&mut rng));
             for _ in 0..4000 {
                 sim.step();

@@ -41,6 +41,7 @@
 //! alone. A failing run prints its seed, its setup and the last events before the failure;
 //! `FTVR_SIM_TRACE=1` prints every event of every run (use it with `FTVR_SIM_SEED`).
 
+use seeded::SeededRng;
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -68,45 +69,6 @@ const PRECOPY_STEP_PAGES: u64 = 8;
 const QUIET_MS: u64 = 1500;
 const MAX_PENDING_HANDSHAKES: usize = 8;
 const TRACE_LINES: usize = 120;
-
-/// A seeded generator (ChaCha8 from rand_chacha): the same on every platform.
-#[derive(Clone)]
-struct Rng(rand_chacha::ChaCha8Rng);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        use rand_chacha::rand_core::SeedableRng as _;
-        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
-    }
-
-    fn next(&mut self) -> u64 {
-        use rand_chacha::rand_core::RngCore as _;
-        self.0.next_u64()
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn nonce(&mut self) -> [u8; 16] {
-        let mut nonce = [0; 16];
-        nonce[..8].copy_from_slice(&self.next().to_le_bytes());
-        nonce[8..].copy_from_slice(&self.next().to_le_bytes());
-        nonce
-    }
-}
 
 /// The settings of one run; a seed picks them.
 #[derive(Debug, Clone, Copy)]
@@ -136,7 +98,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn random(rng: &mut Rng) -> Setup {
+    fn random(rng: &mut SeededRng) -> Setup {
         Setup {
             policy: rng.pick(&[BackupLossPolicy::Continue, BackupLossPolicy::Hold]),
             heartbeat_ms: rng.pick(&[10, 20]),
@@ -466,7 +428,7 @@ impl Stats {
 
 #[derive(Clone)]
 struct Sim {
-    rng: Rng,
+    rng: SeededRng,
     setup: Setup,
     faults: Faults,
     now: u64,
@@ -548,7 +510,7 @@ impl Sim {
 
     /// A run of `seed`, its random setup and faults adjusted by `adjust`.
     fn with(seed: u64, adjust: impl FnOnce(&mut Setup, &mut Faults)) -> Sim {
-        let mut rng = Rng::new(seed);
+        let mut rng = SeededRng::new(seed);
         let mut setup = Setup::random(&mut rng);
         let mut faults = Faults::scaled(rng.pick(&[0.0, 0.3, 1.0, 1.0, 3.0, 8.0]));
         adjust(&mut setup, &mut faults);
@@ -712,7 +674,7 @@ impl Sim {
             let exit_code = self.rng.below(250) as u32 + 1;
             self.boots.push(Boot { end_ms, exit_code, ended: false });
             self.stats.fresh_boots += 1;
-            let run = self.rng.next();
+            let run = self.rng.next_u64();
             let pages = vec![[0; PAGE_BYTES]; PAGES];
             self.note(|| format!("{owner}: boots the VM as run {run:x} at generation {generation}"));
             Role::Primary(self.new_primary(run, generation, None, pages))
@@ -1190,7 +1152,7 @@ impl Sim {
             1 => {
                 let mut garbage = if self.rng.chance(0.5) { b"FTVR".to_vec() } else { b"GET / HTTP/1.1\r\n".to_vec() };
                 for _ in 0..self.rng.below(64) {
-                    garbage.push(self.rng.next() as u8);
+                    garbage.push(self.rng.next_u64() as u8);
                 }
                 vec![garbage]
             }
@@ -1369,7 +1331,7 @@ impl Sim {
             let mut writes = Vec::new();
             if !waits && !idle {
                 for _ in 0..self.rng.range(0, 2) {
-                    writes.push((self.rng.below(PAGES as u64) as usize, self.rng.next().to_le_bytes()));
+                    writes.push((self.rng.below(PAGES as u64) as usize, self.rng.next_u64().to_le_bytes()));
                 }
             }
             let ignore_advice = self.rng.chance(self.faults.ignore_advice);
@@ -1520,7 +1482,7 @@ impl Sim {
         if p.alone_until.is_some_and(|at| now >= at) {
             let generation = p.core.generation();
             let pages = p.pages.clone();
-            let new_run = self.rng.next();
+            let new_run = self.rng.next_u64();
             // Everything the old run released is in this state: its line covers the old run
             // whatever the epoch.
             let mut node = self.new_primary(new_run, generation, Some((run, u64::MAX)), pages);
@@ -1833,7 +1795,7 @@ impl Sim {
 
     /// The live backup carries on as the primary of a new run, from its machine's state.
     fn go_live(&mut self, host: usize, parent_run: u64, epoch: u64, generation: u64, pages: Pages) {
-        let run = self.rng.next();
+        let run = self.rng.next_u64();
         let mut node = self.new_primary(run, generation, Some((parent_run, epoch)), pages);
         node.dirty = vec![false; PAGES];
         let proc = self.procs[host].as_mut().expect("present");

@@ -11,6 +11,7 @@ use crate::resilient;
 use crate::run_cmd::RunArgs;
 use anyhow::{bail, Result};
 use clap::Parser;
+use seeded::SeededRng;
 use std::ffi::OsString;
 use vmm::driver::ConsoleSink;
 use vmm::keeper::supervisor::{End, Hooks, Restart};
@@ -43,27 +44,8 @@ const POINTS: [(&str, u64); 4] = [
 ];
 const ACTIONS: [&str; 4] = ["panic", "return(abort)", "return(segv)", "return(hang)"];
 
-/// A seeded schedule (ChaCha8, the generator the guest entropy of --seed uses): the same on every platform.
-struct Rng(rand_chacha::ChaCha8Rng);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        use rand_chacha::rand_core::SeedableRng as _;
-        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
-    }
-
-    fn next(&mut self) -> u64 {
-        use rand_chacha::rand_core::RngCore as _;
-        self.0.next_u64()
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 struct Campaign {
-    rng: Rng,
+    rng: SeededRng,
     injections: usize,
     /// The fault given to each monitor (index: attempt - 1).
     faults: Vec<String>,
@@ -195,7 +177,7 @@ pub fn run(args: MicrorebootBench) -> Result<i32> {
     let run_args =
         RunLine::try_parse_from(std::iter::once(OsString::from("ftvm")).chain(line.iter().skip(1).cloned()))?.run;
     let mut campaign = Campaign {
-        rng: Rng::new(seed),
+        rng: SeededRng::new(seed),
         injections: args.injections,
         faults: Vec::new(),
         restarts: Vec::new(),
