@@ -21,7 +21,10 @@ use std::time::Instant;
 pub struct ReplayArgs {
     /// The input log
     pub file: PathBuf,
-    /// Stop at this instruction count (from the log's last snapshot before it, if any)
+    /// Stop at this instruction count (from the log's last snapshot before it, if any),
+    /// with every input stamped at or before it applied. (The recording digests the end of
+    /// a slice before the inputs stamped there, such as an idle guest's clock skip: a digest
+    /// record followed by inputs at its own icount is not the state --until gives.)
     #[arg(long, value_name = "ICOUNT")]
     pub until: Option<u64>,
     /// Print the final state digest (to stderr), as `ftvm run --digest` does
