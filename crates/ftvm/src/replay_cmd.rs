@@ -67,8 +67,10 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
     let machine = match seek_point(&args.file, args.until, header.start) {
         Some(seek) => {
             let mut machine = restore(&log, seek.snapshot, &config)?;
-            for &(section, _) in &seek.deltas {
+            same_icount(&args.file, "snapshot", seek.snapshot, seek.snapshot_icount, &machine)?;
+            for &(section, icount) in &seek.deltas {
                 apply_delta(&log, section, &mut machine)?;
+                same_icount(&args.file, "snapshot delta", section, icount, &machine)?;
             }
             let icount = seek.icount();
             reader.seek_to_record(seek.next_offset, icount).map_err(in_log)?;
@@ -240,6 +242,20 @@ fn apply_delta(log: &std::fs::File, section: Section, machine: &mut Machine) -> 
     let mut bytes = Vec::with_capacity(section.len as usize);
     section.open(log).read_to_end(&mut bytes).with_context(context)?;
     machine::checkpoint::apply(machine, &bytes).with_context(context)
+}
+
+/// A snapshot or delta record's icount must be its state's: the records after it are
+/// stamped from there (a hostile record at another icount would make the replay run the
+/// machine from the state's icount to theirs, however far).
+fn same_icount(file: &Path, what: &str, section: Section, icount: u64, machine: &Machine) -> Result<()> {
+    anyhow::ensure!(
+        machine.icount() == icount,
+        "{}: the {what} record at byte {} says icount {icount}, but the state it holds is at icount {}",
+        file.display(),
+        section.offset.saturating_sub(journal::FRAME_HEADER_BYTES as u64 + 8),
+        machine.icount()
+    );
+    Ok(())
 }
 
 fn restore(log: &std::fs::File, section: Section, config: &MachineConfig) -> Result<Machine> {

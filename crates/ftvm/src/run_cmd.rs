@@ -392,6 +392,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.resilient {
         return crate::resilient::run(args);
     }
+    // Before any thread starts (the JIT's worker, the TAP reader): they inherit the mask.
+    let sigterm = block_sigterm()?;
     // Fault points named in FAILPOINTS (with the `failpoints` feature; the migration's too).
     let _faults = vmm::keeper::fault::setup();
     let vm = &args.vm;
@@ -403,6 +405,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let machine = Machine::new(&config)?;
     let (tx, rx) = std::sync::mpsc::channel();
+    stop_on_sigterm(sigterm, tx.clone())?;
     let _metrics = crate::metrics_http::bind(vm, &tx)?; // a busy port is refused before the record is touched
     let replicated = args.replication.replicate_to.is_some();
     if let (true, Some(key)) = (replicated, &args.replication.key) {
@@ -438,6 +441,31 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
     }
     run_driver(driver, vm, tap, tx, &args.command, args.boot_log, Attach::Now)
+}
+
+/// SIGTERM, blocked in the calling thread (call before any other thread starts) so that only
+/// [`stop_on_sigterm`]'s thread takes it.
+fn block_sigterm() -> Result<nix::sys::signal::SigSet> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.thread_block().context("cannot block SIGTERM")?;
+    Ok(set)
+}
+
+/// A SIGTERM stops the run as Ctrl-A x does, between two slices: the guest stops where it
+/// is and a recording gets its end record ("stopped"; the default action would have killed
+/// the process with the log's last inputs in its buffer and no end record).
+fn stop_on_sigterm(set: nix::sys::signal::SigSet, events: std::sync::mpsc::Sender<vmm::host::HostEvent>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || {
+            if set.wait().is_ok() {
+                eprintln!("ftvm: SIGTERM: stopping the VM");
+                let _ = events.send(vmm::host::HostEvent::Quit);
+            }
+        })
+        .context("cannot start the SIGTERM thread")?;
+    Ok(())
 }
 
 /// What `--record FILE` and its options ask for.

@@ -635,3 +635,81 @@ fn periodic_snapshots_after_the_first_are_small_deltas_and_replay_until_seeks_th
     assert_eq!(whole.status.code(), Some(0), "{}", stderr(&whole));
     assert_eq!(digest_line(&whole), digest_line(&rec.run));
 }
+
+/// A recording's end record says how the run ended — the guest powering off with its
+/// status, `ctl stop`, a SIGTERM (which stops the run as `ctl stop` does) — and the replay
+/// ends the same way, at the same digest.
+#[test]
+fn a_recording_says_whether_the_guest_powered_off_or_the_run_was_stopped_and_its_replay_agrees() {
+    use std::io::Read;
+    let dir = common::scratch("record-ends", "api.sock");
+    let ticking = "while true; do echo tick; sleep 0.2; done";
+    let end_of = |log: &std::path::Path| match records(log).last() {
+        Some(journal::Record::End { reason, .. }) => *reason,
+        other => panic!("the log ends with {other:?}"),
+    };
+    let replays_to = |log: &std::path::Path, run_stderr: &str| {
+        let out = replay(log, &["--digest"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let run_digest = run_stderr.lines().find(|l| l.starts_with("ftvm: digest=")).expect("the run's digest");
+        assert_eq!(digest_line(&out), run_digest);
+        let past = replay(log, &["--until", &(end_icount(log) + 1).to_string()]);
+        stderr(&past).lines().find(|l| l.starts_with("ftvm: error: ")).expect("an error line").to_string()
+    };
+
+    // The guest powers off with its command's status.
+    let log = dir.with_file_name("poweroff.log");
+    let run = ftvm()
+        .args(["run", "--digest", "--record"])
+        .arg(&log)
+        .args(["--", "sh", "-c", "echo bye; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(3), "{}", stderr(&run));
+    assert_eq!(end_of(&log), journal::EndReason::PowerOff { code: 3 });
+    let line = replays_to(&log, &stderr(&run));
+    assert!(line.ends_with("(the guest powered off with status 3)"), "{line}");
+
+    // Stopped from outside while it runs: by the control API, then by SIGTERM.
+    let socket = dir.to_path_buf();
+    for how in ["ctl stop", "SIGTERM"] {
+        let log = dir.with_file_name(format!("{}.log", how.replace(' ', "-")));
+        let mut child = ftvm()
+            .args(["run", "--digest", "--api"])
+            .arg(&socket)
+            .arg("--record")
+            .arg(&log)
+            .args(["--", "sh", "-c", ticking])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut console = Vec::new();
+        assert!(read_until(&mut out, &mut console, "tick\ntick"), "no ticks: {}", String::from_utf8_lossy(&console));
+        match how {
+            "ctl stop" => {
+                let ctl = ftvm().args(["ctl", "--api"]).arg(&socket).arg("stop").output().unwrap();
+                assert!(ctl.status.success(), "{}", stderr(&ctl));
+            }
+            _ => {
+                let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+                assert!(kill.success());
+            }
+        }
+        out.read_to_end(&mut console).unwrap();
+        let status = child.wait().unwrap();
+        let mut run_stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut run_stderr).unwrap();
+        assert_eq!(status.code(), Some(0), "{how}: {run_stderr}");
+        assert_eq!(end_of(&log), journal::EndReason::Stopped, "{how}");
+        let line = replays_to(&log, &run_stderr);
+        assert!(line.ends_with("(the run was stopped)"), "{how}: {line}");
+    }
+}
+
+/// The icount of a log's last record.
+fn end_icount(log: &std::path::Path) -> u64 {
+    records(log).last().map(journal::Record::icount).expect("a record")
+}

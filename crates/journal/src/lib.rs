@@ -47,6 +47,11 @@
 //!   snapshot or delta record), so that a replay's divergence names the RAM addresses and
 //!   disk bytes that differ at the cost of a few regions per record. The reader rebuilds
 //!   every region and checks that they make the recorded root.
+//! - Two records are at most [`MAX_RECORD_GAP_ICOUNT`] apart (a recorder writes a digest
+//!   record at least every [`DIGEST_AT_LEAST_EVERY_ICOUNT`]): a reader refuses a record
+//!   further on, so that a hostile log cannot make a replay run the machine arbitrarily far.
+//!   A header's RAM size and disk are checked against what a machine can have before any
+//!   region digests are sized by them.
 //! - Console output is hashed as a byte stream and frames one by one
 //!   ([`OutputDigest`]), so that how a run was cut into slices does not matter.
 
@@ -77,3 +82,16 @@ pub const MAGIC: [u8; 8] = *b"FTVMILOG";
 /// other digest values, which must not read as a divergence). Version 3: digest and end
 /// records carry the region digests (a version 2 reader would take them for trailing bytes).
 pub const FORMAT_VERSION: u32 = 3;
+
+/// The most instructions between two records of a log (a run starting from a snapshot counts
+/// from its icount, one from boot from 0). A recorder writes a digest record at the first slice
+/// end [`DIGEST_AT_LEAST_EVERY_ICOUNT`] past its last record (`vmm::record`), so an honest log
+/// never comes near; a writer refuses a record past it, a reader refuses one as corrupt. It is
+/// what keeps a hostile log from making a replay run the machine far beyond what its records
+/// vouch for: a replay runs at most this far per record it reads.
+pub const MAX_RECORD_GAP_ICOUNT: u64 = 1 << 30;
+/// A recorder writes a record at least this often, in instructions (a quarter of the gap a
+/// reader allows, so that slices of any length a mode runs stay far inside it).
+pub const DIGEST_AT_LEAST_EVERY_ICOUNT: u64 = MAX_RECORD_GAP_ICOUNT / 4;
+/// The largest disk a log may name (its region digests, 16 bytes per MiB, are held in memory).
+pub const MAX_DISK_BYTES: u64 = 4 << 40;

@@ -71,6 +71,8 @@ pub struct LogReader<R: Read> {
     /// record of this log may list at most (from the header's RAM and disk).
     last_regions: Option<RegionDigests>,
     max_regions: u64,
+    /// A log that starts from a snapshot: its icount, until its first record (that snapshot) is read.
+    start_snapshot: Option<u64>,
 }
 
 impl LogReader<std::fs::File> {
@@ -93,6 +95,7 @@ impl<R: Read> LogReader<R> {
             scratch: Vec::new(),
             last_regions: None,
             max_regions: 0,
+            start_snapshot: None,
         };
         let mut preamble = [0; PREAMBLE_BYTES];
         let got = reader.fill(&mut preamble)?;
@@ -122,6 +125,7 @@ impl<R: Read> LogReader<R> {
         }
         if let crate::Start::Snapshot { icount } = reader.header.start {
             reader.last_icount = icount;
+            reader.start_snapshot = Some(icount);
         }
         let disk_sectors = reader.header.disk.as_ref().map_or(0, |d| d.sectors);
         // One region more of each than the header's sizes round up to (a disk's last
@@ -239,10 +243,29 @@ impl<R: Read> LogReader<R> {
             self.last_regions = None;
         }
         let icount = record.icount();
-        if icount < self.last_icount {
-            let last = self.last_icount;
+        let last = self.last_icount;
+        if icount < last {
             let problem = format!("its icount {icount} is before the previous record's {last}");
             return Err(JournalError::Corrupt { offset: start, problem });
+        }
+        if icount - last > crate::MAX_RECORD_GAP_ICOUNT {
+            let problem = format!(
+                "its icount {icount} is {} past the previous record's {last}, more than the {} a recorder leaves \
+                 between two records",
+                icount - last,
+                crate::MAX_RECORD_GAP_ICOUNT
+            );
+            return Err(JournalError::Corrupt { offset: start, problem });
+        }
+        if let Some(start_icount) = self.start_snapshot.take() {
+            if !matches!(record, Record::Snapshot { icount, .. } if icount == start_icount) {
+                let problem = format!(
+                    "the header says the run starts from a snapshot at icount {start_icount}, but the first record \
+                     is {} record at icount {icount}",
+                    a_kind(&record)
+                );
+                return Err(JournalError::Corrupt { offset: start, problem });
+            }
         }
         self.last_icount = icount;
         Ok(Some(record))
@@ -307,7 +330,19 @@ impl<R: Read + Seek> LogReader<R> {
         self.last_icount = icount;
         self.ended = false;
         self.last_regions = None;
+        self.start_snapshot = None;
         Ok(())
+    }
+}
+
+/// "an input", "a digest", ... (for errors).
+fn a_kind(record: &Record) -> &'static str {
+    match record {
+        Record::Input(_) => "an input",
+        Record::Digest { .. } => "a digest",
+        Record::Snapshot { .. } => "a snapshot",
+        Record::Delta { .. } => "a snapshot delta",
+        Record::End { .. } => "an end",
     }
 }
 

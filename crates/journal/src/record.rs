@@ -304,6 +304,17 @@ impl LogHeader {
             }
         }
         if let (Some(recorded), Some(path)) = (&self.disk, disk_start) {
+            // The digest covers the size too; the header's sector count (which sizes what a
+            // reader holds) must be the same size.
+            let sectors = std::fs::metadata(path).map_err(read_error(path))?.len() / 512;
+            if sectors != recorded.sectors {
+                let problem = format!(
+                    "{} has {sectors} sectors, the header says the disk at the recording's start had {}",
+                    path.display(),
+                    recorded.sectors
+                );
+                return Err(JournalError::OtherImage { image: "disk", problem });
+            }
             let digest = file_digest(path)?;
             if digest != recorded.digest {
                 let problem = format!(
@@ -377,21 +388,50 @@ impl LogHeader {
                 None
             };
             r.finish()?;
-            Ok(LogHeader {
-                start: if start == 0 { Start::Boot } else { Start::Snapshot { icount: start_icount } },
-                ram_size,
-                icount_per_tick,
-                boot_unix_ns,
-                reboot_on_reset,
-                net_mac: has_mac.then_some(mac),
-                seed: has_seed.then_some(seed),
-                bootargs,
-                kernel,
-                initrd,
-                disk,
-            })
+            Ok((
+                start,
+                LogHeader {
+                    start: if start == 0 { Start::Boot } else { Start::Snapshot { icount: start_icount } },
+                    ram_size,
+                    icount_per_tick,
+                    boot_unix_ns,
+                    reboot_on_reset,
+                    net_mac: has_mac.then_some(mac),
+                    seed: has_seed.then_some(seed),
+                    bootargs,
+                    kernel,
+                    initrd,
+                    disk,
+                },
+            ))
         })();
-        header.map_err(malformed)
+        let (start, header) = header.map_err(malformed)?;
+        header.check_shape(start).map_err(|problem| JournalError::Corrupt { offset, problem })?;
+        Ok(header)
+    }
+
+    /// What a header must say for the reader to trust its sizes (a machine of that RAM and
+    /// disk, whose region digests a reader holds): the machine's RAM limits, a disk of at most
+    /// [`crate::MAX_DISK_BYTES`].
+    fn check_shape(&self, start: u8) -> std::result::Result<(), String> {
+        use machine::machine::{MAX_RAM_BYTES, MIN_RAM_BYTES};
+        if start > 1 {
+            return Err(format!("the header's start is {start}, neither 0 (boot) nor 1 (a snapshot)"));
+        }
+        let ram = self.ram_size;
+        if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&ram) || !ram.is_multiple_of(4096) {
+            return Err(format!(
+                "the header's RAM size {ram} is not a multiple of 4 KiB from {MIN_RAM_BYTES} to {MAX_RAM_BYTES}"
+            ));
+        }
+        if let Some(disk) = self.disk.as_ref().filter(|d| d.sectors > crate::MAX_DISK_BYTES / 512) {
+            return Err(format!(
+                "the header's disk of {} sectors is larger than the {} bytes a log may name",
+                disk.sectors,
+                crate::MAX_DISK_BYTES
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -82,6 +82,11 @@ impl<W: Write> LogWriter<W> {
         self.offset
     }
 
+    /// The icount of the last record (of the start, before any).
+    pub fn last_icount(&self) -> u64 {
+        self.last_icount
+    }
+
     /// Records written after the header.
     pub fn records(&self) -> u64 {
         self.records
@@ -104,9 +109,17 @@ impl<W: Write> LogWriter<W> {
     }
 
     fn stamp(&mut self, icount: u64) -> Result<()> {
-        if icount < self.last_icount {
-            let last = self.last_icount;
+        let last = self.last_icount;
+        if icount < last {
             return Err(JournalError::Unrecordable(format!("icount {icount} after a record at icount {last}")));
+        }
+        if icount - last > crate::MAX_RECORD_GAP_ICOUNT {
+            return Err(JournalError::Unrecordable(format!(
+                "icount {icount} is {} past the record at icount {last}, more than the {} a log may leave between \
+                 two records (write a digest record in between)",
+                icount - last,
+                crate::MAX_RECORD_GAP_ICOUNT
+            )));
         }
         self.last_icount = icount;
         Ok(())

@@ -1,6 +1,7 @@
 //! `ftvm run --record FILE`: an [`Observer`] of the driver that streams the run's input log
 //! (crates/journal) to a file — every input as it is stamped, a digest of the machine and
-//! of its outputs every `digest_every` of wall time, a snapshot every `snapshot_every`
+//! of its outputs every `digest_every` of wall time (and at least every
+//! `journal::DIGEST_AT_LEAST_EVERY_ICOUNT` instructions), a snapshot every `snapshot_every`
 //! (for `ftvm replay --until` to seek), and the end.
 //!
 //! Periodic snapshots are mostly deltas: the pages, disk sectors and state that differ from
@@ -164,7 +165,11 @@ impl Observer<Machine> for Recording {
     }
 
     fn on_slice_end(&mut self, machine: &Machine) -> Result<(), ModeError> {
-        if self.last_digest.elapsed() >= self.digest_every {
+        // Also by instructions: a reader refuses a record further than
+        // journal::MAX_RECORD_GAP_ICOUNT past the one before (a busy guest with no inputs
+        // under a long --digest-every-ms would otherwise leave such a gap).
+        let far = machine.icount().saturating_sub(self.writer.last_icount()) >= journal::DIGEST_AT_LEAST_EVERY_ICOUNT;
+        if far || self.last_digest.elapsed() >= self.digest_every {
             let (digest, regions) = self.state_digest(machine);
             self.writer.digest(digest, &regions).map_err(|e| ModeError::new("cannot record the run", e))?;
             self.digests += 1;
