@@ -713,3 +713,83 @@ fn a_recording_says_whether_the_guest_powered_off_or_the_run_was_stopped_and_its
 fn end_icount(log: &std::path::Path) -> u64 {
     records(log).last().map(journal::Record::icount).expect("a record")
 }
+
+/// A real service recorded with real traffic: Debian's redis-server started from the guest's
+/// shell (typed input), Debian's redis-cli on the host counting and storing over the TAP,
+/// then typed input reading what the network wrote (`redis-cli GET` inside the guest), then
+/// `exit` powers the guest off. The replay, with no TAP and no terminal, prints the same
+/// console byte for byte and ends at the same digest, every digest on the way matching.
+#[test]
+fn a_recorded_redis_server_driven_by_debians_redis_cli_replays_with_the_same_digests_and_console() {
+    use common::redis::{redis_cli, redis_image, wait_pong};
+    use std::io::{Read, Write};
+    let image = redis_image();
+    let net = TestNet::new();
+    let log = net.dir.with_file_name("redis.log");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.ns])
+        .arg(env!("CARGO_BIN_EXE_ftvm"))
+        .arg("run")
+        .arg("--initrd")
+        .arg(&image)
+        .args(["--net", "tap:tap0", "--digest", "--digest-every-ms", "200", "--record"])
+        .arg(&log)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut out, mut stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(400));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let mut console = Vec::new();
+    let seen = |console: &[u8]| String::from_utf8_lossy(console).to_string();
+    assert!(read_until(&mut out, &mut console, "~ # "), "no prompt: {}", seen(&console));
+    stdin
+        .write_all(
+            b"redis-server --save '' --appendonly no --protected-mode no --daemonize yes; echo started-$((1+1))\n",
+        )
+        .unwrap();
+    assert!(read_until(&mut out, &mut console, "started-2"), "{}", seen(&console));
+    assert!(wait_pong(&net.ns, std::time::Duration::from_secs(180)), "redis-server never answered PING");
+    // Frames both ways: 300 INCRs on one connection, a SET on another.
+    let last = redis_cli(&net.ns, &["-r", "300", "INCR", "n"]).expect("redis-cli INCR");
+    assert!(last.ends_with("300"), "{last}");
+    assert_eq!(redis_cli(&net.ns, &["SET", "word", "recorded"]).as_deref(), Some("OK"));
+    // Typed input that reads what the network wrote.
+    stdin.write_all(b"redis-cli GET n; redis-cli GET word; echo typed-$((6*7))\n").unwrap();
+    assert!(read_until(&mut out, &mut console, "typed-42"), "{}", seen(&console));
+    stdin.write_all(b"exit\n").unwrap();
+    out.read_to_end(&mut console).unwrap();
+    let status = child.wait().unwrap();
+    let mut run_stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut run_stderr).unwrap();
+    drop(watchdog);
+    assert_eq!(status.code(), Some(0), "{run_stderr}");
+    let text = seen(&console);
+    assert!(text.contains("\"300\"\r\n\"recorded\"\r\n"), "the guest's redis-cli read what the network wrote: {text}");
+
+    let recorded = records(&log);
+    let count = |f: fn(&machine::InputKind) -> bool| {
+        recorded.iter().filter(|r| matches!(r, journal::Record::Input(i) if f(&i.kind))).count()
+    };
+    let frames = count(|k| matches!(k, machine::InputKind::NetFrame(_)));
+    assert!(frames >= 300, "the INCRs' frames were received and logged: {frames}");
+    assert!(count(|k| matches!(k, machine::InputKind::Console(_))) >= 3, "keys were logged");
+    assert!(matches!(
+        recorded.last(),
+        Some(journal::Record::End { reason: journal::EndReason::PowerOff { code: 0 }, .. })
+    ));
+
+    let replayed = replay(&log, &["--digest", "--console"]);
+    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
+    let run_digest = run_stderr.lines().find(|l| l.starts_with("ftvm: digest=")).expect("the run's digest");
+    assert_eq!(digest_line(&replayed), run_digest);
+    assert!(replayed.stdout == console, "the replay's console differs from the run's");
+    let digests = recorded.iter().filter(|r| matches!(r, journal::Record::Digest { .. })).count();
+    assert!(stderr(&replayed).contains(&format!("{} digests matching", digests + 1)), "{}", stderr(&replayed));
+    println!("{frames} frames, {digests} digests; {}", stderr(&replayed).trim_end());
+}
