@@ -126,7 +126,8 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
                 let offset = reader.offset();
                 let until = args.until.map_or(String::new(), |u| format!(", before --until {u}"));
                 break Some(anyhow::anyhow!(
-                    "the log ends at byte {offset} without an end record (the recording was cut short, or is still being written){until}"
+                    "the log ends at byte {offset} without an end record (the recording was cut short, or is \
+                     still being written){until}"
                 ));
             }
             Err(e) => break Some(anyhow::Error::new(e)),
