@@ -256,8 +256,12 @@ impl<V: Vm> Mode<V> for LockstepPrimary<V> {
         lagging
     }
 
+    /// Only while no backup follows (or one waits for its start): a wait cut short is an idle
+    /// skip more to log and ship, and a following backup needs none (the protocol's events
+    /// wake the wait; an idle guest with nothing to say costs heartbeats only).
     fn idle_wait_limit(&self) -> Option<Duration> {
-        Some(IDLE_WAIT_LIMIT)
+        let streaming = self.handle.shared.lock().expect("not poisoned").status.streaming;
+        (!streaming || self.wanted() == CheckpointKind::Full).then_some(IDLE_WAIT_LIMIT)
     }
 
     fn on_event(&mut self, _vm: &mut V, event: ModeEvent) -> Verdict {
