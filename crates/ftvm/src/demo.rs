@@ -138,6 +138,8 @@ impl Session {
 enum ClientEvent {
     Answer {
         at: Duration,
+        /// When the answer came (one read after the fault may have come before it).
+        answered: Instant,
         counter: u64,
         latency: Duration,
         session: bool,
@@ -171,7 +173,8 @@ fn spawn_client(
             let asked = Instant::now();
             let event = match count_once(http, Duration::from_secs(5)) {
                 Ok(counter) => {
-                    ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: false }
+                    let (at, latency) = (start.elapsed(), asked.elapsed());
+                    ClientEvent::Answer { at, answered: Instant::now(), counter, latency, session: false }
                 }
                 Err(_) => {
                     std::thread::sleep(Duration::from_millis(100));
@@ -192,7 +195,8 @@ fn spawn_client(
                 let asked = Instant::now();
                 let event = match s.count() {
                     Ok(counter) => {
-                        ClientEvent::Answer { at: start.elapsed(), counter, latency: asked.elapsed(), session: true }
+                        let (at, latency) = (start.elapsed(), asked.elapsed());
+                        ClientEvent::Answer { at, answered: Instant::now(), counter, latency, session: true }
                     }
                     Err(e) => ClientEvent::SessionBroken(format!("{e:#}")),
                 };
@@ -322,6 +326,34 @@ struct Summary {
 }
 
 impl Summary {
+    /// The client got `counter` (on the long-lived session when `session`) at `answered`;
+    /// `fault`: when the primary was killed or cut off. Only an answer that came after the
+    /// fault counts as one after it (the channel may hand over an earlier one late). The
+    /// takeover as the client saw it, at the first answer after a kill.
+    fn answer(&mut self, counter: u64, session: bool, answered: Instant, fault: Option<Instant>) -> Option<Duration> {
+        if counter <= self.last && self.went_backwards.is_none() {
+            self.went_backwards = Some((counter, self.last));
+        }
+        self.last = counter;
+        self.answers += 1;
+        let fault = fault.filter(|&fault| answered > fault)?;
+        self.answers_after_fault += 1;
+        self.session_answers_after_fault += session as u64;
+        if self.takeover.is_some() || self.partition {
+            return None;
+        }
+        self.takeover = Some(answered - fault);
+        self.takeover
+    }
+
+    /// After a kill, the run may end once the backup answered on a new connection and on the
+    /// session that outlived the primary too: a request in flight at the kill waits for the
+    /// client's TCP retransmissions, whose backoff can outlast `--after-kill-s` (a session
+    /// that broke ends the run by itself).
+    fn settled(&self) -> bool {
+        self.partition || (self.takeover.is_some() && self.session_answers_after_fault > 0)
+    }
+
     fn passed(&self) -> bool {
         let common = self.diverged == Some(0)
             && self.went_backwards.is_none()
@@ -445,25 +477,21 @@ fn drive(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match event {
-            Some(ClientEvent::Answer { at, counter, latency, session }) => {
+            Some(ClientEvent::Answer { at, answered, counter, latency, session }) => {
                 if first_answer.is_none() {
                     println!("ftvm demo: the guest answers; counting for {:.1} s", args.before_kill_ms as f64 / 1e3);
                     first_answer = Some(Instant::now());
                 }
-                if counter <= summary.last && summary.went_backwards.is_none() {
-                    summary.went_backwards = Some((counter, summary.last));
-                    println!("ftvm demo: COUNTER WENT BACKWARDS: {counter} after {}", summary.last);
+                let last = summary.last;
+                if counter <= last && summary.went_backwards.is_none() {
+                    println!("ftvm demo: COUNTER WENT BACKWARDS: {counter} after {last}");
                 }
-                if let Some(fault) = fault_at {
-                    summary.answers_after_fault += 1;
-                    summary.session_answers_after_fault += session as u64;
-                    if summary.takeover.is_none() && !args.partition {
-                        summary.takeover = Some(fault.elapsed());
-                        println!("ftvm demo: the backup answers: counter {counter} (last before: {}) — takeover took {:.2} s", summary.last, fault.elapsed().as_secs_f64());
-                    }
+                if let Some(takeover) = summary.answer(counter, session, answered, fault_at) {
+                    println!(
+                        "ftvm demo: the backup answers: counter {counter} (last before: {last}) — takeover took {:.2} s",
+                        takeover.as_secs_f64()
+                    );
                 }
-                summary.last = counter;
-                summary.answers += 1;
                 if last_print.elapsed() >= Duration::from_secs(1) {
                     last_print = Instant::now();
                     println!(
@@ -525,7 +553,7 @@ fn drive(
         }
         if let Some(fault) = fault_at {
             let enough = fault.elapsed() >= Duration::from_secs(args.after_kill_s);
-            if enough && (args.partition || summary.takeover.is_some()) {
+            if enough && summary.settled() {
                 break;
             }
             if fault.elapsed() >= Duration::from_secs(args.after_kill_s + 30) {
@@ -565,4 +593,29 @@ fn wait_for_protection(api: &Path, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kill_run_is_settled_only_once_the_session_answered_after_the_kill() {
+        let t0 = Instant::now();
+        let fault = t0 + Duration::from_millis(100);
+        let mut summary = Summary::default();
+        assert_eq!(summary.answer(1, false, t0, None), None);
+        // Read after the kill, but it came before: not an answer after the fault.
+        assert_eq!(summary.answer(2, true, t0 + Duration::from_millis(50), Some(fault)), None);
+        assert_eq!(summary.session_answers_after_fault, 0);
+        let takeover = summary.answer(3, false, fault + Duration::from_millis(900), Some(fault));
+        assert_eq!(takeover, Some(Duration::from_millis(900)), "the first answer after the kill");
+        assert!(!summary.settled(), "the session that outlived the primary has not answered yet");
+        assert_eq!(summary.answer(4, true, fault + Duration::from_millis(3100), Some(fault)), None);
+        assert!(summary.settled());
+        assert_eq!((summary.answers, summary.answers_after_fault, summary.session_answers_after_fault), (4, 2, 1));
+        assert!(summary.went_backwards.is_none());
+        summary.answer(4, false, fault + Duration::from_secs(4), Some(fault));
+        assert_eq!(summary.went_backwards, Some((4, 4)), "an answer not above the last one");
+    }
 }
