@@ -57,12 +57,14 @@ impl std::fmt::Display for SpuriousTakeover {
 
 impl std::error::Error for SpuriousTakeover {}
 
-/// A guest workload: CPU work and memory writes (what checkpoints must carry), then the
-/// counter service for the latency and failover measurements. It starts when the bench
-/// connects to port 9: only once the primary is protected, so that neither of the lines
-/// timed waits behind the first full checkpoint (outputs are held until the backup has it).
+/// The guest's workloads, timed one after the other: a light one (a shell loop: CPU work,
+/// few memory writes) and a memory-heavy one (32 MiB written to tmpfs and read back: what
+/// checkpoints must carry); then the counter service for the latency and failover figures.
+/// They start when the bench connects to port 9: only once the primary is protected, so
+/// that neither of the lines timed waits behind the first full checkpoint (outputs are held
+/// until the backup has it).
 const WORKLOAD: &str = "nc -l -p 9 >/dev/null; echo bench: start; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
-    dd if=/dev/zero of=/tmp/w bs=64k count=256 2>/dev/null; md5sum /tmp/w >/dev/null; rm /tmp/w; \
+    echo bench: heavy; dd if=/dev/zero of=/tmp/w bs=64k count=512 2>/dev/null; md5sum /tmp/w >/dev/null; rm /tmp/w; \
     echo bench: end; exec /usr/share/ftvm/counter-httpd";
 
 #[derive(clap::Subcommand, Debug)]
@@ -112,6 +114,18 @@ pub struct ReplicationBench {
     /// host's redis-benchmark, unreplicated, at epoch 25 ms and in lockstep (0: none)
     #[arg(long, default_value_t = 1)]
     pub redis_runs: usize,
+    /// The backups' detection timeout, in ms [default: the backup's own]. On a loaded host
+    /// the default takes over spuriously (the run is repeated, three times at most); a longer
+    /// one keeps the runs, and the takeover figures include it
+    #[arg(long, value_name = "MS")]
+    pub failover_timeout_ms: Option<u64>,
+}
+
+/// What every replicated run of the table is started with.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tuning {
+    verify_every: u64,
+    failover_timeout_ms: Option<u64>,
 }
 
 /// One configuration of the table.
@@ -132,16 +146,31 @@ impl Config {
 
 #[derive(Debug, Default)]
 struct Figures {
-    workload_s: f64,
+    /// The light workload's time and the memory-heavy one's, and the primary process's CPU
+    /// time over each (all its threads): apart from the host's contention, which on one
+    /// host includes a lockstep backup executing the same instructions.
+    light_s: f64,
+    heavy_s: f64,
+    light_cpu_s: Option<f64>,
+    heavy_cpu_s: Option<f64>,
     pause_avg_ms: Option<f64>,
     pause_max_ms: Option<f64>,
-    link_mb_s: Option<f64>,
-    /// The link with the guest idle (the counter waiting), in Mbit/s: everything sent both
-    /// ways, and the share of it that is heartbeats (lockstep: what is not batches or acks).
-    idle_mbit_s: Option<f64>,
-    idle_heartbeat_mbit_s: Option<f64>,
+    /// The link during the workloads (busy) and with the guest idle (the counter waiting).
+    busy: Option<Link>,
+    idle: Option<Link>,
+    /// Lockstep: how long the guest paused in all for a lagging backup during the workloads.
+    throttled_ms: Option<f64>,
     latency_ms: f64,
     takeover: Option<Takeover>,
+}
+
+/// Bytes on the replication link over a window, in Mbit/s: the replication itself
+/// (checkpoints, or lockstep's batches with their framing and acknowledgements) and,
+/// lockstep only, the heartbeats of both sides apart (checkpoint: included).
+#[derive(Debug, Clone, Copy, Default)]
+struct Link {
+    mbit_s: f64,
+    heartbeat_mbit_s: Option<f64>,
 }
 
 /// One kill: from SIGKILL to the first connection the backup's guest accepted, and to the
@@ -170,10 +199,11 @@ pub fn run(kind: BenchKind) -> Result<i32> {
         .collect();
     let mut samples: Vec<Vec<Figures>> = configs.iter().map(|_| Vec::new()).collect();
     let mut spurious = 0;
+    let tuning = Tuning { verify_every: args.verify_every, failover_timeout_ms: args.failover_timeout_ms };
     for round in 1..=args.runs {
         for (i, &config) in configs.iter().enumerate() {
             eprintln!("bench: round {round}/{}: {}", args.runs, label(config));
-            let figures = attempt(&mut spurious, || measure(&topo, &dir, config, args.requests, args.verify_every))?;
+            let figures = attempt(&mut spurious, || measure(&topo, &dir, config, args.requests, tuning))?;
             samples[i].extend(figures);
         }
     }
@@ -234,7 +264,8 @@ fn redis_rounds(topo: &Topology, dir: &Path, args: &ReplicationBench, spurious: 
     for round in 1..=args.redis_runs {
         for (i, &config) in configs.iter().enumerate() {
             eprintln!("bench: redis round {round}/{}: {}", args.redis_runs, label(config));
-            rows[i].1.extend(attempt(spurious, || redis::measure(topo, dir, config, &initrd))?);
+            let tuning = Tuning { verify_every: 0, failover_timeout_ms: args.failover_timeout_ms };
+            rows[i].1.extend(attempt(spurious, || redis::measure(topo, dir, config, tuning, &initrd))?);
         }
     }
     redis::print(&rows, (load_start, redis::load_average()));
@@ -275,13 +306,20 @@ fn median(samples: Vec<Figures>) -> Figures {
         let v: Vec<f64> = samples.iter().filter_map(f).collect();
         (!v.is_empty()).then(|| mid(v))
     };
+    let link = |f: &dyn Fn(&Figures) -> Option<Link>| {
+        opt(&|s| f(s).map(|l| l.mbit_s))
+            .map(|mbit_s| Link { mbit_s, heartbeat_mbit_s: opt(&|s| f(s).and_then(|l| l.heartbeat_mbit_s)) })
+    };
     Figures {
-        workload_s: mid(samples.iter().map(|f| f.workload_s).collect()),
+        light_s: mid(samples.iter().map(|f| f.light_s).collect()),
+        heavy_s: mid(samples.iter().map(|f| f.heavy_s).collect()),
+        light_cpu_s: opt(&|f| f.light_cpu_s),
+        heavy_cpu_s: opt(&|f| f.heavy_cpu_s),
         pause_avg_ms: opt(&|f| f.pause_avg_ms),
         pause_max_ms: opt(&|f| f.pause_max_ms),
-        link_mb_s: opt(&|f| f.link_mb_s),
-        idle_mbit_s: opt(&|f| f.idle_mbit_s),
-        idle_heartbeat_mbit_s: opt(&|f| f.idle_heartbeat_mbit_s),
+        busy: link(&|f| f.busy),
+        idle: link(&|f| f.idle),
+        throttled_ms: opt(&|f| f.throttled_ms),
         latency_ms: mid(samples.iter().map(|f| f.latency_ms).collect()),
         takeover: opt(&|f| f.takeover.map(|t| t.answered_ms))
             .zip(opt(&|f| f.takeover.map(|t| t.accepted_ms)))
@@ -323,27 +361,17 @@ fn start_pair(
     disks: Option<(&Path, &Path)>,
 ) -> Result<Pair> {
     let config = epoch_ms.map_or(Config::Unreplicated, Config::Checkpoint);
-    start_config(topo, dir, config, verify_every, command, disks)
+    let tuning = Tuning { verify_every, failover_timeout_ms: None };
+    start_with(topo, dir, config, tuning, command, disks, None)
 }
 
-/// [`start_pair`] for any configuration.
-fn start_config(
-    topo: &Topology,
-    dir: &Path,
-    config: Config,
-    verify_every: u64,
-    command: &str,
-    disks: Option<(&Path, &Path)>,
-) -> Result<Pair> {
-    start_with(topo, dir, config, verify_every, command, disks, None)
-}
-
-/// [`start_config`] with another initial ramdisk for both replicas.
+/// Start a backup (when `config` is replicated) and a primary, both with another initial
+/// ramdisk when `initrd` is given.
 fn start_with(
     topo: &Topology,
     dir: &Path,
     config: Config,
-    verify_every: u64,
+    tuning: Tuning,
     command: &str,
     disks: Option<(&Path, &Path)>,
     initrd: Option<&Path>,
@@ -366,12 +394,15 @@ fn start_with(
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     let key_s = key.display().to_string();
     let store_s = format!("file:{}", store.display());
-    // The backup keeps its default detection timeout: that is the figure to measure.
+    // The backup keeps its default detection timeout unless told (that is the figure to measure).
     let backup = match config.replicated() {
         true => {
             let mut args =
                 strings(&["backup", "--listen", &listen, "--key", &key_s, "--store", &store_s, "--net", "tap:tap0"]);
             args.extend(strings(&["--api", &backup_sock.display().to_string()]));
+            if let Some(ms) = tuning.failover_timeout_ms {
+                args.extend(strings(&["--failover-timeout-ms", &ms.to_string()]));
+            }
             if let Some((_, disk)) = disks {
                 args.extend(strings(&["--disk", &disk.display().to_string()]));
             }
@@ -387,7 +418,7 @@ fn start_with(
     match config {
         Config::Unreplicated => {}
         Config::Checkpoint(e) => {
-            args.extend(strings(&["--epoch-ms", &e.to_string(), "--verify-every", &verify_every.to_string()]))
+            args.extend(strings(&["--epoch-ms", &e.to_string(), "--verify-every", &tuning.verify_every.to_string()]))
         }
         Config::Lockstep => args.extend(strings(&["--mode", "lockstep"])),
     }
@@ -402,11 +433,11 @@ fn start_with(
 
 /// One configuration: boot, time the workload, measure latency and the idle link, then
 /// (replicated) kill the primary and time the takeover.
-fn measure(topo: &Topology, dir: &Path, config: Config, requests: usize, verify_every: u64) -> Result<Figures> {
-    let mut pair = start_config(topo, dir, config, verify_every, WORKLOAD, None)?;
+fn measure(topo: &Topology, dir: &Path, config: Config, requests: usize, tuning: Tuning) -> Result<Figures> {
+    let mut pair = start_with(topo, dir, config, tuning, WORKLOAD, None, None)?;
     let mut figures = run_workload(topo, &mut pair, config, requests).map_err(|e| pair.explain(e))?;
     if config.replicated() {
-        idle_link(&pair.sock, &mut figures).map_err(|e| pair.explain(e))?;
+        figures.idle = Some(idle_link(&pair.sock).map_err(|e| pair.explain(e))?);
         figures.takeover = match kill_and_time(topo, &mut pair) {
             Ok(takeover) => Some(takeover),
             // A lockstep backup that diverged just before the kill refuses to go live (its
@@ -429,57 +460,137 @@ const IDLE_WINDOW: Duration = Duration::from_secs(3);
 const LOCKSTEP_EPOCH_FRAMING_BYTES: u64 = 3 * 44 + 33 + 16 + 40;
 const ACK_FRAME_BYTES: u64 = 44 + 8;
 
-/// The link while the guest idles: what the primary sent over [`IDLE_WINDOW`] plus (lockstep)
-/// the backup's acks, in Mbit/s; lockstep's heartbeats are the rest of what the primary sent
-/// and as many again from the backup (both sides beat at the same interval when idle).
-fn idle_link(sock: &Path, figures: &mut Figures) -> Result<()> {
-    let read = || -> Result<(u64, Option<vmm::status::Lockstep>)> {
-        let reply = crate::api::request(sock, &crate::api::Command::Status)?;
-        let status: vmm::status::Status = serde_json::from_value(reply.body).context("the status does not parse")?;
-        Ok((status.replication.map_or(0, |r| r.bytes_sent), status.lockstep))
-    };
-    let (sent0, lockstep0) = read()?;
-    let started = Instant::now();
-    std::thread::sleep(IDLE_WINDOW);
-    let (sent1, lockstep1) = read()?;
-    let mbit = |bytes: u64| bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
-    let sent = sent1.saturating_sub(sent0);
-    match (lockstep0, lockstep1) {
-        (Some(a), Some(b)) => {
-            let epochs = b.batches.saturating_sub(a.batches);
-            let batches = b.batch_bytes.saturating_sub(a.batch_bytes) + epochs * LOCKSTEP_EPOCH_FRAMING_BYTES;
-            let heartbeats = sent.saturating_sub(batches);
-            figures.idle_mbit_s = Some(mbit(batches + epochs * ACK_FRAME_BYTES));
-            figures.idle_heartbeat_mbit_s = Some(mbit(2 * heartbeats));
-        }
-        _ => figures.idle_mbit_s = Some(mbit(sent)),
-    }
-    Ok(())
+/// What the link counters said at one moment.
+struct LinkSample {
+    at: Instant,
+    sent: u64,
+    lockstep: Option<vmm::status::Lockstep>,
 }
 
-/// The workload's time, the checkpoint figures and the latency.
+impl LinkSample {
+    fn read(sock: &Path) -> Result<LinkSample> {
+        let reply = crate::api::request(sock, &crate::api::Command::Status)?;
+        let status: vmm::status::Status = serde_json::from_value(reply.body).context("the status does not parse")?;
+        let sent = status.replication.map_or(0, |r| r.bytes_sent);
+        Ok(LinkSample { at: Instant::now(), sent, lockstep: status.lockstep })
+    }
+
+    /// The link from `self` to `later`: what the primary sent, plus (lockstep) the backup's
+    /// acknowledgements; lockstep's heartbeats are the rest of what the primary sent, and as
+    /// many again from the backup (each side beats when it sent nothing for an interval).
+    fn to(&self, later: &LinkSample) -> Link {
+        let mbit = |bytes: u64| bytes as f64 * 8.0 / (later.at - self.at).as_secs_f64().max(1e-6) / 1e6;
+        let sent = later.sent.saturating_sub(self.sent);
+        match (&self.lockstep, &later.lockstep) {
+            (Some(a), Some(b)) => {
+                let epochs = b.batches.saturating_sub(a.batches);
+                let batches = b.batch_bytes.saturating_sub(a.batch_bytes) + epochs * LOCKSTEP_EPOCH_FRAMING_BYTES;
+                let heartbeats = sent.saturating_sub(batches);
+                Link { mbit_s: mbit(batches + epochs * ACK_FRAME_BYTES), heartbeat_mbit_s: Some(mbit(2 * heartbeats)) }
+            }
+            _ => Link { mbit_s: mbit(sent), heartbeat_mbit_s: None },
+        }
+    }
+}
+
+/// The link while the guest idles, over [`IDLE_WINDOW`].
+fn idle_link(sock: &Path) -> Result<Link> {
+    let before = LinkSample::read(sock)?;
+    std::thread::sleep(IDLE_WINDOW);
+    Ok(before.to(&LinkSample::read(sock)?))
+}
+
+/// The workloads' times, the checkpoint figures, the link during the workloads and the latency.
 fn run_workload(topo: &Topology, pair: &mut Pair, config: Config, requests: usize) -> Result<Figures> {
     if config.replicated() {
         wait_protected(&pair.sock, &mut pair.primary, Duration::from_secs(300))?;
     }
+    wait_quiet(&pair.sock, &mut pair.primary)?;
     in_namespace(&topo.client_ns(), || start_workload(Duration::from_secs(300)))?;
-    let start = wait_for_line(&pair.log, "bench: start", Duration::from_secs(300), &mut pair.primary)?;
-    let end = wait_for_line(&pair.log, "bench: end", Duration::from_secs(300), &mut pair.primary)?;
-    let mut figures = Figures { workload_s: (end - start).as_secs_f64(), ..Figures::default() };
-    if config.replicated() {
+    let limit = Duration::from_secs(300);
+    let pid = pair.primary.child.id();
+    let start = wait_for_line(&pair.log, "bench: start", limit, &mut pair.primary)?;
+    let cpu_start = cpu_s(pid);
+    let before = config.replicated().then(|| LinkSample::read(&pair.sock)).transpose()?;
+    let heavy = wait_for_line(&pair.log, "bench: heavy", limit, &mut pair.primary)?;
+    let cpu_heavy = cpu_s(pid);
+    let end = wait_for_line(&pair.log, "bench: end", limit, &mut pair.primary)?;
+    let cpu_end = cpu_s(pid);
+    let spent = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+    let mut figures = Figures {
+        light_s: (heavy - start).as_secs_f64(),
+        heavy_s: (end - heavy).as_secs_f64(),
+        light_cpu_s: spent(cpu_start, cpu_heavy),
+        heavy_cpu_s: spent(cpu_heavy, cpu_end),
+        ..Figures::default()
+    };
+    if let Some(before) = before {
+        let after = LinkSample::read(&pair.sock)?;
+        figures.busy = Some(before.to(&after));
         let reply = crate::api::request(&pair.sock, &crate::api::Command::Status)?;
         let status: vmm::status::Status =
             serde_json::from_value(reply.body).context("the primary's status does not parse")?;
-        if let Some(c) = status.replication.map(|r| r.checkpoints) {
-            if config != Config::Lockstep {
-                figures.pause_avg_ms = Some(c.pause_avg_ms);
-                figures.pause_max_ms = Some(c.pause_max_ms);
+        match (status.lockstep, status.replication) {
+            (Some(lockstep), _) => {
+                let earlier = before.lockstep.as_ref().map_or(0.0, |l| l.throttled_ms);
+                figures.throttled_ms = Some(lockstep.throttled_ms - earlier);
             }
-            figures.link_mb_s = Some(c.bytes_per_s / 1e6);
+            (None, Some(r)) => {
+                figures.pause_avg_ms = Some(r.checkpoints.pause_avg_ms);
+                figures.pause_max_ms = Some(r.checkpoints.pause_max_ms);
+            }
+            (None, None) => {}
         }
     }
     figures.latency_ms = in_namespace(&topo.client_ns(), move || latency(requests))?;
     Ok(figures)
+}
+
+/// The CPU time process `pid` has used (user and system, all threads), in s.
+fn cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's closing parenthesis, from the state (field 3) on.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // In USER_HZ units: 100 per second on Linux (the ABI of /proc, whatever the kernel's HZ).
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// A guest at rest executes fewer instructions than this per [`QUIET_EVERY`], [`QUIET_TIMES`]
+/// times in a row...
+const QUIET_ICOUNT: u64 = 2_000_000;
+const QUIET_EVERY: Duration = Duration::from_millis(250);
+const QUIET_TIMES: usize = 4;
+/// ...and one still busy after this long is timed anyway.
+const QUIET_LIMIT: Duration = Duration::from_secs(60);
+
+/// Wait until the guest is at rest before its workloads: a replicated run waits for its
+/// protection, which takes long enough for the guest's own after-boot work to end, and an
+/// unreplicated one must start from the same rest (else that work is timed with the loop).
+fn wait_quiet(sock: &Path, primary: &mut Proc) -> Result<()> {
+    let icount = || -> Result<u64> {
+        let reply = crate::api::request(sock, &crate::api::Command::Status)?;
+        Ok(serde_json::from_value::<vmm::status::Status>(reply.body).context("the status does not parse")?.icount)
+    };
+    let deadline = Instant::now() + QUIET_LIMIT;
+    let (mut last, mut quiet) = (None, 0);
+    while Instant::now() < deadline {
+        if let Some(status) = primary.child.try_wait()? {
+            bail!("the primary exited ({status}) before its workloads");
+        }
+        let now = icount().ok();
+        match (last, now) {
+            (Some(a), Some(b)) if b.saturating_sub(a) < QUIET_ICOUNT => quiet += 1,
+            _ => quiet = 0,
+        }
+        if quiet >= QUIET_TIMES {
+            return Ok(());
+        }
+        last = now;
+        std::thread::sleep(QUIET_EVERY);
+    }
+    eprintln!("bench: the guest was still busy after {} s; timing it anyway", QUIET_LIMIT.as_secs());
+    Ok(())
 }
 
 /// A round that only kills: boot the counter replicated, wait until it is protected, kill.
@@ -667,45 +778,58 @@ fn first_answer(limit: Duration) -> Result<Instant> {
     bail!("the guest's counter did not answer within {} s", limit.as_secs())
 }
 
+/// Normalized performance by the primary's CPU time, light / heavy.
+fn cpu_norm(base: &Figures, f: &Figures) -> String {
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".to_string(),
+    };
+    format!("{}/{}", ratio(base.light_cpu_s, f.light_cpu_s), ratio(base.heavy_cpu_s, f.heavy_cpu_s))
+}
+
 fn print_table(rows: &[(String, Figures)]) {
     let base = &rows[0].1;
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
-    println!(
-        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10}",
-        "config",
-        "workload_s",
-        "normalized",
-        "pause_avg",
-        "pause_max",
-        "link busy",
-        "link idle",
-        "heartbeat",
-        "latency",
-        "added",
-        "takeover"
-    );
-    println!(
-        "{:<14} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10}",
-        "", "", "perf", "ms", "ms", "Mbit/s", "Mbit/s", "Mbit/s", "ms (p50)", "ms", "ms"
-    );
+    let header = [
+        ["config", "light", "normalized", "heavy", "normalized", "cpu-norm", "pause_avg", "pause_max"],
+        ["", "s", "perf", "s", "perf", "lt / hv", "ms", "ms"],
+    ];
+    let header2 = [
+        ["link busy", "heartbeat", "link idle", "heartbeat", "latency", "added", "takeover", "throttled"],
+        ["Mbit/s", "Mbit/s", "Mbit/s", "Mbit/s", "ms (p50)", "ms", "ms", "ms"],
+    ];
+    for (h, h2) in header.iter().zip(&header2) {
+        println!(
+            "{:<14} {:>7} {:>10} {:>7} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>9}",
+            h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h2[0], h2[1], h2[2], h2[3], h2[4], h2[5], h2[6], h2[7]
+        );
+    }
     for (name, f) in rows {
         println!(
-            "{:<14} {:>10.2} {:>10.2} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11.1} {:>9.1} {:>10}",
+            "{:<14} {:>7.2} {:>10.2} {:>7.2} {:>10.2} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.1} {:>7.1} {:>8} {:>9}",
             name,
-            f.workload_s,
-            base.workload_s / f.workload_s,
+            f.light_s,
+            base.light_s / f.light_s,
+            f.heavy_s,
+            base.heavy_s / f.heavy_s,
+            cpu_norm(base, f),
             opt(f.pause_avg_ms, 3),
             opt(f.pause_max_ms, 1),
-            opt(f.link_mb_s.map(|mb| mb * 8.0), 2),
-            opt(f.idle_mbit_s, 3),
-            opt(f.idle_heartbeat_mbit_s, 3),
+            opt(f.busy.map(|l| l.mbit_s), 3),
+            opt(f.busy.and_then(|l| l.heartbeat_mbit_s), 3),
+            opt(f.idle.map(|l| l.mbit_s), 3),
+            opt(f.idle.and_then(|l| l.heartbeat_mbit_s), 3),
             f.latency_ms,
             f.latency_ms - base.latency_ms,
-            opt(f.takeover.map(|t| t.answered_ms), 0)
+            opt(f.takeover.map(|t| t.answered_ms), 0),
+            opt(f.throttled_ms, 0),
         );
     }
     println!(
-        "link busy: all the primary sent during the workload; link idle: with the guest idle (lockstep: batches \
-         and their acks), heartbeat: lockstep's heartbeats both ways (checkpoint: included in link idle)"
+        "light: a shell loop; heavy: 32 MiB written to tmpfs and read back; normalized perf: unreplicated time / \
+         this time (cpu-norm: by the primary process's CPU time, light/heavy). link: what replication sent during the workloads (busy) and with the guest idle; checkpoint: \
+         all the primary sent, heartbeats included; lockstep: batches, their framing and acknowledgements, \
+         heartbeats of both sides apart. latency: the counter's HTTP request, p50. takeover: SIGKILL to the \
+         first answer. throttled: lockstep's pauses for a lagging backup during the workloads."
     );
 }

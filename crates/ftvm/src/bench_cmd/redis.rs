@@ -6,7 +6,7 @@
 //! p99, which is what output commit adds to). The rates are also given relative to the
 //! unreplicated run of the same round.
 
-use super::{start_with, wait_protected, Config, Pair};
+use super::{start_with, wait_protected, Config, Pair, Tuning};
 use crate::netns::Topology;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -43,12 +43,22 @@ pub(super) fn image() -> Option<PathBuf> {
 
 /// Boot redis-server under `config`, wait for its PONG (and for protection), and run both
 /// loads against it.
-pub(super) fn measure(topo: &Topology, dir: &Path, config: Config, initrd: &Path) -> Result<RedisFigures> {
-    let mut pair: Pair = start_with(topo, dir, config, 0, SERVER, None, Some(initrd))?;
+pub(super) fn measure(
+    topo: &Topology,
+    dir: &Path,
+    config: Config,
+    tuning: Tuning,
+    initrd: &Path,
+) -> Result<RedisFigures> {
+    let mut pair: Pair = start_with(topo, dir, config, tuning, SERVER, None, Some(initrd))?;
     let ns = topo.client_ns();
     let deadline = Instant::now() + LIMIT;
     while cli(&ns, &["PING"]).as_deref() != Some("PONG") {
-        if Instant::now() >= deadline || pair.primary.child.try_wait()?.is_some() {
+        if let Some(status) = pair.primary.child.try_wait()? {
+            let error = anyhow::anyhow!("the primary exited ({status}) before redis-server answered PING");
+            return Err(pair.explain(error.context(format!("log: {}", pair.log.display()))));
+        }
+        if Instant::now() >= deadline {
             bail!("redis-server did not answer PING within {} s (log: {})", LIMIT.as_secs(), pair.log.display());
         }
         std::thread::sleep(Duration::from_millis(200));
