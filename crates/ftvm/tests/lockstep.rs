@@ -222,3 +222,134 @@ fn lockstep_sigkill_of_the_primary_at_a_random_point_loses_nothing_and_keeps_tcp
     assert!(took_over["generation"].as_u64() > Some(1), "a takeover swaps the generation forward: {v}");
     assert!(took_over["last_frame_to_live_ms"].as_u64() >= Some(failover_timeout_ms), "{v}");
 }
+
+/// Debian's redis-server in a lockstep pair over the e2e harness's namespaces and relay,
+/// judged by Debian's redis-cli counting with INCR on one long-lived session (root).
+mod redis_faults {
+    use super::common::cluster::{is_protected, Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
+    use super::common::netns::Topology;
+    use super::common::redis::{check_consecutive, redis_cli, redis_image, wait_pong, Session, SERVER};
+    use super::common::relay::Mode;
+    use super::common::seed;
+    use super::common::strangers::{Kind, Strangers};
+    use std::time::{Duration, Instant};
+
+    const PROTECTED_LIMIT: Duration = Duration::from_secs(120);
+
+    fn options(seed: u64, failover_timeout_ms: u64) -> Options {
+        Options {
+            command: SERVER.map(String::from).to_vec(),
+            initrd: Some(redis_image()),
+            failover_timeout_ms,
+            primary_args: ["--mode", "lockstep"].map(String::from).to_vec(),
+            // A lockstep backup boots from its own images (a checkpoint backup gets the
+            // machine from the primary): without the same initrd its boot digest differs.
+            backup_args: vec!["--initrd".into(), redis_image().display().to_string()],
+            ..Options::counter(seed)
+        }
+    }
+
+    /// Strangers on the backup's port from before the primary's handshake on (idle ones,
+    /// garbage, slow headers, hang-ups), the handshake made amid them, then the link cut for
+    /// a while (the primary serves on unprotected; the backup is stale) and healed (the
+    /// backup resynchronizes from the primary's whole state under a new generation), then a
+    /// SIGKILL of the primary: no takeover before the kill, and the session's replies run
+    /// 1, 2, 3, ... through all of it.
+    #[test]
+    fn lockstep_redis_counts_on_through_strangers_at_the_handshake_a_cut_and_a_sigkill() {
+        let seed = seed();
+        // Beyond the 700 ms the primary takes to give up on a silent backup: a cut leaves
+        // the primary live.
+        let mut cluster = Cluster::start("ls-redis-seq", &options(seed, 1500));
+        // Hold the primary's link until the strangers crowd the backup's port.
+        cluster.relay.set(Mode::Cut);
+        let backup_port = format!("{}:{BACKUP_PORT}", Topology::BACKUP_REPL_ADDR).parse().unwrap();
+        let kinds = [Kind::Idle, Kind::Garbage, Kind::SlowHeader, Kind::Hangup];
+        let strangers =
+            Strangers::every(&cluster.topo.primary_ns(), backup_port, &kinds, Duration::from_millis(200), seed);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while strangers.opened() < 20 {
+            assert!(Instant::now() < deadline, "strangers opened only {}", strangers.opened());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster.relay.set(Mode::Pass);
+        let ns = cluster.topo.client_ns();
+        assert!(wait_pong(&ns, BOOT_LIMIT), "redis-server never answered PING\n{}", cluster.explain());
+        let protected = cluster.wait_protected(PROTECTED_LIMIT);
+        assert_eq!(protected["mode"], "lockstep", "{protected}");
+        let generation = protected["replication"]["generation"].as_u64().expect("a generation");
+        let mut session = Session::start(&ns);
+        assert!(session.wait_for(50, Duration::from_secs(60), None), "the session got {} replies", session.count());
+        let backup = cluster.wait_backup("the backup's status", Duration::from_secs(10), |_| true);
+        assert_eq!(backup["role"], "backup", "strangers made the backup take over: {backup}");
+        assert_eq!(backup["lockstep"]["divergences"], 0, "{}", cluster.explain());
+
+        cluster.relay.set(Mode::Cut);
+        let cut = Instant::now();
+        let stale =
+            cluster.wait_backup("the backup marked stale by the cut", Duration::from_secs(30), |s| s["stale"] == true);
+        assert_eq!(stale["role"], "backup", "{stale}");
+        let during = session.count();
+        assert!(
+            session.wait_for(during + 10, Duration::from_secs(30), None),
+            "seed {seed}: the lockstep primary stopped serving while cut off\n{}",
+            cluster.explain()
+        );
+        assert!(!is_protected(&cluster.primary_now()), "protected without its backup: {}", cluster.primary_now());
+        let served = session.count_after(cut);
+        cluster.relay.set(Mode::Pass);
+        let healed = cluster.wait_protected(PROTECTED_LIMIT);
+        assert!(healed["replication"]["generation"].as_u64() > Some(generation), "{healed}");
+        let resynced = cluster.wait_backup("the backup resynchronized", Duration::from_secs(60), |s| {
+            s["stale"] == false && s["lockstep"]["diverged"].is_null()
+        });
+        assert_eq!(resynced["role"], "backup", "{resynced}");
+        let replies = session.count();
+        assert!(session.wait_for(replies + 20, Duration::from_secs(60), None), "the session stalled after the heal");
+
+        let killed = cluster.kill_primary();
+        let live = cluster.wait_takeover(Duration::from_secs(60));
+        let answered = session.wait_for(30, Duration::from_secs(60), Some(killed));
+        let got = session.stop();
+        let after = got.count_after(killed);
+        assert!(
+            answered,
+            "seed {seed}: the session got {after} replies after the kill (redis-cli said {:?}); the backup's status: \
+             {live}\n{}",
+            got.stderr,
+            cluster.explain()
+        );
+        assert_eq!(live["took_over"]["diverged_checkpoints"], 0, "{live}");
+        check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+        got.check_count(&ns).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+        let opened = strangers.opened();
+        drop(strangers);
+        println!("{} replies, {served} while cut off, {after} after the kill; {opened} strangers", got.replies.len());
+    }
+
+    /// A lockstep VM whose guest powers off ends on both sides: redis-cli shuts the server
+    /// down, the guest's command exits, and both replicas exit with status 0; the backup
+    /// never goes live (which would bring redis back).
+    #[test]
+    fn a_lockstep_redis_server_shut_down_by_its_client_ends_both_sides() {
+        let seed = seed();
+        let mut cluster = Cluster::start("ls-redis-end", &options(seed, 1000));
+        let ns = cluster.topo.client_ns();
+        assert!(wait_pong(&ns, BOOT_LIMIT), "redis-server never answered PING\n{}", cluster.explain());
+        cluster.wait_protected(PROTECTED_LIMIT);
+        let mut session = Session::start(&ns);
+        assert!(session.wait_for(30, Duration::from_secs(60), None), "the session stalled");
+        let _ = redis_cli(&ns, &["SHUTDOWN", "NOSAVE"]);
+        let primary = cluster.primary.wait_exit(Duration::from_secs(60));
+        let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(30));
+        let got = session.stop();
+        assert!(
+            primary.and_then(|s| s.code()) == Some(0)
+                && backup.and_then(|s| s.code()) == Some(0)
+                && roles.iter().all(|r| r == "backup"),
+            "seed {seed}: primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}\n{}",
+            cluster.explain()
+        );
+        check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    }
+}
