@@ -727,6 +727,7 @@ impl Agent {
             key: self.key_path.clone(),
             epoch_ms: self.args.epoch_ms,
             on_backup_loss: replica::BackupLossPolicy::Continue,
+            mode: crate::api::ProtectMode::Checkpoint,
         };
         let socket = local.dir.join("api.sock");
         // Still replicating towards a backup that is gone (its host died: the primary runs on

@@ -40,10 +40,12 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Requests served at once; more are closed at accept (see [`crate::accept`]).
 const MAX_CONNECTIONS: usize = 64;
 
-pub use vmm::control::{Command, ControlRequest, HandoverRequest, MigrateRequest, ProtectRequest, Reply};
+pub use vmm::control::{Command, ControlRequest, HandoverRequest, MigrateRequest, ProtectMode, ProtectRequest, Reply};
 
 /// The epoch lengths `protect` accepts, as `ftvm run --epoch-ms`.
 pub const EPOCH_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000;
+/// The longest lockstep digest interval `protect` accepts (an hour; 0 turns the check off).
+pub const MAX_LOCKSTEP_DIGEST_MS: u64 = 3_600_000;
 
 /// The listening socket; removed when dropped, once the answers being written (say,
 /// to the `stop` that ends the VM) have gone out.
@@ -355,7 +357,8 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Command, Reply> 
 fn protect_request(body: &[u8]) -> Result<ProtectRequest, Reply> {
     let value: Value = serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("body is not JSON: {e}")))?;
     let text = |field: &str| value.get(field).and_then(Value::as_str);
-    let usage = "body needs {\"to\": \"HOST:PORT\", \"key\": \"FILE\"} (optional: \"epoch_ms\", \"on_backup_loss\")";
+    let usage = "body needs {\"to\": \"HOST:PORT\", \"key\": \"FILE\"} (optional: \"epoch_ms\", \"on_backup_loss\", \
+                 \"mode\", \"lockstep_digest_ms\")";
     let (Some(to), Some(key)) = (text("to"), text("key")) else {
         return Err(Reply::error(400, usage));
     };
@@ -371,7 +374,22 @@ fn protect_request(body: &[u8]) -> Result<ProtectRequest, Reply> {
         Some(v) if v == "hold" => replica::BackupLossPolicy::Hold,
         Some(v) => return Err(Reply::error(400, format!("on_backup_loss must be \"continue\" or \"hold\", not {v}"))),
     };
-    Ok(ProtectRequest { to: to.to_string(), key: PathBuf::from(key), epoch_ms, on_backup_loss })
+    let digest_every_ms = match value.get("lockstep_digest_ms") {
+        None => replica::lockstep::LeaderConfig::default().digest_every_ms,
+        Some(v) => v.as_u64().filter(|ms| *ms <= MAX_LOCKSTEP_DIGEST_MS).ok_or_else(|| {
+            Reply::error(
+                400,
+                format!("lockstep_digest_ms must be a whole number of milliseconds up to {MAX_LOCKSTEP_DIGEST_MS}"),
+            )
+        })?,
+    };
+    let mode = match value.get("mode") {
+        None => ProtectMode::Checkpoint,
+        Some(v) if v == "checkpoint" => ProtectMode::Checkpoint,
+        Some(v) if v == "lockstep" => ProtectMode::Lockstep { digest_every_ms },
+        Some(v) => return Err(Reply::error(400, format!("mode must be \"checkpoint\" or \"lockstep\", not {v}"))),
+    };
+    Ok(ProtectRequest { to: to.to_string(), key: PathBuf::from(key), epoch_ms, on_backup_loss, mode })
 }
 
 /// The client side: send one request and return the reply.
@@ -402,7 +420,12 @@ pub fn request(socket: &Path, command: &Command) -> Result<Reply> {
                 replica::BackupLossPolicy::Continue => "continue",
                 replica::BackupLossPolicy::Hold => "hold",
             };
-            let body = json!({ "to": p.to, "key": p.key, "epoch_ms": p.epoch_ms, "on_backup_loss": on_backup_loss });
+            let mut body =
+                json!({ "to": p.to, "key": p.key, "epoch_ms": p.epoch_ms, "on_backup_loss": on_backup_loss });
+            body["mode"] = p.mode.name().into();
+            if let ProtectMode::Lockstep { digest_every_ms } = p.mode {
+                body["lockstep_digest_ms"] = digest_every_ms.into();
+            }
             ("PUT", "/protect", serde_json::to_vec(&body).expect("serializes"))
         }
     };
@@ -564,10 +587,11 @@ mod tests {
             key: "/k".into(),
             epoch_ms: 25,
             on_backup_loss: replica::BackupLossPolicy::Continue,
+            mode: ProtectMode::Checkpoint,
         };
         assert_eq!(protect, Command::Protect(expected.clone()));
         let body = br#"{"to":"10.0.0.2:7000","key":"/k","epoch_ms":50,"on_backup_loss":"hold"}"#;
-        let hold = ProtectRequest { epoch_ms: 50, on_backup_loss: replica::BackupLossPolicy::Hold, ..expected };
+        let hold = ProtectRequest { epoch_ms: 50, on_backup_loss: replica::BackupLossPolicy::Hold, ..expected.clone() };
         assert_eq!(route("PUT", "/protect", body), Ok(Command::Protect(hold)));
         let refused = |body: &[u8]| route("PUT", "/protect", body).unwrap_err();
         assert!(refused(br#"{"key":"/k"}"#).body["error"].as_str().unwrap().contains("HOST:PORT"));
@@ -578,6 +602,16 @@ mod tests {
         let bad_policy = refused(br#"{"to":"a:1","key":"/k","on_backup_loss":"pray"}"#);
         assert_eq!(bad_policy.body["error"], r#"on_backup_loss must be "continue" or "hold", not "pray""#);
         assert_eq!(route("GET", "/protect", br#"{"to":"a:1","key":"/k"}"#).unwrap_err().status, 405);
+        let body = br#"{"to":"10.0.0.2:7000","key":"/k","mode":"lockstep","lockstep_digest_ms":100}"#;
+        let lockstep = ProtectRequest { mode: ProtectMode::Lockstep { digest_every_ms: 100 }, ..expected.clone() };
+        assert_eq!(route("PUT", "/protect", body), Ok(Command::Protect(lockstep)));
+        let body = br#"{"to":"10.0.0.2:7000","key":"/k","mode":"lockstep"}"#;
+        let default_digest = ProtectRequest { mode: ProtectMode::Lockstep { digest_every_ms: 250 }, ..expected };
+        assert_eq!(route("PUT", "/protect", body), Ok(Command::Protect(default_digest)));
+        let bad_mode = refused(br#"{"to":"a:1","key":"/k","mode":"voting"}"#);
+        assert_eq!(bad_mode.body["error"], r#"mode must be "checkpoint" or "lockstep", not "voting""#);
+        let bad_digest = refused(br#"{"to":"a:1","key":"/k","mode":"lockstep","lockstep_digest_ms":-1}"#);
+        assert!(bad_digest.body["error"].as_str().unwrap().starts_with("lockstep_digest_ms must be"), "{bad_digest:?}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `ftvm ctl`: the client of a running VM's control API.
 
-use crate::api::{self, Command, HandoverRequest, ProtectRequest};
-use crate::replication_args::OnBackupLoss;
+use crate::api::{self, Command, HandoverRequest, ProtectMode, ProtectRequest};
+use crate::replication_args::{OnBackupLoss, ReplicationMode};
 use anyhow::{bail, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,11 @@ pub enum Verb {
     Metrics,
     /// Start replicating this running, unprotected VM to a waiting `ftvm backup` (started
     /// with the VM's --store and --vm-id): a VM started alone with --store, or a backup that
-    /// took over. The backup's first checkpoint is pre-copied while the guest runs; status
-    /// says when it is protected (replication.protected)
+    /// took over. Checkpoint mode: the backup's first checkpoint is pre-copied while the guest
+    /// runs. Lockstep (--mode lockstep): the VM's whole state goes to the backup first (the
+    /// guest pauses while it is taken), then the backup executes behind the primary on the
+    /// inputs it is sent, and an output leaves once the backup holds every input before it.
+    /// Status says when it is protected (replication.protected) and in which mode (mode)
     Protect {
         /// The backup's address (its --listen)
         #[arg(long, value_name = "HOST:PORT")]
@@ -51,6 +54,15 @@ pub enum Verb {
         /// With the backup gone: continue serving unprotected, or hold outputs until it is back
         #[arg(long, value_enum, default_value = "continue")]
         on_backup_loss: OnBackupLoss,
+        /// Checkpoint replication, or lockstep (the same `ftvm backup` learns the mode from
+        /// the stream); --epoch-ms is checkpoint mode's
+        #[arg(long, value_enum, default_value = "checkpoint")]
+        mode: ReplicationMode,
+        /// Lockstep: how often the backup compares its machine's digest with the primary's (a
+        /// divergence resynchronizes it with the whole state). 0: never
+        #[arg(long, value_name = "MS", default_value_t = 250,
+              value_parser = clap::value_parser!(u64).range(0..=api::MAX_LOCKSTEP_DIGEST_MS))]
+        lockstep_digest_ms: u64,
     },
     /// Stop replicating: the VM runs on alone. The ownership generation moves forward first,
     /// so the backup can never take over, told or not; it is told to stand down (it exits)
@@ -104,12 +116,18 @@ pub fn run(args: CtlArgs) -> Result<i32> {
             return handover(&args.api, HandoverRequest::Upgrade { binary: std::path::absolute(&binary)? })
         }
         // The VM reads the key file itself: make a relative path ours.
-        Verb::Protect { to, key, epoch_ms, on_backup_loss } => Command::Protect(ProtectRequest {
-            to,
-            key: std::path::absolute(&key)?,
-            epoch_ms,
-            on_backup_loss: on_backup_loss.into(),
-        }),
+        Verb::Protect { to, key, epoch_ms, on_backup_loss, mode, lockstep_digest_ms } => {
+            Command::Protect(ProtectRequest {
+                to,
+                key: std::path::absolute(&key)?,
+                epoch_ms,
+                on_backup_loss: on_backup_loss.into(),
+                mode: match mode {
+                    ReplicationMode::Checkpoint => ProtectMode::Checkpoint,
+                    ReplicationMode::Lockstep => ProtectMode::Lockstep { digest_every_ms: lockstep_digest_ms },
+                },
+            })
+        }
         // The VM resolves a relative path against its own directory; make it ours.
         Verb::Snapshot { file } => Command::Snapshot { path: std::path::absolute(&file)? },
     };

@@ -54,8 +54,31 @@ pub struct ProtectRequest {
     pub to: String,
     /// The file holding the pre-shared key, as the VM's process sees it.
     pub key: PathBuf,
+    /// Checkpoint mode's epoch (lockstep cuts its batches by its own rules).
     pub epoch_ms: u64,
     pub on_backup_loss: replica::BackupLossPolicy,
+    pub mode: ProtectMode,
+}
+
+/// How `ctl protect` replicates the running VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtectMode {
+    /// Checkpoints: the first a full one, pre-copied while the guest runs.
+    #[default]
+    Checkpoint,
+    /// Lockstep: the backup starts from the whole state (one stop-and-copy) and then follows
+    /// the input stream; its digest is compared with the primary's this often (0: never).
+    Lockstep { digest_every_ms: u64 },
+}
+
+impl ProtectMode {
+    /// Its name, as `--mode` and the API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProtectMode::Checkpoint => "checkpoint",
+            ProtectMode::Lockstep { .. } => "lockstep",
+        }
+    }
 }
 
 /// An HTTP status and a JSON body.

@@ -22,7 +22,7 @@
 //! the clock is `Fast`, which skips idle time at once and paces nothing (for tests and
 //! benchmarks without outside peers).
 
-use crate::control::{Command, ControlRequest, ProtectRequest, Reply};
+use crate::control::{Command, ControlRequest, ProtectMode, ProtectRequest, Reply};
 use crate::host::tap::Tap;
 use crate::host::{self, HostEvent};
 use crate::mode::checkpoint::{CheckpointPrimary, ReplicationOptions};
@@ -583,27 +583,54 @@ impl<V: Vm + 'static> Driver<V> {
             Ok(key) => key,
             Err(e) => return Reply::error(400, chain(&e)),
         };
-        let options = ReplicationOptions {
-            primary: crate::replicate::primary::PrimaryOptions {
-                backup,
-                key,
-                heartbeat_ms: PROTECT_HEARTBEAT_MS,
-                on_backup_loss: request.on_backup_loss,
-                backup_loss_grace_ms: PROTECT_BACKUP_LOSS_GRACE_MS,
-            },
-            epoch_ms: request.epoch_ms,
-            verify_every: 0,
+        let primary = crate::replicate::primary::PrimaryOptions {
+            backup,
+            key,
+            heartbeat_ms: PROTECT_HEARTBEAT_MS,
+            on_backup_loss: request.on_backup_loss,
+            backup_loss_grace_ms: PROTECT_BACKUP_LOSS_GRACE_MS,
         };
         let generation = self.ownership.as_ref().map_or(0, |o| o.generation);
-        match self.start_replication(options, events) {
+        let started = match request.mode {
+            ProtectMode::Checkpoint => {
+                let options = ReplicationOptions { primary, epoch_ms: request.epoch_ms, verify_every: 0 };
+                self.start_replication(options, events).map_err(|e| chain(&e))
+            }
+            ProtectMode::Lockstep { digest_every_ms } => self.start_lockstep(primary, digest_every_ms, events),
+        };
+        match started {
             Ok(()) => Reply::ok(serde_json::json!({
                 "state": "protecting",
+                "mode": request.mode.name(),
                 "backup": backup.to_string(),
                 "generation": generation,
                 "epoch_ms": request.epoch_ms,
             })),
-            Err(e) => Reply::error(500, format!("cannot start replicating: {}", chain(&e))),
+            Err(e) => Reply::error(500, format!("cannot start replicating: {e}")),
         }
+    }
+
+    /// `ctl protect --mode lockstep`: the running VM's whole state goes to the backup as the
+    /// stream's start (the guest pauses while it is taken), and the inputs follow it. The
+    /// boot parameters are never sent: a VM that has run is past icount 0, where only a
+    /// backup booting from the same images needs them.
+    fn start_lockstep(
+        &mut self,
+        primary: crate::replicate::primary::PrimaryOptions,
+        digest_every_ms: u64,
+        events: Sender<HostEvent>,
+    ) -> Result<(), String> {
+        use crate::mode::lockstep::{BootParams, LockstepOptions, LockstepPrimary};
+        if self.machine.icount() == 0 {
+            return Err("the VM has not run yet: start it with --replicate-to --mode lockstep instead".into());
+        }
+        let ownership = self.ownership.take().ok_or_else(|| chain(&ReplicationError::NoRecord))?;
+        let leader = replica::lockstep::LeaderConfig { digest_every_ms, ..replica::lockstep::LeaderConfig::default() };
+        let boot = BootParams { bootargs: String::new(), boot_unix_ns: 0 };
+        let options = LockstepOptions { primary, leader, boot };
+        let mode = LockstepPrimary::start(options, ownership, events, &mut self.machine).map_err(|e| chain(&e))?;
+        self.set_mode(Box::new(mode));
+        Ok(())
     }
 
     /// `ctl migrate`: hand this running VM to a waiting backup elsewhere (see

@@ -252,6 +252,7 @@ fn a_waiting_backup_never_runs_its_machine_takes_no_input_and_answers_only_statu
         key: dir.key(),
         epoch_ms: 20,
         on_backup_loss: replica::BackupLossPolicy::Hold,
+        mode: vmm::control::ProtectMode::Checkpoint,
     };
     assert_eq!(side.ask(Command::Protect(protect)).status, 409);
     assert_eq!(side.ask(Command::Stop).status, 200);
@@ -351,6 +352,7 @@ fn a_backup_that_took_over_can_be_protected_again_and_its_new_backup_stands_down
         key: dir.key(),
         epoch_ms: 5,
         on_backup_loss: replica::BackupLossPolicy::Hold,
+        mode: vmm::control::ProtectMode::Checkpoint,
     };
     let reply = side.ask(Command::Protect(protect));
     assert_eq!((reply.status, &reply.body["generation"]), (200, &2.into()), "{:?}", reply.body);

@@ -96,8 +96,13 @@ fn one_round(topo: &Topology, dir: &Path, live: &Path, disk: Option<&Path>, roun
     let mut fresh =
         spawn_in(&topo.primary_ns(), &args, &dir.join(format!("fresh-backup-{round}.log")), "fresh backup")?;
     wait_status(&sock, Duration::from_secs(30), "the fresh backup's API", |_| true)?;
-    let request =
-        ProtectRequest { to: listen, key, epoch_ms: EPOCH_MS, on_backup_loss: replica::BackupLossPolicy::Continue };
+    let request = ProtectRequest {
+        to: listen,
+        key,
+        epoch_ms: EPOCH_MS,
+        on_backup_loss: replica::BackupLossPolicy::Continue,
+        mode: vmm::control::ProtectMode::Checkpoint,
+    };
     let started = Instant::now();
     let reply = api::request(live, &Command::Protect(request))?;
     ensure!(reply.status == 200, "protect was refused: {}", reply.body);
