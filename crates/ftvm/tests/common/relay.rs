@@ -6,7 +6,9 @@
 //!   that each side sees a dead link (no FIN, no RST, bytes wait in the kernel's buffers,
 //!   as TCP would retransmit them), and new connections wait unanswered; `Pass` resumes;
 //! - `Damage`: forward, but alter one byte of a read chunk with probability `p`, from a
-//!   seeded generator (the seed is printed by the tests).
+//!   seeded generator (the seed is printed by the tests);
+//! - [`Relay::cut_after`]: pass a given number of bytes more, then cut — a cut that lands
+//!   in the middle of a transfer (a full checkpoint) whatever the machine's speed.
 //!
 //! It runs on threads that enter a network namespace first (setns changes only the
 //! calling thread, and the threads it starts inherit it), so that it can sit in the
@@ -52,6 +54,8 @@ struct Shared {
     chunks: AtomicU64,
     damaged_chunks: AtomicU64,
     bytes: AtomicU64,
+    /// Cut once `bytes` reaches this (u64::MAX: never).
+    cut_at: AtomicU64,
 }
 
 impl Shared {
@@ -91,6 +95,7 @@ impl Relay {
             chunks: AtomicU64::new(0),
             damaged_chunks: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            cut_at: AtomicU64::new(u64::MAX),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let s = shared.clone();
@@ -106,7 +111,19 @@ impl Relay {
     }
 
     pub fn set(&self, mode: Mode) {
+        self.shared.cut_at.store(u64::MAX, Ordering::Relaxed);
         *self.shared.mode.lock().expect("not poisoned") = mode;
+    }
+
+    /// Pass `bytes` more (both ways counted), then cut: the chunk that crosses the mark waits
+    /// for the cut's end like the rest. [`Relay::mode`] says when the cut has come.
+    pub fn cut_after(&self, bytes: u64) {
+        let now = self.shared.bytes.load(Ordering::Relaxed);
+        self.shared.cut_at.store(now.saturating_add(bytes), Ordering::Relaxed);
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.shared.mode()
     }
 
     /// Close every connection going through now (both sides see it end), as a link
@@ -193,7 +210,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
             Err(_) => break,
         };
         shared.chunks.fetch_add(1, Ordering::Relaxed);
-        shared.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let total = shared.bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if total >= shared.cut_at.load(Ordering::Relaxed) {
+            shared.cut_at.store(u64::MAX, Ordering::Relaxed);
+            *shared.mode.lock().expect("not poisoned") = Mode::Cut;
+        }
         if let Mode::Damage(p) = shared.mode() {
             let mut rng = shared.rng.lock().expect("not poisoned");
             if rng.unit() < p {
