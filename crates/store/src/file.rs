@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     check_swap, decide_swap, owner_is_valid, validate_vm_id, OwnershipRecord, OwnershipStore, StoreError, SwapOutcome,
+    SwapResult,
 };
 
 /// The `format` field of every record file.
@@ -121,13 +122,7 @@ impl FileStore {
     fn lock(&self, vm_id: &str) -> Result<Flock<File>, StoreError> {
         let path = self.lock_path(vm_id);
         let io = |action| io_error(&path, action);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io("open the lock file"))?;
+        let mut file = open_lock_file(&path).map_err(io("open the lock file"))?;
         let start = Instant::now();
         let mut pause = Duration::from_micros(50);
         loop {
@@ -194,13 +189,7 @@ impl FileStore {
         File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(io_error(&self.dir, "sync the directory"))
     }
 
-    fn swap(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-        durable: bool,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn swap(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord, durable: bool) -> SwapResult {
         check_swap(vm_id, expected, new)?;
         let _lock = self.lock(vm_id)?;
         let current = self.read_record(vm_id)?;
@@ -229,6 +218,12 @@ pub(crate) fn encode_record_file(vm_id: &str, record: &OwnershipRecord) -> Resul
 }
 
 /// Wraps an I/O error with the path and what was being done.
+/// A lock file, created if missing and never truncated (its contents do not matter: the
+/// lock is `flock` on it).
+pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
+}
+
 pub(crate) fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_path_buf();
     move |source| StoreError::Io { path, action, source }
@@ -274,21 +269,11 @@ impl OwnershipStore for FileStore {
         self.read_record(vm_id)
     }
 
-    fn compare_and_swap(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         self.swap(vm_id, expected, new, true)
     }
 
-    fn compare_and_swap_visible(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap_visible(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         self.swap(vm_id, expected, new, false)
     }
 

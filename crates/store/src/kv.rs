@@ -8,14 +8,16 @@
 //! directory, one machine), [`crate::EtcdKv`] (many hosts).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::{check_swap, decide_swap, validate_vm_id, OwnershipRecord, OwnershipStore, StoreError, SwapOutcome};
+use crate::{
+    check_swap, decide_swap, validate_vm_id, OwnershipRecord, OwnershipStore, StoreError, SwapOutcome, SwapResult,
+};
 
 /// The longest key accepted.
 pub const MAX_KEY_BYTES: usize = 160;
@@ -130,12 +132,7 @@ impl<K: KvStore> OwnershipStore for KvOwnership<K> {
         Ok(self.read_entry(vm_id)?.map(|(record, _)| record))
     }
 
-    fn compare_and_swap(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         check_swap(vm_id, expected, new)?;
         let current = self.read_entry(vm_id)?;
         let outcome = decide_swap(current.as_ref().map(|(record, _)| record), expected, new);
@@ -293,13 +290,7 @@ impl FileKv {
     fn lock(&self) -> Result<Flock<File>, StoreError> {
         let path = self.dir.join("lock");
         let io = |action| crate::file::io_error(&path, action);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io("open the lock file"))?;
+        let file = crate::file::open_lock_file(&path).map_err(io("open the lock file"))?;
         // Writers hold the lock for one small write: a blocking wait is short.
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io("lock the lock file")(errno.into()))
     }

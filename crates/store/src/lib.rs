@@ -51,6 +51,9 @@ pub enum SwapOutcome {
     Conflict(Option<OwnershipRecord>),
 }
 
+/// What a compare-and-swap answers (every store's signature).
+pub type SwapResult = Result<SwapOutcome, StoreError>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("ownership store {path}: cannot {action}")]
@@ -128,23 +131,13 @@ pub trait OwnershipStore: Send {
     /// `new.generation` must be `expected.map_or(1, |g| g + 1)` (else an error, not a panic).
     /// A record whose state is Ended is never swapped again except by a caller passing the Ended
     /// record's own generation — i.e. CAS is purely on generation; callers decide.
-    fn compare_and_swap(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError>;
+    fn compare_and_swap(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult;
     /// As [`OwnershipStore::compare_and_swap`], but it may return once the swap is decided and
     /// every reader sees it, before it would survive a crash of the store's host; then
     /// [`OwnershipStore::sync`] makes it durable. For a caller that acts on the swap only
     /// later (a migration's destination answers the source at once and runs only after the
     /// source's reply). The default is the durable swap.
-    fn compare_and_swap_visible(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap_visible(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         self.compare_and_swap(vm_id, expected, new)
     }
     /// Make the swaps of `vm_id`'s record done so far durable (a no-op for a store whose
@@ -159,21 +152,11 @@ impl<S: OwnershipStore + ?Sized> OwnershipStore for Box<S> {
         (**self).read(vm_id)
     }
 
-    fn compare_and_swap(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         (**self).compare_and_swap(vm_id, expected, new)
     }
 
-    fn compare_and_swap_visible(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap_visible(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         (**self).compare_and_swap_visible(vm_id, expected, new)
     }
 

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::{check_swap, decide_swap, validate_vm_id, OwnershipRecord, OwnershipStore, StoreError, SwapOutcome};
+use crate::{
+    check_swap, decide_swap, validate_vm_id, OwnershipRecord, OwnershipStore, StoreError, SwapOutcome, SwapResult,
+};
 
 /// Every clone shares one map of records and one set of outage switches.
 #[derive(Debug, Clone, Default)]
@@ -66,12 +68,7 @@ impl OwnershipStore for MemoryStore {
         })
     }
 
-    fn compare_and_swap(
-        &mut self,
-        vm_id: &str,
-        expected: Option<u64>,
-        new: &OwnershipRecord,
-    ) -> Result<SwapOutcome, StoreError> {
+    fn compare_and_swap(&mut self, vm_id: &str, expected: Option<u64>, new: &OwnershipRecord) -> SwapResult {
         check_swap(vm_id, expected, new)?;
         self.with(|shared| {
             if shared.unreachable {

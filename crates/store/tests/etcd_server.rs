@@ -31,34 +31,20 @@ impl EtcdServer {
 
     /// Starts etcd listening on `address` (an address of this network namespace).
     pub fn start_on(address: &str, name: &str) -> EtcdServer {
-        let dir = std::env::temp_dir().join(format!("ftvm-etcd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the etcd directory");
-        let mut server = EtcdServer {
-            child: None,
-            dir,
-            client_port: free_port(address),
-            peer_port: free_port(address),
-            address: address.to_string(),
-            netns: None,
-        };
-        server.launch();
-        server
+        Self::launched(name, address, (free_port(address), free_port(address)), None)
     }
 
     /// Starts etcd inside network namespace `ns` (made by the test), on `address` there.
     pub fn start_in_netns(ns: &str, address: &str, name: &str) -> EtcdServer {
+        Self::launched(name, address, (2379, 2380), Some(ns.to_string()))
+    }
+
+    /// etcd in a fresh directory for `name`, on `address` with these (client, peer) ports.
+    fn launched(name: &str, address: &str, (client_port, peer_port): (u16, u16), netns: Option<String>) -> EtcdServer {
         let dir = std::env::temp_dir().join(format!("ftvm-etcd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the etcd directory");
-        let mut server = EtcdServer {
-            child: None,
-            dir,
-            client_port: 2379,
-            peer_port: 2380,
-            address: address.to_string(),
-            netns: Some(ns.to_string()),
-        };
+        let mut server = EtcdServer { child: None, dir, client_port, peer_port, address: address.to_string(), netns };
         server.launch();
         server
     }
