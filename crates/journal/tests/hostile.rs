@@ -17,6 +17,7 @@ use journal::{
 use machine::{Input, InputKind, Machine, MachineConfig};
 use seeded::SeededRng;
 use std::io::Cursor;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 fn header() -> LogHeader {
@@ -501,4 +502,96 @@ fn a_seeded_fuzzer_never_makes_the_reader_panic_hang_or_hoard_memory() {
     println!("{runs} damaged logs read; errors by their first words: {kinds:#?}");
     let peak = peak_rss_bytes();
     assert!(peak < 512 << 20, "peak resident memory {peak} bytes: seed {seed}");
+}
+
+/// Bytes of `data` damaged: a few bytes flipped, a field set to an extreme, or cut.
+fn damage_bytes(rng: &mut SeededRng, data: &[u8]) -> Vec<u8> {
+    let mut bytes = data.to_vec();
+    for _ in 0..rng.range(1, 3) {
+        if bytes.is_empty() {
+            break;
+        }
+        // Most fields sit near the start (headers, lengths, counts): aim there half the time.
+        let span = if rng.chance(0.5) { bytes.len().min(256) } else { bytes.len() } as u64;
+        let at = rng.below(span) as usize;
+        match rng.below(4) {
+            0 => bytes[at] ^= 1 << rng.below(8),
+            1 | 2 => {
+                let width = rng.pick(&[1usize, 2, 4, 8]).min(bytes.len() - at);
+                let random = rng.next_u64();
+                let value = rng.pick(&[u64::MAX, 0, random, 1 << 40, 0x8000_0000]);
+                bytes[at..at + width].copy_from_slice(&value.to_le_bytes()[..width]);
+            }
+            _ => bytes.truncate(at),
+        }
+    }
+    bytes
+}
+
+/// What a seek restores from a log (`ftvm replay --until`): a machine snapshot section and a
+/// snapshot delta section (a `machine::checkpoint`), damaged by a seeded generator. The log's
+/// checksums only say the bytes are the ones written; a forger writes these too. Each must be
+/// refused with an error, never a panic, a hang or memory a length in it asks for.
+#[test]
+fn a_seeded_fuzzer_never_makes_restoring_a_snapshot_or_applying_a_delta_panic_hang_or_hoard_memory() {
+    let seed = std::env::var("JOURNAL_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    let seconds = std::env::var("JOURNAL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    println!("fuzz seed {seed} ({seconds} s; JOURNAL_FUZZ_SEED={seed} repeats it)");
+    let dir = std::env::temp_dir().join(format!("journal-hostile-sections-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = spinning_config(&dir);
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    config.disk = Some(machine::DiskConfig { path: disk, read_only: false });
+    config.disk_overlay = true;
+    let mut machine = Machine::new(&config).unwrap();
+    machine.run(10_000);
+    let mut snapshot = Cursor::new(Vec::new());
+    machine::snapshot::write_snapshot(&machine, &mut snapshot).unwrap();
+    let snapshot = snapshot.into_inner();
+    let before = machine.leaf_hashes();
+    machine.run(20_000);
+    machine.write_page(100, &[0x5a; 4096]).unwrap();
+    machine.write_sectors(8, &[0xa5; 1024]).unwrap();
+    let (pages, sectors) = machine.leaf_hashes().changed_since(&before, machine.disk_sectors().unwrap_or(0));
+    let mut delta = machine::checkpoint::take_these(&machine, &pages, &sectors).unwrap();
+    machine::checkpoint::add_digest(&mut delta, &machine);
+    // The undamaged ones restore and apply.
+    let mut restored = machine::snapshot::read_snapshot(&mut Cursor::new(&snapshot), &config).unwrap();
+    machine::checkpoint::apply(&mut restored, &delta).unwrap();
+    assert_eq!(restored.digest(), machine.digest());
+
+    let mut rng = SeededRng::new(seed);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (mut runs, mut refused) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let which = rng.chance(0.5);
+        let outcome = if which {
+            let bytes = damage_bytes(&mut rng, &snapshot);
+            let config = &config;
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                machine::snapshot::read_snapshot(&mut Cursor::new(&bytes), config).is_err()
+            }))
+        } else {
+            let bytes = damage_bytes(&mut rng, &delta);
+            let mut target = machine::snapshot::read_snapshot(&mut Cursor::new(&snapshot), &config).unwrap();
+            std::panic::catch_unwind(AssertUnwindSafe(move || machine::checkpoint::apply(&mut target, &bytes).is_err()))
+        };
+        let what = if which { "restoring a snapshot" } else { "applying a delta" };
+        let failed = outcome.unwrap_or_else(|_| panic!("{what} panicked: seed {seed}, run {runs}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what} took {:?}: seed {seed}, run {runs}",
+            started.elapsed()
+        );
+        refused += u64::from(failed);
+        runs += 1;
+    }
+    println!("{runs} damaged sections, {refused} refused");
+    let peak = peak_rss_bytes();
+    assert!(peak < 1 << 30, "peak resident memory {peak} bytes: seed {seed}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
