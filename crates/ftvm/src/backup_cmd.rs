@@ -59,6 +59,10 @@ pub struct BackupArgs {
     /// With --resilient: write the keeper's report (each restart, how the run ended) as JSON to FILE
     #[arg(long, value_name = "FILE", requires = "resilient")]
     pub keeper_report: Option<PathBuf>,
+    /// With --resilient: start each monitor only when it is needed, not one ahead with its
+    /// machine built (a restart then also builds the machine; less memory)
+    #[arg(long, requires = "resilient")]
+    pub no_spare: bool,
 }
 
 pub fn run(args: BackupArgs) -> Result<i32> {

@@ -49,9 +49,6 @@ fn refuse_unsupported(args: &RunArgs) -> Result<()> {
     if args.replication.replicate_to.is_none() && args.replication.ownership.store.is_some() {
         bail!("--resilient takes --store only with --replicate-to for now (docs/microreboot.md)");
     }
-    if args.replication.replicate_to.is_some() && args.rejuvenate_every.is_some() {
-        bail!("--rejuvenate-every does not work with --replicate-to yet (docs/microreboot.md)");
-    }
     Ok(())
 }
 
@@ -253,6 +250,7 @@ pub fn handover_check(version: u32) -> Result<()> {
     if reads != version {
         bail!("this ftvm reads handover state version {reads}; the running VM's handover state is version {version}");
     }
+    println!("{} {version}", supervisor::HANDOVER_CHECK_ANSWER);
     Ok(())
 }
 
@@ -366,6 +364,7 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     driver.set_mode(Box::new(mode));
     let outcome = run_attached(driver, &attached, tap, inherited.api, live, tx, &mut sink)?;
     let code = run_cmd::exit_status(outcome)?;
+    vmm::keeper::fault::point("keeper::vm-ended");
     sink.end(code).context("cannot tell the keeper that the VM ended")?;
     Ok(code)
 }
@@ -426,7 +425,7 @@ fn run_attached<V: vmm::vm::Vm + 'static>(
     let _api = api.map(|fd| {
         let (api_tx, api_rx) = std::sync::mpsc::channel();
         let driver_tx = tx.clone();
-        std::thread::spawn(move || answer_keeper_part(api_rx, driver_tx, live, replicated));
+        std::thread::spawn(move || answer_keeper_part(api_rx, driver_tx, live));
         crate::api::serve_listener(UnixListener::from(fd), None, api_tx)
     });
     driver.events_possible = interactive || tap.is_some() || vm.api.is_some() || replicated;
@@ -536,6 +535,7 @@ fn run_replicated(
         return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, message));
     }
     let code = run_cmd::exit_status(outcome)?;
+    vmm::keeper::fault::point("keeper::vm-ended");
     sink.end(code).context("cannot tell the keeper that the VM ended")?;
     Ok(code)
 }
@@ -544,17 +544,13 @@ fn run_replicated(
 pub const PROTECT_REFUSED: &str = "a --resilient VM cannot be protected yet: its keeper does not keep a replication \
      connection across monitor restarts (docs/microreboot.md); give it its backup when it starts (--replicate-to)";
 
-/// Why `ctl rejuvenate` and `ctl upgrade` are refused on a replicated `--resilient` VM.
-pub const HANDOVER_REPLICATED_REFUSED: &str = "a replicated --resilient VM cannot be handed to a new monitor in a \
-     planned handover yet (docs/microreboot.md); a monitor that dies is still replaced";
-
 /// Why `ctl migrate` is refused on a `--resilient` VM.
 pub const MIGRATE_REFUSED: &str = "a --resilient VM cannot be migrated yet: its keeper would take the monitor's end \
      after the switchover for a crash (docs/microreboot.md); start the VM without --resilient to migrate it";
 
 /// Between the API and the driver: answer what is the keeper's (handovers, the keeper's part
 /// of the status, the refusal of protect), pass the rest on.
-fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live: Region, replicated: bool) {
+fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live: Region) {
     for event in api {
         let HostEvent::Control(request) = event else {
             if driver.send(event).is_err() {
@@ -566,7 +562,6 @@ fn answer_keeper_part(api: Receiver<HostEvent>, driver: Sender<HostEvent>, live:
             Command::Protect(_) => Reply::error(409, PROTECT_REFUSED),
             // The monitor would end after handing the VM away, and the keeper would start it again.
             Command::Migrate(_) => Reply::error(409, MIGRATE_REFUSED),
-            Command::Handover(_) if replicated => Reply::error(409, HANDOVER_REPLICATED_REFUSED),
             Command::Handover(handover) => ask_handover(&live, handover),
             Command::Status => {
                 let (tx, rx) = std::sync::mpsc::channel();
@@ -689,8 +684,7 @@ pub fn run_backup(args: BackupArgs) -> Result<i32> {
         options: supervisor::Options {
             hang_ms: args.hang_ms,
             poison_attempts: args.poison_attempts,
-            // A backup's monitor does not take part in the spare's wake-up protocol yet.
-            spare: false,
+            spare: !args.no_spare,
             ..supervisor::Options::default()
         },
         listen: Some(&args.listen),
@@ -724,13 +718,38 @@ fn run_backup_monitor(args: &BackupArgs, inherited: Inherited) -> Result<i32> {
         _ => None,
     };
     let sink = StreamSink::new(inherited.stream);
+    // A spare builds its machine now and waits, touching nothing in the region, until the
+    // keeper needs it (to recover, or as a planned handover's successor).
+    let (mut handover, mut built) = (std::env::var_os(supervisor::ENV_HANDOVER).is_some(), None);
+    if let Some(mut wake) = inherited.wake {
+        built = Some(monitor::build(&live, &config).context("the spare monitor cannot build its machine")?);
+        match vmm::keeper::wait_to_be_woken(&mut wake)? {
+            Some(vmm::keeper::Wake::Recover) => {}
+            Some(vmm::keeper::Wake::Handover) => handover = true,
+            None => return Ok(0),
+        }
+        let _ = nix::sys::prctl::set_name(supervisor::SPARE_AWAKE_NAME); // no longer a spare that waits
+    }
     let host = Host { tap, api: inherited.api, live };
-    let found = Region::open(inherited.region, vm.mem)
-        .map_err(rb::BackupRecoverError::from)
-        .and_then(|region| rb::recover(region, &config));
+    let region = Region::open(inherited.region, vm.mem).map_err(rb::BackupRecoverError::from);
+    let found = match region {
+        // A backup that took the VM over hands it over as any --resilient VM does.
+        Ok(region) if handover && rb::holds_live_vm(&region).unwrap_or(false) => {
+            let taken = TakenOver { region, handover: true, built };
+            return run_taken_over(args, &config, taken, ownership, sink, host, &region_fd);
+        }
+        Ok(region) if handover => Ok(rb::prepare(region, &config, built).map_err(|e| {
+            anyhow::anyhow!("cannot take the backup over in the handover: {:#}", anyhow::Error::new(e))
+        })?),
+        Ok(region) => rb::recover(region, &config, built),
+        Err(e) => Err(e),
+    };
     let (machine, kept, keeper) = match found {
         Ok(Found::Waiting { machine, kept, keeper }) => (machine, kept, keeper),
-        Ok(Found::Live(region)) => return run_taken_over(args, &config, region, ownership, sink, host, &region_fd),
+        Ok(Found::Live(region)) => {
+            let taken = TakenOver { region, handover: false, built: None };
+            return run_taken_over(args, &config, taken, ownership, sink, host, &region_fd);
+        }
         Err(e) => {
             let verdict = e.verdict();
             let text = format!("{:#}", anyhow::Error::new(e));
@@ -770,12 +789,21 @@ fn run_backup_monitor(args: &BackupArgs, inherited: Inherited) -> Result<i32> {
     end_monitor(outcome, sink, &region_fd, vm.mem)
 }
 
-/// A backup's monitor after its backup took the VM over (a monitor before it died there):
-/// the record must still be this replica's; the VM recovers from the region and runs on.
+/// The region of a VM this backup took over, and how a monitor takes it up: recovered
+/// after a restart, or (`handover`) as a planned handover's successor; `built`: a spare's machine.
+struct TakenOver {
+    region: Region,
+    handover: bool,
+    built: Option<monitor::Built>,
+}
+
+/// A backup's monitor after its backup took the VM over (a monitor before it died there,
+/// or handed it over): the record must still be this replica's; the VM recovers from the
+/// region and runs on.
 fn run_taken_over(
     args: &BackupArgs,
     config: &machine::MachineConfig,
-    region: Region,
+    taken: TakenOver,
     mut ownership: vmm::replicate::Ownership,
     mut sink: StreamSink,
     host: Host,
@@ -793,13 +821,21 @@ fn run_taken_over(
         Err(e) => return Err(e.into()),
     }
     let Host { mut tap, api, live } = host;
-    let started = match monitor::start(region, config, None, None) {
-        Ok(started) => started,
-        Err(e) => {
-            let verdict = e.verdict();
-            let text = format!("{:#}", anyhow::Error::new(e));
-            eprintln!("ftvm: monitor: cannot take the VM over: {text}");
-            return Ok(monitor::give_up(region_fd, mem, verdict, &text));
+    let TakenOver { region, handover, built } = taken;
+    let started = if handover {
+        // A successor that cannot take over says why and ends: the keeper calls the
+        // handover off, and the running monitor carries on.
+        monitor::prepare(region, config, None, built)
+            .map_err(|e| anyhow::anyhow!("cannot take the VM over in the handover: {:#}", anyhow::Error::new(e)))?
+    } else {
+        match monitor::start(region, config, None, built) {
+            Ok(started) => started,
+            Err(e) => {
+                let verdict = e.verdict();
+                let text = format!("{:#}", anyhow::Error::new(e));
+                eprintln!("ftvm: monitor: cannot take the VM over: {text}");
+                return Ok(monitor::give_up(region_fd, mem, verdict, &text));
+            }
         }
     };
     let (mut machine, mut mode) = (started.machine, started.monitor);
@@ -827,6 +863,7 @@ fn end_monitor(outcome: vmm::driver::Outcome, mut sink: StreamSink, region_fd: &
         return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, message));
     }
     let code = run_cmd::exit_status(outcome)?;
+    vmm::keeper::fault::point("keeper::vm-ended");
     sink.end(code).context("cannot tell the keeper that the VM ended")?;
     Ok(code)
 }

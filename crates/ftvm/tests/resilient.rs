@@ -6,6 +6,7 @@
 //! keeper's JSON report, not from its wording.
 
 #[path = "common/keeper.rs"]
+#[allow(dead_code)] // (what the redis tests use of it)
 mod keeper;
 
 use serde_json::Value;
@@ -354,6 +355,30 @@ fn rejuvenate_and_upgrade_hand_the_vm_to_new_monitors_with_every_line_once() {
     );
     assert_eq!(stderr, refused);
     assert_eq!(monitor_of(keeper, Duration::from_secs(1)), second, "the running monitor carries on");
+    // Files that are not ftvm: a program that exits 0 to anything (the keeper would have
+    // executed it, and the VM died with it), a copy without the execute bit, a directory.
+    let not_exec = dir.0.join("ftvm-not-executable");
+    std::fs::copy(env!("CARGO_BIN_EXE_ftvm"), &not_exec).unwrap();
+    Command::new("chmod").arg("644").arg(&not_exec).status().unwrap();
+    let not_ftvm = Path::new("/bin/true");
+    let refusals = [
+        (
+            not_ftvm,
+            format!(
+                "{} is not an ftvm binary that can take this VM over: it did not answer the handover check",
+                not_ftvm.display()
+            ),
+        ),
+        (not_exec.as_path(), format!("cannot run {}: Permission denied (os error 13)", not_exec.display())),
+    ];
+    for (binary, why) in refusals {
+        let (code, _, stderr) = ctl(&api, &["upgrade", "--binary", binary.to_str().unwrap()]);
+        assert_eq!((code, stderr), (Some(125), format!("ftvm: error: the upgrade did not happen: {why}\n")));
+        assert_eq!(monitor_of(keeper, Duration::from_secs(1)), second, "the running monitor carries on");
+    }
+    let (code, _, stderr) = ctl(&api, &["upgrade", "--binary", dir.0.to_str().unwrap()]);
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(stderr.contains("is not an ftvm binary's absolute path"), "{stderr}");
     let (code, _, stderr) = ctl(&api, &["protect", "--to", "127.0.0.1:9", "--key", key.to_str().unwrap()]);
     assert_eq!(code, Some(125));
     assert!(stderr.starts_with("ftvm: error: the VM refused: a --resilient VM cannot be protected yet: "), "{stderr}");
@@ -392,4 +417,196 @@ fn rejuvenate_every_hands_the_vm_over_again_and_again() {
     assert_eq!(code, Some(3), "stderr: {stderr}");
     assert!(report["handovers"].as_u64().is_some_and(|h| h >= 3), "{report}");
     assert_eq!(report["restarts"].as_array().map(Vec::len), Some(0), "{report}");
+}
+
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn faults_in_sequence_during_recoveries_are_no_poison_input_and_the_command_completes() {
+    // The first monitor is killed from outside while the command counts; the next three
+    // die while they recover (between laying the image and restoring the state: an abort,
+    // a SIGSEGV, a hang); the fifth recovers and panics a few slices later; the sixth
+    // finishes. Three deaths at the same icount used to be taken for a poison input.
+    let n = 60_000;
+    let env = [
+        ("FAILPOINTS_ATTEMPT_2", "keeper::recover=return(abort)"),
+        ("FAILPOINTS_ATTEMPT_3", "keeper::recover=return(segv)"),
+        ("FAILPOINTS_ATTEMPT_4", "keeper::recover=return(hang)"),
+        ("FAILPOINTS_ATTEMPT_5", "driver::slice=10*off->1*panic"),
+    ];
+    let mut run = start(&[], &env, &counting(n));
+    let keeper = run.child.id();
+    let mut progress = Progress::follow(&mut run);
+    progress.wait_for("10000", Duration::from_secs(120));
+    signal(monitor_of(keeper, Duration::from_secs(10)), "KILL");
+    let (code, _, stderr, report) = finish(run);
+    let stdout = progress.rest();
+    assert_eq!(stdout, expected(n), "stderr: {stderr}");
+    assert_eq!((code, &report["end"]["kind"]), (Some(3), &Value::from("exited")), "{report}\nstderr: {stderr}");
+    let causes: Vec<&str> =
+        report["restarts"].as_array().unwrap().iter().map(|r| r["cause"].as_str().unwrap()).collect();
+    assert_eq!(
+        causes,
+        [
+            "killed by SIGKILL",
+            "killed by SIGABRT",
+            "killed by SIGSEGV",
+            "hung (no heartbeat)",
+            "exited with status 101"
+        ],
+        "{report}"
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_vm_that_ended_as_its_monitor_died_stays_ended_with_the_guests_status() {
+    // The guest ends (status 3); its monitor dies before it tells the keeper, after the
+    // last local checkpoint (a written disk takes one at the end) or without one. The next
+    // monitor replays to the same end: the command's output once, its status, never a
+    // guest running on past its end.
+    let disk = std::env::temp_dir().join(format!("ftvm-resilient-end-{}-{}.img", std::process::id(), rand_tag()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let script =
+        "echo one; echo two | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null; echo three; exit 3";
+    for extra in [vec![], vec!["--disk", disk.to_str().unwrap()]] {
+        let env = [("FAILPOINTS_ATTEMPT_1", "keeper::vm-ended=return(abort)")];
+        let run = start(&extra, &env, script);
+        let (code, stdout, stderr, report) = finish(run);
+        assert_eq!((code, stdout.as_str()), (Some(3), "one\nthree\n"), "{extra:?}: {report}\nstderr: {stderr}");
+        assert_eq!(report["end"], serde_json::json!({ "kind": "exited", "code": 3 }), "{extra:?}");
+        let causes: Vec<&str> =
+            report["restarts"].as_array().unwrap().iter().map(|r| r["cause"].as_str().unwrap()).collect();
+        assert_eq!(causes, ["killed by SIGABRT"], "{extra:?}: {report}");
+    }
+    let written = std::fs::read(&disk).unwrap();
+    let _ = std::fs::remove_file(&disk);
+    assert_eq!(&written[..4], b"two\n", "the disk's last write");
+}
+
+#[test]
+fn strangers_on_the_api_socket_get_refusals_and_the_vm_runs_on() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let n = 60;
+    let dir = Scratch::new("strangers");
+    let api = dir.0.join("api.sock");
+    let mut run = start_clocked("realtime", &["--api", api.to_str().unwrap()], &[], &paced(n));
+    let keeper = run.child.id();
+    let mut progress = Progress::follow(&mut run);
+    progress.wait_for("5", Duration::from_secs(120));
+    let first = monitor_of(keeper, Duration::from_secs(10));
+    let answer = |bytes: &[u8]| -> String {
+        let mut s = UnixStream::connect(&api).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines().next().unwrap_or("").to_string()
+    };
+    // Idle connections held meanwhile, and ones that hang up at once.
+    let idle: Vec<UnixStream> = (0..20).map(|_| UnixStream::connect(&api).unwrap()).collect();
+    for _ in 0..20 {
+        drop(UnixStream::connect(&api).unwrap());
+    }
+    let mut garbage = vec![0u8; 5000];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in &mut garbage {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let refused = [
+        answer(&garbage),
+        answer(b"GET /status HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n"),
+        answer(&[b"GET /".as_slice(), &[b'a'; 20_000], b" HTTP/1.1\r\n\r\n"].concat()),
+        answer(b"PUT /upgrade HTTP/1.1\r\nContent-Length: 9\r\n\r\n{\"binary\""),
+        answer(b"PUT /upgrade HTTP/1.1\r\nContent-Length: 22\r\n\r\n{\"binary\": \"ftvm-rel\"}"),
+        answer(b"PUT /upgrade HTTP/1.1\r\nContent-Length: 23\r\n\r\n{\"binary\": \"/bin/true\"}"),
+    ];
+    for line in &refused[..5] {
+        assert!(line.starts_with("HTTP/1.1 400"), "{refused:?}");
+    }
+    // A well-formed request for a file that is not ftvm is accepted, then refused by the keeper's check.
+    assert!(refused[5].starts_with("HTTP/1.1 200"), "{refused:?}");
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (code, stdout, stderr) = ctl(&api, &["status"]);
+        if code == Some(0) {
+            let status: Value = serde_json::from_str(&stdout).unwrap();
+            if status["keeper"]["handover"]["state"] == "failed" {
+                break status;
+            }
+        }
+        assert!(Instant::now() < deadline, "no status, or the upgrade was not refused: {stdout}{stderr}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let outcome = status["keeper"]["handover"]["outcome"].as_str().unwrap();
+    assert!(outcome.contains("/bin/true is not an ftvm binary"), "{status}");
+    assert_eq!(monitor_of(keeper, Duration::from_secs(1)), first, "the running monitor carries on");
+    let (code, _, stderr, report) = finish(run);
+    assert_eq!(progress.rest(), paced_out(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    assert_eq!(
+        (report["restarts"].as_array().map(Vec::len), report["handovers"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+}
+
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn faults_during_rejuvenations_call_them_off_or_recover_and_every_line_comes_once() {
+    // Rejuvenation 1: the next monitor (the spare, monitor 2) dies as it prepares: called
+    // off, the running monitor carries on. Rejuvenation 2 goes through (monitor 3).
+    // Rejuvenation 3: the running monitor dies as it begins its final checkpoint: called
+    // off, and the VM recovers as after any crash.
+    let n = 80;
+    let dir = Scratch::new("handover-faults");
+    let api = dir.0.join("api.sock");
+    let env = [
+        ("FAILPOINTS_ATTEMPT_2", "keeper::handover-prepare=return(abort)"),
+        ("FAILPOINTS_ATTEMPT_3", "keeper::handover-final=return(abort)"),
+    ];
+    let mut run = start_clocked("realtime", &["--api", api.to_str().unwrap(), "--hang-ms", "5000"], &env, &paced(n));
+    let keeper = run.child.id();
+    let mut progress = Progress::follow(&mut run);
+    progress.wait_for("10", Duration::from_secs(120));
+    let first = monitor_of(keeper, Duration::from_secs(10));
+    let (code, _, stderr) = ctl(&api, &["rejuvenate"]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            Some(125),
+            "ftvm: error: the rejuvenate did not happen: the new monitor killed by SIGABRT before it took over (its \
+             error is above)\n"
+        )
+    );
+    assert_eq!(monitor_of(keeper, Duration::from_secs(1)), first, "the running monitor carries on");
+
+    progress.wait_for("25", Duration::from_secs(60));
+    let (code, stdout, stderr) = ctl(&api, &["rejuvenate"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let done: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(done["state"], "done", "{done}");
+    let third = new_monitor(keeper, first);
+
+    progress.wait_for("40", Duration::from_secs(60));
+    let (code, _, stderr) = ctl(&api, &["rejuvenate"]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            Some(125),
+            "ftvm: error: the rejuvenate did not happen: the running monitor killed by SIGABRT during the handover\n"
+        )
+    );
+    new_monitor(keeper, third);
+    let (code, _, stderr, report) = finish(run);
+    assert_eq!(progress.rest(), paced_out(n), "stderr: {stderr}");
+    assert_eq!(code, Some(3), "stderr: {stderr}");
+    let causes: Vec<&str> =
+        report["restarts"].as_array().unwrap().iter().map(|r| r["cause"].as_str().unwrap()).collect();
+    assert_eq!((causes, report["handovers"].as_u64()), (vec!["killed by SIGABRT"], Some(1)), "{report}");
 }

@@ -3,15 +3,17 @@
 //! The keeper restarts the monitor, which recovers from the shared region and replicates
 //! on to the same backup: no takeover (the backup stays a backup, the ownership generation
 //! does not move), every reply 1, 2, 3, ..., the session survives, and the VM is protected
-//! again. Then the whole primary (keeper and monitor) is killed, and the backup takes over
-//! with nothing lost. Every fault is struck on observed progress (a reply count). Root
+//! again. Then the monitor is handed over to a fresh one (`ctl rejuvenate`) and to another
+//! binary (`ctl upgrade`) under the same session: a reconnection for the backup, never a
+//! takeover, protected all along. Then the whole primary (keeper and monitor) is killed,
+//! and the backup takes over with nothing lost. Every fault is struck on observed progress (a reply count). Root
 //! (network namespaces). Prints the backup's longest silence per restart against its
 //! detection timeout.
 
 mod common;
 
 use common::cluster::{is_live, Cluster, Options, BOOT_LIMIT};
-use common::keeper::{monitor_of, sigkill};
+use common::keeper::{binary_copy, handover, monitor_of, sigkill};
 use common::redis::{check_consecutive, redis_image, wait_pong, Session, SERVER};
 use std::time::{Duration, Instant};
 
@@ -97,8 +99,34 @@ fn a_replicated_resilient_primary_survives_two_monitor_kills_without_a_takeover_
             "kill {kill}: the new monitor sent {sent} bytes until protected (the first full checkpoint: {full_bytes})"
         );
     }
+    // Planned handovers under the session: a fresh monitor, then another binary.
+    let copy = common::scratch("resrep", "ftvm-copy");
+    let copy = binary_copy(&copy);
+    for args in [vec!["rejuvenate"], vec!["upgrade", "--binary", &copy]] {
+        let want = session.count() + REPLIES_BETWEEN;
+        assert!(session.wait_for(want, Duration::from_secs(60), None), "before {args:?}\n{}", cluster.explain());
+        let asked = Instant::now();
+        let done = handover(&cluster.primary_api, &args, &|| cluster.explain());
+        let answered = session.wait_for(1, Duration::from_secs(60), Some(asked));
+        let first_reply_ms = session.first_after(asked).map(|at| (at - asked).as_millis());
+        assert!(answered, "no reply after {args:?}\n{}", cluster.explain());
+        monitor = monitor_of(keeper, Some(monitor));
+        let backup = cluster.backup_now();
+        assert_eq!(backup["role"], "backup", "{backup}");
+        assert_eq!(backup["state_generation"], generation, "the generation moved: {backup}");
+        // The new monitor took the run up again: nothing was held, nothing is sent twice.
+        let status = cluster.wait_protected(PROTECTED_LIMIT);
+        assert_eq!(status["replication"]["unprotected_count"], 0, "{status}");
+        let sent = status["replication"]["bytes_sent"].as_u64().unwrap();
+        assert!(sent < full_bytes / 4, "{args:?}: the new monitor sent {sent} bytes (a full checkpoint: {full_bytes})");
+        println!(
+            "{}: the guest paused {} ms (the final epoch acknowledged and checkpointed in {} ms); first reply {:?} ms \
+             after the request; {sent} bytes sent until protected",
+            args[0], done["pause_ms"], done["final_checkpoint_ms"], first_reply_ms
+        );
+    }
     let want = session.count() + REPLIES_BETWEEN;
-    assert!(session.wait_for(want, Duration::from_secs(60), None), "after the kills\n{}", cluster.explain());
+    assert!(session.wait_for(want, Duration::from_secs(60), None), "after the handovers\n{}", cluster.explain());
     let status = cluster.wait_protected(PROTECTED_LIMIT);
     assert_eq!(status["replication"]["generation"], generation, "{status}");
     assert_eq!(status["replication"]["unprotected_count"], 0, "{status}");

@@ -285,7 +285,8 @@ fn report_steps(restarts: &[Restart]) {
     let done: Vec<&Restart> = restarts.iter().filter(|r| r.cause != Cause::Hang && r.running_ns.is_some()).collect();
     let spares = done.iter().filter(|r| r.steps.spare).count();
     println!("  crashes, failure seen -> guest running, by step ({} restarts, {spares} by a spare):", done.len());
-    let steps: [(&str, &dyn Fn(&Restart) -> Option<(u64, u64)>); 7] = [
+    type Step<'a> = (&'a str, &'a dyn Fn(&Restart) -> Option<(u64, u64)>);
+    let steps: [Step; 7] = [
         ("reap + hand over", &|r| Some((r.detected_ns, r.steps.handed_ns))),
         ("process start / wake", &|r| Some((r.steps.handed_ns, r.steps.begun_ns?))),
         ("build the machine", &|r| Some((r.steps.begun_ns?, r.steps.built_ns?))),

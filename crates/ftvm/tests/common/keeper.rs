@@ -32,3 +32,28 @@ pub fn sigkill(pid: u32) {
     let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
     assert!(status.success(), "kill -KILL {pid}");
 }
+
+/// `ftvm ctl --api API VERB ARGS` for a planned handover (`rejuvenate`, `upgrade --binary
+/// PATH`): the keeper's handover status it prints once done; panics (with `explain`) if
+/// the handover did not happen.
+pub fn handover(api: &std::path::Path, args: &[&str], explain: &dyn Fn() -> String) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .arg("ctl")
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ctl {args:?}: {stderr}\n{}", explain());
+    let done: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("ctl {args:?} printed {stdout:?}: {e}"));
+    assert_eq!(done["state"], "done", "{done}");
+    done
+}
+
+/// A copy of this ftvm binary at `to` (another binary to upgrade to).
+pub fn binary_copy(to: &std::path::Path) -> String {
+    std::fs::copy(env!("CARGO_BIN_EXE_ftvm"), to).unwrap();
+    to.display().to_string()
+}

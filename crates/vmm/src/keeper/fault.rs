@@ -8,7 +8,15 @@
 //! The points: `driver::slice` (the run loop), `keeper::checkpoint-take`,
 //! `keeper::checkpoint-commit`, `keeper::checkpoint-apply`, `keeper::checkpoint-corrupt`
 //! (checkpoint taking), `machine::input` (device emulation, in the machine crate),
-//! `replicate::send` (replication sends).
+//! `replicate::send` (replication sends), `keeper::recover` (a new monitor's recovery,
+//! between laying the image and restoring the state), `keeper::vm-ended` (the VM ended,
+//! before the keeper is told), `keeper::handover-prepare` (a planned handover's next
+//! monitor, once it laid the image), `keeper::handover-final` (the old monitor, as it
+//! begins its final checkpoint).
+//!
+//! A keeper's monitors share `FAILPOINTS`; `FAILPOINTS_ATTEMPT_N` (same syntax) adds fault
+//! points for monitor N alone (1 for the first; a spare counts from its start), so that a
+//! test can fault one monitor, then strike its successors elsewhere.
 
 /// Evaluate fault point `name`: nothing unless it is configured.
 #[inline]
@@ -64,7 +72,20 @@ pub fn inject(name: &str, kind: &str) {
 /// returned guard keeps them configured.
 #[cfg(feature = "failpoints")]
 pub fn setup() -> Option<fail::FailScenario<'static>> {
-    Some(fail::FailScenario::setup())
+    let scenario = fail::FailScenario::setup();
+    let attempt = std::env::var(super::ENV_ATTEMPT).unwrap_or_default();
+    if let Ok(spec) = std::env::var(format!("FAILPOINTS_ATTEMPT_{attempt}")) {
+        for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let configured = match part.split_once('=') {
+                Some((name, actions)) => fail::cfg(name.trim(), actions.trim()),
+                None => Err(format!("{part:?} is not NAME=ACTIONS")),
+            };
+            if let Err(e) = configured {
+                eprintln!("ftvm: FAILPOINTS_ATTEMPT_{attempt}: {e}");
+            }
+        }
+    }
+    Some(scenario)
 }
 
 #[cfg(not(feature = "failpoints"))]

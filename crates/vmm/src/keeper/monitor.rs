@@ -203,15 +203,43 @@ impl Monitor {
     /// with a final checkpoint (the log empty: the next monitor replays nothing), say so,
     /// and end this process at once, so that nothing more of it reaches the keeper.
     fn hand_over(&mut self, machine: &mut Machine) -> Result<(), ModeError> {
-        let started = Instant::now();
-        self.region.set_live(Live::HandoverStopNs, now_ns());
+        super::fault::point("keeper::handover-final");
+        let started = self.handover_stopped();
         self.checkpoint(machine)
             .map_err(|e| ModeError::message(format!("cannot take the handover's final checkpoint: {e:#}")))?;
-        self.region.set_live(Live::HandoverCheckpointUs, started.elapsed().as_micros() as u64);
-        if self.region.swap_live(Live::HandoverState, HandoverState::Synced as u64, HandoverState::Committed as u64) {
+        self.commit_handover(started);
+        Ok(()) // called off meanwhile: that was an ordinary checkpoint, and this monitor carries on
+    }
+
+    /// Where a planned handover stands (the keeper and the next monitor move it on).
+    pub fn handover_state(&self) -> HandoverState {
+        HandoverState::from_u64(self.region.live(Live::HandoverState))
+    }
+
+    /// Move a planned handover from `from` to `to` (false: it moved elsewhere meanwhile).
+    pub fn swap_handover(&self, from: HandoverState, to: HandoverState) -> bool {
+        self.region.swap_live(Live::HandoverState, from as u64, to as u64)
+    }
+
+    /// The guest stopped for a planned handover's final checkpoint now (the pause counts from here).
+    pub fn handover_stopped(&self) -> Instant {
+        self.region.set_live(Live::HandoverStopNs, now_ns());
+        Instant::now()
+    }
+
+    /// The final checkpoint of a planned handover is committed (the guest stopped at
+    /// `stopped`): say so and end this process at once, so that nothing more of it reaches
+    /// the keeper. Returns only if the handover was called off meanwhile.
+    pub fn commit_handover(&self, stopped: Instant) {
+        self.region.set_live(Live::HandoverCheckpointUs, stopped.elapsed().as_micros() as u64);
+        if self.swap_handover(HandoverState::Synced, HandoverState::Committed) {
             std::process::exit(0);
         }
-        Ok(()) // called off meanwhile: that was an ordinary checkpoint, and this monitor carries on
+    }
+
+    /// The input log is half full: a local checkpoint is due whatever else holds it back.
+    pub fn log_full(&self) -> bool {
+        self.log_full
     }
 
     /// The recovery is over: the guest runs on from here.
@@ -455,6 +483,7 @@ pub fn start(
     let mut machine = built.machine;
     let written = lay_image(&region, &mut machine, Some(&built.boot_pages))?;
     region.set_live(Live::LaidNs, now_ns());
+    super::fault::point("keeper::recover");
     region.bump_heartbeat(committed.marks.icount);
     let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
     machine.restore_state(state).map_err(RecoverError::Restore)?;
@@ -482,6 +511,16 @@ pub fn start(
 pub struct Built {
     pub machine: Machine,
     boot_pages: Vec<bool>,
+}
+
+impl Built {
+    /// The machine, with the region's image laid where this process holds its own copies
+    /// (the boot image's pages): RAM then reads as the image, every page CRC-checked.
+    pub fn laid(self, region: &Region) -> Result<(Machine, usize), RecoverError> {
+        let Built { mut machine, boot_pages } = self;
+        let written = lay_image(region, &mut machine, Some(&boot_pages))?;
+        Ok((machine, written))
+    }
 }
 
 pub fn build(region: &Region, config: &MachineConfig) -> Result<Built, RecoverError> {
@@ -540,6 +579,7 @@ pub fn prepare(
     // handover began: then the next checkpoint is not seq0 + 1, and we lay it all again
     // at the end.
     let mut in_step = lay_image(&region, &mut machine, Some(&boot_pages)).is_ok();
+    super::fault::point("keeper::handover-prepare");
     if !region.swap_live(Live::HandoverState, HandoverState::Preparing as u64, HandoverState::Ready as u64) {
         return Err(HandoverError::CalledOff("by the keeper"));
     }
@@ -573,7 +613,12 @@ pub fn prepare(
 }
 
 /// Wait until the handover's state is `want` (from `now`): anything else calls it off.
-fn wait_for(region: &Region, want: HandoverState, now: HandoverState, deadline: Instant) -> Result<(), HandoverError> {
+pub(super) fn wait_for(
+    region: &Region,
+    want: HandoverState,
+    now: HandoverState,
+    deadline: Instant,
+) -> Result<(), HandoverError> {
     loop {
         match HandoverState::from_u64(region.live(Live::HandoverState)) {
             state if state == want => return Ok(()),
@@ -598,7 +643,7 @@ fn lay_staged(region: &Region, seq: u64, machine: &mut Machine) -> Result<(), Re
 /// Lay the written pages of the committed image over the machine's RAM, CRCs checked:
 /// those of `only` (the pages this process holds copies of: RAM over the image shows the
 /// rest as they are), or all.
-fn lay_image(region: &Region, machine: &mut Machine, only: Option<&[bool]>) -> Result<usize, RecoverError> {
+pub(super) fn lay_image(region: &Region, machine: &mut Machine, only: Option<&[bool]>) -> Result<usize, RecoverError> {
     let own = |index: u64| only.is_none_or(|own| own.get(index as usize).copied().unwrap_or(true));
     let written: Vec<u64> = region.written_pages().filter(|&index| own(index)).collect();
     for (n, &index) in written.iter().enumerate() {

@@ -116,10 +116,13 @@ pub enum Live {
     BuiltNs = 28,
     LaidNs = 29,
     RestoredNs = 30,
+    /// 1 while a backup's monitor waits between two checkpoints (nothing it could die of
+    /// again when restarted: not a poison input); 0 otherwise (the keeper zeroes it too).
+    Waiting = 31,
 }
 
 impl Live {
-    const COUNT: usize = 31;
+    const COUNT: usize = 32;
 }
 
 /// What a planned handover does.

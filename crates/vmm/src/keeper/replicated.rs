@@ -11,8 +11,15 @@
 //!   local checkpoints. [`Watched`] remembers what the replication took; a local checkpoint
 //!   is taken right after a replication checkpoint (the machine's own logs are then empty)
 //!   from what it remembers.
+//! - A planned handover (rejuvenate, upgrade): the pre-copy round is a local checkpoint
+//!   after a replication checkpoint, as usual. For the final one the guest stops, the epoch
+//!   is closed at once, and the monitor waits until the backup acknowledged it and every
+//!   output it held has left; only then does it take the final local checkpoint and end. The
+//!   next monitor takes the run up again ([`super::sent`]) with nothing held and nothing
+//!   lost, and the backup sees a reconnection, as after a restart, never a takeover.
 
 use super::monitor::{Monitor, HEARTBEAT_WAIT};
+use super::region::HandoverState;
 use super::sent::{Resumable, SentRecord};
 use crate::control::Reply;
 use crate::mode::checkpoint::CheckpointPrimary;
@@ -210,6 +217,18 @@ impl Vm for Watched {
 pub struct ReplicatedMonitor {
     monitor: Monitor,
     primary: CheckpointPrimary<Watched>,
+    /// The driver's event channel (a planned handover wakes the driver through it).
+    events: Sender<crate::host::HostEvent>,
+    /// A planned handover's final step under way: the guest is stopped.
+    stopping: Option<Stopping>,
+}
+
+/// The guest stopped for a planned handover's final checkpoint (at `stopped`); `drained`:
+/// nothing is held any more and the driver took every released output (it writes them
+/// before it calls this mode again).
+struct Stopping {
+    stopped: Instant,
+    drained: bool,
 }
 
 impl ReplicatedMonitor {
@@ -229,14 +248,15 @@ impl ReplicatedMonitor {
         events: Sender<crate::host::HostEvent>,
         resume: Option<Resumable>,
     ) -> Result<ReplicatedMonitor, crate::replicate::ReplicationError> {
+        let primary_events = events.clone();
         let mut primary = match resume {
             Some(r) => {
                 let at = replica::ResumeRun { last_epoch: r.last_epoch, since_epoch: r.since_epoch };
                 vm.resume_with(r.pages);
-                CheckpointPrimary::resume(options, ownership, events, r.run_id, at)?
+                CheckpointPrimary::resume(options, ownership, primary_events, r.run_id, at)?
             }
             None => {
-                let primary = CheckpointPrimary::start(options, ownership, events, vm)?;
+                let primary = CheckpointPrimary::start(options, ownership, primary_events, vm)?;
                 if let Some(sent) = &mut vm.sent {
                     sent.begin(primary.run_id());
                 }
@@ -245,7 +265,38 @@ impl ReplicatedMonitor {
         };
         let released = Mode::<Watched>::on_outputs(&mut primary, held);
         debug_assert!(released.is_empty(), "a replicated primary holds every output");
-        Ok(ReplicatedMonitor { monitor, primary })
+        Ok(ReplicatedMonitor { monitor, primary, events, stopping: None })
+    }
+
+    /// A planned handover's next monitor is in step: stop the guest here and close the
+    /// epoch at once; the final local checkpoint waits for the backup's acknowledgement
+    /// ([`ReplicatedMonitor::finish_handover`]).
+    fn stop_for_handover(&mut self, vm: &mut Watched) -> Result<(), ModeError> {
+        let stopped = self.monitor.handover_stopped();
+        self.primary.checkpoint_now(vm)?;
+        self.stopping = Some(Stopping { stopped, drained: false });
+        Ok(())
+    }
+
+    /// The handover's final step, once everything held has left: the final local
+    /// checkpoint (of what the replication took, the epoch just closed included), then
+    /// this monitor ends. Called off meanwhile (the keeper gave up on the next monitor):
+    /// the guest runs on.
+    fn finish_handover(&mut self, vm: &mut Watched) -> Result<(), ModeError> {
+        let Some(stopping) = &self.stopping else { return Ok(()) };
+        if self.monitor.handover_state() != HandoverState::Synced {
+            self.stopping = None;
+            return Ok(());
+        }
+        if !stopping.drained {
+            return Ok(());
+        }
+        let stopped = stopping.stopped;
+        super::fault::point("keeper::handover-final");
+        self.local_checkpoint(vm, true)?;
+        self.monitor.commit_handover(stopped);
+        self.stopping = None; // called off after all: that was an ordinary local checkpoint
+        Ok(())
     }
 
     /// A local checkpoint of what the replication took since the last one, if one is due (or
@@ -290,12 +341,33 @@ impl Mode<Watched> for ReplicatedMonitor {
 
     fn on_slice_end(&mut self, vm: &mut Watched, idle: bool) -> Result<(), ModeError> {
         self.monitor.heartbeat(vm.machine.icount());
+        if self.stopping.is_some() {
+            return self.finish_handover(vm); // (the machine does not run: the driver's wait ticks)
+        }
         if let Some(sent) = &vm.sent {
             sent.will_take(self.primary.epoch() + 1); // recorded before the checkpoint may leave
         }
         vm.taken = false;
+        let handover = self.monitor.handover_state();
+        if handover == HandoverState::Synced {
+            return self.stop_for_handover(vm);
+        }
         self.primary.on_slice_end(vm, idle)?;
-        self.local_checkpoint(vm, false)
+        match handover {
+            // The pre-copy round: a local checkpoint whose pages the next monitor lays while
+            // the guest runs on (at the first replication checkpoint from now).
+            HandoverState::Ready if vm.taken => {
+                self.local_checkpoint(vm, true)?;
+                self.monitor.swap_handover(HandoverState::Ready, HandoverState::Delta);
+                Ok(())
+            }
+            // While the next monitor lays the image or a checkpoint's pages, they stay as they
+            // are (unless the log fills up: the next monitor then lays the whole image again).
+            HandoverState::Preparing | HandoverState::Ready | HandoverState::Delta if !self.monitor.log_full() => {
+                Ok(())
+            }
+            _ => self.local_checkpoint(vm, false),
+        }
     }
 
     /// Released outputs leave next: a frame is counted as sent now.
@@ -306,11 +378,20 @@ impl Mode<Watched> for ReplicatedMonitor {
                 self.monitor.frame_released();
             }
         }
+        if let Some(stopping) = self.stopping.as_mut().filter(|s| !s.drained) {
+            if self.primary.held_outputs() == 0 {
+                // The driver writes these now; an event wakes it to call this mode again
+                // (a release of nothing: epoch 0).
+                stopping.drained = true;
+                let _ = self.events.send(crate::host::HostEvent::Mode(ModeEvent::Released { up_to_epoch: 0 }));
+            }
+        }
         released
     }
 
+    /// Also while a planned handover's final step waits for the backup.
     fn must_wait(&self) -> bool {
-        Mode::<Watched>::must_wait(&self.primary)
+        self.stopping.is_some() || Mode::<Watched>::must_wait(&self.primary)
     }
 
     fn idle_wait_limit(&self) -> Option<Duration> {
@@ -322,9 +403,19 @@ impl Mode<Watched> for ReplicatedMonitor {
         if let (ModeEvent::Released { up_to_epoch }, Some(sent)) = (&event, &vm.sent) {
             // Released without the backup (unprotected) is no acknowledgement, but the record
             // letting go of it is safe: a resumed run fits only a backup that holds its base.
-            sent.acknowledged(*up_to_epoch);
+            if *up_to_epoch > 0 {
+                sent.acknowledged(*up_to_epoch);
+            }
         }
-        Mode::<Watched>::on_event(&mut self.primary, vm, event)
+        let verdict = Mode::<Watched>::on_event(&mut self.primary, vm, event);
+        if verdict == Verdict::Continue {
+            if let Err(e) = self.finish_handover(vm) {
+                // The final local checkpoint failed: this monitor cannot go on keeping the VM.
+                crate::log::warn(format_args!("{e:#}"));
+                std::process::abort();
+            }
+        }
+        verdict
     }
 
     fn control(&mut self, command: &crate::control::Command) -> Option<Reply> {

@@ -13,9 +13,13 @@
 //! - A takeover turns the region into a running VM's: the keeper's [`Monitor`] runs the VM
 //!   from the checkpoint the backup went live from (the region holds it already), and a
 //!   monitor that dies afterwards recovers as any `--resilient` VM's does.
+//! - A planned handover (rejuvenate, upgrade) of a waiting backup: the next monitor builds
+//!   its machine while this one applies checkpoints on; then this one stops between two
+//!   checkpoints (each applied one is in the region already) and ends, and the next takes
+//!   the state up from the region as after a restart. The primary sees a reconnection.
 
-use super::monitor::{Monitor, HEARTBEAT_WAIT};
-use super::region::{Live, Marks, Phase, Region, RegionError};
+use super::monitor::{Built, HandoverError, Monitor, HEARTBEAT_WAIT};
+use super::region::{HandoverState, Live, Marks, Phase, Region, RegionError};
 use crate::control::{Command, Reply};
 use crate::host::HostEvent;
 use crate::mode::backup::CheckpointBackup;
@@ -80,8 +84,10 @@ pub enum BackupRecoverError {
     State(#[source] machine::snapshot::SnapshotError),
     #[error("the kept checkpoint does not fit this VM")]
     Restore(#[source] machine::RestoreError),
-    #[error("cannot build the machine")]
-    Machine(#[source] machine::MachineError),
+    #[error(transparent)]
+    Build(#[from] super::monitor::RecoverError),
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
 }
 
 impl BackupRecoverError {
@@ -91,12 +97,14 @@ impl BackupRecoverError {
             BackupRecoverError::Region(RegionError::Corrupt { .. }) | BackupRecoverError::State(_) => {
                 super::region::Verdict::RegionCorrupt
             }
+            BackupRecoverError::Build(e) => e.verdict(),
             _ => super::region::Verdict::None,
         }
     }
 }
 
-/// What a backup's monitor finds in the region.
+/// What a backup's monitor finds in the region (one value per monitor start: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum Found {
     /// A backup, fresh (`kept` None: nothing applied yet) or restarted with its machine
     /// holding the kept checkpoint again.
@@ -106,9 +114,15 @@ pub enum Found {
     Live(Region),
 }
 
-/// Take the backup's state up from `region`: build the machine, and if a checkpoint was
-/// kept, lay its pages and restore its state.
-pub fn recover(mut region: Region, config: &MachineConfig) -> Result<Found, BackupRecoverError> {
+/// Whether the region holds a VM this backup took over (not a waiting backup's state).
+pub fn holds_live_vm(region: &Region) -> Result<bool, BackupRecoverError> {
+    Ok(region.committed()?.is_some_and(|c| decode_kept(&c.state).is_none()))
+}
+
+/// Take the backup's state up from `region`: build the machine (unless `built`, a spare's
+/// or a handover successor's: RAM is the region's image mapped copy-on-write), and if a
+/// checkpoint was kept, lay what this process holds copies of and restore its state.
+pub fn recover(mut region: Region, config: &MachineConfig, built: Option<Built>) -> Result<Found, BackupRecoverError> {
     region.set_live(super::region::Live::MonitorPid, u64::from(std::process::id()));
     region.bump_heartbeat(0);
     region.apply_staged(None)?;
@@ -121,14 +135,16 @@ pub fn recover(mut region: Region, config: &MachineConfig) -> Result<Found, Back
         },
     };
     region.set_live(super::region::Live::Phase, super::region::Phase::Recovering as u64);
-    let mut machine = Machine::new(config).map_err(BackupRecoverError::Machine)?;
+    let built = match built {
+        Some(built) => built,
+        None => super::monitor::build(&region, config)?,
+    };
+    region.set_live(Live::BuiltNs, super::supervisor::now_ns());
+    let (mut machine, _laid) = built.laid(&region)?;
+    region.set_live(Live::LaidNs, super::supervisor::now_ns());
     let seq = match &kept {
         None => 0,
         Some((kept, state, seq)) => {
-            for index in region.written_pages().collect::<Vec<_>>() {
-                let page = region.checked_page(index)?;
-                machine.write_page(index as usize, page).map_err(BackupRecoverError::Restore)?;
-            }
             region.bump_heartbeat(kept.icount);
             let state = machine::snapshot::decode_machine_state(state).map_err(BackupRecoverError::State)?;
             machine.restore_state(state).map_err(BackupRecoverError::Restore)?;
@@ -137,11 +153,38 @@ pub fn recover(mut region: Region, config: &MachineConfig) -> Result<Found, Back
     };
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
+    region.set_live(Live::RestoredNs, super::supervisor::now_ns());
     super::monitor::running(&region, 0, 0);
     let fd =
         region.fd().try_clone().map_err(|e| RegionError::Map(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
     let live = Region::open(fd, region.layout().ram_pages * super::region::PAGE as u64)?;
     Ok(Found::Waiting { machine, kept: kept.map(|k| k.0), keeper: Keeper { region, live, seq } })
+}
+
+/// A planned handover's successor for a waiting backup: build the machine while the old
+/// monitor applies checkpoints on, say `Ready`, wait until it stopped (`Committed`), then
+/// take the state up as after a restart. (A backup that took the VM over hands it over as
+/// any `--resilient` VM: [`holds_live_vm`], then [`super::monitor::prepare`].)
+pub fn prepare(region: Region, config: &MachineConfig, built: Option<Built>) -> Result<Found, BackupRecoverError> {
+    let built = match built {
+        Some(built) => built,
+        None => super::monitor::build(&region, config)?,
+    };
+    super::fault::point("keeper::handover-prepare");
+    if !region.swap_live(Live::HandoverState, HandoverState::Preparing as u64, HandoverState::Ready as u64) {
+        return Err(HandoverError::CalledOff("by the keeper").into());
+    }
+    let deadline = Instant::now() + super::monitor::HANDOVER_WAIT;
+    super::monitor::wait_for(&region, HandoverState::Committed, HandoverState::Ready, deadline)?;
+    let found = recover(region, config, Some(built))?;
+    if let Found::Waiting { keeper, .. } = &found {
+        let r = &keeper.live;
+        let pause_us = super::supervisor::now_ns().saturating_sub(r.live(Live::HandoverStopNs)) / 1000;
+        r.set_live(Live::HandoverPauseUs, pause_us);
+        r.set_live(Live::Handovers, r.live(Live::Handovers) + 1);
+        r.set_live(Live::HandoverState, HandoverState::Done as u64);
+    }
+    Ok(found)
 }
 
 /// The backup's side of the region: commits each applied checkpoint.
@@ -210,6 +253,7 @@ impl BackupMonitor {
     /// that dies from here recovers the VM rather than a backup.
     pub fn live_mode(region: Region) -> crate::driver::LiveMode<Machine> {
         Box::new(move |machine: &mut Machine, _takeover: &Takeover| -> Box<dyn Mode<Machine>> {
+            region.set_live(Live::Waiting, 0);
             let seq = region.committed().ok().flatten().map_or(0, |c| c.marks.seq);
             let marks = Marks { seq, icount: machine.icount(), ..Marks::default() };
             let mut monitor = Monitor::adopt(region, marks, None);
@@ -241,8 +285,25 @@ impl Mode<Machine> for BackupMonitor {
     /// it. (Slice ends come only when no event arrived for a wait tick, and a client asking
     /// for the status more often than that kept the heartbeat still: the keeper took the
     /// backup for hung.)
+    /// A planned handover's successor is ready: this monitor stops here, between two
+    /// checkpoints (every one it applied is in the region), and ends.
     fn must_wait(&self) -> bool {
-        self.keeper.live.bump_heartbeat(self.keeper.region.live(Live::Icount));
+        let live = &self.keeper.live;
+        live.bump_heartbeat(self.keeper.region.live(Live::Icount));
+        if live.live(Live::Phase) == Phase::Resuming as u64 {
+            // It waits for the primary as it should: the hang limit applies from now on
+            // (the start grace before), and the keeper may start a spare.
+            live.set_live(Live::Phase, Phase::Running as u64);
+        }
+        live.set_live(Live::Waiting, 1); // (a kill now is no poison checkpoint)
+        if live.live(Live::HandoverState) == HandoverState::Ready as u64 {
+            super::fault::point("keeper::handover-final");
+            live.set_live(Live::HandoverStopNs, super::supervisor::now_ns());
+            live.set_live(Live::HandoverCheckpointUs, 0);
+            if live.swap_live(Live::HandoverState, HandoverState::Ready as u64, HandoverState::Committed as u64) {
+                std::process::exit(0);
+            }
+        }
         true
     }
 
@@ -260,6 +321,7 @@ impl Mode<Machine> for BackupMonitor {
         let ModeEvent::Apply { run_id, epoch, icount, payload } = event else {
             return self.backup.on_event(machine, event);
         };
+        self.keeper.live.set_live(Live::Waiting, 0); // a death from here may be the checkpoint's
         super::fault::point("keeper::backup-apply");
         let full = machine::checkpoint::is_full(&payload);
         if full {

@@ -288,7 +288,7 @@ impl Keeper<'_> {
         r.set_live(Live::Phase, Phase::Starting as u64);
         r.set_live(Live::Verdict, Verdict::None as u64);
         r.set_live(Live::MessageLen, 0);
-        for field in [Live::BegunNs, Live::BuiltNs, Live::LaidNs, Live::RestoredNs] {
+        for field in [Live::BegunNs, Live::BuiltNs, Live::LaidNs, Live::RestoredNs, Live::Waiting] {
             r.set_live(field, 0);
         }
         self.handed = Steps { spare, handed_ns: now_ns(), ..Steps::default() };
@@ -394,6 +394,7 @@ pub fn supervise(
         handed: Steps::default(),
     };
     let mut same_point = (0u32, u64::MAX); // (failures in a row, at this icount)
+    let mut unrestored = 0u32; // failures in a row before the state was restored
     let mut next = adopted;
     loop {
         let monitor = match next.take().or_else(|| keeper.wake_spare(WAKE_RECOVER)) {
@@ -426,8 +427,28 @@ pub fn supervise(
         }
         let icount = region.live(Live::Icount);
         // A poison input fails the machine at the very same instruction every time (it is
-        // deterministic); other faults strike wherever the monitor happens to be.
-        same_point = if icount == same_point.1 { (same_point.0 + 1, icount) } else { (1, icount) };
+        // deterministic); other faults strike wherever the monitor happens to be. Only a
+        // monitor that got as far as the machine (restored, replaying, running; a backup
+        // applying a checkpoint) can meet one: one killed while it recovers, or a backup
+        // killed while it waits, stands at the checkpoint's icount too, and is no sign of one.
+        let phase = region.live(Live::Phase);
+        let restored =
+            region.live(Live::RestoredNs) != 0 || phase == Phase::Running as u64 || phase == Phase::Resuming as u64;
+        if !restored {
+            unrestored += 1;
+        } else {
+            unrestored = 0;
+        }
+        if restored && region.live(Live::Waiting) == 0 {
+            same_point = if icount == same_point.1 { (same_point.0 + 1, icount) } else { (1, icount) };
+        }
+        if unrestored >= UNRESTORED_LIMIT {
+            let message = format!(
+                "{unrestored} monitors in a row died before they restored the VM's state (the last {cause}, its error \
+                 is above); it is not restarted again"
+            );
+            return Ok((End::CannotRecover { verdict, message }, std::mem::take(&mut keeper.restarts)));
+        }
         if same_point.0 >= options.poison_attempts {
             let input = last_input(region, icount);
             return Ok((
@@ -455,6 +476,10 @@ pub fn supervise(
         keeper.pending = true;
     }
 }
+
+/// Monitors that die in a row before they restore the VM's state (a fault in the recovery
+/// itself, not one a replay meets again): then the keeper stops.
+const UNRESTORED_LIMIT: u32 = 10;
 
 /// The input the monitor died after, named for the poison message.
 fn last_input(region: &Region, icount: u64) -> String {
@@ -664,7 +689,10 @@ fn run_one(keeper: &mut Keeper<'_>, inherit: &Inherit, options: &Options, mut mo
         if now != beat {
             (beat, beat_at) = (now, Instant::now());
             waited_at_beat = waited_ns(monitor.pid);
-        } else if !hung && stalled(beat_at, waited_at_beat, monitor.pid) >= hang_limit(region, options) {
+        } else if !hung
+            && stalled(beat_at, waited_at_beat, monitor.pid) >= hang_limit(region, options)
+            && !exiting(monitor.pid)
+        {
             hung = true;
             monitor.kill(); // the pipe closes with it
         }
@@ -761,13 +789,22 @@ pub fn fail_handover(region: &Region, why: &str) {
     region.set_live(Live::HandoverState, HandoverState::Failed as u64);
 }
 
+/// What `ftvm handover-check --version N` prints when it reads version N (then ` N`): a
+/// binary that exits 0 without saying so (not an ftvm) is refused.
+pub const HANDOVER_CHECK_ANSWER: &str = "ftvm reads handover state version";
+
+/// The longest answer to the check read (a stranger binary may print anything).
+const CHECK_ANSWER_CAP: u64 = 4096;
+
 /// Ask the new binary whether it reads this handover state (`ftvm handover-check`): its
-/// refusal, if it refuses, names both versions.
+/// refusal, if it refuses, names both versions; a binary that does not answer as an ftvm
+/// does is refused too.
 fn check_binary(binary: &std::path::Path) -> Result<(), String> {
+    let version = super::region::VERSION;
     let mut child = Command::new(binary)
-        .args(["handover-check", "--version", &super::region::VERSION.to_string()])
+        .args(["handover-check", "--version", &version.to_string()])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .env_remove(ENV_FDS)
         .env_remove(ENV_RESUME)
@@ -786,7 +823,18 @@ fn check_binary(binary: &std::path::Path) -> Result<(), String> {
         }
     };
     if status.success() {
-        return Ok(());
+        let mut answer = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = out.take(CHECK_ANSWER_CAP).read_to_string(&mut answer);
+        }
+        let expected = format!("{HANDOVER_CHECK_ANSWER} {version}");
+        if answer.lines().any(|line| line.trim_end() == expected) {
+            return Ok(());
+        }
+        return Err(format!(
+            "{} is not an ftvm binary that can take this VM over: it did not answer the handover check",
+            binary.display()
+        ));
     }
     let mut stderr = String::new();
     if let Some(mut err) = child.stderr.take() {
@@ -805,6 +853,22 @@ const CHECK_LIMIT: Duration = Duration::from_secs(10);
 fn waited_ns(pid: Pid) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
     text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether the monitor is dying already (the kernel's PF_EXITING, `/proc/PID/stat`): it
+/// runs no more code of its own, and its pipe closes once the kernel has torn it down. A
+/// dying process with a large RAM took over a second for that on a loaded host, and the
+/// keeper took a monitor killed by SIGSEGV for hung (seen once in 1000 injections).
+fn exiting(pid: Pid) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    // state, ppid, pgrp, session, tty_nr, tpgid, flags
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
 /// How long the heartbeat has stood still, less the time the monitor could not run for

@@ -207,6 +207,11 @@ impl<V: Vm> CheckpointPrimary<V> {
             && s.acked_epoch == Some(epoch)
     }
 
+    /// Outputs held for output commit (not yet released).
+    pub fn held_outputs(&self) -> usize {
+        self.schedule.held_outputs()
+    }
+
     /// Whether a backup is connected and past the handshake.
     pub fn backup_streaming(&self) -> bool {
         self.handle.shared.lock().expect("not poisoned").status.streaming
