@@ -485,7 +485,8 @@ fn run_replicated(
     }
     let (mut machine, mut monitor) = (started.machine, started.monitor);
     monitor.count_frames_on_release();
-    let mut held = Vec::new();
+    // What the checkpoint held for output commit comes first (what of it had not left).
+    let mut held = monitor.pass_held(started.held);
     if started.recovered {
         let replayed = monitor.replay_into(&mut machine, started.inputs, &mut |output| {
             held.push(output);

@@ -433,7 +433,8 @@ fn faults_in_sequence_during_recoveries_are_no_poison_input_and_the_command_comp
         ("FAILPOINTS_ATTEMPT_4", "keeper::recover=return(hang)"),
         ("FAILPOINTS_ATTEMPT_5", "driver::slice=10*off->1*panic"),
     ];
-    let mut run = start(&[], &env, &counting(n));
+    // (A hang limit above the host's stalls under load: this test names every restart.)
+    let mut run = start(&["--hang-ms", "3000"], &env, &counting(n));
     let keeper = run.child.id();
     let mut progress = Progress::follow(&mut run);
     progress.wait_for("10000", Duration::from_secs(120));
@@ -470,7 +471,7 @@ fn a_vm_that_ended_as_its_monitor_died_stays_ended_with_the_guests_status() {
         "echo one; echo two | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null; echo three; exit 3";
     for extra in [vec![], vec!["--disk", disk.to_str().unwrap()]] {
         let env = [("FAILPOINTS_ATTEMPT_1", "keeper::vm-ended=return(abort)")];
-        let run = start(&extra, &env, script);
+        let run = start(&[&extra[..], &["--hang-ms", "5000"]].concat(), &env, script);
         let (code, stdout, stderr, report) = finish(run);
         assert_eq!((code, stdout.as_str()), (Some(3), "one\nthree\n"), "{extra:?}: {report}\nstderr: {stderr}");
         assert_eq!(report["end"], serde_json::json!({ "kind": "exited", "code": 3 }), "{extra:?}");
@@ -490,7 +491,7 @@ fn strangers_on_the_api_socket_get_refusals_and_the_vm_runs_on() {
     let n = 60;
     let dir = Scratch::new("strangers");
     let api = dir.0.join("api.sock");
-    let mut run = start_clocked("realtime", &["--api", api.to_str().unwrap()], &[], &paced(n));
+    let mut run = start_clocked("realtime", &["--api", api.to_str().unwrap(), "--hang-ms", "5000"], &[], &paced(n));
     let keeper = run.child.id();
     let mut progress = Progress::follow(&mut run);
     progress.wait_for("5", Duration::from_secs(120));

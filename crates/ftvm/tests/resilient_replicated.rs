@@ -155,3 +155,38 @@ fn a_replicated_resilient_primary_survives_two_monitor_kills_without_a_takeover_
         live["took_over"]["last_frame_to_live_ms"]
     );
 }
+
+#[test]
+fn a_replicated_resilient_primarys_console_comes_out_once_when_its_monitors_die_holding_outputs() {
+    // Each monitor aborts as it applies its 11th local checkpoint: the epoch that
+    // checkpoint follows is not acknowledged yet, so its console output is held by output
+    // commit when the monitor dies. The next monitor must send it (once): the checkpoint's
+    // marks count it as produced.
+    let n = 300;
+    let script = format!(
+        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); j=0; while [ $j -lt 300 ]; do j=$((j+1)); done; echo $i; \
+         sleep 0.01; done; exit 3"
+    );
+    let report = common::scratch("resrep-console", "keeper.json");
+    let options = Options {
+        command: vec!["sh".into(), "-c".into(), script],
+        failover_timeout_ms: FAILOVER_TIMEOUT_MS,
+        primary_args: ["--resilient", "--hang-ms", "5000", "--keeper-report", &report.display().to_string()]
+            .map(String::from)
+            .to_vec(),
+        primary_failpoints: Some("keeper::checkpoint-apply=10*off->1*return(abort)".into()),
+        ..Options::counter(0)
+    };
+    let mut cluster = Cluster::start("resrep-console", &options);
+    let status = cluster.primary.wait_exit(Duration::from_secs(240));
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{}", cluster.explain());
+    let out = std::fs::read_to_string(&cluster.primary_stdout).unwrap();
+    let numbers: Vec<&str> = out.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.is_empty()).collect();
+    let want: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    assert_eq!(numbers, want, "every line once, in order\n{}", cluster.explain());
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&*report).unwrap()).unwrap();
+    let restarts = report["restarts"].as_array().unwrap();
+    assert!(restarts.len() >= 2, "{report}");
+    assert!(restarts.iter().all(|r| r["cause"] == "killed by SIGABRT"), "{report}");
+    assert_eq!(report["end"], serde_json::json!({ "kind": "exited", "code": 3 }), "{report}");
+}

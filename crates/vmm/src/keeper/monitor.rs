@@ -23,6 +23,91 @@ pub const CHECKPOINT_MS: u64 = 100;
 /// The longest the run loop waits between heartbeats.
 pub const HEARTBEAT_WAIT: Duration = Duration::from_millis(50);
 
+/// The state part of a checkpoint taken while output commit held outputs starts with this,
+/// then the held outputs ([`encode_held`]), then the machine state.
+const HELD_MAGIC: [u8; 8] = *b"FTVMHELD";
+/// The most bytes of held outputs a local checkpoint keeps (more: it waits for the next one).
+pub const HELD_CAP: usize = 1 << 20;
+
+/// Held outputs as the state part keeps them: magic, count, then each as tag, icount,
+/// length, bytes (tag 0 console, 1 frame, 2 reset, 3 power-off with its code as the bytes).
+fn encode_held(held: &[Output], machine_state: Vec<u8>) -> Vec<u8> {
+    if held.is_empty() {
+        return machine_state;
+    }
+    let mut out = HELD_MAGIC.to_vec();
+    out.extend_from_slice(&(held.len() as u64).to_le_bytes());
+    for output in held {
+        let (tag, bytes): (u8, &[u8]) = match &output.kind {
+            OutputKind::Console(b) => (0, b),
+            OutputKind::NetFrame(b) => (1, b),
+            OutputKind::Reset => (2, &[]),
+            OutputKind::PowerOff { code } => (3, &code.to_le_bytes()[..]),
+        };
+        out.push(tag);
+        out.extend_from_slice(&output.icount.to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out.extend_from_slice(&machine_state);
+    out
+}
+
+/// The held outputs and the machine state of a state part (its CRC was checked as it was read).
+fn split_held(state: &[u8]) -> Result<(Vec<Output>, &[u8]), RecoverError> {
+    if state.len() < 16 || state[..8] != HELD_MAGIC {
+        return Ok((Vec::new(), state));
+    }
+    let bad = || RecoverError::Held;
+    let word = |at: usize| -> Result<u64, RecoverError> {
+        Ok(u64::from_le_bytes(state.get(at..at + 8).ok_or_else(bad)?.try_into().expect("8 bytes")))
+    };
+    let count = word(8)?;
+    let mut at = 16;
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let tag = *state.get(at).ok_or_else(bad)?;
+        let icount = word(at + 1)?;
+        let len = usize::try_from(word(at + 9)?).map_err(|_| bad())?;
+        let bytes = state.get(at + 17..at.checked_add(17 + len).ok_or_else(bad)?).ok_or_else(bad)?;
+        let kind = match tag {
+            0 => OutputKind::Console(bytes.to_vec()),
+            1 => OutputKind::NetFrame(bytes.to_vec()),
+            2 => OutputKind::Reset,
+            3 => OutputKind::PowerOff { code: u32::from_le_bytes(bytes.try_into().map_err(|_| bad())?) },
+            _ => return Err(bad()),
+        };
+        held.push(Output { icount, kind });
+        at += 17 + len;
+    }
+    Ok((held, &state[at..]))
+}
+
+/// A checkpoint's marks (what was produced up to it) less what it held: where the count
+/// stands before its held outputs pass the filter again.
+fn marks_before(marks: Marks, held: &[Output]) -> Marks {
+    let mut m = marks;
+    for output in held {
+        match &output.kind {
+            OutputKind::Console(b) => m.console_bytes = m.console_bytes.saturating_sub(b.len() as u64),
+            OutputKind::NetFrame(_) => m.frames = m.frames.saturating_sub(1),
+            OutputKind::Reset => m.resets = m.resets.saturating_sub(1),
+            OutputKind::PowerOff { .. } => {}
+        }
+    }
+    m
+}
+
+/// The bytes [`encode_held`] takes for `held`.
+pub fn held_bytes(held: &[Output]) -> usize {
+    let len = |o: &Output| match &o.kind {
+        OutputKind::Console(b) | OutputKind::NetFrame(b) => b.len(),
+        OutputKind::Reset => 0,
+        OutputKind::PowerOff { .. } => 4,
+    };
+    16 + held.iter().map(|o| 17 + len(o)).sum::<usize>()
+}
+
 /// Exit status of a monitor that found it cannot recover the VM (the verdict and the
 /// message are in the live page).
 pub const EXIT_CANNOT_RECOVER: i32 = 86;
@@ -58,6 +143,9 @@ pub struct Started {
     pub monitor: Monitor,
     pub inputs: Vec<Input>,
     pub recovered: bool,
+    /// Outputs the checkpoint was taken with that output commit still held (a replicated
+    /// primary): they come before what the replay produces, through [`Monitor::pass_held`].
+    pub held: Vec<Output>,
 }
 
 fn now_ns() -> u64 {
@@ -114,8 +202,24 @@ impl Monitor {
         sectors: &[u64],
         started: Instant,
     ) -> Result<()> {
+        self.checkpoint_holding(machine, pages, sectors, started, &[])
+    }
+
+    /// [`Monitor::checkpoint_of`] while output commit holds `held` (produced, counted in the
+    /// marks, not yet left): the checkpoint keeps them, and a monitor that recovers from it
+    /// sends them first. (Without them, what a replicated primary held at its last local
+    /// checkpoint was lost when it died: the replay starts after it.)
+    pub fn checkpoint_holding(
+        &mut self,
+        machine: &mut Machine,
+        pages: &[usize],
+        sectors: &[u64],
+        started: Instant,
+        held: &[Output],
+    ) -> Result<()> {
         let state = machine::snapshot::encode_machine_state(&machine.save_state())
             .context("cannot encode the machine state for the local checkpoint")?;
+        let state = encode_held(held, state);
         let disk = match &mut self.disk {
             Some(disk) => disk.stage(machine, sectors)?,
             None => DiskStaged::default(),
@@ -240,6 +344,12 @@ impl Monitor {
     /// The input log is half full: a local checkpoint is due whatever else holds it back.
     pub fn log_full(&self) -> bool {
         self.log_full
+    }
+
+    /// The outputs a checkpoint kept as held ([`Started::held`]), through the exactly-once
+    /// filter: what is still to leave (the keeper may have delivered some before the death).
+    pub fn pass_held(&mut self, held: Vec<Output>) -> Vec<Output> {
+        held.into_iter().filter_map(|o| self.pass(o)).collect()
     }
 
     /// The recovery is over: the guest runs on from here.
@@ -438,13 +548,17 @@ pub enum RecoverError {
     Restore(#[source] machine::RestoreError),
     #[error("cannot build the machine")]
     Machine(#[source] machine::MachineError),
+    #[error("the local checkpoint's held outputs do not decode")]
+    Held,
 }
 
 impl RecoverError {
     /// The verdict the keeper reports.
     pub fn verdict(&self) -> Verdict {
         match self {
-            RecoverError::Region(RegionError::Corrupt { .. }) | RecoverError::State(_) => Verdict::RegionCorrupt,
+            RecoverError::Region(RegionError::Corrupt { .. }) | RecoverError::State(_) | RecoverError::Held => {
+                Verdict::RegionCorrupt
+            }
             _ => Verdict::None,
         }
     }
@@ -477,7 +591,7 @@ pub fn start(
         let mut monitor = Monitor::new(region, Marks::default(), disk);
         monitor.first_checkpoint(&mut machine)?;
         monitor.running(0, 0);
-        return Ok(Started { machine, monitor, inputs: Vec::new(), recovered: false });
+        return Ok(Started { machine, monitor, inputs: Vec::new(), recovered: false, held: Vec::new() });
     };
     region.set_live(Live::Phase, Phase::Recovering as u64);
     let mut machine = built.machine;
@@ -485,7 +599,8 @@ pub fn start(
     region.set_live(Live::LaidNs, now_ns());
     super::fault::point("keeper::recover");
     region.bump_heartbeat(committed.marks.icount);
-    let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
+    let (held, state) = split_held(&committed.state)?;
+    let state = machine::snapshot::decode_machine_state(state).map_err(RecoverError::State)?;
     machine.restore_state(state).map_err(RecoverError::Restore)?;
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
@@ -500,8 +615,8 @@ pub fn start(
             ms(Live::LaidNs, Live::RestoredNs)
         );
     }
-    let monitor = Monitor::new(region, committed.marks, disk);
-    Ok(Started { machine, monitor, inputs, recovered: true })
+    let monitor = Monitor::new(region, marks_before(committed.marks, &held), disk);
+    Ok(Started { machine, monitor, inputs, recovered: true, held })
 }
 
 /// The machine a monitor starts from, its RAM the region's image mapped copy-on-write
@@ -598,7 +713,8 @@ pub fn prepare(
     if !(in_step && committed.marks.seq == seq1 + 1 && lay_staged(&region, committed.marks.seq, &mut machine).is_ok()) {
         lay_image(&region, &mut machine, None)?; // every written page: laid ones may be stale
     }
-    let state = machine::snapshot::decode_machine_state(&committed.state).map_err(RecoverError::State)?;
+    let (held, state) = split_held(&committed.state)?;
+    let state = machine::snapshot::decode_machine_state(state).map_err(RecoverError::State)?;
     machine.restore_state(state).map_err(RecoverError::Restore)?;
     machine.take_dirty_pages();
     machine.take_dirty_sectors();
@@ -608,8 +724,8 @@ pub fn prepare(
     region.set_live(Live::Handovers, region.live(Live::Handovers) + 1);
     region.set_live(Live::HandoverState, HandoverState::Done as u64);
     region.bump_heartbeat(committed.marks.icount);
-    let monitor = Monitor::new(region, committed.marks, disk);
-    Ok(Started { machine, monitor, inputs, recovered: true })
+    let monitor = Monitor::new(region, marks_before(committed.marks, &held), disk);
+    Ok(Started { machine, monitor, inputs, recovered: true, held })
 }
 
 /// Wait until the handover's state is `want` (from `now`): anything else calls it off.
@@ -678,6 +794,25 @@ mod tests {
         config.disk = Some(machine::DiskConfig { path: dir.join("disk.img"), read_only: false });
         config.disk_overlay = true;
         config
+    }
+
+    #[test]
+    fn held_outputs_read_back_as_kept_before_the_machine_state_and_damage_is_refused() {
+        let held = vec![
+            Output { icount: 5, kind: OutputKind::Console(b"12\n".to_vec()) },
+            Output { icount: 6, kind: OutputKind::NetFrame(vec![7; 60]) },
+            Output { icount: 7, kind: OutputKind::Reset },
+            Output { icount: 8, kind: OutputKind::PowerOff { code: 3 } },
+        ];
+        let state = encode_held(&held, b"machine state".to_vec());
+        assert_eq!(state.len(), held_bytes(&held) + b"machine state".len());
+        let (back, rest) = split_held(&state).unwrap();
+        assert_eq!((back, rest), (held.clone(), &b"machine state"[..]));
+        assert_eq!(encode_held(&[], b"plain".to_vec()), b"plain", "nothing held: the state alone");
+        assert_eq!(split_held(b"plain state!!!!!!").unwrap(), (Vec::new(), &b"plain state!!!!!!"[..]));
+        assert!(matches!(split_held(&state[..30]), Err(RecoverError::Held)), "cut short");
+        let marks = Marks { seq: 4, icount: 9, console_bytes: 10, resets: 1, frames: 2 };
+        assert_eq!(marks_before(marks, &held), Marks { console_bytes: 7, resets: 0, frames: 1, ..marks });
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //!   local checkpoints. [`Watched`] remembers what the replication took; a local checkpoint
 //!   is taken right after a replication checkpoint (the machine's own logs are then empty)
 //!   from what it remembers.
+//! - A local checkpoint keeps the outputs output commit still holds (those of the epoch
+//!   just closed, at least): they are counted in its marks as produced, and a monitor that
+//!   recovers from it sends them before what its replay produces. Without them, a monitor
+//!   that died before the backup acknowledged that epoch lost its console bytes.
 //! - A planned handover (rejuvenate, upgrade): the pre-copy round is a local checkpoint
 //!   after a replication checkpoint, as usual. For the final one the guest stops, the epoch
 //!   is closed at once, and the monitor waits until the backup acknowledged it and every
@@ -221,6 +225,9 @@ pub struct ReplicatedMonitor {
     events: Sender<crate::host::HostEvent>,
     /// A planned handover's final step under way: the guest is stopped.
     stopping: Option<Stopping>,
+    /// What the checkpoint primary holds for output commit, in order (a copy: a local
+    /// checkpoint keeps it).
+    held: std::collections::VecDeque<Output>,
 }
 
 /// The guest stopped for a planned handover's final checkpoint (at `stopped`); `drained`:
@@ -263,9 +270,10 @@ impl ReplicatedMonitor {
                 primary
             }
         };
+        let kept = held.iter().cloned().collect();
         let released = Mode::<Watched>::on_outputs(&mut primary, held);
         debug_assert!(released.is_empty(), "a replicated primary holds every output");
-        Ok(ReplicatedMonitor { monitor, primary, events, stopping: None })
+        Ok(ReplicatedMonitor { monitor, primary, events, stopping: None, held: kept })
     }
 
     /// A planned handover's next monitor is in step: stop the guest here and close the
@@ -305,12 +313,15 @@ impl ReplicatedMonitor {
         if !std::mem::take(&mut vm.taken) || !(now || self.monitor.checkpoint_due()) {
             return Ok(());
         }
+        if super::monitor::held_bytes(self.held.make_contiguous()) > super::monitor::HELD_CAP {
+            return Ok(()); // at a later replication checkpoint, once fewer outputs wait
+        }
         let started = Instant::now();
         super::fault::point("keeper::checkpoint-take");
         let pages: Vec<usize> = std::mem::take(&mut vm.pages).into_iter().collect();
         let sectors: Vec<u64> = std::mem::take(&mut vm.sectors).into_iter().collect();
         self.monitor
-            .checkpoint_of(&mut vm.machine, &pages, &sectors, started)
+            .checkpoint_holding(&mut vm.machine, &pages, &sectors, started, self.held.make_contiguous())
             .map_err(|e| ModeError::message(format!("cannot take a local checkpoint: {e:#}")))?;
         if let Some(sent) = &vm.sent {
             sent.local_checkpoint(self.primary.epoch());
@@ -336,7 +347,10 @@ impl Mode<Watched> for ReplicatedMonitor {
 
     fn on_outputs(&mut self, outputs: Vec<Output>) -> Vec<Output> {
         let fresh = Mode::<Machine>::on_outputs(&mut self.monitor, outputs);
-        Mode::<Watched>::on_outputs(&mut self.primary, fresh)
+        self.held.extend(fresh.iter().cloned());
+        let now = Mode::<Watched>::on_outputs(&mut self.primary, fresh);
+        debug_assert!(now.is_empty(), "a replicated primary holds every output");
+        now
     }
 
     fn on_slice_end(&mut self, vm: &mut Watched, idle: bool) -> Result<(), ModeError> {
@@ -373,6 +387,7 @@ impl Mode<Watched> for ReplicatedMonitor {
     /// Released outputs leave next: a frame is counted as sent now.
     fn take_released(&mut self) -> Vec<Output> {
         let released = Mode::<Watched>::take_released(&mut self.primary);
+        self.held.drain(..released.len().min(self.held.len())); // released in the order held
         for output in &released {
             if let OutputKind::NetFrame(_) = output.kind {
                 self.monitor.frame_released();
