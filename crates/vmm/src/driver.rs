@@ -628,6 +628,10 @@ impl<V: Vm + 'static> Driver<V> {
         let leader = replica::lockstep::LeaderConfig { digest_every_ms, ..replica::lockstep::LeaderConfig::default() };
         let boot = BootParams { bootargs: String::new(), boot_unix_ns: 0 };
         let options = LockstepOptions { primary, leader, boot };
+        // The state is whole: what was written before needs no second copy in it (the dirty
+        // logs of a VM that ran alone hold every page written since it started).
+        self.machine.take_dirty_pages();
+        self.machine.take_dirty_sectors();
         let mode = LockstepPrimary::start(options, ownership, events, &mut self.machine).map_err(|e| chain(&e))?;
         self.set_mode(Box::new(mode));
         Ok(())
