@@ -100,7 +100,7 @@ pub enum Verb {
 pub fn run(args: CtlArgs) -> Result<i32> {
     let command = match args.verb {
         Verb::Metrics => {
-            print!("{}", api::metrics_text(&args.api)?);
+            print_out(&api::metrics_text(&args.api)?)?;
             return Ok(0);
         }
         Verb::Status => Command::Status,
@@ -134,13 +134,25 @@ pub fn run(args: CtlArgs) -> Result<i32> {
     let reply = api::request(&args.api, &command)?;
     if reply.status != 200 {
         if reply.body.get("migration").is_some() {
-            println!("{}", serde_json::to_string_pretty(&reply.body)?); // the figures of a called-off migration
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&reply.body)?))?;
+            // a called-off migration's figures
         }
         let message = reply.body.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
         bail!("the VM refused: {message} (HTTP {})", reply.status);
     }
-    println!("{}", serde_json::to_string_pretty(&reply.body)?);
+    print_out(&format!("{}\n", serde_json::to_string_pretty(&reply.body)?))?;
     Ok(0)
+}
+
+/// Write the answer to standard output; a reader that has gone (`ftvm ctl status | head -1`,
+/// `grep -q`) has what it wanted, so a broken pipe is no error (print! panicked on it).
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// How long `rejuvenate` and `upgrade` wait for the handover's end.
@@ -161,7 +173,7 @@ fn handover(socket: &Path, request: HandoverRequest) -> Result<i32> {
             let settled = handover["seq"].as_u64() == Some(seq) || handover["seq"].as_u64() > Some(seq);
             match handover["state"].as_str() {
                 Some("done") if settled => {
-                    println!("{}", serde_json::to_string_pretty(handover)?);
+                    print_out(&format!("{}\n", serde_json::to_string_pretty(handover)?))?;
                     return Ok(0);
                 }
                 Some("failed") if settled => {

@@ -312,3 +312,24 @@ fn a_vm_stopped_while_its_new_backup_is_frozen_ends_and_the_thawed_backup_never_
     kill(pid, Signal::SIGCONT).unwrap();
     check_both_ended(&dir, vm_exit, &mut backup, &backup_api);
 }
+
+/// `ftvm ctl status | head -1` (or `grep -q`): the reader goes before the answer is written,
+/// and ctl exits 0 without a word (it panicked with a backtrace on the broken pipe).
+#[test]
+fn ctl_answers_into_a_closed_pipe_without_a_panic() {
+    let dir = Dir::new("pipe");
+    let (_vm, api) = vm(&dir, false);
+    let mut child = ftvm()
+        .arg("ctl")
+        .arg("--api")
+        .arg(&api)
+        .arg("status")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before ctl has connected
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), stderr.trim()), (Some(0), ""));
+}
