@@ -14,7 +14,9 @@
 //!   state, is never brought live;
 //! - `protect` while protected is refused; `unprotect` lets the backup stand down and
 //!   `protect` works again; then the guest powers off in the middle of the state: both sides
-//!   end with its status and the backup never resurrects it.
+//!   end with its status and the backup never resurrects it;
+//! - the whole state carries the disk (the backup's image held stale bytes): after more
+//!   writes and the end, both images are byte-identical.
 //!
 //! The link runs through the impairment relay, whose `cut_after` stops it after a given number
 //! of bytes: a cut, or a kill, lands inside the state's transfer whatever the machine's speed.
@@ -188,7 +190,10 @@ fn a_running_vm_protected_in_lockstep_stays_in_step_and_a_sigkill_of_the_primary
 #[test]
 fn the_backup_killed_or_the_link_cut_in_the_middle_of_the_state_leaves_the_primary_serving_until_protected_again() {
     let seed = seed();
+    let started = Instant::now();
+    let phase = |what: &str| println!("{:>7.1} s  {what}", started.elapsed().as_secs_f64());
     let (mut cluster, client) = counter_alone("mid-state", seed);
+    phase("booted");
 
     // 1. The backup killed in the middle of the whole state.
     cluster.relay.cut_after(CUT_AFTER_BYTES);
@@ -196,6 +201,7 @@ fn the_backup_killed_or_the_link_cut_in_the_middle_of_the_state_leaves_the_prima
     wait_cut(&cluster, "the backup killed mid-state");
     cluster.kill_backup();
     let killed = Instant::now();
+    phase("the state cut, the backup killed");
     cluster.relay.set(Link::Pass);
     let alone = wait_unprotected(&mut cluster, "the primary unprotected after its backup died mid-state");
     assert_eq!(alone["mode"], "lockstep", "it keeps trying to reach a backup: {alone}");
@@ -204,6 +210,7 @@ fn the_backup_killed_or_the_link_cut_in_the_middle_of_the_state_leaves_the_prima
         .unwrap_or_else(|e| panic!("seed {seed}: served on after the backup died: {e}\n{}", cluster.explain()));
     cluster.restart_backup();
     wait_in_step(&mut cluster, "protected again by a new backup");
+    phase("protected again by a new backup");
 
     // 2. Unprotect, then the link cut in the middle of the state sent to a new backup.
     let (code, answer) = cluster.ctl_primary(&["unprotect"]);
@@ -214,6 +221,7 @@ fn the_backup_killed_or_the_link_cut_in_the_middle_of_the_state_leaves_the_prima
     cluster.relay.cut_after(CUT_AFTER_BYTES);
     protect_in_lockstep(&cluster);
     wait_cut(&cluster, "the link cut mid-state");
+    phase("the link cut mid-state");
     wait_unprotected(&mut cluster, "the primary unprotected while the link is cut mid-state");
     // The backup holds no whole state: however long the silence, it stays a backup.
     let silent = cluster.wait_backup("the backup hears the silence", Duration::from_secs(60), |s| {
@@ -222,6 +230,7 @@ fn the_backup_killed_or_the_link_cut_in_the_middle_of_the_state_leaves_the_prima
     assert_eq!((&silent["role"], &silent["applied_epoch"]), (&"backup".into(), &Value::Null), "{silent}");
     cluster.relay.set(Link::Pass);
     wait_in_step(&mut cluster, "protected again once the link healed");
+    phase("protected again once the link healed");
     client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
 
     kill_and_check(&mut cluster, &client, delay(seed, 2), seed);
@@ -316,4 +325,53 @@ fn type_on(console: &Path, bytes: &[u8]) {
     use std::io::Write;
     let mut stream = std::os::unix::net::UnixStream::connect(console).expect("the console socket answers");
     stream.write_all(bytes).expect("typed on the console");
+}
+
+/// The whole state carries the disk: a VM that wrote its disk alone is protected in lockstep
+/// by a backup whose image holds stale bytes everywhere (an old copy, say), writes more, and
+/// ends; both images are then byte-identical, and no digest differed on the way.
+#[test]
+fn the_whole_state_carries_the_disk_and_both_images_end_byte_identical() {
+    let seed = seed();
+    let scratch = std::env::temp_dir().join(format!("ftvm-lsp-{}-disk", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let (primary_disk, backup_disk) = (scratch.join("primary.img"), scratch.join("backup.img"));
+    std::fs::write(&primary_disk, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&backup_disk, vec![0xa5u8; 1 << 20]).unwrap();
+    let console = scratch.join("console.sock");
+    let command = "dd if=/dev/urandom of=/dev/vda bs=4k count=32 conv=fsync 2>/dev/null; echo ready; read line; \
+                   printf lockstep | dd of=/dev/vda bs=1 seek=600000 conv=fsync 2>/dev/null; \
+                   dd if=/dev/urandom of=/dev/vda bs=4k seek=100 count=16 conv=fsync 2>/dev/null; echo written";
+    let options = Options {
+        command: vec!["sh".into(), "-c".into(), command.into()],
+        replicate: false,
+        primary_args: vec![
+            "--console-socket".into(),
+            console.display().to_string(),
+            "--disk".into(),
+            primary_disk.display().to_string(),
+        ],
+        backup_args: vec!["--disk".into(), backup_disk.display().to_string()],
+        ..Options::counter(seed)
+    };
+    let mut cluster = Cluster::start("disk", &options);
+    wait_output(&cluster, "ready");
+    protect_in_lockstep(&cluster);
+    wait_in_step(&mut cluster, "protected in lockstep with a disk");
+    type_on(&console, b"go\n");
+    let primary_exit = cluster.primary.wait_exit(Duration::from_secs(120));
+    let (backup_exit, roles) = cluster.wait_backup_exit(Duration::from_secs(60));
+    let explain = cluster.explain();
+    assert_eq!(primary_exit.and_then(|s| s.code()), Some(0), "{explain}");
+    assert!(
+        backup_exit.and_then(|s| s.code()) == Some(0) && roles.iter().all(|r| r == "backup"),
+        "{roles:?}\n{explain}"
+    );
+    wait_output(&cluster, "written");
+    let (primary, backup) = (std::fs::read(&primary_disk).unwrap(), std::fs::read(&backup_disk).unwrap());
+    assert_eq!(&primary[600000..600008], b"lockstep", "the guest wrote the primary's disk after the join");
+    let first_difference = primary.iter().zip(&backup).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "the disk images differ from byte {first_difference:?}\n{explain}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&scratch);
 }
