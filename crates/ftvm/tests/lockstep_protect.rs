@@ -15,6 +15,8 @@
 //! - `protect` while protected is refused; `unprotect` lets the backup stand down and
 //!   `protect` works again; then the guest powers off in the middle of the state: both sides
 //!   end with its status and the backup never resurrects it;
+//! - `unprotect` while the state is cut off mid-way: answered, the VM serves on alone, the
+//!   backup never goes live;
 //! - the whole state carries the disk (the backup's image held stale bytes): after more
 //!   writes and the end, both images are byte-identical.
 //!
@@ -374,4 +376,32 @@ fn the_whole_state_carries_the_disk_and_both_images_end_byte_identical() {
     assert_eq!(first_difference, None, "the disk images differ from byte {first_difference:?}\n{explain}");
     drop(cluster);
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// `unprotect` while the whole state is cut off mid-way: answered at once (the generation
+/// moves forward first), the VM runs on alone and serves; the backup, which never held the
+/// state, never goes live when the link heals.
+#[test]
+fn unprotect_while_the_state_is_cut_off_mid_way_is_answered_and_the_vm_serves_on_alone() {
+    let seed = seed();
+    let (mut cluster, client) = counter_alone("unprotect-mid-state", seed);
+    cluster.relay.cut_after(CUT_AFTER_BYTES);
+    protect_in_lockstep(&cluster);
+    wait_cut(&cluster, "the state cut mid-way");
+    let asked = Instant::now();
+    let (code, answer) = cluster.ctl_primary(&["unprotect"]);
+    let answer = answer.unwrap_or_else(|e| panic!("unprotect ({code}): {e}\n{}", cluster.explain()));
+    assert_eq!((code, &answer["state"]), (0, &"unprotected".into()), "{answer}");
+    println!("unprotect answered in {:?}", asked.elapsed());
+    let alone = cluster.primary_now();
+    assert_eq!((&alone["mode"], &alone["replication"]), (&"none".into(), &Value::Null), "{alone}");
+    client
+        .check_nothing_lost(asked, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("seed {seed}: served on alone: {e}\n{}", cluster.explain()));
+    cluster.relay.set(Link::Pass);
+    let silent = cluster.wait_backup("the backup hears the silence", Duration::from_secs(60), |s| {
+        s["silence_ms"].as_u64() >= Some(1500) || s["role"] != "backup"
+    });
+    assert_eq!((&silent["role"], &silent["applied_epoch"]), (&"backup".into(), &Value::Null), "{silent}");
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
 }
