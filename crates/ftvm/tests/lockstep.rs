@@ -16,15 +16,13 @@
 
 use serde_json::Value;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
 
-fn ftvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ftvm"))
-}
+use common::local::{ftvm, status, wait_status, Proc};
 
 /// A directory for one test's files, removed when dropped.
 struct Scratch(PathBuf);
@@ -52,53 +50,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// A child killed (by its PID) when dropped, so that a failing test leaves nothing running.
-struct Proc(Child);
-
-impl Proc {
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// `ftvm ctl status` of the replica serving `socket`, once it answers.
-fn status(socket: &Path) -> Option<Value> {
-    let out = ftvm().arg("ctl").arg("--api").arg(socket).arg("status").output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Poll `socket`'s status until `done` holds; the last status seen.
-fn wait_status(socket: &Path, limit: Duration, done: impl Fn(&Value) -> bool) -> Option<Value> {
-    let deadline = Instant::now() + limit;
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Some(s) = status(socket) {
-            if done(&s) {
-                return Some(s);
-            }
-            last = Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    last
 }
 
 /// A lockstep pair on loopback: the backup (with `backup_env`) and the primary running
@@ -226,9 +177,9 @@ fn lockstep_sigkill_of_the_primary_at_a_random_point_loses_nothing_and_keeps_tcp
 /// Debian's redis-server in a lockstep pair over the e2e harness's namespaces and relay,
 /// judged by Debian's redis-cli counting with INCR on one long-lived session (root).
 mod redis_faults {
-    use super::common::cluster::{is_protected, Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
+    use super::common::cluster::{Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
     use super::common::netns::Topology;
-    use super::common::redis::{check_consecutive, redis_cli, redis_image, wait_pong, Session, SERVER};
+    use super::common::redis::{check_consecutive, cut_and_heal, redis_cli, redis_image, wait_pong, Session, SERVER};
     use super::common::relay::Mode;
     use super::common::seed;
     use super::common::strangers::{Kind, Strangers};
@@ -277,33 +228,14 @@ mod redis_faults {
         assert!(wait_pong(&ns, BOOT_LIMIT), "redis-server never answered PING\n{}", cluster.explain());
         let protected = cluster.wait_protected(PROTECTED_LIMIT);
         assert_eq!(protected["mode"], "lockstep", "{protected}");
-        let generation = protected["replication"]["generation"].as_u64().expect("a generation");
         let mut session = Session::start(&ns);
         assert!(session.wait_for(50, Duration::from_secs(60), None), "the session got {} replies", session.count());
         let backup = cluster.wait_backup("the backup's status", Duration::from_secs(10), |_| true);
         assert_eq!(backup["role"], "backup", "strangers made the backup take over: {backup}");
         assert_eq!(backup["lockstep"]["divergences"], 0, "{}", cluster.explain());
 
-        cluster.relay.set(Mode::Cut);
-        let cut = Instant::now();
-        let stale =
-            cluster.wait_backup("the backup marked stale by the cut", Duration::from_secs(30), |s| s["stale"] == true);
-        assert_eq!(stale["role"], "backup", "{stale}");
-        let during = session.count();
-        assert!(
-            session.wait_for(during + 10, Duration::from_secs(30), None),
-            "seed {seed}: the lockstep primary stopped serving while cut off\n{}",
-            cluster.explain()
-        );
-        assert!(!is_protected(&cluster.primary_now()), "protected without its backup: {}", cluster.primary_now());
-        let served = session.count_after(cut);
-        cluster.relay.set(Mode::Pass);
-        let healed = cluster.wait_protected(PROTECTED_LIMIT);
-        assert!(healed["replication"]["generation"].as_u64() > Some(generation), "{healed}");
-        let resynced = cluster.wait_backup("the backup resynchronized", Duration::from_secs(60), |s| {
-            s["stale"] == false && s["lockstep"]["diverged"].is_null()
-        });
-        assert_eq!(resynced["role"], "backup", "{resynced}");
+        let in_step = |s: &serde_json::Value| s["lockstep"]["diverged"].is_null();
+        let served = cut_and_heal(&mut cluster, &mut session, seed, PROTECTED_LIMIT, in_step);
         let replies = session.count();
         assert!(session.wait_for(replies + 20, Duration::from_secs(60), None), "the session stalled after the heal");
 

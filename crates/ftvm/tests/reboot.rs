@@ -6,11 +6,14 @@
 //! the backup stands down with the VM's status. Needs the guest image; no root (the
 //! replication link is on loopback).
 
+mod common;
+
+use common::local::{ftvm, wait_status, Proc};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 /// First boot: mark the disk and reboot. Later boots: `then` (which ends with `exit 7`).
 fn reboot_once(then: &str) -> String {
@@ -18,10 +21,6 @@ fn reboot_once(then: &str) -> String {
         "if [ \"$(head -c 11 /dev/vda)\" = booted-once ]; then {then}; fi; \
          echo booted-once > /dev/vda; sync; echo first boot; reboot -f"
     )
-}
-
-fn ftvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ftvm"))
 }
 
 /// A directory for one test's files, removed when dropped.
@@ -86,53 +85,6 @@ fn with_no_reboot_a_guest_reboot_ends_the_run() {
     assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with("first boot\n") && !stdout.contains("second boot"), "{stdout}");
     assert!(marked(&disk), "the first boot ran");
-}
-
-/// A child killed (by its PID) when dropped, so that a failing test leaves nothing running.
-struct Proc(Child);
-
-impl Proc {
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// `ftvm ctl status` of the VM serving `socket`, once it answers.
-fn status(socket: &Path) -> Option<Value> {
-    let out = ftvm().arg("ctl").arg("--api").arg(socket).arg("status").output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Poll `socket`'s status until `done` holds; the last status seen.
-fn wait_status(socket: &Path, limit: Duration, done: impl Fn(&Value) -> bool) -> Option<Value> {
-    let deadline = Instant::now() + limit;
-    let mut last = None;
-    while Instant::now() < deadline {
-        if let Some(s) = status(socket) {
-            if done(&s) {
-                return Some(s);
-            }
-            last = Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    last
 }
 
 #[test]

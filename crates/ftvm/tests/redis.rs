@@ -9,9 +9,9 @@
 
 mod common;
 
-use common::cluster::{is_protected, Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
+use common::cluster::{Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
 use common::netns::Topology;
-use common::redis::{check_consecutive, redis_cli, redis_image, wait_pong, Session, SERVER};
+use common::redis::{check_consecutive, cut_and_heal, redis_cli, redis_image, wait_pong, Session, SERVER};
 use common::relay::Mode;
 use common::seed;
 use common::strangers::{Kind, Strangers};
@@ -108,26 +108,7 @@ fn debians_redis_cli_counts_on_through_strangers_damage_a_cut_and_a_sigkill_in_s
     }
     let damaged = cluster.relay.stats().damaged_chunks;
     cluster.relay.set(Mode::Pass);
-    let protected = cluster.wait_protected(PROTECTED_LIMIT);
-    let generation = protected["replication"]["generation"].as_u64().expect("a generation");
-
-    cluster.relay.set(Mode::Cut);
-    let cut = Instant::now();
-    let stale =
-        cluster.wait_backup("the backup marked stale by the cut", Duration::from_secs(30), |s| s["stale"] == true);
-    assert_eq!(stale["role"], "backup", "{stale}");
-    let during = session.count();
-    assert!(
-        session.wait_for(during + 10, Duration::from_secs(30), None),
-        "seed {seed}: the primary stopped serving while cut off (--on-backup-loss continue)\n{}",
-        cluster.explain()
-    );
-    assert!(!is_protected(&cluster.primary_now()), "protected without its backup: {}", cluster.primary_now());
-    let served = session.count_after(cut);
-    cluster.relay.set(Mode::Pass);
-    let healed = cluster.wait_protected(PROTECTED_LIMIT);
-    assert!(healed["replication"]["generation"].as_u64() > Some(generation), "{healed}");
-    cluster.wait_backup("the backup resynchronized", Duration::from_secs(30), |s| s["stale"] == false);
+    let served = cut_and_heal(&mut cluster, &mut session, seed, PROTECTED_LIMIT, |_| true);
     let opened = strangers.opened();
     let (replies, after) = kill_and_check(cluster, session, seed);
     drop(strangers);

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod client;
 pub mod cluster;
 pub mod keeper;
+pub mod local;
 #[path = "../../src/netns.rs"]
 pub mod netns;
 pub mod redis;

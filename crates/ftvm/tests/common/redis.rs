@@ -161,3 +161,40 @@ pub fn check_consecutive(replies: &[(Instant, String)]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Cut `cluster`'s replication link until the backup says its state is stale, check that the
+/// primary serves `session` on alone (unprotected), then heal the link until the primary is
+/// protected again under a newer generation and the backup is no longer stale (checked by
+/// `resynced` too, e.g. a lockstep backup in step again). The replies served while cut off.
+pub fn cut_and_heal(
+    cluster: &mut super::cluster::Cluster,
+    session: &mut Session,
+    seed: u64,
+    protected_limit: Duration,
+    resynced: impl Fn(&serde_json::Value) -> bool,
+) -> usize {
+    use super::cluster::is_protected;
+    use super::relay::Mode;
+    let protected = cluster.wait_protected(protected_limit);
+    let generation = protected["replication"]["generation"].as_u64().expect("a generation");
+    cluster.relay.set(Mode::Cut);
+    let cut = Instant::now();
+    let stale =
+        cluster.wait_backup("the backup marked stale by the cut", Duration::from_secs(30), |s| s["stale"] == true);
+    assert_eq!(stale["role"], "backup", "{stale}");
+    let during = session.count();
+    assert!(
+        session.wait_for(during + 10, Duration::from_secs(30), None),
+        "seed {seed}: the primary stopped serving while cut off (--on-backup-loss continue)\n{}",
+        cluster.explain()
+    );
+    assert!(!is_protected(&cluster.primary_now()), "protected without its backup: {}", cluster.primary_now());
+    let served = session.count_after(cut);
+    cluster.relay.set(Mode::Pass);
+    let healed = cluster.wait_protected(protected_limit);
+    assert!(healed["replication"]["generation"].as_u64() > Some(generation), "{healed}");
+    let back = cluster
+        .wait_backup("the backup resynchronized", Duration::from_secs(60), |s| s["stale"] == false && resynced(s));
+    assert_eq!(back["role"], "backup", "{back}");
+    served
+}
