@@ -20,10 +20,12 @@ mod common;
 mod etcd_server;
 
 use common::client::Client;
-use common::cluster::{is_protected, tail, Cluster, Options, BOOT_LIMIT, RELAY_PORT};
+use common::cluster::{is_protected, tail, Cluster, Options, BACKUP_PORT, BOOT_LIMIT, RELAY_PORT};
 use common::netns::Topology;
 use common::relay::Mode;
+use common::strangers::{Kind, Strangers};
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const ANSWERS_BEFORE: usize = 20;
@@ -35,11 +37,16 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// client counting.
 fn start(name: &str, primary_failpoints: Option<&str>, backup_failpoints: Option<&str>) -> (Cluster, Client) {
     let options = Options {
-        replicate: false,
         primary_failpoints: primary_failpoints.map(String::from),
         backup_failpoints: backup_failpoints.map(String::from),
         ..Options::counter(common::seed())
     };
+    start_with(name, options)
+}
+
+/// [`start`] with these options (the source always starts alone).
+fn start_with(name: &str, options: Options) -> (Cluster, Client) {
+    let options = Options { replicate: false, ..options };
     let cluster = Cluster::start(name, &options);
     let client = Client::start(&cluster.topo.client_ns());
     if !client.wait_for_answers(ANSWERS_BEFORE, BOOT_LIMIT) {
@@ -215,6 +222,9 @@ enum Strike {
     KillDestination(&'static str),
     /// Once this side logs this line (it waits at a fault point then), the link is cut.
     Cut(Side, &'static str),
+    /// Once the destination logs this line (it waits at a fault point then), the source is
+    /// SIGKILLed.
+    KillSource(&'static str),
 }
 
 /// A migration with fault points (`FAILPOINTS` of the source and of the destination),
@@ -240,6 +250,11 @@ fn interrupted(name: &str, failpoints: (Option<&str>, Option<&str>), strike: Str
         Strike::Cut(side, line) => {
             wait_for_line(&cluster, log(side), line, SETTLE_LIMIT);
             cluster.relay.set(Mode::Cut);
+        }
+        Strike::KillSource(line) => {
+            wait_for_line(&cluster, log(Side::Destination), line, SETTLE_LIMIT);
+            let _ = cluster.primary.child.kill();
+            let _ = cluster.primary.child.wait();
         }
     }
     let fault = Instant::now();
@@ -332,6 +347,233 @@ fn a_link_cut_after_the_switchover_message_leaves_exactly_one_vm() {
     let failpoints = (None, Some("migrate::dest-claimed=sleep(1500)"));
     let strike = Strike::Cut(Side::Destination, "the ownership record is this replica's");
     interrupted("migrate-cut", failpoints, strike, None);
+}
+
+/// The source dies in the middle of the switchover: the destination has swapped the record
+/// (it waits at a fault point before it answers `SwitchedOver`) and the source is SIGKILLed
+/// before its `HandedOver`. The destination, without the source's word, swaps the record once
+/// more after its handover timeout and runs; nothing the client was told is lost.
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_source_killed_after_the_destination_took_the_record_leaves_the_destination_running() {
+    let failpoints = (None, Some("migrate::dest-claimed=sleep(1500)"));
+    let strike = Strike::KillSource("the ownership record is this replica's");
+    interrupted("migrate-src-switch", failpoints, strike, Some(Side::Destination));
+}
+
+/// The destination's replication address, where strangers knock (not through the relay).
+fn destination_port() -> SocketAddr {
+    format!("{}:{BACKUP_PORT}", Topology::BACKUP_REPL_ADDR).parse().expect("an address")
+}
+
+/// Wait until `done`, polling; panics with `what` after `limit`.
+fn wait_until(cluster: &Cluster, what: &str, limit: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}\n{}", cluster.explain());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Strangers on the destination's port before, during and after a migration: first a flood
+/// (100 connections each of idle, garbage, slow-header and wrong-key strangers, and
+/// hang-ups), then one of each kind every 50 ms throughout the migration and after it. A
+/// second `ctl migrate` while the first is under way is refused. The migration completes,
+/// the client loses nothing, the destination logs the strangers it refused (naming the wrong
+/// key) and never panics.
+#[test]
+fn strangers_on_the_destinations_port_before_during_and_after_a_migration_disturb_nothing() {
+    let seed = common::seed();
+    let (mut cluster, client) = start("migrate-strangers", None, None);
+    let ns = cluster.topo.primary_ns();
+    let kinds = [Kind::Idle, Kind::Garbage, Kind::SlowHeader, Kind::WrongKey, Kind::Hangup];
+    let flood = Strangers::flood(&ns, destination_port(), &kinds, 100, seed);
+    wait_until(&cluster, "the flood", SETTLE_LIMIT, || flood.opened() + flood.refused() >= 500);
+    let waiting = cluster.wait_backup("the destination waiting, strangers refused", SETTLE_LIMIT, |s| {
+        s["refused_connections"].as_u64() >= Some(100)
+    });
+    assert_eq!(waiting["role"], "backup", "{waiting}");
+    let during = Strangers::every(&ns, destination_port(), &kinds, Duration::from_millis(50), seed + 1);
+    let ctl = migrate(&cluster);
+    cluster.wait_primary("the migration under way", SETTLE_LIMIT, |s| s["migration"]["phase"] == "precopy");
+    let key = cluster.key_file().display().to_string();
+    let elsewhere = format!("{}:{BACKUP_PORT}", Topology::PRIMARY_REPL_ADDR);
+    let (code, second) = cluster.ctl_primary(&["migrate", "--to", &elsewhere, "--key", &key]);
+    assert!(code != 0 && format!("{second:?}").contains("under way already"), "a second migrate: {code} {second:?}");
+    let (code, answer) = ctl.join().expect("ctl thread");
+    let migrated = Instant::now();
+    assert_eq!(code, 0, "the migration through the strangers: {answer:?}\n{}", cluster.explain());
+    let exit = cluster.primary.wait_exit(SETTLE_LIMIT);
+    assert!(exit.is_some_and(|s| s.success()), "the source exits 0: {exit:?}\n{}", cluster.explain());
+    let live = cluster.wait_backup("the destination live", SETTLE_LIMIT, |s| s["role"] == "primary");
+    assert_eq!(live["took_over"]["migration"]["confirmed"], true, "{live}");
+    let knocked = during.opened() + during.refused();
+    wait_until(&cluster, "strangers after the migration", SETTLE_LIMIT, || {
+        during.opened() + during.refused() >= knocked + 50
+    });
+    let verdict = client
+        .check_nothing_lost(migrated, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    assert!(cluster.backup.exited().is_none(), "the destination runs\n{}", cluster.explain());
+    let log = std::fs::read_to_string(&cluster.backup.log).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{}", tail(&cluster.backup.log, 40));
+    let wrong_key =
+        "refused: bad frame from the peer: the peer's first frame failed authentication: the two sides use \
+                     different pre-shared keys (give both the same --key FILE)";
+    assert!(log.contains(wrong_key), "the wrong key is named\n{}", tail(&cluster.backup.log, 40));
+    println!(
+        "strangers: flood {} opened / {} refused, then {} opened / {} refused; {}",
+        flood.opened(),
+        flood.refused(),
+        during.opened(),
+        during.refused(),
+        verdict.describe()
+    );
+}
+
+/// The guest's command for the power-off tests: the counter service, and a listener on port
+/// 7002 whose first connection, once closed, ends the command (and so the VM) with status 7.
+fn counter_until_knocked() -> Vec<String> {
+    let script = "/usr/share/ftvm/counter-httpd & nc -l -p 7002 >/dev/null; exit 7";
+    ["sh", "-c", script].map(String::from).to_vec()
+}
+
+/// Knock on the guest's port 7002 from the client's host (waiting out a switchover: the SYN is
+/// sent again), on a thread: the guest powers off.
+fn knock(cluster: &Cluster) -> std::thread::JoinHandle<bool> {
+    let netns = std::fs::File::open(format!("/var/run/netns/{}", cluster.topo.client_ns())).expect("namespace");
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the client's host");
+        let addr: SocketAddr = "10.0.2.15:7002".parse().expect("an address");
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30)).is_ok()
+    })
+}
+
+/// The VM's record in the test's file store.
+fn record(cluster: &Cluster, vm_id: &str) -> store::OwnershipRecord {
+    let spec = format!("file:{}", cluster.dir.join("store").display());
+    let mut store = store::open(&spec).expect("the file store opens");
+    store.read(vm_id).expect("the store answers").expect("the VM has a record")
+}
+
+/// The guest powers off during the pre-copy, as a fault in sequence: the link stalls while
+/// the full checkpoint is on its way (so the pre-copy cannot finish first), then the guest is
+/// told to power off. The source ends the VM and answers `ctl migrate` with an error; the
+/// destination, which never held a whole checkpoint, exits with the VM's status and never
+/// goes live; the record says the VM ended.
+#[test]
+fn a_guest_that_powers_off_during_the_precopy_ends_once_and_never_runs_at_the_destination() {
+    let options = Options { command: counter_until_knocked(), ..Options::counter(common::seed()) };
+    let (mut cluster, _client) = start_with("migrate-off-pre", options);
+    let vm_id = cluster.primary_now()["vm_id"].as_str().expect("a vm_id").to_string();
+    let ctl = migrate(&cluster);
+    cluster.wait_backup("the full checkpoint on its way", SETTLE_LIMIT, |s| {
+        s["partial_checkpoint_bytes"].as_u64() > Some(0)
+    });
+    cluster.relay.set(Mode::Cut);
+    assert!(knock(&cluster).join().expect("knock thread"), "the guest's port 7002 answered\n{}", cluster.explain());
+    let (code, answer) = ctl.join().expect("ctl thread");
+    assert_ne!(code, 0, "the migration of an ended VM is not answered as done: {answer:?}");
+    let source = cluster.primary.wait_exit(SETTLE_LIMIT);
+    let (destination, roles) = cluster.wait_backup_exit(SETTLE_LIMIT);
+    cluster.relay.set(Mode::Pass);
+    assert!(
+        source.and_then(|s| s.code()) == Some(7)
+            && destination.and_then(|s| s.code()) == Some(7)
+            && roles.iter().all(|r| r == "backup"),
+        "source exit {source:?}, destination exit {destination:?}, roles seen {roles:?}\n{}",
+        cluster.explain()
+    );
+    let ended = record(&cluster, &vm_id);
+    assert_eq!(ended.state, store::VmState::Ended { exit_code: 7 }, "{ended:?}");
+}
+
+/// The guest is told to power off while the source is paused for the stop-and-copy (it waits
+/// at a fault point): the switchover goes on, the destination runs the VM, which gets the
+/// request and ends there. Exactly one side reports the end: the source exits 0 saying the VM
+/// migrated, the destination exits with the VM's status 7, and the record says it ended.
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_guest_told_to_power_off_during_the_stop_and_copy_ends_at_the_destination_only() {
+    let options = Options {
+        command: counter_until_knocked(),
+        primary_failpoints: Some("migrate::final-checkpoint=sleep(1500)".into()),
+        ..Options::counter(common::seed())
+    };
+    let (mut cluster, _client) = start_with("migrate-off-stop", options);
+    let vm_id = cluster.primary_now()["vm_id"].as_str().expect("a vm_id").to_string();
+    let ctl = migrate(&cluster);
+    wait_for_line(&cluster, &cluster.primary.log.clone(), "stop-and-copy", SETTLE_LIMIT);
+    let knocked = knock(&cluster);
+    let (code, answer) = ctl.join().expect("ctl thread");
+    assert_eq!(code, 0, "the migration completes: {answer:?}\n{}", cluster.explain());
+    assert!(knocked.join().expect("knock thread"), "the guest's port 7002 answered\n{}", cluster.explain());
+    let source = cluster.primary.wait_exit(SETTLE_LIMIT);
+    let destination = cluster.backup.wait_exit(SETTLE_LIMIT);
+    assert!(
+        source.and_then(|s| s.code()) == Some(0) && destination.and_then(|s| s.code()) == Some(7),
+        "source exit {source:?}, destination exit {destination:?}\n{}",
+        cluster.explain()
+    );
+    assert!(tail(&cluster.primary.log, 5).contains("migrated to"), "{}", cluster.explain());
+    let ended = record(&cluster, &vm_id);
+    assert_eq!(ended.state, store::VmState::Ended { exit_code: 7 }, "{ended:?}");
+}
+
+/// Faults in sequence: the link is cut loudly during the full checkpoint (the pre-copy goes
+/// on over a new connection), then silently at the end of the pre-copy for longer than the
+/// source waits (the destination's detection timeout is longer still): the migration is
+/// called off and the source runs on. Retried to the same destination, it completes; then the
+/// VM migrates on to a third replica back in the first host (A → B → A). One VM throughout,
+/// and the client, counting all along, loses nothing and sees no value twice.
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs fault points: --features failpoints")]
+fn a_migration_cut_twice_and_called_off_is_retried_to_the_same_destination_then_moves_on() {
+    let options = Options {
+        failover_timeout_ms: 10_000,
+        primary_failpoints: Some("migrate::caught-up=1*sleep(1500)".into()),
+        ..Options::counter(common::seed())
+    };
+    let (mut cluster, client) = start_with("migrate-retry", options);
+    let ctl = migrate(&cluster);
+    cluster.wait_backup("the full checkpoint on its way", SETTLE_LIMIT, |s| {
+        s["partial_checkpoint_bytes"].as_u64() > Some(0) || !s["applied_epoch"].is_null()
+    });
+    let connections = cluster.relay.stats().connections;
+    cluster.relay.reset();
+    wait_for_line(&cluster, &cluster.primary.log.clone(), "caught up", SETTLE_LIMIT);
+    assert!(cluster.relay.stats().connections > connections, "the source came back after the first cut");
+    cluster.relay.set(Mode::Cut);
+    let cut = Instant::now();
+    let (code, answer) = ctl.join().expect("ctl thread");
+    assert_ne!(code, 0, "the migration is called off: {answer:?}\n{}", cluster.explain());
+    cluster.relay.set(Mode::Pass);
+    check_one_vm(&mut cluster, &client, cut, Some(false));
+    let (code, answer) = migrate(&cluster).join().expect("ctl thread");
+    let migrated = Instant::now();
+    assert_eq!(code, 0, "retried to the same destination: {answer:?}\n{}", cluster.explain());
+    let exit = cluster.primary.wait_exit(SETTLE_LIMIT);
+    assert!(exit.is_some_and(|s| s.success()), "the source exits 0: {exit:?}\n{}", cluster.explain());
+    cluster.wait_backup("B live", SETTLE_LIMIT, |s| s["role"] == "primary");
+    client
+        .check_nothing_lost(migrated, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    // B → a third replica in A's host.
+    let to = cluster.fresh_backup_in_primary_host(500);
+    let key = cluster.key_file().display().to_string();
+    let (code, answer) = cluster.ctl_primary(&["migrate", "--to", &to, "--key", &key]);
+    let moved = Instant::now();
+    assert_eq!(code, 0, "migrated on to A's host: {answer:?}\n{}", cluster.explain());
+    let exit = cluster.primary.wait_exit(SETTLE_LIMIT);
+    assert!(exit.is_some_and(|s| s.success()), "B exits 0: {exit:?}\n{}", cluster.explain());
+    let live = cluster.wait_backup("the third replica live", SETTLE_LIMIT, |s| s["role"] == "primary");
+    assert_eq!(live["took_over"]["migration"]["confirmed"], true, "{live}");
+    let verdict = client
+        .check_nothing_lost(moved, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    println!("A -> B (cut twice, called off) -> B -> A: {}", verdict.describe());
 }
 
 /// `GET PATH` on a control socket: the body of a 200 answer.

@@ -196,6 +196,11 @@ pub struct Migration {
     pub paused_ms: Option<f64>,
     /// The final checkpoint's epoch.
     pub final_epoch: Option<u64>,
+    /// The final checkpoint's size (what the stop-and-copy copied) and its dirty pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_pages: Option<u64>,
     /// Why it was called off.
     pub error: Option<String>,
 }
@@ -237,6 +242,10 @@ pub struct DowntimePhases {
     /// Making the swap durable (the file store's directory fsync), while `SwitchedOver` and
     /// `HandedOver` travel.
     pub sync_ms: f64,
+    /// Of the final copy, the part until the final checkpoint was whole here (taken, framed,
+    /// sent, received); the rest is its apply on the machine's thread.
+    #[serde(default)]
+    pub transfer_ms: f64,
 }
 
 impl Arrival {

@@ -49,6 +49,8 @@ struct Round {
     checkpoints: u64,
     source_paused_ms: f64,
     downtime_ms: f64,
+    /// The final checkpoint's size.
+    final_bytes: u64,
     phases: Option<DowntimePhases>,
 }
 
@@ -139,6 +141,7 @@ pub fn run(args: MigrateBench) -> Result<i32> {
             checkpoints: figures["checkpoints"].as_u64().unwrap_or(0),
             source_paused_ms: figures["paused_ms"].as_f64().unwrap_or(0.0),
             downtime_ms: arrival.as_ref().map_or(0.0, |a| a.downtime_ms),
+            final_bytes: figures["final_bytes"].as_u64().unwrap_or(0),
             phases: arrival.as_ref().and_then(|a| a.phases),
         };
         eprintln!(
@@ -163,36 +166,40 @@ pub fn run(args: MigrateBench) -> Result<i32> {
 fn print(rounds: &[Round], epoch_ms: u64) {
     println!("live migration of the default guest under load (loopback, pre-copy epochs of {epoch_ms} ms):");
     println!(
-        "{:>4} {:>10} {:>10} {:>12} {:>16} {:>12}",
-        "run", "total ms", "MiB sent", "checkpoints", "source paused ms", "downtime ms"
+        "{:>4} {:>10} {:>10} {:>12} {:>10} {:>16} {:>12}",
+        "run", "total ms", "MiB sent", "checkpoints", "final KiB", "source paused ms", "downtime ms"
     );
     for (i, r) in rounds.iter().enumerate() {
         println!(
-            "{:>4} {:>10.0} {:>10.1} {:>12} {:>16.2} {:>12.2}",
+            "{:>4} {:>10.0} {:>10.1} {:>12} {:>10.0} {:>16.2} {:>12.2}",
             i + 1,
             r.total_ms,
             r.bytes as f64 / (1 << 20) as f64,
             r.checkpoints,
+            r.final_bytes as f64 / 1024.0,
             r.source_paused_ms,
             r.downtime_ms
         );
     }
-    println!("where the downtime went (ms; the first four add up to it; swap and sync are parts measured alone):");
     println!(
-        "{:>4} {:>11} {:>8} {:>9} {:>7} {:>7} {:>7}",
-        "run", "final copy", "record", "handover", "start", "swap", "sync"
+        "where the downtime went (ms; the first four add up to it; swap, sync and transfer are parts measured alone):"
+    );
+    println!(
+        "{:>4} {:>11} {:>8} {:>9} {:>7} {:>7} {:>7} {:>9}",
+        "run", "final copy", "record", "handover", "start", "swap", "sync", "transfer"
     );
     for (i, r) in rounds.iter().enumerate() {
         let Some(p) = r.phases else { continue };
         println!(
-            "{:>4} {:>11.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2}",
+            "{:>4} {:>11.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>9.2}",
             i + 1,
             p.final_copy_ms,
             p.record_ms,
             p.handover_ms,
             p.start_ms,
             p.swap_ms,
-            p.sync_ms
+            p.sync_ms,
+            p.transfer_ms
         );
     }
     let median = |f: fn(&DowntimePhases) -> f64| {
@@ -201,13 +208,14 @@ fn print(rounds: &[Round], epoch_ms: u64) {
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     println!(
-        "median {:>11.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2}",
+        "median {:>11.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>9.2}",
         median(|p| p.final_copy_ms),
         median(|p| p.record_ms),
         median(|p| p.handover_ms),
         median(|p| p.start_ms),
         median(|p| p.swap_ms),
-        median(|p| p.sync_ms)
+        median(|p| p.sync_ms),
+        median(|p| p.transfer_ms)
     );
     let mut downtimes: Vec<f64> = rounds.iter().map(|r| r.downtime_ms).collect();
     downtimes.sort_by(f64::total_cmp);

@@ -5,7 +5,9 @@
 //! - `Garbage`: sends random bytes, then holds the connection;
 //! - `SlowHeader`: sends a plausible frame header announcing a first frame of the
 //!   largest size allowed, then one byte at a time (a slowloris);
-//! - `Hangup`: connects and closes at once.
+//! - `Hangup`: connects and closes at once;
+//! - `WrongKey`: sends a well-formed `Hello` framed under another pre-shared key (a peer
+//!   given the wrong `--key`, or a forger), then holds the connection.
 //!
 //! They run on threads inside a namespace (another "host") and stop, closing everything,
 //! when dropped.
@@ -24,6 +26,7 @@ pub enum Kind {
     Garbage,
     SlowHeader,
     Hangup,
+    WrongKey,
 }
 
 /// Connections held open by one stranger thread at most (older ones are closed).
@@ -174,6 +177,30 @@ impl Plan {
                 let _ = stream.write_all(&header);
                 Some(stream)
             }
+            Kind::WrongKey => {
+                let _ = stream.write_all(&wrong_key_hello(rng));
+                Some(stream)
+            }
         }
     }
+}
+
+/// A `Hello` as a primary sends it, framed under a random pre-shared key (not the backup's).
+fn wrong_key_hello(rng: &mut SplitMix64) -> Vec<u8> {
+    use replica::wire::{Direction, Encoder, PresharedKey};
+    let secret: Vec<u8> = (0..32).map(|_| rng.next() as u8).collect();
+    let key = PresharedKey::new(&secret).expect("32 bytes make a key");
+    let mut nonce = [0u8; replica::wire::NONCE_BYTES];
+    nonce.iter_mut().for_each(|b| *b = rng.next() as u8);
+    let hello = replica::Message::Hello {
+        protocol_version: replica::PROTOCOL_VERSION,
+        role: replica::Role::Primary,
+        config_digest: [0; 32],
+        nonce,
+        run_id: rng.next(),
+        generation: 1,
+    };
+    let (frame_type, payload) = hello.encode();
+    let mut encoder = Encoder::new(key.hello_key(Direction::PrimaryToBackup));
+    encoder.encode(frame_type, &payload).expect("a Hello fits in a frame")
 }

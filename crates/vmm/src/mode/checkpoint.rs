@@ -232,6 +232,11 @@ impl<V: Vm> CheckpointPrimary<V> {
         let _ = self.handle.tx.send(ToRepl::Switchover { paused_at_unix_us });
     }
 
+    /// The size and dirty pages of the last checkpoint taken.
+    pub fn last_checkpoint_size(&self) -> Option<(u64, u64)> {
+        self.last.map(|c| (c.bytes as u64, c.pages as u64))
+    }
+
     /// Bytes written to the backup so far.
     pub fn bytes_sent(&self) -> u64 {
         self.handle.shared.lock().expect("not poisoned").bytes_sent

@@ -41,6 +41,8 @@ pub struct MigrationSource<V: Vm> {
     paused_ms: Option<f64>,
     total_ms: Option<f64>,
     final_epoch: Option<u64>,
+    /// The final checkpoint's bytes and dirty pages.
+    final_size: Option<(u64, u64)>,
     error: Option<String>,
     /// `ctl migrate`'s answer, owed until the migration is over.
     reply: Option<Sender<Reply>>,
@@ -64,6 +66,7 @@ impl<V: Vm> MigrationSource<V> {
             paused_ms: None,
             total_ms: None,
             final_epoch: None,
+            final_size: None,
             error: None,
             reply: Some(reply),
             said_caught_up: false,
@@ -80,6 +83,8 @@ impl<V: Vm> MigrationSource<V> {
             checkpoints: self.inner.checkpoints_taken(),
             paused_ms: self.paused_ms.or_else(|| self.paused_at.map(|p| p.elapsed().as_secs_f64() * 1e3)),
             final_epoch: self.final_epoch,
+            final_bytes: self.final_size.map(|s| s.0),
+            final_pages: self.final_size.map(|s| s.1),
             error: self.error.clone(),
         }
     }
@@ -151,9 +156,15 @@ impl<V: Vm> MigrationSource<V> {
         self.phase = MigrationPhase::Switchover;
         let epoch = self.inner.checkpoint_now(vm)?;
         self.final_epoch = Some(epoch);
+        self.final_size = self.inner.last_checkpoint_size();
+        let (bytes, pages) = self.final_size.unwrap_or_default();
         log::line(
             Source::Replication,
-            format_args!("migration to {}: stop-and-copy: the guest is paused, final checkpoint {epoch}", self.to),
+            format_args!(
+                "migration to {}: stop-and-copy: the guest is paused, final checkpoint {epoch} ({bytes} bytes, {pages} \
+                 pages)",
+                self.to
+            ),
         );
         crate::keeper::fault::point("migrate::final-checkpoint");
         self.inner.switch_over(paused_at_unix_us);

@@ -37,6 +37,11 @@ const CHECKPOINT_SLACK_BYTES: u64 = 64 << 20;
 const MAX_OPEN_CONNECTIONS: usize = 64;
 /// After accept fails (descriptors exhausted, say), wait this long before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Refused connections are logged one line each, up to this many a second for each reason
+/// and this many a second in all; the rest of the second's are counted in one line (a flood
+/// must not flood the log, nor hide that it happened, nor hide one kind behind another).
+const REFUSAL_LINES_PER_REASON: u32 = 3;
+const REFUSAL_LINES_PER_S: u32 = 16;
 
 /// What a backup needs to wait for its primary.
 pub struct BackupOptions {
@@ -170,6 +175,7 @@ pub fn start_from(
         executed_icount: 0,
         deferred_ack: None,
         timeline: super::migrate::Timeline::default(),
+        refusals: RefusalLog::new(),
     };
     let thread = std::thread::Builder::new()
         .name("backup".into())
@@ -201,6 +207,78 @@ impl Connections {
     }
 }
 
+/// The log of refused connections (strangers, mostly): one line each, naming the peer and
+/// the reason, up to [`REFUSAL_LINES_PER_REASON`] a second for each reason and
+/// [`REFUSAL_LINES_PER_S`] in all; then one line a second counting the rest (status
+/// `refused_connections` counts them all).
+struct RefusalLog {
+    since: Instant,
+    lines: u32,
+    by_reason: HashMap<Reason, u32>,
+    unlogged: u64,
+}
+
+/// Which kind of refusal a line is (the error's variant, and the wire error's within it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Reason {
+    AtAccept,
+    Protocol(std::mem::Discriminant<replica::ProtocolError>, Option<std::mem::Discriminant<replica::WireError>>),
+}
+
+impl Reason {
+    fn of(error: &replica::ProtocolError) -> Reason {
+        let wire = match error {
+            replica::ProtocolError::Wire(w) => Some(std::mem::discriminant(w)),
+            _ => None,
+        };
+        Reason::Protocol(std::mem::discriminant(error), wire)
+    }
+}
+
+impl RefusalLog {
+    fn new() -> RefusalLog {
+        RefusalLog { since: Instant::now(), lines: 0, by_reason: HashMap::new(), unlogged: 0 }
+    }
+
+    /// A connection from `peer` was refused (or closed before it authenticated) for `why`.
+    fn refused(
+        &mut self,
+        conn: ConnId,
+        peer: Option<std::net::SocketAddr>,
+        reason: Reason,
+        why: &dyn std::fmt::Display,
+    ) {
+        self.roll();
+        let of_reason = self.by_reason.entry(reason).or_default();
+        if self.lines >= REFUSAL_LINES_PER_S || *of_reason >= REFUSAL_LINES_PER_REASON {
+            self.unlogged += 1;
+            return;
+        }
+        *of_reason += 1;
+        self.lines += 1;
+        let peer = peer.map_or_else(|| "an unknown peer".to_string(), |p| p.to_string());
+        log::line(Source::Backup, format_args!("connection {conn} from {peer} refused: {why}"));
+    }
+
+    /// A new second: say how many went unlogged in the last.
+    fn roll(&mut self) {
+        if self.since.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        if self.unlogged > 0 {
+            log::line(
+                Source::Backup,
+                format_args!(
+                    "{} more connections refused in the last {:.1} s (not logged one by one)",
+                    self.unlogged,
+                    self.since.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        *self = RefusalLog::new();
+    }
+}
+
 /// The protocol thread's state.
 struct Waiting {
     backup: Backup,
@@ -218,6 +296,7 @@ struct Waiting {
     deferred_ack: Option<(u64, u64)>,
     /// A switchover's steps, for the downtime's breakdown.
     timeline: super::migrate::Timeline,
+    refusals: RefusalLog,
 }
 
 /// What ends the waiting, as the core decided it (or the driver asked).
@@ -271,6 +350,7 @@ impl Waiting {
                 return self.end(decided);
             }
             self.publish();
+            self.refusals.roll();
             if last_report.elapsed() >= Duration::from_secs(5) {
                 last_report = Instant::now();
                 self.report();
@@ -377,16 +457,25 @@ impl Waiting {
     }
 
     fn accept(&mut self, stream: TcpStream) -> Result<Vec<BackupAction>> {
+        self.conns.next_id += 1;
+        let conn = self.conns.next_id;
         if self.conns.streams.len() >= MAX_OPEN_CONNECTIONS {
+            let why = format_args!("{MAX_OPEN_CONNECTIONS} connections are open already");
+            self.refusals.refused(conn, stream.peer_addr().ok(), Reason::AtAccept, &why);
             let _ = stream.shutdown(std::net::Shutdown::Both);
             return Ok(Vec::new());
         }
-        let Ok(reader) = stream.try_clone() else {
-            return Ok(Vec::new()); // out of descriptors: refuse this one, keep the rest
+        let reader = match stream.try_clone() {
+            Ok(reader) => reader,
+            Err(e) => {
+                // Out of descriptors: refuse this one, keep the rest.
+                let why = format_args!("cannot read it: {e}");
+                self.refusals.refused(conn, stream.peer_addr().ok(), Reason::AtAccept, &why);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Ok(Vec::new());
+            }
         };
         super::tune_link(&stream);
-        self.conns.next_id += 1;
-        let conn = self.conns.next_id;
         spawn_reader(reader, conn, self.tx.clone());
         self.conns.streams.insert(conn, stream);
         Ok(self.backup.step(BackupEvent::Connected { conn, nonce: nonce()? }))
@@ -409,6 +498,7 @@ impl Waiting {
                 }
                 BackupAction::ApplyCheckpoint { run_id, epoch, icount, payload, .. } => {
                     self.handed_icount = Some(icount);
+                    self.timeline.handed();
                     // A lockstep batch is held once this process has it (its follower answers
                     // a divergence with StateLost): acknowledged now, without waiting for the
                     // driver, which runs the machine meanwhile.
@@ -425,12 +515,14 @@ impl Waiting {
                     }
                 }
                 BackupAction::Close { conn, error } => {
-                    // Strangers come and go by the hundred: their refusals are counted in the
-                    // status (refused_connections), not logged one by one.
-                    use replica::ProtocolError as E;
-                    let stranger = matches!(error, E::HandshakeTimeout { .. } | E::TooManyHandshakes | E::Wire(_));
-                    if !stranger || self.conns.primary == Some(conn) {
-                        log::line(Source::Backup, format_args!("connection {conn} closed: {error}"));
+                    // Strangers come and go by the hundred: each gets a line, up to a few a
+                    // second (status refused_connections counts them all).
+                    match self.conns.primary == Some(conn) {
+                        true => log::line(Source::Backup, format_args!("connection {conn} closed: {error}")),
+                        false => {
+                            let peer = self.conns.streams.get(&conn).and_then(|s| s.peer_addr().ok());
+                            self.refusals.refused(conn, peer, Reason::of(&error), &error);
+                        }
                     }
                     self.conns.close(conn);
                 }
@@ -492,16 +584,27 @@ impl Waiting {
 }
 
 fn spawn_acceptor(listener: TcpListener, tx: Sender<ToBackup>) {
-    std::thread::spawn(move || loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if tx.send(ToBackup::Accepted(stream)).is_err() {
-                    return;
+    std::thread::spawn(move || {
+        let mut said: Option<Instant> = None;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    // Once the waiting is over the stream is dropped (closed) and so is the
+                    // listener: later connections are refused by the kernel.
+                    if tx.send(ToBackup::Accepted(stream)).is_err() {
+                        return;
+                    }
+                }
+                // Out of descriptors (EMFILE) or a connection reset before accept: the backup
+                // refuses new connections for a moment and keeps the link it has.
+                Err(e) => {
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                        said = Some(Instant::now());
+                        log::line(Source::Backup, format_args!("cannot accept a connection: {e}; retrying"));
+                    }
+                    std::thread::sleep(ACCEPT_BACKOFF);
                 }
             }
-            // Out of descriptors (EMFILE) or a connection reset before accept: the backup
-            // refuses new connections for a moment and keeps the link it has.
-            Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
         }
     });
 }

@@ -21,6 +21,8 @@ pub(crate) fn unix_us() -> u64 {
 /// When this replica's steps of a switchover happened (unix µs), for the downtime's breakdown.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Timeline {
+    /// The last checkpoint handed to the machine's thread to be applied.
+    handed_us: u64,
     /// The last checkpoint applied (the final one, once the switchover is under way).
     applied_us: u64,
     swap_started_us: u64,
@@ -30,6 +32,10 @@ pub(crate) struct Timeline {
 }
 
 impl Timeline {
+    pub(crate) fn handed(&mut self) {
+        self.handed_us = unix_us();
+    }
+
     pub(crate) fn applied(&mut self) {
         self.applied_us = unix_us();
     }
@@ -75,6 +81,7 @@ pub(crate) fn arrival(handover: Option<replica::Handover>, timeline: &Timeline) 
             start_ms: 0.0,
             swap_ms: ms(timeline.swap_started_us, timeline.swapped_us.max(timeline.swap_started_us)),
             sync_ms: timeline.sync_us as f64 / 1e3,
+            transfer_ms: ms(paused, timeline.handed_us.max(paused)),
         }),
     })
 }
