@@ -432,6 +432,43 @@ fn strangers_on_the_destinations_port_before_during_and_after_a_migration_distur
     );
 }
 
+/// An operator's mistake, from the destination's view a stranger with the wrong key:
+/// `ctl migrate --key` with another key is called off with an error that names the keys, the
+/// VM runs on at the source, and the destination then takes the migration with the right key.
+#[test]
+fn a_migrate_with_the_wrong_key_is_called_off_saying_so_and_the_right_key_then_migrates() {
+    let (mut cluster, client) = start("migrate-key", None, None);
+    let wrong = cluster.dir.join("wrong-key");
+    std::fs::write(&wrong, "ffeeddccbbaa99887766554433221100").expect("key file");
+    let to = format!("{}:{RELAY_PORT}", Topology::BACKUP_REPL_ADDR);
+    let (code, answer) = cluster.ctl_primary(&["migrate", "--to", &to, "--key", &wrong.display().to_string()]);
+    let refused = Instant::now();
+    assert!(
+        code != 0 && format!("{answer:?}").contains("pre-shared keys"),
+        "the wrong key is named: {code} {answer:?}\n{}",
+        cluster.explain()
+    );
+    // The source runs on; the destination, which never heard an authenticated frame, waits.
+    let source = cluster.primary_now();
+    let destination = cluster.backup_now();
+    assert!(
+        source["state"] == "running" && source["migration"].is_null() && destination["role"] == "backup",
+        "{source}\n{destination}"
+    );
+    client
+        .check_nothing_lost(refused, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    let (code, answer) = migrate(&cluster).join().expect("ctl thread");
+    let migrated = Instant::now();
+    assert_eq!(code, 0, "with the right key: {answer:?}\n{}", cluster.explain());
+    cluster.wait_backup("the destination live", SETTLE_LIMIT, |s| s["role"] == "primary");
+    let verdict = client
+        .check_nothing_lost(migrated, ANSWERS_AFTER, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    client.check_no_value_lost_or_repeated().unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    println!("{}", verdict.describe());
+}
+
 /// The guest's command for the power-off tests: the counter service, and a listener on port
 /// 7002 whose first connection, once closed, ends the command (and so the VM) with status 7.
 fn counter_until_knocked() -> Vec<String> {

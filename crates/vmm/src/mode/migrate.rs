@@ -125,9 +125,11 @@ impl<V: Vm> MigrationSource<V> {
             (false, Some(since)) => since.elapsed() >= DESTINATION_LOST,
         };
         if lost || self.started.elapsed() >= MAX_PRECOPY {
+            // Why the link went (a wrong key, a refusal) is the operator's clue: say it.
+            let last = self.inner.last_error().map(|e| format!("; its last connection ended: {e}")).unwrap_or_default();
             self.error = Some(match lost {
                 true => format!(
-                    "the destination was lost during the pre-copy (no link for {} s)",
+                    "the destination was lost during the pre-copy (no link for {} s{last})",
                     DESTINATION_LOST.as_secs()
                 ),
                 false => format!("the pre-copy did not catch up within {} s", MAX_PRECOPY.as_secs()),
