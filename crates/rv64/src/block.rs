@@ -24,7 +24,7 @@
 use crate::bus::Bus;
 use crate::decode::{Insn, Kind};
 use crate::exec::Flow;
-use crate::hart::{decode_any, Cpu, Hart, HartConfig, StepEnd};
+use crate::hart::{decode_any, Cpu, Hart, HartConfig, PrivMode, StepEnd};
 use crate::jit::{exit_code, BlockFn, BlockKey, Compiled, Jit, JitCtx, JitStats, Request};
 use crate::mem::{GuestRam, PAGE_SHIFT, PAGE_SIZE};
 
@@ -128,24 +128,24 @@ impl BlockCache {
     /// to the compiler (and, compiling inline, comes back compiled); `None` while it is
     /// interpreted.
     #[inline]
-    fn compiled(&mut self, slot: usize, ram: &GuestRam) -> Option<BlockFn> {
+    fn compiled(&mut self, slot: usize, ram: &GuestRam, privilege: PrivMode) -> Option<BlockFn> {
         let jit = self.jit.as_mut()?;
         let block = &mut self.slots[slot];
         if block.code.is_some() {
             return block.code;
         }
-        if block.hits < jit.hot_threshold() {
+        if block.hits < jit.hot_threshold(privilege) {
             block.hits += 1;
             return None;
         }
         if block.hits >= PENDING {
             return None;
         }
-        self.request(slot, ram)
+        self.request(slot, ram, privilege)
     }
 
     #[cold]
-    fn request(&mut self, slot: usize, ram: &GuestRam) -> Option<BlockFn> {
+    fn request(&mut self, slot: usize, ram: &GuestRam, privilege: PrivMode) -> Option<BlockFn> {
         let jit = self.jit.as_mut().expect("called with a compiler");
         if !jit.can_request() {
             return None; // the next run asks again
@@ -169,7 +169,7 @@ impl BlockCache {
         // compiler: the exit to it then links to that code. Compiling such blocks again
         // inside every region that reaches them made the boot compile each instruction
         // about three times over.
-        let warm_after = jit.hot_threshold() / 4;
+        let warm_after = jit.hot_threshold(privilege) / 4;
         let slots = &self.slots;
         let is_warm = |pc: u64| {
             let b = &slots[(pc >> 1) as usize % BLOCK_SLOTS];
@@ -405,7 +405,7 @@ impl Hart {
             }
             // A link is for the block right after the exit, and only that one.
             let link = pending_link.take();
-            if let Some(code) = cache.compiled(slot, bus.ram()) {
+            if let Some(code) = cache.compiled(slot, bus.ram(), self.state.privilege) {
                 let jit = cache.jit.as_mut().expect("compiled code comes from the compiler");
                 if let Some((word, epoch)) = link {
                     jit.link(word, epoch, code, page, block.code_gen);

@@ -69,7 +69,7 @@ fn page_code(k: u64) -> Vec<u32> {
 
 fn machine(cpu: Cpu) -> Machine {
     // Compiled at first sight, on the hart's thread, into a cache far smaller than the code.
-    let jit = JitConfig { hot_threshold: 0, background: false, code_cache_bytes: CACHE_BYTES };
+    let jit = JitConfig { hot_threshold: 0, background: false, code_cache_bytes: CACHE_BYTES, ..JitConfig::default() };
     let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: false, cpu, jit });
     let bytes: Vec<u8> = buffer().iter().flat_map(|w| w.to_le_bytes()).collect();
     m.write_bytes(DATA, &bytes);

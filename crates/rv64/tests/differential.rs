@@ -748,6 +748,7 @@ struct Case {
     budgets: Vec<u64>,
     other_budgets: Vec<u64>,
     hot_threshold: u32,
+    user_hot_threshold: u32,
     code_cache_bytes: usize,
     /// Compile on the compiler's own thread (when a block starts to run compiled then
     /// varies from run to run; the guest must not).
@@ -897,6 +898,8 @@ fn make_case(seed: u64, instructions: u64) -> Case {
         hot_threshold: rng.pick(&[0, 0, 1, 3, 8, 30]),
         code_cache_bytes: if rng.chance(25) { 1 << 14 } else { 16 << 20 },
         background: rng.chance(25),
+        // U-mode code compiled sooner than the rest, or not (the lower of the two holds).
+        user_hot_threshold: rng.pick(&[0, 3, u32::MAX]),
     }
 }
 
@@ -916,6 +919,7 @@ impl Run {
             cpu,
             jit: JitConfig {
                 hot_threshold: case.hot_threshold,
+                user_hot_threshold: case.user_hot_threshold,
                 code_cache_bytes: case.code_cache_bytes,
                 background: case.background,
             },

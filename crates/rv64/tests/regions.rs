@@ -104,3 +104,23 @@ fn a_compiled_block_given_less_budget_than_it_needs_runs_interpreted_to_the_budg
         assert_eq!(jit.hart.state, interp.hart.state, "after {step} single steps");
     }
 }
+
+/// A two-instruction loop (addi t0; bltu t0, t1 back) in `privilege`, run `rounds` times
+/// with user code hot after 8 runs and other code after 64; the blocks compiled.
+fn loop_compiled_after(privilege: rv64::PrivMode, rounds: u64) -> u64 {
+    let jit = JitConfig { hot_threshold: 64, user_hot_threshold: 8, background: false, ..JitConfig::default() };
+    let mut m = Machine::with_config(HartConfig { icount_per_tick: 10, sbi_in_monitor: false, cpu: Cpu::Jit, jit });
+    m.load(CODE, &[addi(T0, T0, 1), bltu(T0, T1, -4), jal(ZERO, 0)]);
+    m.set_x(T1, rounds);
+    m.set_privilege(privilege);
+    assert_eq!(m.run(2 * rounds), Exit::Budget);
+    assert_eq!((m.x(T0), m.privilege()), (rounds, privilege), "the loop ran where it was put");
+    m.hart.jit_stats().blocks_compiled
+}
+
+#[test]
+fn user_code_is_compiled_after_fewer_runs_than_kernel_code() {
+    assert_eq!(loop_compiled_after(rv64::PrivMode::User, 20), 1, "user code is hot after 8 runs");
+    assert_eq!(loop_compiled_after(rv64::PrivMode::Supervisor, 20), 0, "kernel code waits for 64");
+    assert_eq!(loop_compiled_after(rv64::PrivMode::Supervisor, 100), 1);
+}
