@@ -116,7 +116,8 @@ pub fn run(args: ReplayArgs) -> Result<i32> {
                             end_reason(reason)
                         ))
                     }
-                    None => break None,
+                    // Nothing may follow the end record.
+                    None => break reader.next_record().err().map(anyhow::Error::new),
                 },
                 Err(e) => break Some(anyhow::Error::new(e)),
             },

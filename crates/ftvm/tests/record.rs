@@ -224,6 +224,14 @@ fn a_damaged_or_foreign_log_is_refused_with_one_line() {
     let line = one_line_error(&variant("corrupt.log", &corrupt), &[]);
     assert!(line.contains(&format!("corrupt record at byte {cut_record}: the ")), "{line}");
 
+    let mut appended = bytes.clone();
+    appended.extend_from_slice(b"more");
+    let line = one_line_error(&variant("appended.log", &appended), &[]);
+    assert!(
+        line.ends_with(&format!("corrupt record at byte {}: there are bytes after the end record", bytes.len())),
+        "{line}"
+    );
+
     let mut other_version = bytes.clone();
     other_version[8] = 2; // before digest records held region digests
     let line = one_line_error(&variant("version.log", &other_version), &[]);

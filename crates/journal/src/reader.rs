@@ -202,7 +202,7 @@ impl<R: Read> LogReader<R> {
     /// record). A partial record at the end is [`JournalError::Truncated`].
     pub fn next_record(&mut self) -> Result<Option<Record>> {
         if self.ended {
-            return Ok(None);
+            return self.nothing_after_the_end();
         }
         let Some((frame, start)) = self.frame()? else { return Ok(None) };
         let record = match frame.record {
@@ -269,6 +269,17 @@ impl<R: Read> LogReader<R> {
         }
         self.last_icount = icount;
         Ok(Some(record))
+    }
+
+    /// Nothing follows an end record (a recorder writes none after it: bytes there were put
+    /// there by something else, and a replay would not look at them).
+    fn nothing_after_the_end(&mut self) -> Result<Option<Record>> {
+        let mut byte = [0; 1];
+        if self.fill(&mut byte)? == 0 {
+            return Ok(None);
+        }
+        let problem = "there are bytes after the end record".to_string();
+        Err(JournalError::Corrupt { offset: self.offset, problem })
     }
 
     /// A digest or end record may list every region of the machine the header names, no more.

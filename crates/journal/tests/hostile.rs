@@ -299,6 +299,28 @@ fn a_snapshot_whose_length_runs_past_the_end_of_the_file_is_a_cut_naming_its_off
 }
 
 #[test]
+fn a_header_whose_disk_size_is_not_the_disk_files_is_for_another_disk() {
+    let dir = std::env::temp_dir().join(format!("journal-hostile-sectors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = spinning_config(&dir);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    config.disk = Some(machine::DiskConfig { path: disk.clone(), read_only: false });
+    let mut h = LogHeader::for_boot(&config, Some(("disk.img", &disk))).unwrap();
+    h.check_images(&config, Some(&disk)).unwrap();
+    h.disk.as_mut().unwrap().sectors = 4096;
+    assert_eq!(
+        h.check_images(&config, Some(&disk)).unwrap_err().to_string(),
+        format!(
+            "the log was recorded with another disk: {} has 2048 sectors, the header says the disk at the \
+             recording's start had 4096",
+            disk.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_log_cut_in_the_middle_of_each_kind_of_record_names_the_cut_after_every_whole_record() {
     let bytes = log();
     let starts = record_starts(&bytes);
@@ -313,6 +335,20 @@ fn a_log_cut_in_the_middle_of_each_kind_of_record_names_the_cut_after_every_whol
             assert_eq!(read, whole[..i.saturating_sub(1)], "the whole records before the cut at {cut}");
         }
     }
+}
+
+#[test]
+fn bytes_after_the_end_record_are_refused_naming_where_they_start() {
+    let mut bytes = log();
+    let end = bytes.len();
+    assert!(read_all(&bytes).1.is_none());
+    bytes.extend_from_slice(&input_record(600, InputKind::Console(b"appended".to_vec())));
+    let (read, stop) = read_all(&bytes);
+    assert!(matches!(read.last(), Some(Record::End { .. })), "every record up to the end: {read:?}");
+    assert_eq!(
+        stop.unwrap().to_string(),
+        format!("corrupt record at byte {end}: there are bytes after the end record")
+    );
 }
 
 #[test]
