@@ -238,7 +238,7 @@ pub fn run(kind: BenchKind) -> Result<i32> {
         print_table(&rows);
     }
     redis_rounds(&topo, &dir, &args, &mut spurious)?;
-    print_takeover(&kills);
+    print_takeover(&kills, args.failover_timeout_ms);
     reprotect::print(&reprotections);
     println!(
         "spurious takeovers (the backup went live while the primary was alive; the primary then stopped; the run was repeated, {MAX_ATTEMPTS} times at most): {spurious}"
@@ -696,7 +696,7 @@ fn probe_once(addr: SocketAddr, tx: &mpsc::Sender<(Instant, bool)>) {
     }
 }
 
-fn print_takeover(kills: &[Takeover]) {
+fn print_takeover(kills: &[Takeover], failover_timeout_ms: Option<u64>) {
     if kills.is_empty() {
         return;
     }
@@ -707,10 +707,11 @@ fn print_takeover(kills: &[Takeover]) {
     };
     println!();
     println!(
-        "takeover over {} kills (SIGKILL -> the backup's guest; a new connection every {} ms, abandoned after {} ms unaccepted; the backup's default detection timeout):",
+        "takeover over {} kills (SIGKILL -> the backup's guest; a new connection every {} ms, abandoned after {} ms unaccepted; detection timeout {}):",
         kills.len(),
         PROBE_EVERY.as_millis(),
-        PROBE_ABANDON.as_millis()
+        PROBE_ABANDON.as_millis(),
+        failover_timeout_ms.map_or("the backup's default".to_string(), |ms| format!("{ms} ms")),
     );
     println!("  first connection accepted  ms: {}", spread(&|t| t.accepted_ms));
     println!("  first request answered     ms: {}", spread(&|t| t.answered_ms));
