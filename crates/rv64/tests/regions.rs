@@ -1,7 +1,8 @@
 //! Compiled regions: a block is compiled once. A region reaches the blocks after its
 //! entry by links when they have code of their own, rather than compiling them again;
 //! and a guest that rewrites a linked block runs the new code at once, as the
-//! interpreter does.
+//! interpreter does, and so does code a device writes over a compiled loop. User code is
+//! hot sooner than the rest.
 
 mod common;
 
@@ -123,4 +124,34 @@ fn user_code_is_compiled_after_fewer_runs_than_kernel_code() {
     assert_eq!(loop_compiled_after(rv64::PrivMode::User, 20), 1, "user code is hot after 8 runs");
     assert_eq!(loop_compiled_after(rv64::PrivMode::Supervisor, 20), 0, "kernel code waits for 64");
     assert_eq!(loop_compiled_after(rv64::PrivMode::Supervisor, 100), 1);
+}
+
+/// Runs `m` half way to REWRITE (inside A's loop, both loops compiled), then, when
+/// `dma`, writes B's increment as 3 into RAM from outside the hart (as a virtio device
+/// writes guest memory between two runs), and runs as far again.
+fn run_with_a_device_rewriting_b(m: &mut Machine, dma: bool) -> HartState {
+    assert_eq!(m.run(TO_REWRITE / 2), Exit::Budget);
+    if dma {
+        m.load(B, &[addi(T0, T0, 3)]);
+    }
+    assert_eq!(m.run(TO_REWRITE / 2), Exit::Budget);
+    m.hart.state.clone()
+}
+
+#[test]
+fn code_a_device_writes_over_a_compiled_loop_runs_at_once() {
+    let mut jit = machine(Cpu::Jit);
+    assert_eq!(jit.run(TO_REWRITE / 2), Exit::Budget);
+    let before = jit.hart.jit_stats();
+    assert!(before.blocks_compiled >= 2 && before.compiled_instructions > 0, "both loops compiled: {before:?}");
+    let mut jit = machine(Cpu::Jit);
+    let mut interp = machine(Cpu::Interpreter);
+    let mut unwritten = machine(Cpu::Interpreter);
+    let jit_state = run_with_a_device_rewriting_b(&mut jit, true);
+    let interp_state = run_with_a_device_rewriting_b(&mut interp, true);
+    run_with_a_device_rewriting_b(&mut unwritten, false);
+    assert!(interp.x(T0) > unwritten.x(T0), "the written increment ran: {} vs {}", interp.x(T0), unwritten.x(T0));
+    assert_eq!(jit_state, interp_state);
+    let after = jit.hart.jit_stats();
+    assert!(after.blocks_compiled > before.blocks_compiled, "B was compiled again: {after:?}");
 }
