@@ -48,21 +48,8 @@ pub struct BackupArgs {
     /// protected (docs/microreboot.md)
     #[arg(long)]
     pub resilient: bool,
-    /// With --resilient: a monitor whose heartbeat stands still this long is restarted
-    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "resilient")]
-    pub hang_ms: u64,
-    /// With --resilient: stop once the monitor failed this many times in a row at the same
-    /// instruction (the icount of the checkpoint it holds)
-    #[arg(long, value_name = "N", default_value_t = 3, requires = "resilient",
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub poison_attempts: u32,
-    /// With --resilient: write the keeper's report (each restart, how the run ended) as JSON to FILE
-    #[arg(long, value_name = "FILE", requires = "resilient")]
-    pub keeper_report: Option<PathBuf>,
-    /// With --resilient: start each monitor only when it is needed, not one ahead with its
-    /// machine built (a restart then also builds the machine; less memory)
-    #[arg(long, requires = "resilient")]
-    pub no_spare: bool,
+    #[command(flatten)]
+    pub keeper: crate::resilient::KeeperArgs,
 }
 
 pub fn run(args: BackupArgs) -> Result<i32> {

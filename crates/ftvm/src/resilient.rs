@@ -22,6 +22,53 @@ use vmm::keeper::stream::Parser;
 use vmm::keeper::supervisor::{self, End, Hooks, Inherit, MonitorProc, NoHooks, Restart, Upgrade};
 use vmm::keeper::{disk::DiskJournal, monitor, stream::StreamSink, Inherited};
 
+/// How a keeper supervises its monitors (`ftvm run --resilient`, `ftvm backup --resilient`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeeperArgs {
+    /// With --resilient: a monitor whose heartbeat stands still this long is restarted
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "resilient")]
+    pub hang_ms: u64,
+    /// With --resilient: stop once the monitor failed this many times in a row at the same
+    /// instruction (a poison input; a backup's: as it applies a checkpoint)
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "resilient",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub poison_attempts: u32,
+    /// With --resilient: write the keeper's report (each restart, how the run ended) as JSON to FILE
+    #[arg(long, value_name = "FILE", requires = "resilient")]
+    pub keeper_report: Option<std::path::PathBuf>,
+    /// With --resilient: hand the VM to a fresh monitor this often (rejuvenation, as `ftvm ctl
+    /// rejuvenate`), e.g. 30s, 10m, 500ms
+    #[arg(long, value_name = "DURATION", requires = "resilient", value_parser = parse_duration)]
+    pub rejuvenate_every: Option<Duration>,
+    /// With --resilient: start each monitor only when it is needed, not one ahead with its
+    /// machine built (a restart then also builds the machine; less memory)
+    #[arg(long, requires = "resilient")]
+    pub no_spare: bool,
+}
+
+impl KeeperArgs {
+    fn options(&self) -> supervisor::Options {
+        supervisor::Options {
+            hang_ms: self.hang_ms,
+            poison_attempts: self.poison_attempts,
+            rejuvenate_every: self.rejuvenate_every,
+            spare: !self.no_spare,
+            ..supervisor::Options::default()
+        }
+    }
+
+    /// Write the keeper's report if asked, then the keeper's exit status.
+    fn end(&self, (end, restarts, handovers): (End, Vec<Restart>, u64)) -> Result<i32> {
+        if let Some(path) = &self.keeper_report {
+            write_report(path, &end, &restarts, handovers)?;
+        }
+        match end {
+            End::Exited(code) => Ok(code),
+            other => bail!("{other}"),
+        }
+    }
+}
+
 pub fn run(args: RunArgs) -> Result<i32> {
     refuse_unsupported(&args)?;
     if let Some(inherited) = vmm::keeper::inherited()? {
@@ -35,14 +82,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let monitor_args = std::env::args_os().skip(1).collect();
     let keeping = Keeping::of(&args);
-    let (end, restarts, handovers) = keep_with(&keeping, monitor_args, &mut *sink, &mut NoHooks, resume)?;
-    if let Some(path) = &args.keeper_report {
-        write_report(path, &end, &restarts, handovers)?;
-    }
-    match end {
-        End::Exited(code) => Ok(code),
-        other => bail!("{other}"),
-    }
+    args.keeper.end(keep_with(&keeping, monitor_args, &mut *sink, &mut NoHooks, resume)?)
 }
 
 fn refuse_unsupported(args: &RunArgs) -> Result<()> {
@@ -93,13 +133,7 @@ impl Keeping<'_> {
         Keeping {
             vm: &args.vm,
             command: &args.command,
-            options: supervisor::Options {
-                hang_ms: args.hang_ms,
-                poison_attempts: args.poison_attempts,
-                rejuvenate_every: args.rejuvenate_every,
-                spare: !args.no_spare,
-                ..supervisor::Options::default()
-            },
+            options: args.keeper.options(),
             listen: None,
             replicated: args.replication.replicate_to.is_some(),
         }
@@ -304,19 +338,8 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     let region_fd = inherited.region.try_clone().context("cannot duplicate the region's descriptor")?;
     let live = Region::open(region_fd.try_clone()?, vm.mem)?; // the API thread's view of the live page
     let region = Region::open(inherited.region, vm.mem);
-    let mut handover = std::env::var_os(supervisor::ENV_HANDOVER).is_some();
-    // A spare builds its machine now and waits, touching nothing in the region, until the
-    // keeper needs it.
-    let mut built = None;
-    if let Some(mut wake) = inherited.wake {
-        built = Some(monitor::build(&live, &config).context("the spare monitor cannot build its machine")?);
-        match vmm::keeper::wait_to_be_woken(&mut wake)? {
-            Some(vmm::keeper::Wake::Recover) => {}
-            Some(vmm::keeper::Wake::Handover) => handover = true,
-            None => return Ok(0),
-        }
-        let _ = nix::sys::prctl::set_name(supervisor::SPARE_AWAKE_NAME); // no longer a spare that waits
-    }
+    let Some((built, woken_for_handover)) = wait_as_spare(inherited.wake, &live, &config)? else { return Ok(0) };
+    let handover = woken_for_handover || std::env::var_os(supervisor::ENV_HANDOVER).is_some();
     let started = if handover {
         match region.map_err(monitor::RecoverError::from).map_err(monitor::HandoverError::from) {
             Ok(r) => match monitor::prepare(r, &config, disk, built) {
@@ -363,10 +386,27 @@ fn run_monitor(args: &RunArgs, inherited: Inherited) -> Result<i32> {
     let mut driver = Driver::new(machine, rx, vm.clock.into());
     driver.set_mode(Box::new(mode));
     let outcome = run_attached(driver, &attached, tap, inherited.api, live, tx, &mut sink)?;
-    let code = run_cmd::exit_status(outcome)?;
-    vmm::keeper::fault::point("keeper::vm-ended");
-    sink.end(code).context("cannot tell the keeper that the VM ended")?;
-    Ok(code)
+    end_monitor(outcome, sink, &region_fd, vm.mem)
+}
+
+/// A spare (`wake`, its wake pipe): build the machine now, touching nothing in the region,
+/// and wait until the keeper needs it. None: not needed after all (the keeper let it go);
+/// else the machine (None when not a spare) and whether it was woken as a planned
+/// handover's successor (else to recover).
+fn wait_as_spare(
+    wake: Option<std::fs::File>,
+    live: &Region,
+    config: &machine::MachineConfig,
+) -> Result<Option<(Option<monitor::Built>, bool)>> {
+    let Some(mut wake) = wake else { return Ok(Some((None, false))) };
+    let built = monitor::build(live, config).context("the spare monitor cannot build its machine")?;
+    let handover = match vmm::keeper::wait_to_be_woken(&mut wake)? {
+        Some(vmm::keeper::Wake::Recover) => false,
+        Some(vmm::keeper::Wake::Handover) => true,
+        None => return Ok(None),
+    };
+    let _ = nix::sys::prctl::set_name(supervisor::SPARE_AWAKE_NAME); // no longer a spare that waits
+    Ok(Some((Some(built), handover)))
 }
 
 /// How a monitor's driver meets the host: the VM's options, the guest's command, and when
@@ -530,15 +570,7 @@ fn run_replicated(
     driver.set_mode(Box::new(mode));
     let attached = Attached { vm: &args.vm, command: &args.command, attach: run_cmd::Attach::Now };
     let outcome = run_attached(driver, &attached, tap, api, live, tx, &mut sink)?;
-    if let vmm::driver::Outcome::Fenced(message) = &outcome {
-        // Another replica owns the VM: this keeper must not start another monitor.
-        eprintln!("ftvm: monitor: {message}");
-        return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, message));
-    }
-    let code = run_cmd::exit_status(outcome)?;
-    vmm::keeper::fault::point("keeper::vm-ended");
-    sink.end(code).context("cannot tell the keeper that the VM ended")?;
-    Ok(code)
+    end_monitor(outcome, sink, region_fd, mem)
 }
 
 /// Why `ctl protect` is refused on a `--resilient` VM.
@@ -682,23 +714,11 @@ pub fn run_backup(args: BackupArgs) -> Result<i32> {
     let keeping = Keeping {
         vm: &args.vm,
         command: &[],
-        options: supervisor::Options {
-            hang_ms: args.hang_ms,
-            poison_attempts: args.poison_attempts,
-            spare: !args.no_spare,
-            ..supervisor::Options::default()
-        },
+        options: args.keeper.options(),
         listen: Some(&args.listen),
         replicated: false,
     };
-    let (end, restarts, handovers) = keep_with(&keeping, monitor_args, &mut sink, &mut NoHooks, resume)?;
-    if let Some(path) = &args.keeper_report {
-        write_report(path, &end, &restarts, handovers)?;
-    }
-    match end {
-        End::Exited(code) => Ok(code),
-        other => bail!("{other}"),
-    }
+    args.keeper.end(keep_with(&keeping, monitor_args, &mut sink, &mut NoHooks, resume)?)
 }
 
 /// A backup's monitor: take the backup's state up from the region (or, if this backup took
@@ -721,16 +741,8 @@ fn run_backup_monitor(args: &BackupArgs, inherited: Inherited) -> Result<i32> {
     let sink = StreamSink::new(inherited.stream);
     // A spare builds its machine now and waits, touching nothing in the region, until the
     // keeper needs it (to recover, or as a planned handover's successor).
-    let (mut handover, mut built) = (std::env::var_os(supervisor::ENV_HANDOVER).is_some(), None);
-    if let Some(mut wake) = inherited.wake {
-        built = Some(monitor::build(&live, &config).context("the spare monitor cannot build its machine")?);
-        match vmm::keeper::wait_to_be_woken(&mut wake)? {
-            Some(vmm::keeper::Wake::Recover) => {}
-            Some(vmm::keeper::Wake::Handover) => handover = true,
-            None => return Ok(0),
-        }
-        let _ = nix::sys::prctl::set_name(supervisor::SPARE_AWAKE_NAME); // no longer a spare that waits
-    }
+    let Some((built, woken_for_handover)) = wait_as_spare(inherited.wake, &live, &config)? else { return Ok(0) };
+    let handover = woken_for_handover || std::env::var_os(supervisor::ENV_HANDOVER).is_some();
     let host = Host { tap, api: inherited.api, live };
     let region = Region::open(inherited.region, vm.mem).map_err(rb::BackupRecoverError::from);
     let found = match region {
@@ -857,7 +869,8 @@ fn run_taken_over(
     end_monitor(outcome, sink, region_fd, mem)
 }
 
-/// A monitor's end: told to the keeper (which does not restart a monitor fenced off).
+/// A monitor's end: told to the keeper; a monitor fenced off (another replica owns the VM)
+/// says so, and the keeper does not start another.
 fn end_monitor(outcome: vmm::driver::Outcome, mut sink: StreamSink, region_fd: &OwnedFd, mem: u64) -> Result<i32> {
     if let vmm::driver::Outcome::Fenced(message) = &outcome {
         eprintln!("ftvm: monitor: {message}");

@@ -13,7 +13,7 @@ mod common;
 
 use common::cluster::{Cluster, Options, BOOT_LIMIT};
 use common::keeper::{binary_copy, handover, monitor_of, sigkill};
-use common::redis::{check_consecutive, redis_image, wait_pong, Session, SERVER};
+use common::redis::{kill_primary_and_count_on, redis_image, wait_pong, Session, SERVER};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -139,24 +139,7 @@ fn a_resilient_backup_keeps_the_primary_protected_across_its_monitors_kill_then_
 
     // Now the whole primary: the restarted, rejuvenated, upgraded backup takes over, and
     // the count goes on.
-    let killed = cluster.kill_primary();
-    let live = cluster.wait_takeover(Duration::from_secs(30));
-    let answered = session.wait_for(REPLIES_BETWEEN, Duration::from_secs(60), Some(killed));
-    let got = session.stop();
-    assert!(
-        answered,
-        "{} replies after the primary's kill (redis-cli said {:?}); the backup: {live}\n{}",
-        got.count_after(killed),
-        got.stderr,
-        cluster.explain()
-    );
-    check_consecutive(&got.replies).unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
-    got.check_count(&ns).unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
-    println!(
-        "{} replies, the takeover after {} ms of silence",
-        got.replies.len(),
-        live["took_over"]["last_frame_to_live_ms"]
-    );
+    kill_primary_and_count_on(&mut cluster, session, &ns, REPLIES_BETWEEN);
 
     // Stopped through its API, the keeper reports the two handovers (the restart before
     // them was the keeper's before the upgrade re-executed it: the list starts again).

@@ -198,3 +198,33 @@ pub fn cut_and_heal(
     assert_eq!(back["role"], "backup", "{back}");
     served
 }
+
+/// Kill the whole primary (keeper and monitor, if resilient) under `session`: the backup
+/// takes over and the count goes on for `replies` more; every reply consecutive and the
+/// server's count the last one. Panics with the cluster's explanation otherwise. Prints the
+/// replies and the takeover's silence.
+pub fn kill_primary_and_count_on(
+    cluster: &mut super::cluster::Cluster,
+    mut session: Session,
+    ns: &str,
+    replies: usize,
+) {
+    let killed = cluster.kill_primary();
+    let live = cluster.wait_takeover(Duration::from_secs(30));
+    let answered = session.wait_for(replies, Duration::from_secs(60), Some(killed));
+    let got = session.stop();
+    assert!(
+        answered,
+        "{} replies after the primary's kill (redis-cli said {:?}); the backup: {live}\n{}",
+        got.count_after(killed),
+        got.stderr,
+        cluster.explain()
+    );
+    check_consecutive(&got.replies).unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    got.check_count(ns).unwrap_or_else(|e| panic!("{e}\n{}", cluster.explain()));
+    println!(
+        "{} replies, the takeover after {} ms of silence",
+        got.replies.len(),
+        live["took_over"]["last_frame_to_live_ms"]
+    );
+}
