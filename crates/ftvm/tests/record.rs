@@ -392,9 +392,103 @@ fn read_until(reader: &mut impl std::io::Read, seen: &mut Vec<u8>, needle: &str)
     true
 }
 
+/// `ftvm run --initrd INITRD --net tap:tap0 --digest ARGS --record LOG` in namespace `ns`, its
+/// console on pipes (typed input, output read as it comes), killed after `limit` if it has
+/// not ended by then.
+struct Live {
+    child: std::process::Child,
+    out: std::process::ChildStdout,
+    stdin: std::process::ChildStdin,
+    console: Vec<u8>,
+    watchdog: std::thread::JoinHandle<()>,
+}
+
+/// How a [`Live`] run ended: its status, its whole console and its stderr.
+struct Ended {
+    status: std::process::ExitStatus,
+    console: Vec<u8>,
+    stderr: String,
+}
+
+impl Live {
+    fn start(
+        ns: &str,
+        initrd: &std::path::Path,
+        args: &[&std::ffi::OsStr],
+        log: &std::path::Path,
+        limit_s: u64,
+    ) -> Live {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(env!("CARGO_BIN_EXE_ftvm"))
+            .arg("run")
+            .arg("--initrd")
+            .arg(initrd)
+            .args(["--net", "tap:tap0", "--digest"])
+            .args(args)
+            .arg("--record")
+            .arg(log)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        let pid = child.id();
+        let watchdog = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(limit_s));
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        });
+        Live { child, out, stdin, console: Vec::new(), watchdog }
+    }
+
+    /// Reads the console until `needle` appears; panics with what it read if it never does.
+    fn until(&mut self, needle: &str) {
+        let found = read_until(&mut self.out, &mut self.console, needle);
+        assert!(found, "no {needle:?} on the console: {}", String::from_utf8_lossy(&self.console));
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+    }
+
+    /// Types `exit` (the guest powers off) and waits for the run to end.
+    fn exit(mut self) -> Ended {
+        use std::io::Read;
+        self.type_line("exit");
+        self.out.read_to_end(&mut self.console).unwrap();
+        let status = self.child.wait().unwrap();
+        let mut stderr = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        drop(self.watchdog);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        Ended { status, console: self.console, stderr }
+    }
+}
+
+/// How many of a log's inputs are of the kind `f` picks.
+fn inputs_of(records: &[journal::Record], f: fn(&machine::InputKind) -> bool) -> usize {
+    records.iter().filter(|r| matches!(r, journal::Record::Input(i) if f(&i.kind))).count()
+}
+
+/// Replays `log` with no TAP and no terminal: the same console byte for byte as `run`, the
+/// same final digest, every digest of the log matching. The replay's stderr.
+fn replays_like(log: &std::path::Path, run: &Ended) -> String {
+    assert!(run.status.success());
+    let replayed = replay(log, &["--digest", "--console"]);
+    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
+    let run_digest = run.stderr.lines().find(|l| l.starts_with("ftvm: digest=")).expect("the run's digest");
+    assert_eq!(digest_line(&replayed), run_digest);
+    assert!(replayed.stdout == run.console, "the replay's console differs from the run's");
+    let digests = records(log).iter().filter(|r| matches!(r, journal::Record::Digest { .. })).count();
+    assert!(stderr(&replayed).contains(&format!("{} digests matching", digests + 1)), "{}", stderr(&replayed));
+    stderr(&replayed)
+}
+
 #[test]
 fn a_debian_run_with_network_traffic_and_typed_input_replays_with_the_same_digests_and_console() {
-    use std::io::{Read, Write};
     let guest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest");
     let test_image = guest.join("debian-test/out");
     for file in [test_image.join("initrd.cpio.gz"), test_image.join("disk.img")] {
@@ -404,61 +498,28 @@ fn a_debian_run_with_network_traffic_and_typed_input_replays_with_the_same_diges
     let log = net.dir.with_file_name("debian.log");
     let disk = net.dir.with_file_name("disk.img");
     std::fs::copy(test_image.join("disk.img"), &disk).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.ns])
-        .arg(env!("CARGO_BIN_EXE_ftvm"))
-        .arg("run")
-        .arg("--initrd")
-        .arg(test_image.join("initrd.cpio.gz"))
-        .arg("--disk")
-        .arg(&disk)
-        .args(["--net", "tap:tap0", "--digest", "--digest-every-ms", "500", "--record"])
-        .arg(&log)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut out, mut stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(180));
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let mut console = Vec::new();
-    assert!(read_until(&mut out, &mut console, "~ # "), "no prompt: {}", String::from_utf8_lossy(&console));
+    let args = ["--disk".as_ref(), disk.as_os_str(), "--digest-every-ms".as_ref(), "500".as_ref()];
+    let mut live = Live::start(&net.ns, &test_image.join("initrd.cpio.gz"), &args, &log, 180);
+    live.until("~ # ");
     // Typed input, frames both ways (an HTTP fetch from the host), the disk read and
     // entropy drawn by a Debian program, then the shell's exit powers the guest off.
-    let typed = "wget -q -T 10 -O- http://10.0.2.2:8080/hello.txt; /usr/share/ftvm/mount-disk && \
-                 ftvm-files /mnt/hello.txt /mnt/pattern.bin; echo typed-$((6*7))\n";
-    stdin.write_all(typed.as_bytes()).unwrap();
-    assert!(read_until(&mut out, &mut console, "typed-42"), "{}", String::from_utf8_lossy(&console));
-    stdin.write_all(b"exit\n").unwrap();
-    out.read_to_end(&mut console).unwrap();
-    let status = child.wait().unwrap();
-    let mut run_stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut run_stderr).unwrap();
-    drop(watchdog);
-    assert_eq!(status.code(), Some(0), "{run_stderr}");
-    let text = String::from_utf8_lossy(&console);
+    live.type_line(
+        "wget -q -T 10 -O- http://10.0.2.2:8080/hello.txt; /usr/share/ftvm/mount-disk && \
+         ftvm-files /mnt/hello.txt /mnt/pattern.bin; echo typed-$((6*7))",
+    );
+    live.until("typed-42");
+    let run = live.exit();
+    let text = String::from_utf8_lossy(&run.console);
     for line in ["hello from the host side", "files: ok", "typed-42"] {
         assert!(text.contains(line), "no {line:?} in {text}");
     }
     let inputs = records(&log);
-    let count = |f: fn(&machine::InputKind) -> bool| {
-        inputs.iter().filter(|r| matches!(r, journal::Record::Input(i) if f(&i.kind))).count()
-    };
-    assert!(count(|k| matches!(k, machine::InputKind::NetFrame(_))) >= 3, "frames were received and logged");
-    assert!(count(|k| matches!(k, machine::InputKind::Console(_))) >= 1, "keys were logged");
-
-    // Replay: no TAP, no terminal, the same console byte for byte, every digest matching.
-    let replayed = replay(&log, &["--digest", "--console"]);
-    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
-    let run_digest = run_stderr.lines().find(|l| l.starts_with("ftvm: digest=")).expect("the run's digest");
-    assert_eq!(digest_line(&replayed), run_digest);
-    assert!(replayed.stdout == console, "the replay's console differs from the run's");
-    let digests = inputs.iter().filter(|r| matches!(r, journal::Record::Digest { .. })).count();
-    assert!(stderr(&replayed).contains(&format!("{} digests matching", digests + 1)), "{}", stderr(&replayed));
+    assert!(
+        inputs_of(&inputs, |k| matches!(k, machine::InputKind::NetFrame(_))) >= 3,
+        "frames were received and logged"
+    );
+    assert!(inputs_of(&inputs, |k| matches!(k, machine::InputKind::Console(_))) >= 1, "keys were logged");
+    replays_like(&log, &run);
 }
 
 #[test]
@@ -730,74 +791,33 @@ fn end_icount(log: &std::path::Path) -> u64 {
 #[test]
 fn a_recorded_redis_server_driven_by_debians_redis_cli_replays_with_the_same_digests_and_console() {
     use common::redis::{redis_cli, redis_image, wait_pong};
-    use std::io::{Read, Write};
     let image = redis_image();
     let net = TestNet::new();
     let log = net.dir.with_file_name("redis.log");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.ns])
-        .arg(env!("CARGO_BIN_EXE_ftvm"))
-        .arg("run")
-        .arg("--initrd")
-        .arg(&image)
-        .args(["--net", "tap:tap0", "--digest", "--digest-every-ms", "200", "--record"])
-        .arg(&log)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut out, mut stdin) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(400));
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let mut console = Vec::new();
-    let seen = |console: &[u8]| String::from_utf8_lossy(console).to_string();
-    assert!(read_until(&mut out, &mut console, "~ # "), "no prompt: {}", seen(&console));
-    stdin
-        .write_all(
-            b"redis-server --save '' --appendonly no --protected-mode no --daemonize yes; echo started-$((1+1))\n",
-        )
-        .unwrap();
-    assert!(read_until(&mut out, &mut console, "started-2"), "{}", seen(&console));
+    let mut live = Live::start(&net.ns, &image, &["--digest-every-ms".as_ref(), "200".as_ref()], &log, 400);
+    live.until("~ # ");
+    live.type_line("redis-server --save '' --appendonly no --protected-mode no --daemonize yes; echo started-$((1+1))");
+    live.until("started-2");
     assert!(wait_pong(&net.ns, std::time::Duration::from_secs(180)), "redis-server never answered PING");
     // Frames both ways: 300 INCRs on one connection, a SET on another.
     let last = redis_cli(&net.ns, &["-r", "300", "INCR", "n"]).expect("redis-cli INCR");
     assert!(last.ends_with("300"), "{last}");
     assert_eq!(redis_cli(&net.ns, &["SET", "word", "recorded"]).as_deref(), Some("OK"));
     // Typed input that reads what the network wrote.
-    stdin.write_all(b"redis-cli GET n; redis-cli GET word; echo typed-$((6*7))\n").unwrap();
-    assert!(read_until(&mut out, &mut console, "typed-42"), "{}", seen(&console));
-    stdin.write_all(b"exit\n").unwrap();
-    out.read_to_end(&mut console).unwrap();
-    let status = child.wait().unwrap();
-    let mut run_stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut run_stderr).unwrap();
-    drop(watchdog);
-    assert_eq!(status.code(), Some(0), "{run_stderr}");
-    let text = seen(&console);
+    live.type_line("redis-cli GET n; redis-cli GET word; echo typed-$((6*7))");
+    live.until("typed-42");
+    let run = live.exit();
+    let text = String::from_utf8_lossy(&run.console);
     assert!(text.contains("\"300\"\r\n\"recorded\"\r\n"), "the guest's redis-cli read what the network wrote: {text}");
 
     let recorded = records(&log);
-    let count = |f: fn(&machine::InputKind) -> bool| {
-        recorded.iter().filter(|r| matches!(r, journal::Record::Input(i) if f(&i.kind))).count()
-    };
-    let frames = count(|k| matches!(k, machine::InputKind::NetFrame(_)));
+    let frames = inputs_of(&recorded, |k| matches!(k, machine::InputKind::NetFrame(_)));
     assert!(frames >= 300, "the INCRs' frames were received and logged: {frames}");
-    assert!(count(|k| matches!(k, machine::InputKind::Console(_))) >= 3, "keys were logged");
+    assert!(inputs_of(&recorded, |k| matches!(k, machine::InputKind::Console(_))) >= 3, "keys were logged");
     assert!(matches!(
         recorded.last(),
         Some(journal::Record::End { reason: journal::EndReason::PowerOff { code: 0 }, .. })
     ));
-
-    let replayed = replay(&log, &["--digest", "--console"]);
-    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
-    let run_digest = run_stderr.lines().find(|l| l.starts_with("ftvm: digest=")).expect("the run's digest");
-    assert_eq!(digest_line(&replayed), run_digest);
-    assert!(replayed.stdout == console, "the replay's console differs from the run's");
-    let digests = recorded.iter().filter(|r| matches!(r, journal::Record::Digest { .. })).count();
-    assert!(stderr(&replayed).contains(&format!("{} digests matching", digests + 1)), "{}", stderr(&replayed));
-    println!("{frames} frames, {digests} digests; {}", stderr(&replayed).trim_end());
+    let replayed = replays_like(&log, &run);
+    println!("{frames} frames; {}", replayed.trim_end());
 }
