@@ -415,6 +415,17 @@ fn a_hostile_icount_never_makes_a_replay_run_the_machine_that_far() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The fuzzers' seed (JOURNAL_FUZZ_SEED, else from the clock) and how long they run
+/// (JOURNAL_FUZZ_SECONDS, else 3), printed.
+fn fuzz_seed_and_seconds() -> (u64, u64) {
+    let seed = std::env::var("JOURNAL_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    let seconds = std::env::var("JOURNAL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    println!("fuzz seed {seed} ({seconds} s; JOURNAL_FUZZ_SEED={seed} repeats it)");
+    (seed, seconds)
+}
+
 /// Peak resident memory of this process, from /proc (bytes).
 fn peak_rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -506,11 +517,7 @@ fn damage(rng: &mut SeededRng, log: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_seeded_fuzzer_never_makes_the_reader_panic_hang_or_hoard_memory() {
-    let seed = std::env::var("JOURNAL_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    let seconds = std::env::var("JOURNAL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    println!("fuzz seed {seed} ({seconds} s; JOURNAL_FUZZ_SEED={seed} repeats it)");
+    let (seed, seconds) = fuzz_seed_and_seconds();
     let base = log();
     let mut rng = SeededRng::new(seed);
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -570,11 +577,7 @@ fn damage_bytes(rng: &mut SeededRng, data: &[u8]) -> Vec<u8> {
 /// refused with an error, never a panic, a hang or memory a length in it asks for.
 #[test]
 fn a_seeded_fuzzer_never_makes_restoring_a_snapshot_or_applying_a_delta_panic_hang_or_hoard_memory() {
-    let seed = std::env::var("JOURNAL_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    let seconds = std::env::var("JOURNAL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    println!("fuzz seed {seed} ({seconds} s; JOURNAL_FUZZ_SEED={seed} repeats it)");
+    let (seed, seconds) = fuzz_seed_and_seconds();
     let dir = std::env::temp_dir().join(format!("journal-hostile-sections-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut config = spinning_config(&dir);
