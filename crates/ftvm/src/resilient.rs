@@ -507,21 +507,15 @@ fn run_replicated(
     (region_fd, sent): (&std::os::fd::OwnedFd, Option<OwnedFd>),
 ) -> Result<i32> {
     let Host { tap, api, live } = host;
-    use vmm::replicate::{Ownership, ReplicationError};
+    use vmm::replicate::Ownership;
     let mem = args.vm.mem;
     let options = crate::replication_args::options(&args.replication)?;
     let mut spec = args.replication.ownership.spec();
     spec.replica_name.get_or_insert_with(|| keeper_replica_name("primary"));
     let mut ownership = Ownership::open(&spec, config, "primary")?.context("--replicate-to needs --store")?;
     let taken_up = if started.recovered { ownership.resume() } else { ownership.claim_for_start() };
-    match taken_up {
-        Ok(_) => {}
-        Err(e @ (ReplicationError::Superseded { .. } | ReplicationError::RunningElsewhere { .. })) => {
-            let text = e.to_string();
-            eprintln!("ftvm: monitor: {text}");
-            return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, &text));
-        }
-        Err(e) => return Err(e.into()),
+    if let Some(code) = superseded(taken_up, region_fd, mem)? {
+        return Ok(code);
     }
     let (mut machine, mut monitor) = (started.machine, started.monitor);
     monitor.count_frames_on_release();
@@ -810,6 +804,27 @@ struct TakenOver {
     built: Option<monitor::Built>,
 }
 
+/// How a monitor's taking up of the ownership record went: `Some(exit code)` when the record
+/// has moved on (another replica owns it, or it runs elsewhere) — the monitor stops cleanly,
+/// leaving that verdict in the region so the keeper does not restart it; None when this
+/// replica holds the record.
+fn superseded(
+    taken_up: Result<u64, vmm::replicate::ReplicationError>,
+    region_fd: &OwnedFd,
+    mem: u64,
+) -> Result<Option<i32>> {
+    use vmm::replicate::ReplicationError;
+    match taken_up {
+        Ok(_) => Ok(None),
+        Err(e @ (ReplicationError::Superseded { .. } | ReplicationError::RunningElsewhere { .. })) => {
+            let text = e.to_string();
+            eprintln!("ftvm: monitor: {text}");
+            Ok(Some(monitor::give_up(region_fd, mem, Verdict::Superseded, &text)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A backup's monitor after its backup took the VM over (a monitor before it died there,
 /// or handed it over): the record must still be this replica's; the VM recovers from the
 /// region and runs on.
@@ -822,16 +837,9 @@ fn run_taken_over(
     host: Host,
     region_fd: &OwnedFd,
 ) -> Result<i32> {
-    use vmm::replicate::ReplicationError;
     let mem = args.vm.mem;
-    match ownership.resume() {
-        Ok(_) => {}
-        Err(e @ (ReplicationError::Superseded { .. } | ReplicationError::RunningElsewhere { .. })) => {
-            let text = e.to_string();
-            eprintln!("ftvm: monitor: {text}");
-            return Ok(monitor::give_up(region_fd, mem, Verdict::Superseded, &text));
-        }
-        Err(e) => return Err(e.into()),
+    if let Some(code) = superseded(ownership.resume(), region_fd, mem)? {
+        return Ok(code);
     }
     let Host { mut tap, api, live } = host;
     let TakenOver { region, handover, built } = taken;

@@ -179,7 +179,9 @@ fn lockstep_sigkill_of_the_primary_at_a_random_point_loses_nothing_and_keeps_tcp
 mod redis_faults {
     use super::common::cluster::{Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
     use super::common::netns::Topology;
-    use super::common::redis::{check_consecutive, cut_and_heal, redis_cli, redis_image, wait_pong, Session, SERVER};
+    use super::common::redis::{
+        check_consecutive, cut_and_heal, redis_cli, redis_image, shutdown_ends_both_sides, wait_pong, Session, SERVER,
+    };
     use super::common::relay::Mode;
     use super::common::seed;
     use super::common::strangers::{Kind, Strangers};
@@ -271,17 +273,6 @@ mod redis_faults {
         cluster.wait_protected(PROTECTED_LIMIT);
         let mut session = Session::start(&ns);
         assert!(session.wait_for(30, Duration::from_secs(60), None), "the session stalled");
-        let _ = redis_cli(&ns, &["SHUTDOWN", "NOSAVE"]);
-        let primary = cluster.primary.wait_exit(Duration::from_secs(60));
-        let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(30));
-        let got = session.stop();
-        assert!(
-            primary.and_then(|s| s.code()) == Some(0)
-                && backup.and_then(|s| s.code()) == Some(0)
-                && roles.iter().all(|r| r == "backup"),
-            "seed {seed}: primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}\n{}",
-            cluster.explain()
-        );
-        check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+        shutdown_ends_both_sides(&mut cluster, session, seed);
     }
 }

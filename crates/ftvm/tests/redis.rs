@@ -11,7 +11,9 @@ mod common;
 
 use common::cluster::{Cluster, Options, BACKUP_PORT, BOOT_LIMIT};
 use common::netns::Topology;
-use common::redis::{check_consecutive, cut_and_heal, redis_cli, redis_image, wait_pong, Session, SERVER};
+use common::redis::{
+    check_consecutive, cut_and_heal, redis_cli, redis_image, shutdown_ends_both_sides, wait_pong, Session, SERVER,
+};
 use common::relay::Mode;
 use common::seed;
 use common::strangers::{Kind, Strangers};
@@ -124,24 +126,6 @@ fn debians_redis_cli_counts_on_through_strangers_damage_a_cut_and_a_sigkill_in_s
 fn a_redis_server_shut_down_by_its_client_ends_the_replicated_vm_on_both_sides() {
     let seed = seed();
     let (mut cluster, mut session) = started("redis-end", seed, 1000);
-    let ns = cluster.topo.client_ns();
     assert!(session.wait_for(session.count() + 20, Duration::from_secs(60), None), "the session stalled");
-    // redis-cli gets no reply to SHUTDOWN: the server closes the connection as it exits.
-    let _ = redis_cli(&ns, &["SHUTDOWN", "NOSAVE"]);
-    let primary = cluster.primary.wait_exit(Duration::from_secs(60));
-    let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(30));
-    let got = session.stop();
-    assert!(
-        primary.and_then(|s| s.code()) == Some(0)
-            && backup.and_then(|s| s.code()) == Some(0)
-            && roles.iter().all(|r| r == "backup"),
-        "seed {seed}: primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}\n{}",
-        cluster.explain()
-    );
-    check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
-    println!(
-        "{} replies before the shutdown; the backup's status read {} times before it exited",
-        got.replies.len(),
-        roles.len()
-    );
+    shutdown_ends_both_sides(&mut cluster, session, seed);
 }

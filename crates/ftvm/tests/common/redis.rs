@@ -228,3 +228,29 @@ pub fn kill_primary_and_count_on(
         live["took_over"]["last_frame_to_live_ms"]
     );
 }
+
+/// redis `SHUTDOWN NOSAVE` from the client under `session`: the guest powers off, the primary
+/// and the backup both exit with status 0, and the backup never reports a role but "backup"
+/// (an ended VM stays ended); every reply before it consecutive. Panics with the cluster's
+/// explanation otherwise. Prints the replies and how often the backup's status was read.
+pub fn shutdown_ends_both_sides(cluster: &mut super::cluster::Cluster, session: Session, seed: u64) {
+    let ns = cluster.topo.client_ns();
+    // redis-cli gets no reply to SHUTDOWN: the server closes the connection as it exits.
+    let _ = redis_cli(&ns, &["SHUTDOWN", "NOSAVE"]);
+    let primary = cluster.primary.wait_exit(Duration::from_secs(60));
+    let (backup, roles) = cluster.wait_backup_exit(Duration::from_secs(30));
+    let got = session.stop();
+    assert!(
+        primary.and_then(|s| s.code()) == Some(0)
+            && backup.and_then(|s| s.code()) == Some(0)
+            && roles.iter().all(|r| r == "backup"),
+        "seed {seed}: primary exit {primary:?}, backup exit {backup:?}, roles seen {roles:?}\n{}",
+        cluster.explain()
+    );
+    check_consecutive(&got.replies).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", cluster.explain()));
+    println!(
+        "{} replies before the shutdown; the backup's status read {} times before it exited",
+        got.replies.len(),
+        roles.len()
+    );
+}
